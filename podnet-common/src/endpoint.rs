@@ -1,0 +1,48 @@
+//! Local endpoint (a pod's interface on this node) as the datapath sees it.
+
+/// Value of the local-endpoints map, keyed by the pod's IPv4 address in
+/// network byte order (`u32::from_ne_bytes(ip.octets())`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct EndpointInfo {
+    /// Ifindex of the host-side veth; `bpf_redirect_peer` to it delivers into
+    /// the pod's netns.
+    pub host_ifindex: u32,
+    /// `ENDPOINT_F_*` bits.
+    pub flags: u32,
+    /// MAC of the pod's interface (destination MAC of frames to the pod and
+    /// the only source MAC the pod may send with).
+    pub pod_mac: [u8; 6],
+    /// MAC of the host-side veth (source MAC of frames delivered to the pod,
+    /// as if the host had routed them).
+    pub host_mac: [u8; 6],
+}
+
+/// No flags yet; reserved so the layout need not change when they come.
+pub const ENDPOINT_F_NONE: u32 = 0;
+
+const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 20);
+const _: () = assert!(core::mem::align_of::<EndpointInfo>() == 4);
+
+/// Per-endpoint traffic counters (value of a per-CPU hash keyed by host veth
+/// ifindex): what the endpoint sent into the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct EndpointStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<EndpointStats>() == 16);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: `#[repr(C)]`, only integer/byte-array fields, no implicit padding
+    // (checked by the size asserts and by bytemuck's derive), so every bit
+    // pattern is valid and the bytes can be copied to and from the kernel.
+    unsafe impl aya::Pod for super::EndpointInfo {}
+    // SAFETY: as above: two u64s, no padding.
+    unsafe impl aya::Pod for super::EndpointStats {}
+}

@@ -1,0 +1,14 @@
+//! Types shared by podnet's eBPF programs (kernel side) and its userspace.
+//!
+//! Everything here crosses the user/kernel boundary through BPF maps, so every
+//! type is `#[repr(C)]`, spells out its padding, and has its size checked at
+//! compile time: a layout drift between the two sides would otherwise show up
+//! as silently wrong forwarding, not as an error.
+#![no_std]
+
+pub mod counters;
+pub mod endpoint;
+pub mod names;
+
+pub use counters::{DropReason, Verdict};
+pub use endpoint::{EndpointInfo, EndpointStats};

@@ -1,0 +1,54 @@
+//! Counting instead of logging: one log event per packet costs more than the
+//! whole forwarding decision, a per-CPU increment costs a few nanoseconds.
+
+use podnet_common::{DropReason, Verdict};
+
+use crate::maps::{DROPS, ENDPOINT_STATS, VERDICTS};
+
+// TC return codes (include/uapi/linux/pkt_cls.h). Spelled here as i32
+// because the bindings' type differs between the bpf and host targets.
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+
+#[inline(always)]
+fn bump(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u32) {
+    if let Some(counter) = map.get_ptr_mut(index) {
+        // SAFETY: a per-CPU array slot is only touched by this CPU while the
+        // program runs (no preemption inside a BPF program), and the pointer
+        // comes from a successful lookup.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count(verdict: Verdict) {
+    bump(&VERDICTS, verdict as u32);
+}
+
+/// Counts the drop and returns the TC code that drops the packet.
+#[inline(always)]
+pub fn drop_packet(reason: DropReason) -> i32 {
+    bump(&DROPS, reason as u32);
+    count(Verdict::Drop);
+    TC_ACT_SHOT
+}
+
+/// Counts and returns the TC code that leaves the packet to the host stack.
+#[inline(always)]
+pub fn pass_to_stack() -> i32 {
+    count(Verdict::PassToStack);
+    TC_ACT_OK
+}
+
+/// Adds one packet of `len` bytes to the endpoint behind `ifindex`, if the
+/// agent registered it.
+#[inline(always)]
+pub fn count_endpoint(ifindex: u32, len: u32) {
+    if let Some(stats) = ENDPOINT_STATS.get_ptr_mut(ifindex) {
+        // SAFETY: per-CPU value of an existing entry, this CPU only (see bump).
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += u64::from(len);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! podnet's TC eBPF datapath. One module per attach point; shared packet
+//! access, maps and counters in their own modules.
+#![no_std]
+#![no_main]
+
+mod counters;
+mod from_pod;
+mod maps;
+mod packet;
+
+// The bpfel target has no unwinding; a panic cannot happen in verified code
+// (the verifier rejects unbounded paths), but the symbol must exist. Gated so a
+// host `cargo check -p podnet-ebpf` does not clash with std's handler.
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,28 @@
+//! The datapath's maps. Names come from `podnet_common::names`; every map is
+//! pinned by name so the agent can restart (or be replaced) without the
+//! datapath losing its state.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+};
+use podnet_common::{DropReason, EndpointInfo, EndpointStats, Verdict, names::MAX_ENDPOINTS};
+
+/// Local endpoints: pod IPv4 (network order) -> where and how to deliver.
+#[map(name = "podnet_endpts")]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
+
+/// Packets by verdict.
+#[map(name = "podnet_verdicts")]
+pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(Verdict::COUNT, 0);
+
+/// Drops by reason.
+#[map(name = "podnet_drops")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
+
+/// Per-endpoint counters, keyed by host veth ifindex. The agent creates the
+/// entry when it adds the endpoint; the datapath only updates existing
+/// entries, so no entry outlives its endpoint.
+#[map(name = "podnet_ep_stats")]
+pub static ENDPOINT_STATS: PerCpuHashMap<u32, EndpointStats> =
+    PerCpuHashMap::pinned(MAX_ENDPOINTS, 0);

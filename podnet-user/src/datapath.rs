@@ -1,0 +1,335 @@
+//! The eBPF datapath as the agent and the tests see it: the embedded object,
+//! loading it with its maps pinned, reading and writing the maps.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
+    programs::SchedClassifier,
+};
+use podnet_common::{DropReason, EndpointInfo, EndpointStats, Verdict, names};
+
+/// The eBPF object built by `build.rs` from podnet-ebpf (with BTF), embedded
+/// so every binary is self-contained.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podnet"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object (maps pinned in {})", pin_dir.display())]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {name} is missing from the eBPF object")]
+    MissingProgram { name: &'static str },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("program {name}: {action}")]
+    Program {
+        name: &'static str,
+        action: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("reading the number of possible CPUs for per-CPU map values")]
+    PossibleCpus {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("map {name}: {action}")]
+    Map {
+        name: &'static str,
+        action: String,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+}
+
+fn map_err(
+    name: &'static str,
+    action: impl Into<String>,
+) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map {
+        name,
+        action: action.into(),
+        source: Box::new(source),
+    }
+}
+
+fn prog_err(
+    name: &'static str,
+    action: &'static str,
+) -> impl FnOnce(aya::programs::ProgramError) -> DatapathError {
+    move |source| DatapathError::Program {
+        name,
+        action,
+        source: Box::new(source),
+    }
+}
+
+/// A loaded program, for display.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedProgram {
+    pub name: &'static str,
+    pub id: u32,
+    pub tag: u64,
+}
+
+/// A loaded map, for display.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedMap {
+    pub name: String,
+    pub id: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+}
+
+/// Totals over all CPUs of the verdict and drop counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub verdicts: BTreeMap<&'static str, u64>,
+    pub drops: BTreeMap<&'static str, u64>,
+}
+
+impl Counters {
+    #[must_use]
+    pub fn verdict(&self, verdict: Verdict) -> u64 {
+        self.verdicts.get(verdict.name()).copied().unwrap_or(0)
+    }
+
+    #[must_use]
+    pub fn drop_count(&self, reason: DropReason) -> u64 {
+        self.drops.get(reason.name()).copied().unwrap_or(0)
+    }
+}
+
+/// The loaded datapath: programs verified and loaded into the kernel, maps
+/// created (or re-opened from their pins).
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+impl Datapath {
+    /// Loads the embedded object. Maps are pinned in `pin_dir` by name, and
+    /// maps already pinned there are re-used with their contents (that is how
+    /// a restarted agent keeps the forwarding state). The directory must
+    /// already be on a bpffs (see [`crate::bpffs`]). Always explicit: aya
+    /// would otherwise pin straight into `/sys/fs/bpf`.
+    pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(EBPF_OBJECT)
+            .map_err(|source| DatapathError::Load {
+                pin_dir: pin_dir.to_owned(),
+                source: Box::new(source),
+            })?;
+        for name in names::ALL_PROGRAMS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingProgram { name })?
+                .try_into()
+                .map_err(prog_err(name, "is not a TC classifier"))?;
+            program
+                .load()
+                .map_err(prog_err(name, "loading into the kernel (verifier)"))?;
+        }
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
+    }
+
+    #[must_use]
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// A program by name, as a TC classifier (to attach or test-run it).
+    pub fn classifier(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut SchedClassifier, DatapathError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(prog_err(name, "is not a TC classifier"))
+    }
+
+    /// The loaded programs with their kernel ids.
+    pub fn programs(&self) -> Result<Vec<LoadedProgram>, DatapathError> {
+        names::ALL_PROGRAMS
+            .iter()
+            .map(|&name| {
+                let program = self
+                    .ebpf
+                    .program(name)
+                    .ok_or(DatapathError::MissingProgram { name })?;
+                let info = program.info().map_err(prog_err(name, "reading its info"))?;
+                Ok(LoadedProgram {
+                    name,
+                    id: info.id(),
+                    tag: info.tag(),
+                })
+            })
+            .collect()
+    }
+
+    /// The maps with their kernel ids.
+    pub fn maps(&self) -> Result<Vec<LoadedMap>, DatapathError> {
+        self.ebpf
+            .maps()
+            .map(|(name, map)| {
+                let info = map_data(map).info().map_err(|source| DatapathError::Map {
+                    name: "(listing)",
+                    action: format!("reading the info of {name}"),
+                    source: Box::new(source),
+                })?;
+                Ok(LoadedMap {
+                    name: name.to_owned(),
+                    id: info.id(),
+                    key_size: info.key_size(),
+                    value_size: info.value_size(),
+                })
+            })
+            .collect()
+    }
+
+    fn endpoints_map(&mut self) -> Result<HashMap<&mut MapData, u32, EndpointInfo>, DatapathError> {
+        let name = names::MAP_ENDPOINTS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        HashMap::try_from(map).map_err(map_err(name, "opening as hash map"))
+    }
+
+    /// Adds or replaces a local endpoint and creates its (zeroed) per-endpoint
+    /// counters entry, which the datapath only ever updates.
+    pub fn upsert_endpoint(
+        &mut self,
+        ip: Ipv4Addr,
+        info: EndpointInfo,
+    ) -> Result<(), DatapathError> {
+        self.endpoints_map()?
+            .insert(ip_key(ip), info, 0)
+            .map_err(map_err(names::MAP_ENDPOINTS, format!("inserting {ip}")))?;
+        let name = names::MAP_ENDPOINT_STATS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        let mut stats: PerCpuHashMap<_, u32, EndpointStats> =
+            PerCpuHashMap::try_from(map).map_err(map_err(name, "opening as per-CPU hash map"))?;
+        if stats.get(&info.host_ifindex, 0).is_err() {
+            let cpus = aya::util::nr_cpus()
+                .map_err(|(_, source)| DatapathError::PossibleCpus { source })?;
+            let zeroes = aya::maps::PerCpuValues::try_from(vec![EndpointStats::default(); cpus])
+                .map_err(|source| DatapathError::PossibleCpus { source })?;
+            stats.insert(info.host_ifindex, zeroes, 0).map_err(map_err(
+                name,
+                format!("creating counters for ifindex {}", info.host_ifindex),
+            ))?;
+        }
+        Ok(())
+    }
+
+    /// The local endpoint for `ip`, if any.
+    pub fn endpoint(&mut self, ip: Ipv4Addr) -> Result<Option<EndpointInfo>, DatapathError> {
+        match self.endpoints_map()?.get(&ip_key(ip), 0) {
+            Ok(info) => Ok(Some(info)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(map_err(names::MAP_ENDPOINTS, format!("looking up {ip}"))(
+                source,
+            )),
+        }
+    }
+
+    /// Sums the per-CPU verdict and drop counters.
+    pub fn counters(&self) -> Result<Counters, DatapathError> {
+        let mut counters = Counters::default();
+        for verdict in Verdict::ALL {
+            counters.verdicts.insert(
+                verdict.name(),
+                self.per_cpu_total(names::MAP_VERDICTS, verdict as u32)?,
+            );
+        }
+        for reason in DropReason::ALL {
+            counters.drops.insert(
+                reason.name(),
+                self.per_cpu_total(names::MAP_DROPS, reason as u32)?,
+            );
+        }
+        Ok(counters)
+    }
+
+    /// Packets/bytes the endpoint behind `host_ifindex` sent, over all CPUs.
+    pub fn endpoint_stats(
+        &self,
+        host_ifindex: u32,
+    ) -> Result<Option<EndpointStats>, DatapathError> {
+        let name = names::MAP_ENDPOINT_STATS;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        let stats: PerCpuHashMap<_, u32, EndpointStats> =
+            PerCpuHashMap::try_from(map).map_err(map_err(name, "opening as per-CPU hash map"))?;
+        match stats.get(&host_ifindex, 0) {
+            Ok(values) => Ok(Some(values.iter().fold(
+                EndpointStats::default(),
+                |acc, v| EndpointStats {
+                    packets: acc.packets + v.packets,
+                    bytes: acc.bytes + v.bytes,
+                },
+            ))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(map_err(name, format!("reading ifindex {host_ifindex}"))(
+                source,
+            )),
+        }
+    }
+
+    fn per_cpu_total(&self, name: &'static str, index: u32) -> Result<u64, DatapathError> {
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        let array: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(map).map_err(map_err(name, "opening as per-CPU array"))?;
+        let values = array
+            .get(&index, 0)
+            .map_err(map_err(name, format!("reading index {index}")))?;
+        Ok(values.iter().sum())
+    }
+}
+
+/// The kernel object behind a map of one of the kinds the datapath declares.
+fn map_data(map: &aya::maps::Map) -> &MapData {
+    use aya::maps::Map;
+    match map {
+        Map::HashMap(data)
+        | Map::PerCpuArray(data)
+        | Map::PerCpuHashMap(data)
+        | Map::LpmTrie(data)
+        | Map::Array(data)
+        | Map::LruHashMap(data)
+        | Map::RingBuf(data)
+        | Map::Unsupported(data) => data,
+        other => unreachable!("podnet-ebpf declares no map of kind {other:?}"),
+    }
+}
+
+/// Map key of a pod address: the address bytes as they are on the wire,
+/// which is what the program reads from the packet.
+#[must_use]
+pub fn ip_key(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}

@@ -1,0 +1,6 @@
+//! podnet userspace library: loading the datapath, talking to the kernel.
+//! The binaries (`podnetd`, later `podnet` and `podnetctl`) are thin
+//! front-ends over it.
+
+pub mod bpffs;
+pub mod datapath;

@@ -1,0 +1,68 @@
+//! Fixtures for podnet's privileged tests: the root guard, a private bpffs
+//! per test, and crafted frames. Everything a fixture creates is removed by a
+//! guard's `Drop`, so a failing (panicking) test cleans up too.
+
+pub mod bpf_run;
+pub mod frames;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// Set by `cargo xtask test` when it runs without root: privileged tests then
+/// print SKIPPED and return instead of failing.
+pub const ALLOW_SKIP_ENV: &str = "PODNET_TEST_ALLOW_SKIP";
+
+/// True when the test may run. Without root it either skips loudly (when
+/// [`ALLOW_SKIP_ENV`] is set) or fails: a privileged test never passes
+/// silently without having run.
+#[must_use]
+pub fn privileged(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        env::var_os(ALLOW_SKIP_ENV).is_some(),
+        "{test} needs root (BPF, network namespaces); run as root or set {ALLOW_SKIP_ENV}=1 to skip"
+    );
+    eprintln!("SKIPPED {test}: needs root");
+    false
+}
+
+/// A private bpffs instance mounted on a fresh directory; unmounted and
+/// removed on drop, pins and all.
+pub struct PrivateBpffs {
+    dir: PathBuf,
+}
+
+impl PrivateBpffs {
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = env::temp_dir().join(format!(
+            "podnet-test-bpffs-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Guard first, so a failed mount still removes the directory.
+        let guard = Self { dir };
+        let mounted = podnet::bpffs::ensure_pin_dir(&guard.dir)?;
+        anyhow::ensure!(mounted, "{} was already on a bpffs", guard.dir.display());
+        Ok(guard)
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        // MNT_DETACH: pins held open by a still-running program do not keep
+        // the mount (and the test's directory) around.
+        let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

@@ -1,0 +1,40 @@
+//! `cargo xtask ...`: podnet's developer commands. Every command makes sure
+//! the toolchain it needs is installed first (see `setup`), so a newcomer on
+//! a fresh machine never has to run anything else by hand.
+
+mod build_ebpf;
+mod cmd;
+mod run;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "podnet developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what is missing: Debian packages, the nightly's rust-src, bpf-linker. Idempotent.
+    Setup,
+    /// Build the eBPF object (bpfel-unknown-none, BTF) and check it.
+    BuildEbpf(build_ebpf::Args),
+    /// Build everything and run the node agent podnetd; arguments after `--` go to podnetd.
+    Run(run::Args),
+    /// The one test command: fmt check, clippy -D warnings, unit, BPF and privileged integration tests.
+    Test(test::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::ensure_all(),
+        Command::BuildEbpf(args) => build_ebpf::run(&args).map(|_| ()),
+        Command::Run(args) => run::run(&args),
+        Command::Test(args) => test::run(&args),
+    }
+}

@@ -1,0 +1,91 @@
+//! `cargo xtask test`: the one test command (CI runs exactly this).
+//!
+//! fmt check, clippy with `-D warnings` on the host workspace and on the eBPF
+//! crate for its real target, then every test: unit tests, the BPF program
+//! tests (BPF_PROG_TEST_RUN) and the privileged integration tests. Those need
+//! root; without it they are skipped loudly, never passed silently.
+
+use std::process::Command;
+
+use crate::{cmd, setup};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Skip fmt and clippy (faster local iterations).
+    #[arg(long)]
+    no_lint: bool,
+    /// Extra arguments for `cargo test` (e.g. a test name filter), after `--`.
+    #[arg(last = true)]
+    cargo_test_args: Vec<String>,
+}
+
+/// Environment variable the privileged tests read: when set, a test that
+/// cannot run for lack of root prints SKIPPED and returns; when unset it fails.
+pub const ALLOW_SKIP_ENV: &str = "PODNET_TEST_ALLOW_SKIP";
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    setup::ensure_all()?;
+    if !args.no_lint {
+        cmd::run(cmd::cargo().args(["fmt", "--all", "--", "--check"]))?;
+        cmd::run(cmd::cargo().args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "podnet-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+        clippy_ebpf()?;
+    }
+    let mut test = cmd::cargo();
+    test.args(["test", "--workspace", "--exclude", "podnet-ebpf"]);
+    if !args.cargo_test_args.is_empty() {
+        test.arg("--").args(&args.cargo_test_args);
+    }
+    if cmd::is_root() {
+        test.env_remove(ALLOW_SKIP_ENV);
+    } else {
+        eprintln!("{}", "=".repeat(78));
+        eprintln!("xtask test: NOT ROOT — privileged tests (BPF program runs, network namespaces)");
+        eprintln!(
+            "xtask test: will print SKIPPED and NOT test the datapath. Run as root for a real run."
+        );
+        eprintln!("{}", "=".repeat(78));
+        test.env(ALLOW_SKIP_ENV, "1");
+    }
+    cmd::run(&mut test)
+}
+
+/// Clippy on the eBPF crate for bpfel-unknown-none (what it really compiles
+/// as), with the nightly and build-std like the real build.
+fn clippy_ebpf() -> anyhow::Result<()> {
+    cmd::run(
+        Command::new("rustup")
+            .current_dir(cmd::workspace_root())
+            .env("PATH", cmd::path_with_cargo_bin())
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("CARGO")
+            .args([
+                "run",
+                setup::NIGHTLY,
+                "cargo",
+                "clippy",
+                "--package",
+                "podnet-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--release",
+                "--target-dir",
+                "target/ebpf-clippy",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+    )
+}
