@@ -39,6 +39,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         ]))?;
         clippy_ebpf()?;
     }
+    // The integration tests run the real binaries, as runtimes and users do.
+    cmd::run(cmd::cargo().args(["build", "--workspace", "--exclude", "podnet-ebpf", "--bins"]))?;
     let mut test = cmd::cargo();
     test.args(["test", "--workspace", "--exclude", "podnet-ebpf"]);
     if !args.cargo_test_args.is_empty() {

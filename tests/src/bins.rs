@@ -1,0 +1,34 @@
+//! The real podnet binaries, run by the tests exactly as users and runtimes
+//! run them. `cargo xtask test` builds them before the tests; the path is the
+//! target directory the test executable itself lives in.
+
+use std::path::PathBuf;
+
+/// Overrides where the binaries are looked up.
+pub const BIN_DIR_ENV: &str = "PODNET_BIN_DIR";
+
+/// Path of binary `name` (`podnetd`, `podnet`, `podnetctl`).
+///
+/// # Panics
+/// When it is not built: a test must not silently run something else.
+#[must_use]
+pub fn binary(name: &str) -> PathBuf {
+    let dir = std::env::var_os(BIN_DIR_ENV).map_or_else(
+        || {
+            // target/<profile>/deps/<test-exe> -> target/<profile>
+            let exe = std::env::current_exe().expect("the test executable's path");
+            exe.parent()
+                .and_then(std::path::Path::parent)
+                .expect("test executable lives in target/<profile>/deps")
+                .to_path_buf()
+        },
+        PathBuf::from,
+    );
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built; run `cargo xtask test` (it builds the binaries first) or `cargo build --bins`",
+        path.display()
+    );
+    path
+}

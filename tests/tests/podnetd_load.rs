@@ -1,0 +1,62 @@
+//! The agent binary loads the datapath on this kernel, pins its maps where
+//! told, and a restart re-uses the pinned maps with their contents.
+
+use std::{net::Ipv4Addr, process::Command};
+
+use podnet::datapath::Datapath;
+use podnet_common::{EndpointInfo, names};
+use podnet_tests::{PrivateBpffs, bins, privileged};
+
+fn podnetd_once(bpffs: &PrivateBpffs) -> String {
+    let out = Command::new(bins::binary("podnetd"))
+        .args(["--once", "--bpffs-dir"])
+        .arg(bpffs.path())
+        .output()
+        .expect("run podnetd");
+    assert!(
+        out.status.success(),
+        "podnetd --once failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn podnetd_loads_programs_and_pins_maps() {
+    if !privileged("podnetd_loads_programs_and_pins_maps") {
+        return;
+    }
+    let bpffs = PrivateBpffs::new("podnetd").expect("private bpffs");
+    let stdout = podnetd_once(&bpffs);
+    for program in names::ALL_PROGRAMS {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("program") && l.contains(program)),
+            "podnetd reports program {program}:\n{stdout}"
+        );
+    }
+    for map in names::ALL_MAPS {
+        assert!(bpffs.path().join(map).exists(), "map {map} pinned");
+    }
+
+    // What a previous agent wrote is still there for the next one.
+    let ip = Ipv4Addr::new(10, 244, 0, 7);
+    let info = EndpointInfo {
+        host_ifindex: 77,
+        flags: 0,
+        pod_mac: [2, 0, 0, 0, 0, 7],
+        host_mac: [2, 0, 0, 0, 0xff, 7],
+    };
+    Datapath::load(bpffs.path())
+        .expect("load against the pins")
+        .upsert_endpoint(ip, info)
+        .expect("write an endpoint");
+    podnetd_once(&bpffs);
+    let mut again = Datapath::load(bpffs.path()).expect("reload against the pins");
+    assert_eq!(
+        again.endpoint(ip).expect("lookup"),
+        Some(info),
+        "pinned map kept its entry"
+    );
+}
