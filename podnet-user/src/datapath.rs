@@ -10,7 +10,11 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
-    programs::SchedClassifier,
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+    },
 };
 use podnet_common::{DropReason, EndpointInfo, EndpointStats, Verdict, names};
 
@@ -36,6 +40,19 @@ pub enum DatapathError {
         action: &'static str,
         #[source]
         source: Box<aya::programs::ProgramError>,
+    },
+    #[error("program {name}: {action}")]
+    Link {
+        name: &'static str,
+        action: String,
+        #[source]
+        source: Box<LinkError>,
+    },
+    #[error("pinning at {}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::pin::PinError>,
     },
     #[error("reading the number of possible CPUs for per-CPU map values")]
     PossibleCpus {
@@ -250,6 +267,103 @@ impl Datapath {
                 source,
             )),
         }
+    }
+
+    /// Removes the endpoint `ip` and the counters of its host veth. No error
+    /// when they are already gone.
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        let Some(info) = self.endpoint(ip)? else {
+            return Ok(());
+        };
+        match self.endpoints_map()?.remove(&ip_key(ip)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(source) => {
+                return Err(map_err(names::MAP_ENDPOINTS, format!("removing {ip}"))(
+                    source,
+                ));
+            }
+        }
+        self.remove_endpoint_stats(info.host_ifindex)
+    }
+
+    fn remove_endpoint_stats(&mut self, host_ifindex: u32) -> Result<(), DatapathError> {
+        let name = names::MAP_ENDPOINT_STATS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        let mut stats: PerCpuHashMap<_, u32, EndpointStats> =
+            PerCpuHashMap::try_from(map).map_err(map_err(name, "opening as per-CPU hash map"))?;
+        match stats.remove(&host_ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(map_err(name, format!("removing ifindex {host_ifindex}"))(
+                source,
+            )),
+        }
+    }
+
+    /// Every local endpoint in the datapath.
+    pub fn endpoints(&mut self) -> Result<Vec<(Ipv4Addr, EndpointInfo)>, DatapathError> {
+        let map = self.endpoints_map()?;
+        map.iter()
+            .map(|entry| {
+                entry
+                    .map(|(key, info)| (Ipv4Addr::from(key.to_ne_bytes()), info))
+                    .map_err(map_err(names::MAP_ENDPOINTS, "iterating"))
+            })
+            .collect()
+    }
+
+    /// Attaches from_pod to the TC ingress of `ifname` (in this thread's
+    /// netns; TCX on Linux >= 6.6, clsact otherwise) and pins the link at
+    /// `pin`, so it outlives this process. An existing pin at `pin` is
+    /// replaced.
+    pub fn attach_from_pod(&mut self, ifname: &str, pin: &Path) -> Result<(), DatapathError> {
+        let name = names::PROG_FROM_POD;
+        let program = self.classifier(name)?;
+        let link_id = program
+            .attach(ifname, TcAttachType::Ingress)
+            .map_err(prog_err(name, "attaching to TC ingress"))?;
+        let link = program
+            .take_link(link_id)
+            .map_err(prog_err(name, "taking the link"))?;
+        let fd_link: FdLink = link.try_into().map_err(|source| DatapathError::Link {
+            name,
+            action: format!("{ifname}: the attachment is not a bpf_link (no TCX?)"),
+            source: Box::new(source),
+        })?;
+        let _ = std::fs::remove_file(pin);
+        fd_link.pin(pin).map_err(|source| DatapathError::Pin {
+            path: pin.to_owned(),
+            source: Box::new(source),
+        })?;
+        Ok(())
+    }
+
+    /// Points the pinned link at `pin` to this datapath's from_pod
+    /// (`bpf_link_update`: atomic, no packet sees no program). Used after a
+    /// restart, when the running link still holds the previous program.
+    pub fn reattach_from_pod(&mut self, pin: &Path) -> Result<(), DatapathError> {
+        let name = names::PROG_FROM_POD;
+        let pinned = PinnedLink::from_pin(pin).map_err(|source| DatapathError::Link {
+            name,
+            action: format!("opening the pinned link {}", pin.display()),
+            source: Box::new(source),
+        })?;
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
+            DatapathError::Link {
+                name,
+                action: format!("{} is not a TC link", pin.display()),
+                source: Box::new(source),
+            }
+        })?;
+        let program = self.classifier(name)?;
+        let link_id = program
+            .attach_to_link(link)
+            .map_err(prog_err(name, "replacing the program of a pinned link"))?;
+        // The pin keeps the link; our fd copy can go.
+        let _ = program.take_link(link_id);
+        Ok(())
     }
 
     /// Sums the per-CPU verdict and drop counters.

@@ -2,5 +2,10 @@
 //! The binaries (`podnetd`, later `podnet` and `podnetctl`) are thin
 //! front-ends over it.
 
+pub mod agent;
+pub mod api;
 pub mod bpffs;
+pub mod cni;
 pub mod datapath;
+pub mod ipam;
+pub mod netlink;

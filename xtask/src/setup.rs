@@ -24,6 +24,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "iproute2",
         "network namespaces and veths in tests and the lab",
     ),
+    (
+        "iputils-ping",
+        "ping in tests and the lab connectivity check",
+    ),
     ("iperf3", "TCP throughput in tests and benchmarks"),
     ("sockperf", "TCP latency in benchmarks"),
     (

@@ -1,0 +1,344 @@
+//! The node's endpoints: records on disk (the agent's memory across
+//! restarts), entries in the datapath, pinned from_pod links on host veths.
+
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use tracing::{info, warn};
+
+use super::AgentConfig;
+use crate::{
+    api::{AgentStatus, CounterTotals, Endpoint, EndpointStatus, IpamStatus, NodeInfo},
+    datapath::Datapath,
+    ipam::{Allocator, FileStore, Owner, PodRange},
+};
+
+/// The agent's state; one lock around it (operations are short).
+pub struct EndpointRegistry {
+    config: AgentConfig,
+    datapath: Datapath,
+    endpoints: BTreeMap<Owner, Endpoint>,
+}
+
+fn record_name(owner: &Owner) -> String {
+    // Container IDs and ifnames are validated by the plugin: no '/', no ':'.
+    format!("{}:{}.json", owner.container_id, owner.ifname)
+}
+
+fn host_ifindex(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok()
+}
+
+impl EndpointRegistry {
+    /// Loads the endpoint records and reconciles them with the live
+    /// interfaces, the datapath and the pinned links (see [`Self::reconcile`]).
+    pub fn open(config: AgentConfig, datapath: Datapath) -> anyhow::Result<Self> {
+        for dir in [
+            config.endpoints_dir(),
+            config.links_dir(),
+            config.ipam_dir(),
+        ] {
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut registry = Self {
+            config,
+            datapath,
+            endpoints: BTreeMap::new(),
+        };
+        registry.load_records()?;
+        registry.reconcile()?;
+        Ok(registry)
+    }
+
+    fn load_records(&mut self) -> anyhow::Result<()> {
+        let dir = self.config.endpoints_dir();
+        for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match fs::read(&path).map(|b| serde_json::from_slice::<Endpoint>(&b)) {
+                Ok(Ok(ep)) => {
+                    self.endpoints.insert(ep.owner.clone(), ep);
+                }
+                Ok(Err(e)) => {
+                    warn!(path = %path.display(), error = %e, "removing unreadable endpoint record");
+                    let _ = fs::remove_file(&path);
+                }
+                Err(e) => warn!(path = %path.display(), error = %e, "cannot read endpoint record"),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_record(&self, ep: &Endpoint) -> anyhow::Result<()> {
+        let path = self.config.endpoints_dir().join(record_name(&ep.owner));
+        let temp = path.with_extension("tmp");
+        fs::write(&temp, serde_json::to_vec_pretty(ep)?)
+            .with_context(|| format!("writing {}", temp.display()))?;
+        fs::rename(&temp, &path).with_context(|| format!("publishing {}", path.display()))?;
+        Ok(())
+    }
+
+    fn link_pin(&self, host_ifname: &str) -> PathBuf {
+        self.config.links_dir().join(host_ifname)
+    }
+
+    /// Brings the datapath in line with the records after a (re)start:
+    /// endpoints whose host veth is gone are removed (with their address);
+    /// live ones get their map entry rewritten and their pinned link pointed
+    /// at the freshly loaded program (atomically; traffic never stops);
+    /// map entries and link pins nobody owns are removed.
+    pub fn reconcile(&mut self) -> anyhow::Result<()> {
+        let owners: Vec<Owner> = self.endpoints.keys().cloned().collect();
+        for owner in owners {
+            let ep = self.endpoints[&owner].clone();
+            if host_ifindex(&ep.host_ifname) == Some(ep.host_ifindex) {
+                self.install(&ep, true)?;
+            } else {
+                info!(container = %owner.container_id, ifname = %owner.ifname, host = %ep.host_ifname,
+                      "endpoint's veth is gone; removing it and releasing its address");
+                self.remove(&owner)?;
+                self.release_address(&ep);
+            }
+        }
+        let known: std::collections::HashSet<_> = self.endpoints.values().map(|e| e.ip).collect();
+        for (ip, _) in self.datapath.endpoints()? {
+            if !known.contains(&ip) {
+                info!(%ip, "removing stale datapath entry");
+                self.datapath.remove_endpoint(ip)?;
+            }
+        }
+        let pinned: std::collections::HashSet<_> = self
+            .endpoints
+            .values()
+            .map(|e| e.host_ifname.clone())
+            .collect();
+        for entry in fs::read_dir(self.config.links_dir())? {
+            let entry = entry?;
+            if !pinned.contains(&*entry.file_name().to_string_lossy()) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        info!(endpoints = self.endpoints.len(), "reconciled");
+        Ok(())
+    }
+
+    /// Attaches (or re-points) from_pod and writes the map entry.
+    fn install(&mut self, ep: &Endpoint, restarting: bool) -> anyhow::Result<()> {
+        let pin = self.link_pin(&ep.host_ifname);
+        let reattached =
+            restarting && pin.exists() && self.datapath.reattach_from_pod(&pin).is_ok();
+        if !reattached {
+            self.datapath
+                .attach_from_pod(&ep.host_ifname, &pin)
+                .with_context(|| format!("attaching from_pod to {}", ep.host_ifname))?;
+        }
+        self.datapath.upsert_endpoint(
+            ep.ip,
+            podnet_common::EndpointInfo {
+                host_ifindex: ep.host_ifindex,
+                flags: podnet_common::endpoint::ENDPOINT_F_NONE,
+                pod_mac: ep.pod_mac,
+                host_mac: ep.host_mac,
+            },
+        )?;
+        Ok(())
+    }
+
+    fn release_address(&self, ep: &Endpoint) {
+        let store = FileStore::open(&self.config.ipam_dir().join(&ep.network));
+        let released = store.and_then(|s| {
+            PodRange::new(self.config.pod_cidr)
+                .and_then(|r| Allocator::new(r, s).release_owner(&ep.owner))
+        });
+        if let Err(e) = released {
+            warn!(error = %e, ip = %ep.ip, "could not release the address of a removed endpoint");
+        }
+    }
+
+    /// Registers an endpoint the plugin created: record, link, map entry.
+    pub fn add(&mut self, ep: Endpoint) -> anyhow::Result<()> {
+        let live = host_ifindex(&ep.host_ifname);
+        anyhow::ensure!(
+            live == Some(ep.host_ifindex),
+            "host interface {} (ifindex {}) does not exist on this node (found {live:?})",
+            ep.host_ifname,
+            ep.host_ifindex
+        );
+        // Another owner holding this IP (a leftover) loses it.
+        let clash: Vec<Owner> = self
+            .endpoints
+            .values()
+            .filter(|e| e.ip == ep.ip && e.owner != ep.owner)
+            .map(|e| e.owner.clone())
+            .collect();
+        for owner in clash {
+            self.remove(&owner)?;
+        }
+        self.write_record(&ep)?;
+        self.install(&ep, false)?;
+        info!(container = %ep.owner.container_id, ifname = %ep.owner.ifname, ip = %ep.ip,
+              host = %ep.host_ifname, "endpoint added");
+        self.endpoints.insert(ep.owner.clone(), ep);
+        Ok(())
+    }
+
+    /// Removes an endpoint; `Ok(None)` when there was none.
+    pub fn remove(&mut self, owner: &Owner) -> anyhow::Result<Option<Endpoint>> {
+        let Some(ep) = self.endpoints.remove(owner) else {
+            return Ok(None);
+        };
+        // Only the entry that is still this endpoint's (the IP may have been
+        // handed to a newer endpoint since).
+        if self
+            .datapath
+            .endpoint(ep.ip)?
+            .is_some_and(|info| info.host_ifindex == ep.host_ifindex)
+        {
+            self.datapath.remove_endpoint(ep.ip)?;
+        }
+        match fs::remove_file(self.link_pin(&ep.host_ifname)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => warn!(error = %e, "removing link pin"),
+            _ => {}
+        }
+        let _ = fs::remove_file(self.config.endpoints_dir().join(record_name(owner)));
+        info!(container = %owner.container_id, ifname = %owner.ifname, ip = %ep.ip, "endpoint removed");
+        Ok(Some(ep))
+    }
+
+    #[must_use]
+    pub fn get(&self, owner: &Owner) -> Option<&Endpoint> {
+        self.endpoints.get(owner)
+    }
+
+    /// Removes every endpoint (and built-in IPAM reservation) whose owner is
+    /// not in `valid`; returns the removed owners.
+    pub fn gc(&mut self, valid: &[Owner]) -> anyhow::Result<Vec<Owner>> {
+        let valid: std::collections::HashSet<&Owner> = valid.iter().collect();
+        let stale: Vec<Owner> = self
+            .endpoints
+            .keys()
+            .filter(|o| !valid.contains(o))
+            .cloned()
+            .collect();
+        for owner in &stale {
+            self.remove(owner)?;
+        }
+        Ok(stale)
+    }
+
+    pub fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            node_name: self.config.node_name.clone(),
+            pod_cidr: self.config.pod_cidr,
+            cluster_cidr: self.config.cluster_cidr,
+            gateway: PodRange::new(self.config.pod_cidr)
+                .map_or(self.config.pod_cidr.network(), |r| r.gateway()),
+            mtu: self.config.mtu,
+            ipam_dir: self.config.ipam_dir(),
+        }
+    }
+
+    pub fn status(&self) -> anyhow::Result<AgentStatus> {
+        Ok(AgentStatus {
+            node: self.node_info(),
+            endpoints: self.endpoints.len(),
+            attach_mode: attach_mode().to_owned(),
+            bpffs_dir: self.config.bpffs_dir.clone(),
+            programs: self
+                .datapath
+                .programs()?
+                .into_iter()
+                .map(|p| p.name.to_owned())
+                .collect(),
+        })
+    }
+
+    pub fn list(&mut self) -> anyhow::Result<Vec<EndpointStatus>> {
+        let eps: Vec<Endpoint> = self.endpoints.values().cloned().collect();
+        eps.into_iter()
+            .map(|ep| {
+                let in_datapath = self
+                    .datapath
+                    .endpoint(ep.ip)?
+                    .is_some_and(|i| i.host_ifindex == ep.host_ifindex);
+                let stats = self
+                    .datapath
+                    .endpoint_stats(ep.host_ifindex)?
+                    .unwrap_or_default();
+                Ok(EndpointStatus {
+                    attached: self.link_pin(&ep.host_ifname).exists(),
+                    in_datapath,
+                    tx_packets: stats.packets,
+                    tx_bytes: stats.bytes,
+                    endpoint: ep,
+                })
+            })
+            .collect()
+    }
+
+    pub fn counters(&self) -> anyhow::Result<CounterTotals> {
+        let c = self.datapath.counters()?;
+        Ok(CounterTotals {
+            verdicts: c
+                .verdicts
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+            drops: c
+                .drops
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
+        })
+    }
+
+    pub fn ipam(&self) -> anyhow::Result<IpamStatus> {
+        let range = PodRange::new(self.config.pod_cidr)?;
+        let mut networks = BTreeMap::new();
+        for entry in fs::read_dir(self.config.ipam_dir())? {
+            let path = entry?.path();
+            if path.is_dir() {
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                networks.insert(
+                    name,
+                    Allocator::new(range, FileStore::open(&path)?).reservations()?,
+                );
+            }
+        }
+        Ok(IpamStatus {
+            pod_cidr: self.config.pod_cidr,
+            capacity: range.capacity(),
+            networks,
+        })
+    }
+
+    #[must_use]
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    #[must_use]
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.config.bpffs_dir
+    }
+}
+
+/// How programs attach on this kernel.
+#[must_use]
+pub fn attach_mode() -> &'static str {
+    use aya::util::KernelVersion;
+    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
+        "tcx"
+    } else {
+        "clsact"
+    }
+}

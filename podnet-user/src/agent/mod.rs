@@ -1,0 +1,44 @@
+//! The node agent: owns the datapath (programs, pinned maps and links), the
+//! node's endpoints, and serves the CNI plugin and podnetctl on a unix socket.
+
+mod endpoints;
+mod server;
+
+pub use endpoints::{EndpointRegistry, attach_mode};
+pub use server::serve;
+
+use std::path::PathBuf;
+
+use ipnet::Ipv4Net;
+
+/// How the agent is configured (flags, or a config file).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub pod_cidr: Ipv4Net,
+    pub cluster_cidr: Ipv4Net,
+    pub mtu: u32,
+    pub bpffs_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl AgentConfig {
+    /// Where the built-in IPAM keeps its per-network stores.
+    #[must_use]
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.state_dir.join("ipam")
+    }
+
+    /// Where endpoint records live.
+    #[must_use]
+    pub fn endpoints_dir(&self) -> PathBuf {
+        self.state_dir.join("endpoints")
+    }
+
+    /// Where TCX links are pinned.
+    #[must_use]
+    pub fn links_dir(&self) -> PathBuf {
+        self.bpffs_dir.join("links")
+    }
+}

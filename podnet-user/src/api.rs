@@ -1,0 +1,189 @@
+//! The agent's unix-socket API, used by the CNI plugin and podnetctl.
+//!
+//! One request per connection: the client writes one JSON line, the agent
+//! answers one JSON line (`{"ok": ...}` or `{"error": "..."}`) and closes.
+//! Plain JSON lines keep it debuggable with `socat` and cheap for a CNI
+//! plugin that exits right after.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::Ipv4Addr,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::ipam::{Owner, Reservation};
+
+/// Default path of the agent socket.
+pub const DEFAULT_SOCKET: &str = "/run/podnet/podnetd.sock";
+
+/// What the agent knows about its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node_name: String,
+    /// The node's pod CIDR, e.g. `10.244.0.0/24`.
+    pub pod_cidr: ipnet::Ipv4Net,
+    pub cluster_cidr: ipnet::Ipv4Net,
+    /// The pods' gateway (first address of the pod CIDR).
+    pub gateway: Ipv4Addr,
+    /// MTU for pod interfaces.
+    pub mtu: u32,
+    /// Directory holding the built-in IPAM's per-network stores.
+    pub ipam_dir: PathBuf,
+}
+
+/// A pod interface handed to the agent by the CNI plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub owner: Owner,
+    /// CNI network name.
+    pub network: String,
+    pub netns: PathBuf,
+    pub ip: Ipv4Addr,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub pod_mac: [u8; 6],
+    pub host_mac: [u8; 6],
+}
+
+/// An endpoint with its datapath state, for `podnetctl endpoints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointStatus {
+    pub endpoint: Endpoint,
+    /// The endpoint is in the datapath's map.
+    pub in_datapath: bool,
+    /// from_pod is attached (a pinned TCX link exists).
+    pub attached: bool,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+/// Counter totals.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterTotals {
+    pub verdicts: std::collections::BTreeMap<String, u64>,
+    pub drops: std::collections::BTreeMap<String, u64>,
+}
+
+/// Agent health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub node: NodeInfo,
+    pub endpoints: usize,
+    pub attach_mode: String,
+    pub bpffs_dir: PathBuf,
+    pub programs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Node,
+    Status,
+    AddEndpoint {
+        endpoint: Endpoint,
+    },
+    RemoveEndpoint {
+        owner: Owner,
+    },
+    GetEndpoint {
+        owner: Owner,
+    },
+    ListEndpoints,
+    /// Remove every endpoint (and IPAM reservation) whose owner is not listed.
+    Gc {
+        valid: Vec<Owner>,
+    },
+    Counters,
+    Ipam,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response<T> {
+    Ok(T),
+    Error(String),
+}
+
+/// IPAM state for `podnetctl ipam`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpamStatus {
+    pub pod_cidr: ipnet::Ipv4Net,
+    pub capacity: usize,
+    pub networks: std::collections::BTreeMap<String, Vec<Reservation>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the podnet agent at {socket}")]
+    Unreachable {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the podnet agent at {socket}")]
+    Io {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the podnet agent sent an answer that is not valid JSON")]
+    Decode(#[source] serde_json::Error),
+    #[error("the podnet agent refused: {0}")]
+    Refused(String),
+}
+
+/// Blocking client (the CNI plugin and podnetctl are short-lived).
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl Client {
+    #[must_use]
+    pub fn new(socket: &Path) -> Self {
+        Self {
+            socket: socket.to_owned(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    #[must_use]
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Sends `request` and decodes the answer as `T`.
+    pub fn call<T: DeserializeOwned>(&self, request: &Request) -> Result<T, ClientError> {
+        let io_err = |source| ClientError::Io {
+            socket: self.socket.clone(),
+            source,
+        };
+        let mut stream =
+            UnixStream::connect(&self.socket).map_err(|source| ClientError::Unreachable {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        stream
+            .set_read_timeout(Some(self.timeout))
+            .map_err(io_err)?;
+        stream
+            .set_write_timeout(Some(self.timeout))
+            .map_err(io_err)?;
+        let mut line = serde_json::to_vec(request).map_err(ClientError::Decode)?;
+        line.push(b'\n');
+        stream.write_all(&line).map_err(io_err)?;
+        let mut answer = String::new();
+        BufReader::new(&stream)
+            .read_line(&mut answer)
+            .map_err(io_err)?;
+        match serde_json::from_str::<Response<T>>(&answer).map_err(ClientError::Decode)? {
+            Response::Ok(value) => Ok(value),
+            Response::Error(msg) => Err(ClientError::Refused(msg)),
+        }
+    }
+}

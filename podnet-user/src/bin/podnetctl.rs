@@ -1,0 +1,228 @@
+//! podnetctl: what podnet is doing on this node. Asks the agent; when the
+//! agent is down, reads the pinned maps directly (status, endpoints,
+//! counters).
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use podnet::{
+    api::{
+        AgentStatus, Client, ClientError, CounterTotals, DEFAULT_SOCKET, EndpointStatus,
+        IpamStatus, Request,
+    },
+    cni::result::format_mac,
+    datapath::Datapath,
+};
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "podnetctl",
+    version,
+    about = "inspect the podnet agent and datapath on this node"
+)]
+struct Cli {
+    /// The agent's socket.
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Pin directory to read when the agent is down.
+    #[arg(long, global = true, default_value = "/sys/fs/bpf/podnet")]
+    bpffs_dir: PathBuf,
+    /// JSON output for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Agent health, node, pod CIDR.
+    Status,
+    /// Local endpoints with their datapath state and counters.
+    Endpoints,
+    /// Packets by verdict and drops by reason.
+    Counters,
+    /// Built-in IPAM reservations.
+    Ipam,
+}
+
+fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        human(value);
+    }
+    Ok(())
+}
+
+/// Whether an error means "no agent" (fall back to the pins).
+fn agent_down(e: &ClientError) -> bool {
+    matches!(e, ClientError::Unreachable { .. })
+}
+
+fn from_pins(cli: &Cli) -> anyhow::Result<Datapath> {
+    eprintln!(
+        "podnetctl: agent not reachable at {}; reading pinned maps in {}",
+        cli.socket.display(),
+        cli.bpffs_dir.display()
+    );
+    anyhow::ensure!(
+        podnet::bpffs::is_bpffs(&cli.bpffs_dir).unwrap_or(false),
+        "{} is not a bpffs with podnet's pins",
+        cli.bpffs_dir.display()
+    );
+    Datapath::load(&cli.bpffs_dir).context("opening the pinned maps")
+}
+
+fn print_counters(c: &CounterTotals) {
+    println!("{:<24} {:>14}", "VERDICT", "PACKETS");
+    for (k, v) in &c.verdicts {
+        println!("{k:<24} {v:>14}");
+    }
+    println!();
+    println!("{:<24} {:>14}", "DROP REASON", "PACKETS");
+    for (k, v) in &c.drops {
+        println!("{k:<24} {v:>14}");
+    }
+}
+
+fn status(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    match client.call::<AgentStatus>(&Request::Status) {
+        Ok(s) => print(cli.json, &s, |s| {
+            println!("agent        running ({})", cli.socket.display());
+            println!("node         {}", s.node.node_name);
+            println!(
+                "pod CIDR     {} (gateway {})",
+                s.node.pod_cidr, s.node.gateway
+            );
+            println!("cluster CIDR {}", s.node.cluster_cidr);
+            println!("MTU          {}", s.node.mtu);
+            println!("endpoints    {}", s.endpoints);
+            println!("attach       {}", s.attach_mode);
+            println!("pins         {}", s.bpffs_dir.display());
+            println!("programs     {}", s.programs.join(", "));
+        }),
+        Err(e) if agent_down(&e) => {
+            let mut dp = from_pins(cli)?;
+            let endpoints = dp.endpoints()?.len();
+            let value = serde_json::json!({"agent": "down", "endpoints_in_datapath": endpoints});
+            print(cli.json, &value, |_| {
+                println!("agent        DOWN ({})", cli.socket.display());
+                println!("datapath     {endpoints} endpoints in the pinned map (still forwarding)");
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn endpoints(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    match client.call::<Vec<EndpointStatus>>(&Request::ListEndpoints) {
+        Ok(list) => print(cli.json, &list, |list| {
+            println!(
+                "{:<16} {:<10} {:<16} {:<16} {:<18} {:>5} {:>5} {:>10} {:>12}",
+                "IP",
+                "IFNAME",
+                "CONTAINER",
+                "HOST VETH",
+                "POD MAC",
+                "MAP",
+                "LINK",
+                "TX PKTS",
+                "TX BYTES"
+            );
+            for e in list {
+                let cid: String = e.endpoint.owner.container_id.chars().take(15).collect();
+                println!(
+                    "{:<16} {:<10} {:<16} {:<16} {:<18} {:>5} {:>5} {:>10} {:>12}",
+                    e.endpoint.ip,
+                    e.endpoint.owner.ifname,
+                    cid,
+                    e.endpoint.host_ifname,
+                    format_mac(&e.endpoint.pod_mac),
+                    if e.in_datapath { "yes" } else { "NO" },
+                    if e.attached { "yes" } else { "NO" },
+                    e.tx_packets,
+                    e.tx_bytes
+                );
+            }
+        }),
+        Err(e) if agent_down(&e) => {
+            let mut dp = from_pins(cli)?;
+            let list: Vec<(Ipv4Addr, u32, String)> = dp
+                .endpoints()?
+                .into_iter()
+                .map(|(ip, i)| (ip, i.host_ifindex, format_mac(&i.pod_mac)))
+                .collect();
+            print(cli.json, &list, |list| {
+                println!("{:<16} {:>12} {:<18}", "IP", "HOST IFINDEX", "POD MAC");
+                for (ip, ifindex, mac) in list {
+                    println!("{ip:<16} {ifindex:>12} {mac:<18}");
+                }
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn counters(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    match client.call::<CounterTotals>(&Request::Counters) {
+        Ok(c) => print(cli.json, &c, print_counters),
+        Err(e) if agent_down(&e) => {
+            let c = from_pins(cli)?.counters()?;
+            let totals = CounterTotals {
+                verdicts: c
+                    .verdicts
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+                drops: c
+                    .drops
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+            };
+            print(cli.json, &totals, print_counters)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn ipam(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    {
+        let s: IpamStatus = client
+            .call(&Request::Ipam)
+            .context("asking the agent for IPAM state")?;
+        print(cli.json, &s, |s| {
+            let used: usize = s.networks.values().map(Vec::len).sum();
+            println!(
+                "pod CIDR {}  ({used} of {} addresses in use)",
+                s.pod_cidr, s.capacity
+            );
+            println!(
+                "{:<12} {:<16} {:<40} {:<10}",
+                "NETWORK", "IP", "CONTAINER", "IFNAME"
+            );
+            for (net, list) in &s.networks {
+                for r in list {
+                    println!(
+                        "{:<12} {:<16} {:<40} {:<10}",
+                        net, r.ip, r.owner.container_id, r.owner.ifname
+                    );
+                }
+            }
+        })
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let client = Client::new(&cli.socket);
+    match cli.command {
+        Cmd::Status => status(&cli, &client),
+        Cmd::Endpoints => endpoints(&cli, &client),
+        Cmd::Counters => counters(&cli, &client),
+        Cmd::Ipam => ipam(&cli, &client),
+    }
+}

@@ -1,0 +1,513 @@
+//! The CNI verbs. Side effects go through two small interfaces — the pod's
+//! interfaces ([`PodPlumbing`]) and the agent ([`AgentApi`]) — so the logic
+//! (validation, IPAM, rollback, idempotent DEL, result shapes) is tested
+//! without root.
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use ipnet::Ipv4Net;
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+
+use super::{
+    config::{IpamConf, NetConf},
+    env::{CniEnv, Command},
+    error::{CniError, code},
+    result::{CniResult, Interface, IpConfig, RouteEntry, format_mac},
+    version::{self, Version},
+};
+use crate::{
+    api::{ClientError, Endpoint, NodeInfo},
+    ipam::{self, Allocator, FileStore, IpamError, Owner, PodRange, delegate},
+    netlink::Route,
+};
+
+/// Where the built-in IPAM keeps reservations when neither the conf nor the
+/// agent says (the agent's default state dir + `/ipam`).
+pub const DEFAULT_IPAM_DIR: &str = "/var/lib/podnet/ipam";
+
+/// What ADD asks the plumbing to build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodIfSpec {
+    pub netns: PathBuf,
+    pub ifname: String,
+    pub host_ifname: String,
+    pub ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+}
+
+/// What the plumbing built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodIfCreated {
+    pub host_ifindex: u32,
+    pub host_mac: [u8; 6],
+    pub pod_mac: [u8; 6],
+}
+
+/// A pod interface as found (CHECK).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodIfState {
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    pub addresses: Vec<(Ipv4Addr, u8)>,
+    pub routes: Vec<Route>,
+}
+
+/// Creating and removing pod interfaces.
+pub trait PodPlumbing {
+    /// Creates the veth pair (pod end inside `spec.netns`), addresses,
+    /// routes, and brings both ends up.
+    fn create(&self, spec: &PodIfSpec) -> Result<PodIfCreated, CniError>;
+    /// Deletes the host end (and so the pair); `Ok(false)` when absent.
+    fn delete_host(&self, host_ifname: &str) -> Result<bool, CniError>;
+    /// Ifindex of a host interface, if present.
+    fn host_ifindex(&self, host_ifname: &str) -> Result<Option<u32>, CniError>;
+    /// The pod interface `ifname` in `netns`, if present.
+    fn pod_interface(&self, netns: &Path, ifname: &str) -> Result<Option<PodIfState>, CniError>;
+}
+
+/// The agent, as the plugin needs it.
+pub trait AgentApi {
+    fn node(&self) -> Result<NodeInfo, ClientError>;
+    fn add_endpoint(&self, endpoint: &Endpoint) -> Result<(), ClientError>;
+    fn remove_endpoint(&self, owner: &Owner) -> Result<(), ClientError>;
+    fn get_endpoint(&self, owner: &Owner) -> Result<Option<Endpoint>, ClientError>;
+    fn gc(&self, valid: &[Owner]) -> Result<Vec<Owner>, ClientError>;
+}
+
+impl AgentApi for crate::api::Client {
+    fn node(&self) -> Result<NodeInfo, ClientError> {
+        self.call(&crate::api::Request::Node)
+    }
+    fn add_endpoint(&self, endpoint: &Endpoint) -> Result<(), ClientError> {
+        self.call(&crate::api::Request::AddEndpoint {
+            endpoint: endpoint.clone(),
+        })
+    }
+    fn remove_endpoint(&self, owner: &Owner) -> Result<(), ClientError> {
+        self.call::<Option<Endpoint>>(&crate::api::Request::RemoveEndpoint {
+            owner: owner.clone(),
+        })
+        .map(|_| ())
+    }
+    fn get_endpoint(&self, owner: &Owner) -> Result<Option<Endpoint>, ClientError> {
+        self.call(&crate::api::Request::GetEndpoint {
+            owner: owner.clone(),
+        })
+    }
+    fn gc(&self, valid: &[Owner]) -> Result<Vec<Owner>, ClientError> {
+        self.call(&crate::api::Request::Gc {
+            valid: valid.to_vec(),
+        })
+    }
+}
+
+/// What a command needs from outside.
+pub struct Deps<'a> {
+    pub plumbing: &'a dyn PodPlumbing,
+    /// The agent behind a socket path (from the conf).
+    pub agent: &'a dyn Fn(&Path) -> Box<dyn AgentApi>,
+}
+
+/// Host-side veth name: stable for (container ID, ifname), 15 bytes.
+#[must_use]
+pub fn host_ifname(owner: &Owner) -> String {
+    let digest = Sha256::new()
+        .chain_update(owner.container_id.as_bytes())
+        .chain_update([0u8])
+        .chain_update(owner.ifname.as_bytes())
+        .finalize();
+    let mut name = String::from("pn");
+    for byte in digest.iter().take(7) {
+        let _ = write!(name, "{byte:02x}");
+    }
+    name.truncate(15);
+    name
+}
+
+fn agent_error(what: &str, e: &ClientError) -> CniError {
+    match e {
+        ClientError::Unreachable { .. } => CniError::from_error(
+            code::TRY_AGAIN_LATER,
+            format!("{what}: the podnet agent is not running on this node"),
+            e,
+        ),
+        _ => CniError::from_error(
+            code::AGENT_FAILED,
+            format!("{what}: the podnet agent failed"),
+            e,
+        ),
+    }
+}
+
+fn ipam_error(e: &IpamError) -> CniError {
+    match e {
+        IpamError::Exhausted { .. } => CniError::new(code::ADDRESSES_EXHAUSTED, e.to_string()),
+        _ => CniError::from_error(code::IO_FAILURE, "IPAM store failed", e),
+    }
+}
+
+fn delegate_error(e: delegate::DelegateError) -> CniError {
+    match e {
+        delegate::DelegateError::Failed {
+            code, msg, details, ..
+        } => CniError::new(code, msg).with_details(details),
+        other => CniError::from_error(code::INVALID_CONFIG, "delegated IPAM failed", &other),
+    }
+}
+
+fn ipam_dir(conf_dir: Option<&PathBuf>, node: Option<&NodeInfo>, network: &str) -> PathBuf {
+    conf_dir
+        .cloned()
+        .or_else(|| node.map(|n| n.ipam_dir.clone()))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_IPAM_DIR))
+        .join(network)
+}
+
+fn store(dir: &Path) -> Result<FileStore, CniError> {
+    FileStore::open(dir).map_err(|e| ipam_error(&e))
+}
+
+/// Runs one invocation; `Ok(Some(json))` is printed on stdout.
+pub fn run(env: &CniEnv, stdin: &[u8], deps: &Deps<'_>) -> Result<Option<String>, CniError> {
+    if env.command == Command::Version {
+        let requested =
+            super::config::sniff_version(stdin).unwrap_or_else(|| version::CURRENT.to_owned());
+        return Ok(Some(
+            json!({"cniVersion": requested, "supportedVersions": version::SUPPORTED}).to_string(),
+        ));
+    }
+    let conf = NetConf::parse(stdin)?;
+    match env.command {
+        Command::Add => add(env, &conf, deps).map(Some),
+        Command::Del => del(env, &conf, deps).map(|()| None),
+        Command::Check => check(env, &conf, deps).map(|()| None),
+        Command::Status => status(&conf, deps).map(|()| None),
+        Command::Gc => gc(env, &conf, deps).map(|()| None),
+        Command::Version => unreachable!("handled above"),
+    }
+}
+
+fn owner(env: &CniEnv) -> Owner {
+    Owner {
+        container_id: env.container_id.clone(),
+        ifname: env.ifname.clone(),
+    }
+}
+
+/// The address ADD got: from the built-in IPAM or a delegate.
+struct Lease {
+    ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+}
+
+fn acquire(
+    env: &CniEnv,
+    conf: &NetConf,
+    node: &NodeInfo,
+    owner: &Owner,
+) -> Result<Lease, CniError> {
+    match &conf.ipam {
+        IpamConf::BuiltIn { data_dir } => {
+            let range = PodRange::new(node.pod_cidr).map_err(|e| ipam_error(&e))?;
+            let dir = ipam_dir(data_dir.as_ref(), Some(node), &conf.name);
+            let allocation = Allocator::new(range, store(&dir)?)
+                .allocate(owner)
+                .map_err(|e| ipam_error(&e))?;
+            Ok(Lease {
+                ip: allocation.ip,
+                gateway: allocation.gateway,
+            })
+        }
+        IpamConf::Delegated { plugin } => {
+            let out =
+                delegate::exec(plugin, &env.cni_path, "ADD", &conf.raw).map_err(delegate_error)?;
+            let value: Value = serde_json::from_slice(&out).map_err(|e| {
+                CniError::new(
+                    code::DECODE_FAILURE,
+                    format!("IPAM plugin {plugin} printed no valid result"),
+                )
+                .with_details(e.to_string())
+            })?;
+            let result = CniResult::from_json(&value)?;
+            let ip = result.ips.first().ok_or_else(|| {
+                CniError::new(
+                    code::INVALID_CONFIG,
+                    format!("IPAM plugin {plugin} returned no IPv4 address"),
+                )
+            })?;
+            Ok(Lease {
+                ip: ip.address.addr(),
+                gateway: ip.gateway.unwrap_or(node.gateway),
+            })
+        }
+    }
+}
+
+fn release(
+    env: &CniEnv,
+    conf: &NetConf,
+    node: Option<&NodeInfo>,
+    owner: &Owner,
+) -> Result<(), CniError> {
+    match &conf.ipam {
+        IpamConf::BuiltIn { data_dir } => {
+            let dir = ipam_dir(data_dir.as_ref(), node, &conf.name);
+            if !dir.exists() {
+                return Ok(());
+            }
+            ipam::release_owner(&store(&dir)?, owner).map_err(|e| ipam_error(&e))?;
+            Ok(())
+        }
+        IpamConf::Delegated { plugin } => delegate::exec(plugin, &env.cni_path, "DEL", &conf.raw)
+            .map(|_| ())
+            .map_err(delegate_error),
+    }
+}
+
+fn add(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<String, CniError> {
+    let netns = env.netns.clone().unwrap_or_default();
+    if !netns.exists() {
+        return Err(CniError::new(
+            code::UNKNOWN_CONTAINER,
+            format!("network namespace {} does not exist", netns.display()),
+        ));
+    }
+    let agent = (deps.agent)(&conf.agent_socket);
+    let node = agent.node().map_err(|e| agent_error("ADD", &e))?;
+    let owner = owner(env);
+    let host_ifname = host_ifname(&owner);
+    let mtu = conf.mtu.unwrap_or(node.mtu);
+    let lease = acquire(env, conf, &node, &owner)?;
+
+    // From here on, a failure undoes what was done: no leaked address, no
+    // half-built interface.
+    let rollback = |err: CniError| -> CniError {
+        let _ = deps.plumbing.delete_host(&host_ifname);
+        let _ = release(env, conf, Some(&node), &owner);
+        err
+    };
+    let spec = PodIfSpec {
+        netns: netns.clone(),
+        ifname: env.ifname.clone(),
+        host_ifname: host_ifname.clone(),
+        ip: lease.ip,
+        gateway: lease.gateway,
+        mtu,
+    };
+    let created = deps.plumbing.create(&spec).map_err(rollback)?;
+    let endpoint = Endpoint {
+        owner: owner.clone(),
+        network: conf.name.clone(),
+        netns: netns.clone(),
+        ip: lease.ip,
+        host_ifname: host_ifname.clone(),
+        host_ifindex: created.host_ifindex,
+        pod_mac: created.pod_mac,
+        host_mac: created.host_mac,
+    };
+    agent
+        .add_endpoint(&endpoint)
+        .map_err(|e| rollback(agent_error("ADD", &e)))?;
+
+    let mut result = match &conf.prev_result {
+        Some(prev) => CniResult::from_json(prev)?,
+        None => CniResult::default(),
+    };
+    let first = result.interfaces.len();
+    result.interfaces.push(Interface {
+        name: host_ifname,
+        mac: format_mac(&created.host_mac),
+        mtu: Some(mtu),
+        sandbox: None,
+    });
+    result.interfaces.push(Interface {
+        name: env.ifname.clone(),
+        mac: format_mac(&created.pod_mac),
+        mtu: Some(mtu),
+        sandbox: Some(netns.display().to_string()),
+    });
+    result.ips.push(IpConfig {
+        address: Ipv4Net::new(lease.ip, 32)
+            .map_err(|e| CniError::new(code::INVALID_CONFIG, e.to_string()))?,
+        gateway: Some(lease.gateway),
+        interface: Some(first + 1),
+    });
+    result.routes.push(RouteEntry {
+        dst: Ipv4Net::default(),
+        gw: Some(lease.gateway),
+    });
+    Ok(result.to_json(&conf.cni_version, conf.version).to_string())
+}
+
+fn del(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<(), CniError> {
+    let owner = owner(env);
+    let agent = (deps.agent)(&conf.agent_socket);
+    // The agent only tells where the IPAM store is; DEL works without it.
+    let node = agent.node().ok();
+    // Address first: it is what a lost DEL would leak.
+    release(env, conf, node.as_ref(), &owner)?;
+    deps.plumbing.delete_host(&host_ifname(&owner))?;
+    match agent.remove_endpoint(&owner) {
+        // Down: it reconciles when it is back (the veth is gone by then).
+        Ok(()) | Err(ClientError::Unreachable { .. }) => Ok(()),
+        Err(e) => Err(agent_error("DEL", &e)),
+    }
+}
+
+fn check_failed(msg: String) -> CniError {
+    CniError::new(code::CHECK_FAILED, msg)
+}
+
+fn check(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<(), CniError> {
+    if conf.version < Version::V0_4_0 {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "CHECK needs cniVersion 0.4.0 or later, the configuration says {}",
+                conf.cni_version
+            ),
+        ));
+    }
+    let prev = conf
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult"))?;
+    let prev = CniResult::from_json(prev)?;
+    let netns = env.netns.clone().unwrap_or_default();
+    let owner = owner(env);
+    let pod_index = prev
+        .interfaces
+        .iter()
+        .position(|i| i.name == env.ifname && i.sandbox.is_some())
+        .ok_or_else(|| {
+            check_failed(format!(
+                "prevResult has no interface {} in a sandbox",
+                env.ifname
+            ))
+        })?;
+    let state = deps
+        .plumbing
+        .pod_interface(&netns, &env.ifname)?
+        .ok_or_else(|| {
+            check_failed(format!(
+                "interface {} is missing in {}",
+                env.ifname,
+                netns.display()
+            ))
+        })?;
+    let expected_mac = &prev.interfaces[pod_index].mac;
+    if !expected_mac.is_empty() && !expected_mac.eq_ignore_ascii_case(&format_mac(&state.mac)) {
+        return Err(check_failed(format!(
+            "interface {} has MAC {}, prevResult says {expected_mac}",
+            env.ifname,
+            format_mac(&state.mac)
+        )));
+    }
+    for ip in prev
+        .ips
+        .iter()
+        .filter(|ip| ip.interface.is_none_or(|i| i == pod_index))
+    {
+        let want = (ip.address.addr(), ip.address.prefix_len());
+        if !state.addresses.contains(&want) {
+            return Err(check_failed(format!(
+                "address {} is missing on {}",
+                ip.address, env.ifname
+            )));
+        }
+    }
+    for route in &prev.routes {
+        let present = state.routes.iter().any(|r| {
+            r.dst == route.dst.addr()
+                && r.prefix == route.dst.prefix_len()
+                && (route.gw.is_none() || r.gateway == route.gw)
+        });
+        if !present {
+            return Err(check_failed(format!(
+                "route to {} via {:?} is missing in the pod",
+                route.dst, route.gw
+            )));
+        }
+    }
+    let host = host_ifname(&owner);
+    let host_index = deps
+        .plumbing
+        .host_ifindex(&host)?
+        .ok_or_else(|| check_failed(format!("host interface {host} is missing")))?;
+    let agent = (deps.agent)(&conf.agent_socket);
+    let endpoint = agent
+        .get_endpoint(&owner)
+        .map_err(|e| agent_error("CHECK", &e))?
+        .ok_or_else(|| {
+            check_failed("the podnet agent has no endpoint for this attachment".to_owned())
+        })?;
+    if endpoint.host_ifindex != host_index
+        || !prev.ips.iter().any(|ip| ip.address.addr() == endpoint.ip)
+    {
+        return Err(check_failed(format!(
+            "the agent's endpoint ({} on ifindex {}) does not match the attachment",
+            endpoint.ip, endpoint.host_ifindex
+        )));
+    }
+    Ok(())
+}
+
+fn status(conf: &NetConf, deps: &Deps<'_>) -> Result<(), CniError> {
+    let agent = (deps.agent)(&conf.agent_socket);
+    match agent.node() {
+        Ok(node) if node.pod_cidr.prefix_len() <= 30 => Ok(()),
+        Ok(node) => Err(CniError::new(
+            code::NOT_AVAILABLE,
+            format!("node pod CIDR {} is unusable", node.pod_cidr),
+        )),
+        Err(e) => Err(CniError::from_error(
+            code::NOT_AVAILABLE,
+            "the podnet agent is not available on this node",
+            &e,
+        )),
+    }
+}
+
+fn gc(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<(), CniError> {
+    if conf.version < Version::V1_1_0 {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "GC needs cniVersion 1.1.0, the configuration says {}",
+                conf.cni_version
+            ),
+        ));
+    }
+    let valid = conf.valid_attachments.clone().unwrap_or_default();
+    let agent = (deps.agent)(&conf.agent_socket);
+    let node = agent.node().ok();
+    let mut stale: Vec<Owner> = Vec::new();
+    match &conf.ipam {
+        IpamConf::BuiltIn { data_dir } => {
+            let dir = ipam_dir(data_dir.as_ref(), node.as_ref(), &conf.name);
+            if dir.exists() {
+                let released = ipam::release_unless(&store(&dir)?, |o| valid.contains(o))
+                    .map_err(|e| ipam_error(&e))?;
+                stale.extend(released.into_iter().map(|r| r.owner));
+            }
+        }
+        IpamConf::Delegated { plugin } => {
+            delegate::exec(plugin, &env.cni_path, "GC", &conf.raw).map_err(delegate_error)?;
+        }
+    }
+    match agent.gc(&valid) {
+        Ok(removed) => stale.extend(removed),
+        Err(ClientError::Unreachable { .. }) => {}
+        Err(e) => return Err(agent_error("GC", &e)),
+    }
+    for owner in stale {
+        deps.plumbing.delete_host(&host_ifname(&owner))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! Netlink (rtnetlink) operations the CNI plugin and the agent need, and the
+//! way to run them inside another network namespace.
+//!
+//! Namespace work runs on a dedicated OS thread that `setns`es first and
+//! owns its own netlink socket and single-threaded runtime: a netns switch
+//! must never happen on a shared (tokio worker, blocking-pool) thread, where
+//! it would leak into unrelated work.
+
+use std::{
+    fs::File,
+    future::Future,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use futures::TryStreamExt as _;
+use rtnetlink::{
+    Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    packet_route::{
+        address::AddressAttribute,
+        link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
+        neighbour::NeighbourState,
+        route::{RouteAddress, RouteAttribute, RouteScope},
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("opening network namespace {path}")]
+    OpenNetns {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("entering network namespace {path}")]
+    EnterNetns { path: PathBuf, source: nix::Error },
+    #[error("opening a netlink socket")]
+    Socket(#[source] std::io::Error),
+    #[error("starting the netlink runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("the netlink worker thread panicked")]
+    WorkerPanicked,
+    #[error("{action}")]
+    Request {
+        action: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+impl NetlinkError {
+    /// The kernel's errno for a failed request (positive), if it was one.
+    #[must_use]
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Request {
+                source: rtnetlink::Error::NetlinkError(msg),
+                ..
+            } => msg.code.map(|c| -c.get()),
+            _ => None,
+        }
+    }
+}
+
+fn request(action: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+    let action = action.into();
+    move |source| NetlinkError::Request { action, source }
+}
+
+/// Runs `work` with a netlink handle inside `netns` (a path such as
+/// `/var/run/netns/x` or `/proc/PID/ns/net`; `None`: the caller's netns), on a
+/// dedicated thread, and waits for it.
+pub fn with_netlink<T, F, Fut>(netns: Option<&Path>, work: F) -> Result<T, NetlinkError>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, NetlinkError>>,
+{
+    let netns_file = netns
+        .map(|path| {
+            File::open(path)
+                .map(|f| (f, path.to_owned()))
+                .map_err(|source| NetlinkError::OpenNetns {
+                    path: path.to_owned(),
+                    source,
+                })
+        })
+        .transpose()?;
+    let worker = std::thread::spawn(move || -> Result<T, NetlinkError> {
+        if let Some((file, path)) = &netns_file {
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| {
+                NetlinkError::EnterNetns {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(NetlinkError::Runtime)?;
+        runtime.block_on(async move {
+            // The socket is created after setns, so it belongs to that netns.
+            let (connection, handle, _) =
+                rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+            tokio::spawn(connection);
+            work(handle).await
+        })
+    });
+    worker.join().map_err(|_| NetlinkError::WorkerPanicked)?
+}
+
+/// A link as netlink reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub name: String,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+fn link_info(msg: &LinkMessage) -> LinkInfo {
+    let mut info = LinkInfo {
+        index: msg.header.index,
+        name: String::new(),
+        mac: [0; 6],
+        mtu: 0,
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(name) => info.name.clone_from(name),
+            LinkAttribute::Address(mac) if mac.len() == 6 => info.mac.copy_from_slice(mac),
+            LinkAttribute::Mtu(mtu) => info.mtu = *mtu,
+            _ => {}
+        }
+    }
+    info
+}
+
+/// The link called `name`, or `None` when there is none (ENODEV).
+pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkInfo>, NetlinkError> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    match links.try_next().await {
+        Ok(Some(msg)) => Ok(Some(link_info(&msg))),
+        Ok(None) => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.code.is_some_and(|c| c.get() == -libc::ENODEV) =>
+        {
+            Ok(None)
+        }
+        Err(source) => Err(request(format!("looking up link {name}"))(source)),
+    }
+}
+
+/// The link with `index`, or `None`.
+pub async fn link_by_index(handle: &Handle, index: u32) -> Result<Option<LinkInfo>, NetlinkError> {
+    let mut links = handle.link().get().match_index(index).execute();
+    match links.try_next().await {
+        Ok(Some(msg)) => Ok(Some(link_info(&msg))),
+        Ok(None) => Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.code.is_some_and(|c| c.get() == -libc::ENODEV) =>
+        {
+            Ok(None)
+        }
+        Err(source) => Err(request(format!("looking up link #{index}"))(source)),
+    }
+}
+
+/// Creates a veth pair whose `peer_name` end is created directly inside the
+/// netns behind `peer_netns` (no name clash in the host netns, no move).
+pub async fn create_veth(
+    handle: &Handle,
+    host_name: &str,
+    peer_name: &str,
+    peer_netns: &File,
+    mtu: u32,
+) -> Result<(), NetlinkError> {
+    let peer = LinkUnspec::new_with_name(peer_name)
+        .setns_by_fd(peer_netns.as_raw_fd())
+        .mtu(mtu)
+        .build();
+    let message = LinkVeth::new(host_name, peer_name)
+        .mtu(mtu)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+    handle
+        .link()
+        .add(message)
+        .execute()
+        .await
+        .map_err(request(format!(
+            "creating veth {host_name} <-> {peer_name}"
+        )))
+}
+
+/// Brings link `index` up.
+pub async fn set_up(handle: &Handle, index: u32) -> Result<(), NetlinkError> {
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(request(format!("bringing link #{index} up")))
+}
+
+/// Deletes link `name`; `false` when it did not exist.
+pub async fn delete_link(handle: &Handle, name: &str) -> Result<bool, NetlinkError> {
+    let Some(link) = link_by_name(handle, name).await? else {
+        return Ok(false);
+    };
+    match handle.link().del(link.index).execute().await {
+        Ok(()) => Ok(true),
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.code.is_some_and(|c| c.get() == -libc::ENODEV) =>
+        {
+            Ok(false)
+        }
+        Err(source) => Err(request(format!("deleting link {name}"))(source)),
+    }
+}
+
+/// Adds (or keeps) `ip/prefix` on link `index`.
+pub async fn add_address(
+    handle: &Handle,
+    index: u32,
+    ip: Ipv4Addr,
+    prefix: u8,
+) -> Result<(), NetlinkError> {
+    handle
+        .address()
+        .add(index, IpAddr::V4(ip), prefix)
+        .replace()
+        .execute()
+        .await
+        .map_err(request(format!("adding {ip}/{prefix} to link #{index}")))
+}
+
+/// IPv4 addresses on link `index`.
+pub async fn addresses(handle: &Handle, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetlinkError> {
+    let mut found = Vec::new();
+    let mut stream = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute();
+    while let Some(msg) = stream
+        .try_next()
+        .await
+        .map_err(request(format!("listing addresses of #{index}")))?
+    {
+        for attr in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
+                found.push((*ip, msg.header.prefix_len));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// A route to `dst/prefix` out of link `oif`, via `gateway` or link-scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub dst: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: u32,
+}
+
+/// Adds or replaces `route` in the main table.
+pub async fn add_route(handle: &Handle, route: Route) -> Result<(), NetlinkError> {
+    let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(route.dst, route.prefix)
+        .output_interface(route.oif);
+    builder = match route.gateway {
+        Some(gw) => builder.gateway(gw),
+        None => builder.scope(RouteScope::Link),
+    };
+    handle
+        .route()
+        .add(builder.build())
+        .replace()
+        .execute()
+        .await
+        .map_err(request(format!(
+            "adding route {}/{} via {:?} dev #{}",
+            route.dst, route.prefix, route.gateway, route.oif
+        )))
+}
+
+/// IPv4 routes of the main table that leave through link `oif`.
+pub async fn routes_via(handle: &Handle, oif: u32) -> Result<Vec<Route>, NetlinkError> {
+    let mut found = Vec::new();
+    let mut stream = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(msg) = stream.try_next().await.map_err(request("listing routes"))? {
+        if msg.header.table != 254 {
+            continue;
+        }
+        let mut route = Route {
+            dst: Ipv4Addr::UNSPECIFIED,
+            prefix: msg.header.destination_prefix_length,
+            gateway: None,
+            oif: 0,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => route.dst = *ip,
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => route.gateway = Some(*ip),
+                RouteAttribute::Oif(index) => route.oif = *index,
+                _ => {}
+            }
+        }
+        if route.oif == oif {
+            found.push(route);
+        }
+    }
+    Ok(found)
+}
+
+/// Adds or replaces a permanent neighbour entry `ip -> mac` on link `index`.
+pub async fn add_permanent_neighbour(
+    handle: &Handle,
+    index: u32,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+) -> Result<(), NetlinkError> {
+    handle
+        .neighbours()
+        .add(index, IpAddr::V4(ip))
+        .link_layer_address(&mac)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(request(format!("adding neighbour {ip} on link #{index}")))
+}
