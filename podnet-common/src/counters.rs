@@ -12,12 +12,18 @@ pub enum Verdict {
     PassToStack = 1,
     /// Dropped; the reason is counted in the drops map.
     Drop = 2,
+    /// An ARP request from a pod answered in place with the host veth's MAC.
+    ArpReply = 3,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 3;
-    pub const ALL: [Verdict; Self::COUNT as usize] =
-        [Self::RedirectPeer, Self::PassToStack, Self::Drop];
+    pub const COUNT: u32 = 4;
+    pub const ALL: [Verdict; Self::COUNT as usize] = [
+        Self::RedirectPeer,
+        Self::PassToStack,
+        Self::Drop,
+        Self::ArpReply,
+    ];
 
     #[must_use]
     pub const fn name(self) -> &'static str {
@@ -25,6 +31,7 @@ impl Verdict {
             Self::RedirectPeer => "redirect_peer",
             Self::PassToStack => "pass_to_stack",
             Self::Drop => "drop",
+            Self::ArpReply => "arp_reply",
         }
     }
 }
@@ -63,3 +70,18 @@ impl DropReason {
         }
     }
 }
+
+// ALL lists the variants in index order (userspace reads counter i as
+// ALL[i]); a misordered or renumbered list fails to compile here.
+const _: () = {
+    let mut i = 0;
+    while i < Verdict::ALL.len() {
+        assert!(Verdict::ALL[i] as usize == i);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < DropReason::ALL.len() {
+        assert!(DropReason::ALL[i] as usize == i);
+        i += 1;
+    }
+};

@@ -7,6 +7,7 @@ use aya_ebpf::{helpers::bpf_redirect_peer, macros::classifier, programs::TcConte
 use podnet_common::{DropReason, EndpointInfo, Verdict};
 
 use crate::{
+    arp,
     counters::{count, count_endpoint, drop_packet, pass_to_stack},
     maps::ENDPOINTS,
     packet::{self, L3},
@@ -21,7 +22,7 @@ pub fn from_pod(ctx: TcContext) -> i32 {
 
     let ip = match packet::parse(&ctx) {
         L3::Ipv4(ip) => ip,
-        L3::Other => return pass_to_stack(),
+        L3::Other => return answer_arp(&ctx, ifindex).unwrap_or_else(pass_to_stack),
         L3::MalformedIpv4 => return drop_packet(DropReason::MalformedIpv4),
     };
 
@@ -46,6 +47,25 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         return pass_to_stack();
     }
     redirect_to_endpoint(&ctx, &ip, &dst)
+}
+
+/// Answers an ARP request from the endpoint behind `ifindex`; `None` when
+/// the frame is not one (left to the host stack).
+#[inline(always)]
+fn answer_arp(ctx: &TcContext, ifindex: u32) -> Option<i32> {
+    let request = arp::parse_request(ctx)?;
+    let sender = endpoint(u32::from_ne_bytes(request.sender_ip))?;
+    // Only a pod asking from its own veth, with its own MAC, gets an answer.
+    if sender.host_ifindex != ifindex || sender.pod_mac != request.sender_mac {
+        return None;
+    }
+    match arp::reply(ctx, &request, &sender.host_mac, ifindex) {
+        Ok(code) => {
+            count(Verdict::ArpReply);
+            Some(code)
+        }
+        Err(_) => Some(drop_packet(DropReason::HeaderRewriteFailed)),
+    }
 }
 
 #[inline(always)]

@@ -5,6 +5,9 @@
 pub mod bins;
 pub mod bpf_run;
 pub mod frames;
+pub mod netns;
+pub mod node;
+pub mod traffic;
 
 use std::{
     env,

@@ -172,28 +172,71 @@ fn expiring_ttl_is_left_to_the_host_stack() {
     assert_eq!(counters(&h).verdict(Verdict::RedirectPeer), 0);
 }
 
+fn arp_request(sender_mac: [u8; 6], sender_ip: Ipv4Addr, target_ip: Ipv4Addr, op: u8) -> Vec<u8> {
+    let mut arp = frames::ethernet([0xff; 6], sender_mac, ETH_P_ARP);
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, op]);
+    arp.extend_from_slice(&sender_mac);
+    arp.extend_from_slice(&sender_ip.octets());
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&target_ip.octets());
+    arp
+}
+
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+
 #[test]
-fn arp_and_ipv6_pass_unchanged() {
-    if !privileged("arp_and_ipv6_pass_unchanged") {
+fn arp_request_from_a_pod_is_answered_with_its_host_veth_mac() {
+    if !privileged("arp_request_from_a_pod_is_answered_with_its_host_veth_mac") {
+        return;
+    }
+    let mut h = harness("arp");
+    let out = run(&mut h, &arp_request(POD_A_MAC, POD_A_IP, GATEWAY, 1));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back to the pod");
+    let mut expected = frames::ethernet(POD_A_MAC, HOST_A_MAC, ETH_P_ARP);
+    expected.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+    expected.extend_from_slice(&HOST_A_MAC);
+    expected.extend_from_slice(&GATEWAY.octets());
+    expected.extend_from_slice(&POD_A_MAC);
+    expected.extend_from_slice(&POD_A_IP.octets());
+    assert_eq!(
+        out.frame, expected,
+        "a reply: the gateway is at the host veth's MAC"
+    );
+    assert_eq!(counters(&h).verdict(Verdict::ArpReply), 1);
+}
+
+#[test]
+fn arp_that_is_not_ours_and_ipv6_pass_unchanged() {
+    if !privileged("arp_that_is_not_ours_and_ipv6_pass_unchanged") {
         return;
     }
     let mut h = harness("nonip");
-    let mut arp = frames::ethernet([0xff; 6], POD_A_MAC, ETH_P_ARP);
-    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    arp.extend_from_slice(&POD_A_MAC);
-    arp.extend_from_slice(&POD_A_IP.octets());
-    arp.extend_from_slice(&[0; 6]);
-    arp.extend_from_slice(&[10, 244, 0, 1]);
+    let reply = arp_request(POD_A_MAC, POD_A_IP, GATEWAY, 2);
+    let unknown_sender = arp_request(
+        [2, 9, 9, 9, 9, 9],
+        Ipv4Addr::new(10, 244, 0, 77),
+        GATEWAY,
+        1,
+    );
+    let forged_mac = arp_request([2, 9, 9, 9, 9, 9], POD_A_IP, GATEWAY, 1);
+    let gratuitous = arp_request(POD_A_MAC, POD_A_IP, POD_A_IP, 1);
     let mut ipv6 = frames::ethernet([0x33, 0x33, 0, 0, 0, 1], POD_A_MAC, ETH_P_IPV6);
     ipv6.extend_from_slice(&[0x60, 0, 0, 0, 0, 0, 59, 64]);
     ipv6.extend_from_slice(&[0xfe; 32]);
-    for (what, frame) in [("ARP", arp), ("IPv6", ipv6)] {
+    for (what, frame) in [
+        ("ARP reply", reply),
+        ("ARP from an unknown sender", unknown_sender),
+        ("ARP with a forged sender MAC", forged_mac),
+        ("gratuitous ARP", gratuitous),
+        ("IPv6", ipv6),
+    ] {
         let out = run(&mut h, &frame);
         assert_eq!(out.verdict, TC_ACT_OK, "{what} goes to the host stack");
         assert_eq!(out.frame, frame, "{what} is not modified");
     }
     let c = counters(&h);
-    assert_eq!(c.verdict(Verdict::PassToStack), 2);
+    assert_eq!(c.verdict(Verdict::PassToStack), 5);
+    assert_eq!(c.verdict(Verdict::ArpReply), 0);
     assert_eq!(c.verdict(Verdict::Drop), 0);
 }
 

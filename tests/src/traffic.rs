@@ -1,0 +1,153 @@
+//! Traffic between test namespaces, generated in-process: a TCP transfer
+//! whose every byte is checked at the receiver.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU16, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::netns::NetNs;
+
+fn next_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Distinct per test process; namespaces are private, so clashes only
+    // matter inside one namespace.
+    20_000 + NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Byte `i` of the test stream: a pattern that makes reordering, loss or
+/// duplication visible.
+fn pattern(i: u64) -> u8 {
+    #[allow(clippy::cast_possible_truncation, reason = "intentional wrap")]
+    let b = (i.wrapping_mul(2_654_435_761) >> 13) as u8;
+    b
+}
+
+/// A receiver in `netns` on `ip`; its join handle yields how many bytes
+/// arrived intact before the sender closed (an error on the first bad byte).
+pub fn receiver(
+    netns: &NetNs,
+    ip: Ipv4Addr,
+) -> anyhow::Result<(SocketAddrV4, JoinHandle<anyhow::Result<u64>>)> {
+    let addr = SocketAddrV4::new(ip, next_port());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = netns.spawn(move || -> anyhow::Result<u64> {
+        let listener = TcpListener::bind(addr)?;
+        ready_tx.send(()).ok();
+        let (mut stream, _) = listener.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut received = 0u64;
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                return Ok(received);
+            }
+            for (k, byte) in buf[..n].iter().enumerate() {
+                let at = received + k as u64;
+                anyhow::ensure!(
+                    *byte == pattern(at),
+                    "byte {at} is wrong: the stream lost or reordered data"
+                );
+            }
+            received += n as u64;
+        }
+    })?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .map_err(|_| anyhow::anyhow!("receiver did not start"))?;
+    Ok((addr, handle))
+}
+
+/// Sends `bytes` of the pattern from `netns` to `to`; returns bytes sent.
+pub fn send(netns: &NetNs, to: SocketAddrV4, bytes: u64) -> anyhow::Result<u64> {
+    netns
+        .spawn(move || -> anyhow::Result<u64> {
+            let mut stream = TcpStream::connect_timeout(&to.into(), Duration::from_secs(5))?;
+            stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+            let mut sent = 0u64;
+            let mut chunk = vec![0u8; 64 * 1024];
+            while sent < bytes {
+                let n = usize::try_from((bytes - sent).min(chunk.len() as u64))?;
+                for (k, b) in chunk[..n].iter_mut().enumerate() {
+                    *b = pattern(sent + k as u64);
+                }
+                stream.write_all(&chunk[..n])?;
+                sent += n as u64;
+            }
+            Ok(sent)
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))?
+}
+
+/// A full transfer of `bytes` from `from` to `to_ip` in `to`; checks every byte.
+pub fn transfer(from: &NetNs, to: &NetNs, to_ip: Ipv4Addr, bytes: u64) -> anyhow::Result<()> {
+    let (addr, rx) = receiver(to, to_ip)?;
+    let sent = send(from, addr, bytes)?;
+    let received = rx
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    anyhow::ensure!(
+        sent == bytes && received == bytes,
+        "sent {sent}, received {received} of {bytes}"
+    );
+    Ok(())
+}
+
+/// A stream that keeps sending until stopped: for "traffic keeps flowing
+/// while X happens" tests.
+pub struct Stream {
+    stop: Arc<AtomicBool>,
+    sender: JoinHandle<anyhow::Result<u64>>,
+    receiver: JoinHandle<anyhow::Result<u64>>,
+}
+
+impl Stream {
+    pub fn start(from: &NetNs, to: &NetNs, to_ip: Ipv4Addr) -> anyhow::Result<Self> {
+        let (addr, receiver) = receiver(to, to_ip)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let sender = from.spawn(move || -> anyhow::Result<u64> {
+            let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
+            // A stall longer than this is a failure, not a slow network.
+            stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+            let mut sent = 0u64;
+            let mut chunk = vec![0u8; 16 * 1024];
+            while !flag.load(Ordering::Relaxed) {
+                for (k, b) in chunk.iter_mut().enumerate() {
+                    *b = pattern(sent + k as u64);
+                }
+                stream.write_all(&chunk)?;
+                sent += chunk.len() as u64;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(sent)
+        })?;
+        Ok(Self {
+            stop,
+            sender,
+            receiver,
+        })
+    }
+
+    /// Stops sending; returns (sent, received intact).
+    pub fn finish(self) -> anyhow::Result<(u64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self
+            .sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        let received = self
+            .receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+        Ok((sent, received))
+    }
+}

@@ -1,0 +1,157 @@
+//! Pods on one node, attached by the real `podnet` binary and served by a
+//! real `podnetd`: they reach each other through from_pod's
+//! bpf_redirect_peer, and the host reaches them through the kernel.
+
+use podnet_tests::{node::Node, privileged, traffic};
+
+#[test]
+fn pods_on_one_node_talk_through_the_ebpf_fast_path() {
+    if !privileged("pods_on_one_node_talk_through_the_ebpf_fast_path") {
+        return;
+    }
+    let node = Node::start("same", "10.244.0.0/24").expect("node");
+    let pods: Vec<_> = (0..3)
+        .map(|i| node.add_pod(&format!("same-node-{i}")).expect("ADD"))
+        .collect();
+    let mut ips: Vec<_> = pods.iter().map(|p| p.ip).collect();
+    ips.dedup();
+    assert_eq!(ips.len(), 3, "every pod has its own IP");
+
+    // The node does not forward IPv4 (a fresh netns has ip_forward=0): pod
+    // to pod can only work through the eBPF redirect.
+    let forward = node
+        .netns
+        .exec("cat", &["/proc/sys/net/ipv4/ip_forward"])
+        .expect("read sysctl");
+    assert_eq!(String::from_utf8_lossy(&forward.stdout).trim(), "0");
+
+    let redirected_before = node.counter("redirect_peer").expect("counters");
+    for a in &pods {
+        for b in &pods {
+            if a.ip != b.ip {
+                assert!(a.ping(b.ip, 2), "{} -> {}", a.ip, b.ip);
+            }
+        }
+    }
+    let redirected = node.counter("redirect_peer").expect("counters") - redirected_before;
+    // 6 ordered pairs x 2 echoes x (request + reply).
+    assert!(
+        redirected >= 24,
+        "pings went through redirect_peer: {redirected}"
+    );
+
+    // TCP both ways, every byte checked.
+    let before = node.counter("redirect_peer").expect("counters");
+    traffic::transfer(&pods[0].netns, &pods[1].netns, pods[1].ip, 32 << 20).expect("TCP 0 -> 1");
+    traffic::transfer(&pods[1].netns, &pods[0].netns, pods[0].ip, 32 << 20).expect("TCP 1 -> 0");
+    let segments = node.counter("redirect_peer").expect("counters") - before;
+    // 64 MiB need at least 64 MiB / 64 KiB (GSO) segments plus their ACKs.
+    assert!(
+        segments >= 1024,
+        "TCP went through redirect_peer: {segments} packets"
+    );
+
+    // Per-endpoint counters see what each pod sent.
+    let endpoints = node.podnetctl(&["endpoints"]).expect("podnetctl endpoints");
+    let list = endpoints.as_array().expect("list");
+    assert_eq!(list.len(), 3);
+    for e in list {
+        assert_eq!(e["in_datapath"], true);
+        assert_eq!(e["attached"], true);
+        assert!(e["tx_packets"].as_u64().unwrap_or(0) > 0, "{e}");
+    }
+
+    // Host <-> pod goes through the kernel (host route per pod).
+    let host_ping = node
+        .netns
+        .exec(
+            "ping",
+            &["-c", "2", "-i", "0.2", "-W", "1", &pods[2].ip.to_string()],
+        )
+        .expect("ping");
+    assert!(host_ping.status.success(), "node -> pod");
+    assert!(pods[2].ping(node.node_ip, 2), "pod -> node");
+}
+
+#[test]
+fn spoofed_sources_from_a_pod_are_dropped_and_counted() {
+    if !privileged("spoofed_sources_from_a_pod_are_dropped_and_counted") {
+        return;
+    }
+    let node = Node::start("spoof", "10.244.0.0/24").expect("node");
+    let a = node.add_pod("spoof-a").expect("ADD a");
+    let b = node.add_pod("spoof-b").expect("ADD b");
+    assert!(a.ping(b.ip, 1), "baseline");
+
+    // Another address inside pod a.
+    a.netns
+        .ip(&["addr", "add", "10.244.0.250/32", "dev", "eth0"])
+        .expect("add address");
+    let spoofed_ip = a
+        .netns
+        .exec(
+            "ping",
+            &[
+                "-c",
+                "2",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                "-I",
+                "10.244.0.250",
+                &b.ip.to_string(),
+            ],
+        )
+        .expect("ping");
+    assert!(
+        !spoofed_ip.status.success(),
+        "a forged source IP does not get through"
+    );
+    assert!(node.counter("spoofed_source_ip").expect("counters") >= 2);
+
+    // A forged MAC on pod a's interface. Changing the MAC flushes the pod's
+    // neighbours; the attacker puts the gateway's entry back by hand (the
+    // datapath does not answer ARP from a forged MAC).
+    let pod_mac = a.result["interfaces"][1]["mac"]
+        .as_str()
+        .expect("pod mac")
+        .to_owned();
+    let host_mac = a.result["interfaces"][0]["mac"]
+        .as_str()
+        .expect("host mac")
+        .to_owned();
+    a.netns
+        .ip(&["link", "set", "eth0", "address", "02:de:ad:be:ef:01"])
+        .expect("set mac");
+    a.netns
+        .ip(&[
+            "neigh",
+            "replace",
+            "10.244.0.1",
+            "lladdr",
+            &host_mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])
+        .expect("neighbour");
+    assert!(!a.ping(b.ip, 2), "a forged source MAC does not get through");
+    assert!(
+        node.counter("spoofed_source_mac").expect("counters") >= 2,
+        "{}",
+        node.podnetctl(&["counters"]).expect("counters")
+    );
+
+    // Back to its own MAC, with no neighbour entry at all: the datapath
+    // answers the pod's ARP for its gateway and traffic flows again.
+    a.netns
+        .ip(&["link", "set", "eth0", "address", &pod_mac])
+        .expect("restore mac");
+    a.netns
+        .ip(&["neigh", "flush", "dev", "eth0"])
+        .expect("flush");
+    assert!(a.ping(b.ip, 2), "pod recovers through the ARP responder");
+    assert!(node.counter("arp_reply").expect("counters") >= 1);
+}
