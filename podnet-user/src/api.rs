@@ -20,6 +20,21 @@ use crate::ipam::{Owner, Reservation};
 /// Default path of the agent socket.
 pub const DEFAULT_SOCKET: &str = "/run/podnet/podnetd.sock";
 
+/// Where the agent leaves a copy of its [`NodeInfo`] next to its socket, so
+/// that DEL and GC find the IPAM store while the agent is down.
+#[must_use]
+pub fn node_info_path(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".node.json");
+    PathBuf::from(name)
+}
+
+/// The copy of the agent's [`NodeInfo`] next to `socket`, if readable.
+#[must_use]
+pub fn cached_node_info(socket: &Path) -> Option<NodeInfo> {
+    serde_json::from_slice(&std::fs::read(node_info_path(socket)).ok()?).ok()
+}
+
 /// What the agent knows about its node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {

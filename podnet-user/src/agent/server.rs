@@ -29,6 +29,13 @@ pub async fn serve(socket: &Path, registry: Arc<Mutex<EndpointRegistry>>) -> any
         UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("setting the mode of {}", socket.display()))?;
+    let node = registry
+        .lock()
+        .map_err(|_| anyhow::anyhow!("agent state poisoned"))?
+        .node_info();
+    let info_path = crate::api::node_info_path(socket);
+    std::fs::write(&info_path, serde_json::to_vec_pretty(&node)?)
+        .with_context(|| format!("writing {}", info_path.display()))?;
     loop {
         let (stream, _) = listener.accept().await.context("accepting a connection")?;
         let registry = Arc::clone(&registry);

@@ -349,7 +349,10 @@ fn del(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<(), CniError> {
     let owner = owner(env);
     let agent = (deps.agent)(&conf.agent_socket);
     // The agent only tells where the IPAM store is; DEL works without it.
-    let node = agent.node().ok();
+    let node = agent
+        .node()
+        .ok()
+        .or_else(|| crate::api::cached_node_info(&conf.agent_socket));
     // Address first: it is what a lost DEL would leak.
     release(env, conf, node.as_ref(), &owner)?;
     deps.plumbing.delete_host(&host_ifname(&owner))?;
@@ -459,6 +462,15 @@ fn check(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<(), CniError> 
 }
 
 fn status(conf: &NetConf, deps: &Deps<'_>) -> Result<(), CniError> {
+    if conf.version < Version::V1_1_0 {
+        return Err(CniError::new(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "STATUS needs cniVersion 1.1.0, the configuration says {}",
+                conf.cni_version
+            ),
+        ));
+    }
     let agent = (deps.agent)(&conf.agent_socket);
     match agent.node() {
         Ok(node) if node.pod_cidr.prefix_len() <= 30 => Ok(()),
@@ -486,7 +498,10 @@ fn gc(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<(), CniError> {
     }
     let valid = conf.valid_attachments.clone().unwrap_or_default();
     let agent = (deps.agent)(&conf.agent_socket);
-    let node = agent.node().ok();
+    let node = agent
+        .node()
+        .ok()
+        .or_else(|| crate::api::cached_node_info(&conf.agent_socket));
     let mut stale: Vec<Owner> = Vec::new();
     match &conf.ipam {
         IpamConf::BuiltIn { data_dir } => {

@@ -1,0 +1,80 @@
+//! The agent going away and coming back: traffic between existing pods never
+//! stops (maps and links are pinned), and the restarted agent removes what
+//! went stale while it was down.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use podnet::datapath::Datapath;
+use podnet_common::EndpointInfo;
+use podnet_tests::{node::Node, privileged, traffic::Stream};
+
+#[test]
+fn tcp_stream_survives_an_agent_restart_and_stale_state_is_reconciled() {
+    if !privileged("tcp_stream_survives_an_agent_restart_and_stale_state_is_reconciled") {
+        return;
+    }
+    let mut node = Node::start("restart", "10.244.14.0/24").expect("node");
+    let a = node.add_pod("restart-a").expect("ADD a");
+    let b = node.add_pod("restart-b").expect("ADD b");
+    let c = node.add_pod("restart-c").expect("ADD c");
+
+    let stream = Stream::start(&a.netns, &b.netns, b.ip).expect("stream");
+    std::thread::sleep(Duration::from_millis(300));
+    node.stop_agent();
+
+    // While the agent is down: pods still talk; a pod is deleted; something
+    // writes a bogus entry into the pinned map.
+    assert!(a.ping(b.ip, 3), "forwarding continues without the agent");
+    assert!(node.del_pod(&c).expect("DEL").success);
+    let bogus = Ipv4Addr::new(10, 244, 14, 250);
+    Datapath::load(node.bpffs.path())
+        .expect("open the pins")
+        .upsert_endpoint(
+            bogus,
+            EndpointInfo {
+                host_ifindex: 9999,
+                flags: 0,
+                pod_mac: [2, 0, 0, 0, 0, 1],
+                host_mac: [2, 0, 0, 0, 0, 2],
+            },
+        )
+        .expect("write a stale entry");
+    std::thread::sleep(Duration::from_millis(300));
+
+    node.start_agent().expect("agent restarts");
+    std::thread::sleep(Duration::from_millis(300));
+    let (sent, received) = stream.finish().expect("stream");
+    assert!(sent > 0);
+    assert_eq!(sent, received, "every byte of the stream arrived, in order");
+
+    // Reconciled: only a and b are endpoints, in the agent and in the map.
+    let endpoints = node.podnetctl(&["endpoints"]).expect("endpoints");
+    let mut ips: Vec<String> = endpoints
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|e| e["endpoint"]["ip"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    ips.sort();
+    let mut expected = vec![a.ip.to_string(), b.ip.to_string()];
+    expected.sort();
+    assert_eq!(ips, expected);
+    let mut in_map: Vec<String> = Datapath::load(node.bpffs.path())
+        .expect("open the pins")
+        .endpoints()
+        .expect("read map")
+        .into_iter()
+        .map(|(ip, _)| ip.to_string())
+        .collect();
+    in_map.sort();
+    assert_eq!(
+        in_map, expected,
+        "stale and deleted entries removed from the datapath"
+    );
+    assert_eq!(node.ipam_records().len(), 2, "c's address was released");
+
+    // And the restarted agent serves new pods, reachable from old ones.
+    let d = node.add_pod("restart-d").expect("ADD d");
+    assert!(a.ping(d.ip, 2));
+    assert!(d.ping(b.ip, 2));
+}
