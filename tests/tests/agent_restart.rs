@@ -25,6 +25,19 @@ fn tcp_stream_survives_an_agent_restart_and_stale_state_is_reconciled() {
     // While the agent is down: pods still talk; a pod is deleted; something
     // writes a bogus entry into the pinned map.
     assert!(a.ping(b.ip, 3), "forwarding continues without the agent");
+    // podnetctl reads the pinned maps instead.
+    let counters = node
+        .podnetctl(&["counters"])
+        .expect("podnetctl counters from the pins");
+    assert!(
+        counters["verdicts"]["redirect_peer"].as_u64().unwrap_or(0) > 0,
+        "{counters}"
+    );
+    let status = node
+        .podnetctl(&["status"])
+        .expect("podnetctl status from the pins");
+    assert_eq!(status["agent"], "down");
+    assert_eq!(status["endpoints_in_datapath"], 3);
     assert!(node.del_pod(&c).expect("DEL").success);
     let bogus = Ipv4Addr::new(10, 244, 14, 250);
     Datapath::load(node.bpffs.path())
