@@ -37,6 +37,15 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("etcd-server", "the etcd datastore in tests and the lab"),
     ("protobuf-compiler", "etcd-client's gRPC code generation"),
     ("bpftool", "inspecting programs, maps and links"),
+    (
+        "podman",
+        "a real container runtime (CNI backend) calling the plugin in tests",
+    ),
+    ("runc", "the OCI runtime podman uses in tests"),
+    (
+        "busybox-static",
+        "the one binary of the test container image",
+    ),
 ];
 
 /// The nightly the eBPF build uses; see the module docs for why it is fixed.
