@@ -52,6 +52,17 @@ fn tcp_stream_survives_an_agent_restart_and_stale_state_is_reconciled() {
             },
         )
         .expect("write a stale entry");
+    // What a plugin killed mid-ADD leaves: a reservation nobody owns, old
+    // enough not to be an ADD in flight; and a fresh one that may be.
+    let store = node.state_dir().join("ipam/podnet");
+    std::fs::write(store.join("10.244.14.200"), "crashed-add\neth0\n").expect("orphan record");
+    podnet_tests::netns::run(
+        std::process::Command::new("touch")
+            .args(["-d", "10 minutes ago"])
+            .arg(store.join("10.244.14.200")),
+    )
+    .expect("age it");
+    std::fs::write(store.join("10.244.14.201"), "add-in-flight\neth0\n").expect("fresh record");
     std::thread::sleep(Duration::from_millis(300));
 
     node.start_agent().expect("agent restarts");
@@ -84,7 +95,18 @@ fn tcp_stream_survives_an_agent_restart_and_stale_state_is_reconciled() {
         in_map, expected,
         "stale and deleted entries removed from the datapath"
     );
-    assert_eq!(node.ipam_records().len(), 2, "c's address was released");
+    let mut records = node.ipam_records();
+    records.sort();
+    let mut expected_records = vec![
+        a.ip.to_string(),
+        b.ip.to_string(),
+        "10.244.14.201".to_owned(),
+    ];
+    expected_records.sort();
+    assert_eq!(
+        records, expected_records,
+        "c's and the orphan's addresses were released, the in-flight one kept"
+    );
 
     // And the restarted agent serves new pods, reachable from old ones.
     let d = node.add_pod("restart-d").expect("ADD d");

@@ -17,6 +17,9 @@ use crate::{
     ipam::{Allocator, FileStore, Owner, PodRange},
 };
 
+/// How old an unowned IPAM record must be before the agent releases it.
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// The agent's state; one lock around it (operations are short).
 pub struct EndpointRegistry {
     config: AgentConfig,
@@ -124,7 +127,32 @@ impl EndpointRegistry {
                 let _ = fs::remove_file(entry.path());
             }
         }
+        self.release_orphaned_addresses()?;
         info!(endpoints = self.endpoints.len(), "reconciled");
+        Ok(())
+    }
+
+    /// Releases built-in IPAM reservations that no endpoint owns and whose
+    /// host veth does not exist: what an ADD killed between allocating and
+    /// handing over leaves. Only records older than [`ORPHAN_GRACE`], so an
+    /// ADD in flight right now keeps its address.
+    fn release_orphaned_addresses(&self) -> anyhow::Result<()> {
+        let owned: std::collections::HashSet<&Owner> = self.endpoints.keys().collect();
+        for entry in fs::read_dir(self.config.ipam_dir())? {
+            let dir = entry?.path();
+            if !dir.is_dir() {
+                continue;
+            }
+            let store = FileStore::open(&dir)?;
+            let released = crate::ipam::release_unless(&store, |owner| {
+                owned.contains(owner)
+                    || host_ifindex(&crate::cni::plugin::host_ifname(owner)).is_some()
+                    || store.record_age(owner).is_none_or(|age| age < ORPHAN_GRACE)
+            })?;
+            for r in released {
+                info!(ip = %r.ip, container = %r.owner.container_id, "released an orphaned address");
+            }
+        }
         Ok(())
     }
 

@@ -47,6 +47,22 @@ impl FileStore {
         &self.dir
     }
 
+    /// How long ago the record held by `owner` was written, if there is one.
+    #[must_use]
+    pub fn record_age(&self, owner: &Owner) -> Option<std::time::Duration> {
+        fs::read_dir(&self.dir)
+            .ok()?
+            .filter_map(Result::ok)
+            .find_map(|entry| {
+                let name = entry.file_name();
+                name.to_string_lossy().parse::<Ipv4Addr>().ok()?;
+                let content = fs::read_to_string(entry.path()).ok()?;
+                (Self::parse_record(&content).as_ref() == Some(owner))
+                    .then(|| entry.metadata().ok()?.modified().ok()?.elapsed().ok())
+                    .flatten()
+            })
+    }
+
     fn err(&self, action: impl Into<String>) -> impl FnOnce(io::Error) -> IpamError + '_ {
         let action = action.into();
         move |source| IpamError::Store {
