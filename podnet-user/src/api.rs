@@ -83,6 +83,18 @@ pub struct CounterTotals {
     pub drops: std::collections::BTreeMap<String, u64>,
 }
 
+impl From<crate::datapath::Counters> for CounterTotals {
+    fn from(c: crate::datapath::Counters) -> Self {
+        let owned = |m: std::collections::BTreeMap<&'static str, u64>| {
+            m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+        };
+        Self {
+            verdicts: owned(c.verdicts),
+            drops: owned(c.drops),
+        }
+    }
+}
+
 /// Agent health.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentStatus {

@@ -139,9 +139,11 @@ fn link_info(msg: &LinkMessage) -> LinkInfo {
     info
 }
 
-/// The link called `name`, or `None` when there is none (ENODEV).
-pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkInfo>, NetlinkError> {
-    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+/// The first link a get request answers, or `None` when there is none (ENODEV).
+async fn first_link(
+    mut links: impl futures::Stream<Item = Result<LinkMessage, rtnetlink::Error>> + Unpin,
+    what: String,
+) -> Result<Option<LinkInfo>, NetlinkError> {
     match links.try_next().await {
         Ok(Some(msg)) => Ok(Some(link_info(&msg))),
         Ok(None) => Ok(None),
@@ -150,23 +152,26 @@ pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkInfo
         {
             Ok(None)
         }
-        Err(source) => Err(request(format!("looking up link {name}"))(source)),
+        Err(source) => Err(request(format!("looking up link {what}"))(source)),
     }
+}
+
+/// The link called `name`, or `None`.
+pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkInfo>, NetlinkError> {
+    first_link(
+        handle.link().get().match_name(name.to_owned()).execute(),
+        name.to_owned(),
+    )
+    .await
 }
 
 /// The link with `index`, or `None`.
 pub async fn link_by_index(handle: &Handle, index: u32) -> Result<Option<LinkInfo>, NetlinkError> {
-    let mut links = handle.link().get().match_index(index).execute();
-    match links.try_next().await {
-        Ok(Some(msg)) => Ok(Some(link_info(&msg))),
-        Ok(None) => Ok(None),
-        Err(rtnetlink::Error::NetlinkError(e))
-            if e.code.is_some_and(|c| c.get() == -libc::ENODEV) =>
-        {
-            Ok(None)
-        }
-        Err(source) => Err(request(format!("looking up link #{index}"))(source)),
-    }
+    first_link(
+        handle.link().get().match_index(index).execute(),
+        format!("#{index}"),
+    )
+    .await
 }
 
 /// Creates a veth pair whose `peer_name` end is created directly inside the

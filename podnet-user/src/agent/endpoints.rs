@@ -18,7 +18,7 @@ use crate::{
 };
 
 /// How old an unowned IPAM record must be before the agent releases it.
-pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(120);
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_mins(2);
 
 /// The agent's state; one lock around it (operations are short).
 pub struct EndpointRegistry {
@@ -311,19 +311,7 @@ impl EndpointRegistry {
     }
 
     pub fn counters(&self) -> anyhow::Result<CounterTotals> {
-        let c = self.datapath.counters()?;
-        Ok(CounterTotals {
-            verdicts: c
-                .verdicts
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
-            drops: c
-                .drops
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
-        })
+        Ok(self.datapath.counters()?.into())
     }
 
     pub fn ipam(&self) -> anyhow::Result<IpamStatus> {

@@ -170,19 +170,7 @@ fn counters(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     match client.call::<CounterTotals>(&Request::Counters) {
         Ok(c) => print(cli.json, &c, print_counters),
         Err(e) if agent_down(&e) => {
-            let c = from_pins(cli)?.counters()?;
-            let totals = CounterTotals {
-                verdicts: c
-                    .verdicts
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v))
-                    .collect(),
-                drops: c
-                    .drops
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v))
-                    .collect(),
-            };
+            let totals: CounterTotals = from_pins(cli)?.counters()?.into();
             print(cli.json, &totals, print_counters)
         }
         Err(e) => Err(e.into()),
