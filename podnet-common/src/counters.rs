@@ -14,15 +14,27 @@ pub enum Verdict {
     Drop = 2,
     /// An ARP request from a pod answered in place with the host veth's MAC.
     ArpReply = 3,
+    /// Encapsulated in VXLAN towards a remote node.
+    VxlanEncap = 4,
+    /// Routed to a remote node on the underlay (`bpf_redirect_neigh`).
+    RedirectNeigh = 5,
+    /// Decapsulated and delivered to a local pod (from_overlay).
+    OverlayDeliver = 6,
+    /// Arrived routed on the underlay and delivered to a local pod.
+    UnderlayDeliver = 7,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Self::RedirectPeer,
         Self::PassToStack,
         Self::Drop,
         Self::ArpReply,
+        Self::VxlanEncap,
+        Self::RedirectNeigh,
+        Self::OverlayDeliver,
+        Self::UnderlayDeliver,
     ];
 
     #[must_use]
@@ -32,6 +44,10 @@ impl Verdict {
             Self::PassToStack => "pass_to_stack",
             Self::Drop => "drop",
             Self::ArpReply => "arp_reply",
+            Self::VxlanEncap => "vxlan_encap",
+            Self::RedirectNeigh => "redirect_neigh",
+            Self::OverlayDeliver => "overlay_deliver",
+            Self::UnderlayDeliver => "underlay_deliver",
         }
     }
 }
@@ -49,15 +65,21 @@ pub enum DropReason {
     SpoofedSourceMac = 2,
     /// Rewriting the headers (MACs, TTL) for delivery failed.
     HeaderRewriteFailed = 3,
+    /// `bpf_skb_set_tunnel_key` refused the key.
+    TunnelKeyFailed = 4,
+    /// A remote CIDR matched but this node has no forwarding config yet.
+    NoNodeConfig = 5,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 6;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::MalformedIpv4,
         Self::SpoofedSourceIp,
         Self::SpoofedSourceMac,
         Self::HeaderRewriteFailed,
+        Self::TunnelKeyFailed,
+        Self::NoNodeConfig,
     ];
 
     #[must_use]
@@ -67,6 +89,8 @@ impl DropReason {
             Self::SpoofedSourceIp => "spoofed_source_ip",
             Self::SpoofedSourceMac => "spoofed_source_mac",
             Self::HeaderRewriteFailed => "header_rewrite_failed",
+            Self::TunnelKeyFailed => "tunnel_key_failed",
+            Self::NoNodeConfig => "no_node_config",
         }
     }
 }

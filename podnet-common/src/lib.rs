@@ -9,6 +9,8 @@
 pub mod counters;
 pub mod endpoint;
 pub mod names;
+pub mod node;
 
 pub use counters::{DropReason, Verdict};
 pub use endpoint::{EndpointInfo, EndpointStats};
+pub use node::{NodeConfig, RemoteNode};

@@ -6,6 +6,11 @@
 /// TC ingress program on each pod's host-side veth.
 pub const PROG_FROM_POD: &str = "from_pod";
 
+/// TC ingress program on the node's collect-metadata VXLAN device.
+pub const PROG_FROM_OVERLAY: &str = "from_overlay";
+/// TC ingress program on the underlay device (direct mode).
+pub const PROG_FROM_UNDERLAY: &str = "from_underlay";
+
 /// Local endpoints: pod IPv4 (network byte order) -> [`crate::EndpointInfo`].
 pub const MAP_ENDPOINTS: &str = "podnet_endpts";
 /// Per-CPU packet counters by [`crate::Verdict`].
@@ -15,10 +20,25 @@ pub const MAP_DROPS: &str = "podnet_drops";
 /// Per-CPU per-endpoint counters: host veth ifindex -> [`crate::EndpointStats`].
 pub const MAP_ENDPOINT_STATS: &str = "podnet_ep_stats";
 
+/// Remote pod CIDRs (LPM trie, key data network order) -> [`crate::RemoteNode`].
+pub const MAP_REMOTE: &str = "podnet_remote";
+/// This node's [`crate::NodeConfig`] (array of one).
+pub const MAP_CONFIG: &str = "podnet_config";
+
 /// Every map the datapath pins, for tools that list or clean the pin directory.
-pub const ALL_MAPS: [&str; 4] = [MAP_ENDPOINTS, MAP_VERDICTS, MAP_DROPS, MAP_ENDPOINT_STATS];
+pub const ALL_MAPS: [&str; 6] = [
+    MAP_ENDPOINTS,
+    MAP_VERDICTS,
+    MAP_DROPS,
+    MAP_ENDPOINT_STATS,
+    MAP_REMOTE,
+    MAP_CONFIG,
+];
 /// Every program in the object.
-pub const ALL_PROGRAMS: [&str; 1] = [PROG_FROM_POD];
+pub const ALL_PROGRAMS: [&str; 3] = [PROG_FROM_POD, PROG_FROM_OVERLAY, PROG_FROM_UNDERLAY];
+
+/// Capacity of the remote pod CIDR trie (nodes in the cluster).
+pub const MAX_REMOTE_CIDRS: u32 = 65_536;
 
 /// Capacity of the local-endpoints map (pods per node).
 pub const MAX_ENDPOINTS: u32 = 16_384;

@@ -1,15 +1,17 @@
 //! `from_pod`: TC ingress of a pod's host-side veth, i.e. every packet a pod
 //! sends. A packet for another pod on this node goes straight into that pod's
 //! netns with `bpf_redirect_peer`, skipping the host's routing, netfilter and
-//! the second veth hop; everything else goes up the host stack.
+//! the second veth hop; a packet for a pod on another node goes straight to
+//! the VXLAN device with its tunnel key set, or out of the underlay to that
+//! node; everything else goes up the host stack.
 
-use aya_ebpf::{helpers::bpf_redirect_peer, macros::classifier, programs::TcContext};
-use podnet_common::{DropReason, EndpointInfo, Verdict};
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use podnet_common::{DropReason, Verdict};
 
 use crate::{
     arp,
     counters::{count, count_endpoint, drop_packet, pass_to_stack},
-    maps::ENDPOINTS,
+    forward::{self, endpoint},
     packet::{self, L3},
 };
 
@@ -38,15 +40,14 @@ pub fn from_pod(ctx: TcContext) -> i32 {
         return drop_packet(DropReason::SpoofedSourceMac);
     }
 
-    let Some(dst) = endpoint(ip.dst) else {
-        return pass_to_stack();
-    };
-
-    // TTL expiring here: let the host stack answer with ICMP time exceeded.
-    if ip.ttl <= 1 {
-        return pass_to_stack();
+    if let Some(dst) = endpoint(ip.dst) {
+        return forward::to_endpoint(&ctx, &ip, &dst, Verdict::RedirectPeer);
     }
-    redirect_to_endpoint(&ctx, &ip, &dst)
+    if let Some(remote) = forward::remote_node(ip.dst) {
+        return forward::to_remote(&ctx, &ip, &remote);
+    }
+    // Not a pod of the cluster: the host stack routes (and masquerades) it.
+    pass_to_stack()
 }
 
 /// Answers an ARP request from the endpoint behind `ifindex`; `None` when
@@ -66,30 +67,4 @@ fn answer_arp(ctx: &TcContext, ifindex: u32) -> Option<i32> {
         }
         Err(_) => Some(drop_packet(DropReason::HeaderRewriteFailed)),
     }
-}
-
-#[inline(always)]
-fn endpoint(ip: u32) -> Option<EndpointInfo> {
-    // SAFETY: the value is copied out at once; the agent replaces entries
-    // whole (map update), so a concurrent update yields the old or the new
-    // endpoint, both of which are valid at that moment.
-    unsafe { ENDPOINTS.get(ip) }.copied()
-}
-
-/// Delivers to a local endpoint as a routed hop: TTL - 1, source MAC = the
-/// destination's host veth, destination MAC = the pod's. Since Linux 6.15
-/// `bpf_redirect_peer` scrubs the skb to PACKET_HOST anyway, but the MACs are
-/// what tcpdump inside the pod shows and what older kernels check.
-#[inline(always)]
-fn redirect_to_endpoint(ctx: &TcContext, ip: &packet::Ipv4Fields, dst: &EndpointInfo) -> i32 {
-    if packet::decrement_ttl(ctx, ip).is_err()
-        || packet::set_macs(ctx, &dst.pod_mac, &dst.host_mac).is_err()
-    {
-        return drop_packet(DropReason::HeaderRewriteFailed);
-    }
-    count(Verdict::RedirectPeer);
-    // SAFETY: plain helper call; `bpf_redirect_peer` only works from TC
-    // ingress towards a device whose peer is in another netns, which is how
-    // from_pod is attached and what an endpoint's host veth is.
-    unsafe { bpf_redirect_peer(dst.host_ifindex, 0) as i32 }
 }

@@ -5,7 +5,10 @@
 
 mod arp;
 mod counters;
+mod forward;
+mod from_overlay;
 mod from_pod;
+mod from_underlay;
 mod maps;
 mod packet;
 

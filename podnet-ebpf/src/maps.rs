@@ -4,9 +4,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
-use podnet_common::{DropReason, EndpointInfo, EndpointStats, Verdict, names::MAX_ENDPOINTS};
+use podnet_common::{
+    DropReason, EndpointInfo, EndpointStats, NodeConfig, RemoteNode, Verdict,
+    names::{MAX_ENDPOINTS, MAX_REMOTE_CIDRS},
+};
 
 /// Local endpoints: pod IPv4 (network order) -> where and how to deliver.
 #[map(name = "podnet_endpts")]
@@ -26,3 +29,12 @@ pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
 #[map(name = "podnet_ep_stats")]
 pub static ENDPOINT_STATS: PerCpuHashMap<u32, EndpointStats> =
     PerCpuHashMap::pinned(MAX_ENDPOINTS, 0);
+
+/// Other nodes' pod CIDRs -> the node. `BPF_F_NO_PREALLOC` is mandatory for
+/// LPM tries.
+#[map(name = "podnet_remote")]
+pub static REMOTE: LpmTrie<u32, RemoteNode> = LpmTrie::pinned(MAX_REMOTE_CIDRS, 1);
+
+/// This node's forwarding config, written by the agent.
+#[map(name = "podnet_config")]
+pub static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);

@@ -1,0 +1,50 @@
+//! Cluster-level datapath state: this node's config and the other nodes'
+//! pod CIDRs.
+
+/// Forwarding mode between nodes (`NodeConfig::mode`).
+pub const MODE_LOCAL_ONLY: u32 = 0;
+/// Encapsulate in VXLAN to the remote node (collect-metadata device).
+pub const MODE_VXLAN: u32 = 1;
+/// Route natively on the underlay (`bpf_redirect_neigh` to the remote node).
+pub const MODE_DIRECT: u32 = 2;
+
+/// The single entry of the config array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct NodeConfig {
+    /// This node's underlay address, network byte order.
+    pub node_ip: u32,
+    /// `MODE_*`.
+    pub mode: u32,
+    /// Ifindex of the collect-metadata VXLAN device (vxlan mode).
+    pub tunnel_ifindex: u32,
+    /// Ifindex of the underlay device (direct mode).
+    pub underlay_ifindex: u32,
+    /// VXLAN network identifier.
+    pub vni: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 24);
+
+/// Value of the remote pod CIDR LPM trie: where that CIDR lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct RemoteNode {
+    /// The remote node's underlay address, network byte order.
+    pub node_ip: u32,
+    /// Reserved.
+    pub flags: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<RemoteNode>() == 8);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: #[repr(C)], u32 fields only, no implicit padding (size asserts).
+    unsafe impl aya::Pod for super::NodeConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RemoteNode {}
+}

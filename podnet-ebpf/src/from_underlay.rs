@@ -1,0 +1,13 @@
+//! `from_underlay`: TC ingress of the node's underlay device in direct
+//! mode. Pod traffic routed here by other nodes goes straight into the local
+//! pod; everything else (the node's own traffic) is left to the host.
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use podnet_common::Verdict;
+
+use crate::from_overlay::deliver_local;
+
+#[classifier]
+pub fn from_underlay(ctx: TcContext) -> i32 {
+    deliver_local(&ctx, Verdict::UnderlayDeliver)
+}
