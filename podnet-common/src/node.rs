@@ -23,7 +23,8 @@ pub struct NodeConfig {
     pub underlay_ifindex: u32,
     /// VXLAN network identifier.
     pub vni: u32,
-    pub _pad: u32,
+    /// Explicit padding, always zero.
+    pub reserved: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 24);

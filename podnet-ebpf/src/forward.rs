@@ -48,7 +48,9 @@ pub fn to_endpoint(ctx: &TcContext, ip: &Ipv4Fields, dst: &EndpointInfo, verdict
         // Let the host stack answer with ICMP time exceeded.
         return pass_to_stack();
     }
-    if packet::decrement_ttl(ctx, ip).is_err() || packet::set_macs(ctx, &dst.pod_mac, &dst.host_mac).is_err() {
+    if packet::decrement_ttl(ctx, ip).is_err()
+        || packet::set_macs(ctx, &dst.pod_mac, &dst.host_mac).is_err()
+    {
         return drop_packet(DropReason::HeaderRewriteFailed);
     }
     count(verdict);

@@ -9,14 +9,20 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{
+        Array, HashMap, MapData, PerCpuArray, PerCpuHashMap,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
         tc::SchedClassifierLink,
     },
 };
-use podnet_common::{DropReason, EndpointInfo, EndpointStats, Verdict, names};
+use ipnet::Ipv4Net;
+use podnet_common::{
+    DropReason, EndpointInfo, EndpointStats, NodeConfig, RemoteNode, Verdict, names,
+};
 
 /// The eBPF object built by `build.rs` from podnet-ebpf (with BTF), embedded
 /// so every binary is self-contained.
@@ -319,7 +325,17 @@ impl Datapath {
     /// `pin`, so it outlives this process. An existing pin at `pin` is
     /// replaced.
     pub fn attach_from_pod(&mut self, ifname: &str, pin: &Path) -> Result<(), DatapathError> {
-        let name = names::PROG_FROM_POD;
+        self.attach_ingress(names::PROG_FROM_POD, ifname, pin)
+    }
+
+    /// Attaches program `name` to the TC ingress of `ifname` and pins the
+    /// link at `pin` (see [`Self::attach_from_pod`]).
+    pub fn attach_ingress(
+        &mut self,
+        name: &'static str,
+        ifname: &str,
+        pin: &Path,
+    ) -> Result<(), DatapathError> {
         let program = self.classifier(name)?;
         let link_id = program
             .attach(ifname, TcAttachType::Ingress)
@@ -344,7 +360,11 @@ impl Datapath {
     /// (`bpf_link_update`: atomic, no packet sees no program). Used after a
     /// restart, when the running link still holds the previous program.
     pub fn reattach_from_pod(&mut self, pin: &Path) -> Result<(), DatapathError> {
-        let name = names::PROG_FROM_POD;
+        self.reattach(names::PROG_FROM_POD, pin)
+    }
+
+    /// Points the pinned link at `pin` to program `name` of this datapath.
+    pub fn reattach(&mut self, name: &'static str, pin: &Path) -> Result<(), DatapathError> {
         let pinned = PinnedLink::from_pin(pin).map_err(|source| DatapathError::Link {
             name,
             action: format!("opening the pinned link {}", pin.display()),
@@ -364,6 +384,66 @@ impl Datapath {
         // The pin keeps the link; our fd copy can go.
         let _ = program.take_link(link_id);
         Ok(())
+    }
+
+    /// Writes this node's forwarding config.
+    pub fn set_config(&mut self, config: NodeConfig) -> Result<(), DatapathError> {
+        let name = names::MAP_CONFIG;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        let mut array: Array<_, NodeConfig> =
+            Array::try_from(map).map_err(map_err(name, "opening as array"))?;
+        array
+            .set(0, config, 0)
+            .map_err(map_err(name, "writing the node config"))
+    }
+
+    fn remote_map(&mut self) -> Result<LpmTrie<&mut MapData, u32, RemoteNode>, DatapathError> {
+        let name = names::MAP_REMOTE;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        LpmTrie::try_from(map).map_err(map_err(name, "opening as LPM trie"))
+    }
+
+    /// Adds or replaces the route of a remote pod CIDR.
+    pub fn upsert_remote(&mut self, cidr: Ipv4Net, node_ip: Ipv4Addr) -> Result<(), DatapathError> {
+        let key = LpmKey::new(u32::from(cidr.prefix_len()), ip_key(cidr.network()));
+        let value = RemoteNode {
+            node_ip: ip_key(node_ip),
+            flags: 0,
+        };
+        self.remote_map()?
+            .insert(&key, value, 0)
+            .map_err(map_err(names::MAP_REMOTE, format!("inserting {cidr}")))
+    }
+
+    /// Removes a remote pod CIDR (no error when absent).
+    pub fn remove_remote(&mut self, cidr: Ipv4Net) -> Result<(), DatapathError> {
+        let key = LpmKey::new(u32::from(cidr.prefix_len()), ip_key(cidr.network()));
+        match self.remote_map()?.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(map_err(names::MAP_REMOTE, format!("removing {cidr}"))(
+                source,
+            )),
+        }
+    }
+
+    /// Every remote pod CIDR with its node.
+    pub fn remotes(&mut self) -> Result<Vec<(Ipv4Net, Ipv4Addr)>, DatapathError> {
+        let map = self.remote_map()?;
+        map.iter()
+            .map(|entry| {
+                let (key, value) = entry.map_err(map_err(names::MAP_REMOTE, "iterating"))?;
+                let prefix = u8::try_from(key.prefix_len()).unwrap_or(32);
+                let network = Ipv4Addr::from(key.data().to_ne_bytes());
+                let cidr = Ipv4Net::new(network, prefix).unwrap_or_default();
+                Ok((cidr, Ipv4Addr::from(value.node_ip.to_ne_bytes())))
+            })
+            .collect()
     }
 
     /// Sums the per-CPU verdict and drop counters.

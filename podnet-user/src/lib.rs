@@ -7,5 +7,6 @@ pub mod api;
 pub mod bpffs;
 pub mod cni;
 pub mod datapath;
+pub mod datastore;
 pub mod ipam;
 pub mod netlink;

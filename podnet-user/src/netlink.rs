@@ -344,3 +344,139 @@ pub async fn add_permanent_neighbour(
         .await
         .map_err(request(format!("adding neighbour {ip} on link #{index}")))
 }
+
+/// Creates the collect-metadata ("external") VXLAN device `name` on UDP
+/// `port`, learning off and NOARP (the datapath sets every packet's tunnel
+/// key; nothing ARPs across the overlay), and brings it up. An existing
+/// device of that name is reused. Returns its ifindex.
+pub async fn ensure_vxlan(
+    handle: &Handle,
+    name: &str,
+    port: u16,
+    mtu: u32,
+) -> Result<u32, NetlinkError> {
+    if link_by_name(handle, name).await?.is_none() {
+        let message = rtnetlink::LinkMessageBuilder::<rtnetlink::LinkVxlan>::new(name)
+            .collect_metadata(true)
+            .port(port)
+            .learning(false)
+            .arp(false)
+            .mtu(mtu)
+            .build();
+        handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(request(format!("creating VXLAN device {name}")))?;
+    }
+    let link = link_by_name(handle, name)
+        .await?
+        .ok_or_else(|| NetlinkError::Unexpected(format!("{name} vanished after creation")))?;
+    handle
+        .link()
+        .set(
+            LinkUnspec::new_with_index(link.index)
+                .mtu(mtu)
+                .arp(false)
+                .up()
+                .build(),
+        )
+        .execute()
+        .await
+        .map_err(request(format!("bringing {name} up")))?;
+    Ok(link.index)
+}
+
+/// Routes `cidr` into the collect-metadata VXLAN device `oif` with a
+/// lightweight-tunnel key (VNI `vni`, remote `dst`), so the node's own
+/// traffic to remote pods is encapsulated like the pods' (`ip route ...
+/// encap ip id VNI dst NODE`).
+pub async fn replace_tunnel_route(
+    handle: &Handle,
+    cidr: ipnet::Ipv4Net,
+    oif: u32,
+    vni: u32,
+    dst: Ipv4Addr,
+    src: Ipv4Addr,
+) -> Result<(), NetlinkError> {
+    use rtnetlink::packet_route::route::RouteIpTunnel;
+    let message = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(cidr.network(), cidr.prefix_len())
+        .output_interface(oif)
+        .pref_source(src)
+        .scope(RouteScope::Link)
+        .encap_ip(vec![
+            RouteIpTunnel::Id(u64::from(vni)),
+            RouteIpTunnel::Destination(dst),
+            RouteIpTunnel::Ttl(64),
+        ])
+        .build();
+    handle
+        .route()
+        .add(message)
+        .replace()
+        .execute()
+        .await
+        .map_err(request(format!("adding tunnel route {cidr} -> {dst}")))
+}
+
+/// Routes `cidr` via `gateway` out of `oif` (direct mode).
+pub async fn replace_gateway_route(
+    handle: &Handle,
+    cidr: ipnet::Ipv4Net,
+    gateway: Ipv4Addr,
+    oif: u32,
+) -> Result<(), NetlinkError> {
+    add_route(
+        handle,
+        Route {
+            dst: cidr.network(),
+            prefix: cidr.prefix_len(),
+            gateway: Some(gateway),
+            oif,
+        },
+    )
+    .await
+}
+
+/// Deletes the main-table route to `cidr` (no error when absent).
+pub async fn delete_route(handle: &Handle, cidr: ipnet::Ipv4Net) -> Result<(), NetlinkError> {
+    let message = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(cidr.network(), cidr.prefix_len())
+        .build();
+    match handle.route().del(message).execute().await {
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.code.is_some_and(|c| c.get() == -libc::ESRCH) =>
+        {
+            Ok(())
+        }
+        other => other.map_err(request(format!("deleting route {cidr}"))),
+    }
+}
+
+/// The first IPv4 address on link `index`.
+pub async fn first_address(handle: &Handle, index: u32) -> Result<Option<Ipv4Addr>, NetlinkError> {
+    Ok(addresses(handle, index).await?.first().map(|(ip, _)| *ip))
+}
+
+/// The link that holds `ip`, if any.
+pub async fn link_with_address(
+    handle: &Handle,
+    ip: Ipv4Addr,
+) -> Result<Option<LinkInfo>, NetlinkError> {
+    let mut stream = handle
+        .address()
+        .get()
+        .set_address_filter(IpAddr::V4(ip))
+        .execute();
+    let index = match stream
+        .try_next()
+        .await
+        .map_err(request(format!("finding the link of {ip}")))?
+    {
+        Some(msg) => msg.header.index,
+        None => return Ok(None),
+    };
+    link_by_index(handle, index).await
+}

@@ -25,6 +25,7 @@ pub struct EndpointRegistry {
     config: AgentConfig,
     datapath: Datapath,
     endpoints: BTreeMap<Owner, Endpoint>,
+    pub(super) cluster: super::cluster::ClusterState,
 }
 
 fn record_name(owner: &Owner) -> String {
@@ -51,6 +52,7 @@ impl EndpointRegistry {
             config,
             datapath,
             endpoints: BTreeMap::new(),
+            cluster: super::cluster::ClusterState::default(),
         };
         registry.load_records()?;
         registry.reconcile()?;
@@ -335,6 +337,10 @@ impl EndpointRegistry {
             capacity: range.capacity(),
             networks,
         })
+    }
+
+    pub(super) fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.datapath
     }
 
     #[must_use]

@@ -5,6 +5,7 @@
 //! keeps flowing while the agent is down or restarting.
 
 use std::{
+    net::Ipv4Addr,
     path::PathBuf,
     sync::{Arc, Mutex},
 };
@@ -13,13 +14,18 @@ use anyhow::Context as _;
 use clap::Parser;
 use ipnet::Ipv4Net;
 use podnet::{
-    agent::{self, AgentConfig, EndpointRegistry},
+    agent::{
+        self, AgentConfig, EndpointRegistry,
+        cluster::{Mode, NodeNetwork},
+    },
     api::DEFAULT_SOCKET,
     bpffs,
     datapath::Datapath,
+    datastore::{DatastoreSpec, JoinRequest, file::FileDatastore},
+    netlink::{self, LinkInfo},
 };
 use serde::Deserialize;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Debug, Parser)]
 #[command(name = "podnetd", version, about = "podnet node agent")]
@@ -48,6 +54,24 @@ struct Args {
     /// Unix socket the CNI plugin and podnetctl talk to.
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Where the cluster lives: none (one node), file:PATH (a nodes file) or etcd:URL[,URL...].
+    #[arg(long)]
+    datastore: Option<DatastoreSpec>,
+    /// How pods reach other nodes: vxlan (default with a datastore), direct, or local (no cluster).
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// This node's underlay address (default: the first address of --underlay-dev).
+    #[arg(long)]
+    node_ip: Option<Ipv4Addr>,
+    /// The underlay device (default: the device holding --node-ip).
+    #[arg(long)]
+    underlay_dev: Option<String>,
+    /// VXLAN network identifier.
+    #[arg(long)]
+    vni: Option<u32>,
+    /// VXLAN UDP port.
+    #[arg(long)]
+    vxlan_port: Option<u16>,
     /// Load, report and exit instead of serving.
     #[arg(long)]
     once: bool,
@@ -63,19 +87,115 @@ struct FileConfig {
     bpffs_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
+    datastore: Option<String>,
+    mode: Option<Mode>,
+    node_ip: Option<Ipv4Addr>,
+    underlay_dev: Option<String>,
+    vni: Option<u32>,
+    vxlan_port: Option<u16>,
 }
 
-fn resolve(args: &Args) -> anyhow::Result<AgentConfig> {
-    let file: FileConfig = match &args.config {
+/// Everything the agent runs with.
+struct Resolved {
+    config: AgentConfig,
+    datastore: DatastoreSpec,
+    network: NodeNetwork,
+    /// The pod CIDR was given (flag or file), not to be chosen by the datastore.
+    fixed_pod_cidr: bool,
+}
+
+fn read_file_config(args: &Args) -> anyhow::Result<FileConfig> {
+    Ok(match &args.config {
         Some(path) => serde_json::from_slice(
             &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
         )
         .with_context(|| format!("parsing {}", path.display()))?,
         None => FileConfig::default(),
+    })
+}
+
+/// Finds the underlay: the device holding `node_ip`, or `node_ip` from the
+/// device, or the device of the default route.
+fn underlay(
+    node_ip: Option<Ipv4Addr>,
+    dev: Option<String>,
+) -> anyhow::Result<(Ipv4Addr, LinkInfo)> {
+    netlink::with_netlink(None, move |h| async move {
+        match (node_ip, dev) {
+            (_, Some(dev)) => {
+                let link = netlink::link_by_name(&h, &dev).await?.ok_or_else(|| {
+                    netlink::NetlinkError::Unexpected(format!("underlay device {dev} not found"))
+                })?;
+                let ip = match node_ip {
+                    Some(ip) => ip,
+                    None => netlink::first_address(&h, link.index)
+                        .await?
+                        .ok_or_else(|| {
+                            netlink::NetlinkError::Unexpected(format!("{dev} has no IPv4 address"))
+                        })?,
+                };
+                Ok((ip, link))
+            }
+            (Some(ip), None) => {
+                let link = netlink::link_with_address(&h, ip).await?.ok_or_else(|| {
+                    netlink::NetlinkError::Unexpected(format!("no device holds {ip}"))
+                })?;
+                Ok((ip, link))
+            }
+            (None, None) => Err(netlink::NetlinkError::Unexpected(
+                "a cluster node needs --node-ip or --underlay-dev".into(),
+            )),
+        }
+    })
+    .context("finding the underlay")
+}
+
+fn resolve(args: &Args) -> anyhow::Result<Resolved> {
+    let file = read_file_config(args)?;
+    let datastore: DatastoreSpec = match (&args.datastore, &file.datastore) {
+        (Some(spec), _) => spec.clone(),
+        (None, Some(spec)) => spec.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        (None, None) => DatastoreSpec::None,
+    };
+    let mode = args
+        .mode
+        .or(file.mode)
+        .unwrap_or(if datastore == DatastoreSpec::None {
+            Mode::Local
+        } else {
+            Mode::Vxlan
+        });
+    let network = if mode == Mode::Local && args.node_ip.or(file.node_ip).is_none() {
+        NodeNetwork {
+            mode,
+            node_ip: Ipv4Addr::UNSPECIFIED,
+            underlay_dev: String::new(),
+            underlay_ifindex: 0,
+            underlay_mtu: 1500,
+            vni: 1,
+            vxlan_port: 4789,
+            masquerade: false,
+        }
+    } else {
+        let (node_ip, link) = underlay(
+            args.node_ip.or(file.node_ip),
+            args.underlay_dev.clone().or(file.underlay_dev),
+        )?;
+        NodeNetwork {
+            mode,
+            node_ip,
+            underlay_dev: link.name,
+            underlay_ifindex: link.index,
+            underlay_mtu: link.mtu,
+            vni: args.vni.or(file.vni).unwrap_or(1),
+            vxlan_port: args.vxlan_port.or(file.vxlan_port).unwrap_or(4789),
+            masquerade: mode != Mode::Local,
+        }
     };
     let cluster_cidr = args.cluster_cidr.or(file.cluster_cidr).unwrap_or_else(|| {
         Ipv4Net::new(std::net::Ipv4Addr::new(10, 244, 0, 0), 16).expect("valid literal")
     });
+    let fixed_pod_cidr = args.pod_cidr.or(file.pod_cidr).is_some();
     let pod_cidr = match args.pod_cidr.or(file.pod_cidr) {
         Some(cidr) => cidr,
         None => cluster_cidr
@@ -95,11 +215,11 @@ fn resolve(args: &Args) -> anyhow::Result<AgentConfig> {
             .to_string_lossy()
             .into_owned(),
     };
-    Ok(AgentConfig {
+    let config = AgentConfig {
         node_name,
         pod_cidr: pod_cidr.trunc(),
         cluster_cidr: cluster_cidr.trunc(),
-        mtu: args.mtu.or(file.mtu).unwrap_or(1500),
+        mtu: args.mtu.or(file.mtu).unwrap_or_else(|| network.pod_mtu()),
         bpffs_dir: args
             .bpffs_dir
             .clone()
@@ -115,7 +235,78 @@ fn resolve(args: &Args) -> anyhow::Result<AgentConfig> {
             .clone()
             .or(file.socket)
             .unwrap_or_else(|| DEFAULT_SOCKET.into()),
+    };
+    Ok(Resolved {
+        config,
+        datastore,
+        network,
+        fixed_pod_cidr,
     })
+}
+
+/// Joins the cluster: the datastore hands out (or confirms) the pod CIDR.
+fn join(resolved: &mut Resolved) -> anyhow::Result<()> {
+    let request = JoinRequest {
+        name: resolved.config.node_name.clone(),
+        node_ip: resolved.network.node_ip,
+        pod_cidr: resolved.fixed_pod_cidr.then_some(resolved.config.pod_cidr),
+        cluster_cidr: resolved.config.cluster_cidr,
+        node_prefix: 24,
+    };
+    match &resolved.datastore {
+        DatastoreSpec::None => {}
+        DatastoreSpec::File(path) => {
+            resolved.config.pod_cidr = FileDatastore::new(path)
+                .join(&request)
+                .context("joining the cluster")?;
+        }
+        DatastoreSpec::Etcd(_) => {
+            anyhow::bail!("the etcd datastore is not available in this build yet")
+        }
+    }
+    Ok(())
+}
+
+/// Follows the datastore and keeps the datapath in line with it.
+fn watch_cluster(resolved: &Resolved, registry: Arc<Mutex<EndpointRegistry>>) {
+    let DatastoreSpec::File(path) = resolved.datastore.clone() else {
+        return;
+    };
+    let network = resolved.network.clone();
+    std::thread::spawn(move || {
+        let store = FileDatastore::new(&path);
+        let mut seen = None;
+        let mut last_sync: Option<std::time::Instant> = None;
+        loop {
+            let version = store.version();
+            // On change, and every 10 s anyway (a lost update heals).
+            if version != seen
+                || last_sync.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(10))
+            {
+                match store.nodes() {
+                    Ok(nodes) => {
+                        let applied = registry
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("agent state poisoned"))
+                            .and_then(|mut reg| reg.apply_nodes(&network, &nodes));
+                        match applied {
+                            Ok(()) => {
+                                seen = version;
+                                last_sync = Some(std::time::Instant::now());
+                            }
+                            Err(e) => {
+                                warn!(error = %format!("{e:#}"), "applying the cluster state");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "reading the nodes file; keeping the last known state");
+                    }
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    });
 }
 
 fn main() -> anyhow::Result<()> {
@@ -126,7 +317,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let config = resolve(&args)?;
+    let mut resolved = resolve(&args)?;
+    join(&mut resolved)?;
+    let config = resolved.config.clone();
 
     let mounted = bpffs::ensure_pin_dir(&config.bpffs_dir)
         .with_context(|| format!("preparing the pin directory {}", config.bpffs_dir.display()))?;
@@ -153,7 +346,10 @@ fn main() -> anyhow::Result<()> {
 
     let socket = config.socket.clone();
     info!(node = %config.node_name, pod_cidr = %config.pod_cidr, socket = %socket.display(), "starting");
-    let registry = Arc::new(Mutex::new(EndpointRegistry::open(config, datapath)?));
+    let mut registry = EndpointRegistry::open(config, datapath)?;
+    registry.setup_node_network(&resolved.network)?;
+    let registry = Arc::new(Mutex::new(registry));
+    watch_cluster(&resolved, Arc::clone(&registry));
 
     // Multi-threaded: a slow request (netlink, a big map dump) must not
     // hold up the plugin's ADD on another connection.

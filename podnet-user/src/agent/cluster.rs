@@ -1,0 +1,260 @@
+//! The node in the cluster: its overlay/underlay plumbing, the other nodes'
+//! pod CIDRs in the datapath and in the host's routing table, and pod egress
+//! masquerading.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
+
+use anyhow::Context as _;
+use ipnet::Ipv4Net;
+use podnet_common::{NodeConfig, names, node};
+use tracing::{info, warn};
+
+use super::EndpointRegistry;
+use crate::{datastore::NodeRecord, netlink};
+
+/// Name of the collect-metadata VXLAN device.
+pub const VXLAN_DEVICE: &str = "podnet_vxlan";
+/// VXLAN adds 50 bytes (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// How pods reach pods on other nodes.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One node, no cluster.
+    Local,
+    /// VXLAN overlay, encapsulated in eBPF (default with a datastore).
+    Vxlan,
+    /// Routed on the underlay (`bpf_redirect_neigh`); needs L2 reachability.
+    Direct,
+}
+
+/// The node's place on the underlay.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodeNetwork {
+    pub mode: Mode,
+    pub node_ip: Ipv4Addr,
+    pub underlay_dev: String,
+    pub underlay_ifindex: u32,
+    pub underlay_mtu: u32,
+    pub vni: u32,
+    pub vxlan_port: u16,
+    /// SNAT pod traffic leaving the cluster to the node IP.
+    pub masquerade: bool,
+}
+
+impl NodeNetwork {
+    /// The largest pod MTU that does not fragment on the underlay.
+    #[must_use]
+    pub fn pod_mtu(&self) -> u32 {
+        match self.mode {
+            Mode::Vxlan => self.underlay_mtu.saturating_sub(VXLAN_OVERHEAD),
+            Mode::Direct | Mode::Local => self.underlay_mtu,
+        }
+    }
+}
+
+/// What the agent has programmed for the other nodes.
+#[derive(Debug, Default)]
+pub struct ClusterState {
+    pub remotes: BTreeMap<Ipv4Net, NodeRecord>,
+    pub tunnel_ifindex: u32,
+}
+
+fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {
+    std::fs::write(path, value).with_context(|| format!("writing {value} to {path}"))
+}
+
+fn nft(script: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft (nftables)")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(script.as_bytes())
+        .context("feeding nft")?;
+    let out = child.wait_with_output().context("waiting for nft")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "nft failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The masquerade table: pod traffic to anything that is neither a pod nor
+/// a node leaves with the node's address. Traffic to other nodes keeps the
+/// pod address: the replies come back through the datapath, which bypasses
+/// conntrack, so a masqueraded flow there could not be un-NATed.
+fn masquerade_script(cluster: Ipv4Net, nodes: &[Ipv4Addr]) -> String {
+    let elements = if nodes.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = nodes.iter().map(ToString::to_string).collect();
+        format!("elements = {{ {} }}", list.join(", "))
+    };
+    format!(
+        "table ip podnet\ndelete table ip podnet\n\
+         table ip podnet {{\n\
+           set nodes {{ type ipv4_addr; {elements} }}\n\
+           chain postrouting {{\n\
+             type nat hook postrouting priority srcnat; policy accept;\n\
+             ip saddr {cluster} ip daddr != {cluster} ip daddr != @nodes masquerade\n\
+           }}\n\
+         }}\n"
+    )
+}
+
+impl EndpointRegistry {
+    /// Creates the overlay device or hooks the underlay, attaches the
+    /// receive program, writes the node config, enables forwarding.
+    pub fn setup_node_network(&mut self, net: &NodeNetwork) -> anyhow::Result<()> {
+        let links_dir = self.config().links_dir();
+        let mut config = NodeConfig {
+            node_ip: crate::datapath::ip_key(net.node_ip),
+            mode: node::MODE_LOCAL_ONLY,
+            tunnel_ifindex: 0,
+            underlay_ifindex: net.underlay_ifindex,
+            vni: net.vni,
+            reserved: 0,
+        };
+        match net.mode {
+            Mode::Local => {}
+            Mode::Vxlan => {
+                let (port, mtu) = (net.vxlan_port, net.pod_mtu());
+                let ifindex = netlink::with_netlink(None, move |h| async move {
+                    netlink::ensure_vxlan(&h, VXLAN_DEVICE, port, mtu).await
+                })
+                .context("creating the VXLAN device")?;
+                self.attach_infrastructure(
+                    names::PROG_FROM_OVERLAY,
+                    VXLAN_DEVICE,
+                    &links_dir.join(VXLAN_DEVICE),
+                )?;
+                config.mode = node::MODE_VXLAN;
+                config.tunnel_ifindex = ifindex;
+                self.cluster.tunnel_ifindex = ifindex;
+            }
+            Mode::Direct => {
+                let pin = links_dir.join(format!("underlay-{}", net.underlay_dev));
+                self.attach_infrastructure(names::PROG_FROM_UNDERLAY, &net.underlay_dev, &pin)?;
+                config.mode = node::MODE_DIRECT;
+            }
+        }
+        self.datapath_mut().set_config(config)?;
+        if net.masquerade {
+            write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+            nft(&masquerade_script(self.config().cluster_cidr, &[]))?;
+        }
+        info!(mode = ?net.mode, node_ip = %net.node_ip, underlay = %net.underlay_dev, pod_mtu = net.pod_mtu(), "node network ready");
+        Ok(())
+    }
+
+    fn attach_infrastructure(
+        &mut self,
+        program: &'static str,
+        ifname: &str,
+        pin: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        if pin.exists() && self.datapath_mut().reattach(program, pin).is_ok() {
+            return Ok(());
+        }
+        self.datapath_mut()
+            .attach_ingress(program, ifname, pin)
+            .with_context(|| format!("attaching {program} to {ifname}"))
+    }
+
+    /// Makes the datapath and the host routes match `nodes` (all nodes of
+    /// the cluster, this one included).
+    pub fn apply_nodes(&mut self, net: &NodeNetwork, nodes: &[NodeRecord]) -> anyhow::Result<()> {
+        let me = self.config().node_name.clone();
+        let wanted: BTreeMap<Ipv4Net, NodeRecord> = nodes
+            .iter()
+            .filter(|n| n.name != me && n.node_ip != net.node_ip)
+            .map(|n| (n.pod_cidr, n.clone()))
+            .collect();
+        let stale: Vec<Ipv4Net> = self
+            .cluster
+            .remotes
+            .keys()
+            .filter(|c| !wanted.contains_key(c))
+            .copied()
+            .collect();
+        // Also entries left in the pinned map by a previous agent.
+        let pinned: Vec<Ipv4Net> = self
+            .datapath_mut()
+            .remotes()?
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
+        for cidr in stale
+            .into_iter()
+            .chain(pinned.into_iter().filter(|c| !wanted.contains_key(c)))
+        {
+            self.datapath_mut().remove_remote(cidr)?;
+            let _ = netlink::with_netlink(None, move |h| async move {
+                netlink::delete_route(&h, cidr).await
+            });
+            if let Some(gone) = self.cluster.remotes.remove(&cidr) {
+                info!(node = %gone.name, %cidr, "node left; routes removed");
+            }
+        }
+        for (cidr, node) in &wanted {
+            if self.cluster.remotes.get(cidr) == Some(node) {
+                continue;
+            }
+            self.datapath_mut().upsert_remote(*cidr, node.node_ip)?;
+            if let Err(e) = self.host_route(net, *cidr, node.node_ip) {
+                warn!(error = %format!("{e:#}"), %cidr, "host route to a remote pod CIDR");
+            }
+            info!(node = %node.name, %cidr, node_ip = %node.node_ip, "node joined");
+            self.cluster.remotes.insert(*cidr, node.clone());
+        }
+        if net.masquerade {
+            let node_ips: Vec<Ipv4Addr> = nodes.iter().map(|n| n.node_ip).collect();
+            nft(&masquerade_script(self.config().cluster_cidr, &node_ips))?;
+        }
+        Ok(())
+    }
+
+    /// The node's own traffic to a remote pod CIDR: through the overlay
+    /// (lightweight-tunnel route) or via the remote node (direct).
+    fn host_route(
+        &self,
+        net: &NodeNetwork,
+        cidr: Ipv4Net,
+        node_ip: Ipv4Addr,
+    ) -> anyhow::Result<()> {
+        let (mode, tunnel, vni, underlay, src) = (
+            net.mode,
+            self.cluster.tunnel_ifindex,
+            net.vni,
+            net.underlay_ifindex,
+            net.node_ip,
+        );
+        netlink::with_netlink(None, move |h| async move {
+            match mode {
+                Mode::Vxlan => {
+                    netlink::replace_tunnel_route(&h, cidr, tunnel, vni, node_ip, src).await
+                }
+                Mode::Direct => netlink::replace_gateway_route(&h, cidr, node_ip, underlay).await,
+                Mode::Local => Ok(()),
+            }
+        })
+        .with_context(|| format!("route to {cidr} via {node_ip}"))
+    }
+
+    /// The other nodes as programmed.
+    #[must_use]
+    pub fn remote_nodes(&self) -> Vec<NodeRecord> {
+        self.cluster.remotes.values().cloned().collect()
+    }
+}
