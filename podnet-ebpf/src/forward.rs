@@ -34,7 +34,7 @@ pub fn endpoint(ip: u32) -> Option<EndpointInfo> {
 
 #[inline(always)]
 pub fn remote_node(ip: u32) -> Option<RemoteNode> {
-    REMOTE.get(&Key::new(32, ip)).copied()
+    REMOTE.get(Key::new(32, ip)).copied()
 }
 
 /// Delivers to a local endpoint as a routed hop: TTL - 1, source MAC = the
