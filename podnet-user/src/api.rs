@@ -126,6 +126,8 @@ pub enum Request {
     },
     Counters,
     Ipam,
+    /// The other nodes the agent forwards to.
+    Nodes,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

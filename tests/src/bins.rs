@@ -15,12 +15,14 @@ pub const BIN_DIR_ENV: &str = "PODNET_BIN_DIR";
 pub fn binary(name: &str) -> PathBuf {
     let dir = std::env::var_os(BIN_DIR_ENV).map_or_else(
         || {
-            // target/<profile>/deps/<test-exe> -> target/<profile>
-            let exe = std::env::current_exe().expect("the test executable's path");
-            exe.parent()
-                .and_then(std::path::Path::parent)
-                .expect("test executable lives in target/<profile>/deps")
-                .to_path_buf()
+            // target/<profile>/deps/<test-exe> or target/<profile>/<bin>
+            let exe = std::env::current_exe().expect("the executable's path");
+            let dir = exe.parent().expect("the executable's directory");
+            if dir.ends_with("deps") {
+                dir.parent().unwrap_or(dir).to_path_buf()
+            } else {
+                dir.to_path_buf()
+            }
         },
         PathBuf::from,
     );

@@ -5,6 +5,7 @@
 pub mod bins;
 pub mod bpf_run;
 pub mod frames;
+pub mod lab;
 pub mod netns;
 pub mod node;
 pub mod traffic;

@@ -4,6 +4,7 @@
 
 mod build_ebpf;
 mod cmd;
+mod lab;
 mod run;
 mod setup;
 mod test;
@@ -25,6 +26,10 @@ enum Command {
     BuildEbpf(build_ebpf::Args),
     /// Build everything and run the node agent podnetd; arguments after `--` go to podnetd.
     Run(run::Args),
+    /// The multi-node lab: up | status | check | down (see `cargo xtask lab -- --help`).
+    Lab(lab::LabArgs),
+    /// Setup, build, a 2x2 VXLAN lab, connectivity matrix, iperf3 figures, lab down.
+    Demo,
     /// The one test command: fmt check, clippy -D warnings, unit, BPF and privileged integration tests.
     Test(test::Args),
 }
@@ -36,5 +41,7 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf(args) => build_ebpf::run(&args).map(|_| ()),
         Command::Run(args) => run::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::Lab(args) => lab::run(&args),
+        Command::Demo => lab::demo(),
     }
 }

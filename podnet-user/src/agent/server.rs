@@ -98,5 +98,6 @@ fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> Vec<u8> {
         Request::Gc { valid } => encode(reg.gc(&valid)),
         Request::Counters => encode(reg.counters()),
         Request::Ipam => encode(reg.ipam()),
+        Request::Nodes => encode(Ok(reg.remote_nodes())),
     }
 }

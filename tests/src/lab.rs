@@ -1,0 +1,714 @@
+//! The lab: a cluster on one machine. Nodes are network namespaces joined by
+//! an underlay (a veth each to a bridge in a fabric namespace, which also
+//! plays "a host outside the cluster"); each node runs its own podnetd with
+//! its own bpffs, state and socket; pods are namespaces attached by the real
+//! `podnet` binary, as a runtime does. The layout is written to
+//! `<run dir>/lab.json` for scripts and tests.
+//!
+//! `up` leaves everything running (the lab outlives the command); `down`
+//! removes it all and is safe to run twice or after a crash. Tests wrap it
+//! in [`LabGuard`], which calls `down` on drop.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::{bins, netns::run};
+
+/// Default run directory of `cargo xtask lab`.
+pub const DEFAULT_RUN_DIR: &str = "/run/podnet-lab";
+/// The fabric bridge's address: the "outside" host.
+pub const FABRIC_HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LabDatastore {
+    File,
+    Etcd,
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    /// `vxlan` or `direct`.
+    pub mode: String,
+    pub datastore: LabDatastore,
+    /// Prefix of every namespace name (distinct labs can coexist).
+    pub prefix: String,
+    pub run_dir: PathBuf,
+    /// Print progress lines.
+    pub verbose: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabNode {
+    pub name: String,
+    pub netns: String,
+    pub node_ip: Ipv4Addr,
+    pub pod_cidr: String,
+    pub agent_socket: PathBuf,
+    pub cni_conf: PathBuf,
+    pub cni_bin_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub pid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabPod {
+    pub name: String,
+    pub netns: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// `lab.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabLayout {
+    pub prefix: String,
+    pub mode: String,
+    pub datastore: LabDatastore,
+    pub fabric_netns: String,
+    pub fabric_host: Ipv4Addr,
+    pub nodes: Vec<LabNode>,
+    pub pods: Vec<LabPod>,
+    pub run_dir: PathBuf,
+}
+
+fn progress(spec: &LabSpec, msg: &str) {
+    if spec.verbose {
+        eprintln!("lab: {msg}");
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+/// A command run inside the named netns without changing mounts.
+pub fn in_netns(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+    let file = fs::File::open(Path::new("/var/run/netns").join(netns))
+        .with_context(|| format!("opening netns {netns}"))?;
+    let mut cmd = Command::new(program);
+    // SAFETY: runs in the forked child before exec; setns(2) is
+    // async-signal-safe and `file` was opened before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)
+        });
+    }
+    Ok(cmd)
+}
+
+/// Runs `f` on a thread inside the named netns.
+pub fn on_netns_thread<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let file = fs::File::open(Path::new("/var/run/netns").join(netns))?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))
+}
+
+fn node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 100, u8::try_from(10 + i).unwrap_or(250))
+}
+
+impl LabLayout {
+    pub fn load(run_dir: &Path) -> anyhow::Result<Self> {
+        let path = run_dir.join("lab.json");
+        serde_json::from_slice(
+            &fs::read(&path)
+                .with_context(|| format!("reading {} (is a lab up?)", path.display()))?,
+        )
+        .with_context(|| format!("parsing {}", path.display()))
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        fs::write(
+            self.run_dir.join("lab.json"),
+            serde_json::to_vec_pretty(self)?,
+        )
+        .context("writing lab.json")
+    }
+
+    #[must_use]
+    pub fn node(&self, name: &str) -> Option<&LabNode> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Runs the plugin for `node` with `env` and the node's conf on stdin.
+    pub fn cni(
+        &self,
+        node: &LabNode,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<(bool, serde_json::Value)> {
+        let conflist: serde_json::Value = serde_json::from_slice(&fs::read(&node.cni_conf)?)?;
+        // What libcni does with a conflist of one plugin.
+        let mut conf = conflist["plugins"][0].clone();
+        conf["cniVersion"] = conflist["cniVersion"].clone();
+        conf["name"] = conflist["name"].clone();
+        let mut child = in_netns(&node.netns, node.cni_bin_dir.join("podnet"))?
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "CNI_PATH",
+                format!("{}:/usr/lib/cni", node.cni_bin_dir.display()),
+            )
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(conf.to_string().as_bytes())?;
+        let out = child.wait_with_output()?;
+        let value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        Ok((out.status.success(), value))
+    }
+
+    /// Creates a pod on `node` (a new netns + CNI ADD) and records it.
+    pub fn add_pod(&mut self, node_name: &str, pod_name: &str) -> anyhow::Result<LabPod> {
+        let node = self.node(node_name).context("no such node")?.clone();
+        let netns = format!("{}-{pod_name}", self.prefix);
+        ip(&["netns", "add", &netns])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        let path = format!("/var/run/netns/{netns}");
+        let (ok, result) = self.cni(
+            &node,
+            &[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", &netns),
+                ("CNI_NETNS", &path),
+                ("CNI_IFNAME", "eth0"),
+            ],
+        )?;
+        anyhow::ensure!(ok, "ADD of {pod_name} on {node_name} failed: {result}");
+        let pod_ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .context("no IP in the ADD result")?;
+        let pod = LabPod {
+            name: pod_name.to_owned(),
+            netns: netns.clone(),
+            node: node_name.to_owned(),
+            ip: pod_ip,
+            container_id: netns,
+            ifname: "eth0".into(),
+        };
+        self.pods.push(pod.clone());
+        self.save()?;
+        Ok(pod)
+    }
+
+    /// Starts (or restarts) the agent of `node`, detached, and waits for it.
+    pub fn start_agent(&mut self, node_name: &str) -> anyhow::Result<()> {
+        let index = self
+            .nodes
+            .iter()
+            .position(|n| n.name == node_name)
+            .context("no such node")?;
+        let datastore = match self.datastore {
+            LabDatastore::File => format!("file:{}", self.run_dir.join("nodes.json").display()),
+            LabDatastore::Etcd => format!("etcd:http://{FABRIC_HOST}:2379"),
+        };
+        let node = &self.nodes[index];
+        let log = fs::File::create(node.state_dir.with_file_name("podnetd.log"))?;
+        let mut cmd = in_netns(&node.netns, bins::binary("podnetd"))?;
+        cmd.arg("--node-name")
+            .arg(&node.name)
+            .arg("--node-ip")
+            .arg(node.node_ip.to_string())
+            .arg("--mode")
+            .arg(&self.mode)
+            .arg("--datastore")
+            .arg(&datastore)
+            .arg("--bpffs-dir")
+            .arg(&node.bpffs_dir)
+            .arg("--state-dir")
+            .arg(&node.state_dir)
+            .arg("--socket")
+            .arg(&node.agent_socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0);
+        let child = cmd.spawn().context("starting podnetd")?;
+        let socket = node.agent_socket.clone();
+        self.nodes[index].pid = child.id();
+        // Not waited for: the agent outlives `lab up`; `down` kills it.
+        std::mem::forget(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut ready = false;
+        while Instant::now() < deadline {
+            if let Ok(info) = podnet::api::Client::new(&socket)
+                .call::<podnet::api::NodeInfo>(&podnet::api::Request::Node)
+            {
+                self.nodes[index].pod_cidr = info.pod_cidr.to_string();
+                ready = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        anyhow::ensure!(
+            ready,
+            "podnetd on {node_name} did not come up:\n{}",
+            fs::read_to_string(self.nodes[index].state_dir.with_file_name("podnetd.log"))
+                .unwrap_or_default()
+        );
+        self.save()
+    }
+
+    /// Stops the agent of `node` (SIGTERM), leaving its pins: traffic goes on.
+    pub fn stop_agent(&mut self, node_name: &str) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node_name)
+            .context("no such node")?;
+        kill_and_wait(node.pid);
+        node.pid = 0;
+        self.save()
+    }
+}
+
+fn kill_and_wait(pid: u32) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    if raw == 0 {
+        return;
+    }
+    let pid = nix::unistd::Pid::from_raw(raw);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        // Reap if it is our child; otherwise poll for its disappearance.
+        let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        if nix::sys::signal::kill(pid, None).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(pid, None);
+}
+
+/// Builds a lab. On failure, everything built so far is removed.
+pub fn up(spec: &LabSpec) -> anyhow::Result<LabLayout> {
+    down(&spec.run_dir, &spec.prefix)?;
+    let built = build(spec);
+    if built.is_err() {
+        let _ = down(&spec.run_dir, &spec.prefix);
+    }
+    built
+}
+
+fn build(spec: &LabSpec) -> anyhow::Result<LabLayout> {
+    fs::create_dir_all(&spec.run_dir)?;
+    let fabric = format!("{}-fabric", spec.prefix);
+    progress(
+        spec,
+        &format!("fabric namespace {fabric} with bridge br0 ({FABRIC_HOST}/24)"),
+    );
+    ip(&["netns", "add", &fabric])?;
+    ip(&["-n", &fabric, "link", "set", "lo", "up"])?;
+    ip(&["-n", &fabric, "link", "add", "br0", "type", "bridge"])?;
+    ip(&[
+        "-n",
+        &fabric,
+        "addr",
+        "add",
+        &format!("{FABRIC_HOST}/24"),
+        "dev",
+        "br0",
+    ])?;
+    ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
+    let mut layout = LabLayout {
+        prefix: spec.prefix.clone(),
+        mode: spec.mode.clone(),
+        datastore: spec.datastore,
+        fabric_netns: fabric.clone(),
+        fabric_host: FABRIC_HOST,
+        nodes: Vec::new(),
+        pods: Vec::new(),
+        run_dir: spec.run_dir.clone(),
+    };
+    layout.save()?;
+    let cni_bin_dir = bins::binary("podnet")
+        .parent()
+        .context("bin dir")?
+        .to_path_buf();
+    for i in 1..=spec.nodes {
+        add_node(spec, &mut layout, i, &fabric, &cni_bin_dir)?;
+    }
+    for i in 1..=spec.nodes {
+        for j in 1..=spec.pods_per_node {
+            let pod = layout.add_pod(&format!("node{i}"), &format!("node{i}-pod{j}"))?;
+            progress(spec, &format!("pod {} on node{i}: {}", pod.name, pod.ip));
+        }
+    }
+    // Every agent has seen every node (the nodes file is polled).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let all_known = layout.nodes.iter().all(|n| {
+            podnet::api::Client::new(&n.agent_socket)
+                .call::<Vec<podnet::datastore::NodeRecord>>(&podnet::api::Request::Nodes)
+                .is_ok_and(|nodes| nodes.len() + 1 >= layout.nodes.len())
+        });
+        if all_known {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(layout)
+}
+
+/// Node `i`: namespace, underlay veth to the fabric, bpffs, CNI conf, agent.
+fn add_node(
+    spec: &LabSpec,
+    layout: &mut LabLayout,
+    i: usize,
+    fabric: &str,
+    cni_bin_dir: &Path,
+) -> anyhow::Result<()> {
+    let name = format!("node{i}");
+    let netns = format!("{}-{name}", spec.prefix);
+    let dir = spec.run_dir.join(&name);
+    progress(
+        spec,
+        &format!("node {name}: namespace {netns}, underlay {}/24", node_ip(i)),
+    );
+    ip(&["netns", "add", &netns])?;
+    ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+    ip(&[
+        "link", "add", "eth0", "netns", &netns, "type", "veth", "peer", "name", &name, "netns",
+        fabric,
+    ])?;
+    ip(&["-n", fabric, "link", "set", &name, "master", "br0", "up"])?;
+    ip(&[
+        "-n",
+        &netns,
+        "addr",
+        "add",
+        &format!("{}/24", node_ip(i)),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+    // The fabric is the nodes' way out (egress tests).
+    ip(&[
+        "-n",
+        &netns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &FABRIC_HOST.to_string(),
+    ])?;
+    let bpffs_dir = dir.join("bpf");
+    podnet::bpffs::ensure_pin_dir(&bpffs_dir)?;
+    let net_d = dir.join("net.d");
+    fs::create_dir_all(&net_d)?;
+    let agent_socket = dir.join("podnetd.sock");
+    let cni_conf = net_d.join("10-podnet.conflist");
+    fs::write(
+        &cni_conf,
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "cniVersion": "1.1.0",
+            "name": "podnet",
+            "plugins": [{"type": "podnet", "agentSocket": agent_socket}]
+        }))?,
+    )?;
+    layout.nodes.push(LabNode {
+        name: name.clone(),
+        netns,
+        node_ip: node_ip(i),
+        pod_cidr: String::new(),
+        agent_socket,
+        cni_conf,
+        cni_bin_dir: cni_bin_dir.to_path_buf(),
+        bpffs_dir,
+        state_dir: dir.join("state"),
+        pid: 0,
+    });
+    layout.save()?;
+    progress(
+        spec,
+        &format!("node {name}: starting podnetd ({} mode)", spec.mode),
+    );
+    layout.start_agent(&name)?;
+    Ok(())
+}
+
+/// Removes a lab: agents, namespaces, pins, run dir. Safe to run twice and
+/// after a crash (finds leftovers by their name prefix).
+pub fn down(run_dir: &Path, prefix: &str) -> anyhow::Result<()> {
+    if let Ok(layout) = LabLayout::load(run_dir) {
+        for node in &layout.nodes {
+            kill_and_wait(node.pid);
+        }
+    }
+    // Agents whose pid was lost: every podnetd whose socket is in run_dir.
+    let _ = Command::new("pkill")
+        .arg("-f")
+        .arg(format!("podnetd .*--socket {}/", run_dir.display()))
+        .status();
+    let listed = run(Command::new("ip").args(["netns", "list"]))?;
+    for line in String::from_utf8_lossy(&listed.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if name.starts_with(&format!("{prefix}-")) {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+    if run_dir.exists() {
+        // Unmount the nodes' bpffs instances (pins go with them).
+        if let Ok(mounts) = fs::read_to_string("/proc/self/mounts") {
+            for line in mounts.lines() {
+                let Some(target) = line.split_whitespace().nth(1) else {
+                    continue;
+                };
+                if Path::new(target).starts_with(run_dir) {
+                    let _ = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+        }
+        fs::remove_dir_all(run_dir).with_context(|| format!("removing {}", run_dir.display()))?;
+    }
+    Ok(())
+}
+
+/// One cell of the connectivity matrix.
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    pub from: String,
+    pub to: String,
+    pub kind: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+fn ping(netns: &str, target: Ipv4Addr) -> bool {
+    in_netns(netns, "ping")
+        .and_then(|mut c| {
+            Ok(c.args(["-c", "1", "-W", "1", &target.to_string()])
+                .output()?)
+        })
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Full connectivity check: pod <-> pod, pod -> node, node -> pod, and pod
+/// -> the fabric host with the source masqueraded to the pod's node IP.
+pub fn check(layout: &LabLayout) -> anyhow::Result<Vec<Probe>> {
+    let mut probes = Vec::new();
+    for a in &layout.pods {
+        for b in &layout.pods {
+            if a.name != b.name {
+                let kind = if a.node == b.node {
+                    "pod->pod same node"
+                } else {
+                    "pod->pod cross node"
+                };
+                probes.push(Probe {
+                    from: a.name.clone(),
+                    to: b.name.clone(),
+                    kind,
+                    ok: ping(&a.netns, b.ip),
+                    detail: b.ip.to_string(),
+                });
+            }
+        }
+        for n in &layout.nodes {
+            probes.push(Probe {
+                from: a.name.clone(),
+                to: n.name.clone(),
+                kind: "pod->node",
+                ok: ping(&a.netns, n.node_ip),
+                detail: n.node_ip.to_string(),
+            });
+            probes.push(Probe {
+                from: n.name.clone(),
+                to: a.name.clone(),
+                kind: "node->pod",
+                ok: ping(&n.netns, a.ip),
+                detail: a.ip.to_string(),
+            });
+        }
+    }
+    // Egress: a TCP listener on the fabric host sees who connects.
+    let port = 17_000;
+    let fabric = layout.fabric_netns.clone();
+    let expected = layout.pods.len();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let listener = std::thread::spawn(move || -> anyhow::Result<BTreeMap<String, Ipv4Addr>> {
+        let file = fs::File::open(Path::new("/var/run/netns").join(&fabric))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let listener = TcpListener::bind(SocketAddrV4::new(FABRIC_HOST, port))?;
+        listener.set_nonblocking(false)?;
+        tx.send(()).ok();
+        let mut seen = BTreeMap::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen.len() < expected && Instant::now() < deadline {
+            let (mut stream, peer) = listener.accept()?;
+            let mut name = String::new();
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let _ = stream.read_to_string(&mut name);
+            if let std::net::SocketAddr::V4(peer) = peer {
+                seen.insert(name, *peer.ip());
+            }
+        }
+        Ok(seen)
+    });
+    rx.recv_timeout(Duration::from_secs(5)).ok();
+    for pod in &layout.pods {
+        let name = pod.name.clone();
+        let connected = on_netns_thread(&pod.netns, move || -> std::io::Result<()> {
+            let mut s = TcpStream::connect_timeout(
+                &SocketAddrV4::new(FABRIC_HOST, port).into(),
+                Duration::from_secs(2),
+            )?;
+            s.write_all(name.as_bytes())
+        })?;
+        if let Err(e) = connected {
+            probes.push(Probe {
+                from: pod.name.clone(),
+                to: "fabric host".into(),
+                kind: "egress (masqueraded)",
+                ok: false,
+                detail: e.to_string(),
+            });
+        }
+    }
+    let seen = listener
+        .join()
+        .map_err(|_| anyhow::anyhow!("listener panicked"))??;
+    for pod in &layout.pods {
+        let node_ip = layout.node(&pod.node).map(|n| n.node_ip);
+        if let Some(src) = seen.get(&pod.name) {
+            probes.push(Probe {
+                from: pod.name.clone(),
+                to: "fabric host".into(),
+                kind: "egress (masqueraded)",
+                ok: Some(*src) == node_ip,
+                detail: format!("seen from {src}"),
+            });
+        }
+    }
+    Ok(probes)
+}
+
+/// The matrix as text: one row per source, one column per destination.
+#[must_use]
+pub fn render(probes: &[Probe]) -> String {
+    // Pods first, then nodes, then the outside host.
+    let rank = |name: &str| {
+        if name.contains("-pod") {
+            0
+        } else if name.starts_with("node") {
+            1
+        } else {
+            2
+        }
+    };
+    let mut rows: Vec<String> = Vec::new();
+    let mut cols: Vec<String> = Vec::new();
+    for p in probes {
+        if !rows.contains(&p.from) {
+            rows.push(p.from.clone());
+        }
+        if !cols.contains(&p.to) {
+            cols.push(p.to.clone());
+        }
+    }
+    rows.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+    cols.sort_by(|a, b| rank(a).cmp(&rank(b)).then(a.cmp(b)));
+    let width = cols
+        .iter()
+        .chain(rows.iter())
+        .map(String::len)
+        .max()
+        .unwrap_or(4)
+        .max(4)
+        + 1;
+    let mut out = format!("{:width$}", "from \\ to");
+    for c in &cols {
+        let _ = write!(out, "{c:>width$}");
+    }
+    out.push('\n');
+    for r in &rows {
+        let _ = write!(out, "{r:width$}");
+        for c in &cols {
+            let cell = probes
+                .iter()
+                .find(|p| &p.from == r && &p.to == c)
+                .map_or("-", |p| if p.ok { "ok" } else { "FAIL" });
+            let _ = write!(out, "{cell:>width$}");
+        }
+        out.push('\n');
+    }
+    let failed: Vec<&Probe> = probes.iter().filter(|p| !p.ok).collect();
+    let _ = write!(out, "\n{} checks, {} failed\n", probes.len(), failed.len());
+    for f in failed {
+        let _ = writeln!(
+            out,
+            "  FAIL {} -> {} ({}): {}",
+            f.from, f.to, f.kind, f.detail
+        );
+    }
+    out
+}
+
+/// A lab for tests: `down` on drop, even when the test fails.
+pub struct LabGuard {
+    pub layout: LabLayout,
+}
+
+impl LabGuard {
+    pub fn up(
+        tag: &str,
+        nodes: usize,
+        pods_per_node: usize,
+        mode: &str,
+        datastore: LabDatastore,
+    ) -> anyhow::Result<Self> {
+        let prefix = format!("pnt{tag}{}", std::process::id() % 10_000);
+        let spec = LabSpec {
+            nodes,
+            pods_per_node,
+            mode: mode.into(),
+            datastore,
+            run_dir: std::env::temp_dir().join(format!("podnet-lab-{prefix}")),
+            prefix,
+            verbose: false,
+        };
+        Ok(Self { layout: up(&spec)? })
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let _ = down(&self.layout.run_dir, &self.layout.prefix);
+    }
+}

@@ -1,0 +1,144 @@
+//! `cargo xtask lab ...` and `cargo xtask demo`. The lab itself is the
+//! `podnet-lab` binary (tests crate), which the tests share; xtask builds it
+//! and runs it, so the toolchain is installed before anything compiles.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{cmd, setup};
+
+const RUN_DIR: &str = "/run/podnet-lab";
+
+#[derive(Debug, clap::Args)]
+pub struct LabArgs {
+    /// Arguments for podnet-lab: up [--nodes N] [--pods-per-node M] [--mode vxlan|direct]
+    /// [--datastore file|etcd] | status | check | down
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+fn build() -> anyhow::Result<PathBuf> {
+    setup::ensure_all()?;
+    cmd::run(cmd::cargo().args(["build", "--workspace", "--exclude", "podnet-ebpf", "--bins"]))?;
+    Ok(cmd::workspace_root().join("target/debug"))
+}
+
+fn lab(bin_dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin_dir.join("podnet-lab"));
+    c.args(args);
+    c
+}
+
+pub fn run(args: &LabArgs) -> anyhow::Result<()> {
+    let bin_dir = build()?;
+    let args: Vec<&str> = args.args.iter().map(String::as_str).collect();
+    cmd::run(&mut lab(&bin_dir, &args))
+}
+
+/// Throughput of a 3 s iperf3 TCP stream between two lab pods, in Gbit/s.
+fn iperf(server_ns: &str, server_ip: &str, client_ns: &str) -> anyhow::Result<f64> {
+    cmd::run(Command::new("ip").args(["netns", "exec", server_ns, "iperf3", "-s", "-1", "-D"]))?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let out = cmd::output(Command::new("ip").args([
+        "netns", "exec", client_ns, "iperf3", "-c", server_ip, "-t", "3", "-O", "1", "-J",
+    ]))
+    .context("iperf3 client failed")?;
+    let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+    let bps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("no throughput in iperf3's output")?;
+    Ok(bps / 1e9)
+}
+
+fn pods_from_layout() -> anyhow::Result<Vec<(String, String, String)>> {
+    let layout: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(RUN_DIR).join("lab.json")).context("reading lab.json")?,
+    )?;
+    Ok(layout["pods"]
+        .as_array()
+        .context("pods in lab.json")?
+        .iter()
+        .map(|p| {
+            (
+                p["netns"].as_str().unwrap_or_default().to_owned(),
+                p["node"].as_str().unwrap_or_default().to_owned(),
+                p["ip"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect())
+}
+
+/// Setup, build, a 2-node x 2-pod VXLAN lab, the connectivity matrix, a
+/// short iperf3 same-node and cross-node, a summary, and the lab removed
+/// again (also when something failed).
+pub fn demo() -> anyhow::Result<()> {
+    let bin_dir = build()?;
+    let result = demo_steps(&bin_dir);
+    eprintln!("xtask demo: removing the lab");
+    let down = cmd::run(&mut lab(&bin_dir, &["down"]));
+    result.and(down)
+}
+
+fn demo_steps(bin_dir: &Path) -> anyhow::Result<()> {
+    cmd::run(&mut lab(
+        bin_dir,
+        &[
+            "up",
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            "2",
+            "--mode",
+            "vxlan",
+        ],
+    ))?;
+    let check = lab(bin_dir, &["check"])
+        .status()
+        .context("running the check")?;
+    let pods = pods_from_layout()?;
+    let same = pods
+        .iter()
+        .find(|p| p.1 == pods[0].1 && p.0 != pods[0].0)
+        .context("two pods on one node")?;
+    let cross = pods
+        .iter()
+        .find(|p| p.1 != pods[0].1)
+        .context("a pod on another node")?;
+    eprintln!("xtask demo: iperf3 {} -> {} (same node)", pods[0].0, same.0);
+    let same_gbps = iperf(&same.0, &same.2, &pods[0].0)?;
+    eprintln!(
+        "xtask demo: iperf3 {} -> {} (cross node, VXLAN)",
+        pods[0].0, cross.0
+    );
+    let cross_gbps = iperf(&cross.0, &cross.2, &pods[0].0)?;
+    println!();
+    println!("podnet demo summary");
+    println!(
+        "  {:<34} {}",
+        "connectivity matrix",
+        if check.success() {
+            "all passed"
+        } else {
+            "FAILURES (see above)"
+        }
+    );
+    println!(
+        "  {:<34} {same_gbps:>6.2} Gbit/s",
+        "TCP same node (redirect_peer)"
+    );
+    println!(
+        "  {:<34} {cross_gbps:>6.2} Gbit/s",
+        "TCP cross node (VXLAN, eBPF encap)"
+    );
+    println!(
+        "  (single 3 s iperf3 runs on a shared machine: indicative; `cargo xtask bench` compares)"
+    );
+    if !check.success() {
+        bail!("the connectivity check failed");
+    }
+    Ok(())
+}
