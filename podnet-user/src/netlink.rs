@@ -442,8 +442,11 @@ pub async fn replace_gateway_route(
 
 /// Deletes the main-table route to `cidr` (no error when absent).
 pub async fn delete_route(handle: &Handle, cidr: ipnet::Ipv4Net) -> Result<(), NetlinkError> {
+    // Scope "nowhere" is the kernel's wildcard when matching the route to
+    // delete (fib_table_delete); any scope we added it with matches.
     let message = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(cidr.network(), cidr.prefix_len())
+        .scope(RouteScope::NoWhere)
         .build();
     match handle.route().del(message).execute().await {
         Err(rtnetlink::Error::NetlinkError(e))

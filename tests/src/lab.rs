@@ -135,6 +135,28 @@ fn node_ip(i: usize) -> Ipv4Addr {
 }
 
 impl LabLayout {
+    /// Adds one more node to a running lab (a node joining the cluster);
+    /// returns its name.
+    pub fn join_node(&mut self) -> anyhow::Result<String> {
+        let i = self.nodes.len() + 1;
+        let spec = LabSpec {
+            nodes: i,
+            pods_per_node: 0,
+            mode: self.mode.clone(),
+            datastore: self.datastore,
+            prefix: self.prefix.clone(),
+            run_dir: self.run_dir.clone(),
+            verbose: false,
+        };
+        let fabric = self.fabric_netns.clone();
+        let bin_dir = bins::binary("podnet")
+            .parent()
+            .context("bin dir")?
+            .to_path_buf();
+        add_node(&spec, self, i, &fabric, &bin_dir)?;
+        Ok(format!("node{i}"))
+    }
+
     pub fn load(run_dir: &Path) -> anyhow::Result<Self> {
         let path = run_dir.join("lab.json");
         serde_json::from_slice(
@@ -395,8 +417,8 @@ fn add_node(
     cni_bin_dir: &Path,
 ) -> anyhow::Result<()> {
     let name = format!("node{i}");
-    let netns = format!("{}-{name}", spec.prefix);
-    let dir = spec.run_dir.join(&name);
+    let netns = format!("{}-{name}", layout.prefix);
+    let dir = layout.run_dir.join(&name);
     progress(
         spec,
         &format!("node {name}: namespace {netns}, underlay {}/24", node_ip(i)),
@@ -457,7 +479,7 @@ fn add_node(
     layout.save()?;
     progress(
         spec,
-        &format!("node {name}: starting podnetd ({} mode)", spec.mode),
+        &format!("node {name}: starting podnetd ({} mode)", layout.mode),
     );
     layout.start_agent(&name)?;
     Ok(())

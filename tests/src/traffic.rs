@@ -12,7 +12,18 @@ use std::{
     time::Duration,
 };
 
-use crate::netns::NetNs;
+/// Runs `f` on a new thread inside the netns called `netns`.
+fn spawn_in<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<JoinHandle<T>> {
+    let file = std::fs::File::open(std::path::Path::new("/var/run/netns").join(netns))?;
+    Ok(std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("setns into the test namespace");
+        f()
+    }))
+}
 
 fn next_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
@@ -32,12 +43,12 @@ fn pattern(i: u64) -> u8 {
 /// A receiver in `netns` on `ip`; its join handle yields how many bytes
 /// arrived intact before the sender closed (an error on the first bad byte).
 pub fn receiver(
-    netns: &NetNs,
+    netns: &str,
     ip: Ipv4Addr,
 ) -> anyhow::Result<(SocketAddrV4, JoinHandle<anyhow::Result<u64>>)> {
     let addr = SocketAddrV4::new(ip, next_port());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let handle = netns.spawn(move || -> anyhow::Result<u64> {
+    let handle = spawn_in(netns, move || -> anyhow::Result<u64> {
         let listener = TcpListener::bind(addr)?;
         ready_tx.send(()).ok();
         let (mut stream, _) = listener.accept()?;
@@ -66,29 +77,28 @@ pub fn receiver(
 }
 
 /// Sends `bytes` of the pattern from `netns` to `to`; returns bytes sent.
-pub fn send(netns: &NetNs, to: SocketAddrV4, bytes: u64) -> anyhow::Result<u64> {
-    netns
-        .spawn(move || -> anyhow::Result<u64> {
-            let mut stream = TcpStream::connect_timeout(&to.into(), Duration::from_secs(5))?;
-            stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-            let mut sent = 0u64;
-            let mut chunk = vec![0u8; 64 * 1024];
-            while sent < bytes {
-                let n = usize::try_from((bytes - sent).min(chunk.len() as u64))?;
-                for (k, b) in chunk[..n].iter_mut().enumerate() {
-                    *b = pattern(sent + k as u64);
-                }
-                stream.write_all(&chunk[..n])?;
-                sent += n as u64;
+pub fn send(netns: &str, to: SocketAddrV4, bytes: u64) -> anyhow::Result<u64> {
+    spawn_in(netns, move || -> anyhow::Result<u64> {
+        let mut stream = TcpStream::connect_timeout(&to.into(), Duration::from_secs(5))?;
+        stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+        let mut sent = 0u64;
+        let mut chunk = vec![0u8; 64 * 1024];
+        while sent < bytes {
+            let n = usize::try_from((bytes - sent).min(chunk.len() as u64))?;
+            for (k, b) in chunk[..n].iter_mut().enumerate() {
+                *b = pattern(sent + k as u64);
             }
-            Ok(sent)
-        })?
-        .join()
-        .map_err(|_| anyhow::anyhow!("sender panicked"))?
+            stream.write_all(&chunk[..n])?;
+            sent += n as u64;
+        }
+        Ok(sent)
+    })?
+    .join()
+    .map_err(|_| anyhow::anyhow!("sender panicked"))?
 }
 
 /// A full transfer of `bytes` from `from` to `to_ip` in `to`; checks every byte.
-pub fn transfer(from: &NetNs, to: &NetNs, to_ip: Ipv4Addr, bytes: u64) -> anyhow::Result<()> {
+pub fn transfer(from: &str, to: &str, to_ip: Ipv4Addr, bytes: u64) -> anyhow::Result<()> {
     let (addr, rx) = receiver(to, to_ip)?;
     let sent = send(from, addr, bytes)?;
     let received = rx
@@ -110,11 +120,11 @@ pub struct Stream {
 }
 
 impl Stream {
-    pub fn start(from: &NetNs, to: &NetNs, to_ip: Ipv4Addr) -> anyhow::Result<Self> {
+    pub fn start(from: &str, to: &str, to_ip: Ipv4Addr) -> anyhow::Result<Self> {
         let (addr, receiver) = receiver(to, to_ip)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&stop);
-        let sender = from.spawn(move || -> anyhow::Result<u64> {
+        let sender = spawn_in(from, move || -> anyhow::Result<u64> {
             let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
             // A stall longer than this is a failure, not a slow network.
             stream.set_write_timeout(Some(Duration::from_secs(10)))?;

@@ -18,7 +18,7 @@ fn tcp_stream_survives_an_agent_restart_and_stale_state_is_reconciled() {
     let b = node.add_pod("restart-b").expect("ADD b");
     let c = node.add_pod("restart-c").expect("ADD c");
 
-    let stream = Stream::start(&a.netns, &b.netns, b.ip).expect("stream");
+    let stream = Stream::start(a.netns.name(), b.netns.name(), b.ip).expect("stream");
     std::thread::sleep(Duration::from_millis(300));
     node.stop_agent();
 

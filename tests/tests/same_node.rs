@@ -42,8 +42,20 @@ fn pods_on_one_node_talk_through_the_ebpf_fast_path() {
 
     // TCP both ways, every byte checked.
     let before = node.counter("redirect_peer").expect("counters");
-    traffic::transfer(&pods[0].netns, &pods[1].netns, pods[1].ip, 32 << 20).expect("TCP 0 -> 1");
-    traffic::transfer(&pods[1].netns, &pods[0].netns, pods[0].ip, 32 << 20).expect("TCP 1 -> 0");
+    traffic::transfer(
+        pods[0].netns.name(),
+        pods[1].netns.name(),
+        pods[1].ip,
+        32 << 20,
+    )
+    .expect("TCP 0 -> 1");
+    traffic::transfer(
+        pods[1].netns.name(),
+        pods[0].netns.name(),
+        pods[0].ip,
+        32 << 20,
+    )
+    .expect("TCP 1 -> 0");
     let segments = node.counter("redirect_peer").expect("counters") - before;
     // 64 MiB need at least 64 MiB / 64 KiB (GSO) segments plus their ACKs.
     assert!(

@@ -1,0 +1,229 @@
+//! Pods on different nodes of a lab (nodes file datastore): VXLAN and direct
+//! routing decided in eBPF, MTU, egress masquerade, nodes joining, leaving
+//! and restarting.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use podnet::api::{Client, CounterTotals, Request};
+use podnet_tests::{
+    lab::{self, LabDatastore, LabGuard, LabNode, LabPod},
+    privileged, traffic,
+};
+
+fn counter(node: &LabNode, name: &str) -> u64 {
+    let c: CounterTotals = Client::new(&node.agent_socket)
+        .call(&Request::Counters)
+        .expect("counters");
+    c.verdicts
+        .get(name)
+        .or_else(|| c.drops.get(name))
+        .copied()
+        .unwrap_or(0)
+}
+
+fn ping(netns: &str, ip: Ipv4Addr, extra: &[&str]) -> std::process::Output {
+    lab::in_netns(netns, "ping")
+        .expect("command")
+        .args(["-c", "2", "-i", "0.2", "-W", "1"])
+        .args(extra)
+        .arg(ip.to_string())
+        .output()
+        .expect("ping")
+}
+
+/// The source address `to` sees when `from` connects to it.
+fn seen_source(from: &LabPod, to: &LabPod) -> Ipv4Addr {
+    let addr = SocketAddrV4::new(to.ip, 18_000);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let to_ns = to.netns.clone();
+    let server = std::thread::spawn(move || {
+        lab::on_netns_thread(&to_ns, move || {
+            let listener = TcpListener::bind(addr).expect("bind");
+            tx.send(()).expect("ready");
+            let (mut s, peer) = listener.accept().expect("accept");
+            let mut buf = [0u8; 1];
+            let _ = s.read(&mut buf);
+            peer
+        })
+        .expect("server thread")
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("server ready");
+    lab::on_netns_thread(&from.netns, move || {
+        let mut s =
+            TcpStream::connect_timeout(&addr.into(), Duration::from_secs(3)).expect("connect");
+        s.write_all(b"x").expect("write");
+    })
+    .expect("client thread");
+    match server.join().expect("server") {
+        std::net::SocketAddr::V4(peer) => *peer.ip(),
+        std::net::SocketAddr::V6(_) => panic!("IPv6 peer"),
+    }
+}
+
+fn cross_node(tag: &str, mode: &str, encap: &str, deliver: &str) {
+    let lab = LabGuard::up(tag, 2, 1, mode, LabDatastore::File).expect("lab up");
+    let layout = &lab.layout;
+    let probes = lab::check(layout).expect("check");
+    assert!(probes.iter().all(|p| p.ok), "{}", lab::render(&probes));
+
+    let (a, b) = (&layout.pods[0], &layout.pods[1]);
+    assert_ne!(a.node, b.node);
+    let (n1, n2) = (&layout.nodes[0], &layout.nodes[1]);
+    let encap_before = counter(n1, encap);
+    let deliver_before = counter(n2, deliver);
+    traffic::transfer(&a.netns, &b.netns, b.ip, 128 << 20).expect("TCP a -> b, 128 MiB");
+    traffic::transfer(&b.netns, &a.netns, a.ip, 16 << 20).expect("TCP b -> a");
+    assert!(
+        counter(n1, encap) - encap_before > 1000,
+        "node1 sent through {encap}"
+    );
+    assert!(
+        counter(n2, deliver) - deliver_before > 1000,
+        "node2 delivered through {deliver}"
+    );
+    assert_eq!(
+        seen_source(a, b),
+        a.ip,
+        "pod to pod keeps the pod's address (no NAT)"
+    );
+}
+
+#[test]
+fn cross_node_vxlan() {
+    if !privileged("cross_node_vxlan") {
+        return;
+    }
+    cross_node("vx", "vxlan", "vxlan_encap", "overlay_deliver");
+}
+
+#[test]
+fn cross_node_direct() {
+    if !privileged("cross_node_direct") {
+        return;
+    }
+    cross_node("dr", "direct", "redirect_neigh", "underlay_deliver");
+}
+
+#[test]
+fn vxlan_mtu_fits_and_one_byte_more_is_refused_loudly() {
+    if !privileged("vxlan_mtu_fits_and_one_byte_more_is_refused_loudly") {
+        return;
+    }
+    let lab = LabGuard::up("mtu", 2, 1, "vxlan", LabDatastore::File).expect("lab up");
+    let (a, b) = (&lab.layout.pods[0], &lab.layout.pods[1]);
+    let link = lab::in_netns(&a.netns, "ip")
+        .expect("command")
+        .args(["-o", "link", "show", "eth0"])
+        .output()
+        .expect("ip link");
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(
+        link.contains("mtu 1450"),
+        "pod MTU = underlay 1500 - 50 (VXLAN): {link}"
+    );
+    // 1450 - 20 (IPv4) - 8 (ICMP) = 1422 bytes of payload, DF set.
+    let fits = ping(&a.netns, b.ip, &["-M", "do", "-s", "1422"]);
+    assert!(
+        fits.status.success(),
+        "the largest DF packet crosses the overlay"
+    );
+    let too_big = ping(&a.netns, b.ip, &["-M", "do", "-s", "1423"]);
+    assert!(!too_big.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&too_big.stdout),
+        String::from_utf8_lossy(&too_big.stderr)
+    );
+    assert!(
+        said.contains("message too long"),
+        "one byte more fails loudly, not silently: {said}"
+    );
+}
+
+fn remote_nodes(node: &LabNode) -> Vec<String> {
+    let nodes: Vec<podnet::datastore::NodeRecord> = Client::new(&node.agent_socket)
+        .call(&Request::Nodes)
+        .expect("nodes");
+    nodes.into_iter().map(|n| n.name).collect()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+#[test]
+fn nodes_join_leave_and_restart() {
+    if !privileged("nodes_join_leave_and_restart") {
+        return;
+    }
+    let mut lab = LabGuard::up("jl", 2, 1, "vxlan", LabDatastore::File).expect("lab up");
+    let (a, b) = (lab.layout.pods[0].clone(), lab.layout.pods[1].clone());
+    let stream = traffic::Stream::start(&a.netns, &b.netns, b.ip).expect("stream");
+
+    // A node joins while traffic runs.
+    let node3 = lab.layout.join_node().expect("node3 joins");
+    let c = lab
+        .layout
+        .add_pod(&node3, "node3-pod1")
+        .expect("pod on node3");
+    let n1 = lab.layout.nodes[0].clone();
+    wait_until("node1 knows node3", || remote_nodes(&n1).contains(&node3));
+    assert!(
+        ping(&a.netns, c.ip, &[]).status.success(),
+        "node1's pod reaches the new node's pod"
+    );
+    let (sent, received) = stream.finish().expect("stream");
+    assert_eq!(sent, received, "the running stream was not disturbed");
+
+    // It leaves: its agent stops and its entry goes from the datastore.
+    lab.layout.stop_agent(&node3).expect("stop node3");
+    let nodes_file = lab.layout.run_dir.join("nodes.json");
+    let mut file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&nodes_file).expect("read")).expect("json");
+    file["nodes"]
+        .as_array_mut()
+        .expect("list")
+        .retain(|n| n["name"] != node3.as_str());
+    std::fs::write(&nodes_file, file.to_string()).expect("write");
+    wait_until("node1 forgot node3", || !remote_nodes(&n1).contains(&node3));
+    let routes = lab::in_netns(&n1.netns, "ip")
+        .expect("cmd")
+        .args(["route"])
+        .output()
+        .expect("ip route");
+    let c_cidr = lab.layout.node(&node3).expect("node3").pod_cidr.clone();
+    assert!(
+        !String::from_utf8_lossy(&routes.stdout).contains(&c_cidr),
+        "node3's route is gone from node1"
+    );
+    assert!(
+        !ping(&a.netns, c.ip, &[]).status.success(),
+        "node3's pod is no longer routed"
+    );
+
+    // node2 restarts and keeps its CIDR; traffic to it goes on.
+    let n2_cidr = lab.layout.nodes[1].pod_cidr.clone();
+    lab.layout.stop_agent("node2").expect("stop node2");
+    assert!(
+        ping(&a.netns, b.ip, &[]).status.success(),
+        "forwarding without node2's agent"
+    );
+    lab.layout.start_agent("node2").expect("restart node2");
+    assert_eq!(
+        lab.layout.nodes[1].pod_cidr, n2_cidr,
+        "a restarted node gets its CIDR back"
+    );
+    assert!(ping(&a.netns, b.ip, &[]).status.success());
+}
