@@ -28,6 +28,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "iputils-ping",
         "ping in tests and the lab connectivity check",
     ),
+    (
+        "iptables",
+        "the reference portmap plugin in chained-plugin tests",
+    ),
+    ("nftables", "pod egress masquerade (podnetd runs nft)"),
     ("iperf3", "TCP throughput in tests and benchmarks"),
     ("sockperf", "TCP latency in benchmarks"),
     (
@@ -36,6 +41,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ),
     ("etcd-server", "the etcd datastore in tests and the lab"),
     ("protobuf-compiler", "etcd-client's gRPC code generation"),
+    (
+        "libprotobuf-dev",
+        "the well-known .proto files etcd-client's build imports",
+    ),
     ("bpftool", "inspecting programs, maps and links"),
     (
         "podman",
