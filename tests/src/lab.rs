@@ -88,6 +88,16 @@ pub struct LabLayout {
     pub nodes: Vec<LabNode>,
     pub pods: Vec<LabPod>,
     pub run_dir: PathBuf,
+    /// The etcd server in the fabric namespace (etcd datastore), 0 if none.
+    #[serde(default)]
+    pub etcd_pid: u32,
+    /// TTL of the agents' etcd leases, seconds.
+    #[serde(default = "default_lease_ttl")]
+    pub etcd_lease_ttl: u64,
+}
+
+fn default_lease_ttl() -> u64 {
+    10
 }
 
 fn progress(spec: &LabSpec, msg: &str) {
@@ -275,6 +285,8 @@ impl LabLayout {
             .arg(&node.state_dir)
             .arg("--socket")
             .arg(&node.agent_socket)
+            .arg("--etcd-lease-ttl")
+            .arg(self.etcd_lease_ttl.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -302,6 +314,76 @@ impl LabLayout {
             fs::read_to_string(self.nodes[index].state_dir.with_file_name("podnetd.log"))
                 .unwrap_or_default()
         );
+        self.save()
+    }
+
+    /// Starts the lab's etcd server (fabric namespace) and waits for it.
+    pub fn start_etcd(&mut self) -> anyhow::Result<()> {
+        let data = self.run_dir.join("etcd");
+        let client = format!("http://{FABRIC_HOST}:2379");
+        let log = fs::File::create(self.run_dir.join("etcd.log"))?;
+        let child = in_netns(&self.fabric_netns, "etcd")?
+            .args(["--name", "lab", "--data-dir"])
+            .arg(&data)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "lab=http://127.0.0.1:2380"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting etcd (etcd-server is installed by `cargo xtask setup`)")?;
+        self.etcd_pid = child.id();
+        std::mem::forget(child);
+        self.save()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let up = on_netns_thread(&self.fabric_netns, || {
+                TcpStream::connect_timeout(
+                    &SocketAddrV4::new(FABRIC_HOST, 2379).into(),
+                    Duration::from_millis(200),
+                )
+                .is_ok()
+            })?;
+            if up {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        anyhow::bail!(
+            "etcd did not come up:\n{}",
+            fs::read_to_string(self.run_dir.join("etcd.log")).unwrap_or_default()
+        )
+    }
+
+    /// Stops the lab's etcd server.
+    pub fn stop_etcd(&mut self) -> anyhow::Result<()> {
+        kill_and_wait(self.etcd_pid);
+        self.etcd_pid = 0;
+        self.save()
+    }
+
+    /// Kills the agent of `node` without letting it clean up (a crashed or
+    /// vanished node).
+    pub fn kill_agent(&mut self, node_name: &str) -> anyhow::Result<()> {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == node_name)
+            .context("no such node")?;
+        if let Ok(raw) = i32::try_from(node.pid) {
+            let pid = nix::unistd::Pid::from_raw(raw);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+        node.pid = 0;
         self.save()
     }
 
@@ -377,8 +459,17 @@ fn build(spec: &LabSpec) -> anyhow::Result<LabLayout> {
         nodes: Vec::new(),
         pods: Vec::new(),
         run_dir: spec.run_dir.clone(),
+        etcd_pid: 0,
+        etcd_lease_ttl: default_lease_ttl(),
     };
     layout.save()?;
+    if spec.datastore == LabDatastore::Etcd {
+        progress(
+            spec,
+            &format!("etcd on {FABRIC_HOST}:2379 in the fabric namespace"),
+        );
+        layout.start_etcd()?;
+    }
     let cni_bin_dir = bins::binary("podnet")
         .parent()
         .context("bin dir")?
@@ -492,6 +583,7 @@ pub fn down(run_dir: &Path, prefix: &str) -> anyhow::Result<()> {
         for node in &layout.nodes {
             kill_and_wait(node.pid);
         }
+        kill_and_wait(layout.etcd_pid);
     }
     // Agents whose pid was lost: every podnetd whose socket is in run_dir.
     let _ = Command::new("pkill")

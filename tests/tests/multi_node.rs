@@ -65,8 +65,8 @@ fn seen_source(from: &LabPod, to: &LabPod) -> Ipv4Addr {
     }
 }
 
-fn cross_node(tag: &str, mode: &str, encap: &str, deliver: &str) {
-    let lab = LabGuard::up(tag, 2, 1, mode, LabDatastore::File).expect("lab up");
+fn cross_node(tag: &str, mode: &str, datastore: LabDatastore, encap: &str, deliver: &str) {
+    let lab = LabGuard::up(tag, 2, 1, mode, datastore).expect("lab up");
     let layout = &lab.layout;
     let probes = lab::check(layout).expect("check");
     assert!(probes.iter().all(|p| p.ok), "{}", lab::render(&probes));
@@ -98,7 +98,13 @@ fn cross_node_vxlan() {
     if !privileged("cross_node_vxlan") {
         return;
     }
-    cross_node("vx", "vxlan", "vxlan_encap", "overlay_deliver");
+    cross_node(
+        "vx",
+        "vxlan",
+        LabDatastore::File,
+        "vxlan_encap",
+        "overlay_deliver",
+    );
 }
 
 #[test]
@@ -106,7 +112,13 @@ fn cross_node_direct() {
     if !privileged("cross_node_direct") {
         return;
     }
-    cross_node("dr", "direct", "redirect_neigh", "underlay_deliver");
+    cross_node(
+        "dr",
+        "direct",
+        LabDatastore::File,
+        "redirect_neigh",
+        "underlay_deliver",
+    );
 }
 
 #[test]
@@ -145,6 +157,34 @@ fn vxlan_mtu_fits_and_one_byte_more_is_refused_loudly() {
     );
 }
 
+#[test]
+fn cross_node_vxlan_with_etcd() {
+    if !privileged("cross_node_vxlan_with_etcd") {
+        return;
+    }
+    cross_node(
+        "ve",
+        "vxlan",
+        LabDatastore::Etcd,
+        "vxlan_encap",
+        "overlay_deliver",
+    );
+}
+
+#[test]
+fn cross_node_direct_with_etcd() {
+    if !privileged("cross_node_direct_with_etcd") {
+        return;
+    }
+    cross_node(
+        "de",
+        "direct",
+        LabDatastore::Etcd,
+        "redirect_neigh",
+        "underlay_deliver",
+    );
+}
+
 fn remote_nodes(node: &LabNode) -> Vec<String> {
     let nodes: Vec<podnet::datastore::NodeRecord> = Client::new(&node.agent_socket)
         .call(&Request::Nodes)
@@ -152,8 +192,12 @@ fn remote_nodes(node: &LabNode) -> Vec<String> {
     nodes.into_iter().map(|n| n.name).collect()
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    wait_up_to(Duration::from_secs(10), what, f);
+}
+
+fn wait_up_to(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         if f() {
             return;

@@ -21,7 +21,7 @@ use podnet::{
     api::DEFAULT_SOCKET,
     bpffs,
     datapath::Datapath,
-    datastore::{DatastoreSpec, JoinRequest, file::FileDatastore},
+    datastore::{DatastoreSpec, JoinRequest, NodeRecord, etcd::EtcdDatastore, file::FileDatastore},
     netlink::{self, LinkInfo},
 };
 use serde::Deserialize;
@@ -72,6 +72,10 @@ struct Args {
     /// VXLAN UDP port.
     #[arg(long)]
     vxlan_port: Option<u16>,
+    /// TTL of this node's etcd lease (seconds): how long after the agent
+    /// vanishes other nodes keep routing to it.
+    #[arg(long, default_value_t = 30)]
+    etcd_lease_ttl: u64,
     /// Load, report and exit instead of serving.
     #[arg(long)]
     once: bool,
@@ -244,27 +248,140 @@ fn resolve(args: &Args) -> anyhow::Result<Resolved> {
     })
 }
 
-/// Joins the cluster: the datastore hands out (or confirms) the pod CIDR.
-fn join(resolved: &mut Resolved) -> anyhow::Result<()> {
-    let request = JoinRequest {
+fn join_request(resolved: &Resolved) -> JoinRequest {
+    JoinRequest {
         name: resolved.config.node_name.clone(),
         node_ip: resolved.network.node_ip,
         pod_cidr: resolved.fixed_pod_cidr.then_some(resolved.config.pod_cidr),
         cluster_cidr: resolved.config.cluster_cidr,
         node_prefix: 24,
-    };
+    }
+}
+
+/// The pod CIDR this node had last time (kept in the state dir), for a
+/// start while the datastore is unreachable.
+fn cached_cidr_path(config: &AgentConfig) -> PathBuf {
+    config.state_dir.join("pod-cidr")
+}
+
+/// Joins the cluster: the datastore hands out (or confirms) the pod CIDR.
+/// With etcd unreachable, a node that was here before starts with its last
+/// CIDR and joins in the background; a new node waits for etcd.
+fn join(
+    resolved: &mut Resolved,
+    runtime: &tokio::runtime::Runtime,
+    lease_ttl: std::time::Duration,
+) -> anyhow::Result<()> {
+    let request = join_request(resolved);
     match &resolved.datastore {
-        DatastoreSpec::None => {}
+        DatastoreSpec::None => return Ok(()),
         DatastoreSpec::File(path) => {
             resolved.config.pod_cidr = FileDatastore::new(path)
                 .join(&request)
                 .context("joining the cluster")?;
         }
-        DatastoreSpec::Etcd(_) => {
-            anyhow::bail!("the etcd datastore is not available in this build yet")
+        DatastoreSpec::Etcd(endpoints) => {
+            let cached: Option<Ipv4Net> =
+                std::fs::read_to_string(cached_cidr_path(&resolved.config))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok());
+            let mut delay = std::time::Duration::from_millis(500);
+            loop {
+                let attempt = runtime.block_on(async {
+                    let mut store = EtcdDatastore::connect(endpoints, lease_ttl).await?;
+                    store.join(&request).await
+                });
+                match attempt {
+                    Ok((cidr, _lease)) => {
+                        resolved.config.pod_cidr = cidr;
+                        break;
+                    }
+                    Err(e) => {
+                        if let Some(cidr) = cached {
+                            warn!(error = %e, %cidr, "etcd unreachable; starting with the last known pod CIDR");
+                            resolved.config.pod_cidr = cidr;
+                            break;
+                        }
+                        warn!(error = %e, "etcd unreachable; retrying");
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(std::time::Duration::from_secs(10));
+                    }
+                }
+            }
         }
     }
+    std::fs::create_dir_all(&resolved.config.state_dir)?;
+    std::fs::write(
+        cached_cidr_path(&resolved.config),
+        resolved.config.pod_cidr.to_string(),
+    )
+    .context("caching the pod CIDR")?;
     Ok(())
+}
+
+/// Applies a cluster snapshot to the datapath (off the async runtime).
+async fn apply(
+    registry: &Arc<Mutex<EndpointRegistry>>,
+    network: &NodeNetwork,
+    nodes: Vec<NodeRecord>,
+) {
+    let (registry, network) = (Arc::clone(registry), network.clone());
+    let applied = tokio::task::spawn_blocking(move || {
+        registry
+            .lock()
+            .map_err(|_| anyhow::anyhow!("agent state poisoned"))
+            .and_then(|mut reg| reg.apply_nodes(&network, &nodes))
+    })
+    .await;
+    match applied {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %format!("{e:#}"), "applying the cluster state"),
+        Err(e) => warn!(error = %e, "applying the cluster state panicked"),
+    }
+}
+
+/// Follows etcd: publishes this node under a lease and keeps it alive,
+/// watches the nodes prefix and applies every change. When etcd goes away
+/// the datapath keeps the last state; on reconnect the node is published
+/// again and the full list is re-read.
+async fn follow_etcd(
+    endpoints: Vec<String>,
+    lease_ttl: std::time::Duration,
+    request: JoinRequest,
+    cidr: Ipv4Net,
+    registry: Arc<Mutex<EndpointRegistry>>,
+    network: NodeNetwork,
+) {
+    let mut delay = std::time::Duration::from_millis(500);
+    loop {
+        let session = async {
+            let mut store = EtcdDatastore::connect(&endpoints, lease_ttl).await?;
+            let mut request = request.clone();
+            request.pod_cidr = Some(cidr);
+            let (_, lease) = store.join(&request).await?;
+            info!(%cidr, lease = format!("{lease:x}"), "published in etcd");
+            let mut keeper = store.clone();
+            let watch = async {
+                loop {
+                    let (nodes, revision) = store.nodes().await?;
+                    apply(&registry, &network, nodes).await;
+                    store.wait_change(revision).await?;
+                }
+            };
+            tokio::select! {
+                r = keeper.keep_alive(lease) => r,
+                r = watch => r,
+            }
+        };
+        match session.await {
+            Ok(()) => delay = std::time::Duration::from_millis(500),
+            Err(e) => {
+                warn!(error = %e, retry_in = ?delay, "etcd session ended; forwarding with the last known state");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(10));
+            }
+        }
+    }
 }
 
 /// Follows the datastore and keeps the datapath in line with it.
@@ -318,7 +435,15 @@ fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let mut resolved = resolve(&args)?;
-    join(&mut resolved)?;
+    // Multi-threaded: a slow request (netlink, a big map dump) must not
+    // hold up the plugin's ADD on another connection.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let lease_ttl = std::time::Duration::from_secs(args.etcd_lease_ttl);
+    join(&mut resolved, &runtime, lease_ttl)?;
     let config = resolved.config.clone();
 
     let mounted = bpffs::ensure_pin_dir(&config.bpffs_dir)
@@ -351,13 +476,16 @@ fn main() -> anyhow::Result<()> {
     let registry = Arc::new(Mutex::new(registry));
     watch_cluster(&resolved, Arc::clone(&registry));
 
-    // Multi-threaded: a slow request (netlink, a big map dump) must not
-    // hold up the plugin's ADD on another connection.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    if let DatastoreSpec::Etcd(endpoints) = &resolved.datastore {
+        runtime.spawn(follow_etcd(
+            endpoints.clone(),
+            lease_ttl,
+            join_request(&resolved),
+            resolved.config.pod_cidr,
+            Arc::clone(&registry),
+            resolved.network.clone(),
+        ));
+    }
     runtime.block_on(async move {
         tokio::select! {
             r = agent::serve(&socket, registry) => r,

@@ -2,6 +2,7 @@
 //! CIDR. Backends: a nodes file (one machine, labs) and etcd v3 (a real
 //! distributed store with leases and watches).
 
+pub mod etcd;
 pub mod file;
 
 use std::{net::Ipv4Addr, path::PathBuf, str::FromStr};
