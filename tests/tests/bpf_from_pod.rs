@@ -348,3 +348,93 @@ fn spoofed_sources_are_dropped_and_counted() {
     assert_eq!(c.verdict(Verdict::Drop), 3);
     assert_eq!(c.verdict(Verdict::RedirectPeer), 0);
 }
+
+#[test]
+fn remote_destinations_are_encapsulated_or_routed_per_the_node_config() {
+    if !privileged("remote_destinations_are_encapsulated_or_routed_per_the_node_config") {
+        return;
+    }
+    let mut h = harness("remote");
+    let remote_pod = Ipv4Addr::new(10, 244, 1, 7);
+    let node2 = Ipv4Addr::new(192, 168, 100, 12);
+    h.datapath
+        .upsert_remote("10.244.1.0/24".parse().expect("cidr"), node2)
+        .expect("remote CIDR");
+    let frame = from_pod_a(remote_pod, 64);
+
+    // No node config yet: the packet cannot be forwarded and is counted.
+    assert_eq!(run(&mut h, &frame).verdict, TC_ACT_SHOT);
+    assert_eq!(counters(&h).drop_count(DropReason::NoNodeConfig), 1);
+
+    // VXLAN: tunnel key set, redirected to the tunnel device, TTL - 1.
+    let lo = loopback_ifindex();
+    let mut config = podnet_common::NodeConfig {
+        node_ip: u32::from_ne_bytes([192, 168, 100, 11]),
+        mode: podnet_common::node::MODE_VXLAN,
+        tunnel_ifindex: lo,
+        underlay_ifindex: lo,
+        vni: 1,
+        reserved: 0,
+    };
+    h.datapath.set_config(config).expect("config");
+    let out = run(&mut h, &frame);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.frame[TTL_OFF], 63);
+    assert!(frames::ipv4_header_checksum_ok(&out.frame));
+    assert_eq!(counters(&h).verdict(Verdict::VxlanEncap), 1);
+
+    // Direct: redirect_neigh towards the remote node.
+    config.mode = podnet_common::node::MODE_DIRECT;
+    h.datapath.set_config(config).expect("config");
+    assert_eq!(run(&mut h, &frame).verdict, TC_ACT_REDIRECT);
+    assert_eq!(counters(&h).verdict(Verdict::RedirectNeigh), 1);
+
+    // Outside the cluster: still the host stack.
+    assert_eq!(run(&mut h, &from_pod_a(OUTSIDE_IP, 64)).verdict, TC_ACT_OK);
+}
+
+#[test]
+fn from_overlay_and_from_underlay_deliver_to_local_pods_only() {
+    if !privileged("from_overlay_and_from_underlay_deliver_to_local_pods_only") {
+        return;
+    }
+    let mut h = harness("deliver");
+    let from_remote = frames::ipv4_udp(
+        [2, 0, 0, 0, 0, 0xaa],
+        [2, 0, 0, 0, 0, 0xbb],
+        Ipv4Addr::new(10, 244, 1, 7),
+        POD_B_IP,
+        63,
+        b"x",
+    );
+    for (program, verdict) in [
+        (
+            podnet_common::names::PROG_FROM_OVERLAY,
+            Verdict::OverlayDeliver,
+        ),
+        (
+            podnet_common::names::PROG_FROM_UNDERLAY,
+            Verdict::UnderlayDeliver,
+        ),
+    ] {
+        let out = h.run(program, &from_remote).expect("test run");
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{program}: to pod B");
+        assert_eq!(&out.frame[0..6], &POD_B_MAC);
+        assert_eq!(&out.frame[6..12], &HOST_B_MAC);
+        assert_eq!(out.frame[TTL_OFF], 62);
+        assert_eq!(counters(&h).verdict(verdict), 1);
+        let other = frames::ipv4_udp(
+            [2; 6],
+            [3; 6],
+            Ipv4Addr::new(192, 168, 100, 1),
+            OUTSIDE_IP,
+            64,
+            b"x",
+        );
+        assert_eq!(
+            h.run(program, &other).expect("test run").verdict,
+            TC_ACT_OK,
+            "{program}: node traffic passes"
+        );
+    }
+}

@@ -13,6 +13,7 @@ use podnet::{
     },
     cni::result::format_mac,
     datapath::Datapath,
+    datastore::NodeRecord,
 };
 use serde::Serialize;
 
@@ -46,6 +47,8 @@ enum Cmd {
     Counters,
     /// Built-in IPAM reservations.
     Ipam,
+    /// The other nodes this node forwards to (from the datastore).
+    Nodes,
 }
 
 fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
@@ -204,6 +207,31 @@ fn ipam(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     }
 }
 
+fn nodes(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    match client.call::<Vec<NodeRecord>>(&Request::Nodes) {
+        Ok(list) => print(cli.json, &list, |list| {
+            println!("{:<16} {:<16} POD CIDR", "NODE", "NODE IP");
+            for n in list {
+                println!("{:<16} {:<16} {}", n.name, n.node_ip, n.pod_cidr);
+            }
+        }),
+        Err(e) if agent_down(&e) => {
+            let list: Vec<(String, String)> = from_pins(cli)?
+                .remotes()?
+                .into_iter()
+                .map(|(cidr, ip)| (cidr.to_string(), ip.to_string()))
+                .collect();
+            print(cli.json, &list, |list| {
+                println!("{:<18} NODE IP", "POD CIDR");
+                for (cidr, ip) in list {
+                    println!("{cidr:<18} {ip}");
+                }
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let client = Client::new(&cli.socket);
@@ -212,5 +240,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Endpoints => endpoints(&cli, &client),
         Cmd::Counters => counters(&cli, &client),
         Cmd::Ipam => ipam(&cli, &client),
+        Cmd::Nodes => nodes(&cli, &client),
     }
 }
