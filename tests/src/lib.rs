@@ -2,6 +2,7 @@
 //! per test, and crafted frames. Everything a fixture creates is removed by a
 //! guard's `Drop`, so a failing (panicking) test cleans up too.
 
+pub mod bench;
 pub mod bins;
 pub mod bpf_run;
 pub mod frames;

@@ -142,3 +142,16 @@ fn demo_steps(bin_dir: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Arguments for podnet-bench: [--quick] [--rounds N] [--json PATH] [--svg PATH]
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+/// `cargo xtask bench`: builds and runs podnet-bench.
+pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let bin_dir = build()?;
+    cmd::run(Command::new(bin_dir.join("podnet-bench")).args(&args.args))
+}

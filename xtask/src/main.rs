@@ -30,6 +30,8 @@ enum Command {
     Lab(lab::LabArgs),
     /// Setup, build, a 2x2 VXLAN lab, connectivity matrix, iperf3 figures, lab down.
     Demo,
+    /// Benchmarks against bridge, ptp, kernel VXLAN and the physical limits: [--quick] [--json P] [--svg P].
+    Bench(lab::BenchArgs),
     /// The one test command: fmt check, clippy -D warnings, unit, BPF and privileged integration tests.
     Test(test::Args),
 }
@@ -43,5 +45,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(args) => test::run(&args),
         Command::Lab(args) => lab::run(&args),
         Command::Demo => lab::demo(),
+        Command::Bench(args) => lab::bench(&args),
     }
 }

@@ -1,0 +1,939 @@
+//! `cargo xtask bench`: podnet against the real alternatives, measured in one
+//! run on this machine, rounds interleaved (A B C A B C ...) so that drift
+//! hits every dataplane alike. Every figure is reported as median/min/max over
+//! the rounds, and podnet's as ratios to its peers.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    path::Path,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::{
+    lab::{LabDatastore, LabGuard, in_netns, on_netns_thread},
+    netns::{NetNs, run},
+    node::{Node, TempDir},
+};
+
+/// How much to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub rounds: usize,
+    /// Seconds per throughput / latency run.
+    pub seconds: u64,
+    /// Pods per CNI timing run.
+    pub cni_pods: usize,
+    pub quick: bool,
+}
+
+impl BenchOptions {
+    #[must_use]
+    pub fn full() -> Self {
+        Self {
+            rounds: 5,
+            seconds: 5,
+            cni_pods: 50,
+            quick: false,
+        }
+    }
+
+    #[must_use]
+    pub fn quick() -> Self {
+        Self {
+            rounds: 1,
+            seconds: 1,
+            cni_pods: 8,
+            quick: true,
+        }
+    }
+}
+
+/// One figure over the rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    pub scenario: String,
+    pub dataplane: String,
+    pub metric: String,
+    pub unit: String,
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub runs: Vec<f64>,
+}
+
+fn figure(scenario: &str, dataplane: &str, metric: &str, unit: &str, runs: Vec<f64>) -> Figure {
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = if sorted.is_empty() {
+        f64::NAN
+    } else if sorted.len() % 2 == 1 {
+        sorted[sorted.len() / 2]
+    } else {
+        f64::midpoint(sorted[sorted.len() / 2 - 1], sorted[sorted.len() / 2])
+    };
+    Figure {
+        scenario: scenario.into(),
+        dataplane: dataplane.into(),
+        metric: metric.into(),
+        unit: unit.into(),
+        median,
+        min: sorted.first().copied().unwrap_or(f64::NAN),
+        max: sorted.last().copied().unwrap_or(f64::NAN),
+        runs,
+    }
+}
+
+/// Two namespaces that can talk: what every dataplane boils down to.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub client_ns: String,
+    pub server_ns: String,
+    pub server_ip: Ipv4Addr,
+}
+
+// ---------------------------------------------------------------- metrics
+
+/// iperf3 single-stream TCP throughput, Gbit/s.
+pub fn throughput(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
+    let mut server = in_netns(&pair.server_ns, "iperf3")?
+        .args(["-s", "-1", "-B", &pair.server_ip.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("iperf3 server")?;
+    std::thread::sleep(Duration::from_millis(200));
+    let out = in_netns(&pair.client_ns, "iperf3")?
+        .args([
+            "-c",
+            &pair.server_ip.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-O",
+            "1",
+            "-J",
+        ])
+        .output()
+        .context("iperf3 client")?;
+    let _ = server.kill();
+    let _ = server.wait();
+    let json: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|bps| bps / 1e9)
+        .with_context(|| format!("no throughput from iperf3: {}", json["error"]))
+}
+
+/// sockperf TCP ping-pong latency (one-way, as sockperf reports: half the
+/// round trip), p50 and p99 in microseconds.
+pub fn latency(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64)> {
+    let ip = pair.server_ip.to_string();
+    let mut server = in_netns(&pair.server_ns, "sockperf")?
+        .args(["server", "--tcp", "-i", &ip, "-p", "11111"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("sockperf server")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = in_netns(&pair.client_ns, "sockperf")?
+        .args([
+            "ping-pong",
+            "--tcp",
+            "-i",
+            &ip,
+            "-p",
+            "11111",
+            "-t",
+            &seconds.to_string(),
+        ])
+        .output()
+        .context("sockperf client")?;
+    let _ = server.kill();
+    let _ = server.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let percentile = |p: &str| {
+        text.lines()
+            .find(|l| l.contains(&format!("percentile {p} =")))
+            .and_then(|l| l.rsplit('=').next())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    Ok((
+        percentile("50.000").context("no p50 from sockperf")?,
+        percentile("99.000").context("no p99 from sockperf")?,
+    ))
+}
+
+/// TCP connections per second: connect, one byte each way, close.
+pub fn connection_rate(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
+    let addr = SocketAddrV4::new(pair.server_ip, 19_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let server_stop = Arc::clone(&stop);
+    let server_ns = pair.server_ns.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        on_netns_thread(&server_ns, move || -> anyhow::Result<()> {
+            let listener = TcpListener::bind(addr)?;
+            listener.set_nonblocking(true)?;
+            tx.send(()).ok();
+            while !server_stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false)?;
+                        let mut b = [0u8; 1];
+                        if s.read_exact(&mut b).is_ok() {
+                            let _ = s.write_all(&b);
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(())
+        })
+    });
+    rx.recv_timeout(Duration::from_secs(5))
+        .context("conn-rate server")?;
+    let count = on_netns_thread(&pair.client_ns, move || -> anyhow::Result<u64> {
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < Duration::from_secs(seconds) {
+            let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
+            s.set_nodelay(true)?;
+            s.write_all(b"x")?;
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b)?;
+            n += 1;
+        }
+        Ok(n)
+    })??;
+    stop.store(true, Ordering::Relaxed);
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))???;
+    #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+    Ok(count as f64 / seconds as f64)
+}
+
+// ------------------------------------------------------------- BPF cost
+
+/// run_cnt / run_time_ns of podnet's programs (needs kernel.bpf_stats_enabled).
+fn bpf_stats() -> BTreeMap<String, (u64, u64)> {
+    let Ok(out) = Command::new("bpftool")
+        .args(["prog", "show", "-j"])
+        .output()
+    else {
+        return BTreeMap::new();
+    };
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    let mut stats = BTreeMap::new();
+    for p in list.as_array().into_iter().flatten() {
+        let Some(name) = p["name"].as_str() else {
+            continue;
+        };
+        if podnet_common::names::ALL_PROGRAMS.contains(&name) {
+            let entry = stats.entry(name.to_owned()).or_insert((0, 0));
+            entry.0 += p["run_cnt"].as_u64().unwrap_or(0);
+            entry.1 += p["run_time_ns"].as_u64().unwrap_or(0);
+        }
+    }
+    stats
+}
+
+/// Turns on BPF run-time statistics for the benchmark, restores on drop.
+struct BpfStatsEnabled(String);
+
+impl BpfStatsEnabled {
+    fn new() -> Self {
+        let path = "/proc/sys/kernel/bpf_stats_enabled";
+        let old = std::fs::read_to_string(path).unwrap_or_else(|_| "0".into());
+        let _ = std::fs::write(path, "1");
+        Self(old.trim().to_owned())
+    }
+}
+
+impl Drop for BpfStatsEnabled {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.0);
+    }
+}
+
+// ------------------------------------------------------------ topologies
+
+/// The physical limit on one node: a veth pair straight between two pods.
+pub struct VethPair {
+    pub a: NetNs,
+    pub b: NetNs,
+}
+
+impl VethPair {
+    pub fn new() -> anyhow::Result<Self> {
+        let (a, b) = (NetNs::new("bveth")?, NetNs::new("bveth")?);
+        run(Command::new("ip").args([
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            b.name(),
+        ]))?;
+        a.ip(&["addr", "add", "10.250.0.1/24", "dev", "eth0"])?;
+        b.ip(&["addr", "add", "10.250.0.2/24", "dev", "eth0"])?;
+        a.ip(&["link", "set", "eth0", "up"])?;
+        b.ip(&["link", "set", "eth0", "up"])?;
+        Ok(Self { a, b })
+    }
+
+    #[must_use]
+    pub fn pair(&self) -> Pair {
+        Pair {
+            client_ns: self.a.name().into(),
+            server_ns: self.b.name().into(),
+            server_ip: Ipv4Addr::new(10, 250, 0, 2),
+        }
+    }
+}
+
+/// A node whose pods are attached by a reference CNI plugin (`bridge` or
+/// `ptp`) with `host-local`, run exactly as a runtime would.
+pub struct ReferenceNode {
+    pub node: NetNs,
+    pub pods: Vec<NetNs>,
+    pub ips: Vec<Ipv4Addr>,
+    conf: Value,
+    _dir: TempDir,
+}
+
+impl ReferenceNode {
+    pub fn new(plugin: &str, subnet: &str, pods: usize) -> anyhow::Result<Self> {
+        let node = NetNs::new(&format!("b{plugin}"))?;
+        let dir = TempDir::new(plugin)?;
+        let mut conf = json!({
+            "cniVersion": "1.0.0",
+            "name": format!("bench-{plugin}"),
+            "type": plugin,
+            "ipMasq": false,
+            "ipam": {"type": "host-local", "subnet": subnet, "dataDir": dir.path().join("ipam")}
+        });
+        if plugin == "bridge" {
+            conf["bridge"] = json!("cni0");
+            conf["isGateway"] = json!(true);
+            conf["isDefaultGateway"] = json!(true);
+        }
+        let mut me = Self {
+            node,
+            pods: Vec::new(),
+            ips: Vec::new(),
+            conf,
+            _dir: dir,
+        };
+        for _ in 0..pods {
+            me.add_pod()?;
+        }
+        Ok(me)
+    }
+
+    fn cni(&self, command: &str, pod: &NetNs) -> anyhow::Result<Value> {
+        let plugin = self.conf["type"].as_str().unwrap_or("bridge").to_owned();
+        let path = pod.path().display().to_string();
+        let mut child = self
+            .node
+            .command(format!("/usr/lib/cni/{plugin}"))?
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_PATH", "/usr/lib/cni")
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", pod.name())
+            .env("CNI_NETNS", &path)
+            .env("CNI_IFNAME", "eth0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(self.conf.to_string().as_bytes())?;
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{plugin} {command}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Ok(serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+    }
+
+    pub fn add_pod(&mut self) -> anyhow::Result<Ipv4Addr> {
+        let pod = NetNs::new("bpod")?;
+        let result = self.cni("ADD", &pod)?;
+        let ip: Ipv4Addr = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .context("no IP from the reference plugin")?;
+        self.pods.push(pod);
+        self.ips.push(ip);
+        Ok(ip)
+    }
+
+    /// Times ADD of a fresh pod and its DEL (seconds each).
+    pub fn time_add_del(&self) -> anyhow::Result<(f64, f64)> {
+        let pod = NetNs::new("bcni")?;
+        let t = Instant::now();
+        self.cni("ADD", &pod)?;
+        let add = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        self.cni("DEL", &pod)?;
+        Ok((add, t.elapsed().as_secs_f64()))
+    }
+
+    #[must_use]
+    pub fn pair(&self) -> Pair {
+        Pair {
+            client_ns: self.pods[0].name().into(),
+            server_ns: self.pods[1].name().into(),
+            server_ip: self.ips[1],
+        }
+    }
+}
+
+/// Times CNI ADD and DEL of a fresh pod with podnet (seconds each).
+pub fn podnet_add_del(node: &Node, tag: usize) -> anyhow::Result<(f64, f64)> {
+    let pod = NetNs::new("pcni")?;
+    let path = pod.path().display().to_string();
+    let cid = format!("bench-cni-{tag}");
+    let conf = node.conf("1.1.0", &Value::Null).to_string();
+    let env = |cmd: &'static str| {
+        vec![
+            ("CNI_COMMAND", cmd),
+            ("CNI_CONTAINERID", cid.as_str()),
+            ("CNI_NETNS", path.as_str()),
+            ("CNI_IFNAME", "eth0"),
+        ]
+    };
+    let t = Instant::now();
+    let out = node.cni(&env("ADD"), conf.as_bytes())?;
+    anyhow::ensure!(out.success, "podnet ADD: {out:?}");
+    let add = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let out = node.cni(&env("DEL"), conf.as_bytes())?;
+    anyhow::ensure!(out.success, "podnet DEL: {out:?}");
+    Ok((add, t.elapsed().as_secs_f64()))
+}
+
+/// Two nodes and a pod each on kernel VXLAN programmed the way flannel's
+/// vxlan backend does it: `flannel.1` (VNI 1, learning off), pods on a
+/// bridge via the `bridge` plugin, and per remote node a route
+/// (`10.247.X.0/24 via 10.247.X.0 dev flannel.1 onlink`), a permanent
+/// neighbour and an FDB entry to the remote node's underlay address.
+pub struct FlannelCluster {
+    pub fabric: NetNs,
+    pub nodes: Vec<ReferenceNode>,
+}
+
+impl FlannelCluster {
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one linear recipe, as flannel's docs give it"
+    )]
+    pub fn new() -> anyhow::Result<Self> {
+        let fabric = NetNs::new("bflfab")?;
+        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        fabric.ip(&["link", "set", "br0", "up"])?;
+        let mut nodes = Vec::new();
+        for i in 1..=2u8 {
+            let node = ReferenceNode::new("bridge", &format!("10.247.{i}.0/24"), 0)?;
+            let (ns, fab) = (node.node.name().to_owned(), fabric.name().to_owned());
+            let port = format!("n{i}");
+            run(Command::new("ip").args([
+                "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port,
+                "netns", &fab,
+            ]))?;
+            fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            node.node
+                .ip(&["addr", "add", &format!("192.168.101.{i}/24"), "dev", "eth0"])?;
+            node.node.ip(&["link", "set", "eth0", "up"])?;
+            node.node.ip(&[
+                "link",
+                "add",
+                "flannel.1",
+                "type",
+                "vxlan",
+                "id",
+                "1",
+                "local",
+                &format!("192.168.101.{i}"),
+                "dev",
+                "eth0",
+                "dstport",
+                "8472",
+                "nolearning",
+            ])?;
+            node.node.ip(&[
+                "addr",
+                "add",
+                &format!("10.247.{i}.0/32"),
+                "dev",
+                "flannel.1",
+            ])?;
+            node.node.ip(&["link", "set", "flannel.1", "up"])?;
+            run(node
+                .node
+                .command("sysctl")?
+                .args(["-qw", "net.ipv4.ip_forward=1"]))?;
+            nodes.push(node);
+        }
+        let macs: Vec<String> = nodes
+            .iter()
+            .map(|n| {
+                let out = n.node.ip(&["-j", "link", "show", "flannel.1"])?;
+                let v: Value = serde_json::from_slice(&out.stdout)?;
+                v[0]["address"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .context("flannel.1 MAC")
+            })
+            .collect::<anyhow::Result<_>>()?;
+        for (i, node) in nodes.iter().enumerate() {
+            for (j, mac) in macs.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                let remote = j + 1;
+                let gw = format!("10.247.{remote}.0");
+                node.node.ip(&[
+                    "route",
+                    "add",
+                    &format!("10.247.{remote}.0/24"),
+                    "via",
+                    &gw,
+                    "dev",
+                    "flannel.1",
+                    "onlink",
+                ])?;
+                node.node.ip(&[
+                    "neigh",
+                    "add",
+                    &gw,
+                    "lladdr",
+                    mac,
+                    "dev",
+                    "flannel.1",
+                    "nud",
+                    "permanent",
+                ])?;
+                run(node.node.command("bridge")?.args([
+                    "fdb",
+                    "append",
+                    mac,
+                    "dev",
+                    "flannel.1",
+                    "dst",
+                    &format!("192.168.101.{remote}"),
+                ]))?;
+            }
+        }
+        let mut me = Self { fabric, nodes };
+        for node in &mut me.nodes {
+            node.add_pod()?;
+            // MTU: the overlay's, as flannel sets it.
+            let pod = node.pods.last().context("pod")?;
+            pod.ip(&["link", "set", "eth0", "mtu", "1450"])?;
+        }
+        Ok(me)
+    }
+
+    #[must_use]
+    pub fn pair(&self) -> Pair {
+        Pair {
+            client_ns: self.nodes[0].pods[0].name().into(),
+            server_ns: self.nodes[1].pods[0].name().into(),
+            server_ip: self.nodes[1].ips[0],
+        }
+    }
+
+    #[must_use]
+    pub fn underlay_pair(&self) -> Pair {
+        Pair {
+            client_ns: self.nodes[0].node.name().into(),
+            server_ns: self.nodes[1].node.name().into(),
+            server_ip: Ipv4Addr::new(192, 168, 101, 2),
+        }
+    }
+}
+
+/// A two-node podnet lab with one pod each.
+pub fn podnet_cluster(mode: &str) -> anyhow::Result<(LabGuard, Pair)> {
+    let tag = if mode == "vxlan" { "bvx" } else { "bdr" };
+    let guard = LabGuard::up(tag, 2, 1, mode, LabDatastore::File)?;
+    let pair = Pair {
+        client_ns: guard.layout.pods[0].netns.clone(),
+        server_ns: guard.layout.pods[1].netns.clone(),
+        server_ip: guard.layout.pods[1].ip,
+    };
+    Ok((guard, pair))
+}
+
+// --------------------------------------------------------------- the run
+
+fn progress(msg: &str) {
+    eprintln!("bench: {msg}");
+}
+
+/// Measures throughput, latency and connection rate of every `(name, pair)`
+/// in interleaved rounds; adds the figures to `out`.
+fn measure_dataplanes(
+    scenario: &str,
+    pairs: &[(&str, Pair)],
+    opts: &BenchOptions,
+    out: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    let mut runs: BTreeMap<(String, &'static str), Vec<f64>> = BTreeMap::new();
+    for round in 1..=opts.rounds {
+        for (name, pair) in pairs {
+            progress(&format!(
+                "{scenario}: round {round}/{}: {name}",
+                opts.rounds
+            ));
+            let gbps =
+                throughput(pair, opts.seconds).with_context(|| format!("{name} throughput"))?;
+            let (p50, p99) =
+                latency(pair, opts.seconds).with_context(|| format!("{name} latency"))?;
+            let rate = connection_rate(pair, opts.seconds.min(2))
+                .with_context(|| format!("{name} connection rate"))?;
+            for (metric, value) in [
+                ("tcp_throughput", gbps),
+                ("latency_p50", p50),
+                ("latency_p99", p99),
+                ("conn_rate", rate),
+            ] {
+                runs.entry(((*name).to_owned(), metric))
+                    .or_default()
+                    .push(value);
+            }
+        }
+    }
+    for ((name, metric), values) in runs {
+        let unit = match metric {
+            "tcp_throughput" => "Gbit/s",
+            "conn_rate" => "conn/s",
+            _ => "us",
+        };
+        out.push(figure(scenario, &name, metric, unit, values));
+    }
+    Ok(())
+}
+
+/// Runs every scenario; returns all figures.
+pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+    let stats = BpfStatsEnabled::new();
+
+    progress("same node: building podnet, bridge, ptp and a direct veth pair");
+    let podnet = Node::start("bench", "10.244.0.0/24")?;
+    let pods = [podnet.add_pod("bench-a")?, podnet.add_pod("bench-b")?];
+    let podnet_pair = Pair {
+        client_ns: pods[0].netns.name().into(),
+        server_ns: pods[1].netns.name().into(),
+        server_ip: pods[1].ip,
+    };
+    let bridge = ReferenceNode::new("bridge", "10.245.0.0/24", 2)?;
+    let ptp = ReferenceNode::new("ptp", "10.246.0.0/24", 2)?;
+    let veth = VethPair::new()?;
+    let before = bpf_stats();
+    measure_dataplanes(
+        "same-node",
+        &[
+            ("podnet", podnet_pair),
+            ("bridge", bridge.pair()),
+            ("ptp", ptp.pair()),
+            ("veth", veth.pair()),
+        ],
+        opts,
+        &mut figures,
+    )?;
+    let after = bpf_stats();
+    add_bpf_cost("same-node", &before, &after, &mut figures);
+
+    progress("CNI: ADD/DEL timings, podnet vs bridge + host-local");
+    let (mut add, mut del, mut badd, mut bdel) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..opts.cni_pods {
+        let (a, d) = podnet_add_del(&podnet, i)?;
+        add.push(a * 1e3);
+        del.push(d * 1e3);
+        let (a, d) = bridge.time_add_del()?;
+        badd.push(a * 1e3);
+        bdel.push(d * 1e3);
+    }
+    for (dp, metric, v) in [
+        ("podnet", "cni_add", add),
+        ("podnet", "cni_del", del),
+        ("bridge", "cni_add", badd),
+        ("bridge", "cni_del", bdel),
+    ] {
+        let mut f = figure("cni", dp, metric, "ms", v);
+        // For CNI the interesting spread is p99: report it as max.
+        f.max = percentile(&f.runs, 0.99);
+        figures.push(f);
+    }
+    drop((podnet, pods, bridge, ptp, veth));
+
+    progress("cross node: building podnet vxlan, podnet direct, flannel-style kernel VXLAN");
+    let (vx_lab, vx) = podnet_cluster("vxlan")?;
+    let (dr_lab, dr) = podnet_cluster("direct")?;
+    let flannel = FlannelCluster::new()?;
+    let before = bpf_stats();
+    measure_dataplanes(
+        "cross-node",
+        &[
+            ("podnet-vxlan", vx),
+            ("podnet-direct", dr),
+            ("kernel-vxlan", flannel.pair()),
+            ("underlay", flannel.underlay_pair()),
+        ],
+        opts,
+        &mut figures,
+    )?;
+    let after = bpf_stats();
+    add_bpf_cost("cross-node", &before, &after, &mut figures);
+    drop((vx_lab, dr_lab, flannel, stats));
+    Ok(figures)
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "index into a short list"
+    )]
+    let i = ((v.len() - 1) as f64 * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+fn add_bpf_cost(
+    scenario: &str,
+    before: &BTreeMap<String, (u64, u64)>,
+    after: &BTreeMap<String, (u64, u64)>,
+    out: &mut Vec<Figure>,
+) {
+    for (name, (cnt, ns)) in after {
+        let (cnt0, ns0) = before.get(name).copied().unwrap_or((0, 0));
+        let runs = cnt.saturating_sub(cnt0);
+        if runs > 0 {
+            #[allow(clippy::cast_precision_loss, reason = "nanosecond totals")]
+            let per = ns.saturating_sub(ns0) as f64 / runs as f64;
+            out.push(figure(
+                scenario,
+                &format!("podnet {name}"),
+                "bpf_ns_per_packet",
+                "ns",
+                vec![per],
+            ));
+        }
+    }
+}
+
+// -------------------------------------------------------------- reports
+
+fn find<'a>(
+    figures: &'a [Figure],
+    scenario: &str,
+    dataplane: &str,
+    metric: &str,
+) -> Option<&'a Figure> {
+    figures
+        .iter()
+        .find(|f| f.scenario == scenario && f.dataplane == dataplane && f.metric == metric)
+}
+
+/// The table: every figure, and podnet's ratios to each peer.
+#[must_use]
+pub fn table(figures: &[Figure]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<11} {:<22} {:<18} {:>10} {:>10} {:>10} {:<7}",
+        "SCENARIO", "DATAPLANE", "METRIC", "MEDIAN", "MIN", "MAX", "UNIT"
+    );
+    for f in figures {
+        let _ = writeln!(
+            out,
+            "{:<11} {:<22} {:<18} {:>10.2} {:>10.2} {:>10.2} {:<7}",
+            f.scenario, f.dataplane, f.metric, f.median, f.min, f.max, f.unit
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nRATIOS (podnet / peer, medians; throughput and conn rate: higher is better, latency and CNI time: lower is better)"
+    );
+    let ratios: [(&str, &str, &[&str], &[&str]); 4] = [
+        (
+            "same-node",
+            "podnet",
+            &["veth", "bridge", "ptp"],
+            &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
+        ),
+        (
+            "cross-node",
+            "podnet-vxlan",
+            &["kernel-vxlan", "underlay"],
+            &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
+        ),
+        (
+            "cross-node",
+            "podnet-direct",
+            &["underlay", "kernel-vxlan"],
+            &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
+        ),
+        ("cni", "podnet", &["bridge"], &["cni_add", "cni_del"]),
+    ];
+    for (scenario, ours, peers, metrics) in ratios {
+        for peer in peers {
+            for metric in metrics {
+                if let (Some(a), Some(b)) = (
+                    find(figures, scenario, ours, metric),
+                    find(figures, scenario, peer, metric),
+                ) {
+                    let _ = writeln!(
+                        out,
+                        "  {scenario:<11} {ours:<14} vs {peer:<13} {metric:<16} {:>6.2}x",
+                        a.median / b.median
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `{"machine": {...}, "results": [...]}`.
+#[must_use]
+pub fn json_report(figures: &[Figure], opts: &BenchOptions) -> Value {
+    let uname = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default();
+    json!({
+        "machine": {"kernel": uname, "cpus": cpus, "cpu": cpu_model, "rounds": opts.rounds, "seconds_per_run": opts.seconds, "quick": opts.quick},
+        "results": figures,
+    })
+}
+
+/// Bar charts of the main figures (throughput and p50 latency per scenario).
+#[must_use]
+#[allow(clippy::cast_precision_loss, reason = "a handful of bars")]
+pub fn svg(figures: &[Figure]) -> String {
+    let charts = [
+        (
+            "same-node",
+            "tcp_throughput",
+            "Same node: TCP throughput (Gbit/s)",
+        ),
+        (
+            "same-node",
+            "latency_p50",
+            "Same node: latency p50 (us, one-way)",
+        ),
+        (
+            "cross-node",
+            "tcp_throughput",
+            "Cross node: TCP throughput (Gbit/s)",
+        ),
+        (
+            "cross-node",
+            "latency_p50",
+            "Cross node: latency p50 (us, one-way)",
+        ),
+    ];
+    let (w, chart_h, bar_h) = (720.0, 150.0, 22.0);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+        chart_h * charts.len() as f64 + 20.0
+    );
+    for (k, (scenario, metric, title)) in charts.iter().enumerate() {
+        let y0 = 20.0 + chart_h * k as f64;
+        let _ = writeln!(
+            out,
+            "<text x=\"10\" y=\"{y0}\" font-weight=\"bold\">{title}</text>"
+        );
+        let bars: Vec<&Figure> = figures
+            .iter()
+            .filter(|f| f.scenario == *scenario && f.metric == *metric)
+            .collect();
+        let top = bars.iter().map(|f| f.max).fold(0.0_f64, f64::max).max(1e-9);
+        for (i, f) in bars.iter().enumerate() {
+            let y = y0 + 10.0 + i as f64 * (bar_h + 6.0);
+            let len = (f.median / top) * (w - 260.0);
+            let color = if f.dataplane.starts_with("podnet") {
+                "#2b7bb9"
+            } else {
+                "#9a9a9a"
+            };
+            let _ = writeln!(
+                out,
+                "<text x=\"10\" y=\"{}\">{}</text>",
+                y + 15.0,
+                f.dataplane
+            );
+            let _ = writeln!(
+                out,
+                "<rect x=\"130\" y=\"{y}\" width=\"{len:.1}\" height=\"{bar_h}\" fill=\"{color}\"/>"
+            );
+            let _ = writeln!(
+                out,
+                "<text x=\"{:.1}\" y=\"{}\">{:.2} (min {:.2}, max {:.2})</text>",
+                135.0 + len,
+                y + 15.0,
+                f.median,
+                f.min,
+                f.max
+            );
+        }
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// Writes `content` to `path`, creating its directory.
+pub fn write(path: &Path, content: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, content).with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,52 @@
+//! podnet-bench: `cargo xtask bench` runs it. See `podnet_tests::bench`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use podnet_tests::bench::{self, BenchOptions};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "podnet-bench",
+    about = "podnet against bridge, ptp, kernel VXLAN and the physical limits, in one run"
+)]
+struct Cli {
+    /// A ~2 minute smoke version (1 round, 1 s runs).
+    #[arg(long)]
+    quick: bool,
+    /// Rounds (interleaved); default 5 (1 with --quick).
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Write every raw figure as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw bar charts of the main figures.
+    #[arg(long)]
+    svg: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut opts = if cli.quick {
+        BenchOptions::quick()
+    } else {
+        BenchOptions::full()
+    };
+    if let Some(rounds) = cli.rounds {
+        opts.rounds = rounds.max(1);
+    }
+    let figures = bench::run_all(&opts)?;
+    print!("{}", bench::table(&figures));
+    if let Some(path) = &cli.json {
+        bench::write(
+            path,
+            &serde_json::to_string_pretty(&bench::json_report(&figures, &opts))?,
+        )?;
+        eprintln!("bench: figures written to {}", path.display());
+    }
+    if let Some(path) = &cli.svg {
+        bench::write(path, &bench::svg(&figures))?;
+        eprintln!("bench: chart written to {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,43 @@
+//! `bench --quick` end to end: every scenario builds and measures (no
+//! assertion on speed: timings on a shared machine are not test material).
+
+use podnet_tests::{bench, privileged};
+
+#[test]
+fn every_benchmark_scenario_builds_and_measures() {
+    if !privileged("every_benchmark_scenario_builds_and_measures") {
+        return;
+    }
+    let figures = bench::run_all(&bench::BenchOptions::quick()).expect("bench --quick");
+    for (scenario, dataplanes) in [
+        ("same-node", &["podnet", "bridge", "ptp", "veth"][..]),
+        (
+            "cross-node",
+            &["podnet-vxlan", "podnet-direct", "kernel-vxlan", "underlay"][..],
+        ),
+        ("cni", &["podnet", "bridge"][..]),
+    ] {
+        for dataplane in dataplanes {
+            let ours: Vec<_> = figures
+                .iter()
+                .filter(|f| f.scenario == scenario && f.dataplane == *dataplane)
+                .collect();
+            assert!(!ours.is_empty(), "{scenario}/{dataplane} measured");
+            for f in ours {
+                assert!(
+                    f.median.is_finite() && f.median > 0.0,
+                    "{scenario}/{dataplane}/{}: {f:?}",
+                    f.metric
+                );
+            }
+        }
+    }
+    assert!(
+        figures.iter().any(|f| f.metric == "bpf_ns_per_packet"),
+        "BPF cost per packet measured"
+    );
+    let table = bench::table(&figures);
+    assert!(table.contains("vs veth"), "{table}");
+    let svg = bench::svg(&figures);
+    assert!(svg.starts_with("<svg") && svg.contains("podnet"));
+}
