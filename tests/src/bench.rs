@@ -270,6 +270,103 @@ impl Drop for BpfStatsEnabled {
     }
 }
 
+fn cost(
+    h: &mut crate::bpf_run::BpfHarness,
+    repeat: u32,
+    program: &'static str,
+    frame: &[u8],
+) -> anyhow::Result<f64> {
+    use aya::programs::{TestRun as _, TestRunOptions};
+    let prog = h.datapath.classifier(program)?;
+    let mut out = vec![0u8; frame.len() + 256];
+    let result = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        repeat,
+        ..TestRunOptions::default()
+    })?;
+    Ok(result.duration.as_secs_f64() * 1e9)
+}
+
+/// Per-run cost of each podnet program path measured with
+/// BPF_PROG_TEST_RUN (`repeat` runs, the kernel reports the mean): the
+/// program alone, without bpf_stats' clock reads (which on this VM cost more
+/// than the programs themselves).
+pub fn bpf_cost_test_run(repeat: u32) -> anyhow::Result<Vec<(String, f64)>> {
+    use podnet_common::{EndpointInfo, NodeConfig, names, node};
+
+    let mut h = crate::bpf_run::BpfHarness::new("cost")?;
+    let lo = nix::net::if_::if_nametoindex("lo")?;
+    let (a, b) = (Ipv4Addr::new(10, 244, 0, 2), Ipv4Addr::new(10, 244, 0, 3));
+    let (a_mac, a_host) = ([2, 0xaa, 0, 0, 0, 2], [2, 0xaa, 0xff, 0, 0, 2]);
+    h.datapath.upsert_endpoint(
+        a,
+        EndpointInfo {
+            host_ifindex: lo,
+            flags: 0,
+            pod_mac: a_mac,
+            host_mac: a_host,
+        },
+    )?;
+    h.datapath.upsert_endpoint(
+        b,
+        EndpointInfo {
+            host_ifindex: 4242,
+            flags: 0,
+            pod_mac: [2, 0xbb, 0, 0, 0, 3],
+            host_mac: [2, 0xbb, 0xff, 0, 0, 3],
+        },
+    )?;
+    h.datapath
+        .upsert_remote("10.244.1.0/24".parse()?, Ipv4Addr::new(192, 168, 100, 12))?;
+    let mut config = NodeConfig {
+        node_ip: u32::from_ne_bytes([192, 168, 100, 11]),
+        mode: node::MODE_VXLAN,
+        tunnel_ifindex: lo,
+        underlay_ifindex: lo,
+        vni: 1,
+        reserved: 0,
+    };
+    h.datapath.set_config(config)?;
+    let payload = [0u8; 1400];
+    let local = crate::frames::ipv4_udp(a_host, a_mac, a, b, 64, &payload);
+    let remote =
+        crate::frames::ipv4_udp(a_host, a_mac, a, Ipv4Addr::new(10, 244, 1, 7), 64, &payload);
+    let arriving = crate::frames::ipv4_udp(
+        [2; 6],
+        [3; 6],
+        Ipv4Addr::new(10, 244, 1, 7),
+        b,
+        64,
+        &payload,
+    );
+    let mut figures = vec![
+        (
+            "from_pod local (redirect_peer)".to_owned(),
+            cost(&mut h, repeat, names::PROG_FROM_POD, &local)?,
+        ),
+        (
+            "from_pod remote (vxlan encap)".to_owned(),
+            cost(&mut h, repeat, names::PROG_FROM_POD, &remote)?,
+        ),
+        (
+            "from_overlay deliver".to_owned(),
+            cost(&mut h, repeat, names::PROG_FROM_OVERLAY, &arriving)?,
+        ),
+        (
+            "from_underlay deliver".to_owned(),
+            cost(&mut h, repeat, names::PROG_FROM_UNDERLAY, &arriving)?,
+        ),
+    ];
+    config.mode = node::MODE_DIRECT;
+    h.datapath.set_config(config)?;
+    figures.push((
+        "from_pod remote (redirect_neigh)".to_owned(),
+        cost(&mut h, repeat, names::PROG_FROM_POD, &remote)?,
+    ));
+    Ok(figures)
+}
+
 // ------------------------------------------------------------ topologies
 
 /// The physical limit on one node: a veth pair straight between two pods.
@@ -593,6 +690,44 @@ pub fn podnet_cluster(mode: &str) -> anyhow::Result<(LabGuard, Pair)> {
     Ok((guard, pair))
 }
 
+/// Fills a node's pinned maps the way a big cluster would: `remotes` other
+/// nodes' CIDRs (/28s of 172.16.0.0/12, disjoint from the cluster) and
+/// `endpoints` local endpoints (100.64.0.0/16, no real veth).
+pub fn fill_maps(pin_dir: &Path, remotes: u32, endpoints: u32) -> anyhow::Result<()> {
+    let mut dp = podnet::datapath::Datapath::load(pin_dir)?;
+    for i in 0..remotes {
+        let net = u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i * 16;
+        dp.upsert_remote(
+            ipnet::Ipv4Net::new(Ipv4Addr::from(net), 28)?,
+            Ipv4Addr::new(192, 168, 100, 250),
+        )?;
+    }
+    for i in 0..endpoints {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 1)) + i);
+        let info = podnet_common::EndpointInfo {
+            host_ifindex: 100_000 + i,
+            flags: 0,
+            pod_mac: [2, 0x64, 0, 0, 0, 1],
+            host_mac: [2, 0x64, 0, 0, 0, 2],
+        };
+        dp.upsert_endpoint(ip, info)?;
+    }
+    Ok(())
+}
+
+/// Resident memory of a process, KiB.
+#[must_use]
+pub fn rss_kib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 // --------------------------------------------------------------- the run
 
 fn progress(msg: &str) {
@@ -643,6 +778,89 @@ fn measure_dataplanes(
     Ok(())
 }
 
+/// Throughput with big maps (lookups must stay flat) and agent memory.
+fn measure_scale(
+    podnet: &Node,
+    pods: &[crate::node::Pod],
+    opts: &BenchOptions,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    progress("scale: 65,536 remote CIDRs and 4,096 endpoints in the maps");
+    if let Some(rss) = podnet.agent_pid().and_then(rss_kib) {
+        figures.push(figure(
+            "scale",
+            "podnetd idle",
+            "agent_rss",
+            "KiB",
+            vec![rss],
+        ));
+    }
+    let (remotes, endpoints) = if opts.quick {
+        (4_096, 512)
+    } else {
+        (65_536, 4_096)
+    };
+    fill_maps(podnet.bpffs.path(), remotes, endpoints)?;
+    let scaled = Pair {
+        client_ns: pods[0].netns.name().into(),
+        server_ns: pods[1].netns.name().into(),
+        server_ip: pods[1].ip,
+    };
+    let mut scale_runs = Vec::new();
+    for _ in 0..opts.rounds {
+        scale_runs.push(throughput(&scaled, opts.seconds)?);
+    }
+    figures.push(figure(
+        "scale",
+        "podnet (scaled maps)",
+        "tcp_throughput",
+        "Gbit/s",
+        scale_runs,
+    ));
+    if let Some(rss) = podnet.agent_pid().and_then(rss_kib) {
+        figures.push(figure(
+            "scale",
+            "podnetd with scaled maps",
+            "agent_rss",
+            "KiB",
+            vec![rss],
+        ));
+    }
+
+    Ok(())
+}
+
+/// CNI ADD/DEL latency, podnet vs bridge + host-local.
+fn measure_cni(
+    podnet: &Node,
+    bridge: &ReferenceNode,
+    opts: &BenchOptions,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    progress("CNI: ADD/DEL timings, podnet vs bridge + host-local");
+    let (mut add, mut del, mut badd, mut bdel) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..opts.cni_pods {
+        let (a, d) = podnet_add_del(podnet, i)?;
+        add.push(a * 1e3);
+        del.push(d * 1e3);
+        let (a, d) = bridge.time_add_del()?;
+        badd.push(a * 1e3);
+        bdel.push(d * 1e3);
+    }
+    for (dp, metric, v) in [
+        ("podnet", "cni_add", add),
+        ("podnet", "cni_del", del),
+        ("bridge", "cni_add", badd),
+        ("bridge", "cni_del", bdel),
+    ] {
+        let mut f = figure("cni", dp, metric, "ms", v);
+        // For CNI the interesting spread is p99: report it as max.
+        f.max = percentile(&f.runs, 0.99);
+        figures.push(f);
+    }
+    Ok(())
+}
+
 /// Runs every scenario; returns all figures.
 pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let mut figures = Vec::new();
@@ -674,27 +892,8 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let after = bpf_stats();
     add_bpf_cost("same-node", &before, &after, &mut figures);
 
-    progress("CNI: ADD/DEL timings, podnet vs bridge + host-local");
-    let (mut add, mut del, mut badd, mut bdel) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for i in 0..opts.cni_pods {
-        let (a, d) = podnet_add_del(&podnet, i)?;
-        add.push(a * 1e3);
-        del.push(d * 1e3);
-        let (a, d) = bridge.time_add_del()?;
-        badd.push(a * 1e3);
-        bdel.push(d * 1e3);
-    }
-    for (dp, metric, v) in [
-        ("podnet", "cni_add", add),
-        ("podnet", "cni_del", del),
-        ("bridge", "cni_add", badd),
-        ("bridge", "cni_del", bdel),
-    ] {
-        let mut f = figure("cni", dp, metric, "ms", v);
-        // For CNI the interesting spread is p99: report it as max.
-        f.max = percentile(&f.runs, 0.99);
-        figures.push(f);
-    }
+    measure_scale(&podnet, &pods, opts, &mut figures)?;
+    measure_cni(&podnet, &bridge, opts, &mut figures)?;
     drop((podnet, pods, bridge, ptp, veth));
 
     progress("cross node: building podnet vxlan, podnet direct, flannel-style kernel VXLAN");
@@ -716,6 +915,12 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let after = bpf_stats();
     add_bpf_cost("cross-node", &before, &after, &mut figures);
     drop((vx_lab, dr_lab, flannel, stats));
+
+    progress("BPF cost per run of each program path (BPF_PROG_TEST_RUN)");
+    let repeat = if opts.quick { 10_000 } else { 1_000_000 };
+    for (path, ns) in bpf_cost_test_run(repeat)? {
+        figures.push(figure("bpf", &path, "bpf_ns_per_packet", "ns", vec![ns]));
+    }
     Ok(figures)
 }
 
@@ -750,7 +955,7 @@ fn add_bpf_cost(
             out.push(figure(
                 scenario,
                 &format!("podnet {name}"),
-                "bpf_ns_per_packet",
+                "bpf_stats_ns_per_run",
                 "ns",
                 vec![per],
             ));
@@ -828,6 +1033,16 @@ pub fn table(figures: &[Figure]) -> String {
             }
         }
     }
+    if let (Some(scaled), Some(min)) = (
+        find(figures, "scale", "podnet (scaled maps)", "tcp_throughput"),
+        find(figures, "same-node", "podnet", "tcp_throughput"),
+    ) {
+        let _ = writeln!(
+            out,
+            "  scale       podnet full maps vs minimal maps tcp_throughput   {:>6.2}x",
+            scaled.median / min.median
+        );
+    }
     out
 }
 
@@ -899,7 +1114,7 @@ pub fn svg(figures: &[Figure]) -> String {
         let top = bars.iter().map(|f| f.max).fold(0.0_f64, f64::max).max(1e-9);
         for (i, f) in bars.iter().enumerate() {
             let y = y0 + 10.0 + i as f64 * (bar_h + 6.0);
-            let len = (f.median / top) * (w - 260.0);
+            let len = (f.median / top) * (w - 380.0);
             let color = if f.dataplane.starts_with("podnet") {
                 "#2b7bb9"
             } else {

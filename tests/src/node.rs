@@ -178,6 +178,12 @@ impl Node {
         anyhow::bail!("podnetd did not come up; its log:\n{}", self.agent_log())
     }
 
+    /// The agent's process ID, while it runs.
+    #[must_use]
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|a| a.child.id())
+    }
+
     /// Stops the agent (SIGTERM), leaving its pins.
     pub fn stop_agent(&mut self) {
         if let Some(agent) = self.agent.take() {

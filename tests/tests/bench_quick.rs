@@ -33,7 +33,11 @@ fn every_benchmark_scenario_builds_and_measures() {
         }
     }
     assert!(
-        figures.iter().any(|f| f.metric == "bpf_ns_per_packet"),
+        figures
+            .iter()
+            .filter(|f| f.metric == "bpf_ns_per_packet")
+            .count()
+            == 5,
         "BPF cost per packet measured"
     );
     let table = bench::table(&figures);
