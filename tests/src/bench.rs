@@ -830,6 +830,38 @@ fn measure_scale(
     Ok(())
 }
 
+/// Runs `f` `parallel` at a time, `waves` times; ADD and DEL times in ms.
+fn parallel_times(
+    waves: usize,
+    parallel: usize,
+    f: impl Fn(usize) -> anyhow::Result<(f64, f64)> + Sync,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let (mut adds, mut dels) = (Vec::new(), Vec::new());
+    for wave in 0..waves {
+        let results: Vec<anyhow::Result<(f64, f64)>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..parallel)
+                .map(|k| {
+                    let f = &f;
+                    s.spawn(move || f(wave * parallel + k))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("CNI timing thread panicked")))
+                })
+                .collect()
+        });
+        for r in results {
+            let (a, d) = r?;
+            adds.push(a * 1e3);
+            dels.push(d * 1e3);
+        }
+    }
+    Ok((adds, dels))
+}
+
 /// CNI ADD/DEL latency, podnet vs bridge + host-local.
 fn measure_cni(
     podnet: &Node,
@@ -847,11 +879,20 @@ fn measure_cni(
         badd.push(a * 1e3);
         bdel.push(d * 1e3);
     }
+    // 16 runtimes' worth of pods at once, podnet and bridge in separate waves.
+    let waves = opts.cni_pods.div_ceil(16);
+    let (podnet_par_add, podnet_par_del) =
+        parallel_times(waves, 16, |tag| podnet_add_del(podnet, 10_000 + tag))?;
+    let (bridge_par_add, bridge_par_del) = parallel_times(waves, 16, |_| bridge.time_add_del())?;
     for (dp, metric, v) in [
         ("podnet", "cni_add", add),
         ("podnet", "cni_del", del),
         ("bridge", "cni_add", badd),
         ("bridge", "cni_del", bdel),
+        ("podnet", "cni_add_parallel16", podnet_par_add),
+        ("podnet", "cni_del_parallel16", podnet_par_del),
+        ("bridge", "cni_add_parallel16", bridge_par_add),
+        ("bridge", "cni_del_parallel16", bridge_par_del),
     ] {
         let mut f = figure("cni", dp, metric, "ms", v);
         // For CNI the interesting spread is p99: report it as max.
@@ -1015,7 +1056,17 @@ pub fn table(figures: &[Figure]) -> String {
             &["underlay", "kernel-vxlan"],
             &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
         ),
-        ("cni", "podnet", &["bridge"], &["cni_add", "cni_del"]),
+        (
+            "cni",
+            "podnet",
+            &["bridge"],
+            &[
+                "cni_add",
+                "cni_del",
+                "cni_add_parallel16",
+                "cni_del_parallel16",
+            ],
+        ),
     ];
     for (scenario, ours, peers, metrics) in ratios {
         for peer in peers {

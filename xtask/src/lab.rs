@@ -150,8 +150,18 @@ pub struct BenchArgs {
     args: Vec<String>,
 }
 
-/// `cargo xtask bench`: builds and runs podnet-bench.
+/// `cargo xtask bench`: builds everything in release mode (the plugin and
+/// the agent are timed too) and runs podnet-bench.
 pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
-    let bin_dir = build()?;
+    setup::ensure_all()?;
+    cmd::run(cmd::cargo().args([
+        "build",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "podnet-ebpf",
+        "--bins",
+    ]))?;
+    let bin_dir = cmd::workspace_root().join("target/release");
     cmd::run(Command::new(bin_dir.join("podnet-bench")).args(&args.args))
 }
