@@ -37,6 +37,18 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// Polls `f` until it holds; panics naming `what` after `limit`.
+pub fn wait_up_to(limit: std::time::Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("timed out waiting until {what}");
+}
+
 /// A private bpffs instance mounted on a fresh directory; unmounted and
 /// removed on drop, pins and all.
 pub struct PrivateBpffs {

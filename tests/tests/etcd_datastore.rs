@@ -12,7 +12,7 @@ use podnet::{
 };
 use podnet_tests::{
     lab::{self, FABRIC_HOST, LabDatastore, LabGuard, LabNode},
-    privileged, traffic,
+    privileged, traffic, wait_up_to,
 };
 
 fn remote_nodes(node: &LabNode) -> Vec<String> {
@@ -20,17 +20,6 @@ fn remote_nodes(node: &LabNode) -> Vec<String> {
         .call(&Request::Nodes)
         .expect("nodes");
     nodes.into_iter().map(|n| n.name).collect()
-}
-
-fn wait_up_to(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out waiting until {what}");
 }
 
 fn ping(netns: &str, ip: std::net::Ipv4Addr) -> bool {

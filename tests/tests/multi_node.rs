@@ -5,13 +5,13 @@
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use podnet::api::{Client, CounterTotals, Request};
 use podnet_tests::{
     lab::{self, LabDatastore, LabGuard, LabNode, LabPod},
-    privileged, traffic,
+    privileged, traffic, wait_up_to,
 };
 
 fn counter(node: &LabNode, name: &str) -> u64 {
@@ -194,17 +194,6 @@ fn remote_nodes(node: &LabNode) -> Vec<String> {
 
 fn wait_until(what: &str, f: impl FnMut() -> bool) {
     wait_up_to(Duration::from_secs(10), what, f);
-}
-
-fn wait_up_to(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting until {what}");
 }
 
 #[test]

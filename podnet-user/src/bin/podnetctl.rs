@@ -233,6 +233,14 @@ fn nodes(cli: &Cli, client: &Client) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Behave like a Unix filter when the reader goes away (`podnetctl ... |
+    // head`): die quietly on SIGPIPE instead of panicking on EPIPE, which is
+    // what Rust's runtime makes of the ignored signal.
+    // SAFETY: installing the default disposition for SIGPIPE before any
+    // other thread exists has no memory-safety preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let client = Client::new(&cli.socket);
     match cli.command {
