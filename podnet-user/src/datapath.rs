@@ -245,12 +245,7 @@ impl Datapath {
             .insert(ip_key(ip), info, 0)
             .map_err(map_err(names::MAP_ENDPOINTS, format!("inserting {ip}")))?;
         let name = names::MAP_ENDPOINT_STATS;
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .ok_or(DatapathError::MissingMap { name })?;
-        let mut stats: PerCpuHashMap<_, u32, EndpointStats> =
-            PerCpuHashMap::try_from(map).map_err(map_err(name, "opening as per-CPU hash map"))?;
+        let mut stats = self.endpoint_stats_map()?;
         if stats.get(&info.host_ifindex, 0).is_err() {
             let cpus = aya::util::nr_cpus()
                 .map_err(|(_, source)| DatapathError::PossibleCpus { source })?;
@@ -292,14 +287,20 @@ impl Datapath {
         self.remove_endpoint_stats(info.host_ifindex)
     }
 
-    fn remove_endpoint_stats(&mut self, host_ifindex: u32) -> Result<(), DatapathError> {
+    fn endpoint_stats_map(
+        &mut self,
+    ) -> Result<PerCpuHashMap<&mut MapData, u32, EndpointStats>, DatapathError> {
         let name = names::MAP_ENDPOINT_STATS;
         let map = self
             .ebpf
             .map_mut(name)
             .ok_or(DatapathError::MissingMap { name })?;
-        let mut stats: PerCpuHashMap<_, u32, EndpointStats> =
-            PerCpuHashMap::try_from(map).map_err(map_err(name, "opening as per-CPU hash map"))?;
+        PerCpuHashMap::try_from(map).map_err(map_err(name, "opening as per-CPU hash map"))
+    }
+
+    fn remove_endpoint_stats(&mut self, host_ifindex: u32) -> Result<(), DatapathError> {
+        let name = names::MAP_ENDPOINT_STATS;
+        let mut stats = self.endpoint_stats_map()?;
         match stats.remove(&host_ifindex) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(map_err(name, format!("removing ifindex {host_ifindex}"))(

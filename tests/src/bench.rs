@@ -451,26 +451,17 @@ impl ReferenceNode {
     fn cni(&self, command: &str, pod: &NetNs) -> anyhow::Result<Value> {
         let plugin = self.conf["type"].as_str().unwrap_or("bridge").to_owned();
         let path = pod.path().display().to_string();
-        let mut child = self
-            .node
-            .command(format!("/usr/lib/cni/{plugin}"))?
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("CNI_PATH", "/usr/lib/cni")
-            .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", pod.name())
-            .env("CNI_NETNS", &path)
-            .env("CNI_IFNAME", "eth0")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(self.conf.to_string().as_bytes())?;
-        let out = child.wait_with_output()?;
+        let out = crate::run_cni_plugin(
+            self.node.command(format!("/usr/lib/cni/{plugin}"))?,
+            "/usr/lib/cni",
+            &[
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", pod.name()),
+                ("CNI_NETNS", &path),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            self.conf.to_string().as_bytes(),
+        )?;
         anyhow::ensure!(
             out.status.success(),
             "{plugin} {command}: {}",

@@ -200,24 +200,12 @@ impl LabLayout {
         let mut conf = conflist["plugins"][0].clone();
         conf["cniVersion"] = conflist["cniVersion"].clone();
         conf["name"] = conflist["name"].clone();
-        let mut child = in_netns(&node.netns, node.cni_bin_dir.join("podnet"))?
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env(
-                "CNI_PATH",
-                format!("{}:/usr/lib/cni", node.cni_bin_dir.display()),
-            )
-            .envs(env.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        child
-            .stdin
-            .take()
-            .context("stdin")?
-            .write_all(conf.to_string().as_bytes())?;
-        let out = child.wait_with_output()?;
+        let out = crate::run_cni_plugin(
+            in_netns(&node.netns, node.cni_bin_dir.join("podnet"))?,
+            &format!("{}:/usr/lib/cni", node.cni_bin_dir.display()),
+            env,
+            conf.to_string().as_bytes(),
+        )?;
         let value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
         Ok((out.status.success(), value))
     }

@@ -37,6 +37,33 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
+/// Runs a CNI plugin exactly as a runtime does: a clean environment with
+/// `CNI_PATH` and the CNI_* variables in `env`, the network configuration
+/// on stdin. `cmd` is the plugin, already placed in the node's netns.
+pub fn run_cni_plugin(
+    mut cmd: std::process::Command,
+    cni_path: &str,
+    env: &[(&str, &str)],
+    stdin: &[u8],
+) -> anyhow::Result<std::process::Output> {
+    use std::{io::Write as _, process::Stdio};
+    let mut child = cmd
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_PATH", cni_path)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("plugin stdin"))?
+        .write_all(stdin)?;
+    Ok(child.wait_with_output()?)
+}
+
 /// Polls `f` until it holds; panics naming `what` after `limit`.
 pub fn wait_up_to(limit: std::time::Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + limit;

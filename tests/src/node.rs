@@ -3,7 +3,6 @@
 //! binary exactly as a runtime does. Everything is removed on drop.
 
 use std::{
-    io::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Output, Stdio},
@@ -216,21 +215,16 @@ impl Node {
     /// Runs the podnet binary in the node's netns with `env` and `stdin`,
     /// exactly as a runtime does.
     pub fn cni(&self, env: &[(&str, &str)], stdin: &[u8]) -> anyhow::Result<CniOutput> {
-        let mut cmd = self.netns.command(bins::binary("podnet"))?;
-        cmd.env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("CNI_PATH", "/usr/lib/cni")
-            .envs(env.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn()?;
-        child.stdin.take().expect("stdin piped").write_all(stdin)?;
         let Output {
             status,
             stdout,
             stderr,
-        } = child.wait_with_output()?;
+        } = crate::run_cni_plugin(
+            self.netns.command(bins::binary("podnet"))?,
+            "/usr/lib/cni",
+            env,
+            stdin,
+        )?;
         Ok(CniOutput {
             success: status.success(),
             stdout: String::from_utf8_lossy(&stdout).into_owned(),

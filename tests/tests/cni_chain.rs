@@ -22,24 +22,15 @@ fn reference(
     env: &[(&str, &str)],
     conf: &Value,
 ) -> (bool, Value, String) {
-    let mut cmd = node
-        .netns
-        .command(format!("/usr/lib/cni/{plugin}"))
-        .expect("command");
-    cmd.env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("CNI_PATH", "/usr/lib/cni")
-        .envs(env.iter().copied())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
-    std::io::Write::write_all(
-        &mut child.stdin.take().expect("stdin"),
+    let out = podnet_tests::run_cni_plugin(
+        node.netns
+            .command(format!("/usr/lib/cni/{plugin}"))
+            .expect("command"),
+        "/usr/lib/cni",
+        env,
         conf.to_string().as_bytes(),
     )
-    .expect("write");
-    let out = child.wait_with_output().expect("wait");
+    .expect("run the plugin");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     (
         out.status.success(),
