@@ -25,8 +25,7 @@ pub const ENDPOINT_F_NONE: u32 = 0;
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 20);
 const _: () = assert!(core::mem::align_of::<EndpointInfo>() == 4);
 
-/// Per-endpoint traffic counters (value of a per-CPU hash keyed by host veth
-/// ifindex): what the endpoint sent into the datapath.
+/// Per-endpoint traffic counters: what the endpoint sent into the datapath.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -45,4 +44,27 @@ mod user {
     unsafe impl aya::Pod for super::EndpointInfo {}
     // SAFETY: as above: two u64s, no padding.
     unsafe impl aya::Pod for super::EndpointStats {}
+    // SAFETY: as above: u32 + 2 x 6 bytes fill the 16 bytes before the
+    // 8-aligned counters exactly (size and offset asserted below).
+    unsafe impl aya::Pod for super::VethEndpoint {}
 }
+
+/// Value of the per-CPU per-veth map, keyed by the host veth's ifindex: who
+/// may send on that veth, and what it sent. `from_pod` needs both for every
+/// packet, so they share one lookup (the identity is the same on every CPU,
+/// the counters are this CPU's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct VethEndpoint {
+    /// The only source IPv4 the pod may send with (network byte order).
+    pub pod_ip: u32,
+    /// The only source MAC the pod may send with.
+    pub pod_mac: [u8; 6],
+    /// MAC of the host veth itself (what the ARP responder answers).
+    pub host_mac: [u8; 6],
+    pub stats: EndpointStats,
+}
+
+const _: () = assert!(core::mem::size_of::<VethEndpoint>() == 32);
+const _: () = assert!(core::mem::offset_of!(VethEndpoint, stats) == 16);

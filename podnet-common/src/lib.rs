@@ -12,5 +12,5 @@ pub mod names;
 pub mod node;
 
 pub use counters::{DropReason, Verdict};
-pub use endpoint::{EndpointInfo, EndpointStats};
+pub use endpoint::{EndpointInfo, EndpointStats, VethEndpoint};
 pub use node::{NodeConfig, RemoteNode};

@@ -17,8 +17,9 @@ pub const MAP_ENDPOINTS: &str = "podnet_endpts";
 pub const MAP_VERDICTS: &str = "podnet_verdicts";
 /// Per-CPU drop counters by [`crate::DropReason`].
 pub const MAP_DROPS: &str = "podnet_drops";
-/// Per-CPU per-endpoint counters: host veth ifindex -> [`crate::EndpointStats`].
-pub const MAP_ENDPOINT_STATS: &str = "podnet_ep_stats";
+/// Per-CPU per-veth identity and counters: host veth ifindex ->
+/// [`crate::VethEndpoint`].
+pub const MAP_VETHS: &str = "podnet_veths";
 
 /// Remote pod CIDRs (LPM trie, key data network order) -> [`crate::RemoteNode`].
 pub const MAP_REMOTE: &str = "podnet_remote";
@@ -30,7 +31,7 @@ pub const ALL_MAPS: [&str; 6] = [
     MAP_ENDPOINTS,
     MAP_VERDICTS,
     MAP_DROPS,
-    MAP_ENDPOINT_STATS,
+    MAP_VETHS,
     MAP_REMOTE,
     MAP_CONFIG,
 ];

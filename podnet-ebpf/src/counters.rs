@@ -3,7 +3,7 @@
 
 use podnet_common::{DropReason, Verdict};
 
-use crate::maps::{DROPS, ENDPOINT_STATS, VERDICTS};
+use crate::maps::{DROPS, VERDICTS};
 
 // TC return codes (include/uapi/linux/pkt_cls.h). Spelled here as i32
 // because the bindings' type differs between the bpf and host targets.
@@ -38,17 +38,4 @@ pub fn drop_packet(reason: DropReason) -> i32 {
 pub fn pass_to_stack() -> i32 {
     count(Verdict::PassToStack);
     TC_ACT_OK
-}
-
-/// Adds one packet of `len` bytes to the endpoint behind `ifindex`, if the
-/// agent registered it.
-#[inline(always)]
-pub fn count_endpoint(ifindex: u32, len: u32) {
-    if let Some(stats) = ENDPOINT_STATS.get_ptr_mut(ifindex) {
-        // SAFETY: per-CPU value of an existing entry, this CPU only (see bump).
-        unsafe {
-            (*stats).packets += 1;
-            (*stats).bytes += u64::from(len);
-        }
-    }
 }

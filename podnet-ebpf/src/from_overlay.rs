@@ -12,14 +12,14 @@ use crate::{
 };
 
 #[classifier]
-pub fn from_overlay(ctx: TcContext) -> i32 {
-    deliver_local(&ctx, Verdict::OverlayDeliver)
+pub fn from_overlay(mut ctx: TcContext) -> i32 {
+    deliver_local(&mut ctx, Verdict::OverlayDeliver)
 }
 
 /// A packet for a local endpoint is delivered, anything else goes to the
 /// host stack. Shared with from_underlay.
 #[inline(always)]
-pub fn deliver_local(ctx: &TcContext, verdict: Verdict) -> i32 {
+pub fn deliver_local(ctx: &mut TcContext, verdict: Verdict) -> i32 {
     let ip = match packet::parse(ctx) {
         L3::Ipv4(ip) => ip,
         L3::Other => return pass_to_stack(),

@@ -6,61 +6,75 @@
 //! node; everything else goes up the host stack.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use podnet_common::{DropReason, Verdict};
+use podnet_common::{DropReason, Verdict, VethEndpoint};
 
 use crate::{
     arp,
-    counters::{count, count_endpoint, drop_packet, pass_to_stack},
+    counters::{count, drop_packet, pass_to_stack},
     forward::{self, endpoint},
+    maps::VETHS,
     packet::{self, L3},
 };
 
 #[classifier]
-pub fn from_pod(ctx: TcContext) -> i32 {
+pub fn from_pod(mut ctx: TcContext) -> i32 {
     // SAFETY: `ctx.skb.skb` is the kernel's `__sk_buff` for this run, valid
     // for the whole program; reading its fields is what the context is for.
     let (ifindex, len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
-    count_endpoint(ifindex, len);
 
-    let ip = match packet::parse(&ctx) {
+    // One lookup gives who may send on this veth and its counters. No entry:
+    // the veth is not (or no longer) an endpoint the agent knows.
+    // SAFETY: this CPU's copy of an existing per-CPU entry; a BPF program is
+    // not preempted by another program on its CPU, so nothing else writes it
+    // while the reference lives (the agent replaces entries whole).
+    let veth: Option<&VethEndpoint> = VETHS.get_ptr_mut(ifindex).map(|veth| unsafe {
+        (*veth).stats.packets += 1;
+        (*veth).stats.bytes += u64::from(len);
+        &*veth
+    });
+
+    let ip = match packet::parse(&mut ctx) {
         L3::Ipv4(ip) => ip,
-        L3::Other => return answer_arp(&ctx, ifindex).unwrap_or_else(pass_to_stack),
+        L3::Other => {
+            return veth
+                .and_then(|veth| answer_arp(&ctx, veth, ifindex))
+                .unwrap_or_else(pass_to_stack);
+        }
         L3::MalformedIpv4 => return drop_packet(DropReason::MalformedIpv4),
     };
 
     // Anti-spoofing: a pod may only send from its own IP and MAC, on its own
     // veth. Without this a pod could impersonate any other pod.
-    let Some(src) = endpoint(ip.src) else {
+    let Some(veth) = veth else {
         return drop_packet(DropReason::SpoofedSourceIp);
     };
-    if src.host_ifindex != ifindex {
+    if ip.src != veth.pod_ip {
         return drop_packet(DropReason::SpoofedSourceIp);
     }
-    if !packet::src_mac(&ctx).is_ok_and(|mac| mac == src.pod_mac) {
+    if ip.src_mac != veth.pod_mac {
         return drop_packet(DropReason::SpoofedSourceMac);
     }
 
     if let Some(dst) = endpoint(ip.dst) {
-        return forward::to_endpoint(&ctx, &ip, &dst, Verdict::RedirectPeer);
+        return forward::to_endpoint(&mut ctx, &ip, &dst, Verdict::RedirectPeer);
     }
     if let Some(remote) = forward::remote_node(ip.dst) {
-        return forward::to_remote(&ctx, &ip, &remote);
+        return forward::to_remote(&mut ctx, &ip, &remote);
     }
     // Not a pod of the cluster: the host stack routes (and masquerades) it.
     pass_to_stack()
 }
 
-/// Answers an ARP request from the endpoint behind `ifindex`; `None` when
-/// the frame is not one (left to the host stack).
+/// Answers an ARP request from the endpoint on this veth; `None` when the
+/// frame is not one (left to the host stack).
 #[inline(always)]
-fn answer_arp(ctx: &TcContext, ifindex: u32) -> Option<i32> {
+fn answer_arp(ctx: &TcContext, veth: &VethEndpoint, ifindex: u32) -> Option<i32> {
     let request = arp::parse_request(ctx)?;
-    let sender = endpoint(u32::from_ne_bytes(request.sender_ip))?;
-    // Only a pod asking from its own veth, with its own MAC, gets an answer.
-    if sender.host_ifindex != ifindex || sender.pod_mac != request.sender_mac {
+    // Only the pod itself, asking with its own IP and MAC, gets an answer.
+    if request.sender_ip != veth.pod_ip.to_ne_bytes() || request.sender_mac != veth.pod_mac {
         return None;
     }
-    match arp::reply(ctx, &request, &sender.host_mac, ifindex) {
+    match arp::reply(ctx, &request, &veth.host_mac, ifindex) {
         Ok(code) => {
             count(Verdict::ArpReply);
             Some(code)

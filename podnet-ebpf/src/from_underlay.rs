@@ -8,6 +8,6 @@ use podnet_common::Verdict;
 use crate::from_overlay::deliver_local;
 
 #[classifier]
-pub fn from_underlay(ctx: TcContext) -> i32 {
-    deliver_local(&ctx, Verdict::UnderlayDeliver)
+pub fn from_underlay(mut ctx: TcContext) -> i32 {
+    deliver_local(&mut ctx, Verdict::UnderlayDeliver)
 }

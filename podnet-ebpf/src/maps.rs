@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
 };
 use podnet_common::{
-    DropReason, EndpointInfo, EndpointStats, NodeConfig, RemoteNode, Verdict,
+    DropReason, EndpointInfo, NodeConfig, RemoteNode, Verdict, VethEndpoint,
     names::{MAX_ENDPOINTS, MAX_REMOTE_CIDRS},
 };
 
@@ -23,12 +23,12 @@ pub static VERDICTS: PerCpuArray<u64> = PerCpuArray::pinned(Verdict::COUNT, 0);
 #[map(name = "podnet_drops")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
 
-/// Per-endpoint counters, keyed by host veth ifindex. The agent creates the
-/// entry when it adds the endpoint; the datapath only updates existing
-/// entries, so no entry outlives its endpoint.
-#[map(name = "podnet_ep_stats")]
-pub static ENDPOINT_STATS: PerCpuHashMap<u32, EndpointStats> =
-    PerCpuHashMap::pinned(MAX_ENDPOINTS, 0);
+/// Who may send on a host veth, and what it sent, keyed by the veth's
+/// ifindex. The agent creates the entry when it adds the endpoint; the
+/// datapath only updates the counters of existing entries, so no entry
+/// outlives its endpoint.
+#[map(name = "podnet_veths")]
+pub static VETHS: PerCpuHashMap<u32, VethEndpoint> = PerCpuHashMap::pinned(MAX_ENDPOINTS, 0);
 
 /// Other nodes' pod CIDRs -> the node. `BPF_F_NO_PREALLOC` is mandatory for
 /// LPM tries.

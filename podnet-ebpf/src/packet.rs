@@ -1,19 +1,47 @@
-//! Ethernet/IPv4 access through `bpf_skb_load_bytes`/`bpf_skb_store_bytes`
-//! (`TcContext::load`/`store`): bounds are checked by the helper, so a short
-//! frame is an `Err`, never a verifier problem, and helper calls cannot
-//! invalidate packet pointers we hold (we hold none).
+//! Ethernet/IPv4 headers by direct packet access. Every helper call costs a
+//! call and a return, and on this class of machine (AMD with the Safe-RET
+//! mitigation, `/sys/devices/system/cpu/vulnerabilities/spec_rstack_overflow`)
+//! a return is dear: reading and rewriting the headers through `skb->data`
+//! replaced six helper calls per forwarded packet (three loads, a store, a
+//! checksum replace, a second store) with plain loads and stores.
+//!
+//! Writing through `skb->data` makes the verifier add a prologue that
+//! unclones a cloned skb before the program runs (`bpf_unclone_prologue`,
+//! kernel/bpf/verifier.c); `bpf_skb_store_bytes` made the same check per
+//! call. For TCP's own clones the header is private (`skb_header_release`),
+//! so neither copies anything.
 
 use aya_ebpf::programs::TcContext;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETH_ALEN: usize = 6;
-const ETH_TYPE_OFF: usize = 12;
-/// `ETH_P_IP` as it appears on the wire (big endian), read as a native u16.
-const ETH_P_IP_WIRE: u16 = 0x0800_u16.to_be();
+/// `ETH_P_IP` as it appears on the wire.
+const ETH_P_IP_WIRE: [u8; 2] = 0x0800_u16.to_be_bytes();
+const IPV4_MIN_IHL: u8 = 5;
 
-const IPV4_MIN_HLEN: usize = 20;
-const IPV4_TTL_OFF: usize = ETH_HLEN + 8;
-const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
+/// Ethernet header followed by the fixed part of an IPv4 header, as on the
+/// wire. Byte arrays only: alignment 1, because the IPv4 header sits at
+/// offset 14 and `skb->data` has no alignment the program may rely on.
+#[repr(C)]
+pub struct EthIpv4 {
+    pub dst_mac: [u8; ETH_ALEN],
+    pub src_mac: [u8; ETH_ALEN],
+    pub ethertype: [u8; 2],
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub total_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+const ETH_IPV4_LEN: usize = core::mem::size_of::<EthIpv4>();
+const _: () = assert!(ETH_IPV4_LEN == ETH_HLEN + 20);
+const _: () = assert!(core::mem::align_of::<EthIpv4>() == 1);
 
 /// The fields of an IPv4 packet the forwarding decision needs. Addresses
 /// stay in network byte order, as the maps key them.
@@ -21,71 +49,91 @@ pub struct Ipv4Fields {
     pub src: u32,
     pub dst: u32,
     pub ttl: u8,
-    pub proto: u8,
+    pub src_mac: [u8; ETH_ALEN],
 }
 
 pub enum L3 {
     Ipv4(Ipv4Fields),
     /// ARP, IPv6, VLAN, ...: not ours to decide.
     Other,
-    /// EtherType IPv4 but not a valid IPv4 header.
+    /// `EtherType` IPv4 but not a valid IPv4 header.
     MalformedIpv4,
 }
 
+/// `T` at the start of the packet, if the linear data holds all of it.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> L3 {
-    // TC never sees a frame shorter than the Ethernet header on a veth; if it
-    // did, the load fails and the frame is simply not ours.
-    let Ok(ethertype) = ctx.load::<u16>(ETH_TYPE_OFF) else {
+fn at_start<T>(ctx: &TcContext) -> Option<*mut T> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // This comparison is what lets the verifier accept the accesses through
+    // the pointer (packet range check on `data` against `data_end`).
+    if start + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some(start as *mut T)
+}
+
+/// The Ethernet + IPv4 header, writable, or `None` if the packet is shorter
+/// than both. Used after [`parse`], which pulled them into the linear area.
+/// Takes the context mutably so that no two references to the packet exist.
+#[inline(always)]
+pub fn header_mut(ctx: &mut TcContext) -> Option<&mut EthIpv4> {
+    let header = at_start::<EthIpv4>(ctx)?;
+    // SAFETY: `at_start` checked that all `EthIpv4` bytes lie inside the
+    // packet's linear data; `EthIpv4` has alignment 1 and no invalid bit
+    // patterns; the reference lives only until the next helper call of the
+    // caller, none of which moves packet data (map lookups, redirects).
+    Some(unsafe { &mut *header })
+}
+
+#[inline(always)]
+pub fn parse(ctx: &mut TcContext) -> L3 {
+    // TC never sees a frame shorter than the Ethernet header on a veth, and
+    // the Ethernet header is always in the linear data.
+    let Some(eth) = at_start::<[u8; ETH_HLEN]>(ctx) else {
         return L3::Other;
     };
+    // SAFETY: in bounds (checked by `at_start`), byte array: any alignment.
+    let ethertype = unsafe { [(*eth)[12], (*eth)[13]] };
     if ethertype != ETH_P_IP_WIRE {
         return L3::Other;
     }
-    // One load for the fixed header: fails on any frame shorter than 34 bytes.
-    let Ok(header) = ctx.load::<[u8; IPV4_MIN_HLEN]>(ETH_HLEN) else {
+    // Headers split over fragments (seldom: GRO'd or tunnelled skbs): pull
+    // them into the linear area once. Fails on frames shorter than an IPv4
+    // header.
+    if ctx.data() + ETH_IPV4_LEN > ctx.data_end() && ctx.pull_data(ETH_IPV4_LEN as u32).is_err() {
+        return L3::MalformedIpv4;
+    }
+    let packet_len = ctx.len() as usize;
+    let Some(header) = header_mut(ctx) else {
         return L3::MalformedIpv4;
     };
-    let version = header[0] >> 4;
-    let ihl = header[0] & 0x0f;
+    let version = header.version_ihl >> 4;
+    let ihl = header.version_ihl & 0x0f;
     // The header (options included) must fit in the frame; forwarding a
     // packet whose header is cut off would hand garbage to the next hop.
     let header_end = ETH_HLEN + usize::from(ihl) * 4;
-    if version != 4 || ihl < 5 || header_end > ctx.len() as usize {
+    if version != 4 || ihl < IPV4_MIN_IHL || header_end > packet_len {
         return L3::MalformedIpv4;
     }
     L3::Ipv4(Ipv4Fields {
-        src: u32::from_ne_bytes([header[12], header[13], header[14], header[15]]),
-        dst: u32::from_ne_bytes([header[16], header[17], header[18], header[19]]),
-        ttl: header[8],
-        proto: header[9],
+        src: u32::from_ne_bytes(header.src),
+        dst: u32::from_ne_bytes(header.dst),
+        ttl: header.ttl,
+        src_mac: header.src_mac,
     })
 }
 
-const SRC_MAC_OFF: usize = ETH_ALEN;
-
-/// Writes destination and source MAC in one store.
+/// Decrements the TTL and updates the header checksum incrementally, exactly
+/// as the kernel's `ip_decrease_ttl()` (include/net/ip.h) does for a routed
+/// packet: the TTL is the high byte of its 16-bit checksum word, so the sum
+/// grows by `htons(0x0100)`, with the end-around carry folded back in.
 #[inline(always)]
-pub fn set_macs(ctx: &TcContext, dst: &[u8; ETH_ALEN], src: &[u8; ETH_ALEN]) -> Result<(), i64> {
-    let mut macs = [0u8; 2 * ETH_ALEN];
-    macs[..ETH_ALEN].copy_from_slice(dst);
-    macs[ETH_ALEN..].copy_from_slice(src);
-    ctx.store(0, &macs, 0)
-}
-
-/// Reads the source MAC.
-#[inline(always)]
-pub fn src_mac(ctx: &TcContext) -> Result<[u8; ETH_ALEN], i64> {
-    ctx.load::<[u8; ETH_ALEN]>(SRC_MAC_OFF)
-}
-
-/// Decrements the TTL and fixes the header checksum incrementally, as a
-/// router hop does (the host stack would have done it for routed traffic).
-#[inline(always)]
-pub fn decrement_ttl(ctx: &TcContext, ip: &Ipv4Fields) -> Result<(), i64> {
-    // TTL and protocol share one 16-bit checksum word.
-    let old_word = u16::from_ne_bytes([ip.ttl, ip.proto]);
-    let new_word = u16::from_ne_bytes([ip.ttl - 1, ip.proto]);
-    ctx.store(IPV4_TTL_OFF, &(ip.ttl - 1), 0)?;
-    ctx.l3_csum_replace(IPV4_CSUM_OFF, u64::from(old_word), u64::from(new_word), 2)
+pub fn decrement_ttl(header: &mut EthIpv4) {
+    let check = u32::from(u16::from_ne_bytes(header.check)) + u32::from(0x0100_u16.to_be());
+    let folded = check + u32::from(check >= 0xffff);
+    // Truncating to 16 bits is the one's-complement fold's last step.
+    #[allow(clippy::cast_possible_truncation)]
+    let folded = folded as u16;
+    header.check = folded.to_ne_bytes();
+    header.ttl -= 1;
 }

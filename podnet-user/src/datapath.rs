@@ -21,7 +21,7 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use podnet_common::{
-    DropReason, EndpointInfo, EndpointStats, NodeConfig, RemoteNode, Verdict, names,
+    DropReason, EndpointInfo, EndpointStats, NodeConfig, RemoteNode, Verdict, VethEndpoint, names,
 };
 
 /// The eBPF object built by `build.rs` from podnet-ebpf (with BTF), embedded
@@ -234,8 +234,10 @@ impl Datapath {
         HashMap::try_from(map).map_err(map_err(name, "opening as hash map"))
     }
 
-    /// Adds or replaces a local endpoint and creates its (zeroed) per-endpoint
-    /// counters entry, which the datapath only ever updates.
+    /// Adds or replaces a local endpoint, and the entry of its host veth
+    /// (who may send there, zeroed counters) that `from_pod` checks and
+    /// counts in. The counters of a veth whose identity is unchanged are
+    /// kept (an agent restart re-adds every endpoint).
     pub fn upsert_endpoint(
         &mut self,
         ip: Ipv4Addr,
@@ -244,16 +246,30 @@ impl Datapath {
         self.endpoints_map()?
             .insert(ip_key(ip), info, 0)
             .map_err(map_err(names::MAP_ENDPOINTS, format!("inserting {ip}")))?;
-        let name = names::MAP_ENDPOINT_STATS;
-        let mut stats = self.endpoint_stats_map()?;
-        if stats.get(&info.host_ifindex, 0).is_err() {
+        let identity = VethEndpoint {
+            pod_ip: ip_key(ip),
+            pod_mac: info.pod_mac,
+            host_mac: info.host_mac,
+            stats: EndpointStats::default(),
+        };
+        let name = names::MAP_VETHS;
+        let mut veths = self.veths_map()?;
+        let unchanged = veths.get(&info.host_ifindex, 0).is_ok_and(|per_cpu| {
+            per_cpu.iter().all(|v| {
+                VethEndpoint {
+                    stats: EndpointStats::default(),
+                    ..*v
+                } == identity
+            })
+        });
+        if !unchanged {
             let cpus = aya::util::nr_cpus()
                 .map_err(|(_, source)| DatapathError::PossibleCpus { source })?;
-            let zeroes = aya::maps::PerCpuValues::try_from(vec![EndpointStats::default(); cpus])
+            let values = aya::maps::PerCpuValues::try_from(vec![identity; cpus])
                 .map_err(|source| DatapathError::PossibleCpus { source })?;
-            stats.insert(info.host_ifindex, zeroes, 0).map_err(map_err(
+            veths.insert(info.host_ifindex, values, 0).map_err(map_err(
                 name,
-                format!("creating counters for ifindex {}", info.host_ifindex),
+                format!("creating the entry of ifindex {}", info.host_ifindex),
             ))?;
         }
         Ok(())
@@ -284,13 +300,13 @@ impl Datapath {
                 ));
             }
         }
-        self.remove_endpoint_stats(info.host_ifindex)
+        self.remove_veth(info.host_ifindex)
     }
 
-    fn endpoint_stats_map(
+    fn veths_map(
         &mut self,
-    ) -> Result<PerCpuHashMap<&mut MapData, u32, EndpointStats>, DatapathError> {
-        let name = names::MAP_ENDPOINT_STATS;
+    ) -> Result<PerCpuHashMap<&mut MapData, u32, VethEndpoint>, DatapathError> {
+        let name = names::MAP_VETHS;
         let map = self
             .ebpf
             .map_mut(name)
@@ -298,10 +314,9 @@ impl Datapath {
         PerCpuHashMap::try_from(map).map_err(map_err(name, "opening as per-CPU hash map"))
     }
 
-    fn remove_endpoint_stats(&mut self, host_ifindex: u32) -> Result<(), DatapathError> {
-        let name = names::MAP_ENDPOINT_STATS;
-        let mut stats = self.endpoint_stats_map()?;
-        match stats.remove(&host_ifindex) {
+    fn remove_veth(&mut self, host_ifindex: u32) -> Result<(), DatapathError> {
+        let name = names::MAP_VETHS;
+        match self.veths_map()?.remove(&host_ifindex) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(source) => Err(map_err(name, format!("removing ifindex {host_ifindex}"))(
                 source,
@@ -470,19 +485,19 @@ impl Datapath {
         &self,
         host_ifindex: u32,
     ) -> Result<Option<EndpointStats>, DatapathError> {
-        let name = names::MAP_ENDPOINT_STATS;
+        let name = names::MAP_VETHS;
         let map = self
             .ebpf
             .map(name)
             .ok_or(DatapathError::MissingMap { name })?;
-        let stats: PerCpuHashMap<_, u32, EndpointStats> =
+        let veths: PerCpuHashMap<_, u32, VethEndpoint> =
             PerCpuHashMap::try_from(map).map_err(map_err(name, "opening as per-CPU hash map"))?;
-        match stats.get(&host_ifindex, 0) {
+        match veths.get(&host_ifindex, 0) {
             Ok(values) => Ok(Some(values.iter().fold(
                 EndpointStats::default(),
                 |acc, v| EndpointStats {
-                    packets: acc.packets + v.packets,
-                    bytes: acc.bytes + v.bytes,
+                    packets: acc.packets + v.stats.packets,
+                    bytes: acc.bytes + v.stats.bytes,
                 },
             ))),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),

@@ -36,7 +36,12 @@ pub struct BenchOptions {
     /// Pods per CNI timing run.
     pub cni_pods: usize,
     pub quick: bool,
+    /// Only these parts of the run (names as in [`PARTS`]); empty = all.
+    pub only: Vec<String>,
 }
+
+/// The parts of a run, in the order they run.
+pub const PARTS: [&str; 5] = ["same-node", "scale", "cni", "cross-node", "bpf"];
 
 impl BenchOptions {
     #[must_use]
@@ -46,6 +51,7 @@ impl BenchOptions {
             seconds: 5,
             cni_pods: 50,
             quick: false,
+            only: Vec::new(),
         }
     }
 
@@ -56,6 +62,7 @@ impl BenchOptions {
             seconds: 1,
             cni_pods: 8,
             quick: true,
+            only: Vec::new(),
         }
     }
 }
@@ -270,30 +277,60 @@ impl Drop for BpfStatsEnabled {
     }
 }
 
+/// Runs per `BPF_PROG_TEST_RUN` call. Test-run runs the program `repeat`
+/// times on the same skb, so the rewrites accumulate: the TTL drops by one
+/// per run and must stay above 1 for every run to take the forwarding path
+/// (the frames start at 255).
+const RUNS_PER_CALL: u32 = 250;
+const COST_FRAME_TTL: u8 = 255;
+
+/// Mean cost of `runs` runs of `program` on `frame`, in ns. Fails unless
+/// every run ended in `expected` (so the figure is that path's, not a drop's
+/// or a pass's).
 fn cost(
     h: &mut crate::bpf_run::BpfHarness,
-    repeat: u32,
+    runs: u32,
     program: &'static str,
     frame: &[u8],
+    expected: podnet_common::Verdict,
 ) -> anyhow::Result<f64> {
     use aya::programs::{TestRun as _, TestRunOptions};
-    let prog = h.datapath.classifier(program)?;
+    let before = h.datapath.counters()?.verdict(expected);
+    let calls = runs.div_ceil(RUNS_PER_CALL);
     let mut out = vec![0u8; frame.len() + 256];
-    let result = prog.test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        repeat,
-        ..TestRunOptions::default()
-    })?;
-    Ok(result.duration.as_secs_f64() * 1e9)
+    let mut total_ns = 0.0;
+    for _ in 0..calls {
+        let prog = h.datapath.classifier(program)?;
+        let result = prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: RUNS_PER_CALL,
+            ..TestRunOptions::default()
+        })?;
+        // The kernel reports the mean of the call's runs.
+        total_ns += result.duration.as_secs_f64() * 1e9 * f64::from(RUNS_PER_CALL);
+    }
+    let took_path = h.datapath.counters()?.verdict(expected) - before;
+    let total_runs = u64::from(calls) * u64::from(RUNS_PER_CALL);
+    anyhow::ensure!(
+        took_path == total_runs,
+        "{program}: {took_path} of {total_runs} runs ended in {}",
+        expected.name()
+    );
+    #[allow(clippy::cast_precision_loss, reason = "run counts far below 2^52")]
+    Ok(total_ns / total_runs as f64)
 }
 
 /// Per-run cost of each podnet program path measured with
-/// BPF_PROG_TEST_RUN (`repeat` runs, the kernel reports the mean): the
-/// program alone, without bpf_stats' clock reads (which on this VM cost more
-/// than the programs themselves).
-pub fn bpf_cost_test_run(repeat: u32) -> anyhow::Result<Vec<(String, f64)>> {
-    use podnet_common::{EndpointInfo, NodeConfig, names, node};
+/// BPF_PROG_TEST_RUN (about `runs` runs each, hot caches): the program
+/// alone, without bpf_stats' clock reads (which on this VM cost more than
+/// the programs themselves).
+pub fn bpf_cost_test_run(runs: u32) -> anyhow::Result<Vec<(String, f64)>> {
+    use podnet_common::{
+        EndpointInfo, NodeConfig, Verdict,
+        names::{PROG_FROM_OVERLAY, PROG_FROM_POD, PROG_FROM_UNDERLAY},
+        node,
+    };
 
     let mut h = crate::bpf_run::BpfHarness::new("cost")?;
     let lo = nix::net::if_::if_nametoindex("lo")?;
@@ -308,13 +345,15 @@ pub fn bpf_cost_test_run(repeat: u32) -> anyhow::Result<Vec<(String, f64)>> {
             host_mac: a_host,
         },
     )?;
+    // B's MACs are A's swapped, so the frame from_pod rewrites for B is
+    // again a valid frame from A: every repeated run passes the source check.
     h.datapath.upsert_endpoint(
         b,
         EndpointInfo {
             host_ifindex: 4242,
             flags: 0,
-            pod_mac: [2, 0xbb, 0, 0, 0, 3],
-            host_mac: [2, 0xbb, 0xff, 0, 0, 3],
+            pod_mac: a_host,
+            host_mac: a_mac,
         },
     )?;
     h.datapath
@@ -329,41 +368,67 @@ pub fn bpf_cost_test_run(repeat: u32) -> anyhow::Result<Vec<(String, f64)>> {
     };
     h.datapath.set_config(config)?;
     let payload = [0u8; 1400];
-    let local = crate::frames::ipv4_udp(a_host, a_mac, a, b, 64, &payload);
-    let remote =
-        crate::frames::ipv4_udp(a_host, a_mac, a, Ipv4Addr::new(10, 244, 1, 7), 64, &payload);
-    let arriving = crate::frames::ipv4_udp(
-        [2; 6],
-        [3; 6],
-        Ipv4Addr::new(10, 244, 1, 7),
-        b,
-        64,
-        &payload,
-    );
-    let mut figures = vec![
+    let local = crate::frames::ipv4_udp(a_host, a_mac, a, b, COST_FRAME_TTL, &payload);
+    let remote_ip = Ipv4Addr::new(10, 244, 1, 7);
+    let remote = crate::frames::ipv4_udp(a_host, a_mac, a, remote_ip, COST_FRAME_TTL, &payload);
+    let arriving = crate::frames::ipv4_udp([2; 6], [3; 6], remote_ip, b, COST_FRAME_TTL, &payload);
+    // The last path is the floor under all the others: test-run's own
+    // loop plus the shortest path there is (one EtherType read, a counter).
+    let mut not_ip = crate::frames::ethernet([2; 6], [3; 6], crate::frames::ETH_P_IPV6);
+    not_ip.extend_from_slice(&payload);
+    let paths = [
         (
-            "from_pod local (redirect_peer)".to_owned(),
-            cost(&mut h, repeat, names::PROG_FROM_POD, &local)?,
+            "from_pod local (redirect_peer)",
+            PROG_FROM_POD,
+            &local,
+            node::MODE_VXLAN,
+            Verdict::RedirectPeer,
         ),
         (
-            "from_pod remote (vxlan encap)".to_owned(),
-            cost(&mut h, repeat, names::PROG_FROM_POD, &remote)?,
+            "from_pod remote (vxlan encap)",
+            PROG_FROM_POD,
+            &remote,
+            node::MODE_VXLAN,
+            Verdict::VxlanEncap,
         ),
         (
-            "from_overlay deliver".to_owned(),
-            cost(&mut h, repeat, names::PROG_FROM_OVERLAY, &arriving)?,
+            "from_pod remote (redirect_neigh)",
+            PROG_FROM_POD,
+            &remote,
+            node::MODE_DIRECT,
+            Verdict::RedirectNeigh,
         ),
         (
-            "from_underlay deliver".to_owned(),
-            cost(&mut h, repeat, names::PROG_FROM_UNDERLAY, &arriving)?,
+            "from_overlay deliver",
+            PROG_FROM_OVERLAY,
+            &arriving,
+            node::MODE_VXLAN,
+            Verdict::OverlayDeliver,
+        ),
+        (
+            "from_underlay deliver",
+            PROG_FROM_UNDERLAY,
+            &arriving,
+            node::MODE_DIRECT,
+            Verdict::UnderlayDeliver,
+        ),
+        (
+            "floor: from_underlay non-IP pass",
+            PROG_FROM_UNDERLAY,
+            &not_ip,
+            node::MODE_DIRECT,
+            Verdict::PassToStack,
         ),
     ];
-    config.mode = node::MODE_DIRECT;
-    h.datapath.set_config(config)?;
-    figures.push((
-        "from_pod remote (redirect_neigh)".to_owned(),
-        cost(&mut h, repeat, names::PROG_FROM_POD, &remote)?,
-    ));
+    let mut figures = Vec::new();
+    for (path, program, frame, mode, verdict) in paths {
+        config.mode = mode;
+        h.datapath.set_config(config)?;
+        figures.push((
+            path.to_owned(),
+            cost(&mut h, runs, program, frame, verdict)?,
+        ));
+    }
     Ok(figures)
 }
 
@@ -893,65 +958,85 @@ fn measure_cni(
     Ok(())
 }
 
-/// Runs every scenario; returns all figures.
+impl BenchOptions {
+    fn runs(&self, part: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|p| p == part)
+    }
+}
+
+/// Runs every scenario (or those `opts.only` names); returns all figures.
 pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let mut figures = Vec::new();
     let stats = BpfStatsEnabled::new();
 
-    progress("same node: building podnet, bridge, ptp and a direct veth pair");
-    let podnet = Node::start("bench", "10.244.0.0/24")?;
-    let pods = [podnet.add_pod("bench-a")?, podnet.add_pod("bench-b")?];
-    let podnet_pair = Pair {
-        client_ns: pods[0].netns.name().into(),
-        server_ns: pods[1].netns.name().into(),
-        server_ip: pods[1].ip,
-    };
-    let bridge = ReferenceNode::new("bridge", "10.245.0.0/24", 2)?;
-    let ptp = ReferenceNode::new("ptp", "10.246.0.0/24", 2)?;
-    let veth = VethPair::new()?;
-    let before = bpf_stats();
-    measure_dataplanes(
-        "same-node",
-        &[
-            ("podnet", podnet_pair),
-            ("bridge", bridge.pair()),
-            ("ptp", ptp.pair()),
-            ("veth", veth.pair()),
-        ],
-        opts,
-        &mut figures,
-    )?;
-    let after = bpf_stats();
-    add_bpf_cost("same-node", &before, &after, &mut figures);
+    if ["same-node", "scale", "cni"]
+        .iter()
+        .any(|part| opts.runs(part))
+    {
+        progress("same node: building podnet, bridge, ptp and a direct veth pair");
+        let podnet = Node::start("bench", "10.244.0.0/24")?;
+        let pods = [podnet.add_pod("bench-a")?, podnet.add_pod("bench-b")?];
+        let bridge = ReferenceNode::new("bridge", "10.245.0.0/24", 2)?;
+        if opts.runs("same-node") {
+            let podnet_pair = Pair {
+                client_ns: pods[0].netns.name().into(),
+                server_ns: pods[1].netns.name().into(),
+                server_ip: pods[1].ip,
+            };
+            let ptp = ReferenceNode::new("ptp", "10.246.0.0/24", 2)?;
+            let veth = VethPair::new()?;
+            let before = bpf_stats();
+            measure_dataplanes(
+                "same-node",
+                &[
+                    ("podnet", podnet_pair),
+                    ("bridge", bridge.pair()),
+                    ("ptp", ptp.pair()),
+                    ("veth", veth.pair()),
+                ],
+                opts,
+                &mut figures,
+            )?;
+            let after = bpf_stats();
+            add_bpf_cost("same-node", &before, &after, &mut figures);
+        }
+        if opts.runs("scale") {
+            measure_scale(&podnet, &pods, opts, &mut figures)?;
+        }
+        if opts.runs("cni") {
+            measure_cni(&podnet, &bridge, opts, &mut figures)?;
+        }
+    }
 
-    measure_scale(&podnet, &pods, opts, &mut figures)?;
-    measure_cni(&podnet, &bridge, opts, &mut figures)?;
-    drop((podnet, pods, bridge, ptp, veth));
+    if opts.runs("cross-node") {
+        progress("cross node: building podnet vxlan, podnet direct, flannel-style kernel VXLAN");
+        let (vx_lab, vx) = podnet_cluster("vxlan")?;
+        let (dr_lab, dr) = podnet_cluster("direct")?;
+        let flannel = FlannelCluster::new()?;
+        let before = bpf_stats();
+        measure_dataplanes(
+            "cross-node",
+            &[
+                ("podnet-vxlan", vx),
+                ("podnet-direct", dr),
+                ("kernel-vxlan", flannel.pair()),
+                ("underlay", flannel.underlay_pair()),
+            ],
+            opts,
+            &mut figures,
+        )?;
+        let after = bpf_stats();
+        add_bpf_cost("cross-node", &before, &after, &mut figures);
+        drop((vx_lab, dr_lab, flannel));
+    }
+    drop(stats);
 
-    progress("cross node: building podnet vxlan, podnet direct, flannel-style kernel VXLAN");
-    let (vx_lab, vx) = podnet_cluster("vxlan")?;
-    let (dr_lab, dr) = podnet_cluster("direct")?;
-    let flannel = FlannelCluster::new()?;
-    let before = bpf_stats();
-    measure_dataplanes(
-        "cross-node",
-        &[
-            ("podnet-vxlan", vx),
-            ("podnet-direct", dr),
-            ("kernel-vxlan", flannel.pair()),
-            ("underlay", flannel.underlay_pair()),
-        ],
-        opts,
-        &mut figures,
-    )?;
-    let after = bpf_stats();
-    add_bpf_cost("cross-node", &before, &after, &mut figures);
-    drop((vx_lab, dr_lab, flannel, stats));
-
-    progress("BPF cost per run of each program path (BPF_PROG_TEST_RUN)");
-    let repeat = if opts.quick { 10_000 } else { 1_000_000 };
-    for (path, ns) in bpf_cost_test_run(repeat)? {
-        figures.push(figure("bpf", &path, "bpf_ns_per_packet", "ns", vec![ns]));
+    if opts.runs("bpf") {
+        progress("BPF cost per run of each program path (BPF_PROG_TEST_RUN)");
+        let runs = if opts.quick { 10_000 } else { 1_000_000 };
+        for (path, ns) in bpf_cost_test_run(runs)? {
+            figures.push(figure("bpf", &path, "bpf_ns_per_packet", "ns", vec![ns]));
+        }
     }
     Ok(figures)
 }

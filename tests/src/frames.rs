@@ -7,7 +7,9 @@ pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const IPPROTO_UDP: u8 = 17;
 
-/// Offsets in an Ethernet + IPv4 frame (no options).
+/// Offsets in an Ethernet + IPv4 frame (no options): identification, TTL,
+/// header checksum.
+pub const IP_ID_OFF: usize = 14 + 4;
 pub const TTL_OFF: usize = 14 + 8;
 pub const IP_CSUM_OFF: usize = 14 + 10;
 

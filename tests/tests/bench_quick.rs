@@ -32,13 +32,18 @@ fn every_benchmark_scenario_builds_and_measures() {
             }
         }
     }
+    let bpf_costs: Vec<_> = figures
+        .iter()
+        .filter(|f| f.metric == "bpf_ns_per_packet")
+        .collect();
+    assert_eq!(
+        bpf_costs.len(),
+        6,
+        "BPF cost of five program paths and the floor measured: {bpf_costs:?}"
+    );
     assert!(
-        figures
-            .iter()
-            .filter(|f| f.metric == "bpf_ns_per_packet")
-            .count()
-            == 5,
-        "BPF cost per packet measured"
+        bpf_costs.iter().all(|f| f.median.is_finite() && f.median > 0.0),
+        "{bpf_costs:?}"
     );
     let table = bench::table(&figures);
     assert!(table.contains("vs veth"), "{table}");

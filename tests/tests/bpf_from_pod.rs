@@ -10,7 +10,7 @@ use podnet::datapath::Counters;
 use podnet_common::{DropReason, EndpointInfo, EndpointStats, Verdict, names::PROG_FROM_POD};
 use podnet_tests::{
     bpf_run::{BpfHarness, RunOutcome},
-    frames::{self, ETH_P_ARP, ETH_P_IPV6, IP_CSUM_OFF, TTL_OFF},
+    frames::{self, ETH_P_ARP, ETH_P_IPV6, IP_CSUM_OFF, IP_ID_OFF, TTL_OFF},
     privileged,
 };
 
@@ -347,6 +347,50 @@ fn spoofed_sources_are_dropped_and_counted() {
     assert_eq!(c.drop_count(DropReason::SpoofedSourceMac), 1);
     assert_eq!(c.verdict(Verdict::Drop), 3);
     assert_eq!(c.verdict(Verdict::RedirectPeer), 0);
+}
+
+/// The TTL decrement patches the checksum incrementally (RFC 1624, as the
+/// kernel's `ip_decrease_ttl`); the one's-complement end-around carry is
+/// where such code goes wrong. Every checksum value a sender computes is hit
+/// by sweeping the 16-bit IP ID (the checksum moves with it), plus 0xffff,
+/// the other spelling of zero that only incremental updates produce.
+#[test]
+fn ttl_decrement_keeps_every_checksum_valid() {
+    if !privileged("ttl_decrement_keeps_every_checksum_valid") {
+        return;
+    }
+    let mut h = harness("checksum");
+    let mut frame = from_pod_a(POD_B_IP, 64);
+    let mut checksums_seen = std::collections::HashSet::new();
+    for id in 0..=u16::MAX {
+        frame[IP_ID_OFF..IP_ID_OFF + 2].copy_from_slice(&id.to_be_bytes());
+        frame[IP_CSUM_OFF..IP_CSUM_OFF + 2].fill(0);
+        let computed = frames::internet_checksum(&frame[14..34]);
+        let spellings: &[u16] = if computed == 0 {
+            &[0, 0xffff]
+        } else {
+            &[computed]
+        };
+        for &csum in spellings {
+            frame[IP_CSUM_OFF..IP_CSUM_OFF + 2].copy_from_slice(&csum.to_be_bytes());
+            assert!(frames::ipv4_header_checksum_ok(&frame));
+            checksums_seen.insert(csum);
+
+            let out = run(&mut h, &frame);
+            assert_eq!(out.verdict, TC_ACT_REDIRECT, "IP ID {id:#06x}");
+            assert_eq!(out.frame[TTL_OFF], 63);
+            assert!(
+                frames::ipv4_header_checksum_ok(&out.frame),
+                "checksum {csum:#06x} (IP ID {id:#06x}) invalid after the TTL decrement: {:02x?}",
+                &out.frame[IP_CSUM_OFF..IP_CSUM_OFF + 2]
+            );
+        }
+    }
+    assert_eq!(
+        checksums_seen.len(),
+        0x1_0000,
+        "the sweep covers every checksum value"
+    );
 }
 
 #[test]

@@ -23,6 +23,9 @@ struct Cli {
     /// Draw bar charts of the main figures.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// Run only these parts (repeatable); default: all.
+    #[arg(long, value_parser = bench::PARTS)]
+    only: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,6 +35,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         BenchOptions::full()
     };
+    opts.only = cli.only;
     if let Some(rounds) = cli.rounds {
         opts.rounds = rounds.max(1);
     }
