@@ -70,7 +70,8 @@ pub struct EndpointStatus {
     pub endpoint: Endpoint,
     /// The endpoint is in the datapath's map.
     pub in_datapath: bool,
-    /// from_pod is attached (a pinned TCX link exists).
+    /// from_pod is attached (podnet's `cls_bpf` filter is on the veth, as
+    /// the kernel reports it, or a pinned TCX link of an older podnet).
     pub attached: bool,
     pub tx_packets: u64,
     pub tx_bytes: u64,

@@ -22,6 +22,7 @@ use rtnetlink::{
         link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
         neighbour::NeighbourState,
         route::{RouteAddress, RouteAttribute, RouteScope},
+        tc::TcAttribute,
     },
 };
 
@@ -482,4 +483,45 @@ pub async fn link_with_address(
         None => return Ok(None),
     };
     link_by_index(handle, index).await
+}
+
+/// Whether link `index` has a `bpf` filter at `priority` on its clsact
+/// ingress (`tc filter show dev X ingress`); `false` without a clsact qdisc.
+pub async fn has_ingress_bpf_filter(
+    handle: &Handle,
+    index: u32,
+    priority: u16,
+) -> Result<bool, NetlinkError> {
+    let Ok(ifindex) = i32::try_from(index) else {
+        return Ok(false);
+    };
+    let mut filters = handle.traffic_filter(ifindex).get().ingress().execute();
+    loop {
+        match filters.try_next().await {
+            Ok(Some(msg)) => {
+                // tcm_info carries the filter's priority in its upper half.
+                let at_priority = msg.header.info >> 16 == u32::from(priority);
+                let is_bpf = msg
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, TcAttribute::Kind(kind) if kind == "bpf"));
+                if at_priority && is_bpf {
+                    return Ok(true);
+                }
+            }
+            Ok(None) => return Ok(false),
+            // No clsact qdisc (EINVAL) or no such link (ENODEV): no filter.
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.code
+                    .is_some_and(|c| [-libc::EINVAL, -libc::ENODEV].contains(&c.get())) =>
+            {
+                return Ok(false);
+            }
+            Err(source) => {
+                return Err(request(format!(
+                    "listing the ingress filters of link #{index}"
+                ))(source));
+            }
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! The agent going away and coming back: traffic between existing pods never
-//! stops (maps and links are pinned), and the restarted agent removes what
+//! stops (maps are pinned, the filters belong to the veths), and the
+//! restarted agent swaps its programs in and removes what
 //! went stale while it was down.
 
 use std::{net::Ipv4Addr, time::Duration};
@@ -17,6 +18,9 @@ fn tcp_stream_survives_an_agent_restart_and_stale_state_is_reconciled() {
     let a = node.add_pod("restart-a").expect("ADD a");
     let b = node.add_pod("restart-b").expect("ADD b");
     let c = node.add_pod("restart-c").expect("ADD c");
+
+    let a_veth = host_veth_of(&node, a.ip);
+    let old_program = from_pod_program_on(&node, &a_veth);
 
     let stream = Stream::start(a.netns.name(), b.netns.name(), b.ip).expect("stream");
     std::thread::sleep(Duration::from_millis(300));
@@ -71,6 +75,12 @@ fn tcp_stream_survives_an_agent_restart_and_stale_state_is_reconciled() {
     assert!(sent > 0);
     assert_eq!(sent, received, "every byte of the stream arrived, in order");
 
+    // The veth runs the restarted agent's from_pod, swapped in place (the
+    // same filter, a new program), and the old program is gone.
+    let new_program = from_pod_program_on(&node, &a_veth);
+    assert_ne!(new_program, old_program, "the new program replaced the old");
+    assert_unloaded(old_program);
+
     // Reconciled: only a and b are endpoints, in the agent and in the map.
     let endpoints = node.podnetctl(&["endpoints"]).expect("endpoints");
     let mut ips: Vec<String> = endpoints
@@ -112,4 +122,58 @@ fn tcp_stream_survives_an_agent_restart_and_stale_state_is_reconciled() {
     let d = node.add_pod("restart-d").expect("ADD d");
     assert!(a.ping(d.ip, 2));
     assert!(d.ping(b.ip, 2));
+}
+
+/// The host veth of the endpoint with `ip`, as the agent reports it.
+fn host_veth_of(node: &Node, ip: Ipv4Addr) -> String {
+    let endpoints = node.podnetctl(&["endpoints"]).expect("endpoints");
+    let endpoint = endpoints
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|e| e["endpoint"]["ip"] == ip.to_string())
+        .unwrap_or_else(|| panic!("endpoint {ip} in {endpoints}"));
+    assert_eq!(endpoint["attached"], true, "{endpoint}");
+    endpoint["endpoint"]["host_ifname"]
+        .as_str()
+        .expect("host_ifname")
+        .to_owned()
+}
+
+/// Id of the from_pod program in the (single) bpf filter on `veth`'s
+/// ingress, as `tc` shows it.
+fn from_pod_program_on(node: &Node, veth: &str) -> u64 {
+    let out = podnet_tests::netns::run(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        node.netns.name(),
+        "tc",
+        "-j",
+        "filter",
+        "show",
+        "dev",
+        veth,
+        "ingress",
+    ]))
+    .expect("tc filter show");
+    let filters: serde_json::Value = serde_json::from_slice(&out.stdout).expect("tc JSON");
+    let programs: Vec<u64> = filters
+        .as_array()
+        .expect("filter list")
+        .iter()
+        .filter_map(|f| f["options"]["prog"]["id"].as_u64())
+        .collect();
+    assert_eq!(programs.len(), 1, "one bpf filter on {veth}: {filters}");
+    programs[0]
+}
+
+fn assert_unloaded(program_id: u64) {
+    let shown = std::process::Command::new("bpftool")
+        .args(["prog", "show", "id", &program_id.to_string()])
+        .output()
+        .expect("bpftool");
+    assert!(
+        !shown.status.success(),
+        "program {program_id} of the old agent still loaded"
+    );
 }

@@ -42,7 +42,9 @@ fn every_benchmark_scenario_builds_and_measures() {
         "BPF cost of five program paths and the floor measured: {bpf_costs:?}"
     );
     assert!(
-        bpf_costs.iter().all(|f| f.median.is_finite() && f.median > 0.0),
+        bpf_costs
+            .iter()
+            .all(|f| f.median.is_finite() && f.median > 0.0),
         "{bpf_costs:?}"
     );
     let table = bench::table(&figures);

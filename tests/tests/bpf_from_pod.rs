@@ -136,6 +136,59 @@ fn local_destination_is_redirected_to_the_peer_with_rewritten_headers() {
     );
 }
 
+/// The per-veth entry (who may send, and the counters) follows the agent's
+/// view: re-adding the same endpoint (an agent restart) keeps the counters;
+/// a veth that now belongs to a different pod identity starts afresh and
+/// only that identity may send; a removed endpoint's veth may not send.
+#[test]
+fn veth_identity_follows_the_endpoint() {
+    if !privileged("veth_identity_follows_the_endpoint") {
+        return;
+    }
+    let mut h = harness("identity");
+    let lo = loopback_ifindex();
+    let frame = from_pod_a(POD_B_IP, 64);
+    assert_eq!(run(&mut h, &frame).verdict, TC_ACT_REDIRECT);
+    let a = EndpointInfo {
+        host_ifindex: lo,
+        flags: 0,
+        pod_mac: POD_A_MAC,
+        host_mac: HOST_A_MAC,
+    };
+    h.datapath.upsert_endpoint(POD_A_IP, a).expect("re-add A");
+    let packets = |h: &BpfHarness| {
+        h.datapath
+            .endpoint_stats(lo)
+            .expect("stats")
+            .map(|s| s.packets)
+    };
+    assert_eq!(packets(&h), Some(1), "counters kept across a re-add");
+
+    // The veth now carries pod A with a new MAC: the old MAC is refused.
+    let new_mac = [0x02, 0xaa, 0, 0, 0, 0x99];
+    h.datapath
+        .upsert_endpoint(
+            POD_A_IP,
+            EndpointInfo {
+                pod_mac: new_mac,
+                ..a
+            },
+        )
+        .expect("A with a new MAC");
+    assert_eq!(packets(&h), Some(0), "a new identity starts from zero");
+    assert_eq!(run(&mut h, &frame).verdict, TC_ACT_SHOT);
+    let mut new_frame = frame.clone();
+    new_frame[6..12].copy_from_slice(&new_mac);
+    assert_eq!(run(&mut h, &new_frame).verdict, TC_ACT_REDIRECT);
+
+    // Removed: the veth's packets are no longer anyone's.
+    h.datapath.remove_endpoint(POD_A_IP).expect("remove A");
+    assert_eq!(packets(&h), None);
+    assert_eq!(run(&mut h, &new_frame).verdict, TC_ACT_SHOT);
+    assert_eq!(counters(&h).drop_count(DropReason::SpoofedSourceIp), 1);
+    assert_eq!(counters(&h).drop_count(DropReason::SpoofedSourceMac), 1);
+}
+
 #[test]
 fn unknown_destination_passes_to_the_host_stack_unchanged() {
     if !privileged("unknown_destination_passes_to_the_host_stack_unchanged") {

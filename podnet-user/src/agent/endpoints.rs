@@ -39,7 +39,7 @@ fn host_ifindex(name: &str) -> Option<u32> {
 
 impl EndpointRegistry {
     /// Loads the endpoint records and reconciles them with the live
-    /// interfaces, the datapath and the pinned links (see [`Self::reconcile`]).
+    /// interfaces, the datapath and the attached programs (see [`Self::reconcile`]).
     pub fn open(config: AgentConfig, datapath: Datapath) -> anyhow::Result<Self> {
         for dir in [
             config.endpoints_dir(),
@@ -95,9 +95,9 @@ impl EndpointRegistry {
 
     /// Brings the datapath in line with the records after a (re)start:
     /// endpoints whose host veth is gone are removed (with their address);
-    /// live ones get their map entry rewritten and their pinned link pointed
-    /// at the freshly loaded program (atomically; traffic never stops);
-    /// map entries and link pins nobody owns are removed.
+    /// live ones get their map entry rewritten and their from_pod filter
+    /// pointed at the freshly loaded program (atomically; traffic never
+    /// stops); map entries and link pins nobody owns are removed.
     pub fn reconcile(&mut self) -> anyhow::Result<()> {
         let owners: Vec<Owner> = self.endpoints.keys().cloned().collect();
         for owner in owners {
@@ -160,12 +160,16 @@ impl EndpointRegistry {
 
     /// Attaches (or re-points) from_pod and writes the map entry.
     fn install(&mut self, ep: &Endpoint, restarting: bool) -> anyhow::Result<()> {
-        let pin = self.link_pin(&ep.host_ifname);
-        let reattached =
-            restarting && pin.exists() && self.datapath.reattach_from_pod(&pin).is_ok();
+        // A pinned TCX link is how podnet attached before it used cls_bpf
+        // for pod veths: re-point it, so an upgrade never leaves the veth
+        // without a program (the pin goes with the endpoint).
+        let legacy_pin = self.link_pin(&ep.host_ifname);
+        let reattached = restarting
+            && legacy_pin.exists()
+            && self.datapath.reattach_from_pod(&legacy_pin).is_ok();
         if !reattached {
             self.datapath
-                .attach_from_pod(&ep.host_ifname, &pin)
+                .attach_from_pod(&ep.host_ifname, restarting)
                 .with_context(|| format!("attaching from_pod to {}", ep.host_ifname))?;
         }
         self.datapath.upsert_endpoint(
@@ -291,6 +295,8 @@ impl EndpointRegistry {
 
     pub fn list(&mut self) -> anyhow::Result<Vec<EndpointStatus>> {
         let eps: Vec<Endpoint> = self.endpoints.values().cloned().collect();
+        let with_filter =
+            veths_with_from_pod_filter(eps.iter().map(|ep| ep.host_ifindex).collect())?;
         eps.into_iter()
             .map(|ep| {
                 let in_datapath = self
@@ -302,7 +308,8 @@ impl EndpointRegistry {
                     .endpoint_stats(ep.host_ifindex)?
                     .unwrap_or_default();
                 Ok(EndpointStatus {
-                    attached: self.link_pin(&ep.host_ifname).exists(),
+                    attached: with_filter.contains(&ep.host_ifindex)
+                        || self.link_pin(&ep.host_ifname).exists(),
                     in_datapath,
                     tx_packets: stats.packets,
                     tx_bytes: stats.bytes,
@@ -354,13 +361,33 @@ impl EndpointRegistry {
     }
 }
 
-/// How programs attach on this kernel.
+/// Which of `ifindexes` (in the agent's netns) carry podnet's from_pod
+/// filter: what the kernel says, not what the agent believes it did.
+fn veths_with_from_pod_filter(
+    ifindexes: Vec<u32>,
+) -> anyhow::Result<std::collections::HashSet<u32>> {
+    use crate::datapath::FROM_POD_TC_PRIORITY;
+    let attached = crate::netlink::with_netlink(None, move |handle| async move {
+        let mut attached = std::collections::HashSet::new();
+        for index in ifindexes {
+            if crate::netlink::has_ingress_bpf_filter(&handle, index, FROM_POD_TC_PRIORITY).await? {
+                attached.insert(index);
+            }
+        }
+        Ok(attached)
+    })?;
+    Ok(attached)
+}
+
+/// How the programs are attached, for status output: pod veths always by a
+/// `cls_bpf` filter (see `Datapath::attach_from_pod` for why), the node's
+/// own devices by TCX where the kernel has it (Linux >= 6.6).
 #[must_use]
 pub fn attach_mode() -> &'static str {
     use aya::util::KernelVersion;
     if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)) {
-        "tcx"
+        "pods: clsact (cls_bpf); node devices: tcx"
     } else {
-        "clsact"
+        "pods: clsact (cls_bpf); node devices: clsact"
     }
 }

@@ -37,7 +37,8 @@ impl AgentConfig {
         self.state_dir.join("endpoints")
     }
 
-    /// Where TCX links are pinned.
+    /// Where TCX links are pinned (the node devices'; pod veths' from older
+    /// podnet versions).
     #[must_use]
     pub fn links_dir(&self) -> PathBuf {
         self.bpffs_dir.join("links")
