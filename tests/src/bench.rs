@@ -791,13 +791,15 @@ fn progress(msg: &str) {
 }
 
 /// Measures throughput, latency and connection rate of every `(name, pair)`
-/// in interleaved rounds; adds the figures to `out`.
+/// in interleaved rounds, and the podnet programs' bpf_stats cost over all
+/// of it; adds the figures to `out`.
 fn measure_dataplanes(
     scenario: &str,
     pairs: &[(&str, Pair)],
     opts: &BenchOptions,
     out: &mut Vec<Figure>,
 ) -> anyhow::Result<()> {
+    let before = bpf_stats();
     let mut runs: BTreeMap<(String, &'static str), Vec<f64>> = BTreeMap::new();
     for round in 1..=opts.rounds {
         for (name, pair) in pairs {
@@ -831,6 +833,7 @@ fn measure_dataplanes(
         };
         out.push(figure(scenario, &name, metric, unit, values));
     }
+    add_bpf_cost(scenario, &before, &bpf_stats(), out);
     Ok(())
 }
 
@@ -985,7 +988,6 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
             };
             let ptp = ReferenceNode::new("ptp", "10.246.0.0/24", 2)?;
             let veth = VethPair::new()?;
-            let before = bpf_stats();
             measure_dataplanes(
                 "same-node",
                 &[
@@ -997,8 +999,6 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
                 opts,
                 &mut figures,
             )?;
-            let after = bpf_stats();
-            add_bpf_cost("same-node", &before, &after, &mut figures);
         }
         if opts.runs("scale") {
             measure_scale(&podnet, &pods, opts, &mut figures)?;
@@ -1013,7 +1013,6 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
         let (vx_lab, vx) = podnet_cluster("vxlan")?;
         let (dr_lab, dr) = podnet_cluster("direct")?;
         let flannel = FlannelCluster::new()?;
-        let before = bpf_stats();
         measure_dataplanes(
             "cross-node",
             &[
@@ -1025,8 +1024,6 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
             opts,
             &mut figures,
         )?;
-        let after = bpf_stats();
-        add_bpf_cost("cross-node", &before, &after, &mut figures);
         drop((vx_lab, dr_lab, flannel));
     }
     drop(stats);

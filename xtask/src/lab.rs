@@ -145,7 +145,7 @@ fn demo_steps(bin_dir: &Path) -> anyhow::Result<()> {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Arguments for podnet-bench: [--quick] [--rounds N] [--json PATH] [--svg PATH]
+    /// Arguments for podnet-bench: [--quick] [--rounds N] [--json PATH] [--svg PATH] [--only PART]
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
 }

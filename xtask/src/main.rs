@@ -30,7 +30,7 @@ enum Command {
     Lab(lab::LabArgs),
     /// Setup, build, a 2x2 VXLAN lab, connectivity matrix, iperf3 figures, lab down.
     Demo,
-    /// Benchmarks against bridge, ptp, kernel VXLAN and the physical limits: [--quick] [--json P] [--svg P].
+    /// Benchmarks against bridge, ptp, kernel VXLAN and the physical limits: [--quick] [--json P] [--svg P] [--only PART].
     Bench(lab::BenchArgs),
     /// The one test command: fmt check, clippy -D warnings, unit, BPF and privileged integration tests.
     Test(test::Args),
