@@ -124,6 +124,51 @@ fn tcp_stream_survives_an_agent_restart_and_stale_state_is_reconciled() {
     assert!(d.ping(b.ip, 2));
 }
 
+/// Someone deletes podnet's filter from a pod veth (`tc filter del`): the
+/// agent reports the endpoint as not attached (it asks the kernel), and a
+/// restarted agent puts the filter back, so the pod is served again.
+#[test]
+fn a_deleted_filter_is_reported_and_put_back_by_the_restarted_agent() {
+    if !privileged("a_deleted_filter_is_reported_and_put_back_by_the_restarted_agent") {
+        return;
+    }
+    let mut node = Node::start("refilter", "10.244.15.0/24").expect("node");
+    let a = node.add_pod("refilter-a").expect("ADD a");
+    let b = node.add_pod("refilter-b").expect("ADD b");
+    let a_veth = host_veth_of(&node, a.ip);
+    assert!(a.ping(b.ip, 1));
+
+    podnet_tests::netns::run(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        node.netns.name(),
+        "tc",
+        "filter",
+        "del",
+        "dev",
+        &a_veth,
+        "ingress",
+    ]))
+    .expect("tc filter del");
+    let endpoints = node.podnetctl(&["endpoints"]).expect("endpoints");
+    let a_status = endpoints
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|e| e["endpoint"]["ip"] == a.ip.to_string())
+        .expect("a listed");
+    assert_eq!(a_status["attached"], false, "{a_status}");
+    // Without from_pod the packet meets the node's stack, which does not
+    // forward in a single-node setup: a is cut off.
+    assert!(!a.ping(b.ip, 1), "a reaches b without its filter");
+
+    node.stop_agent();
+    node.start_agent().expect("agent restarts");
+    from_pod_program_on(&node, &a_veth);
+    assert_eq!(host_veth_of(&node, a.ip), a_veth);
+    assert!(a.ping(b.ip, 2), "a served again after the restart");
+}
+
 /// The host veth of the endpoint with `ip`, as the agent reports it.
 fn host_veth_of(node: &Node, ip: Ipv4Addr) -> String {
     let endpoints = node.podnetctl(&["endpoints"]).expect("endpoints");
