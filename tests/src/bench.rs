@@ -749,7 +749,7 @@ pub fn podnet_cluster(mode: &str) -> anyhow::Result<(LabGuard, Pair)> {
 /// Fills a node's pinned maps the way a big cluster would: `remotes` other
 /// nodes' CIDRs (/28s of 172.16.0.0/12, disjoint from the cluster) and
 /// `endpoints` local endpoints (100.64.0.0/16, no real veth).
-pub fn fill_maps(pin_dir: &Path, remotes: u32, endpoints: u32) -> anyhow::Result<()> {
+pub fn fill_remotes(pin_dir: &Path, remotes: u32) -> anyhow::Result<()> {
     let mut dp = podnet::datapath::Datapath::load(pin_dir)?;
     for i in 0..remotes {
         let net = u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i * 16;
@@ -758,15 +758,64 @@ pub fn fill_maps(pin_dir: &Path, remotes: u32, endpoints: u32) -> anyhow::Result
             Ipv4Addr::new(192, 168, 100, 250),
         )?;
     }
-    for i in 0..endpoints {
-        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 1)) + i);
-        let info = podnet_common::EndpointInfo {
-            host_ifindex: 100_000 + i,
-            flags: 0,
-            pod_mac: [2, 0x64, 0, 0, 0, 1],
-            host_mac: [2, 0x64, 0, 0, 0, 2],
+    Ok(())
+}
+
+/// Hands `count` endpoints to the node's agent the way CNI ADD does (over
+/// its socket), each on a real veth of the node's netns, so the agent holds
+/// them (records, attached filters, map entries) as it would real pods.
+/// The veths go with the node's netns.
+pub fn register_endpoints(node: &Node, count: u32) -> anyhow::Result<()> {
+    use podnet::{api, cni::plugin::AgentApi as _, ipam::Owner};
+    let mut batch = String::new();
+    for i in 0..count {
+        writeln!(batch, "link add psc{i} type veth peer name psc{i}p")?;
+    }
+    let mut ip = std::process::Command::new("ip");
+    ip.args(["-n", node.netns.name(), "-batch", "-"])
+        .stdin(std::process::Stdio::piped());
+    let mut child = ip.spawn()?;
+    std::io::Write::write_all(
+        child.stdin.as_mut().context("ip -batch stdin")?,
+        batch.as_bytes(),
+    )?;
+    anyhow::ensure!(child.wait()?.success(), "creating {count} veths");
+    let links: serde_json::Value = serde_json::from_slice(
+        &run(Command::new("ip").args(["-n", node.netns.name(), "-j", "link", "show"]))?.stdout,
+    )?;
+    let agent = api::Client::new(&node.socket());
+    for link in links.as_array().context("ip -j link")? {
+        let name = link["ifname"].as_str().unwrap_or_default();
+        let Some(i) = name.strip_prefix("psc").and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
         };
-        dp.upsert_endpoint(ip, info)?;
+        let mac = |field: &str| -> anyhow::Result<[u8; 6]> {
+            let octets: Vec<u8> = link[field]
+                .as_str()
+                .context("link address")?
+                .split(':')
+                .map(|o| u8::from_str_radix(o, 16))
+                .collect::<Result<_, _>>()?;
+            octets
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("a MAC has 6 octets"))
+        };
+        let endpoint = api::Endpoint {
+            owner: Owner {
+                container_id: format!("scale-{i}"),
+                ifname: "eth0".into(),
+            },
+            network: "podnet".into(),
+            netns: std::path::PathBuf::from("/proc/self/ns/net"),
+            ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 1)) + i),
+            host_ifname: name.to_owned(),
+            host_ifindex: u32::try_from(link["ifindex"].as_u64().context("ifindex")?)?,
+            pod_mac: mac("address")?,
+            host_mac: mac("address")?,
+        };
+        agent
+            .add_endpoint(&endpoint)
+            .with_context(|| format!("agent: adding endpoint {name}"))?;
     }
     Ok(())
 }
@@ -844,7 +893,7 @@ fn measure_scale(
     opts: &BenchOptions,
     figures: &mut Vec<Figure>,
 ) -> anyhow::Result<()> {
-    progress("scale: 65,536 remote CIDRs and 4,096 endpoints in the maps");
+    progress("scale: 65,536 remote CIDRs in the maps, 4,096 endpoints held by the agent");
     if let Some(rss) = podnet.agent_pid().and_then(rss_kib) {
         figures.push(figure(
             "scale",
@@ -859,7 +908,8 @@ fn measure_scale(
     } else {
         (65_536, 4_096)
     };
-    fill_maps(podnet.bpffs.path(), remotes, endpoints)?;
+    fill_remotes(podnet.bpffs.path(), remotes)?;
+    register_endpoints(podnet, endpoints)?;
     let scaled = Pair {
         client_ns: pods[0].netns.name().into(),
         server_ns: pods[1].netns.name().into(),
@@ -879,7 +929,7 @@ fn measure_scale(
     if let Some(rss) = podnet.agent_pid().and_then(rss_kib) {
         figures.push(figure(
             "scale",
-            "podnetd with scaled maps",
+            "podnetd holding the endpoints",
             "agent_rss",
             "KiB",
             vec![rss],

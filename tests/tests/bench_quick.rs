@@ -16,6 +16,14 @@ fn every_benchmark_scenario_builds_and_measures() {
             &["podnet-vxlan", "podnet-direct", "kernel-vxlan", "underlay"][..],
         ),
         ("cni", &["podnet", "bridge"][..]),
+        (
+            "scale",
+            &[
+                "podnetd idle",
+                "podnet (scaled maps)",
+                "podnetd holding the endpoints",
+            ][..],
+        ),
     ] {
         for dataplane in dataplanes {
             let ours: Vec<_> = figures
