@@ -131,7 +131,7 @@ fn endpoints(cli: &Cli, client: &Client) -> anyhow::Result<()> {
                 "HOST VETH",
                 "POD MAC",
                 "MAP",
-                "LINK",
+                "PROG",
                 "TX PKTS",
                 "TX BYTES"
             );
