@@ -299,8 +299,8 @@ fn cost(
     let calls = runs.div_ceil(RUNS_PER_CALL);
     let mut out = vec![0u8; frame.len() + 256];
     let mut total_ns = 0.0;
+    let prog = h.datapath.classifier(program)?;
     for _ in 0..calls {
-        let prog = h.datapath.classifier(program)?;
         let result = prog.test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
@@ -771,14 +771,15 @@ pub fn register_endpoints(node: &Node, count: u32) -> anyhow::Result<()> {
     for i in 0..count {
         writeln!(batch, "link add psc{i} type veth peer name psc{i}p")?;
     }
-    let mut ip = std::process::Command::new("ip");
-    ip.args(["-n", node.netns.name(), "-batch", "-"])
-        .stdin(std::process::Stdio::piped());
-    let mut child = ip.spawn()?;
-    std::io::Write::write_all(
-        child.stdin.as_mut().context("ip -batch stdin")?,
-        batch.as_bytes(),
-    )?;
+    let mut child = Command::new("ip")
+        .args(["-n", node.netns.name(), "-batch", "-"])
+        .stdin(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .as_mut()
+        .context("ip -batch stdin")?
+        .write_all(batch.as_bytes())?;
     anyhow::ensure!(child.wait()?.success(), "creating {count} veths");
     let links: serde_json::Value = serde_json::from_slice(
         &run(Command::new("ip").args(["-n", node.netns.name(), "-j", "link", "show"]))?.stdout,
@@ -789,17 +790,11 @@ pub fn register_endpoints(node: &Node, count: u32) -> anyhow::Result<()> {
         let Some(i) = name.strip_prefix("psc").and_then(|n| n.parse::<u32>().ok()) else {
             continue;
         };
-        let mac = |field: &str| -> anyhow::Result<[u8; 6]> {
-            let octets: Vec<u8> = link[field]
-                .as_str()
-                .context("link address")?
-                .split(':')
-                .map(|o| u8::from_str_radix(o, 16))
-                .collect::<Result<_, _>>()?;
-            octets
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("a MAC has 6 octets"))
-        };
+        // No pod behind these veths: the veth's own MAC stands for both ends.
+        let mac = link["address"]
+            .as_str()
+            .and_then(podnet::cni::result::parse_mac)
+            .with_context(|| format!("MAC of {name}"))?;
         let endpoint = api::Endpoint {
             owner: Owner {
                 container_id: format!("scale-{i}"),
@@ -810,8 +805,8 @@ pub fn register_endpoints(node: &Node, count: u32) -> anyhow::Result<()> {
             ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 1)) + i),
             host_ifname: name.to_owned(),
             host_ifindex: u32::try_from(link["ifindex"].as_u64().context("ifindex")?)?,
-            pod_mac: mac("address")?,
-            host_mac: mac("address")?,
+            pod_mac: mac,
+            host_mac: mac,
         };
         agent
             .add_endpoint(&endpoint)

@@ -189,6 +189,13 @@ impl LabLayout {
         self.nodes.iter().find(|n| n.name == name)
     }
 
+    fn node_mut(&mut self, name: &str) -> anyhow::Result<&mut LabNode> {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .context("no such node")
+    }
+
     /// Runs the plugin for `node` with `env` and the node's conf on stdin.
     pub fn cni(
         &self,
@@ -361,11 +368,7 @@ impl LabLayout {
     /// Kills the agent of `node` without letting it clean up (a crashed or
     /// vanished node).
     pub fn kill_agent(&mut self, node_name: &str) -> anyhow::Result<()> {
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.name == node_name)
-            .context("no such node")?;
+        let node = self.node_mut(node_name)?;
         if let Ok(raw) = i32::try_from(node.pid) {
             let pid = nix::unistd::Pid::from_raw(raw);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
@@ -377,11 +380,7 @@ impl LabLayout {
 
     /// Stops the agent of `node` (SIGTERM), leaving its pins: traffic goes on.
     pub fn stop_agent(&mut self, node_name: &str) -> anyhow::Result<()> {
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.name == node_name)
-            .context("no such node")?;
+        let node = self.node_mut(node_name)?;
         kill_and_wait(node.pid);
         node.pid = 0;
         self.save()

@@ -7,7 +7,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use podnet::datapath::Datapath;
 use podnet_common::EndpointInfo;
-use podnet_tests::{node::Node, privileged, traffic::Stream};
+use podnet_tests::{lab::in_netns, node::Node, privileged, traffic::Stream};
 
 #[test]
 fn tcp_stream_survives_an_agent_restart_and_stale_state_is_reconciled() {
@@ -138,17 +138,11 @@ fn a_deleted_filter_is_reported_and_put_back_by_the_restarted_agent() {
     let a_veth = host_veth_of(&node, a.ip);
     assert!(a.ping(b.ip, 1));
 
-    podnet_tests::netns::run(std::process::Command::new("ip").args([
-        "netns",
-        "exec",
-        node.netns.name(),
-        "tc",
-        "filter",
-        "del",
-        "dev",
-        &a_veth,
-        "ingress",
-    ]))
+    podnet_tests::netns::run(
+        in_netns(node.netns.name(), "tc")
+            .expect("node netns")
+            .args(["filter", "del", "dev", &a_veth, "ingress"]),
+    )
     .expect("tc filter del");
     let endpoints = node.podnetctl(&["endpoints"]).expect("endpoints");
     let a_status = endpoints
@@ -188,18 +182,11 @@ fn host_veth_of(node: &Node, ip: Ipv4Addr) -> String {
 /// Id of the from_pod program in the (single) bpf filter on `veth`'s
 /// ingress, as `tc` shows it.
 fn from_pod_program_on(node: &Node, veth: &str) -> u64 {
-    let out = podnet_tests::netns::run(std::process::Command::new("ip").args([
-        "netns",
-        "exec",
-        node.netns.name(),
-        "tc",
-        "-j",
-        "filter",
-        "show",
-        "dev",
-        veth,
-        "ingress",
-    ]))
+    let out = podnet_tests::netns::run(
+        in_netns(node.netns.name(), "tc")
+            .expect("node netns")
+            .args(["-j", "filter", "show", "dev", veth, "ingress"]),
+    )
     .expect("tc filter show");
     let filters: serde_json::Value = serde_json::from_slice(&out.stdout).expect("tc JSON");
     let programs: Vec<u64> = filters
