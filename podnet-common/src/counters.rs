@@ -22,10 +22,17 @@ pub enum Verdict {
     OverlayDeliver = 6,
     /// Arrived routed on the underlay and delivered to a local pod.
     UnderlayDeliver = 7,
+    /// Handed to the host stack instead of redirected: a packet of a flow
+    /// whose other direction went through the stack (NAT, Services), so
+    /// conntrack sees it (see [`crate::flow`]).
+    StackFlow = 8,
+    /// The stack sent a pod's flow through a pod veth or the overlay /
+    /// underlay; its reply direction was recorded to follow it.
+    StackFlowTracked = 9,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Self::RedirectPeer,
         Self::PassToStack,
@@ -35,6 +42,8 @@ impl Verdict {
         Self::RedirectNeigh,
         Self::OverlayDeliver,
         Self::UnderlayDeliver,
+        Self::StackFlow,
+        Self::StackFlowTracked,
     ];
 
     #[must_use]
@@ -48,6 +57,8 @@ impl Verdict {
             Self::RedirectNeigh => "redirect_neigh",
             Self::OverlayDeliver => "overlay_deliver",
             Self::UnderlayDeliver => "underlay_deliver",
+            Self::StackFlow => "stack_flow",
+            Self::StackFlowTracked => "stack_flow_tracked",
         }
     }
 }

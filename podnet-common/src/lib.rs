@@ -8,9 +8,11 @@
 
 pub mod counters;
 pub mod endpoint;
+pub mod flow;
 pub mod names;
 pub mod node;
 
 pub use counters::{DropReason, Verdict};
 pub use endpoint::{EndpointInfo, EndpointStats, VethEndpoint};
+pub use flow::{FlowKey, StackFlow};
 pub use node::{NodeConfig, RemoteNode};

@@ -5,11 +5,17 @@
 
 /// TC ingress program on each pod's host-side veth.
 pub const PROG_FROM_POD: &str = "from_pod";
+/// TC egress program on each pod's host-side veth (what the stack delivers).
+pub const PROG_TO_POD: &str = "to_pod";
 
 /// TC ingress program on the node's collect-metadata VXLAN device.
 pub const PROG_FROM_OVERLAY: &str = "from_overlay";
 /// TC ingress program on the underlay device (direct mode).
 pub const PROG_FROM_UNDERLAY: &str = "from_underlay";
+/// TC egress program on the VXLAN device (what the node sends through it).
+pub const PROG_TO_OVERLAY: &str = "to_overlay";
+/// TC egress program on the underlay device (direct mode).
+pub const PROG_TO_UNDERLAY: &str = "to_underlay";
 
 /// Local endpoints: pod IPv4 (network byte order) -> [`crate::EndpointInfo`].
 pub const MAP_ENDPOINTS: &str = "podnet_endpts";
@@ -26,23 +32,40 @@ pub const MAP_REMOTE: &str = "podnet_remote";
 /// This node's [`crate::NodeConfig`] (array of one).
 pub const MAP_CONFIG: &str = "podnet_config";
 
+/// Reply directions of flows that crossed the host stack (LRU hash):
+/// [`crate::FlowKey`] -> [`crate::StackFlow`].
+pub const MAP_STACK_FLOWS: &str = "podnet_stackflw";
+
 /// Every map the datapath pins, for tools that list or clean the pin directory.
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 7] = [
     MAP_ENDPOINTS,
     MAP_VERDICTS,
     MAP_DROPS,
     MAP_VETHS,
     MAP_REMOTE,
     MAP_CONFIG,
+    MAP_STACK_FLOWS,
 ];
 /// Every program in the object.
-pub const ALL_PROGRAMS: [&str; 3] = [PROG_FROM_POD, PROG_FROM_OVERLAY, PROG_FROM_UNDERLAY];
+pub const ALL_PROGRAMS: [&str; 6] = [
+    PROG_FROM_POD,
+    PROG_TO_POD,
+    PROG_FROM_OVERLAY,
+    PROG_TO_OVERLAY,
+    PROG_FROM_UNDERLAY,
+    PROG_TO_UNDERLAY,
+];
 
 /// Capacity of the remote pod CIDR trie (nodes in the cluster).
 pub const MAX_REMOTE_CIDRS: u32 = 65_536;
 
 /// Capacity of the local-endpoints map (pods per node).
 pub const MAX_ENDPOINTS: u32 = 16_384;
+
+/// Capacity of the stack-flows LRU map: flows through the host stack
+/// (Service connections) a node follows at once. Preallocated, ~100 bytes
+/// an entry: 13 MiB.
+pub const MAX_STACK_FLOWS: u32 = 131_072;
 
 const _: () = {
     let mut i = 0;

@@ -17,12 +17,15 @@ use podnet_common::{
 
 use crate::{
     counters::{count, drop_packet, pass_to_stack},
+    flows,
     maps::{CONFIG, ENDPOINTS, REMOTE},
-    packet::{self, Ipv4Fields},
+    packet::{self, Ipv4Fields, L3},
 };
 
 /// `AF_INET` for `bpf_redir_neigh.nh_family`.
 const AF_INET: u32 = 2;
+/// `skb->pkt_type` of a frame addressed to this host.
+const PACKET_HOST: u32 = 0;
 /// TTL of the outer (VXLAN) header.
 const TUNNEL_TTL: u8 = 64;
 
@@ -37,6 +40,30 @@ pub fn endpoint(ip: u32) -> Option<EndpointInfo> {
 #[inline(always)]
 pub fn remote_node(ip: u32) -> Option<RemoteNode> {
     REMOTE.get(Key::new(32, ip)).copied()
+}
+
+/// What arrived from another node (from_overlay, from_underlay): a packet
+/// for a local endpoint is delivered, unless its flow went through this
+/// node's stack the other way; anything else goes to the host stack.
+#[inline(always)]
+pub fn deliver_local(ctx: &mut TcContext, verdict: Verdict) -> i32 {
+    let ip = match packet::parse(ctx) {
+        L3::Ipv4(ip) => ip,
+        L3::Other => return pass_to_stack(),
+        L3::MalformedIpv4 => return drop_packet(DropReason::MalformedIpv4),
+    };
+    let Some(dst) = endpoint(ip.dst) else {
+        return pass_to_stack();
+    };
+    if let Some(code) = flows::divert_to_stack(ctx, &ip) {
+        // The inner frame of a VXLAN packet is addressed to the sending
+        // node's host veth (from_pod leaves the pod's MACs alone), so the
+        // stack would take it for another host's (PACKET_OTHERHOST) and
+        // drop it in ip_rcv. It is for this host.
+        let _ = ctx.change_type(PACKET_HOST);
+        return code;
+    }
+    to_endpoint(ctx, &ip, &dst, verdict)
 }
 
 /// Delivers to a local endpoint as a routed hop: TTL - 1, source MAC = the
@@ -81,6 +108,9 @@ pub fn to_remote(ctx: &mut TcContext, ip: &Ipv4Fields, remote: &RemoteNode) -> i
         return drop_packet(DropReason::HeaderRewriteFailed);
     };
     packet::decrement_ttl(header);
+    // Tells the egress program of the overlay/underlay device that this
+    // packet never went through the stack (nothing to track).
+    flows::mark_fast_path(ctx);
     match config.mode {
         MODE_VXLAN if config.tunnel_ifindex != 0 => {
             let mut key = MaybeUninit::uninit();

@@ -3,7 +3,9 @@
 //! netns with `bpf_redirect_peer`, skipping the host's routing, netfilter and
 //! the second veth hop; a packet for a pod on another node goes straight to
 //! the VXLAN device with its tunnel key set, or out of the underlay to that
-//! node; everything else goes up the host stack.
+//! node; everything else goes up the host stack. So does a packet of a flow
+//! whose other direction went through the stack (a reply from a Service
+//! backend: conntrack must undo the DNAT), see `flows`.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use podnet_common::{DropReason, Verdict, VethEndpoint};
@@ -11,6 +13,7 @@ use podnet_common::{DropReason, Verdict, VethEndpoint};
 use crate::{
     arp,
     counters::{count, drop_packet, pass_to_stack},
+    flows,
     forward::{self, endpoint},
     maps::VETHS,
     packet::{self, L3},
@@ -56,9 +59,15 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     }
 
     if let Some(dst) = endpoint(ip.dst) {
+        if let Some(code) = flows::divert_to_stack(&ctx, &ip) {
+            return code;
+        }
         return forward::to_endpoint(&mut ctx, &ip, &dst, Verdict::RedirectPeer);
     }
     if let Some(remote) = forward::remote_node(ip.dst) {
+        if let Some(code) = flows::divert_to_stack(&ctx, &ip) {
+            return code;
+        }
         return forward::to_remote(&mut ctx, &ip, &remote);
     }
     // Not a pod of the cluster: the host stack routes (and masquerades) it.

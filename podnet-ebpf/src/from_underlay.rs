@@ -5,9 +5,9 @@
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use podnet_common::Verdict;
 
-use crate::from_overlay::deliver_local;
+use crate::forward;
 
 #[classifier]
 pub fn from_underlay(mut ctx: TcContext) -> i32 {
-    deliver_local(&mut ctx, Verdict::UnderlayDeliver)
+    forward::deliver_local(&mut ctx, Verdict::UnderlayDeliver)
 }

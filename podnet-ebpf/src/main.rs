@@ -5,12 +5,16 @@
 
 mod arp;
 mod counters;
+mod flows;
 mod forward;
 mod from_overlay;
 mod from_pod;
 mod from_underlay;
 mod maps;
 mod packet;
+mod to_overlay;
+mod to_pod;
+mod to_underlay;
 
 // The bpfel target has no unwinding; a panic cannot happen in verified code
 // (the verifier rejects unbounded paths), but the symbol must exist. Gated so a

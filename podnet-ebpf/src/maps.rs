@@ -4,11 +4,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use podnet_common::{
-    DropReason, EndpointInfo, NodeConfig, RemoteNode, Verdict, VethEndpoint,
-    names::{MAX_ENDPOINTS, MAX_REMOTE_CIDRS},
+    DropReason, EndpointInfo, FlowKey, NodeConfig, RemoteNode, StackFlow, Verdict, VethEndpoint,
+    names::{MAX_ENDPOINTS, MAX_REMOTE_CIDRS, MAX_STACK_FLOWS},
 };
 
 /// Local endpoints: pod IPv4 (network order) -> where and how to deliver.
@@ -38,3 +38,10 @@ pub static REMOTE: LpmTrie<u32, RemoteNode> = LpmTrie::pinned(MAX_REMOTE_CIDRS, 
 /// This node's forwarding config, written by the agent.
 #[map(name = "podnet_config")]
 pub static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
+
+/// Reply directions of flows that crossed the host stack (see
+/// `podnet_common::flow`). LRU: when full, the least recently used entry
+/// makes room, so tracking never fails for lack of space (an evicted idle
+/// flow's next reply would take the fast path).
+#[map(name = "podnet_stackflw")]
+pub static STACK_FLOWS: LruHashMap<FlowKey, StackFlow> = LruHashMap::pinned(MAX_STACK_FLOWS, 0);

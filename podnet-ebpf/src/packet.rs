@@ -18,6 +18,9 @@ pub const ETH_ALEN: usize = 6;
 /// `ETH_P_IP` as it appears on the wire.
 const ETH_P_IP_WIRE: [u8; 2] = 0x0800_u16.to_be_bytes();
 const IPV4_MIN_IHL: u8 = 5;
+/// More-fragments flag and fragment-offset mask of `frag_off` (host order).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 
 /// Ethernet header followed by the fixed part of an IPv4 header, as on the
 /// wire. Byte arrays only: alignment 1, because the IPv4 header sits at
@@ -49,6 +52,15 @@ pub struct Ipv4Fields {
     pub src: u32,
     pub dst: u32,
     pub ttl: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Offset of the L4 header from the start of the frame.
+    pub l4_offset: usize,
+    /// A fragment (more-fragments set or a non-zero offset): only the first
+    /// carries the L4 header.
+    pub fragment: bool,
+    /// A fragment other than the first (no L4 header).
+    pub later_fragment: bool,
     pub src_mac: [u8; ETH_ALEN],
 }
 
@@ -115,10 +127,16 @@ pub fn parse(ctx: &mut TcContext) -> L3 {
     if version != 4 || ihl < IPV4_MIN_IHL || header_end > packet_len {
         return L3::MalformedIpv4;
     }
+    // Flags and fragment offset; the DF bit (0x4000) is not a fragment.
+    let frag = u16::from_be_bytes(header.frag_off) & (IP_MF | IP_OFFSET);
     L3::Ipv4(Ipv4Fields {
         src: u32::from_ne_bytes(header.src),
         dst: u32::from_ne_bytes(header.dst),
         ttl: header.ttl,
+        proto: header.proto,
+        l4_offset: header_end,
+        fragment: frag != 0,
+        later_fragment: frag & IP_OFFSET != 0,
         src_mac: header.src_mac,
     })
 }
@@ -136,4 +154,23 @@ pub fn decrement_ttl(header: &mut EthIpv4) {
     let folded = folded as u16;
     header.check = folded.to_ne_bytes();
     header.ttl -= 1;
+}
+
+/// `N` bytes at `offset` of the frame: by direct packet access when they
+/// are in the linear data (the common case: the kernel pulls the headers
+/// of what it forwards), otherwise by `bpf_skb_load_bytes`.
+#[inline(always)]
+pub fn bytes_at<const N: usize>(ctx: &TcContext, offset: usize) -> Option<[u8; N]> {
+    // The offsets passed here are at most 14 + 60 + 8 + 60 (an ICMP error's
+    // embedded header); the bound keeps the verifier's range finite.
+    if offset > 256 {
+        return None;
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + offset + N <= end {
+        // SAFETY: in bounds of the linear data (checked just above against
+        // `data_end`); a byte array has alignment 1.
+        return Some(unsafe { *((start + offset) as *const [u8; N]) });
+    }
+    ctx.load::<[u8; N]>(offset).ok()
 }

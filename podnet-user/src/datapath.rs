@@ -21,7 +21,8 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use podnet_common::{
-    DropReason, EndpointInfo, EndpointStats, NodeConfig, RemoteNode, Verdict, VethEndpoint, names,
+    DropReason, EndpointInfo, EndpointStats, FlowKey, NodeConfig, RemoteNode, StackFlow, Verdict,
+    VethEndpoint, names,
 };
 
 /// The eBPF object built by `build.rs` from podnet-ebpf (with BTF), embedded
@@ -103,11 +104,71 @@ fn prog_err(
     }
 }
 
-/// `pref` of podnet's from_pod filter on a pod veth's clsact ingress; the
-/// first, so nothing another tool adds later runs before the anti-spoofing.
-pub const FROM_POD_TC_PRIORITY: u16 = 1;
-/// Filter handle of podnet's from_pod filter at [`FROM_POD_TC_PRIORITY`].
-pub const FROM_POD_TC_HANDLE: TcHandle = TcHandle::new(0, 1);
+/// `pref` of podnet's filters on a pod veth's clsact ingress (from_pod) and
+/// egress (to_pod); the first, so nothing another tool adds later runs
+/// before the anti-spoofing, and to_pod sees every packet the stack sends.
+pub const POD_TC_PRIORITY: u16 = 1;
+/// Filter handle of podnet's filters at [`POD_TC_PRIORITY`].
+pub const POD_TC_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+/// podnet's two programs on a pod's host veth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodProgram {
+    /// Ingress: every packet the pod sends.
+    FromPod,
+    /// Egress: every packet the host stack delivers to the pod.
+    ToPod,
+}
+
+impl PodProgram {
+    pub const BOTH: [Self; 2] = [Self::FromPod, Self::ToPod];
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::FromPod => names::PROG_FROM_POD,
+            Self::ToPod => names::PROG_TO_POD,
+        }
+    }
+
+    #[must_use]
+    pub const fn attach_type(self) -> TcAttachType {
+        match self {
+            Self::FromPod => TcAttachType::Ingress,
+            Self::ToPod => TcAttachType::Egress,
+        }
+    }
+}
+
+/// podnet's programs on one of the node's own devices (TCX, pinned links).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeProgram {
+    pub name: &'static str,
+    pub attach_type: TcAttachType,
+}
+
+impl NodeProgram {
+    /// Ingress of the VXLAN device: delivers what other nodes sent.
+    pub const FROM_OVERLAY: Self = Self {
+        name: names::PROG_FROM_OVERLAY,
+        attach_type: TcAttachType::Ingress,
+    };
+    /// Egress of the VXLAN device: tracks what the stack sends through it.
+    pub const TO_OVERLAY: Self = Self {
+        name: names::PROG_TO_OVERLAY,
+        attach_type: TcAttachType::Egress,
+    };
+    /// Ingress of the underlay device (direct mode).
+    pub const FROM_UNDERLAY: Self = Self {
+        name: names::PROG_FROM_UNDERLAY,
+        attach_type: TcAttachType::Ingress,
+    };
+    /// Egress of the underlay device (direct mode).
+    pub const TO_UNDERLAY: Self = Self {
+        name: names::PROG_TO_UNDERLAY,
+        attach_type: TcAttachType::Egress,
+    };
+}
 
 /// Leaves a netlink-attached filter in place: aya detaches a link when its
 /// handle is dropped, but podnet's filter must outlive the agent (it goes
@@ -357,10 +418,20 @@ impl Datapath {
             .collect()
     }
 
-    /// Attaches from_pod to the TC ingress of the pod veth `ifname` (in this
-    /// thread's netns) as podnet's direct-action `cls_bpf` filter on a
-    /// `clsact` qdisc, at [`FROM_POD_TC_PRIORITY`] / [`FROM_POD_TC_HANDLE`].
-    /// The filter lives as long as the veth; no pin, no process holds it.
+    /// Attaches podnet's programs to the pod veth `ifname` (in this thread's
+    /// netns): from_pod on its TC ingress, to_pod on its TC egress; see
+    /// [`Self::attach_pod_program`].
+    pub fn attach_pod(&mut self, ifname: &str, replace: bool) -> Result<(), DatapathError> {
+        for program in PodProgram::BOTH {
+            self.attach_pod_program(program, ifname, replace)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches `program` to the pod veth `ifname` as podnet's
+    /// direct-action `cls_bpf` filter on a `clsact` qdisc, at
+    /// [`POD_TC_PRIORITY`] / [`POD_TC_HANDLE`]. The filter lives as long as
+    /// the veth; no pin, no process holds it.
     ///
     /// Why not TCX (which the node's own devices use): every TCX attach
     /// waits for an RCU grace period (`tcx_entry_sync()` is
@@ -372,8 +443,13 @@ impl Datapath {
     /// With `replace`, podnet's filter already on the veth (agent restart)
     /// gets the new program in place: `cls_bpf` swaps it under RCU, so no
     /// packet meets a veth without a program. Without one, it is created.
-    pub fn attach_from_pod(&mut self, ifname: &str, replace: bool) -> Result<(), DatapathError> {
-        let name = names::PROG_FROM_POD;
+    pub fn attach_pod_program(
+        &mut self,
+        pod_program: PodProgram,
+        ifname: &str,
+        replace: bool,
+    ) -> Result<(), DatapathError> {
+        let (name, attach_type) = (pod_program.name(), pod_program.attach_type());
         let program = self.classifier(name)?;
         let tc_err = |action: &'static str| {
             move |source: aya::programs::ProgramError| DatapathError::TcFilter {
@@ -385,9 +461,9 @@ impl Datapath {
         if replace
             && let Ok(existing) = SchedClassifierLink::attached(
                 ifname,
-                TcAttachType::Ingress,
-                FROM_POD_TC_PRIORITY,
-                FROM_POD_TC_HANDLE,
+                attach_type,
+                POD_TC_PRIORITY,
+                POD_TC_HANDLE,
                 None,
             )
             // Fails (ENOENT) when the filter is not there: created below.
@@ -411,30 +487,34 @@ impl Datapath {
         let id = program
             .attach_with_options(
                 ifname,
-                TcAttachType::Ingress,
+                attach_type,
                 TcAttachOptions::Netlink(NlOptions {
-                    priority: FROM_POD_TC_PRIORITY,
-                    handle: FROM_POD_TC_HANDLE,
+                    priority: POD_TC_PRIORITY,
+                    handle: POD_TC_HANDLE,
                     classid: None,
                 }),
             )
-            .map_err(tc_err("adding the from_pod cls_bpf filter"))?;
+            .map_err(tc_err(match pod_program {
+                PodProgram::FromPod => "adding the from_pod cls_bpf filter (ingress)",
+                PodProgram::ToPod => "adding the to_pod cls_bpf filter (egress)",
+            }))?;
         keep_tc_filter(program.take_link(id).map_err(tc_err("taking the link"))?);
         Ok(())
     }
 
-    /// Attaches program `name` to the TC ingress of `ifname` and pins the
-    /// link at `pin` (see [`Self::attach_from_pod`]).
-    pub fn attach_ingress(
+    /// Attaches `program` to `ifname` by TCX and pins the link at `pin`
+    /// (see [`Self::attach_pod_program`] for why pods differ).
+    pub fn attach_node_program(
         &mut self,
-        name: &'static str,
+        node_program: NodeProgram,
         ifname: &str,
         pin: &Path,
     ) -> Result<(), DatapathError> {
+        let name = node_program.name;
         let program = self.classifier(name)?;
         let link_id = program
-            .attach(ifname, TcAttachType::Ingress)
-            .map_err(prog_err(name, "attaching to TC ingress"))?;
+            .attach(ifname, node_program.attach_type)
+            .map_err(prog_err(name, "attaching by TCX"))?;
         let link = program
             .take_link(link_id)
             .map_err(prog_err(name, "taking the link"))?;
@@ -539,6 +619,37 @@ impl Datapath {
                 Ok((cidr, Ipv4Addr::from(value.node_ip.to_ne_bytes())))
             })
             .collect()
+    }
+
+    fn stack_flows_map(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, FlowKey, StackFlow>, DatapathError> {
+        let name = names::MAP_STACK_FLOWS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        HashMap::try_from(map).map_err(map_err(name, "opening as LRU hash map"))
+    }
+
+    /// The flows the datapath hands to the host stack (reply directions of
+    /// flows that crossed it), expired ones included.
+    pub fn stack_flows(&mut self) -> Result<Vec<(FlowKey, StackFlow)>, DatapathError> {
+        let map = self.stack_flows_map()?;
+        map.iter()
+            .map(|entry| entry.map_err(map_err(names::MAP_STACK_FLOWS, "iterating")))
+            .collect()
+    }
+
+    /// Adds or replaces a stack flow (tests; the datapath records its own).
+    pub fn insert_stack_flow(
+        &mut self,
+        key: FlowKey,
+        flow: StackFlow,
+    ) -> Result<(), DatapathError> {
+        self.stack_flows_map()?
+            .insert(key, flow, 0)
+            .map_err(map_err(names::MAP_STACK_FLOWS, "inserting"))
     }
 
     /// Sums the per-CPU verdict and drop counters.

@@ -486,16 +486,20 @@ pub async fn link_with_address(
 }
 
 /// Whether link `index` has a `bpf` filter at `priority` on its clsact
-/// ingress (`tc filter show dev X ingress`); `false` without a clsact qdisc.
-pub async fn has_ingress_bpf_filter(
+/// ingress (`tc filter show dev X ingress`) or, with `egress`, its clsact
+/// egress; `false` without a clsact qdisc.
+pub async fn has_bpf_filter(
     handle: &Handle,
     index: u32,
     priority: u16,
+    egress: bool,
 ) -> Result<bool, NetlinkError> {
     let Ok(ifindex) = i32::try_from(index) else {
         return Ok(false);
     };
-    let mut filters = handle.traffic_filter(ifindex).get().ingress().execute();
+    let get = handle.traffic_filter(ifindex).get();
+    let get = if egress { get.egress() } else { get.ingress() };
+    let mut filters = get.execute();
     loop {
         match filters.try_next().await {
             Ok(Some(msg)) => {
@@ -519,7 +523,8 @@ pub async fn has_ingress_bpf_filter(
             }
             Err(source) => {
                 return Err(request(format!(
-                    "listing the ingress filters of link #{index}"
+                    "listing the {} filters of link #{index}",
+                    if egress { "egress" } else { "ingress" }
                 ))(source));
             }
         }

@@ -6,11 +6,11 @@ use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
 
 use anyhow::Context as _;
 use ipnet::Ipv4Net;
-use podnet_common::{NodeConfig, names, node};
+use podnet_common::{NodeConfig, node};
 use tracing::{info, warn};
 
 use super::EndpointRegistry;
-use crate::{datastore::NodeRecord, netlink};
+use crate::{datapath::NodeProgram, datastore::NodeRecord, netlink};
 
 /// Name of the collect-metadata VXLAN device.
 pub const VXLAN_DEVICE: &str = "podnet_vxlan";
@@ -135,9 +135,14 @@ impl EndpointRegistry {
                 })
                 .context("creating the VXLAN device")?;
                 self.attach_infrastructure(
-                    names::PROG_FROM_OVERLAY,
+                    NodeProgram::FROM_OVERLAY,
                     VXLAN_DEVICE,
                     &links_dir.join(VXLAN_DEVICE),
+                )?;
+                self.attach_infrastructure(
+                    NodeProgram::TO_OVERLAY,
+                    VXLAN_DEVICE,
+                    &links_dir.join(format!("{VXLAN_DEVICE}-egress")),
                 )?;
                 config.mode = node::MODE_VXLAN;
                 config.tunnel_ifindex = ifindex;
@@ -145,7 +150,9 @@ impl EndpointRegistry {
             }
             Mode::Direct => {
                 let pin = links_dir.join(format!("underlay-{}", net.underlay_dev));
-                self.attach_infrastructure(names::PROG_FROM_UNDERLAY, &net.underlay_dev, &pin)?;
+                self.attach_infrastructure(NodeProgram::FROM_UNDERLAY, &net.underlay_dev, &pin)?;
+                let pin = links_dir.join(format!("underlay-{}-egress", net.underlay_dev));
+                self.attach_infrastructure(NodeProgram::TO_UNDERLAY, &net.underlay_dev, &pin)?;
                 config.mode = node::MODE_DIRECT;
             }
         }
@@ -158,18 +165,20 @@ impl EndpointRegistry {
         Ok(())
     }
 
+    /// Re-points the pinned link of `program` on `ifname` (a restart:
+    /// atomic, `bpf_link_update`) or attaches it anew.
     fn attach_infrastructure(
         &mut self,
-        program: &'static str,
+        program: NodeProgram,
         ifname: &str,
         pin: &std::path::Path,
     ) -> anyhow::Result<()> {
-        if pin.exists() && self.datapath_mut().reattach(program, pin).is_ok() {
+        if pin.exists() && self.datapath_mut().reattach(program.name, pin).is_ok() {
             return Ok(());
         }
         self.datapath_mut()
-            .attach_ingress(program, ifname, pin)
-            .with_context(|| format!("attaching {program} to {ifname}"))
+            .attach_node_program(program, ifname, pin)
+            .with_context(|| format!("attaching {} to {ifname}", program.name))
     }
 
     /// Makes the datapath and the host routes match `nodes` (all nodes of

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use super::AgentConfig;
 use crate::{
     api::{AgentStatus, CounterTotals, Endpoint, EndpointStatus, IpamStatus, NodeInfo},
-    datapath::Datapath,
+    datapath::{Datapath, PodProgram},
     ipam::{Allocator, FileStore, Owner, PodRange},
 };
 
@@ -123,9 +123,13 @@ impl EndpointRegistry {
             .values()
             .map(|e| e.host_ifname.clone())
             .collect();
+        // Only pod veths' pins: the node devices' links (overlay, underlay)
+        // stay attached while the agent restarts, and setup_node_network
+        // re-points them.
         for entry in fs::read_dir(self.config.links_dir())? {
             let entry = entry?;
-            if !pinned.contains(&*entry.file_name().to_string_lossy()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(crate::cni::plugin::HOST_IFNAME_PREFIX) && !pinned.contains(&name) {
                 let _ = fs::remove_file(entry.path());
             }
         }
@@ -158,7 +162,7 @@ impl EndpointRegistry {
         Ok(())
     }
 
-    /// Attaches (or re-points) from_pod and writes the map entry.
+    /// Attaches (or re-points) from_pod and to_pod and writes the map entry.
     fn install(&mut self, ep: &Endpoint, restarting: bool) -> anyhow::Result<()> {
         // A pinned TCX link is how podnet attached before it used cls_bpf
         // for pod veths: re-point it, so an upgrade never leaves the veth
@@ -167,10 +171,15 @@ impl EndpointRegistry {
         let reattached = restarting
             && legacy_pin.exists()
             && self.datapath.reattach_from_pod(&legacy_pin).is_ok();
-        if !reattached {
+        if reattached {
+            // The TCX link carries from_pod; to_pod is a filter either way.
             self.datapath
-                .attach_from_pod(&ep.host_ifname, restarting)
-                .with_context(|| format!("attaching from_pod to {}", ep.host_ifname))?;
+                .attach_pod_program(PodProgram::ToPod, &ep.host_ifname, restarting)
+                .with_context(|| format!("attaching to_pod to {}", ep.host_ifname))?;
+        } else {
+            self.datapath
+                .attach_pod(&ep.host_ifname, restarting)
+                .with_context(|| format!("attaching podnet's filters to {}", ep.host_ifname))?;
         }
         self.datapath.upsert_endpoint(
             ep.ip,
@@ -295,8 +304,7 @@ impl EndpointRegistry {
 
     pub fn list(&mut self) -> anyhow::Result<Vec<EndpointStatus>> {
         let eps: Vec<Endpoint> = self.endpoints.values().cloned().collect();
-        let with_filter =
-            veths_with_from_pod_filter(eps.iter().map(|ep| ep.host_ifindex).collect())?;
+        let with_filter = veths_with_pod_filters(eps.iter().map(|ep| ep.host_ifindex).collect())?;
         eps.into_iter()
             .map(|ep| {
                 let in_datapath = self
@@ -361,16 +369,17 @@ impl EndpointRegistry {
     }
 }
 
-/// Which of `ifindexes` (in the agent's netns) carry podnet's from_pod
-/// filter: what the kernel says, not what the agent believes it did.
-fn veths_with_from_pod_filter(
-    ifindexes: Vec<u32>,
-) -> anyhow::Result<std::collections::HashSet<u32>> {
-    use crate::datapath::FROM_POD_TC_PRIORITY;
+/// Which of `ifindexes` (in the agent's netns) carry both of podnet's
+/// filters (from_pod on ingress, to_pod on egress): what the kernel says,
+/// not what the agent believes it did.
+fn veths_with_pod_filters(ifindexes: Vec<u32>) -> anyhow::Result<std::collections::HashSet<u32>> {
+    use crate::{datapath::POD_TC_PRIORITY, netlink::has_bpf_filter};
     let attached = crate::netlink::with_netlink(None, move |handle| async move {
         let mut attached = std::collections::HashSet::new();
         for index in ifindexes {
-            if crate::netlink::has_ingress_bpf_filter(&handle, index, FROM_POD_TC_PRIORITY).await? {
+            if has_bpf_filter(&handle, index, POD_TC_PRIORITY, false).await?
+                && has_bpf_filter(&handle, index, POD_TC_PRIORITY, true).await?
+            {
                 attached.insert(index);
             }
         }
@@ -380,7 +389,7 @@ fn veths_with_from_pod_filter(
 }
 
 /// How the programs are attached, for status output: pod veths always by a
-/// `cls_bpf` filter (see `Datapath::attach_from_pod` for why), the node's
+/// `cls_bpf` filter (see `Datapath::attach_pod_program` for why), the node's
 /// own devices by TCX where the kernel has it (Linux >= 6.6).
 #[must_use]
 pub fn attach_mode() -> &'static str {

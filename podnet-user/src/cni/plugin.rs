@@ -114,6 +114,9 @@ pub struct Deps<'a> {
     pub agent: &'a dyn Fn(&Path) -> Box<dyn AgentApi>,
 }
 
+/// What every host veth name podnet makes starts with.
+pub const HOST_IFNAME_PREFIX: &str = "pn";
+
 /// Host-side veth name: stable for (container ID, ifname), 15 bytes.
 #[must_use]
 pub fn host_ifname(owner: &Owner) -> String {
@@ -122,7 +125,7 @@ pub fn host_ifname(owner: &Owner) -> String {
         .chain_update([0u8])
         .chain_update(owner.ifname.as_bytes())
         .finalize();
-    let mut name = String::from("pn");
+    let mut name = String::from(HOST_IFNAME_PREFIX);
     for byte in digest.iter().take(7) {
         let _ = write!(name, "{byte:02x}");
     }

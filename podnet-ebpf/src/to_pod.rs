@@ -1,0 +1,26 @@
+//! `to_pod`: TC egress of a pod's host-side veth, i.e. what the host stack
+//! delivers to a pod (`bpf_redirect_peer` from the fast path never passes
+//! here). A packet from a pod that reaches another pod through the stack
+//! belongs to a flow the stack handles (a Service DNAT, a hostPort, a
+//! NodePort, ...): its replies must take the stack too, so their direction
+//! is recorded. The packet itself always goes on.
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+use crate::{
+    counters::TC_ACT_UNSPEC,
+    flows, forward,
+    packet::{self, L3},
+};
+
+#[classifier]
+pub fn to_pod(mut ctx: TcContext) -> i32 {
+    // Only flows whose replies the fast path would take: from a pod of
+    // this node or of another node (from_pod redirects replies to both).
+    if let L3::Ipv4(ip) = packet::parse(&mut ctx)
+        && (forward::endpoint(ip.src).is_some() || forward::remote_node(ip.src).is_some())
+    {
+        flows::track_reply(&ctx, &ip);
+    }
+    TC_ACT_UNSPEC
+}

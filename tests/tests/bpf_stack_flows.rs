@@ -1,0 +1,512 @@
+//! Flows through the host stack, on crafted frames (BPF_PROG_TEST_RUN):
+//! to_pod records the reply direction of what the stack delivers from a
+//! pod, from_pod / from_overlay hand those replies (and ICMP errors about
+//! them, and every fragment) to the stack, and entries end: expired ones
+//! and ones whose tuple a new fast-path connection takes.
+//!
+//! Under test-run the skb arrives on the loopback device, so the pod that
+//! sends through from_pod is registered with loopback's ifindex.
+
+use std::net::Ipv4Addr;
+
+use podnet::datapath::{Counters, ip_key};
+use podnet_common::{
+    EndpointInfo, FlowKey, StackFlow, Verdict,
+    flow::{FLOW_F_RST, FLOW_TIMEOUT_CLOSED_S, FLOW_TIMEOUT_OTHER_S},
+    names::{PROG_FROM_OVERLAY, PROG_FROM_POD, PROG_TO_OVERLAY, PROG_TO_POD},
+};
+use podnet_tests::{
+    bpf_run::BpfHarness,
+    frames::{self, IP_MF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, TTL_OFF},
+    privileged,
+};
+
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_UNSPEC: i32 = -1;
+const TC_ACT_REDIRECT: i32 = 7;
+
+/// The client: sends through from_pod (its veth is loopback under test-run).
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+const CLIENT_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x02];
+const CLIENT_HOST_MAC: [u8; 6] = [0x02, 0xaa, 0xff, 0, 0, 0x02];
+/// A backend pod on the same node.
+const BACKEND_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
+const BACKEND_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x03];
+const BACKEND_HOST_MAC: [u8; 6] = [0x02, 0xbb, 0xff, 0, 0, 0x03];
+const BACKEND_IFINDEX: u32 = 4242;
+/// The node itself (kubelet probes, NodePort clients after masquerade).
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 11);
+
+const CLIENT_PORT: u16 = 40_123;
+const BACKEND_PORT: u16 = 8080;
+
+fn loopback_ifindex() -> u32 {
+    nix::net::if_::if_nametoindex("lo").expect("loopback exists")
+}
+
+fn harness(tag: &str) -> BpfHarness {
+    let mut h = BpfHarness::new(tag).expect("load the datapath into a private bpffs");
+    for (ip, ifindex, pod_mac, host_mac) in [
+        (CLIENT_IP, loopback_ifindex(), CLIENT_MAC, CLIENT_HOST_MAC),
+        (BACKEND_IP, BACKEND_IFINDEX, BACKEND_MAC, BACKEND_HOST_MAC),
+    ] {
+        h.datapath
+            .upsert_endpoint(
+                ip,
+                EndpointInfo {
+                    host_ifindex: ifindex,
+                    flags: 0,
+                    pod_mac,
+                    host_mac,
+                },
+            )
+            .expect("add endpoint");
+    }
+    h
+}
+
+/// What the stack delivers to the client through its veth's egress: a
+/// packet from `src` to the client (e.g. a Service backend's reply after
+/// conntrack, or a request DNATed to the client as the backend).
+fn delivered_to_client(src: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    frames::ipv4_frame(
+        (CLIENT_MAC, CLIENT_HOST_MAC),
+        (src, CLIENT_IP),
+        proto,
+        0,
+        l4,
+    )
+}
+
+/// What the client sends (from_pod) to `dst`.
+fn sent_by_client(dst: Ipv4Addr, proto: u8, frag_off: u16, l4: &[u8]) -> Vec<u8> {
+    frames::ipv4_frame(
+        (CLIENT_HOST_MAC, CLIENT_MAC),
+        (CLIENT_IP, dst),
+        proto,
+        frag_off,
+        l4,
+    )
+}
+
+fn counters(h: &BpfHarness) -> Counters {
+    h.datapath.counters().expect("read counters")
+}
+
+fn key(src: Ipv4Addr, dst: Ipv4Addr, src_port: u16, dst_port: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src: ip_key(src),
+        dst: ip_key(dst),
+        src_port: src_port.to_be(),
+        dst_port: dst_port.to_be(),
+        proto,
+        pad: [0; 3],
+    }
+}
+
+/// `CLOCK_MONOTONIC_COARSE` now, what the programs' timestamps use.
+fn monotonic_ns() -> u64 {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .expect("clock_gettime");
+    u64::try_from(now.tv_sec()).expect("positive") * 1_000_000_000
+        + u64::try_from(now.tv_nsec()).expect("positive")
+}
+
+/// The stack delivers a packet from another pod to this one (here: a
+/// connection the other pod opened to a Service whose backend this pod is,
+/// DNATed on the way). This pod's replies must go back through the stack
+/// (conntrack undoes the DNAT), although the fast path could redirect them.
+#[test]
+fn replies_to_what_the_stack_delivered_go_to_the_stack() {
+    if !privileged("replies_to_what_the_stack_delivered_go_to_the_stack") {
+        return;
+    }
+    let mut h = harness("sf-reply");
+    // The stack delivers the other pod's SYN (sent to a Service IP, DNATed
+    // to this pod).
+    let request = delivered_to_client(
+        BACKEND_IP,
+        IPPROTO_TCP,
+        &frames::tcp_header(BACKEND_PORT, CLIENT_PORT, TCP_SYN),
+    );
+    let out = h.run(PROG_TO_POD, &request).expect("run to_pod");
+    assert_eq!(out.verdict, TC_ACT_UNSPEC, "to_pod never stops a packet");
+    assert_eq!(out.frame, request, "to_pod leaves the packet as it is");
+    let flows = h.datapath.stack_flows().expect("read flows");
+    let reply_key = key(
+        CLIENT_IP,
+        BACKEND_IP,
+        CLIENT_PORT,
+        BACKEND_PORT,
+        IPPROTO_TCP,
+    );
+    assert_eq!(flows.len(), 1, "one flow recorded: {flows:?}");
+    assert_eq!(flows[0].0, reply_key, "the reply direction is recorded");
+    assert_eq!(counters(&h).verdict(Verdict::StackFlowTracked), 1);
+
+    // The client's SYN-ACK to the backend would be redirect_peer'd; it goes
+    // to the stack instead, untouched (no TTL decrement, no MAC rewrite).
+    let reply = sent_by_client(
+        BACKEND_IP,
+        IPPROTO_TCP,
+        0,
+        &frames::tcp_header(CLIENT_PORT, BACKEND_PORT, TCP_SYN | TCP_ACK),
+    );
+    let out = h.run(PROG_FROM_POD, &reply).expect("run from_pod");
+    assert_eq!(out.verdict, TC_ACT_OK, "handed to the host stack");
+    assert_eq!(out.frame, reply, "unchanged: the stack routes it");
+    let c = counters(&h);
+    assert_eq!(c.verdict(Verdict::StackFlow), 1);
+    assert_eq!(c.verdict(Verdict::RedirectPeer), 0);
+
+    // Another flow between the same pods (other client port) keeps the
+    // fast path.
+    let other = sent_by_client(
+        BACKEND_IP,
+        IPPROTO_TCP,
+        0,
+        &frames::tcp_header(CLIENT_PORT + 1, BACKEND_PORT, TCP_SYN),
+    );
+    let out = h.run(PROG_FROM_POD, &other).expect("run from_pod");
+    assert_eq!(
+        out.verdict, TC_ACT_REDIRECT,
+        "an untracked flow is redirected"
+    );
+    assert_eq!(out.frame[TTL_OFF], 63);
+    assert_eq!(counters(&h).verdict(Verdict::StackFlow), 1);
+}
+
+#[test]
+fn what_the_stack_delivers_from_outside_the_pods_is_not_tracked() {
+    if !privileged("what_the_stack_delivers_from_outside_the_pods_is_not_tracked") {
+        return;
+    }
+    let mut h = harness("sf-node");
+    // From the node (a kubelet probe, a masqueraded NodePort client): its
+    // replies go to the stack anyway, nothing to track.
+    let from_node = delivered_to_client(
+        NODE_IP,
+        IPPROTO_UDP,
+        &frames::udp_datagram(5353, CLIENT_PORT, b"probe"),
+    );
+    let out = h.run(PROG_TO_POD, &from_node).expect("run to_pod");
+    assert_eq!(out.verdict, TC_ACT_UNSPEC);
+    assert!(h.datapath.stack_flows().expect("flows").is_empty());
+    assert_eq!(counters(&h).verdict(Verdict::StackFlowTracked), 0);
+}
+
+/// UDP, DNS-shaped: the stack delivered a query from the backend pod to the
+/// client; the client's answer and an ICMP error about the flow both go to
+/// the stack, so conntrack can undo the NAT of either.
+#[test]
+fn udp_replies_and_icmp_errors_about_a_tracked_flow_go_to_the_stack() {
+    if !privileged("udp_replies_and_icmp_errors_about_a_tracked_flow_go_to_the_stack") {
+        return;
+    }
+    let mut h = harness("sf-icmp");
+    let query = frames::udp_datagram(BACKEND_PORT, 53, b"dns query");
+    let delivered = delivered_to_client(BACKEND_IP, IPPROTO_UDP, &query);
+    h.run(PROG_TO_POD, &delivered).expect("run to_pod");
+
+    let answer = sent_by_client(
+        BACKEND_IP,
+        IPPROTO_UDP,
+        0,
+        &frames::udp_datagram(53, BACKEND_PORT, b"dns answer"),
+    );
+    assert_eq!(
+        h.run(PROG_FROM_POD, &answer).expect("run").verdict,
+        TC_ACT_OK
+    );
+
+    // Port unreachable from the client about the query it received: the
+    // embedded datagram is the query as delivered (backend -> client:53).
+    let embedded = &delivered[14..];
+    let error = sent_by_client(
+        BACKEND_IP,
+        IPPROTO_ICMP,
+        0,
+        &frames::icmp_message(3, 3, [0; 4], &embedded[..28]),
+    );
+    let out = h.run(PROG_FROM_POD, &error).expect("run from_pod");
+    assert_eq!(out.verdict, TC_ACT_OK, "the ICMP error follows its flow");
+    assert_eq!(counters(&h).verdict(Verdict::StackFlow), 2);
+
+    // An ICMP error about a flow that is not tracked keeps the fast path.
+    let mut untracked = delivered.clone();
+    untracked[14 + 20..14 + 22].copy_from_slice(&(BACKEND_PORT + 1).to_be_bytes());
+    let error = sent_by_client(
+        BACKEND_IP,
+        IPPROTO_ICMP,
+        0,
+        &frames::icmp_message(3, 3, [0; 4], &untracked[14..14 + 28]),
+    );
+    let out = h.run(PROG_FROM_POD, &error).expect("run from_pod");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+}
+
+/// ICMP echo through a DNAT (`dnat to` without ports): the echo reply,
+/// matched by its identifier, goes to the stack.
+#[test]
+fn echo_replies_of_a_tracked_ping_go_to_the_stack() {
+    if !privileged("echo_replies_of_a_tracked_ping_go_to_the_stack") {
+        return;
+    }
+    let mut h = harness("sf-echo");
+    let id: [u8; 2] = [0x12, 0x34];
+    let request = delivered_to_client(
+        BACKEND_IP,
+        IPPROTO_ICMP,
+        &frames::icmp_message(8, 0, [id[0], id[1], 0, 1], b"ping"),
+    );
+    h.run(PROG_TO_POD, &request).expect("run to_pod");
+    let reply = sent_by_client(
+        BACKEND_IP,
+        IPPROTO_ICMP,
+        0,
+        &frames::icmp_message(0, 0, [id[0], id[1], 0, 1], b"ping"),
+    );
+    assert_eq!(
+        h.run(PROG_FROM_POD, &reply).expect("run").verdict,
+        TC_ACT_OK
+    );
+    let other_id = sent_by_client(
+        BACKEND_IP,
+        IPPROTO_ICMP,
+        0,
+        &frames::icmp_message(0, 0, [0x43, 0x21, 0, 1], b"ping"),
+    );
+    assert_eq!(
+        h.run(PROG_FROM_POD, &other_id).expect("run").verdict,
+        TC_ACT_REDIRECT
+    );
+}
+
+/// Every fragment goes to the stack: the first alone carries the ports,
+/// and conntrack must see all of a datagram or none.
+#[test]
+fn fragments_go_to_the_stack() {
+    if !privileged("fragments_go_to_the_stack") {
+        return;
+    }
+    let mut h = harness("sf-frag");
+    let first = sent_by_client(
+        BACKEND_IP,
+        IPPROTO_UDP,
+        IP_MF,
+        &frames::udp_datagram(CLIENT_PORT, BACKEND_PORT, &[7; 64]),
+    );
+    let later = sent_by_client(BACKEND_IP, IPPROTO_UDP, 9, &[7; 64]);
+    for frame in [first, later] {
+        assert_eq!(
+            h.run(PROG_FROM_POD, &frame).expect("run").verdict,
+            TC_ACT_OK
+        );
+    }
+    let c = counters(&h);
+    assert_eq!(c.verdict(Verdict::RedirectPeer), 0);
+    assert_eq!(c.verdict(Verdict::PassToStack), 2);
+}
+
+/// An entry ends: after its timeout (a closed TCP flow, an idle UDP flow)
+/// the tuple is back on the fast path, and the stale entry is removed.
+#[test]
+fn expired_flows_return_to_the_fast_path() {
+    if !privileged("expired_flows_return_to_the_fast_path") {
+        return;
+    }
+    let mut h = harness("sf-expiry");
+    let now = monotonic_ns();
+    let tcp_key = key(
+        CLIENT_IP,
+        BACKEND_IP,
+        CLIENT_PORT,
+        BACKEND_PORT,
+        IPPROTO_TCP,
+    );
+    let udp_key = key(
+        CLIENT_IP,
+        BACKEND_IP,
+        CLIENT_PORT,
+        BACKEND_PORT,
+        IPPROTO_UDP,
+    );
+    let tcp_frame = sent_by_client(
+        BACKEND_IP,
+        IPPROTO_TCP,
+        0,
+        &frames::tcp_header(CLIENT_PORT, BACKEND_PORT, TCP_ACK),
+    );
+    let udp_frame = sent_by_client(
+        BACKEND_IP,
+        IPPROTO_UDP,
+        0,
+        &frames::udp_datagram(CLIENT_PORT, BACKEND_PORT, b"x"),
+    );
+
+    // Closed (RST) just now: still followed.
+    let closed_now = StackFlow {
+        last_seen_ns: now,
+        flags: FLOW_F_RST,
+        reserved: 0,
+    };
+    h.datapath
+        .insert_stack_flow(tcp_key, closed_now)
+        .expect("insert");
+    assert_eq!(
+        h.run(PROG_FROM_POD, &tcp_frame).expect("run").verdict,
+        TC_ACT_OK
+    );
+
+    // Closed longer ago than the close timeout: fast path, entry gone.
+    let closed_long_ago = StackFlow {
+        last_seen_ns: now.saturating_sub((FLOW_TIMEOUT_CLOSED_S + 2) * 1_000_000_000),
+        ..closed_now
+    };
+    h.datapath
+        .insert_stack_flow(tcp_key, closed_long_ago)
+        .expect("insert");
+    assert_eq!(
+        h.run(PROG_FROM_POD, &tcp_frame).expect("run").verdict,
+        TC_ACT_REDIRECT
+    );
+    assert!(
+        h.datapath.stack_flows().expect("flows").is_empty(),
+        "the expired entry is removed"
+    );
+
+    // UDP idle for longer than its timeout (needs that much uptime).
+    let idle = (FLOW_TIMEOUT_OTHER_S + 5) * 1_000_000_000;
+    if now > idle {
+        h.datapath
+            .insert_stack_flow(
+                udp_key,
+                StackFlow {
+                    last_seen_ns: now - idle,
+                    flags: 0,
+                    reserved: 0,
+                },
+            )
+            .expect("insert");
+        assert_eq!(
+            h.run(PROG_FROM_POD, &udp_frame).expect("run").verdict,
+            TC_ACT_REDIRECT
+        );
+    }
+    // UDP seen recently: followed.
+    h.datapath
+        .insert_stack_flow(
+            udp_key,
+            StackFlow {
+                last_seen_ns: now,
+                flags: 0,
+                reserved: 0,
+            },
+        )
+        .expect("insert");
+    assert_eq!(
+        h.run(PROG_FROM_POD, &udp_frame).expect("run").verdict,
+        TC_ACT_OK
+    );
+}
+
+/// A new connection opened on the fast path owns its tuple: a live entry
+/// left by an older flow through the stack on the same tuple (its replies'
+/// direction) is removed by the SYN, so the SYN-ACK is not sent past a NAT
+/// that does not apply to it.
+#[test]
+fn a_fast_path_syn_clears_a_stale_reply_entry() {
+    if !privileged("a_fast_path_syn_clears_a_stale_reply_entry") {
+        return;
+    }
+    let mut h = harness("sf-syn");
+    // The backend's replies to CLIENT_PORT were followed (older flow).
+    let stale = key(
+        BACKEND_IP,
+        CLIENT_IP,
+        BACKEND_PORT,
+        CLIENT_PORT,
+        IPPROTO_TCP,
+    );
+    h.datapath
+        .insert_stack_flow(
+            stale,
+            StackFlow {
+                last_seen_ns: monotonic_ns(),
+                flags: 0,
+                reserved: 0,
+            },
+        )
+        .expect("insert");
+    // A plain ACK on the new tuple leaves it (mid-flow: it may be that
+    // flow's own packet).
+    let ack = sent_by_client(
+        BACKEND_IP,
+        IPPROTO_TCP,
+        0,
+        &frames::tcp_header(CLIENT_PORT, BACKEND_PORT, TCP_ACK),
+    );
+    assert_eq!(
+        h.run(PROG_FROM_POD, &ack).expect("run").verdict,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(h.datapath.stack_flows().expect("flows").len(), 1);
+    // The SYN of a new connection from the client to the backend directly.
+    let syn = sent_by_client(
+        BACKEND_IP,
+        IPPROTO_TCP,
+        0,
+        &frames::tcp_header(CLIENT_PORT, BACKEND_PORT, TCP_SYN),
+    );
+    assert_eq!(
+        h.run(PROG_FROM_POD, &syn).expect("run").verdict,
+        TC_ACT_REDIRECT
+    );
+    assert!(h.datapath.stack_flows().expect("flows").is_empty());
+}
+
+/// from_overlay hands a tracked reply to the stack too (marked as for this
+/// host: the inner frame is addressed to the sending node's veth), and
+/// to_overlay records what the stack sends from a local pod into the
+/// overlay.
+#[test]
+fn the_overlay_programs_follow_stack_flows() {
+    if !privileged("the_overlay_programs_follow_stack_flows") {
+        return;
+    }
+    let mut h = harness("sf-overlay");
+    let remote_backend = Ipv4Addr::new(10, 244, 1, 7);
+    // The stack DNATed the client's request to a backend on another node
+    // and routed it into the VXLAN device.
+    let request = sent_by_client(
+        remote_backend,
+        IPPROTO_TCP,
+        0,
+        &frames::tcp_header(CLIENT_PORT, BACKEND_PORT, TCP_SYN),
+    );
+    let out = h.run(PROG_TO_OVERLAY, &request).expect("run to_overlay");
+    assert_eq!(out.verdict, TC_ACT_UNSPEC);
+    let flows = h.datapath.stack_flows().expect("flows");
+    assert_eq!(
+        flows.iter().map(|f| f.0).collect::<Vec<_>>(),
+        vec![key(
+            remote_backend,
+            CLIENT_IP,
+            BACKEND_PORT,
+            CLIENT_PORT,
+            IPPROTO_TCP
+        )]
+    );
+    // The backend's SYN-ACK arrives decapsulated: to the stack.
+    let reply = frames::ipv4_frame(
+        ([0x02, 0xcc, 0xff, 0, 0, 7], [0x02, 0xcc, 0, 0, 0, 7]),
+        (remote_backend, CLIENT_IP),
+        IPPROTO_TCP,
+        0,
+        &frames::tcp_header(BACKEND_PORT, CLIENT_PORT, TCP_SYN | TCP_ACK),
+    );
+    let out = h.run(PROG_FROM_OVERLAY, &reply).expect("run from_overlay");
+    assert_eq!(out.verdict, TC_ACT_OK);
+    assert_eq!(counters(&h).verdict(Verdict::StackFlow), 1);
+    assert_eq!(counters(&h).verdict(Verdict::OverlayDeliver), 0);
+}
