@@ -228,6 +228,7 @@ impl Datapath {
     /// already be on a bpffs (see [`crate::bpffs`]). Always explicit: aya
     /// would otherwise pin straight into `/sys/fs/bpf`.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        drop_outgrown_counter_pins(pin_dir);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
@@ -708,6 +709,28 @@ impl Datapath {
             .get(&index, 0)
             .map_err(map_err(name, format!("reading index {index}")))?;
         Ok(values.iter().sum())
+    }
+}
+
+/// Counter maps pinned by an older datapath with fewer verdicts or drop
+/// reasons than this one counts: aya re-uses a pinned map as it is, so the
+/// new indices would have no slot (the programs' increments miss, reading
+/// them fails). Counters are append-only (`podnet_common::counters`), so
+/// starting them again is the whole migration; the old programs keep their
+/// own reference until the new ones replace them.
+fn drop_outgrown_counter_pins(pin_dir: &Path) {
+    for (name, count) in [
+        (names::MAP_VERDICTS, Verdict::COUNT),
+        (names::MAP_DROPS, DropReason::COUNT),
+    ] {
+        let pin = pin_dir.join(name);
+        if aya::maps::MapInfo::from_pin(&pin).is_ok_and(|info| info.max_entries() < count) {
+            tracing::info!(
+                map = name,
+                "the pinned counters are from an older datapath; starting them again"
+            );
+            let _ = std::fs::remove_file(&pin);
+        }
     }
 }
 

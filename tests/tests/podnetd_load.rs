@@ -60,3 +60,43 @@ fn podnetd_loads_programs_and_pins_maps() {
         "pinned map kept its entry"
     );
 }
+
+/// An upgrade over the pins of a datapath that counted fewer verdicts: the
+/// new verdicts get a slot (the counter map starts again), the rest of the
+/// pinned state is kept.
+#[test]
+fn counters_pinned_by_an_older_datapath_are_grown() {
+    if !privileged("counters_pinned_by_an_older_datapath_are_grown") {
+        return;
+    }
+    let bpffs = PrivateBpffs::new("oldcounters").expect("private bpffs");
+    // The verdicts map as the datapath before stack flows pinned it.
+    let pin = bpffs.path().join(names::MAP_VERDICTS);
+    let status = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&pin)
+        .args([
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "8",
+            "name",
+        ])
+        .arg(names::MAP_VERDICTS)
+        .status()
+        .expect("run bpftool (installed by cargo xtask setup)");
+    assert!(status.success(), "bpftool map create");
+    let datapath = Datapath::load(bpffs.path()).expect("load over the old pins");
+    let counters = datapath.counters().expect("every verdict has a counter");
+    assert_eq!(
+        counters.verdict(podnet_common::Verdict::StackFlow),
+        0,
+        "the newest verdict is readable"
+    );
+    let info = aya::maps::MapInfo::from_pin(&pin).expect("the pinned verdicts map");
+    assert_eq!(info.max_entries(), podnet_common::Verdict::COUNT);
+}
