@@ -96,6 +96,86 @@ impl From<crate::datapath::Counters> for CounterTotals {
     }
 }
 
+/// A flow the datapath hands to the host stack, for `podnetctl flows`: the
+/// direction that goes to the stack (a Service backend's replies, say).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackFlowStatus {
+    /// `tcp`, `udp`, `icmp`, `sctp` or the protocol number.
+    pub proto: String,
+    pub src: Ipv4Addr,
+    pub src_port: u16,
+    pub dst: Ipv4Addr,
+    pub dst_port: u16,
+    /// Seconds since the last packet of the flow, either direction.
+    pub idle_s: u64,
+    /// `open`, `closing` (one FIN), `closed` (RST or both FINs; expires soon)
+    /// or `expired` (no longer followed; the LRU map reuses the slot).
+    pub state: String,
+}
+
+impl StackFlowStatus {
+    /// Describes an entry of the stack-flows map at monotonic time `now_ns`
+    /// (`CLOCK_MONOTONIC_COARSE`, the programs' clock).
+    #[must_use]
+    pub fn new(key: &podnet_common::FlowKey, flow: &podnet_common::StackFlow, now_ns: u64) -> Self {
+        use podnet_common::flow::{
+            FLOW_F_BOTH_FINS, FLOW_F_CLOSED, FLOW_TIMEOUT_CLOSED_S, FLOW_TIMEOUT_OTHER_S,
+            FLOW_TIMEOUT_TCP_S,
+        };
+        let proto = match key.proto {
+            1 => "icmp".to_owned(),
+            6 => "tcp".to_owned(),
+            17 => "udp".to_owned(),
+            132 => "sctp".to_owned(),
+            other => other.to_string(),
+        };
+        let idle_s = now_ns.saturating_sub(flow.last_seen_ns) / 1_000_000_000;
+        let closed =
+            flow.flags & FLOW_F_CLOSED != 0 || flow.flags & FLOW_F_BOTH_FINS == FLOW_F_BOTH_FINS;
+        let timeout = if closed {
+            FLOW_TIMEOUT_CLOSED_S
+        } else if key.proto == 6 {
+            FLOW_TIMEOUT_TCP_S
+        } else {
+            FLOW_TIMEOUT_OTHER_S
+        };
+        let state = if idle_s >= timeout {
+            "expired"
+        } else if closed {
+            "closed"
+        } else if flow.flags & FLOW_F_BOTH_FINS != 0 {
+            "closing"
+        } else {
+            "open"
+        };
+        Self {
+            proto,
+            src: Ipv4Addr::from(key.src.to_ne_bytes()),
+            src_port: u16::from_be(key.src_port),
+            dst: Ipv4Addr::from(key.dst.to_ne_bytes()),
+            dst_port: u16::from_be(key.dst_port),
+            idle_s,
+            state: state.to_owned(),
+        }
+    }
+}
+
+impl StackFlowStatus {
+    /// Every entry of the datapath's stack-flows map, most recent first.
+    pub fn list(
+        datapath: &mut crate::datapath::Datapath,
+    ) -> Result<Vec<Self>, crate::datapath::DatapathError> {
+        let now = crate::datapath::monotonic_coarse_ns();
+        let mut flows: Vec<Self> = datapath
+            .stack_flows()?
+            .iter()
+            .map(|(key, flow)| Self::new(key, flow, now))
+            .collect();
+        flows.sort_by_key(|f| f.idle_s);
+        Ok(flows)
+    }
+}
+
 /// Agent health.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentStatus {
@@ -129,6 +209,8 @@ pub enum Request {
     Ipam,
     /// The other nodes the agent forwards to.
     Nodes,
+    /// Flows the datapath hands to the host stack.
+    StackFlows,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

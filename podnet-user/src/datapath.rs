@@ -750,6 +750,16 @@ fn map_data(map: &aya::maps::Map) -> &MapData {
     }
 }
 
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the clock of the datapath's
+/// timestamps (`bpf_ktime_get_coarse_ns`).
+#[must_use]
+pub fn monotonic_coarse_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
+}
+
 /// Map key of a pod address: the address bytes as they are on the wire,
 /// which is what the program reads from the packet.
 #[must_use]

@@ -9,7 +9,7 @@
 
 use std::net::Ipv4Addr;
 
-use podnet::datapath::{Counters, ip_key};
+use podnet::datapath::{Counters, ip_key, monotonic_coarse_ns};
 use podnet_common::{
     EndpointInfo, FlowKey, StackFlow, Verdict,
     flow::{FLOW_F_RST, FLOW_TIMEOUT_CLOSED_S, FLOW_TIMEOUT_OTHER_S},
@@ -102,14 +102,6 @@ fn key(src: Ipv4Addr, dst: Ipv4Addr, src_port: u16, dst_port: u16, proto: u8) ->
         proto,
         pad: [0; 3],
     }
-}
-
-/// `CLOCK_MONOTONIC_COARSE` now, what the programs' timestamps use.
-fn monotonic_ns() -> u64 {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .expect("clock_gettime");
-    u64::try_from(now.tv_sec()).expect("positive") * 1_000_000_000
-        + u64::try_from(now.tv_nsec()).expect("positive")
 }
 
 /// The stack delivers a packet from another pod to this one (here: a
@@ -316,7 +308,7 @@ fn expired_flows_return_to_the_fast_path() {
         return;
     }
     let mut h = harness("sf-expiry");
-    let now = monotonic_ns();
+    let now = monotonic_coarse_ns();
     let tcp_key = key(
         CLIENT_IP,
         BACKEND_IP,
@@ -432,7 +424,7 @@ fn a_fast_path_syn_clears_a_stale_reply_entry() {
         .insert_stack_flow(
             stale,
             StackFlow {
-                last_seen_ns: monotonic_ns(),
+                last_seen_ns: monotonic_coarse_ns(),
                 flags: 0,
                 reserved: 0,
             },

@@ -354,7 +354,7 @@ impl EndpointRegistry {
         })
     }
 
-    pub(super) fn datapath_mut(&mut self) -> &mut Datapath {
+    pub(crate) fn datapath_mut(&mut self) -> &mut Datapath {
         &mut self.datapath
     }
 

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use podnet::{
     api::{
         AgentStatus, Client, ClientError, CounterTotals, DEFAULT_SOCKET, EndpointStatus,
-        IpamStatus, Request,
+        IpamStatus, Request, StackFlowStatus,
     },
     cni::result::format_mac,
     datapath::Datapath,
@@ -49,6 +49,9 @@ enum Cmd {
     Ipam,
     /// The other nodes this node forwards to (from the datastore).
     Nodes,
+    /// Flows the datapath hands to the host stack (replies of Service, NodePort
+    /// and hostPort connections: conntrack must see them).
+    Flows,
 }
 
 fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
@@ -232,6 +235,30 @@ fn nodes(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     }
 }
 
+fn flows(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    let list = match client.call::<Vec<StackFlowStatus>>(&Request::StackFlows) {
+        Ok(list) => list,
+        Err(e) if agent_down(&e) => StackFlowStatus::list(&mut from_pins(cli)?)?,
+        Err(e) => return Err(e.into()),
+    };
+    print(cli.json, &list, |list| {
+        println!(
+            "{:<6} {:<22} {:<22} {:>8} STATE",
+            "PROTO", "FROM (to the stack)", "TO", "IDLE S"
+        );
+        for f in list {
+            println!(
+                "{:<6} {:<22} {:<22} {:>8} {}",
+                f.proto,
+                format!("{}:{}", f.src, f.src_port),
+                format!("{}:{}", f.dst, f.dst_port),
+                f.idle_s,
+                f.state
+            );
+        }
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     // Behave like a Unix filter when the reader goes away (`podnetctl ... |
     // head`): die quietly on SIGPIPE instead of panicking on EPIPE, which is
@@ -249,5 +276,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Counters => counters(&cli, &client),
         Cmd::Ipam => ipam(&cli, &client),
         Cmd::Nodes => nodes(&cli, &client),
+        Cmd::Flows => flows(&cli, &client),
     }
 }
