@@ -43,27 +43,67 @@ pub fn remote_node(ip: u32) -> Option<RemoteNode> {
 }
 
 /// What arrived from another node (from_overlay, from_underlay): a packet
-/// for a local endpoint is delivered, unless its flow went through this
-/// node's stack the other way; anything else goes to the host stack.
+/// from a pod of another node for a local endpoint is delivered, unless its
+/// flow went through this node's stack the other way; anything else goes
+/// to the host stack.
+///
+/// Only pod-to-pod traffic takes the fast path here because only there do
+/// both directions: the endpoint's replies to anything that is not a pod
+/// (another node, a NodePort client, a masqueraded Service flow) go up this
+/// node's stack, so their requests must too, or conntrack sees a reply
+/// without its request and calls it INVALID (kube-proxy drops those in
+/// KUBE-FORWARD).
 #[inline(always)]
-pub fn deliver_local(ctx: &mut TcContext, verdict: Verdict) -> i32 {
+pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
     let ip = match packet::parse(ctx) {
         L3::Ipv4(ip) => ip,
         L3::Other => return pass_to_stack(),
         L3::MalformedIpv4 => return drop_packet(DropReason::MalformedIpv4),
     };
     let Some(dst) = endpoint(ip.dst) else {
-        return pass_to_stack();
+        return arrival.to_stack(ctx, pass_to_stack());
     };
-    if let Some(code) = flows::divert_to_stack(ctx, &ip) {
-        // The inner frame of a VXLAN packet is addressed to the sending
-        // node's host veth (from_pod leaves the pod's MACs alone), so the
-        // stack would take it for another host's (PACKET_OTHERHOST) and
-        // drop it in ip_rcv. It is for this host.
-        let _ = ctx.change_type(PACKET_HOST);
-        return code;
+    if remote_node(ip.src).is_none() {
+        return arrival.to_stack(ctx, pass_to_stack());
     }
-    to_endpoint(ctx, &ip, &dst, verdict)
+    if let Some(code) = flows::divert_to_stack(ctx, &ip) {
+        return arrival.to_stack(ctx, code);
+    }
+    to_endpoint(ctx, &ip, &dst, arrival.verdict())
+}
+
+/// How a packet from another node arrived.
+#[derive(Clone, Copy)]
+pub enum Arrival {
+    /// Decapsulated by the node's VXLAN device (from_overlay).
+    Overlay,
+    /// Routed to this node on the underlay (from_underlay, direct mode).
+    Underlay,
+}
+
+impl Arrival {
+    #[inline(always)]
+    fn verdict(self) -> Verdict {
+        match self {
+            Self::Overlay => Verdict::OverlayDeliver,
+            Self::Underlay => Verdict::UnderlayDeliver,
+        }
+    }
+
+    /// Leaves the packet to the stack (returns `code`). The inner frame of
+    /// a VXLAN packet is addressed to whatever MAC the sending node's veth
+    /// or VXLAN device had (from_pod leaves the pod's MACs alone), so the
+    /// stack would take it for another host's (PACKET_OTHERHOST) and drop
+    /// it in ip_rcv; everything the overlay carries to this node is for this
+    /// host. The underlay is a real L2 segment: its frames keep the type
+    /// their MAC gave them.
+    #[inline(always)]
+    fn to_stack(self, ctx: &TcContext, code: i32) -> i32 {
+        if matches!(self, Self::Overlay) {
+            let _ = ctx.change_type(PACKET_HOST);
+        }
+        code
+    }
 }
 
 /// Delivers to a local endpoint as a routed hop: TTL - 1, source MAC = the

@@ -3,11 +3,10 @@
 //! A packet for a local pod goes straight into it.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use podnet_common::Verdict;
 
-use crate::forward;
+use crate::forward::{self, Arrival};
 
 #[classifier]
 pub fn from_overlay(mut ctx: TcContext) -> i32 {
-    forward::deliver_local(&mut ctx, Verdict::OverlayDeliver)
+    forward::deliver_local(&mut ctx, Arrival::Overlay)
 }

@@ -3,11 +3,10 @@
 //! pod; everything else (the node's own traffic) is left to the host.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use podnet_common::Verdict;
 
-use crate::forward;
+use crate::forward::{self, Arrival};
 
 #[classifier]
 pub fn from_underlay(mut ctx: TcContext) -> i32 {
-    forward::deliver_local(&mut ctx, Verdict::UnderlayDeliver)
+    forward::deliver_local(&mut ctx, Arrival::Underlay)
 }

@@ -2,7 +2,9 @@
 //! an underlay (a veth each to a bridge in a fabric namespace, which also
 //! plays "a host outside the cluster"); each node runs its own podnetd with
 //! its own bpffs, state and socket; pods are namespaces attached by the real
-//! `podnet` binary, as a runtime does. The layout is written to
+//! `podnet` binary, as a runtime does. Optionally a demo Service (see
+//! [`crate::services`]) is installed on every node, as kube-proxy would,
+//! with backend servers in two pods. The layout is written to
 //! `<run dir>/lab.json` for scripts and tests.
 //!
 //! `up` leaves everything running (the lab outlives the command); `down`
@@ -24,7 +26,11 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::{bins, netns::run};
+use crate::{
+    bins,
+    netns::run,
+    services::{self, ServiceSpec},
+};
 
 /// Default run directory of `cargo xtask lab`.
 pub const DEFAULT_RUN_DIR: &str = "/run/podnet-lab";
@@ -36,6 +42,17 @@ pub const FABRIC_HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 1);
 pub enum LabDatastore {
     File,
     Etcd,
+}
+
+/// How the lab's demo Service is written into the nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServiceKind {
+    /// iptables rules as kube-proxy's iptables mode writes them
+    /// ([`services::kube_proxy_iptables`]), NodePort included.
+    KubeProxyIptables,
+    /// A plain nftables DNAT table ([`services::nft_dnat`]), ClusterIP only.
+    Nftables,
 }
 
 /// What to build.
@@ -51,6 +68,9 @@ pub struct LabSpec {
     pub run_dir: PathBuf,
     /// Print progress lines.
     pub verbose: bool,
+    /// Install the demo Service (backends in the first pod of node1 and of
+    /// node2) on every node.
+    pub service: Option<ServiceKind>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -77,6 +97,13 @@ pub struct LabPod {
     pub ifname: String,
 }
 
+/// A backend server of the demo Service (`podnet-lab serve` in a pod).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabServer {
+    pub pod: String,
+    pub pid: u32,
+}
+
 /// `lab.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LabLayout {
@@ -94,6 +121,15 @@ pub struct LabLayout {
     /// TTL of the agents' etcd leases, seconds.
     #[serde(default = "default_lease_ttl")]
     pub etcd_lease_ttl: u64,
+    /// The demo Service's backend servers.
+    #[serde(default)]
+    pub servers: Vec<LabServer>,
+    /// The demo Service, installed on every node.
+    #[serde(default)]
+    pub service: Option<ServiceSpec>,
+    /// How the demo Service is installed.
+    #[serde(default)]
+    pub service_kind: Option<ServiceKind>,
 }
 
 fn default_lease_ttl() -> u64 {
@@ -157,6 +193,7 @@ impl LabLayout {
             prefix: self.prefix.clone(),
             run_dir: self.run_dir.clone(),
             verbose: false,
+            service: None,
         };
         let fabric = self.fabric_netns.clone();
         let bin_dir = bins::binary("podnet")
@@ -164,7 +201,13 @@ impl LabLayout {
             .context("bin dir")?
             .to_path_buf();
         add_node(&spec, self, i, &fabric, &bin_dir)?;
-        Ok(format!("node{i}"))
+        let name = format!("node{i}");
+        // Like kube-proxy on a new node: the Service is there too.
+        if let (Some(svc), Some(kind)) = (self.service.clone(), self.service_kind) {
+            let netns = self.node(&name).context("the new node")?.netns.clone();
+            apply_service(&netns, kind, &svc, &self.cluster_cidr())?;
+        }
+        Ok(name)
     }
 
     pub fn load(run_dir: &Path) -> anyhow::Result<Self> {
@@ -176,7 +219,7 @@ impl LabLayout {
         .with_context(|| format!("parsing {}", path.display()))
     }
 
-    fn save(&self) -> anyhow::Result<()> {
+    pub(crate) fn save(&self) -> anyhow::Result<()> {
         fs::write(
             self.run_dir.join("lab.json"),
             serde_json::to_vec_pretty(self)?,
@@ -312,6 +355,129 @@ impl LabLayout {
         self.save()
     }
 
+    /// The cluster CIDR as the agents know it (kube-proxy's
+    /// `--cluster-cidr`); podnetd's default when no agent answers.
+    fn cluster_cidr(&self) -> String {
+        self.nodes
+            .iter()
+            .find_map(|n| {
+                podnet::api::Client::new(&n.agent_socket)
+                    .call::<podnet::api::NodeInfo>(&podnet::api::Request::Node)
+                    .ok()
+            })
+            .map_or_else(
+                || "10.244.0.0/16".to_owned(),
+                |i| i.cluster_cidr.to_string(),
+            )
+    }
+
+    /// Installs the demo Service on every node, with backend servers in the
+    /// first pod of node1 and the first pod of node2 (only node1's with one
+    /// node, none without pods). Replaces an installed one.
+    pub fn install_service(&mut self, kind: ServiceKind) -> anyhow::Result<()> {
+        self.remove_service()?;
+        let backends: Vec<LabPod> = self
+            .nodes
+            .iter()
+            .take(2)
+            .filter_map(|n| self.pods.iter().find(|p| p.node == n.name))
+            .cloned()
+            .collect();
+        let svc = services::demo_service(backends.iter().map(|p| p.ip).collect());
+        // Recorded before anything is started: `remove_service` and `down`
+        // then find whatever a failure halfway leaves.
+        self.service = Some(svc.clone());
+        self.service_kind = Some(kind);
+        self.save()?;
+        for pod in &backends {
+            self.start_server(pod, &svc)?;
+        }
+        let cidr = self.cluster_cidr();
+        for node in &self.nodes {
+            apply_service(&node.netns, kind, &svc, &cidr)
+                .with_context(|| format!("installing the demo Service on {}", node.name))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the demo Service from every node and stops its servers. Does
+    /// nothing when none is installed.
+    pub fn remove_service(&mut self) -> anyhow::Result<()> {
+        let mut errors = Vec::new();
+        if let (Some(svc), Some(kind)) = (&self.service, self.service_kind) {
+            for node in &self.nodes {
+                // A node whose namespace is gone took its rules with it.
+                if !Path::new("/var/run/netns").join(&node.netns).exists() {
+                    continue;
+                }
+                let removed = match kind {
+                    ServiceKind::KubeProxyIptables => {
+                        services::remove_kube_proxy_iptables(&node.netns, svc)
+                    }
+                    ServiceKind::Nftables => services::remove_nft(&node.netns),
+                };
+                if let Err(e) = removed {
+                    errors.push(format!("{}: {e:#}", node.name));
+                }
+            }
+        }
+        for server in self.servers.drain(..) {
+            kill_and_wait(server.pid);
+        }
+        self.service = None;
+        self.service_kind = None;
+        self.save()?;
+        anyhow::ensure!(
+            errors.is_empty(),
+            "removing the demo Service: {}",
+            errors.join("; ")
+        );
+        Ok(())
+    }
+
+    /// Starts a backend server of `svc` in `pod`, detached, and waits until
+    /// it answers at the pod's own IP.
+    pub fn start_server(&mut self, pod: &LabPod, svc: &ServiceSpec) -> anyhow::Result<()> {
+        let log_path = self.run_dir.join(format!("serve-{}.log", pod.name));
+        let log = fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let child = in_netns(&pod.netns, bins::binary("podnet-lab"))?
+            // `--lab` is only there for `down`'s fallback to find it.
+            .args(["serve", "--lab", &self.prefix, "--name", &pod.name])
+            .arg("--tcp")
+            .arg(svc.target_tcp_port.to_string())
+            .arg("--udp")
+            .arg(svc.target_udp_port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting the server in {}", pod.name))?;
+        self.servers.push(LabServer {
+            pod: pod.name.clone(),
+            pid: child.id(),
+        });
+        // Not waited for: the server outlives `lab up`; `down` kills it.
+        std::mem::forget(child);
+        self.save()?;
+        let addr = SocketAddrV4::new(pod.ip, svc.target_tcp_port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match services::tcp_query(&pod.netns, addr, Duration::from_millis(500)) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context(format!(
+                        "the server in {} did not come up:\n{}",
+                        pod.name,
+                        fs::read_to_string(&log_path).unwrap_or_default()
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
     /// Starts the lab's etcd server (fabric namespace) and waits for it.
     pub fn start_etcd(&mut self) -> anyhow::Result<()> {
         let data = self.run_dir.join("etcd");
@@ -387,6 +553,21 @@ impl LabLayout {
     }
 }
 
+/// Installs `svc` in a node's namespace the way `kind` says.
+fn apply_service(
+    netns: &str,
+    kind: ServiceKind,
+    svc: &ServiceSpec,
+    cluster_cidr: &str,
+) -> anyhow::Result<()> {
+    match kind {
+        ServiceKind::KubeProxyIptables => {
+            services::apply_kube_proxy_iptables(netns, svc, cluster_cidr)
+        }
+        ServiceKind::Nftables => services::apply_nft(netns, svc),
+    }
+}
+
 fn kill_and_wait(pid: u32) {
     let Ok(raw) = i32::try_from(pid) else { return };
     if raw == 0 {
@@ -448,6 +629,9 @@ fn build(spec: &LabSpec) -> anyhow::Result<LabLayout> {
         run_dir: spec.run_dir.clone(),
         etcd_pid: 0,
         etcd_lease_ttl: default_lease_ttl(),
+        servers: Vec::new(),
+        service: None,
+        service_kind: None,
     };
     layout.save()?;
     if spec.datastore == LabDatastore::Etcd {
@@ -482,6 +666,18 @@ fn build(spec: &LabSpec) -> anyhow::Result<LabLayout> {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+    if let Some(kind) = spec.service {
+        layout.install_service(kind)?;
+        if let Some(svc) = &layout.service {
+            progress(
+                spec,
+                &format!(
+                    "service {} ({kind:?}): ClusterIP {}, backends {:?}",
+                    svc.name, svc.cluster_ip, svc.backends
+                ),
+            );
+        }
     }
     Ok(layout)
 }
@@ -567,6 +763,9 @@ fn add_node(
 /// after a crash (finds leftovers by their name prefix).
 pub fn down(run_dir: &Path, prefix: &str) -> anyhow::Result<()> {
     if let Ok(layout) = LabLayout::load(run_dir) {
+        for server in &layout.servers {
+            kill_and_wait(server.pid);
+        }
         for node in &layout.nodes {
             kill_and_wait(node.pid);
         }
@@ -576,6 +775,11 @@ pub fn down(run_dir: &Path, prefix: &str) -> anyhow::Result<()> {
     let _ = Command::new("pkill")
         .arg("-f")
         .arg(format!("podnetd .*--socket {}/", run_dir.display()))
+        .status();
+    // Service backends whose pid was lost: they carry the lab's prefix.
+    let _ = Command::new("pkill")
+        .arg("-f")
+        .arg(format!("podnet-lab serve --lab {prefix} "))
         .status();
     let listed = run(Command::new("ip").args(["netns", "list"]))?;
     for line in String::from_utf8_lossy(&listed.stdout).lines() {
@@ -620,8 +824,10 @@ fn ping(netns: &str, target: Ipv4Addr) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Full connectivity check: pod <-> pod, pod -> node, node -> pod, and pod
-/// -> the fabric host with the source masqueraded to the pod's node IP.
+/// Full connectivity check: pod <-> pod, pod -> node, node -> pod, pod ->
+/// the fabric host with the source masqueraded to the pod's node IP, and,
+/// when the lab has the demo Service, pod -> Service (TCP, UDP) and the
+/// fabric host -> every node's NodePort.
 pub fn check(layout: &LabLayout) -> anyhow::Result<Vec<Probe>> {
     let mut probes = Vec::new();
     for a in &layout.pods {
@@ -717,7 +923,136 @@ pub fn check(layout: &LabLayout) -> anyhow::Result<Vec<Probe>> {
             });
         }
     }
+    if let Some(svc) = &layout.service {
+        probes.extend(service_probes(layout, svc));
+    }
     Ok(probes)
+}
+
+/// How long a Service probe waits for its answer.
+const SERVICE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Queries per Service cell: each picks a backend at random, so one query
+/// would pass a cell half the time when only the path to one backend works.
+const SERVICE_PROBE_QUERIES: usize = 6;
+
+type ServiceAnswer = anyhow::Result<(String, SocketAddrV4)>;
+
+/// One Service cell: [`SERVICE_PROBE_QUERIES`] queries at once, ok when
+/// every one was answered by a backend; the detail says who answered.
+fn service_cell(
+    addr: SocketAddrV4,
+    backends: &[&str],
+    query: impl Fn() -> ServiceAnswer + Sync,
+) -> (bool, String) {
+    let answers: Vec<ServiceAnswer> = std::thread::scope(|scope| {
+        let jobs: Vec<_> = (0..SERVICE_PROBE_QUERIES)
+            .map(|_| scope.spawn(&query))
+            .collect();
+        jobs.into_iter()
+            .map(|job| {
+                job.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("probe thread panicked")))
+            })
+            .collect()
+    });
+    // Backend -> (answers, a source address it saw).
+    let mut answered: BTreeMap<String, (usize, SocketAddrV4)> = BTreeMap::new();
+    let mut failures = Vec::new();
+    for answer in answers {
+        match answer {
+            Ok((name, seen)) if backends.contains(&name.as_str()) => {
+                answered.entry(name).or_insert((0, seen)).0 += 1;
+            }
+            Ok((name, seen)) => failures.push(format!("{name:?} is not a backend (saw {seen})")),
+            Err(e) => failures.push(format!("{e:#}")),
+        }
+    }
+    let who: Vec<String> = answered
+        .iter()
+        .map(|(name, (n, seen))| format!("{name} x{n} (saw {seen})"))
+        .collect();
+    let detail = if failures.is_empty() {
+        format!("{addr} answered by {}", who.join(", "))
+    } else {
+        format!(
+            "{addr}: {} of {SERVICE_PROBE_QUERIES} failed ({}){}",
+            failures.len(),
+            failures[0],
+            if who.is_empty() {
+                String::new()
+            } else {
+                format!("; answered by {}", who.join(", "))
+            }
+        )
+    };
+    (failures.is_empty(), detail)
+}
+
+/// The demo Service's rows: every pod to its ClusterIP over TCP and UDP,
+/// and the fabric host to every node's NodePort (kube-proxy rules only;
+/// the nftables variant has no NodePort). Run in parallel: a broken path
+/// costs a timeout per query.
+fn service_probes(layout: &LabLayout, svc: &ServiceSpec) -> Vec<Probe> {
+    let backends: Vec<&str> = layout.servers.iter().map(|s| s.pod.as_str()).collect();
+    let backends = backends.as_slice();
+    let tcp = SocketAddrV4::new(svc.cluster_ip, svc.tcp_port);
+    let udp = SocketAddrV4::new(svc.cluster_ip, svc.udp_port);
+    std::thread::scope(|scope| {
+        let mut jobs = Vec::new();
+        for pod in &layout.pods {
+            let netns = pod.netns.as_str();
+            jobs.push((
+                pod.name.clone(),
+                "svc tcp".to_owned(),
+                "pod->service tcp",
+                scope.spawn(move || {
+                    service_cell(tcp, backends, || {
+                        services::tcp_query(netns, tcp, SERVICE_PROBE_TIMEOUT)
+                    })
+                }),
+            ));
+            jobs.push((
+                pod.name.clone(),
+                "svc udp".to_owned(),
+                "pod->service udp",
+                scope.spawn(move || {
+                    service_cell(udp, backends, || {
+                        services::udp_query(netns, udp, SERVICE_PROBE_TIMEOUT)
+                    })
+                }),
+            ));
+        }
+        if layout.service_kind == Some(ServiceKind::KubeProxyIptables) {
+            let fabric = layout.fabric_netns.as_str();
+            for node in &layout.nodes {
+                let addr = SocketAddrV4::new(node.node_ip, svc.node_port);
+                jobs.push((
+                    "fabric host".to_owned(),
+                    node.name.clone(),
+                    "nodeport",
+                    scope.spawn(move || {
+                        service_cell(addr, backends, || {
+                            services::tcp_query(fabric, addr, SERVICE_PROBE_TIMEOUT)
+                        })
+                    }),
+                ));
+            }
+        }
+        jobs.into_iter()
+            .map(|(from, to, kind, job)| {
+                let (ok, detail) = job
+                    .join()
+                    .unwrap_or_else(|_| (false, "probe thread panicked".to_owned()));
+                Probe {
+                    from,
+                    to,
+                    kind,
+                    ok,
+                    detail,
+                }
+            })
+            .collect()
+    })
 }
 
 /// The matrix as text: one row per source, one column per destination.
@@ -787,12 +1122,36 @@ pub struct LabGuard {
 }
 
 impl LabGuard {
+    /// A lab without the demo Service.
     pub fn up(
         tag: &str,
         nodes: usize,
         pods_per_node: usize,
         mode: &str,
         datastore: LabDatastore,
+    ) -> anyhow::Result<Self> {
+        Self::build(tag, nodes, pods_per_node, mode, datastore, None)
+    }
+
+    /// [`LabGuard::up`] with the demo Service installed as `kind`.
+    pub fn up_with_service(
+        tag: &str,
+        nodes: usize,
+        pods_per_node: usize,
+        mode: &str,
+        datastore: LabDatastore,
+        kind: ServiceKind,
+    ) -> anyhow::Result<Self> {
+        Self::build(tag, nodes, pods_per_node, mode, datastore, Some(kind))
+    }
+
+    fn build(
+        tag: &str,
+        nodes: usize,
+        pods_per_node: usize,
+        mode: &str,
+        datastore: LabDatastore,
+        service: Option<ServiceKind>,
     ) -> anyhow::Result<Self> {
         let prefix = format!("pnt{tag}{}", std::process::id() % 10_000);
         let spec = LabSpec {
@@ -803,6 +1162,7 @@ impl LabGuard {
             run_dir: std::env::temp_dir().join(format!("podnet-lab-{prefix}")),
             prefix,
             verbose: false,
+            service,
         };
         Ok(Self { layout: up(&spec)? })
     }

@@ -9,6 +9,7 @@ pub mod frames;
 pub mod lab;
 pub mod netns;
 pub mod node;
+pub mod services;
 pub mod traffic;
 
 use std::{

@@ -496,6 +496,13 @@ fn from_overlay_and_from_underlay_deliver_to_local_pods_only() {
         return;
     }
     let mut h = harness("deliver");
+    // The sender's pod CIDR is another node's.
+    h.datapath
+        .upsert_remote(
+            "10.244.1.0/24".parse().expect("CIDR"),
+            Ipv4Addr::new(192, 168, 100, 12),
+        )
+        .expect("remote CIDR");
     let from_remote = frames::ipv4_udp(
         [2, 0, 0, 0, 0, 0xaa],
         [2, 0, 0, 0, 0, 0xbb],
@@ -533,5 +540,22 @@ fn from_overlay_and_from_underlay_deliver_to_local_pods_only() {
             TC_ACT_OK,
             "{program}: node traffic passes"
         );
+        // The other node itself (not one of its pods) to pod B: the stack
+        // delivers it, since pod B's replies to a node go through the stack
+        // and conntrack must have seen the request.
+        let from_node = frames::ipv4_udp(
+            [2; 6],
+            [3; 6],
+            Ipv4Addr::new(192, 168, 100, 12),
+            POD_B_IP,
+            64,
+            b"x",
+        );
+        assert_eq!(
+            h.run(program, &from_node).expect("test run").verdict,
+            TC_ACT_OK,
+            "{program}: a node's own traffic to a pod goes to the stack"
+        );
+        assert_eq!(counters(&h).verdict(verdict), 1, "{program}: not delivered");
     }
 }

@@ -468,6 +468,12 @@ fn the_overlay_programs_follow_stack_flows() {
     }
     let mut h = harness("sf-overlay");
     let remote_backend = Ipv4Addr::new(10, 244, 1, 7);
+    h.datapath
+        .upsert_remote(
+            "10.244.1.0/24".parse().expect("CIDR"),
+            Ipv4Addr::new(192, 168, 100, 12),
+        )
+        .expect("remote CIDR");
     // The stack DNATed the client's request to a backend on another node
     // and routed it into the VXLAN device.
     let request = sent_by_client(

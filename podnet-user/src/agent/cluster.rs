@@ -130,8 +130,13 @@ impl EndpointRegistry {
             Mode::Local => {}
             Mode::Vxlan => {
                 let (port, mtu) = (net.vxlan_port, net.pod_mtu());
+                // The pod CIDR's network address (never a pod's, nor the
+                // gateway), as flannel gives flannel.1: see below.
+                let own = self.config().pod_cidr.network();
                 let ifindex = netlink::with_netlink(None, move |h| async move {
-                    netlink::ensure_vxlan(&h, VXLAN_DEVICE, port, mtu).await
+                    let index = netlink::ensure_vxlan(&h, VXLAN_DEVICE, port, mtu).await?;
+                    netlink::add_address(&h, index, own, 32).await?;
+                    Ok(index)
                 })
                 .context("creating the VXLAN device")?;
                 self.attach_infrastructure(
@@ -144,6 +149,28 @@ impl EndpointRegistry {
                     VXLAN_DEVICE,
                     &links_dir.join(format!("{VXLAN_DEVICE}-egress")),
                 )?;
+                // Other nodes' own traffic to this node's pods (and NodePort
+                // flows they forward) arrives here with an underlay address
+                // as source and is handed to the stack
+                // (forward::deliver_local), whose route back to that address
+                // is the underlay device. A strict reverse-path check drops
+                // it; a loose one drops it too on a device without an IPv4
+                // address (`__fib_validate_source`: no_addr -> last_resort),
+                // hence the address above. The effective value is
+                // max(all, device): podnet asks for 0 and lives with loose.
+                write_sysctl(
+                    &format!("/proc/sys/net/ipv4/conf/{VXLAN_DEVICE}/rp_filter"),
+                    "0",
+                )?;
+                if std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter")
+                    .is_ok_and(|v| v.trim() == "1")
+                {
+                    warn!(
+                        "net.ipv4.conf.all.rp_filter is 1 (strict): traffic from other nodes \
+                         (not their pods) to this node's pods is dropped by the kernel; \
+                         set it to 2 (loose) or 0"
+                    );
+                }
                 config.mode = node::MODE_VXLAN;
                 config.tunnel_ifindex = ifindex;
                 self.cluster.tunnel_ifindex = ifindex;

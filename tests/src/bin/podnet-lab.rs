@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use podnet_tests::lab::{self, LabDatastore, LabLayout, LabSpec};
+use podnet_tests::lab::{self, LabDatastore, LabLayout, LabSpec, ServiceKind};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,6 +34,10 @@ enum Cmd {
         mode: String,
         #[arg(long, default_value = "file", value_parser = ["file", "etcd"])]
         datastore: String,
+        /// The demo Service: kube-proxy's iptables rules, plain nftables
+        /// DNAT, or none.
+        #[arg(long, default_value = "iptables", value_parser = ["iptables", "nft", "none"])]
+        service: String,
     },
     /// Nodes, pods, IPs, agent health.
     Status,
@@ -41,6 +45,20 @@ enum Cmd {
     Check,
     /// Remove everything the lab made (safe twice, safe after a crash).
     Down,
+    /// A backend server of the demo Service (run by the lab inside a pod).
+    #[command(hide = true)]
+    Serve {
+        /// The lab's prefix: lets `down` find servers whose pid was lost.
+        #[arg(long)]
+        lab: String,
+        /// The pod's name, sent in every answer.
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        tcp: u16,
+        #[arg(long)]
+        udp: u16,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +69,7 @@ fn main() -> anyhow::Result<()> {
             pods_per_node,
             mode,
             datastore,
+            service,
         } => {
             let spec = LabSpec {
                 nodes,
@@ -64,6 +83,11 @@ fn main() -> anyhow::Result<()> {
                 prefix: cli.prefix,
                 run_dir: cli.run_dir.clone(),
                 verbose: true,
+                service: match service.as_str() {
+                    "iptables" => Some(ServiceKind::KubeProxyIptables),
+                    "nft" => Some(ServiceKind::Nftables),
+                    _ => None,
+                },
             };
             let layout = lab::up(&spec)?;
             println!(
@@ -98,6 +122,7 @@ fn main() -> anyhow::Result<()> {
             for p in &layout.pods {
                 println!("{:<14} {:<8} {:<16} {}", p.name, p.node, p.ip, p.netns);
             }
+            print_service(&layout);
             Ok(())
         }
         Cmd::Check => {
@@ -115,5 +140,56 @@ fn main() -> anyhow::Result<()> {
             println!("lab down");
             Ok(())
         }
+        Cmd::Serve {
+            lab: _,
+            name,
+            tcp,
+            udp,
+        } => podnet_tests::services::serve(&name, tcp, udp),
+    }
+}
+
+fn print_service(layout: &LabLayout) {
+    println!();
+    let Some(svc) = &layout.service else {
+        println!("service: none");
+        return;
+    };
+    let how = match layout.service_kind {
+        Some(ServiceKind::KubeProxyIptables) => "kube-proxy iptables rules",
+        Some(ServiceKind::Nftables) => "nftables DNAT (table ip svcdemo), no NodePort",
+        None => "?",
+    };
+    println!("service {} ({how})", svc.name);
+    let node_port = if layout.service_kind == Some(ServiceKind::KubeProxyIptables) {
+        format!(
+            "  NodePort tcp {} -> {}",
+            svc.node_port, svc.target_tcp_port
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "  ClusterIP {}  tcp {} -> {}  udp {} -> {}{node_port}",
+        svc.cluster_ip, svc.tcp_port, svc.target_tcp_port, svc.udp_port, svc.target_udp_port,
+    );
+    for ip in &svc.backends {
+        let pod = layout.pods.iter().find(|p| p.ip == *ip);
+        let server = pod.and_then(|p| layout.servers.iter().find(|s| s.pod == p.name));
+        let alive = server.is_some_and(|s| {
+            i32::try_from(s.pid).is_ok_and(|pid| {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+            })
+        });
+        println!(
+            "  backend {:<16} {:<14} server {}",
+            ip,
+            pod.map_or("?", |p| p.name.as_str()),
+            match (server, alive) {
+                (Some(s), true) => format!("pid {}", s.pid),
+                (Some(s), false) => format!("pid {} (not running)", s.pid),
+                (None, _) => "none".to_owned(),
+            }
+        );
     }
 }

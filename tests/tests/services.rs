@@ -1,0 +1,402 @@
+//! Services and every other NAT on a node, from pods, on the lab: the
+//! Service rules as kube-proxy's iptables mode writes them and as a plain
+//! nftables DNAT, ClusterIP over TCP and UDP with backends on the client's
+//! node and on the other node (vxlan and direct), hairpin, NodePort, a
+//! hostPort through the reference portmap plugin, a Service connection
+//! across agent restarts, and plain pod-to-pod traffic still on the fast
+//! path. The replies of every such flow must pass the node that translated
+//! it (see `podnet-ebpf/src/flows.rs`); without that they reach the client
+//! from the backend's own address and are dropped.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use podnet::api::{Client, CounterTotals, Request};
+use podnet_tests::{
+    lab::{self, LabDatastore, LabGuard, LabLayout, LabNode, LabPod, ServiceKind},
+    privileged,
+    services::{self, ServiceSpec},
+    traffic,
+};
+use serde_json::{Value, json};
+
+const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Tries to see every backend: the Service picks one at random per
+/// connection (`statistic mode random` / `numgen random`), so with two
+/// backends 24 tries miss one with probability 2^-23.
+const TRIES: usize = 24;
+
+fn counter(node: &LabNode, name: &str) -> u64 {
+    let c: CounterTotals = Client::new(&node.agent_socket)
+        .call(&Request::Counters)
+        .expect("counters");
+    c.verdicts.get(name).copied().unwrap_or(0)
+}
+
+fn pod<'a>(layout: &'a LabLayout, name: &str) -> &'a LabPod {
+    layout
+        .pods
+        .iter()
+        .find(|p| p.name == name)
+        .unwrap_or_else(|| panic!("no pod {name}"))
+}
+
+fn node<'a>(layout: &'a LabLayout, name: &str) -> &'a LabNode {
+    layout
+        .node(name)
+        .unwrap_or_else(|| panic!("no node {name}"))
+}
+
+fn service(layout: &LabLayout) -> ServiceSpec {
+    layout.service.clone().expect("the lab has its Service")
+}
+
+/// The name of the backend at `ip`.
+fn backend_name(layout: &LabLayout, ip: Ipv4Addr) -> String {
+    layout
+        .pods
+        .iter()
+        .find(|p| p.ip == ip)
+        .map_or_else(|| panic!("no pod has {ip}"), |p| p.name.clone())
+}
+
+/// Queries `addr` from `netns` `TRIES` times (TCP or UDP); every query must
+/// be answered. Returns which backends answered and the source address each
+/// saw.
+fn query_all(netns: &str, addr: SocketAddrV4, udp: bool) -> BTreeMap<String, BTreeSet<Ipv4Addr>> {
+    let mut seen: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    for i in 0..TRIES {
+        let answer = if udp {
+            services::udp_query(netns, addr, QUERY_TIMEOUT)
+        } else {
+            services::tcp_query(netns, addr, QUERY_TIMEOUT)
+        };
+        let (backend, seen_as) = answer.unwrap_or_else(|e| {
+            panic!(
+                "{} query {i} from {netns} to {addr}: {e:#}",
+                if udp { "UDP" } else { "TCP" }
+            )
+        });
+        seen.entry(backend).or_default().insert(*seen_as.ip());
+    }
+    seen
+}
+
+/// Every pod that is not a backend reaches the Service over TCP and UDP,
+/// is answered by both backends (one on its node, one on the other), and
+/// the backends see the pod's own address (pod traffic to a ClusterIP is
+/// DNATed, never masqueraded).
+fn clients_reach_the_service(layout: &LabLayout) {
+    let svc = service(layout);
+    let backends: BTreeSet<String> = svc
+        .backends
+        .iter()
+        .map(|ip| backend_name(layout, *ip))
+        .collect();
+    assert_eq!(backends.len(), 2, "two backends on two nodes");
+    for client in layout.pods.iter().filter(|p| !svc.backends.contains(&p.ip)) {
+        for (udp, port) in [(false, svc.tcp_port), (true, svc.udp_port)] {
+            let seen = query_all(&client.netns, SocketAddrV4::new(svc.cluster_ip, port), udp);
+            let answered: BTreeSet<String> = seen.keys().cloned().collect();
+            assert_eq!(
+                answered,
+                backends,
+                "{} ({}) reached both backends over {}",
+                client.name,
+                client.node,
+                if udp { "UDP" } else { "TCP" }
+            );
+            for (backend, sources) in &seen {
+                assert_eq!(
+                    sources,
+                    &BTreeSet::from([client.ip]),
+                    "{backend} saw {} as its own address",
+                    client.name
+                );
+            }
+        }
+    }
+}
+
+/// The backend pod itself reaches the Service; when the Service picks it,
+/// kube-proxy's hairpin masquerade makes it see the node's address.
+fn hairpin(layout: &LabLayout) {
+    let svc = service(layout);
+    let me = pod(layout, &backend_name(layout, svc.backends[0])).clone();
+    let seen = query_all(
+        &me.netns,
+        SocketAddrV4::new(svc.cluster_ip, svc.tcp_port),
+        false,
+    );
+    let own = seen
+        .get(&me.name)
+        .unwrap_or_else(|| panic!("{} never reached itself: {seen:?}", me.name));
+    let node_ip = node(layout, &me.node).node_ip;
+    assert_eq!(
+        own,
+        &BTreeSet::from([node_ip]),
+        "hairpin traffic is masqueraded to the node (KUBE-MARK-MASQ)"
+    );
+}
+
+/// A host outside the cluster reaches every node's NodePort, and the
+/// NodePort reaches both backends; a pod reaches its own node's NodePort.
+fn node_ports(layout: &LabLayout) {
+    let svc = service(layout);
+    let backends: BTreeSet<String> = svc
+        .backends
+        .iter()
+        .map(|ip| backend_name(layout, *ip))
+        .collect();
+    for n in &layout.nodes {
+        let addr = SocketAddrV4::new(n.node_ip, svc.node_port);
+        let seen = query_all(&layout.fabric_netns, addr, false);
+        let answered: BTreeSet<String> = seen.keys().cloned().collect();
+        assert_eq!(answered, backends, "fabric host -> {addr}");
+    }
+    let client = layout
+        .pods
+        .iter()
+        .find(|p| !svc.backends.contains(&p.ip))
+        .expect("a pod that is not a backend");
+    let own_node = node(layout, &client.node).node_ip;
+    let seen = query_all(
+        &client.netns,
+        SocketAddrV4::new(own_node, svc.node_port),
+        false,
+    );
+    let answered: BTreeSet<String> = seen.keys().cloned().collect();
+    assert_eq!(
+        answered, backends,
+        "{} -> its own node's NodePort",
+        client.name
+    );
+}
+
+/// Plain pod-to-pod traffic, same node and cross node, is forwarded by the
+/// fast path and never tracked or handed to the stack.
+fn pod_to_pod_stays_on_the_fast_path(layout: &LabLayout, cross_verdict: &str) {
+    let (n1, n2) = (node(layout, "node1"), node(layout, "node2"));
+    let a = pod(layout, "node1-pod2");
+    let same = pod(layout, "node1-pod1");
+    let cross = pod(layout, "node2-pod2");
+    let before: Vec<(u64, u64)> = [n1, n2]
+        .iter()
+        .map(|n| (counter(n, "stack_flow"), counter(n, "stack_flow_tracked")))
+        .collect();
+    let (peer_before, cross_before) = (counter(n1, "redirect_peer"), counter(n1, cross_verdict));
+    traffic::transfer(&a.netns, &same.netns, same.ip, 16 << 20).expect("TCP same node");
+    traffic::transfer(&a.netns, &cross.netns, cross.ip, 16 << 20).expect("TCP cross node");
+    traffic::transfer(&cross.netns, &a.netns, a.ip, 16 << 20).expect("TCP cross node back");
+    // 16 MiB is a few hundred GSO packets each way.
+    assert!(
+        counter(n1, "redirect_peer") - peer_before > 100,
+        "same node: redirect_peer"
+    );
+    assert!(
+        counter(n1, cross_verdict) - cross_before > 100,
+        "cross node: {cross_verdict}"
+    );
+    let after: Vec<(u64, u64)> = [n1, n2]
+        .iter()
+        .map(|n| (counter(n, "stack_flow"), counter(n, "stack_flow_tracked")))
+        .collect();
+    assert_eq!(
+        before, after,
+        "no pod-to-pod packet was tracked or handed to the stack (stack_flow, stack_flow_tracked per node)"
+    );
+}
+
+fn services_in_mode(tag: &str, mode: &str, cross_verdict: &str) {
+    let mut lab = LabGuard::up_with_service(
+        tag,
+        2,
+        2,
+        mode,
+        LabDatastore::File,
+        ServiceKind::KubeProxyIptables,
+    )
+    .expect("lab up with the demo Service");
+    // Loose reverse-path filtering, as systemd and Ubuntu set it on nodes.
+    for n in &lab.layout.nodes {
+        let status = lab::in_netns(&n.netns, "sysctl")
+            .expect("command")
+            .args(["-qw", "net.ipv4.conf.all.rp_filter=2"])
+            .status()
+            .expect("sysctl");
+        assert!(status.success(), "rp_filter on {}", n.name);
+    }
+    let probes = lab::check(&lab.layout).expect("check");
+    assert!(probes.iter().all(|p| p.ok), "{}", lab::render(&probes));
+
+    // kube-proxy's iptables mode.
+    clients_reach_the_service(&lab.layout);
+    hairpin(&lab.layout);
+    node_ports(&lab.layout);
+    for n in &lab.layout.nodes {
+        assert!(
+            counter(n, "stack_flow") > 0,
+            "{}: Service replies were handed to the stack",
+            n.name
+        );
+    }
+
+    // The same Service as a plain nftables DNAT.
+    lab.layout
+        .install_service(ServiceKind::Nftables)
+        .expect("nftables Service");
+    clients_reach_the_service(&lab.layout);
+
+    pod_to_pod_stays_on_the_fast_path(&lab.layout, cross_verdict);
+}
+
+#[test]
+fn services_and_node_ports_vxlan() {
+    if !privileged("services_and_node_ports_vxlan") {
+        return;
+    }
+    services_in_mode("svx", "vxlan", "vxlan_encap");
+}
+
+#[test]
+fn services_and_node_ports_direct() {
+    if !privileged("services_and_node_ports_direct") {
+        return;
+    }
+    services_in_mode("sdr", "direct", "redirect_neigh");
+}
+
+/// A connection to a Service (backend on the other node) keeps working
+/// while both agents restart: the flow state is pinned, the filters stay on
+/// the veths and the node devices' links are re-pointed, never removed.
+#[test]
+fn a_service_connection_survives_agent_restarts() {
+    if !privileged("a_service_connection_survives_agent_restarts") {
+        return;
+    }
+    let mut lab = LabGuard::up_with_service(
+        "srs",
+        2,
+        2,
+        "vxlan",
+        LabDatastore::File,
+        ServiceKind::KubeProxyIptables,
+    )
+    .expect("lab up with the demo Service");
+    let svc = service(&lab.layout);
+    let client = pod(&lab.layout, "node1-pod2").clone();
+    let addr = SocketAddrV4::new(svc.cluster_ip, svc.tcp_port);
+    // One session to each backend (the Service picks at random).
+    let mut sessions = BTreeMap::new();
+    for _ in 0..TRIES {
+        let session = services::tcp_session(&client.netns, addr).expect("session");
+        sessions.entry(session.backend.clone()).or_insert(session);
+        if sessions.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(sessions.len(), 2, "sessions to both backends");
+    for round in 0..3 {
+        for name in ["node1", "node2"] {
+            lab.layout.stop_agent(name).expect("stop agent");
+            for (backend, s) in &mut sessions {
+                s.echo(format!("agent of {name} down, round {round}").as_bytes())
+                    .unwrap_or_else(|e| {
+                        panic!("session to {backend} with {name}'s agent down: {e:#}")
+                    });
+            }
+            lab.layout.start_agent(name).expect("start agent");
+            for (backend, s) in &mut sessions {
+                s.echo(format!("agent of {name} back, round {round}").as_bytes())
+                    .unwrap_or_else(|e| {
+                        panic!("session to {backend} after {name}'s restart: {e:#}")
+                    });
+            }
+        }
+    }
+}
+
+/// A hostPort through the reference portmap plugin chained after podnet:
+/// another pod on the node and a host outside the cluster reach the pod at
+/// the node's IP and the host port.
+#[test]
+fn host_port_through_portmap() {
+    if !privileged("host_port_through_portmap") {
+        return;
+    }
+    let mut lab = LabGuard::up("hpt", 2, 1, "vxlan", LabDatastore::File).expect("lab up");
+    let n1 = node(&lab.layout, "node1").clone();
+    let host_port: u16 = 18_080;
+    let target_port: u16 = 8080;
+    let pod = add_pod_with_host_port(&mut lab.layout, &n1, "hp", host_port, target_port);
+    let svc = services::demo_service(vec![pod.ip]);
+    lab.layout
+        .start_server(&pod, &svc)
+        .expect("server in the hostPort pod");
+
+    let addr = SocketAddrV4::new(n1.node_ip, host_port);
+    for from in [
+        pod_ns(&lab.layout, "node1-pod1"),
+        pod_ns(&lab.layout, "node2-pod1"),
+        lab.layout.fabric_netns.clone(),
+    ] {
+        let (backend, _) = services::tcp_query(&from, addr, QUERY_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{from} -> hostPort {addr}: {e:#}"));
+        assert_eq!(backend, pod.name, "{from} reached the hostPort pod");
+    }
+    assert!(counter(&n1, "stack_flow") > 0, "replies went to the stack");
+}
+
+fn pod_ns(layout: &LabLayout, name: &str) -> String {
+    pod(layout, name).netns.clone()
+}
+
+/// Creates pod `name` on `node` as a runtime does with the conflist
+/// podnet + portmap: podnet's ADD, then portmap's with podnet's result as
+/// prevResult and the port mapping as runtimeConfig.
+fn add_pod_with_host_port(
+    layout: &mut LabLayout,
+    node: &LabNode,
+    name: &str,
+    host_port: u16,
+    container_port: u16,
+) -> LabPod {
+    let pod = layout.add_pod(&node.name, name).expect("podnet ADD");
+    let prev = json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": pod.ifname, "sandbox": format!("/var/run/netns/{}", pod.netns)}],
+        "ips": [{"address": format!("{}/32", pod.ip), "interface": 0}],
+    });
+    let conf: Value = json!({
+        "cniVersion": "1.0.0",
+        "name": "podnet",
+        "type": "portmap",
+        "capabilities": {"portMappings": true},
+        "runtimeConfig": {"portMappings": [
+            {"hostPort": host_port, "containerPort": container_port, "protocol": "tcp"}
+        ]},
+        "prevResult": prev,
+    });
+    let out = podnet_tests::run_cni_plugin(
+        lab::in_netns(&node.netns, "/usr/lib/cni/portmap").expect("command"),
+        "/usr/lib/cni",
+        &[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", &pod.container_id),
+            ("CNI_NETNS", &format!("/var/run/netns/{}", pod.netns)),
+            ("CNI_IFNAME", &pod.ifname),
+        ],
+        conf.to_string().as_bytes(),
+    )
+    .expect("run portmap");
+    assert!(
+        out.status.success(),
+        "portmap ADD: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pod
+}
