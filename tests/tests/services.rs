@@ -63,6 +63,14 @@ fn backend_name(layout: &LabLayout, ip: Ipv4Addr) -> String {
         .map_or_else(|| panic!("no pod has {ip}"), |p| p.name.clone())
 }
 
+/// The names of the Service's backend pods.
+fn backend_names(layout: &LabLayout, svc: &ServiceSpec) -> BTreeSet<String> {
+    svc.backends
+        .iter()
+        .map(|ip| backend_name(layout, *ip))
+        .collect()
+}
+
 /// Queries `addr` from `netns` `TRIES` times (TCP or UDP); every query must
 /// be answered. Returns which backends answered and the source address each
 /// saw.
@@ -91,11 +99,7 @@ fn query_all(netns: &str, addr: SocketAddrV4, udp: bool) -> BTreeMap<String, BTr
 /// DNATed, never masqueraded).
 fn clients_reach_the_service(layout: &LabLayout) {
     let svc = service(layout);
-    let backends: BTreeSet<String> = svc
-        .backends
-        .iter()
-        .map(|ip| backend_name(layout, *ip))
-        .collect();
+    let backends = backend_names(layout, &svc);
     assert_eq!(backends.len(), 2, "two backends on two nodes");
     for client in layout.pods.iter().filter(|p| !svc.backends.contains(&p.ip)) {
         for (udp, port) in [(false, svc.tcp_port), (true, svc.udp_port)] {
@@ -146,11 +150,7 @@ fn hairpin(layout: &LabLayout) {
 /// NodePort reaches both backends; a pod reaches its own node's NodePort.
 fn node_ports(layout: &LabLayout) {
     let svc = service(layout);
-    let backends: BTreeSet<String> = svc
-        .backends
-        .iter()
-        .map(|ip| backend_name(layout, *ip))
-        .collect();
+    let backends = backend_names(layout, &svc);
     for n in &layout.nodes {
         let addr = SocketAddrV4::new(n.node_ip, svc.node_port);
         let seen = query_all(&layout.fabric_netns, addr, false);
@@ -210,6 +210,55 @@ fn pod_to_pod_stays_on_the_fast_path(layout: &LabLayout, cross_verdict: &str) {
     );
 }
 
+/// A UDP request through a DNAT to a port nobody listens on: the backend's
+/// ICMP port unreachable names the translated flow; it must go through the
+/// client node's stack too, where conntrack translates the embedded header
+/// back, so the client's connected socket sees the refusal (instead of an
+/// ICMP error about a flow it never had, which the kernel ignores).
+fn icmp_errors_follow_the_flow(layout: &LabLayout) {
+    let client = pod(layout, "node1-pod2");
+    let client_node = node(layout, &client.node);
+    let closed_port: u16 = 9_999;
+    for (i, backend) in ["node1-pod1", "node2-pod1"].into_iter().enumerate() {
+        let backend_ip = pod(layout, backend).ip;
+        let vip = Ipv4Addr::new(10, 96, 1, u8::try_from(10 + i).expect("small"));
+        let rules = format!(
+            "table ip icmptest {{\n chain pre {{\n type nat hook prerouting priority dstnat;\n \
+             ip daddr {vip} udp dport {closed_port} dnat to {backend_ip}\n }}\n}}\n"
+        );
+        let mut nft = lab::in_netns(&client_node.netns, "nft").expect("command");
+        nft.args(["-f", "-"]);
+        let mut child = nft
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nft");
+        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), rules.as_bytes())
+            .expect("feed nft");
+        assert!(child.wait().expect("nft").success(), "nft rules");
+        let refused = lab::on_netns_thread(&client.netns, move || {
+            let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+            socket.connect(SocketAddrV4::new(vip, closed_port))?;
+            socket.set_read_timeout(Some(QUERY_TIMEOUT))?;
+            socket.send(b"anyone there?")?;
+            let mut buf = [0u8; 64];
+            Ok::<_, std::io::Error>(socket.recv(&mut buf).map_err(|e| e.kind()))
+        })
+        .expect("netns thread")
+        .expect("UDP socket");
+        assert_eq!(
+            refused,
+            Err(std::io::ErrorKind::ConnectionRefused),
+            "the port unreachable from {backend} reached the client as a refusal"
+        );
+        let status = lab::in_netns(&client_node.netns, "nft")
+            .expect("command")
+            .args(["delete", "table", "ip", "icmptest"])
+            .status()
+            .expect("nft");
+        assert!(status.success());
+    }
+}
+
 fn services_in_mode(tag: &str, mode: &str, cross_verdict: &str) {
     let mut lab = LabGuard::up_with_service(
         tag,
@@ -249,6 +298,7 @@ fn services_in_mode(tag: &str, mode: &str, cross_verdict: &str) {
         .install_service(ServiceKind::Nftables)
         .expect("nftables Service");
     clients_reach_the_service(&lab.layout);
+    icmp_errors_follow_the_flow(&lab.layout);
 
     pod_to_pod_stays_on_the_fast_path(&lab.layout, cross_verdict);
 }
