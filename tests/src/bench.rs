@@ -4,11 +4,11 @@
 //! the rounds, and podnet's as ratios to its peers.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -38,6 +38,12 @@ pub struct BenchOptions {
     pub quick: bool,
     /// Only these parts of the run (names as in [`PARTS`]); empty = all.
     pub only: Vec<String>,
+    /// Release builds of `podnetd` and `podnet` from an older commit: when
+    /// set, the same-node and cross-node parts also measure podnet built
+    /// from them (`podnet-baseline`, `podnet-vxlan-baseline`,
+    /// `podnet-direct-baseline`) in the same
+    /// rounds, and the report gives per-round ratios to them.
+    pub baseline_bin_dir: Option<PathBuf>,
 }
 
 /// The parts of a run, in the order they run.
@@ -52,6 +58,7 @@ impl BenchOptions {
             cni_pods: 50,
             quick: false,
             only: Vec::new(),
+            baseline_bin_dir: None,
         }
     }
 
@@ -63,6 +70,7 @@ impl BenchOptions {
             cni_pods: 8,
             quick: true,
             only: Vec::new(),
+            baseline_bin_dir: None,
         }
     }
 }
@@ -236,8 +244,13 @@ pub fn connection_rate(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
 
 // ------------------------------------------------------------- BPF cost
 
-/// run_cnt / run_time_ns of podnet's programs (needs kernel.bpf_stats_enabled).
-fn bpf_stats() -> BTreeMap<String, (u64, u64)> {
+/// One loaded podnet program: name, run_cnt, run_time_ns.
+type ProgStats = (String, u64, u64);
+
+/// podnet's loaded programs by program ID, with run_cnt / run_time_ns
+/// (needs kernel.bpf_stats_enabled). By ID, not by name: the baseline's
+/// programs have the same names as this build's.
+fn bpf_stats() -> BTreeMap<u64, ProgStats> {
     let Ok(out) = Command::new("bpftool")
         .args(["prog", "show", "-j"])
         .output()
@@ -247,16 +260,39 @@ fn bpf_stats() -> BTreeMap<String, (u64, u64)> {
     let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
     let mut stats = BTreeMap::new();
     for p in list.as_array().into_iter().flatten() {
-        let Some(name) = p["name"].as_str() else {
+        let (Some(id), Some(name)) = (p["id"].as_u64(), p["name"].as_str()) else {
             continue;
         };
         if podnet_common::names::ALL_PROGRAMS.contains(&name) {
-            let entry = stats.entry(name.to_owned()).or_insert((0, 0));
-            entry.0 += p["run_cnt"].as_u64().unwrap_or(0);
-            entry.1 += p["run_time_ns"].as_u64().unwrap_or(0);
+            stats.insert(
+                id,
+                (
+                    name.to_owned(),
+                    p["run_cnt"].as_u64().unwrap_or(0),
+                    p["run_time_ns"].as_u64().unwrap_or(0),
+                ),
+            );
         }
     }
     stats
+}
+
+/// IDs of podnet's loaded programs.
+fn bpf_program_ids() -> BTreeSet<u64> {
+    bpf_stats().into_keys().collect()
+}
+
+/// Builds a fixture with the baseline binaries and returns it with the IDs
+/// of the programs its agents loaded (those that appeared meanwhile: the
+/// fixtures are built one after the other), so bpf_stats can tell its
+/// programs from this build's.
+fn with_new_programs<T>(
+    make: impl FnOnce() -> anyhow::Result<T>,
+) -> anyhow::Result<(T, BTreeSet<u64>)> {
+    let before = bpf_program_ids();
+    let built = make()?;
+    let after = bpf_program_ids();
+    Ok((built, after.difference(&before).copied().collect()))
 }
 
 /// Turns on BPF run-time statistics for the benchmark, restores on drop.
@@ -734,10 +770,17 @@ impl FlannelCluster {
     }
 }
 
-/// A two-node podnet lab with one pod each.
-pub fn podnet_cluster(mode: &str) -> anyhow::Result<(LabGuard, Pair)> {
-    let tag = if mode == "vxlan" { "bvx" } else { "bdr" };
-    let guard = LabGuard::up(tag, 2, 1, mode, LabDatastore::File)?;
+/// A two-node podnet lab with one pod each; with `bin_dir`, running the
+/// agents and the CNI plugin from there (the baseline), under its own
+/// namespace prefix so it coexists with this build's lab of the same mode.
+pub fn podnet_cluster(mode: &str, bin_dir: Option<&Path>) -> anyhow::Result<(LabGuard, Pair)> {
+    let tag = match (mode == "vxlan", bin_dir.is_some()) {
+        (true, false) => "bvx",
+        (false, false) => "bdr",
+        (true, true) => "bvxb",
+        (false, true) => "bdrb",
+    };
+    let guard = LabGuard::up_with_bins(tag, 2, 1, mode, LabDatastore::File, bin_dir)?;
     let pair = Pair {
         client_ns: guard.layout.pods[0].netns.clone(),
         server_ns: guard.layout.pods[1].netns.clone(),
@@ -834,19 +877,41 @@ fn progress(msg: &str) {
     eprintln!("bench: {msg}");
 }
 
+/// Suffix of a dataplane built from the baseline binaries: `X-baseline` is
+/// compared round by round with `X`.
+pub const BASELINE_SUFFIX: &str = "-baseline";
+
+/// The order of `pairs` in round `round` (1-based): as given, except that
+/// a dataplane and its baseline (listed next to each other) swap places in
+/// every even round, so neither is always measured right after the same
+/// neighbour (the per-round ratios are what the comparison rests on).
+fn round_order(pairs: &[(&str, Pair)], round: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    if round.is_multiple_of(2) {
+        for i in 0..pairs.len().saturating_sub(1) {
+            if pairs[i + 1].0.strip_suffix(BASELINE_SUFFIX) == Some(pairs[i].0) {
+                order.swap(i, i + 1);
+            }
+        }
+    }
+    order
+}
+
 /// Measures throughput, latency and connection rate of every `(name, pair)`
 /// in interleaved rounds, and the podnet programs' bpf_stats cost over all
-/// of it; adds the figures to `out`.
+/// of it (`baseline_programs`, by ID, are reported apart as the baseline's);
+/// adds the figures to `out`.
 fn measure_dataplanes(
     scenario: &str,
     pairs: &[(&str, Pair)],
+    baseline_programs: &BTreeSet<u64>,
     opts: &BenchOptions,
     out: &mut Vec<Figure>,
 ) -> anyhow::Result<()> {
     let before = bpf_stats();
     let mut runs: BTreeMap<(String, &'static str), Vec<f64>> = BTreeMap::new();
     for round in 1..=opts.rounds {
-        for (name, pair) in pairs {
+        for (name, pair) in round_order(pairs, round).into_iter().map(|i| &pairs[i]) {
             progress(&format!(
                 "{scenario}: round {round}/{}: {name}",
                 opts.rounds
@@ -877,7 +942,7 @@ fn measure_dataplanes(
         };
         out.push(figure(scenario, &name, metric, unit, values));
     }
-    add_bpf_cost(scenario, &before, &bpf_stats(), out);
+    add_bpf_cost(scenario, &before, &bpf_stats(), baseline_programs, out);
     Ok(())
 }
 
@@ -1012,6 +1077,44 @@ impl BenchOptions {
     }
 }
 
+/// Cross node: podnet VXLAN and podnet direct (each with its baseline
+/// beside it), flannel-style kernel VXLAN and the underlay, in interleaved
+/// rounds.
+fn measure_cross_node(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
+    progress("cross node: building podnet vxlan, podnet direct, flannel-style kernel VXLAN");
+    let mut labs = Vec::new();
+    let mut dataplanes = Vec::new();
+    let mut baseline_programs = BTreeSet::new();
+    for (mode, name, baseline_name) in [
+        ("vxlan", "podnet-vxlan", "podnet-vxlan-baseline"),
+        ("direct", "podnet-direct", "podnet-direct-baseline"),
+    ] {
+        let (lab, pair) = podnet_cluster(mode, None)?;
+        labs.push(lab);
+        dataplanes.push((name, pair));
+        if let Some(dir) = &opts.baseline_bin_dir {
+            progress(&format!(
+                "cross node: building {baseline_name} from {}",
+                dir.display()
+            ));
+            let ((lab, pair), ids) = with_new_programs(|| podnet_cluster(mode, Some(dir)))
+                .with_context(|| format!("building the {baseline_name} lab"))?;
+            // Next to its podnet: round_order swaps the two every other round.
+            dataplanes.push((baseline_name, pair));
+            labs.push(lab);
+            baseline_programs.extend(ids);
+        }
+    }
+    let flannel = FlannelCluster::new()?;
+    dataplanes.extend([
+        ("kernel-vxlan", flannel.pair()),
+        ("underlay", flannel.underlay_pair()),
+    ]);
+    measure_dataplanes("cross-node", &dataplanes, &baseline_programs, opts, figures)?;
+    drop((labs, flannel));
+    Ok(())
+}
+
 /// Runs every scenario (or those `opts.only` names); returns all figures.
 pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let mut figures = Vec::new();
@@ -1031,19 +1134,52 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
                 server_ns: pods[1].netns.name().into(),
                 server_ip: pods[1].ip,
             };
+            let mut dataplanes = vec![("podnet", podnet_pair)];
+            // Baseline node: the older agent and plugin, its own CIDR. Held
+            // here until the measurement is done (its pods go with it).
+            let mut baseline = None;
+            let mut baseline_programs = BTreeSet::new();
+            if let Some(dir) = &opts.baseline_bin_dir {
+                progress(&format!(
+                    "same node: building podnet-baseline from {}",
+                    dir.display()
+                ));
+                let ((pods, node), ids) = with_new_programs(|| {
+                    let node = Node::start_with_bins("benchbase", "10.247.0.0/24", Some(dir))?;
+                    let pods = [node.add_pod("base-a")?, node.add_pod("base-b")?];
+                    // Pods first in the tuple: they go before their node on
+                    // drop, as this build's do.
+                    Ok((pods, node))
+                })
+                .context("building the podnet-baseline node")?;
+                // Next to podnet: round_order swaps the two every other round.
+                dataplanes.push((
+                    "podnet-baseline",
+                    Pair {
+                        client_ns: pods[0].netns.name().into(),
+                        server_ns: pods[1].netns.name().into(),
+                        server_ip: pods[1].ip,
+                    },
+                ));
+                baseline = Some((pods, node));
+                baseline_programs = ids;
+            }
             let ptp = ReferenceNode::new("ptp", "10.246.0.0/24", 2)?;
             let veth = VethPair::new()?;
+            dataplanes.extend([
+                ("bridge", bridge.pair()),
+                ("ptp", ptp.pair()),
+                ("veth", veth.pair()),
+            ]);
             measure_dataplanes(
                 "same-node",
-                &[
-                    ("podnet", podnet_pair),
-                    ("bridge", bridge.pair()),
-                    ("ptp", ptp.pair()),
-                    ("veth", veth.pair()),
-                ],
+                &dataplanes,
+                &baseline_programs,
                 opts,
                 &mut figures,
             )?;
+            // The baseline's programs must not run during cni / scale.
+            drop(baseline);
         }
         // CNI before scale: the scale part leaves the node holding 4,096
         // more endpoints (and 8,192 veths), which the bridge node does not.
@@ -1056,22 +1192,7 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     }
 
     if opts.runs("cross-node") {
-        progress("cross node: building podnet vxlan, podnet direct, flannel-style kernel VXLAN");
-        let (vx_lab, vx) = podnet_cluster("vxlan")?;
-        let (dr_lab, dr) = podnet_cluster("direct")?;
-        let flannel = FlannelCluster::new()?;
-        measure_dataplanes(
-            "cross-node",
-            &[
-                ("podnet-vxlan", vx),
-                ("podnet-direct", dr),
-                ("kernel-vxlan", flannel.pair()),
-                ("underlay", flannel.underlay_pair()),
-            ],
-            opts,
-            &mut figures,
-        )?;
-        drop((vx_lab, dr_lab, flannel));
+        measure_cross_node(opts, &mut figures)?;
     }
     drop(stats);
 
@@ -1101,21 +1222,34 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     v[i.min(v.len() - 1)]
 }
 
+/// bpf_stats cost per run between `before` and `after`, per program name
+/// (all of this build's programs of a name together, the baseline's apart).
 fn add_bpf_cost(
     scenario: &str,
-    before: &BTreeMap<String, (u64, u64)>,
-    after: &BTreeMap<String, (u64, u64)>,
+    before: &BTreeMap<u64, ProgStats>,
+    after: &BTreeMap<u64, ProgStats>,
+    baseline_programs: &BTreeSet<u64>,
     out: &mut Vec<Figure>,
 ) {
-    for (name, (cnt, ns)) in after {
-        let (cnt0, ns0) = before.get(name).copied().unwrap_or((0, 0));
-        let runs = cnt.saturating_sub(cnt0);
+    let mut totals: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (id, (name, cnt, ns)) in after {
+        let (cnt0, ns0) = before.get(id).map_or((0, 0), |(_, c, n)| (*c, *n));
+        let dataplane = if baseline_programs.contains(id) {
+            format!("podnet{BASELINE_SUFFIX} {name}")
+        } else {
+            format!("podnet {name}")
+        };
+        let total = totals.entry(dataplane).or_default();
+        total.0 += cnt.saturating_sub(cnt0);
+        total.1 += ns.saturating_sub(ns0);
+    }
+    for (dataplane, (runs, ns)) in totals {
         if runs > 0 {
             #[allow(clippy::cast_precision_loss, reason = "nanosecond totals")]
-            let per = ns.saturating_sub(ns0) as f64 / runs as f64;
+            let per = ns as f64 / runs as f64;
             out.push(figure(
                 scenario,
-                &format!("podnet {name}"),
+                &dataplane,
                 "bpf_stats_ns_per_run",
                 "ns",
                 vec![per],
@@ -1135,6 +1269,124 @@ fn find<'a>(
     figures
         .iter()
         .find(|f| f.scenario == scenario && f.dataplane == dataplane && f.metric == metric)
+}
+
+/// The metrics compared with the baseline, and which way is better.
+const BASELINE_METRICS: [(&str, Better); 4] = [
+    ("tcp_throughput", Better::Higher),
+    ("latency_p50", Better::Lower),
+    ("latency_p99", Better::Lower),
+    ("conn_rate", Better::Higher),
+];
+
+/// Which way a ratio is an improvement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Better {
+    /// Throughput, connection rate: a ratio above 1 is better.
+    Higher,
+    /// Latency: a ratio below 1 is better.
+    Lower,
+}
+
+/// podnet / its baseline for one metric, round by round: round i of the
+/// one divided by round i of the other (measured next to each other, so the
+/// machine's drift between rounds cancels out of each ratio).
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineRatio {
+    pub scenario: String,
+    pub dataplane: String,
+    pub baseline: String,
+    pub metric: String,
+    pub better: Better,
+    /// Median of the per-round ratios.
+    pub median: f64,
+    /// The interval: min..max of the per-round ratios.
+    pub min: f64,
+    pub max: f64,
+    /// Chance that min..max holds the true median ratio, if the rounds are
+    /// independent: 1 - 2 * 0.5^n for n rounds (distribution-free; 0.94 at
+    /// n = 5, 0.98 at n = 7, 0 at n = 1).
+    pub interval_coverage: f64,
+    pub per_round: Vec<f64>,
+}
+
+/// Every dataplane `X-baseline` against `X`, per metric, from the rounds'
+/// raw figures.
+#[must_use]
+pub fn baseline_ratios(figures: &[Figure]) -> Vec<BaselineRatio> {
+    let mut ratios = Vec::new();
+    for base in figures {
+        let Some(ours) = base.dataplane.strip_suffix(BASELINE_SUFFIX) else {
+            continue;
+        };
+        let Some(&(_, better)) = BASELINE_METRICS.iter().find(|(m, _)| *m == base.metric) else {
+            continue;
+        };
+        let Some(f) = find(figures, &base.scenario, ours, &base.metric) else {
+            continue;
+        };
+        let per_round: Vec<f64> = f.runs.iter().zip(&base.runs).map(|(a, b)| a / b).collect();
+        let summary = figure(&base.scenario, ours, &base.metric, "ratio", per_round);
+        let n = i32::try_from(summary.runs.len()).unwrap_or(i32::MAX);
+        ratios.push(BaselineRatio {
+            scenario: base.scenario.clone(),
+            dataplane: ours.to_owned(),
+            baseline: base.dataplane.clone(),
+            metric: base.metric.clone(),
+            better,
+            median: summary.median,
+            min: summary.min,
+            max: summary.max,
+            interval_coverage: (1.0 - 2.0 * 0.5_f64.powi(n)).max(0.0),
+            per_round: summary.runs,
+        });
+    }
+    ratios
+}
+
+/// The baseline section of the table (empty without a baseline).
+fn baseline_table(figures: &[Figure]) -> String {
+    let ratios = baseline_ratios(figures);
+    let mut out = String::new();
+    let Some(first) = ratios.first() else {
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "\npodnet vs its baseline (same run, per-round ratios)\n  \
+         ratio = podnet / podnet-baseline of the same round, the two measured next to each other;\n  \
+         interval = min..max of the {n} per-round ratios (holds the median ratio with {:.1} % \
+         probability if rounds are independent);\n  \
+         throughput, conn rate: > 1 is better; latency: < 1 is better",
+        first.interval_coverage * 100.0,
+        n = first.per_round.len(),
+    );
+    let _ = writeln!(
+        out,
+        "  {:<11} {:<14} {:<16} {:<9} {:>7} {:>7} {:>7}  PER ROUND",
+        "SCENARIO", "DATAPLANE", "METRIC", "BETTER", "MEDIAN", "MIN", "MAX"
+    );
+    for r in &ratios {
+        let better = match r.better {
+            Better::Higher => "higher",
+            Better::Lower => "lower",
+        };
+        let rounds: Vec<String> = r.per_round.iter().map(|x| format!("{x:.3}")).collect();
+        let _ = writeln!(
+            out,
+            "  {:<11} {:<14} {:<16} {:<9} {:>6.3}x {:>6.3}x {:>6.3}x  {}",
+            r.scenario,
+            r.dataplane,
+            r.metric,
+            better,
+            r.median,
+            r.min,
+            r.max,
+            rounds.join(" ")
+        );
+    }
+    out
 }
 
 /// The table: every figure, and podnet's ratios to each peer.
@@ -1214,6 +1466,7 @@ pub fn table(figures: &[Figure]) -> String {
             scaled.median / min.median
         );
     }
+    out.push_str(&baseline_table(figures));
     out
 }
 
@@ -1238,6 +1491,9 @@ pub fn json_report(figures: &[Figure], opts: &BenchOptions) -> Value {
     json!({
         "machine": {"kernel": uname, "cpus": cpus, "cpu": cpu_model, "rounds": opts.rounds, "seconds_per_run": opts.seconds, "quick": opts.quick},
         "results": figures,
+        "baseline_bin_dir": opts.baseline_bin_dir,
+        // podnet / podnet-baseline per round; see BaselineRatio.
+        "baseline_ratios": baseline_ratios(figures),
     })
 }
 

@@ -2,7 +2,7 @@
 //! run them. `cargo xtask test` builds them before the tests; the path is the
 //! target directory the test executable itself lives in.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Overrides where the binaries are looked up.
 pub const BIN_DIR_ENV: &str = "PODNET_BIN_DIR";
@@ -32,5 +32,23 @@ pub fn binary(name: &str) -> PathBuf {
         "{} is not built; run `cargo xtask test` (it builds the binaries first) or `cargo build --bins`",
         path.display()
     );
+    path
+}
+
+/// Path of binary `name` in `dir` when given (an explicit build, e.g. the
+/// bench's baseline binaries from an older commit), else [`binary`]. Explicit
+/// rather than through [`BIN_DIR_ENV`], so fixtures built side by side with
+/// different binaries cannot race on a process-wide variable.
+///
+/// # Panics
+/// When it is not there: a fixture must not silently run other binaries
+/// than it was asked to.
+#[must_use]
+pub fn binary_in(dir: Option<&Path>, name: &str) -> PathBuf {
+    let Some(dir) = dir else {
+        return binary(name);
+    };
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} does not exist", path.display());
     path
 }

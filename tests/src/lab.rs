@@ -130,6 +130,11 @@ pub struct LabLayout {
     /// How the demo Service is installed.
     #[serde(default)]
     pub service_kind: Option<ServiceKind>,
+    /// Where the agents (`podnetd`) and the CNI plugin (`podnet`) come
+    /// from; `None`: this build's (`bins::binary`). Kept in the layout so
+    /// restarts and joining nodes run the same binaries as the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bin_dir: Option<PathBuf>,
 }
 
 fn default_lease_ttl() -> u64 {
@@ -196,7 +201,7 @@ impl LabLayout {
             service: None,
         };
         let fabric = self.fabric_netns.clone();
-        let bin_dir = bins::binary("podnet")
+        let bin_dir = bins::binary_in(self.bin_dir.as_deref(), "podnet")
             .parent()
             .context("bin dir")?
             .to_path_buf();
@@ -308,7 +313,10 @@ impl LabLayout {
         };
         let node = &self.nodes[index];
         let log = fs::File::create(node.state_dir.with_file_name("podnetd.log"))?;
-        let mut cmd = in_netns(&node.netns, bins::binary("podnetd"))?;
+        let mut cmd = in_netns(
+            &node.netns,
+            bins::binary_in(self.bin_dir.as_deref(), "podnetd"),
+        )?;
         cmd.arg("--node-name")
             .arg(&node.name)
             .arg("--node-ip")
@@ -590,15 +598,21 @@ fn kill_and_wait(pid: u32) {
 
 /// Builds a lab. On failure, everything built so far is removed.
 pub fn up(spec: &LabSpec) -> anyhow::Result<LabLayout> {
+    up_with_bins(spec, None)
+}
+
+/// [`up`] with the agents and the CNI plugin taken from `bin_dir` when
+/// given (e.g. an older commit's release build, for a same-run comparison).
+pub fn up_with_bins(spec: &LabSpec, bin_dir: Option<&Path>) -> anyhow::Result<LabLayout> {
     down(&spec.run_dir, &spec.prefix)?;
-    let built = build(spec);
+    let built = build(spec, bin_dir);
     if built.is_err() {
         let _ = down(&spec.run_dir, &spec.prefix);
     }
     built
 }
 
-fn build(spec: &LabSpec) -> anyhow::Result<LabLayout> {
+fn build(spec: &LabSpec, bin_dir: Option<&Path>) -> anyhow::Result<LabLayout> {
     fs::create_dir_all(&spec.run_dir)?;
     let fabric = format!("{}-fabric", spec.prefix);
     progress(
@@ -632,6 +646,7 @@ fn build(spec: &LabSpec) -> anyhow::Result<LabLayout> {
         servers: Vec::new(),
         service: None,
         service_kind: None,
+        bin_dir: bin_dir.map(Path::to_path_buf),
     };
     layout.save()?;
     if spec.datastore == LabDatastore::Etcd {
@@ -641,7 +656,7 @@ fn build(spec: &LabSpec) -> anyhow::Result<LabLayout> {
         );
         layout.start_etcd()?;
     }
-    let cni_bin_dir = bins::binary("podnet")
+    let cni_bin_dir = bins::binary_in(bin_dir, "podnet")
         .parent()
         .context("bin dir")?
         .to_path_buf();
@@ -1130,7 +1145,7 @@ impl LabGuard {
         mode: &str,
         datastore: LabDatastore,
     ) -> anyhow::Result<Self> {
-        Self::build(tag, nodes, pods_per_node, mode, datastore, None)
+        Self::build(tag, nodes, pods_per_node, mode, datastore, None, None)
     }
 
     /// [`LabGuard::up`] with the demo Service installed as `kind`.
@@ -1142,7 +1157,20 @@ impl LabGuard {
         datastore: LabDatastore,
         kind: ServiceKind,
     ) -> anyhow::Result<Self> {
-        Self::build(tag, nodes, pods_per_node, mode, datastore, Some(kind))
+        Self::build(tag, nodes, pods_per_node, mode, datastore, Some(kind), None)
+    }
+
+    /// [`LabGuard::up`] running the agents and the CNI plugin from
+    /// `bin_dir` when given (see [`up_with_bins`]).
+    pub fn up_with_bins(
+        tag: &str,
+        nodes: usize,
+        pods_per_node: usize,
+        mode: &str,
+        datastore: LabDatastore,
+        bin_dir: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        Self::build(tag, nodes, pods_per_node, mode, datastore, None, bin_dir)
     }
 
     fn build(
@@ -1152,6 +1180,7 @@ impl LabGuard {
         mode: &str,
         datastore: LabDatastore,
         service: Option<ServiceKind>,
+        bin_dir: Option<&Path>,
     ) -> anyhow::Result<Self> {
         let prefix = format!("pnt{tag}{}", std::process::id() % 10_000);
         let spec = LabSpec {
@@ -1164,7 +1193,9 @@ impl LabGuard {
             verbose: false,
             service,
         };
-        Ok(Self { layout: up(&spec)? })
+        Ok(Self {
+            layout: up_with_bins(&spec, bin_dir)?,
+        })
     }
 }
 

@@ -117,11 +117,26 @@ pub struct Node {
     pub state: TempDir,
     pub pod_cidr: String,
     pub node_ip: Ipv4Addr,
+    /// Where this node's `podnetd` and `podnet` come from; `None`: the
+    /// binaries of this build (`bins::binary`).
+    bin_dir: Option<PathBuf>,
 }
 
 impl Node {
     /// A node with `pod_cidr`, its agent running, and `node_ip` on its lo.
     pub fn start(tag: &str, pod_cidr: &str) -> anyhow::Result<Self> {
+        Self::start_with_bins(tag, pod_cidr, None)
+    }
+
+    /// [`Node::start`] with the agent (`podnetd`) and the CNI plugin
+    /// (`podnet`) taken from `bin_dir` when given (e.g. an older commit's
+    /// release build, for a same-run comparison), for the agent's restarts
+    /// and every ADD/DEL too.
+    pub fn start_with_bins(
+        tag: &str,
+        pod_cidr: &str,
+        bin_dir: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let netns = NetNs::new(tag)?;
         let node_ip = Ipv4Addr::new(10, 99, 0, 1);
         netns.ip(&["addr", "add", &format!("{node_ip}/32"), "dev", "lo"])?;
@@ -132,6 +147,7 @@ impl Node {
             state: TempDir::new(tag)?,
             pod_cidr: pod_cidr.to_owned(),
             node_ip,
+            bin_dir: bin_dir.map(Path::to_path_buf),
         };
         node.start_agent()?;
         Ok(node)
@@ -152,7 +168,7 @@ impl Node {
         let log = std::fs::File::create(self.state.path().join("podnetd.log"))?;
         let child = self
             .netns
-            .command(bins::binary("podnetd"))?
+            .command(bins::binary_in(self.bin_dir.as_deref(), "podnetd"))?
             .arg("--node-name")
             .arg(self.netns.name())
             .arg("--pod-cidr")
@@ -220,7 +236,8 @@ impl Node {
             stdout,
             stderr,
         } = crate::run_cni_plugin(
-            self.netns.command(bins::binary("podnet"))?,
+            self.netns
+                .command(bins::binary_in(self.bin_dir.as_deref(), "podnet"))?,
             "/usr/lib/cni",
             env,
             stdin,
@@ -283,7 +300,9 @@ impl Node {
         )
     }
 
-    /// `podnetctl --json <args>` against this node.
+    /// `podnetctl --json <args>` against this node. Always this build's
+    /// podnetctl (also on a node with other binaries): its JSON is what the
+    /// tests parse.
     pub fn podnetctl(&self, args: &[&str]) -> anyhow::Result<Value> {
         let out = crate::netns::run(
             self.netns

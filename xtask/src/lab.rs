@@ -146,7 +146,18 @@ fn demo_steps(bin_dir: &Path) -> anyhow::Result<()> {
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Arguments for podnet-bench: [--quick] [--rounds N] [--json PATH] [--svg PATH] [--only PART]
+    /// [--baseline-bin-dir DIR]
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchBaselineArgs {
+    /// The commit (hash, tag or branch) whose podnetd and podnet are the baseline.
+    #[arg(value_name = "REF")]
+    git_ref: String,
+    /// Arguments for podnet-bench after `--`, as for `cargo xtask bench`.
+    #[arg(last = true)]
     args: Vec<String>,
 }
 
@@ -164,4 +175,74 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     ]))?;
     let bin_dir = cmd::workspace_root().join("target/release");
     cmd::run(Command::new(bin_dir.join("podnet-bench")).args(&args.args))
+}
+
+fn git(root: &Path) -> Command {
+    let mut c = Command::new("git");
+    c.arg("-C").arg(root);
+    c
+}
+
+/// `cargo xtask bench-baseline REF [-- ARGS]`: builds REF's podnetd and
+/// podnet (release) in a temporary git worktree and runs `cargo xtask bench
+/// ARGS --baseline-bin-dir <them>`, so podnet before and after a change is
+/// measured in the same rounds of one run. The worktree is removed
+/// afterwards, also when something failed (not when the process is killed:
+/// then `git worktree prune` after deleting the directory).
+pub fn bench_baseline(args: &BenchBaselineArgs) -> anyhow::Result<()> {
+    setup::ensure_all()?;
+    let root = cmd::workspace_root();
+    let commit = cmd::output(git(&root).args([
+        "rev-parse",
+        "--verify",
+        "--end-of-options",
+        &format!("{}^{{commit}}", args.git_ref),
+    ]))
+    .with_context(|| format!("{} is not a commit of this repository", args.git_ref))?;
+    let commit = commit.trim();
+    let worktree =
+        std::env::temp_dir().join(format!("podnet-bench-baseline-{}", std::process::id()));
+    cmd::run(
+        git(&root)
+            .args(["worktree", "add", "--detach"])
+            .arg(&worktree)
+            .arg(commit),
+    )
+    .context("creating the baseline's worktree")?;
+    let result = bench_against(&worktree, commit, &args.args);
+    eprintln!(
+        "xtask bench-baseline: removing the worktree {}",
+        worktree.display()
+    );
+    let removed = cmd::run(
+        git(&root)
+            .args(["worktree", "remove", "--force"])
+            .arg(&worktree),
+    );
+    result.and(removed)
+}
+
+fn bench_against(worktree: &Path, commit: &str, bench_args: &[String]) -> anyhow::Result<()> {
+    // The worktree's own target dir, set explicitly: an inherited
+    // CARGO_TARGET_DIR would otherwise make the baseline build overwrite this
+    // build's binaries. podnet-user's build script builds REF's eBPF object
+    // and embeds it, so podnetd there is REF's datapath.
+    cmd::run(
+        cmd::cargo()
+            .current_dir(worktree)
+            .env("CARGO_TARGET_DIR", worktree.join("target"))
+            .args(["build", "--release", "--bins", "-p", "podnet-user"]),
+    )
+    .with_context(|| format!("building the baseline {commit}"))?;
+    let baseline = worktree.join("target/release");
+    eprintln!(
+        "xtask bench-baseline: podnet-baseline is {commit} ({})",
+        baseline.display()
+    );
+    let mut args = vec![
+        "--baseline-bin-dir".to_owned(),
+        baseline.to_string_lossy().into_owned(),
+    ];
+    args.extend_from_slice(bench_args);
+    bench(&BenchArgs { args })
 }

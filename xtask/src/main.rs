@@ -32,6 +32,8 @@ enum Command {
     Demo,
     /// Benchmarks against bridge, ptp, kernel VXLAN and the physical limits: [--quick] [--json P] [--svg P] [--only PART].
     Bench(lab::BenchArgs),
+    /// Bench with podnet built from REF as a baseline in the same rounds: bench-baseline REF [-- bench args].
+    BenchBaseline(lab::BenchBaselineArgs),
     /// The one test command: fmt check, clippy -D warnings, unit, BPF and privileged integration tests.
     Test(test::Args),
 }
@@ -46,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Command::Lab(args) => lab::run(&args),
         Command::Demo => lab::demo(),
         Command::Bench(args) => lab::bench(&args),
+        Command::BenchBaseline(args) => lab::bench_baseline(&args),
     }
 }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::Parser;
 use podnet_tests::bench::{self, BenchOptions};
 
@@ -26,6 +27,13 @@ struct Cli {
     /// Run only these parts (repeatable); default: all.
     #[arg(long, value_parser = bench::PARTS)]
     only: Vec<String>,
+    /// Release builds of `podnetd` and `podnet` from an older commit: also
+    /// measure podnet built from them (same-node `podnet-baseline`,
+    /// cross-node `podnet-vxlan-baseline`) in the same rounds, and report
+    /// per-round ratios. `cargo xtask bench-baseline REF` builds REF and
+    /// passes this.
+    #[arg(long, value_name = "DIR")]
+    baseline_bin_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,6 +46,22 @@ fn main() -> anyhow::Result<()> {
     opts.only = cli.only;
     if let Some(rounds) = cli.rounds {
         opts.rounds = rounds.max(1);
+    }
+    if let Some(dir) = cli.baseline_bin_dir {
+        // Checked here rather than failing (panicking) halfway through the
+        // run, after minutes of building fixtures.
+        for name in ["podnetd", "podnet"] {
+            anyhow::ensure!(
+                dir.join(name).is_file(),
+                "--baseline-bin-dir: {} has no {name}",
+                dir.display()
+            );
+        }
+        // Absolute: the agents and plugins run with other working dirs.
+        opts.baseline_bin_dir = Some(
+            std::path::absolute(&dir)
+                .with_context(|| format!("--baseline-bin-dir {}", dir.display()))?,
+        );
     }
     let figures = bench::run_all(&opts)?;
     print!("{}", bench::table(&figures));
