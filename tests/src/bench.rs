@@ -1145,7 +1145,7 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
                     dir.display()
                 ));
                 let ((pods, node), ids) = with_new_programs(|| {
-                    let node = Node::start_with_bins("benchbase", "10.247.0.0/24", Some(dir))?;
+                    let node = Node::start_with_bins("benchbase", "10.244.7.0/24", Some(dir))?;
                     let pods = [node.add_pod("base-a")?, node.add_pod("base-b")?];
                     // Pods first in the tuple: they go before their node on
                     // drop, as this build's do.
