@@ -80,10 +80,20 @@ pub enum DropReason {
     TunnelKeyFailed = 4,
     /// A remote CIDR matched but this node has no forwarding config yet.
     NoNodeConfig = 5,
+    /// Sent on a veth that is no endpoint's (none, or no longer): kept apart
+    /// from spoofing, which is an endpoint claiming another's identity.
+    UnknownSender = 6,
+    /// ARP from a pod whose sender IP or MAC, or frame source MAC, is not the
+    /// pod's own, or that is not an Ethernet/IPv4 request or reply.
+    ForgedArp = 7,
+    /// IPv6 from a pod (podnet carries IPv4 only).
+    Ipv6FromPod = 8,
+    /// Any other ethertype from a pod: VLAN and QinQ tags included.
+    UnsupportedEthertype = 9,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 10;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::MalformedIpv4,
         Self::SpoofedSourceIp,
@@ -91,6 +101,10 @@ impl DropReason {
         Self::HeaderRewriteFailed,
         Self::TunnelKeyFailed,
         Self::NoNodeConfig,
+        Self::UnknownSender,
+        Self::ForgedArp,
+        Self::Ipv6FromPod,
+        Self::UnsupportedEthertype,
     ];
 
     #[must_use]
@@ -102,6 +116,10 @@ impl DropReason {
             Self::HeaderRewriteFailed => "header_rewrite_failed",
             Self::TunnelKeyFailed => "tunnel_key_failed",
             Self::NoNodeConfig => "no_node_config",
+            Self::UnknownSender => "unknown_sender",
+            Self::ForgedArp => "forged_arp",
+            Self::Ipv6FromPod => "ipv6_from_pod",
+            Self::UnsupportedEthertype => "unsupported_ethertype",
         }
     }
 }

@@ -1,52 +1,66 @@
-//! ARP responder for pods: a pod's ARP request (for its gateway, the only
-//! address it has a link route to) is answered in place with the MAC of its
-//! host veth, the way Cilium does it. The pod's permanent neighbour entry
-//! makes this rare, but that entry goes away whenever the pod changes its
-//! MAC or flushes its neighbours; without an answer the pod would be cut off.
+//! ARP from pods. A pod may only speak ARP as itself: sender IP and MAC (and
+//! the frame's source MAC) must be its own, or the frame is dropped (a forged
+//! sender would poison the node's neighbour cache). Its requests (for its
+//! gateway, the only address it has a link route to) are answered in place
+//! with the MAC of its host veth, the way Cilium does it. The pod's
+//! permanent neighbour entry makes requests rare, but that entry goes away
+//! whenever the pod changes its MAC or flushes its neighbours; without an
+//! answer the pod would be cut off.
 
 use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 
 use crate::packet::{ETH_ALEN, ETH_HLEN};
 
-const ETH_P_ARP_WIRE: u16 = 0x0806_u16.to_be();
 const ARP_LEN: usize = 28;
 const ARPOP_REQUEST: u16 = 1;
 const ARPOP_REPLY: u16 = 2;
 
-/// An ARP request for IPv4 over Ethernet.
-pub struct ArpRequest {
+/// An ARP request or reply for IPv4 over Ethernet.
+pub struct Arp {
+    /// Source MAC of the Ethernet frame.
+    pub eth_src: [u8; ETH_ALEN],
+    pub op: u16,
     pub sender_mac: [u8; ETH_ALEN],
     pub sender_ip: [u8; 4],
     pub target_ip: [u8; 4],
 }
 
-/// The frame as an ARP request, if it is one.
+impl Arp {
+    /// A request that asks for another address (gratuitous ARP and
+    /// duplicate address detection announce the sender's own: nothing to
+    /// answer).
+    #[must_use]
+    pub fn asks_for_another(&self) -> bool {
+        self.op == ARPOP_REQUEST && self.target_ip != self.sender_ip
+    }
+}
+
+/// The frame (`EtherType` ARP) as an Ethernet/IPv4 ARP request or reply;
+/// `None` for anything else (other hardware or protocol types, other
+/// operations, truncated).
 #[inline(always)]
-pub fn parse_request(ctx: &TcContext) -> Option<ArpRequest> {
-    if ctx.load::<u16>(12).ok()? != ETH_P_ARP_WIRE {
-        return None;
-    }
+pub fn parse(ctx: &TcContext) -> Option<Arp> {
+    let eth_src = ctx.load::<[u8; ETH_ALEN]>(ETH_ALEN).ok()?;
     let arp = ctx.load::<[u8; ARP_LEN]>(ETH_HLEN).ok()?;
-    // htype 1 (Ethernet), ptype 0x0800, hlen 6, plen 4, op request.
-    let header_ok =
-        arp[0..6] == [0, 1, 8, 0, 6, 4] && u16::from_be_bytes([arp[6], arp[7]]) == ARPOP_REQUEST;
-    if !header_ok {
+    // htype 1 (Ethernet), ptype 0x0800, hlen 6, plen 4.
+    if arp[0..6] != [0, 1, 8, 0, 6, 4] {
         return None;
     }
-    let mut request = ArpRequest {
+    let op = u16::from_be_bytes([arp[6], arp[7]]);
+    if op != ARPOP_REQUEST && op != ARPOP_REPLY {
+        return None;
+    }
+    let mut parsed = Arp {
+        eth_src,
+        op,
         sender_mac: [0; ETH_ALEN],
         sender_ip: [0; 4],
         target_ip: [0; 4],
     };
-    request.sender_mac.copy_from_slice(&arp[8..14]);
-    request.sender_ip.copy_from_slice(&arp[14..18]);
-    request.target_ip.copy_from_slice(&arp[24..28]);
-    // Gratuitous ARP / duplicate address detection announce the sender's
-    // own address: nothing to answer.
-    if request.target_ip == request.sender_ip {
-        return None;
-    }
-    Some(request)
+    parsed.sender_mac.copy_from_slice(&arp[8..14]);
+    parsed.sender_ip.copy_from_slice(&arp[14..18]);
+    parsed.target_ip.copy_from_slice(&arp[24..28]);
+    Some(parsed)
 }
 
 /// Turns the request into the reply "target_ip is at `host_mac`" and sends
@@ -54,7 +68,7 @@ pub fn parse_request(ctx: &TcContext) -> Option<ArpRequest> {
 #[inline(always)]
 pub fn reply(
     ctx: &TcContext,
-    request: &ArpRequest,
+    request: &Arp,
     host_mac: &[u8; ETH_ALEN],
     ifindex: u32,
 ) -> Result<i32, i64> {

@@ -57,7 +57,7 @@ pub fn remote_node(ip: u32) -> Option<RemoteNode> {
 pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
     let ip = match packet::parse(ctx) {
         L3::Ipv4(ip) => ip,
-        L3::Other => return pass_to_stack(),
+        L3::Arp | L3::Ipv6 | L3::Other => return pass_to_stack(),
         L3::MalformedIpv4 => return drop_packet(DropReason::MalformedIpv4),
     };
     let Some(dst) = endpoint(ip.dst) else {

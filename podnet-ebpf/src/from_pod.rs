@@ -36,21 +36,27 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
         &*veth
     });
 
+    // A veth without an entry is not (or no longer) an endpoint the agent
+    // knows: nothing it sends is anyone's.
+    let Some(veth) = veth else {
+        return drop_packet(DropReason::UnknownSender);
+    };
     let ip = match packet::parse(&mut ctx) {
         L3::Ipv4(ip) => ip,
-        L3::Other => {
-            return veth
-                .and_then(|veth| answer_arp(&ctx, veth, ifindex))
-                .unwrap_or_else(pass_to_stack);
-        }
+        L3::Arp => return arp_from_pod(&ctx, veth, ifindex),
+        // podnet carries IPv4 only: IPv6 from a pod would reach the node
+        // unchecked (router advertisements configure the node's routes and
+        // addresses, CVE-2020-10749's class; link-local talk passes IPv4-only
+        // firewalls).
+        L3::Ipv6 => return drop_packet(DropReason::Ipv6FromPod),
+        // VLAN and QinQ tags (the stack would strip them and route the inner
+        // packet unchecked), and every other ethertype.
+        L3::Other => return drop_packet(DropReason::UnsupportedEthertype),
         L3::MalformedIpv4 => return drop_packet(DropReason::MalformedIpv4),
     };
 
     // Anti-spoofing: a pod may only send from its own IP and MAC, on its own
     // veth. Without this a pod could impersonate any other pod.
-    let Some(veth) = veth else {
-        return drop_packet(DropReason::SpoofedSourceIp);
-    };
     if ip.src != veth.pod_ip {
         return drop_packet(DropReason::SpoofedSourceIp);
     }
@@ -74,20 +80,29 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     pass_to_stack()
 }
 
-/// Answers an ARP request from the endpoint on this veth; `None` when the
-/// frame is not one (left to the host stack).
+/// ARP from the endpoint on this veth: only as itself (sender IP, sender MAC
+/// and frame source the pod's own); a request for another address (its
+/// gateway) is answered in place, the rest (replies, announcements) goes to
+/// the host stack.
 #[inline(always)]
-fn answer_arp(ctx: &TcContext, veth: &VethEndpoint, ifindex: u32) -> Option<i32> {
-    let request = arp::parse_request(ctx)?;
-    // Only the pod itself, asking with its own IP and MAC, gets an answer.
-    if request.sender_ip != veth.pod_ip.to_ne_bytes() || request.sender_mac != veth.pod_mac {
-        return None;
+fn arp_from_pod(ctx: &TcContext, veth: &VethEndpoint, ifindex: u32) -> i32 {
+    let Some(arp) = arp::parse(ctx) else {
+        return drop_packet(DropReason::ForgedArp);
+    };
+    if arp.sender_ip != veth.pod_ip.to_ne_bytes()
+        || arp.sender_mac != veth.pod_mac
+        || arp.eth_src != veth.pod_mac
+    {
+        return drop_packet(DropReason::ForgedArp);
     }
-    match arp::reply(ctx, &request, &veth.host_mac, ifindex) {
+    if !arp.asks_for_another() {
+        return pass_to_stack();
+    }
+    match arp::reply(ctx, &arp, &veth.host_mac, ifindex) {
         Ok(code) => {
             count(Verdict::ArpReply);
-            Some(code)
+            code
         }
-        Err(_) => Some(drop_packet(DropReason::HeaderRewriteFailed)),
+        Err(_) => drop_packet(DropReason::HeaderRewriteFailed),
     }
 }

@@ -17,6 +17,8 @@ pub const ETH_HLEN: usize = 14;
 pub const ETH_ALEN: usize = 6;
 /// `ETH_P_IP` as it appears on the wire.
 const ETH_P_IP_WIRE: [u8; 2] = 0x0800_u16.to_be_bytes();
+const ETH_P_ARP_WIRE: [u8; 2] = 0x0806_u16.to_be_bytes();
+const ETH_P_IPV6_WIRE: [u8; 2] = 0x86dd_u16.to_be_bytes();
 const IPV4_MIN_IHL: u8 = 5;
 /// More-fragments flag and fragment-offset mask of `frag_off` (host order).
 const IP_MF: u16 = 0x2000;
@@ -66,7 +68,11 @@ pub struct Ipv4Fields {
 
 pub enum L3 {
     Ipv4(Ipv4Fields),
-    /// ARP, IPv6, VLAN, ...: not ours to decide.
+    /// `EtherType` ARP.
+    Arp,
+    /// `EtherType` IPv6.
+    Ipv6,
+    /// Anything else: VLAN (802.1Q) or QinQ (802.1ad) tags, ...
     Other,
     /// `EtherType` IPv4 but not a valid IPv4 header.
     MalformedIpv4,
@@ -106,8 +112,11 @@ pub fn parse(ctx: &mut TcContext) -> L3 {
     };
     // SAFETY: in bounds (checked by `at_start`), byte array: any alignment.
     let ethertype = unsafe { [(*eth)[12], (*eth)[13]] };
-    if ethertype != ETH_P_IP_WIRE {
-        return L3::Other;
+    match ethertype {
+        ETH_P_IP_WIRE => {}
+        ETH_P_ARP_WIRE => return L3::Arp,
+        ETH_P_IPV6_WIRE => return L3::Ipv6,
+        _ => return L3::Other,
     }
     // Headers split over fragments (seldom: GRO'd or tunnelled skbs): pull
     // them into the linear area once. Fails on frames shorter than an IPv4

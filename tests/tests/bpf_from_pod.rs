@@ -185,7 +185,8 @@ fn veth_identity_follows_the_endpoint() {
     h.datapath.remove_endpoint(POD_A_IP).expect("remove A");
     assert_eq!(packets(&h), None);
     assert_eq!(run(&mut h, &new_frame).verdict, TC_ACT_SHOT);
-    assert_eq!(counters(&h).drop_count(DropReason::SpoofedSourceIp), 1);
+    assert_eq!(counters(&h).drop_count(DropReason::UnknownSender), 1);
+    assert_eq!(counters(&h).drop_count(DropReason::SpoofedSourceIp), 0);
     assert_eq!(counters(&h).drop_count(DropReason::SpoofedSourceMac), 1);
 }
 
@@ -258,39 +259,105 @@ fn arp_request_from_a_pod_is_answered_with_its_host_veth_mac() {
     assert_eq!(counters(&h).verdict(Verdict::ArpReply), 1);
 }
 
+/// A pod speaks ARP only as itself: its own replies and announcements go to
+/// the host stack unchanged; ARP with a forged sender IP or MAC (neighbour
+/// cache poisoning), IPv6 (router advertisements would configure the node)
+/// and tagged frames (the stack would strip the tags and route the inner
+/// packet unchecked) are dropped, each under its own reason; and nothing at
+/// all passes from a veth that is no endpoint's.
 #[test]
-fn arp_that_is_not_ours_and_ipv6_pass_unchanged() {
-    if !privileged("arp_that_is_not_ours_and_ipv6_pass_unchanged") {
+fn pods_speak_arp_only_as_themselves_and_nothing_but_ipv4_and_arp() {
+    if !privileged("pods_speak_arp_only_as_themselves_and_nothing_but_ipv4_and_arp") {
         return;
     }
     let mut h = harness("nonip");
     let reply = arp_request(POD_A_MAC, POD_A_IP, GATEWAY, 2);
-    let unknown_sender = arp_request(
-        [2, 9, 9, 9, 9, 9],
-        Ipv4Addr::new(10, 244, 0, 77),
-        GATEWAY,
-        1,
-    );
-    let forged_mac = arp_request([2, 9, 9, 9, 9, 9], POD_A_IP, GATEWAY, 1);
     let gratuitous = arp_request(POD_A_MAC, POD_A_IP, POD_A_IP, 1);
-    let mut ipv6 = frames::ethernet([0x33, 0x33, 0, 0, 0, 1], POD_A_MAC, ETH_P_IPV6);
-    ipv6.extend_from_slice(&[0x60, 0, 0, 0, 0, 0, 59, 64]);
-    ipv6.extend_from_slice(&[0xfe; 32]);
-    for (what, frame) in [
-        ("ARP reply", reply),
-        ("ARP from an unknown sender", unknown_sender),
-        ("ARP with a forged sender MAC", forged_mac),
-        ("gratuitous ARP", gratuitous),
-        ("IPv6", ipv6),
-    ] {
+    for (what, frame) in [("ARP reply", reply), ("gratuitous ARP", gratuitous)] {
         let out = run(&mut h, &frame);
         assert_eq!(out.verdict, TC_ACT_OK, "{what} goes to the host stack");
         assert_eq!(out.frame, frame, "{what} is not modified");
     }
+
+    let forged_ip = arp_request(POD_A_MAC, Ipv4Addr::new(10, 244, 0, 77), GATEWAY, 1);
+    let forged_mac = arp_request([2, 9, 9, 9, 9, 9], POD_A_IP, GATEWAY, 1);
+    let forged_reply = arp_request(POD_A_MAC, POD_B_IP, GATEWAY, 2);
+    // Sender fields right, the frame's source MAC another's.
+    let mut forged_frame_src = arp_request(POD_A_MAC, POD_A_IP, GATEWAY, 1);
+    forged_frame_src[6..12].copy_from_slice(&[2, 9, 9, 9, 9, 9]);
+    let mut not_ipv4_arp = arp_request(POD_A_MAC, POD_A_IP, GATEWAY, 1);
+    not_ipv4_arp[14 + 2..14 + 4].copy_from_slice(&[0x86, 0xdd]);
+    let mut ipv6 = frames::ethernet([0x33, 0x33, 0, 0, 0, 1], POD_A_MAC, ETH_P_IPV6);
+    // A router advertisement (ICMPv6 134) to all nodes.
+    ipv6.extend_from_slice(&[0x60, 0, 0, 0, 0, 16, 58, 255]);
+    ipv6.extend_from_slice(&[0xfe; 32]);
+    ipv6.extend_from_slice(&[134, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let udp = from_pod_a(POD_B_IP, 64);
+    let tagged = |tpids: &[[u8; 2]]| {
+        let mut frame = udp[..12].to_vec();
+        for tpid in tpids {
+            frame.extend_from_slice(tpid);
+            frame.extend_from_slice(&[0, 0]); // VID 0: priority tag
+        }
+        frame.extend_from_slice(&udp[12..]);
+        frame
+    };
+    let vlan = tagged(&[[0x81, 0x00]]);
+    let qinq = tagged(&[[0x88, 0xa8], [0x81, 0x00]]);
+    for (what, frame, reason) in [
+        (
+            "ARP request with a forged sender IP",
+            forged_ip,
+            DropReason::ForgedArp,
+        ),
+        (
+            "ARP request with a forged sender MAC",
+            forged_mac,
+            DropReason::ForgedArp,
+        ),
+        (
+            "ARP reply for another pod's IP",
+            forged_reply,
+            DropReason::ForgedArp,
+        ),
+        (
+            "ARP from another source MAC",
+            forged_frame_src,
+            DropReason::ForgedArp,
+        ),
+        (
+            "ARP for another protocol",
+            not_ipv4_arp,
+            DropReason::ForgedArp,
+        ),
+        ("IPv6 router advertisement", ipv6, DropReason::Ipv6FromPod),
+        ("802.1Q-tagged IPv4", vlan, DropReason::UnsupportedEthertype),
+        ("QinQ-tagged IPv4", qinq, DropReason::UnsupportedEthertype),
+    ] {
+        let before = counters(&h).drop_count(reason);
+        assert_eq!(
+            run(&mut h, &frame).verdict,
+            TC_ACT_SHOT,
+            "{what} is dropped"
+        );
+        assert_eq!(
+            counters(&h).drop_count(reason),
+            before + 1,
+            "{what} is counted as {}",
+            reason.name()
+        );
+    }
     let c = counters(&h);
-    assert_eq!(c.verdict(Verdict::PassToStack), 5);
+    assert_eq!(c.verdict(Verdict::PassToStack), 2);
     assert_eq!(c.verdict(Verdict::ArpReply), 0);
-    assert_eq!(c.verdict(Verdict::Drop), 0);
+    assert_eq!(c.verdict(Verdict::Drop), 8);
+
+    // A veth that is no endpoint's: not even ARP passes.
+    h.datapath.remove_endpoint(POD_A_IP).expect("remove A");
+    for frame in [arp_request(POD_A_MAC, POD_A_IP, GATEWAY, 1), udp] {
+        assert_eq!(run(&mut h, &frame).verdict, TC_ACT_SHOT);
+    }
+    assert_eq!(counters(&h).drop_count(DropReason::UnknownSender), 2);
 }
 
 #[test]
@@ -319,9 +386,12 @@ fn truncated_frames_never_fault() {
     arp_type[12..14].copy_from_slice(&ETH_P_ARP.to_be_bytes());
     let mut expected_drops = 0;
     for len in [14usize, 33] {
-        // A non-IP frame of any length is simply not ours.
+        // An ARP frame too short for an ARP header is no ARP a pod may send.
         let out = run(&mut h, &arp_type[..len]);
-        assert_eq!(out.verdict, TC_ACT_OK, "{len}-byte ARP-type frame passes");
+        assert_eq!(
+            out.verdict, TC_ACT_SHOT,
+            "{len}-byte ARP-type frame is dropped"
+        );
         assert_eq!(out.frame, arp_type[..len]);
         // An IPv4 EtherType with no (14) or a cut (33) IPv4 header: Linux
         // 6.18's test-run refuses to build such an skb (EINVAL) before the
@@ -361,8 +431,9 @@ fn truncated_frames_never_fault() {
 
     let c = counters(&h);
     assert_eq!(c.drop_count(DropReason::MalformedIpv4), expected_drops);
-    assert_eq!(c.verdict(Verdict::Drop), expected_drops);
-    assert_eq!(c.verdict(Verdict::PassToStack), 2);
+    assert_eq!(c.drop_count(DropReason::ForgedArp), 2);
+    assert_eq!(c.verdict(Verdict::Drop), expected_drops + 2);
+    assert_eq!(c.verdict(Verdict::PassToStack), 0);
     assert_eq!(c.verdict(Verdict::RedirectPeer), 0);
 }
 

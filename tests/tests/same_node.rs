@@ -167,3 +167,51 @@ fn spoofed_sources_from_a_pod_are_dropped_and_counted() {
     assert!(a.ping(b.ip, 2), "pod recovers through the ARP responder");
     assert!(node.counter("arp_reply").expect("counters") >= 1);
 }
+
+/// IPv6 from a pod reaches nothing of the node: the host veth has IPv6
+/// turned off (no link-local address, no router advertisements or SLAAC
+/// taken from the pod), and from_pod drops and counts what the pod's kernel
+/// sends on its own (router solicitations, MLD reports) and an explicit
+/// all-nodes ping.
+#[test]
+fn ipv6_from_pods_reaches_nothing_of_the_node() {
+    if !privileged("ipv6_from_pods_reaches_nothing_of_the_node") {
+        return;
+    }
+    let node = Node::start("ipv6", "10.244.21.0/24").expect("node");
+    let pod = node.add_pod("ipv6-a").expect("ADD");
+    for veth in node.host_veths().expect("host veths") {
+        let off = node
+            .netns
+            .exec(
+                "cat",
+                &[&format!("/proc/sys/net/ipv6/conf/{veth}/disable_ipv6")],
+            )
+            .expect("read sysctl");
+        assert_eq!(String::from_utf8_lossy(&off.stdout).trim(), "1", "{veth}");
+        let addrs = node
+            .netns
+            .ip(&["-6", "-o", "addr", "show", "dev", &veth])
+            .expect("ip addr");
+        assert!(addrs.stdout.is_empty(), "{veth} has no IPv6 address");
+    }
+    // The pod's own copy of an all-nodes ping comes back through its
+    // loopback; nothing else may answer.
+    let _ = pod
+        .netns
+        .exec(
+            "ping",
+            &["-6", "-c", "3", "-i", "0.5", "-w", "4", "ff02::1%eth0"],
+        )
+        .expect("ping6");
+    podnet_tests::wait_up_to(
+        std::time::Duration::from_secs(10),
+        "from_pod counted the pod's IPv6",
+        || node.counter("ipv6_from_pod").unwrap_or(0) >= 3,
+    );
+    let routes = node.netns.ip(&["-6", "route", "show"]).expect("routes");
+    assert!(
+        !String::from_utf8_lossy(&routes.stdout).contains("pn"),
+        "no IPv6 route of the node points at a pod veth"
+    );
+}
