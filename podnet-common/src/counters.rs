@@ -90,10 +90,14 @@ pub enum DropReason {
     Ipv6FromPod = 8,
     /// Any other ethertype from a pod: VLAN and QinQ tags included.
     UnsupportedEthertype = 9,
+    /// UDP from a pod to the cluster's VXLAN port of anything but a pod: the
+    /// node's VXLAN device would decapsulate and deliver whatever inner
+    /// packet the pod made up, past the anti-spoofing check.
+    VxlanFromPod = 10,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::MalformedIpv4,
         Self::SpoofedSourceIp,
@@ -105,6 +109,7 @@ impl DropReason {
         Self::ForgedArp,
         Self::Ipv6FromPod,
         Self::UnsupportedEthertype,
+        Self::VxlanFromPod,
     ];
 
     #[must_use]
@@ -120,6 +125,7 @@ impl DropReason {
             Self::ForgedArp => "forged_arp",
             Self::Ipv6FromPod => "ipv6_from_pod",
             Self::UnsupportedEthertype => "unsupported_ethertype",
+            Self::VxlanFromPod => "vxlan_from_pod",
         }
     }
 }

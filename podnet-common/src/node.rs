@@ -23,8 +23,12 @@ pub struct NodeConfig {
     pub underlay_ifindex: u32,
     /// VXLAN network identifier.
     pub vni: u32,
+    /// The node's VXLAN UDP port, network byte order (vxlan mode; 0
+    /// otherwise). A pod's UDP to it is dropped: the node would decapsulate
+    /// whatever inner packet the pod made up. Was padding (always 0) before.
+    pub vxlan_port: u16,
     /// Explicit padding, always zero.
-    pub reserved: u32,
+    pub reserved: u16,
 }
 
 const _: () = assert!(core::mem::size_of::<NodeConfig>() == 24);

@@ -15,8 +15,8 @@ use crate::{
     counters::{count, drop_packet, pass_to_stack},
     flows,
     forward::{self, endpoint},
-    maps::VETHS,
-    packet::{self, L3},
+    maps::{CONFIG, VETHS},
+    packet::{self, Ipv4Fields, L3},
 };
 
 #[classifier]
@@ -76,8 +76,32 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
         }
         return forward::to_remote(&mut ctx, &ip, &remote);
     }
+    if is_vxlan(&ctx, &ip) {
+        return drop_packet(DropReason::VxlanFromPod);
+    }
     // Not a pod of the cluster: the host stack routes (and masquerades) it.
     pass_to_stack()
+}
+
+/// UDP to the cluster's VXLAN port (to the node itself or any other host:
+/// every node's VXLAN device listens on all its addresses). Pod-to-pod UDP
+/// on that port never gets here: it is forwarded (encapsulated) like any
+/// other pod traffic.
+#[inline(always)]
+fn is_vxlan(ctx: &TcContext, ip: &Ipv4Fields) -> bool {
+    const IPPROTO_UDP: u8 = 17;
+    if ip.proto != IPPROTO_UDP || ip.later_fragment {
+        return false;
+    }
+    let Some(vxlan_port) = CONFIG
+        .get(0)
+        .map(|config| config.vxlan_port)
+        .filter(|&port| port != 0)
+    else {
+        return false;
+    };
+    packet::bytes_at::<4>(ctx, ip.l4_offset)
+        .is_some_and(|ports| u16::from_ne_bytes([ports[2], ports[3]]) == vxlan_port)
 }
 
 /// ARP from the endpoint on this veth: only as itself (sender IP, sender MAC

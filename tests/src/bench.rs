@@ -400,6 +400,7 @@ pub fn bpf_cost_test_run(runs: u32) -> anyhow::Result<Vec<(String, f64)>> {
         tunnel_ifindex: lo,
         underlay_ifindex: lo,
         vni: 1,
+        vxlan_port: 0,
         reserved: 0,
     };
     h.datapath.set_config(config)?;

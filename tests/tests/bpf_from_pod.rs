@@ -542,6 +542,7 @@ fn remote_destinations_are_encapsulated_or_routed_per_the_node_config() {
         tunnel_ifindex: lo,
         underlay_ifindex: lo,
         vni: 1,
+        vxlan_port: 0,
         reserved: 0,
     };
     h.datapath.set_config(config).expect("config");
@@ -629,4 +630,70 @@ fn from_overlay_and_from_underlay_deliver_to_local_pods_only() {
         );
         assert_eq!(counters(&h).verdict(verdict), 1, "{program}: not delivered");
     }
+}
+
+/// A pod cannot talk VXLAN to a node: UDP to the cluster's VXLAN port of
+/// anything but a pod is dropped (the node's VXLAN device would deliver the
+/// inner packet, whatever source it claims). UDP on that port between pods
+/// is ordinary pod traffic; without an overlay (port 0) nothing is checked.
+#[test]
+fn vxlan_from_a_pod_to_a_node_is_dropped() {
+    if !privileged("vxlan_from_a_pod_to_a_node_is_dropped") {
+        return;
+    }
+    let mut h = harness("vxlan-inject");
+    let lo = loopback_ifindex();
+    let vxlan_port: u16 = 4789;
+    let config = podnet_common::NodeConfig {
+        node_ip: u32::from_ne_bytes([192, 168, 100, 11]),
+        mode: podnet_common::node::MODE_VXLAN,
+        tunnel_ifindex: lo,
+        underlay_ifindex: lo,
+        vni: 1,
+        vxlan_port: vxlan_port.to_be(),
+        reserved: 0,
+    };
+    h.datapath.set_config(config).expect("config");
+    // A VXLAN header (I flag, VNI 1) and an inner frame claiming pod B.
+    let inner = frames::ipv4_udp(HOST_B_MAC, POD_B_MAC, POD_B_IP, POD_A_IP, 64, b"forged");
+    let mut vxlan = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    vxlan.extend_from_slice(&inner);
+    let udp = frames::udp_datagram(40_000, vxlan_port, &vxlan);
+    let to = |dst: Ipv4Addr| {
+        frames::ipv4_frame(
+            (HOST_A_MAC, POD_A_MAC),
+            (POD_A_IP, dst),
+            frames::IPPROTO_UDP,
+            0,
+            &udp,
+        )
+    };
+    for node in [
+        Ipv4Addr::new(192, 168, 100, 11),
+        Ipv4Addr::new(192, 168, 100, 12),
+        OUTSIDE_IP,
+    ] {
+        assert_eq!(
+            run(&mut h, &to(node)).verdict,
+            TC_ACT_SHOT,
+            "VXLAN to {node}"
+        );
+    }
+    assert_eq!(counters(&h).drop_count(DropReason::VxlanFromPod), 3);
+    assert_eq!(
+        run(&mut h, &to(POD_B_IP)).verdict,
+        TC_ACT_REDIRECT,
+        "UDP 4789 between pods is pod traffic"
+    );
+    h.datapath
+        .set_config(podnet_common::NodeConfig {
+            vxlan_port: 0,
+            ..config
+        })
+        .expect("config");
+    assert_eq!(
+        run(&mut h, &to(OUTSIDE_IP)).verdict,
+        TC_ACT_OK,
+        "no overlay, no check"
+    );
 }

@@ -124,6 +124,7 @@ impl EndpointRegistry {
             tunnel_ifindex: 0,
             underlay_ifindex: net.underlay_ifindex,
             vni: net.vni,
+            vxlan_port: 0,
             reserved: 0,
         };
         match net.mode {
@@ -173,6 +174,7 @@ impl EndpointRegistry {
                 }
                 config.mode = node::MODE_VXLAN;
                 config.tunnel_ifindex = ifindex;
+                config.vxlan_port = net.vxlan_port.to_be();
                 self.cluster.tunnel_ifindex = ifindex;
             }
             Mode::Direct => {
