@@ -205,7 +205,9 @@ impl EndpointRegistry {
     }
 
     /// Registers an endpoint the plugin created: record, link, map entry.
+    /// A request that fails [`validate_endpoint`] changes nothing.
     pub fn add(&mut self, ep: Endpoint) -> anyhow::Result<()> {
+        validate_endpoint(&ep, self.config.pod_cidr)?;
         let live = host_ifindex(&ep.host_ifname);
         anyhow::ensure!(
             live == Some(ep.host_ifindex),
@@ -369,6 +371,41 @@ impl EndpointRegistry {
     }
 }
 
+/// Checks an endpoint request before anything is touched: the socket is
+/// root's, but whatever sends on it (a buggy or compromised plugin, a
+/// runtime passing a pod's strings through) must not be able to route
+/// another node's or the gateway's address into a pod, write a record
+/// outside the state directory (the owner names the record file) or set a
+/// multicast MAC as a pod's identity.
+pub fn validate_endpoint(ep: &Endpoint, pod_cidr: ipnet::Ipv4Net) -> anyhow::Result<()> {
+    use crate::cni::validate;
+    let refuse = |e: crate::cni::error::CniError| anyhow::anyhow!("invalid endpoint: {}", e.msg);
+    validate::container_id(&ep.owner.container_id).map_err(refuse)?;
+    validate::ifname(&ep.owner.ifname).map_err(refuse)?;
+    validate::network_name(&ep.network).map_err(refuse)?;
+    let range = PodRange::new(pod_cidr)?;
+    anyhow::ensure!(
+        range.contains(ep.ip),
+        "invalid endpoint: {} is not a pod address of this node's pod CIDR {pod_cidr}",
+        ep.ip
+    );
+    for (what, mac) in [("pod", ep.pod_mac), ("host veth", ep.host_mac)] {
+        // Bit 0 of the first octet: group (multicast/broadcast) address.
+        anyhow::ensure!(
+            mac[0] & 1 == 0 && mac != [0; 6],
+            "invalid endpoint: {what} MAC {} is not a unicast address",
+            crate::cni::result::format_mac(&mac)
+        );
+    }
+    let expected = crate::cni::plugin::host_ifname(&ep.owner);
+    anyhow::ensure!(
+        ep.host_ifname == expected,
+        "invalid endpoint: host interface {:?} is not this owner's ({expected})",
+        ep.host_ifname
+    );
+    Ok(())
+}
+
 /// Which of `ifindexes` (in the agent's netns) carry both of podnet's
 /// filters (from_pod on ingress, to_pod on egress): what the kernel says,
 /// not what the agent believes it did.
@@ -398,5 +435,90 @@ pub fn attach_mode() -> &'static str {
         "pods: clsact (cls_bpf); node devices: tcx"
     } else {
         "pods: clsact (cls_bpf); node devices: clsact"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint() -> Endpoint {
+        let owner = Owner {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+        };
+        Endpoint {
+            host_ifname: crate::cni::plugin::host_ifname(&owner),
+            owner,
+            network: "podnet".into(),
+            netns: "/var/run/netns/c1".into(),
+            ip: "10.244.0.5".parse().expect("ip"),
+            host_ifindex: 7,
+            pod_mac: [0x02, 0, 0, 0, 0, 5],
+            host_mac: [0x02, 0, 0, 0, 0xff, 5],
+        }
+    }
+
+    fn check(ep: &Endpoint) -> anyhow::Result<()> {
+        validate_endpoint(ep, "10.244.0.0/24".parse().expect("cidr"))
+    }
+
+    #[test]
+    fn a_plugin_made_endpoint_is_valid() {
+        check(&endpoint()).expect("valid");
+    }
+
+    #[test]
+    fn bad_endpoint_requests_are_refused() {
+        let cases: Vec<(&str, Box<dyn Fn(&mut Endpoint)>)> = vec![
+            (
+                "another node's address",
+                Box::new(|e| e.ip = "10.244.1.5".parse().expect("ip")),
+            ),
+            (
+                "the gateway",
+                Box::new(|e| e.ip = "10.244.0.1".parse().expect("ip")),
+            ),
+            (
+                "the network address",
+                Box::new(|e| e.ip = "10.244.0.0".parse().expect("ip")),
+            ),
+            (
+                "the broadcast address",
+                Box::new(|e| e.ip = "10.244.0.255".parse().expect("ip")),
+            ),
+            (
+                "a multicast pod MAC",
+                Box::new(|e| e.pod_mac = [0x01, 0, 0x5e, 0, 0, 1]),
+            ),
+            ("a broadcast host MAC", Box::new(|e| e.host_mac = [0xff; 6])),
+            ("a zero pod MAC", Box::new(|e| e.pod_mac = [0; 6])),
+            (
+                "a path in the container ID",
+                Box::new(|e| e.owner.container_id = "../../etc/x".into()),
+            ),
+            (
+                "a path in the ifname",
+                Box::new(|e| e.owner.ifname = "a/b".into()),
+            ),
+            (
+                "a colon in the ifname",
+                Box::new(|e| e.owner.ifname = "a:b".into()),
+            ),
+            ("a bad network name", Box::new(|e| e.network = "-x".into())),
+            (
+                "someone else's host veth",
+                Box::new(|e| e.host_ifname = "eth0".into()),
+            ),
+        ];
+        for (what, spoil) in cases {
+            let mut ep = endpoint();
+            spoil(&mut ep);
+            let err = check(&ep).expect_err(what);
+            assert!(
+                err.to_string().starts_with("invalid endpoint"),
+                "{what}: {err}"
+            );
+        }
     }
 }

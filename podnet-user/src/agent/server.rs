@@ -1,15 +1,16 @@
 //! The agent's unix socket server (protocol in [`crate::api`]).
 
 use std::{
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::Path,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use anyhow::Context as _;
 use serde::Serialize;
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
 };
 use tracing::{debug, warn};
@@ -17,18 +18,49 @@ use tracing::{debug, warn};
 use super::EndpointRegistry;
 use crate::api::{Request, Response};
 
+/// The largest request the agent reads (a GC listing thousands of owners
+/// fits); a client sending more gets an error and is hung up on.
+pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
+/// How long a client may take to send its request line; a connection that
+/// sends nothing must not hold a task (and a file descriptor) forever.
+pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds `socket` with mode 0600 from the first moment it is reachable:
+/// bound inside a fresh 0700 directory beside it, made 0600 there and only
+/// then renamed into place (a chmod after a bind in place leaves a window
+/// in which anyone may connect).
+fn bind_private(socket: &Path) -> anyhow::Result<UnixListener> {
+    let dir = socket.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = socket.file_name().map_or_else(
+        || "podnetd.sock".into(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let staging = dir.join(format!(".{name}.{}.new", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging)
+        .with_context(|| format!("creating {}", staging.display()))?;
+    let staged = staging.join(&name);
+    let bound = (|| {
+        let listener =
+            UnixListener::bind(&staged).with_context(|| format!("binding {}", staged.display()))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("setting the mode of {}", staged.display()))?;
+        // Replaces a socket file left by a previous agent (crash).
+        std::fs::rename(&staged, socket)
+            .with_context(|| format!("moving the socket to {}", socket.display()))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    bound
+}
+
 /// Serves `socket` until the task is dropped. The socket is mode 0600: only
 /// root (the runtime calling the plugin, the operator) may change endpoints.
 pub async fn serve(socket: &Path, registry: Arc<Mutex<EndpointRegistry>>) -> anyhow::Result<()> {
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    // A socket file left by a previous agent (crash) would make bind fail.
-    let _ = std::fs::remove_file(socket);
-    let listener =
-        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("setting the mode of {}", socket.display()))?;
+    let listener = bind_private(socket)?;
     let node = registry
         .lock()
         .map_err(|_| anyhow::anyhow!("agent state poisoned"))?
@@ -61,12 +93,26 @@ fn encode<T: Serialize>(result: anyhow::Result<T>) -> Vec<u8> {
 async fn handle(stream: UnixStream, registry: Arc<Mutex<EndpointRegistry>>) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read)
-        .read_line(&mut line)
-        .await
-        .context("reading the request")?;
-    let answer = match serde_json::from_str::<Request>(&line) {
-        Err(e) => encode::<()>(Err(anyhow::anyhow!("malformed request: {e}"))),
+    // One byte past the limit tells a request that is too large from one
+    // that is exactly as large as allowed.
+    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES + 1));
+    let read = tokio::time::timeout(REQUEST_READ_TIMEOUT, reader.read_line(&mut line)).await;
+    let refused = match read {
+        Err(_) => Some(format!(
+            "no complete request within {} s",
+            REQUEST_READ_TIMEOUT.as_secs()
+        )),
+        Ok(Err(e)) => Some(format!("reading the request: {e}")),
+        Ok(Ok(n)) if n as u64 > MAX_REQUEST_BYTES => {
+            Some(format!("request larger than {MAX_REQUEST_BYTES} bytes"))
+        }
+        Ok(Ok(_)) => None,
+    };
+    let answer = match refused.map_or_else(
+        || serde_json::from_str::<Request>(&line).map_err(|e| format!("malformed request: {e}")),
+        Err,
+    ) {
+        Err(e) => encode::<()>(Err(anyhow::anyhow!(e))),
         Ok(request) => {
             debug!(?request, "request");
             // Datapath and netlink calls block: keep them off the reactor.
