@@ -811,9 +811,22 @@ pub fn fill_remotes(pin_dir: &Path, remotes: u32) -> anyhow::Result<()> {
 /// The veths go with the node's netns.
 pub fn register_endpoints(node: &Node, count: u32) -> anyhow::Result<()> {
     use podnet::{api, cni::plugin::AgentApi as _, ipam::Owner};
+    // The agent accepts only what CNI ADD would hand it: the owner's own
+    // host veth name and an address of the node's pod CIDR (after the
+    // gateway and the node's real pods).
+    let owner = |i: u32| Owner {
+        container_id: format!("scale-{i}"),
+        ifname: "eth0".into(),
+    };
+    let first: Ipv4Addr = node
+        .pod_cidr
+        .parse::<ipnet::Ipv4Net>()
+        .context("the node's pod CIDR")?
+        .network();
     let mut batch = String::new();
     for i in 0..count {
-        writeln!(batch, "link add psc{i} type veth peer name psc{i}p")?;
+        let host = podnet::cni::plugin::host_ifname(&owner(i));
+        writeln!(batch, "link add {host} type veth peer name psc{i}p")?;
     }
     let mut child = Command::new("ip")
         .args(["-n", node.netns.name(), "-batch", "-"])
@@ -828,26 +841,29 @@ pub fn register_endpoints(node: &Node, count: u32) -> anyhow::Result<()> {
     let links: serde_json::Value = serde_json::from_slice(
         &run(Command::new("ip").args(["-n", node.netns.name(), "-j", "link", "show"]))?.stdout,
     )?;
+    let by_name: BTreeMap<&str, &serde_json::Value> = links
+        .as_array()
+        .context("ip -j link")?
+        .iter()
+        .map(|l| (l["ifname"].as_str().unwrap_or_default(), l))
+        .collect();
     let agent = api::Client::new(&node.socket());
-    for link in links.as_array().context("ip -j link")? {
-        let name = link["ifname"].as_str().unwrap_or_default();
-        let Some(i) = name.strip_prefix("psc").and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
+    for i in 0..count {
+        let name = podnet::cni::plugin::host_ifname(&owner(i));
+        let link = by_name
+            .get(name.as_str())
+            .with_context(|| format!("veth {name} after creating it"))?;
         // No pod behind these veths: the veth's own MAC stands for both ends.
         let mac = link["address"]
             .as_str()
             .and_then(podnet::cni::result::parse_mac)
             .with_context(|| format!("MAC of {name}"))?;
         let endpoint = api::Endpoint {
-            owner: Owner {
-                container_id: format!("scale-{i}"),
-                ifname: "eth0".into(),
-            },
+            owner: owner(i),
             network: "podnet".into(),
             netns: std::path::PathBuf::from("/proc/self/ns/net"),
-            ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 1)) + i),
-            host_ifname: name.to_owned(),
+            ip: Ipv4Addr::from(u32::from(first) + 16 + i),
+            host_ifname: name.clone(),
             host_ifindex: u32::try_from(link["ifindex"].as_u64().context("ifindex")?)?,
             pod_mac: mac,
             host_mac: mac,
@@ -1126,7 +1142,8 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
         .any(|part| opts.runs(part))
     {
         progress("same node: building podnet, bridge, ptp and a direct veth pair");
-        let podnet = Node::start("bench", "10.244.0.0/24")?;
+        // A /19: room for the scale part's 4,096 endpoints besides the pods.
+        let podnet = Node::start("bench", "10.244.0.0/19")?;
         let pods = [podnet.add_pod("bench-a")?, podnet.add_pod("bench-b")?];
         let bridge = ReferenceNode::new("bridge", "10.245.0.0/24", 2)?;
         if opts.runs("same-node") {

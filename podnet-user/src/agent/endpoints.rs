@@ -470,7 +470,8 @@ mod tests {
 
     #[test]
     fn bad_endpoint_requests_are_refused() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Endpoint)>)> = vec![
+        type Spoil = Box<dyn Fn(&mut Endpoint)>;
+        let cases: Vec<(&str, Spoil)> = vec![
             (
                 "another node's address",
                 Box::new(|e| e.ip = "10.244.1.5".parse().expect("ip")),
