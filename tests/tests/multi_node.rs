@@ -260,3 +260,59 @@ fn nodes_join_leave_and_restart() {
     );
     assert!(ping(&a.netns, b.ip, &[]).status.success());
 }
+
+/// Records in the nodes file that would misroute (everything to one node,
+/// another node's pod CIDR, this node's own, a CIDR outside the cluster)
+/// are logged and ignored: never in the datapath or the routing table, and
+/// the good nodes keep working.
+#[test]
+fn bad_datastore_records_are_never_routed() {
+    if !privileged("bad_datastore_records_are_never_routed") {
+        return;
+    }
+    let lab = LabGuard::up("bdr", 2, 1, "vxlan", LabDatastore::File).expect("lab up");
+    let (a, b) = (&lab.layout.pods[0], &lab.layout.pods[1]);
+    let n1 = &lab.layout.nodes[0];
+    let n2_cidr = lab.layout.nodes[1].pod_cidr.clone();
+    let nodes_file = lab.layout.run_dir.join("nodes.json");
+    let mut file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&nodes_file).expect("read")).expect("json");
+    for (name, ip, cidr) in [
+        ("rogue-all", "192.168.100.91", "0.0.0.0/0"),
+        ("rogue-outside", "192.168.100.92", "10.99.0.0/24"),
+        ("rogue-own", "192.168.100.93", n1.pod_cidr.as_str()),
+        ("rogue-steal", "192.168.100.94", n2_cidr.as_str()),
+    ] {
+        file["nodes"]
+            .as_array_mut()
+            .expect("list")
+            .push(serde_json::json!({"name": name, "nodeIP": ip, "podCIDR": cidr}));
+    }
+    std::fs::write(&nodes_file, file.to_string()).expect("write");
+    // The agents poll the file every 300 ms; give them a few rounds.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        remote_nodes(n1),
+        ["node2"],
+        "only the good remote is routed"
+    );
+    let log = std::fs::read_to_string(n1.state_dir.with_file_name("podnetd.log")).expect("log");
+    assert!(
+        log.contains("ignoring a datastore record"),
+        "refusals are logged"
+    );
+    let routes = lab::in_netns(&n1.netns, "ip")
+        .expect("cmd")
+        .args(["route"])
+        .output()
+        .expect("ip route");
+    let routes = String::from_utf8_lossy(&routes.stdout);
+    assert!(
+        !routes.contains("192.168.100.9"),
+        "no route via a rogue node: {routes}"
+    );
+    assert!(
+        ping(&a.netns, b.ip, &[]).status.success(),
+        "pods of the good nodes still reach each other"
+    );
+}

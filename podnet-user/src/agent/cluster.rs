@@ -214,11 +214,18 @@ impl EndpointRegistry {
     /// the cluster, this one included).
     pub fn apply_nodes(&mut self, net: &NodeNetwork, nodes: &[NodeRecord]) -> anyhow::Result<()> {
         let me = self.config().node_name.clone();
-        let wanted: BTreeMap<Ipv4Net, NodeRecord> = nodes
-            .iter()
-            .filter(|n| n.name != me && n.node_ip != net.node_ip)
-            .map(|n| (n.pod_cidr, n.clone()))
-            .collect();
+        let (routable, refused) = crate::datastore::routable_nodes(
+            nodes,
+            (&me, net.node_ip),
+            self.config().pod_cidr,
+            self.config().cluster_cidr,
+        );
+        for (node, why) in &refused {
+            warn!(node = %node.name, node_ip = %node.node_ip, pod_cidr = %node.pod_cidr, reason = %why,
+                  "ignoring a datastore record");
+        }
+        let wanted: BTreeMap<Ipv4Net, NodeRecord> =
+            routable.into_iter().map(|n| (n.pod_cidr, n)).collect();
         let stale: Vec<Ipv4Net> = self
             .cluster
             .remotes

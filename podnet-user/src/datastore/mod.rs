@@ -143,3 +143,169 @@ mod tests {
         assert!(first_free_cidr(small, 24, &[small]).is_err());
     }
 }
+
+fn overlap(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// The records of `nodes` this node may route to, and the others with why
+/// not. The datastore is shared by every node (and whoever can write to
+/// etcd or the nodes file), so nothing in it is routed unchecked: a pod
+/// CIDR must lie inside the cluster CIDR (a `0.0.0.0/0` record would route
+/// everything to one node) and not overlap this node's own; a node IP must
+/// be a unicast address. Of records that conflict with each other (one name
+/// or one node IP twice, overlapping pod CIDRs) the first in the
+/// datastore's order is routed and the later ones are refused (etcd's CIDR
+/// claims already keep two nodes off one CIDR; this catches what is written
+/// past them). `me` (name and node IP) is this node, never a remote.
+#[must_use]
+pub fn routable_nodes(
+    nodes: &[NodeRecord],
+    me: (&str, Ipv4Addr),
+    own_pod_cidr: Ipv4Net,
+    cluster_cidr: Ipv4Net,
+) -> (Vec<NodeRecord>, Vec<(NodeRecord, String)>) {
+    let mut refused = Vec::new();
+    // Each record on its own first: a broken record (0.0.0.0/0, say) must
+    // not knock out the good ones it would overlap.
+    let mut candidates: Vec<&NodeRecord> = Vec::new();
+    for node in nodes.iter().filter(|n| n.name != me.0 && n.node_ip != me.1) {
+        let (ip, cidr) = (node.node_ip, node.pod_cidr);
+        let reason = if !cluster_cidr.contains(&cidr) {
+            Some(format!(
+                "pod CIDR {cidr} is not inside the cluster CIDR {cluster_cidr}"
+            ))
+        } else if overlap(cidr, own_pod_cidr) {
+            Some(format!(
+                "pod CIDR {cidr} overlaps this node's {own_pod_cidr}"
+            ))
+        } else if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast()
+        {
+            Some(format!("node IP {ip} is not a unicast address"))
+        } else {
+            None
+        };
+        match reason {
+            Some(why) => refused.push((node.clone(), why)),
+            None => candidates.push(node),
+        }
+    }
+    let mut accepted = Vec::new();
+    for (i, node) in candidates.iter().enumerate() {
+        // The earlier record holds: for the nodes file that is the order
+        // nodes added themselves, so a record appended later cannot take
+        // over (or knock out) a running node's CIDR, name or address.
+        let conflict = candidates[..i].iter().find_map(|other| {
+            if other.name == node.name {
+                Some(format!("name {} is also {}'s", node.name, other.node_ip))
+            } else if other.node_ip == node.node_ip {
+                Some(format!("node IP {} is also {}'s", node.node_ip, other.name))
+            } else if overlap(other.pod_cidr, node.pod_cidr) {
+                Some(format!(
+                    "pod CIDR {} overlaps {}'s {}",
+                    node.pod_cidr, other.name, other.pod_cidr
+                ))
+            } else {
+                None
+            }
+        });
+        match conflict {
+            Some(why) => refused.push(((*node).clone(), why)),
+            None => accepted.push((*node).clone()),
+        }
+    }
+    (accepted, refused)
+}
+
+#[cfg(test)]
+mod routable_tests {
+    use super::*;
+
+    fn node(name: &str, ip: &str, cidr: &str) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            node_ip: ip.parse().expect("ip"),
+            pod_cidr: cidr.parse().expect("cidr"),
+        }
+    }
+
+    fn routable(nodes: &[NodeRecord]) -> (Vec<String>, Vec<String>) {
+        let (ok, bad) = routable_nodes(
+            nodes,
+            ("me", "192.168.100.11".parse().expect("ip")),
+            "10.244.0.0/24".parse().expect("cidr"),
+            "10.244.0.0/16".parse().expect("cidr"),
+        );
+        (
+            ok.into_iter().map(|n| n.name).collect(),
+            bad.into_iter()
+                .map(|(n, why)| format!("{}: {why}", n.name))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn good_records_are_routed_and_this_node_is_not_a_remote() {
+        let (ok, bad) = routable(&[
+            node("me", "192.168.100.11", "10.244.0.0/24"),
+            node("n2", "192.168.100.12", "10.244.1.0/24"),
+            node("n3", "192.168.100.13", "10.244.2.0/24"),
+        ]);
+        assert_eq!(ok, ["n2", "n3"]);
+        assert!(bad.is_empty(), "{bad:?}");
+    }
+
+    #[test]
+    fn bad_records_are_refused_never_routed() {
+        let good = node("good", "192.168.100.20", "10.244.9.0/24");
+        // The good record came first (it holds); the bad ones after it.
+        for (what, bad_records) in [
+            (
+                "everything",
+                vec![node("all", "192.168.100.12", "0.0.0.0/0")],
+            ),
+            (
+                "outside the cluster",
+                vec![node("out", "192.168.100.12", "10.245.1.0/24")],
+            ),
+            (
+                "this node's CIDR",
+                vec![node("thief", "192.168.100.12", "10.244.0.0/25")],
+            ),
+            (
+                "around this node's CIDR",
+                vec![node("big", "192.168.100.12", "10.244.0.0/20")],
+            ),
+            (
+                "unspecified node IP",
+                vec![node("zero", "0.0.0.0", "10.244.1.0/24")],
+            ),
+            (
+                "loopback node IP",
+                vec![node("lo", "127.0.0.1", "10.244.1.0/24")],
+            ),
+            (
+                "multicast node IP",
+                vec![node("mc", "224.0.0.1", "10.244.1.0/24")],
+            ),
+            (
+                "a CIDR overlapping the good node's",
+                vec![node("b", "192.168.100.13", "10.244.9.128/25")],
+            ),
+            (
+                "the good node's name",
+                vec![node("good", "192.168.100.13", "10.244.2.0/24")],
+            ),
+            (
+                "the good node's IP",
+                vec![node("y", "192.168.100.20", "10.244.2.0/24")],
+            ),
+        ] {
+            let mut records = vec![good.clone()];
+            records.extend(bad_records.iter().cloned());
+            let (ok, bad) = routable(&records);
+            assert_eq!(ok, ["good"], "{what}: only the good record is routed");
+            assert_eq!(bad.len(), bad_records.len(), "{what}: {bad:?}");
+        }
+    }
+}
