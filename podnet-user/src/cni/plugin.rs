@@ -60,9 +60,12 @@ pub struct PodIfState {
 
 /// Creating and removing pod interfaces.
 pub trait PodPlumbing {
-    /// Creates the veth pair (pod end inside `spec.netns`), addresses,
-    /// routes, and brings both ends up.
+    /// Creates the veth pair (pod end inside `spec.netns`), both ends down:
+    /// nothing passes until [`PodPlumbing::activate`].
     fn create(&self, spec: &PodIfSpec) -> Result<PodIfCreated, CniError>;
+    /// Brings the pair up with its addresses and routes (host route to the
+    /// pod; in the pod its address, gateway neighbour and routes).
+    fn activate(&self, spec: &PodIfSpec, created: &PodIfCreated) -> Result<(), CniError>;
     /// Deletes the host end (and so the pair); `Ok(false)` when absent.
     fn delete_host(&self, host_ifname: &str) -> Result<bool, CniError>;
     /// Ifindex of a host interface, if present.
@@ -314,9 +317,16 @@ fn add(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<String, CniError
         pod_mac: created.pod_mac,
         host_mac: created.host_mac,
     };
+    // The agent attaches the filters and writes the datapath entry while
+    // both ends are still down: the pod's link never carries a packet
+    // unfiltered, even if this process dies in between.
     agent
         .add_endpoint(&endpoint)
         .map_err(|e| rollback(agent_error("ADD", &e)))?;
+    deps.plumbing.activate(&spec, &created).map_err(|err| {
+        let _ = agent.remove_endpoint(&owner);
+        rollback(err)
+    })?;
 
     let mut result = match &conf.prev_result {
         Some(prev) => CniResult::from_json(prev)?,

@@ -62,17 +62,6 @@ impl PodPlumbing for NetlinkPlumbing {
                         ))
                     })?;
                 disable_ipv6(&spec.host_ifname)?;
-                netlink::set_up(&h, host.index).await?;
-                netlink::add_route(
-                    &h,
-                    Route {
-                        dst: spec.ip,
-                        prefix: 32,
-                        gateway: None,
-                        oif: host.index,
-                    },
-                )
-                .await?;
                 Ok(host)
             })
             .map_err(plumbing_error(
@@ -81,45 +70,75 @@ impl PodPlumbing for NetlinkPlumbing {
         };
         let pod = {
             let spec = spec.clone();
-            let host_mac = host.mac;
             netlink::with_netlink(Some(&spec.netns.clone()), move |h| async move {
-                let pod = netlink::link_by_name(&h, &spec.ifname)
+                netlink::link_by_name(&h, &spec.ifname)
                     .await?
                     .ok_or_else(|| {
                         NetlinkError::Unexpected(format!("{} missing in the pod", spec.ifname))
-                    })?;
-                netlink::add_address(&h, pod.index, spec.ip, 32).await?;
-                netlink::set_up(&h, pod.index).await?;
-                netlink::add_permanent_neighbour(&h, pod.index, spec.gateway, host_mac).await?;
-                netlink::add_route(
-                    &h,
-                    Route {
-                        dst: spec.gateway,
-                        prefix: 32,
-                        gateway: None,
-                        oif: pod.index,
-                    },
-                )
-                .await?;
-                netlink::add_route(
-                    &h,
-                    Route {
-                        dst: std::net::Ipv4Addr::UNSPECIFIED,
-                        prefix: 0,
-                        gateway: Some(spec.gateway),
-                        oif: pod.index,
-                    },
-                )
-                .await?;
-                Ok(pod)
+                    })
             })
-            .map_err(plumbing_error("configuring the pod interface"))?
+            .map_err(plumbing_error("finding the pod interface"))?
         };
         Ok(PodIfCreated {
             host_ifindex: host.index,
             host_mac: host.mac,
             pod_mac: pod.mac,
         })
+    }
+
+    fn activate(&self, spec: &PodIfSpec, created: &PodIfCreated) -> Result<(), CniError> {
+        {
+            let (ip, index) = (spec.ip, created.host_ifindex);
+            netlink::with_netlink(None, move |h| async move {
+                netlink::set_up(&h, index).await?;
+                netlink::add_route(
+                    &h,
+                    Route {
+                        dst: ip,
+                        prefix: 32,
+                        gateway: None,
+                        oif: index,
+                    },
+                )
+                .await
+            })
+            .map_err(plumbing_error(
+                "bringing up the host side of the pod interface",
+            ))?;
+        }
+        let spec = spec.clone();
+        let host_mac = created.host_mac;
+        netlink::with_netlink(Some(&spec.netns.clone()), move |h| async move {
+            let pod = netlink::link_by_name(&h, &spec.ifname)
+                .await?
+                .ok_or_else(|| {
+                    NetlinkError::Unexpected(format!("{} missing in the pod", spec.ifname))
+                })?;
+            netlink::add_address(&h, pod.index, spec.ip, 32).await?;
+            netlink::set_up(&h, pod.index).await?;
+            netlink::add_permanent_neighbour(&h, pod.index, spec.gateway, host_mac).await?;
+            netlink::add_route(
+                &h,
+                Route {
+                    dst: spec.gateway,
+                    prefix: 32,
+                    gateway: None,
+                    oif: pod.index,
+                },
+            )
+            .await?;
+            netlink::add_route(
+                &h,
+                Route {
+                    dst: std::net::Ipv4Addr::UNSPECIFIED,
+                    prefix: 0,
+                    gateway: Some(spec.gateway),
+                    oif: pod.index,
+                },
+            )
+            .await
+        })
+        .map_err(plumbing_error("configuring the pod interface"))
     }
 
     fn delete_host(&self, host_ifname: &str) -> Result<bool, CniError> {
