@@ -201,9 +201,13 @@ pub enum Request {
         owner: Owner,
     },
     ListEndpoints,
-    /// Remove every endpoint (and IPAM reservation) whose owner is not listed.
+    /// Remove every endpoint of `network` whose owner is not listed (CNI GC
+    /// speaks for one network; other networks' endpoints are not its to
+    /// judge). Without `network` (an older plugin): every network's.
     Gc {
         valid: Vec<Owner>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        network: Option<String>,
     },
     Counters,
     Ipam,

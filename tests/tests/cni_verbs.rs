@@ -182,6 +182,19 @@ fn gc_releases_everything_not_in_valid_attachments() {
     let node = Node::start("gc", "10.244.10.0/24").expect("node");
     let keep = node.add_pod("gc-keep").expect("ADD keep");
     let stale = node.add_pod("gc-stale").expect("ADD stale");
+    // A pod of another network on the node (its own addresses, host-local):
+    // not this network's GC to remove.
+    let data_dir = node.state.path().join("host-local");
+    // host-local speaks CNI up to 1.0.0.
+    let mut other_conf = node.conf(
+        "1.0.0",
+        &json!({"ipam": {"type": "host-local", "dataDir": data_dir,
+                         "ranges": [[{"subnet": "10.244.10.0/24", "rangeStart": "10.244.10.200"}]]}}),
+    );
+    other_conf["name"] = json!("other");
+    let other_net = node
+        .add_pod_with("gc-other-net", &other_conf)
+        .expect("ADD in the other network");
     let mut conf = node.conf("1.1.0", &Value::Null);
     conf["cni.dev/valid-attachments"] = json!([{"containerID": "gc-keep", "ifname": "eth0"}]);
     let out = node
@@ -195,8 +208,8 @@ fn gc_releases_everything_not_in_valid_attachments() {
     );
     assert_eq!(
         node.host_veths().expect("links").len(),
-        1,
-        "the stale veth is gone"
+        2,
+        "the stale veth is gone, the other network's stays"
     );
     let endpoints = node.podnetctl(&["endpoints"]).expect("endpoints");
     let ips: Vec<_> = endpoints
@@ -205,7 +218,17 @@ fn gc_releases_everything_not_in_valid_attachments() {
         .iter()
         .map(|e| e["endpoint"]["ip"].as_str().unwrap_or_default().to_owned())
         .collect();
-    assert_eq!(ips, vec![keep.ip.to_string()]);
+    assert_eq!(
+        ips.iter()
+            .filter(|ip| **ip != other_net.ip.to_string())
+            .collect::<Vec<_>>(),
+        vec![&keep.ip.to_string()]
+    );
+    assert!(
+        ips.contains(&other_net.ip.to_string()),
+        "GC of one network leaves the other network's endpoints"
+    );
+    assert!(keep.ping(other_net.ip, 1), "and they keep working");
     assert!(!keep.ping(stale.ip, 1), "the stale pod is unreachable");
     let other = node.add_pod("gc-new").expect("ADD after GC");
     assert!(keep.ping(other.ip, 1), "the kept pod still works");

@@ -261,15 +261,15 @@ impl EndpointRegistry {
         self.endpoints.get(owner)
     }
 
-    /// Removes every endpoint (and built-in IPAM reservation) whose owner is
-    /// not in `valid`; returns the removed owners.
-    pub fn gc(&mut self, valid: &[Owner]) -> anyhow::Result<Vec<Owner>> {
+    /// Removes every endpoint of `network` (every network's with `None`)
+    /// whose owner is not in `valid`; returns the removed owners.
+    pub fn gc(&mut self, network: Option<&str>, valid: &[Owner]) -> anyhow::Result<Vec<Owner>> {
         let valid: std::collections::HashSet<&Owner> = valid.iter().collect();
         let stale: Vec<Owner> = self
             .endpoints
-            .keys()
-            .filter(|o| !valid.contains(o))
-            .cloned()
+            .values()
+            .filter(|ep| network.is_none_or(|n| ep.network == n) && !valid.contains(&ep.owner))
+            .map(|ep| ep.owner.clone())
             .collect();
         for owner in &stale {
             self.remove(owner)?;

@@ -141,7 +141,7 @@ fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> Vec<u8> {
         Request::RemoveEndpoint { owner } => encode(reg.remove(&owner)),
         Request::GetEndpoint { owner } => encode(Ok(reg.get(&owner).cloned())),
         Request::ListEndpoints => encode(reg.list()),
-        Request::Gc { valid } => encode(reg.gc(&valid)),
+        Request::Gc { valid, network } => encode(reg.gc(network.as_deref(), &valid)),
         Request::Counters => encode(reg.counters()),
         Request::Ipam => encode(reg.ipam()),
         Request::Nodes => encode(Ok(reg.remote_nodes())),

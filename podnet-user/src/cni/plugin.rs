@@ -80,7 +80,8 @@ pub trait AgentApi {
     fn add_endpoint(&self, endpoint: &Endpoint) -> Result<(), ClientError>;
     fn remove_endpoint(&self, owner: &Owner) -> Result<(), ClientError>;
     fn get_endpoint(&self, owner: &Owner) -> Result<Option<Endpoint>, ClientError>;
-    fn gc(&self, valid: &[Owner]) -> Result<Vec<Owner>, ClientError>;
+    /// Removes the endpoints of `network` whose owner is not in `valid`.
+    fn gc(&self, network: &str, valid: &[Owner]) -> Result<Vec<Owner>, ClientError>;
 }
 
 impl AgentApi for crate::api::Client {
@@ -103,9 +104,10 @@ impl AgentApi for crate::api::Client {
             owner: owner.clone(),
         })
     }
-    fn gc(&self, valid: &[Owner]) -> Result<Vec<Owner>, ClientError> {
+    fn gc(&self, network: &str, valid: &[Owner]) -> Result<Vec<Owner>, ClientError> {
         self.call(&crate::api::Request::Gc {
             valid: valid.to_vec(),
+            network: Some(network.to_owned()),
         })
     }
 }
@@ -529,7 +531,7 @@ fn gc(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<(), CniError> {
             delegate::exec(plugin, &env.cni_path, "GC", &conf.raw).map_err(delegate_error)?;
         }
     }
-    match agent.gc(&valid) {
+    match agent.gc(&conf.name, &valid) {
         Ok(removed) => stale.extend(removed),
         Err(ClientError::Unreachable { .. }) => {}
         Err(e) => return Err(agent_error("GC", &e)),
