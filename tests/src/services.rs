@@ -480,7 +480,7 @@ pub fn nft_remove() -> String {
 }
 
 /// Runs `cmd` with `input` on stdin; an error carries its stderr.
-fn feed(mut cmd: Command, input: &str) -> anyhow::Result<()> {
+pub fn feed(mut cmd: Command, input: &str) -> anyhow::Result<()> {
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

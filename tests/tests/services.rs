@@ -228,13 +228,7 @@ fn icmp_errors_follow_the_flow(layout: &LabLayout) {
         );
         let mut nft = lab::in_netns(&client_node.netns, "nft").expect("command");
         nft.args(["-f", "-"]);
-        let mut child = nft
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .expect("run nft");
-        std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), rules.as_bytes())
-            .expect("feed nft");
-        assert!(child.wait().expect("nft").success(), "nft rules");
+        services::feed(nft, &rules).expect("nft rules");
         let refused = lab::on_netns_thread(&client.netns, move || {
             let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
             socket.connect(SocketAddrV4::new(vip, closed_port))?;
