@@ -68,6 +68,36 @@ pub const FLOW_TIMEOUT_CLOSED_S: u64 = 10;
 /// conntrack's UDP stream timeout (120 s) and its ICMP timeout (30 s).
 pub const FLOW_TIMEOUT_OTHER_S: u64 = 180;
 
+impl StackFlow {
+    /// Ended: an RST, or a FIN each way.
+    #[must_use]
+    pub const fn closed(&self) -> bool {
+        self.flags & FLOW_F_CLOSED != 0 || self.flags & FLOW_F_BOTH_FINS == FLOW_F_BOTH_FINS
+    }
+
+    /// How long the entry lives after its last packet, for IP protocol
+    /// `proto`.
+    #[must_use]
+    pub const fn timeout_s(&self, proto: u8) -> u64 {
+        /// `IPPROTO_TCP`.
+        const TCP: u8 = 6;
+        if self.closed() {
+            FLOW_TIMEOUT_CLOSED_S
+        } else if proto == TCP {
+            FLOW_TIMEOUT_TCP_S
+        } else {
+            FLOW_TIMEOUT_OTHER_S
+        }
+    }
+
+    /// No longer followed at monotonic time `now_ns` (the datapath's
+    /// clock, `CLOCK_MONOTONIC_COARSE`).
+    #[must_use]
+    pub const fn expired(&self, proto: u8, now_ns: u64) -> bool {
+        now_ns.saturating_sub(self.last_seen_ns) > self.timeout_s(proto) * 1_000_000_000
+    }
+}
+
 /// Value `from_pod` puts in `skb->tc_index` of a packet it redirects into
 /// the overlay or out of the underlay, so the egress programs there can
 /// tell the fast path (which never saw the stack) from what the stack

@@ -6,10 +6,7 @@
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use podnet_common::{
     FlowKey, StackFlow, Verdict,
-    flow::{
-        FAST_PATH_TC_INDEX, FLOW_F_BOTH_FINS, FLOW_F_CLOSED, FLOW_F_FIN_FORWARD, FLOW_F_FIN_REPLY,
-        FLOW_F_RST, FLOW_TIMEOUT_CLOSED_S, FLOW_TIMEOUT_OTHER_S, FLOW_TIMEOUT_TCP_S,
-    },
+    flow::{FAST_PATH_TC_INDEX, FLOW_F_FIN_FORWARD, FLOW_F_FIN_REPLY, FLOW_F_RST},
 };
 
 use crate::{
@@ -37,7 +34,6 @@ const ICMP_PARAMETERPROB: u8 = 12;
 
 /// The ICMP header before an error's embedded datagram.
 const ICMP_HLEN: usize = 8;
-const NS_PER_S: u64 = 1_000_000_000;
 
 /// What flow tracking needs of a packet's L4 header.
 struct L4 {
@@ -177,19 +173,6 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-#[inline(always)]
-fn expired(flow: &StackFlow, proto: u8, now: u64) -> bool {
-    let timeout_s =
-        if flow.flags & FLOW_F_CLOSED != 0 || flow.flags & FLOW_F_BOTH_FINS == FLOW_F_BOTH_FINS {
-            FLOW_TIMEOUT_CLOSED_S
-        } else if proto == IPPROTO_TCP {
-            FLOW_TIMEOUT_TCP_S
-        } else {
-            FLOW_TIMEOUT_OTHER_S
-        };
-    now.saturating_sub(flow.last_seen_ns) > timeout_s * NS_PER_S
-}
-
 /// Flag bits a TCP packet adds in the given direction.
 #[inline(always)]
 fn closing_flags(tcp_flags: u8, fin_flag: u32) -> u32 {
@@ -222,7 +205,7 @@ pub fn divert_to_stack(ctx: &TcContext, ip: &Ipv4Fields) -> Option<i32> {
         // concurrent update of the same entry from another CPU can only
         // race on the timestamp and flag bits, which are advisory.
         let flow = unsafe { &mut *flow };
-        if !expired(flow, l4.key.proto, now) {
+        if !flow.expired(l4.key.proto, now) {
             flow.last_seen_ns = now;
             flow.flags |= closing_flags(l4.tcp_flags, FLOW_F_FIN_REPLY);
             count(Verdict::StackFlow);
@@ -256,7 +239,7 @@ pub fn track_reply(ctx: &TcContext, ip: &Ipv4Fields) {
     if let Some(flow) = STACK_FLOWS.get_ptr_mut(reply) {
         // SAFETY: as in `divert_to_stack`.
         let flow = unsafe { &mut *flow };
-        if !expired(flow, reply.proto, now) {
+        if !flow.expired(reply.proto, now) {
             flow.last_seen_ns = now;
             flow.flags |= flags;
             count(Verdict::StackFlowTracked);

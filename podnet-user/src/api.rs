@@ -118,10 +118,7 @@ impl StackFlowStatus {
     /// (`CLOCK_MONOTONIC_COARSE`, the programs' clock).
     #[must_use]
     pub fn new(key: &podnet_common::FlowKey, flow: &podnet_common::StackFlow, now_ns: u64) -> Self {
-        use podnet_common::flow::{
-            FLOW_F_BOTH_FINS, FLOW_F_CLOSED, FLOW_TIMEOUT_CLOSED_S, FLOW_TIMEOUT_OTHER_S,
-            FLOW_TIMEOUT_TCP_S,
-        };
+        use podnet_common::flow::FLOW_F_BOTH_FINS;
         let proto = match key.proto {
             1 => "icmp".to_owned(),
             6 => "tcp".to_owned(),
@@ -130,18 +127,9 @@ impl StackFlowStatus {
             other => other.to_string(),
         };
         let idle_s = now_ns.saturating_sub(flow.last_seen_ns) / 1_000_000_000;
-        let closed =
-            flow.flags & FLOW_F_CLOSED != 0 || flow.flags & FLOW_F_BOTH_FINS == FLOW_F_BOTH_FINS;
-        let timeout = if closed {
-            FLOW_TIMEOUT_CLOSED_S
-        } else if key.proto == 6 {
-            FLOW_TIMEOUT_TCP_S
-        } else {
-            FLOW_TIMEOUT_OTHER_S
-        };
-        let state = if idle_s >= timeout {
+        let state = if flow.expired(key.proto, now_ns) {
             "expired"
-        } else if closed {
+        } else if flow.closed() {
             "closed"
         } else if flow.flags & FLOW_F_BOTH_FINS != 0 {
             "closing"
