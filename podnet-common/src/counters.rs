@@ -94,10 +94,24 @@ pub enum DropReason {
     /// node's VXLAN device would decapsulate and deliver whatever inner
     /// packet the pod made up, past the anti-spoofing check.
     VxlanFromPod = 10,
+    /// Decapsulated by the VXLAN device, but the tunnel's remote address is
+    /// no known node (or the packet carries no tunnel metadata at all).
+    UnknownTunnelSource = 11,
+    /// Decapsulated from a known node, but the inner IPv4 source is neither
+    /// that node's pod CIDR nor its node IP (injection through the tunnel).
+    TunnelSourceMismatch = 12,
+    /// Arrived on the underlay for a local pod in a frame that was not
+    /// unicast to this node (L2 broadcast or multicast).
+    UnderlayNotUnicast = 13,
+    /// Arrived on the underlay for a local pod from a pod-network source (a
+    /// pod of this node, or another node's pod CIDR or node IP) in a frame
+    /// that the owning node did not send (source MAC is not that node's
+    /// neighbour entry).
+    UnderlaySourceMismatch = 14,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 15;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::MalformedIpv4,
         Self::SpoofedSourceIp,
@@ -110,6 +124,10 @@ impl DropReason {
         Self::Ipv6FromPod,
         Self::UnsupportedEthertype,
         Self::VxlanFromPod,
+        Self::UnknownTunnelSource,
+        Self::TunnelSourceMismatch,
+        Self::UnderlayNotUnicast,
+        Self::UnderlaySourceMismatch,
     ];
 
     #[must_use]
@@ -126,6 +144,10 @@ impl DropReason {
             Self::Ipv6FromPod => "ipv6_from_pod",
             Self::UnsupportedEthertype => "unsupported_ethertype",
             Self::VxlanFromPod => "vxlan_from_pod",
+            Self::UnknownTunnelSource => "unknown_tunnel_source",
+            Self::TunnelSourceMismatch => "tunnel_source_mismatch",
+            Self::UnderlayNotUnicast => "underlay_not_unicast",
+            Self::UnderlaySourceMismatch => "underlay_source_mismatch",
         }
     }
 }

@@ -40,9 +40,14 @@ const _: () = assert!(core::mem::size_of::<NodeConfig>() == 24);
 pub struct RemoteNode {
     /// The remote node's underlay address, network byte order.
     pub node_ip: u32,
-    /// Reserved.
+    /// `REMOTE_*` flags.
     pub flags: u32,
 }
+
+/// `RemoteNode::flags`: the entry is the node's own address (a /32), not
+/// its pod CIDR. Pods reach other nodes' addresses through the tunnel like
+/// their pods, and a node's address is a source the node may send from.
+pub const REMOTE_NODE_ADDRESS: u32 = 1;
 
 const _: () = assert!(core::mem::size_of::<RemoteNode>() == 8);
 

@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use podnet_common::{
     DropReason, EndpointInfo, RemoteNode, Verdict,
-    node::{MODE_DIRECT, MODE_VXLAN},
+    node::{MODE_DIRECT, MODE_VXLAN, REMOTE_NODE_ADDRESS},
 };
 
 use crate::{
@@ -20,6 +20,7 @@ use crate::{
     flows,
     maps::{CONFIG, ENDPOINTS, REMOTE},
     packet::{self, Ipv4Fields, L3},
+    sender,
 };
 
 /// `AF_INET` for `bpf_redir_neigh.nh_family`.
@@ -45,7 +46,9 @@ pub fn remote_node(ip: u32) -> Option<RemoteNode> {
 /// What arrived from another node (from_overlay, from_underlay): a packet
 /// from a pod of another node for a local endpoint is delivered, unless its
 /// flow went through this node's stack the other way; anything else goes
-/// to the host stack.
+/// to the host stack. Before either, the sender is checked (`Arrival`):
+/// the fast path skips the stack's own checks, and the stack would deliver
+/// a forged packet just the same.
 ///
 /// Only pod-to-pod traffic takes the fast path here because only there do
 /// both directions: the endpoint's replies to anything that is not a pod
@@ -55,21 +58,85 @@ pub fn remote_node(ip: u32) -> Option<RemoteNode> {
 /// KUBE-FORWARD).
 #[inline(always)]
 pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
+    // Read before parsing: the tunnel metadata is the only trace of who
+    // sent a decapsulated packet.
+    let tunnel_source = match arrival {
+        Arrival::Overlay => match sender::tunnel_source(ctx) {
+            Some(source) => source,
+            None => return drop_packet(DropReason::UnknownTunnelSource),
+        },
+        Arrival::Underlay => 0,
+    };
     let ip = match packet::parse(ctx) {
         L3::Ipv4(ip) => ip,
-        L3::Arp | L3::Ipv6 | L3::Other => return pass_to_stack(),
+        L3::Arp | L3::Ipv6 | L3::Other => {
+            if matches!(arrival, Arrival::Overlay) && !is_node(tunnel_source) {
+                return drop_packet(DropReason::UnknownTunnelSource);
+            }
+            return arrival.to_stack(ctx, pass_to_stack());
+        }
         L3::MalformedIpv4 => return drop_packet(DropReason::MalformedIpv4),
     };
+    let sender = remote_node(ip.src);
+    if matches!(arrival, Arrival::Overlay) {
+        // Whatever its destination (the stack routes what is not a local
+        // pod's): a node speaks for its pods and itself, nobody else.
+        match sender {
+            Some(node) if node.node_ip == tunnel_source => {}
+            _ if is_node(tunnel_source) => {
+                return drop_packet(DropReason::TunnelSourceMismatch);
+            }
+            _ => return drop_packet(DropReason::UnknownTunnelSource),
+        }
+    }
     let Some(dst) = endpoint(ip.dst) else {
         return arrival.to_stack(ctx, pass_to_stack());
     };
-    if remote_node(ip.src).is_none() {
+    if matches!(arrival, Arrival::Underlay)
+        && let Some(code) = check_underlay_sender(ctx, &ip, sender)
+    {
+        return code;
+    }
+    if sender.is_none() {
         return arrival.to_stack(ctx, pass_to_stack());
     }
     if let Some(code) = flows::divert_to_stack(ctx, &ip) {
         return arrival.to_stack(ctx, code);
     }
     to_endpoint(ctx, &ip, &dst, arrival.verdict())
+}
+
+/// Whether `ip` (network byte order) is another node's address, as the
+/// agent programmed it.
+#[inline(always)]
+fn is_node(ip: u32) -> bool {
+    remote_node(ip).is_some_and(|node| node.flags & REMOTE_NODE_ADDRESS != 0 && node.node_ip == ip)
+}
+
+/// Direct mode, a packet on the underlay for a local pod: only unicast to
+/// this node, and a source inside the pod network only from the node it
+/// belongs to (the underlay is a LAN: anyone on it can put any source in a
+/// frame). A source outside the pod network (a client routed to the pod)
+/// passes: the underlay is trusted for those, as it is for the node's own
+/// traffic. Returns the drop code, or `None` to go on.
+#[inline(always)]
+fn check_underlay_sender(
+    ctx: &TcContext,
+    ip: &Ipv4Fields,
+    sender: Option<RemoteNode>,
+) -> Option<i32> {
+    // SAFETY: `ctx.skb.skb` is this run's `__sk_buff`, valid for the whole
+    // program.
+    let (pkt_type, ifindex) = unsafe { ((*ctx.skb.skb).pkt_type, (*ctx.skb.skb).ifindex) };
+    if pkt_type != PACKET_HOST {
+        return Some(drop_packet(DropReason::UnderlayNotUnicast));
+    }
+    let forged = match sender {
+        Some(node) => !sender::sent_by_node(ctx, ifindex, &ip.src_mac, node.node_ip),
+        // One of this node's own pods never arrives from the underlay.
+        None => endpoint(ip.src).is_some(),
+    };
+    forged.then(|| drop_packet(DropReason::UnderlaySourceMismatch))
 }
 
 /// How a packet from another node arrived.

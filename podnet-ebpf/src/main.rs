@@ -12,6 +12,7 @@ mod from_pod;
 mod from_underlay;
 mod maps;
 mod packet;
+mod sender;
 mod to_overlay;
 mod to_pod;
 mod to_underlay;

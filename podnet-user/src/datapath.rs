@@ -22,7 +22,7 @@ use aya::{
 use ipnet::Ipv4Net;
 use podnet_common::{
     DropReason, EndpointInfo, EndpointStats, FlowKey, NodeConfig, RemoteNode, StackFlow, Verdict,
-    VethEndpoint, names,
+    VethEndpoint, names, node::REMOTE_NODE_ADDRESS,
 };
 
 /// The eBPF object built by `build.rs` from podnet-ebpf (with BTF), embedded
@@ -184,6 +184,15 @@ pub struct LoadedProgram {
     pub name: &'static str,
     pub id: u32,
     pub tag: u64,
+}
+
+/// An entry of the remote trie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteEntry {
+    pub cidr: Ipv4Net,
+    pub node_ip: Ipv4Addr,
+    /// The node's own address rather than its pod CIDR.
+    pub node_address: bool,
 }
 
 /// A loaded map, for display.
@@ -587,17 +596,33 @@ impl Datapath {
 
     /// Adds or replaces the route of a remote pod CIDR.
     pub fn upsert_remote(&mut self, cidr: Ipv4Net, node_ip: Ipv4Addr) -> Result<(), DatapathError> {
+        self.insert_remote(cidr, node_ip, 0)
+    }
+
+    /// Adds another node's own address (a /32 in the same trie, flagged):
+    /// pods reach it through the tunnel like its pods, and it is a source
+    /// that node may send from (from_overlay, from_underlay).
+    pub fn upsert_node_address(&mut self, node_ip: Ipv4Addr) -> Result<(), DatapathError> {
+        self.insert_remote(Ipv4Net::from(node_ip), node_ip, REMOTE_NODE_ADDRESS)
+    }
+
+    fn insert_remote(
+        &mut self,
+        cidr: Ipv4Net,
+        node_ip: Ipv4Addr,
+        flags: u32,
+    ) -> Result<(), DatapathError> {
         let key = LpmKey::new(u32::from(cidr.prefix_len()), ip_key(cidr.network()));
         let value = RemoteNode {
             node_ip: ip_key(node_ip),
-            flags: 0,
+            flags,
         };
         self.remote_map()?
             .insert(&key, value, 0)
             .map_err(map_err(names::MAP_REMOTE, format!("inserting {cidr}")))
     }
 
-    /// Removes a remote pod CIDR (no error when absent).
+    /// Removes a remote pod CIDR or node address (no error when absent).
     pub fn remove_remote(&mut self, cidr: Ipv4Net) -> Result<(), DatapathError> {
         let key = LpmKey::new(u32::from(cidr.prefix_len()), ip_key(cidr.network()));
         match self.remote_map()?.remove(&key) {
@@ -608,16 +633,19 @@ impl Datapath {
         }
     }
 
-    /// Every remote pod CIDR with its node.
-    pub fn remotes(&mut self) -> Result<Vec<(Ipv4Net, Ipv4Addr)>, DatapathError> {
+    /// Every remote pod CIDR and node address with its node.
+    pub fn remotes(&mut self) -> Result<Vec<RemoteEntry>, DatapathError> {
         let map = self.remote_map()?;
         map.iter()
             .map(|entry| {
                 let (key, value) = entry.map_err(map_err(names::MAP_REMOTE, "iterating"))?;
                 let prefix = u8::try_from(key.prefix_len()).unwrap_or(32);
                 let network = Ipv4Addr::from(key.data().to_ne_bytes());
-                let cidr = Ipv4Net::new(network, prefix).unwrap_or_default();
-                Ok((cidr, Ipv4Addr::from(value.node_ip.to_ne_bytes())))
+                Ok(RemoteEntry {
+                    cidr: Ipv4Net::new(network, prefix).unwrap_or_default(),
+                    node_ip: Ipv4Addr::from(value.node_ip.to_ne_bytes()),
+                    node_address: value.flags & REMOTE_NODE_ADDRESS != 0,
+                })
             })
             .collect()
     }

@@ -20,7 +20,7 @@ use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
         link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
-        neighbour::NeighbourState,
+        neighbour::{NeighbourAttribute, NeighbourExtFlags, NeighbourState},
         route::{RouteAddress, RouteAttribute, RouteScope},
         tc::TcAttribute,
     },
@@ -344,6 +344,51 @@ pub async fn add_permanent_neighbour(
         .execute()
         .await
         .map_err(request(format!("adding neighbour {ip} on link #{index}")))
+}
+
+/// Asks the kernel to keep `ip`'s neighbour entry on link `index` resolved
+/// (a "managed" entry, NTF_EXT_MANAGED, Linux 5.16): it resolves it at once
+/// and probes it again whenever it goes stale, without traffic asking. On an
+/// existing entry only the flag changes (`__neigh_update` keeps the state
+/// for a managed update), so reapplying it never interrupts traffic.
+pub async fn keep_neighbour_resolved(
+    handle: &Handle,
+    index: u32,
+    ip: Ipv4Addr,
+) -> Result<(), NetlinkError> {
+    let mut add = handle
+        .neighbours()
+        .add(index, IpAddr::V4(ip))
+        .state(NeighbourState::None)
+        .replace();
+    add.message_mut()
+        .attributes
+        .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+    add.execute().await.map_err(request(format!(
+        "adding managed neighbour {ip} on link #{index}"
+    )))
+}
+
+/// Removes `ip`'s neighbour entry on link `index` (no error when absent).
+pub async fn delete_neighbour(
+    handle: &Handle,
+    index: u32,
+    ip: Ipv4Addr,
+) -> Result<(), NetlinkError> {
+    let mut message = rtnetlink::packet_route::neighbour::NeighbourMessage::default();
+    message.header.family = rtnetlink::packet_route::AddressFamily::Inet;
+    message.header.ifindex = index;
+    message
+        .attributes
+        .push(NeighbourAttribute::Destination(IpAddr::V4(ip).into()));
+    match handle.neighbours().del(message).execute().await {
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.code.is_some_and(|c| c.get() == -libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other.map_err(request(format!("deleting neighbour {ip} on link #{index}"))),
+    }
 }
 
 /// Creates the collect-metadata ("external") VXLAN device `name` on UDP

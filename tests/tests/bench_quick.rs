@@ -46,8 +46,8 @@ fn every_benchmark_scenario_builds_and_measures() {
         .collect();
     assert_eq!(
         bpf_costs.len(),
-        6,
-        "BPF cost of five program paths and the floor measured: {bpf_costs:?}"
+        5,
+        "BPF cost of four program paths and the floor measured: {bpf_costs:?}"
     );
     assert!(
         bpf_costs

@@ -13,10 +13,10 @@ use podnet::datapath::{Counters, ip_key, monotonic_coarse_ns};
 use podnet_common::{
     EndpointInfo, FlowKey, StackFlow, Verdict,
     flow::{FLOW_F_RST, FLOW_TIMEOUT_CLOSED_S, FLOW_TIMEOUT_OTHER_S},
-    names::{PROG_FROM_OVERLAY, PROG_FROM_POD, PROG_TO_OVERLAY, PROG_TO_POD},
+    names::{PROG_FROM_POD, PROG_FROM_UNDERLAY, PROG_TO_OVERLAY, PROG_TO_POD},
 };
 use podnet_tests::{
-    bpf_run::BpfHarness,
+    bpf_run::{BpfHarness, TestUnderlay},
     frames::{self, IP_MF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, TTL_OFF},
     privileged,
 };
@@ -457,16 +457,28 @@ fn a_fast_path_syn_clears_a_stale_reply_entry() {
     assert!(h.datapath.stack_flows().expect("flows").is_empty());
 }
 
-/// from_overlay hands a tracked reply to the stack too (marked as for this
-/// host: the inner frame is addressed to the sending node's veth), and
 /// to_overlay records what the stack sends from a local pod into the
-/// overlay.
+/// overlay, and a tracked reply from another node goes to the stack. The
+/// reply arrives through from_underlay here (from the owning node's MAC):
+/// from_overlay runs the same code after its tunnel check, and a test run
+/// cannot attach tunnel metadata.
 #[test]
-fn the_overlay_programs_follow_stack_flows() {
-    if !privileged("the_overlay_programs_follow_stack_flows") {
+fn the_node_programs_follow_stack_flows() {
+    if !privileged("the_node_programs_follow_stack_flows") {
         return;
     }
+    let node2 = Ipv4Addr::new(192, 168, 100, 12);
+    let node2_mac = [0x02, 0x12, 0, 0, 0, 0x12];
+    let node1_mac = [0x02, 0x11, 0, 0, 0, 0x11];
+    let underlay = TestUnderlay::new(
+        "sf-underlay",
+        node1_mac,
+        (NODE_IP, 24),
+        &[(node2, node2_mac)],
+    )
+    .expect("test underlay");
     let mut h = harness("sf-overlay");
+    h.datapath.upsert_node_address(node2).expect("node address");
     let remote_backend = Ipv4Addr::new(10, 244, 1, 7);
     h.datapath
         .upsert_remote(
@@ -495,16 +507,18 @@ fn the_overlay_programs_follow_stack_flows() {
             IPPROTO_TCP
         )]
     );
-    // The backend's SYN-ACK arrives decapsulated: to the stack.
+    // The backend's SYN-ACK arrives from its node: to the stack.
     let reply = frames::ipv4_frame(
-        ([0x02, 0xcc, 0xff, 0, 0, 7], [0x02, 0xcc, 0, 0, 0, 7]),
+        (node1_mac, node2_mac),
         (remote_backend, CLIENT_IP),
         IPPROTO_TCP,
         0,
         &frames::tcp_header(BACKEND_PORT, CLIENT_PORT, TCP_SYN | TCP_ACK),
     );
-    let out = h.run(PROG_FROM_OVERLAY, &reply).expect("run from_overlay");
+    let out = h
+        .run_arriving_on(&underlay, PROG_FROM_UNDERLAY, &reply)
+        .expect("run from_underlay");
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(counters(&h).verdict(Verdict::StackFlow), 1);
-    assert_eq!(counters(&h).verdict(Verdict::OverlayDeliver), 0);
+    assert_eq!(counters(&h).verdict(Verdict::UnderlayDeliver), 0);
 }

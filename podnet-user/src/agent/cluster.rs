@@ -2,7 +2,11 @@
 //! pod CIDRs in the datapath and in the host's routing table, and pod egress
 //! masquerading.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, process::Command};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    process::Command,
+};
 
 use anyhow::Context as _;
 use ipnet::Ipv4Net;
@@ -60,6 +64,9 @@ impl NodeNetwork {
 #[derive(Debug, Default)]
 pub struct ClusterState {
     pub remotes: BTreeMap<Ipv4Net, NodeRecord>,
+    /// Other nodes' own addresses in the datapath (and, in direct mode,
+    /// neighbours the kernel keeps resolved).
+    pub node_addresses: BTreeSet<Ipv4Addr>,
     pub tunnel_ifindex: u32,
 }
 
@@ -91,9 +98,16 @@ fn nft(script: &str) -> anyhow::Result<()> {
 }
 
 /// The masquerade table: pod traffic to anything that is neither a pod nor
-/// a node leaves with the node's address. Traffic to other nodes keeps the
-/// pod address: the replies come back through the datapath, which bypasses
-/// conntrack, so a masqueraded flow there could not be un-NATed.
+/// one of `nodes` leaves with the node's address.
+///
+/// Direct mode exempts the other nodes: pod addresses are routable on the
+/// underlay there, so a node answers a pod directly. In vxlan mode nothing
+/// is exempt: a pod packet the stack routes to another node (a Service
+/// whose backend is a host-network pod, say) would otherwise leave the
+/// underlay with the pod's address, which clouds' source checks and
+/// `rp_filter` drop and which is no source the underlay should see. (Pod
+/// traffic to a node's address that the datapath forwards itself goes
+/// through the tunnel, keeping the pod's address, see `apply_nodes`.)
 fn masquerade_script(cluster: Ipv4Net, nodes: &[Ipv4Addr]) -> String {
     let elements = if nodes.is_empty() {
         String::new()
@@ -186,8 +200,13 @@ impl EndpointRegistry {
             }
         }
         self.datapath_mut().set_config(config)?;
-        if net.masquerade {
+        if net.masquerade || net.mode != Mode::Local {
+            // Pods' traffic through the stack is forwarded; in direct mode
+            // from_underlay's sender check also needs it (bpf_fib_lookup
+            // answers FWD_DISABLED on a device that does not forward).
             write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        }
+        if net.masquerade {
             nft(&masquerade_script(self.config().cluster_cidr, &[]))?;
         }
         info!(mode = ?net.mode, node_ip = %net.node_ip, underlay = %net.underlay_dev, pod_mtu = net.pod_mtu(), "node network ready");
@@ -226,30 +245,44 @@ impl EndpointRegistry {
         }
         let wanted: BTreeMap<Ipv4Net, NodeRecord> =
             routable.into_iter().map(|n| (n.pod_cidr, n)).collect();
-        let stale: Vec<Ipv4Net> = self
+        let wanted_addresses: BTreeSet<Ipv4Addr> = wanted.values().map(|n| n.node_ip).collect();
+        // Also entries left in the pinned map by a previous agent.
+        let pinned = self.datapath_mut().remotes()?;
+        let stale: BTreeSet<Ipv4Net> = self
             .cluster
             .remotes
             .keys()
-            .filter(|c| !wanted.contains_key(c))
             .copied()
+            .chain(pinned.iter().filter(|e| !e.node_address).map(|e| e.cidr))
+            .filter(|c| !wanted.contains_key(c))
             .collect();
-        // Also entries left in the pinned map by a previous agent.
-        let pinned: Vec<Ipv4Net> = self
-            .datapath_mut()
-            .remotes()?
-            .into_iter()
-            .map(|(c, _)| c)
-            .collect();
-        for cidr in stale
-            .into_iter()
-            .chain(pinned.into_iter().filter(|c| !wanted.contains_key(c)))
-        {
+        for cidr in stale {
             self.datapath_mut().remove_remote(cidr)?;
             let _ = netlink::with_netlink(None, move |h| async move {
                 netlink::delete_route(&h, cidr).await
             });
             if let Some(gone) = self.cluster.remotes.remove(&cidr) {
                 info!(node = %gone.name, %cidr, "node left; routes removed");
+            }
+        }
+        let stale_addresses: BTreeSet<Ipv4Addr> = self
+            .cluster
+            .node_addresses
+            .iter()
+            .copied()
+            .chain(pinned.iter().filter(|e| e.node_address).map(|e| e.node_ip))
+            .filter(|ip| !wanted_addresses.contains(ip))
+            .collect();
+        for ip in stale_addresses {
+            self.datapath_mut().remove_remote(Ipv4Net::from(ip))?;
+            self.cluster.node_addresses.remove(&ip);
+            if net.mode == Mode::Direct {
+                let underlay = net.underlay_ifindex;
+                if let Err(e) = netlink::with_netlink(None, move |h| async move {
+                    netlink::delete_neighbour(&h, underlay, ip).await
+                }) {
+                    warn!(error = %format!("{e:#}"), node_ip = %ip, "removing a departed node's neighbour");
+                }
             }
         }
         for (cidr, node) in &wanted {
@@ -263,9 +296,30 @@ impl EndpointRegistry {
             info!(node = %node.name, %cidr, node_ip = %node.node_ip, "node joined");
             self.cluster.remotes.insert(*cidr, node.clone());
         }
+        for ip in wanted_addresses {
+            if self.cluster.node_addresses.contains(&ip) {
+                continue;
+            }
+            self.datapath_mut().upsert_node_address(ip)?;
+            if net.mode == Mode::Direct {
+                // from_underlay accepts a pod-network source only in a frame
+                // from its node's MAC, read from this neighbour entry.
+                let underlay = net.underlay_ifindex;
+                if let Err(e) = netlink::with_netlink(None, move |h| async move {
+                    netlink::keep_neighbour_resolved(&h, underlay, ip).await
+                }) {
+                    warn!(error = %format!("{e:#}"), node_ip = %ip,
+                          "managed neighbour for a node (its pods' traffic is dropped until the kernel learns it)");
+                }
+            }
+            self.cluster.node_addresses.insert(ip);
+        }
         if net.masquerade {
-            let node_ips: Vec<Ipv4Addr> = nodes.iter().map(|n| n.node_ip).collect();
-            nft(&masquerade_script(self.config().cluster_cidr, &node_ips))?;
+            let exempt: Vec<Ipv4Addr> = match net.mode {
+                Mode::Direct => nodes.iter().map(|n| n.node_ip).collect(),
+                Mode::Vxlan | Mode::Local => Vec::new(),
+            };
+            nft(&masquerade_script(self.config().cluster_cidr, &exempt))?;
         }
         Ok(())
     }

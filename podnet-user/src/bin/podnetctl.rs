@@ -222,7 +222,8 @@ fn nodes(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             let list: Vec<(String, String)> = from_pins(cli)?
                 .remotes()?
                 .into_iter()
-                .map(|(cidr, ip)| (cidr.to_string(), ip.to_string()))
+                .filter(|entry| !entry.node_address)
+                .map(|entry| (entry.cidr.to_string(), entry.node_ip.to_string()))
                 .collect();
             print(cli.json, &list, |list| {
                 println!("{:<18} NODE IP", "POD CIDR");

@@ -182,6 +182,12 @@ pub fn routable_nodes(
         } else if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast()
         {
             Some(format!("node IP {ip} is not a unicast address"))
+        } else if cluster_cidr.contains(&ip) {
+            // The datapath keys pod CIDRs and node addresses in one trie: a
+            // node address inside the pod network would stand for a pod.
+            Some(format!(
+                "node IP {ip} is inside the cluster CIDR {cluster_cidr}"
+            ))
         } else {
             None
         };
