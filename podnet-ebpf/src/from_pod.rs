@@ -8,7 +8,7 @@
 //! backend: conntrack must undo the DNAT), see `flows`.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use podnet_common::{DropReason, Verdict, VethEndpoint};
+use podnet_common::{DropReason, Verdict, VethEndpoint, node::REMOTE_NODE_ADDRESS};
 
 use crate::{
     arp,
@@ -23,7 +23,10 @@ use crate::{
 pub fn from_pod(mut ctx: TcContext) -> i32 {
     // SAFETY: `ctx.skb.skb` is the kernel's `__sk_buff` for this run, valid
     // for the whole program; reading its fields is what the context is for.
-    let (ifindex, len) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).len) };
+    let (ifindex, len, vlan_present) = unsafe {
+        let skb = &*ctx.skb.skb;
+        (skb.ifindex, skb.len, skb.vlan_present)
+    };
 
     // One lookup gives who may send on this veth and its counters. No entry:
     // the veth is not (or no longer) an endpoint the agent knows.
@@ -41,6 +44,14 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     let Some(veth) = veth else {
         return drop_packet(DropReason::UnknownSender);
     };
+    // A tagged frame: the veth's receive path moves the (outer) 802.1Q or
+    // 802.1ad tag out of the frame into the skb before TC ingress runs
+    // (`skb_vlan_untag` in `__netif_receive_skb_core`), so the frame below
+    // looks untagged. A priority tag (VLAN 0) would otherwise be delivered
+    // like an untagged frame.
+    if vlan_present != 0 {
+        return drop_packet(DropReason::UnsupportedEthertype);
+    }
     let ip = match packet::parse(&mut ctx) {
         L3::Ipv4(ip) => ip,
         L3::Arp => return arp_from_pod(&ctx, veth, ifindex),
@@ -71,6 +82,11 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
         return forward::to_endpoint(&mut ctx, &ip, &dst, Verdict::RedirectPeer);
     }
     if let Some(remote) = forward::remote_node(ip.dst) {
+        // Another node's own address: forwarded through the tunnel like
+        // its pods, so that node's VXLAN device must not get a pod's VXLAN.
+        if remote.flags & REMOTE_NODE_ADDRESS != 0 && is_vxlan(&ctx, &ip) {
+            return drop_packet(DropReason::VxlanFromPod);
+        }
         if let Some(code) = flows::divert_to_stack(&ctx, &ip) {
             return code;
         }

@@ -584,6 +584,10 @@ fn vxlan_from_a_pod_to_a_node_is_dropped() {
         reserved: 0,
     };
     h.datapath.set_config(config).expect("config");
+    // Node 2's address is in the remote trie: pods reach it through the
+    // tunnel, all but its VXLAN port.
+    let node2 = Ipv4Addr::new(192, 168, 100, 12);
+    h.datapath.upsert_node_address(node2).expect("node address");
     // A VXLAN header (I flag, VNI 1) and an inner frame claiming pod B.
     let inner = frames::ipv4_udp(HOST_B_MAC, POD_B_MAC, POD_B_IP, POD_A_IP, 64, b"forged");
     let mut vxlan = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
@@ -610,6 +614,19 @@ fn vxlan_from_a_pod_to_a_node_is_dropped() {
         );
     }
     assert_eq!(counters(&h).drop_count(DropReason::VxlanFromPod), 3);
+    let to_node2 = frames::ipv4_frame(
+        (HOST_A_MAC, POD_A_MAC),
+        (POD_A_IP, node2),
+        frames::IPPROTO_UDP,
+        0,
+        &frames::udp_datagram(40_000, 8472, b"not vxlan"),
+    );
+    assert_eq!(run(&mut h, &to_node2).verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        counters(&h).verdict(Verdict::VxlanEncap),
+        1,
+        "other UDP to node 2 goes through the tunnel"
+    );
     assert_eq!(
         run(&mut h, &to(POD_B_IP)).verdict,
         TC_ACT_REDIRECT,
