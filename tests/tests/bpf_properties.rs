@@ -1,0 +1,469 @@
+//! Properties of every datapath program over random and mutated frames
+//! (BPF_PROG_TEST_RUN): truncated headers, bad IHL, every interesting
+//! ethertype and random ones, tags, options, fragments, random addresses.
+//!
+//! - from_pod passes (to the stack) or forwards only what pod A sent as
+//!   itself: IPv4 with its address and MAC, or ARP with its own sender.
+//! - from_underlay delivers into a pod only unicast IPv4 from node 2's MAC
+//!   whose source is node 2's pod CIDR or address.
+//! - from_overlay delivers nothing without tunnel metadata.
+//! - to_pod, to_overlay and to_underlay never drop, redirect or change a
+//!   frame.
+//! - The counters account for every run: one verdict each (besides
+//!   stack_flow_tracked), one drop reason per drop.
+//!
+//! The generator is seeded (`PODNET_PROPERTY_SEED` to replay a failure; the
+//! seed is printed) and a failure prints the frame.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use podnet::datapath::Counters;
+use podnet_common::{
+    DropReason, EndpointInfo, NodeConfig, Verdict,
+    names::{
+        PROG_FROM_OVERLAY, PROG_FROM_POD, PROG_FROM_UNDERLAY, PROG_TO_OVERLAY, PROG_TO_POD,
+        PROG_TO_UNDERLAY,
+    },
+    node::MODE_VXLAN,
+};
+use podnet_tests::{
+    bpf_run::{BpfHarness, RunOutcome, TestUnderlay},
+    frames::{self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
+    privileged, spoof,
+};
+
+const TC_ACT_UNSPEC: i32 = -1;
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+
+/// Frames per program (more for the two that decide on senders).
+const RUNS_SENDER_CHECKS: usize = 20_000;
+const RUNS_OTHERS: usize = 4_000;
+
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+const POD_A_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x02];
+const HOST_A_MAC: [u8; 6] = [0x02, 0xaa, 0xff, 0, 0, 0x02];
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
+const POD_B_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x03];
+const HOST_B_MAC: [u8; 6] = [0x02, 0xbb, 0xff, 0, 0, 0x03];
+const NODE1: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 11);
+const NODE1_MAC: [u8; 6] = [0x02, 0x11, 0, 0, 0, 0x11];
+const NODE2: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 12);
+const NODE2_MAC: [u8; 6] = [0x02, 0x12, 0, 0, 0, 0x12];
+const NODE2_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 7);
+const EXTERNAL: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+
+const ADDRESSES: [Ipv4Addr; 8] = [
+    POD_A,
+    POD_B,
+    NODE1,
+    NODE2,
+    NODE2_POD,
+    EXTERNAL,
+    Ipv4Addr::new(10, 244, 0, 1),
+    Ipv4Addr::BROADCAST,
+];
+const MACS: [[u8; 6]; 7] = [
+    POD_A_MAC,
+    HOST_A_MAC,
+    POD_B_MAC,
+    NODE1_MAC,
+    NODE2_MAC,
+    [0xff; 6],
+    [0x01, 0, 0x5e, 0, 0, 1],
+];
+const ETHERTYPES: [u16; 8] = [
+    ETH_P_IP, ETH_P_IP, ETH_P_IP, ETH_P_ARP, ETH_P_IPV6, 0x8100, 0x88a8, 0x88cc,
+];
+
+/// xorshift64*: small, seedable, good enough to spread frames around.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        usize::try_from(self.next() % n as u64).expect("fits")
+    }
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len())]
+    }
+    fn chance(&mut self, percent: usize) -> bool {
+        self.below(100) < percent
+    }
+    fn byte(&mut self) -> u8 {
+        self.next().to_le_bytes()[0]
+    }
+}
+
+/// A frame built from parts the programs look at, then mutated.
+fn random_frame(rng: &mut Rng, (src_mac, src): ([u8; 6], Ipv4Addr)) -> Vec<u8> {
+    // Mostly a plausible sender (so the checks pass often enough to test
+    // what passes), sometimes anything.
+    let src_mac = if rng.chance(70) {
+        src_mac
+    } else {
+        rng.pick(&MACS)
+    };
+    let src = if rng.chance(70) {
+        src
+    } else {
+        rng.pick(&ADDRESSES)
+    };
+    let dst_mac = rng.pick(&MACS);
+    let dst = rng.pick(&ADDRESSES);
+    let mut frame = match rng.pick(&ETHERTYPES) {
+        ETH_P_ARP => spoof::arp(
+            (dst_mac, src_mac),
+            u16::from(rng.byte() % 3),
+            (
+                if rng.chance(70) {
+                    src_mac
+                } else {
+                    rng.pick(&MACS)
+                },
+                if rng.chance(70) {
+                    src
+                } else {
+                    rng.pick(&ADDRESSES)
+                },
+            ),
+            ([0; 6], dst),
+        ),
+        ETH_P_IP => {
+            let any = rng.byte();
+            let proto = rng.pick(&[IPPROTO_UDP, IPPROTO_TCP, IPPROTO_ICMP, 47, any]);
+            let any = u16::from(rng.byte());
+            let frag_off = rng.pick(&[0, 0, 0x4000, 0x2000, 0x0001, 0x2010, any]);
+            let l4 = match proto {
+                IPPROTO_TCP => frames::tcp_header(40_000, 80, rng.byte()),
+                IPPROTO_ICMP => frames::icmp_message(rng.pick(&[0, 3, 8, 11]), 0, [0; 4], &[0; 28]),
+                _ => frames::udp_datagram(40_000, rng.pick(&[53, 4789, 8472]), &[0; 32]),
+            };
+            frames::ipv4_frame((dst_mac, src_mac), (src, dst), proto, frag_off, &l4)
+        }
+        ethertype => {
+            let mut f = frames::ethernet(dst_mac, src_mac, ethertype);
+            f.extend_from_slice(&frames::ipv4_header(src, dst, IPPROTO_UDP, 0, 8));
+            f.extend_from_slice(&[0; 8]);
+            f
+        }
+    };
+    mutate(rng, &mut frame);
+    frame
+}
+
+fn mutate(rng: &mut Rng, frame: &mut Vec<u8>) {
+    if frame.len() > 14 && rng.chance(15) {
+        // Version/IHL: 0..15 for either nibble.
+        frame[14] = rng.byte();
+    }
+    if frame.len() > 14 && rng.chance(10) {
+        // IP options: IHL 6..15 with the bytes that follow as options.
+        frame[14] = 0x40 | (6 + rng.byte() % 10);
+    }
+    for _ in 0..rng.below(3) {
+        if rng.chance(30) && !frame.is_empty() {
+            let i = rng.below(frame.len());
+            frame[i] = rng.byte();
+        }
+    }
+    if rng.chance(20) {
+        // Truncated anywhere (the kernel refuses < 14 bytes itself).
+        let len = 14 + rng.below(frame.len().saturating_sub(13).max(1));
+        frame.truncate(len);
+    }
+    if rng.chance(5) {
+        let extra = rng.below(64);
+        frame.extend((0..extra).map(|_| rng.byte()));
+    }
+}
+
+fn seed() -> u64 {
+    let seed = std::env::var("PODNET_PROPERTY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x706e_6574_5f70_726f);
+    eprintln!("property seed: {seed} (PODNET_PROPERTY_SEED to replay)");
+    seed
+}
+
+/// The outcome of a run, `None` when the kernel refused the frame before
+/// running the program: since Linux 6.x a test run checks that an IPv4 or
+/// IPv6 frame holds the fixed network header (EINVAL otherwise), as the
+/// receive path would have before TC. Any other error fails the test.
+fn ran(result: std::io::Result<RunOutcome>) -> Option<RunOutcome> {
+    match result {
+        Ok(out) => Some(out),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
+        Err(e) => panic!("test run: {e}"),
+    }
+}
+
+fn hex(frame: &[u8]) -> String {
+    use std::fmt::Write as _;
+    frame.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+fn ethertype(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[12], frame[13]])
+}
+
+fn ipv4_src(frame: &[u8]) -> Option<Ipv4Addr> {
+    (frame.len() >= 34).then(|| Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]))
+}
+
+/// How a batch of runs ended, to check the counters against.
+#[derive(Default)]
+struct Tally {
+    by_verdict: BTreeMap<i32, u64>,
+    runs: u64,
+}
+
+impl Tally {
+    fn add(&mut self, out: &RunOutcome) {
+        *self.by_verdict.entry(out.verdict).or_default() += 1;
+        self.runs += 1;
+    }
+    fn of(&self, verdict: i32) -> u64 {
+        self.by_verdict.get(&verdict).copied().unwrap_or(0)
+    }
+}
+
+fn delta(before: &Counters, after: &Counters, verdict: Verdict) -> u64 {
+    after.verdict(verdict) - before.verdict(verdict)
+}
+
+/// The from_* programs count exactly one verdict per run, one drop reason
+/// per drop, and their return codes agree with what they counted.
+fn assert_accounted(program: &str, before: &Counters, after: &Counters, tally: &Tally) {
+    let counted: u64 = Verdict::ALL
+        .iter()
+        .filter(|v| **v != Verdict::StackFlowTracked)
+        .map(|v| delta(before, after, *v))
+        .sum();
+    assert_eq!(counted, tally.runs, "{program}: one verdict per run");
+    assert_eq!(
+        delta(before, after, Verdict::Drop),
+        tally.of(TC_ACT_SHOT),
+        "{program}: drops"
+    );
+    let reasons: u64 = DropReason::ALL
+        .iter()
+        .map(|r| after.drop_count(*r) - before.drop_count(*r))
+        .sum();
+    assert_eq!(
+        reasons,
+        tally.of(TC_ACT_SHOT),
+        "{program}: a reason per drop"
+    );
+    assert_eq!(
+        delta(before, after, Verdict::PassToStack) + delta(before, after, Verdict::StackFlow),
+        tally.of(TC_ACT_OK),
+        "{program}: passes"
+    );
+    assert_eq!(
+        tally.runs,
+        tally.of(TC_ACT_SHOT) + tally.of(TC_ACT_OK) + tally.of(TC_ACT_REDIRECT),
+        "{program}: only drop, pass or redirect: {:?}",
+        tally.by_verdict
+    );
+}
+
+fn node1(tag: &str, underlay_ifindex: u32) -> BpfHarness {
+    let mut h = BpfHarness::new(tag).expect("load the datapath");
+    let lo = nix::net::if_::if_nametoindex("lo").expect("lo");
+    for (ip, ifindex, pod_mac, host_mac) in [
+        (POD_A, lo, POD_A_MAC, HOST_A_MAC),
+        (POD_B, 4242, POD_B_MAC, HOST_B_MAC),
+    ] {
+        h.datapath
+            .upsert_endpoint(
+                ip,
+                EndpointInfo {
+                    host_ifindex: ifindex,
+                    flags: 0,
+                    pod_mac,
+                    host_mac,
+                },
+            )
+            .expect("endpoint");
+    }
+    h.datapath
+        .upsert_remote("10.244.1.0/24".parse().expect("CIDR"), NODE2)
+        .expect("remote");
+    h.datapath.upsert_node_address(NODE2).expect("node address");
+    h.datapath
+        .set_config(NodeConfig {
+            node_ip: u32::from_ne_bytes(NODE1.octets()),
+            mode: MODE_VXLAN,
+            tunnel_ifindex: lo,
+            underlay_ifindex,
+            vni: 1,
+            vxlan_port: 4789u16.to_be(),
+            reserved: 0,
+        })
+        .expect("config");
+    h
+}
+
+/// What from_pod may let through: pod A as itself.
+fn from_pod_may_pass(frame: &[u8]) -> bool {
+    match ethertype(frame) {
+        ETH_P_IP => frame[6..12] == POD_A_MAC && ipv4_src(frame) == Some(POD_A),
+        ETH_P_ARP => {
+            frame.len() >= 42
+                && frame[6..12] == POD_A_MAC
+                && frame[22..28] == POD_A_MAC
+                && frame[28..32] == POD_A.octets()
+        }
+        _ => false,
+    }
+}
+
+#[test]
+fn from_pod_lets_through_only_the_pod_as_itself() {
+    if !privileged("from_pod_lets_through_only_the_pod_as_itself") {
+        return;
+    }
+    let mut rng = Rng(seed());
+    let mut h = node1("prop-from-pod", 0);
+    let before = h.datapath.counters().expect("counters");
+    let mut tally = Tally::default();
+    for _ in 0..RUNS_SENDER_CHECKS {
+        let frame = random_frame(&mut rng, (POD_A_MAC, POD_A));
+        let Some(out) = ran(h.run(PROG_FROM_POD, &frame)) else {
+            continue;
+        };
+        if out.verdict != TC_ACT_SHOT {
+            assert!(
+                from_pod_may_pass(&frame),
+                "from_pod let {} through: {}",
+                out.verdict,
+                hex(&frame)
+            );
+        }
+        if out.verdict == TC_ACT_REDIRECT && ethertype(&out.frame) == ETH_P_IP {
+            assert_eq!(ipv4_src(&out.frame), Some(POD_A), "{}", hex(&frame));
+        }
+        tally.add(&out);
+    }
+    let after = h.datapath.counters().expect("counters");
+    assert_accounted("from_pod", &before, &after, &tally);
+    assert!(
+        tally.of(TC_ACT_REDIRECT) > 300 && tally.of(TC_ACT_SHOT) > 1_000,
+        "the generator reaches both sides: {:?}",
+        tally.by_verdict
+    );
+    eprintln!("from_pod: {:?}", tally.by_verdict);
+}
+
+#[test]
+fn from_underlay_delivers_only_the_owning_nodes_unicast() {
+    if !privileged("from_underlay_delivers_only_the_owning_nodes_unicast") {
+        return;
+    }
+    let mut rng = Rng(seed() ^ 1);
+    let underlay = TestUnderlay::new(
+        "prop-underlay",
+        NODE1_MAC,
+        (NODE1, 24),
+        &[(NODE2, NODE2_MAC)],
+    )
+    .expect("test underlay");
+    let mut h = node1("prop-from-underlay", underlay.ifindex);
+    let before = h.datapath.counters().expect("counters");
+    let mut tally = Tally::default();
+    for i in 0..RUNS_SENDER_CHECKS {
+        let sender = if i % 2 == 0 { NODE2_POD } else { NODE2 };
+        let mut frame = random_frame(&mut rng, (NODE2_MAC, sender));
+        if rng.chance(60) {
+            frame[0..6].copy_from_slice(&NODE1_MAC);
+        }
+        let Some(out) = ran(h.run_arriving_on(&underlay, PROG_FROM_UNDERLAY, &frame)) else {
+            continue;
+        };
+        if out.verdict == TC_ACT_REDIRECT {
+            let src = ipv4_src(&frame);
+            assert!(
+                ethertype(&frame) == ETH_P_IP
+                    && frame[0..6] == NODE1_MAC
+                    && frame[6..12] == NODE2_MAC
+                    && src.is_some_and(|s| s == NODE2 || s.octets()[..3] == [10, 244, 1]),
+                "from_underlay delivered {}",
+                hex(&frame)
+            );
+        }
+        tally.add(&out);
+    }
+    let after = h.datapath.counters().expect("counters");
+    assert_accounted("from_underlay", &before, &after, &tally);
+    assert!(
+        tally.of(TC_ACT_REDIRECT) > 100,
+        "the generator reaches delivery: {:?}",
+        tally.by_verdict
+    );
+    eprintln!("from_underlay: {:?}", tally.by_verdict);
+}
+
+#[test]
+fn from_overlay_without_tunnel_metadata_delivers_nothing() {
+    if !privileged("from_overlay_without_tunnel_metadata_delivers_nothing") {
+        return;
+    }
+    let mut rng = Rng(seed() ^ 2);
+    let mut h = node1("prop-from-overlay", 0);
+    let before = h.datapath.counters().expect("counters");
+    let mut tally = Tally::default();
+    for _ in 0..RUNS_OTHERS {
+        let frame = random_frame(&mut rng, (NODE2_MAC, NODE2_POD));
+        let Some(out) = ran(h.run(PROG_FROM_OVERLAY, &frame)) else {
+            continue;
+        };
+        assert_eq!(out.verdict, TC_ACT_SHOT, "{}", hex(&frame));
+        tally.add(&out);
+    }
+    let after = h.datapath.counters().expect("counters");
+    assert_accounted("from_overlay", &before, &after, &tally);
+}
+
+#[test]
+fn egress_programs_never_drop_redirect_or_change_a_frame() {
+    if !privileged("egress_programs_never_drop_redirect_or_change_a_frame") {
+        return;
+    }
+    let mut rng = Rng(seed() ^ 3);
+    let mut h = node1("prop-egress", 0);
+    let before = h.datapath.counters().expect("counters");
+    let mut runs = 0u64;
+    for program in [PROG_TO_POD, PROG_TO_OVERLAY, PROG_TO_UNDERLAY] {
+        for _ in 0..RUNS_OTHERS {
+            let sender = rng.pick(&[(POD_A_MAC, POD_A), (NODE2_MAC, NODE2_POD)]);
+            let frame = random_frame(&mut rng, sender);
+            let Some(out) = ran(h.run(program, &frame)) else {
+                continue;
+            };
+            assert_eq!(out.verdict, TC_ACT_UNSPEC, "{program}: {}", hex(&frame));
+            assert_eq!(out.frame, frame, "{program} changed the frame");
+            runs += 1;
+        }
+    }
+    let after = h.datapath.counters().expect("counters");
+    // They only ever count what they tracked.
+    for verdict in Verdict::ALL {
+        let moved = delta(&before, &after, verdict);
+        if verdict == Verdict::StackFlowTracked {
+            assert!(moved <= runs);
+        } else {
+            assert_eq!(moved, 0, "{}", verdict.name());
+        }
+    }
+}
