@@ -295,6 +295,10 @@ mod routable_tests {
                 vec![node("mc", "224.0.0.1", "10.244.1.0/24")],
             ),
             (
+                "a node IP inside the pod network",
+                vec![node("inside", "10.244.5.1", "10.244.1.0/24")],
+            ),
+            (
                 "a CIDR overlapping the good node's",
                 vec![node("b", "192.168.100.13", "10.244.9.128/25")],
             ),
