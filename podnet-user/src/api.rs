@@ -46,7 +46,9 @@ pub struct NodeInfo {
     pub gateway: Ipv4Addr,
     /// MTU for pod interfaces.
     pub mtu: u32,
-    /// Directory holding the built-in IPAM's per-network stores.
+    /// The built-in IPAM's root: the node store is `<ipam_dir>/_node`,
+    /// shared by every network (old per-network stores are
+    /// `<ipam_dir>/<network>`).
     pub ipam_dir: PathBuf,
 }
 
@@ -217,6 +219,12 @@ pub enum Response<T> {
 pub struct IpamStatus {
     pub pod_cidr: ipnet::Ipv4Net,
     pub capacity: usize,
+    /// The directory of the node store the reservations are read from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<PathBuf>,
+    /// The node's reservations by network (one address space: the lists
+    /// never share an address, except for what stores of an older podnet
+    /// handed out twice).
     pub networks: std::collections::BTreeMap<String, Vec<Reservation>>,
 }
 

@@ -326,18 +326,40 @@ impl Node {
             .unwrap_or(0))
     }
 
-    /// Files in the IPAM store of network `podnet` (reservations only).
+    /// The addresses the built-in IPAM holds for network `podnet`.
     pub fn ipam_records(&self) -> Vec<String> {
-        let dir = self.state_dir().join("ipam").join("podnet");
-        std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.parse::<Ipv4Addr>().is_ok())
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.ipam_records_of("podnet")
+    }
+
+    /// The addresses the built-in IPAM holds for `network`: its records in
+    /// the node store (`ipam/_node/<ip>`: container, ifname, network) and
+    /// in an old-layout store of the network (`ipam/<network>/<ip>`).
+    pub fn ipam_records_of(&self, network: &str) -> Vec<String> {
+        let root = self.state_dir().join("ipam");
+        let records = |dir: PathBuf| -> Vec<(String, String)> {
+            std::fs::read_dir(dir)
+                .map(|entries| {
+                    entries
+                        .filter_map(Result::ok)
+                        .filter(|e| e.file_name().to_string_lossy().parse::<Ipv4Addr>().is_ok())
+                        .map(|e| {
+                            (
+                                e.file_name().to_string_lossy().into_owned(),
+                                std::fs::read_to_string(e.path()).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut ips: Vec<String> = records(root.join("_node"))
+            .into_iter()
+            .filter(|(_, content)| content.lines().nth(2).map(str::trim) == Some(network))
+            .map(|(ip, _)| ip)
+            .chain(records(root.join(network)).into_iter().map(|(ip, _)| ip))
+            .collect();
+        ips.sort();
+        ips
     }
 
     /// Host-side pod veths (`pn...`) in the node's netns.

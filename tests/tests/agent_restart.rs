@@ -58,15 +58,17 @@ fn tcp_stream_survives_an_agent_restart_and_stale_state_is_reconciled() {
         .expect("write a stale entry");
     // What a plugin killed mid-ADD leaves: a reservation nobody owns, old
     // enough not to be an ADD in flight; and a fresh one that may be.
-    let store = node.state_dir().join("ipam/podnet");
-    std::fs::write(store.join("10.244.14.200"), "crashed-add\neth0\n").expect("orphan record");
+    let store = node.state_dir().join("ipam/_node");
+    std::fs::write(store.join("10.244.14.200"), "crashed-add\neth0\npodnet\n")
+        .expect("orphan record");
     podnet_tests::netns::run(
         std::process::Command::new("touch")
             .args(["-d", "10 minutes ago"])
             .arg(store.join("10.244.14.200")),
     )
     .expect("age it");
-    std::fs::write(store.join("10.244.14.201"), "add-in-flight\neth0\n").expect("fresh record");
+    std::fs::write(store.join("10.244.14.201"), "add-in-flight\neth0\npodnet\n")
+        .expect("fresh record");
     std::thread::sleep(Duration::from_millis(300));
 
     node.start_agent().expect("agent restarts");

@@ -233,3 +233,137 @@ fn gc_releases_everything_not_in_valid_attachments() {
     let other = node.add_pod("gc-new").expect("ADD after GC");
     assert!(keep.ping(other.ip, 1), "the kept pod still works");
 }
+
+/// The agent's endpoints: address -> network.
+fn endpoint_networks(node: &Node) -> std::collections::BTreeMap<String, String> {
+    node.podnetctl(&["endpoints"])
+        .expect("endpoints")
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|e| {
+            (
+                e["endpoint"]["ip"].as_str().unwrap_or_default().to_owned(),
+                e["endpoint"]["network"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Issue 10: two networks that both use podnet's built-in IPAM on one node
+/// (two confs with different names) allocate from the node's one address
+/// space, through the real plugin: distinct addresses, every pod stays an
+/// endpoint of the agent (none evicted by a newer pod with its address),
+/// one container in both networks gets two, and DEL/GC of one network
+/// leave the other's addresses and endpoints alone.
+#[test]
+fn two_networks_on_one_node_get_distinct_addresses() {
+    if !privileged("two_networks_on_one_node_get_distinct_addresses") {
+        return;
+    }
+    let node = Node::start("twonet", "10.244.24.0/24").expect("node");
+    let conf_a = node.conf("1.1.0", &Value::Null);
+    let mut conf_b = node.conf("1.1.0", &Value::Null);
+    conf_b["name"] = json!("second");
+    let mut pods = Vec::new();
+    for n in 0..8 {
+        let (network, conf) = if n % 2 == 0 {
+            ("podnet", &conf_a)
+        } else {
+            ("second", &conf_b)
+        };
+        let pod = node
+            .add_pod_with(&format!("twonet-{n}"), conf)
+            .unwrap_or_else(|e| panic!("ADD {n} in {network}: {e}"));
+        pods.push((network, pod));
+    }
+    let mut ips: std::collections::HashSet<_> = pods.iter().map(|(_, p)| p.ip).collect();
+    assert_eq!(ips.len(), pods.len(), "every pod has its own address");
+
+    // One container in both networks: eth0 in podnet, net1 in second.
+    let multi = node
+        .add_pod_with("twonet-multi", &conf_a)
+        .expect("ADD multi/eth0 in podnet");
+    let multi_ns = multi.netns.path().display().to_string();
+    let net1 = |command: &'static str, conf: &Value| {
+        node.cni(
+            &[
+                ("CNI_COMMAND", command),
+                ("CNI_CONTAINERID", "twonet-multi"),
+                ("CNI_NETNS", &multi_ns),
+                ("CNI_IFNAME", "net1"),
+            ],
+            conf.to_string().as_bytes(),
+        )
+        .expect("run the plugin")
+    };
+    let out = net1("ADD", &conf_b);
+    assert!(out.success, "ADD multi/net1 in second: {out:?}");
+    let multi_net1: std::net::Ipv4Addr = out.json()["ips"][0]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .expect("an address");
+    assert!(ips.insert(multi.ip) && ips.insert(multi_net1), "distinct");
+
+    // The agent has every one of them, each with its network.
+    let listed = endpoint_networks(&node);
+    assert_eq!(listed.len(), 10, "no endpoint evicted: {listed:?}");
+    for (network, pod) in &pods {
+        assert_eq!(
+            listed.get(&pod.ip.to_string()).map(String::as_str),
+            Some(*network)
+        );
+    }
+    assert_eq!(listed[&multi.ip.to_string()], "podnet");
+    assert_eq!(listed[&multi_net1.to_string()], "second");
+    assert!(
+        pods[0].1.ping(pods[1].1.ip, 2),
+        "podnet pod reaches second's"
+    );
+    assert!(pods[3].1.ping(pods[6].1.ip, 2), "and back");
+
+    // One store, records by network; podnetctl ipam shows both.
+    assert_eq!(node.ipam_records_of("podnet").len(), 5);
+    assert_eq!(node.ipam_records_of("second").len(), 5);
+    let ipam = node.podnetctl(&["ipam"]).expect("podnetctl ipam");
+    assert_eq!(ipam["networks"]["podnet"].as_array().map(Vec::len), Some(5));
+    assert_eq!(ipam["networks"]["second"].as_array().map(Vec::len), Some(5));
+
+    // CHECK of multi/net1 in second finds second's record.
+    let mut check = conf_b.clone();
+    check["prevResult"] = out.json();
+    let checked = net1("CHECK", &check);
+    assert!(checked.success, "CHECK multi/net1: {checked:?}");
+
+    // DEL of multi/net1 in second: multi keeps its podnet address.
+    let out = net1("DEL", &conf_b);
+    assert!(out.success, "DEL multi/net1: {out:?}");
+    assert!(
+        node.ipam_records_of("podnet")
+            .contains(&multi.ip.to_string())
+    );
+    assert!(
+        !node
+            .ipam_records_of("second")
+            .contains(&multi_net1.to_string())
+    );
+    assert!(endpoint_networks(&node).contains_key(&multi.ip.to_string()));
+
+    // GC of second with nothing valid: second's pods go, podnet's stay.
+    let mut gc = conf_b.clone();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    let out = node
+        .cni(&[("CNI_COMMAND", "GC")], gc.to_string().as_bytes())
+        .expect("GC");
+    assert!(out.success, "GC of second: {out:?}");
+    assert!(node.ipam_records_of("second").is_empty());
+    assert_eq!(node.ipam_records_of("podnet").len(), 5);
+    let left = endpoint_networks(&node);
+    assert_eq!(left.len(), 5, "{left:?}");
+    assert!(left.values().all(|n| n == "podnet"), "{left:?}");
+    assert!(pods[0].1.ping(pods[2].1.ip, 2), "podnet's pods still work");
+}

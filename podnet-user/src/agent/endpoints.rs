@@ -14,7 +14,7 @@ use super::AgentConfig;
 use crate::{
     api::{AgentStatus, CounterTotals, Endpoint, EndpointStatus, IpamStatus, NodeInfo},
     datapath::{Datapath, PodProgram},
-    ipam::{Allocator, FileStore, Owner, PodRange},
+    ipam::{FileStore, Holder, Owner, PodRange},
 };
 
 /// How old an unowned IPAM record must be before the agent releases it.
@@ -138,26 +138,30 @@ impl EndpointRegistry {
         Ok(())
     }
 
-    /// Releases built-in IPAM reservations that no endpoint owns and whose
-    /// host veth does not exist: what an ADD killed between allocating and
-    /// handing over leaves. Only records older than [`ORPHAN_GRACE`], so an
-    /// ADD in flight right now keeps its address.
+    /// Releases built-in IPAM reservations (of every network, in the node
+    /// store and in old-layout per-network stores) that no endpoint holds
+    /// and whose host veth does not exist: what an ADD killed between
+    /// allocating and handing over leaves. Only records older than
+    /// [`ORPHAN_GRACE`], so an ADD in flight right now keeps its address.
+    /// Old-layout directories left empty are removed.
     fn release_orphaned_addresses(&self) -> anyhow::Result<()> {
-        let owned: std::collections::HashSet<&Owner> = self.endpoints.keys().collect();
-        for entry in fs::read_dir(self.config.ipam_dir())? {
-            let dir = entry?.path();
-            if !dir.is_dir() {
-                continue;
-            }
-            let store = FileStore::open(&dir)?;
-            let released = crate::ipam::release_unless(&store, |owner| {
-                owned.contains(owner)
-                    || host_ifindex(&crate::cni::plugin::host_ifname(owner)).is_some()
-                    || store.record_age(owner).is_none_or(|age| age < ORPHAN_GRACE)
-            })?;
-            for r in released {
-                info!(ip = %r.ip, container = %r.owner.container_id, "released an orphaned address");
-            }
+        let held: std::collections::HashSet<Holder> = self
+            .endpoints
+            .values()
+            .map(|ep| Holder::new(ep.network.clone(), ep.owner.clone()))
+            .collect();
+        let store = FileStore::open(&self.config.ipam_dir())?;
+        let released = crate::ipam::release_unless(&store, |r| {
+            held.contains(&r.holder)
+                || host_ifindex(&crate::cni::plugin::host_ifname(&r.holder.owner)).is_some()
+                || store.record_age(r).is_none_or(|age| age < ORPHAN_GRACE)
+        })?;
+        for r in released {
+            info!(ip = %r.ip, container = %r.holder.owner.container_id, network = %r.holder.network,
+                  "released an orphaned address");
+        }
+        for network in store.remove_empty_old_layout_dirs()? {
+            info!(%network, "removed an empty IPAM store of the old per-network layout");
         }
         Ok(())
     }
@@ -194,11 +198,9 @@ impl EndpointRegistry {
     }
 
     fn release_address(&self, ep: &Endpoint) {
-        let store = FileStore::open(&self.config.ipam_dir().join(&ep.network));
-        let released = store.and_then(|s| {
-            PodRange::new(self.config.pod_cidr)
-                .and_then(|r| Allocator::new(r, s).release_owner(&ep.owner))
-        });
+        let holder = Holder::new(ep.network.clone(), ep.owner.clone());
+        let released = FileStore::open(&self.config.ipam_dir())
+            .and_then(|store| crate::ipam::release_holder(&store, &holder));
         if let Err(e) = released {
             warn!(error = %e, ip = %ep.ip, "could not release the address of a removed endpoint");
         }
@@ -215,15 +217,20 @@ impl EndpointRegistry {
             ep.host_ifname,
             ep.host_ifindex
         );
-        // Another owner holding this IP (a leftover) loses it.
-        let clash: Vec<Owner> = self
+        // Another owner holding this IP (a leftover: its address was
+        // released, its DEL did not reach us) loses it. Said out loud: if it
+        // is not a leftover, two IPAMs hand out the same range.
+        let clash: Vec<Endpoint> = self
             .endpoints
             .values()
             .filter(|e| e.ip == ep.ip && e.owner != ep.owner)
-            .map(|e| e.owner.clone())
+            .cloned()
             .collect();
-        for owner in clash {
-            self.remove(&owner)?;
+        for old in clash {
+            warn!(ip = %ep.ip, old_container = %old.owner.container_id, old_ifname = %old.owner.ifname,
+                  old_network = %old.network, container = %ep.owner.container_id,
+                  network = %ep.network, "address handed to a new endpoint: removing the older endpoint that had it");
+            self.remove(&old.owner)?;
         }
         self.write_record(&ep)?;
         self.install(&ep, false)?;
@@ -333,25 +340,22 @@ impl EndpointRegistry {
         Ok(self.datapath.counters()?.into())
     }
 
+    /// The node store's reservations by network (the store a network's
+    /// `ipam.dataDir` moved the node to, if one did).
     pub fn ipam(&self) -> anyhow::Result<IpamStatus> {
         let range = PodRange::new(self.config.pod_cidr)?;
-        let mut networks = BTreeMap::new();
-        for entry in fs::read_dir(self.config.ipam_dir())? {
-            let path = entry?.path();
-            if path.is_dir() {
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                networks.insert(
-                    name,
-                    Allocator::new(range, FileStore::open(&path)?).reservations()?,
-                );
-            }
+        let store = FileStore::open(&self.config.ipam_dir())?.serving_store()?;
+        let mut networks: BTreeMap<String, Vec<_>> = BTreeMap::new();
+        for r in crate::ipam::Allocator::new(range, store.clone()).reservations()? {
+            networks
+                .entry(r.holder.network.clone())
+                .or_default()
+                .push(r);
         }
         Ok(IpamStatus {
             pod_cidr: self.config.pod_cidr,
             capacity: range.capacity(),
+            store: Some(store.dir().to_path_buf()),
             networks,
         })
     }

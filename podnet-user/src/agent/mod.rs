@@ -25,7 +25,7 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    /// Where the built-in IPAM keeps its per-network stores.
+    /// The built-in IPAM's root (the node store is `<root>/_node`).
     #[must_use]
     pub fn ipam_dir(&self) -> PathBuf {
         self.state_dir.join("ipam")

@@ -189,11 +189,17 @@ fn ipam(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             .call(&Request::Ipam)
             .context("asking the agent for IPAM state")?;
         print(cli.json, &s, |s| {
-            let used: usize = s.networks.values().map(Vec::len).sum();
+            let used: std::collections::HashSet<_> =
+                s.networks.values().flatten().map(|r| r.ip).collect();
             println!(
-                "pod CIDR {}  ({used} of {} addresses in use)",
-                s.pod_cidr, s.capacity
+                "pod CIDR {}  ({} of {} addresses in use)",
+                s.pod_cidr,
+                used.len(),
+                s.capacity
             );
+            if let Some(store) = &s.store {
+                println!("store    {} (shared by every network)", store.display());
+            }
             println!(
                 "{:<12} {:<16} {:<40} {:<10}",
                 "NETWORK", "IP", "CONTAINER", "IFNAME"
@@ -202,7 +208,7 @@ fn ipam(cli: &Cli, client: &Client) -> anyhow::Result<()> {
                 for r in list {
                     println!(
                         "{:<12} {:<16} {:<40} {:<10}",
-                        net, r.ip, r.owner.container_id, r.owner.ifname
+                        net, r.ip, r.holder.owner.container_id, r.holder.owner.ifname
                     );
                 }
             }
