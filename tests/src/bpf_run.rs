@@ -9,6 +9,12 @@ use podnet::datapath::Datapath;
 
 use crate::{PrivateBpffs, netns::NetNs};
 
+// TC return codes (include/uapi/linux/pkt_cls.h), as the tests compare them.
+pub const TC_ACT_UNSPEC: i32 = -1;
+pub const TC_ACT_OK: i32 = 0;
+pub const TC_ACT_SHOT: i32 = 2;
+pub const TC_ACT_REDIRECT: i32 = 7;
+
 /// Offset of `ifindex` in `struct __sk_buff` (UAPI, stable). A test run's
 /// input context may be shorter than the struct (the rest reads as zero).
 const SKB_IFINDEX_OFFSET: usize = 40;

@@ -237,6 +237,10 @@ impl LabLayout {
         self.nodes.iter().find(|n| n.name == name)
     }
 
+    pub fn pod(&self, name: &str) -> Option<&LabPod> {
+        self.pods.iter().find(|p| p.name == name)
+    }
+
     fn node_mut(&mut self, name: &str) -> anyhow::Result<&mut LabNode> {
         self.nodes
             .iter_mut()

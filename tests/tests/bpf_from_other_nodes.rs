@@ -17,14 +17,10 @@ use podnet_common::{
     node::{MODE_DIRECT, MODE_VXLAN},
 };
 use podnet_tests::{
-    bpf_run::{BpfHarness, TestUnderlay},
+    bpf_run::{BpfHarness, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestUnderlay},
     frames::{self, ETH_P_ARP, TTL_OFF},
     privileged,
 };
-
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_SHOT: i32 = 2;
-const TC_ACT_REDIRECT: i32 = 7;
 
 const NODE1_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 11);
 const NODE1_MAC: [u8; 6] = [0x02, 0x11, 0, 0, 0, 0x11];

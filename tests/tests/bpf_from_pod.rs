@@ -9,14 +9,10 @@ use std::net::Ipv4Addr;
 use podnet::datapath::Counters;
 use podnet_common::{DropReason, EndpointInfo, EndpointStats, Verdict, names::PROG_FROM_POD};
 use podnet_tests::{
-    bpf_run::{BpfHarness, RunOutcome},
+    bpf_run::{BpfHarness, RunOutcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     frames::{self, ETH_P_ARP, ETH_P_IPV6, IP_CSUM_OFF, IP_ID_OFF, TTL_OFF},
     privileged,
 };
-
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_SHOT: i32 = 2;
-const TC_ACT_REDIRECT: i32 = 7;
 
 const POD_A_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 const POD_A_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x02];

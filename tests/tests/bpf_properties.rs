@@ -27,15 +27,13 @@ use podnet_common::{
     node::MODE_VXLAN,
 };
 use podnet_tests::{
-    bpf_run::{BpfHarness, RunOutcome, TestUnderlay},
+    bpf_run::{
+        BpfHarness, RunOutcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC,
+        TestUnderlay,
+    },
     frames::{self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
     privileged, spoof,
 };
-
-const TC_ACT_UNSPEC: i32 = -1;
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_SHOT: i32 = 2;
-const TC_ACT_REDIRECT: i32 = 7;
 
 /// Frames per program (more for the two that decide on senders).
 const RUNS_SENDER_CHECKS: usize = 20_000;

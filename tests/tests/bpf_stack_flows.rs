@@ -16,14 +16,10 @@ use podnet_common::{
     names::{PROG_FROM_POD, PROG_FROM_UNDERLAY, PROG_TO_OVERLAY, PROG_TO_POD},
 };
 use podnet_tests::{
-    bpf_run::{BpfHarness, TestUnderlay},
+    bpf_run::{BpfHarness, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC, TestUnderlay},
     frames::{self, IP_MF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, TTL_OFF},
     privileged,
 };
-
-const TC_ACT_OK: i32 = 0;
-const TC_ACT_UNSPEC: i32 = -1;
-const TC_ACT_REDIRECT: i32 = 7;
 
 /// The client: sends through from_pod (its veth is loopback under test-run).
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);

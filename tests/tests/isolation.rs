@@ -28,11 +28,7 @@ const FORGED_MAC: [u8; 6] = [0x02, 0xde, 0xad, 0xbe, 0xef, 0x01];
 const FREE_OFFSET: u8 = 250;
 
 fn pod<'a>(layout: &'a LabLayout, name: &str) -> &'a LabPod {
-    layout
-        .pods
-        .iter()
-        .find(|p| p.name == name)
-        .unwrap_or_else(|| panic!("no pod {name}"))
+    layout.pod(name).unwrap_or_else(|| panic!("no pod {name}"))
 }
 
 fn node<'a>(layout: &'a LabLayout, name: &str) -> &'a LabNode {
