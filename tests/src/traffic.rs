@@ -161,3 +161,81 @@ impl Stream {
         Ok((sent, received))
     }
 }
+
+/// A `ping` flood (200 per second) from a namespace, counted by ping itself.
+pub struct PingFlood {
+    child: std::process::Child,
+}
+
+/// What a finished flood counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PingResult {
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl PingFlood {
+    /// Starts `count` pings to `dst` from `netns`, one every 5 ms, each
+    /// waited for up to 1 s.
+    pub fn start(netns: &str, dst: Ipv4Addr, count: u32) -> anyhow::Result<Self> {
+        let child = crate::lab::in_netns(netns, "ping")?
+            .args(["-q", "-i", "0.005", "-W", "1", "-c", &count.to_string()])
+            .arg(dst.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        Ok(Self { child })
+    }
+
+    /// Whether ping is still sending.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for ping to finish and reads its summary.
+    pub fn finish(mut self) -> anyhow::Result<PingResult> {
+        let mut out = String::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            stdout.read_to_string(&mut out)?;
+        }
+        self.child.wait()?;
+        parse_ping_summary(&out).ok_or_else(|| anyhow::anyhow!("no ping summary in {out:?}"))
+    }
+}
+
+impl Drop for PingFlood {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// "N packets transmitted, M received, ..." of ping's summary.
+fn parse_ping_summary(out: &str) -> Option<PingResult> {
+    let line = out.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut numbers = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(str::parse::<u64>);
+    Some(PingResult {
+        sent: numbers.next()?.ok()?,
+        received: numbers.next()?.ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ping_summaries_parse() {
+        let out = "--- 10.0.0.2 ping statistics ---\n\
+                   6000 packets transmitted, 5987 received, 0.2% packet loss, time 30123ms\n";
+        assert_eq!(
+            super::parse_ping_summary(out),
+            Some(super::PingResult {
+                sent: 6000,
+                received: 5987
+            })
+        );
+        assert_eq!(super::parse_ping_summary("nothing"), None);
+    }
+}
