@@ -29,9 +29,23 @@ pub struct NodeConfig {
     pub vxlan_port: u16,
     /// Explicit padding, always zero.
     pub reserved: u16,
+    /// This node's pod CIDR: network address and mask, network byte order
+    /// (appended in layout 2; a mask of 0, what a migrated entry of layout 1
+    /// holds, means "not known"). from_underlay drops frames for a local
+    /// pod whose source claims one of this node's pod addresses.
+    pub pod_cidr_network: u32,
+    pub pod_cidr_mask: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 32);
+
+impl NodeConfig {
+    /// Whether `ip` (network byte order) lies in this node's pod CIDR.
+    #[must_use]
+    pub const fn in_pod_cidr(&self, ip: u32) -> bool {
+        self.pod_cidr_mask != 0 && ip & self.pod_cidr_mask == self.pod_cidr_network
+    }
+}
 
 /// Value of the remote pod CIDR LPM trie: where that CIDR lives.
 #[repr(C)]

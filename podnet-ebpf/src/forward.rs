@@ -133,8 +133,13 @@ fn check_underlay_sender(
     }
     let forged = match sender {
         Some(node) => !sender::sent_by_node(ctx, ifindex, &ip.src_mac, node.node_ip),
-        // One of this node's own pods never arrives from the underlay.
-        None => endpoint(ip.src).is_some(),
+        // This node's own pod addresses never arrive from the underlay.
+        None => {
+            endpoint(ip.src).is_some()
+                || CONFIG
+                    .get(0)
+                    .is_some_and(|config| config.in_pod_cidr(ip.src))
+        }
     };
     forged.then(|| drop_packet(DropReason::UnderlaySourceMismatch))
 }

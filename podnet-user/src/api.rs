@@ -174,6 +174,11 @@ pub struct AgentStatus {
     pub attach_mode: String,
     pub bpffs_dir: PathBuf,
     pub programs: Vec<String>,
+    /// What the agent could not set up yet and retries (the node's network,
+    /// endpoints whose filters failed to attach); empty when all is in
+    /// place. Absent from older agents' answers.
+    #[serde(default)]
+    pub pending: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

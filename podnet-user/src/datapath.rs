@@ -20,6 +20,8 @@ use aya::{
     },
 };
 use ipnet::Ipv4Net;
+
+use crate::pinned_maps;
 use podnet_common::{
     DropReason, EndpointInfo, EndpointStats, FlowKey, NodeConfig, RemoteNode, StackFlow, Verdict,
     VethEndpoint, names, node::REMOTE_NODE_ADDRESS,
@@ -36,6 +38,12 @@ pub enum DatapathError {
         pin_dir: PathBuf,
         #[source]
         source: Box<aya::EbpfError>,
+    },
+    #[error("migrating pinned maps of another layout in {}", pin_dir.display())]
+    Migration {
+        pin_dir: PathBuf,
+        #[source]
+        source: Box<crate::pinned_maps::MigrationError>,
     },
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
@@ -227,6 +235,8 @@ impl Counters {
 /// created (or re-opened from their pins).
 pub struct Datapath {
     ebpf: Ebpf,
+    /// Old maps of another layout, until [`Datapath::finish_migration`].
+    migration: Option<pinned_maps::Migration>,
     pin_dir: PathBuf,
 }
 
@@ -237,7 +247,16 @@ impl Datapath {
     /// already be on a bpffs (see [`crate::bpffs`]). Always explicit: aya
     /// would otherwise pin straight into `/sys/fs/bpf`.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
-        drop_outgrown_counter_pins(pin_dir);
+        let migration_error = |source| DatapathError::Migration {
+            pin_dir: pin_dir.to_owned(),
+            source: Box::new(source),
+        };
+        let layouts = pinned_maps::object_layouts(EBPF_OBJECT).map_err(migration_error)?;
+        let retired =
+            pinned_maps::retire_incompatible(pin_dir, &layouts).map_err(migration_error)?;
+        if !retired.is_empty() {
+            tracing::info!(maps = ?retired, "pinned maps of another layout (another podnet build): migrating them");
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
@@ -255,10 +274,32 @@ impl Datapath {
                 .load()
                 .map_err(prog_err(name, "loading into the kernel (verifier)"))?;
         }
+        let migration = pinned_maps::Migration::start(pin_dir, |name| ebpf.map(name).map(map_data))
+            .map_err(migration_error)?;
         Ok(Self {
             ebpf,
+            migration: Some(migration),
             pin_dir: pin_dir.to_owned(),
         })
+    }
+
+    /// Ends a migration of pinned maps (see [`crate::pinned_maps`]): to be
+    /// called once every program of the old build has been replaced (pod
+    /// veths and node devices re-pointed). No-op without one.
+    pub fn finish_migration(&mut self) -> Result<(), DatapathError> {
+        let Some(migration) = self.migration.take() else {
+            return Ok(());
+        };
+        if !migration.names().is_empty() {
+            tracing::info!(maps = ?migration.names(), "migration of pinned maps finished");
+        }
+        let ebpf = &self.ebpf;
+        migration
+            .finish(|name| ebpf.map(name).map(map_data))
+            .map_err(|source| DatapathError::Migration {
+                pin_dir: self.pin_dir.clone(),
+                source: Box::new(source),
+            })
     }
 
     #[must_use]
@@ -737,28 +778,6 @@ impl Datapath {
             .get(&index, 0)
             .map_err(map_err(name, format!("reading index {index}")))?;
         Ok(values.iter().sum())
-    }
-}
-
-/// Counter maps pinned by an older datapath with fewer verdicts or drop
-/// reasons than this one counts: aya re-uses a pinned map as it is, so the
-/// new indices would have no slot (the programs' increments miss, reading
-/// them fails). Counters are append-only (`podnet_common::counters`), so
-/// starting them again is the whole migration; the old programs keep their
-/// own reference until the new ones replace them.
-fn drop_outgrown_counter_pins(pin_dir: &Path) {
-    for (name, count) in [
-        (names::MAP_VERDICTS, Verdict::COUNT),
-        (names::MAP_DROPS, DropReason::COUNT),
-    ] {
-        let pin = pin_dir.join(name);
-        if aya::maps::MapInfo::from_pin(&pin).is_ok_and(|info| info.max_entries() < count) {
-            tracing::info!(
-                map = name,
-                "the pinned counters are from an older datapath; starting them again"
-            );
-            let _ = std::fs::remove_file(&pin);
-        }
     }
 }
 

@@ -10,3 +10,4 @@ pub mod datapath;
 pub mod datastore;
 pub mod ipam;
 pub mod netlink;
+pub mod pinned_maps;

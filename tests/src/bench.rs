@@ -435,7 +435,7 @@ pub fn bpf_cost_test_run(runs: u32) -> anyhow::Result<Vec<(String, f64)>> {
         underlay_ifindex: lo,
         vni: 1,
         vxlan_port: 0,
-        reserved: 0,
+        ..podnet_common::NodeConfig::default()
     };
     h.datapath.set_config(config)?;
     let payload = [0u8; 1400];

@@ -74,6 +74,8 @@ fn node1(tag: &str, mode: u32, underlay_ifindex: u32) -> BpfHarness {
                 0
             },
             reserved: 0,
+            pod_cidr_network: u32::from_ne_bytes([10, 244, 0, 0]),
+            pod_cidr_mask: u32::from_ne_bytes([255, 255, 255, 0]),
         })
         .expect("config");
     h
@@ -150,6 +152,13 @@ fn from_underlay_delivers_to_local_pods_only_from_the_owning_node() {
         udp(NODE1_MAC, FABRIC_MAC, NODE2_IP, LOCAL_POD),
         udp(NODE1_MAC, NODE2_MAC, OTHER_LOCAL_POD, LOCAL_POD),
         udp(NODE1_MAC, FABRIC_MAC, OTHER_LOCAL_POD, LOCAL_POD),
+        // An address of this node's pod CIDR no pod has (yet).
+        udp(
+            NODE1_MAC,
+            NODE2_MAC,
+            Ipv4Addr::new(10, 244, 0, 99),
+            LOCAL_POD,
+        ),
         udp(NODE1_MAC, FABRIC_MAC, NODE3_POD, LOCAL_POD),
     ];
     for frame in &forged {

@@ -539,7 +539,7 @@ fn remote_destinations_are_encapsulated_or_routed_per_the_node_config() {
         underlay_ifindex: lo,
         vni: 1,
         vxlan_port: 0,
-        reserved: 0,
+        ..podnet_common::NodeConfig::default()
     };
     h.datapath.set_config(config).expect("config");
     let out = run(&mut h, &frame);
@@ -577,7 +577,7 @@ fn vxlan_from_a_pod_to_a_node_is_dropped() {
         underlay_ifindex: lo,
         vni: 1,
         vxlan_port: vxlan_port.to_be(),
-        reserved: 0,
+        ..podnet_common::NodeConfig::default()
     };
     h.datapath.set_config(config).expect("config");
     // Node 2's address is in the remote trie: pods reach it through the

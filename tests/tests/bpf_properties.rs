@@ -307,7 +307,7 @@ fn node1(tag: &str, underlay_ifindex: u32) -> BpfHarness {
             underlay_ifindex,
             vni: 1,
             vxlan_port: 4789u16.to_be(),
-            reserved: 0,
+            ..podnet_common::NodeConfig::default()
         })
         .expect("config");
     h

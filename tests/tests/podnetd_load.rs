@@ -62,8 +62,8 @@ fn podnetd_loads_programs_and_pins_maps() {
 }
 
 /// An upgrade over the pins of a datapath that counted fewer verdicts: the
-/// new verdicts get a slot (the counter map starts again), the rest of the
-/// pinned state is kept.
+/// new verdicts get a slot, the old counts are carried over (the map is
+/// migrated to its new layout), the rest of the pinned state is kept.
 #[test]
 fn counters_pinned_by_an_older_datapath_are_grown() {
     if !privileged("counters_pinned_by_an_older_datapath_are_grown") {
@@ -90,8 +90,40 @@ fn counters_pinned_by_an_older_datapath_are_grown() {
         .status()
         .expect("run bpftool (installed by cargo xtask setup)");
     assert!(status.success(), "bpftool map create");
-    let datapath = Datapath::load(bpffs.path()).expect("load over the old pins");
+    // The old datapath had counted 5 redirects on every CPU.
+    let cpus = aya::util::nr_cpus().expect("possible CPUs");
+    {
+        let old = aya::maps::MapData::from_pin(&pin).expect("the old pin");
+        let mut array: aya::maps::PerCpuArray<_, u64> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(old))
+                .expect("a per-CPU array");
+        array
+            .set(
+                podnet_common::Verdict::RedirectPeer as u32,
+                aya::maps::PerCpuValues::try_from(vec![5u64; cpus]).expect("values"),
+                0,
+            )
+            .expect("count in the old map");
+    }
+    let mut datapath = Datapath::load(bpffs.path()).expect("load over the old pins");
+    datapath.finish_migration().expect("finish the migration");
     let counters = datapath.counters().expect("every verdict has a counter");
+    assert_eq!(
+        counters.verdict(podnet_common::Verdict::RedirectPeer),
+        5 * cpus as u64,
+        "the old counts are carried over"
+    );
+    assert!(
+        !bpffs
+            .path()
+            .join(format!(
+                "{}{}",
+                names::MAP_VERDICTS,
+                podnet::pinned_maps::RETIRED_SUFFIX
+            ))
+            .exists(),
+        "no retired pin is left behind"
+    );
     assert_eq!(
         counters.verdict(podnet_common::Verdict::StackFlow),
         0,

@@ -140,6 +140,8 @@ impl EndpointRegistry {
             vni: net.vni,
             vxlan_port: 0,
             reserved: 0,
+            pod_cidr_network: crate::datapath::ip_key(self.config().pod_cidr.network()),
+            pod_cidr_mask: crate::datapath::ip_key(self.config().pod_cidr.netmask()),
         };
         match net.mode {
             Mode::Local => {}

@@ -2,7 +2,7 @@
 //! restarts), entries in the datapath, pinned from_pod links on host veths.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     path::{Path, PathBuf},
 };
@@ -25,6 +25,11 @@ pub struct EndpointRegistry {
     config: AgentConfig,
     datapath: Datapath,
     endpoints: BTreeMap<Owner, Endpoint>,
+    /// Endpoints whose filters failed to attach at start: retried.
+    unattached: BTreeSet<Owner>,
+    /// Whether the node's devices are set up (overlay/underlay programs
+    /// attached, node config written).
+    node_network_ready: bool,
     pub(super) cluster: super::cluster::ClusterState,
 }
 
@@ -52,6 +57,8 @@ impl EndpointRegistry {
             config,
             datapath,
             endpoints: BTreeMap::new(),
+            unattached: BTreeSet::new(),
+            node_network_ready: false,
             cluster: super::cluster::ClusterState::default(),
         };
         registry.load_records()?;
@@ -103,7 +110,14 @@ impl EndpointRegistry {
         for owner in owners {
             let ep = self.endpoints[&owner].clone();
             if host_ifindex(&ep.host_ifname) == Some(ep.host_ifindex) {
-                self.install(&ep, true)?;
+                // One endpoint that fails must not keep the others (and the
+                // node's devices) from their new programs: the old ones go
+                // on forwarding for it meanwhile, and it is retried.
+                if let Err(e) = self.install(&ep, true) {
+                    warn!(error = %format!("{e:#}"), container = %owner.container_id, host = %ep.host_ifname,
+                          "re-installing an endpoint failed; retrying");
+                    self.unattached.insert(owner);
+                }
             } else {
                 info!(container = %owner.container_id, ifname = %owner.ifname, host = %ep.host_ifname,
                       "endpoint's veth is gone; removing it and releasing its address");
@@ -166,8 +180,21 @@ impl EndpointRegistry {
         Ok(())
     }
 
-    /// Attaches (or re-points) from_pod and to_pod and writes the map entry.
+    /// Writes the map entry, then attaches (or re-points) from_pod and
+    /// to_pod. The entry first: a restarted agent whose maps were migrated
+    /// to a new layout (`crate::pinned_maps`) starts with fresh maps, and a
+    /// veth whose new from_pod ran before its entry existed would drop the
+    /// pod's traffic as an unknown sender's.
     fn install(&mut self, ep: &Endpoint, restarting: bool) -> anyhow::Result<()> {
+        self.datapath.upsert_endpoint(
+            ep.ip,
+            podnet_common::EndpointInfo {
+                host_ifindex: ep.host_ifindex,
+                flags: podnet_common::endpoint::ENDPOINT_F_NONE,
+                pod_mac: ep.pod_mac,
+                host_mac: ep.host_mac,
+            },
+        )?;
         // A pinned TCX link is how podnet attached before it used cls_bpf
         // for pod veths: re-point it, so an upgrade never leaves the veth
         // without a program (the pin goes with the endpoint).
@@ -185,16 +212,57 @@ impl EndpointRegistry {
                 .attach_pod(&ep.host_ifname, restarting)
                 .with_context(|| format!("attaching podnet's filters to {}", ep.host_ifname))?;
         }
-        self.datapath.upsert_endpoint(
-            ep.ip,
-            podnet_common::EndpointInfo {
-                host_ifindex: ep.host_ifindex,
-                flags: podnet_common::endpoint::ENDPOINT_F_NONE,
-                pod_mac: ep.pod_mac,
-                host_mac: ep.host_mac,
-            },
-        )?;
         Ok(())
+    }
+
+    /// Retries what is not in place yet: the node's network and endpoints
+    /// whose filters failed to attach at start. Once everything is, the old
+    /// build's programs are gone and a migration of pinned maps is
+    /// finished. Returns whether everything is in place.
+    pub fn retry_pending(&mut self, net: &super::cluster::NodeNetwork) -> bool {
+        if !self.node_network_ready {
+            match self.setup_node_network(net) {
+                Ok(()) => self.node_network_ready = true,
+                Err(e) => warn!(error = %format!("{e:#}"),
+                                "setting up the node's network failed; what runs is left as it is, retrying"),
+            }
+        }
+        for owner in self.unattached.clone() {
+            let Some(ep) = self.endpoints.get(&owner).cloned() else {
+                self.unattached.remove(&owner);
+                continue;
+            };
+            match self.install(&ep, true) {
+                Ok(()) => {
+                    info!(container = %owner.container_id, host = %ep.host_ifname, "endpoint re-installed");
+                    self.unattached.remove(&owner);
+                }
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), host = %ep.host_ifname, "re-installing an endpoint");
+                }
+            }
+        }
+        let done = self.node_network_ready && self.unattached.is_empty();
+        if done && let Err(e) = self.datapath.finish_migration() {
+            warn!(error = %format!("{e:#}"), "finishing the migration of pinned maps");
+        }
+        done
+    }
+
+    /// What [`Self::retry_pending`] still has to do, for `podnetctl status`.
+    #[must_use]
+    pub fn pending(&self) -> Vec<String> {
+        let mut pending = Vec::new();
+        if !self.node_network_ready {
+            pending.push("node network (overlay/underlay programs, node config)".to_owned());
+        }
+        pending.extend(self.unattached.iter().map(|o| {
+            format!(
+                "endpoint {}:{} (filters not attached)",
+                o.container_id, o.ifname
+            )
+        }));
+        pending
     }
 
     fn release_address(&self, ep: &Endpoint) {
@@ -308,6 +376,7 @@ impl EndpointRegistry {
                 .into_iter()
                 .map(|p| p.name.to_owned())
                 .collect(),
+            pending: self.pending(),
         })
     }
 

@@ -79,6 +79,18 @@ fn from_pins(cli: &Cli) -> anyhow::Result<Datapath> {
         "{} is not a bpffs with podnet's pins",
         cli.bpffs_dir.display()
     );
+    // Opening pins of another layout would migrate them: the agent's job,
+    // when it starts (the running programs of the other build keep
+    // forwarding with them meanwhile).
+    let layouts = podnet::pinned_maps::object_layouts(podnet::datapath::EBPF_OBJECT)?;
+    let other = podnet::pinned_maps::incompatible(&cli.bpffs_dir, &layouts);
+    anyhow::ensure!(
+        other.is_empty(),
+        "the maps pinned in {} ({}) are another podnet build's; podnetctl reads them once this \
+         build's agent has started (and migrated them)",
+        cli.bpffs_dir.display(),
+        other.join(", ")
+    );
     Datapath::load(&cli.bpffs_dir).context("opening the pinned maps")
 }
 

@@ -385,6 +385,24 @@ async fn follow_etcd(
 }
 
 /// Follows the datastore and keeps the datapath in line with it.
+/// Retries what the start could not set up (see
+/// `EndpointRegistry::retry_pending`) with backoff, 1 s up to 30 s, until
+/// everything is in place. What runs keeps running meanwhile.
+fn retry_pending(registry: Arc<Mutex<EndpointRegistry>>, network: NodeNetwork) {
+    std::thread::spawn(move || {
+        let mut wait = std::time::Duration::from_secs(1);
+        loop {
+            std::thread::sleep(wait);
+            let Ok(mut reg) = registry.lock() else { return };
+            if reg.retry_pending(&network) {
+                info!("everything the start left pending is in place");
+                return;
+            }
+            wait = (wait * 2).min(std::time::Duration::from_secs(30));
+        }
+    });
+}
+
 fn watch_cluster(resolved: &Resolved, registry: Arc<Mutex<EndpointRegistry>>) {
     let DatastoreSpec::File(path) = resolved.datastore.clone() else {
         return;
@@ -472,8 +490,11 @@ fn main() -> anyhow::Result<()> {
     let socket = config.socket.clone();
     info!(node = %config.node_name, pod_cidr = %config.pod_cidr, socket = %socket.display(), "starting");
     let mut registry = EndpointRegistry::open(config, datapath)?;
-    registry.setup_node_network(&resolved.network)?;
+    let ready = registry.retry_pending(&resolved.network);
     let registry = Arc::new(Mutex::new(registry));
+    if !ready {
+        retry_pending(Arc::clone(&registry), resolved.network.clone());
+    }
     watch_cluster(&resolved, Arc::clone(&registry));
 
     if let DatastoreSpec::Etcd(endpoints) = &resolved.datastore {
