@@ -52,3 +52,48 @@ pub fn binary_in(dir: Option<&Path>, name: &str) -> PathBuf {
     assert!(path.is_file(), "{} does not exist", path.display());
     path
 }
+
+/// The binaries of another commit of this repository, built once into
+/// `target/other-builds/<commit>` (its sources exported with `git archive`,
+/// its own target dir) and reused afterwards: an older podnet to upgrade
+/// from.
+pub fn build_at_commit(commit: &str) -> anyhow::Result<PathBuf> {
+    use anyhow::Context as _;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the workspace root")?
+        .to_path_buf();
+    let out = root.join("target/other-builds").join(commit);
+    let bin_dir = out.join("target/debug");
+    let built = ["podnetd", "podnet", "podnetctl"]
+        .iter()
+        .all(|b| bin_dir.join(b).is_file());
+    if built {
+        return Ok(bin_dir);
+    }
+    let src = out.join("src");
+    if !src.join("Cargo.toml").is_file() {
+        std::fs::create_dir_all(&src)?;
+        let archive = std::process::Command::new("git")
+            .current_dir(&root)
+            .args(["archive", "--format=tar", commit])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("git archive")?;
+        let untar = std::process::Command::new("tar")
+            .current_dir(&src)
+            .arg("-x")
+            .stdin(archive.stdout.context("git archive's output")?)
+            .status()
+            .context("tar -x")?;
+        anyhow::ensure!(untar.success(), "exporting commit {commit}");
+    }
+    let status = std::process::Command::new("cargo")
+        .current_dir(&src)
+        .env("CARGO_TARGET_DIR", out.join("target"))
+        .args(["build", "-p", "podnet-user", "--bins"])
+        .status()
+        .context("building the other commit")?;
+    anyhow::ensure!(status.success(), "building commit {commit} failed");
+    Ok(bin_dir)
+}

@@ -834,7 +834,8 @@ pub struct Probe {
     pub detail: String,
 }
 
-fn ping(netns: &str, target: Ipv4Addr) -> bool {
+/// One ping from `netns` to `target`, answered within a second.
+pub fn ping(netns: &str, target: Ipv4Addr) -> bool {
     in_netns(netns, "ping")
         .and_then(|mut c| {
             Ok(c.args(["-c", "1", "-W", "1", &target.to_string()])
