@@ -10,6 +10,7 @@ pub mod lab;
 pub mod netns;
 pub mod node;
 pub mod services;
+pub mod soak;
 pub mod spoof;
 pub mod traffic;
 

@@ -33,6 +33,49 @@ fn lab(bin_dir: &Path, args: &[&str]) -> Command {
     c
 }
 
+#[derive(Debug, clap::Args)]
+pub struct SoakArgs {
+    /// Minutes per mode.
+    #[arg(long, default_value_t = 10.0)]
+    minutes: f64,
+    /// Restarts of each agent per mode.
+    #[arg(long, default_value_t = 10)]
+    restarts: usize,
+}
+
+/// `cargo xtask soak`: the soak in vxlan and then direct mode (each its own
+/// lab); fails when either lost anything.
+pub fn soak(args: &SoakArgs) -> anyhow::Result<()> {
+    let bin_dir = build()?;
+    let mut failed = Vec::new();
+    for mode in ["vxlan", "direct"] {
+        let minutes = args.minutes.to_string();
+        let restarts = args.restarts.to_string();
+        let status = lab(
+            &bin_dir,
+            &[
+                "soak",
+                "--mode",
+                mode,
+                "--minutes",
+                &minutes,
+                "--restarts",
+                &restarts,
+            ],
+        )
+        .status()
+        .context("running podnet-lab soak")?;
+        if !status.success() {
+            failed.push(mode);
+        }
+    }
+    anyhow::ensure!(
+        failed.is_empty(),
+        "the soak lost traffic in {failed:?} mode"
+    );
+    Ok(())
+}
+
 pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     let bin_dir = build()?;
     let args: Vec<&str> = args.args.iter().map(String::as_str).collect();

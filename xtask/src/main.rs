@@ -34,6 +34,8 @@ enum Command {
     Bench(lab::BenchArgs),
     /// Bench with podnet built from REF as a baseline in the same rounds: bench-baseline REF [-- bench args].
     BenchBaseline(lab::BenchBaselineArgs),
+    /// The long soak: every agent restarted 10 times under ping floods and iperf3, vxlan and direct: [--minutes N].
+    Soak(lab::SoakArgs),
     /// The one test command: fmt check, clippy -D warnings, unit, BPF and privileged integration tests.
     Test(test::Args),
 }
@@ -49,5 +51,6 @@ fn main() -> anyhow::Result<()> {
         Command::Demo => lab::demo(),
         Command::Bench(args) => lab::bench(&args),
         Command::BenchBaseline(args) => lab::bench_baseline(&args),
+        Command::Soak(args) => lab::soak(&args),
     }
 }

@@ -45,6 +45,18 @@ enum Cmd {
     Check,
     /// Remove everything the lab made (safe twice, safe after a crash).
     Down,
+    /// The soak: its own 2-node lab under ping floods and iperf3 while every
+    /// agent is restarted (SIGTERM and SIGKILL alternately); exit code 1 on
+    /// any loss. Runs apart from `up`'s lab.
+    Soak {
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "direct"])]
+        mode: String,
+        /// Restarts of each agent, spread over the soak.
+        #[arg(long, default_value_t = 10)]
+        restarts: usize,
+    },
     /// A backend server of the demo Service (run by the lab inside a pod).
     #[command(hide = true)]
     Serve {
@@ -131,6 +143,18 @@ fn main() -> anyhow::Result<()> {
             let probes = lab::check(&layout)?;
             print!("{}", lab::render(&probes));
             if probes.iter().any(|p| !p.ok) {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        Cmd::Soak {
+            minutes,
+            mode,
+            restarts,
+        } => {
+            let report = podnet_tests::soak::run(&mode, minutes, restarts)?;
+            print!("{}", report.render());
+            if report.lost() > 0 || !report.iperf_ok {
                 std::process::exit(1);
             }
             Ok(())
