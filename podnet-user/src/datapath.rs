@@ -37,6 +37,8 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::EbpfError>,
     },
+    #[error("this build has no eBPF object (it was built with AYA_BUILD_SKIP=1)")]
+    NotEmbedded,
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
     #[error("map {name} is missing from the eBPF object")]
@@ -228,6 +230,9 @@ impl Datapath {
     /// already be on a bpffs (see [`crate::bpffs`]). Always explicit: aya
     /// would otherwise pin straight into `/sys/fs/bpf`.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NotEmbedded);
+        }
         drop_outgrown_counter_pins(pin_dir);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
