@@ -112,6 +112,8 @@ fn lint_fuzz() -> anyhow::Result<()> {
                 "--manifest-path",
                 "fuzz/Cargo.toml",
                 "--all-targets",
+                // Without building libFuzzer's C++ (see fuzz/Cargo.toml).
+                "--no-default-features",
                 "--target-dir",
                 "target",
                 "--",
