@@ -23,11 +23,13 @@ pub const TARGETS: &[&str] = &["cni_config", "cni_env", "agent_request"];
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Seconds of fuzzing per target.
-    #[arg(long, default_value_t = 60)]
+    /// Seconds of fuzzing per target (libFuzzer's -max_total_time; 0 would mean no limit).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
     time: u64,
     /// Run only this target (default: all).
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
+    #[arg(long, value_name = "NAME",
+          value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
     target: Option<String>,
 }
 
