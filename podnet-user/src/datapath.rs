@@ -45,6 +45,8 @@ pub enum DatapathError {
         #[source]
         source: Box<crate::pinned_maps::MigrationError>,
     },
+    #[error("this build has no eBPF object (it was built with AYA_BUILD_SKIP=1)")]
+    NotEmbedded,
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
     #[error("map {name} is missing from the eBPF object")]
@@ -247,6 +249,9 @@ impl Datapath {
     /// already be on a bpffs (see [`crate::bpffs`]). Always explicit: aya
     /// would otherwise pin straight into `/sys/fs/bpf`.
     pub fn load(pin_dir: &Path) -> Result<Self, DatapathError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NotEmbedded);
+        }
         let migration_error = |source| DatapathError::Migration {
             pin_dir: pin_dir.to_owned(),
             source: Box::new(source),

@@ -42,13 +42,29 @@ pub fn cargo() -> Command {
     cmd
 }
 
-fn describe(cmd: &Command) -> String {
+/// The command line of `cmd`, for messages.
+pub fn describe(cmd: &Command) -> String {
     let mut line = cmd.get_program().to_string_lossy().into_owned();
     for arg in cmd.get_args() {
         line.push(' ');
         line.push_str(&arg.to_string_lossy());
     }
     line
+}
+
+/// A `cargo` command for the machine's nightly (`rustup run nightly cargo`,
+/// like `cargo +nightly`), run from the workspace root, with the variables
+/// through which the calling cargo would impose its own toolchain removed.
+pub fn nightly_cargo() -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(workspace_root())
+        .env("PATH", path_with_cargo_bin())
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO")
+        .args(["run", crate::setup::NIGHTLY, "cargo"]);
+    cmd
 }
 
 /// Runs `cmd` with inherited stdio; an error names the command and its status.

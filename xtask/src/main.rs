@@ -4,6 +4,7 @@
 
 mod build_ebpf;
 mod cmd;
+mod fuzz;
 mod lab;
 mod run;
 mod setup;
@@ -36,8 +37,10 @@ enum Command {
     BenchBaseline(lab::BenchBaselineArgs),
     /// The long soak: every agent restarted 10 times under ping floods and iperf3, vxlan and direct: [--minutes N].
     Soak(lab::SoakArgs),
-    /// The one test command: fmt check, clippy -D warnings, unit, BPF and privileged integration tests.
+    /// The one test command: fmt check, clippy -D warnings, unit, BPF and privileged integration tests, a short fuzz pass.
     Test(test::Args),
+    /// Fuzz the CNI config/env parsers and the agent's request decoding: [--time SECONDS] [--target NAME].
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         Command::BuildEbpf(args) => build_ebpf::run(&args).map(|_| ()),
         Command::Run(args) => run::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Lab(args) => lab::run(&args),
         Command::Demo => lab::demo(),
         Command::Bench(args) => lab::bench(&args),

@@ -3,7 +3,8 @@
 //! The eBPF build needs the installed `nightly` toolchain with `rust-src`
 //! and bpf-linker built against LLVM 22 (the nightly's LLVM: bpf-linker reads
 //! its bitcode, so the nightly must never be updated). Tests and benchmarks
-//! need iperf3, sockperf, the reference CNI plugins, etcd and bpftool.
+//! need iperf3, sockperf, the reference CNI plugins, etcd and bpftool; the
+//! fuzz targets cargo-fuzz and a C++ compiler (libFuzzer).
 
 use std::process::Command;
 
@@ -51,6 +52,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "a real container runtime (CNI backend) calling the plugin in tests",
     ),
     ("runc", "the OCI runtime podman uses in tests"),
+    (
+        "g++",
+        "libfuzzer-sys builds libFuzzer (C++) for the fuzz targets",
+    ),
     (
         "busybox-static",
         "the one binary of the test container image",
@@ -157,6 +162,32 @@ fn ensure_bpf_linker() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn cargo_fuzz_installed() -> bool {
+    cmd::succeeds(
+        Command::new("cargo-fuzz")
+            .arg("--version")
+            .env("PATH", cmd::path_with_cargo_bin()),
+    )
+}
+
+/// cargo-fuzz, which builds and runs the fuzz targets (`cargo xtask fuzz`).
+fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    if cargo_fuzz_installed() {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing cargo-fuzz (builds and runs the fuzz targets)");
+    cmd::run(
+        cmd::cargo()
+            .args(["install", "cargo-fuzz", "--locked"])
+            .env_remove("RUSTUP_TOOLCHAIN"),
+    )
+    .context("installing cargo-fuzz")?;
+    if !cargo_fuzz_installed() {
+        bail!("cargo-fuzz was installed but does not run; look at the output above");
+    }
+    Ok(())
+}
+
 /// Installs everything that is missing; prints one line when nothing is.
 pub fn ensure_all() -> anyhow::Result<()> {
     let missing = missing_debian_packages();
@@ -165,8 +196,9 @@ pub fn ensure_all() -> anyhow::Result<()> {
     }
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()?;
+    ensure_cargo_fuzz()?;
     eprintln!(
-        "xtask setup: toolchain complete (nightly + rust-src, bpf-linker, LLVM 22, test tools)"
+        "xtask setup: toolchain complete (nightly + rust-src, bpf-linker, LLVM 22, cargo-fuzz, test tools)"
     );
     Ok(())
 }

@@ -5,8 +5,8 @@ pub mod cluster;
 mod endpoints;
 mod server;
 
-pub use endpoints::{EndpointRegistry, attach_mode};
-pub use server::serve;
+pub use endpoints::{EndpointRegistry, attach_mode, validate_endpoint};
+pub use server::{MAX_REQUEST_BYTES, decode_request, serve};
 
 use std::path::PathBuf;
 

@@ -90,6 +90,18 @@ fn encode<T: Serialize>(result: anyhow::Result<T>) -> Vec<u8> {
     line
 }
 
+/// Decodes one request line as the agent read it from a client (up to and
+/// including its newline, at most `MAX_REQUEST_BYTES + 1` bytes); the error
+/// is the message the client gets. Pure, so that it can be fuzzed; what an
+/// `AddEndpoint` asks for is checked by [`super::validate_endpoint`] before
+/// anything is touched.
+pub fn decode_request(line: &str) -> Result<Request, String> {
+    if line.len() as u64 > MAX_REQUEST_BYTES {
+        return Err(format!("request larger than {MAX_REQUEST_BYTES} bytes"));
+    }
+    serde_json::from_str::<Request>(line).map_err(|e| format!("malformed request: {e}"))
+}
+
 async fn handle(stream: UnixStream, registry: Arc<Mutex<EndpointRegistry>>) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -97,21 +109,15 @@ async fn handle(stream: UnixStream, registry: Arc<Mutex<EndpointRegistry>>) -> a
     // that is exactly as large as allowed.
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES + 1));
     let read = tokio::time::timeout(REQUEST_READ_TIMEOUT, reader.read_line(&mut line)).await;
-    let refused = match read {
-        Err(_) => Some(format!(
+    let decoded = match read {
+        Err(_) => Err(format!(
             "no complete request within {} s",
             REQUEST_READ_TIMEOUT.as_secs()
         )),
-        Ok(Err(e)) => Some(format!("reading the request: {e}")),
-        Ok(Ok(n)) if n as u64 > MAX_REQUEST_BYTES => {
-            Some(format!("request larger than {MAX_REQUEST_BYTES} bytes"))
-        }
-        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Err(format!("reading the request: {e}")),
+        Ok(Ok(_)) => decode_request(&line),
     };
-    let answer = match refused.map_or_else(
-        || serde_json::from_str::<Request>(&line).map_err(|e| format!("malformed request: {e}")),
-        Err,
-    ) {
+    let answer = match decoded {
         Err(e) => encode::<()>(Err(anyhow::anyhow!(e))),
         Ok(request) => {
             debug!(?request, "request");
@@ -148,5 +154,43 @@ fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> Vec<u8> {
         Request::StackFlows => encode(
             crate::api::StackFlowStatus::list(reg.datapath_mut()).map_err(anyhow::Error::from),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_decode_and_bad_ones_are_refused() {
+        assert!(matches!(
+            decode_request("{\"op\":\"node\"}\n"),
+            Ok(Request::Node)
+        ));
+        assert!(matches!(
+            decode_request(r#"{"op":"gc","valid":[{"container_id":"a","ifname":"eth0"}]}"#),
+            Ok(Request::Gc { network: None, valid }) if valid.len() == 1
+        ));
+        for bad in [
+            "",
+            "\n",
+            "{",
+            r#"{"op":"frob"}"#,
+            r#"{"op":"remove_endpoint"}"#,
+        ] {
+            let err = decode_request(bad).expect_err(bad);
+            assert!(err.starts_with("malformed request"), "{bad:?}: {err}");
+        }
+        let mut big = String::from(r#"{"op":"node","pad":""#);
+        big.extend(std::iter::repeat_n(
+            'x',
+            usize::try_from(MAX_REQUEST_BYTES).unwrap(),
+        ));
+        big.push_str("\"}\n");
+        assert!(
+            decode_request(&big)
+                .unwrap_err()
+                .starts_with("request larger")
+        );
     }
 }
