@@ -99,3 +99,58 @@ fn agent_restarts_and_kills_lose_no_packet_direct() {
     }
     restarts_lose_nothing("direct");
 }
+
+/// A host route that cannot be installed (a node whose address is not on
+/// the underlay's link yet) is shown by `podnetctl status` under `pending`
+/// and installed by the agent's retries once it can be, without a restart.
+#[test]
+fn a_failed_host_route_is_retried_and_shown() {
+    if !privileged("a_failed_host_route_is_retried_and_shown") {
+        return;
+    }
+    let lab = LabGuard::up("rtry", 2, 1, "direct", LabDatastore::File).expect("lab up");
+    let node1 = lab.layout.node("node1").expect("node1").clone();
+    // A third node, off the underlay's subnet: "via 192.168.200.5" is no
+    // valid gateway on node1's eth0 yet.
+    let nodes_file = lab.layout.run_dir.join("nodes.json");
+    let mut records: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&nodes_file).expect("nodes file")).expect("JSON");
+    records["nodes"].as_array_mut().expect("nodes").push(
+        serde_json::json!({"name": "far", "nodeIP": "192.168.200.5", "podCIDR": "10.244.50.0/24"}),
+    );
+    let tmp = nodes_file.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&records).expect("JSON")).expect("write");
+    std::fs::rename(&tmp, &nodes_file).expect("rename");
+    let pending = || -> Vec<String> {
+        podnet::api::Client::new(&node1.agent_socket)
+            .call::<podnet::api::AgentStatus>(&podnet::api::Request::Status)
+            .map(|s| s.pending)
+            .unwrap_or_default()
+    };
+    podnet_tests::wait_up_to(
+        Duration::from_secs(20),
+        "the failed route in status",
+        || pending().iter().any(|p| p.contains("10.244.50.0/24")),
+    );
+    // The underlay learns the subnet: the retry installs the route.
+    podnet_tests::lab::in_netns(&node1.netns, "ip")
+        .expect("netns")
+        .args(["addr", "add", "192.168.200.1/24", "dev", "eth0"])
+        .status()
+        .expect("ip addr add");
+    podnet_tests::wait_up_to(
+        Duration::from_secs(45),
+        "the route installed by a retry",
+        || pending().is_empty(),
+    );
+    let routes = podnet_tests::lab::in_netns(&node1.netns, "ip")
+        .expect("netns")
+        .args(["route", "show", "10.244.50.0/24"])
+        .output()
+        .expect("ip route");
+    assert!(
+        String::from_utf8_lossy(&routes.stdout).contains("via 192.168.200.5"),
+        "{}",
+        String::from_utf8_lossy(&routes.stdout)
+    );
+}

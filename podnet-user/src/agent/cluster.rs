@@ -68,6 +68,9 @@ pub struct ClusterState {
     /// neighbours the kernel keeps resolved).
     pub node_addresses: BTreeSet<Ipv4Addr>,
     pub tunnel_ifindex: u32,
+    /// Host routes to remote pod CIDRs that failed to install, with the
+    /// error: retried (`retry_failed_routes`) and shown by status.
+    pub route_failures: BTreeMap<Ipv4Net, (Ipv4Addr, String)>,
 }
 
 fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {
@@ -287,14 +290,17 @@ impl EndpointRegistry {
                 }
             }
         }
+        self.cluster
+            .route_failures
+            .retain(|cidr, _| wanted.contains_key(cidr));
         for (cidr, node) in &wanted {
-            if self.cluster.remotes.get(cidr) == Some(node) {
+            if self.cluster.remotes.get(cidr) == Some(node)
+                && !self.cluster.route_failures.contains_key(cidr)
+            {
                 continue;
             }
             self.datapath_mut().upsert_remote(*cidr, node.node_ip)?;
-            if let Err(e) = self.host_route(net, *cidr, node.node_ip) {
-                warn!(error = %format!("{e:#}"), %cidr, "host route to a remote pod CIDR");
-            }
+            self.install_host_route(net, *cidr, node.node_ip);
             info!(node = %node.name, %cidr, node_ip = %node.node_ip, "node joined");
             self.cluster.remotes.insert(*cidr, node.clone());
         }
@@ -324,6 +330,48 @@ impl EndpointRegistry {
             nft(&masquerade_script(self.config().cluster_cidr, &exempt))?;
         }
         Ok(())
+    }
+
+    /// Installs the host route to `cidr`; a failure is logged and kept for
+    /// [`Self::retry_failed_routes`] (the datapath forwards pods' traffic
+    /// without it; the node's own traffic to those pods needs it).
+    fn install_host_route(&mut self, net: &NodeNetwork, cidr: Ipv4Net, node_ip: Ipv4Addr) {
+        match self.host_route(net, cidr, node_ip) {
+            Ok(()) => {
+                if self.cluster.route_failures.remove(&cidr).is_some() {
+                    info!(%cidr, %node_ip, "host route installed after all");
+                }
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                warn!(%error, %cidr, %node_ip, "host route to a remote pod CIDR failed; retrying");
+                self.cluster.route_failures.insert(cidr, (node_ip, error));
+            }
+        }
+    }
+
+    /// Retries the host routes that failed. Returns whether none is left.
+    pub fn retry_failed_routes(&mut self, net: &NodeNetwork) -> bool {
+        let failed: Vec<(Ipv4Net, Ipv4Addr)> = self
+            .cluster
+            .route_failures
+            .iter()
+            .map(|(cidr, (node_ip, _))| (*cidr, *node_ip))
+            .collect();
+        for (cidr, node_ip) in failed {
+            self.install_host_route(net, cidr, node_ip);
+        }
+        self.cluster.route_failures.is_empty()
+    }
+
+    /// The host routes that failed, for status.
+    #[must_use]
+    pub fn failed_routes(&self) -> Vec<String> {
+        self.cluster
+            .route_failures
+            .iter()
+            .map(|(cidr, (node_ip, error))| format!("host route {cidr} via {node_ip}: {error}"))
+            .collect()
     }
 
     /// The node's own traffic to a remote pod CIDR: through the overlay

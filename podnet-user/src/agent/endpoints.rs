@@ -242,7 +242,8 @@ impl EndpointRegistry {
                 }
             }
         }
-        let done = self.node_network_ready && self.unattached.is_empty();
+        let routes_done = self.retry_failed_routes(net);
+        let done = self.node_network_ready && self.unattached.is_empty() && routes_done;
         if done && let Err(e) = self.datapath.finish_migration() {
             warn!(error = %format!("{e:#}"), "finishing the migration of pinned maps");
         }
@@ -262,6 +263,7 @@ impl EndpointRegistry {
                 o.container_id, o.ifname
             )
         }));
+        pending.extend(self.failed_routes());
         pending
     }
 

@@ -385,20 +385,28 @@ async fn follow_etcd(
 }
 
 /// Follows the datastore and keeps the datapath in line with it.
-/// Retries what the start could not set up (see
-/// `EndpointRegistry::retry_pending`) with backoff, 1 s up to 30 s, until
-/// everything is in place. What runs keeps running meanwhile.
-fn retry_pending(registry: Arc<Mutex<EndpointRegistry>>, network: NodeNetwork) {
+/// Retries what could not be set up (see `EndpointRegistry::retry_pending`:
+/// the node's network, endpoints' filters at start, host routes) with
+/// backoff, 1 s doubling up to 30 s while something is pending, every 5 s
+/// otherwise. What runs keeps running meanwhile.
+fn retry_pending(registry: Arc<Mutex<EndpointRegistry>>, network: NodeNetwork, ready: bool) {
+    const IDLE: std::time::Duration = std::time::Duration::from_secs(5);
     std::thread::spawn(move || {
-        let mut wait = std::time::Duration::from_secs(1);
+        let mut failures = u32::from(!ready);
         loop {
+            let wait = if failures == 0 {
+                IDLE
+            } else {
+                std::time::Duration::from_secs(1 << (failures - 1).min(5))
+                    .min(std::time::Duration::from_secs(30))
+            };
             std::thread::sleep(wait);
             let Ok(mut reg) = registry.lock() else { return };
-            if reg.retry_pending(&network) {
-                info!("everything the start left pending is in place");
-                return;
-            }
-            wait = (wait * 2).min(std::time::Duration::from_secs(30));
+            failures = if reg.retry_pending(&network) {
+                0
+            } else {
+                failures.saturating_add(1)
+            };
         }
     });
 }
@@ -492,9 +500,7 @@ fn main() -> anyhow::Result<()> {
     let mut registry = EndpointRegistry::open(config, datapath)?;
     let ready = registry.retry_pending(&resolved.network);
     let registry = Arc::new(Mutex::new(registry));
-    if !ready {
-        retry_pending(Arc::clone(&registry), resolved.network.clone());
-    }
+    retry_pending(Arc::clone(&registry), resolved.network.clone(), ready);
     watch_cluster(&resolved, Arc::clone(&registry));
 
     if let DatastoreSpec::Etcd(endpoints) = &resolved.datastore {
