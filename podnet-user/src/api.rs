@@ -181,6 +181,16 @@ pub struct AgentStatus {
     pub pending: Vec<String>,
 }
 
+/// One difference between what the agent believes and what the kernel
+/// holds (`Request::Check`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drift {
+    /// What is compared: "remote map", "host route", "endpoint map",
+    /// "veth", "filters".
+    pub kind: String,
+    pub detail: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -210,6 +220,8 @@ pub enum Request {
     Nodes,
     /// Flows the datapath hands to the host stack.
     StackFlows,
+    /// The agent's state against the kernel's: a list of [`Drift`].
+    Check,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

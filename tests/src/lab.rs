@@ -946,7 +946,64 @@ pub fn check(layout: &LabLayout) -> anyhow::Result<Vec<Probe>> {
     if let Some(svc) = &layout.service {
         probes.extend(service_probes(layout, svc));
     }
+    probes.extend(consistency_probes(layout));
     Ok(probes)
+}
+
+/// Per node: the agent's state against the kernel's (`podnetctl nodes
+/// --check`), and the nodes it forwards to against the datastore (the
+/// nodes file; with etcd, against the other agents' own view of themselves).
+fn consistency_probes(layout: &LabLayout) -> Vec<Probe> {
+    use podnet::api::{Client, Drift, Request};
+    let mut probes = Vec::new();
+    for n in &layout.nodes {
+        let client = Client::new(&n.agent_socket);
+        let (ok, detail) = match client.call::<Vec<Drift>>(&Request::Check) {
+            Ok(drift) if drift.is_empty() => (true, "maps, routes, veths, filters".to_owned()),
+            Ok(drift) => (
+                false,
+                drift
+                    .iter()
+                    .map(|d| format!("{}: {}", d.kind, d.detail))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+            Err(e) => (false, e.to_string()),
+        };
+        probes.push(Probe {
+            from: n.name.clone(),
+            to: "its kernel state".into(),
+            kind: "consistency",
+            ok,
+            detail,
+        });
+        // Every other node of the lab, as the datastore has it.
+        let want: BTreeMap<String, String> = layout
+            .nodes
+            .iter()
+            .filter(|other| other.name != n.name)
+            .map(|other| (other.name.clone(), other.pod_cidr.clone()))
+            .collect();
+        let (ok, detail) = match client.call::<Vec<podnet::datastore::NodeRecord>>(&Request::Nodes)
+        {
+            Ok(list) => {
+                let have: BTreeMap<String, String> = list
+                    .into_iter()
+                    .map(|r| (r.name, r.pod_cidr.to_string()))
+                    .collect();
+                (have == want, format!("{have:?}"))
+            }
+            Err(e) => (false, e.to_string()),
+        };
+        probes.push(Probe {
+            from: n.name.clone(),
+            to: "the datastore".into(),
+            kind: "consistency",
+            ok,
+            detail,
+        });
+    }
+    probes
 }
 
 /// How long a Service probe waits for its answer.

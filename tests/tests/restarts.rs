@@ -154,3 +154,67 @@ fn a_failed_host_route_is_retried_and_shown() {
         String::from_utf8_lossy(&routes.stdout)
     );
 }
+
+/// `podnetctl nodes --check` (and `lab check`) report what changed behind
+/// the agent's back (a host route deleted, a pod's from_pod filter
+/// removed), and nothing on a healthy node.
+#[test]
+fn drift_behind_the_agents_back_is_reported() {
+    if !privileged("drift_behind_the_agents_back_is_reported") {
+        return;
+    }
+    let lab = LabGuard::up("drift", 2, 1, "vxlan", LabDatastore::File).expect("lab up");
+    let node1 = lab.layout.node("node1").expect("node1").clone();
+    let node2 = lab.layout.node("node2").expect("node2").clone();
+    let check = || -> Vec<String> {
+        podnet::api::Client::new(&node1.agent_socket)
+            .call::<Vec<podnet::api::Drift>>(&podnet::api::Request::Check)
+            .expect("check")
+            .into_iter()
+            .map(|d| format!("{}: {}", d.kind, d.detail))
+            .collect()
+    };
+    assert!(check().is_empty(), "healthy: {:?}", check());
+    let probes = podnet_tests::lab::check(&lab.layout).expect("lab check");
+    assert!(
+        probes
+            .iter()
+            .filter(|p| p.kind == "consistency")
+            .all(|p| p.ok),
+        "{}",
+        podnet_tests::lab::render(&probes)
+    );
+
+    let ip = |args: &[&str]| {
+        podnet_tests::lab::in_netns(&node1.netns, "ip")
+            .expect("netns")
+            .args(args)
+            .status()
+            .expect("ip")
+    };
+    assert!(ip(&["route", "del", &node2.pod_cidr]).success());
+    let pod = lab.layout.pod("node1-pod1").expect("pod");
+    let veth = podnet::cni::plugin::host_ifname(&podnet::ipam::Owner {
+        container_id: pod.container_id.clone(),
+        ifname: pod.ifname.clone(),
+    });
+    let tc = podnet_tests::lab::in_netns(&node1.netns, "tc")
+        .expect("netns")
+        .args(["filter", "del", "dev", &veth, "ingress"])
+        .status()
+        .expect("tc");
+    assert!(tc.success(), "removing the pod's from_pod filter");
+    let drift = check();
+    assert!(
+        drift
+            .iter()
+            .any(|d| d.starts_with("host route") && d.contains(&node2.pod_cidr)),
+        "{drift:?}"
+    );
+    assert!(
+        drift
+            .iter()
+            .any(|d| d.starts_with("filters") && d.contains(&veth)),
+        "{drift:?}"
+    );
+}

@@ -71,6 +71,8 @@ pub struct ClusterState {
     /// Host routes to remote pod CIDRs that failed to install, with the
     /// error: retried (`retry_failed_routes`) and shown by status.
     pub route_failures: BTreeMap<Ipv4Net, (Ipv4Addr, String)>,
+    /// The node's place on the underlay, once known.
+    pub network: Option<NodeNetwork>,
 }
 
 fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {

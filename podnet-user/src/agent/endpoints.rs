@@ -24,7 +24,7 @@ pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_mins(2);
 pub struct EndpointRegistry {
     config: AgentConfig,
     datapath: Datapath,
-    endpoints: BTreeMap<Owner, Endpoint>,
+    pub(super) endpoints: BTreeMap<Owner, Endpoint>,
     /// Endpoints whose filters failed to attach at start: retried.
     unattached: BTreeSet<Owner>,
     /// Whether the node's devices are set up (overlay/underlay programs
@@ -220,6 +220,7 @@ impl EndpointRegistry {
     /// build's programs are gone and a migration of pinned maps is
     /// finished. Returns whether everything is in place.
     pub fn retry_pending(&mut self, net: &super::cluster::NodeNetwork) -> bool {
+        self.cluster.network = Some(net.clone());
         if !self.node_network_ready {
             match self.setup_node_network(net) {
                 Ok(()) => self.node_network_ready = true,
@@ -484,7 +485,9 @@ pub fn validate_endpoint(ep: &Endpoint, pod_cidr: ipnet::Ipv4Net) -> anyhow::Res
 /// Which of `ifindexes` (in the agent's netns) carry both of podnet's
 /// filters (from_pod on ingress, to_pod on egress): what the kernel says,
 /// not what the agent believes it did.
-fn veths_with_pod_filters(ifindexes: Vec<u32>) -> anyhow::Result<std::collections::HashSet<u32>> {
+pub(super) fn veths_with_pod_filters(
+    ifindexes: Vec<u32>,
+) -> anyhow::Result<std::collections::HashSet<u32>> {
     use crate::{datapath::POD_TC_PRIORITY, netlink::has_bpf_filter};
     let attached = crate::netlink::with_netlink(None, move |handle| async move {
         let mut attached = std::collections::HashSet::new();

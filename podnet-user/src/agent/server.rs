@@ -154,6 +154,7 @@ fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> Vec<u8> {
         Request::StackFlows => encode(
             crate::api::StackFlowStatus::list(reg.datapath_mut()).map_err(anyhow::Error::from),
         ),
+        Request::Check => encode(reg.check()),
     }
 }
 

@@ -48,7 +48,13 @@ enum Cmd {
     /// Built-in IPAM reservations.
     Ipam,
     /// The other nodes this node forwards to (from the datastore).
-    Nodes,
+    Nodes {
+        /// Compare the agent's state with the kernel's (remote map, host
+        /// routes, endpoint map, veths and their filters): print the drift,
+        /// exit 1 when there is any.
+        #[arg(long)]
+        check: bool,
+    },
     /// Flows the datapath hands to the host stack (replies of Service, NodePort
     /// and hostPort connections: conntrack must see them).
     Flows,
@@ -254,6 +260,24 @@ fn nodes(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     }
 }
 
+fn check(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    let drift: Vec<podnet::api::Drift> = client
+        .call(&Request::Check)
+        .context("asking the agent (the check compares its state with the kernel's)")?;
+    print(cli.json, &drift, |drift| {
+        if drift.is_empty() {
+            println!("consistent: the maps, routes, veths and filters match the agent's state");
+        }
+        for d in drift {
+            println!("{:<14} {}", d.kind, d.detail);
+        }
+    })?;
+    if !drift.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn flows(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     let list = match client.call::<Vec<StackFlowStatus>>(&Request::StackFlows) {
         Ok(list) => list,
@@ -294,7 +318,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Endpoints => endpoints(&cli, &client),
         Cmd::Counters => counters(&cli, &client),
         Cmd::Ipam => ipam(&cli, &client),
-        Cmd::Nodes => nodes(&cli, &client),
+        Cmd::Nodes { check: false } => nodes(&cli, &client),
+        Cmd::Nodes { check: true } => check(&cli, &client),
         Cmd::Flows => flows(&cli, &client),
     }
 }
