@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     lab::{LabDatastore, LabGuard, in_netns},
-    traffic::{PingFlood, PingResult},
+    traffic::{LabFloods, PingResult},
 };
 
 /// Pings per second of a flood (`ping -i 0.005`).
@@ -99,12 +99,7 @@ pub fn run(mode: &str, minutes: f64, restarts_per_agent: usize) -> anyhow::Resul
             .cloned()
             .ok_or_else(|| anyhow::anyhow!("no pod {name}"))
     };
-    let (a, b, c, d) = (
-        pod("node1-pod1")?,
-        pod("node1-pod2")?,
-        pod("node2-pod1")?,
-        pod("node2-pod2")?,
-    );
+    let (b, d) = (pod("node1-pod2")?, pod("node2-pod2")?);
     let seconds = (minutes * 60.0).max(10.0);
     // Enough pings for the whole soak plus the last restart's settling.
     #[allow(
@@ -113,11 +108,7 @@ pub fn run(mode: &str, minutes: f64, restarts_per_agent: usize) -> anyhow::Resul
         reason = "a positive count far below u32::MAX"
     )]
     let count = (seconds * PINGS_PER_SECOND) as u32;
-    let mut floods = vec![
-        ("same node", PingFlood::start(&a.netns, b.ip, count)?),
-        ("node1 -> node2", PingFlood::start(&a.netns, c.ip, count)?),
-        ("node2 -> node1", PingFlood::start(&c.netns, b.ip, count)?),
-    ];
+    let mut floods = LabFloods::start(&lab.layout, count)?;
     let iperf_seconds = (seconds - 5.0).max(5.0);
     let server = in_netns(&d.netns, "iperf3")?
         .args(["-s", "-1"])
@@ -155,11 +146,8 @@ pub fn run(mode: &str, minutes: f64, restarts_per_agent: usize) -> anyhow::Resul
             restarts += 1;
         }
     }
-    for (path, flood) in &mut floods {
-        anyhow::ensure!(
-            flood.running(),
-            "{path}: the flood ended before the restarts did"
-        );
+    if let Some(path) = floods.ended() {
+        anyhow::bail!("{path}: the flood ended before the restarts did");
     }
     let mut report = SoakReport {
         mode: mode.to_owned(),
@@ -170,8 +158,8 @@ pub fn run(mode: &str, minutes: f64, restarts_per_agent: usize) -> anyhow::Resul
         iperf_bytes: 0,
         took: Duration::ZERO,
     };
-    for (path, flood) in floods {
-        report.floods.push((path.to_owned(), flood.finish()?));
+    for (path, result) in floods.finish()? {
+        report.floods.push((path.to_owned(), result));
     }
     let mut json = String::new();
     if let Some(mut out) = iperf.client.stdout.take() {

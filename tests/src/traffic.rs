@@ -223,6 +223,48 @@ fn parse_ping_summary(out: &str) -> Option<PingResult> {
     })
 }
 
+/// Ping floods over the three paths of a two-node lab: same node
+/// (node1-pod1 -> node1-pod2) and cross node both ways (node1-pod1 ->
+/// node2-pod1, node2-pod1 -> node1-pod2).
+pub struct LabFloods {
+    floods: Vec<(&'static str, PingFlood)>,
+}
+
+impl LabFloods {
+    /// Starts `count` pings on each path.
+    pub fn start(layout: &crate::lab::LabLayout, count: u32) -> anyhow::Result<Self> {
+        let pod = |name: &str| {
+            layout
+                .pod(name)
+                .ok_or_else(|| anyhow::anyhow!("the lab has no pod {name}"))
+        };
+        let (a, b, c) = (pod("node1-pod1")?, pod("node1-pod2")?, pod("node2-pod1")?);
+        Ok(Self {
+            floods: vec![
+                ("same node", PingFlood::start(&a.netns, b.ip, count)?),
+                ("node1 -> node2", PingFlood::start(&a.netns, c.ip, count)?),
+                ("node2 -> node1", PingFlood::start(&c.netns, b.ip, count)?),
+            ],
+        })
+    }
+
+    /// The path whose flood already ended, if any (a measurement that must
+    /// cover some event needs every flood still running after it).
+    pub fn ended(&mut self) -> Option<&'static str> {
+        self.floods
+            .iter_mut()
+            .find_map(|(path, flood)| (!flood.running()).then_some(*path))
+    }
+
+    /// Waits for every flood and returns what each counted.
+    pub fn finish(self) -> anyhow::Result<Vec<(&'static str, PingResult)>> {
+        self.floods
+            .into_iter()
+            .map(|(path, flood)| Ok((path, flood.finish()?)))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use podnet_tests::{
     lab::{LabDatastore, LabGuard},
     privileged,
-    traffic::PingFlood,
+    traffic::LabFloods,
 };
 
 /// Pings per flood: 200/s for long enough to cover every restart.
@@ -24,22 +24,7 @@ const ROUNDS: usize = 3;
 fn restarts_lose_nothing(mode: &str) {
     let mut lab =
         LabGuard::up(&format!("rs{}", &mode[..1]), 2, 2, mode, LabDatastore::File).expect("lab up");
-    let pod = |name: &str| lab.layout.pod(name).expect("pod").clone();
-    let (a, b, c) = (pod("node1-pod1"), pod("node1-pod2"), pod("node2-pod1"));
-    let mut floods = [
-        (
-            "same node",
-            PingFlood::start(&a.netns, b.ip, PINGS).expect("flood"),
-        ),
-        (
-            "node1 -> node2",
-            PingFlood::start(&a.netns, c.ip, PINGS).expect("flood"),
-        ),
-        (
-            "node2 -> node1",
-            PingFlood::start(&c.netns, b.ip, PINGS).expect("flood"),
-        ),
-    ];
+    let mut floods = LabFloods::start(&lab.layout, PINGS).expect("floods");
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
     let mut restarts = 0;
@@ -58,14 +43,12 @@ fn restarts_lose_nothing(mode: &str) {
         restarts += 1;
     }
     let took = started.elapsed();
-    for (path, flood) in &mut floods {
-        assert!(
-            flood.running(),
-            "{mode} {path}: the flood ended before the restarts did ({took:?}): raise PINGS"
-        );
-    }
-    for (path, flood) in floods {
-        let result = flood.finish().expect("ping result");
+    assert_eq!(
+        floods.ended(),
+        None,
+        "{mode}: a flood ended before the restarts did ({took:?}): raise PINGS"
+    );
+    for (path, result) in floods.finish().expect("ping results") {
         eprintln!(
             "{mode} {path}: {} restarts (3 stop/start + 1 kill -9 per agent) in {took:?}: {} sent, {} lost",
             restarts,

@@ -14,7 +14,7 @@ use podnet_tests::{
     bins,
     lab::{LabDatastore, LabGuard, LabNode},
     privileged,
-    traffic::PingFlood,
+    traffic::LabFloods,
 };
 
 /// The last commit before the node config's layout changed.
@@ -39,27 +39,12 @@ fn upgrade_loses_nothing(mode: &str) {
         Some(&old),
     )
     .expect("lab up on the old build");
-    let pod = |name: &str| lab.layout.pod(name).expect("pod").clone();
-    let (a, b, c) = (pod("node1-pod1"), pod("node1-pod2"), pod("node2-pod1"));
     let config_pin = |node: &LabNode| node.bpffs_dir.join(names::MAP_CONFIG);
     for node in &lab.layout.nodes {
         let info = aya::maps::MapInfo::from_pin(config_pin(node)).expect("config pin");
         assert_eq!(info.value_size(), 24, "the old build's node config");
     }
-    let mut floods = [
-        (
-            "same node",
-            PingFlood::start(&a.netns, b.ip, PINGS).expect("flood"),
-        ),
-        (
-            "node1 -> node2",
-            PingFlood::start(&a.netns, c.ip, PINGS).expect("flood"),
-        ),
-        (
-            "node2 -> node1",
-            PingFlood::start(&c.netns, b.ip, PINGS).expect("flood"),
-        ),
-    ];
+    let mut floods = LabFloods::start(&lab.layout, PINGS).expect("floods");
     std::thread::sleep(Duration::from_millis(500));
     let before: Vec<u64> = lab.layout.nodes.iter().map(redirects).collect();
 
@@ -70,14 +55,12 @@ fn upgrade_loses_nothing(mode: &str) {
         lab.layout.start_agent(node).expect("start the new agent");
     }
     std::thread::sleep(Duration::from_millis(500));
-    for (path, flood) in &mut floods {
-        assert!(
-            flood.running(),
-            "{mode} {path}: the flood ended before the upgrade did"
-        );
-    }
-    for (path, flood) in floods {
-        let result = flood.finish().expect("ping result");
+    assert_eq!(
+        floods.ended(),
+        None,
+        "{mode}: a flood ended before the upgrade did"
+    );
+    for (path, result) in floods.finish().expect("ping results") {
         eprintln!(
             "{mode} upgrade {path}: {} sent, {} lost",
             result.sent,
@@ -119,7 +102,7 @@ fn upgrade_loses_nothing(mode: &str) {
         .add_pod("node1", "node1-late")
         .expect("ADD with the old plugin");
     assert!(
-        podnet_tests::lab::ping(&late.netns, c.ip),
+        podnet_tests::lab::ping(&late.netns, lab.layout.pod("node2-pod1").expect("pod").ip),
         "{mode}: a pod added after the upgrade reaches node2's pod"
     );
 }
