@@ -8,5 +8,6 @@ pub mod bpffs;
 pub mod cni;
 pub mod datapath;
 pub mod datastore;
+pub mod failpoint;
 pub mod ipam;
 pub mod netlink;

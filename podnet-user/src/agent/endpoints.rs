@@ -14,6 +14,7 @@ use super::AgentConfig;
 use crate::{
     api::{AgentStatus, CounterTotals, Endpoint, EndpointStatus, IpamStatus, NodeInfo},
     datapath::{Datapath, PodProgram},
+    failpoint::{self, FailPoint},
     ipam::{FileStore, Holder, Owner, PodRange},
 };
 
@@ -185,6 +186,9 @@ impl EndpointRegistry {
                 .attach_pod(&ep.host_ifname, restarting)
                 .with_context(|| format!("attaching podnet's filters to {}", ep.host_ifname))?;
         }
+        if !restarting {
+            failpoint::hit(FailPoint::AgentAddAfterAttach);
+        }
         self.datapath.upsert_endpoint(
             ep.ip,
             podnet_common::EndpointInfo {
@@ -233,7 +237,9 @@ impl EndpointRegistry {
             self.remove(&old.owner)?;
         }
         self.write_record(&ep)?;
+        failpoint::hit(FailPoint::AgentAddAfterRecord);
         self.install(&ep, false)?;
+        failpoint::hit(FailPoint::AgentAddAfterEntry);
         info!(container = %ep.owner.container_id, ifname = %ep.owner.ifname, ip = %ep.ip,
               host = %ep.host_ifname, "endpoint added");
         self.endpoints.insert(ep.owner.clone(), ep);
@@ -254,11 +260,13 @@ impl EndpointRegistry {
         {
             self.datapath.remove_endpoint(ep.ip)?;
         }
+        failpoint::hit(FailPoint::AgentDelAfterEntry);
         match fs::remove_file(self.link_pin(&ep.host_ifname)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => warn!(error = %e, "removing link pin"),
             _ => {}
         }
         let _ = fs::remove_file(self.config.endpoints_dir().join(record_name(owner)));
+        failpoint::hit(FailPoint::AgentDelAfterRecord);
         info!(container = %owner.container_id, ifname = %owner.ifname, ip = %ep.ip, "endpoint removed");
         Ok(Some(ep))
     }
