@@ -119,6 +119,18 @@ impl EndpointRegistry {
                 self.datapath.remove_endpoint(ip)?;
             }
         }
+        // Per-veth entries of veths no endpoint has (an agent killed
+        // between the two removals, or an older agent that left the
+        // previous veth's entry behind on a repeated ADD): from_pod never
+        // meets those ifindexes again, so nothing else would remove them.
+        let veths: std::collections::HashSet<_> =
+            self.endpoints.values().map(|e| e.host_ifindex).collect();
+        for ifindex in self.datapath.veth_ifindexes()? {
+            if !veths.contains(&ifindex) {
+                info!(ifindex, "removing stale per-veth entry");
+                self.datapath.remove_veth(ifindex)?;
+            }
+        }
         let pinned: std::collections::HashSet<_> = self
             .endpoints
             .values()
@@ -236,6 +248,18 @@ impl EndpointRegistry {
                   network = %ep.network, "address handed to a new endpoint: removing the older endpoint that had it");
             self.remove(&old.owner)?;
         }
+        // The same attachment again on another veth: the runtime retrying
+        // an ADD that failed or was killed after we had it. The plugin made
+        // a new veth, so the old one's datapath state goes first; writing
+        // the new entries over it would leave the old veth's entry behind.
+        if let Some(old) = self.endpoints.get(&ep.owner).cloned()
+            && (old.host_ifindex != ep.host_ifindex || old.ip != ep.ip)
+        {
+            info!(container = %ep.owner.container_id, ifname = %ep.owner.ifname,
+                  old_host_ifindex = old.host_ifindex, host_ifindex = ep.host_ifindex,
+                  "endpoint added again on a new veth: removing the previous one");
+            self.remove(&old.owner)?;
+        }
         self.write_record(&ep)?;
         failpoint::hit(FailPoint::AgentAddAfterRecord);
         self.install(&ep, false)?;
@@ -259,6 +283,16 @@ impl EndpointRegistry {
             .is_some_and(|info| info.host_ifindex == ep.host_ifindex)
         {
             self.datapath.remove_endpoint(ep.ip)?;
+        }
+        // The per-veth entry is this endpoint's also when the IP's entry is
+        // not (any more): unless another endpoint is on the same veth, it
+        // goes too.
+        if !self
+            .endpoints
+            .values()
+            .any(|e| e.host_ifindex == ep.host_ifindex)
+        {
+            self.datapath.remove_veth(ep.host_ifindex)?;
         }
         failpoint::hit(FailPoint::AgentDelAfterEntry);
         match fs::remove_file(self.link_pin(&ep.host_ifname)) {
