@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bins;
 pub mod bpf_run;
 pub mod frames;
+pub mod inventory;
 pub mod lab;
 pub mod netns;
 pub mod node;
