@@ -10,6 +10,7 @@ pub mod inventory;
 pub mod lab;
 pub mod netns;
 pub mod node;
+pub mod podman;
 pub mod services;
 pub mod spoof;
 pub mod traffic;
