@@ -92,6 +92,21 @@ pub enum DatapathError {
     },
 }
 
+/// A map removal whose key was not there succeeded: aya 0.14 reports that
+/// as the syscall's ENOENT, not as `MapError::KeyNotFound` (which only its
+/// lookups return), so both mean "already gone".
+fn removed(result: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
+}
+
 fn map_err(
     name: &'static str,
     action: impl Into<String>,
@@ -430,14 +445,8 @@ impl Datapath {
         let Some(info) = self.endpoint(ip)? else {
             return Ok(());
         };
-        match self.endpoints_map()?.remove(&ip_key(ip)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(map_err(names::MAP_ENDPOINTS, format!("removing {ip}"))(
-                    source,
-                ));
-            }
-        }
+        removed(self.endpoints_map()?.remove(&ip_key(ip)))
+            .map_err(map_err(names::MAP_ENDPOINTS, format!("removing {ip}")))?;
         self.remove_veth(info.host_ifindex)
     }
 
@@ -452,14 +461,21 @@ impl Datapath {
         PerCpuHashMap::try_from(map).map_err(map_err(name, "opening as per-CPU hash map"))
     }
 
-    fn remove_veth(&mut self, host_ifindex: u32) -> Result<(), DatapathError> {
-        let name = names::MAP_VETHS;
-        match self.veths_map()?.remove(&host_ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(map_err(name, format!("removing ifindex {host_ifindex}"))(
-                source,
-            )),
-        }
+    /// Removes the per-veth entry (identity and counters) of `host_ifindex`.
+    /// No error when it is already gone.
+    pub fn remove_veth(&mut self, host_ifindex: u32) -> Result<(), DatapathError> {
+        removed(self.veths_map()?.remove(&host_ifindex)).map_err(map_err(
+            names::MAP_VETHS,
+            format!("removing ifindex {host_ifindex}"),
+        ))
+    }
+
+    /// The host veth ifindexes with a per-veth entry.
+    pub fn veth_ifindexes(&mut self) -> Result<Vec<u32>, DatapathError> {
+        self.veths_map()?
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(map_err(names::MAP_VETHS, "iterating"))
     }
 
     /// Every local endpoint in the datapath.
@@ -671,12 +687,8 @@ impl Datapath {
     /// Removes a remote pod CIDR or node address (no error when absent).
     pub fn remove_remote(&mut self, cidr: Ipv4Net) -> Result<(), DatapathError> {
         let key = LpmKey::new(u32::from(cidr.prefix_len()), ip_key(cidr.network()));
-        match self.remote_map()?.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(map_err(names::MAP_REMOTE, format!("removing {cidr}"))(
-                source,
-            )),
-        }
+        removed(self.remote_map()?.remove(&key))
+            .map_err(map_err(names::MAP_REMOTE, format!("removing {cidr}")))
     }
 
     /// Every remote pod CIDR and node address with its node.
@@ -817,4 +829,26 @@ pub fn monotonic_coarse_ns() -> u64 {
 #[must_use]
 pub fn ip_key(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
+}
+
+#[cfg(test)]
+mod tests {
+    use aya::{maps::MapError, sys::SyscallError};
+
+    use super::removed;
+
+    fn syscall(errno: i32) -> MapError {
+        MapError::SyscallError(SyscallError {
+            call: "bpf_map_delete_elem",
+            io_error: std::io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn removing_an_absent_key_is_not_an_error() {
+        assert!(removed(Err(syscall(libc::ENOENT))).is_ok());
+        assert!(removed(Err(MapError::KeyNotFound)).is_ok());
+        assert!(removed(Ok(())).is_ok());
+        assert!(removed(Err(syscall(libc::EPERM))).is_err());
+    }
 }

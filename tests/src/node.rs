@@ -23,6 +23,21 @@ impl AgentProcess {
         self.terminate();
     }
 
+    /// Waits up to `limit` for the agent to exit by itself (a fail point);
+    /// its exit status, or `None` while it still runs.
+    fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn terminate(&mut self) {
         if let Ok(pid) = i32::try_from(self.child.id()) {
             let _ = nix::sys::signal::kill(
@@ -79,6 +94,8 @@ impl Drop for TempDir {
 #[derive(Debug)]
 pub struct CniOutput {
     pub success: bool,
+    /// The signal that ended the plugin, if one did (a fail point's SIGKILL).
+    pub signal: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -165,10 +182,20 @@ impl Node {
 
     /// Starts podnetd in the node's netns and waits until it answers.
     pub fn start_agent(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::File::create(self.state.path().join("podnetd.log"))?;
+        self.start_agent_with_env(&[])
+    }
+
+    /// [`Node::start_agent`] with `env` added to the agent's environment
+    /// (e.g. a fail point). Its log is appended to the earlier runs'.
+    pub fn start_agent_with_env(&mut self, env: &[(&str, &str)]) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state.path().join("podnetd.log"))?;
         let child = self
             .netns
             .command(bins::binary_in(self.bin_dir.as_deref(), "podnetd"))?
+            .envs(env.iter().copied())
             .arg("--node-name")
             .arg(self.netns.name())
             .arg("--pod-cidr")
@@ -197,6 +224,15 @@ impl Node {
     #[must_use]
     pub fn agent_pid(&self) -> Option<u32> {
         self.agent.as_ref().map(|a| a.child.id())
+    }
+
+    /// Waits up to `limit` for the agent to die by itself (a fail point):
+    /// its exit status, after which the node has no agent until
+    /// [`Node::start_agent`]; `None` while it still runs.
+    pub fn wait_agent_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let status = self.agent.as_mut()?.wait_exit(limit)?;
+        self.agent = None;
+        Some(status)
     }
 
     /// Stops the agent (SIGTERM), leaving its pins.
@@ -244,6 +280,7 @@ impl Node {
         )?;
         Ok(CniOutput {
             success: status.success(),
+            signal: std::os::unix::process::ExitStatusExt::signal(&status),
             stdout: String::from_utf8_lossy(&stdout).into_owned(),
             stderr: String::from_utf8_lossy(&stderr).into_owned(),
         })
@@ -255,17 +292,18 @@ impl Node {
     }
 
     pub fn add_pod_with(&self, container_id: &str, conf: &Value) -> anyhow::Result<Pod> {
-        let netns = NetNs::new("pod")?;
-        let path = netns.path();
-        let out = self.cni(
-            &[
-                ("CNI_COMMAND", "ADD"),
-                ("CNI_CONTAINERID", container_id),
-                ("CNI_NETNS", path.to_str().unwrap_or_default()),
-                ("CNI_IFNAME", "eth0"),
-            ],
-            conf.to_string().as_bytes(),
-        )?;
+        self.add_pod_in(NetNs::new("pod")?, container_id, conf)
+    }
+
+    /// CNI ADD of `container_id` into an existing `netns` (e.g. the
+    /// runtime's retry after a failed or crashed ADD).
+    pub fn add_pod_in(
+        &self,
+        netns: NetNs,
+        container_id: &str,
+        conf: &Value,
+    ) -> anyhow::Result<Pod> {
+        let out = self.cni_verb("ADD", container_id, &netns.path(), &[], conf)?;
         anyhow::ensure!(
             out.success,
             "ADD {container_id} failed: {out:?}\nagent log:\n{}",
@@ -283,6 +321,49 @@ impl Node {
             ifname: "eth0".to_owned(),
             ip,
             result,
+        })
+    }
+
+    /// Runs `verb` for attachment (`container_id`, eth0) in `netns` with
+    /// `conf`, and `extra` in the plugin's environment (e.g. a fail point).
+    pub fn cni_verb(
+        &self,
+        verb: &str,
+        container_id: &str,
+        netns: &Path,
+        extra: &[(&str, &str)],
+        conf: &Value,
+    ) -> anyhow::Result<CniOutput> {
+        let netns = netns.to_str().unwrap_or_default();
+        let mut env = vec![
+            ("CNI_COMMAND", verb),
+            ("CNI_CONTAINERID", container_id),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        env.extend_from_slice(extra);
+        self.cni(&env, conf.to_string().as_bytes())
+    }
+
+    /// CNI GC (conf 1.1.0) with `valid` as the valid attachments: what a
+    /// runtime sends for the containers it still has.
+    pub fn gc(&self, valid: &[&Pod]) -> anyhow::Result<CniOutput> {
+        let mut conf = self.conf("1.1.0", &Value::Null);
+        conf["cni.dev/valid-attachments"] = valid
+            .iter()
+            .map(|p| serde_json::json!({"containerID": p.container_id, "ifname": p.ifname}))
+            .collect();
+        self.cni(&[("CNI_COMMAND", "GC")], conf.to_string().as_bytes())
+    }
+
+    /// What the node holds for pods: addresses, veths, agent endpoints,
+    /// records, map entries (see [`crate::inventory`]).
+    pub fn inventory(&self) -> anyhow::Result<crate::inventory::Inventory> {
+        crate::inventory::Inventory::read(&crate::inventory::NodePaths {
+            netns: self.netns.name(),
+            socket: &self.socket(),
+            bpffs: self.bpffs.path(),
+            state_dir: &self.state_dir(),
         })
     }
 

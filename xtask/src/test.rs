@@ -43,6 +43,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         lint_fuzz()?;
     }
     // The integration tests run the real binaries, as runtimes and users do.
+    // Built with the whole workspace, so cargo unifies in the tests crate's
+    // `podnet-user/failpoints` feature: these debug binaries have the fail
+    // points tests/tests/crash_add_del.rs arms (release builds never do).
     cmd::run(cmd::cargo().args(["build", "--workspace", "--exclude", "podnet-ebpf", "--bins"]))?;
     let mut test = cmd::cargo();
     test.args(["test", "--workspace", "--exclude", "podnet-ebpf"]);

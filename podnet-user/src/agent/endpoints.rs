@@ -14,6 +14,7 @@ use super::AgentConfig;
 use crate::{
     api::{AgentStatus, CounterTotals, Endpoint, EndpointStatus, IpamStatus, NodeInfo},
     datapath::{Datapath, PodProgram},
+    failpoint::{self, FailPoint},
     ipam::{FileStore, Holder, Owner, PodRange},
 };
 
@@ -132,6 +133,18 @@ impl EndpointRegistry {
                 self.datapath.remove_endpoint(ip)?;
             }
         }
+        // Per-veth entries of veths no endpoint has (an agent killed
+        // between the two removals, or an older agent that left the
+        // previous veth's entry behind on a repeated ADD): from_pod never
+        // meets those ifindexes again, so nothing else would remove them.
+        let veths: std::collections::HashSet<_> =
+            self.endpoints.values().map(|e| e.host_ifindex).collect();
+        for ifindex in self.datapath.veth_ifindexes()? {
+            if !veths.contains(&ifindex) {
+                info!(ifindex, "removing stale per-veth entry");
+                self.datapath.remove_veth(ifindex)?;
+            }
+        }
         let pinned: std::collections::HashSet<_> = self
             .endpoints
             .values()
@@ -195,6 +208,9 @@ impl EndpointRegistry {
                 host_mac: ep.host_mac,
             },
         )?;
+        if !restarting {
+            failpoint::hit(FailPoint::AgentAddAfterEntry);
+        }
         // A pinned TCX link is how podnet attached before it used cls_bpf
         // for pod veths: re-point it, so an upgrade never leaves the veth
         // without a program (the pin goes with the endpoint).
@@ -211,6 +227,9 @@ impl EndpointRegistry {
             self.datapath
                 .attach_pod(&ep.host_ifname, restarting)
                 .with_context(|| format!("attaching podnet's filters to {}", ep.host_ifname))?;
+        }
+        if !restarting {
+            failpoint::hit(FailPoint::AgentAddAfterAttach);
         }
         Ok(())
     }
@@ -303,7 +322,20 @@ impl EndpointRegistry {
                   network = %ep.network, "address handed to a new endpoint: removing the older endpoint that had it");
             self.remove(&old.owner)?;
         }
+        // The same attachment again on another veth: the runtime retrying
+        // an ADD that failed or was killed after we had it. The plugin made
+        // a new veth, so the old one's datapath state goes first; writing
+        // the new entries over it would leave the old veth's entry behind.
+        if let Some(old) = self.endpoints.get(&ep.owner).cloned()
+            && (old.host_ifindex != ep.host_ifindex || old.ip != ep.ip)
+        {
+            info!(container = %ep.owner.container_id, ifname = %ep.owner.ifname,
+                  old_host_ifindex = old.host_ifindex, host_ifindex = ep.host_ifindex,
+                  "endpoint added again on a new veth: removing the previous one");
+            self.remove(&old.owner)?;
+        }
         self.write_record(&ep)?;
+        failpoint::hit(FailPoint::AgentAddAfterRecord);
         self.install(&ep, false)?;
         info!(container = %ep.owner.container_id, ifname = %ep.owner.ifname, ip = %ep.ip,
               host = %ep.host_ifname, "endpoint added");
@@ -325,11 +357,23 @@ impl EndpointRegistry {
         {
             self.datapath.remove_endpoint(ep.ip)?;
         }
+        // The per-veth entry is this endpoint's also when the IP's entry is
+        // not (any more): unless another endpoint is on the same veth, it
+        // goes too.
+        if !self
+            .endpoints
+            .values()
+            .any(|e| e.host_ifindex == ep.host_ifindex)
+        {
+            self.datapath.remove_veth(ep.host_ifindex)?;
+        }
+        failpoint::hit(FailPoint::AgentDelAfterEntry);
         match fs::remove_file(self.link_pin(&ep.host_ifname)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => warn!(error = %e, "removing link pin"),
             _ => {}
         }
         let _ = fs::remove_file(self.config.endpoints_dir().join(record_name(owner)));
+        failpoint::hit(FailPoint::AgentDelAfterRecord);
         info!(container = %owner.container_id, ifname = %owner.ifname, ip = %ep.ip, "endpoint removed");
         Ok(Some(ep))
     }

@@ -460,6 +460,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // A test build's fail point is fixed (and said) before anything is done.
+    podnet::failpoint::announce("podnetd");
     let mut resolved = resolve(&args)?;
     // Multi-threaded: a slow request (netlink, a big map dump) must not
     // hold up the plugin's ADD on another connection.

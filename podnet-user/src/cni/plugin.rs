@@ -22,6 +22,7 @@ use super::{
 };
 use crate::{
     api::{ClientError, Endpoint, NodeInfo},
+    failpoint::{self, FailPoint},
     ipam::{self, Allocator, FileStore, Holder, IpamError, Owner, PodRange, delegate},
     netlink::Route,
 };
@@ -306,6 +307,7 @@ fn add(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<String, CniError
     let host_ifname = host_ifname(&owner);
     let mtu = conf.mtu.unwrap_or(node.mtu);
     let lease = acquire(env, conf, &node, &owner)?;
+    failpoint::hit(FailPoint::AddAfterIpam);
 
     // From here on, a failure undoes what was done: no leaked address, no
     // half-built interface.
@@ -323,6 +325,7 @@ fn add(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<String, CniError
         mtu,
     };
     let created = deps.plumbing.create(&spec).map_err(rollback)?;
+    failpoint::hit(FailPoint::AddAfterVeth);
     let endpoint = Endpoint {
         owner: owner.clone(),
         network: conf.name.clone(),
@@ -339,6 +342,7 @@ fn add(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<String, CniError
     agent
         .add_endpoint(&endpoint)
         .map_err(|e| rollback(agent_error("ADD", &e)))?;
+    failpoint::hit(FailPoint::AddAfterAgent);
     deps.plumbing.activate(&spec, &created).map_err(|err| {
         let _ = agent.remove_endpoint(&owner);
         rollback(err)
@@ -384,12 +388,16 @@ fn del(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<(), CniError> {
         .or_else(|| crate::api::cached_node_info(&conf.agent_socket));
     // Address first: it is what a lost DEL would leak.
     release(env, conf, node.as_ref(), &owner)?;
+    failpoint::hit(FailPoint::DelAfterRelease);
     deps.plumbing.delete_host(&host_ifname(&owner))?;
+    failpoint::hit(FailPoint::DelAfterVeth);
     match agent.remove_endpoint(&owner) {
         // Down: it reconciles when it is back (the veth is gone by then).
-        Ok(()) | Err(ClientError::Unreachable { .. }) => Ok(()),
-        Err(e) => Err(agent_error("DEL", &e)),
+        Ok(()) | Err(ClientError::Unreachable { .. }) => {}
+        Err(e) => return Err(agent_error("DEL", &e)),
     }
+    failpoint::hit(FailPoint::DelAfterAgent);
+    Ok(())
 }
 
 fn check_failed(msg: String) -> CniError {

@@ -12,7 +12,10 @@ use super::{
     error::{CniError, code},
     plugin::{PodIfCreated, PodIfSpec, PodIfState, PodPlumbing},
 };
-use crate::netlink::{self, NetlinkError, Route};
+use crate::{
+    failpoint::{self, FailPoint},
+    netlink::{self, NetlinkError, Route},
+};
 
 fn plumbing_error(what: &str) -> impl FnOnce(NetlinkError) -> CniError + '_ {
     move |e| CniError::from_error(code::PLUMBING_FAILED, what, &e)
@@ -106,6 +109,7 @@ impl PodPlumbing for NetlinkPlumbing {
                 "bringing up the host side of the pod interface",
             ))?;
         }
+        failpoint::hit(FailPoint::AddAfterHostUp);
         let spec = spec.clone();
         let host_mac = created.host_mac;
         netlink::with_netlink(Some(&spec.netns.clone()), move |h| async move {
@@ -138,7 +142,9 @@ impl PodPlumbing for NetlinkPlumbing {
             )
             .await
         })
-        .map_err(plumbing_error("configuring the pod interface"))
+        .map_err(plumbing_error("configuring the pod interface"))?;
+        failpoint::hit(FailPoint::AddAfterPodUp);
+        Ok(())
     }
 
     fn delete_host(&self, host_ifname: &str) -> Result<bool, CniError> {
