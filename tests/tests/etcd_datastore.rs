@@ -59,6 +59,7 @@ fn racing_agents_never_share_a_cidr_and_a_returning_node_keeps_its_own() {
                             u8::try_from(i + 1).expect("small"),
                         ),
                         pod_cidr: None,
+                        preferred: None,
                         cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
                         node_prefix: 24,
                     };
@@ -78,6 +79,7 @@ fn racing_agents_never_share_a_cidr_and_a_returning_node_keeps_its_own() {
                     name: "racer3".into(),
                     node_ip: std::net::Ipv4Addr::new(192, 168, 200, 4),
                     pod_cidr: None,
+                    preferred: None,
                     cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
                     node_prefix: 24,
                 })

@@ -68,6 +68,8 @@ pub struct ClusterState {
     /// neighbours the kernel keeps resolved).
     pub node_addresses: BTreeSet<Ipv4Addr>,
     pub tunnel_ifindex: u32,
+    /// How the datastore is followed (set by `agent::follow`).
+    pub datastore: crate::api::DatastoreStatus,
 }
 
 fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {
@@ -355,5 +357,16 @@ impl EndpointRegistry {
     #[must_use]
     pub fn remote_nodes(&self) -> Vec<NodeRecord> {
         self.cluster.remotes.values().cloned().collect()
+    }
+
+    /// The datastore as the agent follows it.
+    #[must_use]
+    pub fn datastore_status(&self) -> crate::api::DatastoreStatus {
+        self.cluster.datastore.clone()
+    }
+
+    /// Records how the datastore is followed (for status requests).
+    pub fn set_datastore_status(&mut self, status: crate::api::DatastoreStatus) {
+        self.cluster.datastore = status;
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 mod endpoints;
+pub mod follow;
 mod server;
 
 pub use endpoints::{EndpointRegistry, attach_mode};
