@@ -5,10 +5,12 @@
 pub mod bench;
 pub mod bins;
 pub mod bpf_run;
+pub mod faults;
 pub mod frames;
 pub mod lab;
 pub mod netns;
 pub mod node;
+pub mod ping;
 pub mod services;
 pub mod spoof;
 pub mod traffic;
