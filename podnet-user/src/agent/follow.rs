@@ -290,7 +290,7 @@ async fn session(
             let now = unix_now().as_secs();
             let plan = membership::plan(&snapshot, follow.policy, Some(me), now);
             for name in &plan.mark_gone {
-                if store.mark_gone(name, now).await? {
+                if store.mark_gone(name, now).await? && snapshot.members.contains_key(name) {
                     info!(node = %name, "wrote the tombstone of a node without a lease");
                 }
             }

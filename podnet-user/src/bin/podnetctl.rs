@@ -289,8 +289,8 @@ fn datastore(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             println!(
                 "{:<16} {:<16} {:<18} {:<12} {:<7} {}",
                 n.record.name,
-                n.record.node_ip,
-                n.record.pod_cidr,
+                n.record.node_ip.to_string(),
+                n.record.pod_cidr.to_string(),
                 state,
                 if n.routed { "yes" } else { "no" },
                 n.since

@@ -349,12 +349,14 @@ fn join(
             }
         },
         DatastoreSpec::Etcd(endpoints) => loop {
+            // Claimed and published at once: a claim without a record
+            // would look like a node that went away to the other agents.
             let attempt = runtime.block_on(async {
                 let mut store = EtcdDatastore::connect(endpoints, lease_ttl).await?;
-                store.claim_cidr(&request).await
+                store.join(&request).await
             });
             match attempt {
-                Ok(cidr) => {
+                Ok((cidr, _lease)) => {
                     resolved.config.pod_cidr = cidr;
                     break;
                 }
