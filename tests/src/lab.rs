@@ -732,6 +732,43 @@ impl LabLayout {
         })
     }
 
+    /// Makes member `to` the etcd leader (etcd's move-leader, asked of the
+    /// current leader) and waits until it is.
+    pub fn etcd_move_leader(&self, to: &str) -> anyhow::Result<()> {
+        let leader = self.etcd_leader()?.context("no etcd leader")?;
+        if leader == to {
+            return Ok(());
+        }
+        let leader_url = self
+            .etcd_member(&leader)
+            .context("the leader")?
+            .client_url
+            .clone();
+        let to_url = self
+            .etcd_member(to)
+            .context("no such member")?
+            .client_url
+            .clone();
+        self.on_fabric_runtime(async move {
+            let mut target = etcd_client::Client::connect([to_url], None).await?;
+            let id = target
+                .status()
+                .await?
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::member_id);
+            let mut leader = etcd_client::Client::connect([leader_url], None).await?;
+            leader.move_leader(id).await?;
+            Ok::<_, etcd_client::Error>(())
+        })?
+        .context("moving the etcd leader")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.etcd_leader()?.as_deref() != Some(to) {
+            anyhow::ensure!(Instant::now() < deadline, "{to} did not become the leader");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
     /// Everything podnet keeps in etcd, read at one revision.
     pub fn etcd_snapshot(&self) -> anyhow::Result<podnet::datastore::membership::Snapshot> {
         let endpoints = self.etcd_endpoints();

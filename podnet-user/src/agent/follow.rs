@@ -36,6 +36,8 @@ const RESYNC: Duration = Duration::from_mins(1);
 /// etcd's return.
 const RECONNECT_FIRST: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// How often a node whose CIDR was taken while it was away tries again.
+const CONFLICT_RETRY: Duration = Duration::from_secs(30);
 
 fn unix_now() -> Duration {
     SystemTime::now()
@@ -227,13 +229,20 @@ pub async fn follow_etcd(
                 e
             }
         };
-        warn!(error = %error, retry_in = ?pause, "etcd unreachable; forwarding with the last known state");
+        // Another node holds this node's CIDR: that does not change in two
+        // seconds (it was logged loudly by the session).
+        let wait = if matches!(error, DatastoreError::Conflict { .. }) {
+            CONFLICT_RETRY
+        } else {
+            warn!(error = %error, retry_in = ?pause, "etcd unreachable; forwarding with the last known state");
+            pause
+        };
         update_status(&registry, |s| {
             s.connected = false;
             s.endpoint = None;
             s.last_error = Some(error.to_string());
         });
-        tokio::time::sleep(pause).await;
+        tokio::time::sleep(wait).await;
         pause = (pause * 2).min(RECONNECT_MAX);
     }
 }
