@@ -484,6 +484,10 @@ async fn concurrent_release_rounds(
     kept
 }
 
+/// Concurrent rounds of [`releasing_claims_never_leaves_a_cidr_claimed_twice`]
+/// (each a tenth of a second or so).
+const ROUNDS: u8 = 30;
+
 /// Releasing a gone node's claim while it comes back, while another agent
 /// releases it too, while new nodes race for CIDRs: whatever the order, no
 /// CIDR ends up claimed twice and no node announces a CIDR it does not hold.
@@ -506,11 +510,11 @@ fn releasing_claims_never_leaves_a_cidr_claimed_twice() {
         runtime.block_on(async move {
             ordered_release_cases(&endpoints).await;
             let mut observer = connect(&endpoints).await;
-            concurrent_release_rounds(&endpoints, &mut observer, 10).await
+            concurrent_release_rounds(&endpoints, &mut observer, ROUNDS).await
         })
     })
     .expect("fabric thread");
     eprintln!(
-        "FIGURE claim release races: 4 ordered cases and 10 concurrent rounds, no CIDR claimed twice; the returning node kept its CIDR in {outcome} of 10 rounds"
+        "FIGURE claim release races: 4 ordered cases and {ROUNDS} concurrent rounds, no CIDR claimed twice; the returning node kept its CIDR in {outcome} of {ROUNDS} rounds"
     );
 }

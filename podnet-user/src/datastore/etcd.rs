@@ -249,8 +249,14 @@ impl EtcdDatastore {
             let cidr = self.claim_cidr(request).await?;
             match self.publish(request, cidr).await {
                 // The claim was released between the two steps (the node had
-                // been away long enough): claim again.
+                // been away long enough), and maybe taken by another node at
+                // once: claim again (unless this node must have that CIDR).
                 Err(DatastoreError::ClaimLost { .. }) if attempt < 3 => attempt += 1,
+                Err(DatastoreError::Conflict { .. })
+                    if attempt < 3 && request.pod_cidr.is_none() =>
+                {
+                    attempt += 1;
+                }
                 Ok(lease) => return Ok((cidr, lease)),
                 Err(e) => return Err(e),
             }
