@@ -296,7 +296,9 @@ fn a_node_gone_past_the_grace_period_is_removed_and_its_claim_released_later() {
         !snapshot.members.contains_key("node2") && !snapshot.gone.contains_key("node2"),
         "node2 is forgotten: {snapshot:?}"
     );
-    assert_eq!(seen_as(&lab, "node1", "node2"), None);
+    wait_up_to(Duration::from_secs(5), "node1 forgets node2", || {
+        seen_as(&lab, "node1", "node2").is_none()
+    });
 
     // It comes back after all: its CIDR is free, it gets it again.
     lab.layout.start_agent("node2").expect("node2 returns");
