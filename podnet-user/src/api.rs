@@ -191,6 +191,34 @@ pub struct Drift {
     pub detail: String,
 }
 
+/// The agent's view of the datastore, for `podnetctl datastore` and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatastoreStatus {
+    /// `none`, `file` or `etcd`.
+    pub backend: String,
+    /// The agent follows the datastore right now (etcd: published and
+    /// watching; nodes file: the last read was a complete file). While not,
+    /// the datapath forwards with the last state.
+    pub connected: bool,
+    /// The etcd member in use, or the nodes file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// When the agent last applied the datastore's state (Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_ms: Option<u64>,
+    /// Why it is not connected, or what it refused last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// How long routes to an unreachable node stay (etcd), seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_grace_period_s: Option<u64>,
+    /// How long after its lease expired a node's CIDR is released (etcd), seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr_release_after_s: Option<u64>,
+    /// Every other node the datastore knows, and where it stands.
+    pub nodes: Vec<crate::datastore::membership::NodeStatus>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
@@ -218,6 +246,8 @@ pub enum Request {
     Ipam,
     /// The other nodes the agent forwards to.
     Nodes,
+    /// The datastore as the agent follows it.
+    Datastore,
     /// Flows the datapath hands to the host stack.
     StackFlows,
     /// The agent's state against the kernel's: a list of [`Drift`].

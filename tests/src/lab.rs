@@ -71,6 +71,11 @@ pub struct LabSpec {
     /// Install the demo Service (backends in the first pod of node1 and of
     /// node2) on every node.
     pub service: Option<ServiceKind>,
+    /// Members of the etcd cluster (etcd datastore): 1, or 3 for a real
+    /// quorum.
+    pub etcd_members: usize,
+    /// Extra arguments for every agent (e.g. `--node-grace-period 3s`).
+    pub agent_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -97,6 +102,22 @@ pub struct LabPod {
     pub ifname: String,
 }
 
+/// A member of the lab's etcd cluster, in the fabric namespace: member 1
+/// on the fabric host's address, the others on addresses of their own on
+/// the fabric bridge (192.168.100.2, .3, ...), each with client port 2379
+/// and peer port 2380.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabEtcdMember {
+    /// `etcd1`, `etcd2`, ...
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub client_url: String,
+    pub peer_url: String,
+    pub data_dir: PathBuf,
+    /// 0 while stopped.
+    pub pid: u32,
+}
+
 /// A backend server of the demo Service (`podnet-lab serve` in a pod).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LabServer {
@@ -115,9 +136,16 @@ pub struct LabLayout {
     pub nodes: Vec<LabNode>,
     pub pods: Vec<LabPod>,
     pub run_dir: PathBuf,
-    /// The etcd server in the fabric namespace (etcd datastore), 0 if none.
+    /// The etcd cluster in the fabric namespace (etcd datastore).
     #[serde(default)]
+    pub etcd: Vec<LabEtcdMember>,
+    /// The single etcd server of a lab.json written before `etcd` (only
+    /// read, so that `down` stops it).
+    #[serde(default, skip_serializing)]
     pub etcd_pid: u32,
+    /// Extra arguments every agent runs with.
+    #[serde(default)]
+    pub agent_args: Vec<String>,
     /// TTL of the agents' etcd leases, seconds.
     #[serde(default = "default_lease_ttl")]
     pub etcd_lease_ttl: u64,
@@ -156,12 +184,27 @@ pub fn in_netns(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Re
     let file = fs::File::open(Path::new("/var/run/netns").join(netns))
         .with_context(|| format!("opening netns {netns}"))?;
     let mut cmd = Command::new(program);
-    // SAFETY: runs in the forked child before exec; setns(2) is
-    // async-signal-safe and `file` was opened before the fork.
+    // SAFETY: runs in the forked child before exec; setns(2) and
+    // close_range(2) are async-signal-safe system calls, and `file` was
+    // opened before the fork.
     unsafe {
         cmd.pre_exec(move || {
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)
+                .map_err(std::io::Error::from)?;
+            // Nothing the caller inherited reaches the program: the lab's
+            // agents and etcd members outlive `lab up`, and an inherited
+            // descriptor (a `flock` around `podnet-lab up`, say) would be
+            // held as long as they run. Marked close-on-exec rather than
+            // closed: the exec-error pipe of `Command` is among them.
+            if libc::close_range(
+                3,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC.cast_signed(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
         });
     }
     Ok(cmd)
@@ -179,6 +222,16 @@ pub fn on_netns_thread<T: Send + 'static>(
     })
     .join()
     .map_err(|_| anyhow::anyhow!("netns thread panicked"))
+}
+
+/// Member `i` (from 1) of the lab's etcd cluster: the fabric host, then
+/// addresses of their own below the nodes' (.11 and up).
+fn etcd_address(i: usize) -> Ipv4Addr {
+    if i <= 1 {
+        FABRIC_HOST
+    } else {
+        Ipv4Addr::new(192, 168, 100, u8::try_from(i).unwrap_or(9))
+    }
 }
 
 fn node_ip(i: usize) -> Ipv4Addr {
@@ -199,6 +252,8 @@ impl LabLayout {
             run_dir: self.run_dir.clone(),
             verbose: false,
             service: None,
+            etcd_members: self.etcd.len(),
+            agent_args: self.agent_args.clone(),
         };
         let fabric = self.fabric_netns.clone();
         let bin_dir = bins::binary_in(self.bin_dir.as_deref(), "podnet")
@@ -313,7 +368,7 @@ impl LabLayout {
             .context("no such node")?;
         let datastore = match self.datastore {
             LabDatastore::File => format!("file:{}", self.run_dir.join("nodes.json").display()),
-            LabDatastore::Etcd => format!("etcd:http://{FABRIC_HOST}:2379"),
+            LabDatastore::Etcd => format!("etcd:{}", self.etcd_endpoints().join(",")),
         };
         let node = &self.nodes[index];
         let log = fs::File::create(node.state_dir.with_file_name("podnetd.log"))?;
@@ -337,6 +392,7 @@ impl LabLayout {
             .arg(&node.agent_socket)
             .arg("--etcd-lease-ttl")
             .arg(self.etcd_lease_ttl.to_string())
+            .args(&self.agent_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -490,57 +546,247 @@ impl LabLayout {
         }
     }
 
-    /// Starts the lab's etcd server (fabric namespace) and waits for it.
-    pub fn start_etcd(&mut self) -> anyhow::Result<()> {
-        let data = self.run_dir.join("etcd");
-        let client = format!("http://{FABRIC_HOST}:2379");
-        let log = fs::File::create(self.run_dir.join("etcd.log"))?;
+    /// Every etcd member's client URL (what agents get).
+    #[must_use]
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        self.etcd.iter().map(|m| m.client_url.clone()).collect()
+    }
+
+    /// The etcd member called `name`.
+    #[must_use]
+    pub fn etcd_member(&self, name: &str) -> Option<&LabEtcdMember> {
+        self.etcd.iter().find(|m| m.name == name)
+    }
+
+    fn etcd_member_index(&self, name: &str) -> anyhow::Result<usize> {
+        self.etcd
+            .iter()
+            .position(|m| m.name == name)
+            .with_context(|| format!("no etcd member {name}"))
+    }
+
+    /// Spawns member `index` (detached; `down` kills it). Does not wait.
+    fn spawn_etcd_member(&mut self, index: usize) -> anyhow::Result<()> {
+        let initial_cluster: Vec<String> = self
+            .etcd
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect();
+        let member = self.etcd[index].clone();
+        let log_path = self.run_dir.join(format!("{}.log", member.name));
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        // A restarted member finds its data dir and ignores the initial-*
+        // flags: it rejoins as the member it was.
         let child = in_netns(&self.fabric_netns, "etcd")?
-            .args(["--name", "lab", "--data-dir"])
-            .arg(&data)
-            .args([
-                "--listen-client-urls",
-                &client,
-                "--advertise-client-urls",
-                &client,
-            ])
-            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
-            .args(["--initial-cluster", "lab=http://127.0.0.1:2380"])
+            .args(["--name", &member.name, "--data-dir"])
+            .arg(&member.data_dir)
+            .args(["--listen-client-urls", &member.client_url])
+            .args(["--advertise-client-urls", &member.client_url])
+            .args(["--listen-peer-urls", &member.peer_url])
+            .args(["--initial-advertise-peer-urls", &member.peer_url])
+            .args(["--initial-cluster", &initial_cluster.join(",")])
+            .args(["--initial-cluster-token", &self.prefix])
+            .args(["--initial-cluster-state", "new"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .process_group(0)
             .spawn()
             .context("starting etcd (etcd-server is installed by `cargo xtask setup`)")?;
-        self.etcd_pid = child.id();
+        self.etcd[index].pid = child.id();
+        // Not waited for: the member outlives `lab up`; `down` kills it.
         std::mem::forget(child);
-        self.save()?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            let up = on_netns_thread(&self.fabric_netns, || {
-                TcpStream::connect_timeout(
-                    &SocketAddrV4::new(FABRIC_HOST, 2379).into(),
-                    Duration::from_millis(200),
-                )
-                .is_ok()
-            })?;
-            if up {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        anyhow::bail!(
-            "etcd did not come up:\n{}",
-            fs::read_to_string(self.run_dir.join("etcd.log")).unwrap_or_default()
-        )
+        self.save()
     }
 
-    /// Stops the lab's etcd server.
+    /// Waits until every running member serves (has a leader and a quorum).
+    pub fn wait_etcd_ready(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        for member in self.etcd.iter().filter(|m| m.pid != 0) {
+            loop {
+                let url = member.client_url.clone();
+                let ready = self.on_fabric_runtime(async move {
+                    podnet::datastore::etcd::EtcdDatastore::connect_one(
+                        &url,
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .is_ok()
+                })?;
+                if ready {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "etcd member {} did not come up:\n{}",
+                    member.name,
+                    fs::read_to_string(self.run_dir.join(format!("{}.log", member.name)))
+                        .unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts every etcd member that is not running and waits until the
+    /// cluster serves.
+    pub fn start_etcd(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.etcd.len() {
+            if self.etcd[i].pid == 0 {
+                self.spawn_etcd_member(i)?;
+            }
+        }
+        self.wait_etcd_ready(Duration::from_secs(30))
+    }
+
+    /// Stops every etcd member (SIGTERM).
     pub fn stop_etcd(&mut self) -> anyhow::Result<()> {
-        kill_and_wait(self.etcd_pid);
-        self.etcd_pid = 0;
+        for member in &mut self.etcd {
+            kill_and_wait(member.pid);
+            member.pid = 0;
+        }
         self.save()
+    }
+
+    /// Starts one etcd member again (it rejoins with its data) and waits
+    /// until it serves.
+    pub fn start_etcd_member(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.etcd_member_index(name)?;
+        if self.etcd[i].pid == 0 {
+            self.spawn_etcd_member(i)?;
+        }
+        self.wait_etcd_ready(Duration::from_secs(30))
+    }
+
+    /// Stops one etcd member (SIGTERM: it leaves its peers cleanly).
+    pub fn stop_etcd_member(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.etcd_member_index(name)?;
+        kill_and_wait(self.etcd[i].pid);
+        self.etcd[i].pid = 0;
+        self.save()
+    }
+
+    /// Kills one etcd member (SIGKILL: a crash, nothing is said to anyone).
+    pub fn kill_etcd_member(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.etcd_member_index(name)?;
+        if let Ok(raw) = i32::try_from(self.etcd[i].pid)
+            && raw != 0
+        {
+            let pid = nix::unistd::Pid::from_raw(raw);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+        self.etcd[i].pid = 0;
+        self.save()
+    }
+
+    /// Runs `fut` on a small runtime on a thread in the fabric namespace
+    /// (where etcd's addresses are).
+    fn on_fabric_runtime<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        on_netns_thread(&self.fabric_netns, move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(fut))
+        })?
+        .context("starting a runtime")
+    }
+
+    /// The name of the current etcd leader, as the running members see it
+    /// (`None` while there is none).
+    pub fn etcd_leader(&self) -> anyhow::Result<Option<String>> {
+        let running: Vec<(String, String)> = self
+            .etcd
+            .iter()
+            .filter(|m| m.pid != 0)
+            .map(|m| (m.name.clone(), m.client_url.clone()))
+            .collect();
+        self.on_fabric_runtime(async move {
+            use podnet::datastore::etcd::EtcdDatastore;
+            // Member IDs are etcd's; map them to names by asking each
+            // member who it is.
+            let mut ids = Vec::new();
+            let mut leader = 0;
+            for (name, url) in running {
+                if let Ok(mut store) =
+                    EtcdDatastore::connect_one(&url, Duration::from_secs(10)).await
+                    && let Ok(status) = store.member_status().await
+                {
+                    ids.push((status.member_id, name));
+                    if status.leader != 0 {
+                        leader = status.leader;
+                    }
+                }
+            }
+            ids.into_iter()
+                .find(|(id, _)| *id == leader && leader != 0)
+                .map(|(_, name)| name)
+        })
+    }
+
+    /// Makes member `to` the etcd leader (etcd's move-leader, asked of the
+    /// current leader) and waits until it is.
+    pub fn etcd_move_leader(&self, to: &str) -> anyhow::Result<()> {
+        let leader = self.etcd_leader()?.context("no etcd leader")?;
+        if leader == to {
+            return Ok(());
+        }
+        let leader_url = self
+            .etcd_member(&leader)
+            .context("the leader")?
+            .client_url
+            .clone();
+        let to_url = self
+            .etcd_member(to)
+            .context("no such member")?
+            .client_url
+            .clone();
+        self.on_fabric_runtime(async move {
+            let mut target = etcd_client::Client::connect([to_url], None).await?;
+            let id = target
+                .status()
+                .await?
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::member_id);
+            let mut leader = etcd_client::Client::connect([leader_url], None).await?;
+            leader.move_leader(id).await?;
+            Ok::<_, etcd_client::Error>(())
+        })?
+        .context("moving the etcd leader")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.etcd_leader()?.as_deref() != Some(to) {
+            anyhow::ensure!(Instant::now() < deadline, "{to} did not become the leader");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Everything podnet keeps in etcd, read at one revision.
+    pub fn etcd_snapshot(&self) -> anyhow::Result<podnet::datastore::membership::Snapshot> {
+        let endpoints = self.etcd_endpoints();
+        self.on_fabric_runtime(async move {
+            let mut store = podnet::datastore::etcd::EtcdDatastore::connect(
+                &endpoints,
+                Duration::from_secs(10),
+            )
+            .await?;
+            store.snapshot().await
+        })?
+        .context("reading etcd")
+    }
+
+    /// How node `name`'s agent follows the datastore.
+    pub fn datastore_status(&self, name: &str) -> anyhow::Result<podnet::api::DatastoreStatus> {
+        let node = self.node(name).context("no such node")?;
+        Ok(podnet::api::Client::new(&node.agent_socket).call(&podnet::api::Request::Datastore)?)
     }
 
     /// Kills the agent of `node` without letting it clean up (a crashed or
@@ -645,7 +891,9 @@ fn build(spec: &LabSpec, bin_dir: Option<&Path>) -> anyhow::Result<LabLayout> {
         nodes: Vec::new(),
         pods: Vec::new(),
         run_dir: spec.run_dir.clone(),
+        etcd: Vec::new(),
         etcd_pid: 0,
+        agent_args: spec.agent_args.clone(),
         etcd_lease_ttl: default_lease_ttl(),
         servers: Vec::new(),
         service: None,
@@ -654,11 +902,7 @@ fn build(spec: &LabSpec, bin_dir: Option<&Path>) -> anyhow::Result<LabLayout> {
     };
     layout.save()?;
     if spec.datastore == LabDatastore::Etcd {
-        progress(
-            spec,
-            &format!("etcd on {FABRIC_HOST}:2379 in the fabric namespace"),
-        );
-        layout.start_etcd()?;
+        add_etcd(spec, &mut layout)?;
     }
     let cni_bin_dir = bins::binary_in(bin_dir, "podnet")
         .parent()
@@ -699,6 +943,52 @@ fn build(spec: &LabSpec, bin_dir: Option<&Path>) -> anyhow::Result<LabLayout> {
         }
     }
     Ok(layout)
+}
+
+/// The lab's etcd cluster: addresses on the fabric bridge, members
+/// started, and the cluster serving.
+fn add_etcd(spec: &LabSpec, layout: &mut LabLayout) -> anyhow::Result<()> {
+    let fabric = layout.fabric_netns.clone();
+    anyhow::ensure!(
+        (1..=9).contains(&spec.etcd_members),
+        "--etcd-members must be 1 to 9"
+    );
+    for i in 1..=spec.etcd_members {
+        let address = etcd_address(i);
+        if address != FABRIC_HOST {
+            ip(&[
+                "-n",
+                &fabric,
+                "addr",
+                "add",
+                &format!("{address}/24"),
+                "dev",
+                "br0",
+            ])?;
+        }
+        layout.etcd.push(LabEtcdMember {
+            name: format!("etcd{i}"),
+            address,
+            client_url: format!("http://{address}:2379"),
+            peer_url: format!("http://{address}:2380"),
+            data_dir: spec.run_dir.join(format!("etcd{i}")),
+            pid: 0,
+        });
+    }
+    progress(
+        spec,
+        &format!(
+            "etcd in the fabric namespace: {}",
+            layout
+                .etcd
+                .iter()
+                .map(|m| format!("{} {}", m.name, m.client_url))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    layout.start_etcd()?;
+    Ok(())
 }
 
 /// Node `i`: namespace, underlay veth to the fabric, bpffs, CNI conf, agent.
@@ -787,6 +1077,9 @@ pub fn down(run_dir: &Path, prefix: &str) -> anyhow::Result<()> {
         }
         for node in &layout.nodes {
             kill_and_wait(node.pid);
+        }
+        for member in &layout.etcd {
+            kill_and_wait(member.pid);
         }
         kill_and_wait(layout.etcd_pid);
     }
@@ -1198,6 +1491,30 @@ pub struct LabGuard {
     pub layout: LabLayout,
 }
 
+/// What a test lab has besides nodes and pods.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// The demo Service, installed as this.
+    pub service: Option<ServiceKind>,
+    /// Agents and plugin from this directory (see [`up_with_bins`]).
+    pub bin_dir: Option<PathBuf>,
+    /// Members of the etcd cluster (etcd datastore).
+    pub etcd_members: usize,
+    /// Extra arguments for every agent.
+    pub agent_args: Vec<String>,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        Self {
+            service: None,
+            bin_dir: None,
+            etcd_members: 1,
+            agent_args: Vec::new(),
+        }
+    }
+}
+
 impl LabGuard {
     /// A lab without the demo Service.
     pub fn up(
@@ -1207,7 +1524,14 @@ impl LabGuard {
         mode: &str,
         datastore: LabDatastore,
     ) -> anyhow::Result<Self> {
-        Self::build(tag, nodes, pods_per_node, mode, datastore, None, None)
+        Self::up_with(
+            tag,
+            nodes,
+            pods_per_node,
+            mode,
+            datastore,
+            LabOptions::default(),
+        )
     }
 
     /// [`LabGuard::up`] with the demo Service installed as `kind`.
@@ -1219,7 +1543,11 @@ impl LabGuard {
         datastore: LabDatastore,
         kind: ServiceKind,
     ) -> anyhow::Result<Self> {
-        Self::build(tag, nodes, pods_per_node, mode, datastore, Some(kind), None)
+        let options = LabOptions {
+            service: Some(kind),
+            ..LabOptions::default()
+        };
+        Self::up_with(tag, nodes, pods_per_node, mode, datastore, options)
     }
 
     /// [`LabGuard::up`] running the agents and the CNI plugin from
@@ -1232,17 +1560,21 @@ impl LabGuard {
         datastore: LabDatastore,
         bin_dir: Option<&Path>,
     ) -> anyhow::Result<Self> {
-        Self::build(tag, nodes, pods_per_node, mode, datastore, None, bin_dir)
+        let options = LabOptions {
+            bin_dir: bin_dir.map(Path::to_path_buf),
+            ..LabOptions::default()
+        };
+        Self::up_with(tag, nodes, pods_per_node, mode, datastore, options)
     }
 
-    fn build(
+    /// A lab with everything [`LabOptions`] says.
+    pub fn up_with(
         tag: &str,
         nodes: usize,
         pods_per_node: usize,
         mode: &str,
         datastore: LabDatastore,
-        service: Option<ServiceKind>,
-        bin_dir: Option<&Path>,
+        options: LabOptions,
     ) -> anyhow::Result<Self> {
         let prefix = format!("pnt{tag}{}", std::process::id() % 10_000);
         let spec = LabSpec {
@@ -1253,10 +1585,12 @@ impl LabGuard {
             run_dir: std::env::temp_dir().join(format!("podnet-lab-{prefix}")),
             prefix,
             verbose: false,
-            service,
+            service: options.service,
+            etcd_members: options.etcd_members,
+            agent_args: options.agent_args,
         };
         Ok(Self {
-            layout: up_with_bins(&spec, bin_dir)?,
+            layout: up_with_bins(&spec, options.bin_dir.as_deref())?,
         })
     }
 }

@@ -5,11 +5,13 @@
 pub mod bench;
 pub mod bins;
 pub mod bpf_run;
+pub mod faults;
 pub mod frames;
 pub mod inventory;
 pub mod lab;
 pub mod netns;
 pub mod node;
+pub mod ping;
 pub mod podman;
 pub mod services;
 pub mod soak;

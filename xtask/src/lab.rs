@@ -16,7 +16,8 @@ const RUN_DIR: &str = "/run/podnet-lab";
 #[derive(Debug, clap::Args)]
 pub struct LabArgs {
     /// Arguments for podnet-lab: up [--nodes N] [--pods-per-node M] [--mode vxlan|direct]
-    /// [--datastore file|etcd] [--service iptables|nft|none] | status | check | down
+    /// [--datastore file|etcd] [--etcd-members N] [--agent-arg=ARG ...]
+    /// [--service iptables|nft|none] | status | check | down | etcd [status|stop|kill|start MEMBER]
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
 }

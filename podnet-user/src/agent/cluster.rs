@@ -73,6 +73,8 @@ pub struct ClusterState {
     pub route_failures: BTreeMap<Ipv4Net, (Ipv4Addr, String)>,
     /// The node's place on the underlay, once known.
     pub network: Option<NodeNetwork>,
+    /// How the datastore is followed (set by `agent::follow`).
+    pub datastore: crate::api::DatastoreStatus,
 }
 
 fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {
@@ -407,5 +409,16 @@ impl EndpointRegistry {
     #[must_use]
     pub fn remote_nodes(&self) -> Vec<NodeRecord> {
         self.cluster.remotes.values().cloned().collect()
+    }
+
+    /// The datastore as the agent follows it.
+    #[must_use]
+    pub fn datastore_status(&self) -> crate::api::DatastoreStatus {
+        self.cluster.datastore.clone()
+    }
+
+    /// Records how the datastore is followed (for status requests).
+    pub fn set_datastore_status(&mut self, status: crate::api::DatastoreStatus) {
+        self.cluster.datastore = status;
     }
 }

@@ -4,6 +4,7 @@
 mod check;
 pub mod cluster;
 mod endpoints;
+pub mod follow;
 mod server;
 
 pub use endpoints::{EndpointRegistry, attach_mode, validate_endpoint};

@@ -151,6 +151,7 @@ fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> Vec<u8> {
         Request::Counters => encode(reg.counters()),
         Request::Ipam => encode(reg.ipam()),
         Request::Nodes => encode(Ok(reg.remote_nodes())),
+        Request::Datastore => encode(Ok(reg.datastore_status())),
         Request::StackFlows => encode(
             crate::api::StackFlowStatus::list(reg.datapath_mut()).map_err(anyhow::Error::from),
         ),

@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use podnet::{
     api::{
-        AgentStatus, Client, ClientError, CounterTotals, DEFAULT_SOCKET, EndpointStatus,
-        IpamStatus, Request, StackFlowStatus,
+        AgentStatus, Client, ClientError, CounterTotals, DEFAULT_SOCKET, DatastoreStatus,
+        EndpointStatus, IpamStatus, Request, StackFlowStatus,
     },
     cni::result::format_mac,
     datapath::Datapath,
@@ -55,6 +55,9 @@ enum Cmd {
         #[arg(long)]
         check: bool,
     },
+    /// The datastore as the agent follows it: connected or not, and every
+    /// other node with its state (live, unreachable, gone).
+    Datastore,
     /// Flows the datapath hands to the host stack (replies of Service, NodePort
     /// and hostPort connections: conntrack must see them).
     Flows,
@@ -278,6 +281,61 @@ fn check(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn format_unix_ms(ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let ago = now.saturating_sub(ms);
+    format!("{}.{} s ago", ago / 1000, (ago % 1000) / 100)
+}
+
+fn datastore(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    let s: DatastoreStatus = client.call(&Request::Datastore)?;
+    print(cli.json, &s, |s| {
+        println!("backend      {}", s.backend);
+        println!(
+            "connected    {}{}",
+            if s.connected {
+                "yes"
+            } else {
+                "NO (forwarding with the last known state)"
+            },
+            s.endpoint
+                .as_ref()
+                .map_or_else(String::new, |e| format!(" ({e})"))
+        );
+        if let Some(ms) = s.last_sync_ms {
+            println!("last sync    {}", format_unix_ms(ms));
+        }
+        if let Some(e) = &s.last_error {
+            println!("last error   {e}");
+        }
+        if let (Some(grace), Some(release)) = (s.node_grace_period_s, s.cidr_release_after_s) {
+            println!(
+                "grace        {grace} s (routes to a node without a lease), CIDR released after {release} s"
+            );
+        }
+        println!();
+        println!(
+            "{:<16} {:<16} {:<18} {:<12} {:<7} SINCE",
+            "NODE", "NODE IP", "POD CIDR", "STATE", "ROUTED"
+        );
+        for n in &s.nodes {
+            let state = format!("{:?}", n.state).to_lowercase();
+            println!(
+                "{:<16} {:<16} {:<18} {:<12} {:<7} {}",
+                n.record.name,
+                n.record.node_ip.to_string(),
+                n.record.pod_cidr.to_string(),
+                state,
+                if n.routed { "yes" } else { "no" },
+                n.since
+                    .map_or_else(String::new, |t| format_unix_ms(t.saturating_mul(1000)))
+            );
+        }
+    })
+}
+
 fn flows(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     let list = match client.call::<Vec<StackFlowStatus>>(&Request::StackFlows) {
         Ok(list) => list,
@@ -320,6 +378,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Ipam => ipam(&cli, &client),
         Cmd::Nodes { check: false } => nodes(&cli, &client),
         Cmd::Nodes { check: true } => check(&cli, &client),
+        Cmd::Datastore => datastore(&cli, &client),
         Cmd::Flows => flows(&cli, &client),
     }
 }

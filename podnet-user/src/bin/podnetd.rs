@@ -17,11 +17,17 @@ use podnet::{
     agent::{
         self, AgentConfig, EndpointRegistry,
         cluster::{Mode, NodeNetwork},
+        follow::{self, EtcdFollow},
     },
     api::DEFAULT_SOCKET,
     bpffs,
     datapath::Datapath,
-    datastore::{DatastoreSpec, JoinRequest, NodeRecord, etcd::EtcdDatastore, file::FileDatastore},
+    datastore::{
+        DatastoreError, DatastoreSpec, JoinRequest,
+        etcd::EtcdDatastore,
+        file::FileDatastore,
+        membership::{Policy, format_duration, parse_duration},
+    },
     netlink::{self, LinkInfo},
 };
 use serde::Deserialize;
@@ -76,6 +82,16 @@ struct Args {
     /// vanishes other nodes keep routing to it.
     #[arg(long, default_value_t = 30)]
     etcd_lease_ttl: u64,
+    /// etcd: how long other nodes keep routing to a node whose lease has
+    /// expired (it may be restarting or cut off; its pods may be running)
+    /// before they remove it, e.g. 90s, 10m (default 10m).
+    #[arg(long, value_parser = parse_duration)]
+    node_grace_period: Option<std::time::Duration>,
+    /// etcd: how long after its lease expired a node's pod CIDR claim is
+    /// released for other nodes to take; not shorter than the grace period
+    /// (default 24h).
+    #[arg(long, value_parser = parse_duration)]
+    cidr_release_after: Option<std::time::Duration>,
     /// Load, report and exit instead of serving.
     #[arg(long)]
     once: bool,
@@ -97,6 +113,8 @@ struct FileConfig {
     underlay_dev: Option<String>,
     vni: Option<u32>,
     vxlan_port: Option<u16>,
+    node_grace_period: Option<String>,
+    cidr_release_after: Option<String>,
 }
 
 /// Everything the agent runs with.
@@ -106,6 +124,8 @@ struct Resolved {
     network: NodeNetwork,
     /// The pod CIDR was given (flag or file), not to be chosen by the datastore.
     fixed_pod_cidr: bool,
+    /// When a node without a lease is removed and its CIDR released.
+    policy: Policy,
 }
 
 fn read_file_config(args: &Args) -> anyhow::Result<FileConfig> {
@@ -154,8 +174,32 @@ fn underlay(
     .context("finding the underlay")
 }
 
+/// The grace period and release delay: flags, else the config file, else
+/// the defaults (see [`Policy`] for why those).
+fn resolve_policy(args: &Args, file: &FileConfig) -> anyhow::Result<Policy> {
+    let from_file = |value: &Option<String>, what: &str| {
+        value
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("{what} in the config file: {e}"))
+    };
+    let grace = match args.node_grace_period {
+        Some(d) => d,
+        None => from_file(&file.node_grace_period, "node_grace_period")?
+            .unwrap_or(Policy::DEFAULT_NODE_GRACE_PERIOD),
+    };
+    let release = match args.cidr_release_after {
+        Some(d) => d,
+        None => from_file(&file.cidr_release_after, "cidr_release_after")?
+            .unwrap_or(Policy::DEFAULT_CIDR_RELEASE_AFTER),
+    };
+    Policy::new(grace, release).map_err(|e| anyhow::anyhow!(e))
+}
+
 fn resolve(args: &Args) -> anyhow::Result<Resolved> {
     let file = read_file_config(args)?;
+    let policy = resolve_policy(args, &file)?;
     let datastore: DatastoreSpec = match (&args.datastore, &file.datastore) {
         (Some(spec), _) => spec.clone(),
         (None, Some(spec)) => spec.parse().map_err(|e: String| anyhow::anyhow!(e))?,
@@ -245,6 +289,7 @@ fn resolve(args: &Args) -> anyhow::Result<Resolved> {
         datastore,
         network,
         fixed_pod_cidr,
+        policy,
     })
 }
 
@@ -253,6 +298,7 @@ fn join_request(resolved: &Resolved) -> JoinRequest {
         name: resolved.config.node_name.clone(),
         node_ip: resolved.network.node_ip,
         pod_cidr: resolved.fixed_pod_cidr.then_some(resolved.config.pod_cidr),
+        preferred: None,
         cluster_cidr: resolved.config.cluster_cidr,
         node_prefix: 24,
     }
@@ -265,50 +311,68 @@ fn cached_cidr_path(config: &AgentConfig) -> PathBuf {
 }
 
 /// Joins the cluster: the datastore hands out (or confirms) the pod CIDR.
-/// With etcd unreachable, a node that was here before starts with its last
-/// CIDR and joins in the background; a new node waits for etcd.
+/// A node that was here before asks for its last CIDR first (it may have
+/// been released while the node was away). With etcd unreachable, such a
+/// node starts with its last CIDR and publishes itself once etcd is back
+/// (the datapath forwards meanwhile); a new node waits for etcd. A nodes
+/// file that cannot be read is waited for too (it is never overwritten).
 fn join(
     resolved: &mut Resolved,
     runtime: &tokio::runtime::Runtime,
     lease_ttl: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let request = join_request(resolved);
+    let cached: Option<Ipv4Net> = std::fs::read_to_string(cached_cidr_path(&resolved.config))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let mut request = join_request(resolved);
+    request.preferred = cached;
+    let mut delay = std::time::Duration::from_millis(500);
+    let mut retry = |e: &dyn std::fmt::Display, what: &str| {
+        warn!(error = %e, retry_in = ?delay, "{what}");
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(std::time::Duration::from_secs(10));
+    };
     match &resolved.datastore {
         DatastoreSpec::None => return Ok(()),
-        DatastoreSpec::File(path) => {
-            resolved.config.pod_cidr = FileDatastore::new(path)
-                .join(&request)
-                .context("joining the cluster")?;
-        }
-        DatastoreSpec::Etcd(endpoints) => {
-            let cached: Option<Ipv4Net> =
-                std::fs::read_to_string(cached_cidr_path(&resolved.config))
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok());
-            let mut delay = std::time::Duration::from_millis(500);
-            loop {
-                let attempt = runtime.block_on(async {
-                    let mut store = EtcdDatastore::connect(endpoints, lease_ttl).await?;
-                    store.join(&request).await
-                });
-                match attempt {
-                    Ok((cidr, _lease)) => {
+        DatastoreSpec::File(path) => loop {
+            match FileDatastore::new(path).join(&request) {
+                Ok(cidr) => {
+                    resolved.config.pod_cidr = cidr;
+                    break;
+                }
+                // Someone holds the CIDR this node asks for: waiting will
+                // not change that.
+                Err(e @ (DatastoreError::Conflict { .. } | DatastoreError::Exhausted { .. })) => {
+                    return Err(e).context("joining the cluster");
+                }
+                Err(e) => retry(&e, "cannot join through the nodes file; retrying"),
+            }
+        },
+        DatastoreSpec::Etcd(endpoints) => loop {
+            // Claimed and published at once: a claim without a record
+            // would look like a node that went away to the other agents.
+            let attempt = runtime.block_on(async {
+                let mut store = EtcdDatastore::connect(endpoints, lease_ttl).await?;
+                store.join(&request).await
+            });
+            match attempt {
+                Ok((cidr, _lease)) => {
+                    resolved.config.pod_cidr = cidr;
+                    break;
+                }
+                Err(e @ (DatastoreError::Conflict { .. } | DatastoreError::Exhausted { .. })) => {
+                    return Err(e).context("joining the cluster");
+                }
+                Err(e) => {
+                    if let Some(cidr) = cached {
+                        warn!(error = %e, %cidr, "etcd unreachable; starting with the last known pod CIDR");
                         resolved.config.pod_cidr = cidr;
                         break;
                     }
-                    Err(e) => {
-                        if let Some(cidr) = cached {
-                            warn!(error = %e, %cidr, "etcd unreachable; starting with the last known pod CIDR");
-                            resolved.config.pod_cidr = cidr;
-                            break;
-                        }
-                        warn!(error = %e, "etcd unreachable; retrying");
-                        std::thread::sleep(delay);
-                        delay = (delay * 2).min(std::time::Duration::from_secs(10));
-                    }
+                    retry(&e, "etcd unreachable; retrying");
                 }
             }
-        }
+        },
     }
     std::fs::create_dir_all(&resolved.config.state_dir)?;
     std::fs::write(
@@ -319,72 +383,6 @@ fn join(
     Ok(())
 }
 
-/// Applies a cluster snapshot to the datapath (off the async runtime).
-async fn apply(
-    registry: &Arc<Mutex<EndpointRegistry>>,
-    network: &NodeNetwork,
-    nodes: Vec<NodeRecord>,
-) {
-    let (registry, network) = (Arc::clone(registry), network.clone());
-    let applied = tokio::task::spawn_blocking(move || {
-        registry
-            .lock()
-            .map_err(|_| anyhow::anyhow!("agent state poisoned"))
-            .and_then(|mut reg| reg.apply_nodes(&network, &nodes))
-    })
-    .await;
-    match applied {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %format!("{e:#}"), "applying the cluster state"),
-        Err(e) => warn!(error = %e, "applying the cluster state panicked"),
-    }
-}
-
-/// Follows etcd: publishes this node under a lease and keeps it alive,
-/// watches the nodes prefix and applies every change. When etcd goes away
-/// the datapath keeps the last state; on reconnect the node is published
-/// again and the full list is re-read.
-async fn follow_etcd(
-    endpoints: Vec<String>,
-    lease_ttl: std::time::Duration,
-    request: JoinRequest,
-    cidr: Ipv4Net,
-    registry: Arc<Mutex<EndpointRegistry>>,
-    network: NodeNetwork,
-) {
-    let mut delay = std::time::Duration::from_millis(500);
-    loop {
-        let session = async {
-            let mut store = EtcdDatastore::connect(&endpoints, lease_ttl).await?;
-            let mut request = request.clone();
-            request.pod_cidr = Some(cidr);
-            let (_, lease) = store.join(&request).await?;
-            info!(%cidr, lease = format!("{lease:x}"), "published in etcd");
-            let mut keeper = store.clone();
-            let watch = async {
-                loop {
-                    let (nodes, revision) = store.nodes().await?;
-                    apply(&registry, &network, nodes).await;
-                    store.wait_change(revision).await?;
-                }
-            };
-            tokio::select! {
-                r = keeper.keep_alive(lease) => r,
-                r = watch => r,
-            }
-        };
-        match session.await {
-            Ok(()) => delay = std::time::Duration::from_millis(500),
-            Err(e) => {
-                warn!(error = %e, retry_in = ?delay, "etcd session ended; forwarding with the last known state");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(10));
-            }
-        }
-    }
-}
-
-/// Follows the datastore and keeps the datapath in line with it.
 /// Retries what could not be set up (see `EndpointRegistry::retry_pending`:
 /// the node's network, endpoints' filters at start, host routes) with
 /// backoff, 1 s doubling up to 30 s while something is pending, every 5 s
@@ -407,47 +405,6 @@ fn retry_pending(registry: Arc<Mutex<EndpointRegistry>>, network: NodeNetwork, r
             } else {
                 failures.saturating_add(1)
             };
-        }
-    });
-}
-
-fn watch_cluster(resolved: &Resolved, registry: Arc<Mutex<EndpointRegistry>>) {
-    let DatastoreSpec::File(path) = resolved.datastore.clone() else {
-        return;
-    };
-    let network = resolved.network.clone();
-    std::thread::spawn(move || {
-        let store = FileDatastore::new(&path);
-        let mut seen = None;
-        let mut last_sync: Option<std::time::Instant> = None;
-        loop {
-            let version = store.version();
-            // On change, and every 10 s anyway (a lost update heals).
-            if version != seen
-                || last_sync.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(10))
-            {
-                match store.nodes() {
-                    Ok(nodes) => {
-                        let applied = registry
-                            .lock()
-                            .map_err(|_| anyhow::anyhow!("agent state poisoned"))
-                            .and_then(|mut reg| reg.apply_nodes(&network, &nodes));
-                        match applied {
-                            Ok(()) => {
-                                seen = version;
-                                last_sync = Some(std::time::Instant::now());
-                            }
-                            Err(e) => {
-                                warn!(error = %format!("{e:#}"), "applying the cluster state");
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "reading the nodes file; keeping the last known state");
-                    }
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(300));
         }
     });
 }
@@ -503,17 +460,39 @@ fn main() -> anyhow::Result<()> {
     let ready = registry.retry_pending(&resolved.network);
     let registry = Arc::new(Mutex::new(registry));
     retry_pending(Arc::clone(&registry), resolved.network.clone(), ready);
-    watch_cluster(&resolved, Arc::clone(&registry));
-
-    if let DatastoreSpec::Etcd(endpoints) = &resolved.datastore {
-        runtime.spawn(follow_etcd(
-            endpoints.clone(),
-            lease_ttl,
-            join_request(&resolved),
-            resolved.config.pod_cidr,
-            Arc::clone(&registry),
-            resolved.network.clone(),
-        ));
+    match &resolved.datastore {
+        DatastoreSpec::None => {
+            registry
+                .lock()
+                .map_err(|_| anyhow::anyhow!("agent state poisoned"))?
+                .set_datastore_status(podnet::api::DatastoreStatus {
+                    backend: "none".into(),
+                    connected: true,
+                    ..podnet::api::DatastoreStatus::default()
+                });
+        }
+        DatastoreSpec::File(path) => {
+            follow::follow_file(path, Arc::clone(&registry), resolved.network.clone());
+        }
+        DatastoreSpec::Etcd(endpoints) => {
+            info!(
+                grace = %format_duration(resolved.policy.node_grace_period),
+                release_after = %format_duration(resolved.policy.cidr_release_after),
+                "nodes whose lease expires stay routed for the grace period; their CIDR is released after the release delay"
+            );
+            let mut request = join_request(&resolved);
+            request.pod_cidr = Some(resolved.config.pod_cidr);
+            runtime.spawn(follow::follow_etcd(
+                EtcdFollow {
+                    endpoints: endpoints.clone(),
+                    lease_ttl,
+                    policy: resolved.policy,
+                    request,
+                },
+                Arc::clone(&registry),
+                resolved.network.clone(),
+            ));
+        }
     }
     runtime.block_on(async move {
         tokio::select! {

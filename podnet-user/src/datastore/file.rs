@@ -1,13 +1,21 @@
 //! The nodes-file datastore: a JSON file `{"nodes": [NodeRecord...]}` that
 //! every agent reads and watches; an agent adds itself when absent. Changes
-//! are made under an `flock` on `PATH.lock` and published by rename, so
-//! readers never see half a file and two agents never take one CIDR.
+//! are made under an `flock` on `PATH.lock` and published by rename of a
+//! temporary file in the same directory, written and fsynced first, so
+//! readers never see half a file (even after a crash) and two agents never
+//! take one CIDR.
+//!
+//! A file that cannot be read as a list of nodes (missing, unreadable,
+//! empty, cut short, not JSON) is an error, never "no nodes": reading it as
+//! an empty cluster would remove every route on every node, because of a
+//! half-written edit. A cluster without nodes is written as
+//! `{"nodes": []}`. [`Follower`] keeps the last good list meanwhile.
 
 use std::{
     fs::{self, File, OpenOptions},
-    io,
+    io::{self, Write as _},
     path::{Path, PathBuf},
-    time::SystemTime,
+    time::{Duration, Instant, SystemTime},
 };
 
 use ipnet::Ipv4Net;
@@ -35,12 +43,24 @@ impl FileDatastore {
         }
     }
 
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn io(&self, action: &str) -> impl FnOnce(io::Error) -> DatastoreError + '_ {
         let action = action.to_owned();
         move |source| DatastoreError::Io {
             what: self.path.display().to_string(),
             action,
             source,
+        }
+    }
+
+    fn invalid(&self, msg: impl Into<String>) -> DatastoreError {
+        DatastoreError::Invalid {
+            what: self.path.display().to_string(),
+            msg: msg.into(),
         }
     }
 
@@ -60,35 +80,65 @@ impl FileDatastore {
             .map_err(|(_, e)| self.io("taking the lock")(e.into()))
     }
 
+    /// The file's contents; an error for anything that is not a complete
+    /// nodes file, including a missing or empty one.
     fn read(&self) -> Result<NodesFile, DatastoreError> {
-        match fs::read(&self.path) {
-            Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Ok(NodesFile::default()),
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| DatastoreError::Invalid {
-                what: self.path.display().to_string(),
-                msg: e.to_string(),
-            }),
+        let bytes = fs::read(&self.path).map_err(self.io("reading"))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(self.invalid(
+                "the file is empty (a cluster without nodes is written as {\"nodes\": []})",
+            ));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| self.invalid(e.to_string()))
+    }
+
+    /// The file to change under the lock: a missing file is a new cluster;
+    /// a broken one is refused (writing this node into an empty list would
+    /// drop every other node).
+    fn read_for_update(&self) -> Result<NodesFile, DatastoreError> {
+        match fs::metadata(&self.path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(NodesFile::default()),
-            Err(e) => Err(self.io("reading")(e)),
+            _ => self.read(),
         }
     }
 
+    /// Replaces the file: a temporary file in the same directory (same
+    /// filesystem, so the rename is atomic), fsynced before the rename and
+    /// the directory fsynced after it, so neither a reader nor a crash ever
+    /// leaves half a file. Called under the lock.
     fn write(&self, file: &NodesFile) -> Result<(), DatastoreError> {
         let mut temp = self.path.as_os_str().to_owned();
         temp.push(format!(".tmp-{}", std::process::id()));
         let temp = PathBuf::from(temp);
-        let bytes = serde_json::to_vec_pretty(file).map_err(|e| DatastoreError::Invalid {
-            what: self.path.display().to_string(),
-            msg: e.to_string(),
-        })?;
-        fs::write(&temp, bytes).map_err(self.io("writing"))?;
-        fs::rename(&temp, &self.path).map_err(self.io("publishing"))
+        let bytes = serde_json::to_vec_pretty(file).map_err(|e| self.invalid(e.to_string()))?;
+        let written = (|| {
+            let mut out = File::create(&temp).map_err(self.io("creating the temporary file"))?;
+            out.write_all(&bytes)
+                .map_err(self.io("writing the temporary file"))?;
+            out.sync_all()
+                .map_err(self.io("syncing the temporary file"))?;
+            fs::rename(&temp, &self.path).map_err(self.io("publishing"))
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&temp);
+            return written;
+        }
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(self.io("syncing its directory"))
     }
 
     /// Adds (or updates) this node and returns its pod CIDR: the one it
-    /// already has, the requested one, or the first free one.
+    /// already has, the requested one, the preferred one if free, or the
+    /// first free one.
     pub fn join(&self, request: &JoinRequest) -> Result<Ipv4Net, DatastoreError> {
         let _lock = self.lock()?;
-        let mut file = self.read()?;
+        let mut file = self.read_for_update()?;
         let others: Vec<Ipv4Net> = file
             .nodes
             .iter()
@@ -100,7 +150,18 @@ impl FileDatastore {
             .iter()
             .find(|n| n.name == request.name)
             .map(|n| n.pod_cidr);
-        let cidr = match request.pod_cidr.or(existing) {
+        let free = |c: &Ipv4Net| {
+            request.cluster_cidr.contains(c)
+                && c.prefix_len() == request.node_prefix
+                && !others
+                    .iter()
+                    .any(|t| t.contains(&c.network()) || c.contains(&t.network()))
+        };
+        let cidr = match request
+            .pod_cidr
+            .or(existing)
+            .or(request.preferred.filter(free))
+        {
             Some(cidr) => cidr,
             None => first_free_cidr(request.cluster_cidr, request.node_prefix, &others)?,
         };
@@ -123,7 +184,8 @@ impl FileDatastore {
         Ok(cidr)
     }
 
-    /// Every node in the file.
+    /// Every node in the file; an error when the file is not a complete
+    /// nodes file (see the module doc).
     pub fn nodes(&self) -> Result<Vec<NodeRecord>, DatastoreError> {
         Ok(self.read()?.nodes)
     }
@@ -133,6 +195,80 @@ impl FileDatastore {
     pub fn version(&self) -> Option<(SystemTime, u64)> {
         let meta = fs::metadata(&self.path).ok()?;
         Some((meta.modified().ok()?, meta.len()))
+    }
+}
+
+/// What [`Follower::poll`] found.
+#[derive(Debug)]
+pub enum FileUpdate {
+    /// The nodes to apply (the file changed, or it is time to resync).
+    Nodes(Vec<NodeRecord>),
+    /// Nothing new.
+    Unchanged,
+    /// The file is broken: the last good list stays. `first` is set on the
+    /// first poll that found it broken (or broken differently), so that it
+    /// is logged once, not every poll.
+    Broken { error: DatastoreError, first: bool },
+}
+
+/// Follows the nodes file for an agent: reads it when it changes (and
+/// every `resync` anyway, so a lost update heals), and never hands out a
+/// broken file's contents.
+#[derive(Debug)]
+pub struct Follower {
+    store: FileDatastore,
+    resync: Duration,
+    seen: Option<(SystemTime, u64)>,
+    last_read: Option<Instant>,
+    broken: Option<String>,
+}
+
+impl Follower {
+    #[must_use]
+    pub fn new(store: FileDatastore, resync: Duration) -> Self {
+        Self {
+            store,
+            resync,
+            seen: None,
+            last_read: None,
+            broken: None,
+        }
+    }
+
+    /// Whether the last read found the file broken.
+    #[must_use]
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    /// Reads the file again at the next poll, changed or not (what was
+    /// read could not be applied).
+    pub fn forget(&mut self) {
+        self.seen = None;
+        self.last_read = None;
+    }
+
+    /// Looks at the file once.
+    pub fn poll(&mut self) -> FileUpdate {
+        let version = self.store.version();
+        let due = self.last_read.is_none_or(|t| t.elapsed() >= self.resync);
+        if version == self.seen && !due && self.broken.is_none() {
+            return FileUpdate::Unchanged;
+        }
+        match self.store.nodes() {
+            Ok(nodes) => {
+                self.seen = version;
+                self.last_read = Some(Instant::now());
+                self.broken = None;
+                FileUpdate::Nodes(nodes)
+            }
+            Err(error) => {
+                let text = error.to_string();
+                let first = self.broken.as_deref() != Some(text.as_str());
+                self.broken = Some(text);
+                FileUpdate::Broken { error, first }
+            }
+        }
     }
 }
 
@@ -154,6 +290,7 @@ mod tests {
             name: name.into(),
             node_ip: Ipv4Addr::new(192, 168, 100, ip),
             pod_cidr: None,
+            preferred: None,
             cluster_cidr: "10.244.0.0/16".parse().unwrap(),
             node_prefix: 24,
         }
@@ -184,5 +321,174 @@ mod tests {
             store.join(&clash),
             Err(DatastoreError::Conflict { .. })
         ));
+    }
+
+    fn temp_dir(tag: &str) -> (PathBuf, Cleanup) {
+        let dir = std::env::temp_dir().join(format!(
+            "podnet-nodes-{tag}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        (dir.clone(), Cleanup(dir))
+    }
+
+    /// The ways a nodes file is found broken in the field: truncated by a
+    /// non-atomic writer (`>` in a shell, an editor), cut short by a crash,
+    /// not JSON, or gone.
+    fn breakages(good: &[u8]) -> Vec<(&'static str, Option<Vec<u8>>)> {
+        vec![
+            ("empty", Some(Vec::new())),
+            ("whitespace", Some(b"  \n".to_vec())),
+            ("half", Some(good[..good.len() / 2].to_vec())),
+            ("not JSON", Some(b"nodes: [n1]".to_vec())),
+            ("wrong shape", Some(b"{\"nodes\": {}}".to_vec())),
+            ("missing", None),
+        ]
+    }
+
+    fn set(path: &Path, contents: Option<&[u8]>) {
+        match contents {
+            Some(bytes) => fs::write(path, bytes).unwrap(),
+            None => {
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
+
+    #[test]
+    fn a_broken_file_is_an_error_never_an_empty_cluster() {
+        let (dir, _cleanup) = temp_dir("broken");
+        let path = dir.join("nodes.json");
+        let store = FileDatastore::new(&path);
+        store.join(&request("n1", 1)).unwrap();
+        store.join(&request("n2", 2)).unwrap();
+        let good = fs::read(&path).unwrap();
+        for (what, contents) in breakages(&good) {
+            set(&path, contents.as_deref());
+            assert!(
+                store.nodes().is_err(),
+                "{what}: read as {:?}",
+                store.nodes()
+            );
+        }
+        fs::write(&path, br#"{"nodes": []}"#).unwrap();
+        assert_eq!(
+            store.nodes().unwrap(),
+            [],
+            "an explicit empty list is an empty cluster"
+        );
+    }
+
+    #[test]
+    fn joining_never_overwrites_a_broken_file() {
+        let (dir, _cleanup) = temp_dir("nojoin");
+        let path = dir.join("nodes.json");
+        let store = FileDatastore::new(&path);
+        store.join(&request("n1", 1)).unwrap();
+        store.join(&request("n2", 2)).unwrap();
+        let good = fs::read(&path).unwrap();
+        for (what, contents) in breakages(&good) {
+            if contents.is_none() {
+                continue; // A missing file is a new cluster.
+            }
+            set(&path, contents.as_deref());
+            assert!(store.join(&request("n3", 3)).is_err(), "{what}: joined");
+            assert_eq!(
+                fs::read(&path).unwrap(),
+                contents.unwrap(),
+                "{what}: the file was rewritten"
+            );
+        }
+    }
+
+    #[test]
+    fn the_follower_keeps_the_last_good_list_and_reports_a_breakage_once() {
+        let (dir, _cleanup) = temp_dir("follow");
+        let path = dir.join("nodes.json");
+        let store = FileDatastore::new(&path);
+        store.join(&request("n1", 1)).unwrap();
+        store.join(&request("n2", 2)).unwrap();
+        let good = fs::read(&path).unwrap();
+        let mut follower = Follower::new(store.clone(), Duration::from_hours(1));
+        assert!(matches!(follower.poll(), FileUpdate::Nodes(n) if n.len() == 2));
+        assert!(matches!(follower.poll(), FileUpdate::Unchanged));
+        for (what, contents) in breakages(&good) {
+            set(&path, contents.as_deref());
+            match follower.poll() {
+                FileUpdate::Broken { first: true, .. } => {}
+                other => panic!("{what}: {other:?}"),
+            }
+            match follower.poll() {
+                FileUpdate::Broken { first: false, .. } => {}
+                other => panic!("{what}, again: {other:?}"),
+            }
+            assert!(follower.is_broken());
+            fs::write(&path, &good).unwrap();
+            assert!(
+                matches!(follower.poll(), FileUpdate::Nodes(n) if n.len() == 2),
+                "{what}: the repaired file is read again"
+            );
+            assert!(!follower.is_broken());
+        }
+    }
+
+    #[test]
+    fn readers_never_see_a_half_written_file_and_no_temporary_file_is_left() {
+        let (dir, _cleanup) = temp_dir("atomic");
+        let path = dir.join("nodes.json");
+        let store = FileDatastore::new(&path);
+        store.join(&request("n0", 100)).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (reads, failures) = std::thread::scope(|s| {
+            let readers: Vec<_> = (0..3)
+                .map(|_| {
+                    s.spawn(|| {
+                        let (mut reads, mut failures) = (0u32, Vec::new());
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            match store.nodes() {
+                                Ok(_) => reads += 1,
+                                Err(e) => failures.push(e.to_string()),
+                            }
+                        }
+                        (reads, failures)
+                    })
+                })
+                .collect();
+            let writers: Vec<_> = (1..=4u8)
+                .map(|w| {
+                    let store = store.clone();
+                    s.spawn(move || {
+                        for i in 0..10u8 {
+                            let n = w * 10 + i;
+                            store.join(&request(&format!("n{n}"), n)).unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.join().unwrap();
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            readers.into_iter().map(|r| r.join().unwrap()).fold(
+                (0, Vec::new()),
+                |(n, mut f), (r, fails)| {
+                    f.extend(fails);
+                    (n + r, f)
+                },
+            )
+        });
+        assert!(reads > 0);
+        assert!(
+            failures.is_empty(),
+            "a reader saw a broken file: {failures:?}"
+        );
+        assert_eq!(store.nodes().unwrap().len(), 41);
+        let left: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "nodes.json" && n != "nodes.json.lock")
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod etcd;
 pub mod file;
+pub mod membership;
 
 use std::{net::Ipv4Addr, path::PathBuf, str::FromStr};
 
@@ -28,6 +29,10 @@ pub struct JoinRequest {
     pub node_ip: Ipv4Addr,
     /// A fixed pod CIDR, or `None` to get one out of the cluster CIDR.
     pub pod_cidr: Option<Ipv4Net>,
+    /// Without a fixed CIDR: the one to take if it is free (the node's
+    /// CIDR last time, so that a node whose claim was released while it
+    /// was away gets it back when nobody took it).
+    pub preferred: Option<Ipv4Net>,
     pub cluster_cidr: Ipv4Net,
     /// Prefix length of node pod CIDRs (24).
     pub node_prefix: u8,
@@ -48,8 +53,21 @@ pub enum DatastoreError {
     Exhausted { cluster: Ipv4Net, prefix: u8 },
     #[error("pod CIDR {cidr} is already held by node {holder}")]
     Conflict { cidr: Ipv4Net, holder: String },
-    #[error("etcd: {0}")]
-    Etcd(String),
+    #[error("pod CIDR {cidr} is no longer claimed by node {node} (released while it was away)")]
+    ClaimLost { cidr: Ipv4Net, node: String },
+    #[error("etcd {endpoint}: {action}")]
+    Etcd {
+        endpoint: String,
+        action: String,
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
+    #[error("etcd {endpoint}: {action}: {msg}")]
+    EtcdProtocol {
+        endpoint: String,
+        action: String,
+        msg: String,
+    },
 }
 
 /// `--datastore` value.

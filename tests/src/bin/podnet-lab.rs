@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use podnet_tests::lab::{self, LabDatastore, LabLayout, LabSpec, ServiceKind};
 
@@ -34,6 +35,14 @@ enum Cmd {
         mode: String,
         #[arg(long, default_value = "file", value_parser = ["file", "etcd"])]
         datastore: String,
+        /// Members of the etcd cluster (with --datastore etcd): 1, or 3 for
+        /// a cluster that survives losing one.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
+        etcd_members: u8,
+        /// An extra argument for every podnetd (repeat it), e.g.
+        /// `--agent-arg=--node-grace-period=30s`.
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
         /// The demo Service: kube-proxy's iptables rules, plain nftables
         /// DNAT, or none.
         #[arg(long, default_value = "iptables", value_parser = ["iptables", "nft", "none"])]
@@ -56,6 +65,13 @@ enum Cmd {
         /// Restarts of each agent, spread over the soak.
         #[arg(long, default_value_t = 10)]
         restarts: usize,
+    },
+    /// The lab's etcd members: status (default), or stop/kill/start one.
+    Etcd {
+        #[arg(value_parser = ["status", "stop", "kill", "start"], default_value = "status")]
+        action: String,
+        /// The member (etcd1, etcd2, ...); stop/kill/start only.
+        member: Option<String>,
     },
     /// A backend server of the demo Service (run by the lab inside a pod).
     #[command(hide = true)]
@@ -81,6 +97,8 @@ fn main() -> anyhow::Result<()> {
             pods_per_node,
             mode,
             datastore,
+            etcd_members,
+            agent_args,
             service,
         } => {
             let spec = LabSpec {
@@ -100,6 +118,8 @@ fn main() -> anyhow::Result<()> {
                     "nft" => Some(ServiceKind::Nftables),
                     _ => None,
                 },
+                etcd_members: usize::from(etcd_members),
+                agent_args,
             };
             let layout = lab::up(&spec)?;
             println!(
@@ -110,33 +130,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Status => {
-            let layout = LabLayout::load(&cli.run_dir)?;
-            println!(
-                "mode {}  datastore {:?}  fabric {}",
-                layout.mode, layout.datastore, layout.fabric_netns
-            );
-            println!(
-                "{:<8} {:<16} {:<16} {:<8} NETNS",
-                "NODE", "NODE IP", "POD CIDR", "AGENT"
-            );
-            for n in &layout.nodes {
-                let health = podnet::api::Client::new(&n.agent_socket)
-                    .call::<podnet::api::AgentStatus>(&podnet::api::Request::Status)
-                    .map_or_else(|_| "DOWN".to_owned(), |s| format!("up ({})", s.endpoints));
-                println!(
-                    "{:<8} {:<16} {:<16} {:<8} {}",
-                    n.name, n.node_ip, n.pod_cidr, health, n.netns
-                );
-            }
-            println!();
-            println!("{:<14} {:<8} {:<16} NETNS", "POD", "NODE", "IP");
-            for p in &layout.pods {
-                println!("{:<14} {:<8} {:<16} {}", p.name, p.node, p.ip, p.netns);
-            }
-            print_service(&layout);
-            Ok(())
-        }
+        Cmd::Status => status(&cli.run_dir),
         Cmd::Check => {
             let layout = LabLayout::load(&cli.run_dir)?;
             anyhow::ensure!(!layout.pods.is_empty(), "the lab has no pods to check");
@@ -164,12 +158,79 @@ fn main() -> anyhow::Result<()> {
             println!("lab down");
             Ok(())
         }
+        Cmd::Etcd { action, member } => {
+            let mut layout = LabLayout::load(&cli.run_dir)?;
+            anyhow::ensure!(!layout.etcd.is_empty(), "the lab has no etcd");
+            let name = || member.clone().context("which member? (etcd1, etcd2, ...)");
+            match action.as_str() {
+                "stop" => layout.stop_etcd_member(&name()?)?,
+                "kill" => layout.kill_etcd_member(&name()?)?,
+                "start" => layout.start_etcd_member(&name()?)?,
+                _ => {}
+            }
+            print_etcd(&layout);
+            Ok(())
+        }
         Cmd::Serve {
             lab: _,
             name,
             tcp,
             udp,
         } => podnet_tests::services::serve(&name, tcp, udp),
+    }
+}
+
+/// `status`: nodes, agents, pods, etcd, the demo Service.
+fn status(run_dir: &std::path::Path) -> anyhow::Result<()> {
+    let layout = LabLayout::load(run_dir)?;
+    println!(
+        "mode {}  datastore {:?}  fabric {}",
+        layout.mode, layout.datastore, layout.fabric_netns
+    );
+    println!(
+        "{:<8} {:<16} {:<16} {:<8} {:<28} NETNS",
+        "NODE", "NODE IP", "POD CIDR", "AGENT", "DATASTORE"
+    );
+    for n in &layout.nodes {
+        let health = podnet::api::Client::new(&n.agent_socket)
+            .call::<podnet::api::AgentStatus>(&podnet::api::Request::Status)
+            .map_or_else(|_| "DOWN".to_owned(), |s| format!("up ({})", s.endpoints));
+        let datastore = layout.datastore_status(&n.name).map_or_else(
+            |_| "?".to_owned(),
+            |s| match (s.connected, s.endpoint) {
+                (true, Some(e)) => e,
+                (true, None) => "connected".to_owned(),
+                (false, _) => "DISCONNECTED".to_owned(),
+            },
+        );
+        println!(
+            "{:<8} {:<16} {:<16} {:<8} {:<28} {}",
+            n.name, n.node_ip, n.pod_cidr, health, datastore, n.netns
+        );
+    }
+    if !layout.etcd.is_empty() {
+        println!();
+        print_etcd(&layout);
+    }
+    println!();
+    println!("{:<14} {:<8} {:<16} NETNS", "POD", "NODE", "IP");
+    for p in &layout.pods {
+        println!("{:<14} {:<8} {:<16} {}", p.name, p.node, p.ip, p.netns);
+    }
+    print_service(&layout);
+    Ok(())
+}
+
+fn print_etcd(layout: &LabLayout) {
+    let leader = layout.etcd_leader().ok().flatten();
+    println!("{:<8} {:<26} {:<10} ROLE", "ETCD", "CLIENT URL", "PID");
+    for m in &layout.etcd {
+        let role = match (m.pid, &leader) {
+            (0, _) => "stopped",
+            (_, Some(l)) if *l == m.name => "leader",
+            _ => "member",
+        };
+        println!("{:<8} {:<26} {:<10} {role}", m.name, m.client_url, m.pid);
     }
 }
 

@@ -1,0 +1,635 @@
+//! Who is in the cluster when nodes come and go: "unreachable" (its lease
+//! expired, it may be restarting, rebooting or cut off) versus "gone" (away
+//! for longer than the grace period), and when a gone node's pod CIDR may
+//! be handed to someone else.
+//!
+//! Everything here is a pure function of a [`Snapshot`] of the datastore and
+//! the time, so every agent that reads the same snapshot decides the same;
+//! the etcd backend carries the decisions out with transactions that re-check
+//! what the decision was based on (see [`super::etcd`]).
+//!
+//! # Why a lease expiry does not remove a node at once
+//!
+//! A node's liveness key lives under a lease of a few seconds (the lease
+//! TTL). The lease expires whenever the agent is not there to renew it: an
+//! agent restart, an upgrade, a crash loop, a node reboot, a network cut
+//! between the node and etcd. In all of these the node's pods keep running
+//! and its datapath keeps forwarding from its pins, so removing its routes
+//! everywhere cuts off pods that are fine (measured before this change: 693
+//! of 1,208 pings lost with an agent stopped for 25 s at TTL 10 s). So a
+//! node whose lease has expired is only **unreachable**: every other node
+//! keeps its routes for the grace period, and a node that comes back within
+//! it changes nothing (same record, no route flap). After the grace period
+//! it is **gone**: routes and map entries are removed. Its pod CIDR stays
+//! claimed for much longer (`cidr_release_after`), so a node that returns
+//! late gets its own CIDR (and its pods their addresses) back, and is only
+//! released once nobody could plausibly be using it.
+//!
+//! # How "gone since" is known by every agent, across restarts
+//!
+//! The first agent that sees a node without its liveness key writes a
+//! tombstone `/podnet/gone/<name>` holding the wall-clock time it saw that
+//! (a create-only transaction that also checks the liveness key is still
+//! absent, so agents seeing it at once write it once, and a node that just
+//! came back is never tombstoned). Every agent, including one that started
+//! a minute ago, reads the same time from etcd and applies its own grace
+//! period to it. The node deletes its tombstone when it publishes itself
+//! again.
+//!
+//! Alternatives considered: etcd revisions carry no time, so "gone for ten
+//! minutes" cannot be read from them; a second lease with the grace period
+//! as TTL would time the grace on etcd's clock, but a lease's TTL is fixed
+//! when it is granted (agents could not each configure theirs), and etcd
+//! extends every lease on a leader change, so a flapping etcd would postpone
+//! it without bound. Clock skew between agents shifts the moment by the skew
+//! (seconds, against a grace of minutes and a release after a day).
+//!
+//! A node's record is kept apart from its liveness key (`/podnet/members/
+//! <name>`, no lease) because the liveness key is deleted by etcd when the
+//! lease expires: without a durable copy, an agent that restarts while a
+//! node is unreachable would not know where that node's pods are.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use super::NodeRecord;
+
+/// What the agents agree on about nodes that went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// How long routes to a node whose lease expired are kept.
+    pub node_grace_period: Duration,
+    /// How long after its lease expired a node's pod CIDR claim is
+    /// released (never shorter than the grace period).
+    pub cidr_release_after: Duration,
+}
+
+impl Policy {
+    /// Ten minutes: longer than a node reboot, an agent upgrade, and the
+    /// longest pause of a crash loop under a kubelet (its restart back-off
+    /// is capped at five minutes), so none of these ever flap a route; and
+    /// not much longer than Kubernetes takes to evict the pods of an
+    /// unreachable node (five minutes by default), after which nobody should
+    /// send to them anyway.
+    pub const DEFAULT_NODE_GRACE_PERIOD: Duration = Duration::from_mins(10);
+    /// A day: a node that is powered off over a night still gets its CIDR
+    /// back; the cost is one /24 out of the cluster CIDR per node that really
+    /// left, held for a day (a cluster that churns more nodes than its CIDR
+    /// holds per day should shorten it).
+    pub const DEFAULT_CIDR_RELEASE_AFTER: Duration = Duration::from_hours(24);
+
+    /// A policy, refused when the claim would be released before the
+    /// routes are removed (another node could then get a CIDR that others
+    /// still route to the old one).
+    pub fn new(node_grace_period: Duration, cidr_release_after: Duration) -> Result<Self, String> {
+        if cidr_release_after < node_grace_period {
+            return Err(format!(
+                "the CIDR release delay ({}) must not be shorter than the node grace period ({})",
+                format_duration(cidr_release_after),
+                format_duration(node_grace_period)
+            ));
+        }
+        Ok(Self {
+            node_grace_period,
+            cidr_release_after,
+        })
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            node_grace_period: Self::DEFAULT_NODE_GRACE_PERIOD,
+            cidr_release_after: Self::DEFAULT_CIDR_RELEASE_AFTER,
+        }
+    }
+}
+
+/// Parses `90`, `90s`, `500ms`, `10m`, `24h`, `2d` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 10m, 24h)"))?;
+    let seconds = |factor: u64| {
+        n.checked_mul(factor)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{s:?} is too long"))
+    };
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => seconds(1),
+        "m" => seconds(60),
+        "h" => seconds(3600),
+        "d" => seconds(86_400),
+        _ => Err(format!(
+            "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+        )),
+    }
+}
+
+/// The shortest exact way to write `d` with [`parse_duration`]'s units.
+#[must_use]
+pub fn format_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if d.subsec_millis() != 0 || s == 0 {
+        format!("{}ms", d.as_millis())
+    } else if s.is_multiple_of(86_400) {
+        format!("{}d", s / 86_400)
+    } else if s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else if s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// A node's tombstone: since when it has been without a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tombstone {
+    /// Seconds since the Unix epoch, on the clock of the agent that saw it.
+    pub since: u64,
+    /// The tombstone key's modification revision: a transaction acting on
+    /// this tombstone checks that it is still this one.
+    pub mod_revision: i64,
+}
+
+/// The cluster as one read of the datastore saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The datastore revision of this read (watch from the next one).
+    pub revision: i64,
+    /// Nodes whose lease is alive, with the record under the lease.
+    pub live: BTreeMap<String, NodeRecord>,
+    /// Every node's durable record.
+    pub members: BTreeMap<String, NodeRecord>,
+    /// Nodes seen without a lease, and since when.
+    pub gone: BTreeMap<String, Tombstone>,
+    /// Pod CIDR claims: CIDR -> the node holding it.
+    pub claims: BTreeMap<Ipv4Net, String>,
+    /// Keys whose value could not be read (logged, otherwise ignored).
+    pub invalid: Vec<String>,
+}
+
+/// Where a node stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Its lease is alive.
+    Live,
+    /// Its lease expired less than the grace period ago: still routed.
+    Unreachable,
+    /// Its lease expired longer ago than the grace period: not routed; its
+    /// CIDR stays claimed until the release delay has passed too.
+    Gone,
+}
+
+/// A node and where it stands, for status output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub record: NodeRecord,
+    pub state: NodeState,
+    /// When its lease was seen gone (Unix seconds), unless live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
+    /// The datapath routes to it.
+    pub routed: bool,
+}
+
+/// A gone node's claims to release, and what the decision was based on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    pub name: String,
+    /// The CIDRs the node held (normally one; none when only its record is
+    /// left).
+    pub cidrs: Vec<Ipv4Net>,
+    /// The tombstone the decision was made on.
+    pub tombstone_revision: i64,
+}
+
+/// What to do about a snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// The nodes to route to: live ones first (a live node wins a conflict
+    /// over one that is away, e.g. a new node that got the old one's
+    /// address), then unreachable ones that still hold their CIDR.
+    pub routed: Vec<NodeRecord>,
+    /// Every node with a record, and where it stands.
+    pub nodes: Vec<NodeStatus>,
+    /// Nodes without a lease and without a tombstone: write one now.
+    pub mark_gone: Vec<String>,
+    /// Tombstones of nodes that are live again (the node did not remove
+    /// it, e.g. an older agent): remove them, or the next expiry would
+    /// start from the old time. (name, tombstone revision)
+    pub clear_tombstones: Vec<(String, i64)>,
+    /// Claims to release.
+    pub releases: Vec<Release>,
+    /// When a node's state next changes with time alone (none: only a
+    /// datastore change can change anything).
+    pub next_check: Option<Duration>,
+}
+
+/// Decides, at `now` (Unix seconds), what `snapshot` means under `policy`
+/// for node `me` (never marked gone or released by itself; `None` for a
+/// tool that is no node).
+#[must_use]
+pub fn plan(snapshot: &Snapshot, policy: Policy, me: Option<&str>, now: u64) -> Plan {
+    let grace = policy.node_grace_period.as_secs();
+    let release = policy.cidr_release_after.as_secs();
+    let mut plan = Plan::default();
+    let mut next: Option<u64> = None;
+    let mut soonest = |at: u64| {
+        if at > now {
+            let wait = at - now;
+            next = Some(next.map_or(wait, |n| n.min(wait)));
+        }
+    };
+
+    for (name, record) in &snapshot.live {
+        plan.routed.push(record.clone());
+        plan.nodes.push(NodeStatus {
+            record: record.clone(),
+            state: NodeState::Live,
+            since: None,
+            routed: true,
+        });
+        if let Some(tomb) = snapshot.gone.get(name) {
+            plan.clear_tombstones
+                .push((name.clone(), tomb.mod_revision));
+        }
+    }
+
+    // Everyone who holds something (a record or a claim) but no lease.
+    let holders: BTreeSet<&String> = snapshot
+        .members
+        .keys()
+        .chain(snapshot.claims.values())
+        .chain(snapshot.gone.keys())
+        .filter(|name| !snapshot.live.contains_key(*name))
+        .collect();
+    for name in holders {
+        if Some(name.as_str()) == me {
+            continue;
+        }
+        let tomb = snapshot.gone.get(name);
+        let since = if let Some(tomb) = tomb {
+            tomb.since
+        } else {
+            plan.mark_gone.push(name.clone());
+            now
+        };
+        let away = now.saturating_sub(since);
+        let claimed: Vec<Ipv4Net> = snapshot
+            .claims
+            .iter()
+            .filter(|(_, holder)| *holder == name)
+            .map(|(cidr, _)| *cidr)
+            .collect();
+        if let Some(record) = snapshot.members.get(name) {
+            let state = if away < grace {
+                NodeState::Unreachable
+            } else {
+                NodeState::Gone
+            };
+            // Only while its claim still names it: a CIDR that was released
+            // (and maybe claimed again) is not this node's to be routed to.
+            let routed = state == NodeState::Unreachable && claimed.contains(&record.pod_cidr);
+            if routed {
+                plan.routed.push(record.clone());
+            }
+            plan.nodes.push(NodeStatus {
+                record: record.clone(),
+                state,
+                since: Some(since),
+                routed,
+            });
+            soonest(since.saturating_add(grace));
+        }
+        match tomb {
+            Some(tomb) if away >= release => plan.releases.push(Release {
+                name: name.clone(),
+                cidrs: claimed,
+                tombstone_revision: tomb.mod_revision,
+            }),
+            _ => soonest(since.saturating_add(release)),
+        }
+    }
+    plan.next_check = next.map(Duration::from_secs);
+    plan
+}
+
+/// What is wrong with a set of claims and live records, if anything: a node
+/// holding two CIDRs, two claims overlapping, a live node announcing a CIDR
+/// that is not claimed by it, or two live nodes announcing overlapping
+/// CIDRs. Empty when the CIDRs are each held once.
+#[must_use]
+pub fn claim_problems(snapshot: &Snapshot) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut held: BTreeMap<&str, Vec<Ipv4Net>> = BTreeMap::new();
+    for (cidr, name) in &snapshot.claims {
+        held.entry(name).or_default().push(*cidr);
+    }
+    for (name, cidrs) in &held {
+        if cidrs.len() > 1 {
+            problems.push(format!("{name} holds {} claims: {cidrs:?}", cidrs.len()));
+        }
+    }
+    let claims: Vec<(&Ipv4Net, &String)> = snapshot.claims.iter().collect();
+    for (i, (a, a_name)) in claims.iter().enumerate() {
+        for (b, b_name) in &claims[i + 1..] {
+            if a.contains(&b.network()) || b.contains(&a.network()) {
+                problems.push(format!("claims {a} ({a_name}) and {b} ({b_name}) overlap"));
+            }
+        }
+    }
+    for (name, record) in &snapshot.live {
+        if snapshot.claims.get(&record.pod_cidr) != Some(name) {
+            problems.push(format!(
+                "{name} announces {} but the claim names {}",
+                record.pod_cidr,
+                snapshot
+                    .claims
+                    .get(&record.pod_cidr)
+                    .map_or("nobody", String::as_str)
+            ));
+        }
+    }
+    let live: Vec<&NodeRecord> = snapshot.live.values().collect();
+    for (i, a) in live.iter().enumerate() {
+        for b in &live[i + 1..] {
+            if a.pod_cidr.contains(&b.pod_cidr.network())
+                || b.pod_cidr.contains(&a.pod_cidr.network())
+            {
+                problems.push(format!(
+                    "live nodes {} ({}) and {} ({}) overlap",
+                    a.name, a.pod_cidr, b.name, b.pod_cidr
+                ));
+            }
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: u64 = 60;
+    const NOW: u64 = 1_800_000_000;
+
+    fn record(name: &str, third: u8) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            node_ip: std::net::Ipv4Addr::new(192, 168, 100, 10 + third),
+            pod_cidr: Ipv4Net::new(std::net::Ipv4Addr::new(10, 244, third, 0), 24).expect("cidr"),
+        }
+    }
+
+    /// A cluster where `live` nodes hold a lease and `away` nodes (name,
+    /// seconds since their tombstone, or None for no tombstone yet) do not;
+    /// every node has a record and a claim.
+    fn snapshot(live: &[&str], away: &[(&str, Option<u64>)]) -> Snapshot {
+        let mut s = Snapshot {
+            revision: 100,
+            ..Snapshot::default()
+        };
+        let names = live.iter().copied().chain(away.iter().map(|(n, _)| *n));
+        for (i, name) in names.enumerate() {
+            let r = record(name, u8::try_from(i + 1).expect("small"));
+            s.claims.insert(r.pod_cidr, (*name).to_owned());
+            s.members.insert((*name).to_owned(), r.clone());
+            if live.contains(&name) {
+                s.live.insert((*name).to_owned(), r);
+            }
+        }
+        for (i, (name, ago)) in away.iter().enumerate() {
+            if let Some(ago) = ago {
+                s.gone.insert(
+                    (*name).to_owned(),
+                    Tombstone {
+                        since: NOW - ago,
+                        mod_revision: 50 + i64::try_from(i).expect("small"),
+                    },
+                );
+            }
+        }
+        s
+    }
+
+    fn policy(grace_min: u64, release_min: u64) -> Policy {
+        Policy::new(
+            Duration::from_secs(grace_min * MIN),
+            Duration::from_secs(release_min * MIN),
+        )
+        .expect("policy")
+    }
+
+    fn routed(plan: &Plan) -> Vec<&str> {
+        plan.routed.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    fn state(plan: &Plan, name: &str) -> NodeState {
+        plan.nodes
+            .iter()
+            .find(|n| n.record.name == name)
+            .expect("listed")
+            .state
+    }
+
+    #[test]
+    fn a_node_whose_lease_just_expired_is_still_routed_and_gets_a_tombstone() {
+        let s = snapshot(&["me", "n2"], &[("n3", None)]);
+        let p = plan(&s, Policy::default(), Some("me"), NOW);
+        assert_eq!(routed(&p), ["me", "n2", "n3"]);
+        assert_eq!(state(&p, "n3"), NodeState::Unreachable);
+        assert_eq!(p.mark_gone, ["n3"]);
+        assert!(p.releases.is_empty());
+        assert_eq!(p.next_check, Some(Policy::DEFAULT_NODE_GRACE_PERIOD));
+    }
+
+    #[test]
+    fn routes_stay_for_the_grace_period_then_go_and_the_claim_is_released_later() {
+        let p = policy(10, 24 * 60);
+        let within = plan(
+            &snapshot(&["me"], &[("n2", Some(9 * MIN))]),
+            p,
+            Some("me"),
+            NOW,
+        );
+        assert_eq!(routed(&within), ["me", "n2"]);
+        assert_eq!(state(&within, "n2"), NodeState::Unreachable);
+        assert!(
+            within.mark_gone.is_empty(),
+            "the tombstone is there already"
+        );
+        assert_eq!(within.next_check, Some(Duration::from_secs(MIN)));
+
+        let after = plan(
+            &snapshot(&["me"], &[("n2", Some(10 * MIN))]),
+            p,
+            Some("me"),
+            NOW,
+        );
+        assert_eq!(routed(&after), ["me"], "gone after the grace period");
+        assert_eq!(state(&after, "n2"), NodeState::Gone);
+        assert!(after.releases.is_empty(), "the claim is kept for a day");
+        assert_eq!(
+            after.next_check,
+            Some(Duration::from_secs(24 * 60 * MIN - 10 * MIN))
+        );
+
+        let s = snapshot(&["me"], &[("n2", Some(24 * 60 * MIN))]);
+        let day = plan(&s, p, Some("me"), NOW);
+        assert_eq!(routed(&day), ["me"]);
+        assert_eq!(
+            day.releases,
+            [Release {
+                name: "n2".into(),
+                cidrs: vec![s.members["n2"].pod_cidr],
+                tombstone_revision: s.gone["n2"].mod_revision,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_live_node_is_never_released_whatever_its_tombstone_says() {
+        let mut s = snapshot(&["me", "n2"], &[]);
+        s.gone.insert(
+            "n2".into(),
+            Tombstone {
+                since: NOW - 365 * 24 * 60 * MIN,
+                mod_revision: 7,
+            },
+        );
+        let p = plan(&s, policy(1, 1), Some("me"), NOW);
+        assert_eq!(routed(&p), ["me", "n2"]);
+        assert!(p.releases.is_empty());
+        assert_eq!(p.clear_tombstones, [("n2".to_owned(), 7)]);
+    }
+
+    #[test]
+    fn this_node_never_marks_or_releases_itself() {
+        let s = snapshot(&["n2"], &[("me", Some(365 * 24 * 60 * MIN))]);
+        let p = plan(&s, policy(1, 1), Some("me"), NOW);
+        assert!(p.mark_gone.is_empty());
+        assert!(p.releases.is_empty());
+        // Another agent would.
+        let other = plan(&s, policy(1, 1), Some("n2"), NOW);
+        assert_eq!(other.releases.len(), 1);
+    }
+
+    #[test]
+    fn an_unreachable_node_whose_claim_was_taken_is_not_routed() {
+        let mut s = snapshot(&["me"], &[("n2", Some(MIN))]);
+        let cidr = s.members["n2"].pod_cidr;
+        s.claims.insert(cidr, "n9".into());
+        let p = plan(&s, Policy::default(), Some("me"), NOW);
+        assert_eq!(routed(&p), ["me"]);
+        assert_eq!(state(&p, "n2"), NodeState::Unreachable);
+    }
+
+    #[test]
+    fn claims_and_records_without_a_lease_are_tombstoned_and_released_too() {
+        // A claim whose holder never published (crashed between claim and
+        // publish, or an agent from before tombstones), and a tombstone
+        // whose record was deleted by hand.
+        let mut s = snapshot(&["me"], &[]);
+        s.claims
+            .insert("10.244.50.0/24".parse().expect("cidr"), "ghost".into());
+        s.gone.insert(
+            "deleted".into(),
+            Tombstone {
+                since: NOW - 2 * MIN,
+                mod_revision: 9,
+            },
+        );
+        let p = plan(&s, policy(1, 2), Some("me"), NOW);
+        assert_eq!(p.mark_gone, ["ghost"]);
+        assert_eq!(routed(&p), ["me"], "no record, nothing to route");
+        assert_eq!(
+            p.releases,
+            [Release {
+                name: "deleted".into(),
+                cidrs: vec![],
+                tombstone_revision: 9,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_clock_behind_the_tombstone_counts_no_time_away() {
+        let mut s = snapshot(&["me"], &[("n2", Some(0))]);
+        if let Some(t) = s.gone.get_mut("n2") {
+            t.since = NOW + 30;
+        }
+        let p = plan(&s, policy(1, 2), Some("me"), NOW);
+        assert_eq!(state(&p, "n2"), NodeState::Unreachable);
+        assert!(p.releases.is_empty());
+    }
+
+    #[test]
+    fn the_policy_refuses_a_release_before_the_routes_go() {
+        assert!(Policy::new(Duration::from_mins(10), Duration::from_mins(1)).is_err());
+        assert!(Policy::new(Duration::from_mins(1), Duration::from_mins(1)).is_ok());
+    }
+
+    #[test]
+    fn durations() {
+        for (text, secs) in [
+            ("90", 90),
+            ("90s", 90),
+            ("10m", 600),
+            ("24h", 86_400),
+            ("2d", 172_800),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_secs(secs)),
+                "{text}"
+            );
+            assert_eq!(
+                parse_duration(&format_duration(Duration::from_secs(secs))),
+                Ok(Duration::from_secs(secs))
+            );
+        }
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(format_duration(Duration::from_mins(10)), "10m");
+        for bad in ["", "m", "10x", "-1s", "1.5h", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn claim_problems_finds_double_claims() {
+        let good = snapshot(&["a", "b"], &[("c", Some(0))]);
+        assert!(
+            claim_problems(&good).is_empty(),
+            "{:?}",
+            claim_problems(&good)
+        );
+
+        let mut two = good.clone();
+        two.claims
+            .insert("10.244.77.0/24".parse().expect("cidr"), "a".into());
+        assert_eq!(claim_problems(&two).len(), 1, "{:?}", claim_problems(&two));
+
+        let mut overlap = good.clone();
+        overlap
+            .claims
+            .insert("10.244.1.0/25".parse().expect("cidr"), "z".into());
+        assert!(!claim_problems(&overlap).is_empty());
+
+        let mut unclaimed = good.clone();
+        let b_cidr = unclaimed.live["b"].pod_cidr;
+        unclaimed.claims.insert(b_cidr, "c".into());
+        assert!(!claim_problems(&unclaimed).is_empty());
+    }
+}
