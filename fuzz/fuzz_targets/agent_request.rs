@@ -101,4 +101,15 @@ fn check_endpoint(ep: &Endpoint, pod_cidr: Ipv4Net) {
     }
     assert_eq!(ep.host_ifname, host_ifname(owner));
     assert!(is_cni_ifname(&ep.host_ifname));
+    // Limits the kernel would refuse (or the reference plugin would) never
+    // reach the netlink calls.
+    if let Some(bandwidth) = ep.bandwidth {
+        assert!(bandwidth.validate().is_ok(), "{bandwidth:?}");
+        for tbf in [bandwidth.ingress(), bandwidth.egress()]
+            .into_iter()
+            .flatten()
+        {
+            assert!(tbf.kernel_accepts(), "{tbf:?}");
+        }
+    }
 }

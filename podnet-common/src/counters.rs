@@ -29,10 +29,14 @@ pub enum Verdict {
     /// The stack sent a pod's flow through a pod veth or the overlay /
     /// underlay; its reply direction was recorded to follow it.
     StackFlowTracked = 9,
+    /// A packet of a pod with an egress bandwidth limit, checked and handed
+    /// to the pod's shaper (an ifb device whose tbf queues it); from there
+    /// it goes up the host stack, which routes it.
+    ToShaper = 10,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Self::RedirectPeer,
         Self::PassToStack,
@@ -44,6 +48,7 @@ impl Verdict {
         Self::UnderlayDeliver,
         Self::StackFlow,
         Self::StackFlowTracked,
+        Self::ToShaper,
     ];
 
     #[must_use]
@@ -59,6 +64,7 @@ impl Verdict {
             Self::UnderlayDeliver => "underlay_deliver",
             Self::StackFlow => "stack_flow",
             Self::StackFlowTracked => "stack_flow_tracked",
+            Self::ToShaper => "to_shaper",
         }
     }
 }

@@ -19,8 +19,13 @@ pub struct EndpointInfo {
     pub host_mac: [u8; 6],
 }
 
-/// No flags yet; reserved so the layout need not change when they come.
+/// No flags.
 pub const ENDPOINT_F_NONE: u32 = 0;
+/// The endpoint has an ingress bandwidth limit: a tbf on its host veth's
+/// egress. The fast path hands its packets to that egress
+/// (`bpf_redirect`) instead of straight into the pod (`bpf_redirect_peer`
+/// skips every qdisc), so the tbf shapes them whichever way they came.
+pub const ENDPOINT_F_SHAPED_INGRESS: u32 = 1;
 
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 20);
 const _: () = assert!(core::mem::align_of::<EndpointInfo>() == 4);
@@ -45,7 +50,8 @@ mod user {
     // SAFETY: as above: two u64s, no padding.
     unsafe impl aya::Pod for super::EndpointStats {}
     // SAFETY: as above: u32 + 2 x 6 bytes fill the 16 bytes before the
-    // 8-aligned counters exactly (size and offset asserted below).
+    // 8-aligned counters exactly, two u32s the 8 after them (size and
+    // offset asserted below).
     unsafe impl aya::Pod for super::VethEndpoint {}
 }
 
@@ -64,7 +70,11 @@ pub struct VethEndpoint {
     /// MAC of the host veth itself (what the ARP responder answers).
     pub host_mac: [u8; 6],
     pub stats: EndpointStats,
+    /// Ifindex of the ifb device that shapes what the pod sends (its egress
+    /// bandwidth limit); 0: none, the pod's packets take the fast path.
+    pub egress_shaper_ifindex: u32,
+    pub reserved: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<VethEndpoint>() == 32);
+const _: () = assert!(core::mem::size_of::<VethEndpoint>() == 40);
 const _: () = assert!(core::mem::offset_of!(VethEndpoint, stats) == 16);

@@ -267,13 +267,7 @@ pub fn track_reply(ctx: &TcContext, ip: &Ipv4Fields) {
 /// Always lets the packet go on (`TCX_NEXT`).
 #[inline(always)]
 pub fn track_node_egress(ctx: &mut TcContext) -> i32 {
-    let skb = ctx.skb.skb;
-    // SAFETY: `skb` is the kernel's `__sk_buff` for this run; TC programs
-    // may read and write `tc_index` (the verifier rewrites the access).
-    let fast_path = unsafe { (*skb).tc_index == FAST_PATH_TC_INDEX };
-    if fast_path {
-        // SAFETY: as above.
-        unsafe { (*skb).tc_index = 0 };
+    if take_fast_path_mark(ctx) {
         return TC_ACT_UNSPEC;
     }
     if let L3::Ipv4(ip) = packet::parse(ctx)
@@ -284,10 +278,25 @@ pub fn track_node_egress(ctx: &mut TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Whether the fast path marked this packet ([`mark_fast_path`]); clears
+/// the mark.
+#[inline(always)]
+pub fn take_fast_path_mark(ctx: &mut TcContext) -> bool {
+    let skb = ctx.skb.skb;
+    // SAFETY: `skb` is the kernel's `__sk_buff` for this run; TC programs
+    // may read and write `tc_index` (the verifier rewrites the access).
+    let marked = unsafe { (*skb).tc_index == FAST_PATH_TC_INDEX };
+    if marked {
+        // SAFETY: as above.
+        unsafe { (*skb).tc_index = 0 };
+    }
+    marked
+}
+
 /// Marks a packet the fast path hands to the overlay or underlay device
-/// (see [`track_node_egress`]).
+/// (see [`track_node_egress`]) or to a shaped pod's host veth egress.
 #[inline(always)]
 pub fn mark_fast_path(ctx: &mut TcContext) {
-    // SAFETY: as in `track_node_egress`.
+    // SAFETY: as in `take_fast_path_mark`.
     unsafe { (*ctx.skb.skb).tc_index = FAST_PATH_TC_INDEX };
 }

@@ -12,6 +12,7 @@ use aya_ebpf::{
 };
 use podnet_common::{
     DropReason, EndpointInfo, RemoteNode, Verdict,
+    endpoint::ENDPOINT_F_SHAPED_INGRESS,
     node::{MODE_DIRECT, MODE_VXLAN, REMOTE_NODE_ADDRESS},
 };
 
@@ -201,10 +202,33 @@ pub fn to_endpoint(
     header.dst_mac = dst.pod_mac;
     header.src_mac = dst.host_mac;
     count(verdict);
+    if dst.flags & ENDPOINT_F_SHAPED_INGRESS != 0 {
+        // Through the host veth's egress, where the pod's tbf queues it
+        // (`bpf_redirect_peer` would skip every qdisc). to_pod runs there
+        // first: the mark tells it this packet never saw the stack.
+        flows::mark_fast_path(ctx);
+        // SAFETY: plain helper call; redirecting to a device's egress
+        // works from any TC hook.
+        return unsafe { bpf_redirect(dst.host_ifindex, 0) as i32 };
+    }
     // SAFETY: plain helper call; `bpf_redirect_peer` works from TC ingress
     // towards a device whose peer is in another netns: every caller runs at
     // TC ingress, and an endpoint's host veth has its peer in the pod.
     unsafe { bpf_redirect_peer(dst.host_ifindex, 0) as i32 }
+}
+
+/// Hands a pod's packet to its egress shaper: the ifb device's egress,
+/// where a tbf queues it. ifb gives the packet back to the host veth's
+/// receive path, past TC ingress (`tc_skip_classify`), so the host stack
+/// routes it from there: shaped traffic leaves the fast path, which is
+/// what a queue needs (the fast path's redirects skip every qdisc on the
+/// way). ifb accepts only redirected packets; `bpf_redirect` marks them
+/// so since Linux 5.13 (`skb_set_redirected` in `skb_do_redirect`).
+#[inline(always)]
+pub fn to_shaper(shaper_ifindex: u32) -> i32 {
+    count(Verdict::ToShaper);
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect(shaper_ifindex, 0) as i32 }
 }
 
 /// Sends a pod's packet to the node that owns its destination.

@@ -75,34 +75,42 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
         return drop_packet(DropReason::SpoofedSourceMac);
     }
 
-    if let Some(dst) = endpoint(ip.dst) {
+    // Where the packet would go: a local pod, or another node's pod or
+    // address (one lookup each, the second only when the first misses).
+    let local = endpoint(ip.dst);
+    let remote = match local {
+        Some(_) => None,
+        None => forward::remote_node(ip.dst),
+    };
+    // UDP to the VXLAN port of a node (this one, another one, or any host
+    // outside the pod network): every node's VXLAN device listens on all
+    // its addresses. Pod-to-pod UDP on that port is ordinary traffic.
+    let to_a_pod = local.is_some() || remote.is_some_and(|r| r.flags & REMOTE_NODE_ADDRESS == 0);
+    if !to_a_pod && is_vxlan(&ctx, &ip) {
+        return drop_packet(DropReason::VxlanFromPod);
+    }
+    // An egress bandwidth limit: every packet the pod sends, whatever its
+    // destination, queues in the pod's shaper. Checked above like any other.
+    if veth.egress_shaper_ifindex != 0 {
+        return forward::to_shaper(veth.egress_shaper_ifindex);
+    }
+    if let Some(dst) = local {
         if let Some(code) = flows::divert_to_stack(&ctx, &ip) {
             return code;
         }
         return forward::to_endpoint(&mut ctx, &ip, &dst, Verdict::RedirectPeer);
     }
-    if let Some(remote) = forward::remote_node(ip.dst) {
-        // Another node's own address: forwarded through the tunnel like
-        // its pods, so that node's VXLAN device must not get a pod's VXLAN.
-        if remote.flags & REMOTE_NODE_ADDRESS != 0 && is_vxlan(&ctx, &ip) {
-            return drop_packet(DropReason::VxlanFromPod);
-        }
+    if let Some(remote) = remote {
         if let Some(code) = flows::divert_to_stack(&ctx, &ip) {
             return code;
         }
         return forward::to_remote(&mut ctx, &ip, &remote);
     }
-    if is_vxlan(&ctx, &ip) {
-        return drop_packet(DropReason::VxlanFromPod);
-    }
     // Not a pod of the cluster: the host stack routes (and masquerades) it.
     pass_to_stack()
 }
 
-/// UDP to the cluster's VXLAN port (to the node itself or any other host:
-/// every node's VXLAN device listens on all its addresses). Pod-to-pod UDP
-/// on that port never gets here: it is forwarded (encapsulated) like any
-/// other pod traffic.
+/// UDP to the cluster's VXLAN port.
 #[inline(always)]
 fn is_vxlan(ctx: &TcContext, ip: &Ipv4Fields) -> bool {
     const IPPROTO_UDP: u8 = 17;

@@ -1,6 +1,6 @@
 //! `to_pod`: TC egress of a pod's host-side veth, i.e. what the host stack
 //! delivers to a pod (`bpf_redirect_peer` from the fast path never passes
-//! here). A packet from a pod that reaches another pod through the stack
+//! here; its redirects to a pod with an ingress limit do, marked). A packet from a pod that reaches another pod through the stack
 //! belongs to a flow the stack handles (a Service DNAT, a hostPort, a
 //! NodePort, ...): its replies must take the stack too, so their direction
 //! is recorded. The packet itself always goes on.
@@ -15,6 +15,11 @@ use crate::{
 
 #[classifier]
 pub fn to_pod(mut ctx: TcContext) -> i32 {
+    // A packet the fast path hands to a shaped pod through this egress
+    // (see `forward::to_endpoint`) never went through the stack.
+    if flows::take_fast_path_mark(&mut ctx) {
+        return TC_ACT_UNSPEC;
+    }
     // Only flows whose replies the fast path would take: from a pod of
     // this node or of another node (from_pod redirects replies to both).
     if let L3::Ipv4(ip) = packet::parse(&mut ctx)

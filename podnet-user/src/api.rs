@@ -64,6 +64,9 @@ pub struct Endpoint {
     pub host_ifindex: u32,
     pub pod_mac: [u8; 6],
     pub host_mac: [u8; 6],
+    /// Bandwidth limits (the CNI `bandwidth` capability); `None`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<crate::shaping::Bandwidth>,
 }
 
 /// An endpoint with its datapath state, for `podnetctl endpoints`.

@@ -396,6 +396,17 @@ impl Datapath {
         ip: Ipv4Addr,
         info: EndpointInfo,
     ) -> Result<(), DatapathError> {
+        self.upsert_shaped_endpoint(ip, info, 0)
+    }
+
+    /// [`Self::upsert_endpoint`] for a pod whose egress is shaped by the
+    /// ifb device `egress_shaper_ifindex` (0: not shaped).
+    pub fn upsert_shaped_endpoint(
+        &mut self,
+        ip: Ipv4Addr,
+        info: EndpointInfo,
+        egress_shaper_ifindex: u32,
+    ) -> Result<(), DatapathError> {
         self.endpoints_map()?
             .insert(ip_key(ip), info, 0)
             .map_err(map_err(names::MAP_ENDPOINTS, format!("inserting {ip}")))?;
@@ -404,6 +415,8 @@ impl Datapath {
             pod_mac: info.pod_mac,
             host_mac: info.host_mac,
             stats: EndpointStats::default(),
+            egress_shaper_ifindex,
+            reserved: 0,
         };
         let name = names::MAP_VETHS;
         let mut veths = self.veths_map()?;

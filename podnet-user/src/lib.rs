@@ -12,3 +12,4 @@ pub mod failpoint;
 pub mod ipam;
 pub mod netlink;
 pub mod pinned_maps;
+pub mod shaping;

@@ -47,7 +47,7 @@ pub struct BenchOptions {
 }
 
 /// The parts of a run, in the order they run.
-pub const PARTS: [&str; 5] = ["same-node", "cni", "scale", "cross-node", "bpf"];
+pub const PARTS: [&str; 6] = ["same-node", "shaping", "cni", "scale", "cross-node", "bpf"];
 
 impl BenchOptions {
     #[must_use]
@@ -904,6 +904,7 @@ pub fn register_endpoints(node: &Node, count: u32) -> anyhow::Result<()> {
             host_ifindex: u32::try_from(link["ifindex"].as_u64().context("ifindex")?)?,
             pod_mac: mac,
             host_mac: mac,
+            bandwidth: None,
         };
         agent
             .add_endpoint(&endpoint)
@@ -997,6 +998,74 @@ fn measure_dataplanes(
         out.push(figure(scenario, &name, metric, unit, values));
     }
     add_bpf_cost(scenario, &before, &bpf_stats(), baseline_programs, out);
+    Ok(())
+}
+
+/// An unlimited pod's same-node throughput with and without pods with
+/// bandwidth limits (100 Mbit/s and 1 Gbit/s both ways, idle) on the node:
+/// the limited pods are added before and deleted after each "beside" run,
+/// and the two conditions swap order every round (paired ratios).
+fn measure_shaping(
+    podnet: &Node,
+    pods: &[crate::node::Pod],
+    opts: &BenchOptions,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    let pair = Pair {
+        client_ns: pods[0].netns.name().into(),
+        server_ns: pods[1].netns.name().into(),
+        server_ip: pods[1].ip,
+    };
+    let limits = |rate: u64| {
+        podnet.conf(
+            "1.1.0",
+            &serde_json::json!({"capabilities": {"bandwidth": true},
+                "runtimeConfig": {"bandwidth": {"ingressRate": rate, "ingressBurst": rate / 100,
+                                                "egressRate": rate, "egressBurst": rate / 100}}}),
+        )
+    };
+    let mut alone = Vec::new();
+    let mut beside = Vec::new();
+    for round in 1..=opts.rounds {
+        let shaped_first = round.is_multiple_of(2);
+        for with_shaped in [shaped_first, !shaped_first] {
+            progress(&format!(
+                "shaping: round {round}/{}: podnet {}",
+                opts.rounds,
+                if with_shaped {
+                    "beside limited pods"
+                } else {
+                    "alone"
+                }
+            ));
+            if with_shaped {
+                let shaped = [
+                    podnet.add_pod_with(&format!("shaped-{round}-slow"), &limits(100_000_000))?,
+                    podnet.add_pod_with(&format!("shaped-{round}-fast"), &limits(1_000_000_000))?,
+                ];
+                beside.push(throughput(&pair, opts.seconds)?);
+                for pod in &shaped {
+                    podnet.del_pod(pod)?;
+                }
+            } else {
+                alone.push(throughput(&pair, opts.seconds)?);
+            }
+        }
+    }
+    figures.push(figure(
+        "shaping",
+        "podnet",
+        "tcp_throughput",
+        "Gbit/s",
+        alone,
+    ));
+    figures.push(figure(
+        "shaping",
+        "podnet beside limited pods",
+        "tcp_throughput",
+        "Gbit/s",
+        beside,
+    ));
     Ok(())
 }
 
@@ -1174,7 +1243,7 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     let mut figures = Vec::new();
     let stats = BpfStatsEnabled::new();
 
-    if ["same-node", "scale", "cni"]
+    if ["same-node", "shaping", "scale", "cni"]
         .iter()
         .any(|part| opts.runs(part))
     {
@@ -1235,6 +1304,9 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
             )?;
             // The baseline's programs must not run during cni / scale.
             drop(baseline);
+        }
+        if opts.runs("shaping") {
+            measure_shaping(&podnet, &pods, opts, &mut figures)?;
         }
         // CNI before scale: the scale part leaves the node holding 4,096
         // more endpoints (and 8,192 veths), which the bridge node does not.
@@ -1519,6 +1591,31 @@ pub fn table(figures: &[Figure]) -> String {
             out,
             "  scale       podnet full maps vs minimal maps tcp_throughput   {:>6.2}x",
             scaled.median / min.median
+        );
+    }
+    if let (Some(beside), Some(alone)) = (
+        find(
+            figures,
+            "shaping",
+            "podnet beside limited pods",
+            "tcp_throughput",
+        ),
+        find(figures, "shaping", "podnet", "tcp_throughput"),
+    ) {
+        // Paired per round: each "beside" run against its round's "alone".
+        let mut ratios: Vec<f64> = beside
+            .runs
+            .iter()
+            .zip(&alone.runs)
+            .map(|(b, a)| b / a)
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let _ = writeln!(
+            out,
+            "  shaping     unlimited pod beside limited pods vs alone tcp_throughput {:>6.2}x (per round {:.2}..{:.2})",
+            percentile(&ratios, 0.5),
+            ratios.first().copied().unwrap_or(f64::NAN),
+            ratios.last().copied().unwrap_or(f64::NAN),
         );
     }
     out.push_str(&baseline_table(figures));

@@ -63,6 +63,8 @@ pub struct Inventory {
     pub ipam_stray: BTreeSet<String>,
     /// Host-side pod veths (`pn...`) in the node's netns.
     pub veths: BTreeSet<String>,
+    /// Shaper (ifb) devices (`pbw...`) in the node's netns.
+    pub shapers: BTreeSet<String>,
     /// The agent's endpoints (`podnetctl endpoints`).
     pub endpoints: Vec<EndpointStatus>,
     /// Files in the agent's record directory.
@@ -84,6 +86,7 @@ impl Inventory {
             ipam,
             ipam_stray,
             veths: host_veths(node.netns)?,
+            shapers: links_named(node.netns, podnet::shaping::SHAPER_IFNAME_PREFIX)?,
             endpoints,
             records: file_names(&node.state_dir.join("endpoints"))?,
             map_endpoints: map_keys::<EndpointInfo>(&node.bpffs.join(names::MAP_ENDPOINTS), false)?
@@ -156,6 +159,14 @@ impl Inventory {
             .map(|e| e.endpoint.host_ifindex)
             .collect();
         diff(&mut out, "veths map entry", &self.map_veths, &ifindexes);
+        // A shaper for each endpoint with an egress limit, no other.
+        let shapers: BTreeSet<String> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.endpoint.bandwidth.and_then(|b| b.egress()).is_some())
+            .map(|e| podnet::shaping::shaper_ifname(&e.endpoint.host_ifname))
+            .collect();
+        diff(&mut out, "shaper (ifb)", &self.shapers, &shapers);
         out
     }
 
@@ -213,6 +224,11 @@ fn ipam_store(dir: &Path) -> anyhow::Result<(BTreeSet<Ipv4Addr>, BTreeSet<String
 
 /// Host-side pod veths in `netns`.
 pub fn host_veths(netns: &str) -> anyhow::Result<BTreeSet<String>> {
+    links_named(netns, HOST_IFNAME_PREFIX)
+}
+
+/// Links in `netns` whose name starts with `prefix`.
+pub fn links_named(netns: &str, prefix: &str) -> anyhow::Result<BTreeSet<String>> {
     let out = crate::netns::run(
         std::process::Command::new("ip").args(["-n", netns, "-o", "link", "show"]),
     )?;
@@ -220,7 +236,7 @@ pub fn host_veths(netns: &str) -> anyhow::Result<BTreeSet<String>> {
         .lines()
         .filter_map(|l| l.split(": ").nth(1))
         .map(|n| n.split('@').next().unwrap_or(n).to_owned())
-        .filter(|n| n.starts_with(HOST_IFNAME_PREFIX))
+        .filter(|n| n.starts_with(prefix))
         .collect())
 }
 

@@ -309,11 +309,27 @@ impl LabLayout {
         node: &LabNode,
         env: &[(&str, &str)],
     ) -> anyhow::Result<(bool, serde_json::Value)> {
+        self.cni_with(node, env, &serde_json::Value::Null)
+    }
+
+    /// [`Self::cni`] with the keys of `extra` (an object, e.g. a
+    /// `runtimeConfig`) added to the conf, as libcni adds runtime config.
+    pub fn cni_with(
+        &self,
+        node: &LabNode,
+        env: &[(&str, &str)],
+        extra: &serde_json::Value,
+    ) -> anyhow::Result<(bool, serde_json::Value)> {
         let conflist: serde_json::Value = serde_json::from_slice(&fs::read(&node.cni_conf)?)?;
         // What libcni does with a conflist of one plugin.
         let mut conf = conflist["plugins"][0].clone();
         conf["cniVersion"] = conflist["cniVersion"].clone();
         conf["name"] = conflist["name"].clone();
+        if let Some(extra) = extra.as_object() {
+            for (key, value) in extra {
+                conf[key] = value.clone();
+            }
+        }
         let out = crate::run_cni_plugin(
             in_netns(&node.netns, node.cni_bin_dir.join("podnet"))?,
             &format!("{}:/usr/lib/cni", node.cni_bin_dir.display()),
@@ -326,12 +342,22 @@ impl LabLayout {
 
     /// Creates a pod on `node` (a new netns + CNI ADD) and records it.
     pub fn add_pod(&mut self, node_name: &str, pod_name: &str) -> anyhow::Result<LabPod> {
+        self.add_pod_with(node_name, pod_name, &serde_json::Value::Null)
+    }
+
+    /// [`Self::add_pod`] with `extra` added to the conf (see [`Self::cni_with`]).
+    pub fn add_pod_with(
+        &mut self,
+        node_name: &str,
+        pod_name: &str,
+        extra: &serde_json::Value,
+    ) -> anyhow::Result<LabPod> {
         let node = self.node(node_name).context("no such node")?.clone();
         let netns = format!("{}-{pod_name}", self.prefix);
         ip(&["netns", "add", &netns])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         let path = format!("/var/run/netns/{netns}");
-        let (ok, result) = self.cni(
+        let (ok, result) = self.cni_with(
             &node,
             &[
                 ("CNI_COMMAND", "ADD"),
@@ -339,7 +365,11 @@ impl LabLayout {
                 ("CNI_NETNS", &path),
                 ("CNI_IFNAME", "eth0"),
             ],
+            extra,
         )?;
+        if !ok {
+            let _ = ip(&["netns", "del", &netns]);
+        }
         anyhow::ensure!(ok, "ADD of {pod_name} on {node_name} failed: {result}");
         let pod_ip = result["ips"][0]["address"]
             .as_str()

@@ -1,7 +1,8 @@
 //! podnet as the first plugin of a chain, driven the way libcni drives a
 //! conflist (each plugin gets the network name and version injected and the
-//! previous plugin's result as prevResult), followed by the reference
-//! tuning, bandwidth and portmap plugins; and with delegated IPAM.
+//! previous plugin's result as prevResult), with its own `bandwidth`
+//! capability, followed by the reference tuning and portmap plugins; and
+//! with delegated IPAM.
 
 use podnet_tests::{netns::NetNs, node::Node, privileged};
 use serde_json::{Value, json};
@@ -40,8 +41,8 @@ fn reference(
 }
 
 #[test]
-fn podnet_first_in_a_chain_with_tuning_bandwidth_and_portmap() {
-    if !privileged("podnet_first_in_a_chain_with_tuning_bandwidth_and_portmap") {
+fn podnet_first_in_a_chain_with_its_bandwidth_tuning_and_portmap() {
+    if !privileged("podnet_first_in_a_chain_with_its_bandwidth_tuning_and_portmap") {
         return;
     }
     let node = Node::start("chain", "10.244.15.0/24").expect("node");
@@ -56,21 +57,19 @@ fn podnet_first_in_a_chain_with_tuning_bandwidth_and_portmap() {
             json!({"type": "tuning", "sysctl": {"net.ipv4.conf.eth0.accept_redirects": "0"}}),
         ),
         (
-            "bandwidth",
-            json!({"type": "bandwidth", "ingressRate": 100_000_000, "ingressBurst": 1_000_000}),
-        ),
-        (
             "portmap",
             json!({"type": "portmap", "capabilities": {"portMappings": true},
                    "runtimeConfig": {"portMappings": [{"hostPort": 18080, "containerPort": 80, "protocol": "tcp"}]}}),
         ),
     ];
 
+    // Both directions limited through podnet's own capability (what
+    // README's conflist shows instead of the reference bandwidth plugin).
+    let limits = json!({"capabilities": {"bandwidth": true},
+        "runtimeConfig": {"bandwidth": {"ingressRate": 100_000_000, "ingressBurst": 1_000_000,
+                                        "egressRate": 50_000_000, "egressBurst": 500_000}}});
     let out = node
-        .cni(
-            &env_add,
-            node.conf(version, &Value::Null).to_string().as_bytes(),
-        )
+        .cni(&env_add, node.conf(version, &limits).to_string().as_bytes())
         .expect("podnet ADD");
     assert!(out.success, "{out:?}");
     let mut result = out.json();
@@ -102,7 +101,7 @@ fn podnet_first_in_a_chain_with_tuning_bandwidth_and_portmap() {
 
     // CHECK through the chain (libcni passes the final result to everyone).
     let env_check = cni_env("CHECK", "chain-1", &netns);
-    let mut check = node.conf(version, &Value::Null);
+    let mut check = node.conf(version, &limits);
     check["prevResult"] = result.clone();
     let out = node
         .cni(&env_check, check.to_string().as_bytes())
@@ -120,13 +119,14 @@ fn podnet_first_in_a_chain_with_tuning_bandwidth_and_portmap() {
         assert!(ok, "{plugin} DEL: {log}");
     }
     let out = node
-        .cni(
-            &env_del,
-            node.conf(version, &Value::Null).to_string().as_bytes(),
-        )
+        .cni(&env_del, node.conf(version, &limits).to_string().as_bytes())
         .expect("podnet DEL");
     assert!(out.success, "{out:?}");
     assert_eq!(node.ipam_records(), vec![peer.ip.to_string()]);
+    assert!(
+        node.inventory().expect("inventory").shapers.is_empty(),
+        "DEL removed the pod's shaper"
+    );
 }
 
 #[test]

@@ -14,6 +14,10 @@ use ipnet::Ipv4Net;
 use super::EndpointRegistry;
 use crate::{api::Drift, netlink};
 
+/// An endpoint map entry as the check compares it: host ifindex, flags,
+/// pod MAC, host MAC.
+type Entry = (u32, u32, [u8; 6], [u8; 6]);
+
 fn drift(kind: &str, detail: String) -> Drift {
     Drift {
         kind: kind.to_owned(),
@@ -108,17 +112,30 @@ impl EndpointRegistry {
 
     fn check_endpoints(&mut self, out: &mut Vec<Drift>) -> anyhow::Result<()> {
         let records: Vec<crate::api::Endpoint> = self.endpoints.values().cloned().collect();
-        let want: BTreeMap<Ipv4Addr, (u32, [u8; 6], [u8; 6])> = records
+        let want: BTreeMap<Ipv4Addr, Entry> = records
             .iter()
-            .map(|e| (e.ip, (e.host_ifindex, e.pod_mac, e.host_mac)))
+            .map(|e| {
+                let flags = if e.bandwidth.and_then(|b| b.ingress()).is_some() {
+                    podnet_common::endpoint::ENDPOINT_F_SHAPED_INGRESS
+                } else {
+                    podnet_common::endpoint::ENDPOINT_F_NONE
+                };
+                (e.ip, (e.host_ifindex, flags, e.pod_mac, e.host_mac))
+            })
             .collect();
-        let have: BTreeMap<Ipv4Addr, (u32, [u8; 6], [u8; 6])> = self
+        let have: BTreeMap<Ipv4Addr, Entry> = self
             .datapath_mut()
             .endpoints()?
             .into_iter()
-            .map(|(ip, info)| (ip, (info.host_ifindex, info.pod_mac, info.host_mac)))
+            .map(|(ip, info)| {
+                (
+                    ip,
+                    (info.host_ifindex, info.flags, info.pod_mac, info.host_mac),
+                )
+            })
             .collect();
         compare("endpoint map", &want, &have, out);
+        check_shaping(&records, out)?;
         let filtered = super::endpoints::veths_with_pod_filters(
             records.iter().map(|e| e.host_ifindex).collect(),
         )?;
@@ -138,4 +155,49 @@ impl EndpointRegistry {
         }
         Ok(())
     }
+}
+
+/// Each limit of an endpoint is a tbf in the kernel with its parameters:
+/// at the root of the host veth (ingress) and of the endpoint's ifb
+/// (egress).
+fn check_shaping(records: &[crate::api::Endpoint], out: &mut Vec<Drift>) -> anyhow::Result<()> {
+    let wanted: Vec<(String, String, crate::shaping::Tbf)> = records
+        .iter()
+        .flat_map(|ep| {
+            let bandwidth = ep.bandwidth.unwrap_or_default();
+            let shaper = crate::shaping::shaper_ifname(&ep.host_ifname);
+            [
+                bandwidth
+                    .ingress()
+                    .map(|tbf| (format!("ingress of {}", ep.ip), ep.host_ifname.clone(), tbf)),
+                bandwidth
+                    .egress()
+                    .map(|tbf| (format!("egress of {}", ep.ip), shaper, tbf)),
+            ]
+        })
+        .flatten()
+        .collect();
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    let found = netlink::with_netlink(None, move |h| async move {
+        let mut found = Vec::new();
+        for (what, device, tbf) in wanted {
+            let have = match netlink::link_by_name(&h, &device).await? {
+                Some(link) => netlink::root_tbf(&h, link.index).await?,
+                None => None,
+            };
+            found.push((what, device, tbf, have));
+        }
+        Ok(found)
+    })?;
+    for (what, device, tbf, have) in found {
+        if have != Some(tbf) {
+            out.push(drift(
+                "bandwidth",
+                format!("{what}: {device} should have {tbf:?} at its root, has {have:?}"),
+            ));
+        }
+    }
+    Ok(())
 }

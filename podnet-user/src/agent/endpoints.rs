@@ -16,6 +16,7 @@ use crate::{
     datapath::{Datapath, PodProgram},
     failpoint::{self, FailPoint},
     ipam::{FileStore, Holder, Owner, PodRange},
+    shaping,
 };
 
 /// How old an unowned IPAM record must be before the agent releases it.
@@ -160,9 +161,39 @@ impl EndpointRegistry {
                 let _ = fs::remove_file(entry.path());
             }
         }
+        self.remove_orphaned_shapers();
         self.release_orphaned_addresses()?;
         info!(endpoints = self.endpoints.len(), "reconciled");
         Ok(())
+    }
+
+    /// Removes shaper (ifb) devices no endpoint has: what an agent killed
+    /// between creating one and recording its endpoint, or a DEL while the
+    /// agent was down, leaves.
+    fn remove_orphaned_shapers(&self) {
+        let wanted: std::collections::HashSet<String> = self
+            .endpoints
+            .values()
+            .filter(|ep| ep.bandwidth.and_then(|b| b.egress()).is_some())
+            .map(|ep| shaping::shaper_ifname(&ep.host_ifname))
+            .collect();
+        let removed = crate::netlink::with_netlink(None, move |handle| async move {
+            let mut removed = Vec::new();
+            for name in crate::netlink::links_named(&handle, shaping::SHAPER_IFNAME_PREFIX).await? {
+                if !wanted.contains(&name) && crate::netlink::delete_link(&handle, &name).await? {
+                    removed.push(name);
+                }
+            }
+            Ok(removed)
+        });
+        match removed {
+            Ok(names) => {
+                for name in names {
+                    info!(%name, "removed a shaper no endpoint has");
+                }
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "removing orphaned shapers"),
+        }
     }
 
     /// Releases built-in IPAM reservations (of every network, in the node
@@ -199,14 +230,18 @@ impl EndpointRegistry {
     /// veth whose new from_pod ran before its entry existed would drop the
     /// pod's traffic as an unknown sender's.
     fn install(&mut self, ep: &Endpoint, restarting: bool) -> anyhow::Result<()> {
-        self.datapath.upsert_endpoint(
+        // Shapers before entries: an entry that sends a pod's packets to a
+        // shaper must never name one that is not there yet.
+        let (flags, egress_shaper) = apply_shaping(ep)?;
+        self.datapath.upsert_shaped_endpoint(
             ep.ip,
             podnet_common::EndpointInfo {
                 host_ifindex: ep.host_ifindex,
-                flags: podnet_common::endpoint::ENDPOINT_F_NONE,
+                flags,
                 pod_mac: ep.pod_mac,
                 host_mac: ep.host_mac,
             },
+            egress_shaper,
         )?;
         if !restarting {
             failpoint::hit(FailPoint::AgentAddAfterEntry);
@@ -336,7 +371,10 @@ impl EndpointRegistry {
         }
         self.write_record(&ep)?;
         failpoint::hit(FailPoint::AgentAddAfterRecord);
-        self.install(&ep, false)?;
+        if let Err(e) = self.install(&ep, false) {
+            remove_shaper(&ep);
+            return Err(e);
+        }
         info!(container = %ep.owner.container_id, ifname = %ep.owner.ifname, ip = %ep.ip,
               host = %ep.host_ifname, "endpoint added");
         self.endpoints.insert(ep.owner.clone(), ep);
@@ -372,6 +410,7 @@ impl EndpointRegistry {
             Err(e) if e.kind() != io::ErrorKind::NotFound => warn!(error = %e, "removing link pin"),
             _ => {}
         }
+        remove_shaper(&ep);
         let _ = fs::remove_file(self.config.endpoints_dir().join(record_name(owner)));
         failpoint::hit(FailPoint::AgentDelAfterRecord);
         info!(container = %owner.container_id, ifname = %owner.ifname, ip = %ep.ip, "endpoint removed");
@@ -523,7 +562,64 @@ pub fn validate_endpoint(ep: &Endpoint, pod_cidr: ipnet::Ipv4Net) -> anyhow::Res
         "invalid endpoint: host interface {:?} is not this owner's ({expected})",
         ep.host_ifname
     );
+    if let Some(bandwidth) = ep.bandwidth {
+        bandwidth
+            .validate()
+            .map_err(|e| anyhow::anyhow!("invalid endpoint: bandwidth: {e}"))?;
+    }
     Ok(())
+}
+
+/// Puts the endpoint's bandwidth limits in place (see [`crate::shaping`]):
+/// a tbf on the host veth for an ingress limit, an ifb with a tbf for an
+/// egress limit. Idempotent (a restart re-applies it). Returns the
+/// endpoint flags and the shaper's ifindex (0: none) for the datapath.
+fn apply_shaping(ep: &Endpoint) -> anyhow::Result<(u32, u32)> {
+    use podnet_common::endpoint::{ENDPOINT_F_NONE, ENDPOINT_F_SHAPED_INGRESS};
+    let Some(bandwidth) = ep.bandwidth.filter(|b| !b.is_zero()) else {
+        return Ok((ENDPOINT_F_NONE, 0));
+    };
+    let host_ifindex = ep.host_ifindex;
+    let shaper = shaping::shaper_ifname(&ep.host_ifname);
+    let (flags, shaper_ifindex) = crate::netlink::with_netlink(None, move |handle| async move {
+        let mut flags = ENDPOINT_F_NONE;
+        if let Some(tbf) = bandwidth.ingress() {
+            crate::netlink::replace_root_tbf(&handle, host_ifindex, &tbf).await?;
+            flags |= ENDPOINT_F_SHAPED_INGRESS;
+        }
+        let mut shaper_ifindex = 0;
+        if let Some(tbf) = bandwidth.egress() {
+            let mtu = crate::netlink::link_by_index(&handle, host_ifindex)
+                .await?
+                .map_or(1500, |link| link.mtu);
+            shaper_ifindex = crate::netlink::ensure_ifb(&handle, &shaper, mtu).await?;
+            crate::netlink::replace_root_tbf(&handle, shaper_ifindex, &tbf).await?;
+        }
+        Ok((flags, shaper_ifindex))
+    })
+    .with_context(|| {
+        format!(
+            "putting the bandwidth limits ({bandwidth}) in place on {}",
+            ep.host_ifname
+        )
+    })?;
+    Ok((flags, shaper_ifindex))
+}
+
+/// Deletes the endpoint's shaper (ifb), if it has one; the tbf on its host
+/// veth goes with the veth.
+fn remove_shaper(ep: &Endpoint) {
+    if ep.bandwidth.and_then(|b| b.egress()).is_none() {
+        return;
+    }
+    let name = shaping::shaper_ifname(&ep.host_ifname);
+    let deleted = crate::netlink::with_netlink(None, {
+        let name = name.clone();
+        move |handle| async move { crate::netlink::delete_link(&handle, &name).await }
+    });
+    if let Err(e) = deleted {
+        warn!(error = %format!("{e:#}"), %name, "removing an endpoint's shaper; the next start removes it");
+    }
 }
 
 /// Which of `ifindexes` (in the agent's netns) carry both of podnet's
@@ -578,6 +674,7 @@ mod tests {
             host_ifindex: 7,
             pod_mac: [0x02, 0, 0, 0, 0, 5],
             host_mac: [0x02, 0, 0, 0, 0xff, 5],
+            bandwidth: None,
         }
     }
 

@@ -148,7 +148,7 @@ fn endpoints(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     match client.call::<Vec<EndpointStatus>>(&Request::ListEndpoints) {
         Ok(list) => print(cli.json, &list, |list| {
             println!(
-                "{:<16} {:<10} {:<16} {:<16} {:<18} {:>5} {:>5} {:>10} {:>12}",
+                "{:<16} {:<10} {:<16} {:<16} {:<18} {:>5} {:>5} {:>10} {:>12}  LIMITS (RATE/BURST)",
                 "IP",
                 "IFNAME",
                 "CONTAINER",
@@ -161,8 +161,12 @@ fn endpoints(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             );
             for e in list {
                 let cid: String = e.endpoint.owner.container_id.chars().take(15).collect();
+                let limits = e
+                    .endpoint
+                    .bandwidth
+                    .map_or_else(|| "-".to_owned(), |b| b.to_string());
                 println!(
-                    "{:<16} {:<10} {:<16} {:<16} {:<18} {:>5} {:>5} {:>10} {:>12}",
+                    "{:<16} {:<10} {:<16} {:<16} {:<18} {:>5} {:>5} {:>10} {:>12}  {limits}",
                     e.endpoint.ip,
                     e.endpoint.owner.ifname,
                     cid,

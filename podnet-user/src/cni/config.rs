@@ -42,6 +42,9 @@ pub struct NetConf {
     pub valid_attachments: Option<Vec<Owner>>,
     /// The configuration as received (passed to a delegated IPAM plugin).
     pub raw: Vec<u8>,
+    /// `runtimeConfig.bandwidth` (the `bandwidth` capability), validated;
+    /// `None` when absent or all zero.
+    pub bandwidth: Option<crate::shaping::Bandwidth>,
 }
 
 #[derive(Deserialize)]
@@ -57,6 +60,13 @@ struct Wire {
     prev_result: Option<Value>,
     #[serde(rename = "cni.dev/valid-attachments")]
     valid_attachments: Option<Vec<WireAttachment>>,
+    runtime_config: Option<WireRuntimeConfig>,
+}
+
+#[derive(Deserialize)]
+struct WireRuntimeConfig {
+    /// Parsed on its own, for the reference `bandwidth` plugin's messages.
+    bandwidth: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +173,12 @@ impl NetConf {
                 })
                 .collect()
         });
+        let bandwidth = wire
+            .runtime_config
+            .and_then(|r| r.bandwidth)
+            .map(parse_bandwidth)
+            .transpose()?
+            .filter(|b| !b.is_zero());
         Ok(Self {
             cni_version,
             version,
@@ -176,8 +192,25 @@ impl NetConf {
             prev_result: wire.prev_result,
             valid_attachments,
             raw: stdin.to_vec(),
+            bandwidth,
         })
     }
+}
+
+/// `runtimeConfig.bandwidth`, refused with the reference `bandwidth`
+/// plugin's messages (a runtime or an operator switching from it reads the
+/// same errors); the code is 7, invalid configuration.
+fn parse_bandwidth(value: Value) -> Result<crate::shaping::Bandwidth, CniError> {
+    let bandwidth: crate::shaping::Bandwidth = serde_json::from_value(value).map_err(|e| {
+        CniError::new(
+            code::INVALID_CONFIG,
+            format!("failed to parse network configuration: runtimeConfig.bandwidth: {e}"),
+        )
+    })?;
+    bandwidth
+        .validate()
+        .map_err(|message| CniError::new(code::INVALID_CONFIG, message))?;
+    Ok(bandwidth)
 }
 
 #[cfg(test)]
@@ -186,6 +219,33 @@ mod tests {
 
     fn parse(json: &str) -> Result<NetConf, CniError> {
         NetConf::parse(json.as_bytes())
+    }
+
+    #[test]
+    fn bandwidth_comes_from_runtime_config_with_the_reference_messages() {
+        let conf = |bw: &str| {
+            parse(&format!(
+                r#"{{"cniVersion":"1.0.0","name":"n","type":"podnet","capabilities":{{"bandwidth":true}},
+                   "runtimeConfig":{{"bandwidth":{bw}}}}}"#
+            ))
+        };
+        let ok = conf(r#"{"ingressRate":100000000,"ingressBurst":1000000,"egressRate":1000000000,"egressBurst":10000000}"#)
+            .expect("valid limits");
+        let bw = ok.bandwidth.expect("limits");
+        assert_eq!(
+            (bw.ingress_rate, bw.egress_burst),
+            (100_000_000, 10_000_000)
+        );
+        assert_eq!(conf("{}").expect("no limits").bandwidth, None);
+        let err = conf(r#"{"ingressRate":-1,"ingressBurst":1000}"#).expect_err("negative");
+        assert_eq!(err.code, code::INVALID_CONFIG);
+        assert!(
+            err.msg.starts_with("failed to parse network configuration"),
+            "{}",
+            err.msg
+        );
+        let err = conf(r#"{"egressRate":1000}"#).expect_err("rate without burst");
+        assert_eq!(err.msg, "if rate is set, burst must also be set");
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub trait PodPlumbing {
     fn host_ifindex(&self, host_ifname: &str) -> Result<Option<u32>, CniError>;
     /// The pod interface `ifname` in `netns`, if present.
     fn pod_interface(&self, netns: &Path, ifname: &str) -> Result<Option<PodIfState>, CniError>;
+    /// The tbf at the root of host interface `host_ifname`, if it has one.
+    fn root_tbf(&self, host_ifname: &str) -> Result<Option<crate::shaping::Tbf>, CniError>;
 }
 
 /// The agent, as the plugin needs it.
@@ -335,6 +337,7 @@ fn add(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<String, CniError
         host_ifindex: created.host_ifindex,
         pod_mac: created.pod_mac,
         host_mac: created.host_mac,
+        bandwidth: conf.bandwidth,
     };
     // The agent attaches the filters and writes the datapath entry while
     // both ends are still down: the pod's link never carries a packet
@@ -495,7 +498,36 @@ fn check(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<(), CniError> 
             endpoint.ip, endpoint.host_ifindex
         )));
     }
+    check_bandwidth(conf, &endpoint, deps)?;
     check_ipam(conf, agent.as_ref(), &owner, &prev)
+}
+
+/// CHECK of the bandwidth limits: the agent's endpoint has the limits of
+/// the configuration, and each is a tbf in the kernel with the rate,
+/// bucket and queue they make (the host veth's root for ingress, the
+/// shaper's for egress).
+fn check_bandwidth(conf: &NetConf, endpoint: &Endpoint, deps: &Deps<'_>) -> Result<(), CniError> {
+    let wanted = conf.bandwidth.unwrap_or_default();
+    let has = endpoint.bandwidth.unwrap_or_default();
+    if wanted != has {
+        return Err(check_failed(format!(
+            "bandwidth limits: the configuration says {wanted}, the endpoint has {has}"
+        )));
+    }
+    let shaper = crate::shaping::shaper_ifname(&endpoint.host_ifname);
+    for (direction, device, tbf) in [
+        ("ingress", &endpoint.host_ifname, wanted.ingress()),
+        ("egress", &shaper, wanted.egress()),
+    ] {
+        let Some(tbf) = tbf else { continue };
+        let found = deps.plumbing.root_tbf(device)?;
+        if found != Some(tbf) {
+            return Err(check_failed(format!(
+                "{direction} limit: {device} should have {tbf:?} at its root, has {found:?}"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// CHECK of the built-in IPAM: this network's record of this attachment
@@ -655,6 +687,9 @@ mod tests {
         }
         fn host_ifindex(&self, host_ifname: &str) -> Result<Option<u32>, CniError> {
             Ok(self.0.borrow().host.get(host_ifname).copied())
+        }
+        fn root_tbf(&self, _: &str) -> Result<Option<crate::shaping::Tbf>, CniError> {
+            Ok(None)
         }
         fn pod_interface(
             &self,

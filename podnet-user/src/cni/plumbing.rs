@@ -163,6 +163,17 @@ impl PodPlumbing for NetlinkPlumbing {
         .map_err(plumbing_error("looking up the host interface"))
     }
 
+    fn root_tbf(&self, host_ifname: &str) -> Result<Option<crate::shaping::Tbf>, CniError> {
+        let name = host_ifname.to_owned();
+        netlink::with_netlink(None, move |h| async move {
+            match netlink::link_by_name(&h, &name).await? {
+                Some(link) => netlink::root_tbf(&h, link.index).await,
+                None => Ok(None),
+            }
+        })
+        .map_err(plumbing_error("reading a host interface's qdisc"))
+    }
+
     fn pod_interface(&self, netns: &Path, ifname: &str) -> Result<Option<PodIfState>, CniError> {
         if !netns.exists() {
             return Ok(None);
