@@ -247,6 +247,29 @@ impl Node {
         std::fs::read_to_string(self.state.path().join("podnetd.log")).unwrap_or_default()
     }
 
+    /// Runs the reference CNI plugin `plugin` (from /usr/lib/cni) in the
+    /// node's netns with `conf` on stdin: whether it succeeded, its JSON
+    /// answer, and stdout + stderr for messages.
+    pub fn reference_plugin(
+        &self,
+        plugin: &str,
+        env: &[(&str, &str)],
+        conf: &Value,
+    ) -> anyhow::Result<(bool, Value, String)> {
+        let out = crate::run_cni_plugin(
+            self.netns.command(format!("/usr/lib/cni/{plugin}"))?,
+            "/usr/lib/cni",
+            env,
+            conf.to_string().as_bytes(),
+        )?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        Ok((
+            out.status.success(),
+            serde_json::from_str(&stdout).unwrap_or(Value::Null),
+            format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
+        ))
+    }
+
     /// The CNI conf for this node in `version`, with `extra` keys merged in.
     #[must_use]
     pub fn conf(&self, version: &str, extra: &Value) -> Value {

@@ -214,6 +214,42 @@ fn del_pod(layout: &mut LabLayout, name: &str) {
         .status();
 }
 
+/// A two-node lab in `mode` with a 100 Mbit/s and a 1 Gbit/s pod on
+/// node1 (added by `add_limited`, after whatever `before` adds) and a
+/// pod on node2.
+fn lab_with_limited_pods(
+    tag: &str,
+    mode: &str,
+    before: impl FnOnce(&mut LabLayout),
+) -> (LabGuard, LabPod, LabPod, LabPod) {
+    let mut lab = LabGuard::up(tag, 2, 0, mode, LabDatastore::File).expect("lab");
+    let layout = &mut lab.layout;
+    let remote = layout.add_pod("node2", "remote").expect("remote");
+    before(layout);
+    let slow = layout
+        .add_pod_with("node1", "slow", &limited(SLOW))
+        .expect("ADD with both directions limited to 100 Mbit/s");
+    let fast = layout
+        .add_pod_with("node1", "fast", &limited(FAST))
+        .expect("ADD with both directions limited to 1 Gbit/s");
+    (lab, remote, slow, fast)
+}
+
+/// DEL of the pods `names`; then node1 holds exactly its other pods: no
+/// shaper, no entry, no record, no address left of them.
+fn del_and_assert_clean(layout: &mut LabLayout, names: &[&str]) {
+    for name in names {
+        del_pod(layout, name);
+    }
+    let node1 = layout.node("node1").expect("node1").clone();
+    Inventory::read(&node_paths(&node1))
+        .expect("inventory")
+        .assert_exactly(
+            &attachments(layout, "node1"),
+            "after DEL of the limited pods",
+        );
+}
+
 #[test]
 fn limits_hold_on_every_path_in_vxlan_mode() {
     if !privileged("limits_hold_on_every_path_in_vxlan_mode") {
@@ -222,22 +258,17 @@ fn limits_hold_on_every_path_in_vxlan_mode() {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut lab = LabGuard::up("bwv", 2, 0, "vxlan", LabDatastore::File).expect("lab");
-    let layout = &mut lab.layout;
-    let peer = layout.add_pod("node1", "peer").expect("peer");
-    let free = layout.add_pod("node1", "free").expect("free");
-    let remote = layout.add_pod("node2", "remote").expect("remote");
-
     // The unlimited pod's fast-path throughput before any limit exists
     // on the node...
-    let before = unlimited_throughput(&free, &peer);
-
-    let slow = layout
-        .add_pod_with("node1", "slow", &limited(SLOW))
-        .expect("ADD with both directions limited to 100 Mbit/s");
-    let fast = layout
-        .add_pod_with("node1", "fast", &limited(FAST))
-        .expect("ADD with both directions limited to 1 Gbit/s");
+    let mut unlimited = None;
+    let (mut lab, remote, slow, fast) = lab_with_limited_pods("bwv", "vxlan", |layout| {
+        let peer = layout.add_pod("node1", "peer").expect("peer");
+        let free = layout.add_pod("node1", "free").expect("free");
+        let before = unlimited_throughput(&free, &peer);
+        unlimited = Some((peer, free, before));
+    });
+    let (peer, free, before) = unlimited.expect("set up before the limited pods");
+    let layout = &mut lab.layout;
 
     // CHECK sees the limits in place, and sees one go missing.
     for (pod, rate) in [(&slow, SLOW), (&fast, FAST)] {
@@ -290,17 +321,7 @@ fn limits_hold_on_every_path_in_vxlan_mode() {
 
     ingress_only_keeps_the_fast_path(layout, &peer);
 
-    // DEL leaves nothing: no shaper, no entry, no record, no address.
-    for name in ["slow", "fast", "inonly"] {
-        del_pod(layout, name);
-    }
-    let node1 = layout.node("node1").expect("node1").clone();
-    Inventory::read(&node_paths(&node1))
-        .expect("inventory")
-        .assert_exactly(
-            &attachments(layout, "node1"),
-            "after DEL of the limited pods",
-        );
+    del_and_assert_clean(layout, &["slow", "fast", "inonly"]);
 }
 
 /// A pod limited only on ingress keeps its own sends on the fast path,
@@ -419,15 +440,8 @@ fn limits_hold_across_nodes_in_direct_mode() {
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut lab = LabGuard::up("bwd", 2, 0, "direct", LabDatastore::File).expect("lab");
+    let (mut lab, remote, slow, fast) = lab_with_limited_pods("bwd", "direct", |_| {});
     let layout = &mut lab.layout;
-    let remote = layout.add_pod("node2", "remote").expect("remote");
-    let slow = layout
-        .add_pod_with("node1", "slow", &limited(SLOW))
-        .expect("ADD limited to 100 Mbit/s");
-    let fast = layout
-        .add_pod_with("node1", "fast", &limited(FAST))
-        .expect("ADD limited to 1 Gbit/s");
     let cross_node = PathEnd {
         name: "direct",
         netns: &remote.netns,
@@ -443,34 +457,7 @@ fn limits_hold_across_nodes_in_direct_mode() {
             assert_limited(pod, rate, path);
         }
     }
-    for name in ["slow", "fast"] {
-        del_pod(layout, name);
-    }
-    let node1 = layout.node("node1").expect("node1").clone();
-    Inventory::read(&node_paths(&node1))
-        .expect("inventory")
-        .assert_exactly(
-            &attachments(layout, "node1"),
-            "after DEL of the limited pods",
-        );
-}
-
-/// Runs the reference plugin `plugin` from /usr/lib/cni in the node's
-/// netns with `conf`: success and its answer.
-fn reference(node: &Node, plugin: &str, env: &[(&str, &str)], conf: &Value) -> (bool, Value) {
-    let out = podnet_tests::run_cni_plugin(
-        node.netns
-            .command(format!("/usr/lib/cni/{plugin}"))
-            .expect("command"),
-        "/usr/lib/cni",
-        env,
-        conf.to_string().as_bytes(),
-    )
-    .expect("run the plugin");
-    (
-        out.status.success(),
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
-    )
+    del_and_assert_clean(layout, &["slow", "fast"]);
 }
 
 #[test]
@@ -511,7 +498,9 @@ fn bad_limits_get_the_reference_plugins_errors_and_change_nothing() {
                               "prevResult": prev});
         conf["capabilities"] = runtime["capabilities"].clone();
         conf["runtimeConfig"] = runtime["runtimeConfig"].clone();
-        let (ok, answer) = reference(&node, "bandwidth", &env, &conf);
+        let (ok, answer, _) = node
+            .reference_plugin("bandwidth", &env, &conf)
+            .expect("run the reference plugin");
         assert!(!ok, "the reference plugin took {bandwidth}");
         let reference_msg = answer["msg"].as_str().expect("reference msg").to_owned();
 

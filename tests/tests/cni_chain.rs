@@ -5,7 +5,7 @@
 //! with delegated IPAM.
 
 use podnet_tests::{netns::NetNs, node::Node, privileged};
-use serde_json::{Value, json};
+use serde_json::json;
 
 fn cni_env<'a>(command: &'a str, cid: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
@@ -14,30 +14,6 @@ fn cni_env<'a>(command: &'a str, cid: &'a str, netns: &'a str) -> Vec<(&'a str, 
         ("CNI_NETNS", netns),
         ("CNI_IFNAME", "eth0"),
     ]
-}
-
-/// Runs a reference plugin from /usr/lib/cni in the node's netns.
-fn reference(
-    node: &Node,
-    plugin: &str,
-    env: &[(&str, &str)],
-    conf: &Value,
-) -> (bool, Value, String) {
-    let out = podnet_tests::run_cni_plugin(
-        node.netns
-            .command(format!("/usr/lib/cni/{plugin}"))
-            .expect("command"),
-        "/usr/lib/cni",
-        env,
-        conf.to_string().as_bytes(),
-    )
-    .expect("run the plugin");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    (
-        out.status.success(),
-        serde_json::from_str(&stdout).unwrap_or(Value::Null),
-        format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)),
-    )
 }
 
 #[test]
@@ -78,7 +54,9 @@ fn podnet_first_in_a_chain_with_its_bandwidth_tuning_and_portmap() {
         conf["cniVersion"] = json!(version);
         conf["name"] = json!("podnet");
         conf["prevResult"] = result.clone();
-        let (ok, next, log) = reference(&node, plugin, &env_add, &conf);
+        let (ok, next, log) = node
+            .reference_plugin(plugin, &env_add, &conf)
+            .expect("run the plugin");
         assert!(ok, "{plugin} ADD after podnet: {log}");
         result = next;
     }
@@ -115,7 +93,9 @@ fn podnet_first_in_a_chain_with_its_bandwidth_tuning_and_portmap() {
         conf["cniVersion"] = json!(version);
         conf["name"] = json!("podnet");
         conf["prevResult"] = result.clone();
-        let (ok, _, log) = reference(&node, plugin, &env_del, &conf);
+        let (ok, _, log) = node
+            .reference_plugin(plugin, &env_del, &conf)
+            .expect("run the plugin");
         assert!(ok, "{plugin} DEL: {log}");
     }
     let out = node
