@@ -8,11 +8,13 @@
 
 pub mod counters;
 pub mod endpoint;
+pub mod event;
 pub mod flow;
 pub mod names;
 pub mod node;
 
 pub use counters::{DropReason, Verdict};
 pub use endpoint::{EndpointInfo, EndpointStats, VethEndpoint};
+pub use event::{DropEvent, EventLimiter, Program};
 pub use flow::{FlowKey, StackFlow};
 pub use node::{NodeConfig, RemoteNode};

@@ -36,8 +36,17 @@ pub const MAP_CONFIG: &str = "podnet_config";
 /// [`crate::FlowKey`] -> [`crate::StackFlow`].
 pub const MAP_STACK_FLOWS: &str = "podnet_stackflw";
 
+/// Drop events (ring buffer of [`crate::DropEvent`]), read by the agent.
+pub const MAP_EVENTS: &str = "podnet_events";
+/// Per-CPU token bucket of the drop-event rate limit
+/// ([`crate::EventLimiter`], array of one).
+pub const MAP_EVENT_LIMIT: &str = "podnet_evlimit";
+/// Per-CPU counters, by [`crate::DropReason`], of drops whose event was
+/// suppressed (over the rate limit, or no room in the ring buffer).
+pub const MAP_EVENTS_SUPPRESSED: &str = "podnet_evsupp";
+
 /// Every map the datapath pins, for tools that list or clean the pin directory.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_ENDPOINTS,
     MAP_VERDICTS,
     MAP_DROPS,
@@ -45,6 +54,9 @@ pub const ALL_MAPS: [&str; 7] = [
     MAP_REMOTE,
     MAP_CONFIG,
     MAP_STACK_FLOWS,
+    MAP_EVENTS,
+    MAP_EVENT_LIMIT,
+    MAP_EVENTS_SUPPRESSED,
 ];
 /// Every program in the object.
 pub const ALL_PROGRAMS: [&str; 6] = [

@@ -35,9 +35,12 @@ pub struct NodeConfig {
     /// pod whose source claims one of this node's pod addresses.
     pub pod_cidr_network: u32,
     pub pod_cidr_mask: u32,
+    /// Drop events per second and CPU (appended in layout 3; 0, what a
+    /// migrated entry holds, means [`crate::event::DEFAULT_DROP_EVENTS_PER_SEC`]).
+    pub drop_events_per_sec: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 36);
 
 impl NodeConfig {
     /// Whether `ip` (network byte order) lies in this node's pod CIDR.

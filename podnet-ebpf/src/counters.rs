@@ -1,9 +1,13 @@
 //! Counting instead of logging: one log event per packet costs more than the
 //! whole forwarding decision, a per-CPU increment costs a few nanoseconds.
 
-use podnet_common::{DropReason, Verdict};
+use aya_ebpf::programs::TcContext;
+use podnet_common::{DropReason, Program, Verdict};
 
-use crate::maps::{DROPS, VERDICTS};
+use crate::{
+    events,
+    maps::{DROPS, VERDICTS},
+};
 
 // TC return codes (include/uapi/linux/pkt_cls.h). Spelled here as i32
 // because the bindings' type differs between the bpf and host targets.
@@ -14,7 +18,7 @@ const TC_ACT_SHOT: i32 = 2;
 pub const TC_ACT_UNSPEC: i32 = -1;
 
 #[inline(always)]
-fn bump(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u32) {
+pub fn bump(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u32) {
     if let Some(counter) = map.get_ptr_mut(index) {
         // SAFETY: a per-CPU array slot is only touched by this CPU while the
         // program runs (no preemption inside a BPF program), and the pointer
@@ -28,11 +32,13 @@ pub fn count(verdict: Verdict) {
     bump(&VERDICTS, verdict as u32);
 }
 
-/// Counts the drop and returns the TC code that drops the packet.
+/// Counts the drop, reports it (rate-limited, see `events`) and returns the
+/// TC code that drops the packet. `program` is the program running.
 #[inline(always)]
-pub fn drop_packet(reason: DropReason) -> i32 {
+pub fn drop_packet(ctx: &TcContext, program: Program, reason: DropReason) -> i32 {
     bump(&DROPS, reason as u32);
     count(Verdict::Drop);
+    events::report_drop(ctx.skb.skb, program, reason);
     TC_ACT_SHOT
 }
 

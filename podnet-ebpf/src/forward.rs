@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use podnet_common::{
-    DropReason, EndpointInfo, RemoteNode, Verdict,
+    DropReason, EndpointInfo, Program, RemoteNode, Verdict,
     endpoint::ENDPOINT_F_SHAPED_INGRESS,
     node::{MODE_DIRECT, MODE_VXLAN, REMOTE_NODE_ADDRESS},
 };
@@ -64,7 +64,7 @@ pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
     let tunnel_source = match arrival {
         Arrival::Overlay => match sender::tunnel_source(ctx) {
             Some(source) => source,
-            None => return drop_packet(DropReason::UnknownTunnelSource),
+            None => return drop_packet(ctx, arrival.program(), DropReason::UnknownTunnelSource),
         },
         Arrival::Underlay => 0,
     };
@@ -72,11 +72,11 @@ pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
         L3::Ipv4(ip) => ip,
         L3::Arp | L3::Ipv6 | L3::Other => {
             if matches!(arrival, Arrival::Overlay) && !is_node(tunnel_source) {
-                return drop_packet(DropReason::UnknownTunnelSource);
+                return drop_packet(ctx, arrival.program(), DropReason::UnknownTunnelSource);
             }
             return arrival.to_stack(ctx, pass_to_stack());
         }
-        L3::MalformedIpv4 => return drop_packet(DropReason::MalformedIpv4),
+        L3::MalformedIpv4 => return drop_packet(ctx, arrival.program(), DropReason::MalformedIpv4),
     };
     let sender = remote_node(ip.src);
     if matches!(arrival, Arrival::Overlay) {
@@ -85,9 +85,9 @@ pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
         match sender {
             Some(node) if node.node_ip == tunnel_source => {}
             _ if is_node(tunnel_source) => {
-                return drop_packet(DropReason::TunnelSourceMismatch);
+                return drop_packet(ctx, arrival.program(), DropReason::TunnelSourceMismatch);
             }
-            _ => return drop_packet(DropReason::UnknownTunnelSource),
+            _ => return drop_packet(ctx, arrival.program(), DropReason::UnknownTunnelSource),
         }
     }
     let Some(dst) = endpoint(ip.dst) else {
@@ -130,7 +130,11 @@ fn check_underlay_sender(
     // program.
     let (pkt_type, ifindex) = unsafe { ((*ctx.skb.skb).pkt_type, (*ctx.skb.skb).ifindex) };
     if pkt_type != PACKET_HOST {
-        return Some(drop_packet(DropReason::UnderlayNotUnicast));
+        return Some(drop_packet(
+            ctx,
+            Program::FromUnderlay,
+            DropReason::UnderlayNotUnicast,
+        ));
     }
     let forged = match sender {
         Some(node) => !sender::sent_by_node(ctx, ifindex, &ip.src_mac, node.node_ip),
@@ -142,7 +146,13 @@ fn check_underlay_sender(
                     .is_some_and(|config| config.in_pod_cidr(ip.src))
         }
     };
-    forged.then(|| drop_packet(DropReason::UnderlaySourceMismatch))
+    forged.then(|| {
+        drop_packet(
+            ctx,
+            Program::FromUnderlay,
+            DropReason::UnderlaySourceMismatch,
+        )
+    })
 }
 
 /// How a packet from another node arrived.
@@ -155,6 +165,14 @@ pub enum Arrival {
 }
 
 impl Arrival {
+    #[inline(always)]
+    fn program(self) -> Program {
+        match self {
+            Self::Overlay => Program::FromOverlay,
+            Self::Underlay => Program::FromUnderlay,
+        }
+    }
+
     #[inline(always)]
     fn verdict(self) -> Verdict {
         match self {
@@ -196,7 +214,7 @@ pub fn to_endpoint(
         return pass_to_stack();
     }
     let Some(header) = packet::header_mut(ctx) else {
-        return drop_packet(DropReason::HeaderRewriteFailed);
+        return drop_packet(ctx, program_of(verdict), DropReason::HeaderRewriteFailed);
     };
     packet::decrement_ttl(header);
     header.dst_mac = dst.pod_mac;
@@ -215,6 +233,16 @@ pub fn to_endpoint(
     // towards a device whose peer is in another netns: every caller runs at
     // TC ingress, and an endpoint's host veth has its peer in the pod.
     unsafe { bpf_redirect_peer(dst.host_ifindex, 0) as i32 }
+}
+
+/// The program that delivers with `verdict` (for drop events).
+#[inline(always)]
+fn program_of(verdict: Verdict) -> Program {
+    match verdict {
+        Verdict::OverlayDeliver => Program::FromOverlay,
+        Verdict::UnderlayDeliver => Program::FromUnderlay,
+        _ => Program::FromPod,
+    }
 }
 
 /// Hands a pod's packet to its egress shaper: the ifb device's egress,
@@ -238,10 +266,10 @@ pub fn to_remote(ctx: &mut TcContext, ip: &Ipv4Fields, remote: &RemoteNode) -> i
         return pass_to_stack();
     }
     let Some(config) = CONFIG.get(0).copied() else {
-        return drop_packet(DropReason::NoNodeConfig);
+        return drop_packet(ctx, Program::FromPod, DropReason::NoNodeConfig);
     };
     let Some(header) = packet::header_mut(ctx) else {
-        return drop_packet(DropReason::HeaderRewriteFailed);
+        return drop_packet(ctx, Program::FromPod, DropReason::HeaderRewriteFailed);
     };
     packet::decrement_ttl(header);
     // Tells the egress program of the overlay/underlay device that this
@@ -263,7 +291,7 @@ pub fn to_remote(ctx: &mut TcContext, ip: &Ipv4Fields, remote: &RemoteNode) -> i
                 )
             };
             if set != 0 {
-                return drop_packet(DropReason::TunnelKeyFailed);
+                return drop_packet(ctx, Program::FromPod, DropReason::TunnelKeyFailed);
             }
             count(Verdict::VxlanEncap);
             // SAFETY: plain helper call; the collect-metadata VXLAN device
@@ -286,7 +314,7 @@ pub fn to_remote(ctx: &mut TcContext, ip: &Ipv4Fields, remote: &RemoteNode) -> i
                 ) as i32
             }
         }
-        _ => drop_packet(DropReason::NoNodeConfig),
+        _ => drop_packet(ctx, Program::FromPod, DropReason::NoNodeConfig),
     }
 }
 

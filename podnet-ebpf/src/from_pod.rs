@@ -8,7 +8,7 @@
 //! backend: conntrack must undo the DNAT), see `flows`.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use podnet_common::{DropReason, Verdict, VethEndpoint, node::REMOTE_NODE_ADDRESS};
+use podnet_common::{DropReason, Program, Verdict, VethEndpoint, node::REMOTE_NODE_ADDRESS};
 
 use crate::{
     arp,
@@ -42,7 +42,7 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     // A veth without an entry is not (or no longer) an endpoint the agent
     // knows: nothing it sends is anyone's.
     let Some(veth) = veth else {
-        return drop_packet(DropReason::UnknownSender);
+        return drop_packet(&ctx, Program::FromPod, DropReason::UnknownSender);
     };
     // A tagged frame: the veth's receive path moves the (outer) 802.1Q or
     // 802.1ad tag out of the frame into the skb before TC ingress runs
@@ -50,7 +50,7 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     // looks untagged. A priority tag (VLAN 0) would otherwise be delivered
     // like an untagged frame.
     if vlan_present != 0 {
-        return drop_packet(DropReason::UnsupportedEthertype);
+        return drop_packet(&ctx, Program::FromPod, DropReason::UnsupportedEthertype);
     }
     let ip = match packet::parse(&mut ctx) {
         L3::Ipv4(ip) => ip,
@@ -59,20 +59,20 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
         // unchecked (router advertisements configure the node's routes and
         // addresses, CVE-2020-10749's class; link-local talk passes IPv4-only
         // firewalls).
-        L3::Ipv6 => return drop_packet(DropReason::Ipv6FromPod),
+        L3::Ipv6 => return drop_packet(&ctx, Program::FromPod, DropReason::Ipv6FromPod),
         // VLAN and QinQ tags (the stack would strip them and route the inner
         // packet unchecked), and every other ethertype.
-        L3::Other => return drop_packet(DropReason::UnsupportedEthertype),
-        L3::MalformedIpv4 => return drop_packet(DropReason::MalformedIpv4),
+        L3::Other => return drop_packet(&ctx, Program::FromPod, DropReason::UnsupportedEthertype),
+        L3::MalformedIpv4 => return drop_packet(&ctx, Program::FromPod, DropReason::MalformedIpv4),
     };
 
     // Anti-spoofing: a pod may only send from its own IP and MAC, on its own
     // veth. Without this a pod could impersonate any other pod.
     if ip.src != veth.pod_ip {
-        return drop_packet(DropReason::SpoofedSourceIp);
+        return drop_packet(&ctx, Program::FromPod, DropReason::SpoofedSourceIp);
     }
     if ip.src_mac != veth.pod_mac {
-        return drop_packet(DropReason::SpoofedSourceMac);
+        return drop_packet(&ctx, Program::FromPod, DropReason::SpoofedSourceMac);
     }
 
     // Where the packet would go: a local pod, or another node's pod or
@@ -87,7 +87,7 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     // its addresses. Pod-to-pod UDP on that port is ordinary traffic.
     let to_a_pod = local.is_some() || remote.is_some_and(|r| r.flags & REMOTE_NODE_ADDRESS == 0);
     if !to_a_pod && is_vxlan(&ctx, &ip) {
-        return drop_packet(DropReason::VxlanFromPod);
+        return drop_packet(&ctx, Program::FromPod, DropReason::VxlanFromPod);
     }
     // An egress bandwidth limit: every packet the pod sends, whatever its
     // destination, queues in the pod's shaper. Checked above like any other.
@@ -135,13 +135,13 @@ fn is_vxlan(ctx: &TcContext, ip: &Ipv4Fields) -> bool {
 #[inline(always)]
 fn arp_from_pod(ctx: &TcContext, veth: &VethEndpoint, ifindex: u32) -> i32 {
     let Some(arp) = arp::parse(ctx) else {
-        return drop_packet(DropReason::ForgedArp);
+        return drop_packet(ctx, Program::FromPod, DropReason::ForgedArp);
     };
     if arp.sender_ip != veth.pod_ip.to_ne_bytes()
         || arp.sender_mac != veth.pod_mac
         || arp.eth_src != veth.pod_mac
     {
-        return drop_packet(DropReason::ForgedArp);
+        return drop_packet(ctx, Program::FromPod, DropReason::ForgedArp);
     }
     if !arp.asks_for_another() {
         return pass_to_stack();
@@ -151,6 +151,6 @@ fn arp_from_pod(ctx: &TcContext, veth: &VethEndpoint, ifindex: u32) -> i32 {
             count(Verdict::ArpReply);
             code
         }
-        Err(_) => drop_packet(DropReason::HeaderRewriteFailed),
+        Err(_) => drop_packet(ctx, Program::FromPod, DropReason::HeaderRewriteFailed),
     }
 }

@@ -5,6 +5,7 @@
 
 mod arp;
 mod counters;
+mod events;
 mod flows;
 mod forward;
 mod from_overlay;

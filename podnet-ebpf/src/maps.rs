@@ -4,10 +4,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use podnet_common::{
-    DropReason, EndpointInfo, FlowKey, NodeConfig, RemoteNode, StackFlow, Verdict, VethEndpoint,
+    DropReason, EndpointInfo, EventLimiter, FlowKey, NodeConfig, RemoteNode, StackFlow, Verdict,
+    VethEndpoint,
+    event::EVENTS_RING_BYTES,
     names::{MAX_ENDPOINTS, MAX_REMOTE_CIDRS, MAX_STACK_FLOWS},
 };
 
@@ -45,3 +47,15 @@ pub static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 /// flow's next reply would take the fast path).
 #[map(name = "podnet_stackflw")]
 pub static STACK_FLOWS: LruHashMap<FlowKey, StackFlow> = LruHashMap::pinned(MAX_STACK_FLOWS, 0);
+
+/// Drop events for the agent (see `events`): `DropEvent` records.
+#[map(name = "podnet_events")]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
+
+/// This CPU's token bucket of the drop-event rate limit.
+#[map(name = "podnet_evlimit")]
+pub static EVENT_LIMIT: PerCpuArray<EventLimiter> = PerCpuArray::pinned(1, 0);
+
+/// Drops whose event was not sent (rate limit, full ring), by reason.
+#[map(name = "podnet_evsupp")]
+pub static EVENTS_SUPPRESSED: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);

@@ -101,6 +101,19 @@ impl From<crate::datapath::Counters> for CounterTotals {
     }
 }
 
+/// An IP protocol number as operators read it: `tcp`, `udp`, `icmp`,
+/// `sctp`, or the number.
+#[must_use]
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        1 => "icmp".to_owned(),
+        6 => "tcp".to_owned(),
+        17 => "udp".to_owned(),
+        132 => "sctp".to_owned(),
+        other => other.to_string(),
+    }
+}
+
 /// A flow the datapath hands to the host stack, for `podnetctl flows`: the
 /// direction that goes to the stack (a Service backend's replies, say).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,13 +137,7 @@ impl StackFlowStatus {
     #[must_use]
     pub fn new(key: &podnet_common::FlowKey, flow: &podnet_common::StackFlow, now_ns: u64) -> Self {
         use podnet_common::flow::FLOW_F_BOTH_FINS;
-        let proto = match key.proto {
-            1 => "icmp".to_owned(),
-            6 => "tcp".to_owned(),
-            17 => "udp".to_owned(),
-            132 => "sctp".to_owned(),
-            other => other.to_string(),
-        };
+        let proto = proto_name(key.proto);
         let idle_s = now_ns.saturating_sub(flow.last_seen_ns) / 1_000_000_000;
         let state = if flow.expired(key.proto, now_ns) {
             "expired"
@@ -255,6 +262,73 @@ pub enum Request {
     StackFlows,
     /// The agent's state against the kernel's: a list of [`Drift`].
     Check,
+    /// A stream: the agent answers [`MonitorHello`], then writes one
+    /// [`MonitorMessage`] line after another until the client hangs up.
+    Monitor {
+        /// Only drop events (today the only kind; kept for later kinds).
+        #[serde(default)]
+        drops_only: bool,
+    },
+}
+
+/// The first answer to [`Request::Monitor`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorHello {
+    /// The datapath's drop-event rate limit, events per second and CPU.
+    pub drop_events_per_sec_per_cpu: u32,
+}
+
+/// One line of a monitor stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MonitorMessage {
+    /// A packet the datapath dropped.
+    Drop(DropEventRecord),
+    /// Drops of `reason` whose events the datapath did not send in the last
+    /// second (over the per-CPU rate limit, or the ring buffer was full):
+    /// counted, not reported one by one.
+    Suppressed { reason: String, count: u64 },
+    /// Messages this client missed because it read too slowly (the agent
+    /// never waits for a client).
+    Lost { count: u64 },
+}
+
+/// A drop event with the pod it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropEventRecord {
+    /// When the datapath dropped it (Unix time, nanoseconds).
+    pub time_unix_ns: u64,
+    /// The drop reason (`podnetctl counters` spells them the same).
+    pub reason: String,
+    /// The program that dropped it (`from_pod`, `from_overlay`, ...).
+    pub program: String,
+    /// The device it arrived on.
+    pub ifindex: u32,
+    pub cpu: u32,
+    /// Packet length in bytes.
+    pub len: u32,
+    /// `tcp`, `udp`, `icmp`, `sctp`, the number, or `0` when the frame was
+    /// not IPv4 (then addresses and ports are 0 too).
+    pub proto: String,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// 0 unless TCP, UDP or SCTP (and the first fragment).
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// The local pod: the one whose veth it arrived on, else the one whose
+    /// address is its source, else its destination; `None`: no local pod.
+    pub pod: Option<PodRef>,
+}
+
+/// A local endpoint, as drop events name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    pub container_id: String,
+    pub ifname: String,
+    pub ip: Ipv4Addr,
+    pub host_ifname: String,
+    /// How the event was matched to it: `veth`, `source` or `destination`.
+    pub matched: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -319,12 +393,19 @@ impl Client {
         &self.socket
     }
 
-    /// Sends `request` and decodes the answer as `T`.
-    pub fn call<T: DeserializeOwned>(&self, request: &Request) -> Result<T, ClientError> {
-        let io_err = |source| ClientError::Io {
+    fn io_err(&self) -> impl Fn(std::io::Error) -> ClientError + '_ {
+        |source| ClientError::Io {
             socket: self.socket.clone(),
             source,
-        };
+        }
+    }
+
+    /// Connects, sends `request` and reads the first answer line as `T`.
+    fn open<T: DeserializeOwned>(
+        &self,
+        request: &Request,
+    ) -> Result<(T, BufReader<UnixStream>), ClientError> {
+        let io_err = self.io_err();
         let mut stream =
             UnixStream::connect(&self.socket).map_err(|source| ClientError::Unreachable {
                 socket: self.socket.clone(),
@@ -332,20 +413,70 @@ impl Client {
             })?;
         stream
             .set_read_timeout(Some(self.timeout))
-            .map_err(io_err)?;
+            .map_err(&io_err)?;
         stream
             .set_write_timeout(Some(self.timeout))
-            .map_err(io_err)?;
+            .map_err(&io_err)?;
         let mut line = serde_json::to_vec(request).map_err(ClientError::Decode)?;
         line.push(b'\n');
-        stream.write_all(&line).map_err(io_err)?;
+        stream.write_all(&line).map_err(&io_err)?;
+        let mut reader = BufReader::new(stream);
         let mut answer = String::new();
-        BufReader::new(&stream)
-            .read_line(&mut answer)
-            .map_err(io_err)?;
+        reader.read_line(&mut answer).map_err(&io_err)?;
         match serde_json::from_str::<Response<T>>(&answer).map_err(ClientError::Decode)? {
-            Response::Ok(value) => Ok(value),
+            Response::Ok(value) => Ok((value, reader)),
             Response::Error(msg) => Err(ClientError::Refused(msg)),
+        }
+    }
+
+    /// Sends `request` and decodes the answer as `T`.
+    pub fn call<T: DeserializeOwned>(&self, request: &Request) -> Result<T, ClientError> {
+        self.open(request).map(|(value, _)| value)
+    }
+
+    /// Sends a streaming `request` ([`Request::Monitor`]): its first answer
+    /// as `H`, then the messages as they come (no read timeout: a stream
+    /// may be quiet for long).
+    pub fn stream<H: DeserializeOwned, M: DeserializeOwned>(
+        &self,
+        request: &Request,
+    ) -> Result<(H, MessageStream<M>), ClientError> {
+        let (hello, reader) = self.open(request)?;
+        reader
+            .get_ref()
+            .set_read_timeout(None)
+            .map_err(self.io_err())?;
+        Ok((
+            hello,
+            MessageStream {
+                reader,
+                socket: self.socket.clone(),
+                _message: std::marker::PhantomData,
+            },
+        ))
+    }
+}
+
+/// The messages of a streaming request, one JSON line each; ends when the
+/// agent closes the connection.
+pub struct MessageStream<M> {
+    reader: BufReader<UnixStream>,
+    socket: PathBuf,
+    _message: std::marker::PhantomData<M>,
+}
+
+impl<M: DeserializeOwned> Iterator for MessageStream<M> {
+    type Item = Result<M, ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(serde_json::from_str(&line).map_err(ClientError::Decode)),
+            Err(source) => Some(Err(ClientError::Io {
+                socket: self.socket.clone(),
+                source,
+            })),
         }
     }
 }

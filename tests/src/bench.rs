@@ -330,13 +330,15 @@ fn cost(
     frame: &[u8],
     expected: podnet_common::Verdict,
     arriving_on: Option<&crate::bpf_run::TestUnderlay>,
+    events: &mut aya::maps::RingBuf<aya::maps::MapData>,
 ) -> anyhow::Result<f64> {
     use aya::programs::{TestRun as _, TestRunOptions};
     let before = h.datapath.counters()?.verdict(expected);
     let calls = runs.div_ceil(RUNS_PER_CALL);
     let context = arriving_on.map(crate::bpf_run::TestUnderlay::skb_context);
     let prog = h.datapath.classifier(program)?;
-    let run_all = || -> anyhow::Result<f64> {
+    // `drain` runs after every call (outside the measured runs).
+    let run_all = |drain: &mut dyn FnMut()| -> anyhow::Result<f64> {
         let mut out = vec![0u8; frame.len() + 256];
         let mut total_ns = 0.0;
         for _ in 0..calls {
@@ -349,12 +351,13 @@ fn cost(
             })?;
             // The kernel reports the mean of the call's runs.
             total_ns += result.duration.as_secs_f64() * 1e9 * f64::from(RUNS_PER_CALL);
+            drain();
         }
         Ok(total_ns)
     };
     let total_ns = match arriving_on {
-        Some(underlay) => underlay.run_inside(run_all)??,
-        None => run_all()?,
+        Some(underlay) => underlay.run_inside(|| run_all(&mut || {}))??,
+        None => run_all(&mut || while events.next().is_some() {})?,
     };
     let took_path = h.datapath.counters()?.verdict(expected) - before;
     let total_runs = u64::from(calls) * u64::from(RUNS_PER_CALL);
@@ -447,6 +450,15 @@ pub fn bpf_cost_test_run(runs: u32) -> anyhow::Result<Vec<(String, f64)>> {
     // loop plus the shortest path there is (one EtherType read, a counter).
     let mut not_ip = crate::frames::ethernet([2; 6], [3; 6], crate::frames::ETH_P_IPV6);
     not_ip.extend_from_slice(&payload);
+    // A forged source: dropped (spoofed_source_ip), the drop path's cost.
+    let spoofed = crate::frames::ipv4_udp(
+        a_host,
+        a_mac,
+        Ipv4Addr::new(10, 244, 0, 99),
+        b,
+        COST_FRAME_TTL,
+        &payload,
+    );
     let paths = [
         (
             "from_pod local (redirect_peer)",
@@ -488,6 +500,10 @@ pub fn bpf_cost_test_run(runs: u32) -> anyhow::Result<Vec<(String, f64)>> {
             Verdict::PassToStack,
         ),
     ];
+    // Drop events go to a ring buffer: read it after every call so that
+    // the measured runs reserve and submit (a full ring would make them
+    // fail, which is cheaper).
+    let mut events = drop_events_ring(&h)?;
     let mut figures = Vec::new();
     for (path, program, frame, mode, verdict) in paths {
         config.mode = mode;
@@ -500,10 +516,50 @@ pub fn bpf_cost_test_run(runs: u32) -> anyhow::Result<Vec<(String, f64)>> {
         let arriving_on = (program == PROG_FROM_UNDERLAY).then_some(&underlay);
         figures.push((
             path.to_owned(),
-            cost(&mut h, runs, program, frame, verdict, arriving_on)?,
+            cost(
+                &mut h,
+                runs,
+                program,
+                frame,
+                verdict,
+                arriving_on,
+                &mut events,
+            )?,
+        ));
+    }
+    // The drop path, with its event sent (no rate limit: every run gets a
+    // token) and suppressed (a rate of 1/s: after the first run none does).
+    for (path, rate) in [
+        ("from_pod drop, event sent (spoofed source)", u32::MAX),
+        ("from_pod drop, event suppressed (spoofed source)", 1),
+    ] {
+        config.mode = node::MODE_VXLAN;
+        config.underlay_ifindex = lo;
+        config.drop_events_per_sec = rate;
+        h.datapath.set_config(config)?;
+        figures.push((
+            path.to_owned(),
+            cost(
+                &mut h,
+                runs,
+                PROG_FROM_POD,
+                &spoofed,
+                Verdict::Drop,
+                None,
+                &mut events,
+            )?,
         ));
     }
     Ok(figures)
+}
+
+/// The pinned drop-events ring buffer of the harness's datapath.
+fn drop_events_ring(
+    h: &crate::bpf_run::BpfHarness,
+) -> anyhow::Result<aya::maps::RingBuf<aya::maps::MapData>> {
+    let pin = h.datapath.pin_dir().join(podnet_common::names::MAP_EVENTS);
+    let map = aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(&pin)?)?;
+    Ok(aya::maps::RingBuf::try_from(map)?)
 }
 
 // ------------------------------------------------------------ topologies

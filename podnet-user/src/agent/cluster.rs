@@ -149,6 +149,7 @@ impl EndpointRegistry {
             reserved: 0,
             pod_cidr_network: crate::datapath::ip_key(self.config().pod_cidr.network()),
             pod_cidr_mask: crate::datapath::ip_key(self.config().pod_cidr.netmask()),
+            drop_events_per_sec: 0,
         };
         match net.mode {
             Mode::Local => {}

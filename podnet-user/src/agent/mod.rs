@@ -5,6 +5,7 @@ mod check;
 pub mod cluster;
 mod endpoints;
 pub mod follow;
+pub mod monitor;
 mod server;
 
 pub use endpoints::{EndpointRegistry, attach_mode, validate_endpoint};

@@ -15,8 +15,8 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::EndpointRegistry;
-use crate::api::{Request, Response};
+use super::{EndpointRegistry, monitor::MonitorHub};
+use crate::api::{MonitorMessage, Request, Response};
 
 /// The largest request the agent reads (a GC listing thousands of owners
 /// fits); a client sending more gets an error and is hung up on.
@@ -59,7 +59,11 @@ fn bind_private(socket: &Path) -> anyhow::Result<UnixListener> {
 
 /// Serves `socket` until the task is dropped. The socket is mode 0600: only
 /// root (the runtime calling the plugin, the operator) may change endpoints.
-pub async fn serve(socket: &Path, registry: Arc<Mutex<EndpointRegistry>>) -> anyhow::Result<()> {
+pub async fn serve(
+    socket: &Path,
+    registry: Arc<Mutex<EndpointRegistry>>,
+    monitor: MonitorHub,
+) -> anyhow::Result<()> {
     let listener = bind_private(socket)?;
     let node = registry
         .lock()
@@ -71,8 +75,9 @@ pub async fn serve(socket: &Path, registry: Arc<Mutex<EndpointRegistry>>) -> any
     loop {
         let (stream, _) = listener.accept().await.context("accepting a connection")?;
         let registry = Arc::clone(&registry);
+        let monitor = monitor.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, registry).await {
+            if let Err(e) = handle(stream, registry, monitor).await {
                 warn!(error = %format!("{e:#}"), "request failed");
             }
         });
@@ -102,7 +107,11 @@ pub fn decode_request(line: &str) -> Result<Request, String> {
     serde_json::from_str::<Request>(line).map_err(|e| format!("malformed request: {e}"))
 }
 
-async fn handle(stream: UnixStream, registry: Arc<Mutex<EndpointRegistry>>) -> anyhow::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    registry: Arc<Mutex<EndpointRegistry>>,
+    monitor: MonitorHub,
+) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // One byte past the limit tells a request that is too large from one
@@ -119,6 +128,11 @@ async fn handle(stream: UnixStream, registry: Arc<Mutex<EndpointRegistry>>) -> a
     };
     let answer = match decoded {
         Err(e) => encode::<()>(Err(anyhow::anyhow!(e))),
+        Ok(Request::Monitor { drops_only: _ }) => {
+            // Drops are the only events today: with or without the filter
+            // the stream is the same.
+            return stream_monitor(reader, write, &monitor).await;
+        }
         Ok(request) => {
             debug!(?request, "request");
             // Datapath and netlink calls block: keep them off the reactor.
@@ -132,6 +146,47 @@ async fn handle(stream: UnixStream, registry: Arc<Mutex<EndpointRegistry>>) -> a
         .await
         .context("writing the answer")?;
     Ok(())
+}
+
+/// Streams monitor messages to one client until it hangs up. Never holds
+/// up the publisher: a client that falls more than the channel's backlog
+/// behind loses the oldest messages, and is told how many.
+async fn stream_monitor(
+    mut reader: BufReader<tokio::io::Take<tokio::net::unix::OwnedReadHalf>>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    monitor: &MonitorHub,
+) -> anyhow::Result<()> {
+    let mut events = monitor.subscribe();
+    write
+        .write_all(&encode(Ok(monitor.hello())))
+        .await
+        .context("writing the answer")?;
+    let mut ignored = Vec::new();
+    loop {
+        let message = tokio::select! {
+            received = events.recv() => match received {
+                Ok(message) => message,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(count)) => {
+                    Arc::new(MonitorMessage::Lost { count })
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return Ok(()),
+            },
+            // Anything the client sends is ignored; end of input: it left.
+            read = reader.read_until(b'\n', &mut ignored) => {
+                ignored.clear();
+                match read {
+                    Ok(0) | Err(_) => return Ok(()),
+                    Ok(_) => continue,
+                }
+            }
+        };
+        let mut line = serde_json::to_vec(&*message).context("encoding a monitor message")?;
+        line.push(b'\n');
+        if write.write_all(&line).await.is_err() {
+            // The client went away.
+            return Ok(());
+        }
+    }
 }
 
 fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> Vec<u8> {
@@ -156,6 +211,9 @@ fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> Vec<u8> {
             crate::api::StackFlowStatus::list(reg.datapath_mut()).map_err(anyhow::Error::from),
         ),
         Request::Check => encode(reg.check()),
+        Request::Monitor { .. } => {
+            encode::<()>(Err(anyhow::anyhow!("monitor is a streaming request")))
+        }
     }
 }
 

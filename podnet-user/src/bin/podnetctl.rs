@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 use podnet::{
     api::{
         AgentStatus, Client, ClientError, CounterTotals, DEFAULT_SOCKET, DatastoreStatus,
-        EndpointStatus, IpamStatus, Request, StackFlowStatus,
+        DropEventRecord, EndpointStatus, IpamStatus, MonitorHello, MonitorMessage, Request,
+        StackFlowStatus,
     },
     cni::result::format_mac,
     datapath::Datapath,
@@ -61,6 +62,15 @@ enum Cmd {
     /// Flows the datapath hands to the host stack (replies of Service, NodePort
     /// and hostPort connections: conntrack must see them).
     Flows,
+    /// Stream the datapath's events live, one line each (with --json one
+    /// JSON object per line), with the pod each belongs to, until
+    /// interrupted. Drop events are rate-limited per CPU; drops over the
+    /// limit are summed in a `suppressed` line once a second.
+    Monitor {
+        /// Only drops (the only kind of event today).
+        #[arg(long)]
+        drops: bool,
+    },
 }
 
 fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
@@ -364,6 +374,105 @@ fn flows(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     })
 }
 
+/// `unix_ns` as an RFC 3339 UTC time with microseconds.
+fn format_utc(unix_ns: u64) -> String {
+    let secs = unix_ns / 1_000_000_000;
+    let micros = (unix_ns % 1_000_000_000) / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+fn now_unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// One line for a drop event: time, reason, pod, ifindex, program, 5-tuple.
+fn drop_line(e: &DropEventRecord) -> String {
+    let pod = e.pod.as_ref().map_or_else(
+        || "pod=-".to_owned(),
+        |p| {
+            let cid: String = p.container_id.chars().take(12).collect();
+            format!("pod={cid}/{} ({}, {})", p.ifname, p.ip, p.host_ifname)
+        },
+    );
+    let tuple = if e.proto == "0" {
+        "not IPv4".to_owned()
+    } else if e.src_port == 0 && e.dst_port == 0 {
+        format!("{} {} -> {}", e.proto, e.src, e.dst)
+    } else {
+        format!(
+            "{} {}:{} -> {}:{}",
+            e.proto, e.src, e.src_port, e.dst, e.dst_port
+        )
+    };
+    format!(
+        "{} drop {} {pod} ifindex={} {} {tuple} len={} cpu={}",
+        format_utc(e.time_unix_ns),
+        e.reason,
+        e.ifindex,
+        e.program,
+        e.len,
+        e.cpu
+    )
+}
+
+fn monitor(cli: &Cli, client: &Client, drops_only: bool) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let (hello, messages) = client
+        .stream::<MonitorHello, MonitorMessage>(&Request::Monitor { drops_only })
+        .context("asking the agent for its events")?;
+    if !cli.json {
+        eprintln!(
+            "podnetctl: listening for drop events (at most {} per second and CPU; the rest are \
+             summed in 'suppressed' lines once a second); Ctrl-C to stop",
+            hello.drop_events_per_sec_per_cpu
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    for message in messages {
+        let message = message.context("reading the agent's events")?;
+        if cli.json {
+            serde_json::to_writer(&mut out, &message)?;
+            writeln!(out)?;
+        } else {
+            let line = match &message {
+                MonitorMessage::Drop(e) => drop_line(e),
+                MonitorMessage::Suppressed { reason, count } => format!(
+                    "{} suppressed {reason}: {count} more drops in the last second, over the \
+                     rate limit ({}/s per CPU): counted, not shown",
+                    format_utc(now_unix_ns()),
+                    hello.drop_events_per_sec_per_cpu
+                ),
+                MonitorMessage::Lost { count } => format!(
+                    "{} lost {count} messages: podnetctl read too slowly",
+                    format_utc(now_unix_ns())
+                ),
+            };
+            writeln!(out, "{line}")?;
+        }
+        // Live: every line as it comes, also into a pipe.
+        out.flush()?;
+    }
+    anyhow::bail!("the agent closed the event stream")
+}
+
 fn main() -> anyhow::Result<()> {
     // Behave like a Unix filter when the reader goes away (`podnetctl ... |
     // head`): die quietly on SIGPIPE instead of panicking on EPIPE, which is
@@ -384,5 +493,25 @@ fn main() -> anyhow::Result<()> {
         Cmd::Nodes { check: true } => check(&cli, &client),
         Cmd::Datastore => datastore(&cli, &client),
         Cmd::Flows => flows(&cli, &client),
+        Cmd::Monitor { drops } => monitor(&cli, &client, drops),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_utc;
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            format_utc(1_700_000_000_123_456_789),
+            "2023-11-14T22:13:20.123456Z"
+        );
+        // A leap day.
+        assert_eq!(
+            format_utc(1_709_164_800_000_000_000),
+            "2024-02-29T00:00:00.000000Z"
+        );
     }
 }

@@ -494,9 +494,15 @@ fn main() -> anyhow::Result<()> {
             ));
         }
     }
+    let monitor = agent::monitor::MonitorHub::new();
+    runtime.spawn(agent::monitor::run_logged(
+        monitor.clone(),
+        resolved.config.bpffs_dir.clone(),
+        Arc::clone(&registry),
+    ));
     runtime.block_on(async move {
         tokio::select! {
-            r = agent::serve(&socket, registry) => r,
+            r = agent::serve(&socket, registry, monitor) => r,
             r = wait_for_shutdown() => {
                 info!("shutting down; pinned maps and links keep forwarding");
                 let _ = std::fs::remove_file(&socket);

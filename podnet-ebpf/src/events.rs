@@ -1,0 +1,125 @@
+//! Drop events: every drop is counted (`counters`), and also reported to
+//! the agent as a [`DropEvent`] in a BPF ring buffer, rate-limited per CPU.
+//!
+//! Why a ring buffer of typed records and not aya-log: aya-log 0.3 writes
+//! into a ring buffer too (`AYA_LOGS`), but serialises every argument with a
+//! type tag and length and formats text on the user side; the agent would
+//! have to parse that text back into reason, ifindex and 5-tuple to find
+//! the pod. A `#[repr(C)]` record costs one reserve, a few stores and a
+//! submit, and the agent reads it as is. Measured with the test-run cost
+//! tooling (`cargo xtask bench --only bpf`, BENCHMARKS.md): see the
+//! `from_pod drop` rows.
+//!
+//! Rate limit: a token bucket per CPU in a per-CPU array, so CPUs never
+//! contend and a flood on one CPU costs it a timestamp, a division and two
+//! stores per dropped packet; over the limit the drop is only counted
+//! (`podnet_evsupp`, by reason). The reserve can still fail when the agent
+//! does not read (ring full): counted the same way.
+
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    programs::TcContext,
+};
+use podnet_common::{
+    DropEvent, DropReason, Program,
+    event::{DEFAULT_DROP_EVENTS_PER_SEC, EVENT_CREDIT_CAP_NS},
+};
+
+use crate::{
+    counters::bump,
+    maps::{CONFIG, EVENT_LIMIT, EVENTS, EVENTS_SUPPRESSED as SUPPRESSED},
+    packet::{ETH_HLEN, bytes_at},
+};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_SCTP: u8 = 132;
+
+/// Reports a drop, within this CPU's rate. A subprogram (not inlined): the
+/// drop sites are many, each would otherwise carry its own copy; it runs
+/// only on drops.
+#[inline(never)]
+pub fn report_drop(skb: *mut __sk_buff, program: Program, reason: DropReason) {
+    if !take_token() {
+        bump(&SUPPRESSED, reason as u32);
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<DropEvent>(0) else {
+        bump(&SUPPRESSED, reason as u32);
+        return;
+    };
+    let ctx = TcContext::new(skb);
+    // SAFETY: `skb` is this run's `__sk_buff`, valid for the whole program.
+    let (ifindex, len) = unsafe { ((*skb).ifindex, (*skb).len) };
+    let mut event = DropEvent {
+        // SAFETY: plain helper calls without arguments.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        reason: reason as u32,
+        ifindex,
+        program: program as u8,
+        len,
+        // SAFETY: as above.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ..DropEvent::default()
+    };
+    five_tuple(&ctx, &mut event);
+    entry.write(event);
+    entry.submit(0);
+}
+
+/// Takes one event's worth of this CPU's credit, if there is enough.
+#[inline(always)]
+fn take_token() -> bool {
+    let rate = CONFIG.get(0).map_or(0, |config| config.drop_events_per_sec);
+    let rate = if rate == 0 {
+        DEFAULT_DROP_EVENTS_PER_SEC
+    } else {
+        rate
+    };
+    let cost = NS_PER_SEC / u64::from(rate);
+    let Some(limiter) = EVENT_LIMIT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: this CPU's slot of a per-CPU array, from a successful lookup;
+    // no other program runs on this CPU while this one does.
+    let limiter = unsafe { &mut *limiter };
+    let credit = limiter
+        .credit_ns
+        .saturating_add(now.saturating_sub(limiter.last_ns))
+        .min(EVENT_CREDIT_CAP_NS);
+    limiter.last_ns = now;
+    if credit < cost {
+        limiter.credit_ns = credit;
+        return false;
+    }
+    limiter.credit_ns = credit - cost;
+    true
+}
+
+/// Fills the 5-tuple from the frame when it is IPv4 with a valid header.
+#[inline(always)]
+fn five_tuple(ctx: &TcContext, event: &mut DropEvent) {
+    // Ethernet + the fixed IPv4 header.
+    let Some(h) = bytes_at::<34>(ctx, 0) else {
+        return;
+    };
+    let ihl = usize::from(h[ETH_HLEN] & 0x0f);
+    if h[12..14] != [0x08, 0x00] || h[ETH_HLEN] >> 4 != 4 || ihl < 5 {
+        return;
+    }
+    event.proto = h[ETH_HLEN + 9];
+    event.src = u32::from_ne_bytes([h[26], h[27], h[28], h[29]]);
+    event.dst = u32::from_ne_bytes([h[30], h[31], h[32], h[33]]);
+    let later_fragment = u16::from_be_bytes([h[ETH_HLEN + 6], h[ETH_HLEN + 7]]) & 0x1fff != 0;
+    if later_fragment || !matches!(event.proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP) {
+        return;
+    }
+    if let Some(ports) = bytes_at::<4>(ctx, ETH_HLEN + ihl * 4) {
+        event.src_port = u16::from_ne_bytes([ports[0], ports[1]]);
+        event.dst_port = u16::from_ne_bytes([ports[2], ports[3]]);
+    }
+}

@@ -1,0 +1,257 @@
+//! Drop events, from the datapath's ring buffer to every `podnetctl
+//! monitor` client.
+//!
+//! One task reads the ring buffer (`AsyncFd` on its fd: woken when the
+//! datapath submits), names the pod of each event and publishes it on a
+//! broadcast channel; every client connection holds a receiver. The channel
+//! is bounded and never waits: a client that reads too slowly loses the
+//! oldest messages and is told how many ([`MonitorMessage::Lost`]), while
+//! the reader and the other clients go on. Once a second the task also
+//! publishes how many events the datapath suppressed, by reason.
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use aya::maps::{Map, MapData, PerCpuArray, RingBuf};
+use podnet_common::{DropEvent, DropReason, Program, event::DEFAULT_DROP_EVENTS_PER_SEC, names};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::broadcast,
+};
+use tracing::warn;
+
+use super::EndpointRegistry;
+use crate::api::{DropEventRecord, MonitorHello, MonitorMessage, PodRef, proto_name};
+
+/// Messages a client may be behind before it loses the oldest.
+pub const CLIENT_BACKLOG: usize = 4096;
+/// How often suppressed counts are published (and pods looked up afresh).
+const TICK: Duration = Duration::from_secs(1);
+/// The soonest the pod table is read again after an event named no pod.
+const REFRESH_ON_MISS: Duration = Duration::from_millis(200);
+
+/// Where monitor clients subscribe. Cheap to clone.
+#[derive(Clone)]
+pub struct MonitorHub {
+    tx: broadcast::Sender<Arc<MonitorMessage>>,
+}
+
+impl Default for MonitorHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MonitorHub {
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            tx: broadcast::channel(CLIENT_BACKLOG).0,
+        }
+    }
+
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<MonitorMessage>> {
+        self.tx.subscribe()
+    }
+
+    #[must_use]
+    pub fn hello(&self) -> MonitorHello {
+        MonitorHello {
+            drop_events_per_sec_per_cpu: DEFAULT_DROP_EVENTS_PER_SEC,
+        }
+    }
+
+    fn publish(&self, message: MonitorMessage) {
+        // No receiver: nobody is watching, the message goes nowhere.
+        let _ = self.tx.send(Arc::new(message));
+    }
+}
+
+/// The local endpoints as drop events need them.
+#[derive(Default)]
+struct Pods {
+    by_ifindex: HashMap<u32, PodRef>,
+    by_ip: HashMap<Ipv4Addr, PodRef>,
+    read_at: Option<Instant>,
+}
+
+impl Pods {
+    fn refresh(&mut self, registry: &Mutex<EndpointRegistry>) {
+        let Ok(registry) = registry.lock() else {
+            return;
+        };
+        self.by_ifindex.clear();
+        self.by_ip.clear();
+        for ep in registry.endpoints.values() {
+            let pod = PodRef {
+                container_id: ep.owner.container_id.clone(),
+                ifname: ep.owner.ifname.clone(),
+                ip: ep.ip,
+                host_ifname: ep.host_ifname.clone(),
+                matched: String::new(),
+            };
+            self.by_ifindex.insert(ep.host_ifindex, pod.clone());
+            self.by_ip.insert(ep.ip, pod);
+        }
+        self.read_at = Some(Instant::now());
+    }
+
+    fn find(&self, ifindex: u32, src: Ipv4Addr, dst: Ipv4Addr) -> Option<PodRef> {
+        let matched = |pod: &PodRef, how: &str| PodRef {
+            matched: how.to_owned(),
+            ..pod.clone()
+        };
+        if let Some(pod) = self.by_ifindex.get(&ifindex) {
+            return Some(matched(pod, "veth"));
+        }
+        if let Some(pod) = self.by_ip.get(&src) {
+            return Some(matched(pod, "source"));
+        }
+        self.by_ip.get(&dst).map(|pod| matched(pod, "destination"))
+    }
+}
+
+/// `CLOCK_MONOTONIC` (the clock of `bpf_ktime_get_ns`) now, nanoseconds.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
+}
+
+/// The Unix time of monotonic timestamp `ts_ns`.
+fn unix_ns(ts_ns: u64) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    now.saturating_sub(monotonic_ns().saturating_sub(ts_ns))
+}
+
+/// What the agent tells a client about `event`.
+fn record(event: &DropEvent, pods: &Pods) -> DropEventRecord {
+    let (src, dst) = (
+        Ipv4Addr::from(event.src.to_ne_bytes()),
+        Ipv4Addr::from(event.dst.to_ne_bytes()),
+    );
+    DropEventRecord {
+        time_unix_ns: unix_ns(event.timestamp_ns),
+        reason: event.drop_reason().map_or_else(
+            || format!("reason_{}", event.reason),
+            |r| r.name().to_owned(),
+        ),
+        program: Program::from_u8(event.program).map_or_else(
+            || format!("program_{}", event.program),
+            |p| p.name().to_owned(),
+        ),
+        ifindex: event.ifindex,
+        cpu: event.cpu,
+        len: event.len,
+        proto: proto_name(event.proto),
+        src,
+        dst,
+        src_port: u16::from_be(event.src_port),
+        dst_port: u16::from_be(event.dst_port),
+        pod: pods.find(event.ifindex, src, dst),
+    }
+}
+
+fn open_pinned(pin_dir: &Path, name: &str) -> anyhow::Result<Map> {
+    let path = pin_dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("reading the type of {}", path.display()))
+}
+
+/// Suppressed events by reason, summed over the CPUs.
+fn suppressed_totals(map: &PerCpuArray<MapData, u64>) -> Vec<u64> {
+    DropReason::ALL
+        .iter()
+        .map(|&reason| {
+            map.get(&(reason as u32), 0)
+                .map_or(0, |values| values.iter().sum())
+        })
+        .collect()
+}
+
+/// Reads drop events from the pinned ring buffer in `pin_dir` and publishes
+/// them on `hub` until the task is dropped.
+pub async fn run(
+    hub: MonitorHub,
+    pin_dir: &Path,
+    registry: Arc<Mutex<EndpointRegistry>>,
+) -> anyhow::Result<()> {
+    let ring = RingBuf::try_from(open_pinned(pin_dir, names::MAP_EVENTS)?)
+        .context("opening the drop events as a ring buffer")?;
+    // SAFETY: the ring buffer owns its map's fd (`MapData` holds it) and
+    // returns that same fd from `as_raw_fd` until it is dropped, which is
+    // when the `AsyncFd` is.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+        .context("polling the drop events ring buffer")?;
+    let suppressed: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(open_pinned(pin_dir, names::MAP_EVENTS_SUPPRESSED)?)
+            .context("opening the suppressed-events counters")?;
+    let mut last_suppressed = suppressed_totals(&suppressed);
+    let mut pods = Pods::default();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting for drop events")?;
+                let mut events = Vec::new();
+                while let Some(item) = guard.get_inner_mut().next() {
+                    if item.len() >= size_of::<DropEvent>() {
+                        events.push(bytemuck::pod_read_unaligned::<DropEvent>(
+                            &item[..size_of::<DropEvent>()],
+                        ));
+                    }
+                }
+                guard.clear_ready();
+                for event in &events {
+                    let (src, dst) = (
+                        Ipv4Addr::from(event.src.to_ne_bytes()),
+                        Ipv4Addr::from(event.dst.to_ne_bytes()),
+                    );
+                    let stale = pods.read_at.is_none_or(|at| at.elapsed() >= REFRESH_ON_MISS);
+                    if stale && pods.find(event.ifindex, src, dst).is_none() {
+                        // The registry's lock may be held by a slow request.
+                        tokio::task::block_in_place(|| pods.refresh(&registry));
+                    }
+                    hub.publish(MonitorMessage::Drop(record(event, &pods)));
+                }
+            }
+            _ = tick.tick() => {
+                tokio::task::block_in_place(|| pods.refresh(&registry));
+                let now = suppressed_totals(&suppressed);
+                for (i, (&now, &before)) in now.iter().zip(&last_suppressed).enumerate() {
+                    if now > before {
+                        hub.publish(MonitorMessage::Suppressed {
+                            reason: DropReason::ALL[i].name().to_owned(),
+                            count: now - before,
+                        });
+                    }
+                }
+                last_suppressed = now;
+            }
+        }
+    }
+}
+
+/// Runs [`run`], logging why it stopped (the agent goes on without drop
+/// events: forwarding does not depend on them).
+pub async fn run_logged(
+    hub: MonitorHub,
+    pin_dir: std::path::PathBuf,
+    registry: Arc<Mutex<EndpointRegistry>>,
+) {
+    if let Err(e) = run(hub, &pin_dir, registry).await {
+        warn!(error = %format!("{e:#}"), "drop events are not reported");
+    }
+}
