@@ -12,7 +12,11 @@ use std::{
 };
 
 use podnet_common::event::DEFAULT_DROP_EVENTS_PER_SEC;
-use podnet_tests::{bins, node::Node, privileged, spoof};
+use podnet_tests::{
+    bins,
+    node::{Node, Pod},
+    privileged, spoof,
+};
 use serde_json::Value;
 
 const PORT: u16 = 7011;
@@ -69,8 +73,81 @@ impl Drop for Monitor {
     }
 }
 
-fn spoofed_drops(node: &Node) -> u64 {
-    node.counter("spoofed_source_ip").expect("counters")
+/// Node with two pods; the attacker forges frames to the target.
+struct Scene {
+    node: Node,
+    attacker: Pod,
+    target: Pod,
+    pod_mac: [u8; 6],
+    gw_mac: [u8; 6],
+}
+
+impl Scene {
+    fn new() -> Self {
+        let node = Node::start("mon", "10.244.7.0/24").expect("node");
+        let attacker = node.add_pod("monitor-attacker").expect("ADD attacker");
+        let target = node.add_pod("monitor-target").expect("ADD target");
+        let pod_mac = spoof::mac_of(attacker.netns.name(), "eth0").expect("pod MAC");
+        let gw_mac =
+            spoof::host_veth_mac(attacker.netns.name(), node.netns.name()).expect("gateway MAC");
+        Self {
+            node,
+            attacker,
+            target,
+            pod_mac,
+            gw_mac,
+        }
+    }
+
+    /// A UDP frame from the attacker's MAC with source `src` to the target.
+    fn forged(&self, src: Ipv4Addr, tag: &str) -> Vec<u8> {
+        spoof::udp_frame(
+            (self.gw_mac, self.pod_mac),
+            (src, self.target.ip),
+            PORT,
+            format!("forged-{tag}").as_bytes(),
+        )
+    }
+
+    fn send(&self, frames: &[Vec<u8>]) {
+        spoof::send_raw(self.attacker.netns.name(), "eth0", frames).expect("send forged frames");
+    }
+
+    fn attacker_host_ifindex(&self) -> u64 {
+        let endpoints = self.node.podnetctl(&["endpoints"]).expect("endpoints");
+        endpoints
+            .as_array()
+            .expect("endpoint list")
+            .iter()
+            .find(|e| e["endpoint"]["owner"]["container_id"] == self.attacker.container_id.as_str())
+            .and_then(|e| e["endpoint"]["host_ifindex"].as_u64())
+            .expect("the attacker's host veth ifindex")
+    }
+
+    fn spoofed_drops(&self) -> u64 {
+        self.node.counter("spoofed_source_ip").expect("counters")
+    }
+}
+
+/// The stream starts once the agent has the subscription: forged frames
+/// from `src`, one at a time, until one's event shows.
+fn first_event(scene: &Scene, monitor: &Monitor, src: Ipv4Addr) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        scene.send(&[scene.forged(src, "probe")]);
+        let wait = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < wait {
+            if let Some(event) = monitor.drop_from(0, src) {
+                return event;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!(
+        "no drop event for a forged source within 15 s; monitor printed {:?}; agent log:\n{}",
+        monitor.lines(),
+        scene.node.agent_log()
+    )
 }
 
 #[test]
@@ -78,52 +155,11 @@ fn monitor_shows_spoofed_drops_with_their_pod_and_rate_limits_a_flood() {
     if !privileged("monitor_shows_spoofed_drops_with_their_pod_and_rate_limits_a_flood") {
         return;
     }
-    let node = Node::start("mon", "10.244.7.0/24").expect("node");
-    let attacker = node.add_pod("monitor-attacker").expect("ADD attacker");
-    let target = node.add_pod("monitor-target").expect("ADD target");
-    let pod_mac = spoof::mac_of(attacker.netns.name(), "eth0").expect("pod MAC");
-    let gw_mac =
-        spoof::host_veth_mac(attacker.netns.name(), node.netns.name()).expect("gateway MAC");
-    let endpoints = node.podnetctl(&["endpoints"]).expect("endpoints");
-    let host_ifindex = endpoints
-        .as_array()
-        .expect("endpoint list")
-        .iter()
-        .find(|e| e["endpoint"]["owner"]["container_id"] == attacker.container_id.as_str())
-        .and_then(|e| e["endpoint"]["host_ifindex"].as_u64())
-        .expect("the attacker's host veth ifindex");
-    let forged = |src: Ipv4Addr, tag: &str| {
-        spoof::udp_frame(
-            (gw_mac, pod_mac),
-            (src, target.ip),
-            PORT,
-            format!("forged-{tag}").as_bytes(),
-        )
-    };
+    let scene = Scene::new();
+    let monitor = Monitor::start(&scene.node);
     let probe_src = Ipv4Addr::new(10, 244, 7, 250);
-    let flood_src = Ipv4Addr::new(10, 244, 7, 251);
-
-    let monitor = Monitor::start(&node);
-    // The stream starts when the agent has the subscription: probe until
-    // one forged frame's event shows (each probe waits for its own).
-    let mut event = None;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while event.is_none() && Instant::now() < deadline {
-        spoof::send_raw(attacker.netns.name(), "eth0", &[forged(probe_src, "probe")])
-            .expect("send a forged frame");
-        let wait = Instant::now() + Duration::from_secs(1);
-        while event.is_none() && Instant::now() < wait {
-            event = monitor.drop_from(0, probe_src);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    let event = event.unwrap_or_else(|| {
-        panic!(
-            "no drop event for a forged source within 15 s; monitor printed {:?}; agent log:\n{}",
-            monitor.lines(),
-            node.agent_log()
-        )
-    });
+    let event = first_event(&scene, &monitor, probe_src);
+    let attacker = &scene.attacker;
     assert_eq!(event["reason"], "spoofed_source_ip", "{event}");
     assert_eq!(event["program"], "from_pod", "{event}");
     assert_eq!(
@@ -134,29 +170,40 @@ fn monitor_shows_spoofed_drops_with_their_pod_and_rate_limits_a_flood() {
     assert_eq!(event["pod"]["ip"], attacker.ip.to_string(), "{event}");
     assert_eq!(event["pod"]["ifname"], "eth0", "{event}");
     assert_eq!(event["pod"]["matched"], "veth", "{event}");
-    assert_eq!(event["ifindex"].as_u64(), Some(host_ifindex), "{event}");
+    assert_eq!(
+        event["ifindex"].as_u64(),
+        Some(scene.attacker_host_ifindex()),
+        "{event}"
+    );
     assert_eq!(
         event["src"],
         probe_src.to_string(),
         "the forged source: {event}"
     );
-    assert_eq!(event["dst"], target.ip.to_string(), "{event}");
+    assert_eq!(event["dst"], scene.target.ip.to_string(), "{event}");
     assert_eq!(event["proto"], "udp", "{event}");
     assert_eq!(event["dst_port"].as_u64(), Some(u64::from(PORT)), "{event}");
     assert_eq!(event["src_port"].as_u64(), Some(40_000), "{event}");
 
-    // A flood: far more forged frames than the rate lets through.
+    flood_is_rate_limited_and_accounted(&scene, &monitor);
+}
+
+/// A flood: far more forged frames than the rate lets through. Every one
+/// is counted; events stay within the per-CPU rate; the rest are
+/// reported as suppressed, to the frame.
+fn flood_is_rate_limited_and_accounted(scene: &Scene, monitor: &Monitor) {
+    let flood_src = Ipv4Addr::new(10, 244, 7, 251);
     let seen_before = monitor.lines().len();
-    let drops_before = spoofed_drops(&node);
+    let drops_before = scene.spoofed_drops();
     let frames: Vec<Vec<u8>> = (0..FLOOD)
-        .map(|i| forged(flood_src, &i.to_string()))
+        .map(|i| scene.forged(flood_src, &i.to_string()))
         .collect();
     let started = Instant::now();
-    spoof::send_raw(attacker.netns.name(), "eth0", &frames).expect("send the flood");
-    let flood_secs = started.elapsed().as_secs_f64();
+    scene.send(&frames);
+    let flood_ms = u64::try_from(started.elapsed().as_millis()).expect("ms");
     // Suppressed counts are published once a second.
     std::thread::sleep(Duration::from_millis(2500));
-    let dropped = spoofed_drops(&node) - drops_before;
+    let dropped = scene.spoofed_drops() - drops_before;
     let after: Vec<Value> = monitor.lines().into_iter().skip(seen_before).collect();
     assert!(
         !after.iter().any(|l| l["type"] == "lost"),
@@ -169,7 +216,7 @@ fn monitor_shows_spoofed_drops_with_their_pod_and_rate_limits_a_flood() {
             assert_eq!(l["reason"], "spoofed_source_ip", "{l}");
             assert_eq!(
                 l["pod"]["container_id"],
-                attacker.container_id.as_str(),
+                scene.attacker.container_id.as_str(),
                 "{l}"
             );
         })
@@ -180,24 +227,25 @@ fn monitor_shows_spoofed_drops_with_their_pod_and_rate_limits_a_flood() {
         .map(|l| l["count"].as_u64().expect("a count"))
         .sum();
     eprintln!(
-        "flood: {FLOOD} frames in {flood_secs:.3} s: {dropped} dropped, {events} events, \
+        "flood: {FLOOD} frames in {flood_ms} ms: {dropped} dropped, {events} events, \
          {suppressed} suppressed"
     );
     assert_eq!(
         dropped, FLOOD as u64,
         "every forged frame dropped and counted"
     );
-    // Per CPU: a burst of one second's worth, then the rate.
-    // Every CPU that may run the program has its own bucket.
-    let cpus = aya::util::nr_cpus().expect("possible CPUs") as f64;
-    let limit = (cpus * f64::from(DEFAULT_DROP_EVENTS_PER_SEC) * (1.0 + flood_secs)).ceil();
+    // Every CPU that may run the program has its own bucket: a burst of one
+    // second's worth, then the rate.
+    let cpus = aya::util::nr_cpus().expect("possible CPUs") as u64;
+    let limit = (cpus * u64::from(DEFAULT_DROP_EVENTS_PER_SEC) * (1000 + flood_ms)).div_ceil(1000);
     assert!(
-        events >= 1 && (events as f64) <= limit,
-        "{events} events for {FLOOD} drops in {flood_secs:.3} s (limit {limit} on {cpus} CPUs)"
+        events >= 1 && events <= limit,
+        "{events} events for {FLOOD} drops in {flood_ms} ms (limit {limit} on {cpus} CPUs)"
     );
     assert_eq!(
         events + suppressed,
         dropped,
-        "every drop is either reported or summed as suppressed ({events} events, {suppressed} suppressed)"
+        "every drop is either reported or summed as suppressed ({events} events, \
+         {suppressed} suppressed)"
     );
 }
