@@ -114,11 +114,19 @@ impl DropEvent {
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct EventLimiter {
     pub credit_ns: u64,
-    /// When the credit was last brought up to date (`bpf_ktime_get_ns`).
+    /// When the credit was last brought up to date
+    /// (`bpf_ktime_get_coarse_ns`).
     pub last_ns: u64,
+    /// What one event costs at `rate`: `1e9 / rate` (0 for a rate above
+    /// 1e9/s, i.e. no limit).
+    pub cost_ns: u64,
+    /// The `NodeConfig::drop_events_per_sec` that `cost_ns` is for.
+    pub rate: u32,
+    /// Explicit padding, always zero.
+    pub reserved: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<EventLimiter>() == 16);
+const _: () = assert!(core::mem::size_of::<EventLimiter>() == 32);
 
 /// Credit cap of [`EventLimiter`]: one second.
 pub const EVENT_CREDIT_CAP_NS: u64 = 1_000_000_000;
@@ -129,6 +137,6 @@ mod user {
     // (`reserved`; size and offsets asserted above), so every bit pattern is
     // valid.
     unsafe impl aya::Pod for super::DropEvent {}
-    // SAFETY: as above: two u64s.
+    // SAFETY: as above: three u64s and two u32s, no implicit padding.
     unsafe impl aya::Pod for super::EventLimiter {}
 }
