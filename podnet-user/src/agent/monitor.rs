@@ -68,7 +68,7 @@ impl MonitorHub {
         }
     }
 
-    fn publish(&self, message: MonitorMessage) {
+    pub(crate) fn publish(&self, message: MonitorMessage) {
         // No receiver: nobody is watching, the message goes nowhere.
         let _ = self.tx.send(Arc::new(message));
     }
@@ -253,5 +253,91 @@ pub async fn run_logged(
 ) {
     if let Err(e) = run(hub, &pin_dir, registry).await {
         warn!(error = %format!("{e:#}"), "drop events are not reported");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use podnet_common::{DropEvent, DropReason, Program};
+
+    use super::{Pods, record};
+    use crate::api::PodRef;
+
+    fn pod(ip: Ipv4Addr) -> PodRef {
+        PodRef {
+            container_id: format!("c-{ip}"),
+            ifname: "eth0".into(),
+            ip,
+            host_ifname: "pnveth".into(),
+            matched: String::new(),
+        }
+    }
+
+    #[test]
+    fn an_event_names_its_pod_by_veth_then_source_then_destination() {
+        let (a, b) = (Ipv4Addr::new(10, 244, 0, 2), Ipv4Addr::new(10, 244, 0, 3));
+        let mut pods = Pods::default();
+        pods.by_ifindex.insert(12, pod(a));
+        pods.by_ip.insert(a, pod(a));
+        pods.by_ip.insert(b, pod(b));
+        let outside = Ipv4Addr::new(192, 0, 2, 1);
+        let found = |ifindex, src, dst| {
+            pods.find(ifindex, src, dst)
+                .map(|p| (p.container_id, p.matched))
+        };
+        assert_eq!(found(12, b, b), Some((format!("c-{a}"), "veth".into())));
+        assert_eq!(found(7, b, a), Some((format!("c-{b}"), "source".into())));
+        assert_eq!(
+            found(7, outside, a),
+            Some((format!("c-{a}"), "destination".into()))
+        );
+        assert_eq!(found(7, outside, outside), None);
+    }
+
+    #[test]
+    fn a_record_spells_out_the_event() {
+        let event = DropEvent {
+            timestamp_ns: 1,
+            reason: DropReason::SpoofedSourceIp as u32,
+            ifindex: 12,
+            src: u32::from_ne_bytes([10, 244, 0, 99]),
+            dst: u32::from_ne_bytes([10, 244, 0, 3]),
+            src_port: 40_000u16.to_be(),
+            dst_port: 7011u16.to_be(),
+            proto: 17,
+            program: Program::FromPod as u8,
+            reserved: 0,
+            len: 60,
+            cpu: 1,
+        };
+        let r = record(&event, &Pods::default());
+        assert_eq!(r.reason, "spoofed_source_ip");
+        assert_eq!(r.program, "from_pod");
+        assert_eq!(r.proto, "udp");
+        assert_eq!(
+            (r.src, r.src_port, r.dst, r.dst_port),
+            (
+                Ipv4Addr::new(10, 244, 0, 99),
+                40_000,
+                Ipv4Addr::new(10, 244, 0, 3),
+                7011
+            )
+        );
+        assert_eq!((r.ifindex, r.len, r.cpu, r.pod), (12, 60, 1, None));
+        // A newer datapath's reason or program is shown by number.
+        let unknown = record(
+            &DropEvent {
+                reason: 999,
+                program: 99,
+                ..event
+            },
+            &Pods::default(),
+        );
+        assert_eq!(
+            (unknown.reason.as_str(), unknown.program.as_str()),
+            ("reason_999", "program_99")
+        );
     }
 }

@@ -254,3 +254,88 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod monitor_tests {
+    use tokio::{
+        io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader},
+        net::UnixStream,
+    };
+
+    use super::{MAX_REQUEST_BYTES, stream_monitor};
+    use crate::{
+        agent::monitor::{CLIENT_BACKLOG, MonitorHub},
+        api::{MonitorHello, MonitorMessage, Response},
+    };
+
+    /// A monitor client on one end of a socket pair, served by
+    /// `stream_monitor` on the other.
+    async fn client(hub: &MonitorHub) -> (BufReader<UnixStream>, tokio::task::JoinHandle<()>) {
+        let (agent, client) = UnixStream::pair().expect("socket pair");
+        let (read, write) = agent.into_split();
+        let hub = hub.clone();
+        let served = tokio::spawn(async move {
+            let reader = BufReader::new(read.take(MAX_REQUEST_BYTES + 1));
+            stream_monitor(reader, write, &hub).await.expect("stream");
+        });
+        let mut client = BufReader::new(client);
+        let mut hello = String::new();
+        client.read_line(&mut hello).await.expect("hello");
+        let hello: Response<MonitorHello> = serde_json::from_str(&hello).expect("hello JSON");
+        assert!(matches!(hello, Response::Ok(h) if h.drop_events_per_sec_per_cpu > 0));
+        (client, served)
+    }
+
+    async fn next(client: &mut BufReader<UnixStream>) -> MonitorMessage {
+        let mut line = String::new();
+        client.read_line(&mut line).await.expect("a line");
+        serde_json::from_str(&line).expect("a monitor message")
+    }
+
+    fn suppressed(count: u64) -> MonitorMessage {
+        MonitorMessage::Suppressed {
+            reason: "spoofed_source_ip".into(),
+            count,
+        }
+    }
+
+    // The default test runtime has one thread: the serving tasks run only
+    // when the test awaits, so "a client that does not keep up" is exact.
+    #[tokio::test]
+    async fn publishing_never_waits_and_a_client_behind_is_told_what_it_lost() {
+        let hub = MonitorHub::new();
+        let (mut a, _) = client(&hub).await;
+        let (mut b, _) = client(&hub).await;
+        hub.publish(suppressed(1));
+        assert_eq!(next(&mut a).await, suppressed(1));
+        assert_eq!(next(&mut b).await, suppressed(1));
+
+        // Far more than a client's backlog while neither is served.
+        let extra = 100;
+        let total = CLIENT_BACKLOG as u64 + extra;
+        for i in 0..total {
+            hub.publish(suppressed(i + 2));
+        }
+        for client in [&mut a, &mut b] {
+            assert_eq!(next(client).await, MonitorMessage::Lost { count: extra });
+            // Then the newest, in order, none twice.
+            for i in extra..total {
+                assert_eq!(next(client).await, suppressed(i + 2));
+            }
+        }
+        hub.publish(suppressed(0));
+        assert_eq!(next(&mut a).await, suppressed(0));
+        assert_eq!(next(&mut b).await, suppressed(0));
+    }
+
+    #[tokio::test]
+    async fn the_stream_ends_when_the_client_leaves() {
+        let hub = MonitorHub::new();
+        let (client, served) = client(&hub).await;
+        drop(client);
+        tokio::time::timeout(std::time::Duration::from_secs(5), served)
+            .await
+            .expect("the agent noticed the client left")
+            .expect("the stream task");
+    }
+}
