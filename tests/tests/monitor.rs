@@ -22,19 +22,20 @@ use serde_json::Value;
 const PORT: u16 = 7011;
 const FLOOD: usize = 5000;
 
-/// `podnetctl --json monitor --drops`, its stdout lines collected by a
+/// `podnetctl [--json] monitor --drops`, its stdout lines collected by a
 /// thread; killed when dropped.
 struct Monitor {
     child: Child,
-    lines: Arc<Mutex<Vec<Value>>>,
+    lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl Monitor {
-    fn start(node: &Node) -> Self {
+    fn start(node: &Node, json: bool) -> Self {
         let mut child = std::process::Command::new(bins::binary("podnetctl"))
             .arg("--socket")
             .arg(node.socket())
-            .args(["--json", "monitor", "--drops"])
+            .args(json.then_some("--json"))
+            .args(["monitor", "--drops"])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -45,16 +46,25 @@ impl Monitor {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                let value: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("monitor printed no JSON ({e}): {line}"));
-                sink.lock().expect("lines").push(value);
+                sink.lock().expect("lines").push(line);
             }
         });
         Self { child, lines }
     }
 
-    fn lines(&self) -> Vec<Value> {
+    fn text(&self) -> Vec<String> {
         self.lines.lock().expect("lines").clone()
+    }
+
+    /// The lines as JSON (a `--json` monitor prints nothing else).
+    fn lines(&self) -> Vec<Value> {
+        self.text()
+            .iter()
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("monitor printed no JSON ({e}): {line}"))
+            })
+            .collect()
     }
 
     /// The first drop event from index `from` on whose source is `src`.
@@ -156,7 +166,8 @@ fn monitor_shows_spoofed_drops_with_their_pod_and_rate_limits_a_flood() {
         return;
     }
     let scene = Scene::new();
-    let monitor = Monitor::start(&scene.node);
+    let monitor = Monitor::start(&scene.node, true);
+    let text = Monitor::start(&scene.node, false);
     let probe_src = Ipv4Addr::new(10, 244, 7, 250);
     let event = first_event(&scene, &monitor, probe_src);
     let attacker = &scene.attacker;
@@ -184,6 +195,30 @@ fn monitor_shows_spoofed_drops_with_their_pod_and_rate_limits_a_flood() {
     assert_eq!(event["proto"], "udp", "{event}");
     assert_eq!(event["dst_port"].as_u64(), Some(u64::from(PORT)), "{event}");
     assert_eq!(event["src_port"].as_u64(), Some(40_000), "{event}");
+    // The same event in text: one line with reason, pod, ifindex, tuple.
+    let cid: String = attacker.container_id.chars().take(12).collect();
+    let want = [
+        "drop spoofed_source_ip".to_owned(),
+        format!("pod={cid}/eth0 ({}, ", attacker.ip),
+        format!("ifindex={} from_pod", scene.attacker_host_ifindex()),
+        format!("udp {probe_src}:40000 -> {}:{PORT}", scene.target.ip),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !text
+        .text()
+        .iter()
+        .any(|l| want.iter().all(|w| l.contains(w)))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "text monitor shows {want:?}: {:?}",
+            text.text()
+        );
+        scene.send(&[scene.forged(probe_src, "probe-text")]);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("text: {:?}", text.text());
+    drop(text);
 
     flood_is_rate_limited_and_accounted(&scene, &monitor);
 }
