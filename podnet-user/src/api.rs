@@ -287,7 +287,12 @@ pub enum MonitorMessage {
     /// Drops of `reason` whose events the datapath did not send in the last
     /// second (over the per-CPU rate limit, or the ring buffer was full):
     /// counted, not reported one by one.
-    Suppressed { reason: String, count: u64 },
+    Suppressed {
+        /// When the agent counted them (Unix time, nanoseconds).
+        time_unix_ns: u64,
+        reason: String,
+        count: u64,
+    },
     /// Messages this client missed because it read too slowly (the agent
     /// never waits for a client).
     Lost { count: u64 },

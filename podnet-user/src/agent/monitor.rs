@@ -233,6 +233,7 @@ pub async fn run(
                 for (i, (&now, &before)) in now.iter().zip(&last_suppressed).enumerate() {
                     if now > before {
                         hub.publish(MonitorMessage::Suppressed {
+                            time_unix_ns: unix_ns(monotonic_ns()),
                             reason: DropReason::ALL[i].name().to_owned(),
                             count: now - before,
                         });

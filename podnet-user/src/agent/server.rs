@@ -294,6 +294,7 @@ mod monitor_tests {
 
     fn suppressed(count: u64) -> MonitorMessage {
         MonitorMessage::Suppressed {
+            time_unix_ns: 0,
             reason: "spoofed_source_ip".into(),
             count,
         }

@@ -454,10 +454,14 @@ fn monitor(cli: &Cli, client: &Client, drops_only: bool) -> anyhow::Result<()> {
         } else {
             let line = match &message {
                 MonitorMessage::Drop(e) => drop_line(e),
-                MonitorMessage::Suppressed { reason, count } => format!(
+                MonitorMessage::Suppressed {
+                    time_unix_ns,
+                    reason,
+                    count,
+                } => format!(
                     "{} suppressed {reason}: {count} more drops in the last second, over the \
                      rate limit ({}/s per CPU): counted, not shown",
-                    format_utc(now_unix_ns()),
+                    format_utc(*time_unix_ns),
                     hello.drop_events_per_sec_per_cpu
                 ),
                 MonitorMessage::Lost { count } => format!(
