@@ -5,6 +5,10 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use anyhow::Context as _;
@@ -27,6 +31,9 @@ pub struct EndpointRegistry {
     config: AgentConfig,
     datapath: Datapath,
     pub(super) endpoints: BTreeMap<Owner, Endpoint>,
+    /// Bumped whenever `endpoints` changes (who caches them, the drop
+    /// event monitor, knows when to read them again).
+    generation: Arc<AtomicU64>,
     /// Endpoints whose filters failed to attach at start: retried.
     unattached: BTreeSet<Owner>,
     /// Whether the node's devices are set up (overlay/underlay programs
@@ -59,6 +66,7 @@ impl EndpointRegistry {
             config,
             datapath,
             endpoints: BTreeMap::new(),
+            generation: Arc::default(),
             unattached: BTreeSet::new(),
             node_network_ready: false,
             cluster: super::cluster::ClusterState::default(),
@@ -378,7 +386,13 @@ impl EndpointRegistry {
         info!(container = %ep.owner.container_id, ifname = %ep.owner.ifname, ip = %ep.ip,
               host = %ep.host_ifname, "endpoint added");
         self.endpoints.insert(ep.owner.clone(), ep);
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// A counter that changes whenever an endpoint is added or removed.
+    pub(super) fn endpoints_generation(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.generation)
     }
 
     /// Removes an endpoint; `Ok(None)` when there was none.
@@ -386,6 +400,7 @@ impl EndpointRegistry {
         let Some(ep) = self.endpoints.remove(owner) else {
             return Ok(None);
         };
+        self.generation.fetch_add(1, Ordering::Release);
         // Only the entry that is still this endpoint's (the IP may have been
         // handed to a newer endpoint since).
         if self

@@ -13,8 +13,11 @@ use std::{
     collections::HashMap,
     net::Ipv4Addr,
     path::Path,
-    sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::Context as _;
@@ -31,10 +34,8 @@ use crate::api::{DropEventRecord, MonitorHello, MonitorMessage, PodRef, proto_na
 
 /// Messages a client may be behind before it loses the oldest.
 pub const CLIENT_BACKLOG: usize = 4096;
-/// How often suppressed counts are published (and pods looked up afresh).
+/// How often suppressed counts are published.
 const TICK: Duration = Duration::from_secs(1);
-/// The soonest the pod table is read again after an event named no pod.
-const REFRESH_ON_MISS: Duration = Duration::from_millis(200);
 
 /// Where monitor clients subscribe. Cheap to clone.
 #[derive(Clone)]
@@ -74,33 +75,52 @@ impl MonitorHub {
     }
 }
 
-/// The local endpoints as drop events need them.
-#[derive(Default)]
+/// The local endpoints as drop events need them, read again whenever the
+/// registry's endpoints changed.
 struct Pods {
     by_ifindex: HashMap<u32, PodRef>,
     by_ip: HashMap<Ipv4Addr, PodRef>,
-    read_at: Option<Instant>,
+    /// The registry's endpoint generation these are of.
+    generation: u64,
+}
+
+impl Default for Pods {
+    fn default() -> Self {
+        Self {
+            by_ifindex: HashMap::new(),
+            by_ip: HashMap::new(),
+            // Never a registry's: the first event reads them.
+            generation: u64::MAX,
+        }
+    }
 }
 
 impl Pods {
-    fn refresh(&mut self, registry: &Mutex<EndpointRegistry>) {
-        let Ok(registry) = registry.lock() else {
+    /// Reads the endpoints again if they changed since the last time.
+    fn refresh(&mut self, registry: &Mutex<EndpointRegistry>, generation: &AtomicU64) {
+        if generation.load(Ordering::Acquire) == self.generation {
             return;
-        };
-        self.by_ifindex.clear();
-        self.by_ip.clear();
-        for ep in registry.endpoints.values() {
-            let pod = PodRef {
-                container_id: ep.owner.container_id.clone(),
-                ifname: ep.owner.ifname.clone(),
-                ip: ep.ip,
-                host_ifname: ep.host_ifname.clone(),
-                matched: String::new(),
-            };
-            self.by_ifindex.insert(ep.host_ifindex, pod.clone());
-            self.by_ip.insert(ep.ip, pod);
         }
-        self.read_at = Some(Instant::now());
+        // The registry's lock may be held by a slow request.
+        tokio::task::block_in_place(|| {
+            let Ok(registry) = registry.lock() else {
+                return;
+            };
+            self.generation = generation.load(Ordering::Acquire);
+            self.by_ifindex.clear();
+            self.by_ip.clear();
+            for ep in registry.endpoints.values() {
+                let pod = PodRef {
+                    container_id: ep.owner.container_id.clone(),
+                    ifname: ep.owner.ifname.clone(),
+                    ip: ep.ip,
+                    host_ifname: ep.host_ifname.clone(),
+                    matched: String::new(),
+                };
+                self.by_ifindex.insert(ep.host_ifindex, pod.clone());
+                self.by_ip.insert(ep.ip, pod);
+            }
+        });
     }
 
     fn find(&self, ifindex: u32, src: Ipv4Addr, dst: Ipv4Addr) -> Option<PodRef> {
@@ -198,6 +218,10 @@ pub async fn run(
         PerCpuArray::try_from(open_pinned(pin_dir, names::MAP_EVENTS_SUPPRESSED)?)
             .context("opening the suppressed-events counters")?;
     let mut last_suppressed = suppressed_totals(&suppressed);
+    let generation = registry
+        .lock()
+        .map_err(|_| anyhow::anyhow!("agent state poisoned"))?
+        .endpoints_generation();
     let mut pods = Pods::default();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -214,21 +238,14 @@ pub async fn run(
                     }
                 }
                 guard.clear_ready();
+                if !events.is_empty() {
+                    pods.refresh(&registry, &generation);
+                }
                 for event in &events {
-                    let (src, dst) = (
-                        Ipv4Addr::from(event.src.to_ne_bytes()),
-                        Ipv4Addr::from(event.dst.to_ne_bytes()),
-                    );
-                    let stale = pods.read_at.is_none_or(|at| at.elapsed() >= REFRESH_ON_MISS);
-                    if stale && pods.find(event.ifindex, src, dst).is_none() {
-                        // The registry's lock may be held by a slow request.
-                        tokio::task::block_in_place(|| pods.refresh(&registry));
-                    }
                     hub.publish(MonitorMessage::Drop(record(event, &pods)));
                 }
             }
             _ = tick.tick() => {
-                tokio::task::block_in_place(|| pods.refresh(&registry));
                 let now = suppressed_totals(&suppressed);
                 for (i, (&now, &before)) in now.iter().zip(&last_suppressed).enumerate() {
                     if now > before {
