@@ -8,6 +8,7 @@ pub mod bpffs;
 pub mod cni;
 pub mod datapath;
 pub mod datastore;
+pub mod explain;
 pub mod failpoint;
 pub mod ipam;
 pub mod netlink;

@@ -4,6 +4,7 @@
 mod check;
 pub mod cluster;
 mod endpoints;
+pub mod explain;
 pub mod follow;
 mod server;
 
