@@ -249,19 +249,19 @@ fn replace_with(
     remove_stale_temps(dir, name)?;
     let temp = dir.join(format!(".{name}{TEMP_INFIX}{}", std::process::id()));
     let published = (|| {
-        let mut file = fs::OpenOptions::new()
+        let mut out = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode)
             .open(&temp)
             .map_err(io_err("creating the temporary file", &temp))?;
-        fill(&mut file).map_err(io_err("writing the temporary file", &temp))?;
+        fill(&mut out).map_err(io_err("writing the temporary file", &temp))?;
         // The umask may have taken bits off the mode given at creation.
-        file.set_permissions(fs::Permissions::from_mode(mode))
+        out.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(io_err("setting the mode of", &temp))?;
-        file.sync_all()
+        out.sync_all()
             .map_err(io_err("syncing the temporary file", &temp))?;
-        drop(file);
+        drop(out);
         fs::rename(&temp, &path).map_err(io_err("publishing", &path))
     })();
     if let Err(e) = published {
@@ -413,7 +413,7 @@ mod tests {
         let conf = options.cni_conf_dir.join("10-podnet.conflist");
         // Back-date both files: a rewrite would give them the current time,
         // however coarse the filesystem's timestamps.
-        let old = SystemTime::now() - Duration::from_secs(3600);
+        let old = SystemTime::now() - Duration::from_hours(1);
         for path in [&plugin, &conf] {
             fs::File::options()
                 .write(true)
