@@ -338,6 +338,37 @@ fn expand(value: &str, container: &Value, config_map: &Value) -> String {
     out
 }
 
+/// A path flag's value, else its default.
+fn flag_or(flags: &BTreeMap<String, Option<String>>, flag: &str, default: &str) -> PathBuf {
+    PathBuf::from(
+        flags
+            .get(flag)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| default.to_owned()),
+    )
+}
+
+/// Each `(flag, default)`: the path `container` uses (the flag's value,
+/// else the binary's default) is the host's `default`, through a mount.
+fn assert_paths_on_host(
+    spec: &Value,
+    container: &Value,
+    flags: &BTreeMap<String, Option<String>>,
+    paths: &[(&str, &str)],
+) {
+    let name = str_of(&container["name"], "name");
+    for &(flag, default) in paths {
+        let inside = flag_or(flags, flag, default);
+        assert_eq!(
+            host_path(spec, container, &inside).as_deref(),
+            Some(Path::new(default)),
+            "{name} uses {} (its {flag}), which must be the host's {default}",
+            inside.display()
+        );
+    }
+}
+
 #[test]
 fn daemon_set_mounts_exactly_the_paths_the_binaries_use_by_default() {
     let m = load_manifest();
@@ -366,27 +397,15 @@ fn daemon_set_mounts_exactly_the_paths_the_binaries_use_by_default() {
     assert_eq!(install_line.get(1).map(String::as_str), Some("install-cni"));
     let install_flags = parse_flags(&install_line[2..]);
     check_flags(&install_flags, Some("install-cni"), "the init container");
-    let flag_or = |flags: &BTreeMap<String, Option<String>>, flag: &str, default: &str| {
-        PathBuf::from(
-            flags
-                .get(flag)
-                .cloned()
-                .flatten()
-                .unwrap_or_else(|| default.to_owned()),
-        )
-    };
-    for (flag, default) in [
-        ("--cni-bin-dir", DEFAULT_CNI_BIN_DIR),
-        ("--cni-conf-dir", DEFAULT_CNI_CONF_DIR),
-    ] {
-        let inside = flag_or(&install_flags, flag, default);
-        assert_eq!(
-            host_path(spec, install, &inside).as_deref(),
-            Some(Path::new(default)),
-            "install-cni writes {} (its {flag}), which must be the host's {default}",
-            inside.display()
-        );
-    }
+    assert_paths_on_host(
+        spec,
+        install,
+        &install_flags,
+        &[
+            ("--cni-bin-dir", DEFAULT_CNI_BIN_DIR),
+            ("--cni-conf-dir", DEFAULT_CNI_CONF_DIR),
+        ],
+    );
 
     let containers = array_of(&spec["containers"], "containers");
     assert_eq!(containers.len(), 1);
@@ -396,19 +415,16 @@ fn daemon_set_mounts_exactly_the_paths_the_binaries_use_by_default() {
     assert!(!line.iter().any(|w| w == "install-cni" || w == "--once"));
     let flags = parse_flags(&line[1..]);
     check_flags(&flags, None, "the podnetd container");
-    for (flag, default) in [
-        ("--bpffs-dir", DEFAULT_PIN_DIR),
-        ("--state-dir", DEFAULT_STATE_DIR),
-        ("--socket", DEFAULT_SOCKET),
-    ] {
-        let inside = flag_or(&flags, flag, default);
-        assert_eq!(
-            host_path(spec, agent, &inside).as_deref(),
-            Some(Path::new(default)),
-            "podnetd uses {} (its {flag}), which must be the host's {default}",
-            inside.display()
-        );
-    }
+    assert_paths_on_host(
+        spec,
+        agent,
+        &flags,
+        &[
+            ("--bpffs-dir", DEFAULT_PIN_DIR),
+            ("--state-dir", DEFAULT_STATE_DIR),
+            ("--socket", DEFAULT_SOCKET),
+        ],
+    );
     // The plugin on the host connects where the agent listens.
     assert_eq!(
         host_path(spec, agent, &flag_or(&flags, "--socket", DEFAULT_SOCKET)),
