@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod datastore;
 pub mod explain;
 pub mod failpoint;
+pub mod install;
 pub mod ipam;
 pub mod netlink;
 pub mod pinned_maps;

@@ -15,6 +15,11 @@ use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
 
+/// The agent's state directory unless told otherwise: endpoint records
+/// and the built-in IPAM (the CNI plugin's default IPAM root,
+/// [`crate::cni::plugin::DEFAULT_IPAM_DIR`], lies in it).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/podnet";
+
 /// How the agent is configured (flags, or a config file).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AgentConfig {

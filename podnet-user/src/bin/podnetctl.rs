@@ -28,7 +28,7 @@ struct Cli {
     #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Pin directory to read when the agent is down.
-    #[arg(long, global = true, default_value = "/sys/fs/bpf/podnet")]
+    #[arg(long, global = true, default_value = podnet::bpffs::DEFAULT_PIN_DIR)]
     bpffs_dir: PathBuf,
     /// JSON output for scripts.
     #[arg(long, global = true)]
