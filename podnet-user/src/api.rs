@@ -262,6 +262,11 @@ pub enum Request {
     StackFlows,
     /// The agent's state against the kernel's: a list of [`Drift`].
     Check,
+    /// What the datapath would do with a packet a local pod sends
+    /// ([`crate::explain`]).
+    Explain {
+        request: crate::explain::ExplainRequest,
+    },
     /// A stream: the agent answers [`MonitorHello`], then writes one
     /// [`MonitorMessage`] line after another until the client hangs up.
     Monitor {

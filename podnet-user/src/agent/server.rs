@@ -136,9 +136,13 @@ async fn handle(
         Ok(request) => {
             debug!(?request, "request");
             // Datapath and netlink calls block: keep them off the reactor.
-            tokio::task::spawn_blocking(move || dispatch(&registry, request))
-                .await
-                .context("request handler panicked")?
+            tokio::task::spawn_blocking(move || match request {
+                // Loads a scratch datapath: not under the registry's lock.
+                Request::Explain { request } => encode(super::explain::explain(&registry, request)),
+                request => dispatch(&registry, request),
+            })
+            .await
+            .context("request handler panicked")?
         }
     };
     write
@@ -211,6 +215,10 @@ fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> Vec<u8> {
             crate::api::StackFlowStatus::list(reg.datapath_mut()).map_err(anyhow::Error::from),
         ),
         Request::Check => encode(reg.check()),
+        Request::Explain { request } => {
+            drop(reg);
+            encode(super::explain::explain(registry, request))
+        }
         Request::Monitor { .. } => {
             encode::<()>(Err(anyhow::anyhow!("monitor is a streaming request")))
         }
