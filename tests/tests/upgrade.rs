@@ -2,7 +2,7 @@
 //! of [`UPGRADE_FROM`] (node config of layout 1, 24 bytes, and no map
 //! migration), ping floods run between pods (same node, cross node both
 //! ways), every agent is replaced by this build's, which migrates the
-//! pinned maps whose layout changed (the node config grew to 32 bytes) and
+//! pinned maps whose layout changed (the node config grew to 36 bytes) and
 //! re-points every program. Every ping is answered; the counters carry on;
 //! the old CNI plugin keeps working against the new agent.
 
@@ -73,7 +73,12 @@ fn upgrade_loses_nothing(mode: &str) {
     }
     for (node, before) in lab.layout.nodes.iter().zip(before) {
         let info = aya::maps::MapInfo::from_pin(config_pin(node)).expect("config pin");
-        assert_eq!(info.value_size(), 32, "{}: migrated to layout 2", node.name);
+        assert_eq!(
+            info.value_size() as usize,
+            size_of::<podnet_common::NodeConfig>(),
+            "{}: migrated to this build's layout",
+            node.name
+        );
         let status: AgentStatus = Client::new(&node.agent_socket)
             .call(&Request::Status)
             .expect("status");
