@@ -858,7 +858,18 @@ fn map_data(map: &aya::maps::Map) -> &MapData {
 /// timestamps (`bpf_ktime_get_coarse_ns`).
 #[must_use]
 pub fn monotonic_coarse_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).map_or(0, |t| {
+    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns` (drop
+/// events' timestamps).
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    clock_ns(nix::time::ClockId::CLOCK_MONOTONIC)
+}
+
+fn clock_ns(clock: nix::time::ClockId) -> u64 {
+    nix::time::clock_gettime(clock).map_or(0, |t| {
         u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
             + u64::try_from(t.tv_nsec()).unwrap_or(0)
     })

@@ -30,7 +30,10 @@ use tokio::{
 use tracing::warn;
 
 use super::EndpointRegistry;
-use crate::api::{DropEventRecord, MonitorHello, MonitorMessage, PodRef, proto_name};
+use crate::{
+    api::{DropEventRecord, MonitorHello, MonitorMessage, PodRef, proto_name},
+    datapath::monotonic_ns,
+};
 
 /// Messages a client may be behind before it loses the oldest.
 pub const CLIENT_BACKLOG: usize = 4096;
@@ -136,14 +139,6 @@ impl Pods {
         }
         self.by_ip.get(&dst).map(|pod| matched(pod, "destination"))
     }
-}
-
-/// `CLOCK_MONOTONIC` (the clock of `bpf_ktime_get_ns`) now, nanoseconds.
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
-        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(t.tv_nsec()).unwrap_or(0)
-    })
 }
 
 /// The Unix time of monotonic timestamp `ts_ns`.
