@@ -5,6 +5,8 @@ mod check;
 pub mod cluster;
 mod endpoints;
 pub mod follow;
+pub mod http;
+pub mod metrics;
 mod server;
 
 pub use endpoints::{EndpointRegistry, attach_mode, validate_endpoint};

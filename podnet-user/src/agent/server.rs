@@ -15,7 +15,10 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::EndpointRegistry;
+use super::{
+    EndpointRegistry,
+    metrics::{CniOp, CniOps, OpSubject},
+};
 use crate::api::{Request, Response};
 
 /// The largest request the agent reads (a GC listing thousands of owners
@@ -59,7 +62,12 @@ fn bind_private(socket: &Path) -> anyhow::Result<UnixListener> {
 
 /// Serves `socket` until the task is dropped. The socket is mode 0600: only
 /// root (the runtime calling the plugin, the operator) may change endpoints.
-pub async fn serve(socket: &Path, registry: Arc<Mutex<EndpointRegistry>>) -> anyhow::Result<()> {
+/// Every CNI operation is logged and counted in `ops`.
+pub async fn serve(
+    socket: &Path,
+    registry: Arc<Mutex<EndpointRegistry>>,
+    ops: CniOps,
+) -> anyhow::Result<()> {
     let listener = bind_private(socket)?;
     let node = registry
         .lock()
@@ -71,23 +79,28 @@ pub async fn serve(socket: &Path, registry: Arc<Mutex<EndpointRegistry>>) -> any
     loop {
         let (stream, _) = listener.accept().await.context("accepting a connection")?;
         let registry = Arc::clone(&registry);
+        let ops = ops.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, registry).await {
+            if let Err(e) = handle(stream, registry, ops).await {
                 warn!(error = %format!("{e:#}"), "request failed");
             }
         });
     }
 }
 
-fn encode<T: Serialize>(result: anyhow::Result<T>) -> Vec<u8> {
-    let response = match result {
-        Ok(value) => Response::Ok(value),
-        Err(e) => Response::Error(format!("{e:#}")),
+/// The answer line, and the error it reports if it is one.
+fn encode<T: Serialize>(result: anyhow::Result<T>) -> (Vec<u8>, Option<String>) {
+    let (response, error) = match result {
+        Ok(value) => (Response::Ok(value), None),
+        Err(e) => {
+            let message = format!("{e:#}");
+            (Response::Error(message.clone()), Some(message))
+        }
     };
     let mut line = serde_json::to_vec(&response)
         .unwrap_or_else(|e| format!("{{\"error\":\"encoding the answer: {e}\"}}").into_bytes());
     line.push(b'\n');
-    line
+    (line, error)
 }
 
 /// Decodes one request line as the agent read it from a client (up to and
@@ -102,7 +115,11 @@ pub fn decode_request(line: &str) -> Result<Request, String> {
     serde_json::from_str::<Request>(line).map_err(|e| format!("malformed request: {e}"))
 }
 
-async fn handle(stream: UnixStream, registry: Arc<Mutex<EndpointRegistry>>) -> anyhow::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    registry: Arc<Mutex<EndpointRegistry>>,
+    ops: CniOps,
+) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // One byte past the limit tells a request that is too large from one
@@ -118,13 +135,21 @@ async fn handle(stream: UnixStream, registry: Arc<Mutex<EndpointRegistry>>) -> a
         Ok(Ok(_)) => decode_request(&line),
     };
     let answer = match decoded {
-        Err(e) => encode::<()>(Err(anyhow::anyhow!(e))),
+        Err(e) => encode::<()>(Err(anyhow::anyhow!(e))).0,
         Ok(request) => {
             debug!(?request, "request");
             // Datapath and netlink calls block: keep them off the reactor.
-            tokio::task::spawn_blocking(move || dispatch(&registry, request))
-                .await
-                .context("request handler panicked")?
+            tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let op = CniOp::of(&request).map(|op| (op, OpSubject::of(&request)));
+                let (answer, error) = dispatch(&registry, request);
+                if let Some((op, subject)) = op {
+                    ops.record(op, &subject, error.as_deref(), started.elapsed());
+                }
+                answer
+            })
+            .await
+            .context("request handler panicked")?
         }
     };
     write
@@ -134,7 +159,7 @@ async fn handle(stream: UnixStream, registry: Arc<Mutex<EndpointRegistry>>) -> a
     Ok(())
 }
 
-fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> Vec<u8> {
+fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> (Vec<u8>, Option<String>) {
     let Ok(mut reg) = registry.lock() else {
         return encode::<()>(Err(anyhow::anyhow!(
             "agent state poisoned by an earlier panic"

@@ -1,0 +1,297 @@
+//! podnetd's metrics and health endpoints and its per-operation log lines,
+//! on a node whose agent runs with `--metrics-addr` (scraped from inside the
+//! node's netns, where the agent listens) and `--log-format json`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use podnet::api::{Client, ClientError, Endpoint, EndpointStatus, Request};
+use podnet_common::names::{MAX_ENDPOINTS, MAX_STACK_FLOWS};
+use podnet_tests::{
+    node::{Node, Pod},
+    privileged,
+    scrape::{self, HttpAnswer},
+    wait_up_to,
+};
+
+/// The DaemonSet's port. The node's netns is the test's own and fresh:
+/// nothing else listens in it, so the port is free.
+const METRICS_ADDR: &str = "127.0.0.1:9962";
+/// Echo requests a -> b, and their payload size.
+const PINGS: u64 = 20;
+const PAYLOAD: u64 = 1000;
+
+fn get(node: &Node, path: &str) -> HttpAnswer {
+    let addr: SocketAddr = METRICS_ADDR.parse().expect("address");
+    scrape::get(&node.netns, addr, path).unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
+}
+
+fn metrics(node: &Node) -> String {
+    let answer = get(node, "/metrics");
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(
+        answer
+            .content_type
+            .as_deref()
+            .is_some_and(|t| t.starts_with("application/openmetrics-text")),
+        "{answer:?}"
+    );
+    answer.body
+}
+
+/// A sample's count; panics when the series is absent.
+fn count(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    scrape::count(text, name, labels)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{text}"))
+}
+
+fn sent(text: &str, name: &str, pod: &Pod) -> u64 {
+    let ip = pod.ip.to_string();
+    count(
+        text,
+        name,
+        &[
+            ("container_id", pod.container_id.as_str()),
+            ("pod_ip", ip.as_str()),
+            ("ifname", "eth0"),
+            ("network", "podnet"),
+        ],
+    )
+}
+
+fn ops(text: &str, op: &str, result: &str) -> u64 {
+    count(
+        text,
+        "podnet_cni_operations_total",
+        &[("op", op), ("result", result)],
+    )
+}
+
+/// What the agent says about itself after two ADDs on a fresh node.
+fn check_agent_state(text: &str) {
+    assert_eq!(
+        count(
+            text,
+            "podnet_agent_info",
+            &[("mode", "local"), ("datastore", "none")]
+        ),
+        1
+    );
+    assert_eq!(
+        count(text, "podnet_datastore_connected", &[("backend", "none")]),
+        1
+    );
+    assert_eq!(count(text, "podnet_agent_ready", &[]), 1);
+    assert_eq!(count(text, "podnet_agent_pending", &[]), 0);
+    assert_eq!(ops(text, "add", "ok"), 2, "the two ADDs");
+    assert_eq!(ops(text, "add", "error"), 0);
+    assert_eq!(ops(text, "del", "ok"), 0);
+    assert_eq!(
+        count(
+            text,
+            "podnet_cni_operation_duration_seconds_count",
+            &[("op", "add")]
+        ),
+        2
+    );
+    let sum = scrape::value(
+        text,
+        "podnet_cni_operation_duration_seconds_sum",
+        &[("op", "add")],
+    )
+    .expect("one series")
+    .unwrap_or(0.0);
+    assert!(sum > 0.0 && sum < 30.0, "ADD latency sum {sum}");
+    // Map fill: one endpoint entry and one veth entry per pod.
+    for map in ["podnet_endpts", "podnet_veths"] {
+        assert_eq!(
+            count(text, "podnet_map_entries", &[("map", map)]),
+            2,
+            "{map}"
+        );
+    }
+    assert_eq!(
+        count(text, "podnet_map_max_entries", &[("map", "podnet_endpts")]),
+        u64::from(MAX_ENDPOINTS)
+    );
+    assert_eq!(
+        count(
+            text,
+            "podnet_map_max_entries",
+            &[("map", "podnet_stackflw")]
+        ),
+        u64::from(MAX_STACK_FLOWS)
+    );
+    assert_eq!(count(text, "podnet_endpoints", &[]), 2);
+    // Every drop reason has its series (0 or more).
+    count(
+        text,
+        "podnet_datapath_drops_total",
+        &[("reason", "spoofed_source_ip")],
+    );
+}
+
+/// The counters moved by at least the pings sent between `before` and `after`.
+fn check_traffic(before: &str, after: &str, a: &Pod, b: &Pod) {
+    // Each frame: Ethernet 14 + IPv4 20 + ICMP 8 + payload.
+    let frame = 14 + 20 + 8 + PAYLOAD;
+    for (pod, what) in [(a, "requests"), (b, "replies")] {
+        let packets = sent(after, "podnet_endpoint_sent_packets_total", pod)
+            - sent(before, "podnet_endpoint_sent_packets_total", pod);
+        let bytes = sent(after, "podnet_endpoint_sent_bytes_total", pod)
+            - sent(before, "podnet_endpoint_sent_bytes_total", pod);
+        assert!(
+            packets >= PINGS,
+            "{} sent {PINGS} {what}; counted {packets}",
+            pod.container_id
+        );
+        assert!(
+            bytes >= PINGS * frame,
+            "{} sent {PINGS} {what} of {frame} bytes; counted {bytes}",
+            pod.container_id
+        );
+    }
+    let redirect = [("verdict", "redirect_peer")];
+    let redirected = count(after, "podnet_datapath_verdicts_total", &redirect)
+        - count(before, "podnet_datapath_verdicts_total", &redirect);
+    assert!(
+        redirected >= 2 * PINGS,
+        "{PINGS} requests and replies redirected: {redirected}"
+    );
+}
+
+#[test]
+fn metrics_count_real_traffic_cni_operations_and_map_fill() {
+    if !privileged("metrics_count_real_traffic_cni_operations_and_map_fill") {
+        return;
+    }
+    let node = Node::start_with_agent_args(
+        "metrics",
+        "10.244.31.0/24",
+        &["--metrics-addr", METRICS_ADDR],
+    )
+    .expect("node");
+
+    // Liveness and readiness: a single node without a datastore is ready
+    // once its datapath is loaded and nothing is pending.
+    assert_eq!(get(&node, "/healthz").status, 200);
+    wait_up_to(Duration::from_secs(15), "/readyz answers 200", || {
+        get(&node, "/readyz").status == 200
+    });
+    assert_eq!(get(&node, "/nothing").status, 404);
+
+    let a = node.add_pod("metrics-a").expect("ADD a");
+    let b = node.add_pod("metrics-b").expect("ADD b");
+    let before = metrics(&node);
+    check_agent_state(&before);
+
+    let ping = a
+        .netns
+        .exec(
+            "ping",
+            &[
+                "-c",
+                &PINGS.to_string(),
+                "-i",
+                "0.05",
+                "-W",
+                "1",
+                "-s",
+                &PAYLOAD.to_string(),
+                &b.ip.to_string(),
+            ],
+        )
+        .expect("ping");
+    assert!(ping.status.success(), "a -> b: {ping:?}");
+    let after = metrics(&node);
+    check_traffic(&before, &after, &a, &b);
+    // The metrics read the maps podnetctl reads.
+    let redirect = [("verdict", "redirect_peer")];
+    assert!(
+        count(&after, "podnet_datapath_verdicts_total", &redirect)
+            <= node.counter("redirect_peer").expect("counters")
+    );
+
+    // A refused request counts as an error of its op.
+    let endpoints: Vec<EndpointStatus> = Client::new(&node.socket())
+        .call(&Request::ListEndpoints)
+        .expect("list");
+    let mut bad: Endpoint = endpoints[0].endpoint.clone();
+    bad.ip = "10.244.99.9".parse().expect("ip");
+    bad.owner.container_id = "metrics-bad".into();
+    assert!(matches!(
+        Client::new(&node.socket()).call::<()>(&Request::AddEndpoint { endpoint: bad }),
+        Err(ClientError::Refused(_))
+    ));
+    // DEL of b: one del ok, one endpoint fewer in the map, b's series gone.
+    let del = node.del_pod(&b).expect("DEL");
+    assert!(del.success, "{del:?}");
+    let last = metrics(&node);
+    assert_eq!(ops(&last, "add", "error"), 1, "the refused ADD");
+    assert_eq!(ops(&last, "add", "ok"), 2);
+    assert_eq!(ops(&last, "del", "ok"), 1);
+    assert_eq!(
+        count(&last, "podnet_map_entries", &[("map", "podnet_endpts")]),
+        1
+    );
+    assert_eq!(
+        scrape::count(
+            &last,
+            "podnet_endpoint_sent_packets_total",
+            &[("container_id", "metrics-b")]
+        )
+        .expect("at most one"),
+        None,
+        "a deleted pod's series is gone"
+    );
+    assert!(sent(&last, "podnet_endpoint_sent_packets_total", &a) >= PINGS);
+}
+
+#[test]
+fn json_logs_have_one_line_per_cni_operation() {
+    if !privileged("json_logs_have_one_line_per_cni_operation") {
+        return;
+    }
+    let node = Node::start_with_agent_args("jsonlog", "10.244.32.0/24", &["--log-format", "json"])
+        .expect("node");
+    let pod = node.add_pod("jsonlog-a").expect("ADD");
+    let check = node
+        .cni_verb(
+            "CHECK",
+            &pod.container_id,
+            &pod.netns.path(),
+            &[],
+            &node.conf("1.1.0", &serde_json::Value::Null),
+        )
+        .expect("CHECK");
+    assert!(check.success, "{check:?}");
+    let del = node.del_pod(&pod).expect("DEL");
+    assert!(del.success, "{del:?}");
+
+    let log = node.agent_log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l:?}")))
+        .collect();
+    assert!(!lines.is_empty(), "the agent logged");
+    let ops: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["message"] == "CNI operation")
+        .collect();
+    let verbs: Vec<&str> = ops.iter().filter_map(|l| l["op"].as_str()).collect();
+    assert_eq!(
+        verbs,
+        ["add", "check", "del"],
+        "one line per operation:\n{log}"
+    );
+    for line in ops {
+        assert_eq!(line["container_id"], "jsonlog-a", "{line}");
+        assert_eq!(line["ifname"], "eth0", "{line}");
+        assert_eq!(line["result"], "ok", "{line}");
+        let ms = line["duration_ms"].as_f64().unwrap_or(-1.0);
+        assert!(ms > 0.0 && ms < 10_000.0, "a duration in ms: {line}");
+        assert_eq!(line["level"], "INFO", "{line}");
+        assert!(line["timestamp"].is_string(), "{line}");
+    }
+}
