@@ -7,8 +7,6 @@ use std::{
     time::Duration,
 };
 
-use crate::netns::NetNs;
-
 /// An HTTP answer: status code and body.
 #[derive(Debug, Clone)]
 pub struct HttpAnswer {
@@ -17,22 +15,19 @@ pub struct HttpAnswer {
     pub body: String,
 }
 
-/// `GET path` from `addr` on a thread inside `netns` (the agent listens in
-/// the node's netns; loopback there is not the test's). HTTP/1.0, so the
-/// server closes after the answer.
-pub fn get(netns: &NetNs, addr: SocketAddr, path: &str) -> anyhow::Result<HttpAnswer> {
+/// `GET path` from `addr` on a thread inside the named netns (an agent
+/// listens in its node's netns; loopback there is not the test's).
+/// HTTP/1.0, so the server closes after the answer.
+pub fn get(netns: &str, addr: SocketAddr, path: &str) -> anyhow::Result<HttpAnswer> {
     let path = path.to_owned();
-    netns
-        .spawn(move || -> anyhow::Result<HttpAnswer> {
-            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-            write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-            let mut raw = String::new();
-            stream.read_to_string(&mut raw)?;
-            parse_answer(&raw)
-        })?
-        .join()
-        .map_err(|_| anyhow::anyhow!("scrape thread panicked"))?
+    crate::lab::on_netns_thread(netns, move || -> anyhow::Result<HttpAnswer> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw)?;
+        parse_answer(&raw)
+    })?
 }
 
 fn parse_answer(raw: &str) -> anyhow::Result<HttpAnswer> {

@@ -7,6 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use podnet::api::{Client, ClientError, Endpoint, EndpointStatus, Request};
 use podnet_common::names::{MAX_ENDPOINTS, MAX_STACK_FLOWS};
 use podnet_tests::{
+    lab::{LabDatastore, LabGuard, LabNode, LabOptions, LabPod},
     node::{Node, Pod},
     privileged,
     scrape::{self, HttpAnswer},
@@ -20,13 +21,22 @@ const METRICS_ADDR: &str = "127.0.0.1:9962";
 const PINGS: u64 = 20;
 const PAYLOAD: u64 = 1000;
 
-fn get(node: &Node, path: &str) -> HttpAnswer {
+/// `GET path` from the agent of the node whose netns is `netns`.
+fn get_in(netns: &str, path: &str) -> HttpAnswer {
     let addr: SocketAddr = METRICS_ADDR.parse().expect("address");
-    scrape::get(&node.netns, addr, path).unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
+    scrape::get(netns, addr, path).unwrap_or_else(|e| panic!("GET {path} in {netns}: {e:#}"))
+}
+
+fn get(node: &Node, path: &str) -> HttpAnswer {
+    get_in(node.netns.name(), path)
 }
 
 fn metrics(node: &Node) -> String {
-    let answer = get(node, "/metrics");
+    metrics_in(node.netns.name())
+}
+
+fn metrics_in(netns: &str) -> String {
+    let answer = get_in(netns, "/metrics");
     assert_eq!(answer.status, 200, "{answer:?}");
     assert!(
         answer
@@ -255,13 +265,15 @@ fn json_logs_have_one_line_per_cni_operation() {
     let node = Node::start_with_agent_args("jsonlog", "10.244.32.0/24", &["--log-format", "json"])
         .expect("node");
     let pod = node.add_pod("jsonlog-a").expect("ADD");
+    let mut check_conf = node.conf("1.1.0", &serde_json::Value::Null);
+    check_conf["prevResult"] = pod.result.clone();
     let check = node
         .cni_verb(
             "CHECK",
             &pod.container_id,
             &pod.netns.path(),
             &[],
-            &node.conf("1.1.0", &serde_json::Value::Null),
+            &check_conf,
         )
         .expect("CHECK");
     assert!(check.success, "{check:?}");
@@ -294,4 +306,145 @@ fn json_logs_have_one_line_per_cni_operation() {
         assert_eq!(line["level"], "INFO", "{line}");
         assert!(line["timestamp"].is_string(), "{line}");
     }
+}
+
+/// node1's datastore metrics, and the overlay's verdicts on both nodes
+/// while node1's pod pings node2's.
+fn check_cluster_metrics(n1: &LabNode, n2: &LabNode, p1: &LabPod, p2: &LabPod) {
+    let before1 = metrics_in(&n1.netns);
+    let before2 = metrics_in(&n2.netns);
+    assert_eq!(
+        count(
+            &before1,
+            "podnet_agent_info",
+            &[("mode", "vxlan"), ("datastore", "etcd")]
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &before1,
+            "podnet_datastore_connected",
+            &[("backend", "etcd")]
+        ),
+        1
+    );
+    assert_eq!(
+        count(&before1, "podnet_datastore_nodes", &[("state", "live")]),
+        1,
+        "node2"
+    );
+    let age = scrape::value(&before1, "podnet_datastore_last_sync_age_seconds", &[])
+        .expect("one series")
+        .expect("synced");
+    assert!((0.0..120.0).contains(&age), "last sync {age} s ago");
+    // node2's pod CIDR and node address.
+    assert!(
+        count(&before1, "podnet_map_entries", &[("map", "podnet_remote")]) >= 2,
+        "{before1}"
+    );
+
+    let ping = podnet_tests::lab::in_netns(&p1.netns, "ping")
+        .expect("netns")
+        .args([
+            "-c",
+            &PINGS.to_string(),
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            &p2.ip.to_string(),
+        ])
+        .output()
+        .expect("ping");
+    assert!(
+        ping.status.success(),
+        "node1's pod -> node2's pod: {ping:?}"
+    );
+    let after1 = metrics_in(&n1.netns);
+    let after2 = metrics_in(&n2.netns);
+    let moved = |before: &str, after: &str, verdict: &str| {
+        count(
+            after,
+            "podnet_datapath_verdicts_total",
+            &[("verdict", verdict)],
+        ) - count(
+            before,
+            "podnet_datapath_verdicts_total",
+            &[("verdict", verdict)],
+        )
+    };
+    // Requests leave node1 encapsulated and are delivered on node2; the
+    // replies the other way.
+    for (before, after, node) in [(&before1, &after1, n1), (&before2, &after2, n2)] {
+        let encap = moved(before, after, "vxlan_encap");
+        let deliver = moved(before, after, "overlay_deliver");
+        assert!(encap >= PINGS, "{}: {encap} encapsulated", node.name);
+        assert!(deliver >= PINGS, "{}: {deliver} delivered", node.name);
+    }
+}
+
+/// On a two-node etcd cluster: the datastore metrics, the overlay's
+/// verdicts on both ends, and /readyz following the datastore: an agent
+/// that starts while etcd is down forwards (its last pod CIDR) and is live,
+/// but not ready until it has synced.
+#[test]
+fn readiness_waits_for_the_datastore_and_cluster_metrics_follow_it() {
+    if !privileged("readiness_waits_for_the_datastore_and_cluster_metrics_follow_it") {
+        return;
+    }
+    let options = LabOptions {
+        agent_args: vec!["--metrics-addr".into(), METRICS_ADDR.into()],
+        ..LabOptions::default()
+    };
+    let mut lab =
+        LabGuard::up_with("metrics", 2, 1, "vxlan", LabDatastore::Etcd, options).expect("lab up");
+    let (n1, n2) = (lab.layout.nodes[0].clone(), lab.layout.nodes[1].clone());
+    let (p1, p2) = (lab.layout.pods[0].clone(), lab.layout.pods[1].clone());
+    assert_eq!(
+        (p1.node.as_str(), p2.node.as_str()),
+        (n1.name.as_str(), n2.name.as_str())
+    );
+    for node in [&n1, &n2] {
+        wait_up_to(Duration::from_secs(20), "/readyz answers 200", || {
+            get_in(&node.netns, "/readyz").status == 200
+        });
+    }
+    check_cluster_metrics(&n1, &n2, &p1, &p2);
+
+    // etcd down, node1's agent restarted: it serves its pods and is live,
+    // but not ready.
+    lab.layout.stop_etcd().expect("stop etcd");
+    lab.layout.stop_agent(&n1.name).expect("stop node1's agent");
+    lab.layout
+        .start_agent(&n1.name)
+        .expect("node1's agent starts without etcd");
+    assert_eq!(get_in(&n1.netns, "/healthz").status, 200);
+    let readyz = get_in(&n1.netns, "/readyz");
+    assert_eq!(readyz.status, 503, "{readyz:?}");
+    assert!(readyz.body.contains("datastore (etcd)"), "{readyz:?}");
+    let down = metrics_in(&n1.netns);
+    assert_eq!(count(&down, "podnet_agent_ready", &[]), 0);
+    assert_eq!(
+        count(&down, "podnet_datastore_connected", &[("backend", "etcd")]),
+        0
+    );
+    assert_eq!(
+        count(&down, "podnet_endpoints", &[]),
+        1,
+        "its pod is still served"
+    );
+
+    lab.layout.start_etcd().expect("start etcd");
+    wait_up_to(
+        Duration::from_secs(30),
+        "node1 is ready once etcd is back",
+        || get_in(&n1.netns, "/readyz").status == 200,
+    );
+    let back = metrics_in(&n1.netns);
+    assert_eq!(
+        count(&back, "podnet_datastore_connected", &[("backend", "etcd")]),
+        1
+    );
+    assert_eq!(count(&back, "podnet_agent_ready", &[]), 1);
 }
