@@ -74,6 +74,19 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     response
 }
 
+/// Runs `f` on the blocking pool (it takes the agent's lock or reads the
+/// kernel's maps); a 500 answer if it panicked.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response<Full<Bytes>>> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the handler failed: {e}\n"),
+        )
+    })
+}
+
 async fn respond(
     request: Request<Incoming>,
     metrics: Arc<AgentMetrics>,
@@ -83,18 +96,15 @@ async fn respond(
     }
     let response = match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" => match tokio::task::spawn_blocking(move || metrics.readiness()).await {
+        "/readyz" => match blocking(move || metrics.readiness()).await {
             Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
             Ok(Err(reason)) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {reason}\n"),
             ),
-            Err(e) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("readiness check failed: {e}\n"),
-            ),
+            Err(failed) => failed,
         },
-        "/metrics" => match tokio::task::spawn_blocking(move || metrics.encode()).await {
+        "/metrics" => match blocking(move || metrics.encode()).await {
             Ok(Ok(body)) => {
                 let mut response = text(StatusCode::OK, body);
                 response.headers_mut().insert(
@@ -107,10 +117,7 @@ async fn respond(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("encoding the metrics: {e}\n"),
             ),
-            Err(e) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("collecting the metrics failed: {e}\n"),
-            ),
+            Err(failed) => failed,
         },
         _ => text(
             StatusCode::NOT_FOUND,

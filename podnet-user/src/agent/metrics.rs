@@ -12,7 +12,7 @@ use std::{
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric as _},
+    encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet, EncodeMetric},
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
@@ -158,7 +158,8 @@ impl CniOps {
         let container_id = subject.owner.as_ref().map(|o| o.container_id.as_str());
         let ifname = subject.owner.as_ref().map(|o| o.ifname.as_str());
         let network = subject.network.as_deref();
-        let duration_ms = took.as_secs_f64() * 1000.0;
+        // Milliseconds with microsecond precision.
+        let duration_ms = (took.as_secs_f64() * 1_000_000.0).round() / 1000.0;
         match error {
             None => info!(
                 op = op.name(),
@@ -342,6 +343,20 @@ fn unix_now() -> Duration {
         .unwrap_or_default()
 }
 
+/// One family: a descriptor, then one sample per label set.
+fn family<L: EncodeLabelSet, M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    (name, help, unit): (&str, &str, Option<&Unit>),
+    metric_type: MetricType,
+    rows: impl IntoIterator<Item = (L, M)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, unit, metric_type)?;
+    for (labels, metric) in rows {
+        metric.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 /// One family of constant counters.
 fn counters<L: EncodeLabelSet>(
     encoder: &mut DescriptorEncoder,
@@ -350,11 +365,8 @@ fn counters<L: EncodeLabelSet>(
     unit: Option<&Unit>,
     rows: impl IntoIterator<Item = (L, u64)>,
 ) -> fmt::Result {
-    let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
-    for (labels, value) in rows {
-        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
-    }
-    Ok(())
+    let rows = rows.into_iter().map(|(l, v)| (l, ConstCounter::new(v)));
+    family(encoder, (name, help, unit), MetricType::Counter, rows)
 }
 
 /// One family of constant gauges.
@@ -365,11 +377,8 @@ fn gauges<L: EncodeLabelSet, N: EncodeGaugeValue>(
     unit: Option<&Unit>,
     rows: impl IntoIterator<Item = (L, N)>,
 ) -> fmt::Result {
-    let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
-    for (labels, value) in rows {
-        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
-    }
-    Ok(())
+    let rows = rows.into_iter().map(|(l, v)| (l, ConstGauge::new(v)));
+    family(encoder, (name, help, unit), MetricType::Gauge, rows)
 }
 
 fn encode_counters(encoder: &mut DescriptorEncoder, c: &Counters) -> fmt::Result {
