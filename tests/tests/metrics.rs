@@ -97,7 +97,7 @@ fn ops(text: &str, op: &str, result: &str) -> u64 {
     count(
         text,
         "podnet_cni_operations_total",
-        &[("op", op), ("result", result)],
+        &[("verb", op), ("result", result)],
     )
 }
 
@@ -124,14 +124,14 @@ fn check_agent_state(text: &str) {
         count(
             text,
             "podnet_cni_operation_duration_seconds_count",
-            &[("op", "add")]
+            &[("verb", "add")]
         ),
         2
     );
     let sum = scrape::value(
         text,
         "podnet_cni_operation_duration_seconds_sum",
-        &[("op", "add")],
+        &[("verb", "add")],
     )
     .expect("one series")
     .unwrap_or(0.0);
@@ -298,7 +298,7 @@ fn json_logs_have_one_line_per_cni_operation() {
         .iter()
         .filter(|l| l["message"] == "CNI operation")
         .collect();
-    let verbs: Vec<&str> = ops.iter().filter_map(|l| l["op"].as_str()).collect();
+    let verbs: Vec<&str> = ops.iter().filter_map(|l| l["verb"].as_str()).collect();
     assert_eq!(
         verbs,
         ["add", "check", "del"],
@@ -311,7 +311,7 @@ fn json_logs_have_one_line_per_cni_operation() {
         let ms = line["duration_ms"].as_f64().unwrap_or(-1.0);
         assert!((0.0..10_000.0).contains(&ms), "a duration in ms: {line}");
         // ADD writes maps and links: never under a microsecond.
-        if line["op"] == "add" {
+        if line["verb"] == "add" {
             assert!(ms > 0.0, "{line}");
         }
         assert_eq!(line["level"], "INFO", "{line}");
@@ -442,4 +442,58 @@ fn readiness_waits_for_the_datastore_and_cluster_metrics_follow_it() {
         1
     );
     assert_eq!(count(&back, "podnet_agent_ready", &[]), 1);
+}
+
+/// Map fill on a full-size map: the stack-flows LRU map filled to its
+/// capacity is counted as the datapath lists it, and how long counting
+/// takes (a scrape pays it) is printed.
+#[test]
+fn map_fill_counts_a_full_stack_flows_map() {
+    if !privileged("map_fill_counts_a_full_stack_flows_map") {
+        return;
+    }
+    let bpffs = podnet_tests::PrivateBpffs::new("fill").expect("bpffs");
+    let mut datapath = podnet::datapath::Datapath::load(bpffs.path()).expect("load");
+    let flow = podnet_common::StackFlow {
+        last_seen_ns: podnet::datapath::monotonic_coarse_ns(),
+        flags: 0,
+        reserved: 0,
+    };
+    for i in 0..MAX_STACK_FLOWS {
+        let key = podnet_common::FlowKey {
+            src: i,
+            dst: 0x0a00_0001,
+            src_port: 1234,
+            dst_port: 80,
+            proto: 6,
+            pad: [0; 3],
+        };
+        datapath.insert_stack_flow(key, flow).expect("insert");
+    }
+    let listed = datapath.stack_flows().expect("list").len();
+    let reader = podnet::datapath::PinnedMapReader::open(bpffs.path()).expect("open pins");
+    let started = std::time::Instant::now();
+    let fill = reader.fill().expect("fill");
+    let took = started.elapsed();
+    let flows = fill
+        .iter()
+        .find(|f| f.name == "podnet_stackflw")
+        .expect("stack flows");
+    eprintln!(
+        "counting {} stack flows (of {}) took {took:?}",
+        flows.entries, flows.max_entries
+    );
+    assert_eq!(flows.max_entries, MAX_STACK_FLOWS);
+    assert_eq!(
+        usize::try_from(flows.entries).expect("fits"),
+        listed,
+        "counted as listed"
+    );
+    // An LRU map may evict a little before it is full; most of it is there.
+    assert!(flows.entries > MAX_STACK_FLOWS / 2, "{flows:?}");
+    let endpoints = fill
+        .iter()
+        .find(|f| f.name == "podnet_endpts")
+        .expect("endpoints");
+    assert_eq!(endpoints.entries, 0);
 }

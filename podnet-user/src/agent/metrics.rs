@@ -65,7 +65,7 @@ impl CniOp {
         }
     }
 
-    /// The `op` label value (the CNI verb, lower case).
+    /// The `verb` label value (the CNI verb, lower case).
     #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
@@ -136,9 +136,9 @@ impl Default for CniOps {
             for result in ["ok", "error"] {
                 let _ = ops
                     .total
-                    .get_or_create(&[("op", op.name()), ("result", result)]);
+                    .get_or_create(&[("verb", op.name()), ("result", result)]);
             }
-            let _ = ops.duration.get_or_create(&[("op", op.name())]);
+            let _ = ops.duration.get_or_create(&[("verb", op.name())]);
         }
         ops
     }
@@ -150,10 +150,10 @@ impl CniOps {
     pub fn record(&self, op: CniOp, subject: &OpSubject, error: Option<&str>, took: Duration) {
         let result = if error.is_some() { "error" } else { "ok" };
         self.total
-            .get_or_create(&[("op", op.name()), ("result", result)])
+            .get_or_create(&[("verb", op.name()), ("result", result)])
             .inc();
         self.duration
-            .get_or_create(&[("op", op.name())])
+            .get_or_create(&[("verb", op.name())])
             .observe(took.as_secs_f64());
         let container_id = subject.owner.as_ref().map(|o| o.container_id.as_str());
         let ifname = subject.owner.as_ref().map(|o| o.ifname.as_str());
@@ -162,11 +162,11 @@ impl CniOps {
         let duration_ms = (took.as_secs_f64() * 1_000_000.0).round() / 1000.0;
         match error {
             None => info!(
-                op = op.name(),
+                verb = op.name(),
                 container_id, ifname, network, result, duration_ms, "CNI operation"
             ),
             Some(error) => warn!(
-                op = op.name(),
+                verb = op.name(),
                 container_id, ifname, network, result, duration_ms, error, "CNI operation"
             ),
         }
@@ -252,7 +252,7 @@ impl AgentMetrics {
         );
         registry.register(
             "cni_operations",
-            "CNI operations the agent handled (op: add, del, check, gc; result: ok or error).",
+            "CNI operations the agent handled (verb: add, del, check, gc; result: ok or error).",
             cni.total.clone(),
         );
         registry.register_with_unit(
@@ -554,7 +554,7 @@ mod tests {
     }
 
     #[test]
-    fn cni_operations_are_exposed_by_op_and_result_with_latency() {
+    fn cni_operations_are_exposed_by_verb_and_result_with_latency() {
         let ops = CniOps::default();
         let metrics = AgentMetrics::new(
             &AgentInfo {
@@ -584,15 +584,15 @@ mod tests {
         let text = metrics.encode().expect("encode");
         for line in [
             "# TYPE podnet_cni_operations counter",
-            "podnet_cni_operations_total{op=\"add\",result=\"ok\"} 2",
-            "podnet_cni_operations_total{op=\"add\",result=\"error\"} 0",
-            "podnet_cni_operations_total{op=\"del\",result=\"error\"} 1",
-            "podnet_cni_operations_total{op=\"gc\",result=\"ok\"} 0",
+            "podnet_cni_operations_total{verb=\"add\",result=\"ok\"} 2",
+            "podnet_cni_operations_total{verb=\"add\",result=\"error\"} 0",
+            "podnet_cni_operations_total{verb=\"del\",result=\"error\"} 1",
+            "podnet_cni_operations_total{verb=\"gc\",result=\"ok\"} 0",
             "# TYPE podnet_cni_operation_duration_seconds histogram",
             "# UNIT podnet_cni_operation_duration_seconds seconds",
-            "podnet_cni_operation_duration_seconds_count{op=\"add\"} 2",
-            "podnet_cni_operation_duration_seconds_bucket{le=\"0.004\",op=\"add\"} 1",
-            "podnet_cni_operation_duration_seconds_bucket{le=\"0.008\",op=\"add\"} 2",
+            "podnet_cni_operation_duration_seconds_count{verb=\"add\"} 2",
+            "podnet_cni_operation_duration_seconds_bucket{le=\"0.004\",verb=\"add\"} 1",
+            "podnet_cni_operation_duration_seconds_bucket{le=\"0.008\",verb=\"add\"} 2",
             "podnet_agent_info{version=\"1.2.3\",mode=\"vxlan\",node=\"n1\",datastore=\"etcd\"} 1",
             "# EOF",
         ] {
