@@ -255,6 +255,11 @@ pub enum Request {
     StackFlows,
     /// The agent's state against the kernel's: a list of [`Drift`].
     Check,
+    /// What the datapath would do with a packet a local pod sends
+    /// ([`crate::explain`]).
+    Explain {
+        request: crate::explain::ExplainRequest,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

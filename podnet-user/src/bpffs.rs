@@ -36,6 +36,10 @@ pub fn is_bpffs(path: &Path) -> Result<bool, BpffsError> {
 /// The conventional bpffs mount point.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
+/// Where podnetd pins its maps and links unless told otherwise (and where
+/// podnetctl reads them).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/podnet";
+
 fn mount_bpffs(at: &Path) -> Result<(), BpffsError> {
     mount(Some("bpf"), at, Some("bpf"), MsFlags::empty(), None::<&str>).map_err(|source| {
         BpffsError::Mount {

@@ -646,6 +646,33 @@ impl Datapath {
         Ok(())
     }
 
+    /// This node's forwarding config (zeroes before the agent wrote it).
+    pub fn config(&mut self) -> Result<NodeConfig, DatapathError> {
+        let name = names::MAP_CONFIG;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        let array: Array<_, NodeConfig> =
+            Array::try_from(map).map_err(map_err(name, "opening as array"))?;
+        array
+            .get(&0, 0)
+            .map_err(map_err(name, "reading the node config"))
+    }
+
+    /// The per-veth entry of `host_ifindex` (identity, shaper, and the
+    /// first CPU's counters), if any.
+    pub fn veth(&mut self, host_ifindex: u32) -> Result<Option<VethEndpoint>, DatapathError> {
+        match self.veths_map()?.get(&host_ifindex, 0) {
+            Ok(per_cpu) => Ok(per_cpu.iter().next().copied()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(map_err(
+                names::MAP_VETHS,
+                format!("looking up ifindex {host_ifindex}"),
+            )(source)),
+        }
+    }
+
     /// Writes this node's forwarding config.
     pub fn set_config(&mut self, config: NodeConfig) -> Result<(), DatapathError> {
         let name = names::MAP_CONFIG;

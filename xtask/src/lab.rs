@@ -181,10 +181,43 @@ fn demo_steps(bin_dir: &Path) -> anyhow::Result<()> {
     println!(
         "  (single 3 s iperf3 runs on a shared machine: indicative; `cargo xtask bench` compares)"
     );
+    println!();
+    println!(
+        "podnetctl explain --from {} --to {}:5201 (on {}: what the datapath does with it, no packet sent)",
+        pods[0].2, cross.2, pods[0].1
+    );
+    let socket = node_socket(&pods[0].1)?;
+    cmd::run(
+        Command::new(bin_dir.join("podnetctl"))
+            .arg("--socket")
+            .arg(&socket)
+            .args([
+                "explain",
+                "--from",
+                &pods[0].2,
+                "--to",
+                &format!("{}:5201", cross.2),
+            ]),
+    )?;
     if !check.success() {
         bail!("the connectivity check failed");
     }
     Ok(())
+}
+
+/// The agent socket of lab node `node`.
+fn node_socket(node: &str) -> anyhow::Result<String> {
+    let layout: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(RUN_DIR).join("lab.json")).context("reading lab.json")?,
+    )?;
+    layout["nodes"]
+        .as_array()
+        .context("nodes in lab.json")?
+        .iter()
+        .find(|n| n["name"] == node)
+        .and_then(|n| n["agent_socket"].as_str())
+        .map(str::to_owned)
+        .with_context(|| format!("no socket of {node} in lab.json"))
 }
 
 #[derive(Debug, clap::Args)]

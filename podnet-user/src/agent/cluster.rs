@@ -77,7 +77,7 @@ pub struct ClusterState {
     pub datastore: crate::api::DatastoreStatus,
 }
 
-fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {
+pub(super) fn write_sysctl(path: &str, value: &str) -> anyhow::Result<()> {
     std::fs::write(path, value).with_context(|| format!("writing {value} to {path}"))
 }
 

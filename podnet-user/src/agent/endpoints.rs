@@ -579,6 +579,12 @@ fn apply_shaping(ep: &Endpoint) -> anyhow::Result<(u32, u32)> {
     let Some(bandwidth) = ep.bandwidth.filter(|b| !b.is_zero()) else {
         return Ok((ENDPOINT_F_NONE, 0));
     };
+    if bandwidth.egress().is_some() {
+        // A shaped pod's sends leave its shaper into the host stack, which
+        // routes them (also to pods of this node): the node must forward,
+        // in every mode.
+        super::cluster::write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+    }
     let host_ifindex = ep.host_ifindex;
     let shaper = shaping::shaper_ifname(&ep.host_ifname);
     let (flags, shaper_ifindex) = crate::netlink::with_netlink(None, move |handle| async move {

@@ -4,6 +4,7 @@
 mod check;
 pub mod cluster;
 mod endpoints;
+pub mod explain;
 pub mod follow;
 pub mod http;
 pub mod metrics;
@@ -15,6 +16,11 @@ pub use server::{MAX_REQUEST_BYTES, decode_request, serve};
 use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
+
+/// The agent's state directory unless told otherwise: endpoint records
+/// and the built-in IPAM (the CNI plugin's default IPAM root,
+/// [`crate::cni::plugin::DEFAULT_IPAM_DIR`], lies in it).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/podnet";
 
 /// How the agent is configured (flags, or a config file).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

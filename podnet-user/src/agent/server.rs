@@ -142,7 +142,13 @@ async fn handle(
             tokio::task::spawn_blocking(move || {
                 let started = std::time::Instant::now();
                 let op = CniOp::of(&request).map(|op| (op, OpSubject::of(&request)));
-                let (answer, error) = dispatch(&registry, request);
+                let (answer, error) = match request {
+                    // Loads a scratch datapath: not under the registry's lock.
+                    Request::Explain { request } => {
+                        encode(super::explain::explain(&registry, request))
+                    }
+                    request => dispatch(&registry, request),
+                };
                 if let Some((op, subject)) = op {
                     ops.record(op, &subject, error.as_deref(), started.elapsed());
                 }
@@ -181,6 +187,10 @@ fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> (Vec<u8>, O
             crate::api::StackFlowStatus::list(reg.datapath_mut()).map_err(anyhow::Error::from),
         ),
         Request::Check => encode(reg.check()),
+        Request::Explain { request } => {
+            drop(reg);
+            encode(super::explain::explain(registry, request))
+        }
     }
 }
 

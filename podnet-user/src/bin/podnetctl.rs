@@ -28,7 +28,7 @@ struct Cli {
     #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
     /// Pin directory to read when the agent is down.
-    #[arg(long, global = true, default_value = "/sys/fs/bpf/podnet")]
+    #[arg(long, global = true, default_value = podnet::bpffs::DEFAULT_PIN_DIR)]
     bpffs_dir: PathBuf,
     /// JSON output for scripts.
     #[arg(long, global = true)]
@@ -61,6 +61,21 @@ enum Cmd {
     /// Flows the datapath hands to the host stack (replies of Service, NodePort
     /// and hostPort connections: conntrack must see them).
     Flows,
+    /// What the datapath would do with a packet a local pod sends: run
+    /// through a scratch copy of from_pod (BPF_PROG_TEST_RUN), no traffic,
+    /// no counter moves.
+    Explain {
+        /// The sending pod: its IP or container ID (a pod of this node).
+        #[arg(long)]
+        from: String,
+        /// `IP[:port][/tcp|udp|icmp]` (default ICMP echo; TCP with a port).
+        #[arg(long)]
+        to: String,
+        /// Send from this source address instead of the pod's own (what a
+        /// forged packet meets).
+        #[arg(long)]
+        src: Option<Ipv4Addr>,
+    },
 }
 
 fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
@@ -384,5 +399,97 @@ fn main() -> anyhow::Result<()> {
         Cmd::Nodes { check: true } => check(&cli, &client),
         Cmd::Datastore => datastore(&cli, &client),
         Cmd::Flows => flows(&cli, &client),
+        Cmd::Explain {
+            ref from,
+            ref to,
+            src,
+        } => explain(&cli, &client, from, to, src),
     }
+}
+
+fn explain(
+    cli: &Cli,
+    client: &Client,
+    from: &str,
+    to: &str,
+    src: Option<Ipv4Addr>,
+) -> anyhow::Result<()> {
+    use podnet::explain::{Destination, ExplainRequest, Explanation};
+    let (to, port, proto) = ExplainRequest::parse_to(to).map_err(anyhow::Error::msg)?;
+    let request = ExplainRequest {
+        from: from.to_owned(),
+        to,
+        port,
+        proto,
+        forged_source: src,
+    };
+    let answer: Explanation = client.call(&Request::Explain { request })?;
+    print(cli.json, &answer, |e| {
+        let r = &e.request;
+        let port = r.port.map_or_else(String::new, |p| format!(":{p}"));
+        println!(
+            "packet      {:?} {} -> {}{port} from pod {} ({}, {} on {})",
+            r.proto,
+            r.forged_source.unwrap_or(e.sender.ip),
+            r.to,
+            e.sender.ip,
+            e.sender.container_id,
+            e.sender.ifname,
+            e.sender.host_ifname
+        );
+        println!(
+            "verdict     {}{} ({})",
+            e.verdict,
+            e.drop_reason
+                .as_ref()
+                .map_or_else(String::new, |reason| format!(": {reason}")),
+            e.action
+        );
+        let goes = match &e.destination {
+            Destination::LocalPod {
+                ip,
+                container_id,
+                host_veth,
+                shaped,
+            } => format!(
+                "local pod {ip} ({}) via {host_veth}{}",
+                container_id.as_deref().unwrap_or("?"),
+                if *shaped {
+                    ", through its host veth's egress (ingress limit)"
+                } else {
+                    " (bpf_redirect_peer)"
+                }
+            ),
+            Destination::Tunnel {
+                node_ip,
+                node_name,
+                vni,
+                device,
+            } => format!(
+                "node {} ({node_ip}) through {device}, VXLAN VNI {vni}, outer destination {node_ip}",
+                node_name.as_deref().unwrap_or("?")
+            ),
+            Destination::Underlay {
+                node_ip,
+                node_name,
+                next_hop,
+                device,
+            } => format!(
+                "node {} ({node_ip}) on the underlay: out of {device}, next hop {next_hop}",
+                node_name.as_deref().unwrap_or("?")
+            ),
+            Destination::Shaper { device } => {
+                format!("the pod's shaper {device} (egress limit), then the host stack")
+            }
+            Destination::HostStack { why } => format!("the host stack: {why}"),
+            Destination::Dropped { reason } => format!("nowhere: dropped ({reason})"),
+        };
+        println!("goes to     {goes}");
+        if let (Some(ttl), Some(mac)) = (e.ttl_out, &e.dst_mac_out) {
+            println!(
+                "rewritten   TTL {} -> {ttl}, destination MAC {mac}",
+                e.ttl_in
+            );
+        }
+    })
 }

@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
 use podnet::{
     agent::{
@@ -29,13 +29,21 @@ use podnet::{
         file::FileDatastore,
         membership::{Policy, format_duration, parse_duration},
     },
+    install,
     netlink::{self, LinkInfo},
 };
 use serde::Deserialize;
 use tracing::{info, warn};
 
 #[derive(Debug, Parser)]
-#[command(name = "podnetd", version, about = "podnet node agent")]
+#[command(
+    name = "podnetd",
+    version,
+    about = "podnet node agent",
+    // `podnetd --mtu 1400 install-cni` would drop the agent's flags
+    // silently: the install takes its own.
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
     /// Optional JSON config file with the same keys as the flags (snake_case); flags override it.
     #[arg(long)]
@@ -103,6 +111,56 @@ struct Args {
     /// Load, report and exit instead of serving.
     #[arg(long)]
     once: bool,
+    /// Without a subcommand, podnetd runs the agent.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Copy the CNI plugin to <cni-bin-dir>/podnet and write
+    /// <cni-conf-dir>/10-podnet.conflist, atomically and only when changed
+    /// (prints "written" or "unchanged" for each); then exit.
+    InstallCni(InstallCniArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct InstallCniArgs {
+    /// Where runtimes look for CNI plugins.
+    #[arg(long, env = "PODNETD_CNI_BIN_DIR", default_value = install::DEFAULT_CNI_BIN_DIR)]
+    cni_bin_dir: PathBuf,
+    /// Where runtimes look for network configurations.
+    #[arg(long, env = "PODNETD_CNI_CONF_DIR", default_value = install::DEFAULT_CNI_CONF_DIR)]
+    cni_conf_dir: PathBuf,
+    /// The plugin binary to install (default: `podnet` next to this podnetd).
+    #[arg(long, env = "PODNETD_PLUGIN_SOURCE")]
+    plugin_source: Option<PathBuf>,
+    /// The agent's socket as the plugin sees it (the conf's agentSocket).
+    #[arg(long, env = "PODNETD_AGENT_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Pod MTU written into the conf (default: none, the agent's MTU applies).
+    #[arg(long, env = "PODNETD_CNI_MTU")]
+    mtu: Option<u32>,
+}
+
+fn install_cni(args: InstallCniArgs) -> anyhow::Result<()> {
+    let plugin_source = match args.plugin_source {
+        Some(path) => path,
+        None => std::env::current_exe()
+            .context("finding podnetd's own path")?
+            .with_file_name(install::PLUGIN_FILE),
+    };
+    let options = install::InstallOptions {
+        plugin_source,
+        cni_bin_dir: args.cni_bin_dir,
+        cni_conf_dir: args.cni_conf_dir,
+        agent_socket: args.socket,
+        mtu: args.mtu,
+    };
+    let report = install::install(&options).context("installing the CNI plugin and conf")?;
+    println!("{}", report.plugin);
+    println!("{}", report.conflist);
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -288,12 +346,12 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
             .bpffs_dir
             .clone()
             .or(file.bpffs_dir)
-            .unwrap_or_else(|| "/sys/fs/bpf/podnet".into()),
+            .unwrap_or_else(|| bpffs::DEFAULT_PIN_DIR.into()),
         state_dir: args
             .state_dir
             .clone()
             .or(file.state_dir)
-            .unwrap_or_else(|| "/var/lib/podnet".into()),
+            .unwrap_or_else(|| agent::DEFAULT_STATE_DIR.into()),
         socket: args
             .socket
             .clone()
@@ -479,7 +537,11 @@ fn telemetry(
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Command::InstallCni(install)) = args.command.take() {
+        init_logging(LogFormat::Text);
+        return install_cni(install);
+    }
     let file = read_file_config(&args)?;
     init_logging(
         args.log_format
