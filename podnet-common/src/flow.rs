@@ -28,6 +28,21 @@ pub struct FlowKey {
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
 
+impl FlowKey {
+    /// A key with zeroed padding; addresses and ports as on the wire.
+    #[must_use]
+    pub const fn new(src: u32, dst: u32, src_port: u16, dst_port: u16, proto: u8) -> Self {
+        Self {
+            src,
+            dst,
+            src_port,
+            dst_port,
+            proto,
+            pad: [0; 3],
+        }
+    }
+}
+
 /// Value of the stack-flows map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

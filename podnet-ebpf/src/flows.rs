@@ -47,14 +47,7 @@ struct L4 {
 
 #[inline(always)]
 fn key(src: u32, dst: u32, src_port: u16, dst_port: u16, proto: u8) -> FlowKey {
-    FlowKey {
-        src,
-        dst,
-        src_port,
-        dst_port,
-        proto,
-        pad: [0; 3],
-    }
+    FlowKey::new(src, dst, src_port, dst_port, proto)
 }
 
 /// The tuple of the other direction. ICMP echo keeps the identifier in

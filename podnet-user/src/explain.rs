@@ -262,8 +262,9 @@ pub fn build_frame(sender: &Sender, request: &ExplainRequest) -> Vec<u8> {
     frame
 }
 
-/// The Internet checksum of `bytes`.
-fn checksum(bytes: &[u8]) -> u16 {
+/// The Internet checksum (RFC 1071) of `bytes`.
+#[must_use]
+pub fn checksum(bytes: &[u8]) -> u16 {
     let mut sum: u32 = bytes
         .chunks(2)
         .map(|pair| u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)])))
@@ -282,14 +283,7 @@ pub fn flow_keys(sender: &Sender, request: &ExplainRequest) -> [FlowKey; 2] {
     let src = u32::from_ne_bytes(request.forged_source.unwrap_or(sender.ip).octets());
     let dst = u32::from_ne_bytes(request.to.octets());
     let proto = request.proto.number();
-    let key = |src, dst, src_port, dst_port| FlowKey {
-        src,
-        dst,
-        src_port,
-        dst_port,
-        proto,
-        pad: [0; 3],
-    };
+    let key = |src, dst, src_port, dst_port| FlowKey::new(src, dst, src_port, dst_port, proto);
     match request.proto {
         Proto::Icmp => {
             let id = u16::from_ne_bytes([0x70, 0x6e]);

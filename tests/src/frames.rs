@@ -23,19 +23,11 @@ pub fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16) -> Vec<u8> {
     frame
 }
 
-/// RFC 1071 checksum of `bytes`.
+/// RFC 1071 checksum of `bytes` (the one `podnetctl explain` builds its
+/// frames with).
 #[must_use]
 pub fn internet_checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    #[allow(clippy::cast_possible_truncation, reason = "folded to 16 bits above")]
-    let folded = sum as u16;
-    !folded
+    podnet::explain::checksum(bytes)
 }
 
 /// A UDP-over-IPv4 frame with a valid header checksum and `payload`.

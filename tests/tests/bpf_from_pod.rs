@@ -22,6 +22,9 @@ const POD_B_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x03];
 const HOST_B_MAC: [u8; 6] = [0x02, 0xbb, 0xff, 0, 0, 0x03];
 const POD_B_IFINDEX: u32 = 4242;
 const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// The ifb a limited pod's sends go to (any ifindex: test-run does not
+/// follow the redirect).
+const SHAPER_IFINDEX: u32 = 4343;
 
 fn loopback_ifindex() -> u32 {
     nix::net::if_::if_nametoindex("lo").expect("loopback exists")
@@ -639,4 +642,78 @@ fn vxlan_from_a_pod_to_a_node_is_dropped() {
         TC_ACT_OK,
         "no overlay, no check"
     );
+}
+
+/// An egress-limited pod's packets are checked like any other's first
+/// (a forged one never reaches the shaper), then every one of them,
+/// whatever its destination, is handed to its shaper.
+#[test]
+fn a_limited_pods_packets_are_checked_then_handed_to_its_shaper() {
+    if !privileged("a_limited_pods_packets_are_checked_then_handed_to_its_shaper") {
+        return;
+    }
+    let mut h = harness("shaper");
+    h.datapath
+        .upsert_shaped_endpoint(
+            POD_A_IP,
+            EndpointInfo {
+                host_ifindex: loopback_ifindex(),
+                flags: 0,
+                pod_mac: POD_A_MAC,
+                host_mac: HOST_A_MAC,
+            },
+            SHAPER_IFINDEX,
+        )
+        .expect("pod A with an egress limit");
+    for dst in [POD_B_IP, OUTSIDE_IP] {
+        let out = run(&mut h, &from_pod_a(dst, 64));
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "to the shaper: {dst}");
+        assert_eq!(
+            out.frame,
+            from_pod_a(dst, 64),
+            "handed over as sent: the stack routes it after the shaper"
+        );
+    }
+    let forged = frames::ipv4_udp(
+        HOST_A_MAC,
+        POD_A_MAC,
+        Ipv4Addr::new(10, 244, 0, 99),
+        POD_B_IP,
+        64,
+        b"forged",
+    );
+    assert_eq!(run(&mut h, &forged).verdict, TC_ACT_SHOT);
+    let c = counters(&h);
+    assert_eq!(c.verdict(Verdict::ToShaper), 2);
+    assert_eq!(c.verdict(Verdict::RedirectPeer), 0);
+    assert_eq!(c.verdict(Verdict::PassToStack), 0);
+    assert_eq!(c.drop_count(DropReason::SpoofedSourceIp), 1);
+}
+
+/// A pod with an ingress limit still gets its packets as a routed hop
+/// (through its host veth's egress, where the tbf is; the lab test
+/// measures the limit).
+#[test]
+fn a_pod_with_an_ingress_limit_gets_routed_hops() {
+    if !privileged("a_pod_with_an_ingress_limit_gets_routed_hops") {
+        return;
+    }
+    let mut h = harness("shapedin");
+    h.datapath
+        .upsert_endpoint(
+            POD_B_IP,
+            EndpointInfo {
+                host_ifindex: POD_B_IFINDEX,
+                flags: podnet_common::endpoint::ENDPOINT_F_SHAPED_INGRESS,
+                pod_mac: POD_B_MAC,
+                host_mac: HOST_B_MAC,
+            },
+        )
+        .expect("pod B with an ingress limit");
+    let out = run(&mut h, &from_pod_a(POD_B_IP, 64));
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(&out.frame[0..6], &POD_B_MAC);
+    assert_eq!(&out.frame[6..12], &HOST_B_MAC);
+    assert_eq!(out.frame[TTL_OFF], 63);
+    assert_eq!(counters(&h).verdict(Verdict::RedirectPeer), 1);
 }
