@@ -13,6 +13,7 @@ pub mod netns;
 pub mod node;
 pub mod ping;
 pub mod podman;
+pub mod scrape;
 pub mod services;
 pub mod soak;
 pub mod spoof;

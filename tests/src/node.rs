@@ -137,6 +137,8 @@ pub struct Node {
     /// Where this node's `podnetd` and `podnet` come from; `None`: the
     /// binaries of this build (`bins::binary`).
     bin_dir: Option<PathBuf>,
+    /// More arguments for every start of the agent (e.g. `--metrics-addr`).
+    agent_args: Vec<String>,
 }
 
 impl Node {
@@ -154,6 +156,25 @@ impl Node {
         pod_cidr: &str,
         bin_dir: Option<&Path>,
     ) -> anyhow::Result<Self> {
+        Self::start_with(tag, pod_cidr, bin_dir, &[])
+    }
+
+    /// [`Node::start`] with `agent_args` added to podnetd's arguments (on
+    /// every start of the agent).
+    pub fn start_with_agent_args(
+        tag: &str,
+        pod_cidr: &str,
+        agent_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_with(tag, pod_cidr, None, agent_args)
+    }
+
+    fn start_with(
+        tag: &str,
+        pod_cidr: &str,
+        bin_dir: Option<&Path>,
+        agent_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let netns = NetNs::new(tag)?;
         let node_ip = Ipv4Addr::new(10, 99, 0, 1);
         netns.ip(&["addr", "add", &format!("{node_ip}/32"), "dev", "lo"])?;
@@ -165,6 +186,7 @@ impl Node {
             pod_cidr: pod_cidr.to_owned(),
             node_ip,
             bin_dir: bin_dir.map(Path::to_path_buf),
+            agent_args: agent_args.iter().map(|&a| a.to_owned()).collect(),
         };
         node.start_agent()?;
         Ok(node)
@@ -206,6 +228,7 @@ impl Node {
             .arg(self.state_dir())
             .arg("--socket")
             .arg(self.socket())
+            .args(&self.agent_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;

@@ -27,11 +27,6 @@ use podnet::{
 use serde::Deserialize as _;
 use serde_json::Value;
 
-// TODO(merge): metrics flags come from the metrics branch. Until then they
-// are not in this branch's `podnetd --help`; remove this constant (and its
-// one use in `check_flags`) when merging, so they are checked like the rest.
-const FLAGS_FROM_OTHER_BRANCHES: &[&str] = &["--metrics-addr", "--log-format"];
-
 /// The host paths the DaemonSet may mount, no more: the CNI directories,
 /// bpffs, the socket's directory and the state directory.
 const HOST_PATHS: [&str; 5] = [
@@ -105,10 +100,6 @@ fn parse_flags(line: &[String]) -> BTreeMap<String, Option<String>> {
 fn check_flags(used: &BTreeMap<String, Option<String>>, subcommand: Option<&str>, what: &str) {
     let known = help_flags(subcommand);
     for flag in used.keys() {
-        // TODO(merge): drop this skip with FLAGS_FROM_OTHER_BRANCHES.
-        if FLAGS_FROM_OTHER_BRANCHES.contains(&flag.as_str()) && !known.contains(flag) {
-            continue;
-        }
         assert!(
             known.contains(flag),
             "{what} uses {flag}, which `podnetd {}--help` does not list: {known:?}",

@@ -18,6 +18,7 @@ pub struct LabArgs {
     /// Arguments for podnet-lab: up [--nodes N] [--pods-per-node M] [--mode vxlan|direct]
     /// [--datastore file|etcd] [--etcd-members N] [--agent-arg=ARG ...]
     /// [--service iptables|nft|none] | status | check | down | etcd [status|stop|kill|start MEMBER]
+    /// | get NODE [/metrics|/healthz|/readyz] [--addr IP:PORT]
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
 }
@@ -138,6 +139,7 @@ fn demo_steps(bin_dir: &Path) -> anyhow::Result<()> {
             "2",
             "--mode",
             "vxlan",
+            &format!("--agent-arg=--metrics-addr={DEMO_METRICS_ADDR}"),
         ],
     ))?;
     let check = lab(bin_dir, &["check"])
@@ -199,8 +201,42 @@ fn demo_steps(bin_dir: &Path) -> anyhow::Result<()> {
                 &format!("{}:5201", cross.2),
             ]),
     )?;
+    print_metrics(bin_dir, &pods[0].1)?;
     if !check.success() {
         bail!("the connectivity check failed");
+    }
+    Ok(())
+}
+
+/// Where the demo's agents serve their metrics, each in its node's netns.
+const DEMO_METRICS_ADDR: &str = "127.0.0.1:9962";
+
+/// Scrapes `node`'s agent and prints its URL and the series that moved.
+fn print_metrics(bin_dir: &Path, node: &str) -> anyhow::Result<()> {
+    let out = lab(bin_dir, &["get", node, "/metrics"])
+        .output()
+        .context("running podnet-lab get")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "scraping {node}'s metrics: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!();
+    println!(
+        "metrics of {node}: http://{DEMO_METRICS_ADDR}/metrics in its netns (`cargo xtask lab get {node}`); what moved:"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines().filter(|l| {
+        [
+            "podnet_datapath_",
+            "podnet_cni_operations_total",
+            "podnet_map_entries",
+        ]
+        .iter()
+        .any(|p| l.starts_with(p))
+            && !l.ends_with(" 0")
+    }) {
+        println!("  {line}");
     }
     Ok(())
 }

@@ -6,6 +6,8 @@ pub mod cluster;
 mod endpoints;
 pub mod explain;
 pub mod follow;
+pub mod http;
+pub mod metrics;
 pub mod monitor;
 mod server;
 

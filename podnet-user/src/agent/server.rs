@@ -15,7 +15,11 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use super::{EndpointRegistry, monitor::MonitorHub};
+use super::{
+    EndpointRegistry,
+    metrics::{CniOp, CniOps, OpSubject},
+    monitor::MonitorHub,
+};
 use crate::api::{MonitorMessage, Request, Response};
 
 /// The largest request the agent reads (a GC listing thousands of owners
@@ -59,9 +63,11 @@ fn bind_private(socket: &Path) -> anyhow::Result<UnixListener> {
 
 /// Serves `socket` until the task is dropped. The socket is mode 0600: only
 /// root (the runtime calling the plugin, the operator) may change endpoints.
+/// Every CNI operation is logged and counted in `ops`.
 pub async fn serve(
     socket: &Path,
     registry: Arc<Mutex<EndpointRegistry>>,
+    ops: CniOps,
     monitor: MonitorHub,
 ) -> anyhow::Result<()> {
     let listener = bind_private(socket)?;
@@ -75,24 +81,29 @@ pub async fn serve(
     loop {
         let (stream, _) = listener.accept().await.context("accepting a connection")?;
         let registry = Arc::clone(&registry);
+        let ops = ops.clone();
         let monitor = monitor.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, registry, monitor).await {
+            if let Err(e) = handle(stream, registry, ops, monitor).await {
                 warn!(error = %format!("{e:#}"), "request failed");
             }
         });
     }
 }
 
-fn encode<T: Serialize>(result: anyhow::Result<T>) -> Vec<u8> {
-    let response = match result {
-        Ok(value) => Response::Ok(value),
-        Err(e) => Response::Error(format!("{e:#}")),
+/// The answer line, and the error it reports if it is one.
+fn encode<T: Serialize>(result: anyhow::Result<T>) -> (Vec<u8>, Option<String>) {
+    let (response, error) = match result {
+        Ok(value) => (Response::Ok(value), None),
+        Err(e) => {
+            let message = format!("{e:#}");
+            (Response::Error(message.clone()), Some(message))
+        }
     };
     let mut line = serde_json::to_vec(&response)
         .unwrap_or_else(|e| format!("{{\"error\":\"encoding the answer: {e}\"}}").into_bytes());
     line.push(b'\n');
-    line
+    (line, error)
 }
 
 /// Decodes one request line as the agent read it from a client (up to and
@@ -110,6 +121,7 @@ pub fn decode_request(line: &str) -> Result<Request, String> {
 async fn handle(
     stream: UnixStream,
     registry: Arc<Mutex<EndpointRegistry>>,
+    ops: CniOps,
     monitor: MonitorHub,
 ) -> anyhow::Result<()> {
     let (read, mut write) = stream.into_split();
@@ -127,7 +139,7 @@ async fn handle(
         Ok(Ok(_)) => decode_request(&line),
     };
     let answer = match decoded {
-        Err(e) => encode::<()>(Err(anyhow::anyhow!(e))),
+        Err(e) => encode::<()>(Err(anyhow::anyhow!(e))).0,
         Ok(Request::Monitor { drops_only: _ }) => {
             // Drops are the only events today: with or without the filter
             // the stream is the same.
@@ -136,10 +148,20 @@ async fn handle(
         Ok(request) => {
             debug!(?request, "request");
             // Datapath and netlink calls block: keep them off the reactor.
-            tokio::task::spawn_blocking(move || match request {
-                // Loads a scratch datapath: not under the registry's lock.
-                Request::Explain { request } => encode(super::explain::explain(&registry, request)),
-                request => dispatch(&registry, request),
+            tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let op = CniOp::of(&request).map(|op| (op, OpSubject::of(&request)));
+                let (answer, error) = match request {
+                    // Loads a scratch datapath: not under the registry's lock.
+                    Request::Explain { request } => {
+                        encode(super::explain::explain(&registry, request))
+                    }
+                    request => dispatch(&registry, request),
+                };
+                if let Some((op, subject)) = op {
+                    ops.record(op, &subject, error.as_deref(), started.elapsed());
+                }
+                answer
             })
             .await
             .context("request handler panicked")?
@@ -162,7 +184,7 @@ async fn stream_monitor(
 ) -> anyhow::Result<()> {
     let mut events = monitor.subscribe();
     write
-        .write_all(&encode(Ok(monitor.hello())))
+        .write_all(&encode(Ok(monitor.hello())).0)
         .await
         .context("writing the answer")?;
     let mut ignored = Vec::new();
@@ -193,7 +215,7 @@ async fn stream_monitor(
     }
 }
 
-fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> Vec<u8> {
+fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> (Vec<u8>, Option<String>) {
     let Ok(mut reg) = registry.lock() else {
         return encode::<()>(Err(anyhow::anyhow!(
             "agent state poisoned by an earlier panic"

@@ -5,7 +5,7 @@
 //! keeps flowing while the agent is down or restarting.
 
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex},
 };
@@ -18,10 +18,11 @@ use podnet::{
         self, AgentConfig, EndpointRegistry,
         cluster::{Mode, NodeNetwork},
         follow::{self, EtcdFollow},
+        metrics::{AgentInfo, AgentMetrics, CniOps},
     },
     api::DEFAULT_SOCKET,
     bpffs,
-    datapath::Datapath,
+    datapath::{Datapath, PinnedMapReader},
     datastore::{
         DatastoreError, DatastoreSpec, JoinRequest,
         etcd::EtcdDatastore,
@@ -100,6 +101,13 @@ struct Args {
     /// (default 24h).
     #[arg(long, value_parser = parse_duration)]
     cidr_release_after: Option<std::time::Duration>,
+    /// Serve Prometheus metrics (/metrics) and health probes (/healthz,
+    /// /readyz) over HTTP on this address, e.g. 0.0.0.0:9962 (default: off).
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// Log lines as plain text (default) or one JSON object per line.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
     /// Load, report and exit instead of serving.
     #[arg(long)]
     once: bool,
@@ -155,6 +163,13 @@ fn install_cni(args: InstallCniArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
@@ -173,6 +188,8 @@ struct FileConfig {
     vxlan_port: Option<u16>,
     node_grace_period: Option<String>,
     cidr_release_after: Option<String>,
+    metrics_addr: Option<SocketAddr>,
+    log_format: Option<LogFormat>,
 }
 
 /// Everything the agent runs with.
@@ -255,8 +272,7 @@ fn resolve_policy(args: &Args, file: &FileConfig) -> anyhow::Result<Policy> {
     Policy::new(grace, release).map_err(|e| anyhow::anyhow!(e))
 }
 
-fn resolve(args: &Args) -> anyhow::Result<Resolved> {
-    let file = read_file_config(args)?;
+fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
     let policy = resolve_policy(args, &file)?;
     let datastore: DatastoreSpec = match (&args.datastore, &file.datastore) {
         (Some(spec), _) => spec.clone(),
@@ -467,38 +483,61 @@ fn retry_pending(registry: Arc<Mutex<EndpointRegistry>>, network: NodeNetwork, r
     });
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let mut args = Args::parse();
-    if let Some(Command::InstallCni(install)) = args.command.take() {
-        return install_cni(install);
+/// Logs to stderr, as text or one JSON object per line (the event's fields
+/// at the top level, beside `timestamp`, `level` and `target`).
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
     }
-    // A test build's fail point is fixed (and said) before anything is done.
-    podnet::failpoint::announce("podnetd");
-    let mut resolved = resolve(&args)?;
-    // Multi-threaded: a slow request (netlink, a big map dump) must not
-    // hold up the plugin's ADD on another connection.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let lease_ttl = std::time::Duration::from_secs(args.etcd_lease_ttl);
-    join(&mut resolved, &runtime, lease_ttl)?;
-    let config = resolved.config.clone();
+}
 
-    let mounted = bpffs::ensure_pin_dir(&config.bpffs_dir)
-        .with_context(|| format!("preparing the pin directory {}", config.bpffs_dir.display()))?;
-    if mounted {
-        info!(dir = %config.bpffs_dir.display(), "mounted bpffs");
+/// The CNI operation counters and the metrics registry; with `addr`, the
+/// metrics and health server on it too (bound now: a wrong address fails
+/// the start). Served from the start, so that a liveness probe passes while
+/// the agent waits for the datastore; /readyz says what it waits for.
+fn telemetry(
+    runtime: &tokio::runtime::Runtime,
+    resolved: &Resolved,
+    addr: Option<SocketAddr>,
+) -> anyhow::Result<(CniOps, Arc<AgentMetrics>)> {
+    let cni_ops = CniOps::default();
+    let metrics = Arc::new(AgentMetrics::new(
+        &AgentInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            mode: clap::ValueEnum::to_possible_value(&resolved.network.mode)
+                .map(|v| v.get_name().to_owned())
+                .unwrap_or_default(),
+            node: resolved.config.node_name.clone(),
+            datastore: resolved.datastore.backend().to_owned(),
+        },
+        &cni_ops,
+    ));
+    if let Some(addr) = addr {
+        let listener = runtime.block_on(agent::http::bind(addr))?;
+        info!(%addr, "serving /metrics, /healthz and /readyz");
+        let metrics = Arc::clone(&metrics);
+        runtime.spawn(async move {
+            if let Err(e) = agent::http::serve(listener, metrics).await {
+                warn!(error = %format!("{:#}", anyhow::Error::from(e)), "the metrics server stopped");
+            }
+        });
     }
-    let datapath = Datapath::load(&config.bpffs_dir).context("loading the eBPF datapath")?;
-    info!(attach = agent::attach_mode(), pin_dir = %config.bpffs_dir.display(), "datapath loaded");
+    Ok((cni_ops, metrics))
+}
+
+/// What was loaded: every program and map with its kernel id.
+fn print_loaded(datapath: &Datapath) -> anyhow::Result<()> {
     for program in datapath.programs()? {
         println!(
             "program {:<16} id {:<6} tag {:016x}",
@@ -511,6 +550,45 @@ fn main() -> anyhow::Result<()> {
             map.name, map.id, map.key_size, map.value_size
         );
     }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if let Some(Command::InstallCni(install)) = args.command.take() {
+        init_logging(LogFormat::Text);
+        return install_cni(install);
+    }
+    let file = read_file_config(&args)?;
+    init_logging(
+        args.log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Text),
+    );
+    // A test build's fail point is fixed (and said) before anything is done.
+    podnet::failpoint::announce("podnetd");
+    let metrics_addr = args.metrics_addr.or(file.metrics_addr);
+    let mut resolved = resolve(&args, file)?;
+    // Multi-threaded: a slow request (netlink, a big map dump) must not
+    // hold up the plugin's ADD on another connection.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let (cni_ops, metrics) = telemetry(&runtime, &resolved, metrics_addr.filter(|_| !args.once))?;
+    let lease_ttl = std::time::Duration::from_secs(args.etcd_lease_ttl);
+    join(&mut resolved, &runtime, lease_ttl)?;
+    let config = resolved.config.clone();
+
+    let mounted = bpffs::ensure_pin_dir(&config.bpffs_dir)
+        .with_context(|| format!("preparing the pin directory {}", config.bpffs_dir.display()))?;
+    if mounted {
+        info!(dir = %config.bpffs_dir.display(), "mounted bpffs");
+    }
+    let datapath = Datapath::load(&config.bpffs_dir).context("loading the eBPF datapath")?;
+    info!(attach = agent::attach_mode(), pin_dir = %config.bpffs_dir.display(), "datapath loaded");
+    print_loaded(&datapath)?;
     if args.once {
         return Ok(());
     }
@@ -520,6 +598,11 @@ fn main() -> anyhow::Result<()> {
     let mut registry = EndpointRegistry::open(config, datapath)?;
     let ready = registry.retry_pending(&resolved.network);
     let registry = Arc::new(Mutex::new(registry));
+    metrics.attach(
+        Arc::clone(&registry),
+        PinnedMapReader::open(&resolved.config.bpffs_dir)
+            .context("opening the pinned maps for the metrics")?,
+    );
     retry_pending(Arc::clone(&registry), resolved.network.clone(), ready);
     match &resolved.datastore {
         DatastoreSpec::None => {
@@ -527,7 +610,7 @@ fn main() -> anyhow::Result<()> {
                 .lock()
                 .map_err(|_| anyhow::anyhow!("agent state poisoned"))?
                 .set_datastore_status(podnet::api::DatastoreStatus {
-                    backend: "none".into(),
+                    backend: resolved.datastore.backend().into(),
                     connected: true,
                     ..podnet::api::DatastoreStatus::default()
                 });
@@ -563,7 +646,7 @@ fn main() -> anyhow::Result<()> {
     ));
     runtime.block_on(async move {
         tokio::select! {
-            r = agent::serve(&socket, registry, monitor) => r,
+            r = agent::serve(&socket, registry, cni_ops, monitor) => r,
             r = wait_for_shutdown() => {
                 info!("shutting down; pinned maps and links keep forwarding");
                 let _ = std::fs::remove_file(&socket);

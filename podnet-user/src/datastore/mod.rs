@@ -79,6 +79,18 @@ pub enum DatastoreSpec {
     Etcd(Vec<String>),
 }
 
+impl DatastoreSpec {
+    /// The backend's name: `none`, `file` or `etcd`.
+    #[must_use]
+    pub const fn backend(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::File(_) => "file",
+            Self::Etcd(_) => "etcd",
+        }
+    }
+}
+
 impl FromStr for DatastoreSpec {
     type Err = String;
 

@@ -73,6 +73,19 @@ enum Cmd {
         /// The member (etcd1, etcd2, ...); stop/kill/start only.
         member: Option<String>,
     },
+    /// GET a path from a node's agent over HTTP (podnetd --metrics-addr),
+    /// from inside the node's netns; prints the body, exit code 1 unless
+    /// 200.
+    Get {
+        /// The node (node1, node2, ...).
+        node: String,
+        /// /metrics, /healthz or /readyz.
+        #[arg(default_value = "/metrics")]
+        path: String,
+        /// Where the agent listens in its netns.
+        #[arg(long, default_value = "127.0.0.1:9962")]
+        addr: std::net::SocketAddr,
+    },
     /// A backend server of the demo Service (run by the lab inside a pod).
     #[command(hide = true)]
     Serve {
@@ -169,6 +182,17 @@ fn main() -> anyhow::Result<()> {
                 _ => {}
             }
             print_etcd(&layout);
+            Ok(())
+        }
+        Cmd::Get { node, path, addr } => {
+            let layout = LabLayout::load(&cli.run_dir)?;
+            let netns = &layout.node(&node).context("no such node")?.netns;
+            let answer = podnet_tests::scrape::get(netns, addr, &path)?;
+            print!("{}", answer.body);
+            if answer.status != 200 {
+                eprintln!("GET {path} on {node}: HTTP {}", answer.status);
+                std::process::exit(1);
+            }
             Ok(())
         }
         Cmd::Serve {
