@@ -15,6 +15,7 @@ fn every_benchmark_scenario_builds_and_measures() {
             "cross-node",
             &["podnet-vxlan", "podnet-direct", "kernel-vxlan", "underlay"][..],
         ),
+        ("shaping", &["podnet", "podnet beside limited pods"][..]),
         ("cni", &["podnet", "bridge"][..]),
         (
             "scale",
@@ -46,8 +47,9 @@ fn every_benchmark_scenario_builds_and_measures() {
         .collect();
     assert_eq!(
         bpf_costs.len(),
-        5,
-        "BPF cost of four program paths and the floor measured: {bpf_costs:?}"
+        7,
+        "BPF cost of four program paths, the floor and the drop path with its event sent and \
+         suppressed measured: {bpf_costs:?}"
     );
     assert!(
         bpf_costs
