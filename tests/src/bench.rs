@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: podnet against the real alternatives, measured in one
-//! run on this machine, rounds interleaved (A B C A B C ...) so that drift
-//! hits every dataplane alike. Every figure is reported as median/min/max over
-//! the rounds, and podnet's as ratios to its peers.
+//! run on this machine, rounds interleaved, the dataplanes in a fresh random
+//! order every round (seeded; the seed is printed and `--seed` replays it), so
+//! that drift and position hit every dataplane alike. Every figure is reported
+//! as median/min/max over the rounds, and podnet's as ratios to its peers.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -44,6 +45,56 @@ pub struct BenchOptions {
     /// `podnet-direct-baseline`) in the same
     /// rounds, and the report gives per-round ratios to them.
     pub baseline_bin_dir: Option<PathBuf>,
+    /// Seed of the per-round order (and of the bootstrap): printed at the
+    /// start, `--seed` replays a run's order.
+    pub seed: u64,
+}
+
+/// A seed from the clock, for runs not given one.
+#[must_use]
+pub fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            #[allow(clippy::cast_possible_truncation, reason = "any 64 bits will do")]
+            let ns = d.as_nanos() as u64;
+            ns
+        })
+}
+
+/// SplitMix64: a small seeded generator for the round order and the
+/// bootstrap (reproducible from the printed seed, no dependency).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    #[must_use]
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n` > 0; the modulo bias is below 2^-50 here).
+    pub fn below(&mut self, n: usize) -> usize {
+        #[allow(clippy::cast_possible_truncation, reason = "the result is below n")]
+        let i = (self.next_u64() % n as u64) as usize;
+        i
+    }
+
+    /// Fisher-Yates.
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+    }
 }
 
 /// The parts of a run, in the order they run.
@@ -53,12 +104,13 @@ impl BenchOptions {
     #[must_use]
     pub fn full() -> Self {
         Self {
-            rounds: 5,
+            rounds: 10,
             seconds: 5,
             cni_pods: 50,
             quick: false,
             only: Vec::new(),
             baseline_bin_dir: None,
+            seed: clock_seed(),
         }
     }
 
@@ -71,6 +123,7 @@ impl BenchOptions {
             quick: true,
             only: Vec::new(),
             baseline_bin_dir: None,
+            seed: clock_seed(),
         }
     }
 }
@@ -991,20 +1044,24 @@ fn progress(msg: &str) {
 /// compared round by round with `X`.
 pub const BASELINE_SUFFIX: &str = "-baseline";
 
-/// The order of `pairs` in round `round` (1-based): as given, except that
-/// a dataplane and its baseline (listed next to each other) swap places in
-/// every even round, so neither is always measured right after the same
-/// neighbour (the per-round ratios are what the comparison rests on).
-fn round_order(pairs: &[(&str, Pair)], round: usize) -> Vec<usize> {
+/// The order of `pairs` in one round: a fresh shuffle from `rng`, so that no
+/// dataplane is always measured first or right after the same neighbour
+/// (the per-round ratios are what the comparisons rest on).
+fn round_order(pairs: &[(&str, Pair)], rng: &mut Rng) -> Vec<usize> {
     let mut order: Vec<usize> = (0..pairs.len()).collect();
-    if round.is_multiple_of(2) {
-        for i in 0..pairs.len().saturating_sub(1) {
-            if pairs[i + 1].0.strip_suffix(BASELINE_SUFFIX) == Some(pairs[i].0) {
-                order.swap(i, i + 1);
-            }
-        }
-    }
+    rng.shuffle(&mut order);
     order
+}
+
+impl BenchOptions {
+    /// The generator of one part of the run: its own stream, from the seed.
+    fn rng(&self, part: &str) -> Rng {
+        let mut h = self.seed;
+        for b in part.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3);
+        }
+        Rng::new(h)
+    }
 }
 
 /// Measures throughput, latency and connection rate of every `(name, pair)`
@@ -1020,8 +1077,9 @@ fn measure_dataplanes(
 ) -> anyhow::Result<()> {
     let before = bpf_stats();
     let mut runs: BTreeMap<(String, &'static str), Vec<f64>> = BTreeMap::new();
+    let mut rng = opts.rng(scenario);
     for round in 1..=opts.rounds {
-        for (name, pair) in round_order(pairs, round).into_iter().map(|i| &pairs[i]) {
+        for (name, pair) in round_order(pairs, &mut rng).into_iter().map(|i| &pairs[i]) {
             progress(&format!(
                 "{scenario}: round {round}/{}: {name}",
                 opts.rounds
@@ -1059,7 +1117,8 @@ fn measure_dataplanes(
 /// An unlimited pod's same-node throughput with and without pods with
 /// bandwidth limits (100 Mbit/s and 1 Gbit/s both ways, idle) on the node:
 /// the limited pods are added before and deleted after each "beside" run,
-/// and the two conditions swap order every round (paired ratios).
+/// and which of the two conditions goes first is drawn every round (paired
+/// ratios).
 fn measure_shaping(
     podnet: &Node,
     pods: &[crate::node::Pod],
@@ -1081,8 +1140,9 @@ fn measure_shaping(
     };
     let mut alone = Vec::new();
     let mut beside = Vec::new();
+    let mut rng = opts.rng("shaping");
     for round in 1..=opts.rounds {
-        let shaped_first = round.is_multiple_of(2);
+        let shaped_first = rng.below(2) == 1;
         for with_shaped in [shaped_first, !shaped_first] {
             progress(&format!(
                 "shaping: round {round}/{}: podnet {}",
@@ -1277,7 +1337,7 @@ fn measure_cross_node(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow:
             ));
             let ((lab, pair), ids) = with_new_programs(|| podnet_cluster(mode, Some(dir)))
                 .with_context(|| format!("building the {baseline_name} lab"))?;
-            // Next to its podnet: round_order swaps the two every other round.
+            // Measured in the same rounds as its podnet (shuffled order).
             dataplanes.push((baseline_name, pair));
             labs.push(lab);
             baseline_programs.extend(ids);
@@ -1295,6 +1355,10 @@ fn measure_cross_node(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow:
 
 /// Runs every scenario (or those `opts.only` names); returns all figures.
 pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
+    progress(&format!(
+        "seed {} (--seed {} replays this run's order), {} round(s)",
+        opts.seed, opts.seed, opts.rounds
+    ));
     let mut figures = Vec::new();
     let stats = BpfStatsEnabled::new();
 
@@ -1331,7 +1395,7 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
                     Ok((pods, node))
                 })
                 .context("building the podnet-baseline node")?;
-                // Next to podnet: round_order swaps the two every other round.
+                // Measured in the same rounds as podnet (shuffled order).
                 dataplanes.push((
                     "podnet-baseline",
                     Pair {
@@ -1696,7 +1760,7 @@ pub fn json_report(figures: &[Figure], opts: &BenchOptions) -> Value {
         })
         .unwrap_or_default();
     json!({
-        "machine": {"kernel": uname, "cpus": cpus, "cpu": cpu_model, "rounds": opts.rounds, "seconds_per_run": opts.seconds, "quick": opts.quick},
+        "machine": {"kernel": uname, "cpus": cpus, "cpu": cpu_model, "rounds": opts.rounds, "seconds_per_run": opts.seconds, "quick": opts.quick, "seed": opts.seed},
         "results": figures,
         "baseline_bin_dir": opts.baseline_bin_dir,
         // podnet / podnet-baseline per round; see BaselineRatio.
@@ -1785,4 +1849,33 @@ pub fn write(path: &Path, content: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(path, content).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_replays_the_same_orders_each_a_permutation_and_they_vary() {
+        let orders = |seed| {
+            let mut rng = Rng::new(seed);
+            (0..10)
+                .map(|_| {
+                    let mut o: Vec<usize> = (0..5).collect();
+                    rng.shuffle(&mut o);
+                    o
+                })
+                .collect::<Vec<_>>()
+        };
+        let a = orders(42);
+        assert_eq!(a, orders(42), "replayable");
+        for o in &a {
+            let mut sorted = o.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, vec![0, 1, 2, 3, 4], "{o:?} is a permutation");
+        }
+        let firsts: BTreeSet<usize> = a.iter().map(|o| o[0]).collect();
+        assert!(firsts.len() > 1, "not always the same one first: {a:?}");
+        assert_ne!(a, orders(43));
+    }
 }
