@@ -141,22 +141,28 @@ pub struct Figure {
     pub runs: Vec<f64>,
 }
 
-fn figure(scenario: &str, dataplane: &str, metric: &str, unit: &str, runs: Vec<f64>) -> Figure {
-    let mut sorted = runs.clone();
+/// The median of `values` (NaN when empty).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
-    let median = if sorted.is_empty() {
+    if sorted.is_empty() {
         f64::NAN
     } else if sorted.len() % 2 == 1 {
         sorted[sorted.len() / 2]
     } else {
         f64::midpoint(sorted[sorted.len() / 2 - 1], sorted[sorted.len() / 2])
-    };
+    }
+}
+
+fn figure(scenario: &str, dataplane: &str, metric: &str, unit: &str, runs: Vec<f64>) -> Figure {
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
     Figure {
         scenario: scenario.into(),
         dataplane: dataplane.into(),
         metric: metric.into(),
         unit: unit.into(),
-        median,
+        median: median(&runs),
         min: sorted.first().copied().unwrap_or(f64::NAN),
         max: sorted.last().copied().unwrap_or(f64::NAN),
         runs,
@@ -1591,6 +1597,239 @@ pub fn baseline_ratios(figures: &[Figure]) -> Vec<BaselineRatio> {
     ratios
 }
 
+/// Bootstrap resamples behind every target's interval.
+pub const BOOTSTRAP_RESAMPLES: usize = 10_000;
+/// The bootstrap's seed: fixed, so the same raw figures always give the same
+/// intervals (the report can be recomputed from the JSON).
+pub const BOOTSTRAP_SEED: u64 = 0x706f_646e_6574;
+
+/// Percentile bootstrap 95 % confidence interval of the median of `sample`:
+/// `resamples` resamples with replacement, the 2.5th and 97.5th percentiles
+/// of their medians.
+#[must_use]
+pub fn bootstrap_median_ci(sample: &[f64], resamples: usize, rng: &mut Rng) -> (f64, f64) {
+    if sample.is_empty() || resamples == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut buf = vec![0.0; sample.len()];
+    let mut medians: Vec<f64> = (0..resamples)
+        .map(|_| {
+            for x in &mut buf {
+                *x = sample[rng.below(sample.len())];
+            }
+            median(&buf)
+        })
+        .collect();
+    medians.sort_by(f64::total_cmp);
+    (percentile(&medians, 0.025), percentile(&medians, 0.975))
+}
+
+/// One target of issue 14: `ours` / `peer` for `metric`, round by round.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub scenario: &'static str,
+    pub ours: &'static str,
+    /// The peer's scenario and dataplane.
+    pub peer: (&'static str, &'static str),
+    pub metric: &'static str,
+    pub better: Better,
+    /// The ratio to reach: at least this (`Higher`), at most (`Lower`).
+    pub bound: f64,
+}
+
+/// Every target, in one place (issue 14, "Targets").
+pub const TARGETS: [Target; 8] = [
+    Target {
+        scenario: "same-node",
+        ours: "podnet",
+        peer: ("same-node", "veth"),
+        metric: "tcp_throughput",
+        better: Better::Higher,
+        bound: 1.00,
+    },
+    Target {
+        scenario: "same-node",
+        ours: "podnet",
+        peer: ("same-node", "bridge"),
+        metric: "tcp_throughput",
+        better: Better::Higher,
+        bound: 1.15,
+    },
+    Target {
+        scenario: "same-node",
+        ours: "podnet",
+        peer: ("same-node", "bridge"),
+        metric: "cpu_s_per_gb",
+        better: Better::Lower,
+        bound: 0.85,
+    },
+    Target {
+        scenario: "cross-node",
+        ours: "podnet-vxlan",
+        peer: ("cross-node", "kernel-vxlan"),
+        metric: "tcp_throughput",
+        better: Better::Higher,
+        bound: 1.15,
+    },
+    Target {
+        scenario: "cross-node",
+        ours: "podnet-vxlan",
+        peer: ("cross-node", "kernel-vxlan"),
+        metric: "latency_p50",
+        better: Better::Lower,
+        bound: 0.90,
+    },
+    Target {
+        scenario: "cross-node",
+        ours: "podnet-direct",
+        peer: ("cross-node", "underlay"),
+        metric: "tcp_throughput",
+        better: Better::Higher,
+        bound: 0.97,
+    },
+    Target {
+        scenario: "scale",
+        ours: "podnet (scaled maps)",
+        peer: ("same-node", "podnet"),
+        metric: "tcp_throughput",
+        better: Better::Higher,
+        bound: 0.97,
+    },
+    Target {
+        scenario: "same-node",
+        ours: "podnet",
+        peer: ("same-node", "bridge"),
+        metric: "conn_rate",
+        better: Better::Higher,
+        bound: 1.00,
+    },
+];
+
+/// Whether a target is reached, judged on the 95 % interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Status {
+    /// The whole interval is on the right side of the bound.
+    #[serde(rename = "met")]
+    Met,
+    /// The bound is inside the interval: cannot be told apart.
+    #[serde(rename = "within noise")]
+    WithinNoise,
+    /// The whole interval is on the wrong side.
+    #[serde(rename = "missed")]
+    Missed,
+}
+
+impl Status {
+    #[must_use]
+    pub fn of(better: Better, bound: f64, (lo, hi): (f64, f64)) -> Self {
+        let (reached, failed) = match better {
+            Better::Higher => (lo >= bound, hi < bound),
+            Better::Lower => (hi <= bound, lo > bound),
+        };
+        if reached {
+            Self::Met
+        } else if failed {
+            Self::Missed
+        } else {
+            Self::WithinNoise
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Met => "met",
+            Self::WithinNoise => "within noise",
+            Self::Missed => "missed",
+        }
+    }
+}
+
+/// One target's paired ratios and where they stand.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetRatio {
+    pub scenario: String,
+    pub dataplane: String,
+    pub peer_scenario: String,
+    pub peer: String,
+    pub metric: String,
+    pub better: Better,
+    pub target: f64,
+    /// Median of the per-round ratios (round i over round i).
+    pub median: f64,
+    /// Percentile bootstrap 95 % interval of that median.
+    pub ci95: (f64, f64),
+    pub status: Status,
+    pub per_round: Vec<f64>,
+}
+
+/// Every target whose two figures were measured, with its interval.
+#[must_use]
+pub fn target_ratios(figures: &[Figure]) -> Vec<TargetRatio> {
+    let mut rng = Rng::new(BOOTSTRAP_SEED);
+    TARGETS
+        .iter()
+        .filter_map(|t| {
+            let ours = find(figures, t.scenario, t.ours, t.metric)?;
+            let peer = find(figures, t.peer.0, t.peer.1, t.metric)?;
+            let per_round: Vec<f64> = ours
+                .runs
+                .iter()
+                .zip(&peer.runs)
+                .map(|(a, b)| a / b)
+                .collect();
+            let ci95 = bootstrap_median_ci(&per_round, BOOTSTRAP_RESAMPLES, &mut rng);
+            Some(TargetRatio {
+                scenario: t.scenario.into(),
+                dataplane: t.ours.into(),
+                peer_scenario: t.peer.0.into(),
+                peer: t.peer.1.into(),
+                metric: t.metric.into(),
+                better: t.better,
+                target: t.bound,
+                median: median(&per_round),
+                ci95,
+                status: Status::of(t.better, t.bound, ci95),
+                per_round,
+            })
+        })
+        .collect()
+}
+
+/// The "against the targets" section of the table.
+fn targets_table(figures: &[Figure]) -> String {
+    let mut out = String::new();
+    let ratios = target_ratios(figures);
+    if ratios.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\nAGAINST THE TARGETS (per-round ratios podnet / peer, round i over round i: median \
+         [95 % percentile bootstrap CI of the median, {BOOTSTRAP_RESAMPLES} resamples];\n  \
+         met = the whole interval clears the target, missed = none of it does)"
+    );
+    for r in &ratios {
+        let (op, peer) = match r.better {
+            Better::Higher => (">=", &r.peer),
+            Better::Lower => ("<=", &r.peer),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<11} {:<20} vs {:<13} {:<15} {:>6.3}x [{:.3}, {:.3}]  target {op} {:.2}x  {}",
+            r.scenario,
+            r.dataplane,
+            peer,
+            r.metric,
+            r.median,
+            r.ci95.0,
+            r.ci95.1,
+            r.target,
+            r.status.name()
+        );
+    }
+    out
+}
+
 /// The baseline section of the table (empty without a baseline).
 fn baseline_table(figures: &[Figure]) -> String {
     let ratios = baseline_ratios(figures);
@@ -1635,6 +1874,39 @@ fn baseline_table(figures: &[Figure]) -> String {
     out
 }
 
+/// podnet against each peer in the table: scenario, podnet, peers, metrics.
+const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 4] = [
+    (
+        "same-node",
+        "podnet",
+        &["veth", "bridge", "ptp"],
+        &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
+    ),
+    (
+        "cross-node",
+        "podnet-vxlan",
+        &["kernel-vxlan", "underlay"],
+        &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
+    ),
+    (
+        "cross-node",
+        "podnet-direct",
+        &["underlay", "kernel-vxlan"],
+        &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
+    ),
+    (
+        "cni",
+        "podnet",
+        &["bridge"],
+        &[
+            "cni_add",
+            "cni_del",
+            "cni_add_parallel16",
+            "cni_del_parallel16",
+        ],
+    ),
+];
+
 /// The table: every figure, and podnet's ratios to each peer.
 #[must_use]
 pub fn table(figures: &[Figure]) -> String {
@@ -1655,38 +1927,7 @@ pub fn table(figures: &[Figure]) -> String {
         out,
         "\nRATIOS (podnet / peer, medians; throughput and conn rate: higher is better, latency and CNI time: lower is better)"
     );
-    let ratios: [(&str, &str, &[&str], &[&str]); 4] = [
-        (
-            "same-node",
-            "podnet",
-            &["veth", "bridge", "ptp"],
-            &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
-        ),
-        (
-            "cross-node",
-            "podnet-vxlan",
-            &["kernel-vxlan", "underlay"],
-            &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
-        ),
-        (
-            "cross-node",
-            "podnet-direct",
-            &["underlay", "kernel-vxlan"],
-            &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
-        ),
-        (
-            "cni",
-            "podnet",
-            &["bridge"],
-            &[
-                "cni_add",
-                "cni_del",
-                "cni_add_parallel16",
-                "cni_del_parallel16",
-            ],
-        ),
-    ];
-    for (scenario, ours, peers, metrics) in ratios {
+    for (scenario, ours, peers, metrics) in PEER_RATIOS {
         for peer in peers {
             for metric in metrics {
                 if let (Some(a), Some(b)) = (
@@ -1737,6 +1978,7 @@ pub fn table(figures: &[Figure]) -> String {
             ratios.last().copied().unwrap_or(f64::NAN),
         );
     }
+    out.push_str(&targets_table(figures));
     out.push_str(&baseline_table(figures));
     out
 }
@@ -1765,6 +2007,9 @@ pub fn json_report(figures: &[Figure], opts: &BenchOptions) -> Value {
         "baseline_bin_dir": opts.baseline_bin_dir,
         // podnet / podnet-baseline per round; see BaselineRatio.
         "baseline_ratios": baseline_ratios(figures),
+        // Each target: per-round ratios, median, 95 % bootstrap CI, status.
+        "targets": target_ratios(figures),
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED},
     })
 }
 
@@ -1877,5 +2122,64 @@ mod tests {
         let firsts: BTreeSet<usize> = a.iter().map(|o| o[0]).collect();
         assert!(firsts.len() > 1, "not always the same one first: {a:?}");
         assert_ne!(a, orders(43));
+    }
+
+    #[test]
+    fn the_bootstrap_interval_of_a_known_sample() {
+        // No spread: the interval is the point.
+        let mut rng = Rng::new(1);
+        assert_eq!(bootstrap_median_ci(&[1.2; 10], 1_000, &mut rng), (1.2, 1.2));
+        // 1..=10 (median 5.5): resampled medians of 10 draws stay well
+        // inside the extremes and around the median; seeded, so replayable.
+        let sample: Vec<f64> = (1..=10).map(f64::from).collect();
+        let (lo, hi) = bootstrap_median_ci(&sample, 10_000, &mut Rng::new(7));
+        assert!((2.5..=4.5).contains(&lo), "lo {lo}");
+        assert!((6.5..=8.5).contains(&hi), "hi {hi}");
+        assert_eq!(
+            (lo, hi),
+            bootstrap_median_ci(&sample, 10_000, &mut Rng::new(7))
+        );
+        assert!(bootstrap_median_ci(&[], 10, &mut rng).0.is_nan());
+    }
+
+    #[test]
+    fn a_target_counts_as_met_only_when_the_whole_interval_clears_it() {
+        use Better::{Higher, Lower};
+        assert_eq!(Status::of(Higher, 1.0, (1.01, 1.2)), Status::Met);
+        assert_eq!(Status::of(Higher, 1.0, (0.98, 1.2)), Status::WithinNoise);
+        assert_eq!(Status::of(Higher, 1.0, (0.8, 0.99)), Status::Missed);
+        assert_eq!(Status::of(Lower, 0.9, (0.7, 0.89)), Status::Met);
+        assert_eq!(Status::of(Lower, 0.9, (0.85, 0.95)), Status::WithinNoise);
+        assert_eq!(Status::of(Lower, 0.9, (0.91, 1.0)), Status::Missed);
+    }
+
+    #[test]
+    fn target_ratios_pair_round_i_with_round_i() {
+        let figures = vec![
+            figure(
+                "same-node",
+                "podnet",
+                "tcp_throughput",
+                "Gbit/s",
+                vec![20.0, 10.0, 30.0],
+            ),
+            figure(
+                "same-node",
+                "veth",
+                "tcp_throughput",
+                "Gbit/s",
+                vec![10.0, 10.0, 10.0],
+            ),
+        ];
+        let ratios = target_ratios(&figures);
+        assert_eq!(
+            ratios.len(),
+            1,
+            "only the target with both figures: {ratios:?}"
+        );
+        assert_eq!(ratios[0].per_round, vec![2.0, 1.0, 3.0]);
+        assert!((ratios[0].median - 2.0).abs() < 1e-12);
+        let table = table(&figures);
+        assert!(table.contains("AGAINST THE TARGETS"), "{table}");
     }
 }
