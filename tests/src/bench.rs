@@ -354,21 +354,29 @@ fn with_new_programs<T>(
     Ok((built, after.difference(&before).copied().collect()))
 }
 
-/// Turns on BPF run-time statistics for the benchmark, restores on drop.
-struct BpfStatsEnabled(String);
+/// Sets `kernel.bpf_stats_enabled` (a global sysctl, not per netns) for a
+/// phase, restores the old value on drop. Off during the traffic runs (on,
+/// it adds two clock reads to every podnet program run and none to the
+/// baselines); on only in the short phase that measures the programs' cost.
+struct BpfStatsSwitch(Option<String>);
 
-impl BpfStatsEnabled {
-    fn new() -> Self {
-        let path = "/proc/sys/kernel/bpf_stats_enabled";
-        let old = std::fs::read_to_string(path).unwrap_or_else(|_| "0".into());
-        let _ = std::fs::write(path, "1");
-        Self(old.trim().to_owned())
+const BPF_STATS_ENABLED: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStatsSwitch {
+    fn set(on: bool) -> anyhow::Result<Self> {
+        let old = std::fs::read_to_string(BPF_STATS_ENABLED)
+            .with_context(|| format!("reading {BPF_STATS_ENABLED}"))?;
+        std::fs::write(BPF_STATS_ENABLED, if on { "1" } else { "0" })
+            .with_context(|| format!("writing {BPF_STATS_ENABLED}"))?;
+        Ok(Self(Some(old.trim().to_owned())))
     }
 }
 
-impl Drop for BpfStatsEnabled {
+impl Drop for BpfStatsSwitch {
     fn drop(&mut self) {
-        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.0);
+        if let Some(old) = self.0.take() {
+            let _ = std::fs::write(BPF_STATS_ENABLED, old);
+        }
     }
 }
 
@@ -1071,9 +1079,10 @@ impl BenchOptions {
 }
 
 /// Measures throughput, latency and connection rate of every `(name, pair)`
-/// in interleaved rounds, and the podnet programs' bpf_stats cost over all
-/// of it (`baseline_programs`, by ID, are reported apart as the baseline's);
-/// adds the figures to `out`.
+/// in interleaved rounds with `kernel.bpf_stats_enabled` off, then, in a
+/// phase of its own with it on, the podnet programs' bpf_stats cost over a
+/// short throughput run of each podnet dataplane (`baseline_programs`, by
+/// ID, are reported apart as the baseline's); adds the figures to `out`.
 fn measure_dataplanes(
     scenario: &str,
     pairs: &[(&str, Pair)],
@@ -1081,7 +1090,7 @@ fn measure_dataplanes(
     opts: &BenchOptions,
     out: &mut Vec<Figure>,
 ) -> anyhow::Result<()> {
-    let before = bpf_stats();
+    let stats_off = BpfStatsSwitch::set(false)?;
     let mut runs: BTreeMap<(String, &'static str), Vec<f64>> = BTreeMap::new();
     let mut rng = opts.rng(scenario);
     for round in 1..=opts.rounds {
@@ -1116,7 +1125,16 @@ fn measure_dataplanes(
         };
         out.push(figure(scenario, &name, metric, unit, values));
     }
+    drop(stats_off);
+    let stats_on = BpfStatsSwitch::set(true)?;
+    let before = bpf_stats();
+    for (name, pair) in pairs.iter().filter(|(n, _)| n.starts_with("podnet")) {
+        progress(&format!("{scenario}: bpf_stats phase: {name}"));
+        throughput(pair, opts.seconds.min(2))
+            .with_context(|| format!("{name} throughput (bpf_stats phase)"))?;
+    }
     add_bpf_cost(scenario, &before, &bpf_stats(), baseline_programs, out);
+    drop(stats_on);
     Ok(())
 }
 
@@ -1366,7 +1384,6 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
         opts.seed, opts.seed, opts.rounds
     ));
     let mut figures = Vec::new();
-    let stats = BpfStatsEnabled::new();
 
     if ["same-node", "shaping", "scale", "cni"]
         .iter()
@@ -1446,7 +1463,6 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     if opts.runs("cross-node") {
         measure_cross_node(opts, &mut figures)?;
     }
-    drop(stats);
 
     if opts.runs("bpf") {
         progress("BPF cost per run of each program path (BPF_PROG_TEST_RUN)");
