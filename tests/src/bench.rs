@@ -248,39 +248,33 @@ pub fn latency(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64)> {
     ))
 }
 
-/// TCP connections per second: connect, one byte each way, close.
+/// TCP connections per second: connect, one byte each way, close. The
+/// server blocks in `accept` on one thread per CPU (no polling, so it does
+/// not cap the rate); the client is one sequential connection at a time.
 pub fn connection_rate(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
     let addr = SocketAddrV4::new(pair.server_ip, 19_000);
+    let listener = on_netns_thread(&pair.server_ns, move || TcpListener::bind(addr))?
+        .context("conn-rate server bind")?;
     let stop = Arc::new(AtomicBool::new(false));
-    let server_stop = Arc::clone(&stop);
-    let server_ns = pair.server_ns.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = std::thread::spawn(move || {
-        on_netns_thread(&server_ns, move || -> anyhow::Result<()> {
-            let listener = TcpListener::bind(addr)?;
-            listener.set_nonblocking(true)?;
-            tx.send(()).ok();
-            while !server_stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        s.set_nonblocking(false)?;
-                        let mut b = [0u8; 1];
-                        if s.read_exact(&mut b).is_ok() {
-                            let _ = s.write_all(&b);
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_micros(50));
-                    }
-                    Err(e) => return Err(e.into()),
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let mut servers = Vec::new();
+    for _ in 0..threads {
+        let listener = listener.try_clone().context("conn-rate listener")?;
+        let stop = Arc::clone(&stop);
+        servers.push(std::thread::spawn(move || -> std::io::Result<()> {
+            loop {
+                let (mut s, _) = listener.accept()?;
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let mut b = [0u8; 1];
+                if s.read_exact(&mut b).is_ok() {
+                    let _ = s.write_all(&b);
                 }
             }
-            Ok(())
-        })
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .context("conn-rate server")?;
-    let count = on_netns_thread(&pair.client_ns, move || -> anyhow::Result<u64> {
+        }));
+    }
+    let counted = on_netns_thread(&pair.client_ns, move || -> anyhow::Result<u64> {
         let start = Instant::now();
         let mut n = 0u64;
         while start.elapsed() < Duration::from_secs(seconds) {
@@ -292,11 +286,30 @@ pub fn connection_rate(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
             n += 1;
         }
         Ok(n)
-    })??;
+    });
+    // Wake every blocked acceptor with one connection each, so that they
+    // see `stop` and end (also when the client failed).
     stop.store(true, Ordering::Relaxed);
-    server
-        .join()
-        .map_err(|_| anyhow::anyhow!("server panicked"))???;
+    let woken = on_netns_thread(&pair.client_ns, move || {
+        (0..threads)
+            .filter(|_| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2)).is_ok())
+            .count()
+    })?;
+    // An acceptor left blocked would hang the join: fail instead.
+    anyhow::ensure!(
+        woken == threads,
+        "conn-rate: woke {woken} of {threads} server threads ({:?})",
+        counted
+            .as_ref()
+            .map(|r| r.as_ref().map_err(ToString::to_string))
+    );
+    for server in servers {
+        server
+            .join()
+            .map_err(|_| anyhow::anyhow!("conn-rate server panicked"))?
+            .context("conn-rate server accept")?;
+    }
+    let count = counted??;
     #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
     Ok(count as f64 / seconds as f64)
 }
