@@ -181,6 +181,37 @@ pub struct Pair {
 
 /// iperf3 single-stream TCP throughput, Gbit/s.
 pub fn throughput(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
+    throughput_and_cpu(pair, seconds).map(|(gbps, _)| gbps)
+}
+
+/// Busy CPU time of the whole machine so far, in seconds: user + system +
+/// irq + softirq of every CPU from /proc/stat's `cpu` line (idle and iowait
+/// excluded; nice too, so that niced background builds count less; the
+/// unit is USER_HZ, 100 per second on Linux).
+fn busy_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("/proc/stat has no cpu line")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("/proc/stat: {line}"))?;
+    // user nice system idle iowait irq softirq ...
+    anyhow::ensure!(f.len() >= 7, "/proc/stat: {line}");
+    let ticks = f[0] + f[2] + f[5] + f[6];
+    #[allow(clippy::cast_precision_loss, reason = "tick counts far below 2^52")]
+    Ok(ticks as f64 / 100.0)
+}
+
+/// iperf3 single-stream TCP throughput in Gbit/s, and the machine's CPU
+/// cost of the transfer: busy CPU seconds over the client's whole run
+/// divided by the GB it moved (every interval's bytes, the omitted warm-up
+/// second included, since the CPU time includes it too).
+pub fn throughput_and_cpu(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64)> {
     let mut server = in_netns(&pair.server_ns, "iperf3")?
         .args(["-s", "-1", "-B", &pair.server_ip.to_string()])
         .stdout(Stdio::null())
@@ -188,6 +219,7 @@ pub fn throughput(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
         .spawn()
         .context("iperf3 server")?;
     std::thread::sleep(Duration::from_millis(200));
+    let cpu_before = busy_cpu_seconds();
     let out = in_netns(&pair.client_ns, "iperf3")?
         .args([
             "-c",
@@ -199,14 +231,24 @@ pub fn throughput(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
             "-J",
         ])
         .output()
-        .context("iperf3 client")?;
+        .context("iperf3 client");
+    let cpu_after = busy_cpu_seconds();
     let _ = server.kill();
     let _ = server.wait();
-    let json: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    json["end"]["sum_received"]["bits_per_second"]
+    let json: Value = serde_json::from_slice(&out?.stdout).context("iperf3 JSON")?;
+    let gbps = json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .map(|bps| bps / 1e9)
-        .with_context(|| format!("no throughput from iperf3: {}", json["error"]))
+        .with_context(|| format!("no throughput from iperf3: {}", json["error"]))?;
+    let bytes: f64 = json["intervals"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["sum"]["bytes"].as_f64())
+        .sum();
+    anyhow::ensure!(bytes > 0.0, "iperf3 moved no bytes");
+    let cpu_s_per_gb = (cpu_after? - cpu_before?) / (bytes / 1e9);
+    Ok((gbps, cpu_s_per_gb))
 }
 
 /// sockperf TCP ping-pong latency (one-way, as sockperf reports: half the
@@ -1112,14 +1154,15 @@ fn measure_dataplanes(
                 "{scenario}: round {round}/{}: {name}",
                 opts.rounds
             ));
-            let gbps =
-                throughput(pair, opts.seconds).with_context(|| format!("{name} throughput"))?;
+            let (gbps, cpu_s_per_gb) = throughput_and_cpu(pair, opts.seconds)
+                .with_context(|| format!("{name} throughput"))?;
             let (p50, p99) =
                 latency(pair, opts.seconds).with_context(|| format!("{name} latency"))?;
             let rate = connection_rate(pair, opts.seconds.min(2))
                 .with_context(|| format!("{name} connection rate"))?;
             for (metric, value) in [
                 ("tcp_throughput", gbps),
+                ("cpu_s_per_gb", cpu_s_per_gb),
                 ("latency_p50", p50),
                 ("latency_p99", p99),
                 ("conn_rate", rate),
@@ -1133,6 +1176,7 @@ fn measure_dataplanes(
     for ((name, metric), values) in runs {
         let unit = match metric {
             "tcp_throughput" => "Gbit/s",
+            "cpu_s_per_gb" => "CPU-s/GB",
             "conn_rate" => "conn/s",
             _ => "us",
         };
@@ -1553,8 +1597,9 @@ fn find<'a>(
 }
 
 /// The metrics compared with the baseline, and which way is better.
-const BASELINE_METRICS: [(&str, Better); 4] = [
+const BASELINE_METRICS: [(&str, Better); 5] = [
     ("tcp_throughput", Better::Higher),
+    ("cpu_s_per_gb", Better::Lower),
     ("latency_p50", Better::Lower),
     ("latency_p99", Better::Lower),
     ("conn_rate", Better::Higher),
@@ -1903,25 +1948,34 @@ fn baseline_table(figures: &[Figure]) -> String {
     out
 }
 
+/// The metrics of every traffic run, as the table compares them.
+const TRAFFIC_METRICS: [&str; 5] = [
+    "tcp_throughput",
+    "cpu_s_per_gb",
+    "latency_p50",
+    "latency_p99",
+    "conn_rate",
+];
+
 /// podnet against each peer in the table: scenario, podnet, peers, metrics.
 const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 4] = [
     (
         "same-node",
         "podnet",
         &["veth", "bridge", "ptp"],
-        &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
+        &TRAFFIC_METRICS,
     ),
     (
         "cross-node",
         "podnet-vxlan",
         &["kernel-vxlan", "underlay"],
-        &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
+        &TRAFFIC_METRICS,
     ),
     (
         "cross-node",
         "podnet-direct",
         &["underlay", "kernel-vxlan"],
-        &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
+        &TRAFFIC_METRICS,
     ),
     (
         "cni",
