@@ -799,6 +799,23 @@ impl ReferenceNode {
         Ok(ip)
     }
 
+    /// Sets `net.bridge.bridge-nf-call-iptables` in the node's netns (per
+    /// netns on this kernel: checked, setting it in a new netns leaves the
+    /// root namespace's at 1). With it at 1 (the default, br_netfilter is
+    /// built in here) every bridged packet goes through the iptables hooks.
+    pub fn set_bridge_nf_call_iptables(&self, on: bool) -> anyhow::Result<()> {
+        run(self.node.command("sysctl")?.args([
+            "-qw",
+            if on {
+                "net.bridge.bridge-nf-call-iptables=1"
+            } else {
+                "net.bridge.bridge-nf-call-iptables=0"
+            },
+        ]))
+        .with_context(|| format!("bridge-nf-call-iptables in {}", self.node.name()))?;
+        Ok(())
+    }
+
     /// Times ADD of a fresh pod and its DEL (seconds each).
     pub fn time_add_del(&self) -> anyhow::Result<(f64, f64)> {
         let pod = NetNs::new("bcni")?;
@@ -1489,8 +1506,12 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
             }
             let ptp = ReferenceNode::new("ptp", "10.246.0.0/24", 2)?;
             let veth = VethPair::new()?;
+            // The same bridge without br_netfilter's iptables hooks.
+            let bridge_nf_off = ReferenceNode::new("bridge", "10.248.0.0/24", 2)?;
+            bridge_nf_off.set_bridge_nf_call_iptables(false)?;
             dataplanes.extend([
                 ("bridge", bridge.pair()),
+                ("bridge-nf-off", bridge_nf_off.pair()),
                 ("ptp", ptp.pair()),
                 ("veth", veth.pair()),
             ]);
@@ -1711,8 +1732,9 @@ pub struct Target {
     pub bound: f64,
 }
 
-/// Every target, in one place (issue 14, "Targets").
-pub const TARGETS: [Target; 8] = [
+/// Every target, in one place (issue 14, "Targets"; the bridge one also
+/// against the bridge without br_netfilter's iptables hooks).
+pub const TARGETS: [Target; 9] = [
     Target {
         scenario: "same-node",
         ours: "podnet",
@@ -1736,6 +1758,14 @@ pub const TARGETS: [Target; 8] = [
         metric: "cpu_s_per_gb",
         better: Better::Lower,
         bound: 0.85,
+    },
+    Target {
+        scenario: "same-node",
+        ours: "podnet",
+        peer: ("same-node", "bridge-nf-off"),
+        metric: "tcp_throughput",
+        better: Better::Higher,
+        bound: 1.15,
     },
     Target {
         scenario: "cross-node",
@@ -1962,7 +1992,7 @@ const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 4] = [
     (
         "same-node",
         "podnet",
-        &["veth", "bridge", "ptp"],
+        &["veth", "bridge", "bridge-nf-off", "ptp"],
         &TRAFFIC_METRICS,
     ),
     (
@@ -2066,6 +2096,17 @@ pub fn table(figures: &[Figure]) -> String {
     out
 }
 
+/// What differs between the dataplanes besides the datapath, stated in the
+/// JSON report (and in BENCHMARKS.md's Method).
+pub const CONDITIONS: [&str; 3] = [
+    "bridge: net.bridge.bridge-nf-call-iptables=1 (br_netfilter built in, the default); \
+     bridge-nf-off: the same bridge with it set to 0 in its node's netns (per netns on this kernel)",
+    "podnet nodes run podnet's nft masquerade, so conntrack sees the pods' traffic and the \
+     VXLAN UDP on both nodes; the flannel-style kernel-vxlan baseline runs without any \
+     masquerade rules (flannel's --ip-masq rules are not added)",
+    "kernel.bpf_stats_enabled is 0 during every traffic run, 1 only in the bpf_stats phase",
+];
+
 /// `{"machine": {...}, "results": [...]}`.
 #[must_use]
 pub fn json_report(figures: &[Figure], opts: &BenchOptions) -> Value {
@@ -2088,6 +2129,7 @@ pub fn json_report(figures: &[Figure], opts: &BenchOptions) -> Value {
         "machine": {"kernel": uname, "cpus": cpus, "cpu": cpu_model, "rounds": opts.rounds, "seconds_per_run": opts.seconds, "quick": opts.quick, "seed": opts.seed},
         "results": figures,
         "baseline_bin_dir": opts.baseline_bin_dir,
+        "conditions": CONDITIONS,
         // podnet / podnet-baseline per round; see BaselineRatio.
         "baseline_ratios": baseline_ratios(figures),
         // Each target: per-round ratios, median, 95 % bootstrap CI, status.
