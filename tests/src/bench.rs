@@ -45,8 +45,9 @@ pub struct BenchOptions {
     /// `podnet-direct-baseline`) in the same
     /// rounds, and the report gives per-round ratios to them.
     pub baseline_bin_dir: Option<PathBuf>,
-    /// Seed of the per-round order (and of the bootstrap): printed at the
-    /// start, `--seed` replays a run's order.
+    /// Seed of the per-round order: printed at the start, `--seed` replays
+    /// a run's order (the bootstrap has a fixed seed of its own,
+    /// [`BOOTSTRAP_SEED`]).
     pub seed: u64,
 }
 

@@ -19,8 +19,8 @@ struct Cli {
     /// --quick).
     #[arg(long)]
     rounds: Option<usize>,
-    /// Seed of the per-round order and the bootstrap (default: from the
-    /// clock; printed at the start).
+    /// Seed of the per-round order (default: from the clock; printed at
+    /// the start).
     #[arg(long)]
     seed: Option<u64>,
     /// Write every raw figure as JSON.
