@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: podnet against the real alternatives, measured in one
-//! run on this machine, rounds interleaved (A B C A B C ...) so that drift
-//! hits every dataplane alike. Every figure is reported as median/min/max over
-//! the rounds, and podnet's as ratios to its peers.
+//! run on this machine, rounds interleaved, the dataplanes in a fresh random
+//! order every round (seeded; the seed is printed and `--seed` replays it), so
+//! that drift and position hit every dataplane alike. Every figure is reported
+//! as median/min/max over the rounds, and podnet's as ratios to its peers.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -44,6 +45,57 @@ pub struct BenchOptions {
     /// `podnet-direct-baseline`) in the same
     /// rounds, and the report gives per-round ratios to them.
     pub baseline_bin_dir: Option<PathBuf>,
+    /// Seed of the per-round order: printed at the start, `--seed` replays
+    /// a run's order (the bootstrap has a fixed seed of its own,
+    /// [`BOOTSTRAP_SEED`]).
+    pub seed: u64,
+}
+
+/// A seed from the clock, for runs not given one.
+#[must_use]
+pub fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            #[allow(clippy::cast_possible_truncation, reason = "any 64 bits will do")]
+            let ns = d.as_nanos() as u64;
+            ns
+        })
+}
+
+/// SplitMix64: a small seeded generator for the round order and the
+/// bootstrap (reproducible from the printed seed, no dependency).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    #[must_use]
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n` > 0; the modulo bias is below 2^-50 here).
+    pub fn below(&mut self, n: usize) -> usize {
+        #[allow(clippy::cast_possible_truncation, reason = "the result is below n")]
+        let i = (self.next_u64() % n as u64) as usize;
+        i
+    }
+
+    /// Fisher-Yates.
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = self.below(i + 1);
+            v.swap(i, j);
+        }
+    }
 }
 
 /// The parts of a run, in the order they run.
@@ -53,12 +105,13 @@ impl BenchOptions {
     #[must_use]
     pub fn full() -> Self {
         Self {
-            rounds: 5,
+            rounds: 10,
             seconds: 5,
             cni_pods: 50,
             quick: false,
             only: Vec::new(),
             baseline_bin_dir: None,
+            seed: clock_seed(),
         }
     }
 
@@ -71,6 +124,7 @@ impl BenchOptions {
             quick: true,
             only: Vec::new(),
             baseline_bin_dir: None,
+            seed: clock_seed(),
         }
     }
 }
@@ -88,22 +142,28 @@ pub struct Figure {
     pub runs: Vec<f64>,
 }
 
-fn figure(scenario: &str, dataplane: &str, metric: &str, unit: &str, runs: Vec<f64>) -> Figure {
-    let mut sorted = runs.clone();
+/// The median of `values` (NaN when empty).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
-    let median = if sorted.is_empty() {
+    if sorted.is_empty() {
         f64::NAN
     } else if sorted.len() % 2 == 1 {
         sorted[sorted.len() / 2]
     } else {
         f64::midpoint(sorted[sorted.len() / 2 - 1], sorted[sorted.len() / 2])
-    };
+    }
+}
+
+fn figure(scenario: &str, dataplane: &str, metric: &str, unit: &str, runs: Vec<f64>) -> Figure {
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
     Figure {
         scenario: scenario.into(),
         dataplane: dataplane.into(),
         metric: metric.into(),
         unit: unit.into(),
-        median,
+        median: median(&runs),
         min: sorted.first().copied().unwrap_or(f64::NAN),
         max: sorted.last().copied().unwrap_or(f64::NAN),
         runs,
@@ -122,6 +182,37 @@ pub struct Pair {
 
 /// iperf3 single-stream TCP throughput, Gbit/s.
 pub fn throughput(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
+    throughput_and_cpu(pair, seconds).map(|(gbps, _)| gbps)
+}
+
+/// Busy CPU time of the whole machine so far, in seconds: user + system +
+/// irq + softirq of every CPU from /proc/stat's `cpu` line (idle and iowait
+/// excluded; nice too, so that niced background builds count less; the
+/// unit is USER_HZ, 100 per second on Linux).
+fn busy_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("/proc/stat has no cpu line")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("/proc/stat: {line}"))?;
+    // user nice system idle iowait irq softirq ...
+    anyhow::ensure!(f.len() >= 7, "/proc/stat: {line}");
+    let ticks = f[0] + f[2] + f[5] + f[6];
+    #[allow(clippy::cast_precision_loss, reason = "tick counts far below 2^52")]
+    Ok(ticks as f64 / 100.0)
+}
+
+/// iperf3 single-stream TCP throughput in Gbit/s, and the machine's CPU
+/// cost of the transfer: busy CPU seconds over the client's whole run
+/// divided by the GB it moved (every interval's bytes, the omitted warm-up
+/// second included, since the CPU time includes it too).
+pub fn throughput_and_cpu(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64)> {
     let mut server = in_netns(&pair.server_ns, "iperf3")?
         .args(["-s", "-1", "-B", &pair.server_ip.to_string()])
         .stdout(Stdio::null())
@@ -129,6 +220,7 @@ pub fn throughput(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
         .spawn()
         .context("iperf3 server")?;
     std::thread::sleep(Duration::from_millis(200));
+    let cpu_before = busy_cpu_seconds();
     let out = in_netns(&pair.client_ns, "iperf3")?
         .args([
             "-c",
@@ -140,14 +232,24 @@ pub fn throughput(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
             "-J",
         ])
         .output()
-        .context("iperf3 client")?;
+        .context("iperf3 client");
+    let cpu_after = busy_cpu_seconds();
     let _ = server.kill();
     let _ = server.wait();
-    let json: Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
-    json["end"]["sum_received"]["bits_per_second"]
+    let json: Value = serde_json::from_slice(&out?.stdout).context("iperf3 JSON")?;
+    let gbps = json["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .map(|bps| bps / 1e9)
-        .with_context(|| format!("no throughput from iperf3: {}", json["error"]))
+        .with_context(|| format!("no throughput from iperf3: {}", json["error"]))?;
+    let bytes: f64 = json["intervals"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["sum"]["bytes"].as_f64())
+        .sum();
+    anyhow::ensure!(bytes > 0.0, "iperf3 moved no bytes");
+    let cpu_s_per_gb = (cpu_after? - cpu_before?) / (bytes / 1e9);
+    Ok((gbps, cpu_s_per_gb))
 }
 
 /// sockperf TCP ping-pong latency (one-way, as sockperf reports: half the
@@ -189,39 +291,33 @@ pub fn latency(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64)> {
     ))
 }
 
-/// TCP connections per second: connect, one byte each way, close.
+/// TCP connections per second: connect, one byte each way, close. The
+/// server blocks in `accept` on one thread per CPU (no polling, so it does
+/// not cap the rate); the client is one sequential connection at a time.
 pub fn connection_rate(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
     let addr = SocketAddrV4::new(pair.server_ip, 19_000);
+    let listener = on_netns_thread(&pair.server_ns, move || TcpListener::bind(addr))?
+        .context("conn-rate server bind")?;
     let stop = Arc::new(AtomicBool::new(false));
-    let server_stop = Arc::clone(&stop);
-    let server_ns = pair.server_ns.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = std::thread::spawn(move || {
-        on_netns_thread(&server_ns, move || -> anyhow::Result<()> {
-            let listener = TcpListener::bind(addr)?;
-            listener.set_nonblocking(true)?;
-            tx.send(()).ok();
-            while !server_stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        s.set_nonblocking(false)?;
-                        let mut b = [0u8; 1];
-                        if s.read_exact(&mut b).is_ok() {
-                            let _ = s.write_all(&b);
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_micros(50));
-                    }
-                    Err(e) => return Err(e.into()),
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let mut servers = Vec::new();
+    for _ in 0..threads {
+        let listener = listener.try_clone().context("conn-rate listener")?;
+        let stop = Arc::clone(&stop);
+        servers.push(std::thread::spawn(move || -> std::io::Result<()> {
+            loop {
+                let (mut s, _) = listener.accept()?;
+                if stop.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let mut b = [0u8; 1];
+                if s.read_exact(&mut b).is_ok() {
+                    let _ = s.write_all(&b);
                 }
             }
-            Ok(())
-        })
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .context("conn-rate server")?;
-    let count = on_netns_thread(&pair.client_ns, move || -> anyhow::Result<u64> {
+        }));
+    }
+    let counted = on_netns_thread(&pair.client_ns, move || -> anyhow::Result<u64> {
         let start = Instant::now();
         let mut n = 0u64;
         while start.elapsed() < Duration::from_secs(seconds) {
@@ -233,11 +329,30 @@ pub fn connection_rate(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
             n += 1;
         }
         Ok(n)
-    })??;
+    });
+    // Wake every blocked acceptor with one connection each, so that they
+    // see `stop` and end (also when the client failed).
     stop.store(true, Ordering::Relaxed);
-    server
-        .join()
-        .map_err(|_| anyhow::anyhow!("server panicked"))???;
+    let woken = on_netns_thread(&pair.client_ns, move || {
+        (0..threads)
+            .filter(|_| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2)).is_ok())
+            .count()
+    })?;
+    // An acceptor left blocked would hang the join: fail instead.
+    anyhow::ensure!(
+        woken == threads,
+        "conn-rate: woke {woken} of {threads} server threads ({:?})",
+        counted
+            .as_ref()
+            .map(|r| r.as_ref().map_err(ToString::to_string))
+    );
+    for server in servers {
+        server
+            .join()
+            .map_err(|_| anyhow::anyhow!("conn-rate server panicked"))?
+            .context("conn-rate server accept")?;
+    }
+    let count = counted??;
     #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
     Ok(count as f64 / seconds as f64)
 }
@@ -295,21 +410,29 @@ fn with_new_programs<T>(
     Ok((built, after.difference(&before).copied().collect()))
 }
 
-/// Turns on BPF run-time statistics for the benchmark, restores on drop.
-struct BpfStatsEnabled(String);
+/// Sets `kernel.bpf_stats_enabled` (a global sysctl, not per netns) for a
+/// phase, restores the old value on drop. Off during the traffic runs (on,
+/// it adds two clock reads to every podnet program run and none to the
+/// baselines); on only in the short phase that measures the programs' cost.
+struct BpfStatsSwitch(Option<String>);
 
-impl BpfStatsEnabled {
-    fn new() -> Self {
-        let path = "/proc/sys/kernel/bpf_stats_enabled";
-        let old = std::fs::read_to_string(path).unwrap_or_else(|_| "0".into());
-        let _ = std::fs::write(path, "1");
-        Self(old.trim().to_owned())
+const BPF_STATS_ENABLED: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStatsSwitch {
+    fn set(on: bool) -> anyhow::Result<Self> {
+        let old = std::fs::read_to_string(BPF_STATS_ENABLED)
+            .with_context(|| format!("reading {BPF_STATS_ENABLED}"))?;
+        std::fs::write(BPF_STATS_ENABLED, if on { "1" } else { "0" })
+            .with_context(|| format!("writing {BPF_STATS_ENABLED}"))?;
+        Ok(Self(Some(old.trim().to_owned())))
     }
 }
 
-impl Drop for BpfStatsEnabled {
+impl Drop for BpfStatsSwitch {
     fn drop(&mut self) {
-        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.0);
+        if let Some(old) = self.0.take() {
+            let _ = std::fs::write(BPF_STATS_ENABLED, old);
+        }
     }
 }
 
@@ -677,6 +800,23 @@ impl ReferenceNode {
         Ok(ip)
     }
 
+    /// Sets `net.bridge.bridge-nf-call-iptables` in the node's netns (per
+    /// netns on this kernel: checked, setting it in a new netns leaves the
+    /// root namespace's at 1). With it at 1 (the default, br_netfilter is
+    /// built in here) every bridged packet goes through the iptables hooks.
+    pub fn set_bridge_nf_call_iptables(&self, on: bool) -> anyhow::Result<()> {
+        run(self.node.command("sysctl")?.args([
+            "-qw",
+            if on {
+                "net.bridge.bridge-nf-call-iptables=1"
+            } else {
+                "net.bridge.bridge-nf-call-iptables=0"
+            },
+        ]))
+        .with_context(|| format!("bridge-nf-call-iptables in {}", self.node.name()))?;
+        Ok(())
+    }
+
     /// Times ADD of a fresh pod and its DEL (seconds each).
     pub fn time_add_del(&self) -> anyhow::Result<(f64, f64)> {
         let pod = NetNs::new("bcni")?;
@@ -991,26 +1131,31 @@ fn progress(msg: &str) {
 /// compared round by round with `X`.
 pub const BASELINE_SUFFIX: &str = "-baseline";
 
-/// The order of `pairs` in round `round` (1-based): as given, except that
-/// a dataplane and its baseline (listed next to each other) swap places in
-/// every even round, so neither is always measured right after the same
-/// neighbour (the per-round ratios are what the comparison rests on).
-fn round_order(pairs: &[(&str, Pair)], round: usize) -> Vec<usize> {
+/// The order of `pairs` in one round: a fresh shuffle from `rng`, so that no
+/// dataplane is always measured first or right after the same neighbour
+/// (the per-round ratios are what the comparisons rest on).
+fn round_order(pairs: &[(&str, Pair)], rng: &mut Rng) -> Vec<usize> {
     let mut order: Vec<usize> = (0..pairs.len()).collect();
-    if round.is_multiple_of(2) {
-        for i in 0..pairs.len().saturating_sub(1) {
-            if pairs[i + 1].0.strip_suffix(BASELINE_SUFFIX) == Some(pairs[i].0) {
-                order.swap(i, i + 1);
-            }
-        }
-    }
+    rng.shuffle(&mut order);
     order
 }
 
+impl BenchOptions {
+    /// The generator of one part of the run: its own stream, from the seed.
+    fn rng(&self, part: &str) -> Rng {
+        let mut h = self.seed;
+        for b in part.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3);
+        }
+        Rng::new(h)
+    }
+}
+
 /// Measures throughput, latency and connection rate of every `(name, pair)`
-/// in interleaved rounds, and the podnet programs' bpf_stats cost over all
-/// of it (`baseline_programs`, by ID, are reported apart as the baseline's);
-/// adds the figures to `out`.
+/// in interleaved rounds with `kernel.bpf_stats_enabled` off, then, in a
+/// phase of its own with it on, the podnet programs' bpf_stats cost over a
+/// short throughput run of each podnet dataplane (`baseline_programs`, by
+/// ID, are reported apart as the baseline's); adds the figures to `out`.
 fn measure_dataplanes(
     scenario: &str,
     pairs: &[(&str, Pair)],
@@ -1018,22 +1163,24 @@ fn measure_dataplanes(
     opts: &BenchOptions,
     out: &mut Vec<Figure>,
 ) -> anyhow::Result<()> {
-    let before = bpf_stats();
+    let stats_off = BpfStatsSwitch::set(false)?;
     let mut runs: BTreeMap<(String, &'static str), Vec<f64>> = BTreeMap::new();
+    let mut rng = opts.rng(scenario);
     for round in 1..=opts.rounds {
-        for (name, pair) in round_order(pairs, round).into_iter().map(|i| &pairs[i]) {
+        for (name, pair) in round_order(pairs, &mut rng).into_iter().map(|i| &pairs[i]) {
             progress(&format!(
                 "{scenario}: round {round}/{}: {name}",
                 opts.rounds
             ));
-            let gbps =
-                throughput(pair, opts.seconds).with_context(|| format!("{name} throughput"))?;
+            let (gbps, cpu_s_per_gb) = throughput_and_cpu(pair, opts.seconds)
+                .with_context(|| format!("{name} throughput"))?;
             let (p50, p99) =
                 latency(pair, opts.seconds).with_context(|| format!("{name} latency"))?;
             let rate = connection_rate(pair, opts.seconds.min(2))
                 .with_context(|| format!("{name} connection rate"))?;
             for (metric, value) in [
                 ("tcp_throughput", gbps),
+                ("cpu_s_per_gb", cpu_s_per_gb),
                 ("latency_p50", p50),
                 ("latency_p99", p99),
                 ("conn_rate", rate),
@@ -1047,19 +1194,30 @@ fn measure_dataplanes(
     for ((name, metric), values) in runs {
         let unit = match metric {
             "tcp_throughput" => "Gbit/s",
+            "cpu_s_per_gb" => "CPU-s/GB",
             "conn_rate" => "conn/s",
             _ => "us",
         };
         out.push(figure(scenario, &name, metric, unit, values));
     }
+    drop(stats_off);
+    let stats_on = BpfStatsSwitch::set(true)?;
+    let before = bpf_stats();
+    for (name, pair) in pairs.iter().filter(|(n, _)| n.starts_with("podnet")) {
+        progress(&format!("{scenario}: bpf_stats phase: {name}"));
+        throughput(pair, opts.seconds.min(2))
+            .with_context(|| format!("{name} throughput (bpf_stats phase)"))?;
+    }
     add_bpf_cost(scenario, &before, &bpf_stats(), baseline_programs, out);
+    drop(stats_on);
     Ok(())
 }
 
 /// An unlimited pod's same-node throughput with and without pods with
 /// bandwidth limits (100 Mbit/s and 1 Gbit/s both ways, idle) on the node:
 /// the limited pods are added before and deleted after each "beside" run,
-/// and the two conditions swap order every round (paired ratios).
+/// and which of the two conditions goes first is drawn every round (paired
+/// ratios).
 fn measure_shaping(
     podnet: &Node,
     pods: &[crate::node::Pod],
@@ -1081,8 +1239,9 @@ fn measure_shaping(
     };
     let mut alone = Vec::new();
     let mut beside = Vec::new();
+    let mut rng = opts.rng("shaping");
     for round in 1..=opts.rounds {
-        let shaped_first = round.is_multiple_of(2);
+        let shaped_first = rng.below(2) == 1;
         for with_shaped in [shaped_first, !shaped_first] {
             progress(&format!(
                 "shaping: round {round}/{}: podnet {}",
@@ -1277,7 +1436,7 @@ fn measure_cross_node(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow:
             ));
             let ((lab, pair), ids) = with_new_programs(|| podnet_cluster(mode, Some(dir)))
                 .with_context(|| format!("building the {baseline_name} lab"))?;
-            // Next to its podnet: round_order swaps the two every other round.
+            // Measured in the same rounds as its podnet (shuffled order).
             dataplanes.push((baseline_name, pair));
             labs.push(lab);
             baseline_programs.extend(ids);
@@ -1295,8 +1454,11 @@ fn measure_cross_node(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow:
 
 /// Runs every scenario (or those `opts.only` names); returns all figures.
 pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
+    progress(&format!(
+        "seed {} (--seed {} replays this run's order), {} round(s)",
+        opts.seed, opts.seed, opts.rounds
+    ));
     let mut figures = Vec::new();
-    let stats = BpfStatsEnabled::new();
 
     if ["same-node", "shaping", "scale", "cni"]
         .iter()
@@ -1331,7 +1493,7 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
                     Ok((pods, node))
                 })
                 .context("building the podnet-baseline node")?;
-                // Next to podnet: round_order swaps the two every other round.
+                // Measured in the same rounds as podnet (shuffled order).
                 dataplanes.push((
                     "podnet-baseline",
                     Pair {
@@ -1345,8 +1507,12 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
             }
             let ptp = ReferenceNode::new("ptp", "10.246.0.0/24", 2)?;
             let veth = VethPair::new()?;
+            // The same bridge without br_netfilter's iptables hooks.
+            let bridge_nf_off = ReferenceNode::new("bridge", "10.248.0.0/24", 2)?;
+            bridge_nf_off.set_bridge_nf_call_iptables(false)?;
             dataplanes.extend([
                 ("bridge", bridge.pair()),
+                ("bridge-nf-off", bridge_nf_off.pair()),
                 ("ptp", ptp.pair()),
                 ("veth", veth.pair()),
             ]);
@@ -1376,7 +1542,6 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     if opts.runs("cross-node") {
         measure_cross_node(opts, &mut figures)?;
     }
-    drop(stats);
 
     if opts.runs("bpf") {
         progress("BPF cost per run of each program path (BPF_PROG_TEST_RUN)");
@@ -1454,8 +1619,9 @@ fn find<'a>(
 }
 
 /// The metrics compared with the baseline, and which way is better.
-const BASELINE_METRICS: [(&str, Better); 4] = [
+const BASELINE_METRICS: [(&str, Better); 5] = [
     ("tcp_throughput", Better::Higher),
+    ("cpu_s_per_gb", Better::Lower),
     ("latency_p50", Better::Lower),
     ("latency_p99", Better::Lower),
     ("conn_rate", Better::Higher),
@@ -1527,6 +1693,204 @@ pub fn baseline_ratios(figures: &[Figure]) -> Vec<BaselineRatio> {
     ratios
 }
 
+/// Bootstrap resamples behind every target's interval.
+pub const BOOTSTRAP_RESAMPLES: usize = 10_000;
+/// The bootstrap's seed: fixed, so the same raw figures always give the same
+/// intervals (the report can be recomputed from the JSON).
+pub const BOOTSTRAP_SEED: u64 = 0x706f_646e_6574;
+
+/// Percentile bootstrap 95 % confidence interval of the median of `sample`:
+/// `resamples` resamples with replacement, the 2.5th and 97.5th percentiles
+/// of their medians.
+#[must_use]
+pub fn bootstrap_median_ci(sample: &[f64], resamples: usize, rng: &mut Rng) -> (f64, f64) {
+    if sample.is_empty() || resamples == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut buf = vec![0.0; sample.len()];
+    let mut medians: Vec<f64> = (0..resamples)
+        .map(|_| {
+            for x in &mut buf {
+                *x = sample[rng.below(sample.len())];
+            }
+            median(&buf)
+        })
+        .collect();
+    medians.sort_by(f64::total_cmp);
+    (percentile(&medians, 0.025), percentile(&medians, 0.975))
+}
+
+/// One target of issue 14: `ours` / `peer` for `metric`, round by round.
+#[derive(Debug, Clone, Copy)]
+pub struct Target {
+    pub scenario: &'static str,
+    pub ours: &'static str,
+    /// The peer's scenario and dataplane.
+    pub peer: (&'static str, &'static str),
+    pub metric: &'static str,
+    pub better: Better,
+    /// The ratio to reach: at least this (`Higher`), at most (`Lower`).
+    pub bound: f64,
+}
+
+const fn target(
+    scenario: &'static str,
+    ours: &'static str,
+    peer: (&'static str, &'static str),
+    metric: &'static str,
+    better: Better,
+    bound: f64,
+) -> Target {
+    Target {
+        scenario,
+        ours,
+        peer,
+        metric,
+        better,
+        bound,
+    }
+}
+
+/// Every target, in one place (issue 14, "Targets"; the bridge one also
+/// against the bridge without br_netfilter's iptables hooks).
+#[rustfmt::skip]
+pub const TARGETS: [Target; 9] = [
+    target("same-node", "podnet", ("same-node", "veth"), "tcp_throughput", Better::Higher, 1.00),
+    target("same-node", "podnet", ("same-node", "bridge"), "tcp_throughput", Better::Higher, 1.15),
+    target("same-node", "podnet", ("same-node", "bridge"), "cpu_s_per_gb", Better::Lower, 0.85),
+    target("same-node", "podnet", ("same-node", "bridge-nf-off"), "tcp_throughput", Better::Higher, 1.15),
+    target("cross-node", "podnet-vxlan", ("cross-node", "kernel-vxlan"), "tcp_throughput", Better::Higher, 1.15),
+    target("cross-node", "podnet-vxlan", ("cross-node", "kernel-vxlan"), "latency_p50", Better::Lower, 0.90),
+    target("cross-node", "podnet-direct", ("cross-node", "underlay"), "tcp_throughput", Better::Higher, 0.97),
+    target("scale", "podnet (scaled maps)", ("same-node", "podnet"), "tcp_throughput", Better::Higher, 0.97),
+    target("same-node", "podnet", ("same-node", "bridge"), "conn_rate", Better::Higher, 1.00),
+];
+
+/// Whether a target is reached, judged on the 95 % interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Status {
+    /// The whole interval is on the right side of the bound.
+    #[serde(rename = "met")]
+    Met,
+    /// The bound is inside the interval: cannot be told apart.
+    #[serde(rename = "within noise")]
+    WithinNoise,
+    /// The whole interval is on the wrong side.
+    #[serde(rename = "missed")]
+    Missed,
+}
+
+impl Status {
+    #[must_use]
+    pub fn of(better: Better, bound: f64, (lo, hi): (f64, f64)) -> Self {
+        let (reached, failed) = match better {
+            Better::Higher => (lo >= bound, hi < bound),
+            Better::Lower => (hi <= bound, lo > bound),
+        };
+        if reached {
+            Self::Met
+        } else if failed {
+            Self::Missed
+        } else {
+            Self::WithinNoise
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Met => "met",
+            Self::WithinNoise => "within noise",
+            Self::Missed => "missed",
+        }
+    }
+}
+
+/// One target's paired ratios and where they stand.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetRatio {
+    pub scenario: String,
+    pub dataplane: String,
+    pub peer_scenario: String,
+    pub peer: String,
+    pub metric: String,
+    pub better: Better,
+    pub target: f64,
+    /// Median of the per-round ratios (round i over round i).
+    pub median: f64,
+    /// Percentile bootstrap 95 % interval of that median.
+    pub ci95: (f64, f64),
+    pub status: Status,
+    pub per_round: Vec<f64>,
+}
+
+/// Every target whose two figures were measured, with its interval.
+#[must_use]
+pub fn target_ratios(figures: &[Figure]) -> Vec<TargetRatio> {
+    let mut rng = Rng::new(BOOTSTRAP_SEED);
+    TARGETS
+        .iter()
+        .filter_map(|t| {
+            let ours = find(figures, t.scenario, t.ours, t.metric)?;
+            let peer = find(figures, t.peer.0, t.peer.1, t.metric)?;
+            let per_round: Vec<f64> = ours
+                .runs
+                .iter()
+                .zip(&peer.runs)
+                .map(|(a, b)| a / b)
+                .collect();
+            let ci95 = bootstrap_median_ci(&per_round, BOOTSTRAP_RESAMPLES, &mut rng);
+            Some(TargetRatio {
+                scenario: t.scenario.into(),
+                dataplane: t.ours.into(),
+                peer_scenario: t.peer.0.into(),
+                peer: t.peer.1.into(),
+                metric: t.metric.into(),
+                better: t.better,
+                target: t.bound,
+                median: median(&per_round),
+                ci95,
+                status: Status::of(t.better, t.bound, ci95),
+                per_round,
+            })
+        })
+        .collect()
+}
+
+/// The "against the targets" section of the table.
+fn targets_table(figures: &[Figure]) -> String {
+    let mut out = String::new();
+    let ratios = target_ratios(figures);
+    if ratios.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\nAGAINST THE TARGETS (per-round ratios podnet / peer, round i over round i: median \
+         [95 % percentile bootstrap CI of the median, {BOOTSTRAP_RESAMPLES} resamples];\n  \
+         met = the whole interval clears the target, missed = none of it does)"
+    );
+    for r in &ratios {
+        let (op, peer) = match r.better {
+            Better::Higher => (">=", &r.peer),
+            Better::Lower => ("<=", &r.peer),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<11} {:<20} vs {:<13} {:<15} {:>6.3}x [{:.3}, {:.3}]  target {op} {:.2}x  {}",
+            r.scenario,
+            r.dataplane,
+            peer,
+            r.metric,
+            r.median,
+            r.ci95.0,
+            r.ci95.1,
+            r.target,
+            r.status.name()
+        );
+    }
+    out
+}
+
 /// The baseline section of the table (empty without a baseline).
 fn baseline_table(figures: &[Figure]) -> String {
     let ratios = baseline_ratios(figures);
@@ -1571,6 +1935,48 @@ fn baseline_table(figures: &[Figure]) -> String {
     out
 }
 
+/// The metrics of every traffic run, as the table compares them.
+const TRAFFIC_METRICS: [&str; 5] = [
+    "tcp_throughput",
+    "cpu_s_per_gb",
+    "latency_p50",
+    "latency_p99",
+    "conn_rate",
+];
+
+/// podnet against each peer in the table: scenario, podnet, peers, metrics.
+const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 4] = [
+    (
+        "same-node",
+        "podnet",
+        &["veth", "bridge", "bridge-nf-off", "ptp"],
+        &TRAFFIC_METRICS,
+    ),
+    (
+        "cross-node",
+        "podnet-vxlan",
+        &["kernel-vxlan", "underlay"],
+        &TRAFFIC_METRICS,
+    ),
+    (
+        "cross-node",
+        "podnet-direct",
+        &["underlay", "kernel-vxlan"],
+        &TRAFFIC_METRICS,
+    ),
+    (
+        "cni",
+        "podnet",
+        &["bridge"],
+        &[
+            "cni_add",
+            "cni_del",
+            "cni_add_parallel16",
+            "cni_del_parallel16",
+        ],
+    ),
+];
+
 /// The table: every figure, and podnet's ratios to each peer.
 #[must_use]
 pub fn table(figures: &[Figure]) -> String {
@@ -1591,38 +1997,7 @@ pub fn table(figures: &[Figure]) -> String {
         out,
         "\nRATIOS (podnet / peer, medians; throughput and conn rate: higher is better, latency and CNI time: lower is better)"
     );
-    let ratios: [(&str, &str, &[&str], &[&str]); 4] = [
-        (
-            "same-node",
-            "podnet",
-            &["veth", "bridge", "ptp"],
-            &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
-        ),
-        (
-            "cross-node",
-            "podnet-vxlan",
-            &["kernel-vxlan", "underlay"],
-            &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
-        ),
-        (
-            "cross-node",
-            "podnet-direct",
-            &["underlay", "kernel-vxlan"],
-            &["tcp_throughput", "latency_p50", "latency_p99", "conn_rate"],
-        ),
-        (
-            "cni",
-            "podnet",
-            &["bridge"],
-            &[
-                "cni_add",
-                "cni_del",
-                "cni_add_parallel16",
-                "cni_del_parallel16",
-            ],
-        ),
-    ];
-    for (scenario, ours, peers, metrics) in ratios {
+    for (scenario, ours, peers, metrics) in PEER_RATIOS {
         for peer in peers {
             for metric in metrics {
                 if let (Some(a), Some(b)) = (
@@ -1673,9 +2048,21 @@ pub fn table(figures: &[Figure]) -> String {
             ratios.last().copied().unwrap_or(f64::NAN),
         );
     }
+    out.push_str(&targets_table(figures));
     out.push_str(&baseline_table(figures));
     out
 }
+
+/// What differs between the dataplanes besides the datapath, stated in the
+/// JSON report (and in BENCHMARKS.md's Method).
+pub const CONDITIONS: [&str; 3] = [
+    "bridge: net.bridge.bridge-nf-call-iptables=1 (br_netfilter built in, the default); \
+     bridge-nf-off: the same bridge with it set to 0 in its node's netns (per netns on this kernel)",
+    "podnet nodes run podnet's nft masquerade, so conntrack sees the pods' traffic and the \
+     VXLAN UDP on both nodes; the flannel-style kernel-vxlan baseline runs without any \
+     masquerade rules (flannel's --ip-masq rules are not added)",
+    "kernel.bpf_stats_enabled is 0 during every traffic run, 1 only in the bpf_stats phase",
+];
 
 /// `{"machine": {...}, "results": [...]}`.
 #[must_use]
@@ -1696,11 +2083,15 @@ pub fn json_report(figures: &[Figure], opts: &BenchOptions) -> Value {
         })
         .unwrap_or_default();
     json!({
-        "machine": {"kernel": uname, "cpus": cpus, "cpu": cpu_model, "rounds": opts.rounds, "seconds_per_run": opts.seconds, "quick": opts.quick},
+        "machine": {"kernel": uname, "cpus": cpus, "cpu": cpu_model, "rounds": opts.rounds, "seconds_per_run": opts.seconds, "quick": opts.quick, "seed": opts.seed},
         "results": figures,
         "baseline_bin_dir": opts.baseline_bin_dir,
+        "conditions": CONDITIONS,
         // podnet / podnet-baseline per round; see BaselineRatio.
         "baseline_ratios": baseline_ratios(figures),
+        // Each target: per-round ratios, median, 95 % bootstrap CI, status.
+        "targets": target_ratios(figures),
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED},
     })
 }
 
@@ -1785,4 +2176,92 @@ pub fn write(path: &Path, content: &str) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(path, content).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_replays_the_same_orders_each_a_permutation_and_they_vary() {
+        let orders = |seed| {
+            let mut rng = Rng::new(seed);
+            (0..10)
+                .map(|_| {
+                    let mut o: Vec<usize> = (0..5).collect();
+                    rng.shuffle(&mut o);
+                    o
+                })
+                .collect::<Vec<_>>()
+        };
+        let a = orders(42);
+        assert_eq!(a, orders(42), "replayable");
+        for o in &a {
+            let mut sorted = o.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, vec![0, 1, 2, 3, 4], "{o:?} is a permutation");
+        }
+        let firsts: BTreeSet<usize> = a.iter().map(|o| o[0]).collect();
+        assert!(firsts.len() > 1, "not always the same one first: {a:?}");
+        assert_ne!(a, orders(43));
+    }
+
+    #[test]
+    fn the_bootstrap_interval_of_a_known_sample() {
+        // No spread: the interval is the point.
+        let mut rng = Rng::new(1);
+        assert_eq!(bootstrap_median_ci(&[1.2; 10], 1_000, &mut rng), (1.2, 1.2));
+        // 1..=10 (median 5.5): resampled medians of 10 draws stay well
+        // inside the extremes and around the median; seeded, so replayable.
+        let sample: Vec<f64> = (1..=10).map(f64::from).collect();
+        let (lo, hi) = bootstrap_median_ci(&sample, 10_000, &mut Rng::new(7));
+        assert!((2.5..=4.5).contains(&lo), "lo {lo}");
+        assert!((6.5..=8.5).contains(&hi), "hi {hi}");
+        assert_eq!(
+            (lo, hi),
+            bootstrap_median_ci(&sample, 10_000, &mut Rng::new(7))
+        );
+        assert!(bootstrap_median_ci(&[], 10, &mut rng).0.is_nan());
+    }
+
+    #[test]
+    fn a_target_counts_as_met_only_when_the_whole_interval_clears_it() {
+        use Better::{Higher, Lower};
+        assert_eq!(Status::of(Higher, 1.0, (1.01, 1.2)), Status::Met);
+        assert_eq!(Status::of(Higher, 1.0, (0.98, 1.2)), Status::WithinNoise);
+        assert_eq!(Status::of(Higher, 1.0, (0.8, 0.99)), Status::Missed);
+        assert_eq!(Status::of(Lower, 0.9, (0.7, 0.89)), Status::Met);
+        assert_eq!(Status::of(Lower, 0.9, (0.85, 0.95)), Status::WithinNoise);
+        assert_eq!(Status::of(Lower, 0.9, (0.91, 1.0)), Status::Missed);
+    }
+
+    #[test]
+    fn target_ratios_pair_round_i_with_round_i() {
+        let figures = vec![
+            figure(
+                "same-node",
+                "podnet",
+                "tcp_throughput",
+                "Gbit/s",
+                vec![20.0, 10.0, 30.0],
+            ),
+            figure(
+                "same-node",
+                "veth",
+                "tcp_throughput",
+                "Gbit/s",
+                vec![10.0, 10.0, 10.0],
+            ),
+        ];
+        let ratios = target_ratios(&figures);
+        assert_eq!(
+            ratios.len(),
+            1,
+            "only the target with both figures: {ratios:?}"
+        );
+        assert_eq!(ratios[0].per_round, vec![2.0, 1.0, 3.0]);
+        assert!((ratios[0].median - 2.0).abs() < 1e-12);
+        let table = table(&figures);
+        assert!(table.contains("AGAINST THE TARGETS"), "{table}");
+    }
 }

@@ -10,7 +10,10 @@ fn every_benchmark_scenario_builds_and_measures() {
     }
     let figures = bench::run_all(&bench::BenchOptions::quick()).expect("bench --quick");
     for (scenario, dataplanes) in [
-        ("same-node", &["podnet", "bridge", "ptp", "veth"][..]),
+        (
+            "same-node",
+            &["podnet", "bridge", "bridge-nf-off", "ptp", "veth"][..],
+        ),
         (
             "cross-node",
             &["podnet-vxlan", "podnet-direct", "kernel-vxlan", "underlay"][..],

@@ -258,7 +258,7 @@ fn node_socket(node: &str) -> anyhow::Result<String> {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Arguments for podnet-bench: [--quick] [--rounds N] [--json PATH] [--svg PATH] [--only PART]
+    /// Arguments for podnet-bench: [--quick] [--rounds N] [--seed N] [--json PATH] [--svg PATH] [--only PART]
     /// [--baseline-bin-dir DIR]
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,

@@ -15,9 +15,14 @@ struct Cli {
     /// A ~2 minute smoke version (1 round, 1 s runs).
     #[arg(long)]
     quick: bool,
-    /// Rounds (interleaved); default 5 (1 with --quick).
+    /// Rounds (interleaved, order shuffled every round); default 10 (1 with
+    /// --quick).
     #[arg(long)]
     rounds: Option<usize>,
+    /// Seed of the per-round order (default: from the clock; printed at
+    /// the start).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Write every raw figure as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -46,6 +51,9 @@ fn main() -> anyhow::Result<()> {
     opts.only = cli.only;
     if let Some(rounds) = cli.rounds {
         opts.rounds = rounds.max(1);
+    }
+    if let Some(seed) = cli.seed {
+        opts.seed = seed;
     }
     if let Some(dir) = cli.baseline_bin_dir {
         // Checked here rather than failing (panicking) halfway through the
