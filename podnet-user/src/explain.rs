@@ -23,9 +23,7 @@ use std::{
 };
 
 use podnet_common::{
-    EndpointInfo, FlowKey, NodeConfig, Verdict, VethEndpoint,
-    endpoint::ENDPOINT_F_SHAPED_INGRESS,
-    node::{MODE_DIRECT, MODE_VXLAN},
+    EndpointInfo, FlowKey, NodeConfig, Verdict, VethEndpoint, endpoint::ENDPOINT_F_SHAPED_INGRESS,
 };
 use serde::{Deserialize, Serialize};
 
@@ -532,16 +530,6 @@ impl Names {
             .iter()
             .find(|(node_ip, _)| *node_ip == ip)
             .map(|(_, name)| name.clone())
-    }
-}
-
-/// Whether the node's mode forwards cross-node traffic at all.
-#[must_use]
-pub fn mode_name(config: &NodeConfig) -> &'static str {
-    match config.mode {
-        MODE_VXLAN => "vxlan",
-        MODE_DIRECT => "direct",
-        _ => "local",
     }
 }
 

@@ -96,6 +96,20 @@ impl Bandwidth {
     pub fn egress(&self) -> Option<Tbf> {
         Tbf::new(self.egress_rate, self.egress_burst)
     }
+
+    /// Where each set limit is enforced for the pod on `host_ifname`:
+    /// (direction, device whose root holds the tbf, the tbf). The ingress
+    /// limit sits on the host veth, the egress limit on the pod's shaper.
+    #[must_use]
+    pub fn placements(&self, host_ifname: &str) -> Vec<(&'static str, String, Tbf)> {
+        [
+            ("ingress", host_ifname.to_owned(), self.ingress()),
+            ("egress", shaper_ifname(host_ifname), self.egress()),
+        ]
+        .into_iter()
+        .filter_map(|(direction, device, tbf)| Some((direction, device, tbf?)))
+        .collect()
+    }
 }
 
 impl std::fmt::Display for Bandwidth {

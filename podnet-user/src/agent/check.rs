@@ -164,18 +164,12 @@ fn check_shaping(records: &[crate::api::Endpoint], out: &mut Vec<Drift>) -> anyh
     let wanted: Vec<(String, String, crate::shaping::Tbf)> = records
         .iter()
         .flat_map(|ep| {
-            let bandwidth = ep.bandwidth.unwrap_or_default();
-            let shaper = crate::shaping::shaper_ifname(&ep.host_ifname);
-            [
-                bandwidth
-                    .ingress()
-                    .map(|tbf| (format!("ingress of {}", ep.ip), ep.host_ifname.clone(), tbf)),
-                bandwidth
-                    .egress()
-                    .map(|tbf| (format!("egress of {}", ep.ip), shaper, tbf)),
-            ]
+            ep.bandwidth
+                .unwrap_or_default()
+                .placements(&ep.host_ifname)
+                .into_iter()
+                .map(|(direction, device, tbf)| (format!("{direction} of {}", ep.ip), device, tbf))
         })
-        .flatten()
         .collect();
     if wanted.is_empty() {
         return Ok(());

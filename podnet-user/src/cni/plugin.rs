@@ -514,13 +514,8 @@ fn check_bandwidth(conf: &NetConf, endpoint: &Endpoint, deps: &Deps<'_>) -> Resu
             "bandwidth limits: the configuration says {wanted}, the endpoint has {has}"
         )));
     }
-    let shaper = crate::shaping::shaper_ifname(&endpoint.host_ifname);
-    for (direction, device, tbf) in [
-        ("ingress", &endpoint.host_ifname, wanted.ingress()),
-        ("egress", &shaper, wanted.egress()),
-    ] {
-        let Some(tbf) = tbf else { continue };
-        let found = deps.plumbing.root_tbf(device)?;
+    for (direction, device, tbf) in wanted.placements(&endpoint.host_ifname) {
+        let found = deps.plumbing.root_tbf(&device)?;
         if found != Some(tbf) {
             return Err(check_failed(format!(
                 "{direction} limit: {device} should have {tbf:?} at its root, has {found:?}"
