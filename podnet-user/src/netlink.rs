@@ -177,21 +177,35 @@ pub async fn link_by_index(handle: &Handle, index: u32) -> Result<Option<LinkInf
 
 /// Creates a veth pair whose `peer_name` end is created directly inside the
 /// netns behind `peer_netns` (no name clash in the host netns, no move).
+///
+/// `ipv4_big_tcp` sets `gso_ipv4_max_size` and `gro_ipv4_max_size` of both
+/// ends at creation (Linux 6.3+ reads IFLA_GSO_IPV4_MAX_SIZE and
+/// IFLA_GRO_IPV4_MAX_SIZE in `rtnl_create_link`, for a veth's peer too; an
+/// older kernel ignores unknown attributes, so the pair gets the defaults).
 pub async fn create_veth(
     handle: &Handle,
     host_name: &str,
     peer_name: &str,
     peer_netns: &File,
     mtu: u32,
+    ipv4_big_tcp: Option<u32>,
 ) -> Result<(), NetlinkError> {
-    let peer = LinkUnspec::new_with_name(peer_name)
+    let big_tcp = |attrs: &mut Vec<LinkAttribute>| {
+        if let Some(size) = ipv4_big_tcp {
+            attrs.push(LinkAttribute::GsoIpv4MaxSize(size));
+            attrs.push(LinkAttribute::GroIpv4MaxSize(size));
+        }
+    };
+    let mut peer = LinkUnspec::new_with_name(peer_name)
         .setns_by_fd(peer_netns.as_raw_fd())
         .mtu(mtu)
         .build();
-    let message = LinkVeth::new(host_name, peer_name)
+    big_tcp(&mut peer.attributes);
+    let mut message = LinkVeth::new(host_name, peer_name)
         .mtu(mtu)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .build();
+    big_tcp(&mut message.attributes);
     handle
         .link()
         .add(message)
@@ -200,6 +214,54 @@ pub async fn create_veth(
         .map_err(request(format!(
             "creating veth {host_name} <-> {peer_name}"
         )))
+}
+
+/// Sets `gso_ipv4_max_size` and `gro_ipv4_max_size` of link `index` to
+/// `size` (IPv4 BIG TCP, Linux 6.3+). iproute2 before 6.3 cannot, hence
+/// this for the benchmark's reference setups. The kernel refuses a GSO size
+/// above the device's `tso_max_size` (a veth's and a bridge's is 512 KiB).
+pub async fn set_ipv4_big_tcp(handle: &Handle, index: u32, size: u32) -> Result<(), NetlinkError> {
+    let mut message = LinkUnspec::new_with_index(index).build();
+    message.attributes.extend([
+        LinkAttribute::GsoIpv4MaxSize(size),
+        LinkAttribute::GroIpv4MaxSize(size),
+    ]);
+    handle
+        .link()
+        .set(message)
+        .execute()
+        .await
+        .map_err(request(format!(
+            "setting IPv4 BIG TCP ({size}) on link #{index}"
+        )))
+}
+
+/// `(gso_ipv4_max_size, gro_ipv4_max_size)` of link `name`, `None` when
+/// there is no such link or the kernel does not report them (before 6.3).
+pub async fn ipv4_gso_gro_max_size(
+    handle: &Handle,
+    name: &str,
+) -> Result<Option<(u32, u32)>, NetlinkError> {
+    let mut links = handle.link().get().match_name(name.to_owned()).execute();
+    let message = match links.try_next().await {
+        Ok(Some(message)) => message,
+        Ok(None) => return Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.code.is_some_and(|c| c.get() == -libc::ENODEV) =>
+        {
+            return Ok(None);
+        }
+        Err(source) => return Err(request(format!("looking up link {name}"))(source)),
+    };
+    let (mut gso, mut gro) = (None, None);
+    for attr in &message.attributes {
+        match attr {
+            LinkAttribute::GsoIpv4MaxSize(size) => gso = Some(*size),
+            LinkAttribute::GroIpv4MaxSize(size) => gro = Some(*size),
+            _ => {}
+        }
+    }
+    Ok(gso.zip(gro))
 }
 
 /// Brings link `index` up.

@@ -716,6 +716,14 @@ impl VethPair {
         Ok(Self { a, b })
     }
 
+    /// The pair with IPv4 BIG TCP on both ends ([`set_ipv4_big_tcp`]).
+    pub fn with_big_tcp() -> anyhow::Result<Self> {
+        let me = Self::new()?;
+        set_ipv4_big_tcp(&me.a)?;
+        set_ipv4_big_tcp(&me.b)?;
+        Ok(me)
+    }
+
     #[must_use]
     pub fn pair(&self) -> Pair {
         Pair {
@@ -724,6 +732,26 @@ impl VethPair {
             server_ip: Ipv4Addr::new(10, 250, 0, 2),
         }
     }
+}
+
+/// IPv4 BIG TCP on every link of `netns` but `lo` (a reference setup's
+/// veths and bridge), with the sizes podnet's `ipv4BigTcp` sets, so that
+/// `podnet-bigtcp` is compared with the same configuration elsewhere.
+/// Over netlink: iproute2 before 6.3 (6.1 here) has no `gso_ipv4_max_size`.
+pub fn set_ipv4_big_tcp(netns: &NetNs) -> anyhow::Result<()> {
+    let size = podnet::cni::config::IPV4_BIG_TCP_MAX_SIZE;
+    podnet::netlink::with_netlink(Some(&netns.path()), move |h| async move {
+        for name in podnet::netlink::links_named(&h, "").await? {
+            if name == "lo" {
+                continue;
+            }
+            if let Some(link) = podnet::netlink::link_by_name(&h, &name).await? {
+                podnet::netlink::set_ipv4_big_tcp(&h, link.index, size).await?;
+            }
+        }
+        Ok(())
+    })
+    .with_context(|| format!("IPv4 BIG TCP in {}", netns.name()))
 }
 
 /// A node whose pods are attached by a reference CNI plugin (`bridge` or
@@ -798,6 +826,16 @@ impl ReferenceNode {
         self.pods.push(pod);
         self.ips.push(ip);
         Ok(ip)
+    }
+
+    /// IPv4 BIG TCP on the node's links (bridge, host veths) and the pods'
+    /// ([`set_ipv4_big_tcp`]).
+    pub fn set_ipv4_big_tcp(&self) -> anyhow::Result<()> {
+        set_ipv4_big_tcp(&self.node)?;
+        for pod in &self.pods {
+            set_ipv4_big_tcp(pod)?;
+        }
+        Ok(())
     }
 
     /// Sets `net.bridge.bridge-nf-call-iptables` in the node's netns (per
@@ -1213,6 +1251,92 @@ fn measure_dataplanes(
     Ok(())
 }
 
+/// The same-node part: podnet (with and without IPv4 BIG TCP), the
+/// baseline when given, and the references (bridge with and without
+/// br_netfilter and with BIG TCP, ptp, a veth pair with and without).
+fn measure_same_node(
+    podnet: &Node,
+    pods: &[crate::node::Pod; 2],
+    bridge: &ReferenceNode,
+    opts: &BenchOptions,
+    figures: &mut Vec<Figure>,
+) -> anyhow::Result<()> {
+    let podnet_pair = Pair {
+        client_ns: pods[0].netns.name().into(),
+        server_ns: pods[1].netns.name().into(),
+        server_ip: pods[1].ip,
+    };
+    // The same node's pods with `ipv4BigTcp`; held until the
+    // measurement is done.
+    let big_tcp = podnet.conf("1.1.0", &json!({"ipv4BigTcp": true}));
+    let big_pods = [
+        podnet.add_pod_with("bench-big-a", &big_tcp)?,
+        podnet.add_pod_with("bench-big-b", &big_tcp)?,
+    ];
+    let mut dataplanes = vec![
+        ("podnet", podnet_pair),
+        (
+            "podnet-bigtcp",
+            Pair {
+                client_ns: big_pods[0].netns.name().into(),
+                server_ns: big_pods[1].netns.name().into(),
+                server_ip: big_pods[1].ip,
+            },
+        ),
+    ];
+    // Baseline node: the older agent and plugin, its own CIDR. Held
+    // here until the measurement is done (its pods go with it).
+    let mut baseline = None;
+    let mut baseline_programs = BTreeSet::new();
+    if let Some(dir) = &opts.baseline_bin_dir {
+        progress(&format!(
+            "same node: building podnet-baseline from {}",
+            dir.display()
+        ));
+        let ((pods, node), ids) = with_new_programs(|| {
+            let node = Node::start_with_bins("benchbase", "10.244.7.0/24", Some(dir))?;
+            let pods = [node.add_pod("base-a")?, node.add_pod("base-b")?];
+            // Pods first in the tuple: they go before their node on
+            // drop, as this build's do.
+            Ok((pods, node))
+        })
+        .context("building the podnet-baseline node")?;
+        // Measured in the same rounds as podnet (shuffled order).
+        dataplanes.push((
+            "podnet-baseline",
+            Pair {
+                client_ns: pods[0].netns.name().into(),
+                server_ns: pods[1].netns.name().into(),
+                server_ip: pods[1].ip,
+            },
+        ));
+        baseline = Some((pods, node));
+        baseline_programs = ids;
+    }
+    let ptp = ReferenceNode::new("ptp", "10.246.0.0/24", 2)?;
+    let veth = VethPair::new()?;
+    // The same bridge without br_netfilter's iptables hooks.
+    let bridge_nf_off = ReferenceNode::new("bridge", "10.248.0.0/24", 2)?;
+    bridge_nf_off.set_bridge_nf_call_iptables(false)?;
+    // The references with the same BIG TCP sizes as podnet-bigtcp.
+    let veth_big = VethPair::with_big_tcp()?;
+    let bridge_big = ReferenceNode::new("bridge", "10.249.0.0/24", 2)?;
+    bridge_big.set_ipv4_big_tcp()?;
+    dataplanes.extend([
+        ("bridge", bridge.pair()),
+        ("bridge-nf-off", bridge_nf_off.pair()),
+        ("ptp", ptp.pair()),
+        ("veth", veth.pair()),
+        ("veth-bigtcp", veth_big.pair()),
+        ("bridge-bigtcp", bridge_big.pair()),
+    ]);
+    measure_dataplanes("same-node", &dataplanes, &baseline_programs, opts, figures)?;
+    // The baseline's programs must not run during cni / scale.
+    drop(baseline);
+    drop(big_pods);
+    Ok(())
+}
+
 /// An unlimited pod's same-node throughput with and without pods with
 /// bandwidth limits (100 Mbit/s and 1 Gbit/s both ways, idle) on the node:
 /// the limited pods are added before and deleted after each "beside" run,
@@ -1470,61 +1594,7 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
         let pods = [podnet.add_pod("bench-a")?, podnet.add_pod("bench-b")?];
         let bridge = ReferenceNode::new("bridge", "10.245.0.0/24", 2)?;
         if opts.runs("same-node") {
-            let podnet_pair = Pair {
-                client_ns: pods[0].netns.name().into(),
-                server_ns: pods[1].netns.name().into(),
-                server_ip: pods[1].ip,
-            };
-            let mut dataplanes = vec![("podnet", podnet_pair)];
-            // Baseline node: the older agent and plugin, its own CIDR. Held
-            // here until the measurement is done (its pods go with it).
-            let mut baseline = None;
-            let mut baseline_programs = BTreeSet::new();
-            if let Some(dir) = &opts.baseline_bin_dir {
-                progress(&format!(
-                    "same node: building podnet-baseline from {}",
-                    dir.display()
-                ));
-                let ((pods, node), ids) = with_new_programs(|| {
-                    let node = Node::start_with_bins("benchbase", "10.244.7.0/24", Some(dir))?;
-                    let pods = [node.add_pod("base-a")?, node.add_pod("base-b")?];
-                    // Pods first in the tuple: they go before their node on
-                    // drop, as this build's do.
-                    Ok((pods, node))
-                })
-                .context("building the podnet-baseline node")?;
-                // Measured in the same rounds as podnet (shuffled order).
-                dataplanes.push((
-                    "podnet-baseline",
-                    Pair {
-                        client_ns: pods[0].netns.name().into(),
-                        server_ns: pods[1].netns.name().into(),
-                        server_ip: pods[1].ip,
-                    },
-                ));
-                baseline = Some((pods, node));
-                baseline_programs = ids;
-            }
-            let ptp = ReferenceNode::new("ptp", "10.246.0.0/24", 2)?;
-            let veth = VethPair::new()?;
-            // The same bridge without br_netfilter's iptables hooks.
-            let bridge_nf_off = ReferenceNode::new("bridge", "10.248.0.0/24", 2)?;
-            bridge_nf_off.set_bridge_nf_call_iptables(false)?;
-            dataplanes.extend([
-                ("bridge", bridge.pair()),
-                ("bridge-nf-off", bridge_nf_off.pair()),
-                ("ptp", ptp.pair()),
-                ("veth", veth.pair()),
-            ]);
-            measure_dataplanes(
-                "same-node",
-                &dataplanes,
-                &baseline_programs,
-                opts,
-                &mut figures,
-            )?;
-            // The baseline's programs must not run during cni / scale.
-            drop(baseline);
+            measure_same_node(&podnet, &pods, &bridge, opts, &mut figures)?;
         }
         if opts.runs("shaping") {
             measure_shaping(&podnet, &pods, opts, &mut figures)?;
@@ -1754,7 +1824,7 @@ const fn target(
 /// Every target, in one place (issue 14, "Targets"; the bridge one also
 /// against the bridge without br_netfilter's iptables hooks).
 #[rustfmt::skip]
-pub const TARGETS: [Target; 9] = [
+pub const TARGETS: [Target; 12] = [
     target("same-node", "podnet", ("same-node", "veth"), "tcp_throughput", Better::Higher, 1.00),
     target("same-node", "podnet", ("same-node", "bridge"), "tcp_throughput", Better::Higher, 1.15),
     target("same-node", "podnet", ("same-node", "bridge"), "cpu_s_per_gb", Better::Lower, 0.85),
@@ -1764,6 +1834,11 @@ pub const TARGETS: [Target; 9] = [
     target("cross-node", "podnet-direct", ("cross-node", "underlay"), "tcp_throughput", Better::Higher, 0.97),
     target("scale", "podnet (scaled maps)", ("same-node", "podnet"), "tcp_throughput", Better::Higher, 0.97),
     target("same-node", "podnet", ("same-node", "bridge"), "conn_rate", Better::Higher, 1.00),
+    // IPv4 BIG TCP against the same configuration elsewhere, and whether
+    // it beats podnet without it (what decides its default).
+    target("same-node", "podnet-bigtcp", ("same-node", "veth-bigtcp"), "tcp_throughput", Better::Higher, 1.00),
+    target("same-node", "podnet-bigtcp", ("same-node", "bridge-bigtcp"), "tcp_throughput", Better::Higher, 1.15),
+    target("same-node", "podnet-bigtcp", ("same-node", "podnet"), "tcp_throughput", Better::Higher, 1.00),
 ];
 
 /// Whether a target is reached, judged on the 95 % interval.
@@ -1945,11 +2020,17 @@ const TRAFFIC_METRICS: [&str; 5] = [
 ];
 
 /// podnet against each peer in the table: scenario, podnet, peers, metrics.
-const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 4] = [
+const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 5] = [
     (
         "same-node",
         "podnet",
         &["veth", "bridge", "bridge-nf-off", "ptp"],
+        &TRAFFIC_METRICS,
+    ),
+    (
+        "same-node",
+        "podnet-bigtcp",
+        &["veth-bigtcp", "bridge-bigtcp", "podnet"],
         &TRAFFIC_METRICS,
     ),
     (

@@ -12,7 +12,16 @@ fn every_benchmark_scenario_builds_and_measures() {
     for (scenario, dataplanes) in [
         (
             "same-node",
-            &["podnet", "bridge", "bridge-nf-off", "ptp", "veth"][..],
+            &[
+                "podnet",
+                "podnet-bigtcp",
+                "bridge",
+                "bridge-nf-off",
+                "bridge-bigtcp",
+                "ptp",
+                "veth",
+                "veth-bigtcp",
+            ][..],
         ),
         (
             "cross-node",

@@ -450,3 +450,104 @@ fn a_broken_nodes_file_costs_no_packet_and_no_route() {
         report.lost()
     );
 }
+
+/// The conntrack table of a node's netns (`/proc/net/nf_conntrack` is the
+/// reader's netns's).
+fn conntrack_entries(node: &LabNode) -> String {
+    let out = lab::in_netns(&node.netns, "cat")
+        .expect("command")
+        .arg("/proc/net/nf_conntrack")
+        .output()
+        .expect("cat nf_conntrack");
+    assert!(out.status.success(), "reading /proc/net/nf_conntrack");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Packets counted by the `notrack` rule of `chain` in podnet's nft table.
+fn notrack_packets(node: &LabNode, chain: &str) -> u64 {
+    let out = lab::in_netns(&node.netns, "nft")
+        .expect("command")
+        .args(["list", "chain", "ip", "podnet", chain])
+        .output()
+        .expect("nft list chain");
+    assert!(out.status.success(), "nft list chain ip podnet {chain}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.trim_end().ends_with(" notrack"))
+        .unwrap_or_else(|| panic!("no notrack rule in {chain}:\n{text}"));
+    line.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no packet counter in {line}"))
+}
+
+/// README (Multi-node): podnet's nft table exempts the VXLAN UDP between
+/// nodes from conntrack (its masquerade chain is what loads conntrack), so
+/// cross-node pod traffic leaves no conntrack entry for the tunnel flow on
+/// either node, while pod traffic still flows and the stack's masquerade
+/// (which needs conntrack) still rewrites what it should.
+#[test]
+fn vxlan_between_nodes_is_not_tracked_and_masquerade_still_works() {
+    if !privileged("vxlan_between_nodes_is_not_tracked_and_masquerade_still_works") {
+        return;
+    }
+    let mut lab = LabGuard::up("notrk", 2, 0, "vxlan", LabDatastore::File).expect("lab up");
+    let layout = &mut lab.layout;
+    let a = layout.add_pod("node1", "a").expect("pod a");
+    let b = layout.add_pod("node2", "b").expect("pod b");
+    let shaped = layout
+        .add_pod_with(
+            "node1",
+            "shaped",
+            &serde_json::json!({"runtimeConfig": {"bandwidth":
+                {"egressRate": 100_000_000, "egressBurst": 1_000_000}}}),
+        )
+        .expect("pod with an egress limit");
+    let node1 = layout.node("node1").expect("node1").clone();
+    let node2 = layout.node("node2").expect("node2").clone();
+
+    traffic::transfer(&a.netns, &b.netns, b.ip, 16 << 20).expect("TCP a -> b, 16 MiB");
+    traffic::transfer(&b.netns, &a.netns, a.ip, 4 << 20).expect("TCP b -> a, 4 MiB");
+    assert_eq!(seen_source(&a, &b), a.ip, "pod to pod keeps its address");
+    assert_eq!(
+        seen_source_at(&shaped.netns, &node2.netns, node2.node_ip),
+        node1.node_ip,
+        "the stack's masquerade still rewrites a pod's traffic to another node"
+    );
+
+    for node in [&node1, &node2] {
+        let table = conntrack_entries(node);
+        let vxlan: Vec<&str> = table
+            .lines()
+            .filter(|l| l.contains(" udp ") && l.contains("dport=4789"))
+            .collect();
+        assert!(
+            vxlan.is_empty(),
+            "{}: conntrack tracks the VXLAN UDP between nodes:\n{}",
+            node.name,
+            vxlan.join("\n")
+        );
+    }
+    // Conntrack is on in node1's netns (the masqueraded flow is tracked),
+    // so the absence above is the notrack rules' doing.
+    assert!(
+        conntrack_entries(&node1).contains(&format!("src={}", shaped.ip)),
+        "node1 tracks the masqueraded flow"
+    );
+    // The counters see the tunnel's GSO packets (tens of KiB each; netfilter
+    // runs before segmentation), hence a modest floor for 20 MiB.
+    for node in [&node1, &node2] {
+        assert!(
+            notrack_packets(node, "output_notrack") > 100,
+            "{}: VXLAN sends skipped conntrack",
+            node.name
+        );
+        assert!(
+            notrack_packets(node, "prerouting_notrack") > 100,
+            "{}: VXLAN receives skipped conntrack",
+            node.name
+        );
+    }
+}

@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
     net::Ipv4Addr,
     process::Command,
 };
@@ -104,8 +105,33 @@ fn nft(script: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The masquerade table: pod traffic to anything that is neither a pod nor
-/// one of `nodes` leaves with the node's address.
+/// The node-to-node VXLAN flows the table exempts from conntrack: UDP to
+/// `port` between this node (`node_ip`) and the other nodes (`peers`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Untracked<'a> {
+    node_ip: Ipv4Addr,
+    port: u16,
+    peers: &'a [Ipv4Addr],
+}
+
+fn address_set(name: &str, addresses: &[Ipv4Addr]) -> String {
+    if addresses.is_empty() {
+        format!("set {name} {{ type ipv4_addr; }}\n")
+    } else {
+        let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+        format!(
+            "set {name} {{ type ipv4_addr; elements = {{ {} }} }}\n",
+            list.join(", ")
+        )
+    }
+}
+
+/// podnet's nft table (`ip podnet`), replaced as a whole in one transaction
+/// (so an agent restart leaves one copy, and deleting the table removes
+/// everything podnet added).
+///
+/// Masquerade: pod traffic to anything that is neither a pod nor one of
+/// `nodes` leaves with the node's address.
 ///
 /// Direct mode exempts the other nodes: pod addresses are routable on the
 /// underlay there, so a node answers a pod directly. In vxlan mode nothing
@@ -115,23 +141,48 @@ fn nft(script: &str) -> anyhow::Result<()> {
 /// `rp_filter` drop and which is no source the underlay should see. (Pod
 /// traffic to a node's address that the datapath forwards itself goes
 /// through the tunnel, keeping the pod's address, see `apply_nodes`.)
-fn masquerade_script(cluster: Ipv4Net, nodes: &[Ipv4Addr]) -> String {
-    let elements = if nodes.is_empty() {
-        String::new()
-    } else {
-        let list: Vec<String> = nodes.iter().map(ToString::to_string).collect();
-        format!("elements = {{ {} }}", list.join(", "))
-    };
-    format!(
+///
+/// NOTRACK (vxlan mode, `untracked`): the nat chain loads conntrack, which
+/// then tracks every packet of the node, the VXLAN UDP between nodes
+/// included: one entry per inner flow (the kernel's VXLAN source port is a
+/// hash of the inner headers), created and looked up on both nodes, for a
+/// flow nothing NATs or filters. `notrack` in the raw-priority prerouting
+/// and output chains (before conntrack at -200) skips that work for UDP to
+/// the VXLAN port between this node and the other nodes only. The inner
+/// packets keep their own tracking: the tunnel scrubs the conntrack state
+/// on encapsulation and decapsulation (`skb_scrub_packet`).
+fn nft_script(cluster: Ipv4Net, nodes: &[Ipv4Addr], untracked: Option<&Untracked<'_>>) -> String {
+    let mut script = format!(
         "table ip podnet\ndelete table ip podnet\n\
          table ip podnet {{\n\
-           set nodes {{ type ipv4_addr; {elements} }}\n\
+           {}\
            chain postrouting {{\n\
              type nat hook postrouting priority srcnat; policy accept;\n\
              ip saddr {cluster} ip daddr != {cluster} ip daddr != @nodes masquerade\n\
+           }}\n",
+        address_set("nodes", nodes)
+    );
+    if let Some(Untracked {
+        node_ip,
+        port,
+        peers,
+    }) = untracked
+    {
+        script.push_str(&address_set("vxlan_peers", peers));
+        let _ = write!(
+            script,
+            "chain prerouting_notrack {{\n\
+             type filter hook prerouting priority raw; policy accept;\n\
+             ip saddr @vxlan_peers ip daddr {node_ip} udp dport {port} counter notrack\n\
            }}\n\
-         }}\n"
-    )
+           chain output_notrack {{\n\
+             type filter hook output priority raw; policy accept;\n\
+             ip saddr {node_ip} ip daddr @vxlan_peers udp dport {port} counter notrack\n\
+           }}\n"
+        );
+    }
+    script.push_str("}\n");
+    script
 }
 
 impl EndpointRegistry {
@@ -217,7 +268,16 @@ impl EndpointRegistry {
             write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
         }
         if net.masquerade {
-            nft(&masquerade_script(self.config().cluster_cidr, &[]))?;
+            let untracked = (net.mode == Mode::Vxlan).then_some(Untracked {
+                node_ip: net.node_ip,
+                port: net.vxlan_port,
+                peers: &[],
+            });
+            nft(&nft_script(
+                self.config().cluster_cidr,
+                &[],
+                untracked.as_ref(),
+            ))?;
         }
         info!(mode = ?net.mode, node_ip = %net.node_ip, underlay = %net.underlay_dev, pod_mtu = net.pod_mtu(), "node network ready");
         Ok(())
@@ -332,7 +392,17 @@ impl EndpointRegistry {
                 Mode::Direct => nodes.iter().map(|n| n.node_ip).collect(),
                 Mode::Vxlan | Mode::Local => Vec::new(),
             };
-            nft(&masquerade_script(self.config().cluster_cidr, &exempt))?;
+            let peers: Vec<Ipv4Addr> = self.cluster.node_addresses.iter().copied().collect();
+            let untracked = (net.mode == Mode::Vxlan).then_some(Untracked {
+                node_ip: net.node_ip,
+                port: net.vxlan_port,
+                peers: &peers,
+            });
+            nft(&nft_script(
+                self.config().cluster_cidr,
+                &exempt,
+                untracked.as_ref(),
+            ))?;
         }
         Ok(())
     }

@@ -41,6 +41,9 @@ pub struct PodIfSpec {
     pub ip: Ipv4Addr,
     pub gateway: Ipv4Addr,
     pub mtu: u32,
+    /// `gso_ipv4_max_size` and `gro_ipv4_max_size` of both veth ends
+    /// (IPv4 BIG TCP); `None` leaves the kernel's defaults (64 KiB).
+    pub ipv4_big_tcp_max_size: Option<u32>,
 }
 
 /// What the plumbing built.
@@ -325,6 +328,9 @@ fn add(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<String, CniError
         ip: lease.ip,
         gateway: lease.gateway,
         mtu,
+        ipv4_big_tcp_max_size: conf
+            .ipv4_big_tcp
+            .then_some(super::config::IPV4_BIG_TCP_MAX_SIZE),
     };
     let created = deps.plumbing.create(&spec).map_err(rollback)?;
     failpoint::hit(FailPoint::AddAfterVeth);

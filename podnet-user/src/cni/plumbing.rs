@@ -54,8 +54,15 @@ impl PodPlumbing for NetlinkPlumbing {
             netlink::with_netlink(None, move |h| async move {
                 // A leftover of an earlier, interrupted ADD of the same attachment.
                 netlink::delete_link(&h, &spec.host_ifname).await?;
-                netlink::create_veth(&h, &spec.host_ifname, &spec.ifname, &netns_file, spec.mtu)
-                    .await?;
+                netlink::create_veth(
+                    &h,
+                    &spec.host_ifname,
+                    &spec.ifname,
+                    &netns_file,
+                    spec.mtu,
+                    spec.ipv4_big_tcp_max_size,
+                )
+                .await?;
                 let host = netlink::link_by_name(&h, &spec.host_ifname)
                     .await?
                     .ok_or_else(|| {
