@@ -1,6 +1,6 @@
 //! IPv4 BIG TCP (`ipv4BigTcp` in the CNI conf): both ends of a pod's veth
 //! get the larger GSO/GRO sizes, bulk TCP between such pods works on one
-//! node and across nodes (vxlan), and without the option the kernel's
+//! node and across nodes (vxlan, direct), and without the option the kernel's
 //! defaults stay.
 
 use std::path::PathBuf;
@@ -78,7 +78,20 @@ fn big_tcp_pods_get_the_sizes_on_both_ends_and_move_bulk_tcp() {
     if !privileged("big_tcp_pods_get_the_sizes_on_both_ends_and_move_bulk_tcp") {
         return;
     }
-    let mut lab = LabGuard::up("bigtcp", 2, 0, "vxlan", LabDatastore::File).expect("lab up");
+    big_tcp_pods("bigtcp", "vxlan");
+}
+
+#[test]
+fn big_tcp_pods_move_bulk_tcp_in_direct_mode() {
+    if !privileged("big_tcp_pods_move_bulk_tcp_in_direct_mode") {
+        return;
+    }
+    big_tcp_pods("bigdir", "direct");
+}
+
+/// Pods with and without `ipv4BigTcp` on a two-node lab in `mode`.
+fn big_tcp_pods(tag: &str, mode: &str) {
+    let mut lab = LabGuard::up(tag, 2, 0, mode, LabDatastore::File).expect("lab up");
     let layout = &mut lab.layout;
     let on = serde_json::json!({"ipv4BigTcp": true});
     let a = layout.add_pod_with("node1", "a", &on).expect("pod a");
@@ -106,7 +119,7 @@ fn big_tcp_pods_get_the_sizes_on_both_ends_and_move_bulk_tcp() {
     traffic::transfer(&a.netns, &b.netns, b.ip, 64 << 20).expect("TCP a -> b");
     traffic::transfer(&b.netns, &a.netns, a.ip, 64 << 20).expect("TCP b -> a");
     iperf3(&a, &b);
-    // Across nodes: the tunnel resegments what is larger than 64 KiB.
+    // Across nodes (through the tunnel, or routed on the underlay).
     traffic::transfer(&a.netns, &c.netns, c.ip, 64 << 20).expect("TCP a -> c");
     traffic::transfer(&c.netns, &a.netns, a.ip, 64 << 20).expect("TCP c -> a");
     iperf3(&a, &c);
