@@ -20,6 +20,8 @@ use std::{
 
 use anyhow::Context as _;
 use serde::Serialize;
+
+pub mod scale;
 use serde_json::{Value, json};
 
 use crate::{
@@ -1013,6 +1015,15 @@ pub fn podnet_cluster(mode: &str, bin_dir: Option<&Path>) -> anyhow::Result<(Lab
         (true, true) => "bvxb",
         (false, true) => "bdrb",
     };
+    podnet_lab(tag, mode, bin_dir)
+}
+
+/// [`podnet_cluster`] under namespace prefix tag `tag`.
+pub fn podnet_lab(
+    tag: &str,
+    mode: &str,
+    bin_dir: Option<&Path>,
+) -> anyhow::Result<(LabGuard, Pair)> {
     let guard = LabGuard::up_with_bins(tag, 2, 1, mode, LabDatastore::File, bin_dir)?;
     let pair = Pair {
         client_ns: guard.layout.pods[0].netns.clone(),
@@ -1020,92 +1031,6 @@ pub fn podnet_cluster(mode: &str, bin_dir: Option<&Path>) -> anyhow::Result<(Lab
         server_ip: guard.layout.pods[1].ip,
     };
     Ok((guard, pair))
-}
-
-/// Fills a node's pinned maps the way a big cluster would: `remotes` other
-/// nodes' CIDRs (/28s of 172.16.0.0/12, disjoint from the cluster) and
-/// `endpoints` local endpoints (100.64.0.0/16, no real veth).
-pub fn fill_remotes(pin_dir: &Path, remotes: u32) -> anyhow::Result<()> {
-    let mut dp = podnet::datapath::Datapath::load(pin_dir)?;
-    for i in 0..remotes {
-        let net = u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i * 16;
-        dp.upsert_remote(
-            ipnet::Ipv4Net::new(Ipv4Addr::from(net), 28)?,
-            Ipv4Addr::new(192, 168, 100, 250),
-        )?;
-    }
-    Ok(())
-}
-
-/// Hands `count` endpoints to the node's agent the way CNI ADD does (over
-/// its socket), each on a real veth of the node's netns, so the agent holds
-/// them (records, attached filters, map entries) as it would real pods.
-/// The veths go with the node's netns.
-pub fn register_endpoints(node: &Node, count: u32) -> anyhow::Result<()> {
-    use podnet::{api, cni::plugin::AgentApi as _, ipam::Owner};
-    // The agent accepts only what CNI ADD would hand it: the owner's own
-    // host veth name and an address of the node's pod CIDR (after the
-    // gateway and the node's real pods).
-    let owner = |i: u32| Owner {
-        container_id: format!("scale-{i}"),
-        ifname: "eth0".into(),
-    };
-    let first: Ipv4Addr = node
-        .pod_cidr
-        .parse::<ipnet::Ipv4Net>()
-        .context("the node's pod CIDR")?
-        .network();
-    let mut batch = String::new();
-    for i in 0..count {
-        let host = podnet::cni::plugin::host_ifname(&owner(i));
-        writeln!(batch, "link add {host} type veth peer name psc{i}p")?;
-    }
-    let mut child = Command::new("ip")
-        .args(["-n", node.netns.name(), "-batch", "-"])
-        .stdin(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .as_mut()
-        .context("ip -batch stdin")?
-        .write_all(batch.as_bytes())?;
-    anyhow::ensure!(child.wait()?.success(), "creating {count} veths");
-    let links: serde_json::Value = serde_json::from_slice(
-        &run(Command::new("ip").args(["-n", node.netns.name(), "-j", "link", "show"]))?.stdout,
-    )?;
-    let by_name: BTreeMap<&str, &serde_json::Value> = links
-        .as_array()
-        .context("ip -j link")?
-        .iter()
-        .map(|l| (l["ifname"].as_str().unwrap_or_default(), l))
-        .collect();
-    let agent = api::Client::new(&node.socket());
-    for i in 0..count {
-        let name = podnet::cni::plugin::host_ifname(&owner(i));
-        let link = by_name
-            .get(name.as_str())
-            .with_context(|| format!("veth {name} after creating it"))?;
-        // No pod behind these veths: the veth's own MAC stands for both ends.
-        let mac = link["address"]
-            .as_str()
-            .and_then(podnet::cni::result::parse_mac)
-            .with_context(|| format!("MAC of {name}"))?;
-        let endpoint = api::Endpoint {
-            owner: owner(i),
-            network: "podnet".into(),
-            netns: std::path::PathBuf::from("/proc/self/ns/net"),
-            ip: Ipv4Addr::from(u32::from(first) + 16 + i),
-            host_ifname: name.clone(),
-            host_ifindex: u32::try_from(link["ifindex"].as_u64().context("ifindex")?)?,
-            pod_mac: mac,
-            host_mac: mac,
-            bandwidth: None,
-        };
-        agent
-            .add_endpoint(&endpoint)
-            .with_context(|| format!("agent: adding endpoint {name}"))?;
-    }
-    Ok(())
 }
 
 /// Resident memory of a process, KiB.
@@ -1283,59 +1208,6 @@ fn measure_shaping(
     Ok(())
 }
 
-/// Throughput with big maps (lookups must stay flat) and agent memory.
-fn measure_scale(
-    podnet: &Node,
-    pods: &[crate::node::Pod],
-    opts: &BenchOptions,
-    figures: &mut Vec<Figure>,
-) -> anyhow::Result<()> {
-    progress("scale: 65,536 remote CIDRs in the maps, 4,096 endpoints held by the agent");
-    if let Some(rss) = podnet.agent_pid().and_then(rss_kib) {
-        figures.push(figure(
-            "scale",
-            "podnetd idle",
-            "agent_rss",
-            "KiB",
-            vec![rss],
-        ));
-    }
-    let (remotes, endpoints) = if opts.quick {
-        (4_096, 512)
-    } else {
-        (65_536, 4_096)
-    };
-    fill_remotes(podnet.bpffs.path(), remotes)?;
-    register_endpoints(podnet, endpoints)?;
-    let scaled = Pair {
-        client_ns: pods[0].netns.name().into(),
-        server_ns: pods[1].netns.name().into(),
-        server_ip: pods[1].ip,
-    };
-    let mut scale_runs = Vec::new();
-    for _ in 0..opts.rounds {
-        scale_runs.push(throughput(&scaled, opts.seconds)?);
-    }
-    figures.push(figure(
-        "scale",
-        "podnet (scaled maps)",
-        "tcp_throughput",
-        "Gbit/s",
-        scale_runs,
-    ));
-    if let Some(rss) = podnet.agent_pid().and_then(rss_kib) {
-        figures.push(figure(
-            "scale",
-            "podnetd holding the endpoints",
-            "agent_rss",
-            "KiB",
-            vec![rss],
-        ));
-    }
-
-    Ok(())
-}
-
 /// Runs `f` `parallel` at a time, `waves` times; ADD and DEL times in ms.
 fn parallel_times(
     waves: usize,
@@ -1460,13 +1332,12 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     ));
     let mut figures = Vec::new();
 
-    if ["same-node", "shaping", "scale", "cni"]
+    if ["same-node", "shaping", "cni"]
         .iter()
         .any(|part| opts.runs(part))
     {
         progress("same node: building podnet, bridge, ptp and a direct veth pair");
-        // A /19: room for the scale part's 4,096 endpoints besides the pods.
-        let podnet = Node::start("bench", "10.244.0.0/19")?;
+        let podnet = Node::start("bench", "10.244.0.0/24")?;
         let pods = [podnet.add_pod("bench-a")?, podnet.add_pod("bench-b")?];
         let bridge = ReferenceNode::new("bridge", "10.245.0.0/24", 2)?;
         if opts.runs("same-node") {
@@ -1529,14 +1400,14 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
         if opts.runs("shaping") {
             measure_shaping(&podnet, &pods, opts, &mut figures)?;
         }
-        // CNI before scale: the scale part leaves the node holding 4,096
-        // more endpoints (and 8,192 veths), which the bridge node does not.
         if opts.runs("cni") {
             measure_cni(&podnet, &bridge, opts, &mut figures)?;
         }
-        if opts.runs("scale") {
-            measure_scale(&podnet, &pods, opts, &mut figures)?;
-        }
+    }
+
+    if opts.runs("scale") {
+        scale::measure_trie(opts, &mut figures)?;
+        scale::measure_endpoints(opts, &mut figures)?;
     }
 
     if opts.runs("cross-node") {
@@ -1754,7 +1625,7 @@ const fn target(
 /// Every target, in one place (issue 14, "Targets"; the bridge one also
 /// against the bridge without br_netfilter's iptables hooks).
 #[rustfmt::skip]
-pub const TARGETS: [Target; 9] = [
+pub const TARGETS: [Target; 10] = [
     target("same-node", "podnet", ("same-node", "veth"), "tcp_throughput", Better::Higher, 1.00),
     target("same-node", "podnet", ("same-node", "bridge"), "tcp_throughput", Better::Higher, 1.15),
     target("same-node", "podnet", ("same-node", "bridge"), "cpu_s_per_gb", Better::Lower, 0.85),
@@ -1762,7 +1633,8 @@ pub const TARGETS: [Target; 9] = [
     target("cross-node", "podnet-vxlan", ("cross-node", "kernel-vxlan"), "tcp_throughput", Better::Higher, 1.15),
     target("cross-node", "podnet-vxlan", ("cross-node", "kernel-vxlan"), "latency_p50", Better::Lower, 0.90),
     target("cross-node", "podnet-direct", ("cross-node", "underlay"), "tcp_throughput", Better::Higher, 0.97),
-    target("scale", "podnet (scaled maps)", ("same-node", "podnet"), "tcp_throughput", Better::Higher, 0.97),
+    target("scale-trie", scale::TRIE_FULL, ("scale-trie", scale::TRIE_ONE), "tcp_throughput", Better::Higher, 0.97),
+    target("scale-endpoints", scale::ENDPOINTS_MANY, ("scale-endpoints", scale::ENDPOINTS_ONE), "udp_kpps", Better::Higher, 0.97),
     target("same-node", "podnet", ("same-node", "bridge"), "conn_rate", Better::Higher, 1.00),
 ];
 
@@ -2012,16 +1884,6 @@ pub fn table(figures: &[Figure]) -> String {
                 }
             }
         }
-    }
-    if let (Some(scaled), Some(min)) = (
-        find(figures, "scale", "podnet (scaled maps)", "tcp_throughput"),
-        find(figures, "same-node", "podnet", "tcp_throughput"),
-    ) {
-        let _ = writeln!(
-            out,
-            "  scale       podnet full maps vs minimal maps tcp_throughput   {:>6.2}x",
-            scaled.median / min.median
-        );
     }
     if let (Some(beside), Some(alone)) = (
         find(
