@@ -1520,13 +1520,9 @@ pub struct BaselineRatio {
     pub better: Better,
     /// Median of the per-round ratios.
     pub median: f64,
-    /// The interval: min..max of the per-round ratios.
-    pub min: f64,
-    pub max: f64,
-    /// Chance that min..max holds the true median ratio, if the rounds are
-    /// independent: 1 - 2 * 0.5^n for n rounds (distribution-free; 0.94 at
-    /// n = 5, 0.98 at n = 7, 0 at n = 1).
-    pub interval_coverage: f64,
+    /// Percentile bootstrap 95 % interval of that median (as for the
+    /// targets: [`bootstrap_median_ci`], [`BOOTSTRAP_SEED`]).
+    pub ci95: (f64, f64),
     pub per_round: Vec<f64>,
 }
 
@@ -1534,6 +1530,7 @@ pub struct BaselineRatio {
 /// raw figures.
 #[must_use]
 pub fn baseline_ratios(figures: &[Figure]) -> Vec<BaselineRatio> {
+    let mut rng = Rng::new(BOOTSTRAP_SEED);
     let mut ratios = Vec::new();
     for base in figures {
         let Some(ours) = base.dataplane.strip_suffix(BASELINE_SUFFIX) else {
@@ -1546,19 +1543,16 @@ pub fn baseline_ratios(figures: &[Figure]) -> Vec<BaselineRatio> {
             continue;
         };
         let per_round: Vec<f64> = f.runs.iter().zip(&base.runs).map(|(a, b)| a / b).collect();
-        let summary = figure(&base.scenario, ours, &base.metric, "ratio", per_round);
-        let n = i32::try_from(summary.runs.len()).unwrap_or(i32::MAX);
+        let ci95 = bootstrap_median_ci(&per_round, BOOTSTRAP_RESAMPLES, &mut rng);
         ratios.push(BaselineRatio {
             scenario: base.scenario.clone(),
             dataplane: ours.to_owned(),
             baseline: base.dataplane.clone(),
             metric: base.metric.clone(),
             better,
-            median: summary.median,
-            min: summary.min,
-            max: summary.max,
-            interval_coverage: (1.0 - 2.0 * 0.5_f64.powi(n)).max(0.0),
-            per_round: summary.runs,
+            median: median(&per_round),
+            ci95,
+            per_round,
         });
     }
     ratios
@@ -1767,23 +1761,20 @@ fn targets_table(figures: &[Figure]) -> String {
 fn baseline_table(figures: &[Figure]) -> String {
     let ratios = baseline_ratios(figures);
     let mut out = String::new();
-    let Some(first) = ratios.first() else {
+    if ratios.is_empty() {
         return out;
-    };
+    }
     let _ = writeln!(
         out,
         "\npodnet vs its baseline (same run, per-round ratios)\n  \
          ratio = podnet / podnet-baseline of the same round, the two measured next to each other;\n  \
-         interval = min..max of the {n} per-round ratios (holds the median ratio with {:.1} % \
-         probability if rounds are independent);\n  \
-         throughput, conn rate: > 1 is better; latency: < 1 is better",
-        first.interval_coverage * 100.0,
-        n = first.per_round.len(),
+         interval = 95 % percentile bootstrap CI of the median ratio ({BOOTSTRAP_RESAMPLES} resamples);\n  \
+         throughput, conn rate: > 1 is better; latency, CPU per GB: < 1 is better",
     );
     let _ = writeln!(
         out,
         "  {:<11} {:<14} {:<16} {:<9} {:>7} {:>7} {:>7}  PER ROUND",
-        "SCENARIO", "DATAPLANE", "METRIC", "BETTER", "MEDIAN", "MIN", "MAX"
+        "SCENARIO", "DATAPLANE", "METRIC", "BETTER", "MEDIAN", "CI LOW", "CI HIGH"
     );
     for r in &ratios {
         let better = match r.better {
@@ -1799,8 +1790,8 @@ fn baseline_table(figures: &[Figure]) -> String {
             r.metric,
             better,
             r.median,
-            r.min,
-            r.max,
+            r.ci95.0,
+            r.ci95.1,
             rounds.join(" ")
         );
     }
