@@ -924,6 +924,7 @@ impl FlannelCluster {
                 .node
                 .command("sysctl")?
                 .args(["-qw", "net.ipv4.ip_forward=1"]))?;
+            flannel_ip_masq(&node.node, &format!("10.247.{i}.0/24"), "10.247.0.0/16")?;
             nodes.push(node);
         }
         let macs: Vec<String> = nodes
@@ -1003,6 +1004,50 @@ impl FlannelCluster {
             server_ip: Ipv4Addr::new(192, 168, 101, 2),
         }
     }
+}
+
+/// What flanneld with `--ip-masq` (its default in the kube-flannel
+/// manifest) installs on a node: the nat POSTROUTING chain that
+/// masquerades pod traffic leaving the cluster, and the FORWARD accepts for
+/// the cluster CIDR (flannel's `MasqRules` and `ForwardRules`, IPv4).
+/// Conntrack then sees the pods' and the VXLAN traffic, as on podnet's
+/// nodes with their nft masquerade.
+fn flannel_ip_masq(node: &NetNs, pod_subnet: &str, cluster: &str) -> anyhow::Result<()> {
+    let rules = format!(
+        "*nat\n\
+         :FLANNEL-POSTRTG - [0:0]\n\
+         -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n\
+         -A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {pod_subnet} -d {cluster} -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {cluster} -d {pod_subnet} -j RETURN\n\
+         -A FLANNEL-POSTRTG ! -s {cluster} -d {pod_subnet} -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {cluster} ! -d 224.0.0.0/4 -j MASQUERADE --random-fully\n\
+         -A FLANNEL-POSTRTG ! -s {cluster} -d {cluster} -j MASQUERADE --random-fully\n\
+         COMMIT\n\
+         *filter\n\
+         :FLANNEL-FWD - [0:0]\n\
+         -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n\
+         -A FLANNEL-FWD -s {cluster} -j ACCEPT\n\
+         -A FLANNEL-FWD -d {cluster} -j ACCEPT\n\
+         COMMIT\n"
+    );
+    let mut child = node
+        .command("iptables-restore")?
+        .arg("--noflush")
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("iptables-restore")?;
+    child
+        .stdin
+        .take()
+        .context("iptables-restore stdin")?
+        .write_all(rules.as_bytes())?;
+    anyhow::ensure!(
+        child.wait()?.success(),
+        "flannel's masquerade rules in {}",
+        node.name()
+    );
+    Ok(())
 }
 
 /// A two-node podnet lab with one pod each; with `bin_dir`, running the
@@ -1911,9 +1956,9 @@ pub fn table(figures: &[Figure]) -> String {
 pub const CONDITIONS: [&str; 3] = [
     "bridge: net.bridge.bridge-nf-call-iptables=1 (br_netfilter built in, the default); \
      bridge-nf-off: the same bridge with it set to 0 in its node's netns (per netns on this kernel)",
-    "podnet nodes run podnet's nft masquerade, so conntrack sees the pods' traffic and the \
-     VXLAN UDP on both nodes; the flannel-style kernel-vxlan baseline runs without any \
-     masquerade rules (flannel's --ip-masq rules are not added)",
+    "podnet nodes run podnet's nft masquerade; the flannel-style kernel-vxlan nodes run \
+     flanneld's --ip-masq rules (nat FLANNEL-POSTRTG, filter FLANNEL-FWD), so conntrack runs \
+     on both",
     "kernel.bpf_stats_enabled is 0 during every traffic run, 1 only in the bpf_stats phase",
 ];
 
