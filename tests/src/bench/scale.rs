@@ -104,9 +104,17 @@ fn verdict_count(pin_dir: &Path, verdict: Verdict) -> anyhow::Result<u64> {
     Ok(PinnedMapReader::open(pin_dir)?.counters()?.verdict(verdict))
 }
 
-#[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
-fn count(n: u64) -> f64 {
-    n as f64
+/// The evidence of a scale run (what `bench --quick` checks), one figure
+/// per count.
+fn push_counts<const N: usize>(
+    figures: &mut Vec<Figure>,
+    (scenario, dataplane): (&str, &str),
+    counts: [(&str, u64); N],
+) {
+    for (metric, n) in counts {
+        #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+        figures.push(figure(scenario, dataplane, metric, "count", vec![n as f64]));
+    }
 }
 
 /// Cross-node throughput with node1's trie as the cluster made it and
@@ -180,19 +188,15 @@ pub fn measure_trie(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow::R
         "Gbit/s",
         full,
     ));
-    for (metric, value) in [
-        ("trie_entries", count(entries as u64)),
-        ("prefixes_on_path", count(depth as u64)),
-        ("path_packets", count(path_packets)),
-    ] {
-        figures.push(figure(
-            "scale-trie",
-            TRIE_FULL,
-            metric,
-            "count",
-            vec![value],
-        ));
-    }
+    push_counts(
+        figures,
+        ("scale-trie", TRIE_FULL),
+        [
+            ("trie_entries", entries as u64),
+            ("prefixes_on_path", depth as u64),
+            ("path_packets", path_packets),
+        ],
+    );
     drop(lab);
     Ok(())
 }
@@ -474,19 +478,15 @@ pub fn measure_endpoints(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyh
         "kpps",
         many_runs,
     ));
-    for (metric, value) in [
-        ("endpoint_entries", count(scaled.endpoints.len() as u64)),
-        ("endpoints_reached", count(reached as u64)),
-        ("path_packets", count(path_packets)),
-    ] {
-        figures.push(figure(
-            "scale-endpoints",
-            ENDPOINTS_MANY,
-            metric,
-            "count",
-            vec![value],
-        ));
-    }
+    push_counts(
+        figures,
+        ("scale-endpoints", ENDPOINTS_MANY),
+        [
+            ("endpoint_entries", scaled.endpoints.len() as u64),
+            ("endpoints_reached", reached as u64),
+            ("path_packets", path_packets),
+        ],
+    );
     for (dataplane, rss) in [
         ("podnetd idle", idle_rss),
         (
