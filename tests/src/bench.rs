@@ -20,6 +20,8 @@ use std::{
 
 use anyhow::Context as _;
 use serde::Serialize;
+
+pub mod scale;
 use serde_json::{Value, json};
 
 use crate::{
@@ -960,6 +962,7 @@ impl FlannelCluster {
                 .node
                 .command("sysctl")?
                 .args(["-qw", "net.ipv4.ip_forward=1"]))?;
+            flannel_ip_masq(&node.node, &format!("10.247.{i}.0/24"), "10.247.0.0/16")?;
             nodes.push(node);
         }
         let macs: Vec<String> = nodes
@@ -1041,6 +1044,50 @@ impl FlannelCluster {
     }
 }
 
+/// What flanneld with `--ip-masq` (its default in the kube-flannel
+/// manifest) installs on a node: the nat POSTROUTING chain that
+/// masquerades pod traffic leaving the cluster, and the FORWARD accepts for
+/// the cluster CIDR (flannel's `MasqRules` and `ForwardRules`, IPv4).
+/// Conntrack then sees the pods' and the VXLAN traffic, as on podnet's
+/// nodes with their nft masquerade.
+fn flannel_ip_masq(node: &NetNs, pod_subnet: &str, cluster: &str) -> anyhow::Result<()> {
+    let rules = format!(
+        "*nat\n\
+         :FLANNEL-POSTRTG - [0:0]\n\
+         -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG\n\
+         -A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {pod_subnet} -d {cluster} -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {cluster} -d {pod_subnet} -j RETURN\n\
+         -A FLANNEL-POSTRTG ! -s {cluster} -d {pod_subnet} -j RETURN\n\
+         -A FLANNEL-POSTRTG -s {cluster} ! -d 224.0.0.0/4 -j MASQUERADE --random-fully\n\
+         -A FLANNEL-POSTRTG ! -s {cluster} -d {cluster} -j MASQUERADE --random-fully\n\
+         COMMIT\n\
+         *filter\n\
+         :FLANNEL-FWD - [0:0]\n\
+         -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD\n\
+         -A FLANNEL-FWD -s {cluster} -j ACCEPT\n\
+         -A FLANNEL-FWD -d {cluster} -j ACCEPT\n\
+         COMMIT\n"
+    );
+    let mut child = node
+        .command("iptables-restore")?
+        .arg("--noflush")
+        .stdin(Stdio::piped())
+        .spawn()
+        .context("iptables-restore")?;
+    child
+        .stdin
+        .take()
+        .context("iptables-restore stdin")?
+        .write_all(rules.as_bytes())?;
+    anyhow::ensure!(
+        child.wait()?.success(),
+        "flannel's masquerade rules in {}",
+        node.name()
+    );
+    Ok(())
+}
+
 /// A two-node podnet lab with one pod each; with `bin_dir`, running the
 /// agents and the CNI plugin from there (the baseline), under its own
 /// namespace prefix so it coexists with this build's lab of the same mode.
@@ -1051,6 +1098,15 @@ pub fn podnet_cluster(mode: &str, bin_dir: Option<&Path>) -> anyhow::Result<(Lab
         (true, true) => "bvxb",
         (false, true) => "bdrb",
     };
+    podnet_lab(tag, mode, bin_dir)
+}
+
+/// [`podnet_cluster`] under namespace prefix tag `tag`.
+pub fn podnet_lab(
+    tag: &str,
+    mode: &str,
+    bin_dir: Option<&Path>,
+) -> anyhow::Result<(LabGuard, Pair)> {
     let guard = LabGuard::up_with_bins(tag, 2, 1, mode, LabDatastore::File, bin_dir)?;
     let pair = Pair {
         client_ns: guard.layout.pods[0].netns.clone(),
@@ -1058,92 +1114,6 @@ pub fn podnet_cluster(mode: &str, bin_dir: Option<&Path>) -> anyhow::Result<(Lab
         server_ip: guard.layout.pods[1].ip,
     };
     Ok((guard, pair))
-}
-
-/// Fills a node's pinned maps the way a big cluster would: `remotes` other
-/// nodes' CIDRs (/28s of 172.16.0.0/12, disjoint from the cluster) and
-/// `endpoints` local endpoints (100.64.0.0/16, no real veth).
-pub fn fill_remotes(pin_dir: &Path, remotes: u32) -> anyhow::Result<()> {
-    let mut dp = podnet::datapath::Datapath::load(pin_dir)?;
-    for i in 0..remotes {
-        let net = u32::from(Ipv4Addr::new(172, 16, 0, 0)) + i * 16;
-        dp.upsert_remote(
-            ipnet::Ipv4Net::new(Ipv4Addr::from(net), 28)?,
-            Ipv4Addr::new(192, 168, 100, 250),
-        )?;
-    }
-    Ok(())
-}
-
-/// Hands `count` endpoints to the node's agent the way CNI ADD does (over
-/// its socket), each on a real veth of the node's netns, so the agent holds
-/// them (records, attached filters, map entries) as it would real pods.
-/// The veths go with the node's netns.
-pub fn register_endpoints(node: &Node, count: u32) -> anyhow::Result<()> {
-    use podnet::{api, cni::plugin::AgentApi as _, ipam::Owner};
-    // The agent accepts only what CNI ADD would hand it: the owner's own
-    // host veth name and an address of the node's pod CIDR (after the
-    // gateway and the node's real pods).
-    let owner = |i: u32| Owner {
-        container_id: format!("scale-{i}"),
-        ifname: "eth0".into(),
-    };
-    let first: Ipv4Addr = node
-        .pod_cidr
-        .parse::<ipnet::Ipv4Net>()
-        .context("the node's pod CIDR")?
-        .network();
-    let mut batch = String::new();
-    for i in 0..count {
-        let host = podnet::cni::plugin::host_ifname(&owner(i));
-        writeln!(batch, "link add {host} type veth peer name psc{i}p")?;
-    }
-    let mut child = Command::new("ip")
-        .args(["-n", node.netns.name(), "-batch", "-"])
-        .stdin(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .as_mut()
-        .context("ip -batch stdin")?
-        .write_all(batch.as_bytes())?;
-    anyhow::ensure!(child.wait()?.success(), "creating {count} veths");
-    let links: serde_json::Value = serde_json::from_slice(
-        &run(Command::new("ip").args(["-n", node.netns.name(), "-j", "link", "show"]))?.stdout,
-    )?;
-    let by_name: BTreeMap<&str, &serde_json::Value> = links
-        .as_array()
-        .context("ip -j link")?
-        .iter()
-        .map(|l| (l["ifname"].as_str().unwrap_or_default(), l))
-        .collect();
-    let agent = api::Client::new(&node.socket());
-    for i in 0..count {
-        let name = podnet::cni::plugin::host_ifname(&owner(i));
-        let link = by_name
-            .get(name.as_str())
-            .with_context(|| format!("veth {name} after creating it"))?;
-        // No pod behind these veths: the veth's own MAC stands for both ends.
-        let mac = link["address"]
-            .as_str()
-            .and_then(podnet::cni::result::parse_mac)
-            .with_context(|| format!("MAC of {name}"))?;
-        let endpoint = api::Endpoint {
-            owner: owner(i),
-            network: "podnet".into(),
-            netns: std::path::PathBuf::from("/proc/self/ns/net"),
-            ip: Ipv4Addr::from(u32::from(first) + 16 + i),
-            host_ifname: name.clone(),
-            host_ifindex: u32::try_from(link["ifindex"].as_u64().context("ifindex")?)?,
-            pod_mac: mac,
-            host_mac: mac,
-            bandwidth: None,
-        };
-        agent
-            .add_endpoint(&endpoint)
-            .with_context(|| format!("agent: adding endpoint {name}"))?;
-    }
-    Ok(())
 }
 
 /// Resident memory of a process, KiB.
@@ -1407,59 +1377,6 @@ fn measure_shaping(
     Ok(())
 }
 
-/// Throughput with big maps (lookups must stay flat) and agent memory.
-fn measure_scale(
-    podnet: &Node,
-    pods: &[crate::node::Pod],
-    opts: &BenchOptions,
-    figures: &mut Vec<Figure>,
-) -> anyhow::Result<()> {
-    progress("scale: 65,536 remote CIDRs in the maps, 4,096 endpoints held by the agent");
-    if let Some(rss) = podnet.agent_pid().and_then(rss_kib) {
-        figures.push(figure(
-            "scale",
-            "podnetd idle",
-            "agent_rss",
-            "KiB",
-            vec![rss],
-        ));
-    }
-    let (remotes, endpoints) = if opts.quick {
-        (4_096, 512)
-    } else {
-        (65_536, 4_096)
-    };
-    fill_remotes(podnet.bpffs.path(), remotes)?;
-    register_endpoints(podnet, endpoints)?;
-    let scaled = Pair {
-        client_ns: pods[0].netns.name().into(),
-        server_ns: pods[1].netns.name().into(),
-        server_ip: pods[1].ip,
-    };
-    let mut scale_runs = Vec::new();
-    for _ in 0..opts.rounds {
-        scale_runs.push(throughput(&scaled, opts.seconds)?);
-    }
-    figures.push(figure(
-        "scale",
-        "podnet (scaled maps)",
-        "tcp_throughput",
-        "Gbit/s",
-        scale_runs,
-    ));
-    if let Some(rss) = podnet.agent_pid().and_then(rss_kib) {
-        figures.push(figure(
-            "scale",
-            "podnetd holding the endpoints",
-            "agent_rss",
-            "KiB",
-            vec![rss],
-        ));
-    }
-
-    Ok(())
-}
-
 /// Runs `f` `parallel` at a time, `waves` times; ADD and DEL times in ms.
 fn parallel_times(
     waves: usize,
@@ -1584,13 +1501,12 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
     ));
     let mut figures = Vec::new();
 
-    if ["same-node", "shaping", "scale", "cni"]
+    if ["same-node", "shaping", "cni"]
         .iter()
         .any(|part| opts.runs(part))
     {
         progress("same node: building podnet, bridge, ptp and a direct veth pair");
-        // A /19: room for the scale part's 4,096 endpoints besides the pods.
-        let podnet = Node::start("bench", "10.244.0.0/19")?;
+        let podnet = Node::start("bench", "10.244.0.0/24")?;
         let pods = [podnet.add_pod("bench-a")?, podnet.add_pod("bench-b")?];
         let bridge = ReferenceNode::new("bridge", "10.245.0.0/24", 2)?;
         if opts.runs("same-node") {
@@ -1599,14 +1515,14 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
         if opts.runs("shaping") {
             measure_shaping(&podnet, &pods, opts, &mut figures)?;
         }
-        // CNI before scale: the scale part leaves the node holding 4,096
-        // more endpoints (and 8,192 veths), which the bridge node does not.
         if opts.runs("cni") {
             measure_cni(&podnet, &bridge, opts, &mut figures)?;
         }
-        if opts.runs("scale") {
-            measure_scale(&podnet, &pods, opts, &mut figures)?;
-        }
+    }
+
+    if opts.runs("scale") {
+        scale::measure_trie(opts, &mut figures)?;
+        scale::measure_endpoints(opts, &mut figures)?;
     }
 
     if opts.runs("cross-node") {
@@ -1719,13 +1635,9 @@ pub struct BaselineRatio {
     pub better: Better,
     /// Median of the per-round ratios.
     pub median: f64,
-    /// The interval: min..max of the per-round ratios.
-    pub min: f64,
-    pub max: f64,
-    /// Chance that min..max holds the true median ratio, if the rounds are
-    /// independent: 1 - 2 * 0.5^n for n rounds (distribution-free; 0.94 at
-    /// n = 5, 0.98 at n = 7, 0 at n = 1).
-    pub interval_coverage: f64,
+    /// Percentile bootstrap 95 % interval of that median (as for the
+    /// targets: [`bootstrap_median_ci`], [`BOOTSTRAP_SEED`]).
+    pub ci95: (f64, f64),
     pub per_round: Vec<f64>,
 }
 
@@ -1733,6 +1645,7 @@ pub struct BaselineRatio {
 /// raw figures.
 #[must_use]
 pub fn baseline_ratios(figures: &[Figure]) -> Vec<BaselineRatio> {
+    let mut rng = Rng::new(BOOTSTRAP_SEED);
     let mut ratios = Vec::new();
     for base in figures {
         let Some(ours) = base.dataplane.strip_suffix(BASELINE_SUFFIX) else {
@@ -1745,19 +1658,16 @@ pub fn baseline_ratios(figures: &[Figure]) -> Vec<BaselineRatio> {
             continue;
         };
         let per_round: Vec<f64> = f.runs.iter().zip(&base.runs).map(|(a, b)| a / b).collect();
-        let summary = figure(&base.scenario, ours, &base.metric, "ratio", per_round);
-        let n = i32::try_from(summary.runs.len()).unwrap_or(i32::MAX);
+        let ci95 = bootstrap_median_ci(&per_round, BOOTSTRAP_RESAMPLES, &mut rng);
         ratios.push(BaselineRatio {
             scenario: base.scenario.clone(),
             dataplane: ours.to_owned(),
             baseline: base.dataplane.clone(),
             metric: base.metric.clone(),
             better,
-            median: summary.median,
-            min: summary.min,
-            max: summary.max,
-            interval_coverage: (1.0 - 2.0 * 0.5_f64.powi(n)).max(0.0),
-            per_round: summary.runs,
+            median: median(&per_round),
+            ci95,
+            per_round,
         });
     }
     ratios
@@ -1824,7 +1734,7 @@ const fn target(
 /// Every target, in one place (issue 14, "Targets"; the bridge one also
 /// against the bridge without br_netfilter's iptables hooks).
 #[rustfmt::skip]
-pub const TARGETS: [Target; 12] = [
+pub const TARGETS: [Target; 13] = [
     target("same-node", "podnet", ("same-node", "veth"), "tcp_throughput", Better::Higher, 1.00),
     target("same-node", "podnet", ("same-node", "bridge"), "tcp_throughput", Better::Higher, 1.15),
     target("same-node", "podnet", ("same-node", "bridge"), "cpu_s_per_gb", Better::Lower, 0.85),
@@ -1832,7 +1742,8 @@ pub const TARGETS: [Target; 12] = [
     target("cross-node", "podnet-vxlan", ("cross-node", "kernel-vxlan"), "tcp_throughput", Better::Higher, 1.15),
     target("cross-node", "podnet-vxlan", ("cross-node", "kernel-vxlan"), "latency_p50", Better::Lower, 0.90),
     target("cross-node", "podnet-direct", ("cross-node", "underlay"), "tcp_throughput", Better::Higher, 0.97),
-    target("scale", "podnet (scaled maps)", ("same-node", "podnet"), "tcp_throughput", Better::Higher, 0.97),
+    target("scale-trie", scale::TRIE_FULL, ("scale-trie", scale::TRIE_ONE), "tcp_throughput", Better::Higher, 0.97),
+    target("scale-endpoints", scale::ENDPOINTS_MANY, ("scale-endpoints", scale::ENDPOINTS_ONE), "udp_kpps", Better::Higher, 0.97),
     target("same-node", "podnet", ("same-node", "bridge"), "conn_rate", Better::Higher, 1.00),
     // IPv4 BIG TCP against the same configuration elsewhere, and whether
     // it beats podnet without it (what decides its default).
@@ -1970,23 +1881,20 @@ fn targets_table(figures: &[Figure]) -> String {
 fn baseline_table(figures: &[Figure]) -> String {
     let ratios = baseline_ratios(figures);
     let mut out = String::new();
-    let Some(first) = ratios.first() else {
+    if ratios.is_empty() {
         return out;
-    };
+    }
     let _ = writeln!(
         out,
         "\npodnet vs its baseline (same run, per-round ratios)\n  \
          ratio = podnet / podnet-baseline of the same round, the two measured next to each other;\n  \
-         interval = min..max of the {n} per-round ratios (holds the median ratio with {:.1} % \
-         probability if rounds are independent);\n  \
-         throughput, conn rate: > 1 is better; latency: < 1 is better",
-        first.interval_coverage * 100.0,
-        n = first.per_round.len(),
+         interval = 95 % percentile bootstrap CI of the median ratio ({BOOTSTRAP_RESAMPLES} resamples);\n  \
+         throughput, conn rate: > 1 is better; latency, CPU per GB: < 1 is better",
     );
     let _ = writeln!(
         out,
         "  {:<11} {:<14} {:<16} {:<9} {:>7} {:>7} {:>7}  PER ROUND",
-        "SCENARIO", "DATAPLANE", "METRIC", "BETTER", "MEDIAN", "MIN", "MAX"
+        "SCENARIO", "DATAPLANE", "METRIC", "BETTER", "MEDIAN", "CI LOW", "CI HIGH"
     );
     for r in &ratios {
         let better = match r.better {
@@ -2002,8 +1910,8 @@ fn baseline_table(figures: &[Figure]) -> String {
             r.metric,
             better,
             r.median,
-            r.min,
-            r.max,
+            r.ci95.0,
+            r.ci95.1,
             rounds.join(" ")
         );
     }
@@ -2094,16 +2002,6 @@ pub fn table(figures: &[Figure]) -> String {
             }
         }
     }
-    if let (Some(scaled), Some(min)) = (
-        find(figures, "scale", "podnet (scaled maps)", "tcp_throughput"),
-        find(figures, "same-node", "podnet", "tcp_throughput"),
-    ) {
-        let _ = writeln!(
-            out,
-            "  scale       podnet full maps vs minimal maps tcp_throughput   {:>6.2}x",
-            scaled.median / min.median
-        );
-    }
     if let (Some(beside), Some(alone)) = (
         find(
             figures,
@@ -2136,12 +2034,15 @@ pub fn table(figures: &[Figure]) -> String {
 
 /// What differs between the dataplanes besides the datapath, stated in the
 /// JSON report (and in BENCHMARKS.md's Method).
-pub const CONDITIONS: [&str; 3] = [
+pub const CONDITIONS: [&str; 4] = [
     "bridge: net.bridge.bridge-nf-call-iptables=1 (br_netfilter built in, the default); \
      bridge-nf-off: the same bridge with it set to 0 in its node's netns (per netns on this kernel)",
-    "podnet nodes run podnet's nft masquerade, so conntrack sees the pods' traffic and the \
-     VXLAN UDP on both nodes; the flannel-style kernel-vxlan baseline runs without any \
-     masquerade rules (flannel's --ip-masq rules are not added)",
+    "podnet nodes run podnet's nft masquerade (with notrack for the VXLAN UDP between nodes); \
+     the flannel-style kernel-vxlan nodes run flanneld's --ip-masq rules (nat FLANNEL-POSTRTG, \
+     filter FLANNEL-FWD), so conntrack runs on both (for the VXLAN UDP too on the flannel-style \
+     nodes)",
+    "podnet-bigtcp: podnet's pods with ipv4BigTcp (gso/gro_ipv4_max_size 196608 on both veth \
+     ends); veth-bigtcp and bridge-bigtcp: the same sizes on every link of the reference",
     "kernel.bpf_stats_enabled is 0 during every traffic run, 1 only in the bpf_stats phase",
 ];
 

@@ -1,14 +1,30 @@
 //! `bench --quick` end to end: every scenario builds and measures (no
 //! assertion on speed: timings on a shared machine are not test material).
 
-use podnet_tests::{bench, privileged};
+use podnet_tests::{
+    bench::{
+        self,
+        scale::{ENDPOINTS_MANY, ENDPOINTS_ONE, TRIE_FULL, TRIE_ONE},
+    },
+    privileged,
+};
+
+/// The one value of a count figure of the scale part.
+fn count(figures: &[bench::Figure], scenario: &str, dataplane: &str, metric: &str) -> f64 {
+    figures
+        .iter()
+        .find(|f| f.scenario == scenario && f.dataplane == dataplane && f.metric == metric)
+        .unwrap_or_else(|| panic!("{scenario}/{dataplane}/{metric} reported"))
+        .median
+}
 
 #[test]
 fn every_benchmark_scenario_builds_and_measures() {
     if !privileged("every_benchmark_scenario_builds_and_measures") {
         return;
     }
-    let figures = bench::run_all(&bench::BenchOptions::quick()).expect("bench --quick");
+    let opts = bench::BenchOptions::quick();
+    let figures = bench::run_all(&opts).expect("bench --quick");
     for (scenario, dataplanes) in [
         (
             "same-node",
@@ -29,11 +45,13 @@ fn every_benchmark_scenario_builds_and_measures() {
         ),
         ("shaping", &["podnet", "podnet beside limited pods"][..]),
         ("cni", &["podnet", "bridge"][..]),
+        ("scale-trie", &[TRIE_ONE, TRIE_FULL][..]),
         (
-            "scale",
+            "scale-endpoints",
             &[
+                ENDPOINTS_ONE,
+                ENDPOINTS_MANY,
                 "podnetd idle",
-                "podnet (scaled maps)",
                 "podnetd holding the endpoints",
             ][..],
         ),
@@ -53,6 +71,7 @@ fn every_benchmark_scenario_builds_and_measures() {
             }
         }
     }
+    assert_scale_exercised(&figures, opts.seconds);
     let bpf_costs: Vec<_> = figures
         .iter()
         .filter(|f| f.metric == "bpf_ns_per_packet")
@@ -73,4 +92,57 @@ fn every_benchmark_scenario_builds_and_measures() {
     assert!(table.contains("vs veth"), "{table}");
     let svg = bench::svg(&figures);
     assert!(svg.starts_with("<svg") && svg.contains("podnet"));
+}
+
+/// The scale runs went where they claim (counters and the receiver's
+/// notes, not speed).
+fn assert_scale_exercised(figures: &[bench::Figure], seconds: u64) {
+    #[allow(clippy::cast_precision_loss, reason = "a few seconds")]
+    let seconds = seconds as f64;
+    // The scale runs went where they claim: the trie was full and the
+    // destination sat under a prefix of every length while node1 routed
+    // the transfer (redirect_neigh: the path that looks the trie up)...
+    let trie_entries = count(figures, "scale-trie", TRIE_FULL, "trie_entries");
+    assert!(trie_entries >= 4_096.0, "trie entries: {trie_entries}");
+    assert!(
+        (count(figures, "scale-trie", TRIE_FULL, "prefixes_on_path") - 32.0).abs() < 0.5,
+        "the destination under /1 .. /32"
+    );
+    let trie_packets = count(figures, "scale-trie", TRIE_FULL, "path_packets");
+    assert!(
+        trie_packets > 1_000.0,
+        "packets routed through the full trie: {trie_packets}"
+    );
+    // ...and every one of the many endpoints received datagrams through
+    // redirect_peer (each a lookup of another endpoint entry).
+    let endpoints = count(
+        figures,
+        "scale-endpoints",
+        ENDPOINTS_MANY,
+        "endpoint_entries",
+    );
+    assert!(endpoints >= 512.0, "endpoints: {endpoints}");
+    let reached = count(
+        figures,
+        "scale-endpoints",
+        ENDPOINTS_MANY,
+        "endpoints_reached",
+    );
+    assert!(
+        (reached - endpoints).abs() < 0.5,
+        "{reached} of {endpoints} endpoints received datagrams"
+    );
+    let received_kpps = figures
+        .iter()
+        .find(|f| {
+            f.scenario == "scale-endpoints"
+                && f.dataplane == ENDPOINTS_MANY
+                && f.metric == "udp_kpps"
+        })
+        .map_or(0.0, |f| f.median);
+    let peer_packets = count(figures, "scale-endpoints", ENDPOINTS_MANY, "path_packets");
+    assert!(
+        peer_packets >= received_kpps * 1e3 * seconds * 0.99,
+        "redirect_peer moved {peer_packets}, {received_kpps} kpps received over {seconds} s"
+    );
 }
