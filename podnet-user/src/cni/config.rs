@@ -239,6 +239,20 @@ mod tests {
     }
 
     #[test]
+    fn ipv4_big_tcp_is_off_unless_the_conf_turns_it_on_and_must_be_a_bool() {
+        let conf = |extra: &str| {
+            parse(&format!(
+                r#"{{"cniVersion":"1.0.0","name":"n","type":"podnet"{extra}}}"#
+            ))
+        };
+        assert!(!conf("").expect("no key").ipv4_big_tcp);
+        assert!(conf(r#","ipv4BigTcp":true"#).expect("on").ipv4_big_tcp);
+        assert!(!conf(r#","ipv4BigTcp":false"#).expect("off").ipv4_big_tcp);
+        let err = conf(r#","ipv4BigTcp":"yes""#).expect_err("not a bool");
+        assert_eq!(err.code, code::INVALID_CONFIG);
+    }
+
+    #[test]
     fn bandwidth_comes_from_runtime_config_with_the_reference_messages() {
         let conf = |bw: &str| {
             parse(&format!(
