@@ -1,12 +1,31 @@
-//! `from_underlay`: TC ingress of the node's underlay device in direct
-//! mode. Pod traffic routed here by other nodes goes straight into the local
-//! pod; everything else (the node's own traffic) is left to the host.
+//! `from_underlay`: TC ingress of the node's underlay device. Direct mode:
+//! pod traffic routed here by other nodes goes straight into the local pod.
+//! VXLAN mode with the BPF datapath: VXLAN packets other nodes sent to a
+//! local pod are decapsulated here and go straight into it. Everything else
+//! (the node's own traffic, VXLAN for anything but a local pod) is left to
+//! the host.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
+use podnet_common::node::{MODE_DIRECT, MODE_VXLAN, NODE_F_VXLAN_BPF};
 
-use crate::forward::{self, Arrival};
+use crate::{
+    counters::TC_ACT_OK,
+    forward::{self, Arrival},
+    maps::CONFIG,
+};
 
 #[classifier]
 pub fn from_underlay(mut ctx: TcContext) -> i32 {
-    forward::deliver_local(&mut ctx, Arrival::Underlay)
+    let Some(config) = CONFIG.get(0).copied() else {
+        return TC_ACT_OK;
+    };
+    match config.mode {
+        MODE_DIRECT => forward::deliver_local(&mut ctx, Arrival::Underlay),
+        MODE_VXLAN if config.flags & NODE_F_VXLAN_BPF != 0 => {
+            forward::decapsulate_local(&mut ctx, &config)
+        }
+        // Attached by an agent of another mode (a restart that changed it
+        // before the link was replaced): nothing to do here.
+        _ => TC_ACT_OK,
+    }
 }
