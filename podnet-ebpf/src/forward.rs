@@ -413,10 +413,10 @@ unsafe fn store_words(dst: *mut [u32; 4], words: [u32; 4]) {
 #[inline(always)]
 pub fn decapsulate_local(ctx: &mut TcContext, config: &NodeConfig) -> i32 {
     let Some(arrived) = vxlan::arrived(ctx, config) else {
-        return crate::counters::TC_ACT_OK;
+        return pass_to_stack();
     };
     if !is_node(arrived.node_ip) {
-        return crate::counters::TC_ACT_OK;
+        return pass_to_stack();
     }
     let inner = arrived.inner;
     // The tunnel's remote address speaks for its node's pods and itself,
@@ -428,7 +428,7 @@ pub fn decapsulate_local(ctx: &mut TcContext, config: &NodeConfig) -> i32 {
         }
     }
     let Some(dst) = endpoint(inner.dst) else {
-        return crate::counters::TC_ACT_OK;
+        return pass_to_stack();
     };
     // Decided before the outer headers come off: what goes to the stack
     // goes there whole, for the VXLAN device (a decapsulated frame would

@@ -6,26 +6,19 @@
 //! the host.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use podnet_common::node::{MODE_DIRECT, MODE_VXLAN, NODE_F_VXLAN_BPF};
+use podnet_common::node::{MODE_VXLAN, NODE_F_VXLAN_BPF};
 
 use crate::{
-    counters::TC_ACT_OK,
     forward::{self, Arrival},
     maps::CONFIG,
 };
 
 #[classifier]
 pub fn from_underlay(mut ctx: TcContext) -> i32 {
-    let Some(config) = CONFIG.get(0).copied() else {
-        return TC_ACT_OK;
-    };
-    match config.mode {
-        MODE_DIRECT => forward::deliver_local(&mut ctx, Arrival::Underlay),
-        MODE_VXLAN if config.flags & NODE_F_VXLAN_BPF != 0 => {
+    match CONFIG.get(0).copied() {
+        Some(config) if config.mode == MODE_VXLAN && config.flags & NODE_F_VXLAN_BPF != 0 => {
             forward::decapsulate_local(&mut ctx, &config)
         }
-        // Attached by an agent of another mode (a restart that changed it
-        // before the link was replaced): nothing to do here.
-        _ => TC_ACT_OK,
+        _ => forward::deliver_local(&mut ctx, Arrival::Underlay),
     }
 }

@@ -1007,13 +1007,30 @@ impl FlannelCluster {
 /// agents and the CNI plugin from there (the baseline), under its own
 /// namespace prefix so it coexists with this build's lab of the same mode.
 pub fn podnet_cluster(mode: &str, bin_dir: Option<&Path>) -> anyhow::Result<(LabGuard, Pair)> {
-    let tag = match (mode == "vxlan", bin_dir.is_some()) {
-        (true, false) => "bvx",
-        (false, false) => "bdr",
-        (true, true) => "bvxb",
-        (false, true) => "bdrb",
+    podnet_cluster_with(mode, &[], bin_dir)
+}
+
+/// [`podnet_cluster`] whose agents get `agent_args` too (another lab
+/// prefix when there are any, so it coexists with the plain one).
+pub fn podnet_cluster_with(
+    mode: &str,
+    agent_args: &[&str],
+    bin_dir: Option<&Path>,
+) -> anyhow::Result<(LabGuard, Pair)> {
+    let tag = match (mode == "vxlan", bin_dir.is_some(), agent_args.is_empty()) {
+        (true, false, true) => "bvx",
+        (false, false, true) => "bdr",
+        (true, true, true) => "bvxb",
+        (false, true, true) => "bdrb",
+        (true, _, false) => "bvxa",
+        (false, _, false) => "bdra",
     };
-    let guard = LabGuard::up_with_bins(tag, 2, 1, mode, LabDatastore::File, bin_dir)?;
+    let options = crate::lab::LabOptions {
+        bin_dir: bin_dir.map(Path::to_path_buf),
+        agent_args: agent_args.iter().map(|a| (*a).to_owned()).collect(),
+        ..crate::lab::LabOptions::default()
+    };
+    let guard = LabGuard::up_with(tag, 2, 1, mode, LabDatastore::File, options)?;
     let pair = Pair {
         client_ns: guard.layout.pods[0].netns.clone(),
         server_ns: guard.layout.pods[1].netns.clone(),
@@ -1414,11 +1431,14 @@ impl BenchOptions {
     }
 }
 
-/// Cross node: podnet VXLAN and podnet direct (each with its baseline
-/// beside it), flannel-style kernel VXLAN and the underlay, in interleaved
-/// rounds.
+/// Cross node: podnet VXLAN (kernel datapath, with its baseline beside it,
+/// and the BPF one), podnet direct (with its baseline beside it),
+/// flannel-style kernel VXLAN and the underlay, in interleaved rounds.
 fn measure_cross_node(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
-    progress("cross node: building podnet vxlan, podnet direct, flannel-style kernel VXLAN");
+    progress(
+        "cross node: building podnet vxlan (kernel and bpf datapaths), podnet direct, \
+         flannel-style kernel VXLAN",
+    );
     let mut labs = Vec::new();
     let mut dataplanes = Vec::new();
     let mut baseline_programs = BTreeSet::new();
@@ -1442,6 +1462,11 @@ fn measure_cross_node(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow:
             baseline_programs.extend(ids);
         }
     }
+    // The other VXLAN datapath (`--vxlan-datapath`), in the same rounds.
+    // Not built from the baseline binaries, which may not have the flag.
+    let (lab, pair) = podnet_cluster_with("vxlan", &["--vxlan-datapath", "bpf"], None)?;
+    labs.push(lab);
+    dataplanes.push(("podnet-vxlan-bpf", pair));
     let flannel = FlannelCluster::new()?;
     dataplanes.extend([
         ("kernel-vxlan", flannel.pair()),
@@ -1754,13 +1779,15 @@ const fn target(
 /// Every target, in one place (issue 14, "Targets"; the bridge one also
 /// against the bridge without br_netfilter's iptables hooks).
 #[rustfmt::skip]
-pub const TARGETS: [Target; 9] = [
+pub const TARGETS: [Target; 11] = [
     target("same-node", "podnet", ("same-node", "veth"), "tcp_throughput", Better::Higher, 1.00),
     target("same-node", "podnet", ("same-node", "bridge"), "tcp_throughput", Better::Higher, 1.15),
     target("same-node", "podnet", ("same-node", "bridge"), "cpu_s_per_gb", Better::Lower, 0.85),
     target("same-node", "podnet", ("same-node", "bridge-nf-off"), "tcp_throughput", Better::Higher, 1.15),
     target("cross-node", "podnet-vxlan", ("cross-node", "kernel-vxlan"), "tcp_throughput", Better::Higher, 1.15),
     target("cross-node", "podnet-vxlan", ("cross-node", "kernel-vxlan"), "latency_p50", Better::Lower, 0.90),
+    target("cross-node", "podnet-vxlan-bpf", ("cross-node", "kernel-vxlan"), "tcp_throughput", Better::Higher, 1.15),
+    target("cross-node", "podnet-vxlan-bpf", ("cross-node", "kernel-vxlan"), "latency_p50", Better::Lower, 0.90),
     target("cross-node", "podnet-direct", ("cross-node", "underlay"), "tcp_throughput", Better::Higher, 0.97),
     target("scale", "podnet (scaled maps)", ("same-node", "podnet"), "tcp_throughput", Better::Higher, 0.97),
     target("same-node", "podnet", ("same-node", "bridge"), "conn_rate", Better::Higher, 1.00),
@@ -1945,7 +1972,7 @@ const TRAFFIC_METRICS: [&str; 5] = [
 ];
 
 /// podnet against each peer in the table: scenario, podnet, peers, metrics.
-const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 4] = [
+const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 5] = [
     (
         "same-node",
         "podnet",
@@ -1956,6 +1983,12 @@ const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 4] = [
         "cross-node",
         "podnet-vxlan",
         &["kernel-vxlan", "underlay"],
+        &TRAFFIC_METRICS,
+    ),
+    (
+        "cross-node",
+        "podnet-vxlan-bpf",
+        &["kernel-vxlan", "podnet-vxlan", "underlay"],
         &TRAFFIC_METRICS,
     ),
     (
