@@ -439,6 +439,16 @@ pub fn decapsulate_local(ctx: &mut TcContext, config: &NodeConfig) -> i32 {
     if let Some(code) = flows::divert_to_stack(ctx, &inner) {
         return code;
     }
+    // A GSO packet keeps its tunnel state through the decapsulation (see
+    // `vxlan::decapsulate`), harmless in a socket but not where something
+    // segments it: the tbf of a pod with an ingress limit does
+    // (`tbf_segment`). Those go through the device, which clears it.
+    // SAFETY: `ctx.skb.skb` is this run's `__sk_buff`, valid for the whole
+    // program.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if gso && dst.flags & ENDPOINT_F_SHAPED_INGRESS != 0 {
+        return pass_to_stack();
+    }
     if !vxlan::decapsulate(ctx) {
         return pass_to_stack();
     }
