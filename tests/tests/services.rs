@@ -254,13 +254,22 @@ fn icmp_errors_follow_the_flow(layout: &LabLayout) {
 }
 
 fn services_in_mode(tag: &str, mode: &str, cross_verdict: &str) {
-    let mut lab = LabGuard::up_with_service(
+    services_in_mode_with(tag, mode, cross_verdict, &[]);
+}
+
+/// [`services_in_mode`] with agents started with `agent_args` as well.
+fn services_in_mode_with(tag: &str, mode: &str, cross_verdict: &str, agent_args: &[&str]) {
+    let mut lab = LabGuard::up_with(
         tag,
         2,
         2,
         mode,
         LabDatastore::File,
-        ServiceKind::KubeProxyIptables,
+        lab::LabOptions {
+            service: Some(ServiceKind::KubeProxyIptables),
+            agent_args: agent_args.iter().map(|a| (*a).to_owned()).collect(),
+            ..lab::LabOptions::default()
+        },
     )
     .expect("lab up with the demo Service");
     // Loose reverse-path filtering, as systemd and Ubuntu set it on nodes.
@@ -303,6 +312,22 @@ fn services_and_node_ports_vxlan() {
         return;
     }
     services_in_mode("svx", "vxlan", "vxlan_encap");
+}
+
+/// With the BPF VXLAN datapath a Service flow's replies must still meet
+/// conntrack: from_underlay leaves VXLAN of flows the stack tracked to the
+/// VXLAN device (see `flows`), pod to pod stays on the BPF path.
+#[test]
+fn services_and_node_ports_vxlan_bpf() {
+    if !privileged("services_and_node_ports_vxlan_bpf") {
+        return;
+    }
+    services_in_mode_with(
+        "svb",
+        "vxlan",
+        "vxlan_encap_bpf",
+        &["--vxlan-datapath", "bpf"],
+    );
 }
 
 #[test]
