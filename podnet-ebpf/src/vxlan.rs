@@ -93,6 +93,14 @@ pub fn encapsulate(
     remote_ip: u32,
     inner_tos: u8,
 ) -> Result<(), Refused> {
+    // The outer IPv4 length must fit its 16 bits, also for a GSO
+    // super-packet, whose length receivers check before segmenting it
+    // (`ip_rcv_core` trims to it). TCP keeps a pod's GSO packets below
+    // 64 KiB minus its header reserve (`sk_gso_max_size`), so only a
+    // BIG TCP pod (gso_max_size above 64 KiB) gets here: the device's way.
+    if ctx.len() as usize + VXLAN_ROOM - ETH_HLEN > usize::from(u16::MAX) {
+        return Err(Refused::Unchanged);
+    }
     // The source port spreads flows over the receiver's queues (RSS) and
     // ECMP paths like the kernel's `udp_flow_src_port`: from the inner
     // flow's hash, taken before the outer headers exist.

@@ -18,7 +18,7 @@ fn every_benchmark_scenario_builds_and_measures() {
             "cross-node",
             &[
                 "podnet-vxlan",
-                "podnet-vxlan-bpf",
+                "podnet-vxlan-kernel",
                 "podnet-direct",
                 "kernel-vxlan",
                 "underlay",

@@ -130,7 +130,19 @@ fn explain_matches_real_traffic_in_vxlan_mode() {
     if !privileged("explain_matches_real_traffic_in_vxlan_mode") {
         return;
     }
-    let mut lab = LabGuard::up("xpv", 2, 0, "vxlan", LabDatastore::File).expect("lab");
+    // The VXLAN device's datapath; the default (bpf) is below.
+    let mut lab = LabGuard::up_with(
+        "xpv",
+        2,
+        0,
+        "vxlan",
+        LabDatastore::File,
+        podnet_tests::lab::LabOptions {
+            agent_args: vec!["--vxlan-datapath".into(), "kernel".into()],
+            ..podnet_tests::lab::LabOptions::default()
+        },
+    )
+    .expect("lab");
     let layout = &mut lab.layout;
     let a = layout.add_pod("node1", "a").expect("a");
     let b = layout.add_pod("node1", "b").expect("b");

@@ -97,14 +97,14 @@ fn pods_reach_other_nodes_through_the_tunnel_and_the_stack_masquerades() {
     let node1 = layout.node("node1").expect("node1").clone();
     let node2 = layout.node("node2").expect("node2").clone();
 
-    let encapsulated = counter(&node1, "vxlan_encap");
+    let encapsulated = counter(&node1, "vxlan_encap_bpf");
     assert_eq!(
         seen_source_at(&pod.netns, &node2.netns, node2.node_ip),
         pod.ip,
         "node2 sees the pod's own address"
     );
     assert!(
-        counter(&node1, "vxlan_encap") > encapsulated,
+        counter(&node1, "vxlan_encap_bpf") > encapsulated,
         "through the tunnel"
     );
     let handed_to_shaper = counter(&node1, "to_shaper");
@@ -120,7 +120,29 @@ fn pods_reach_other_nodes_through_the_tunnel_and_the_stack_masquerades() {
 }
 
 fn cross_node(tag: &str, mode: &str, datastore: LabDatastore, encap: &str, deliver: &str) {
-    let lab = LabGuard::up(tag, 2, 1, mode, datastore).expect("lab up");
+    cross_node_with(tag, mode, datastore, (encap, deliver), &[]);
+}
+
+/// [`cross_node`] with agents started with `agent_args` as well.
+fn cross_node_with(
+    tag: &str,
+    mode: &str,
+    datastore: LabDatastore,
+    (encap, deliver): (&str, &str),
+    agent_args: &[&str],
+) {
+    let lab = LabGuard::up_with(
+        tag,
+        2,
+        1,
+        mode,
+        datastore,
+        LabOptions {
+            agent_args: agent_args.iter().map(|a| (*a).to_owned()).collect(),
+            ..LabOptions::default()
+        },
+    )
+    .expect("lab up");
     let layout = &lab.layout;
     let probes = lab::check(layout).expect("check");
     assert!(probes.iter().all(|p| p.ok), "{}", lab::render(&probes));
@@ -156,12 +178,28 @@ fn cross_node_vxlan() {
         "vx",
         "vxlan",
         LabDatastore::File,
-        "vxlan_encap",
-        "overlay_deliver",
+        "vxlan_encap_bpf",
+        "vxlan_decap_bpf",
     );
 }
 
-/// `--vxlan-datapath bpf`: from_pod encapsulates and from_underlay
+/// `--vxlan-datapath kernel`: the node's VXLAN device encapsulates and
+/// decapsulates, from_overlay delivers.
+#[test]
+fn cross_node_vxlan_kernel() {
+    if !privileged("cross_node_vxlan_kernel") {
+        return;
+    }
+    cross_node_with(
+        "vk",
+        "vxlan",
+        LabDatastore::File,
+        ("vxlan_encap", "overlay_deliver"),
+        &["--vxlan-datapath", "kernel"],
+    );
+}
+
+/// `--vxlan-datapath bpf` (the default, named): from_pod encapsulates and from_underlay
 /// decapsulates pod-to-pod traffic between nodes, both ways, TCP bulk
 /// (TSO/GSO super-packets) included; the node's VXLAN device carries none
 /// of it but still carries the node's own traffic.
@@ -392,8 +430,8 @@ fn cross_node_vxlan_with_etcd() {
         "ve",
         "vxlan",
         LabDatastore::Etcd,
-        "vxlan_encap",
-        "overlay_deliver",
+        "vxlan_encap_bpf",
+        "vxlan_decap_bpf",
     );
 }
 

@@ -68,12 +68,13 @@ pub struct NodeNetwork {
 pub enum VxlanDatapath {
     /// The node's collect-metadata VXLAN device, fed by from_pod with a
     /// tunnel key (`bpf_skb_set_tunnel_key`); its UDP socket decapsulates.
-    #[default]
     Kernel,
     /// from_pod writes the outer headers itself (`bpf_skb_adjust_room`) and
     /// sends the packet out of the underlay (`bpf_redirect_neigh`);
     /// from_underlay decapsulates what other nodes send to local pods. The
     /// VXLAN device stays for everything else (the node's own traffic).
+    /// The default: measured faster than the device (BENCHMARKS.md).
+    #[default]
     Bpf,
 }
 

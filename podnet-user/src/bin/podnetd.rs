@@ -87,9 +87,9 @@ struct Args {
     /// VXLAN UDP port.
     #[arg(long)]
     vxlan_port: Option<u16>,
-    /// vxlan mode: who encapsulates, kernel (the node's VXLAN device,
-    /// default) or bpf (the pod's program, out of the underlay device; the
-    /// underlay's program decapsulates).
+    /// vxlan mode: who encapsulates, bpf (the pod's program, out of the
+    /// underlay device; the underlay's program decapsulates; default) or
+    /// kernel (the node's VXLAN device).
     #[arg(long, value_enum)]
     vxlan_datapath: Option<VxlanDatapath>,
     /// TTL of this node's etcd lease (seconds): how long after the agent
