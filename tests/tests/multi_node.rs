@@ -300,6 +300,43 @@ fn cross_node_vxlan_bpf() {
     );
 }
 
+/// Nodes of the two VXLAN datapaths talk (the wire format is the same):
+/// node2's agent restarts with `--vxlan-datapath kernel` beside node1's
+/// default (bpf), and pods keep reaching each other both ways, node1 still
+/// encapsulating and decapsulating in BPF, node2 through its device.
+#[test]
+fn vxlan_datapaths_interoperate() {
+    if !privileged("vxlan_datapaths_interoperate") {
+        return;
+    }
+    let mut lab = LabGuard::up("vi", 2, 1, "vxlan", LabDatastore::File).expect("lab up");
+    lab.layout.agent_args = vec!["--vxlan-datapath".into(), "kernel".into()];
+    lab.layout.stop_agent("node2").expect("stop node2");
+    lab.layout
+        .start_agent("node2")
+        .expect("node2 with the kernel datapath");
+    let layout = &lab.layout;
+    let (a, b) = (&layout.pods[0], &layout.pods[1]);
+    let (n1, n2) = (&layout.nodes[0], &layout.nodes[1]);
+    let names = [
+        (n1, "vxlan_encap_bpf"),
+        (n1, "vxlan_decap_bpf"),
+        (n2, "vxlan_encap"),
+        (n2, "overlay_deliver"),
+    ];
+    let before: Vec<u64> = names.iter().map(|(n, v)| counter(n, v)).collect();
+    assert!(ping(&a.netns, b.ip, &[]).status.success(), "a pings b");
+    traffic::transfer(&a.netns, &b.netns, b.ip, 32 << 20).expect("TCP a -> b");
+    traffic::transfer(&b.netns, &a.netns, a.ip, 32 << 20).expect("TCP b -> a");
+    for ((node, verdict), before) in names.iter().zip(before) {
+        assert!(
+            counter(node, verdict) - before > 100,
+            "{}: {verdict} moved",
+            node.name
+        );
+    }
+}
+
 /// UDP datagrams with a checksum from pod `a` (written raw, so that no
 /// offload leaves the checksum to a device: the receiving stack checks it)
 /// to pod `b`: a valid one arrives, a corrupted one is counted as a
