@@ -9,7 +9,6 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use podnet_common::node::{MODE_VXLAN, NODE_F_VXLAN_BPF};
 
 use crate::{
-    counters::pass_to_stack,
     forward::{self, Arrival},
     maps::CONFIG,
 };
@@ -17,15 +16,13 @@ use crate::{
 #[classifier]
 pub fn from_underlay(mut ctx: TcContext) -> i32 {
     match CONFIG.get(0).copied() {
-        Some(config) if config.mode == MODE_VXLAN => {
-            if config.flags & NODE_F_VXLAN_BPF != 0 {
-                forward::decapsulate_local(&mut ctx, &config)
-            } else {
-                // Left attached by an agent that ran `--vxlan-datapath bpf`
-                // before this one ran `kernel`: the device has it all.
-                pass_to_stack()
-            }
+        Some(config) if config.mode == MODE_VXLAN && config.flags & NODE_F_VXLAN_BPF != 0 => {
+            forward::decapsulate_local(&mut ctx, &config)
         }
+        // Direct mode, and whatever else runs it (a link left by an agent
+        // that ran `--vxlan-datapath bpf` before this one ran `kernel`):
+        // routed pod traffic, checked as in direct mode; VXLAN is for the
+        // node (not a local endpoint) and goes on to the device.
         _ => forward::deliver_local(&mut ctx, Arrival::Underlay),
     }
 }
