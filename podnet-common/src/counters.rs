@@ -33,10 +33,18 @@ pub enum Verdict {
     /// to the pod's shaper (an ifb device whose tbf queues it); from there
     /// it goes up the host stack, which routes it.
     ToShaper = 10,
+    /// Encapsulated in VXLAN by from_pod itself and sent out of the
+    /// underlay device (`--vxlan-datapath bpf`), skipping the node's VXLAN
+    /// device and IP output.
+    VxlanEncapBpf = 11,
+    /// A VXLAN packet from another node for a local pod, decapsulated by
+    /// from_underlay itself and delivered (`--vxlan-datapath bpf`), skipping
+    /// the node's UDP socket and VXLAN device.
+    VxlanDecapBpf = 12,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Self::RedirectPeer,
         Self::PassToStack,
@@ -49,6 +57,8 @@ impl Verdict {
         Self::StackFlow,
         Self::StackFlowTracked,
         Self::ToShaper,
+        Self::VxlanEncapBpf,
+        Self::VxlanDecapBpf,
     ];
 
     #[must_use]
@@ -65,6 +75,8 @@ impl Verdict {
             Self::StackFlow => "stack_flow",
             Self::StackFlowTracked => "stack_flow_tracked",
             Self::ToShaper => "to_shaper",
+            Self::VxlanEncapBpf => "vxlan_encap_bpf",
+            Self::VxlanDecapBpf => "vxlan_decap_bpf",
         }
     }
 }

@@ -38,9 +38,18 @@ pub struct NodeConfig {
     /// Drop events per second and CPU (appended in layout 3; 0, what a
     /// migrated entry holds, means [`crate::event::DEFAULT_DROP_EVENTS_PER_SEC`]).
     pub drop_events_per_sec: u32,
+    /// `NODE_F_*` flags (appended in layout 4; 0, what a migrated entry
+    /// holds, is the behaviour of earlier layouts).
+    pub flags: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 36);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 40);
+
+/// `NodeConfig::flags`, vxlan mode: from_pod encapsulates VXLAN itself
+/// (`bpf_skb_adjust_room` + `bpf_redirect_neigh` to the underlay) and
+/// from_underlay decapsulates what other nodes sent to local pods, instead
+/// of the node's VXLAN device doing both (`--vxlan-datapath bpf`).
+pub const NODE_F_VXLAN_BPF: u32 = 1;
 
 impl NodeConfig {
     /// Whether `ip` (network byte order) lies in this node's pod CIDR.

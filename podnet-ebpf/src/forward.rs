@@ -11,9 +11,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use podnet_common::{
-    DropReason, EndpointInfo, Program, RemoteNode, Verdict,
+    DropReason, EndpointInfo, NodeConfig, Program, RemoteNode, Verdict,
     endpoint::ENDPOINT_F_SHAPED_INGRESS,
-    node::{MODE_DIRECT, MODE_VXLAN, REMOTE_NODE_ADDRESS},
+    node::{MODE_DIRECT, MODE_VXLAN, NODE_F_VXLAN_BPF, REMOTE_NODE_ADDRESS},
 };
 
 use crate::{
@@ -21,7 +21,7 @@ use crate::{
     flows,
     maps::{CONFIG, ENDPOINTS, REMOTE},
     packet::{self, Ipv4Fields, L3},
-    sender,
+    sender, vxlan,
 };
 
 /// `AF_INET` for `bpf_redir_neigh.nh_family`.
@@ -240,7 +240,7 @@ pub fn to_endpoint(
 fn program_of(verdict: Verdict) -> Program {
     match verdict {
         Verdict::OverlayDeliver => Program::FromOverlay,
-        Verdict::UnderlayDeliver => Program::FromUnderlay,
+        Verdict::UnderlayDeliver | Verdict::VxlanDecapBpf => Program::FromUnderlay,
         _ => Program::FromPod,
     }
 }
@@ -272,50 +272,76 @@ pub fn to_remote(ctx: &mut TcContext, ip: &Ipv4Fields, remote: &RemoteNode) -> i
         return drop_packet(ctx, Program::FromPod, DropReason::HeaderRewriteFailed);
     };
     packet::decrement_ttl(header);
+    let inner_tos = header.tos;
     // Tells the egress program of the overlay/underlay device that this
     // packet never went through the stack (nothing to track).
     flows::mark_fast_path(ctx);
     match config.mode {
-        MODE_VXLAN if config.tunnel_ifindex != 0 => {
-            let mut key = MaybeUninit::uninit();
-            write_tunnel_key(&mut key, config.vni, remote.node_ip);
-            // SAFETY: `key` lives on this stack frame for the call and is
-            // fully written (`write_tunnel_key`); the size is that of the
-            // struct the kernel's UAPI defines.
-            let set = unsafe {
-                bpf_skb_set_tunnel_key(
-                    ctx.skb.skb,
-                    key.as_mut_ptr(),
-                    core::mem::size_of::<bpf_tunnel_key>() as u32,
-                    0,
-                )
-            };
-            if set != 0 {
-                return drop_packet(ctx, Program::FromPod, DropReason::TunnelKeyFailed);
+        MODE_VXLAN if config.flags & NODE_F_VXLAN_BPF != 0 && config.underlay_ifindex != 0 => {
+            match vxlan::encapsulate(ctx, &config, remote.node_ip, inner_tos) {
+                Ok(()) => {
+                    count(Verdict::VxlanEncapBpf);
+                    redirect_neigh(config.underlay_ifindex, remote.node_ip)
+                }
+                // What the kernel will not encapsulate here (a UDP GSO
+                // packet) takes the device's way, unchanged.
+                Err(vxlan::Refused::Unchanged) if config.tunnel_ifindex != 0 => {
+                    to_tunnel_device(ctx, &config, remote)
+                }
+                Err(_) => drop_packet(ctx, Program::FromPod, DropReason::HeaderRewriteFailed),
             }
-            count(Verdict::VxlanEncap);
-            // SAFETY: plain helper call; the collect-metadata VXLAN device
-            // encapsulates with the key set above.
-            unsafe { bpf_redirect(config.tunnel_ifindex, 0) as i32 }
         }
+        MODE_VXLAN if config.tunnel_ifindex != 0 => to_tunnel_device(ctx, &config, remote),
         MODE_DIRECT if config.underlay_ifindex != 0 => {
-            let mut params = MaybeUninit::uninit();
-            write_redir_neigh_v4(&mut params, remote.node_ip);
             count(Verdict::RedirectNeigh);
-            // SAFETY: `params` lives for the call and is fully written; the
-            // kernel fills in the MACs from the neighbour table (resolving
-            // it if needed).
-            unsafe {
-                bpf_redirect_neigh(
-                    config.underlay_ifindex,
-                    params.as_mut_ptr(),
-                    core::mem::size_of::<bpf_redir_neigh>() as i32,
-                    0,
-                ) as i32
-            }
+            redirect_neigh(config.underlay_ifindex, remote.node_ip)
         }
         _ => drop_packet(ctx, Program::FromPod, DropReason::NoNodeConfig),
     }
+}
+
+/// Out of `ifindex` to the next hop `node_ip` (network byte order), whose
+/// MAC the kernel fills in from the neighbour table (resolving it if
+/// needed).
+#[inline(always)]
+fn redirect_neigh(ifindex: u32, node_ip: u32) -> i32 {
+    let mut params = MaybeUninit::uninit();
+    write_redir_neigh_v4(&mut params, node_ip);
+    // SAFETY: `params` lives for the call and is fully written.
+    unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            params.as_mut_ptr(),
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        ) as i32
+    }
+}
+
+/// Hands the packet to the collect-metadata VXLAN device with the tunnel
+/// key for `remote`: the device encapsulates it.
+#[inline(always)]
+fn to_tunnel_device(ctx: &mut TcContext, config: &NodeConfig, remote: &RemoteNode) -> i32 {
+    let mut key = MaybeUninit::uninit();
+    write_tunnel_key(&mut key, config.vni, remote.node_ip);
+    // SAFETY: `key` lives on this stack frame for the call and is
+    // fully written (`write_tunnel_key`); the size is that of the
+    // struct the kernel's UAPI defines.
+    let set = unsafe {
+        bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            key.as_mut_ptr(),
+            core::mem::size_of::<bpf_tunnel_key>() as u32,
+            0,
+        )
+    };
+    if set != 0 {
+        return drop_packet(ctx, Program::FromPod, DropReason::TunnelKeyFailed);
+    }
+    count(Verdict::VxlanEncap);
+    // SAFETY: plain helper call; the collect-metadata VXLAN device
+    // encapsulates with the key set above.
+    unsafe { bpf_redirect(config.tunnel_ifindex, 0) as i32 }
 }
 
 // The two helper arguments below are built with one volatile store per
@@ -374,4 +400,61 @@ unsafe fn store_words(dst: *mut [u32; 4], words: [u32; 4]) {
         write_volatile(dst.add(2), words[2]);
         write_volatile(dst.add(3), words[3]);
     }
+}
+
+/// VXLAN mode with the BPF datapath, on the underlay: a VXLAN packet from
+/// another node for a local endpoint is decapsulated and delivered here,
+/// after the checks from_overlay makes (the inner source must be the
+/// sending node's: its pod CIDR or its address). Everything else goes to
+/// the stack untouched, where the node's VXLAN device and from_overlay
+/// handle it as in the kernel datapath: VXLAN from an unknown host (dropped
+/// there), for the node itself or a non-local address, and the packets of
+/// flows that go through the stack (`flows::divert_to_stack`).
+#[inline(always)]
+pub fn decapsulate_local(ctx: &mut TcContext, config: &NodeConfig) -> i32 {
+    let Some(arrived) = vxlan::arrived(ctx, config) else {
+        return pass_to_stack();
+    };
+    if !is_node(arrived.node_ip) {
+        return pass_to_stack();
+    }
+    let inner = arrived.inner;
+    // The tunnel's remote address speaks for its node's pods and itself,
+    // nobody else: what from_overlay checks (`deliver_local`).
+    match remote_node(inner.src) {
+        Some(node) if node.node_ip == arrived.node_ip => {}
+        _ => {
+            return drop_packet(ctx, Program::FromUnderlay, DropReason::TunnelSourceMismatch);
+        }
+    }
+    let Some(dst) = endpoint(inner.dst) else {
+        return pass_to_stack();
+    };
+    // Decided before the outer headers come off: what goes to the stack
+    // goes there whole, for the VXLAN device (a decapsulated frame would
+    // arrive as another host's and die in ip_rcv).
+    if inner.ttl <= 1 || inner.fragment {
+        return pass_to_stack();
+    }
+    if let Some(code) = flows::divert_to_stack(ctx, &inner) {
+        return code;
+    }
+    // A GSO packet keeps its tunnel state through the decapsulation (see
+    // `vxlan::decapsulate`), harmless in a socket but not where something
+    // segments it: the tbf of a pod with an ingress limit does
+    // (`tbf_segment`). Those go through the device, which clears it.
+    // SAFETY: `ctx.skb.skb` is this run's `__sk_buff`, valid for the whole
+    // program.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if gso && dst.flags & ENDPOINT_F_SHAPED_INGRESS != 0 {
+        return pass_to_stack();
+    }
+    if !vxlan::decapsulate(ctx) {
+        return pass_to_stack();
+    }
+    let inner = Ipv4Fields {
+        l4_offset: inner.l4_offset - vxlan::VXLAN_ROOM,
+        ..inner
+    };
+    to_endpoint(ctx, &inner, &dst, Verdict::VxlanDecapBpf)
 }

@@ -1,12 +1,28 @@
-//! `from_underlay`: TC ingress of the node's underlay device in direct
-//! mode. Pod traffic routed here by other nodes goes straight into the local
-//! pod; everything else (the node's own traffic) is left to the host.
+//! `from_underlay`: TC ingress of the node's underlay device. Direct mode:
+//! pod traffic routed here by other nodes goes straight into the local pod.
+//! VXLAN mode with the BPF datapath: VXLAN packets other nodes sent to a
+//! local pod are decapsulated here and go straight into it. Everything else
+//! (the node's own traffic, VXLAN for anything but a local pod) is left to
+//! the host.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
+use podnet_common::node::{MODE_VXLAN, NODE_F_VXLAN_BPF};
 
-use crate::forward::{self, Arrival};
+use crate::{
+    forward::{self, Arrival},
+    maps::CONFIG,
+};
 
 #[classifier]
 pub fn from_underlay(mut ctx: TcContext) -> i32 {
-    forward::deliver_local(&mut ctx, Arrival::Underlay)
+    match CONFIG.get(0).copied() {
+        Some(config) if config.mode == MODE_VXLAN && config.flags & NODE_F_VXLAN_BPF != 0 => {
+            forward::decapsulate_local(&mut ctx, &config)
+        }
+        // Direct mode, and whatever else runs it (a link left by an agent
+        // that ran `--vxlan-datapath bpf` before this one ran `kernel`):
+        // routed pod traffic, checked as in direct mode; VXLAN is for the
+        // node (not a local endpoint) and goes on to the device.
+        _ => forward::deliver_local(&mut ctx, Arrival::Underlay),
+    }
 }

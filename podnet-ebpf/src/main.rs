@@ -17,6 +17,7 @@ mod sender;
 mod to_overlay;
 mod to_pod;
 mod to_underlay;
+mod vxlan;
 
 // The bpfel target has no unwinding; a panic cannot happen in verified code
 // (the verifier rejects unbounded paths), but the symbol must exist. Gated so a

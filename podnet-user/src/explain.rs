@@ -463,6 +463,16 @@ pub fn destination(
                 device: ifname(world.config.tunnel_ifindex),
             }
         }
+        Some(Verdict::VxlanEncapBpf) => {
+            // Encapsulated by from_pod itself and sent out of the underlay.
+            let (node_ip, node_name) = remote_node(remote, names);
+            Destination::Tunnel {
+                node_ip,
+                node_name,
+                vni: world.config.vni,
+                device: ifname(world.config.underlay_ifindex),
+            }
+        }
         Some(Verdict::RedirectNeigh) => {
             let (node_ip, node_name) = remote_node(remote, names);
             Destination::Underlay {

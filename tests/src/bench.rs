@@ -1092,22 +1092,41 @@ fn flannel_ip_masq(node: &NetNs, pod_subnet: &str, cluster: &str) -> anyhow::Res
 /// agents and the CNI plugin from there (the baseline), under its own
 /// namespace prefix so it coexists with this build's lab of the same mode.
 pub fn podnet_cluster(mode: &str, bin_dir: Option<&Path>) -> anyhow::Result<(LabGuard, Pair)> {
-    let tag = match (mode == "vxlan", bin_dir.is_some()) {
-        (true, false) => "bvx",
-        (false, false) => "bdr",
-        (true, true) => "bvxb",
-        (false, true) => "bdrb",
-    };
-    podnet_lab(tag, mode, bin_dir)
+    podnet_cluster_with(mode, &[], bin_dir)
 }
 
-/// [`podnet_cluster`] under namespace prefix tag `tag`.
+/// [`podnet_cluster`] whose agents get `agent_args` too (another lab
+/// prefix when there are any, so it coexists with the plain one).
+pub fn podnet_cluster_with(
+    mode: &str,
+    agent_args: &[&str],
+    bin_dir: Option<&Path>,
+) -> anyhow::Result<(LabGuard, Pair)> {
+    let tag = match (mode == "vxlan", bin_dir.is_some(), agent_args.is_empty()) {
+        (true, false, true) => "bvx",
+        (false, false, true) => "bdr",
+        (true, true, true) => "bvxb",
+        (false, true, true) => "bdrb",
+        (true, _, false) => "bvxa",
+        (false, _, false) => "bdra",
+    };
+    podnet_lab(tag, mode, agent_args, bin_dir)
+}
+
+/// A two-node lab of `mode` under namespace prefix tag `tag`, its agents
+/// with `agent_args` too, from `bin_dir` when given.
 pub fn podnet_lab(
     tag: &str,
     mode: &str,
+    agent_args: &[&str],
     bin_dir: Option<&Path>,
 ) -> anyhow::Result<(LabGuard, Pair)> {
-    let guard = LabGuard::up_with_bins(tag, 2, 1, mode, LabDatastore::File, bin_dir)?;
+    let options = crate::lab::LabOptions {
+        bin_dir: bin_dir.map(Path::to_path_buf),
+        agent_args: agent_args.iter().map(|a| (*a).to_owned()).collect(),
+        ..crate::lab::LabOptions::default()
+    };
+    let guard = LabGuard::up_with(tag, 2, 1, mode, LabDatastore::File, options)?;
     let pair = Pair {
         client_ns: guard.layout.pods[0].netns.clone(),
         server_ns: guard.layout.pods[1].netns.clone(),
@@ -1455,11 +1474,14 @@ impl BenchOptions {
     }
 }
 
-/// Cross node: podnet VXLAN and podnet direct (each with its baseline
-/// beside it), flannel-style kernel VXLAN and the underlay, in interleaved
-/// rounds.
+/// Cross node: podnet VXLAN (the default BPF datapath with its baseline
+/// beside it, and the VXLAN device's), podnet direct (with its baseline beside it),
+/// flannel-style kernel VXLAN and the underlay, in interleaved rounds.
 fn measure_cross_node(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
-    progress("cross node: building podnet vxlan, podnet direct, flannel-style kernel VXLAN");
+    progress(
+        "cross node: building podnet vxlan (bpf and kernel datapaths), podnet direct, \
+         flannel-style kernel VXLAN",
+    );
     let mut labs = Vec::new();
     let mut dataplanes = Vec::new();
     let mut baseline_programs = BTreeSet::new();
@@ -1483,6 +1505,12 @@ fn measure_cross_node(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow:
             baseline_programs.extend(ids);
         }
     }
+    // The other VXLAN datapath (`--vxlan-datapath kernel`, the VXLAN
+    // device), in the same rounds. Not built from the baseline binaries,
+    // which may not have the flag.
+    let (lab, pair) = podnet_cluster_with("vxlan", &["--vxlan-datapath", "kernel"], None)?;
+    labs.push(lab);
+    dataplanes.push(("podnet-vxlan-kernel", pair));
     let flannel = FlannelCluster::new()?;
     dataplanes.extend([
         ("kernel-vxlan", flannel.pair()),
@@ -1734,7 +1762,7 @@ const fn target(
 /// Every target, in one place (issue 14, "Targets"; the bridge one also
 /// against the bridge without br_netfilter's iptables hooks).
 #[rustfmt::skip]
-pub const TARGETS: [Target; 13] = [
+pub const TARGETS: [Target; 15] = [
     target("same-node", "podnet", ("same-node", "veth"), "tcp_throughput", Better::Higher, 1.00),
     target("same-node", "podnet", ("same-node", "bridge"), "tcp_throughput", Better::Higher, 1.15),
     target("same-node", "podnet", ("same-node", "bridge"), "cpu_s_per_gb", Better::Lower, 0.85),
@@ -1750,6 +1778,10 @@ pub const TARGETS: [Target; 13] = [
     target("same-node", "podnet-bigtcp", ("same-node", "veth-bigtcp"), "tcp_throughput", Better::Higher, 1.00),
     target("same-node", "podnet-bigtcp", ("same-node", "bridge-bigtcp"), "tcp_throughput", Better::Higher, 1.15),
     target("same-node", "podnet-bigtcp", ("same-node", "podnet"), "tcp_throughput", Better::Higher, 1.00),
+    // The BPF VXLAN datapath against the VXLAN device (what decides the
+    // --vxlan-datapath default).
+    target("cross-node", "podnet-vxlan", ("cross-node", "podnet-vxlan-kernel"), "tcp_throughput", Better::Higher, 1.00),
+    target("cross-node", "podnet-vxlan", ("cross-node", "podnet-vxlan-kernel"), "latency_p50", Better::Lower, 1.00),
 ];
 
 /// Whether a target is reached, judged on the 95 % interval.
@@ -1944,7 +1976,7 @@ const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 5] = [
     (
         "cross-node",
         "podnet-vxlan",
-        &["kernel-vxlan", "underlay"],
+        &["kernel-vxlan", "podnet-vxlan-kernel", "underlay"],
         &TRAFFIC_METRICS,
     ),
     (

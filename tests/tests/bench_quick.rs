@@ -41,7 +41,13 @@ fn every_benchmark_scenario_builds_and_measures() {
         ),
         (
             "cross-node",
-            &["podnet-vxlan", "podnet-direct", "kernel-vxlan", "underlay"][..],
+            &[
+                "podnet-vxlan",
+                "podnet-vxlan-kernel",
+                "podnet-direct",
+                "kernel-vxlan",
+                "underlay",
+            ][..],
         ),
         ("shaping", &["podnet", "podnet beside limited pods"][..]),
         ("cni", &["podnet", "bridge"][..]),

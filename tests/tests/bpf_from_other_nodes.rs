@@ -77,6 +77,7 @@ fn node1(tag: &str, mode: u32, underlay_ifindex: u32) -> BpfHarness {
             pod_cidr_network: u32::from_ne_bytes([10, 244, 0, 0]),
             pod_cidr_mask: u32::from_ne_bytes([255, 255, 255, 0]),
             drop_events_per_sec: 0,
+            flags: 0,
         })
         .expect("config");
     h

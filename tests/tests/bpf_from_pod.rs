@@ -717,3 +717,123 @@ fn a_pod_with_an_ingress_limit_gets_routed_hops() {
     assert_eq!(out.frame[TTL_OFF], 63);
     assert_eq!(counters(&h).verdict(Verdict::RedirectPeer), 1);
 }
+
+/// `--vxlan-datapath bpf`: from_pod writes the VXLAN packet itself, as the
+/// kernel device would put it on the wire (RFC 7348): outer IPv4 from this
+/// node to the remote one (DF, TTL 64, valid checksum), UDP to the VXLAN
+/// port from a port of the kernel's range, checksum 0, VXLAN header with
+/// the VNI, then the pod's frame (TTL - 1) unchanged. from_underlay on the
+/// other node takes the same bytes back off.
+#[test]
+fn vxlan_bpf_encapsulation_writes_the_outer_headers_and_decap_removes_them() {
+    if !privileged("vxlan_bpf_encapsulation_writes_the_outer_headers_and_decap_removes_them") {
+        return;
+    }
+    let mut h = harness("vxlan-bpf");
+    let lo = loopback_ifindex();
+    let remote_pod = Ipv4Addr::new(10, 244, 1, 7);
+    let (node1, node2) = ([192, 168, 100, 11], Ipv4Addr::new(192, 168, 100, 12));
+    h.datapath
+        .upsert_remote("10.244.1.0/24".parse().expect("cidr"), node2)
+        .expect("remote CIDR");
+    h.datapath.upsert_node_address(node2).expect("node address");
+    let config = podnet_common::NodeConfig {
+        node_ip: u32::from_ne_bytes(node1),
+        mode: podnet_common::node::MODE_VXLAN,
+        tunnel_ifindex: lo,
+        underlay_ifindex: lo,
+        vni: 0x12_3456,
+        vxlan_port: 4789u16.to_be(),
+        flags: podnet_common::node::NODE_F_VXLAN_BPF,
+        ..podnet_common::NodeConfig::default()
+    };
+    h.datapath.set_config(config).expect("config");
+    let frame = from_pod_a(remote_pod, 64);
+    let out = run(&mut h, &frame);
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let f = &out.frame;
+    assert_eq!(f.len(), frame.len() + 50, "50 bytes of VXLAN");
+    let be16 = |at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
+    // Outer Ethernet: IPv4 (bpf_redirect_neigh fills in the MACs).
+    assert_eq!(be16(12), 0x0800);
+    // Outer IPv4.
+    assert_eq!(f[14], 0x45);
+    assert_eq!(usize::from(be16(16)), f.len() - 14, "total length");
+    assert_eq!(be16(20), 0x4000, "DF, no fragment offset");
+    assert_eq!((f[22], f[23]), (64, 17), "TTL 64, UDP");
+    assert!(frames::ipv4_header_checksum_ok(f), "outer header checksum");
+    assert_eq!(f[26..30], node1, "from this node");
+    assert_eq!(f[30..34], node2.octets(), "to the remote node");
+    // UDP.
+    let src_port = be16(34);
+    assert!(
+        (32768..61000).contains(&src_port),
+        "source port {src_port} in the kernel's range"
+    );
+    assert_eq!(be16(36), 4789);
+    assert_eq!(usize::from(be16(38)), f.len() - 34, "UDP length");
+    assert_eq!(be16(40), 0, "no UDP checksum");
+    // VXLAN: I flag, VNI.
+    assert_eq!(f[42..50], [0x08, 0, 0, 0, 0x12, 0x34, 0x56, 0]);
+    // The pod's frame, routed: TTL - 1, header checksum still valid.
+    let inner = &f[50..];
+    let mut routed = frame.clone();
+    routed[TTL_OFF] = 63;
+    assert!(
+        frames::ipv4_header_checksum_ok(inner),
+        "inner header checksum"
+    );
+    routed[IP_CSUM_OFF..IP_CSUM_OFF + 2].copy_from_slice(&inner[IP_CSUM_OFF..IP_CSUM_OFF + 2]);
+    assert_eq!(inner, routed.as_slice(), "the pod's frame, TTL - 1");
+    // The same flow, the same source port (RSS/ECMP see one flow).
+    assert_eq!(run(&mut h, &frame).frame[34..36], f[34..36]);
+    let c = counters(&h);
+    assert_eq!(c.verdict(Verdict::VxlanEncapBpf), 2);
+    assert_eq!(c.verdict(Verdict::VxlanEncap), 0, "not the VXLAN device");
+
+    // The other way: node2 sent this to pod A. from_underlay decapsulates
+    // and delivers (redirect_peer): pod A's frame, MACs of its veth, TTL - 1.
+    let from_node2 = |inner_src: Ipv4Addr| {
+        let inner = frames::ipv4_udp(POD_B_MAC, HOST_B_MAC, inner_src, POD_A_IP, 64, b"back");
+        let mut vxlan = vec![0x08, 0, 0, 0, 0x12, 0x34, 0x56, 0];
+        vxlan.extend_from_slice(&inner);
+        let udp = frames::udp_datagram(50_000, 4789, &vxlan);
+        let outer = frames::ipv4_frame(
+            (HOST_A_MAC, POD_B_MAC),
+            (node2, Ipv4Addr::from(node1)),
+            frames::IPPROTO_UDP,
+            0,
+            &udp,
+        );
+        (outer, inner)
+    };
+    let (outer, sent) = from_node2(remote_pod);
+    let out = h
+        .run(podnet_common::names::PROG_FROM_UNDERLAY, &outer)
+        .expect("test run of from_underlay");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "delivered");
+    assert_eq!(out.frame.len(), sent.len(), "outer headers gone");
+    assert_eq!(out.frame[0..6], POD_A_MAC);
+    assert_eq!(out.frame[6..12], HOST_A_MAC);
+    assert_eq!(out.frame[TTL_OFF], 63);
+    assert!(frames::ipv4_header_checksum_ok(&out.frame));
+    assert_eq!(out.frame[34..], sent[34..], "UDP datagram untouched");
+    assert_eq!(counters(&h).verdict(Verdict::VxlanDecapBpf), 1);
+    // node2 speaking for a source that is not its own: dropped, counted.
+    let (forged, _) = from_node2(POD_B_IP);
+    let out = h
+        .run(podnet_common::names::PROG_FROM_UNDERLAY, &forged)
+        .expect("test run of from_underlay");
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(counters(&h).drop_count(DropReason::TunnelSourceMismatch), 1);
+    // Another VNI: not this overlay's, left to the stack untouched.
+    let mut other_vni = outer.clone();
+    other_vni[46] ^= 1;
+    let out = h
+        .run(podnet_common::names::PROG_FROM_UNDERLAY, &other_vni)
+        .expect("test run of from_underlay");
+    assert_eq!(
+        (out.verdict, out.frame.as_slice()),
+        (TC_ACT_OK, other_vni.as_slice())
+    );
+}

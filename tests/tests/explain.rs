@@ -130,7 +130,19 @@ fn explain_matches_real_traffic_in_vxlan_mode() {
     if !privileged("explain_matches_real_traffic_in_vxlan_mode") {
         return;
     }
-    let mut lab = LabGuard::up("xpv", 2, 0, "vxlan", LabDatastore::File).expect("lab");
+    // The VXLAN device's datapath; the default (bpf) is below.
+    let mut lab = LabGuard::up_with(
+        "xpv",
+        2,
+        0,
+        "vxlan",
+        LabDatastore::File,
+        podnet_tests::lab::LabOptions {
+            agent_args: vec!["--vxlan-datapath".into(), "kernel".into()],
+            ..podnet_tests::lab::LabOptions::default()
+        },
+    )
+    .expect("lab");
     let layout = &mut lab.layout;
     let a = layout.add_pod("node1", "a").expect("a");
     let b = layout.add_pod("node1", "b").expect("b");
@@ -216,4 +228,41 @@ fn explain_matches_real_traffic_in_direct_mode() {
     assert_eq!(cross["destination"]["node_name"], "node2");
     assert!(has(&real_ping(layout, &a, c.ip), "redirect_neigh"));
     assert_no_side_effects(layout, &a, &[(&c.ip.to_string(), None)]);
+}
+
+/// `--vxlan-datapath bpf`: explain names what from_pod does (it
+/// encapsulates itself, out of the underlay device), and a real ping
+/// counts the same verdict.
+#[test]
+fn explain_names_the_bpf_vxlan_encapsulation() {
+    if !privileged("explain_names_the_bpf_vxlan_encapsulation") {
+        return;
+    }
+    let mut lab = LabGuard::up_with(
+        "xpb",
+        2,
+        0,
+        "vxlan",
+        LabDatastore::File,
+        podnet_tests::lab::LabOptions {
+            agent_args: vec!["--vxlan-datapath".into(), "bpf".into()],
+            ..podnet_tests::lab::LabOptions::default()
+        },
+    )
+    .expect("lab");
+    let layout = &mut lab.layout;
+    let a = layout.add_pod("node1", "a").expect("a");
+    let c = layout.add_pod("node2", "c").expect("c");
+    let node2 = layout.node("node2").expect("node2").clone();
+    let cross = explain(layout, &a, &format!("{}:8080/tcp", c.ip), None);
+    assert_eq!(cross["verdict"], "vxlan_encap_bpf");
+    assert_eq!(cross["destination"]["kind"], "tunnel");
+    assert_eq!(cross["destination"]["node_ip"], node2.node_ip.to_string());
+    assert_eq!(
+        cross["destination"]["device"], "eth0",
+        "out of the underlay"
+    );
+    let moved = real_ping(layout, &a, c.ip);
+    assert!(has(&moved, "vxlan_encap_bpf"), "{moved:?}");
+    assert!(!has(&moved, "vxlan_encap"), "{moved:?}");
 }

@@ -14,7 +14,7 @@ use std::{
 
 use podnet::api::{Client, CounterTotals, Request};
 use podnet_tests::{
-    lab::{LabDatastore, LabGuard, LabLayout, LabNode, LabPod, in_netns},
+    lab::{LabDatastore, LabGuard, LabLayout, LabNode, LabOptions, LabPod, in_netns},
     privileged,
     spoof::{self, Listener},
 };
@@ -382,12 +382,25 @@ fn node_state(netns: &str) -> (BTreeSet<(String, String)>, String, String) {
 }
 
 fn spoofing_corpus(mode: &str) {
-    let lab = LabGuard::up(
-        &format!("iso{}", &mode[..1]),
+    spoofing_corpus_with(mode, &[]);
+}
+
+/// The corpus against agents started with `agent_args` as well.
+fn spoofing_corpus_with(mode: &str, agent_args: &[&str]) {
+    let lab = LabGuard::up_with(
+        &format!(
+            "{}{}",
+            if agent_args.is_empty() { "iso" } else { "isb" },
+            &mode[..1]
+        ),
         2,
         2,
         mode,
         LabDatastore::File,
+        LabOptions {
+            agent_args: agent_args.iter().map(|a| (*a).to_owned()).collect(),
+            ..LabOptions::default()
+        },
     )
     .expect("lab up");
     let mut corpus = Corpus::new(mode, &lab.layout);
@@ -442,4 +455,16 @@ fn forged_traffic_reaches_no_pod_direct() {
         return;
     }
     spoofing_corpus("direct");
+}
+
+/// `--vxlan-datapath kernel`: the node's VXLAN device decapsulates
+/// everything and from_overlay checks it (the default, above, decapsulates
+/// on the underlay and drops a node speaking for sources not its own
+/// there, with the same reason).
+#[test]
+fn forged_traffic_reaches_no_pod_vxlan_kernel() {
+    if !privileged("forged_traffic_reaches_no_pod_vxlan_kernel") {
+        return;
+    }
+    spoofing_corpus_with("vxlan", &["--vxlan-datapath", "kernel"]);
 }

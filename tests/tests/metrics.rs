@@ -372,8 +372,8 @@ fn check_cluster_metrics(n1: &LabNode, n2: &LabNode, p1: &LabPod, p2: &LabPod) {
     // Requests leave node1 encapsulated and are delivered on node2; the
     // replies the other way.
     for (before, after, node) in [(&before1, &after1, n1), (&before2, &after2, n2)] {
-        let encap = moved(before, after, "vxlan_encap");
-        let deliver = moved(before, after, "overlay_deliver");
+        let encap = moved(before, after, "vxlan_encap_bpf");
+        let deliver = moved(before, after, "vxlan_decap_bpf");
         assert!(encap >= PINGS, "{}: {encap} encapsulated", node.name);
         assert!(deliver >= PINGS, "{}: {deliver} delivered", node.name);
     }

@@ -254,13 +254,22 @@ fn icmp_errors_follow_the_flow(layout: &LabLayout) {
 }
 
 fn services_in_mode(tag: &str, mode: &str, cross_verdict: &str) {
-    let mut lab = LabGuard::up_with_service(
+    services_in_mode_with(tag, mode, cross_verdict, &[]);
+}
+
+/// [`services_in_mode`] with agents started with `agent_args` as well.
+fn services_in_mode_with(tag: &str, mode: &str, cross_verdict: &str, agent_args: &[&str]) {
+    let mut lab = LabGuard::up_with(
         tag,
         2,
         2,
         mode,
         LabDatastore::File,
-        ServiceKind::KubeProxyIptables,
+        lab::LabOptions {
+            service: Some(ServiceKind::KubeProxyIptables),
+            agent_args: agent_args.iter().map(|a| (*a).to_owned()).collect(),
+            ..lab::LabOptions::default()
+        },
     )
     .expect("lab up with the demo Service");
     // Loose reverse-path filtering, as systemd and Ubuntu set it on nodes.
@@ -302,7 +311,23 @@ fn services_and_node_ports_vxlan() {
     if !privileged("services_and_node_ports_vxlan") {
         return;
     }
-    services_in_mode("svx", "vxlan", "vxlan_encap");
+    services_in_mode("svx", "vxlan", "vxlan_encap_bpf");
+}
+
+/// The default (bpf) VXLAN datapath above must still let a Service flow's
+/// replies meet conntrack (from_underlay leaves VXLAN of flows the stack
+/// tracked to the VXLAN device, see `flows`); the device's datapath here.
+#[test]
+fn services_and_node_ports_vxlan_kernel() {
+    if !privileged("services_and_node_ports_vxlan_kernel") {
+        return;
+    }
+    services_in_mode_with(
+        "svk",
+        "vxlan",
+        "vxlan_encap",
+        &["--vxlan-datapath", "kernel"],
+    );
 }
 
 #[test]

@@ -48,6 +48,35 @@ pub struct NodeNetwork {
     pub vxlan_port: u16,
     /// SNAT pod traffic leaving the cluster to the node IP.
     pub masquerade: bool,
+    /// Who encapsulates and decapsulates in vxlan mode.
+    #[serde(default)]
+    pub vxlan_datapath: VxlanDatapath,
+}
+
+/// Who does VXLAN in vxlan mode (`--vxlan-datapath`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum VxlanDatapath {
+    /// The node's collect-metadata VXLAN device, fed by from_pod with a
+    /// tunnel key (`bpf_skb_set_tunnel_key`); its UDP socket decapsulates.
+    Kernel,
+    /// from_pod writes the outer headers itself (`bpf_skb_adjust_room`) and
+    /// sends the packet out of the underlay (`bpf_redirect_neigh`);
+    /// from_underlay decapsulates what other nodes send to local pods. The
+    /// VXLAN device stays for everything else (the node's own traffic).
+    /// The default: measured faster than the device (BENCHMARKS.md).
+    #[default]
+    Bpf,
 }
 
 impl NodeNetwork {
@@ -201,6 +230,7 @@ impl EndpointRegistry {
             pod_cidr_network: crate::datapath::ip_key(self.config().pod_cidr.network()),
             pod_cidr_mask: crate::datapath::ip_key(self.config().pod_cidr.netmask()),
             drop_events_per_sec: 0,
+            flags: 0,
         };
         match net.mode {
             Mode::Local => {}
@@ -247,6 +277,18 @@ impl EndpointRegistry {
                          set it to 2 (loose) or 0"
                     );
                 }
+                if net.vxlan_datapath == VxlanDatapath::Bpf {
+                    // Decapsulation on the underlay's ingress. (A restart
+                    // back to `kernel` leaves the link: from_underlay
+                    // passes everything without the flag.)
+                    let pin = links_dir.join(format!("underlay-{}", net.underlay_dev));
+                    self.attach_infrastructure(
+                        NodeProgram::FROM_UNDERLAY,
+                        &net.underlay_dev,
+                        &pin,
+                    )?;
+                    config.flags |= node::NODE_F_VXLAN_BPF;
+                }
                 config.mode = node::MODE_VXLAN;
                 config.tunnel_ifindex = ifindex;
                 config.vxlan_port = net.vxlan_port.to_be();
@@ -279,7 +321,7 @@ impl EndpointRegistry {
                 untracked.as_ref(),
             ))?;
         }
-        info!(mode = ?net.mode, node_ip = %net.node_ip, underlay = %net.underlay_dev, pod_mtu = net.pod_mtu(), "node network ready");
+        info!(mode = ?net.mode, vxlan_datapath = ?net.vxlan_datapath, node_ip = %net.node_ip, underlay = %net.underlay_dev, pod_mtu = net.pod_mtu(), "node network ready");
         Ok(())
     }
 

@@ -16,7 +16,7 @@ use ipnet::Ipv4Net;
 use podnet::{
     agent::{
         self, AgentConfig, EndpointRegistry,
-        cluster::{Mode, NodeNetwork},
+        cluster::{Mode, NodeNetwork, VxlanDatapath},
         follow::{self, EtcdFollow},
         metrics::{AgentInfo, AgentMetrics, CniOps},
     },
@@ -87,6 +87,11 @@ struct Args {
     /// VXLAN UDP port.
     #[arg(long)]
     vxlan_port: Option<u16>,
+    /// vxlan mode: who encapsulates, bpf (the pod's program, out of the
+    /// underlay device; the underlay's program decapsulates; default) or
+    /// kernel (the node's VXLAN device).
+    #[arg(long, value_enum)]
+    vxlan_datapath: Option<VxlanDatapath>,
     /// TTL of this node's etcd lease (seconds): how long after the agent
     /// vanishes other nodes keep routing to it.
     #[arg(long, default_value_t = 30)]
@@ -186,6 +191,7 @@ struct FileConfig {
     underlay_dev: Option<String>,
     vni: Option<u32>,
     vxlan_port: Option<u16>,
+    vxlan_datapath: Option<VxlanDatapath>,
     node_grace_period: Option<String>,
     cidr_release_after: Option<String>,
     metrics_addr: Option<SocketAddr>,
@@ -297,6 +303,7 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
             vni: 1,
             vxlan_port: 4789,
             masquerade: false,
+            vxlan_datapath: VxlanDatapath::default(),
         }
     } else {
         let (node_ip, link) = underlay(
@@ -312,6 +319,10 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
             vni: args.vni.or(file.vni).unwrap_or(1),
             vxlan_port: args.vxlan_port.or(file.vxlan_port).unwrap_or(4789),
             masquerade: mode != Mode::Local,
+            vxlan_datapath: args
+                .vxlan_datapath
+                .or(file.vxlan_datapath)
+                .unwrap_or_default(),
         }
     };
     let cluster_cidr = args.cluster_cidr.or(file.cluster_cidr).unwrap_or_else(|| {

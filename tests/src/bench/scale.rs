@@ -122,7 +122,7 @@ fn push_counts<const N: usize>(
 /// after each full-trie run).
 pub fn measure_trie(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
     progress("scale: remote trie: building a direct-mode lab");
-    let (mut lab, pair) = podnet_lab("bst", "direct", None)?;
+    let (mut lab, pair) = podnet_lab("bst", "direct", &[], None)?;
     let node1 = lab.layout.nodes[0].clone();
     let node2 = lab.layout.nodes[1].clone();
     lab.layout
