@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bins;
 pub mod bpf_run;
+pub mod counters;
 pub mod faults;
 pub mod frames;
 pub mod inventory;

@@ -10,6 +10,7 @@ use std::{net::Ipv4Addr, process::Stdio, sync::Mutex, time::Duration};
 
 use anyhow::Context as _;
 use podnet::api::{Client, CounterTotals, Request};
+use podnet_common::Verdict;
 use podnet_tests::{
     inventory::{Attachment, Inventory, NodePaths},
     lab::{LabDatastore, LabGuard, LabLayout, LabNode, LabPod, in_netns},
@@ -166,19 +167,19 @@ fn unlimited_beside_limited(layout: &mut LabLayout, free: &LabPod, peer: &LabPod
     }
     ratios.sort_by(f64::total_cmp);
     let counters_after = counters(&node);
-    let moved = |name: &str| counter(&counters_after, name) - counter(&counters_before, name);
+    let moved = |v: Verdict| counter(&counters_after, v) - counter(&counters_before, v);
     assert_eq!(
-        moved("to_shaper"),
+        moved(Verdict::ToShaper),
         0,
         "the unlimited pod's packets met a shaper"
     );
     assert_eq!(
-        moved("stack_flow"),
+        moved(Verdict::StackFlow),
         0,
         "the unlimited pod's packets left the fast path"
     );
     assert!(
-        moved("redirect_peer") > 0,
+        moved(Verdict::RedirectPeer) > 0,
         "the unlimited pod's packets took the fast path"
     );
     ratios
@@ -383,7 +384,7 @@ fn ingress_only_keeps_the_fast_path(layout: &mut LabLayout, peer: &LabPod) {
         iperf(&peer.netns, &inbound.netns, inbound.ip, false, 2).expect("iperf3 into inonly");
     let out_of =
         iperf(&inbound.netns, &peer.netns, peer.ip, false, 2).expect("iperf3 out of inonly");
-    let moved = |name: &str| counter(&counters(&node1), name) - counter(&counters_before, name);
+    let moved = |v: Verdict| counter(&counters(&node1), v) - counter(&counters_before, v);
     eprintln!(
         "bandwidth: ingress-only pod: {:.1} Mbit/s in, {:.2} Gbit/s out",
         into / 1e6,
@@ -397,15 +398,19 @@ fn ingress_only_keeps_the_fast_path(layout: &mut LabLayout, peer: &LabPod) {
         out_of > 2.0 * float(SLOW),
         "its own sends are not limited: {out_of}"
     );
-    for verdict in ["stack_flow", "stack_flow_tracked", "to_shaper"] {
+    for verdict in [
+        Verdict::StackFlow,
+        Verdict::StackFlowTracked,
+        Verdict::ToShaper,
+    ] {
         assert_eq!(
             moved(verdict),
             0,
-            "{verdict} moved: the fast path's traffic left it"
+            "{verdict:?} moved: the fast path's traffic left it"
         );
     }
     assert!(
-        moved("redirect_peer") > 0,
+        moved(Verdict::RedirectPeer) > 0,
         "the pod's sends took the fast path"
     );
 }
@@ -435,7 +440,7 @@ fn restart_reapplies_limits(layout: &mut LabLayout, pod: &LabPod) {
         "tc",
         &["-n", &node.netns, "qdisc", "del", "dev", &host, "root"],
     );
-    let stray = format!("{}stray", podnet::shaping::SHAPER_IFNAME_PREFIX);
+    let stray = format!("{}stray", podnet::endpoint::SHAPER_IFNAME_PREFIX);
     run(
         "ip",
         &["-n", &node.netns, "link", "add", &stray, "type", "ifb"],
@@ -455,7 +460,7 @@ fn restart_reapplies_limits(layout: &mut LabLayout, pod: &LabPod) {
         "the restarted agent re-applied the limit"
     );
     let shapers =
-        podnet_tests::inventory::links_named(&node.netns, podnet::shaping::SHAPER_IFNAME_PREFIX)
+        podnet_tests::inventory::links_named(&node.netns, podnet::endpoint::SHAPER_IFNAME_PREFIX)
             .expect("links");
     assert!(
         !shapers.contains(&stray),
@@ -464,13 +469,12 @@ fn restart_reapplies_limits(layout: &mut LabLayout, pod: &LabPod) {
 }
 
 fn counters(node: &LabNode) -> CounterTotals {
-    Client::new(&node.agent_socket)
-        .call(&Request::Counters)
-        .expect("counters")
+    podnet_tests::counters::totals(&node.agent_socket)
 }
 
-fn counter(totals: &CounterTotals, verdict: &str) -> u64 {
-    totals.verdicts.get(verdict).copied().unwrap_or(0)
+/// `verdict`'s counter; a counter the agent does not report fails the test.
+fn counter(totals: &CounterTotals, verdict: Verdict) -> u64 {
+    podnet_tests::counters::get(totals, verdict)
 }
 
 #[test]

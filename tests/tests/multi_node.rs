@@ -8,22 +8,19 @@ use std::{
     time::Duration,
 };
 
-use podnet::api::{Client, CounterTotals, Request};
+use podnet::api::{Client, Request};
+use podnet_common::Verdict;
+use podnet_tests::counters::Counter;
 use podnet_tests::{
     frames,
     lab::{self, LabDatastore, LabGuard, LabNode, LabOptions, LabPod},
     privileged, spoof, traffic, wait_up_to,
 };
 
-fn counter(node: &LabNode, name: &str) -> u64 {
-    let c: CounterTotals = Client::new(&node.agent_socket)
-        .call(&Request::Counters)
-        .expect("counters");
-    c.verdicts
-        .get(name)
-        .or_else(|| c.drops.get(name))
-        .copied()
-        .unwrap_or(0)
+/// A verdict's or drop reason's counter on `node`; a counter the agent does
+/// not report fails the test.
+fn counter(node: &LabNode, counter: impl Into<Counter>) -> u64 {
+    podnet_tests::counters::read(&node.agent_socket, counter)
 }
 
 fn ping(netns: &str, ip: Ipv4Addr, extra: &[&str]) -> std::process::Output {
@@ -97,29 +94,29 @@ fn pods_reach_other_nodes_through_the_tunnel_and_the_stack_masquerades() {
     let node1 = layout.node("node1").expect("node1").clone();
     let node2 = layout.node("node2").expect("node2").clone();
 
-    let encapsulated = counter(&node1, "vxlan_encap_bpf");
+    let encapsulated = counter(&node1, Verdict::VxlanEncapBpf);
     assert_eq!(
         seen_source_at(&pod.netns, &node2.netns, node2.node_ip),
         pod.ip,
         "node2 sees the pod's own address"
     );
     assert!(
-        counter(&node1, "vxlan_encap_bpf") > encapsulated,
+        counter(&node1, Verdict::VxlanEncapBpf) > encapsulated,
         "through the tunnel"
     );
-    let handed_to_shaper = counter(&node1, "to_shaper");
+    let handed_to_shaper = counter(&node1, Verdict::ToShaper);
     assert_eq!(
         seen_source_at(&shaped.netns, &node2.netns, node2.node_ip),
         node1.node_ip,
         "what the stack routes to another node is masqueraded to the node's address"
     );
     assert!(
-        counter(&node1, "to_shaper") > handed_to_shaper,
+        counter(&node1, Verdict::ToShaper) > handed_to_shaper,
         "the shaped pod's sends took the stack"
     );
 }
 
-fn cross_node(tag: &str, mode: &str, datastore: LabDatastore, encap: &str, deliver: &str) {
+fn cross_node(tag: &str, mode: &str, datastore: LabDatastore, encap: Verdict, deliver: Verdict) {
     cross_node_with(tag, mode, datastore, (encap, deliver), &[]);
 }
 
@@ -128,7 +125,7 @@ fn cross_node_with(
     tag: &str,
     mode: &str,
     datastore: LabDatastore,
-    (encap, deliver): (&str, &str),
+    (encap, deliver): (Verdict, Verdict),
     agent_args: &[&str],
 ) {
     let lab = LabGuard::up_with(
@@ -156,11 +153,11 @@ fn cross_node_with(
     traffic::transfer(&b.netns, &a.netns, a.ip, 16 << 20).expect("TCP b -> a");
     assert!(
         counter(n1, encap) - encap_before > 1000,
-        "node1 sent through {encap}"
+        "node1 sent through {encap:?}"
     );
     assert!(
         counter(n2, deliver) - deliver_before > 1000,
-        "node2 delivered through {deliver}"
+        "node2 delivered through {deliver:?}"
     );
     assert_eq!(
         seen_source(a, b),
@@ -178,8 +175,8 @@ fn cross_node_vxlan() {
         "vx",
         "vxlan",
         LabDatastore::File,
-        "vxlan_encap_bpf",
-        "vxlan_decap_bpf",
+        Verdict::VxlanEncapBpf,
+        Verdict::VxlanDecapBpf,
     );
 }
 
@@ -194,7 +191,7 @@ fn cross_node_vxlan_kernel() {
         "vk",
         "vxlan",
         LabDatastore::File,
-        ("vxlan_encap", "overlay_deliver"),
+        (Verdict::VxlanEncap, Verdict::OverlayDeliver),
         &["--vxlan-datapath", "kernel"],
     );
 }
@@ -226,16 +223,16 @@ fn cross_node_vxlan_bpf() {
     let (a, b) = (&layout.pods[0], &layout.pods[1]);
     let (n1, n2) = (&layout.nodes[0], &layout.nodes[1]);
     let kernel_before = [
-        counter(n1, "vxlan_encap"),
-        counter(n2, "vxlan_encap"),
-        counter(n1, "overlay_deliver"),
-        counter(n2, "overlay_deliver"),
+        counter(n1, Verdict::VxlanEncap),
+        counter(n2, Verdict::VxlanEncap),
+        counter(n1, Verdict::OverlayDeliver),
+        counter(n2, Verdict::OverlayDeliver),
     ];
     let bpf_before = [
-        counter(n1, "vxlan_encap_bpf"),
-        counter(n2, "vxlan_encap_bpf"),
-        counter(n1, "vxlan_decap_bpf"),
-        counter(n2, "vxlan_decap_bpf"),
+        counter(n1, Verdict::VxlanEncapBpf),
+        counter(n2, Verdict::VxlanEncapBpf),
+        counter(n1, Verdict::VxlanDecapBpf),
+        counter(n2, Verdict::VxlanDecapBpf),
     ];
     assert!(ping(&a.netns, b.ip, &[]).status.success(), "a pings b");
     assert!(ping(&b.netns, a.ip, &[]).status.success(), "b pings a");
@@ -243,10 +240,10 @@ fn cross_node_vxlan_bpf() {
     traffic::transfer(&b.netns, &a.netns, a.ip, 64 << 20).expect("TCP b -> a, 64 MiB");
     udp_checksums_arrive_checked(layout, a, b);
     let bpf_after = [
-        counter(n1, "vxlan_encap_bpf"),
-        counter(n2, "vxlan_encap_bpf"),
-        counter(n1, "vxlan_decap_bpf"),
-        counter(n2, "vxlan_decap_bpf"),
+        counter(n1, Verdict::VxlanEncapBpf),
+        counter(n2, Verdict::VxlanEncapBpf),
+        counter(n1, Verdict::VxlanDecapBpf),
+        counter(n2, Verdict::VxlanDecapBpf),
     ];
     for (i, what) in [
         "node1 encapsulated in BPF",
@@ -263,10 +260,10 @@ fn cross_node_vxlan_bpf() {
         );
     }
     let kernel_after = [
-        counter(n1, "vxlan_encap"),
-        counter(n2, "vxlan_encap"),
-        counter(n1, "overlay_deliver"),
-        counter(n2, "overlay_deliver"),
+        counter(n1, Verdict::VxlanEncap),
+        counter(n2, Verdict::VxlanEncap),
+        counter(n1, Verdict::OverlayDeliver),
+        counter(n2, Verdict::OverlayDeliver),
     ];
     assert_eq!(
         kernel_before, kernel_after,
@@ -319,19 +316,19 @@ fn vxlan_datapaths_interoperate() {
     let (a, b) = (&layout.pods[0], &layout.pods[1]);
     let (n1, n2) = (&layout.nodes[0], &layout.nodes[1]);
     let names = [
-        (n1, "vxlan_encap_bpf"),
-        (n1, "vxlan_decap_bpf"),
-        (n2, "vxlan_encap"),
-        (n2, "overlay_deliver"),
+        (n1, Verdict::VxlanEncapBpf),
+        (n1, Verdict::VxlanDecapBpf),
+        (n2, Verdict::VxlanEncap),
+        (n2, Verdict::OverlayDeliver),
     ];
-    let before: Vec<u64> = names.iter().map(|(n, v)| counter(n, v)).collect();
+    let before: Vec<u64> = names.iter().map(|(n, v)| counter(n, *v)).collect();
     assert!(ping(&a.netns, b.ip, &[]).status.success(), "a pings b");
     traffic::transfer(&a.netns, &b.netns, b.ip, 32 << 20).expect("TCP a -> b");
     traffic::transfer(&b.netns, &a.netns, a.ip, 32 << 20).expect("TCP b -> a");
     for ((node, verdict), before) in names.iter().zip(before) {
         assert!(
-            counter(node, verdict) - before > 100,
-            "{}: {verdict} moved",
+            counter(node, *verdict) - before > 100,
+            "{}: {verdict:?} moved",
             node.name
         );
     }
@@ -417,8 +414,8 @@ fn cross_node_direct() {
         "dr",
         "direct",
         LabDatastore::File,
-        "redirect_neigh",
-        "underlay_deliver",
+        Verdict::RedirectNeigh,
+        Verdict::UnderlayDeliver,
     );
 }
 
@@ -467,8 +464,8 @@ fn cross_node_vxlan_with_etcd() {
         "ve",
         "vxlan",
         LabDatastore::Etcd,
-        "vxlan_encap_bpf",
-        "vxlan_decap_bpf",
+        Verdict::VxlanEncapBpf,
+        Verdict::VxlanDecapBpf,
     );
 }
 
@@ -481,8 +478,8 @@ fn cross_node_direct_with_etcd() {
         "de",
         "direct",
         LabDatastore::Etcd,
-        "redirect_neigh",
-        "underlay_deliver",
+        Verdict::RedirectNeigh,
+        Verdict::UnderlayDeliver,
     );
 }
 

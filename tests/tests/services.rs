@@ -14,7 +14,7 @@ use std::{
     time::Duration,
 };
 
-use podnet::api::{Client, CounterTotals, Request};
+use podnet_common::Verdict;
 use podnet_tests::{
     lab::{self, LabDatastore, LabGuard, LabLayout, LabNode, LabPod, ServiceKind},
     privileged,
@@ -29,11 +29,10 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// backends 24 tries miss one with probability 2^-23.
 const TRIES: usize = 24;
 
-fn counter(node: &LabNode, name: &str) -> u64 {
-    let c: CounterTotals = Client::new(&node.agent_socket)
-        .call(&Request::Counters)
-        .expect("counters");
-    c.verdicts.get(name).copied().unwrap_or(0)
+/// `verdict`'s counter on `node`; a counter the agent does not report fails
+/// the test.
+fn counter(node: &LabNode, verdict: Verdict) -> u64 {
+    podnet_tests::counters::read(&node.agent_socket, verdict)
 }
 
 fn pod<'a>(layout: &'a LabLayout, name: &str) -> &'a LabPod {
@@ -178,31 +177,44 @@ fn node_ports(layout: &LabLayout) {
 
 /// Plain pod-to-pod traffic, same node and cross node, is forwarded by the
 /// fast path and never tracked or handed to the stack.
-fn pod_to_pod_stays_on_the_fast_path(layout: &LabLayout, cross_verdict: &str) {
+fn pod_to_pod_stays_on_the_fast_path(layout: &LabLayout, cross_verdict: Verdict) {
     let (n1, n2) = (node(layout, "node1"), node(layout, "node2"));
     let a = pod(layout, "node1-pod2");
     let same = pod(layout, "node1-pod1");
     let cross = pod(layout, "node2-pod2");
     let before: Vec<(u64, u64)> = [n1, n2]
         .iter()
-        .map(|n| (counter(n, "stack_flow"), counter(n, "stack_flow_tracked")))
+        .map(|n| {
+            (
+                counter(n, Verdict::StackFlow),
+                counter(n, Verdict::StackFlowTracked),
+            )
+        })
         .collect();
-    let (peer_before, cross_before) = (counter(n1, "redirect_peer"), counter(n1, cross_verdict));
+    let (peer_before, cross_before) = (
+        counter(n1, Verdict::RedirectPeer),
+        counter(n1, cross_verdict),
+    );
     traffic::transfer(&a.netns, &same.netns, same.ip, 16 << 20).expect("TCP same node");
     traffic::transfer(&a.netns, &cross.netns, cross.ip, 16 << 20).expect("TCP cross node");
     traffic::transfer(&cross.netns, &a.netns, a.ip, 16 << 20).expect("TCP cross node back");
     // 16 MiB is a few hundred GSO packets each way.
     assert!(
-        counter(n1, "redirect_peer") - peer_before > 100,
+        counter(n1, Verdict::RedirectPeer) - peer_before > 100,
         "same node: redirect_peer"
     );
     assert!(
         counter(n1, cross_verdict) - cross_before > 100,
-        "cross node: {cross_verdict}"
+        "cross node: {cross_verdict:?}"
     );
     let after: Vec<(u64, u64)> = [n1, n2]
         .iter()
-        .map(|n| (counter(n, "stack_flow"), counter(n, "stack_flow_tracked")))
+        .map(|n| {
+            (
+                counter(n, Verdict::StackFlow),
+                counter(n, Verdict::StackFlowTracked),
+            )
+        })
         .collect();
     assert_eq!(
         before, after,
@@ -253,12 +265,12 @@ fn icmp_errors_follow_the_flow(layout: &LabLayout) {
     }
 }
 
-fn services_in_mode(tag: &str, mode: &str, cross_verdict: &str) {
+fn services_in_mode(tag: &str, mode: &str, cross_verdict: Verdict) {
     services_in_mode_with(tag, mode, cross_verdict, &[]);
 }
 
 /// [`services_in_mode`] with agents started with `agent_args` as well.
-fn services_in_mode_with(tag: &str, mode: &str, cross_verdict: &str, agent_args: &[&str]) {
+fn services_in_mode_with(tag: &str, mode: &str, cross_verdict: Verdict, agent_args: &[&str]) {
     let mut lab = LabGuard::up_with(
         tag,
         2,
@@ -290,7 +302,7 @@ fn services_in_mode_with(tag: &str, mode: &str, cross_verdict: &str, agent_args:
     node_ports(&lab.layout);
     for n in &lab.layout.nodes {
         assert!(
-            counter(n, "stack_flow") > 0,
+            counter(n, Verdict::StackFlow) > 0,
             "{}: Service replies were handed to the stack",
             n.name
         );
@@ -311,7 +323,7 @@ fn services_and_node_ports_vxlan() {
     if !privileged("services_and_node_ports_vxlan") {
         return;
     }
-    services_in_mode("svx", "vxlan", "vxlan_encap_bpf");
+    services_in_mode("svx", "vxlan", Verdict::VxlanEncapBpf);
 }
 
 /// The default (bpf) VXLAN datapath above must still let a Service flow's
@@ -325,7 +337,7 @@ fn services_and_node_ports_vxlan_kernel() {
     services_in_mode_with(
         "svk",
         "vxlan",
-        "vxlan_encap",
+        Verdict::VxlanEncap,
         &["--vxlan-datapath", "kernel"],
     );
 }
@@ -335,7 +347,7 @@ fn services_and_node_ports_direct() {
     if !privileged("services_and_node_ports_direct") {
         return;
     }
-    services_in_mode("sdr", "direct", "redirect_neigh");
+    services_in_mode("sdr", "direct", Verdict::RedirectNeigh);
 }
 
 /// A connection to a Service (backend on the other node) keeps working
@@ -416,7 +428,10 @@ fn host_port_through_portmap() {
             .unwrap_or_else(|e| panic!("{from} -> hostPort {addr}: {e:#}"));
         assert_eq!(backend, pod.name, "{from} reached the hostPort pod");
     }
-    assert!(counter(&n1, "stack_flow") > 0, "replies went to the stack");
+    assert!(
+        counter(&n1, Verdict::StackFlow) > 0,
+        "replies went to the stack"
+    );
 }
 
 fn pod_ns(layout: &LabLayout, name: &str) -> String {
