@@ -1,6 +1,6 @@
 //! A request as the agent reads it from its unix socket (one JSON line):
 //! `agent::decode_request`, then for `AddEndpoint` the check the agent makes
-//! before touching anything, `agent::validate_endpoint`, against several
+//! before touching anything, `Endpoint::validate`, against several
 //! pod CIDRs (none of this needs root or a datapath).
 //!
 //! Invariants: a refusal is one of the agent's messages; a decoded request
@@ -17,9 +17,9 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use libfuzzer_sys::fuzz_target;
 use podnet::{
-    agent::{MAX_REQUEST_BYTES, decode_request, validate_endpoint},
+    agent::{MAX_REQUEST_BYTES, decode_request},
     api::{Endpoint, Request},
-    cni::plugin::host_ifname,
+    endpoint::host_ifname,
 };
 use podnet_fuzz::{is_cni_ifname, is_cni_name, record_stays_in_its_directory};
 
@@ -75,7 +75,7 @@ fn pod_cidrs(ip: Ipv4Addr) -> Vec<Ipv4Net> {
 }
 
 fn check_endpoint(ep: &Endpoint, pod_cidr: Ipv4Net) {
-    let verdict = validate_endpoint(ep, pod_cidr);
+    let verdict = ep.validate(pod_cidr);
     if pod_cidr.prefix_len() > 30 {
         assert!(verdict.is_err(), "a /31 or /32 has no pod addresses");
         return;

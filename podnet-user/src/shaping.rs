@@ -20,22 +20,6 @@
 
 use serde::{Deserialize, Serialize};
 
-/// What every shaper (ifb) device podnet makes starts with. Not `pn`:
-/// those are pod veths.
-pub const SHAPER_IFNAME_PREFIX: &str = "pbw";
-
-/// The ifb device that shapes the egress of the pod on `host_ifname`:
-/// the host veth's hash under the shaper prefix, 15 bytes at most.
-#[must_use]
-pub fn shaper_ifname(host_ifname: &str) -> String {
-    let hash = host_ifname
-        .strip_prefix(crate::cni::plugin::HOST_IFNAME_PREFIX)
-        .unwrap_or(host_ifname);
-    let mut name = format!("{SHAPER_IFNAME_PREFIX}{hash}");
-    name.truncate(15);
-    name
-}
-
 /// `runtimeConfig.bandwidth` as libcni passes it. Zero means "no limit";
 /// a rate needs a burst and the other way round.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,14 +81,20 @@ impl Bandwidth {
         Tbf::new(self.egress_rate, self.egress_burst)
     }
 
-    /// Where each set limit is enforced for the pod on `host_ifname`:
-    /// (direction, device whose root holds the tbf, the tbf). The ingress
-    /// limit sits on the host veth, the egress limit on the pod's shaper.
+    /// Where each set limit is enforced for the pod on `host_ifname`
+    /// whose shaper is `shaper_ifname` (both named by
+    /// [`crate::endpoint`]): (direction, device whose root holds the tbf,
+    /// the tbf). The ingress limit sits on the host veth, the egress limit
+    /// on the pod's shaper.
     #[must_use]
-    pub fn placements(&self, host_ifname: &str) -> Vec<(&'static str, String, Tbf)> {
+    pub fn placements(
+        &self,
+        host_ifname: &str,
+        shaper_ifname: &str,
+    ) -> Vec<(&'static str, String, Tbf)> {
         [
             ("ingress", host_ifname.to_owned(), self.ingress()),
-            ("egress", shaper_ifname(host_ifname), self.egress()),
+            ("egress", shaper_ifname.to_owned(), self.egress()),
         ]
         .into_iter()
         .filter_map(|(direction, device, tbf)| Some((direction, device, tbf?)))

@@ -86,7 +86,7 @@ impl Inventory {
             ipam,
             ipam_stray,
             veths: host_veths(node.netns)?,
-            shapers: links_named(node.netns, podnet::shaping::SHAPER_IFNAME_PREFIX)?,
+            shapers: links_named(node.netns, podnet::endpoint::SHAPER_IFNAME_PREFIX)?,
             endpoints,
             records: file_names(&node.state_dir.join("endpoints"))?,
             map_endpoints: map_keys::<EndpointInfo>(&node.bpffs.join(names::MAP_ENDPOINTS), false)?
@@ -164,7 +164,7 @@ impl Inventory {
             .endpoints
             .iter()
             .filter(|e| e.endpoint.bandwidth.and_then(|b| b.egress()).is_some())
-            .map(|e| podnet::shaping::shaper_ifname(&e.endpoint.host_ifname))
+            .map(|e| podnet::endpoint::shaper_ifname(&e.endpoint.host_ifname))
             .collect();
         diff(&mut out, "shaper (ifb)", &self.shapers, &shapers);
         out

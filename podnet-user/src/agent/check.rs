@@ -12,7 +12,7 @@ use std::{
 use ipnet::Ipv4Net;
 
 use super::EndpointRegistry;
-use crate::{api::Drift, netlink};
+use crate::{api::Drift, endpoint::shaper_ifname, netlink};
 
 /// An endpoint map entry as the check compares it: host ifindex, flags,
 /// pod MAC, host MAC.
@@ -166,7 +166,7 @@ fn check_shaping(records: &[crate::api::Endpoint], out: &mut Vec<Drift>) -> anyh
         .flat_map(|ep| {
             ep.bandwidth
                 .unwrap_or_default()
-                .placements(&ep.host_ifname)
+                .placements(&ep.host_ifname, &shaper_ifname(&ep.host_ifname))
                 .into_iter()
                 .map(|(direction, device, tbf)| (format!("{direction} of {}", ep.ip), device, tbf))
         })

@@ -96,7 +96,7 @@ pub fn explain(
         ttl_in: frame[22],
         ttl_out: out.map(|f| f[22]),
         dst_mac_out: out
-            .map(|f| crate::cni::result::format_mac(&[f[0], f[1], f[2], f[3], f[4], f[5]])),
+            .map(|f| crate::endpoint::format_mac(&[f[0], f[1], f[2], f[3], f[4], f[5]])),
         request,
         sender,
     })

@@ -9,9 +9,11 @@ pub mod follow;
 pub mod http;
 pub mod metrics;
 pub mod monitor;
+mod report;
 mod server;
 
-pub use endpoints::{EndpointRegistry, attach_mode, validate_endpoint};
+pub use endpoints::{EndpointRegistry, attach_mode, record};
+pub use report::{counter_totals, stack_flows};
 pub use server::{MAX_REQUEST_BYTES, decode_request, serve};
 
 use std::path::PathBuf;
@@ -19,8 +21,8 @@ use std::path::PathBuf;
 use ipnet::Ipv4Net;
 
 /// The agent's state directory unless told otherwise: endpoint records
-/// and the built-in IPAM (the CNI plugin's default IPAM root,
-/// [`crate::cni::plugin::DEFAULT_IPAM_DIR`], lies in it).
+/// and the built-in IPAM (whose default root, [`crate::ipam::DEFAULT_ROOT`],
+/// lies in it).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/podnet";
 
 /// How the agent is configured (flags, or a config file).
@@ -39,7 +41,7 @@ impl AgentConfig {
     /// The built-in IPAM's root (the node store is `<root>/_node`).
     #[must_use]
     pub fn ipam_dir(&self) -> PathBuf {
-        self.state_dir.join("ipam")
+        crate::ipam::root_in(&self.state_dir)
     }
 
     /// Where endpoint records live.

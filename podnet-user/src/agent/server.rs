@@ -233,9 +233,9 @@ fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> (Vec<u8>, O
         Request::Ipam => encode(reg.ipam()),
         Request::Nodes => encode(Ok(reg.remote_nodes())),
         Request::Datastore => encode(Ok(reg.datastore_status())),
-        Request::StackFlows => encode(
-            crate::api::StackFlowStatus::list(reg.datapath_mut()).map_err(anyhow::Error::from),
-        ),
+        Request::StackFlows => {
+            encode(super::stack_flows(reg.datapath_mut()).map_err(anyhow::Error::from))
+        }
         Request::Check => encode(reg.check()),
         Request::Explain { request } => {
             drop(reg);

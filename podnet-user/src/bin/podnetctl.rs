@@ -226,7 +226,7 @@ fn counters(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     match client.call::<CounterTotals>(&Request::Counters) {
         Ok(c) => print(cli.json, &c, print_counters),
         Err(e) if agent_down(&e) => {
-            let totals: CounterTotals = from_pins(cli)?.counters()?.into();
+            let totals = podnet::agent::counter_totals(from_pins(cli)?.counters()?);
             print(cli.json, &totals, print_counters)
         }
         Err(e) => Err(e.into()),
@@ -368,7 +368,7 @@ fn datastore(cli: &Cli, client: &Client) -> anyhow::Result<()> {
 fn flows(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     let list = match client.call::<Vec<StackFlowStatus>>(&Request::StackFlows) {
         Ok(list) => list,
-        Err(e) if agent_down(&e) => StackFlowStatus::list(&mut from_pins(cli)?)?,
+        Err(e) if agent_down(&e) => podnet::agent::stack_flows(&mut from_pins(cli)?)?,
         Err(e) => return Err(e.into()),
     };
     print(cli.json, &list, |list| {

@@ -43,25 +43,7 @@ pub struct CniResult {
     pub dns: Value,
 }
 
-/// `aa:bb:cc:dd:ee:ff`.
-#[must_use]
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff` (any case).
-#[must_use]
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for byte in &mut mac {
-        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
-}
+pub use crate::endpoint::{format_mac, parse_mac};
 
 impl CniResult {
     /// The JSON of this result in `cni_version`.

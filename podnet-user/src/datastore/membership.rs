@@ -55,7 +55,6 @@ use std::{
 };
 
 use ipnet::Ipv4Net;
-use serde::{Deserialize, Serialize};
 
 use super::NodeRecord;
 
@@ -179,30 +178,7 @@ pub struct Snapshot {
     pub invalid: Vec<String>,
 }
 
-/// Where a node stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeState {
-    /// Its lease is alive.
-    Live,
-    /// Its lease expired less than the grace period ago: still routed.
-    Unreachable,
-    /// Its lease expired longer ago than the grace period: not routed; its
-    /// CIDR stays claimed until the release delay has passed too.
-    Gone,
-}
-
-/// A node and where it stands, for status output.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeStatus {
-    pub record: NodeRecord,
-    pub state: NodeState,
-    /// When its lease was seen gone (Unix seconds), unless live.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub since: Option<u64>,
-    /// The datapath routes to it.
-    pub routed: bool,
-}
+pub use crate::model::{NodeState, NodeStatus};
 
 /// A gone node's claims to release, and what the decision was based on.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,18 +9,8 @@ pub mod membership;
 use std::{net::Ipv4Addr, path::PathBuf, str::FromStr};
 
 use ipnet::Ipv4Net;
-use serde::{Deserialize, Serialize};
 
-/// One node of the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct NodeRecord {
-    pub name: String,
-    #[serde(rename = "nodeIP")]
-    pub node_ip: Ipv4Addr,
-    #[serde(rename = "podCIDR")]
-    pub pod_cidr: Ipv4Net,
-}
+pub use crate::model::NodeRecord;
 
 /// What a node asks for when it joins.
 #[derive(Debug, Clone)]

@@ -2,67 +2,7 @@
 
 use std::{collections::HashSet, net::Ipv4Addr};
 
-use ipnet::Ipv4Net;
-
-use super::{Holder, IpamError, IpamStore, Owner, Reservation};
-
-/// The node's pod CIDR: the network address is never used, the first host
-/// address is the pods' gateway, the broadcast address is never used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PodRange {
-    cidr: Ipv4Net,
-}
-
-impl PodRange {
-    pub fn new(cidr: Ipv4Net) -> Result<Self, IpamError> {
-        if cidr.prefix_len() > 30 {
-            return Err(IpamError::RangeTooSmall {
-                cidr: cidr.to_string(),
-            });
-        }
-        Ok(Self { cidr: cidr.trunc() })
-    }
-
-    #[must_use]
-    pub fn cidr(&self) -> Ipv4Net {
-        self.cidr
-    }
-
-    /// The pods' default gateway: the first host address.
-    #[must_use]
-    pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.cidr.network()) + 1)
-    }
-
-    fn first(self) -> u32 {
-        u32::from(self.cidr.network()) + 2
-    }
-
-    fn last(self) -> u32 {
-        u32::from(self.cidr.broadcast()) - 1
-    }
-
-    /// How many addresses pods can get.
-    #[must_use]
-    pub fn capacity(&self) -> usize {
-        (self.last() - self.first() + 1) as usize
-    }
-
-    #[must_use]
-    pub fn contains(&self, ip: Ipv4Addr) -> bool {
-        (self.first()..=self.last()).contains(&u32::from(ip))
-    }
-
-    /// Candidates in round-robin order: after `cursor`, wrapping around.
-    fn candidates(self, cursor: Option<Ipv4Addr>) -> impl Iterator<Item = Ipv4Addr> + use<> {
-        let (first, last) = (self.first(), self.last());
-        let start = cursor
-            .map(u32::from)
-            .filter(|c| (first..=last).contains(c))
-            .map_or(first, |c| if c == last { first } else { c + 1 });
-        (start..=last).chain(first..start).map(Ipv4Addr::from)
-    }
-}
+use super::{Holder, IpamError, IpamStore, Owner, PodRange, Reservation};
 
 /// An address handed to a holder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,27 +12,20 @@
 //! layout, and how stores of older podnet versions are honoured, are
 //! described there).
 
+mod addresses;
 mod allocator;
 pub mod delegate;
 mod file_store;
 
+pub use addresses::{DEFAULT_ROOT, NodeAddresses, PodAddresses, root_for, root_in};
 pub use allocator::{
-    Allocation, Allocator, PodRange, release_holder, release_stale, release_unless, reservation_of,
+    Allocation, Allocator, release_holder, release_stale, release_unless, reservation_of,
 };
 pub use file_store::{FileStore, NODE_STORE_DIR, NodeStore};
 
 use std::net::Ipv4Addr;
 
-/// A CNI attachment on the node: (container ID, interface name). Unique on
-/// a node at any time (an interface name is unique in a container's netns),
-/// so the agent keys endpoints by it.
-#[derive(
-    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
-pub struct Owner {
-    pub container_id: String,
-    pub ifname: String,
-}
+pub use crate::endpoint::{Owner, PodRange};
 
 /// Who holds an address: an attachment of one network. The network is part
 /// of the key: a DEL or GC of network A must not release what network B
@@ -90,8 +83,8 @@ pub enum IpamError {
         #[source]
         source: std::io::Error,
     },
-    #[error("pod CIDR {cidr} is too small (a node needs at least a /30)")]
-    RangeTooSmall { cidr: String },
+    #[error(transparent)]
+    RangeTooSmall(#[from] crate::endpoint::PodRangeError),
     /// Another store already hands out this node's addresses (a network
     /// with a different `ipam.dataDir`): allocating here would hand out the
     /// same addresses twice.

@@ -4,14 +4,12 @@
 //! without root.
 
 use std::{
-    fmt::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
-use sha2::{Digest as _, Sha256};
 
 use super::{
     config::{IpamConf, NetConf},
@@ -20,17 +18,18 @@ use super::{
     result::{CniResult, Interface, IpConfig, RouteEntry, format_mac},
     version::{self, Version},
 };
+pub use crate::endpoint::{HOST_IFNAME_PREFIX, host_ifname};
 use crate::{
     api::{ClientError, Endpoint, NodeInfo},
+    endpoint::shaper_ifname,
     failpoint::{self, FailPoint},
-    ipam::{self, Allocator, FileStore, Holder, IpamError, Owner, PodRange, delegate},
+    ipam::{self, Holder, IpamError, Owner, PodAddresses, delegate},
     netlink::Route,
 };
 
-/// The built-in IPAM's root when neither the conf nor the agent says (the
-/// agent's default state dir + `/ipam`). The node's store is
-/// `<root>/_node`, shared by every network (see [`crate::ipam::FileStore`]).
-pub const DEFAULT_IPAM_DIR: &str = "/var/lib/podnet/ipam";
+/// The built-in IPAM's root when neither the conf nor the agent says (see
+/// [`crate::ipam::root_for`]).
+pub use crate::ipam::DEFAULT_ROOT as DEFAULT_IPAM_DIR;
 
 /// What ADD asks the plumbing to build.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,25 +125,6 @@ pub struct Deps<'a> {
     pub agent: &'a dyn Fn(&Path) -> Box<dyn AgentApi>,
 }
 
-/// What every host veth name podnet makes starts with.
-pub const HOST_IFNAME_PREFIX: &str = "pn";
-
-/// Host-side veth name: stable for (container ID, ifname), 15 bytes.
-#[must_use]
-pub fn host_ifname(owner: &Owner) -> String {
-    let digest = Sha256::new()
-        .chain_update(owner.container_id.as_bytes())
-        .chain_update([0u8])
-        .chain_update(owner.ifname.as_bytes())
-        .finalize();
-    let mut name = String::from(HOST_IFNAME_PREFIX);
-    for byte in digest.iter().take(7) {
-        let _ = write!(name, "{byte:02x}");
-    }
-    name.truncate(15);
-    name
-}
-
 fn agent_error(what: &str, e: &ClientError) -> CniError {
     match e {
         ClientError::Unreachable { .. } => CniError::from_error(
@@ -177,17 +157,13 @@ fn delegate_error(e: delegate::DelegateError) -> CniError {
     }
 }
 
-/// The built-in IPAM's root: the conf's `ipam.dataDir`, else the agent's.
-/// One store per root serves every network (no per-network directory).
-fn ipam_root(data_dir: Option<&PathBuf>, node: Option<&NodeInfo>) -> PathBuf {
-    data_dir
-        .cloned()
-        .or_else(|| node.map(|n| n.ipam_dir.clone()))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_IPAM_DIR))
-}
-
-fn store(root: &Path) -> Result<FileStore, CniError> {
-    FileStore::open(root).map_err(|e| ipam_error(&e))
+/// The built-in IPAM's addresses for this conf: under the conf's
+/// `ipam.dataDir`, else the agent's root (see [`crate::ipam::root_for`]).
+fn addresses(data_dir: Option<&PathBuf>, node: Option<&NodeInfo>) -> PodAddresses {
+    PodAddresses::new(ipam::root_for(
+        data_dir.map(PathBuf::as_path),
+        node.map(|n| n.ipam_dir.as_path()),
+    ))
 }
 
 /// Runs one invocation; `Ok(Some(json))` is printed on stdout.
@@ -236,15 +212,10 @@ fn acquire(
 ) -> Result<Lease, CniError> {
     match &conf.ipam {
         IpamConf::BuiltIn { data_dir } => {
-            let range = PodRange::new(node.pod_cidr).map_err(|e| ipam_error(&e))?;
             // The node's address space has one store; a dataDir naming
             // another root is refused while the serving one holds addresses.
-            let home = store(&node.ipam_dir)?;
-            let node_store = store(&ipam_root(data_dir.as_ref(), Some(node)))?
-                .claim_node(&home, range)
-                .map_err(|e| ipam_error(&e))?;
-            let allocation = Allocator::new(range, node_store)
-                .allocate(&holder(conf, owner))
+            let allocation = addresses(data_dir.as_ref(), Some(node))
+                .allocate(&node.ipam_dir, node.pod_cidr, &holder(conf, owner))
                 .map_err(|e| ipam_error(&e))?;
             Ok(Lease {
                 ip: allocation.ip,
@@ -284,11 +255,8 @@ fn release(
 ) -> Result<(), CniError> {
     match &conf.ipam {
         IpamConf::BuiltIn { data_dir } => {
-            let root = ipam_root(data_dir.as_ref(), node);
-            if !root.exists() {
-                return Ok(());
-            }
-            ipam::release_holder(&store(&root)?, &holder(conf, owner))
+            addresses(data_dir.as_ref(), node)
+                .release(&holder(conf, owner))
                 .map_err(|e| ipam_error(&e))?;
             Ok(())
         }
@@ -520,7 +488,9 @@ fn check_bandwidth(conf: &NetConf, endpoint: &Endpoint, deps: &Deps<'_>) -> Resu
             "bandwidth limits: the configuration says {wanted}, the endpoint has {has}"
         )));
     }
-    for (direction, device, tbf) in wanted.placements(&endpoint.host_ifname) {
+    for (direction, device, tbf) in
+        wanted.placements(&endpoint.host_ifname, &shaper_ifname(&endpoint.host_ifname))
+    {
         let found = deps.plumbing.root_tbf(&device)?;
         if found != Some(tbf) {
             return Err(check_failed(format!(
@@ -544,12 +514,12 @@ fn check_ipam(
         return Ok(());
     };
     let node = agent.node().map_err(|e| agent_error("CHECK", &e))?;
-    let root = ipam_root(data_dir.as_ref(), Some(&node));
+    let addresses = addresses(data_dir.as_ref(), Some(&node));
     let holder = holder(conf, owner);
-    match ipam::reservation_of(&store(&root)?, &holder).map_err(|e| ipam_error(&e))? {
+    match addresses.find(&holder).map_err(|e| ipam_error(&e))? {
         None => Err(check_failed(format!(
             "the IPAM store under {} holds no address for {holder}",
-            root.display()
+            addresses.root().display()
         ))),
         Some(r) if !prev.ips.iter().any(|ip| ip.address.addr() == r.ip) => {
             Err(check_failed(format!(
@@ -606,12 +576,10 @@ fn gc(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<(), CniError> {
     match &conf.ipam {
         IpamConf::BuiltIn { data_dir } => {
             // Only this network's records: the store is the node's.
-            let root = ipam_root(data_dir.as_ref(), node.as_ref());
-            if root.exists() {
-                let released = ipam::release_stale(&store(&root)?, &conf.name, &valid)
-                    .map_err(|e| ipam_error(&e))?;
-                stale.extend(released.into_iter().map(|r| r.holder.owner));
-            }
+            let released = addresses(data_dir.as_ref(), node.as_ref())
+                .release_stale(&conf.name, &valid)
+                .map_err(|e| ipam_error(&e))?;
+            stale.extend(released.into_iter().map(|r| r.holder.owner));
         }
         IpamConf::Delegated { plugin } => {
             delegate::exec(plugin, &env.cni_path, "GC", &conf.raw).map_err(delegate_error)?;
@@ -629,323 +597,4 @@ fn gc(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<(), CniError> {
 }
 
 #[cfg(test)]
-mod tests {
-    //! The verbs over fake plumbing and a fake agent: what the built-in
-    //! IPAM does for two networks on one node, without root.
-
-    use std::{cell::RefCell, collections::BTreeMap, rc::Rc};
-
-    use super::*;
-
-    #[derive(Default)]
-    struct Fakes {
-        /// host ifname -> ifindex
-        host: BTreeMap<String, u32>,
-        /// (netns, ifname) -> pod interface
-        pods: BTreeMap<(PathBuf, String), PodIfState>,
-        /// owner -> endpoint
-        endpoints: BTreeMap<Owner, Endpoint>,
-        next_index: u32,
-        /// The networks the agent was asked to GC.
-        gc_calls: Vec<String>,
-    }
-
-    #[derive(Clone, Default)]
-    struct Node(Rc<RefCell<Fakes>>, PathBuf);
-
-    impl PodPlumbing for Node {
-        fn create(&self, spec: &PodIfSpec) -> Result<PodIfCreated, CniError> {
-            let mut f = self.0.borrow_mut();
-            f.next_index += 1;
-            let index = f.next_index;
-            let mac = [2, 0, 0, 0, 0, u8::try_from(index).expect("few")];
-            f.host.insert(spec.host_ifname.clone(), index);
-            f.pods.insert(
-                (spec.netns.clone(), spec.ifname.clone()),
-                PodIfState {
-                    mac,
-                    mtu: spec.mtu,
-                    addresses: vec![(spec.ip, 32)],
-                    routes: vec![Route {
-                        dst: Ipv4Addr::UNSPECIFIED,
-                        prefix: 0,
-                        gateway: Some(spec.gateway),
-                        oif: 2,
-                    }],
-                },
-            );
-            Ok(PodIfCreated {
-                host_ifindex: index,
-                host_mac: [2, 0, 0, 0, 1, mac[5]],
-                pod_mac: mac,
-            })
-        }
-        fn activate(&self, _: &PodIfSpec, _: &PodIfCreated) -> Result<(), CniError> {
-            Ok(())
-        }
-        fn delete_host(&self, host_ifname: &str) -> Result<bool, CniError> {
-            Ok(self.0.borrow_mut().host.remove(host_ifname).is_some())
-        }
-        fn host_ifindex(&self, host_ifname: &str) -> Result<Option<u32>, CniError> {
-            Ok(self.0.borrow().host.get(host_ifname).copied())
-        }
-        fn root_tbf(&self, _: &str) -> Result<Option<crate::shaping::Tbf>, CniError> {
-            Ok(None)
-        }
-        fn pod_interface(
-            &self,
-            netns: &Path,
-            ifname: &str,
-        ) -> Result<Option<PodIfState>, CniError> {
-            Ok(self
-                .0
-                .borrow()
-                .pods
-                .get(&(netns.to_owned(), ifname.to_owned()))
-                .cloned())
-        }
-    }
-
-    impl AgentApi for Node {
-        fn node(&self) -> Result<NodeInfo, ClientError> {
-            Ok(NodeInfo {
-                node_name: "n1".into(),
-                pod_cidr: "10.244.20.0/24".parse().expect("cidr"),
-                cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
-                gateway: Ipv4Addr::new(10, 244, 20, 1),
-                mtu: 1450,
-                ipam_dir: self.1.join("agent-ipam"),
-            })
-        }
-        fn add_endpoint(&self, endpoint: &Endpoint) -> Result<(), ClientError> {
-            let mut f = self.0.borrow_mut();
-            f.endpoints.insert(endpoint.owner.clone(), endpoint.clone());
-            Ok(())
-        }
-        fn remove_endpoint(&self, owner: &Owner) -> Result<(), ClientError> {
-            self.0.borrow_mut().endpoints.remove(owner);
-            Ok(())
-        }
-        fn get_endpoint(&self, owner: &Owner) -> Result<Option<Endpoint>, ClientError> {
-            Ok(self.0.borrow().endpoints.get(owner).cloned())
-        }
-        fn gc(&self, network: &str, valid: &[Owner]) -> Result<Vec<Owner>, ClientError> {
-            let mut f = self.0.borrow_mut();
-            f.gc_calls.push(network.to_owned());
-            let stale: Vec<Owner> = f
-                .endpoints
-                .values()
-                .filter(|e| e.network == network && !valid.contains(&e.owner))
-                .map(|e| e.owner.clone())
-                .collect();
-            for o in &stale {
-                f.endpoints.remove(o);
-            }
-            Ok(stale)
-        }
-    }
-
-    struct Harness {
-        node: Node,
-        dir: PathBuf,
-    }
-
-    impl Drop for Harness {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    impl Harness {
-        fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir()
-                .join(format!("podnet-plugin-test-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(dir.join("netns")).expect("temp dir");
-            Self {
-                node: Node(Rc::default(), dir.clone()),
-                dir,
-            }
-        }
-
-        fn conf(network: &str, extra: &Value) -> Value {
-            let mut conf = json!({"cniVersion": "1.1.0", "name": network, "type": "podnet"});
-            if let (Some(obj), Some(extra)) = (conf.as_object_mut(), extra.as_object()) {
-                obj.extend(extra.clone());
-            }
-            conf
-        }
-
-        fn run(
-            &self,
-            command: Command,
-            container: &str,
-            ifname: &str,
-            conf: &Value,
-        ) -> Result<Option<String>, CniError> {
-            let env = CniEnv {
-                command,
-                container_id: container.into(),
-                // The fakes never enter it; ADD only checks it exists.
-                netns: Some(self.dir.join("netns")),
-                ifname: ifname.into(),
-                cni_path: String::new(),
-            };
-            let plumbing = self.node.clone();
-            let agent_node = self.node.clone();
-            let agent = move |_: &Path| -> Box<dyn AgentApi> { Box::new(agent_node.clone()) };
-            let deps = Deps {
-                plumbing: &plumbing,
-                agent: &agent,
-            };
-            run(&env, conf.to_string().as_bytes(), &deps)
-        }
-
-        /// ADD; the result and the address.
-        fn add(&self, network: &str, container: &str, ifname: &str) -> (Value, Ipv4Addr) {
-            let out = self
-                .run(
-                    Command::Add,
-                    container,
-                    ifname,
-                    &Harness::conf(network, &Value::Null),
-                )
-                .unwrap_or_else(|e| panic!("ADD {container} in {network}: {e}"))
-                .expect("a result");
-            let result: Value = serde_json::from_str(&out).expect("JSON");
-            let ip = result["ips"][0]["address"]
-                .as_str()
-                .and_then(|a| a.split('/').next())
-                .and_then(|a| a.parse().ok())
-                .expect("an address");
-            (result, ip)
-        }
-
-        fn check(
-            &self,
-            network: &str,
-            container: &str,
-            ifname: &str,
-            prev: &Value,
-        ) -> Result<(), CniError> {
-            let mut conf = Harness::conf(network, &Value::Null);
-            conf["prevResult"] = prev.clone();
-            self.run(Command::Check, container, ifname, &conf)
-                .map(|_| ())
-        }
-
-        /// The node store's reservations of `network`.
-        fn held(&self, network: &str) -> Vec<Ipv4Addr> {
-            let store = FileStore::open(&self.dir.join("agent-ipam")).expect("store");
-            let alloc = Allocator::new(
-                PodRange::new("10.244.20.0/24".parse().expect("cidr")).expect("range"),
-                store,
-            );
-            alloc
-                .reservations()
-                .expect("reservations")
-                .into_iter()
-                .filter(|r| r.holder.network == network)
-                .map(|r| r.ip)
-                .collect()
-        }
-    }
-
-    #[test]
-    fn two_networks_on_one_node_share_the_address_space() {
-        let h = Harness::new("two-nets");
-        let mut seen = std::collections::HashSet::new();
-        for n in 0..20 {
-            let network = if n % 2 == 0 { "net-a" } else { "net-b" };
-            let (_, ip) = h.add(network, &format!("pod{n}"), "eth0");
-            assert!(seen.insert(ip), "{ip} handed out twice");
-        }
-        // One container in both networks: two attachments, two addresses,
-        // both endpoints stay with the agent.
-        let (res_a, ip_a) = h.add("net-a", "multi", "eth0");
-        let (res_b, ip_b) = h.add("net-b", "multi", "net1");
-        assert_ne!(ip_a, ip_b);
-        assert!(!seen.contains(&ip_a) && !seen.contains(&ip_b));
-        assert_eq!(h.node.0.borrow().endpoints.len(), 22);
-
-        // CHECK finds each network's own record.
-        h.check("net-a", "multi", "eth0", &res_a)
-            .expect("CHECK in net-a");
-        h.check("net-b", "multi", "net1", &res_b)
-            .expect("CHECK in net-b");
-        // net-a holds nothing for multi/net1, whatever prevResult says.
-        let err = h
-            .check("net-a", "multi", "net1", &res_b)
-            .expect_err("not net-a's attachment");
-        assert_eq!(err.code, code::CHECK_FAILED);
-        assert!(
-            err.msg
-                .contains("holds no address for multi/net1 in network net-a"),
-            "{err}"
-        );
-
-        // DEL in net-a releases net-a's address only.
-        let b_before = h.held("net-b");
-        h.run(
-            Command::Del,
-            "multi",
-            "eth0",
-            &Harness::conf("net-a", &Value::Null),
-        )
-        .expect("DEL in net-a");
-        assert!(!h.held("net-a").contains(&ip_a));
-        assert_eq!(h.held("net-b"), b_before);
-        // A DEL in net-b naming net-a's attachment (wrong conf) releases
-        // nothing of net-b's.
-        h.run(
-            Command::Del,
-            "multi",
-            "eth0",
-            &Harness::conf("net-b", &Value::Null),
-        )
-        .expect("DEL is idempotent");
-        assert_eq!(h.held("net-b"), b_before);
-
-        // GC of net-a: net-a's stale records go, net-b keeps all of its.
-        let mut gc = Harness::conf("net-a", &Value::Null);
-        gc["cni.dev/valid-attachments"] = json!([{"containerID": "pod0", "ifname": "eth0"}]);
-        h.run(Command::Gc, "", "", &gc).expect("GC");
-        assert_eq!(h.held("net-a").len(), 1, "only pod0 kept in net-a");
-        assert_eq!(h.held("net-b"), b_before, "GC of net-a keeps net-b");
-        assert_eq!(h.node.0.borrow().gc_calls, vec!["net-a".to_owned()]);
-        h.check("net-b", "multi", "net1", &res_b)
-            .expect("net-b's attachment is intact");
-    }
-
-    #[test]
-    fn a_data_dir_beside_the_serving_store_is_refused_with_a_config_error() {
-        let h = Harness::new("data-dir");
-        h.add("net-a", "pod1", "eth0");
-        let other = h.dir.join("other-ipam");
-        let conf = Harness::conf(
-            "net-c",
-            &json!({"ipam": {"type": "podnet", "dataDir": other}}),
-        );
-        let err = h
-            .run(Command::Add, "pod2", "eth0", &conf)
-            .expect_err("a second store for the node's pod CIDR");
-        assert_eq!(err.code, code::INVALID_CONFIG, "{err}");
-        assert!(
-            err.msg.contains("10.244.20.0/24") && err.msg.contains("ipam.dataDir"),
-            "{err}"
-        );
-        assert_eq!(
-            h.node.0.borrow().host.len(),
-            1,
-            "nothing was built for pod2"
-        );
-        // The same dataDir as the agent's root is the same store.
-        let same = Harness::conf(
-            "net-c",
-            &json!({"ipam": {"type": "podnet", "dataDir": h.dir.join("agent-ipam")}}),
-        );
-        h.run(Command::Add, "pod2", "eth0", &same)
-            .expect("same store");
-        assert_eq!(h.held("net-c").len(), 1);
-    }
-}
+mod tests;

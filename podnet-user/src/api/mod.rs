@@ -15,7 +15,10 @@ use std::{
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use crate::ipam::{Owner, Reservation};
+pub mod explain;
+
+pub use crate::endpoint::Endpoint;
+use crate::{endpoint::Owner, ipam::Reservation, model::NodeStatus};
 
 /// Default path of the agent socket.
 pub const DEFAULT_SOCKET: &str = "/run/podnet/podnetd.sock";
@@ -52,23 +55,6 @@ pub struct NodeInfo {
     pub ipam_dir: PathBuf,
 }
 
-/// A pod interface handed to the agent by the CNI plugin.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Endpoint {
-    pub owner: Owner,
-    /// CNI network name.
-    pub network: String,
-    pub netns: PathBuf,
-    pub ip: Ipv4Addr,
-    pub host_ifname: String,
-    pub host_ifindex: u32,
-    pub pod_mac: [u8; 6],
-    pub host_mac: [u8; 6],
-    /// Bandwidth limits (the CNI `bandwidth` capability); `None`: none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bandwidth: Option<crate::shaping::Bandwidth>,
-}
-
 /// An endpoint with its datapath state, for `podnetctl endpoints`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointStatus {
@@ -87,18 +73,6 @@ pub struct EndpointStatus {
 pub struct CounterTotals {
     pub verdicts: std::collections::BTreeMap<String, u64>,
     pub drops: std::collections::BTreeMap<String, u64>,
-}
-
-impl From<crate::datapath::Counters> for CounterTotals {
-    fn from(c: crate::datapath::Counters) -> Self {
-        let owned = |m: std::collections::BTreeMap<&'static str, u64>| {
-            m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
-        };
-        Self {
-            verdicts: owned(c.verdicts),
-            drops: owned(c.drops),
-        }
-    }
 }
 
 /// An IP protocol number as operators read it: `tcp`, `udp`, `icmp`,
@@ -160,22 +134,6 @@ impl StackFlowStatus {
     }
 }
 
-impl StackFlowStatus {
-    /// Every entry of the datapath's stack-flows map, most recent first.
-    pub fn list(
-        datapath: &mut crate::datapath::Datapath,
-    ) -> Result<Vec<Self>, crate::datapath::DatapathError> {
-        let now = crate::datapath::monotonic_coarse_ns();
-        let mut flows: Vec<Self> = datapath
-            .stack_flows()?
-            .iter()
-            .map(|(key, flow)| Self::new(key, flow, now))
-            .collect();
-        flows.sort_by_key(|f| f.idle_s);
-        Ok(flows)
-    }
-}
-
 /// Agent health.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentStatus {
@@ -189,6 +147,11 @@ pub struct AgentStatus {
     /// place. Absent from older agents' answers.
     #[serde(default)]
     pub pending: Vec<String>,
+    /// Endpoint records the agent could not read at start, kept aside
+    /// (never deleted) for an operator to look at; their endpoints are not
+    /// installed. Absent from older agents' answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreadable_records: Vec<PathBuf>,
 }
 
 /// One difference between what the agent believes and what the kernel
@@ -226,7 +189,7 @@ pub struct DatastoreStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cidr_release_after_s: Option<u64>,
     /// Every other node the datastore knows, and where it stands.
-    pub nodes: Vec<crate::datastore::membership::NodeStatus>,
+    pub nodes: Vec<NodeStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,7 +228,7 @@ pub enum Request {
     /// What the datapath would do with a packet a local pod sends
     /// ([`crate::explain`]).
     Explain {
-        request: crate::explain::ExplainRequest,
+        request: explain::ExplainRequest,
     },
     /// A stream: the agent answers [`MonitorHello`], then writes one
     /// [`MonitorMessage`] line after another until the client hangs up.

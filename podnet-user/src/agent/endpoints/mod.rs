@@ -1,0 +1,414 @@
+//! The node's endpoints: records on disk (the agent's memory across
+//! restarts), entries in the datapath, pinned from_pod links on host veths.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use anyhow::Context as _;
+use tracing::{info, warn};
+
+use super::AgentConfig;
+use crate::{
+    api::{AgentStatus, CounterTotals, Endpoint, EndpointStatus, IpamStatus, NodeInfo},
+    datapath::{Datapath, PodProgram},
+    failpoint::{self, FailPoint},
+    ipam::{Holder, Owner, PodAddresses, PodRange},
+};
+
+mod kernel;
+mod reconcile;
+pub mod record;
+
+pub use kernel::attach_mode;
+pub(in crate::agent) use kernel::veths_with_pod_filters;
+use kernel::{apply_shaping, remove_shaper};
+
+/// How old an unowned IPAM record must be before the agent releases it.
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_mins(2);
+
+/// The agent's state; one lock around it (operations are short).
+pub struct EndpointRegistry {
+    config: AgentConfig,
+    datapath: Datapath,
+    pub(super) endpoints: BTreeMap<Owner, Endpoint>,
+    /// Bumped whenever `endpoints` changes (who caches them, the drop
+    /// event monitor, knows when to read them again).
+    generation: Arc<AtomicU64>,
+    /// Endpoints whose filters failed to attach at start: retried.
+    unattached: BTreeSet<Owner>,
+    /// Whether the node's devices are set up (overlay/underlay programs
+    /// attached, node config written).
+    node_network_ready: bool,
+    pub(super) cluster: super::cluster::ClusterState,
+    /// Endpoint records that could not be read, kept aside (see
+    /// [`record`]); reported until an operator removes them.
+    unreadable_records: Vec<PathBuf>,
+}
+
+pub(super) fn host_ifindex(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok()
+}
+
+impl EndpointRegistry {
+    /// Loads the endpoint records and reconciles them with the live
+    /// interfaces, the datapath and the attached programs (see [`Self::reconcile`]).
+    pub fn open(config: AgentConfig, datapath: Datapath) -> anyhow::Result<Self> {
+        for dir in [
+            config.endpoints_dir(),
+            config.links_dir(),
+            config.ipam_dir(),
+        ] {
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let mut registry = Self {
+            config,
+            datapath,
+            endpoints: BTreeMap::new(),
+            generation: Arc::default(),
+            unattached: BTreeSet::new(),
+            node_network_ready: false,
+            cluster: super::cluster::ClusterState::default(),
+            unreadable_records: Vec::new(),
+        };
+        registry.load_records()?;
+        registry.reconcile()?;
+        Ok(registry)
+    }
+
+    fn load_records(&mut self) -> anyhow::Result<()> {
+        let dir = self.config.endpoints_dir();
+        let loaded = record::load(&dir)
+            .with_context(|| format!("reading the records in {}", dir.display()))?;
+        self.endpoints = loaded.endpoints;
+        self.unreadable_records = loaded.set_aside;
+        Ok(())
+    }
+
+    fn link_pin(&self, host_ifname: &str) -> PathBuf {
+        self.config.links_dir().join(host_ifname)
+    }
+
+    /// Writes the map entry, then attaches (or re-points) from_pod and
+    /// to_pod. The entry first: a restarted agent whose maps were migrated
+    /// to a new layout (`crate::pinned_maps`) starts with fresh maps, and a
+    /// veth whose new from_pod ran before its entry existed would drop the
+    /// pod's traffic as an unknown sender's.
+    fn install(&mut self, ep: &Endpoint, restarting: bool) -> anyhow::Result<()> {
+        // Shapers before entries: an entry that sends a pod's packets to a
+        // shaper must never name one that is not there yet.
+        let (flags, egress_shaper) = apply_shaping(ep)?;
+        self.datapath.upsert_shaped_endpoint(
+            ep.ip,
+            podnet_common::EndpointInfo {
+                host_ifindex: ep.host_ifindex,
+                flags,
+                pod_mac: ep.pod_mac,
+                host_mac: ep.host_mac,
+            },
+            egress_shaper,
+        )?;
+        if !restarting {
+            failpoint::hit(FailPoint::AgentAddAfterEntry);
+        }
+        // A pinned TCX link is how podnet attached before it used cls_bpf
+        // for pod veths: re-point it, so an upgrade never leaves the veth
+        // without a program (the pin goes with the endpoint).
+        let legacy_pin = self.link_pin(&ep.host_ifname);
+        let reattached = restarting
+            && legacy_pin.exists()
+            && self.datapath.reattach_from_pod(&legacy_pin).is_ok();
+        if reattached {
+            // The TCX link carries from_pod; to_pod is a filter either way.
+            self.datapath
+                .attach_pod_program(PodProgram::ToPod, &ep.host_ifname, restarting)
+                .with_context(|| format!("attaching to_pod to {}", ep.host_ifname))?;
+        } else {
+            self.datapath
+                .attach_pod(&ep.host_ifname, restarting)
+                .with_context(|| format!("attaching podnet's filters to {}", ep.host_ifname))?;
+        }
+        if !restarting {
+            failpoint::hit(FailPoint::AgentAddAfterAttach);
+        }
+        Ok(())
+    }
+
+    /// Retries what is not in place yet: the node's network and endpoints
+    /// whose filters failed to attach at start. Once everything is, the old
+    /// build's programs are gone and a migration of pinned maps is
+    /// finished. Returns whether everything is in place.
+    pub fn retry_pending(&mut self, net: &super::cluster::NodeNetwork) -> bool {
+        self.cluster.network = Some(net.clone());
+        if !self.node_network_ready {
+            match self.setup_node_network(net) {
+                Ok(()) => self.node_network_ready = true,
+                Err(e) => warn!(error = %format!("{e:#}"),
+                                "setting up the node's network failed; what runs is left as it is, retrying"),
+            }
+        }
+        for owner in self.unattached.clone() {
+            let Some(ep) = self.endpoints.get(&owner).cloned() else {
+                self.unattached.remove(&owner);
+                continue;
+            };
+            match self.install(&ep, true) {
+                Ok(()) => {
+                    info!(container = %owner.container_id, host = %ep.host_ifname, "endpoint re-installed");
+                    self.unattached.remove(&owner);
+                }
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), host = %ep.host_ifname, "re-installing an endpoint");
+                }
+            }
+        }
+        let routes_done = self.retry_failed_routes(net);
+        let done = self.node_network_ready && self.unattached.is_empty() && routes_done;
+        if done && let Err(e) = self.datapath.finish_migration() {
+            warn!(error = %format!("{e:#}"), "finishing the migration of pinned maps");
+        }
+        done
+    }
+
+    /// What [`Self::retry_pending`] still has to do, for `podnetctl status`.
+    #[must_use]
+    pub fn pending(&self) -> Vec<String> {
+        let mut pending = Vec::new();
+        if !self.node_network_ready {
+            pending.push("node network (overlay/underlay programs, node config)".to_owned());
+        }
+        pending.extend(self.unattached.iter().map(|o| {
+            format!(
+                "endpoint {}:{} (filters not attached)",
+                o.container_id, o.ifname
+            )
+        }));
+        pending.extend(self.failed_routes());
+        pending
+    }
+
+    /// The built-in IPAM's addresses of this node (see
+    /// [`crate::ipam::PodAddresses`]).
+    fn addresses(&self) -> PodAddresses {
+        PodAddresses::new(self.config.ipam_dir())
+    }
+
+    fn release_address(&self, ep: &Endpoint) {
+        let holder = Holder::new(ep.network.clone(), ep.owner.clone());
+        let released = self.addresses().release(&holder);
+        if let Err(e) = released {
+            warn!(error = %e, ip = %ep.ip, "could not release the address of a removed endpoint");
+        }
+    }
+
+    /// Registers an endpoint the plugin created: record, link, map entry.
+    /// A request that fails [`Endpoint::validate`] changes nothing.
+    pub fn add(&mut self, ep: Endpoint) -> anyhow::Result<()> {
+        ep.validate(self.config.pod_cidr)?;
+        let live = host_ifindex(&ep.host_ifname);
+        anyhow::ensure!(
+            live == Some(ep.host_ifindex),
+            "host interface {} (ifindex {}) does not exist on this node (found {live:?})",
+            ep.host_ifname,
+            ep.host_ifindex
+        );
+        // Another owner holding this IP (a leftover: its address was
+        // released, its DEL did not reach us) loses it. Said out loud: if it
+        // is not a leftover, two IPAMs hand out the same range.
+        let clash: Vec<Endpoint> = self
+            .endpoints
+            .values()
+            .filter(|e| e.ip == ep.ip && e.owner != ep.owner)
+            .cloned()
+            .collect();
+        for old in clash {
+            warn!(ip = %ep.ip, old_container = %old.owner.container_id, old_ifname = %old.owner.ifname,
+                  old_network = %old.network, container = %ep.owner.container_id,
+                  network = %ep.network, "address handed to a new endpoint: removing the older endpoint that had it");
+            self.remove(&old.owner)?;
+        }
+        // The same attachment again on another veth: the runtime retrying
+        // an ADD that failed or was killed after we had it. The plugin made
+        // a new veth, so the old one's datapath state goes first; writing
+        // the new entries over it would leave the old veth's entry behind.
+        if let Some(old) = self.endpoints.get(&ep.owner).cloned()
+            && (old.host_ifindex != ep.host_ifindex || old.ip != ep.ip)
+        {
+            info!(container = %ep.owner.container_id, ifname = %ep.owner.ifname,
+                  old_host_ifindex = old.host_ifindex, host_ifindex = ep.host_ifindex,
+                  "endpoint added again on a new veth: removing the previous one");
+            self.remove(&old.owner)?;
+        }
+        record::write(&self.config.endpoints_dir(), &ep)?;
+        failpoint::hit(FailPoint::AgentAddAfterRecord);
+        if let Err(e) = self.install(&ep, false) {
+            remove_shaper(&ep);
+            return Err(e);
+        }
+        info!(container = %ep.owner.container_id, ifname = %ep.owner.ifname, ip = %ep.ip,
+              host = %ep.host_ifname, "endpoint added");
+        self.endpoints.insert(ep.owner.clone(), ep);
+        self.generation.fetch_add(1, Ordering::Release);
+        Ok(())
+    }
+
+    /// A counter that changes whenever an endpoint is added or removed.
+    pub(super) fn endpoints_generation(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.generation)
+    }
+
+    /// Removes an endpoint; `Ok(None)` when there was none.
+    pub fn remove(&mut self, owner: &Owner) -> anyhow::Result<Option<Endpoint>> {
+        let Some(ep) = self.endpoints.remove(owner) else {
+            return Ok(None);
+        };
+        self.generation.fetch_add(1, Ordering::Release);
+        // Only the entry that is still this endpoint's (the IP may have been
+        // handed to a newer endpoint since).
+        if self
+            .datapath
+            .endpoint(ep.ip)?
+            .is_some_and(|info| info.host_ifindex == ep.host_ifindex)
+        {
+            self.datapath.remove_endpoint(ep.ip)?;
+        }
+        // The per-veth entry is this endpoint's also when the IP's entry is
+        // not (any more): unless another endpoint is on the same veth, it
+        // goes too.
+        if !self
+            .endpoints
+            .values()
+            .any(|e| e.host_ifindex == ep.host_ifindex)
+        {
+            self.datapath.remove_veth(ep.host_ifindex)?;
+        }
+        failpoint::hit(FailPoint::AgentDelAfterEntry);
+        match fs::remove_file(self.link_pin(&ep.host_ifname)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => warn!(error = %e, "removing link pin"),
+            _ => {}
+        }
+        remove_shaper(&ep);
+        record::remove(&self.config.endpoints_dir(), owner);
+        failpoint::hit(FailPoint::AgentDelAfterRecord);
+        info!(container = %owner.container_id, ifname = %owner.ifname, ip = %ep.ip, "endpoint removed");
+        Ok(Some(ep))
+    }
+
+    #[must_use]
+    pub fn get(&self, owner: &Owner) -> Option<&Endpoint> {
+        self.endpoints.get(owner)
+    }
+
+    /// Removes every endpoint of `network` (every network's with `None`)
+    /// whose owner is not in `valid`; returns the removed owners.
+    pub fn gc(&mut self, network: Option<&str>, valid: &[Owner]) -> anyhow::Result<Vec<Owner>> {
+        let valid: std::collections::HashSet<&Owner> = valid.iter().collect();
+        let stale: Vec<Owner> = self
+            .endpoints
+            .values()
+            .filter(|ep| network.is_none_or(|n| ep.network == n) && !valid.contains(&ep.owner))
+            .map(|ep| ep.owner.clone())
+            .collect();
+        for owner in &stale {
+            self.remove(owner)?;
+        }
+        Ok(stale)
+    }
+
+    pub fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            node_name: self.config.node_name.clone(),
+            pod_cidr: self.config.pod_cidr,
+            cluster_cidr: self.config.cluster_cidr,
+            gateway: PodRange::new(self.config.pod_cidr)
+                .map_or(self.config.pod_cidr.network(), |r| r.gateway()),
+            mtu: self.config.mtu,
+            ipam_dir: self.config.ipam_dir(),
+        }
+    }
+
+    pub fn status(&self) -> anyhow::Result<AgentStatus> {
+        Ok(AgentStatus {
+            node: self.node_info(),
+            endpoints: self.endpoints.len(),
+            attach_mode: attach_mode().to_owned(),
+            bpffs_dir: self.config.bpffs_dir.clone(),
+            programs: self
+                .datapath
+                .programs()?
+                .into_iter()
+                .map(|p| p.name.to_owned())
+                .collect(),
+            pending: self.pending(),
+            unreadable_records: self.unreadable_records.clone(),
+        })
+    }
+
+    pub fn list(&mut self) -> anyhow::Result<Vec<EndpointStatus>> {
+        let eps: Vec<Endpoint> = self.endpoints.values().cloned().collect();
+        let with_filter = veths_with_pod_filters(eps.iter().map(|ep| ep.host_ifindex).collect())?;
+        eps.into_iter()
+            .map(|ep| {
+                let in_datapath = self
+                    .datapath
+                    .endpoint(ep.ip)?
+                    .is_some_and(|i| i.host_ifindex == ep.host_ifindex);
+                let stats = self
+                    .datapath
+                    .endpoint_stats(ep.host_ifindex)?
+                    .unwrap_or_default();
+                Ok(EndpointStatus {
+                    attached: with_filter.contains(&ep.host_ifindex)
+                        || self.link_pin(&ep.host_ifname).exists(),
+                    in_datapath,
+                    tx_packets: stats.packets,
+                    tx_bytes: stats.bytes,
+                    endpoint: ep,
+                })
+            })
+            .collect()
+    }
+
+    pub fn counters(&self) -> anyhow::Result<CounterTotals> {
+        Ok(super::report::counter_totals(self.datapath.counters()?))
+    }
+
+    /// The node store's reservations by network (the store a network's
+    /// `ipam.dataDir` moved the node to, if one did).
+    pub fn ipam(&self) -> anyhow::Result<IpamStatus> {
+        let view = self.addresses().node_view(self.config.pod_cidr)?;
+        let mut networks: BTreeMap<String, Vec<_>> = BTreeMap::new();
+        for r in view.reservations {
+            networks
+                .entry(r.holder.network.clone())
+                .or_default()
+                .push(r);
+        }
+        Ok(IpamStatus {
+            pod_cidr: self.config.pod_cidr,
+            capacity: view.capacity,
+            store: Some(view.store),
+            networks,
+        })
+    }
+
+    pub(crate) fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.datapath
+    }
+
+    #[must_use]
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    #[must_use]
+    pub fn bpffs_dir(&self) -> &Path {
+        &self.config.bpffs_dir
+    }
+}
