@@ -155,6 +155,15 @@ fn status(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             println!("attach       {}", s.attach_mode);
             println!("pins         {}", s.bpffs_dir.display());
             println!("programs     {}", s.programs.join(", "));
+            for what in &s.pending {
+                println!("pending      {what}");
+            }
+            for record in &s.unreadable_records {
+                println!(
+                    "UNREADABLE   endpoint record kept aside, endpoint not installed: {}",
+                    record.display()
+                );
+            }
         }),
         Err(e) if agent_down(&e) => {
             let mut dp = from_pins(cli)?;
