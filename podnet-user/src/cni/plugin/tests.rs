@@ -17,6 +17,26 @@ struct Fakes {
     next_index: u32,
     /// The networks the agent was asked to GC.
     gc_calls: Vec<String>,
+    /// Failures to inject.
+    fail: Failures,
+}
+
+/// What the fakes are told to fail, to test what ADD and DEL undo.
+#[derive(Default, Clone, Copy)]
+struct Failures {
+    /// The agent refuses every endpoint (a validation error, say).
+    agent_refuses: bool,
+    /// The agent is not running.
+    agent_down: bool,
+    /// Bringing the pod's link up fails (after the agent has the endpoint).
+    activate: bool,
+}
+
+fn unreachable() -> ClientError {
+    ClientError::Unreachable {
+        socket: "/run/podnet/test.sock".into(),
+        source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+    }
 }
 
 #[derive(Clone, Default)]
@@ -50,6 +70,9 @@ impl PodPlumbing for Node {
         })
     }
     fn activate(&self, _: &PodIfSpec, _: &PodIfCreated) -> Result<(), CniError> {
+        if self.0.borrow().fail.activate {
+            return Err(CniError::new(code::IO_FAILURE, "set link up: injected"));
+        }
         Ok(())
     }
     fn delete_host(&self, host_ifname: &str) -> Result<bool, CniError> {
@@ -73,6 +96,9 @@ impl PodPlumbing for Node {
 
 impl AgentApi for Node {
     fn node(&self) -> Result<NodeInfo, ClientError> {
+        if self.0.borrow().fail.agent_down {
+            return Err(unreachable());
+        }
         Ok(NodeInfo {
             node_name: "n1".into(),
             pod_cidr: "10.244.20.0/24".parse().expect("cidr"),
@@ -84,10 +110,16 @@ impl AgentApi for Node {
     }
     fn add_endpoint(&self, endpoint: &Endpoint) -> Result<(), ClientError> {
         let mut f = self.0.borrow_mut();
+        if f.fail.agent_refuses {
+            return Err(ClientError::Refused("invalid endpoint: injected".into()));
+        }
         f.endpoints.insert(endpoint.owner.clone(), endpoint.clone());
         Ok(())
     }
     fn remove_endpoint(&self, owner: &Owner) -> Result<(), ClientError> {
+        if self.0.borrow().fail.agent_down {
+            return Err(unreachable());
+        }
         self.0.borrow_mut().endpoints.remove(owner);
         Ok(())
     }
@@ -312,4 +344,114 @@ fn a_data_dir_beside_the_serving_store_is_refused_with_a_config_error() {
     h.run(Command::Add, "pod2", "eth0", &same)
         .expect("same store");
     assert_eq!(h.held("net-c").len(), 1);
+}
+
+impl Harness {
+    fn fail(&self, fail: Failures) {
+        self.fakes().fail = fail;
+    }
+
+    fn fakes(&self) -> std::cell::RefMut<'_, Fakes> {
+        self.node.0.borrow_mut()
+    }
+
+    fn add_err(&self, container: &str) -> CniError {
+        self.run(
+            Command::Add,
+            container,
+            "eth0",
+            &Harness::conf("podnet", &Value::Null),
+        )
+        .expect_err("ADD fails")
+    }
+
+    /// Nothing of `container`'s attachment is left: no address, no host
+    /// veth, no endpoint with the agent.
+    fn assert_nothing_left(&self, container: &str) {
+        assert!(self.held("podnet").is_empty(), "{:?}", self.held("podnet"));
+        let owner = Owner {
+            container_id: container.into(),
+            ifname: "eth0".into(),
+        };
+        let f = self.fakes();
+        assert!(!f.host.contains_key(&host_ifname(&owner)), "host veth left");
+        assert!(!f.endpoints.contains_key(&owner), "endpoint left");
+    }
+}
+
+#[test]
+fn an_add_the_agent_refuses_leaves_no_address_and_no_veth() {
+    let h = Harness::new("agent-refuses");
+    h.fail(Failures {
+        agent_refuses: true,
+        ..Failures::default()
+    });
+    let err = h.add_err("pod1");
+    assert!(err.to_string().contains("injected"), "{err}");
+    h.assert_nothing_left("pod1");
+    // The address comes back: the next ADD gets the first one.
+    h.fail(Failures::default());
+    let (_, ip) = h.add("podnet", "pod2", "eth0");
+    assert_eq!(
+        ip,
+        Ipv4Addr::new(10, 244, 20, 3),
+        "after the rolled-back .2"
+    );
+}
+
+#[test]
+fn an_add_that_fails_after_the_agent_has_the_endpoint_takes_it_back() {
+    let h = Harness::new("activate-fails");
+    h.fail(Failures {
+        activate: true,
+        ..Failures::default()
+    });
+    let err = h.add_err("pod1");
+    assert_eq!(err.code, code::IO_FAILURE, "{err}");
+    h.assert_nothing_left("pod1");
+}
+
+#[test]
+fn add_without_the_agent_is_a_try_again_and_touches_nothing() {
+    let h = Harness::new("agent-down-add");
+    h.fail(Failures {
+        agent_down: true,
+        ..Failures::default()
+    });
+    let err = h.add_err("pod1");
+    assert_eq!(err.code, code::TRY_AGAIN_LATER, "{err}");
+    h.assert_nothing_left("pod1");
+}
+
+#[test]
+fn del_without_the_agent_still_releases_the_address_and_the_veth() {
+    let h = Harness::new("agent-down-del");
+    let (_, ip) = h.add("podnet", "pod1", "eth0");
+    assert_eq!(h.held("podnet"), [ip]);
+    // What the agent leaves beside its socket for this case: where the
+    // IPAM store is.
+    let socket = h.dir.join("agent.sock");
+    let node = h.node.node().expect("node info");
+    std::fs::write(
+        crate::api::node_info_path(&socket),
+        serde_json::to_vec(&node).expect("json"),
+    )
+    .expect("cache node info");
+    h.fail(Failures {
+        agent_down: true,
+        ..Failures::default()
+    });
+    h.run(
+        Command::Del,
+        "pod1",
+        "eth0",
+        &Harness::conf("podnet", &json!({"agentSocket": socket})),
+    )
+    .expect("DEL succeeds while the agent is down");
+    assert!(h.held("podnet").is_empty());
+    let owner = Owner {
+        container_id: "pod1".into(),
+        ifname: "eth0".into(),
+    };
+    assert!(!h.fakes().host.contains_key(&host_ifname(&owner)));
 }
