@@ -52,6 +52,10 @@ pub fn describe(cmd: &Command) -> String {
     line
 }
 
+/// The nightly the eBPF build uses (the machine's `nightly`, never updated:
+/// bpf-linker must read its LLVM bitcode; see `setup`'s module docs).
+pub const NIGHTLY: &str = "nightly";
+
 /// A `cargo` command for the machine's nightly (`rustup run nightly cargo`,
 /// like `cargo +nightly`), run from the workspace root, with the variables
 /// through which the calling cargo would impose its own toolchain removed.
@@ -63,7 +67,7 @@ pub fn nightly_cargo() -> Command {
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO")
-        .args(["run", crate::setup::NIGHTLY, "cargo"]);
+        .args(["run", NIGHTLY, "cargo"]);
     cmd
 }
 

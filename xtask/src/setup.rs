@@ -62,8 +62,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The nightly the eBPF build uses; see the module docs for why it is fixed.
-pub const NIGHTLY: &str = "nightly";
+pub use crate::cmd::NIGHTLY;
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 
 fn missing_debian_packages() -> Vec<&'static str> {
