@@ -11,7 +11,7 @@ use podnet_common::{
 
 use crate::{
     counters::{TC_ACT_OK, TC_ACT_UNSPEC, count, pass_to_stack},
-    forward,
+    lookup,
     maps::STACK_FLOWS,
     packet::{self, Ipv4Fields, L3},
 };
@@ -264,7 +264,7 @@ pub fn track_node_egress(ctx: &mut TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     if let L3::Ipv4(ip) = packet::parse(ctx)
-        && forward::endpoint(ip.src).is_some()
+        && lookup::endpoint(ip.src).is_some()
     {
         track_reply(ctx, &ip);
     }

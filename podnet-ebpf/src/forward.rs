@@ -7,7 +7,6 @@ use core::{mem::MaybeUninit, ptr::write_volatile};
 use aya_ebpf::{
     bindings::{bpf_redir_neigh, bpf_tunnel_key},
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_set_tunnel_key},
-    maps::lpm_trie::Key,
     programs::TcContext,
 };
 use podnet_common::{
@@ -19,7 +18,8 @@ use podnet_common::{
 use crate::{
     counters::{count, drop_packet, pass_to_stack},
     flows,
-    maps::{CONFIG, ENDPOINTS, REMOTE},
+    lookup::{endpoint, remote_node},
+    maps::CONFIG,
     packet::{self, Ipv4Fields, L3},
     sender, vxlan,
 };
@@ -30,19 +30,6 @@ const AF_INET: u32 = 2;
 const PACKET_HOST: u32 = 0;
 /// TTL of the outer (VXLAN) header.
 const TUNNEL_TTL: u8 = 64;
-
-#[inline(always)]
-pub fn endpoint(ip: u32) -> Option<EndpointInfo> {
-    // SAFETY: the value is copied out at once; the agent replaces entries
-    // whole (map update), so a concurrent update yields the old or the new
-    // endpoint, both of which are valid at that moment.
-    unsafe { ENDPOINTS.get(ip) }.copied()
-}
-
-#[inline(always)]
-pub fn remote_node(ip: u32) -> Option<RemoteNode> {
-    REMOTE.get(Key::new(32, ip)).copied()
-}
 
 /// What arrived from another node (from_overlay, from_underlay): a packet
 /// from a pod of another node for a local endpoint is delivered, unless its

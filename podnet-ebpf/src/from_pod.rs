@@ -13,8 +13,8 @@ use podnet_common::{DropReason, Program, Verdict, VethEndpoint, node::REMOTE_NOD
 use crate::{
     arp,
     counters::{count, drop_packet, pass_to_stack},
-    flows,
-    forward::{self, endpoint},
+    flows, forward,
+    lookup::{endpoint, remote_node},
     maps::{CONFIG, VETHS},
     packet::{self, Ipv4Fields, L3},
 };
@@ -80,7 +80,7 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     let local = endpoint(ip.dst);
     let remote = match local {
         Some(_) => None,
-        None => forward::remote_node(ip.dst),
+        None => remote_node(ip.dst),
     };
     // UDP to the VXLAN port of a node (this one, another one, or any host
     // outside the pod network): every node's VXLAN device listens on all

@@ -11,6 +11,7 @@ mod forward;
 mod from_overlay;
 mod from_pod;
 mod from_underlay;
+mod lookup;
 mod maps;
 mod packet;
 mod sender;

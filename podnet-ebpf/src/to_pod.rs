@@ -9,7 +9,8 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 
 use crate::{
     counters::TC_ACT_UNSPEC,
-    flows, forward,
+    flows,
+    lookup::{endpoint, remote_node},
     packet::{self, L3},
 };
 
@@ -23,7 +24,7 @@ pub fn to_pod(mut ctx: TcContext) -> i32 {
     // Only flows whose replies the fast path would take: from a pod of
     // this node or of another node (from_pod redirects replies to both).
     if let L3::Ipv4(ip) = packet::parse(&mut ctx)
-        && (forward::endpoint(ip.src).is_some() || forward::remote_node(ip.src).is_some())
+        && (endpoint(ip.src).is_some() || remote_node(ip.src).is_some())
     {
         flows::track_reply(&ctx, &ip);
     }

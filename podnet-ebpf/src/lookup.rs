@@ -1,0 +1,25 @@
+//! Lookups in the state maps that every forwarding decision reads: the
+//! node's endpoints and the remote trie. A module of their own so that the
+//! decisions (`forward`), the stack-flow bookkeeping (`flows`) and the entry
+//! files read them without importing one another.
+
+use aya_ebpf::maps::lpm_trie::Key;
+use podnet_common::{EndpointInfo, RemoteNode};
+
+use crate::maps::{ENDPOINTS, REMOTE};
+
+/// The local endpoint that has `ip` (network order).
+#[inline(always)]
+pub fn endpoint(ip: u32) -> Option<EndpointInfo> {
+    // SAFETY: the value is copied out at once; the agent replaces entries
+    // whole (map update), so a concurrent update yields the old or the new
+    // endpoint, both of which are valid at that moment.
+    unsafe { ENDPOINTS.get(ip) }.copied()
+}
+
+/// The remote node whose pod CIDR (or own address) holds `ip` (network
+/// order): the longest prefix wins.
+#[inline(always)]
+pub fn remote_node(ip: u32) -> Option<RemoteNode> {
+    REMOTE.get(Key::new(32, ip)).copied()
+}
