@@ -19,8 +19,9 @@ use crate::{datapath::NodeProgram, datastore::NodeRecord, netlink};
 
 /// Name of the collect-metadata VXLAN device.
 pub const VXLAN_DEVICE: &str = "podnet_vxlan";
-/// VXLAN adds 50 bytes (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8).
-pub const VXLAN_OVERHEAD: u32 = 50;
+/// VXLAN's 50 bytes, defined once next to the node config (the datapath
+/// makes the same room).
+pub use podnet_common::node::VXLAN_OVERHEAD;
 
 /// How pods reach pods on other nodes.
 #[derive(
@@ -79,14 +80,24 @@ pub enum VxlanDatapath {
     Bpf,
 }
 
+impl Mode {
+    /// The datapath's `NodeConfig::mode` for this mode.
+    #[must_use]
+    pub const fn node_mode(self) -> u32 {
+        match self {
+            Self::Local => node::MODE_LOCAL_ONLY,
+            Self::Vxlan => node::MODE_VXLAN,
+            Self::Direct => node::MODE_DIRECT,
+        }
+    }
+}
+
 impl NodeNetwork {
-    /// The largest pod MTU that does not fragment on the underlay.
+    /// The largest pod MTU that does not fragment on the underlay
+    /// ([`node::pod_mtu`]).
     #[must_use]
     pub fn pod_mtu(&self) -> u32 {
-        match self.mode {
-            Mode::Vxlan => self.underlay_mtu.saturating_sub(VXLAN_OVERHEAD),
-            Mode::Direct | Mode::Local => self.underlay_mtu,
-        }
+        node::pod_mtu(self.underlay_mtu, self.mode.node_mode())
     }
 }
 
