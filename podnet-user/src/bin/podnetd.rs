@@ -18,6 +18,7 @@ use podnet::{
         self, AgentConfig, EndpointRegistry,
         cluster::{Mode, NodeNetwork, VxlanDatapath},
         follow::{self, EtcdFollow},
+        join,
         metrics::{AgentInfo, AgentMetrics, CniOps},
     },
     api::DEFAULT_SOCKET,
@@ -26,14 +27,19 @@ use podnet::{
     datastore::{
         DatastoreError, DatastoreSpec, JoinRequest,
         etcd::EtcdDatastore,
-        file::FileDatastore,
+        file::{FileDatastore, Follower},
         membership::{Policy, format_duration, parse_duration},
     },
     install,
     netlink::{self, LinkInfo},
 };
+use podnet_common::node;
 use serde::Deserialize;
 use tracing::{info, warn};
+
+/// How often a join through the nodes file re-reads it unprompted (the
+/// follower's resync; a join reads it on every attempt anyway).
+const FILE_RESYNC: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -84,7 +90,7 @@ struct Args {
     /// VXLAN network identifier.
     #[arg(long)]
     vni: Option<u32>,
-    /// VXLAN UDP port.
+    /// VXLAN UDP port (default 4789).
     #[arg(long)]
     vxlan_port: Option<u16>,
     /// vxlan mode: who encapsulates, bpf (the pod's program, out of the
@@ -301,7 +307,7 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
             underlay_ifindex: 0,
             underlay_mtu: 1500,
             vni: 1,
-            vxlan_port: 4789,
+            vxlan_port: node::VXLAN_PORT,
             masquerade: false,
             vxlan_datapath: VxlanDatapath::default(),
         }
@@ -317,7 +323,10 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
             underlay_ifindex: link.index,
             underlay_mtu: link.mtu,
             vni: args.vni.or(file.vni).unwrap_or(1),
-            vxlan_port: args.vxlan_port.or(file.vxlan_port).unwrap_or(4789),
+            vxlan_port: args
+                .vxlan_port
+                .or(file.vxlan_port)
+                .unwrap_or(node::VXLAN_PORT),
             masquerade: mode != Mode::Local,
             vxlan_datapath: args
                 .vxlan_datapath
@@ -352,7 +361,7 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
         node_name,
         pod_cidr: pod_cidr.trunc(),
         cluster_cidr: cluster_cidr.trunc(),
-        mtu: args.mtu.or(file.mtu).unwrap_or_else(|| network.pod_mtu()),
+        mtu: node::effective_pod_mtu(args.mtu.or(file.mtu), network.pod_mtu()),
         bpffs_dir: args
             .bpffs_dir
             .clone()
@@ -389,82 +398,38 @@ fn join_request(resolved: &Resolved) -> JoinRequest {
     }
 }
 
-/// The pod CIDR this node had last time (kept in the state dir), for a
-/// start while the datastore is unreachable.
-fn cached_cidr_path(config: &AgentConfig) -> PathBuf {
-    config.state_dir.join("pod-cidr")
-}
-
-/// Joins the cluster: the datastore hands out (or confirms) the pod CIDR.
-/// A node that was here before asks for its last CIDR first (it may have
-/// been released while the node was away). With etcd unreachable, such a
-/// node starts with its last CIDR and publishes itself once etcd is back
-/// (the datapath forwards meanwhile); a new node waits for etcd. A nodes
-/// file that cannot be read is waited for too (it is never overwritten).
+/// Joins the cluster through the configured datastore (see
+/// [`agent::join`]) and caches the pod CIDR for the next start.
 fn join(
     resolved: &mut Resolved,
     runtime: &tokio::runtime::Runtime,
     lease_ttl: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let cached: Option<Ipv4Net> = std::fs::read_to_string(cached_cidr_path(&resolved.config))
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
-    let mut request = join_request(resolved);
-    request.preferred = cached;
-    let mut delay = std::time::Duration::from_millis(500);
-    let mut retry = |e: &dyn std::fmt::Display, what: &str| {
-        warn!(error = %e, retry_in = ?delay, "{what}");
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(std::time::Duration::from_secs(10));
-    };
-    match &resolved.datastore {
+    let state_dir = resolved.config.state_dir.clone();
+    let cached = join::read_cached_cidr(&state_dir);
+    let request = join_request(resolved);
+    let backoff = join::Backoff::default();
+    resolved.config.pod_cidr = match &resolved.datastore {
         DatastoreSpec::None => return Ok(()),
-        DatastoreSpec::File(path) => loop {
-            match FileDatastore::new(path).join(&request) {
-                Ok(cidr) => {
-                    resolved.config.pod_cidr = cidr;
-                    break;
-                }
-                // Someone holds the CIDR this node asks for: waiting will
-                // not change that.
-                Err(e @ (DatastoreError::Conflict { .. } | DatastoreError::Exhausted { .. })) => {
-                    return Err(e).context("joining the cluster");
-                }
-                Err(e) => retry(&e, "cannot join through the nodes file; retrying"),
-            }
-        },
-        DatastoreSpec::Etcd(endpoints) => loop {
-            // Claimed and published at once: a claim without a record
-            // would look like a node that went away to the other agents.
-            let attempt = runtime.block_on(async {
-                let mut store = EtcdDatastore::connect(endpoints, lease_ttl).await?;
-                store.join(&request).await
-            });
-            match attempt {
-                Ok((cidr, _lease)) => {
-                    resolved.config.pod_cidr = cidr;
-                    break;
-                }
-                Err(e @ (DatastoreError::Conflict { .. } | DatastoreError::Exhausted { .. })) => {
-                    return Err(e).context("joining the cluster");
-                }
-                Err(e) => {
-                    if let Some(cidr) = cached {
-                        warn!(error = %e, %cidr, "etcd unreachable; starting with the last known pod CIDR");
-                        resolved.config.pod_cidr = cidr;
-                        break;
-                    }
-                    retry(&e, "etcd unreachable; retrying");
-                }
-            }
-        },
-    }
-    std::fs::create_dir_all(&resolved.config.state_dir)?;
-    std::fs::write(
-        cached_cidr_path(&resolved.config),
-        resolved.config.pod_cidr.to_string(),
-    )
-    .context("caching the pod CIDR")?;
+        DatastoreSpec::File(path) => runtime.block_on(join::join(
+            || {
+                let store = Follower::new(FileDatastore::new(path), FILE_RESYNC);
+                async move { Ok::<_, DatastoreError>(store) }
+            },
+            &request,
+            cached,
+            backoff,
+        ))?,
+        // Claimed and published at once: a claim without a record would
+        // look like a node that went away to the other agents.
+        DatastoreSpec::Etcd(endpoints) => runtime.block_on(join::join(
+            || EtcdDatastore::connect(endpoints, lease_ttl),
+            &request,
+            cached,
+            backoff,
+        ))?,
+    };
+    join::write_cached_cidr(&state_dir, resolved.config.pod_cidr)?;
     Ok(())
 }
 
@@ -627,7 +592,11 @@ fn main() -> anyhow::Result<()> {
                 });
         }
         DatastoreSpec::File(path) => {
-            follow::follow_file(path, Arc::clone(&registry), resolved.network.clone());
+            runtime.spawn(follow::follow_file(
+                path.clone(),
+                Arc::clone(&registry),
+                resolved.network.clone(),
+            ));
         }
         DatastoreSpec::Etcd(endpoints) => {
             info!(
