@@ -16,7 +16,7 @@ use ipnet::Ipv4Net;
 use podnet::{
     agent::{
         self, AgentConfig, EndpointRegistry,
-        cluster::{Mode, NodeNetwork, VxlanDatapath},
+        cluster::{self, Mode, NodeNetwork, VxlanDatapath},
         follow::{self, EtcdFollow},
         join,
         metrics::{AgentInfo, AgentMetrics, CniOps},
@@ -30,8 +30,7 @@ use podnet::{
         file::{FileDatastore, Follower},
         membership::{Policy, format_duration, parse_duration},
     },
-    install,
-    netlink::{self, LinkInfo},
+    install, netlink,
 };
 use podnet_common::node;
 use serde::Deserialize;
@@ -225,42 +224,6 @@ fn read_file_config(args: &Args) -> anyhow::Result<FileConfig> {
     })
 }
 
-/// Finds the underlay: the device holding `node_ip`, or `node_ip` from the
-/// device, or the device of the default route.
-fn underlay(
-    node_ip: Option<Ipv4Addr>,
-    dev: Option<String>,
-) -> anyhow::Result<(Ipv4Addr, LinkInfo)> {
-    netlink::with_netlink(None, move |h| async move {
-        match (node_ip, dev) {
-            (_, Some(dev)) => {
-                let link = netlink::link_by_name(&h, &dev).await?.ok_or_else(|| {
-                    netlink::NetlinkError::Unexpected(format!("underlay device {dev} not found"))
-                })?;
-                let ip = match node_ip {
-                    Some(ip) => ip,
-                    None => netlink::first_address(&h, link.index)
-                        .await?
-                        .ok_or_else(|| {
-                            netlink::NetlinkError::Unexpected(format!("{dev} has no IPv4 address"))
-                        })?,
-                };
-                Ok((ip, link))
-            }
-            (Some(ip), None) => {
-                let link = netlink::link_with_address(&h, ip).await?.ok_or_else(|| {
-                    netlink::NetlinkError::Unexpected(format!("no device holds {ip}"))
-                })?;
-                Ok((ip, link))
-            }
-            (None, None) => Err(netlink::NetlinkError::Unexpected(
-                "a cluster node needs --node-ip or --underlay-dev".into(),
-            )),
-        }
-    })
-    .context("finding the underlay")
-}
-
 /// The grace period and release delay: flags, else the config file, else
 /// the defaults (see [`Policy`] for why those).
 fn resolve_policy(args: &Args, file: &FileConfig) -> anyhow::Result<Policy> {
@@ -284,6 +247,51 @@ fn resolve_policy(args: &Args, file: &FileConfig) -> anyhow::Result<Policy> {
     Policy::new(grace, release).map_err(|e| anyhow::anyhow!(e))
 }
 
+/// The node's place on the underlay: none for a single node without an
+/// address, else found from the flags and the config file.
+fn resolve_network(args: &Args, file: &FileConfig, mode: Mode) -> anyhow::Result<NodeNetwork> {
+    Ok(
+        if mode == Mode::Local && args.node_ip.or(file.node_ip).is_none() {
+            NodeNetwork {
+                mode,
+                node_ip: Ipv4Addr::UNSPECIFIED,
+                underlay_dev: String::new(),
+                underlay_ifindex: 0,
+                underlay_mtu: 1500,
+                vni: 1,
+                vxlan_port: node::VXLAN_PORT,
+                masquerade: false,
+                vxlan_datapath: VxlanDatapath::default(),
+            }
+        } else {
+            let dev = args.underlay_dev.clone().or(file.underlay_dev.clone());
+            let (node_ip, link) = cluster::find_underlay(
+                &mut netlink::Kernel,
+                args.node_ip.or(file.node_ip),
+                dev.as_deref(),
+            )
+            .context("finding the underlay")?;
+            NodeNetwork {
+                mode,
+                node_ip,
+                underlay_dev: link.name,
+                underlay_ifindex: link.index,
+                underlay_mtu: link.mtu,
+                vni: args.vni.or(file.vni).unwrap_or(1),
+                vxlan_port: args
+                    .vxlan_port
+                    .or(file.vxlan_port)
+                    .unwrap_or(node::VXLAN_PORT),
+                masquerade: mode != Mode::Local,
+                vxlan_datapath: args
+                    .vxlan_datapath
+                    .or(file.vxlan_datapath)
+                    .unwrap_or_default(),
+            }
+        },
+    )
+}
+
 fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
     let policy = resolve_policy(args, &file)?;
     let datastore: DatastoreSpec = match (&args.datastore, &file.datastore) {
@@ -299,41 +307,7 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
         } else {
             Mode::Vxlan
         });
-    let network = if mode == Mode::Local && args.node_ip.or(file.node_ip).is_none() {
-        NodeNetwork {
-            mode,
-            node_ip: Ipv4Addr::UNSPECIFIED,
-            underlay_dev: String::new(),
-            underlay_ifindex: 0,
-            underlay_mtu: 1500,
-            vni: 1,
-            vxlan_port: node::VXLAN_PORT,
-            masquerade: false,
-            vxlan_datapath: VxlanDatapath::default(),
-        }
-    } else {
-        let (node_ip, link) = underlay(
-            args.node_ip.or(file.node_ip),
-            args.underlay_dev.clone().or(file.underlay_dev),
-        )?;
-        NodeNetwork {
-            mode,
-            node_ip,
-            underlay_dev: link.name,
-            underlay_ifindex: link.index,
-            underlay_mtu: link.mtu,
-            vni: args.vni.or(file.vni).unwrap_or(1),
-            vxlan_port: args
-                .vxlan_port
-                .or(file.vxlan_port)
-                .unwrap_or(node::VXLAN_PORT),
-            masquerade: mode != Mode::Local,
-            vxlan_datapath: args
-                .vxlan_datapath
-                .or(file.vxlan_datapath)
-                .unwrap_or_default(),
-        }
-    };
+    let network = resolve_network(args, &file, mode)?;
     let cluster_cidr = args.cluster_cidr.or(file.cluster_cidr).unwrap_or_else(|| {
         Ipv4Net::new(std::net::Ipv4Addr::new(10, 244, 0, 0), 16).expect("valid literal")
     });
