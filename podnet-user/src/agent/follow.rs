@@ -22,13 +22,11 @@ use crate::{
     datastore::{
         Datastore, DatastoreError, JoinRequest, NodeRecord,
         etcd::EtcdDatastore,
-        file::{FileDatastore, Follower},
+        file::{FOLLOW_RESYNC, FileDatastore, Follower},
         membership::{self, NodeState, NodeStatus, Policy},
     },
 };
 
-/// The nodes file is read again this often even without a change.
-const FILE_RESYNC: Duration = Duration::from_secs(10);
 /// Read everything again this often even without a change (a lost update,
 /// or a datapath someone changed by hand, heals).
 const RESYNC: Duration = Duration::from_mins(1);
@@ -243,7 +241,7 @@ pub async fn follow_file(
         };
     });
     let me = sink.node_name();
-    let mut store = Follower::new(FileDatastore::new(&path), FILE_RESYNC);
+    let mut store = Follower::new(FileDatastore::new(&path), FOLLOW_RESYNC);
     let mut follow = ClusterFollow::new(me, Policy::default(), sink, false);
     let mut broken: Option<String> = None;
     loop {
@@ -446,9 +444,7 @@ mod tests {
         assert_eq!(first_member("node1", 0), 0);
     }
 
-    use std::net::Ipv4Addr;
-
-    use crate::datastore::memory::MemoryDatastore;
+    use crate::{agent::join::tests::request, datastore::memory::MemoryDatastore};
 
     const MIN: u64 = 60;
     const T: u64 = 1_800_000_000;
@@ -497,17 +493,6 @@ mod tests {
                 .iter()
                 .find(|n| n.record.name == name)
                 .map(|n| n.state)
-        }
-    }
-
-    fn request(name: &str, host: u8) -> JoinRequest {
-        JoinRequest {
-            name: name.into(),
-            node_ip: Ipv4Addr::new(192, 168, 100, host),
-            pod_cidr: None,
-            preferred: None,
-            cluster_cidr: "10.244.0.0/16".parse().expect("cidr"),
-            node_prefix: 24,
         }
     }
 
@@ -751,7 +736,7 @@ mod tests {
             ]}"#,
         )
         .expect("file");
-        let mut store = Follower::new(FileDatastore::new(&path), FILE_RESYNC);
+        let mut store = Follower::new(FileDatastore::new(&path), FOLLOW_RESYNC);
         let mut follow = ClusterFollow::new("me".into(), policy(), RecordingSink::default(), false);
         let round = follow.round(&mut store, T).await;
         let _ = std::fs::remove_dir_all(&dir);

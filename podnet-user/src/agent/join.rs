@@ -139,7 +139,7 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{net::Ipv4Addr, sync::Arc, sync::atomic::AtomicU32};
 
     use super::*;
@@ -153,7 +153,8 @@ mod tests {
         max: Duration::from_millis(4),
     };
 
-    fn request(name: &str, host: u8) -> JoinRequest {
+    /// A node asking for a /24 of 10.244.0.0/16, at 192.168.100.`host`.
+    pub(crate) fn request(name: &str, host: u8) -> JoinRequest {
         JoinRequest {
             name: name.into(),
             node_ip: Ipv4Addr::new(192, 168, 100, host),

@@ -27,7 +27,7 @@ use podnet::{
     datastore::{
         DatastoreError, DatastoreSpec, JoinRequest,
         etcd::EtcdDatastore,
-        file::{FileDatastore, Follower},
+        file::{self, FileDatastore, Follower},
         membership::{Policy, format_duration, parse_duration},
     },
     install, netlink,
@@ -35,10 +35,6 @@ use podnet::{
 use podnet_common::node;
 use serde::Deserialize;
 use tracing::{info, warn};
-
-/// How often a join through the nodes file re-reads it unprompted (the
-/// follower's resync; a join reads it on every attempt anyway).
-const FILE_RESYNC: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -387,7 +383,7 @@ fn join(
         DatastoreSpec::None => return Ok(()),
         DatastoreSpec::File(path) => runtime.block_on(join::join(
             || {
-                let store = Follower::new(FileDatastore::new(path), FILE_RESYNC);
+                let store = Follower::new(FileDatastore::new(path), file::FOLLOW_RESYNC);
                 async move { Ok::<_, DatastoreError>(store) }
             },
             &request,

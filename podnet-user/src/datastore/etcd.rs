@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     DatastoreError, JoinRequest, NodeRecord, candidate_cidr,
     membership::{Policy, Release, Snapshot, Tombstone},
-    store::{Datastore, LeaseId, Observation},
+    store::{Datastore, LeaseId, Observation, claim_and_publish},
 };
 
 const PREFIX: &str = "/podnet/";
@@ -245,23 +245,7 @@ impl EtcdDatastore {
     /// Takes (or gets back) this node's pod CIDR and publishes its record
     /// under a fresh lease; returns the CIDR and the lease ID.
     pub async fn join(&mut self, request: &JoinRequest) -> Result<(Ipv4Net, i64), DatastoreError> {
-        let mut attempt = 0;
-        loop {
-            let cidr = self.claim_cidr(request).await?;
-            match self.publish(request, cidr).await {
-                // The claim was released between the two steps (the node had
-                // been away long enough), and maybe taken by another node at
-                // once: claim again (unless this node must have that CIDR).
-                Err(DatastoreError::ClaimLost { .. }) if attempt < 3 => attempt += 1,
-                Err(DatastoreError::Conflict { .. })
-                    if attempt < 3 && request.pod_cidr.is_none() =>
-                {
-                    attempt += 1;
-                }
-                Ok(lease) => return Ok((cidr, lease)),
-                Err(e) => return Err(e),
-            }
-        }
+        claim_and_publish(self, request).await
     }
 
     /// Takes (or confirms) this node's pod CIDR: the fixed one, the one it

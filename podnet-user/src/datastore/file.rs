@@ -31,6 +31,9 @@ use super::{
 /// How often [`Follower::wait_change`](Datastore::wait_change) looks at the
 /// file.
 pub const FILE_POLL: Duration = Duration::from_millis(300);
+/// An agent's [`Follower`] reads the file again this often even without a
+/// change (a lost update, or a datapath someone changed by hand, heals).
+pub const FOLLOW_RESYNC: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct NodesFile {

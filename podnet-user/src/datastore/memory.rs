@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use super::{
     DatastoreError, JoinRequest, NodeRecord, candidate_cidr,
     membership::{Policy, Release, Snapshot, Tombstone},
-    store::{Datastore, LeaseId, Observation},
+    store::{Datastore, LeaseId, Observation, claim_and_publish},
 };
 
 #[derive(Debug, Default)]
@@ -190,8 +190,8 @@ impl MemoryDatastore {
             .map(|(cidr, _)| *cidr)
     }
 
-    /// Claims `cidr` for `name` unless someone else holds it; `Ok(true)`
-    /// when it is `name`'s now.
+    /// Claims `cidr` for `name` unless someone else holds it; whether it
+    /// is `name`'s now.
     fn claim(&self, cidr: Ipv4Net, name: &str) -> bool {
         self.write(|s| match s.claims.get(&cidr) {
             None => {
@@ -210,24 +210,9 @@ impl Datastore for MemoryDatastore {
 
     const STARTS_WITH_CACHED_CIDR: bool = true;
 
-    /// As [`super::etcd::EtcdDatastore::join`]: claim, then publish; a
-    /// claim lost in between is claimed again.
     async fn join(&mut self, request: &JoinRequest) -> Result<Ipv4Net, DatastoreError> {
         self.state().join_attempts += 1;
-        let mut attempt = 0;
-        loop {
-            let cidr = self.claim_cidr(request).await?;
-            match self.publish(request, cidr).await {
-                Err(DatastoreError::ClaimLost { .. }) if attempt < 3 => attempt += 1,
-                Err(DatastoreError::Conflict { .. })
-                    if attempt < 3 && request.pod_cidr.is_none() =>
-                {
-                    attempt += 1;
-                }
-                Ok(_lease) => return Ok(cidr),
-                Err(e) => return Err(e),
-            }
-        }
+        claim_and_publish(self, request).await.map(|(cidr, _)| cidr)
     }
 
     async fn claim_cidr(&mut self, request: &JoinRequest) -> Result<Ipv4Net, DatastoreError> {

@@ -136,3 +136,26 @@ pub trait Datastore: Clone + Send + Sync + 'static {
         revision: i64,
     ) -> impl Future<Output = Result<(), DatastoreError>> + Send;
 }
+
+/// Claims this node's CIDR and publishes its record under a fresh lease
+/// (what [`Datastore::join`] does for a leased store). A claim released
+/// between the two steps (the node had been away long enough), and maybe
+/// taken by another node at once, is claimed again, up to three times;
+/// unless this node must have that CIDR.
+pub async fn claim_and_publish<S: Datastore>(
+    store: &mut S,
+    request: &JoinRequest,
+) -> Result<(Ipv4Net, LeaseId), DatastoreError> {
+    let mut attempt = 0;
+    loop {
+        let cidr = store.claim_cidr(request).await?;
+        match store.publish(request, cidr).await {
+            Err(DatastoreError::ClaimLost { .. }) if attempt < 3 => attempt += 1,
+            Err(DatastoreError::Conflict { .. }) if attempt < 3 && request.pod_cidr.is_none() => {
+                attempt += 1;
+            }
+            Ok(lease) => return Ok((cidr, lease)),
+            Err(e) => return Err(e),
+        }
+    }
+}
