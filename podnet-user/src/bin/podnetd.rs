@@ -246,46 +246,43 @@ fn resolve_policy(args: &Args, file: &FileConfig) -> anyhow::Result<Policy> {
 /// The node's place on the underlay: none for a single node without an
 /// address, else found from the flags and the config file.
 fn resolve_network(args: &Args, file: &FileConfig, mode: Mode) -> anyhow::Result<NodeNetwork> {
-    Ok(
-        if mode == Mode::Local && args.node_ip.or(file.node_ip).is_none() {
-            NodeNetwork {
-                mode,
-                node_ip: Ipv4Addr::UNSPECIFIED,
-                underlay_dev: String::new(),
-                underlay_ifindex: 0,
-                underlay_mtu: 1500,
-                vni: 1,
-                vxlan_port: node::VXLAN_PORT,
-                masquerade: false,
-                vxlan_datapath: VxlanDatapath::default(),
-            }
-        } else {
-            let dev = args.underlay_dev.clone().or(file.underlay_dev.clone());
-            let (node_ip, link) = cluster::find_underlay(
-                &mut netlink::Kernel,
-                args.node_ip.or(file.node_ip),
-                dev.as_deref(),
-            )
-            .context("finding the underlay")?;
-            NodeNetwork {
-                mode,
-                node_ip,
-                underlay_dev: link.name,
-                underlay_ifindex: link.index,
-                underlay_mtu: link.mtu,
-                vni: args.vni.or(file.vni).unwrap_or(1),
-                vxlan_port: args
-                    .vxlan_port
-                    .or(file.vxlan_port)
-                    .unwrap_or(node::VXLAN_PORT),
-                masquerade: mode != Mode::Local,
-                vxlan_datapath: args
-                    .vxlan_datapath
-                    .or(file.vxlan_datapath)
-                    .unwrap_or_default(),
-            }
-        },
+    if mode == Mode::Local && args.node_ip.or(file.node_ip).is_none() {
+        return Ok(NodeNetwork {
+            mode,
+            node_ip: Ipv4Addr::UNSPECIFIED,
+            underlay_dev: String::new(),
+            underlay_ifindex: 0,
+            underlay_mtu: 1500,
+            vni: 1,
+            vxlan_port: node::VXLAN_PORT,
+            masquerade: false,
+            vxlan_datapath: VxlanDatapath::default(),
+        });
+    }
+    let dev = args.underlay_dev.clone().or(file.underlay_dev.clone());
+    let (node_ip, link) = cluster::find_underlay(
+        &mut netlink::Kernel,
+        args.node_ip.or(file.node_ip),
+        dev.as_deref(),
     )
+    .context("finding the underlay")?;
+    Ok(NodeNetwork {
+        mode,
+        node_ip,
+        underlay_dev: link.name,
+        underlay_ifindex: link.index,
+        underlay_mtu: link.mtu,
+        vni: args.vni.or(file.vni).unwrap_or(1),
+        vxlan_port: args
+            .vxlan_port
+            .or(file.vxlan_port)
+            .unwrap_or(node::VXLAN_PORT),
+        masquerade: mode != Mode::Local,
+        vxlan_datapath: args
+            .vxlan_datapath
+            .or(file.vxlan_datapath)
+            .unwrap_or_default(),
+    })
 }
 
 fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
