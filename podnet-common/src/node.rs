@@ -8,6 +8,48 @@ pub const MODE_VXLAN: u32 = 1;
 /// Route natively on the underlay (`bpf_redirect_neigh` to the remote node).
 pub const MODE_DIRECT: u32 = 2;
 
+/// The IANA VXLAN UDP port (RFC 7348), the default of `--vxlan-port`.
+pub const VXLAN_PORT: u16 = 4789;
+
+/// Outer Ethernet header of a VXLAN packet.
+const VXLAN_OUTER_ETH: u32 = 14;
+/// Outer IPv4 header (no options).
+const VXLAN_OUTER_IPV4: u32 = 20;
+/// Outer UDP header.
+const VXLAN_UDP: u32 = 8;
+/// The VXLAN header.
+const VXLAN_HEADER: u32 = 8;
+
+/// What VXLAN adds to a pod's IP packet on the underlay: outer Ethernet 14 +
+/// IPv4 20 + UDP 8 + VXLAN 8 (equally: outer IPv4 + UDP + VXLAN + the inner
+/// Ethernet header, the room the BPF encapsulation makes in front of the
+/// pod's frame). The pod MTU leaves room for it ([`pod_mtu`]).
+pub const VXLAN_OVERHEAD: u32 = VXLAN_OUTER_ETH + VXLAN_OUTER_IPV4 + VXLAN_UDP + VXLAN_HEADER;
+
+const _: () = assert!(VXLAN_OVERHEAD == 50);
+
+/// The largest pod MTU that does not fragment on an underlay of
+/// `underlay_mtu` in `mode` (`MODE_*`): vxlan leaves room for
+/// [`VXLAN_OVERHEAD`]; direct and local-only use the underlay's.
+#[must_use]
+pub const fn pod_mtu(underlay_mtu: u32, mode: u32) -> u32 {
+    if mode == MODE_VXLAN {
+        underlay_mtu.saturating_sub(VXLAN_OVERHEAD)
+    } else {
+        underlay_mtu
+    }
+}
+
+/// The pod MTU in force: an explicit one (podnetd's `--mtu`, a CNI
+/// network conf's `mtu`) wins over `computed` (the agent's [`pod_mtu`]).
+#[must_use]
+pub const fn effective_pod_mtu(explicit: Option<u32>, computed: u32) -> u32 {
+    match explicit {
+        Some(mtu) => mtu,
+        None => computed,
+    }
+}
+
 /// The single entry of the config array map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,6 +118,33 @@ pub struct RemoteNode {
 pub const REMOTE_NODE_ADDRESS: u32 = 1;
 
 const _: () = assert!(core::mem::size_of::<RemoteNode>() == 8);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vxlan_leaves_room_for_its_headers() {
+        assert_eq!(pod_mtu(1500, MODE_VXLAN), 1450);
+        assert_eq!(pod_mtu(9000, MODE_VXLAN), 8950);
+        assert_eq!(pod_mtu(40, MODE_VXLAN), 0, "never wraps");
+    }
+
+    #[test]
+    fn direct_and_local_use_the_underlay_mtu() {
+        assert_eq!(pod_mtu(1500, MODE_DIRECT), 1500);
+        assert_eq!(pod_mtu(9000, MODE_LOCAL_ONLY), 9000);
+    }
+
+    #[test]
+    fn an_explicit_mtu_wins() {
+        assert_eq!(
+            effective_pod_mtu(Some(1400), pod_mtu(1500, MODE_VXLAN)),
+            1400
+        );
+        assert_eq!(effective_pod_mtu(None, pod_mtu(1500, MODE_VXLAN)), 1450);
+    }
+}
 
 #[cfg(feature = "user")]
 mod user {

@@ -21,8 +21,9 @@ use podnet_common::NodeConfig;
 use crate::packet::{ETH_ALEN, ETH_HLEN};
 
 /// Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14); the outer
-/// Ethernet header is the frame's own.
-pub const VXLAN_ROOM: usize = 50;
+/// Ethernet header is the frame's own. The same 50 bytes the pod MTU leaves
+/// room for: one definition, shared with the agent.
+pub const VXLAN_ROOM: usize = podnet_common::node::VXLAN_OVERHEAD as usize;
 const IPV4_HLEN: usize = 20;
 const VXLAN_HLEN: usize = 8;
 /// From the start of the frame to the inner IPv4 header.
@@ -34,7 +35,7 @@ const VXLAN_FLAG_VNI: u8 = 0x08;
 /// without one, `ip4_dst_hoplimit` on a default route: 64).
 const TUNNEL_TTL: u8 = 64;
 /// Don't fragment, as on the wire. The pods' MTU leaves room for the 50
-/// bytes (`NodeNetwork::pod_mtu`), so an outer packet never needs it; one
+/// bytes (`podnet_common::node::pod_mtu`), so an outer packet never needs it; one
 /// that would (a smaller path MTU) is dropped on the way instead of being
 /// reassembled at the other node.
 const IP_DF_WIRE: [u8; 2] = 0x4000_u16.to_be_bytes();

@@ -15,12 +15,21 @@ use podnet_common::{NodeConfig, node};
 use tracing::{info, warn};
 
 use super::EndpointRegistry;
-use crate::{datapath::NodeProgram, datastore::NodeRecord, netlink};
+use crate::{
+    datapath::NodeProgram,
+    datastore::NodeRecord,
+    netlink::{self, HostNetwork, LinkInfo, NetlinkError},
+};
+
+pub mod reconcile;
+
+pub use reconcile::{Local, NodeChanges, RemoteMap, plan_nodes, reconcile_nodes};
 
 /// Name of the collect-metadata VXLAN device.
 pub const VXLAN_DEVICE: &str = "podnet_vxlan";
-/// VXLAN adds 50 bytes (outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8).
-pub const VXLAN_OVERHEAD: u32 = 50;
+/// VXLAN's 50 bytes, defined once next to the node config (the datapath
+/// makes the same room).
+pub use podnet_common::node::VXLAN_OVERHEAD;
 
 /// How pods reach pods on other nodes.
 #[derive(
@@ -79,14 +88,56 @@ pub enum VxlanDatapath {
     Bpf,
 }
 
+impl Mode {
+    /// The datapath's `NodeConfig::mode` for this mode.
+    #[must_use]
+    pub const fn node_mode(self) -> u32 {
+        match self {
+            Self::Local => node::MODE_LOCAL_ONLY,
+            Self::Vxlan => node::MODE_VXLAN,
+            Self::Direct => node::MODE_DIRECT,
+        }
+    }
+}
+
 impl NodeNetwork {
-    /// The largest pod MTU that does not fragment on the underlay.
+    /// The largest pod MTU that does not fragment on the underlay
+    /// ([`node::pod_mtu`]).
     #[must_use]
     pub fn pod_mtu(&self) -> u32 {
-        match self.mode {
-            Mode::Vxlan => self.underlay_mtu.saturating_sub(VXLAN_OVERHEAD),
-            Mode::Direct | Mode::Local => self.underlay_mtu,
+        node::pod_mtu(self.underlay_mtu, self.mode.node_mode())
+    }
+}
+
+/// Finds the underlay: the device holding `node_ip`, or `node_ip` from
+/// `dev` (its first address), or `dev` with the address given.
+pub fn find_underlay(
+    host: &mut impl HostNetwork,
+    node_ip: Option<Ipv4Addr>,
+    dev: Option<&str>,
+) -> Result<(Ipv4Addr, LinkInfo), NetlinkError> {
+    match (node_ip, dev) {
+        (_, Some(dev)) => {
+            let link = host.link_by_name(dev)?.ok_or_else(|| {
+                NetlinkError::Unexpected(format!("underlay device {dev} not found"))
+            })?;
+            let ip = match node_ip {
+                Some(ip) => ip,
+                None => host.first_address(link.index)?.ok_or_else(|| {
+                    NetlinkError::Unexpected(format!("{dev} has no IPv4 address"))
+                })?,
+            };
+            Ok((ip, link))
         }
+        (Some(ip), None) => {
+            let link = host
+                .link_with_address(ip)?
+                .ok_or_else(|| NetlinkError::Unexpected(format!("no device holds {ip}")))?;
+            Ok((ip, link))
+        }
+        (None, None) => Err(NetlinkError::Unexpected(
+            "a cluster node needs --node-ip or --underlay-dev".into(),
+        )),
     }
 }
 
@@ -342,93 +393,29 @@ impl EndpointRegistry {
     }
 
     /// Makes the datapath and the host routes match `nodes` (all nodes of
-    /// the cluster, this one included).
+    /// the cluster, this one included), see [`reconcile`]; then podnet's
+    /// nft table (the exempt nodes and VXLAN peers change with them).
     pub fn apply_nodes(&mut self, net: &NodeNetwork, nodes: &[NodeRecord]) -> anyhow::Result<()> {
-        let me = self.config().node_name.clone();
-        let (routable, refused) = crate::datastore::routable_nodes(
+        let config = self.config().clone();
+        let local = Local {
+            name: &config.node_name,
+            node_ip: net.node_ip,
+            pod_cidr: config.pod_cidr,
+            cluster_cidr: config.cluster_cidr,
+        };
+        // Taken out for the call (the datapath is borrowed beside it) and
+        // put back whatever happened: what was done stays recorded.
+        let mut state = std::mem::take(&mut self.cluster);
+        let reconciled = reconcile_nodes(
+            &mut state,
+            local,
+            net,
             nodes,
-            (&me, net.node_ip),
-            self.config().pod_cidr,
-            self.config().cluster_cidr,
+            self.datapath_mut(),
+            &mut netlink::Kernel,
         );
-        for (node, why) in &refused {
-            warn!(node = %node.name, node_ip = %node.node_ip, pod_cidr = %node.pod_cidr, reason = %why,
-                  "ignoring a datastore record");
-        }
-        let wanted: BTreeMap<Ipv4Net, NodeRecord> =
-            routable.into_iter().map(|n| (n.pod_cidr, n)).collect();
-        let wanted_addresses: BTreeSet<Ipv4Addr> = wanted.values().map(|n| n.node_ip).collect();
-        // Also entries left in the pinned map by a previous agent.
-        let pinned = self.datapath_mut().remotes()?;
-        let stale: BTreeSet<Ipv4Net> = self
-            .cluster
-            .remotes
-            .keys()
-            .copied()
-            .chain(pinned.iter().filter(|e| !e.node_address).map(|e| e.cidr))
-            .filter(|c| !wanted.contains_key(c))
-            .collect();
-        for cidr in stale {
-            self.datapath_mut().remove_remote(cidr)?;
-            let _ = netlink::with_netlink(None, move |h| async move {
-                netlink::delete_route(&h, cidr).await
-            });
-            if let Some(gone) = self.cluster.remotes.remove(&cidr) {
-                info!(node = %gone.name, %cidr, "node left; routes removed");
-            }
-        }
-        let stale_addresses: BTreeSet<Ipv4Addr> = self
-            .cluster
-            .node_addresses
-            .iter()
-            .copied()
-            .chain(pinned.iter().filter(|e| e.node_address).map(|e| e.node_ip))
-            .filter(|ip| !wanted_addresses.contains(ip))
-            .collect();
-        for ip in stale_addresses {
-            self.datapath_mut().remove_remote(Ipv4Net::from(ip))?;
-            self.cluster.node_addresses.remove(&ip);
-            if net.mode == Mode::Direct {
-                let underlay = net.underlay_ifindex;
-                if let Err(e) = netlink::with_netlink(None, move |h| async move {
-                    netlink::delete_neighbour(&h, underlay, ip).await
-                }) {
-                    warn!(error = %format!("{e:#}"), node_ip = %ip, "removing a departed node's neighbour");
-                }
-            }
-        }
-        self.cluster
-            .route_failures
-            .retain(|cidr, _| wanted.contains_key(cidr));
-        for (cidr, node) in &wanted {
-            if self.cluster.remotes.get(cidr) == Some(node)
-                && !self.cluster.route_failures.contains_key(cidr)
-            {
-                continue;
-            }
-            self.datapath_mut().upsert_remote(*cidr, node.node_ip)?;
-            self.install_host_route(net, *cidr, node.node_ip);
-            info!(node = %node.name, %cidr, node_ip = %node.node_ip, "node joined");
-            self.cluster.remotes.insert(*cidr, node.clone());
-        }
-        for ip in wanted_addresses {
-            if self.cluster.node_addresses.contains(&ip) {
-                continue;
-            }
-            self.datapath_mut().upsert_node_address(ip)?;
-            if net.mode == Mode::Direct {
-                // from_underlay accepts a pod-network source only in a frame
-                // from its node's MAC, read from this neighbour entry.
-                let underlay = net.underlay_ifindex;
-                if let Err(e) = netlink::with_netlink(None, move |h| async move {
-                    netlink::keep_neighbour_resolved(&h, underlay, ip).await
-                }) {
-                    warn!(error = %format!("{e:#}"), node_ip = %ip,
-                          "managed neighbour for a node (its pods' traffic is dropped until the kernel learns it)");
-                }
-            }
-            self.cluster.node_addresses.insert(ip);
-        }
+        self.cluster = state;
+        reconciled?;
         if net.masquerade {
             let exempt: Vec<Ipv4Addr> = match net.mode {
                 Mode::Direct => nodes.iter().map(|n| n.node_ip).collect(),
@@ -449,36 +436,9 @@ impl EndpointRegistry {
         Ok(())
     }
 
-    /// Installs the host route to `cidr`; a failure is logged and kept for
-    /// [`Self::retry_failed_routes`] (the datapath forwards pods' traffic
-    /// without it; the node's own traffic to those pods needs it).
-    fn install_host_route(&mut self, net: &NodeNetwork, cidr: Ipv4Net, node_ip: Ipv4Addr) {
-        match self.host_route(net, cidr, node_ip) {
-            Ok(()) => {
-                if self.cluster.route_failures.remove(&cidr).is_some() {
-                    info!(%cidr, %node_ip, "host route installed after all");
-                }
-            }
-            Err(e) => {
-                let error = format!("{e:#}");
-                warn!(%error, %cidr, %node_ip, "host route to a remote pod CIDR failed; retrying");
-                self.cluster.route_failures.insert(cidr, (node_ip, error));
-            }
-        }
-    }
-
     /// Retries the host routes that failed. Returns whether none is left.
     pub fn retry_failed_routes(&mut self, net: &NodeNetwork) -> bool {
-        let failed: Vec<(Ipv4Net, Ipv4Addr)> = self
-            .cluster
-            .route_failures
-            .iter()
-            .map(|(cidr, (node_ip, _))| (*cidr, *node_ip))
-            .collect();
-        for (cidr, node_ip) in failed {
-            self.install_host_route(net, cidr, node_ip);
-        }
-        self.cluster.route_failures.is_empty()
+        reconcile::retry_failed_routes(&mut self.cluster, net, &mut netlink::Kernel)
     }
 
     /// The host routes that failed, for status.
@@ -489,33 +449,6 @@ impl EndpointRegistry {
             .iter()
             .map(|(cidr, (node_ip, error))| format!("host route {cidr} via {node_ip}: {error}"))
             .collect()
-    }
-
-    /// The node's own traffic to a remote pod CIDR: through the overlay
-    /// (lightweight-tunnel route) or via the remote node (direct).
-    fn host_route(
-        &self,
-        net: &NodeNetwork,
-        cidr: Ipv4Net,
-        node_ip: Ipv4Addr,
-    ) -> anyhow::Result<()> {
-        let (mode, tunnel, vni, underlay, src) = (
-            net.mode,
-            self.cluster.tunnel_ifindex,
-            net.vni,
-            net.underlay_ifindex,
-            net.node_ip,
-        );
-        netlink::with_netlink(None, move |h| async move {
-            match mode {
-                Mode::Vxlan => {
-                    netlink::replace_tunnel_route(&h, cidr, tunnel, vni, node_ip, src).await
-                }
-                Mode::Direct => netlink::replace_gateway_route(&h, cidr, node_ip, underlay).await,
-                Mode::Local => Ok(()),
-            }
-        })
-        .with_context(|| format!("route to {cidr} via {node_ip}"))
     }
 
     /// The other nodes as programmed.
@@ -533,5 +466,74 @@ impl EndpointRegistry {
     /// Records how the datastore is followed (for status requests).
     pub fn set_datastore_status(&mut self, status: crate::api::DatastoreStatus) {
         self.cluster.datastore = status;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::RecordingHost;
+
+    fn host() -> RecordingHost {
+        let link = |index, name: &str, mtu| LinkInfo {
+            index,
+            name: name.into(),
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu,
+        };
+        RecordingHost {
+            links: vec![
+                (link(1, "lo", 65536), vec![Ipv4Addr::LOCALHOST]),
+                (
+                    link(2, "eth0", 9000),
+                    vec![Ipv4Addr::new(192, 168, 100, 1), Ipv4Addr::new(10, 0, 0, 1)],
+                ),
+                (link(3, "eth1", 1500), vec![]),
+            ],
+            ..RecordingHost::default()
+        }
+    }
+
+    #[test]
+    fn the_underlay_is_found_by_address_or_by_device() {
+        let ip = Ipv4Addr::new(192, 168, 100, 1);
+        let (found, link) = find_underlay(&mut host(), Some(ip), None).expect("by address");
+        assert_eq!((found, link.name.as_str()), (ip, "eth0"));
+        let (found, link) = find_underlay(&mut host(), None, Some("eth0")).expect("by device");
+        assert_eq!((found, link.index), (ip, 2), "its first address");
+        let other = Ipv4Addr::new(10, 0, 0, 1);
+        let (found, _) = find_underlay(&mut host(), Some(other), Some("eth0")).expect("both");
+        assert_eq!(found, other);
+        for (ip, dev) in [
+            (None, Some("eth1")),
+            (None, Some("eth9")),
+            (Some(Ipv4Addr::new(192, 168, 1, 1)), None),
+            (None, None),
+        ] {
+            assert!(
+                find_underlay(&mut host(), ip, dev).is_err(),
+                "{ip:?} {dev:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_pod_mtu_leaves_room_for_vxlan_only() {
+        let mut net = NodeNetwork {
+            mode: Mode::Vxlan,
+            node_ip: Ipv4Addr::new(192, 168, 100, 1),
+            underlay_dev: "eth0".into(),
+            underlay_ifindex: 2,
+            underlay_mtu: 9000,
+            vni: 1,
+            vxlan_port: node::VXLAN_PORT,
+            masquerade: true,
+            vxlan_datapath: VxlanDatapath::Bpf,
+        };
+        assert_eq!(net.pod_mtu(), 9000 - VXLAN_OVERHEAD);
+        net.mode = Mode::Direct;
+        assert_eq!(net.pod_mtu(), 9000);
+        net.mode = Mode::Local;
+        assert_eq!(net.pod_mtu(), 9000);
     }
 }

@@ -7,6 +7,7 @@ mod endpoints;
 pub mod explain;
 pub mod follow;
 pub mod http;
+pub mod join;
 pub mod metrics;
 pub mod monitor;
 mod report;

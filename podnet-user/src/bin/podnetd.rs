@@ -16,8 +16,9 @@ use ipnet::Ipv4Net;
 use podnet::{
     agent::{
         self, AgentConfig, EndpointRegistry,
-        cluster::{Mode, NodeNetwork, VxlanDatapath},
+        cluster::{self, Mode, NodeNetwork, VxlanDatapath},
         follow::{self, EtcdFollow},
+        join,
         metrics::{AgentInfo, AgentMetrics, CniOps},
     },
     api::DEFAULT_SOCKET,
@@ -26,12 +27,12 @@ use podnet::{
     datastore::{
         DatastoreError, DatastoreSpec, JoinRequest,
         etcd::EtcdDatastore,
-        file::FileDatastore,
+        file::{self, FileDatastore, Follower},
         membership::{Policy, format_duration, parse_duration},
     },
-    install,
-    netlink::{self, LinkInfo},
+    install, netlink,
 };
+use podnet_common::node;
 use serde::Deserialize;
 use tracing::{info, warn};
 
@@ -84,7 +85,7 @@ struct Args {
     /// VXLAN network identifier.
     #[arg(long)]
     vni: Option<u32>,
-    /// VXLAN UDP port.
+    /// VXLAN UDP port (default 4789).
     #[arg(long)]
     vxlan_port: Option<u16>,
     /// vxlan mode: who encapsulates, bpf (the pod's program, out of the
@@ -219,42 +220,6 @@ fn read_file_config(args: &Args) -> anyhow::Result<FileConfig> {
     })
 }
 
-/// Finds the underlay: the device holding `node_ip`, or `node_ip` from the
-/// device, or the device of the default route.
-fn underlay(
-    node_ip: Option<Ipv4Addr>,
-    dev: Option<String>,
-) -> anyhow::Result<(Ipv4Addr, LinkInfo)> {
-    netlink::with_netlink(None, move |h| async move {
-        match (node_ip, dev) {
-            (_, Some(dev)) => {
-                let link = netlink::link_by_name(&h, &dev).await?.ok_or_else(|| {
-                    netlink::NetlinkError::Unexpected(format!("underlay device {dev} not found"))
-                })?;
-                let ip = match node_ip {
-                    Some(ip) => ip,
-                    None => netlink::first_address(&h, link.index)
-                        .await?
-                        .ok_or_else(|| {
-                            netlink::NetlinkError::Unexpected(format!("{dev} has no IPv4 address"))
-                        })?,
-                };
-                Ok((ip, link))
-            }
-            (Some(ip), None) => {
-                let link = netlink::link_with_address(&h, ip).await?.ok_or_else(|| {
-                    netlink::NetlinkError::Unexpected(format!("no device holds {ip}"))
-                })?;
-                Ok((ip, link))
-            }
-            (None, None) => Err(netlink::NetlinkError::Unexpected(
-                "a cluster node needs --node-ip or --underlay-dev".into(),
-            )),
-        }
-    })
-    .context("finding the underlay")
-}
-
 /// The grace period and release delay: flags, else the config file, else
 /// the defaults (see [`Policy`] for why those).
 fn resolve_policy(args: &Args, file: &FileConfig) -> anyhow::Result<Policy> {
@@ -278,6 +243,48 @@ fn resolve_policy(args: &Args, file: &FileConfig) -> anyhow::Result<Policy> {
     Policy::new(grace, release).map_err(|e| anyhow::anyhow!(e))
 }
 
+/// The node's place on the underlay: none for a single node without an
+/// address, else found from the flags and the config file.
+fn resolve_network(args: &Args, file: &FileConfig, mode: Mode) -> anyhow::Result<NodeNetwork> {
+    if mode == Mode::Local && args.node_ip.or(file.node_ip).is_none() {
+        return Ok(NodeNetwork {
+            mode,
+            node_ip: Ipv4Addr::UNSPECIFIED,
+            underlay_dev: String::new(),
+            underlay_ifindex: 0,
+            underlay_mtu: 1500,
+            vni: 1,
+            vxlan_port: node::VXLAN_PORT,
+            masquerade: false,
+            vxlan_datapath: VxlanDatapath::default(),
+        });
+    }
+    let dev = args.underlay_dev.clone().or(file.underlay_dev.clone());
+    let (node_ip, link) = cluster::find_underlay(
+        &mut netlink::Kernel,
+        args.node_ip.or(file.node_ip),
+        dev.as_deref(),
+    )
+    .context("finding the underlay")?;
+    Ok(NodeNetwork {
+        mode,
+        node_ip,
+        underlay_dev: link.name,
+        underlay_ifindex: link.index,
+        underlay_mtu: link.mtu,
+        vni: args.vni.or(file.vni).unwrap_or(1),
+        vxlan_port: args
+            .vxlan_port
+            .or(file.vxlan_port)
+            .unwrap_or(node::VXLAN_PORT),
+        masquerade: mode != Mode::Local,
+        vxlan_datapath: args
+            .vxlan_datapath
+            .or(file.vxlan_datapath)
+            .unwrap_or_default(),
+    })
+}
+
 fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
     let policy = resolve_policy(args, &file)?;
     let datastore: DatastoreSpec = match (&args.datastore, &file.datastore) {
@@ -293,38 +300,7 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
         } else {
             Mode::Vxlan
         });
-    let network = if mode == Mode::Local && args.node_ip.or(file.node_ip).is_none() {
-        NodeNetwork {
-            mode,
-            node_ip: Ipv4Addr::UNSPECIFIED,
-            underlay_dev: String::new(),
-            underlay_ifindex: 0,
-            underlay_mtu: 1500,
-            vni: 1,
-            vxlan_port: 4789,
-            masquerade: false,
-            vxlan_datapath: VxlanDatapath::default(),
-        }
-    } else {
-        let (node_ip, link) = underlay(
-            args.node_ip.or(file.node_ip),
-            args.underlay_dev.clone().or(file.underlay_dev),
-        )?;
-        NodeNetwork {
-            mode,
-            node_ip,
-            underlay_dev: link.name,
-            underlay_ifindex: link.index,
-            underlay_mtu: link.mtu,
-            vni: args.vni.or(file.vni).unwrap_or(1),
-            vxlan_port: args.vxlan_port.or(file.vxlan_port).unwrap_or(4789),
-            masquerade: mode != Mode::Local,
-            vxlan_datapath: args
-                .vxlan_datapath
-                .or(file.vxlan_datapath)
-                .unwrap_or_default(),
-        }
-    };
+    let network = resolve_network(args, &file, mode)?;
     let cluster_cidr = args.cluster_cidr.or(file.cluster_cidr).unwrap_or_else(|| {
         Ipv4Net::new(std::net::Ipv4Addr::new(10, 244, 0, 0), 16).expect("valid literal")
     });
@@ -352,7 +328,7 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
         node_name,
         pod_cidr: pod_cidr.trunc(),
         cluster_cidr: cluster_cidr.trunc(),
-        mtu: args.mtu.or(file.mtu).unwrap_or_else(|| network.pod_mtu()),
+        mtu: node::effective_pod_mtu(args.mtu.or(file.mtu), network.pod_mtu()),
         bpffs_dir: args
             .bpffs_dir
             .clone()
@@ -389,82 +365,38 @@ fn join_request(resolved: &Resolved) -> JoinRequest {
     }
 }
 
-/// The pod CIDR this node had last time (kept in the state dir), for a
-/// start while the datastore is unreachable.
-fn cached_cidr_path(config: &AgentConfig) -> PathBuf {
-    config.state_dir.join("pod-cidr")
-}
-
-/// Joins the cluster: the datastore hands out (or confirms) the pod CIDR.
-/// A node that was here before asks for its last CIDR first (it may have
-/// been released while the node was away). With etcd unreachable, such a
-/// node starts with its last CIDR and publishes itself once etcd is back
-/// (the datapath forwards meanwhile); a new node waits for etcd. A nodes
-/// file that cannot be read is waited for too (it is never overwritten).
+/// Joins the cluster through the configured datastore (see
+/// [`agent::join`]) and caches the pod CIDR for the next start.
 fn join(
     resolved: &mut Resolved,
     runtime: &tokio::runtime::Runtime,
     lease_ttl: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let cached: Option<Ipv4Net> = std::fs::read_to_string(cached_cidr_path(&resolved.config))
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
-    let mut request = join_request(resolved);
-    request.preferred = cached;
-    let mut delay = std::time::Duration::from_millis(500);
-    let mut retry = |e: &dyn std::fmt::Display, what: &str| {
-        warn!(error = %e, retry_in = ?delay, "{what}");
-        std::thread::sleep(delay);
-        delay = (delay * 2).min(std::time::Duration::from_secs(10));
-    };
-    match &resolved.datastore {
+    let state_dir = resolved.config.state_dir.clone();
+    let cached = join::read_cached_cidr(&state_dir);
+    let request = join_request(resolved);
+    let backoff = join::Backoff::default();
+    resolved.config.pod_cidr = match &resolved.datastore {
         DatastoreSpec::None => return Ok(()),
-        DatastoreSpec::File(path) => loop {
-            match FileDatastore::new(path).join(&request) {
-                Ok(cidr) => {
-                    resolved.config.pod_cidr = cidr;
-                    break;
-                }
-                // Someone holds the CIDR this node asks for: waiting will
-                // not change that.
-                Err(e @ (DatastoreError::Conflict { .. } | DatastoreError::Exhausted { .. })) => {
-                    return Err(e).context("joining the cluster");
-                }
-                Err(e) => retry(&e, "cannot join through the nodes file; retrying"),
-            }
-        },
-        DatastoreSpec::Etcd(endpoints) => loop {
-            // Claimed and published at once: a claim without a record
-            // would look like a node that went away to the other agents.
-            let attempt = runtime.block_on(async {
-                let mut store = EtcdDatastore::connect(endpoints, lease_ttl).await?;
-                store.join(&request).await
-            });
-            match attempt {
-                Ok((cidr, _lease)) => {
-                    resolved.config.pod_cidr = cidr;
-                    break;
-                }
-                Err(e @ (DatastoreError::Conflict { .. } | DatastoreError::Exhausted { .. })) => {
-                    return Err(e).context("joining the cluster");
-                }
-                Err(e) => {
-                    if let Some(cidr) = cached {
-                        warn!(error = %e, %cidr, "etcd unreachable; starting with the last known pod CIDR");
-                        resolved.config.pod_cidr = cidr;
-                        break;
-                    }
-                    retry(&e, "etcd unreachable; retrying");
-                }
-            }
-        },
-    }
-    std::fs::create_dir_all(&resolved.config.state_dir)?;
-    std::fs::write(
-        cached_cidr_path(&resolved.config),
-        resolved.config.pod_cidr.to_string(),
-    )
-    .context("caching the pod CIDR")?;
+        DatastoreSpec::File(path) => runtime.block_on(join::join(
+            || {
+                let store = Follower::new(FileDatastore::new(path), file::FOLLOW_RESYNC);
+                async move { Ok::<_, DatastoreError>(store) }
+            },
+            &request,
+            cached,
+            backoff,
+        ))?,
+        // Claimed and published at once: a claim without a record would
+        // look like a node that went away to the other agents.
+        DatastoreSpec::Etcd(endpoints) => runtime.block_on(join::join(
+            || EtcdDatastore::connect(endpoints, lease_ttl),
+            &request,
+            cached,
+            backoff,
+        ))?,
+    };
+    join::write_cached_cidr(&state_dir, resolved.config.pod_cidr)?;
     Ok(())
 }
 
@@ -627,7 +559,11 @@ fn main() -> anyhow::Result<()> {
                 });
         }
         DatastoreSpec::File(path) => {
-            follow::follow_file(path, Arc::clone(&registry), resolved.network.clone());
+            runtime.spawn(follow::follow_file(
+                path.clone(),
+                Arc::clone(&registry),
+                resolved.network.clone(),
+            ));
         }
         DatastoreSpec::Etcd(endpoints) => {
             info!(

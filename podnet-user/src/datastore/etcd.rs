@@ -41,8 +41,9 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    DatastoreError, JoinRequest, NodeRecord, first_free_cidr,
-    membership::{Release, Snapshot, Tombstone},
+    DatastoreError, JoinRequest, NodeRecord, candidate_cidr,
+    membership::{Policy, Release, Snapshot, Tombstone},
+    store::{Datastore, LeaseId, Observation, claim_and_publish},
 };
 
 const PREFIX: &str = "/podnet/";
@@ -244,23 +245,7 @@ impl EtcdDatastore {
     /// Takes (or gets back) this node's pod CIDR and publishes its record
     /// under a fresh lease; returns the CIDR and the lease ID.
     pub async fn join(&mut self, request: &JoinRequest) -> Result<(Ipv4Net, i64), DatastoreError> {
-        let mut attempt = 0;
-        loop {
-            let cidr = self.claim_cidr(request).await?;
-            match self.publish(request, cidr).await {
-                // The claim was released between the two steps (the node had
-                // been away long enough), and maybe taken by another node at
-                // once: claim again (unless this node must have that CIDR).
-                Err(DatastoreError::ClaimLost { .. }) if attempt < 3 => attempt += 1,
-                Err(DatastoreError::Conflict { .. })
-                    if attempt < 3 && request.pod_cidr.is_none() =>
-                {
-                    attempt += 1;
-                }
-                Ok(lease) => return Ok((cidr, lease)),
-                Err(e) => return Err(e),
-            }
-        }
+        claim_and_publish(self, request).await
     }
 
     /// Takes (or confirms) this node's pod CIDR: the fixed one, the one it
@@ -284,17 +269,7 @@ impl EtcdDatastore {
                 return Ok(*cidr);
             }
             let taken: Vec<Ipv4Net> = claims.iter().map(|(c, _)| *c).collect();
-            let free = |c: &Ipv4Net| {
-                request.cluster_cidr.contains(c)
-                    && c.prefix_len() == request.node_prefix
-                    && !taken
-                        .iter()
-                        .any(|t| t.contains(&c.network()) || c.contains(&t.network()))
-            };
-            let candidate = match request.preferred.filter(free) {
-                Some(preferred) => preferred,
-                None => first_free_cidr(request.cluster_cidr, request.node_prefix, &taken)?,
-            };
+            let candidate = candidate_cidr(request, &taken)?;
             if self.claim(candidate, &request.name).await? {
                 return Ok(candidate);
             }
@@ -559,4 +534,58 @@ fn txn_get_value(response: &etcd_client::TxnResponse) -> Option<String> {
             .and_then(|kv| kv.value_str().ok().map(str::to_owned)),
         _ => None,
     })
+}
+
+impl Datastore for EtcdDatastore {
+    fn endpoint(&self) -> String {
+        self.endpoint.clone()
+    }
+
+    const STARTS_WITH_CACHED_CIDR: bool = true;
+
+    async fn join(&mut self, request: &JoinRequest) -> Result<Ipv4Net, DatastoreError> {
+        Self::join(self, request).await.map(|(cidr, _lease)| cidr)
+    }
+
+    async fn claim_cidr(&mut self, request: &JoinRequest) -> Result<Ipv4Net, DatastoreError> {
+        Self::claim_cidr(self, request).await
+    }
+
+    async fn publish(
+        &mut self,
+        request: &JoinRequest,
+        cidr: Ipv4Net,
+    ) -> Result<LeaseId, DatastoreError> {
+        Self::publish(self, request, cidr).await
+    }
+
+    async fn keep_alive(&mut self, lease: LeaseId) -> Result<(), DatastoreError> {
+        Self::keep_alive(self, lease).await
+    }
+
+    async fn observe(
+        &mut self,
+        policy: Policy,
+        me: &str,
+        now: u64,
+    ) -> Result<Observation, DatastoreError> {
+        let snapshot = self.snapshot().await?;
+        Ok(Observation::of_snapshot(&snapshot, policy, me, now))
+    }
+
+    async fn mark_gone(&mut self, name: &str, since: u64) -> Result<bool, DatastoreError> {
+        Self::mark_gone(self, name, since).await
+    }
+
+    async fn clear_tombstone(&mut self, name: &str, revision: i64) -> Result<bool, DatastoreError> {
+        Self::clear_tombstone(self, name, revision).await
+    }
+
+    async fn release(&mut self, release: &Release) -> Result<bool, DatastoreError> {
+        Self::release(self, release).await
+    }
+
+    async fn wait_change(&mut self, revision: i64) -> Result<(), DatastoreError> {
+        Self::wait_change(self, revision).await
+    }
 }

@@ -22,7 +22,18 @@ use ipnet::Ipv4Net;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use super::{DatastoreError, JoinRequest, NodeRecord, first_free_cidr};
+use super::{
+    DatastoreError, JoinRequest, NodeRecord, candidate_cidr,
+    membership::{NodeState, NodeStatus, Plan, Policy, Release},
+    store::{Datastore, LeaseId, Observation},
+};
+
+/// How often [`Follower::wait_change`](Datastore::wait_change) looks at the
+/// file.
+pub const FILE_POLL: Duration = Duration::from_millis(300);
+/// An agent's [`Follower`] reads the file again this often even without a
+/// change (a lost update, or a datapath someone changed by hand, heals).
+pub const FOLLOW_RESYNC: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct NodesFile {
@@ -150,20 +161,9 @@ impl FileDatastore {
             .iter()
             .find(|n| n.name == request.name)
             .map(|n| n.pod_cidr);
-        let free = |c: &Ipv4Net| {
-            request.cluster_cidr.contains(c)
-                && c.prefix_len() == request.node_prefix
-                && !others
-                    .iter()
-                    .any(|t| t.contains(&c.network()) || c.contains(&t.network()))
-        };
-        let cidr = match request
-            .pod_cidr
-            .or(existing)
-            .or(request.preferred.filter(free))
-        {
+        let cidr = match request.pod_cidr.or(existing) {
             Some(cidr) => cidr,
-            None => first_free_cidr(request.cluster_cidr, request.node_prefix, &others)?,
+            None => candidate_cidr(request, &others)?,
         };
         if let Some(holder) = file.nodes.iter().find(|n| {
             n.name != request.name && (n.pod_cidr.contains(&cidr) || cidr.contains(&n.pod_cidr))
@@ -213,8 +213,8 @@ pub enum FileUpdate {
 
 /// Follows the nodes file for an agent: reads it when it changes (and
 /// every `resync` anyway, so a lost update heals), and never hands out a
-/// broken file's contents.
-#[derive(Debug)]
+/// broken file's contents. The nodes file's [`Datastore`].
+#[derive(Debug, Clone)]
 pub struct Follower {
     store: FileDatastore,
     resync: Duration,
@@ -248,25 +248,137 @@ impl Follower {
         self.last_read = None;
     }
 
-    /// Looks at the file once.
-    pub fn poll(&mut self) -> FileUpdate {
+    /// The nodes file followed.
+    #[must_use]
+    pub fn store(&self) -> &FileDatastore {
+        &self.store
+    }
+
+    /// Whether the file should be read: it changed, it is time to resync,
+    /// or it was broken last time.
+    fn due(&self) -> bool {
+        self.store.version() != self.seen
+            || self.last_read.is_none_or(|t| t.elapsed() >= self.resync)
+            || self.broken.is_some()
+    }
+
+    /// Reads the file; `first` with an error that differs from the last.
+    fn read(&mut self) -> Result<Vec<NodeRecord>, (DatastoreError, bool)> {
         let version = self.store.version();
-        let due = self.last_read.is_none_or(|t| t.elapsed() >= self.resync);
-        if version == self.seen && !due && self.broken.is_none() {
-            return FileUpdate::Unchanged;
-        }
         match self.store.nodes() {
             Ok(nodes) => {
                 self.seen = version;
                 self.last_read = Some(Instant::now());
                 self.broken = None;
-                FileUpdate::Nodes(nodes)
+                Ok(nodes)
             }
             Err(error) => {
                 let text = error.to_string();
                 let first = self.broken.as_deref() != Some(text.as_str());
                 self.broken = Some(text);
-                FileUpdate::Broken { error, first }
+                Err((error, first))
+            }
+        }
+    }
+
+    /// Looks at the file once.
+    pub fn poll(&mut self) -> FileUpdate {
+        if !self.due() {
+            return FileUpdate::Unchanged;
+        }
+        match self.read() {
+            Ok(nodes) => FileUpdate::Nodes(nodes),
+            Err((error, first)) => FileUpdate::Broken { error, first },
+        }
+    }
+}
+
+/// The nodes file has no leases: every node in it is live and routed, in
+/// the file's order (the order nodes added themselves, which decides
+/// conflicts between records, see `datastore::routable_nodes`); there are
+/// no tombstones and nothing is released. Joining, claiming and publishing
+/// are one write.
+impl Datastore for Follower {
+    fn endpoint(&self) -> String {
+        self.store.path.display().to_string()
+    }
+
+    const STARTS_WITH_CACHED_CIDR: bool = false;
+
+    async fn join(&mut self, request: &JoinRequest) -> Result<Ipv4Net, DatastoreError> {
+        self.store.join(request)
+    }
+
+    async fn claim_cidr(&mut self, request: &JoinRequest) -> Result<Ipv4Net, DatastoreError> {
+        self.store.join(request)
+    }
+
+    async fn publish(
+        &mut self,
+        request: &JoinRequest,
+        cidr: Ipv4Net,
+    ) -> Result<LeaseId, DatastoreError> {
+        let fixed = JoinRequest {
+            pod_cidr: Some(cidr),
+            ..request.clone()
+        };
+        self.store.join(&fixed).map(|_| 0)
+    }
+
+    async fn keep_alive(&mut self, _lease: LeaseId) -> Result<(), DatastoreError> {
+        std::future::pending().await
+    }
+
+    async fn observe(
+        &mut self,
+        _policy: Policy,
+        me: &str,
+        _now: u64,
+    ) -> Result<Observation, DatastoreError> {
+        let nodes = self.read().map_err(|(error, _)| error)?;
+        Ok(Observation {
+            revision: 0,
+            published: nodes.iter().any(|n| n.name == me),
+            plan: Plan {
+                nodes: nodes
+                    .iter()
+                    .map(|n| NodeStatus {
+                        record: n.clone(),
+                        state: NodeState::Live,
+                        since: None,
+                        routed: true,
+                    })
+                    .collect(),
+                routed: nodes,
+                ..Plan::default()
+            },
+            invalid: Vec::new(),
+        })
+    }
+
+    async fn mark_gone(&mut self, _name: &str, _since: u64) -> Result<bool, DatastoreError> {
+        Ok(false)
+    }
+
+    async fn clear_tombstone(
+        &mut self,
+        _name: &str,
+        _revision: i64,
+    ) -> Result<bool, DatastoreError> {
+        Ok(false)
+    }
+
+    async fn release(&mut self, _release: &Release) -> Result<bool, DatastoreError> {
+        Ok(false)
+    }
+
+    async fn wait_change(&mut self, _revision: i64) -> Result<(), DatastoreError> {
+        // At least one pause: a broken file is due at once, and must not
+        // be read in a busy loop.
+        loop {
+            tokio::time::sleep(FILE_POLL).await;
+            if self.due() {
+                return Ok(());
             }
         }
     }

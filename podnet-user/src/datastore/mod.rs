@@ -5,6 +5,10 @@
 pub mod etcd;
 pub mod file;
 pub mod membership;
+pub mod memory;
+pub mod store;
+
+pub use store::{Datastore, LeaseId, Observation};
 
 use std::{net::Ipv4Addr, path::PathBuf, str::FromStr};
 
@@ -124,6 +128,23 @@ pub fn first_free_cidr(
                 .any(|t| t.contains(candidate) || candidate.contains(t))
         })
         .ok_or_else(exhausted)
+}
+
+/// The CIDR to claim for a node that holds none: its preferred one (its
+/// CIDR last time) if that is free and fits the cluster, else the first
+/// free `/node_prefix` of the cluster CIDR; `taken` are the others' CIDRs.
+pub fn candidate_cidr(request: &JoinRequest, taken: &[Ipv4Net]) -> Result<Ipv4Net, DatastoreError> {
+    let free = |c: &Ipv4Net| {
+        request.cluster_cidr.contains(c)
+            && c.prefix_len() == request.node_prefix
+            && !taken
+                .iter()
+                .any(|t| t.contains(&c.network()) || c.contains(&t.network()))
+    };
+    match request.preferred.filter(free) {
+        Some(preferred) => Ok(preferred),
+        None => first_free_cidr(request.cluster_cidr, request.node_prefix, taken),
+    }
 }
 
 #[cfg(test)]
