@@ -278,7 +278,7 @@ fn add(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<String, CniError
     let node = agent.node().map_err(|e| agent_error("ADD", &e))?;
     let owner = owner(env);
     let host_ifname = host_ifname(&owner);
-    let mtu = conf.mtu.unwrap_or(node.mtu);
+    let mtu = podnet_common::node::effective_pod_mtu(conf.mtu, node.mtu);
     let lease = acquire(env, conf, &node, &owner)?;
     failpoint::hit(FailPoint::AddAfterIpam);
 
