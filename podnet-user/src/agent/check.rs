@@ -11,7 +11,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 
-use super::EndpointRegistry;
+use super::Agent;
 use crate::{api::Drift, endpoint::shaper_ifname, netlink};
 
 /// An endpoint map entry as the check compares it: host ifindex, flags,
@@ -51,7 +51,7 @@ fn compare<K: Ord + std::fmt::Display, V: PartialEq + std::fmt::Debug>(
     }
 }
 
-impl EndpointRegistry {
+impl Agent {
     /// Everything that differs between the agent's state and the kernel's.
     pub fn check(&mut self) -> anyhow::Result<Vec<Drift>> {
         let mut out = Vec::new();

@@ -14,7 +14,7 @@ use ipnet::Ipv4Net;
 use podnet_common::{NodeConfig, node};
 use tracing::{info, warn};
 
-use super::EndpointRegistry;
+use super::Agent;
 use crate::{
     datapath::NodeProgram,
     datastore::NodeRecord,
@@ -265,7 +265,7 @@ fn nft_script(cluster: Ipv4Net, nodes: &[Ipv4Addr], untracked: Option<&Untracked
     script
 }
 
-impl EndpointRegistry {
+impl Agent {
     /// Creates the overlay device or hooks the underlay, attaches the
     /// receive program, writes the node config, enables forwarding.
     pub fn setup_node_network(&mut self, net: &NodeNetwork) -> anyhow::Result<()> {

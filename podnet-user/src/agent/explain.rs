@@ -7,10 +7,10 @@ use std::sync::Mutex;
 
 use anyhow::Context as _;
 
-use super::EndpointRegistry;
+use super::Agent;
 use crate::explain::{self, ExplainRequest, Explanation, Names, Sender, World};
 
-impl EndpointRegistry {
+impl Agent {
     /// The sender, the live state its packet meets, and names for it.
     fn explain_world(
         &mut self,
@@ -73,10 +73,7 @@ impl EndpointRegistry {
 }
 
 /// Explains `request` (see [`crate::explain`]).
-pub fn explain(
-    registry: &Mutex<EndpointRegistry>,
-    request: ExplainRequest,
-) -> anyhow::Result<Explanation> {
+pub fn explain(registry: &Mutex<Agent>, request: ExplainRequest) -> anyhow::Result<Explanation> {
     let (sender, world, names, state_dir) = registry
         .lock()
         .map_err(|_| anyhow::anyhow!("agent state poisoned by an earlier panic"))?

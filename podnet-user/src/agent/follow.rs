@@ -16,7 +16,7 @@ use std::{
 
 use tracing::{info, warn};
 
-use super::{EndpointRegistry, cluster::NodeNetwork};
+use super::{Agent, cluster::NodeNetwork};
 use crate::{
     api::DatastoreStatus,
     datastore::{
@@ -63,7 +63,7 @@ pub trait ClusterSink: Send + Sync {
 /// The agent: its registry and the node's place on the underlay.
 #[derive(Clone)]
 pub struct AgentSink {
-    pub registry: Arc<Mutex<EndpointRegistry>>,
+    pub registry: Arc<Mutex<Agent>>,
     pub network: NodeNetwork,
 }
 
@@ -229,7 +229,7 @@ impl<K: ClusterSink> ClusterFollow<K> {
 /// breakage.
 pub async fn follow_file(
     path: std::path::PathBuf,
-    registry: Arc<Mutex<EndpointRegistry>>,
+    registry: Arc<Mutex<Agent>>,
     network: NodeNetwork,
 ) {
     let sink = AgentSink { registry, network };
@@ -298,11 +298,7 @@ fn first_member(name: &str, members: usize) -> usize {
 /// When its member fails the agent moves to the next; while no member
 /// answers it retries every [`RECONNECT_MAX`] at most, and the datapath
 /// keeps the last state.
-pub async fn follow_etcd(
-    follow: EtcdFollow,
-    registry: Arc<Mutex<EndpointRegistry>>,
-    network: NodeNetwork,
-) {
+pub async fn follow_etcd(follow: EtcdFollow, registry: Arc<Mutex<Agent>>, network: NodeNetwork) {
     let sink = AgentSink { registry, network };
     sink.update_status(|s| {
         *s = DatastoreStatus {

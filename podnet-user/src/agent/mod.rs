@@ -12,10 +12,12 @@ pub mod metrics;
 pub mod monitor;
 mod report;
 mod server;
+mod state;
 
-pub use endpoints::{EndpointRegistry, attach_mode, record};
+pub use endpoints::{attach_mode, record};
 pub use report::{counter_totals, stack_flows};
 pub use server::{MAX_REQUEST_BYTES, decode_request, serve};
+pub use state::Agent;
 
 use std::path::PathBuf;
 

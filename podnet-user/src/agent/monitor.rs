@@ -29,7 +29,7 @@ use tokio::{
 };
 use tracing::warn;
 
-use super::EndpointRegistry;
+use super::Agent;
 use crate::{
     api::{DropEventRecord, MonitorHello, MonitorMessage, PodRef, proto_name},
     datapath::monotonic_ns,
@@ -100,7 +100,7 @@ impl Default for Pods {
 
 impl Pods {
     /// Reads the endpoints again if they changed since the last time.
-    fn refresh(&mut self, registry: &Mutex<EndpointRegistry>, generation: &AtomicU64) {
+    fn refresh(&mut self, registry: &Mutex<Agent>, generation: &AtomicU64) {
         if generation.load(Ordering::Acquire) == self.generation {
             return;
         }
@@ -199,7 +199,7 @@ fn suppressed_totals(map: &PerCpuArray<MapData, u64>) -> Vec<u64> {
 pub async fn run(
     hub: MonitorHub,
     pin_dir: &Path,
-    registry: Arc<Mutex<EndpointRegistry>>,
+    registry: Arc<Mutex<Agent>>,
 ) -> anyhow::Result<()> {
     let ring = RingBuf::try_from(open_pinned(pin_dir, names::MAP_EVENTS)?)
         .context("opening the drop events as a ring buffer")?;
@@ -259,11 +259,7 @@ pub async fn run(
 
 /// Runs [`run`], logging why it stopped (the agent goes on without drop
 /// events: forwarding does not depend on them).
-pub async fn run_logged(
-    hub: MonitorHub,
-    pin_dir: std::path::PathBuf,
-    registry: Arc<Mutex<EndpointRegistry>>,
-) {
+pub async fn run_logged(hub: MonitorHub, pin_dir: std::path::PathBuf, registry: Arc<Mutex<Agent>>) {
     if let Err(e) = run(hub, &pin_dir, registry).await {
         warn!(error = %format!("{e:#}"), "drop events are not reported");
     }

@@ -16,7 +16,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::{
-    EndpointRegistry,
+    Agent,
     metrics::{CniOp, CniOps, OpSubject},
     monitor::MonitorHub,
 };
@@ -66,7 +66,7 @@ fn bind_private(socket: &Path) -> anyhow::Result<UnixListener> {
 /// Every CNI operation is logged and counted in `ops`.
 pub async fn serve(
     socket: &Path,
-    registry: Arc<Mutex<EndpointRegistry>>,
+    registry: Arc<Mutex<Agent>>,
     ops: CniOps,
     monitor: MonitorHub,
 ) -> anyhow::Result<()> {
@@ -120,7 +120,7 @@ pub fn decode_request(line: &str) -> Result<Request, String> {
 
 async fn handle(
     stream: UnixStream,
-    registry: Arc<Mutex<EndpointRegistry>>,
+    registry: Arc<Mutex<Agent>>,
     ops: CniOps,
     monitor: MonitorHub,
 ) -> anyhow::Result<()> {
@@ -215,7 +215,7 @@ async fn stream_monitor(
     }
 }
 
-fn dispatch(registry: &Mutex<EndpointRegistry>, request: Request) -> (Vec<u8>, Option<String>) {
+fn dispatch(registry: &Mutex<Agent>, request: Request) -> (Vec<u8>, Option<String>) {
     let Ok(mut reg) = registry.lock() else {
         return encode::<()>(Err(anyhow::anyhow!(
             "agent state poisoned by an earlier panic"

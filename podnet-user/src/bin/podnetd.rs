@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
 use podnet::{
     agent::{
-        self, AgentConfig, EndpointRegistry,
+        self, AgentConfig, Agent,
         cluster::{self, Mode, NodeNetwork, VxlanDatapath},
         follow::{self, EtcdFollow},
         join,
@@ -400,11 +400,11 @@ fn join(
     Ok(())
 }
 
-/// Retries what could not be set up (see `EndpointRegistry::retry_pending`:
+/// Retries what could not be set up (see `Agent::retry_pending`:
 /// the node's network, endpoints' filters at start, host routes) with
 /// backoff, 1 s doubling up to 30 s while something is pending, every 5 s
 /// otherwise. What runs keeps running meanwhile.
-fn retry_pending(registry: Arc<Mutex<EndpointRegistry>>, network: NodeNetwork, ready: bool) {
+fn retry_pending(registry: Arc<Mutex<Agent>>, network: NodeNetwork, ready: bool) {
     const IDLE: std::time::Duration = std::time::Duration::from_secs(5);
     std::thread::spawn(move || {
         let mut failures = u32::from(!ready);
@@ -538,7 +538,7 @@ fn main() -> anyhow::Result<()> {
 
     let socket = config.socket.clone();
     info!(node = %config.node_name, pod_cidr = %config.pod_cidr, socket = %socket.display(), "starting");
-    let mut registry = EndpointRegistry::open(config, datapath)?;
+    let mut registry = Agent::open(config, datapath)?;
     let ready = registry.retry_pending(&resolved.network);
     let registry = Arc::new(Mutex::new(registry));
     metrics.attach(

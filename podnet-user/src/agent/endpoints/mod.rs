@@ -2,9 +2,9 @@
 //! restarts), entries in the datapath, pinned from_pod links on host veths.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fs, io,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -14,12 +14,12 @@ use std::{
 use anyhow::Context as _;
 use tracing::{info, warn};
 
-use super::AgentConfig;
+use crate::agent::Agent;
 use crate::{
-    api::{AgentStatus, CounterTotals, Endpoint, EndpointStatus, IpamStatus, NodeInfo},
-    datapath::{Datapath, PodProgram},
+    api::{Endpoint, EndpointStatus, IpamStatus},
+    datapath::PodProgram,
     failpoint::{self, FailPoint},
-    ipam::{Holder, Owner, PodAddresses, PodRange},
+    ipam::{Holder, Owner, PodAddresses},
 };
 
 mod kernel;
@@ -33,56 +33,12 @@ use kernel::{apply_shaping, remove_shaper};
 /// How old an unowned IPAM record must be before the agent releases it.
 pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_mins(2);
 
-/// The agent's state; one lock around it (operations are short).
-pub struct EndpointRegistry {
-    config: AgentConfig,
-    datapath: Datapath,
-    pub(super) endpoints: BTreeMap<Owner, Endpoint>,
-    /// Bumped whenever `endpoints` changes (who caches them, the drop
-    /// event monitor, knows when to read them again).
-    generation: Arc<AtomicU64>,
-    /// Endpoints whose filters failed to attach at start: retried.
-    unattached: BTreeSet<Owner>,
-    /// Whether the node's devices are set up (overlay/underlay programs
-    /// attached, node config written).
-    node_network_ready: bool,
-    pub(super) cluster: super::cluster::ClusterState,
-    /// Endpoint records that could not be read, kept aside (see
-    /// [`record`]); reported until an operator removes them.
-    unreadable_records: Vec<PathBuf>,
-}
-
 pub(super) fn host_ifindex(name: &str) -> Option<u32> {
     nix::net::if_::if_nametoindex(name).ok()
 }
 
-impl EndpointRegistry {
-    /// Loads the endpoint records and reconciles them with the live
-    /// interfaces, the datapath and the attached programs (see [`Self::reconcile`]).
-    pub fn open(config: AgentConfig, datapath: Datapath) -> anyhow::Result<Self> {
-        for dir in [
-            config.endpoints_dir(),
-            config.links_dir(),
-            config.ipam_dir(),
-        ] {
-            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let mut registry = Self {
-            config,
-            datapath,
-            endpoints: BTreeMap::new(),
-            generation: Arc::default(),
-            unattached: BTreeSet::new(),
-            node_network_ready: false,
-            cluster: super::cluster::ClusterState::default(),
-            unreadable_records: Vec::new(),
-        };
-        registry.load_records()?;
-        registry.reconcile()?;
-        Ok(registry)
-    }
-
-    fn load_records(&mut self) -> anyhow::Result<()> {
+impl Agent {
+    pub(super) fn load_records(&mut self) -> anyhow::Result<()> {
         let dir = self.config.endpoints_dir();
         let loaded = record::load(&dir)
             .with_context(|| format!("reading the records in {}", dir.display()))?;
@@ -100,7 +56,7 @@ impl EndpointRegistry {
     /// to a new layout (`crate::pinned_maps`) starts with fresh maps, and a
     /// veth whose new from_pod ran before its entry existed would drop the
     /// pod's traffic as an unknown sender's.
-    fn install(&mut self, ep: &Endpoint, restarting: bool) -> anyhow::Result<()> {
+    pub(super) fn install(&mut self, ep: &Endpoint, restarting: bool) -> anyhow::Result<()> {
         // Shapers before entries: an entry that sends a pod's packets to a
         // shaper must never name one that is not there yet.
         let (flags, egress_shaper) = apply_shaping(ep)?;
@@ -138,59 +94,6 @@ impl EndpointRegistry {
             failpoint::hit(FailPoint::AgentAddAfterAttach);
         }
         Ok(())
-    }
-
-    /// Retries what is not in place yet: the node's network and endpoints
-    /// whose filters failed to attach at start. Once everything is, the old
-    /// build's programs are gone and a migration of pinned maps is
-    /// finished. Returns whether everything is in place.
-    pub fn retry_pending(&mut self, net: &super::cluster::NodeNetwork) -> bool {
-        self.cluster.network = Some(net.clone());
-        if !self.node_network_ready {
-            match self.setup_node_network(net) {
-                Ok(()) => self.node_network_ready = true,
-                Err(e) => warn!(error = %format!("{e:#}"),
-                                "setting up the node's network failed; what runs is left as it is, retrying"),
-            }
-        }
-        for owner in self.unattached.clone() {
-            let Some(ep) = self.endpoints.get(&owner).cloned() else {
-                self.unattached.remove(&owner);
-                continue;
-            };
-            match self.install(&ep, true) {
-                Ok(()) => {
-                    info!(container = %owner.container_id, host = %ep.host_ifname, "endpoint re-installed");
-                    self.unattached.remove(&owner);
-                }
-                Err(e) => {
-                    warn!(error = %format!("{e:#}"), host = %ep.host_ifname, "re-installing an endpoint");
-                }
-            }
-        }
-        let routes_done = self.retry_failed_routes(net);
-        let done = self.node_network_ready && self.unattached.is_empty() && routes_done;
-        if done && let Err(e) = self.datapath.finish_migration() {
-            warn!(error = %format!("{e:#}"), "finishing the migration of pinned maps");
-        }
-        done
-    }
-
-    /// What [`Self::retry_pending`] still has to do, for `podnetctl status`.
-    #[must_use]
-    pub fn pending(&self) -> Vec<String> {
-        let mut pending = Vec::new();
-        if !self.node_network_ready {
-            pending.push("node network (overlay/underlay programs, node config)".to_owned());
-        }
-        pending.extend(self.unattached.iter().map(|o| {
-            format!(
-                "endpoint {}:{} (filters not attached)",
-                o.container_id, o.ifname
-            )
-        }));
-        pending.extend(self.failed_routes());
-        pending
     }
 
     /// The built-in IPAM's addresses of this node (see
@@ -321,35 +224,6 @@ impl EndpointRegistry {
         Ok(stale)
     }
 
-    pub fn node_info(&self) -> NodeInfo {
-        NodeInfo {
-            node_name: self.config.node_name.clone(),
-            pod_cidr: self.config.pod_cidr,
-            cluster_cidr: self.config.cluster_cidr,
-            gateway: PodRange::new(self.config.pod_cidr)
-                .map_or(self.config.pod_cidr.network(), |r| r.gateway()),
-            mtu: self.config.mtu,
-            ipam_dir: self.config.ipam_dir(),
-        }
-    }
-
-    pub fn status(&self) -> anyhow::Result<AgentStatus> {
-        Ok(AgentStatus {
-            node: self.node_info(),
-            endpoints: self.endpoints.len(),
-            attach_mode: attach_mode().to_owned(),
-            bpffs_dir: self.config.bpffs_dir.clone(),
-            programs: self
-                .datapath
-                .programs()?
-                .into_iter()
-                .map(|p| p.name.to_owned())
-                .collect(),
-            pending: self.pending(),
-            unreadable_records: self.unreadable_records.clone(),
-        })
-    }
-
     pub fn list(&mut self) -> anyhow::Result<Vec<EndpointStatus>> {
         let eps: Vec<Endpoint> = self.endpoints.values().cloned().collect();
         let with_filter = veths_with_pod_filters(eps.iter().map(|ep| ep.host_ifindex).collect())?;
@@ -375,10 +249,6 @@ impl EndpointRegistry {
             .collect()
     }
 
-    pub fn counters(&self) -> anyhow::Result<CounterTotals> {
-        Ok(super::report::counter_totals(self.datapath.counters()?))
-    }
-
     /// The node store's reservations by network (the store a network's
     /// `ipam.dataDir` moved the node to, if one did).
     pub fn ipam(&self) -> anyhow::Result<IpamStatus> {
@@ -396,19 +266,5 @@ impl EndpointRegistry {
             store: Some(view.store),
             networks,
         })
-    }
-
-    pub(crate) fn datapath_mut(&mut self) -> &mut Datapath {
-        &mut self.datapath
-    }
-
-    #[must_use]
-    pub fn config(&self) -> &AgentConfig {
-        &self.config
-    }
-
-    #[must_use]
-    pub fn bpffs_dir(&self) -> &Path {
-        &self.config.bpffs_dir
     }
 }

@@ -6,14 +6,15 @@ use std::{collections::HashSet, fs};
 
 use tracing::{info, warn};
 
-use super::{EndpointRegistry, ORPHAN_GRACE, host_ifindex};
+use super::{ORPHAN_GRACE, host_ifindex};
+use crate::agent::Agent;
 use crate::{
     endpoint::{HOST_IFNAME_PREFIX, Owner, SHAPER_IFNAME_PREFIX, host_ifname, shaper_ifname},
     ipam::Holder,
     netlink,
 };
 
-impl EndpointRegistry {
+impl Agent {
     /// Brings the datapath in line with the records after a (re)start:
     /// endpoints whose host veth is gone are removed (with their address);
     /// live ones get their map entry rewritten and their from_pod filter

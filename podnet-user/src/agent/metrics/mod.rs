@@ -25,7 +25,7 @@ use prometheus_client::{
 };
 use tracing::{info, warn};
 
-use super::EndpointRegistry;
+use super::Agent;
 use crate::{
     api::{DatastoreStatus, Endpoint, Request},
     datapath::{Counters, MapFill, PinnedMapReader},
@@ -185,7 +185,7 @@ pub struct AgentInfo {
 
 /// The running agent, once it has loaded the datapath.
 struct Attached {
-    registry: Arc<Mutex<EndpointRegistry>>,
+    registry: Arc<Mutex<Agent>>,
     maps: PinnedMapReader,
 }
 
@@ -206,7 +206,7 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    fn take(registry: &Mutex<EndpointRegistry>) -> Option<Self> {
+    fn take(registry: &Mutex<Agent>) -> Option<Self> {
         let reg = registry.lock().ok()?;
         Some(Self {
             endpoints: reg.endpoints.values().cloned().collect(),
@@ -271,7 +271,7 @@ impl AgentMetrics {
     /// Hands over the running agent: from now on the datapath and agent
     /// metrics are served and readiness is the agent's. Later calls are
     /// ignored.
-    pub fn attach(&self, registry: Arc<Mutex<EndpointRegistry>>, maps: PinnedMapReader) {
+    pub fn attach(&self, registry: Arc<Mutex<Agent>>, maps: PinnedMapReader) {
         let _ = self.attached.set(Attached { registry, maps });
     }
 

@@ -1,8 +1,6 @@
 use super::*;
 
-fn exposition(
-    f: impl Fn(&mut DescriptorEncoder) -> fmt::Result + Send + Sync + 'static,
-) -> String {
+fn exposition(f: impl Fn(&mut DescriptorEncoder) -> fmt::Result + Send + Sync + 'static) -> String {
     struct Fixed<F>(F);
     impl<F> fmt::Debug for Fixed<F> {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
