@@ -8,8 +8,27 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podnet::api::{AgentStatus, Client, ClientError, Endpoint, EndpointStatus, Request};
+use podnet::{
+    agent::MAX_REQUEST_BYTES,
+    api::{AgentStatus, Client, ClientError, Endpoint, EndpointStatus, Request, Response},
+};
 use podnet_tests::{node::Node, privileged};
+
+/// The agent's `REQUEST_READ_TIMEOUT` (podnet-user/src/agent/server.rs; not
+/// exported): the agent's answer names it, and the test checks that it does.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How late after [`READ_TIMEOUT`] the hang-up may come (scheduling).
+const TIMEOUT_MARGIN: Duration = Duration::from_millis(1500);
+
+/// A `status` request of exactly `len` bytes, newline included (JSON allows
+/// the padding spaces).
+fn status_request_of(len: usize) -> Vec<u8> {
+    let mut request = serde_json::to_vec(&Request::Status).expect("JSON");
+    assert!(request.len() < len);
+    request.resize(len - 1, b' ');
+    request.push(b'\n');
+    request
+}
 
 /// Sends raw bytes and returns the agent's one-line answer ("" if it hung up
 /// without one).
@@ -52,26 +71,74 @@ fn the_socket_is_private_bounded_and_checks_what_it_is_told() {
         .collect();
     assert!(leftovers.is_empty(), "no staging directory left");
 
-    // Over the size limit: refused with a reason, the agent unharmed.
-    let huge = vec![b' '; 2 << 20];
-    let answer = raw(&node, &huge);
-    assert!(answer.contains("larger than"), "answer: {answer:?}");
+    // At the size limit: a request of exactly MAX_REQUEST_BYTES (newline
+    // included) is served; one byte more is refused with a reason, the
+    // agent unharmed.
+    let limit = usize::try_from(MAX_REQUEST_BYTES).expect("limit");
+    let answer = raw(&node, &status_request_of(limit));
+    match serde_json::from_str::<Response<AgentStatus>>(&answer) {
+        Ok(Response::Ok(status)) => assert!(!status.programs.is_empty()),
+        other => {
+            panic!("a request of exactly {limit} bytes was not served: {other:?} ({answer:?})")
+        }
+    }
+    let answer = raw(&node, &status_request_of(limit + 1));
+    assert!(
+        answer.contains(&format!("request larger than {MAX_REQUEST_BYTES} bytes")),
+        "a request of {} bytes: {answer:?}",
+        limit + 1
+    );
     still_serves(&node);
 
-    // A client that connects and sends nothing is hung up on; others are
-    // served meanwhile.
+    // A client that connects and sends nothing, and one that sends half a
+    // request and then a byte a second, are hung up on at the read timeout
+    // (a deadline for the whole request, not per read); others are served
+    // meanwhile.
+    let trickler = std::thread::spawn({
+        let socket = node.socket();
+        move || {
+            let started = Instant::now();
+            let mut slow = UnixStream::connect(socket).expect("connect");
+            slow.set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("timeout");
+            slow.write_all(b"{\"add_endpoint\": ")
+                .expect("half a request");
+            let mut answer = String::new();
+            let mut reader = BufReader::new(slow.try_clone().expect("clone"));
+            let mut last_byte = Instant::now();
+            // Until hung up on: the answer (or end of stream) arrives.
+            while reader.read_line(&mut answer).is_err() && started.elapsed() < READ_TIMEOUT * 3 {
+                if last_byte.elapsed() >= Duration::from_millis(900) {
+                    // Fails once the agent has hung up; the answer is still
+                    // there to read.
+                    let _ = slow.write_all(b" ");
+                    last_byte = Instant::now();
+                }
+            }
+            (answer, started.elapsed())
+        }
+    });
     let started = Instant::now();
     let mut idle = UnixStream::connect(node.socket()).expect("connect");
-    idle.set_read_timeout(Some(Duration::from_secs(30)))
+    idle.set_read_timeout(Some(READ_TIMEOUT * 3))
         .expect("timeout");
     still_serves(&node);
     let mut answer = String::new();
     let _ = BufReader::new(&mut idle).read_line(&mut answer);
-    assert!(answer.contains("no complete request"), "answer: {answer:?}");
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "hung up on after the read timeout"
-    );
+    let idle_for = started.elapsed();
+    let (slow_answer, slow_for) = trickler.join().expect("the slow client");
+    let want = format!("no complete request within {} s", READ_TIMEOUT.as_secs());
+    eprintln!("hung up on: idle client after {idle_for:?}, slow client after {slow_for:?}");
+    for (who, answer, took) in [
+        ("idle", &answer, idle_for),
+        ("slow", &slow_answer, slow_for),
+    ] {
+        assert!(answer.contains(&want), "{who} client: answer {answer:?}");
+        assert!(
+            took >= READ_TIMEOUT && took <= READ_TIMEOUT + TIMEOUT_MARGIN,
+            "{who} client: hung up on after {took:?}, not at the {READ_TIMEOUT:?} read timeout"
+        );
+    }
 
     // An endpoint request that is not valid changes nothing.
     let endpoints = || -> Vec<Endpoint> {
