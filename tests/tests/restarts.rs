@@ -108,7 +108,7 @@ fn a_failed_host_route_is_retried_and_shown() {
         podnet::api::Client::new(&node1.agent_socket)
             .call::<podnet::api::AgentStatus>(&podnet::api::Request::Status)
             .map(|s| s.pending)
-            .unwrap_or_default()
+            .expect("the agent answers podnetctl status")
     };
     podnet_tests::wait_up_to(
         Duration::from_secs(20),
