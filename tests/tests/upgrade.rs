@@ -2,30 +2,61 @@
 //! of [`UPGRADE_FROM`] (node config of layout 1, 24 bytes, and no map
 //! migration), ping floods run between pods (same node, cross node both
 //! ways), every agent is replaced by this build's, which migrates the
-//! pinned maps whose layout changed (the node config grew to 36 bytes) and
-//! re-points every program. Every ping is answered; the counters carry on;
-//! the old CNI plugin keeps working against the new agent.
+//! pinned maps whose layout changed (the node config grew to
+//! `size_of::<NodeConfig>()`, 40 bytes) and re-points every program. Every
+//! ping is answered; the counters carry on (a counter that nothing moves
+//! during the upgrade reads the same, not reset, before and after); the old
+//! CNI plugin keeps working against the new agent.
 
-use std::time::Duration;
+use std::{net::Ipv4Addr, time::Duration};
 
-use podnet::api::{AgentStatus, Client, CounterTotals, Request};
-use podnet_common::names;
+use podnet::api::{AgentStatus, Client, Request};
+use podnet_common::{DropReason, Verdict, names};
 use podnet_tests::{
-    bins,
-    lab::{LabDatastore, LabGuard, LabNode},
-    privileged,
+    bins, counters,
+    lab::{LabDatastore, LabGuard, LabLayout, LabNode},
+    privileged, spoof,
     traffic::LabFloods,
 };
 
 /// The last commit before the node config's layout changed.
 const UPGRADE_FROM: &str = "9c8e0d45577159ea087a06fb6ef509c98d7273cf";
 const PINGS: u32 = 3_000;
+/// Forged frames each node drops before the upgrade: a counter that
+/// nothing else moves while the agents are replaced.
+const FORGED: usize = 50;
 
 fn redirects(node: &LabNode) -> u64 {
-    let c: CounterTotals = Client::new(&node.agent_socket)
-        .call(&Request::Counters)
-        .expect("counters");
-    c.verdicts.get("redirect_peer").copied().unwrap_or(0)
+    counters::read(&node.agent_socket, Verdict::RedirectPeer)
+}
+
+fn spoofed_drops(node: &LabNode) -> u64 {
+    counters::read(&node.agent_socket, DropReason::SpoofedSourceIp)
+}
+
+/// Has `node`'s first pod send [`FORGED`] frames with a source that is no
+/// pod's to its second pod, and waits until `node`'s datapath counted them
+/// as spoofed.
+fn forge_drops(layout: &LabLayout, node: &LabNode) {
+    let pod = layout
+        .pod(&format!("{}-pod1", node.name))
+        .expect("the node's first pod");
+    let target = layout
+        .pod(&format!("{}-pod2", node.name))
+        .expect("the node's second pod");
+    let gw = spoof::host_veth_mac(&pod.netns, &node.netns).expect("gateway MAC");
+    let mac = spoof::mac_of(&pod.netns, "eth0").expect("pod MAC");
+    let forged_src = Ipv4Addr::new(10, 244, 250, 9);
+    let frames: Vec<Vec<u8>> = (0..FORGED)
+        .map(|i| spoof::udp_frame((gw, mac), (forged_src, target.ip), 7012, &i.to_be_bytes()))
+        .collect();
+    let before = spoofed_drops(node);
+    spoof::send_raw(&pod.netns, "eth0", &frames).expect("send forged frames");
+    podnet_tests::wait_up_to(
+        Duration::from_secs(10),
+        &format!("{}: the forged frames counted as spoofed", node.name),
+        || spoofed_drops(node) >= before + FORGED as u64,
+    );
 }
 
 fn upgrade_loses_nothing(mode: &str) {
@@ -44,6 +75,11 @@ fn upgrade_loses_nothing(mode: &str) {
         let info = aya::maps::MapInfo::from_pin(config_pin(node)).expect("config pin");
         assert_eq!(info.value_size(), 24, "the old build's node config");
     }
+    for node in &lab.layout.nodes {
+        forge_drops(&lab.layout, node);
+    }
+    // Read from the old agents; nothing forges frames from here on.
+    let spoofed_before: Vec<u64> = lab.layout.nodes.iter().map(spoofed_drops).collect();
     let mut floods = LabFloods::start(&lab.layout, PINGS).expect("floods");
     std::thread::sleep(Duration::from_millis(500));
     let before: Vec<u64> = lab.layout.nodes.iter().map(redirects).collect();
@@ -67,11 +103,17 @@ fn upgrade_loses_nothing(mode: &str) {
             result.sent - result.received
         );
         assert_eq!(
+            result.sent,
+            u64::from(PINGS),
+            "{mode} {path}: ping sent all"
+        );
+        assert_eq!(
             result.received, result.sent,
             "{mode} {path}: every ping answered across the upgrade"
         );
     }
-    for (node, before) in lab.layout.nodes.iter().zip(before) {
+    for ((node, before), spoofed_before) in lab.layout.nodes.iter().zip(before).zip(spoofed_before)
+    {
         let info = aya::maps::MapInfo::from_pin(config_pin(node)).expect("config pin");
         assert_eq!(
             info.value_size() as usize,
@@ -95,9 +137,22 @@ fn upgrade_loses_nothing(mode: &str) {
             .filter(|n| n.ends_with(podnet::pinned_maps::RETIRED_SUFFIX))
             .collect();
         assert!(retired.is_empty(), "{}: {retired:?}", node.name);
+        // A reset would hide behind a counter the floods keep moving: the
+        // drops forged before the upgrade read the same afterwards.
+        assert!(
+            spoofed_before >= FORGED as u64,
+            "{}: {spoofed_before} spoofed drops before the upgrade",
+            node.name
+        );
+        assert_eq!(
+            spoofed_drops(node),
+            spoofed_before,
+            "{}: the counters carry on across the upgrade (not reset, not moved)",
+            node.name
+        );
         assert!(
             redirects(node) >= before,
-            "{}: the counters carry on across the upgrade",
+            "{}: the floods' counter never goes back",
             node.name
         );
     }
