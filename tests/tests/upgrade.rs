@@ -144,9 +144,13 @@ fn upgrade_loses_nothing(mode: &str) {
             "{}: {spoofed_before} spoofed drops before the upgrade",
             node.name
         );
+        let spoofed_after = spoofed_drops(node);
+        eprintln!(
+            "{mode} {}: spoofed_source_ip {spoofed_before} before the upgrade, {spoofed_after} after",
+            node.name
+        );
         assert_eq!(
-            spoofed_drops(node),
-            spoofed_before,
+            spoofed_after, spoofed_before,
             "{}: the counters carry on across the upgrade (not reset, not moved)",
             node.name
         );
