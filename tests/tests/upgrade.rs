@@ -59,6 +59,27 @@ fn forge_drops(layout: &LabLayout, node: &LabNode) {
     );
 }
 
+/// A reset would hide behind a counter the floods keep moving: the drops
+/// forged before the upgrade (`spoofed_before`, read from the old agent)
+/// read the same from the new one.
+fn counters_carry_on(mode: &str, node: &LabNode, spoofed_before: u64) {
+    assert!(
+        spoofed_before >= FORGED as u64,
+        "{}: {spoofed_before} spoofed drops before the upgrade",
+        node.name
+    );
+    let spoofed_after = spoofed_drops(node);
+    eprintln!(
+        "{mode} {}: spoofed_source_ip {spoofed_before} before the upgrade, {spoofed_after} after",
+        node.name
+    );
+    assert_eq!(
+        spoofed_after, spoofed_before,
+        "{}: the counters carry on across the upgrade (not reset, not moved)",
+        node.name
+    );
+}
+
 fn upgrade_loses_nothing(mode: &str) {
     let old = bins::build_at_commit(UPGRADE_FROM).expect("build the old commit");
     let mut lab = LabGuard::up_with_bins(
@@ -137,23 +158,7 @@ fn upgrade_loses_nothing(mode: &str) {
             .filter(|n| n.ends_with(podnet::pinned_maps::RETIRED_SUFFIX))
             .collect();
         assert!(retired.is_empty(), "{}: {retired:?}", node.name);
-        // A reset would hide behind a counter the floods keep moving: the
-        // drops forged before the upgrade read the same afterwards.
-        assert!(
-            spoofed_before >= FORGED as u64,
-            "{}: {spoofed_before} spoofed drops before the upgrade",
-            node.name
-        );
-        let spoofed_after = spoofed_drops(node);
-        eprintln!(
-            "{mode} {}: spoofed_source_ip {spoofed_before} before the upgrade, {spoofed_after} after",
-            node.name
-        );
-        assert_eq!(
-            spoofed_after, spoofed_before,
-            "{}: the counters carry on across the upgrade (not reset, not moved)",
-            node.name
-        );
+        counters_carry_on(mode, node, spoofed_before);
         assert!(
             redirects(node) >= before,
             "{}: the floods' counter never goes back",
