@@ -42,7 +42,7 @@ pub fn privileged(test: &str) -> bool {
         env::var_os(ALLOW_SKIP_ENV).is_some(),
         "{test} needs root (BPF, network namespaces); run as root or set {ALLOW_SKIP_ENV}=1 to skip"
     );
-    eprintln!("SKIPPED {test}: needs root");
+    eprintln!("SKIPPED(privileged) {test}: needs root");
     false
 }
 
