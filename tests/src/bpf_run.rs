@@ -9,11 +9,9 @@ use podnet::datapath::Datapath;
 
 use crate::{PrivateBpffs, netns::NetNs};
 
-// TC return codes (include/uapi/linux/pkt_cls.h), as the tests compare them.
-pub const TC_ACT_UNSPEC: i32 = -1;
-pub const TC_ACT_OK: i32 = 0;
-pub const TC_ACT_SHOT: i32 = 2;
-pub const TC_ACT_REDIRECT: i32 = 7;
+// The TC return codes the tests compare verdicts against: the datapath's own
+// (podnet-common), re-exported where the bpf tests take them from.
+pub use podnet_common::tc::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC};
 
 /// Offset of `ifindex` in `struct __sk_buff` (UAPI, stable). A test run's
 /// input context may be shorter than the struct (the rest reads as zero).
