@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bins;
+pub mod bpf_fixture;
 pub mod bpf_run;
 pub mod faults;
 pub mod frames;
