@@ -25,8 +25,9 @@ pub mod scale;
 use serde_json::{Value, json};
 
 use crate::{
-    lab::{LabDatastore, LabGuard, in_netns, on_netns_thread},
+    lab::{LabDatastore, LabGuard},
     netns::{NetNs, run},
+    netns::{command_in, run_in},
     node::{Node, TempDir},
 };
 
@@ -215,7 +216,7 @@ fn busy_cpu_seconds() -> anyhow::Result<f64> {
 /// divided by the GB it moved (every interval's bytes, the omitted warm-up
 /// second included, since the CPU time includes it too).
 pub fn throughput_and_cpu(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64)> {
-    let mut server = in_netns(&pair.server_ns, "iperf3")?
+    let mut server = command_in(&pair.server_ns, "iperf3")?
         .args(["-s", "-1", "-B", &pair.server_ip.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -223,7 +224,7 @@ pub fn throughput_and_cpu(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64
         .context("iperf3 server")?;
     std::thread::sleep(Duration::from_millis(200));
     let cpu_before = busy_cpu_seconds();
-    let out = in_netns(&pair.client_ns, "iperf3")?
+    let out = command_in(&pair.client_ns, "iperf3")?
         .args([
             "-c",
             &pair.server_ip.to_string(),
@@ -258,14 +259,14 @@ pub fn throughput_and_cpu(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64
 /// round trip), p50 and p99 in microseconds.
 pub fn latency(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64)> {
     let ip = pair.server_ip.to_string();
-    let mut server = in_netns(&pair.server_ns, "sockperf")?
+    let mut server = command_in(&pair.server_ns, "sockperf")?
         .args(["server", "--tcp", "-i", &ip, "-p", "11111"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("sockperf server")?;
     std::thread::sleep(Duration::from_millis(300));
-    let out = in_netns(&pair.client_ns, "sockperf")?
+    let out = command_in(&pair.client_ns, "sockperf")?
         .args([
             "ping-pong",
             "--tcp",
@@ -298,7 +299,7 @@ pub fn latency(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64)> {
 /// not cap the rate); the client is one sequential connection at a time.
 pub fn connection_rate(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
     let addr = SocketAddrV4::new(pair.server_ip, 19_000);
-    let listener = on_netns_thread(&pair.server_ns, move || TcpListener::bind(addr))?
+    let listener = run_in(&pair.server_ns, move || TcpListener::bind(addr))?
         .context("conn-rate server bind")?;
     let stop = Arc::new(AtomicBool::new(false));
     let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
@@ -319,7 +320,7 @@ pub fn connection_rate(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
             }
         }));
     }
-    let counted = on_netns_thread(&pair.client_ns, move || -> anyhow::Result<u64> {
+    let counted = run_in(&pair.client_ns, move || -> anyhow::Result<u64> {
         let start = Instant::now();
         let mut n = 0u64;
         while start.elapsed() < Duration::from_secs(seconds) {
@@ -335,7 +336,7 @@ pub fn connection_rate(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
     // Wake every blocked acceptor with one connection each, so that they
     // see `stop` and end (also when the client failed).
     stop.store(true, Ordering::Relaxed);
-    let woken = on_netns_thread(&pair.client_ns, move || {
+    let woken = run_in(&pair.client_ns, move || {
         (0..threads)
             .filter(|_| TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2)).is_ok())
             .count()

@@ -87,17 +87,7 @@ impl TestUnderlay {
     /// context's device up in the calling thread's namespace
     /// (bpf_prog_test_run_skb).
     pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-        let ns = std::fs::File::open(self.ns.path())?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(io::Error::from)?;
-                    Ok(f())
-                })
-                .join()
-                .map_err(|_| io::Error::other("thread in the test namespace panicked"))?
-        })
+        crate::netns::run_in_path(&self.ns.path(), f)
     }
 }
 

@@ -28,9 +28,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     bins,
-    netns::run,
+    netns::{command_in, run, run_in, spawn_in},
     services::{self, ServiceSpec},
 };
+
+/// The lab's names for entering a node's or pod's namespace (tests call them
+/// through `lab::`); the one way in is `crate::netns`.
+pub use crate::netns::{command_in as in_netns, run_in as on_netns_thread};
 
 /// Default run directory of `cargo xtask lab`.
 pub const DEFAULT_RUN_DIR: &str = "/run/podnet-lab";
@@ -179,51 +183,6 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     run(Command::new("ip").args(args)).map(|_| ())
 }
 
-/// A command run inside the named netns without changing mounts.
-pub fn in_netns(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
-    let file = fs::File::open(Path::new("/var/run/netns").join(netns))
-        .with_context(|| format!("opening netns {netns}"))?;
-    let mut cmd = Command::new(program);
-    // SAFETY: runs in the forked child before exec; setns(2) and
-    // close_range(2) are async-signal-safe system calls, and `file` was
-    // opened before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)?;
-            // Nothing the caller inherited reaches the program: the lab's
-            // agents and etcd members outlive `lab up`, and an inherited
-            // descriptor (a `flock` around `podnet-lab up`, say) would be
-            // held as long as they run. Marked close-on-exec rather than
-            // closed: the exec-error pipe of `Command` is among them.
-            if libc::close_range(
-                3,
-                libc::c_uint::MAX,
-                libc::CLOSE_RANGE_CLOEXEC.cast_signed(),
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok(cmd)
-}
-
-/// Runs `f` on a thread inside the named netns.
-pub fn on_netns_thread<T: Send + 'static>(
-    netns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> anyhow::Result<T> {
-    let file = fs::File::open(Path::new("/var/run/netns").join(netns))?;
-    std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("netns thread panicked"))
-}
-
 /// Member `i` (from 1) of the lab's etcd cluster: the fabric host, then
 /// addresses of their own below the nodes' (.11 and up).
 fn etcd_address(i: usize) -> Ipv4Addr {
@@ -331,7 +290,7 @@ impl LabLayout {
             }
         }
         let out = crate::run_cni_plugin(
-            in_netns(&node.netns, node.cni_bin_dir.join("podnet"))?,
+            command_in(&node.netns, node.cni_bin_dir.join("podnet"))?,
             &format!("{}:/usr/lib/cni", node.cni_bin_dir.display()),
             env,
             conf.to_string().as_bytes(),
@@ -402,7 +361,7 @@ impl LabLayout {
         };
         let node = &self.nodes[index];
         let log = fs::File::create(node.state_dir.with_file_name("podnetd.log"))?;
-        let mut cmd = in_netns(
+        let mut cmd = command_in(
             &node.netns,
             bins::binary_in(self.bin_dir.as_deref(), "podnetd"),
         )?;
@@ -539,7 +498,7 @@ impl LabLayout {
         let log_path = self.run_dir.join(format!("serve-{}.log", pod.name));
         let log = fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let child = in_netns(&pod.netns, bins::binary("podnet-lab"))?
+        let child = command_in(&pod.netns, bins::binary("podnet-lab"))?
             // `--lab` is only there for `down`'s fallback to find it.
             .args(["serve", "--lab", &self.prefix, "--name", &pod.name])
             .arg("--tcp")
@@ -611,7 +570,7 @@ impl LabLayout {
             .with_context(|| format!("opening {}", log_path.display()))?;
         // A restarted member finds its data dir and ignores the initial-*
         // flags: it rejoins as the member it was.
-        let child = in_netns(&self.fabric_netns, "etcd")?
+        let child = command_in(&self.fabric_netns, "etcd")?
             .args(["--name", &member.name, "--data-dir"])
             .arg(&member.data_dir)
             .args(["--listen-client-urls", &member.client_url])
@@ -721,7 +680,7 @@ impl LabLayout {
         &self,
         fut: impl std::future::Future<Output = T> + Send + 'static,
     ) -> anyhow::Result<T> {
-        on_netns_thread(&self.fabric_netns, move || {
+        run_in(&self.fabric_netns, move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -1159,7 +1118,7 @@ pub struct Probe {
 
 /// One ping from `netns` to `target`, answered within a second.
 pub fn ping(netns: &str, target: Ipv4Addr) -> bool {
-    in_netns(netns, "ping")
+    command_in(netns, "ping")
         .and_then(|mut c| {
             Ok(c.args(["-c", "1", "-W", "1", &target.to_string()])
                 .output()?)
@@ -1212,29 +1171,30 @@ pub fn check(layout: &LabLayout) -> anyhow::Result<Vec<Probe>> {
     let fabric = layout.fabric_netns.clone();
     let expected = layout.pods.len();
     let (tx, rx) = std::sync::mpsc::channel();
-    let listener = std::thread::spawn(move || -> anyhow::Result<BTreeMap<String, Ipv4Addr>> {
-        let file = fs::File::open(Path::new("/var/run/netns").join(&fabric))?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        let listener = TcpListener::bind(SocketAddrV4::new(FABRIC_HOST, port))?;
-        listener.set_nonblocking(false)?;
-        tx.send(()).ok();
-        let mut seen = BTreeMap::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while seen.len() < expected && Instant::now() < deadline {
-            let (mut stream, peer) = listener.accept()?;
-            let mut name = String::new();
-            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-            let _ = stream.read_to_string(&mut name);
-            if let std::net::SocketAddr::V4(peer) = peer {
-                seen.insert(name, *peer.ip());
+    let listener = spawn_in(
+        &fabric,
+        move || -> anyhow::Result<BTreeMap<String, Ipv4Addr>> {
+            let listener = TcpListener::bind(SocketAddrV4::new(FABRIC_HOST, port))?;
+            listener.set_nonblocking(false)?;
+            tx.send(()).ok();
+            let mut seen = BTreeMap::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while seen.len() < expected && Instant::now() < deadline {
+                let (mut stream, peer) = listener.accept()?;
+                let mut name = String::new();
+                stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+                let _ = stream.read_to_string(&mut name);
+                if let std::net::SocketAddr::V4(peer) = peer {
+                    seen.insert(name, *peer.ip());
+                }
             }
-        }
-        Ok(seen)
-    });
+            Ok(seen)
+        },
+    )?;
     rx.recv_timeout(Duration::from_secs(5)).ok();
     for pod in &layout.pods {
         let name = pod.name.clone();
-        let connected = on_netns_thread(&pod.netns, move || -> std::io::Result<()> {
+        let connected = run_in(&pod.netns, move || -> std::io::Result<()> {
             let mut s = TcpStream::connect_timeout(
                 &SocketAddrV4::new(FABRIC_HOST, port).into(),
                 Duration::from_secs(2),

@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::lab::{in_netns, on_netns_thread};
+use crate::netns::{command_in, run_in};
 
 /// The namespace the demo Service lives in (part of kube-proxy's chain
 /// hashes and comments).
@@ -511,7 +511,7 @@ pub fn apply_kube_proxy_iptables(
     cluster_cidr: &str,
 ) -> anyhow::Result<()> {
     remove_kube_proxy_iptables(netns, svc)?;
-    let mut cmd = in_netns(netns, "iptables-restore")?;
+    let mut cmd = command_in(netns, "iptables-restore")?;
     cmd.arg("--noflush");
     feed(cmd, &kube_proxy_iptables(svc, cluster_cidr))
         .with_context(|| format!("installing the kube-proxy rules in {netns}"))
@@ -523,7 +523,7 @@ pub fn remove_kube_proxy_iptables(netns: &str, svc: &ServiceSpec) -> anyhow::Res
     for (table, chain, matches, comment, target) in JUMPS {
         // A rule inserted twice needs two deletes; -D fails once none is left.
         for _ in 0..8 {
-            let deleted = in_netns(netns, "iptables")?
+            let deleted = command_in(netns, "iptables")?
                 .args(["-t", table, "-D", chain])
                 .args(*matches)
                 .args(["-m", "comment", "--comment", comment, "-j", target])
@@ -537,7 +537,7 @@ pub fn remove_kube_proxy_iptables(netns: &str, svc: &ServiceSpec) -> anyhow::Res
             }
         }
     }
-    let mut cmd = in_netns(netns, "iptables-restore")?;
+    let mut cmd = command_in(netns, "iptables-restore")?;
     cmd.arg("--noflush");
     feed(cmd, &kube_proxy_iptables_cleanup(svc))
         .with_context(|| format!("removing the kube-proxy chains in {netns}"))
@@ -545,14 +545,14 @@ pub fn remove_kube_proxy_iptables(netns: &str, svc: &ServiceSpec) -> anyhow::Res
 
 /// Installs `svc` in `netns` as [`nft_dnat`].
 pub fn apply_nft(netns: &str, svc: &ServiceSpec) -> anyhow::Result<()> {
-    let mut cmd = in_netns(netns, "nft")?;
+    let mut cmd = command_in(netns, "nft")?;
     cmd.args(["-f", "-"]);
     feed(cmd, &nft_dnat(svc)).with_context(|| format!("installing table ip svcdemo in {netns}"))
 }
 
 /// Removes what [`apply_nft`] installed.
 pub fn remove_nft(netns: &str) -> anyhow::Result<()> {
-    let mut cmd = in_netns(netns, "nft")?;
+    let mut cmd = command_in(netns, "nft")?;
     cmd.args(["-f", "-"]);
     feed(cmd, &nft_remove()).with_context(|| format!("removing table ip svcdemo in {netns}"))
 }
@@ -660,7 +660,7 @@ pub fn tcp_query(
     addr: SocketAddrV4,
     timeout: Duration,
 ) -> anyhow::Result<(String, SocketAddrV4)> {
-    on_netns_thread(netns, move || {
+    run_in(netns, move || {
         let mut stream = connect(addr, timeout)?;
         read_greeting(&mut stream).with_context(|| format!("TCP to {addr}"))
     })?
@@ -692,7 +692,7 @@ pub fn udp_query(
     addr: SocketAddrV4,
     timeout: Duration,
 ) -> anyhow::Result<(String, SocketAddrV4)> {
-    on_netns_thread(netns, move || {
+    run_in(netns, move || {
         let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
         socket
             .connect(addr)
@@ -764,7 +764,7 @@ pub struct TcpSession {
 
 /// Opens a [`TcpSession`] to `addr` from inside `netns`.
 pub fn tcp_session(netns: &str, addr: SocketAddrV4) -> anyhow::Result<TcpSession> {
-    on_netns_thread(netns, move || {
+    run_in(netns, move || {
         let mut stream = connect(addr, SESSION_TIMEOUT)?;
         let (backend, seen_as) =
             read_greeting(&mut stream).with_context(|| format!("TCP to {addr}"))?;
