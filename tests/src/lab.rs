@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     bins,
     netns::{command_in, run, run_in, spawn_in},
+    podnetd::{self, Lifetime, Podnetd},
     services::{self, ServiceSpec},
 };
 
@@ -361,50 +362,36 @@ impl LabLayout {
         };
         let node = &self.nodes[index];
         let log = fs::File::create(node.state_dir.with_file_name("podnetd.log"))?;
-        let mut cmd = command_in(
-            &node.netns,
-            bins::binary_in(self.bin_dir.as_deref(), "podnetd"),
-        )?;
-        cmd.arg("--node-name")
-            .arg(&node.name)
-            .arg("--node-ip")
-            .arg(node.node_ip.to_string())
-            .arg("--mode")
-            .arg(&self.mode)
-            .arg("--datastore")
-            .arg(&datastore)
-            .arg("--bpffs-dir")
-            .arg(&node.bpffs_dir)
-            .arg("--state-dir")
-            .arg(&node.state_dir)
-            .arg("--socket")
-            .arg(&node.agent_socket)
-            .arg("--etcd-lease-ttl")
-            .arg(self.etcd_lease_ttl.to_string())
-            .args(&self.agent_args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .process_group(0);
-        let child = cmd.spawn().context("starting podnetd")?;
+        let child = Podnetd {
+            bin_dir: self.bin_dir.as_deref(),
+            netns: &node.netns,
+            node_name: &node.name,
+            bpffs_dir: &node.bpffs_dir,
+            state_dir: &node.state_dir,
+            socket: &node.agent_socket,
+        }
+        .command(Lifetime::Detached, log)?
+        .arg("--node-ip")
+        .arg(node.node_ip.to_string())
+        .arg("--mode")
+        .arg(&self.mode)
+        .arg("--datastore")
+        .arg(&datastore)
+        .arg("--etcd-lease-ttl")
+        .arg(self.etcd_lease_ttl.to_string())
+        .args(&self.agent_args)
+        .spawn()
+        .context("starting podnetd")?;
         let socket = node.agent_socket.clone();
         self.nodes[index].pid = child.id();
         // Not waited for: the agent outlives `lab up`; `down` kills it.
         std::mem::forget(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let mut ready = false;
-        while Instant::now() < deadline {
-            if let Ok(info) = podnet::api::Client::new(&socket)
-                .call::<podnet::api::NodeInfo>(&podnet::api::Request::Node)
-            {
-                self.nodes[index].pod_cidr = info.pod_cidr.to_string();
-                ready = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let info = podnetd::wait_for_node_info(&socket, Duration::from_secs(20));
+        if let Some(info) = &info {
+            self.nodes[index].pod_cidr = info.pod_cidr.to_string();
         }
         anyhow::ensure!(
-            ready,
+            info.is_some(),
             "podnetd on {node_name} did not come up:\n{}",
             fs::read_to_string(self.nodes[index].state_dir.with_file_name("podnetd.log"))
                 .unwrap_or_default()

@@ -14,6 +14,7 @@ pub mod netns;
 pub mod node;
 pub mod ping;
 pub mod podman;
+pub mod podnetd;
 pub mod scrape;
 pub mod services;
 pub mod soak;

@@ -97,14 +97,15 @@ fn enter(ns: &File) -> io::Result<()> {
 
 /// What a command started inside a namespace inherits from the caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Inherit {
+pub enum Inherit {
     /// Whatever `Command` passes on (stdio and any non-CLOEXEC descriptor).
     Descriptors,
     /// Stdio only: every other descriptor is marked close-on-exec.
     StdioOnly,
 }
 
-fn command_at(
+/// `program` to run inside the netns at `path`, inheriting `inherit`.
+pub fn command_at(
     path: &Path,
     program: impl AsRef<std::ffi::OsStr>,
     inherit: Inherit,
