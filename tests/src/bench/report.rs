@@ -9,15 +9,15 @@ use serde_json::{Value, json};
 use super::{
     BenchOptions, Figure,
     stats::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, percentile},
-    targets::{Better, baseline_ratios, find, target_ratios},
+    targets::{Better, baseline_ratios, find, paired_ratios, target_ratios},
 };
 
 /// The "against the targets" section of the table.
-fn targets_table(figures: &[Figure]) -> String {
+fn targets_table(figures: &[Figure]) -> anyhow::Result<String> {
     let mut out = String::new();
-    let ratios = target_ratios(figures);
+    let ratios = target_ratios(figures)?;
     if ratios.is_empty() {
-        return out;
+        return Ok(out);
     }
     let _ = writeln!(
         out,
@@ -44,15 +44,15 @@ fn targets_table(figures: &[Figure]) -> String {
             r.status.name()
         );
     }
-    out
+    Ok(out)
 }
 
 /// The baseline section of the table (empty without a baseline).
-fn baseline_table(figures: &[Figure]) -> String {
-    let ratios = baseline_ratios(figures);
+fn baseline_table(figures: &[Figure]) -> anyhow::Result<String> {
+    let ratios = baseline_ratios(figures)?;
     let mut out = String::new();
     if ratios.is_empty() {
-        return out;
+        return Ok(out);
     }
     let _ = writeln!(
         out,
@@ -85,7 +85,7 @@ fn baseline_table(figures: &[Figure]) -> String {
             rounds.join(" ")
         );
     }
-    out
+    Ok(out)
 }
 
 /// The metrics of every traffic run, as the table compares them.
@@ -136,9 +136,10 @@ const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 5] = [
     ),
 ];
 
-/// The table: every figure, and podnet's ratios to each peer.
-#[must_use]
-pub fn table(figures: &[Figure]) -> String {
+/// The table: every figure, and podnet's ratios to each peer. Fails when a
+/// target or a baseline ratio of the measured scenarios cannot be computed
+/// ([`target_ratios`], [`baseline_ratios`]).
+pub fn table(figures: &[Figure]) -> anyhow::Result<String> {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -182,12 +183,7 @@ pub fn table(figures: &[Figure]) -> String {
         find(figures, "shaping", "podnet", "tcp_throughput"),
     ) {
         // Paired per round: each "beside" run against its round's "alone".
-        let mut ratios: Vec<f64> = beside
-            .runs
-            .iter()
-            .zip(&alone.runs)
-            .map(|(b, a)| b / a)
-            .collect();
+        let mut ratios = paired_ratios(beside, alone)?;
         ratios.sort_by(f64::total_cmp);
         let _ = writeln!(
             out,
@@ -197,9 +193,9 @@ pub fn table(figures: &[Figure]) -> String {
             ratios.last().copied().unwrap_or(f64::NAN),
         );
     }
-    out.push_str(&targets_table(figures));
-    out.push_str(&baseline_table(figures));
-    out
+    out.push_str(&targets_table(figures)?);
+    out.push_str(&baseline_table(figures)?);
+    Ok(out)
 }
 
 /// What differs between the dataplanes besides the datapath, stated in the
@@ -216,9 +212,8 @@ pub const CONDITIONS: [&str; 4] = [
     "kernel.bpf_stats_enabled is 0 during every traffic run, 1 only in the bpf_stats phase",
 ];
 
-/// `{"machine": {...}, "results": [...]}`.
-#[must_use]
-pub fn json_report(figures: &[Figure], opts: &BenchOptions) -> Value {
+/// `{"machine": {...}, "results": [...]}`. Fails as [`table`] does.
+pub fn json_report(figures: &[Figure], opts: &BenchOptions) -> anyhow::Result<Value> {
     let uname = Command::new("uname")
         .arg("-r")
         .output()
@@ -234,17 +229,17 @@ pub fn json_report(figures: &[Figure], opts: &BenchOptions) -> Value {
                 .map(|s| s.trim().to_owned())
         })
         .unwrap_or_default();
-    json!({
+    Ok(json!({
         "machine": {"kernel": uname, "cpus": cpus, "cpu": cpu_model, "rounds": opts.rounds, "seconds_per_run": opts.seconds, "quick": opts.quick, "seed": opts.seed},
         "results": figures,
         "baseline_bin_dir": opts.baseline_bin_dir,
         "conditions": CONDITIONS,
         // podnet / podnet-baseline per round; see BaselineRatio.
-        "baseline_ratios": baseline_ratios(figures),
+        "baseline_ratios": baseline_ratios(figures)?,
         // Each target: per-round ratios, median, 95 % bootstrap CI, status.
-        "targets": target_ratios(figures),
+        "targets": target_ratios(figures)?,
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED},
-    })
+    }))
 }
 
 /// Bar charts of the main figures (throughput and p50 latency per scenario).

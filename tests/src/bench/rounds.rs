@@ -12,6 +12,7 @@ use super::{
     bpf_cost::{BpfStatsSwitch, add_bpf_cost, bpf_cost_test_run, bpf_stats, with_new_programs},
     figure, scale,
     stats::{Rng, percentile},
+    targets::{baseline_ratios, target_ratios},
     tools::{Pair, connection_rate, latency, throughput, throughput_and_cpu},
     topology::{
         FlannelCluster, ReferenceNode, VethPair, podnet_add_del, podnet_cluster,
@@ -417,5 +418,10 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
             figures.push(figure("bpf", &path, "bpf_ns_per_packet", "ns", vec![ns]));
         }
     }
+    // Every target and baseline ratio of what ran must be computable: a
+    // figure a target needs that is missing, or rounds that cannot be paired,
+    // fail the run here rather than drop out of the report.
+    target_ratios(&figures)?;
+    baseline_ratios(&figures)?;
     Ok(figures)
 }

@@ -1,6 +1,7 @@
 //! What the figures are judged against: the targets of issue 14 and the
 //! baseline build, as per-round ratios with bootstrap intervals.
 
+use anyhow::Context as _;
 use serde::Serialize;
 
 use super::{
@@ -58,10 +59,53 @@ pub struct BaselineRatio {
     pub per_round: Vec<f64>,
 }
 
+/// `ours` / `peer` round by round: round i of the one over round i of the
+/// other. Fails unless both have the same number of rounds (at least one)
+/// and every ratio is a number: a pairing that cannot be made is an error,
+/// never a shorter list.
+pub fn paired_ratios(ours: &Figure, peer: &Figure) -> anyhow::Result<Vec<f64>> {
+    let name = |f: &Figure| format!("{}/{}/{}", f.scenario, f.dataplane, f.metric);
+    anyhow::ensure!(
+        ours.runs.len() == peer.runs.len(),
+        "{} has {} round(s), {} has {}: the rounds cannot be paired",
+        name(ours),
+        ours.runs.len(),
+        name(peer),
+        peer.runs.len()
+    );
+    anyhow::ensure!(!ours.runs.is_empty(), "{} has no rounds", name(ours));
+    let per_round: Vec<f64> = ours
+        .runs
+        .iter()
+        .zip(&peer.runs)
+        .map(|(a, b)| a / b)
+        .collect();
+    anyhow::ensure!(
+        per_round.iter().all(|r| r.is_finite()),
+        "{} / {} per round is not a number: {:?} / {:?}",
+        name(ours),
+        name(peer),
+        ours.runs,
+        peer.runs
+    );
+    Ok(per_round)
+}
+
+/// The figure of `scenario`/`dataplane`/`metric`, or an error naming it.
+fn required<'a>(
+    figures: &'a [Figure],
+    scenario: &str,
+    dataplane: &str,
+    metric: &str,
+) -> anyhow::Result<&'a Figure> {
+    find(figures, scenario, dataplane, metric)
+        .with_context(|| format!("no figure {scenario}/{dataplane}/{metric}"))
+}
+
 /// Every dataplane `X-baseline` against `X`, per metric, from the rounds'
-/// raw figures.
-#[must_use]
-pub fn baseline_ratios(figures: &[Figure]) -> Vec<BaselineRatio> {
+/// raw figures. Fails when `X` has no figure of a metric its baseline has, or
+/// the two cannot be paired round by round ([`paired_ratios`]).
+pub fn baseline_ratios(figures: &[Figure]) -> anyhow::Result<Vec<BaselineRatio>> {
     let mut rng = Rng::new(BOOTSTRAP_SEED);
     let mut ratios = Vec::new();
     for base in figures {
@@ -71,10 +115,9 @@ pub fn baseline_ratios(figures: &[Figure]) -> Vec<BaselineRatio> {
         let Some(&(_, better)) = BASELINE_METRICS.iter().find(|(m, _)| *m == base.metric) else {
             continue;
         };
-        let Some(f) = find(figures, &base.scenario, ours, &base.metric) else {
-            continue;
-        };
-        let per_round: Vec<f64> = f.runs.iter().zip(&base.runs).map(|(a, b)| a / b).collect();
+        let f = required(figures, &base.scenario, ours, &base.metric)
+            .with_context(|| format!("comparing {} with its baseline", base.dataplane))?;
+        let per_round = paired_ratios(f, base)?;
         let ci95 = bootstrap_median_ci(&per_round, BOOTSTRAP_RESAMPLES, &mut rng);
         ratios.push(BaselineRatio {
             scenario: base.scenario.clone(),
@@ -87,7 +130,7 @@ pub fn baseline_ratios(figures: &[Figure]) -> Vec<BaselineRatio> {
             per_round,
         });
     }
-    ratios
+    Ok(ratios)
 }
 
 /// One target of issue 14: `ours` / `peer` for `metric`, round by round.
@@ -203,23 +246,29 @@ pub struct TargetRatio {
     pub per_round: Vec<f64>,
 }
 
-/// Every target whose two figures were measured, with its interval.
-#[must_use]
-pub fn target_ratios(figures: &[Figure]) -> Vec<TargetRatio> {
+/// Every target of the scenarios the run measured, with its interval. A
+/// target whose scenario was left out of the run (`--only`) is not
+/// reported; one whose scenario was measured but that lacks one of its two
+/// figures, or whose figures cannot be paired round by round
+/// ([`paired_ratios`]), cannot be computed: an error naming it.
+pub fn target_ratios(figures: &[Figure]) -> anyhow::Result<Vec<TargetRatio>> {
     let mut rng = Rng::new(BOOTSTRAP_SEED);
+    let measured = |scenario: &str| figures.iter().any(|f| f.scenario == scenario);
     TARGETS
         .iter()
-        .filter_map(|t| {
-            let ours = find(figures, t.scenario, t.ours, t.metric)?;
-            let peer = find(figures, t.peer.0, t.peer.1, t.metric)?;
-            let per_round: Vec<f64> = ours
-                .runs
-                .iter()
-                .zip(&peer.runs)
-                .map(|(a, b)| a / b)
-                .collect();
+        .filter(|t| measured(t.scenario) || measured(t.peer.0))
+        .map(|t| {
+            let what = || {
+                format!(
+                    "target {}/{} vs {}/{} {}",
+                    t.scenario, t.ours, t.peer.0, t.peer.1, t.metric
+                )
+            };
+            let ours = required(figures, t.scenario, t.ours, t.metric).with_context(what)?;
+            let peer = required(figures, t.peer.0, t.peer.1, t.metric).with_context(what)?;
+            let per_round = paired_ratios(ours, peer).with_context(what)?;
             let ci95 = bootstrap_median_ci(&per_round, BOOTSTRAP_RESAMPLES, &mut rng);
-            Some(TargetRatio {
+            Ok(TargetRatio {
                 scenario: t.scenario.into(),
                 dataplane: t.ours.into(),
                 peer_scenario: t.peer.0.into(),
@@ -252,33 +301,108 @@ mod tests {
         assert_eq!(Status::of(Lower, 0.9, (0.91, 1.0)), Status::Missed);
     }
 
+    /// Every figure the targets compare, each with `runs`.
+    fn every_target_figure(runs: &[f64]) -> Vec<Figure> {
+        let mut figures: Vec<Figure> = Vec::new();
+        for t in &TARGETS {
+            for (scenario, dataplane) in [(t.scenario, t.ours), t.peer] {
+                if find(&figures, scenario, dataplane, t.metric).is_none() {
+                    figures.push(figure(scenario, dataplane, t.metric, "x", runs.to_vec()));
+                }
+            }
+        }
+        figures
+    }
+
+    fn set_runs(figures: &mut [Figure], dataplane: &str, metric: &str, runs: Vec<f64>) {
+        let f = figures
+            .iter_mut()
+            .find(|f| f.scenario == "same-node" && f.dataplane == dataplane && f.metric == metric)
+            .expect("the figure is there");
+        *f = figure("same-node", dataplane, metric, "x", runs);
+    }
+
     #[test]
     fn target_ratios_pair_round_i_with_round_i() {
-        let figures = vec![
-            figure(
-                "same-node",
-                "podnet",
-                "tcp_throughput",
-                "Gbit/s",
-                vec![20.0, 10.0, 30.0],
-            ),
-            figure(
-                "same-node",
-                "veth",
-                "tcp_throughput",
-                "Gbit/s",
-                vec![10.0, 10.0, 10.0],
-            ),
-        ];
-        let ratios = target_ratios(&figures);
-        assert_eq!(
-            ratios.len(),
-            1,
-            "only the target with both figures: {ratios:?}"
+        let mut figures = every_target_figure(&[10.0, 10.0, 10.0]);
+        set_runs(
+            &mut figures,
+            "podnet",
+            "tcp_throughput",
+            vec![20.0, 10.0, 30.0],
         );
-        assert_eq!(ratios[0].per_round, vec![2.0, 1.0, 3.0]);
-        assert!((ratios[0].median - 2.0).abs() < 1e-12);
-        let table = table(&figures);
+        let ratios = target_ratios(&figures).expect("every target computed");
+        assert_eq!(ratios.len(), TARGETS.len());
+        let vs_veth = ratios
+            .iter()
+            .find(|r| r.dataplane == "podnet" && r.peer == "veth")
+            .expect("podnet vs veth");
+        assert_eq!(vs_veth.per_round, vec![2.0, 1.0, 3.0]);
+        assert!((vs_veth.median - 2.0).abs() < 1e-12);
+        let table = table(&figures).expect("table");
         assert!(table.contains("AGAINST THE TARGETS"), "{table}");
+    }
+
+    #[test]
+    fn a_target_of_a_measured_scenario_without_its_figure_is_an_error() {
+        let mut figures = every_target_figure(&[1.0, 1.0]);
+        figures.retain(|f| f.dataplane != "bridge-nf-off");
+        let e = target_ratios(&figures).expect_err("bridge-nf-off is missing");
+        let message = format!("{e:#}");
+        assert!(
+            message.contains("same-node/bridge-nf-off/tcp_throughput"),
+            "{message}"
+        );
+        assert!(table(&figures).is_err(), "the report fails too");
+    }
+
+    #[test]
+    fn unequal_rounds_are_an_error_not_a_shorter_pairing() {
+        let mut figures = every_target_figure(&[1.0, 1.0, 1.0]);
+        set_runs(&mut figures, "veth", "tcp_throughput", vec![1.0, 1.0]);
+        let e = target_ratios(&figures).expect_err("3 rounds against 2");
+        assert!(format!("{e:#}").contains("cannot be paired"), "{e:#}");
+        let mut figures = every_target_figure(&[1.0]);
+        set_runs(&mut figures, "bridge", "conn_rate", vec![0.0]);
+        assert!(target_ratios(&figures).is_err(), "a ratio over zero");
+    }
+
+    #[test]
+    fn targets_of_scenarios_left_out_of_the_run_are_not_reported() {
+        let figures: Vec<Figure> = every_target_figure(&[1.0])
+            .into_iter()
+            .filter(|f| f.scenario == "cross-node")
+            .collect();
+        let ratios = target_ratios(&figures).expect("the cross-node targets");
+        assert!(!ratios.is_empty());
+        assert!(
+            ratios.iter().all(|r| r.scenario == "cross-node"),
+            "{ratios:?}"
+        );
+        assert!(target_ratios(&[]).expect("nothing ran").is_empty());
+    }
+
+    #[test]
+    fn a_baseline_needs_its_build_and_as_many_rounds() {
+        let podnet = figure("same-node", "podnet", "tcp_throughput", "x", vec![2.0, 3.0]);
+        let baseline = figure(
+            "same-node",
+            "podnet-baseline",
+            "tcp_throughput",
+            "x",
+            vec![1.0, 2.0],
+        );
+        let ratios = baseline_ratios(&[podnet, baseline.clone()]).expect("paired");
+        assert_eq!(ratios.len(), 1);
+        assert_eq!(ratios[0].per_round, vec![2.0, 1.5]);
+        assert!(
+            baseline_ratios(std::slice::from_ref(&baseline)).is_err(),
+            "podnet missing"
+        );
+        let short = figure("same-node", "podnet", "tcp_throughput", "x", vec![2.0]);
+        assert!(
+            baseline_ratios(&[short, baseline]).is_err(),
+            "2 rounds against 1"
+        );
     }
 }
