@@ -9,10 +9,6 @@ use podnet::datapath::Datapath;
 
 use crate::{PrivateBpffs, netns::NetNs};
 
-// The TC return codes the tests compare verdicts against: the datapath's own
-// (podnet-common), re-exported where the bpf tests take them from.
-pub use podnet_common::tc::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC};
-
 /// Offset of `ifindex` in `struct __sk_buff` (UAPI, stable). A test run's
 /// input context may be shorter than the struct (the rest reads as zero).
 const SKB_IFINDEX_OFFSET: usize = 40;
@@ -108,7 +104,7 @@ pub struct BpfHarness {
 /// What a program did with one frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutcome {
-    /// The TC return code (`TC_ACT_*`).
+    /// The TC return code (`podnet_common::tc::TC_ACT_*`).
     pub verdict: i32,
     /// The frame as the program left it.
     pub frame: Vec<u8>,
