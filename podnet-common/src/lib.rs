@@ -12,6 +12,7 @@ pub mod event;
 pub mod flow;
 pub mod names;
 pub mod node;
+pub mod tc;
 
 pub use counters::{DropReason, Verdict};
 pub use endpoint::{EndpointInfo, EndpointStats, VethEndpoint};

@@ -9,13 +9,10 @@ use crate::{
     maps::{DROPS, VERDICTS},
 };
 
-// TC return codes (include/uapi/linux/pkt_cls.h). Spelled here as i32
-// because the bindings' type differs between the bpf and host targets.
-pub const TC_ACT_OK: i32 = 0;
-const TC_ACT_SHOT: i32 = 2;
-/// "No decision": the next filter (cls_bpf) or the next program (TCX,
-/// where it is `TCX_NEXT`) runs; at the end of the chain the packet goes on.
-pub const TC_ACT_UNSPEC: i32 = -1;
+// The TC return codes have one home, shared with the tests that compare them;
+// re-exported here for the programs that already take them from `counters`.
+use podnet_common::tc::TC_ACT_SHOT;
+pub use podnet_common::tc::{TC_ACT_OK, TC_ACT_UNSPEC};
 
 #[inline(always)]
 pub fn bump(map: &aya_ebpf::maps::PerCpuArray<u64>, index: u32) {

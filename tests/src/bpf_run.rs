@@ -9,12 +9,6 @@ use podnet::datapath::Datapath;
 
 use crate::{PrivateBpffs, netns::NetNs};
 
-// TC return codes (include/uapi/linux/pkt_cls.h), as the tests compare them.
-pub const TC_ACT_UNSPEC: i32 = -1;
-pub const TC_ACT_OK: i32 = 0;
-pub const TC_ACT_SHOT: i32 = 2;
-pub const TC_ACT_REDIRECT: i32 = 7;
-
 /// Offset of `ifindex` in `struct __sk_buff` (UAPI, stable). A test run's
 /// input context may be shorter than the struct (the rest reads as zero).
 const SKB_IFINDEX_OFFSET: usize = 40;
@@ -89,17 +83,7 @@ impl TestUnderlay {
     /// context's device up in the calling thread's namespace
     /// (bpf_prog_test_run_skb).
     pub fn run_inside<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
-        let ns = std::fs::File::open(self.ns.path())?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(io::Error::from)?;
-                    Ok(f())
-                })
-                .join()
-                .map_err(|_| io::Error::other("thread in the test namespace panicked"))?
-        })
+        crate::netns::run_in_path(&self.ns.path(), f)
     }
 }
 
@@ -120,7 +104,7 @@ pub struct BpfHarness {
 /// What a program did with one frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutcome {
-    /// The TC return code (`TC_ACT_*`).
+    /// The TC return code (`podnet_common::tc::TC_ACT_*`).
     pub verdict: i32,
     /// The frame as the program left it.
     pub frame: Vec<u8>,

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bins;
+pub mod bpf_fixture;
 pub mod bpf_run;
 pub mod counters;
 pub mod faults;
@@ -14,6 +15,7 @@ pub mod netns;
 pub mod node;
 pub mod ping;
 pub mod podman;
+pub mod podnetd;
 pub mod scrape;
 pub mod services;
 pub mod soak;

@@ -5,13 +5,17 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Output, Stdio},
+    process::{Child, Output},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
-use crate::{PrivateBpffs, bins, netns::NetNs};
+use crate::{
+    PrivateBpffs, bins,
+    netns::NetNs,
+    podnetd::{self, Lifetime, Podnetd},
+};
 
 /// The agent process, stopped (SIGTERM, then SIGKILL) on drop.
 pub struct AgentProcess {
@@ -214,31 +218,24 @@ impl Node {
             .create(true)
             .append(true)
             .open(self.state.path().join("podnetd.log"))?;
-        let child = self
-            .netns
-            .command(bins::binary_in(self.bin_dir.as_deref(), "podnetd"))?
-            .envs(env.iter().copied())
-            .arg("--node-name")
-            .arg(self.netns.name())
-            .arg("--pod-cidr")
-            .arg(&self.pod_cidr)
-            .arg("--bpffs-dir")
-            .arg(self.bpffs.path())
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--socket")
-            .arg(self.socket())
-            .args(&self.agent_args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+        let (state_dir, socket) = (self.state_dir(), self.socket());
+        let child = Podnetd {
+            bin_dir: self.bin_dir.as_deref(),
+            netns: self.netns.name(),
+            node_name: self.netns.name(),
+            bpffs_dir: self.bpffs.path(),
+            state_dir: &state_dir,
+            socket: &socket,
+        }
+        .command(Lifetime::Test, log)?
+        .envs(env.iter().copied())
+        .arg("--pod-cidr")
+        .arg(&self.pod_cidr)
+        .args(&self.agent_args)
+        .spawn()?;
         self.agent = Some(AgentProcess { child });
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(25));
+        if podnetd::wait_for_socket(&socket, Duration::from_secs(15)) {
+            return Ok(());
         }
         anyhow::bail!("podnetd did not come up; its log:\n{}", self.agent_log())
     }

@@ -15,7 +15,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use nix::sys::{
     socket::{
         AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, recvfrom, sendto,
@@ -120,17 +119,15 @@ fn echo_reply_seq(packet: &[u8], target: Ipv4Addr, id: u16) -> Option<u16> {
 
 impl Pinger {
     pub fn start(netns: &str, target: Ipv4Addr, interval: Duration) -> anyhow::Result<Self> {
-        let file = std::fs::File::open(std::path::Path::new("/var/run/netns").join(netns))
-            .with_context(|| format!("opening netns {netns}"))?;
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
         let received = Arc::new(AtomicU64::new(0));
         let (stop_flag, sent_count, received_count) =
             (Arc::clone(&stop), Arc::clone(&sent), Arc::clone(&received));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || -> anyhow::Result<PingReport> {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            // Created after the setns: the socket belongs to the pod's netns.
+        let thread = crate::netns::spawn_in(netns, move || -> anyhow::Result<PingReport> {
+            // Created on the namespace's thread: the socket belongs to the
+            // pod's netns.
             let fd = socket(
                 AddressFamily::Inet,
                 SockType::Raw,
@@ -202,7 +199,7 @@ impl Pinger {
                 .collect();
             report.duration = stopped_at.unwrap_or_else(Instant::now) - start;
             Ok(report)
-        });
+        })?;
         ready_rx
             .recv_timeout(Duration::from_secs(5))
             .map_err(|_| anyhow::anyhow!("the pinger did not start"))?;

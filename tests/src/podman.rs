@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{bins, lab::in_netns, node::TempDir};
+use crate::{bins, netns::command_in, node::TempDir};
 
 /// The image every fixture imports: busybox-static as the only file.
 pub const IMAGE: &str = "localhost/podnet-test-busybox";
@@ -86,7 +86,7 @@ impl Podman {
     /// `podman` with this fixture's storage and config, in its netns.
     pub fn command(&self) -> anyhow::Result<Command> {
         let d = self.dir.path();
-        let mut cmd = in_netns(&self.netns, "podman")?;
+        let mut cmd = command_in(&self.netns, "podman")?;
         cmd.env("CONTAINERS_CONF", d.join("containers.conf"))
             .arg("--root")
             .arg(d.join("root"))

@@ -20,7 +20,7 @@ pub struct HttpAnswer {
 /// HTTP/1.0, so the server closes after the answer.
 pub fn get(netns: &str, addr: SocketAddr, path: &str) -> anyhow::Result<HttpAnswer> {
     let path = path.to_owned();
-    crate::lab::on_netns_thread(netns, move || -> anyhow::Result<HttpAnswer> {
+    crate::netns::run_in(netns, move || -> anyhow::Result<HttpAnswer> {
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;

@@ -9,7 +9,8 @@ use std::{
 };
 
 use crate::{
-    lab::{LabDatastore, LabGuard, in_netns},
+    lab::{LabDatastore, LabGuard},
+    netns::command_in,
     traffic::{LabFloods, PingResult},
 };
 
@@ -110,13 +111,13 @@ pub fn run(mode: &str, minutes: f64, restarts_per_agent: usize) -> anyhow::Resul
     let count = (seconds * PINGS_PER_SECOND) as u32;
     let mut floods = LabFloods::start(&lab.layout, count)?;
     let iperf_seconds = (seconds - 5.0).max(5.0);
-    let server = in_netns(&d.netns, "iperf3")?
+    let server = command_in(&d.netns, "iperf3")?
         .args(["-s", "-1"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
-    let client = in_netns(&b.netns, "iperf3")?
+    let client = command_in(&b.netns, "iperf3")?
         .args(["-c", &d.ip.to_string(), "-J", "-t"])
         .arg(format!("{iperf_seconds:.0}"))
         .stdout(Stdio::piped())

@@ -13,7 +13,7 @@ use std::{
 
 use crate::{
     frames::{self, ETH_P_ARP, ETH_P_IPV6, IPPROTO_UDP},
-    lab::on_netns_thread,
+    netns::run_in,
 };
 
 const ETH_P_8021Q: u16 = 0x8100;
@@ -25,7 +25,7 @@ const IPPROTO_ICMPV6: u8 = 58;
 pub fn send_raw(netns: &str, ifname: &str, frames: &[Vec<u8>]) -> anyhow::Result<()> {
     let ifname = ifname.to_owned();
     let frames = frames.to_vec();
-    on_netns_thread(netns, move || send_raw_here(&ifname, &frames))?
+    run_in(netns, move || send_raw_here(&ifname, &frames))?
 }
 
 fn send_raw_here(ifname: &str, frames: &[Vec<u8>]) -> anyhow::Result<()> {
@@ -70,7 +70,7 @@ pub struct Listener {
 
 impl Listener {
     pub fn bind(netns: &str, addr: SocketAddrV4) -> anyhow::Result<Self> {
-        let socket = on_netns_thread(netns, move || UdpSocket::bind(addr))??;
+        let socket = run_in(netns, move || UdpSocket::bind(addr))??;
         socket.set_read_timeout(Some(Duration::from_millis(100)))?;
         Ok(Self { socket })
     }
@@ -92,7 +92,7 @@ impl Listener {
 /// Sends `payload` from `netns` to `to` with an ordinary UDP socket.
 pub fn send_udp(netns: &str, to: SocketAddrV4, payload: &[u8]) -> anyhow::Result<()> {
     let payload = payload.to_vec();
-    on_netns_thread(netns, move || -> io::Result<()> {
+    run_in(netns, move || -> io::Result<()> {
         let socket = UdpSocket::bind("0.0.0.0:0")?;
         socket.send_to(&payload, to)?;
         Ok(())

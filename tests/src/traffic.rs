@@ -12,18 +12,7 @@ use std::{
     time::Duration,
 };
 
-/// Runs `f` on a new thread inside the netns called `netns`.
-fn spawn_in<T: Send + 'static>(
-    netns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> anyhow::Result<JoinHandle<T>> {
-    let file = std::fs::File::open(std::path::Path::new("/var/run/netns").join(netns))?;
-    Ok(std::thread::spawn(move || {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("setns into the test namespace");
-        f()
-    }))
-}
+use crate::netns::spawn_in;
 
 fn next_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
@@ -178,7 +167,7 @@ impl PingFlood {
     /// Starts `count` pings to `dst` from `netns`, one every 5 ms, each
     /// waited for up to 1 s.
     pub fn start(netns: &str, dst: Ipv4Addr, count: u32) -> anyhow::Result<Self> {
-        let child = crate::lab::in_netns(netns, "ping")?
+        let child = crate::netns::command_in(netns, "ping")?
             .args(["-q", "-i", "0.005", "-W", "1", "-c", &count.to_string()])
             .arg(dst.to_string())
             .stdout(std::process::Stdio::piped())

@@ -94,7 +94,7 @@ fn every_benchmark_scenario_builds_and_measures() {
             .all(|f| f.median.is_finite() && f.median > 0.0),
         "{bpf_costs:?}"
     );
-    let table = bench::table(&figures);
+    let table = bench::table(&figures).expect("every target of the run computed");
     assert!(table.contains("vs veth"), "{table}");
     let svg = bench::svg(&figures);
     assert!(svg.starts_with("<svg") && svg.contains("podnet"));

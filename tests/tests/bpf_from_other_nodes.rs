@@ -10,81 +10,39 @@
 
 use std::net::Ipv4Addr;
 
-use podnet::datapath::Counters;
 use podnet_common::{
-    DropReason, EndpointInfo, NodeConfig, Verdict,
+    DropReason, Verdict,
     names::{PROG_FROM_OVERLAY, PROG_FROM_UNDERLAY},
     node::{MODE_DIRECT, MODE_VXLAN},
+    tc::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
 };
 use podnet_tests::{
-    bpf_run::{BpfHarness, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestUnderlay},
+    bpf_fixture::{
+        self, EXTERNAL, HOST_B_MAC, NODE1_IP, NODE1_MAC, NODE2, NODE2_IP, NODE2_MAC, NODE2_POD,
+        NODE3, NODE3_POD, POD_B, POD_B_IP, POD_B_MAC, POD_C, POD_C_IP, counters, node1_config,
+    },
+    bpf_run::{BpfHarness, TestUnderlay},
     frames::{self, ETH_P_ARP, TTL_OFF},
     privileged,
 };
 
-const NODE1_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 11);
-const NODE1_MAC: [u8; 6] = [0x02, 0x11, 0, 0, 0, 0x11];
-const NODE2_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 12);
-const NODE2_MAC: [u8; 6] = [0x02, 0x12, 0, 0, 0, 0x12];
-/// In the cluster, but the underlay has no neighbour entry for it.
-const NODE3_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 13);
 /// Another host on the underlay (not a node).
 const FABRIC_MAC: [u8; 6] = [0x02, 0xfa, 0, 0, 0, 0x01];
-const NODE2_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 7);
-const NODE3_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 3, 7);
-const LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
-const LOCAL_POD_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x03];
-const LOCAL_HOST_MAC: [u8; 6] = [0x02, 0xbb, 0xff, 0, 0, 0x03];
-const OTHER_LOCAL_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 4);
-const EXTERNAL: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// The local pod the frames from other nodes are for (pod B).
+const LOCAL_POD: Ipv4Addr = POD_B_IP;
+const LOCAL_POD_MAC: [u8; 6] = POD_B_MAC;
+const LOCAL_HOST_MAC: [u8; 6] = HOST_B_MAC;
+const OTHER_LOCAL_POD: Ipv4Addr = POD_C_IP;
 
 /// Node 1's datapath: two local pods, nodes 2 and 3 with their pod CIDRs
 /// and addresses.
 fn node1(tag: &str, mode: u32, underlay_ifindex: u32) -> BpfHarness {
-    let mut h = BpfHarness::new(tag).expect("load the datapath into a private bpffs");
-    for (ip, ifindex) in [(LOCAL_POD, 4242), (OTHER_LOCAL_POD, 4243)] {
-        h.datapath
-            .upsert_endpoint(
-                ip,
-                EndpointInfo {
-                    host_ifindex: ifindex,
-                    flags: 0,
-                    pod_mac: LOCAL_POD_MAC,
-                    host_mac: LOCAL_HOST_MAC,
-                },
-            )
-            .expect("add a local pod");
-    }
-    for (cidr, node) in [("10.244.1.0/24", NODE2_IP), ("10.244.3.0/24", NODE3_IP)] {
-        h.datapath
-            .upsert_remote(cidr.parse().expect("CIDR"), node)
-            .expect("remote CIDR");
-        h.datapath.upsert_node_address(node).expect("node address");
-    }
-    h.datapath
-        .set_config(NodeConfig {
-            node_ip: u32::from_ne_bytes(NODE1_IP.octets()),
-            mode,
-            tunnel_ifindex: 0,
-            underlay_ifindex,
-            vni: 1,
-            vxlan_port: if mode == MODE_VXLAN {
-                4789u16.to_be()
-            } else {
-                0
-            },
-            reserved: 0,
-            pod_cidr_network: u32::from_ne_bytes([10, 244, 0, 0]),
-            pod_cidr_mask: u32::from_ne_bytes([255, 255, 255, 0]),
-            drop_events_per_sec: 0,
-            flags: 0,
-        })
-        .expect("config");
-    h
-}
-
-fn counters(h: &BpfHarness) -> Counters {
-    h.datapath.counters().expect("read counters")
+    bpf_fixture::node1(
+        tag,
+        &[POD_B, POD_C],
+        &[NODE2, NODE3],
+        node1_config(mode, underlay_ifindex),
+    )
 }
 
 fn udp(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {

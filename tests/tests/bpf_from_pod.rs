@@ -6,58 +6,25 @@
 
 use std::net::Ipv4Addr;
 
-use podnet::datapath::Counters;
-use podnet_common::{DropReason, EndpointInfo, EndpointStats, Verdict, names::PROG_FROM_POD};
+use podnet_common::{
+    DropReason, EndpointInfo, EndpointStats, Verdict,
+    names::PROG_FROM_POD,
+    tc::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+};
 use podnet_tests::{
-    bpf_run::{BpfHarness, RunOutcome, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    bpf_fixture::{
+        HOST_A_MAC, HOST_B_MAC, NODE1_IP, NODE2_IP, NODE2_POD, POD_A_IP, POD_A_MAC, POD_B_IFINDEX,
+        POD_B_IP, POD_B_MAC, counters, loopback_ifindex, two_pods,
+    },
+    bpf_run::{BpfHarness, RunOutcome},
     frames::{self, ETH_P_ARP, ETH_P_IPV6, IP_CSUM_OFF, IP_ID_OFF, TTL_OFF},
     privileged,
 };
 
-const POD_A_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
-const POD_A_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x02];
-const HOST_A_MAC: [u8; 6] = [0x02, 0xaa, 0xff, 0, 0, 0x02];
-const POD_B_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
-const POD_B_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x03];
-const HOST_B_MAC: [u8; 6] = [0x02, 0xbb, 0xff, 0, 0, 0x03];
-const POD_B_IFINDEX: u32 = 4242;
 const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 /// The ifb a limited pod's sends go to (any ifindex: test-run does not
 /// follow the redirect).
 const SHAPER_IFINDEX: u32 = 4343;
-
-fn loopback_ifindex() -> u32 {
-    nix::net::if_::if_nametoindex("lo").expect("loopback exists")
-}
-
-/// Loads the datapath and registers pod A (the sender, on loopback under
-/// test-run) and pod B (a local destination).
-fn harness(tag: &str) -> BpfHarness {
-    let mut h = BpfHarness::new(tag).expect("load the datapath into a private bpffs");
-    h.datapath
-        .upsert_endpoint(
-            POD_A_IP,
-            EndpointInfo {
-                host_ifindex: loopback_ifindex(),
-                flags: 0,
-                pod_mac: POD_A_MAC,
-                host_mac: HOST_A_MAC,
-            },
-        )
-        .expect("add pod A");
-    h.datapath
-        .upsert_endpoint(
-            POD_B_IP,
-            EndpointInfo {
-                host_ifindex: POD_B_IFINDEX,
-                flags: 0,
-                pod_mac: POD_B_MAC,
-                host_mac: HOST_B_MAC,
-            },
-        )
-        .expect("add pod B");
-    h
-}
 
 fn from_pod_a(dst: Ipv4Addr, ttl: u8) -> Vec<u8> {
     frames::ipv4_udp(
@@ -75,16 +42,12 @@ fn run(h: &mut BpfHarness, frame: &[u8]) -> RunOutcome {
         .expect("BPF_PROG_TEST_RUN of from_pod")
 }
 
-fn counters(h: &BpfHarness) -> Counters {
-    h.datapath.counters().expect("read counters")
-}
-
 #[test]
 fn local_destination_is_redirected_to_the_peer_with_rewritten_headers() {
     if !privileged("local_destination_is_redirected_to_the_peer_with_rewritten_headers") {
         return;
     }
-    let mut h = harness("redirect");
+    let mut h = two_pods("redirect");
     let frame = from_pod_a(POD_B_IP, 64);
     let out = run(&mut h, &frame);
 
@@ -144,7 +107,7 @@ fn veth_identity_follows_the_endpoint() {
     if !privileged("veth_identity_follows_the_endpoint") {
         return;
     }
-    let mut h = harness("identity");
+    let mut h = two_pods("identity");
     let lo = loopback_ifindex();
     let frame = from_pod_a(POD_B_IP, 64);
     assert_eq!(run(&mut h, &frame).verdict, TC_ACT_REDIRECT);
@@ -194,7 +157,7 @@ fn unknown_destination_passes_to_the_host_stack_unchanged() {
     if !privileged("unknown_destination_passes_to_the_host_stack_unchanged") {
         return;
     }
-    let mut h = harness("miss");
+    let mut h = two_pods("miss");
     for dst in [OUTSIDE_IP, Ipv4Addr::new(10, 244, 0, 99)] {
         let frame = from_pod_a(dst, 64);
         let out = run(&mut h, &frame);
@@ -214,7 +177,7 @@ fn expiring_ttl_is_left_to_the_host_stack() {
     if !privileged("expiring_ttl_is_left_to_the_host_stack") {
         return;
     }
-    let mut h = harness("ttl");
+    let mut h = two_pods("ttl");
     let frame = from_pod_a(POD_B_IP, 1);
     let out = run(&mut h, &frame);
     assert_eq!(
@@ -242,7 +205,7 @@ fn arp_request_from_a_pod_is_answered_with_its_host_veth_mac() {
     if !privileged("arp_request_from_a_pod_is_answered_with_its_host_veth_mac") {
         return;
     }
-    let mut h = harness("arp");
+    let mut h = two_pods("arp");
     let out = run(&mut h, &arp_request(POD_A_MAC, POD_A_IP, GATEWAY, 1));
     assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back to the pod");
     let mut expected = frames::ethernet(POD_A_MAC, HOST_A_MAC, ETH_P_ARP);
@@ -269,7 +232,7 @@ fn pods_speak_arp_only_as_themselves_and_nothing_but_ipv4_and_arp() {
     if !privileged("pods_speak_arp_only_as_themselves_and_nothing_but_ipv4_and_arp") {
         return;
     }
-    let mut h = harness("nonip");
+    let mut h = two_pods("nonip");
     let reply = arp_request(POD_A_MAC, POD_A_IP, GATEWAY, 2);
     let gratuitous = arp_request(POD_A_MAC, POD_A_IP, POD_A_IP, 1);
     for (what, frame) in [("ARP reply", reply), ("gratuitous ARP", gratuitous)] {
@@ -364,7 +327,7 @@ fn truncated_frames_never_fault() {
     if !privileged("truncated_frames_never_fault") {
         return;
     }
-    let mut h = harness("truncated");
+    let mut h = two_pods("truncated");
     // Shorter than an Ethernet header: the kernel refuses the run itself
     // (bpf_test_init: size < ETH_HLEN -> EINVAL); a veth never delivers such
     // a frame to TC either. The program is not involved.
@@ -441,7 +404,7 @@ fn spoofed_sources_are_dropped_and_counted() {
     if !privileged("spoofed_sources_are_dropped_and_counted") {
         return;
     }
-    let mut h = harness("spoof");
+    let mut h = two_pods("spoof");
     // Pod A claims pod B's address (B's host veth is not the one it sends on).
     let as_b = frames::ipv4_udp(HOST_A_MAC, POD_A_MAC, POD_B_IP, OUTSIDE_IP, 64, b"x");
     // Pod A claims an address that is nobody's.
@@ -482,7 +445,7 @@ fn ttl_decrement_keeps_every_checksum_valid() {
     if !privileged("ttl_decrement_keeps_every_checksum_valid") {
         return;
     }
-    let mut h = harness("checksum");
+    let mut h = two_pods("checksum");
     let mut frame = from_pod_a(POD_B_IP, 64);
     let mut checksums_seen = std::collections::HashSet::new();
     for id in 0..=u16::MAX {
@@ -521,9 +484,9 @@ fn remote_destinations_are_encapsulated_or_routed_per_the_node_config() {
     if !privileged("remote_destinations_are_encapsulated_or_routed_per_the_node_config") {
         return;
     }
-    let mut h = harness("remote");
-    let remote_pod = Ipv4Addr::new(10, 244, 1, 7);
-    let node2 = Ipv4Addr::new(192, 168, 100, 12);
+    let mut h = two_pods("remote");
+    let remote_pod = NODE2_POD;
+    let node2 = NODE2_IP;
     h.datapath
         .upsert_remote("10.244.1.0/24".parse().expect("cidr"), node2)
         .expect("remote CIDR");
@@ -570,7 +533,7 @@ fn vxlan_from_a_pod_to_a_node_is_dropped() {
     if !privileged("vxlan_from_a_pod_to_a_node_is_dropped") {
         return;
     }
-    let mut h = harness("vxlan-inject");
+    let mut h = two_pods("vxlan-inject");
     let lo = loopback_ifindex();
     let vxlan_port: u16 = 4789;
     let config = podnet_common::NodeConfig {
@@ -585,7 +548,7 @@ fn vxlan_from_a_pod_to_a_node_is_dropped() {
     h.datapath.set_config(config).expect("config");
     // Node 2's address is in the remote trie: pods reach it through the
     // tunnel, all but its VXLAN port.
-    let node2 = Ipv4Addr::new(192, 168, 100, 12);
+    let node2 = NODE2_IP;
     h.datapath.upsert_node_address(node2).expect("node address");
     // A VXLAN header (I flag, VNI 1) and an inner frame claiming pod B.
     let inner = frames::ipv4_udp(HOST_B_MAC, POD_B_MAC, POD_B_IP, POD_A_IP, 64, b"forged");
@@ -601,11 +564,7 @@ fn vxlan_from_a_pod_to_a_node_is_dropped() {
             &udp,
         )
     };
-    for node in [
-        Ipv4Addr::new(192, 168, 100, 11),
-        Ipv4Addr::new(192, 168, 100, 12),
-        OUTSIDE_IP,
-    ] {
+    for node in [NODE1_IP, NODE2_IP, OUTSIDE_IP] {
         assert_eq!(
             run(&mut h, &to(node)).verdict,
             TC_ACT_SHOT,
@@ -652,7 +611,7 @@ fn a_limited_pods_packets_are_checked_then_handed_to_its_shaper() {
     if !privileged("a_limited_pods_packets_are_checked_then_handed_to_its_shaper") {
         return;
     }
-    let mut h = harness("shaper");
+    let mut h = two_pods("shaper");
     h.datapath
         .upsert_shaped_endpoint(
             POD_A_IP,
@@ -698,7 +657,7 @@ fn a_pod_with_an_ingress_limit_gets_routed_hops() {
     if !privileged("a_pod_with_an_ingress_limit_gets_routed_hops") {
         return;
     }
-    let mut h = harness("shapedin");
+    let mut h = two_pods("shapedin");
     h.datapath
         .upsert_endpoint(
             POD_B_IP,
@@ -729,10 +688,10 @@ fn vxlan_bpf_encapsulation_writes_the_outer_headers_and_decap_removes_them() {
     if !privileged("vxlan_bpf_encapsulation_writes_the_outer_headers_and_decap_removes_them") {
         return;
     }
-    let mut h = harness("vxlan-bpf");
+    let mut h = two_pods("vxlan-bpf");
     let lo = loopback_ifindex();
-    let remote_pod = Ipv4Addr::new(10, 244, 1, 7);
-    let (node1, node2) = ([192, 168, 100, 11], Ipv4Addr::new(192, 168, 100, 12));
+    let remote_pod = NODE2_POD;
+    let (node1, node2) = ([192, 168, 100, 11], NODE2_IP);
     h.datapath
         .upsert_remote("10.244.1.0/24".parse().expect("cidr"), node2)
         .expect("remote CIDR");

@@ -9,57 +9,35 @@
 
 use std::net::Ipv4Addr;
 
-use podnet::datapath::{Counters, ip_key, monotonic_coarse_ns};
+use podnet::datapath::{ip_key, monotonic_coarse_ns};
 use podnet_common::{
-    EndpointInfo, FlowKey, StackFlow, Verdict,
+    FlowKey, StackFlow, Verdict,
     flow::{FLOW_F_RST, FLOW_TIMEOUT_CLOSED_S, FLOW_TIMEOUT_OTHER_S},
     names::{PROG_FROM_POD, PROG_FROM_UNDERLAY, PROG_TO_OVERLAY, PROG_TO_POD},
+    tc::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC},
 };
 use podnet_tests::{
-    bpf_run::{BpfHarness, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC, TestUnderlay},
+    bpf_fixture::{
+        HOST_A_MAC, NODE1_IP, NODE2_IP, NODE2_POD, POD_A_IP, POD_A_MAC, POD_B_IP, counters,
+        two_pods,
+    },
+    bpf_run::TestUnderlay,
     frames::{self, IP_MF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, TTL_OFF},
     privileged,
 };
 
-/// The client: sends through from_pod (its veth is loopback under test-run).
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
-const CLIENT_MAC: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x02];
-const CLIENT_HOST_MAC: [u8; 6] = [0x02, 0xaa, 0xff, 0, 0, 0x02];
-/// A backend pod on the same node.
-const BACKEND_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 3);
-const BACKEND_MAC: [u8; 6] = [0x02, 0xbb, 0, 0, 0, 0x03];
-const BACKEND_HOST_MAC: [u8; 6] = [0x02, 0xbb, 0xff, 0, 0, 0x03];
-const BACKEND_IFINDEX: u32 = 4242;
+/// The client (pod A): sends through from_pod (its veth is loopback under
+/// test-run).
+const CLIENT_IP: Ipv4Addr = POD_A_IP;
+const CLIENT_MAC: [u8; 6] = POD_A_MAC;
+const CLIENT_HOST_MAC: [u8; 6] = HOST_A_MAC;
+/// A backend pod on the same node (pod B).
+const BACKEND_IP: Ipv4Addr = POD_B_IP;
 /// The node itself (kubelet probes, NodePort clients after masquerade).
-const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 11);
+const NODE_IP: Ipv4Addr = NODE1_IP;
 
 const CLIENT_PORT: u16 = 40_123;
 const BACKEND_PORT: u16 = 8080;
-
-fn loopback_ifindex() -> u32 {
-    nix::net::if_::if_nametoindex("lo").expect("loopback exists")
-}
-
-fn harness(tag: &str) -> BpfHarness {
-    let mut h = BpfHarness::new(tag).expect("load the datapath into a private bpffs");
-    for (ip, ifindex, pod_mac, host_mac) in [
-        (CLIENT_IP, loopback_ifindex(), CLIENT_MAC, CLIENT_HOST_MAC),
-        (BACKEND_IP, BACKEND_IFINDEX, BACKEND_MAC, BACKEND_HOST_MAC),
-    ] {
-        h.datapath
-            .upsert_endpoint(
-                ip,
-                EndpointInfo {
-                    host_ifindex: ifindex,
-                    flags: 0,
-                    pod_mac,
-                    host_mac,
-                },
-            )
-            .expect("add endpoint");
-    }
-    h
-}
 
 /// What the stack delivers to the client through its veth's egress: a
 /// packet from `src` to the client (e.g. a Service backend's reply after
@@ -85,10 +63,6 @@ fn sent_by_client(dst: Ipv4Addr, proto: u8, frag_off: u16, l4: &[u8]) -> Vec<u8>
     )
 }
 
-fn counters(h: &BpfHarness) -> Counters {
-    h.datapath.counters().expect("read counters")
-}
-
 fn key(src: Ipv4Addr, dst: Ipv4Addr, src_port: u16, dst_port: u16, proto: u8) -> FlowKey {
     FlowKey {
         src: ip_key(src),
@@ -109,7 +83,7 @@ fn replies_to_what_the_stack_delivered_go_to_the_stack() {
     if !privileged("replies_to_what_the_stack_delivered_go_to_the_stack") {
         return;
     }
-    let mut h = harness("sf-reply");
+    let mut h = two_pods("sf-reply");
     // The stack delivers the other pod's SYN (sent to a Service IP, DNATed
     // to this pod).
     let request = delivered_to_client(
@@ -169,7 +143,7 @@ fn what_the_stack_delivers_from_outside_the_pods_is_not_tracked() {
     if !privileged("what_the_stack_delivers_from_outside_the_pods_is_not_tracked") {
         return;
     }
-    let mut h = harness("sf-node");
+    let mut h = two_pods("sf-node");
     // From the node (a kubelet probe, a masqueraded NodePort client): its
     // replies go to the stack anyway, nothing to track.
     let from_node = delivered_to_client(
@@ -191,7 +165,7 @@ fn udp_replies_and_icmp_errors_about_a_tracked_flow_go_to_the_stack() {
     if !privileged("udp_replies_and_icmp_errors_about_a_tracked_flow_go_to_the_stack") {
         return;
     }
-    let mut h = harness("sf-icmp");
+    let mut h = two_pods("sf-icmp");
     let query = frames::udp_datagram(BACKEND_PORT, 53, b"dns query");
     let delivered = delivered_to_client(BACKEND_IP, IPPROTO_UDP, &query);
     h.run(PROG_TO_POD, &delivered).expect("run to_pod");
@@ -240,7 +214,7 @@ fn echo_replies_of_a_tracked_ping_go_to_the_stack() {
     if !privileged("echo_replies_of_a_tracked_ping_go_to_the_stack") {
         return;
     }
-    let mut h = harness("sf-echo");
+    let mut h = two_pods("sf-echo");
     let id: [u8; 2] = [0x12, 0x34];
     let request = delivered_to_client(
         BACKEND_IP,
@@ -277,7 +251,7 @@ fn fragments_go_to_the_stack() {
     if !privileged("fragments_go_to_the_stack") {
         return;
     }
-    let mut h = harness("sf-frag");
+    let mut h = two_pods("sf-frag");
     let first = sent_by_client(
         BACKEND_IP,
         IPPROTO_UDP,
@@ -303,7 +277,7 @@ fn expired_flows_return_to_the_fast_path() {
     if !privileged("expired_flows_return_to_the_fast_path") {
         return;
     }
-    let mut h = harness("sf-expiry");
+    let mut h = two_pods("sf-expiry");
     let now = monotonic_coarse_ns();
     let tcp_key = key(
         CLIENT_IP,
@@ -407,7 +381,7 @@ fn a_fast_path_syn_clears_a_stale_reply_entry() {
     if !privileged("a_fast_path_syn_clears_a_stale_reply_entry") {
         return;
     }
-    let mut h = harness("sf-syn");
+    let mut h = two_pods("sf-syn");
     // The backend's replies to CLIENT_PORT were followed (older flow).
     let stale = key(
         BACKEND_IP,
@@ -463,7 +437,7 @@ fn the_node_programs_follow_stack_flows() {
     if !privileged("the_node_programs_follow_stack_flows") {
         return;
     }
-    let node2 = Ipv4Addr::new(192, 168, 100, 12);
+    let node2 = NODE2_IP;
     let node2_mac = [0x02, 0x12, 0, 0, 0, 0x12];
     let node1_mac = [0x02, 0x11, 0, 0, 0, 0x11];
     let underlay = TestUnderlay::new(
@@ -473,14 +447,11 @@ fn the_node_programs_follow_stack_flows() {
         &[(node2, node2_mac)],
     )
     .expect("test underlay");
-    let mut h = harness("sf-overlay");
+    let mut h = two_pods("sf-overlay");
     h.datapath.upsert_node_address(node2).expect("node address");
-    let remote_backend = Ipv4Addr::new(10, 244, 1, 7);
+    let remote_backend = NODE2_POD;
     h.datapath
-        .upsert_remote(
-            "10.244.1.0/24".parse().expect("CIDR"),
-            Ipv4Addr::new(192, 168, 100, 12),
-        )
+        .upsert_remote("10.244.1.0/24".parse().expect("CIDR"), NODE2_IP)
         .expect("remote CIDR");
     // The stack DNATed the client's request to a backend on another node
     // and routed it into the VXLAN device.

@@ -47,10 +47,15 @@ use podnet::datapath::{Datapath, PinnedMapReader};
 use podnet_common::counters::Verdict;
 
 use super::{
-    BenchOptions, BpfStatsSwitch, Figure, Pair, figure, podnet_lab, progress, rss_kib, throughput,
+    BenchOptions, Figure,
+    bpf_cost::BpfStatsSwitch,
+    figure,
+    rounds::progress,
+    tools::{Pair, rss_kib, throughput},
+    topology::podnet_lab,
 };
 use crate::{
-    lab::on_netns_thread,
+    netns::run_in as on_netns_thread,
     netns::{NetNs, run},
     node::{Node, Pod},
 };

@@ -72,11 +72,11 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let figures = bench::run_all(&opts)?;
-    print!("{}", bench::table(&figures));
+    print!("{}", bench::table(&figures)?);
     if let Some(path) = &cli.json {
         bench::write(
             path,
-            &serde_json::to_string_pretty(&bench::json_report(&figures, &opts))?,
+            &serde_json::to_string_pretty(&bench::json_report(&figures, &opts)?)?,
         )?;
         eprintln!("bench: figures written to {}", path.display());
     }

@@ -1,0 +1,240 @@
+//! The lab's etcd cluster: its members' processes in the fabric namespace,
+//! their readiness, leadership, and what the agents see of the datastore.
+
+use std::{
+    fs,
+    os::unix::process::CommandExt as _,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+
+use super::{model::LabLayout, processes::kill_and_wait};
+use crate::netns::{command_in, run_in};
+
+impl LabLayout {
+    /// Spawns member `index` (detached; `down` kills it). Does not wait.
+    fn spawn_etcd_member(&mut self, index: usize) -> anyhow::Result<()> {
+        let initial_cluster: Vec<String> = self
+            .etcd
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect();
+        let member = self.etcd[index].clone();
+        let log_path = self.run_dir.join(format!("{}.log", member.name));
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        // A restarted member finds its data dir and ignores the initial-*
+        // flags: it rejoins as the member it was.
+        let child = command_in(&self.fabric_netns, "etcd")?
+            .args(["--name", &member.name, "--data-dir"])
+            .arg(&member.data_dir)
+            .args(["--listen-client-urls", &member.client_url])
+            .args(["--advertise-client-urls", &member.client_url])
+            .args(["--listen-peer-urls", &member.peer_url])
+            .args(["--initial-advertise-peer-urls", &member.peer_url])
+            .args(["--initial-cluster", &initial_cluster.join(",")])
+            .args(["--initial-cluster-token", &self.prefix])
+            .args(["--initial-cluster-state", "new"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("starting etcd (etcd-server is installed by `cargo xtask setup`)")?;
+        self.etcd[index].pid = child.id();
+        // Not waited for: the member outlives `lab up`; `down` kills it.
+        std::mem::forget(child);
+        self.save()
+    }
+
+    /// Waits until every running member serves (has a leader and a quorum).
+    pub fn wait_etcd_ready(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        for member in self.etcd.iter().filter(|m| m.pid != 0) {
+            loop {
+                let url = member.client_url.clone();
+                let ready = self.on_fabric_runtime(async move {
+                    podnet::datastore::etcd::EtcdDatastore::connect_one(
+                        &url,
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .is_ok()
+                })?;
+                if ready {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "etcd member {} did not come up:\n{}",
+                    member.name,
+                    fs::read_to_string(self.run_dir.join(format!("{}.log", member.name)))
+                        .unwrap_or_default()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts every etcd member that is not running and waits until the
+    /// cluster serves.
+    pub fn start_etcd(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.etcd.len() {
+            if self.etcd[i].pid == 0 {
+                self.spawn_etcd_member(i)?;
+            }
+        }
+        self.wait_etcd_ready(Duration::from_secs(30))
+    }
+
+    /// Stops every etcd member (SIGTERM).
+    pub fn stop_etcd(&mut self) -> anyhow::Result<()> {
+        for member in &mut self.etcd {
+            kill_and_wait(member.pid);
+            member.pid = 0;
+        }
+        self.save()
+    }
+
+    /// Starts one etcd member again (it rejoins with its data) and waits
+    /// until it serves.
+    pub fn start_etcd_member(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.etcd_member_index(name)?;
+        if self.etcd[i].pid == 0 {
+            self.spawn_etcd_member(i)?;
+        }
+        self.wait_etcd_ready(Duration::from_secs(30))
+    }
+
+    /// Stops one etcd member (SIGTERM: it leaves its peers cleanly).
+    pub fn stop_etcd_member(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.etcd_member_index(name)?;
+        kill_and_wait(self.etcd[i].pid);
+        self.etcd[i].pid = 0;
+        self.save()
+    }
+
+    /// Kills one etcd member (SIGKILL: a crash, nothing is said to anyone).
+    pub fn kill_etcd_member(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.etcd_member_index(name)?;
+        if let Ok(raw) = i32::try_from(self.etcd[i].pid)
+            && raw != 0
+        {
+            let pid = nix::unistd::Pid::from_raw(raw);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+        self.etcd[i].pid = 0;
+        self.save()
+    }
+
+    /// Runs `fut` on a small runtime on a thread in the fabric namespace
+    /// (where etcd's addresses are).
+    fn on_fabric_runtime<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        run_in(&self.fabric_netns, move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(|rt| rt.block_on(fut))
+        })?
+        .context("starting a runtime")
+    }
+
+    /// The name of the current etcd leader, as the running members see it
+    /// (`None` while there is none).
+    pub fn etcd_leader(&self) -> anyhow::Result<Option<String>> {
+        let running: Vec<(String, String)> = self
+            .etcd
+            .iter()
+            .filter(|m| m.pid != 0)
+            .map(|m| (m.name.clone(), m.client_url.clone()))
+            .collect();
+        self.on_fabric_runtime(async move {
+            use podnet::datastore::etcd::EtcdDatastore;
+            // Member IDs are etcd's; map them to names by asking each
+            // member who it is.
+            let mut ids = Vec::new();
+            let mut leader = 0;
+            for (name, url) in running {
+                if let Ok(mut store) =
+                    EtcdDatastore::connect_one(&url, Duration::from_secs(10)).await
+                    && let Ok(status) = store.member_status().await
+                {
+                    ids.push((status.member_id, name));
+                    if status.leader != 0 {
+                        leader = status.leader;
+                    }
+                }
+            }
+            ids.into_iter()
+                .find(|(id, _)| *id == leader && leader != 0)
+                .map(|(_, name)| name)
+        })
+    }
+
+    /// Makes member `to` the etcd leader (etcd's move-leader, asked of the
+    /// current leader) and waits until it is.
+    pub fn etcd_move_leader(&self, to: &str) -> anyhow::Result<()> {
+        let leader = self.etcd_leader()?.context("no etcd leader")?;
+        if leader == to {
+            return Ok(());
+        }
+        let leader_url = self
+            .etcd_member(&leader)
+            .context("the leader")?
+            .client_url
+            .clone();
+        let to_url = self
+            .etcd_member(to)
+            .context("no such member")?
+            .client_url
+            .clone();
+        self.on_fabric_runtime(async move {
+            let mut target = etcd_client::Client::connect([to_url], None).await?;
+            let id = target
+                .status()
+                .await?
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::member_id);
+            let mut leader = etcd_client::Client::connect([leader_url], None).await?;
+            leader.move_leader(id).await?;
+            Ok::<_, etcd_client::Error>(())
+        })?
+        .context("moving the etcd leader")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.etcd_leader()?.as_deref() != Some(to) {
+            anyhow::ensure!(Instant::now() < deadline, "{to} did not become the leader");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Everything podnet keeps in etcd, read at one revision.
+    pub fn etcd_snapshot(&self) -> anyhow::Result<podnet::datastore::membership::Snapshot> {
+        let endpoints = self.etcd_endpoints();
+        self.on_fabric_runtime(async move {
+            let mut store = podnet::datastore::etcd::EtcdDatastore::connect(
+                &endpoints,
+                Duration::from_secs(10),
+            )
+            .await?;
+            store.snapshot().await
+        })?
+        .context("reading etcd")
+    }
+
+    /// How node `name`'s agent follows the datastore.
+    pub fn datastore_status(&self, name: &str) -> anyhow::Result<podnet::api::DatastoreStatus> {
+        let node = self.node(name).context("no such node")?;
+        Ok(podnet::api::Client::new(&node.agent_socket).call(&podnet::api::Request::Datastore)?)
+    }
+}

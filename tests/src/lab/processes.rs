@@ -1,0 +1,342 @@
+//! The lab's long-running processes besides etcd: the agents (started
+//! through `crate::podnetd`), the pods the CNI plugin attaches, the demo
+//! Service's rules and its backend servers.
+
+use std::{
+    fs,
+    net::SocketAddrV4,
+    os::unix::process::CommandExt as _,
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+
+use super::{
+    model::{LabDatastore, LabLayout, LabNode, LabPod, LabServer, ServiceKind},
+    up::ip,
+};
+use crate::{
+    bins,
+    netns::command_in,
+    podnetd::{self, Lifetime, Podnetd},
+    services::{self, ServiceSpec},
+};
+
+impl LabLayout {
+    /// Runs the plugin for `node` with `env` and the node's conf on stdin.
+    pub fn cni(
+        &self,
+        node: &LabNode,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<(bool, serde_json::Value)> {
+        self.cni_with(node, env, &serde_json::Value::Null)
+    }
+
+    /// [`Self::cni`] with the keys of `extra` (an object, e.g. a
+    /// `runtimeConfig`) added to the conf, as libcni adds runtime config.
+    pub fn cni_with(
+        &self,
+        node: &LabNode,
+        env: &[(&str, &str)],
+        extra: &serde_json::Value,
+    ) -> anyhow::Result<(bool, serde_json::Value)> {
+        let conflist: serde_json::Value = serde_json::from_slice(&fs::read(&node.cni_conf)?)?;
+        // What libcni does with a conflist of one plugin.
+        let mut conf = conflist["plugins"][0].clone();
+        conf["cniVersion"] = conflist["cniVersion"].clone();
+        conf["name"] = conflist["name"].clone();
+        if let Some(extra) = extra.as_object() {
+            for (key, value) in extra {
+                conf[key] = value.clone();
+            }
+        }
+        let out = crate::run_cni_plugin(
+            command_in(&node.netns, node.cni_bin_dir.join("podnet"))?,
+            &format!("{}:/usr/lib/cni", node.cni_bin_dir.display()),
+            env,
+            conf.to_string().as_bytes(),
+        )?;
+        let value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        Ok((out.status.success(), value))
+    }
+
+    /// Creates a pod on `node` (a new netns + CNI ADD) and records it.
+    pub fn add_pod(&mut self, node_name: &str, pod_name: &str) -> anyhow::Result<LabPod> {
+        self.add_pod_with(node_name, pod_name, &serde_json::Value::Null)
+    }
+
+    /// [`Self::add_pod`] with `extra` added to the conf (see [`Self::cni_with`]).
+    pub fn add_pod_with(
+        &mut self,
+        node_name: &str,
+        pod_name: &str,
+        extra: &serde_json::Value,
+    ) -> anyhow::Result<LabPod> {
+        let node = self.node(node_name).context("no such node")?.clone();
+        let netns = format!("{}-{pod_name}", self.prefix);
+        ip(&["netns", "add", &netns])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        let path = format!("/var/run/netns/{netns}");
+        let (ok, result) = self.cni_with(
+            &node,
+            &[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", &netns),
+                ("CNI_NETNS", &path),
+                ("CNI_IFNAME", "eth0"),
+            ],
+            extra,
+        )?;
+        if !ok {
+            let _ = ip(&["netns", "del", &netns]);
+        }
+        anyhow::ensure!(ok, "ADD of {pod_name} on {node_name} failed: {result}");
+        let pod_ip = result["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .context("no IP in the ADD result")?;
+        let pod = LabPod {
+            name: pod_name.to_owned(),
+            netns: netns.clone(),
+            node: node_name.to_owned(),
+            ip: pod_ip,
+            container_id: netns,
+            ifname: "eth0".into(),
+        };
+        self.pods.push(pod.clone());
+        self.save()?;
+        Ok(pod)
+    }
+
+    /// Starts (or restarts) the agent of `node`, detached, and waits for it.
+    pub fn start_agent(&mut self, node_name: &str) -> anyhow::Result<()> {
+        let index = self
+            .nodes
+            .iter()
+            .position(|n| n.name == node_name)
+            .context("no such node")?;
+        let datastore = match self.datastore {
+            LabDatastore::File => format!("file:{}", self.run_dir.join("nodes.json").display()),
+            LabDatastore::Etcd => format!("etcd:{}", self.etcd_endpoints().join(",")),
+        };
+        let node = &self.nodes[index];
+        let log = fs::File::create(node.state_dir.with_file_name("podnetd.log"))?;
+        let child = Podnetd {
+            bin_dir: self.bin_dir.as_deref(),
+            netns: &node.netns,
+            node_name: &node.name,
+            bpffs_dir: &node.bpffs_dir,
+            state_dir: &node.state_dir,
+            socket: &node.agent_socket,
+        }
+        .command(Lifetime::Detached, log)?
+        .arg("--node-ip")
+        .arg(node.node_ip.to_string())
+        .arg("--mode")
+        .arg(&self.mode)
+        .arg("--datastore")
+        .arg(&datastore)
+        .arg("--etcd-lease-ttl")
+        .arg(self.etcd_lease_ttl.to_string())
+        .args(&self.agent_args)
+        .spawn()
+        .context("starting podnetd")?;
+        let socket = node.agent_socket.clone();
+        self.nodes[index].pid = child.id();
+        // Not waited for: the agent outlives `lab up`; `down` kills it.
+        std::mem::forget(child);
+        let info = podnetd::wait_for_node_info(&socket, Duration::from_secs(20));
+        if let Some(info) = &info {
+            self.nodes[index].pod_cidr = info.pod_cidr.to_string();
+        }
+        anyhow::ensure!(
+            info.is_some(),
+            "podnetd on {node_name} did not come up:\n{}",
+            fs::read_to_string(self.nodes[index].state_dir.with_file_name("podnetd.log"))
+                .unwrap_or_default()
+        );
+        self.save()
+    }
+
+    /// The cluster CIDR as the agents know it (kube-proxy's
+    /// `--cluster-cidr`); podnetd's default when no agent answers.
+    pub(super) fn cluster_cidr(&self) -> String {
+        self.nodes
+            .iter()
+            .find_map(|n| {
+                podnet::api::Client::new(&n.agent_socket)
+                    .call::<podnet::api::NodeInfo>(&podnet::api::Request::Node)
+                    .ok()
+            })
+            .map_or_else(
+                || "10.244.0.0/16".to_owned(),
+                |i| i.cluster_cidr.to_string(),
+            )
+    }
+
+    /// Installs the demo Service on every node, with backend servers in the
+    /// first pod of node1 and the first pod of node2 (only node1's with one
+    /// node, none without pods). Replaces an installed one.
+    pub fn install_service(&mut self, kind: ServiceKind) -> anyhow::Result<()> {
+        self.remove_service()?;
+        let backends: Vec<LabPod> = self
+            .nodes
+            .iter()
+            .take(2)
+            .filter_map(|n| self.pods.iter().find(|p| p.node == n.name))
+            .cloned()
+            .collect();
+        let svc = services::demo_service(backends.iter().map(|p| p.ip).collect());
+        // Recorded before anything is started: `remove_service` and `down`
+        // then find whatever a failure halfway leaves.
+        self.service = Some(svc.clone());
+        self.service_kind = Some(kind);
+        self.save()?;
+        for pod in &backends {
+            self.start_server(pod, &svc)?;
+        }
+        let cidr = self.cluster_cidr();
+        for node in &self.nodes {
+            apply_service(&node.netns, kind, &svc, &cidr)
+                .with_context(|| format!("installing the demo Service on {}", node.name))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the demo Service from every node and stops its servers. Does
+    /// nothing when none is installed.
+    pub fn remove_service(&mut self) -> anyhow::Result<()> {
+        let mut errors = Vec::new();
+        if let (Some(svc), Some(kind)) = (&self.service, self.service_kind) {
+            for node in &self.nodes {
+                // A node whose namespace is gone took its rules with it.
+                if !Path::new("/var/run/netns").join(&node.netns).exists() {
+                    continue;
+                }
+                let removed = match kind {
+                    ServiceKind::KubeProxyIptables => {
+                        services::remove_kube_proxy_iptables(&node.netns, svc)
+                    }
+                    ServiceKind::Nftables => services::remove_nft(&node.netns),
+                };
+                if let Err(e) = removed {
+                    errors.push(format!("{}: {e:#}", node.name));
+                }
+            }
+        }
+        for server in self.servers.drain(..) {
+            kill_and_wait(server.pid);
+        }
+        self.service = None;
+        self.service_kind = None;
+        self.save()?;
+        anyhow::ensure!(
+            errors.is_empty(),
+            "removing the demo Service: {}",
+            errors.join("; ")
+        );
+        Ok(())
+    }
+
+    /// Starts a backend server of `svc` in `pod`, detached, and waits until
+    /// it answers at the pod's own IP.
+    pub fn start_server(&mut self, pod: &LabPod, svc: &ServiceSpec) -> anyhow::Result<()> {
+        let log_path = self.run_dir.join(format!("serve-{}.log", pod.name));
+        let log = fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let child = command_in(&pod.netns, bins::binary("podnet-lab"))?
+            // `--lab` is only there for `down`'s fallback to find it.
+            .args(["serve", "--lab", &self.prefix, "--name", &pod.name])
+            .arg("--tcp")
+            .arg(svc.target_tcp_port.to_string())
+            .arg("--udp")
+            .arg(svc.target_udp_port.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting the server in {}", pod.name))?;
+        self.servers.push(LabServer {
+            pod: pod.name.clone(),
+            pid: child.id(),
+        });
+        // Not waited for: the server outlives `lab up`; `down` kills it.
+        std::mem::forget(child);
+        self.save()?;
+        let addr = SocketAddrV4::new(pod.ip, svc.target_tcp_port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match services::tcp_query(&pod.netns, addr, Duration::from_millis(500)) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context(format!(
+                        "the server in {} did not come up:\n{}",
+                        pod.name,
+                        fs::read_to_string(&log_path).unwrap_or_default()
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// Kills the agent of `node` without letting it clean up (a crashed or
+    /// vanished node).
+    pub fn kill_agent(&mut self, node_name: &str) -> anyhow::Result<()> {
+        let node = self.node_mut(node_name)?;
+        if let Ok(raw) = i32::try_from(node.pid) {
+            let pid = nix::unistd::Pid::from_raw(raw);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+        node.pid = 0;
+        self.save()
+    }
+
+    /// Stops the agent of `node` (SIGTERM), leaving its pins: traffic goes on.
+    pub fn stop_agent(&mut self, node_name: &str) -> anyhow::Result<()> {
+        let node = self.node_mut(node_name)?;
+        kill_and_wait(node.pid);
+        node.pid = 0;
+        self.save()
+    }
+}
+
+/// Installs `svc` in a node's namespace the way `kind` says.
+pub(super) fn apply_service(
+    netns: &str,
+    kind: ServiceKind,
+    svc: &ServiceSpec,
+    cluster_cidr: &str,
+) -> anyhow::Result<()> {
+    match kind {
+        ServiceKind::KubeProxyIptables => {
+            services::apply_kube_proxy_iptables(netns, svc, cluster_cidr)
+        }
+        ServiceKind::Nftables => services::apply_nft(netns, svc),
+    }
+}
+
+pub(super) fn kill_and_wait(pid: u32) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    if raw == 0 {
+        return;
+    }
+    let pid = nix::unistd::Pid::from_raw(raw);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        // Reap if it is our child; otherwise poll for its disappearance.
+        let _ = nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        if nix::sys::signal::kill(pid, None).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(pid, None);
+}
