@@ -7,13 +7,15 @@ use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use podnet_common::{
     FlowKey, StackFlow, Verdict,
     flow::{FAST_PATH_TC_INDEX, FLOW_F_FIN_FORWARD, FLOW_F_FIN_REPLY, FLOW_F_RST},
+    tc::{TC_ACT_OK, TC_ACT_UNSPEC},
 };
 
 use crate::{
-    counters::{TC_ACT_OK, TC_ACT_UNSPEC, count, pass_to_stack},
+    counters::count,
     lookup,
     maps::STACK_FLOWS,
     packet::{self, Ipv4Fields, L3},
+    verdict::pass_to_stack,
 };
 
 const IPPROTO_ICMP: u8 = 1;

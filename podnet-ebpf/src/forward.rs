@@ -16,12 +16,14 @@ use podnet_common::{
 };
 
 use crate::{
-    counters::{count, drop_packet, pass_to_stack},
+    counters::count,
     flows,
     lookup::{endpoint, remote_node},
     maps::CONFIG,
     packet::{self, Ipv4Fields, L3},
-    sender, vxlan,
+    sender,
+    verdict::{drop_packet, pass_to_stack},
+    vxlan,
 };
 
 /// `AF_INET` for `bpf_redir_neigh.nh_family`.

@@ -12,11 +12,12 @@ use podnet_common::{DropReason, Program, Verdict, VethEndpoint, node::REMOTE_NOD
 
 use crate::{
     arp,
-    counters::{count, drop_packet, pass_to_stack},
+    counters::count,
     flows, forward,
     lookup::{endpoint, remote_node},
     maps::{CONFIG, VETHS},
     packet::{self, Ipv4Fields, L3},
+    verdict::{drop_packet, pass_to_stack},
 };
 
 #[classifier]

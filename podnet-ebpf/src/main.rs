@@ -18,6 +18,7 @@ mod sender;
 mod to_overlay;
 mod to_pod;
 mod to_underlay;
+mod verdict;
 mod vxlan;
 
 // The bpfel target has no unwinding; a panic cannot happen in verified code

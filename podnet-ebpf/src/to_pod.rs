@@ -6,9 +6,9 @@
 //! is recorded. The packet itself always goes on.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
+use podnet_common::tc::TC_ACT_UNSPEC;
 
 use crate::{
-    counters::TC_ACT_UNSPEC,
     flows,
     lookup::{endpoint, remote_node},
     packet::{self, L3},
