@@ -442,12 +442,13 @@ impl Node {
     }
 
     /// Counter totals (verdict or drop reason name -> packets).
-    pub fn counter(&self, name: &str) -> anyhow::Result<u64> {
+    pub fn counter(&self, counter: impl Into<crate::counters::Counter>) -> anyhow::Result<u64> {
+        let counter = counter.into();
         let c = self.podnetctl(&["counters"])?;
-        Ok(c["verdicts"][name]
+        c["verdicts"][counter.name()]
             .as_u64()
-            .or_else(|| c["drops"][name].as_u64())
-            .unwrap_or(0))
+            .or_else(|| c["drops"][counter.name()].as_u64())
+            .ok_or_else(|| anyhow::anyhow!("the agent reports no counter {counter:?}: {c}"))
     }
 
     /// The addresses the built-in IPAM holds for network `podnet`.

@@ -14,9 +14,8 @@ use podnet::{
 };
 use podnet_tests::{node::Node, privileged};
 
-/// The agent's `REQUEST_READ_TIMEOUT` (podnet-user/src/agent/server.rs; not
-/// exported): the agent's answer names it, and the test checks that it does.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The agent's read timeout for one request; its answer names it too.
+const READ_TIMEOUT: Duration = podnet::agent::REQUEST_READ_TIMEOUT;
 /// How late after [`READ_TIMEOUT`] the hang-up may come (scheduling).
 const TIMEOUT_MARGIN: Duration = Duration::from_millis(1500);
 

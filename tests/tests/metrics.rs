@@ -226,7 +226,9 @@ fn metrics_count_real_traffic_cni_operations_and_map_fill() {
     let redirect = [("verdict", "redirect_peer")];
     assert!(
         count(&after, "podnet_datapath_verdicts_total", &redirect)
-            <= node.counter("redirect_peer").expect("counters")
+            <= node
+                .counter(podnet_common::Verdict::RedirectPeer)
+                .expect("counters")
     );
 
     // A refused request counts as an error of its op.

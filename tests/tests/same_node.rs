@@ -2,6 +2,7 @@
 //! real `podnetd`: they reach each other through from_pod's
 //! bpf_redirect_peer, and the host reaches them through the kernel.
 
+use podnet_common::{DropReason, Verdict};
 use podnet_tests::{node::Node, privileged, traffic};
 
 #[test]
@@ -25,7 +26,7 @@ fn pods_on_one_node_talk_through_the_ebpf_fast_path() {
         .expect("read sysctl");
     assert_eq!(String::from_utf8_lossy(&forward.stdout).trim(), "0");
 
-    let redirected_before = node.counter("redirect_peer").expect("counters");
+    let redirected_before = node.counter(Verdict::RedirectPeer).expect("counters");
     for a in &pods {
         for b in &pods {
             if a.ip != b.ip {
@@ -33,7 +34,7 @@ fn pods_on_one_node_talk_through_the_ebpf_fast_path() {
             }
         }
     }
-    let redirected = node.counter("redirect_peer").expect("counters") - redirected_before;
+    let redirected = node.counter(Verdict::RedirectPeer).expect("counters") - redirected_before;
     // 6 ordered pairs x 2 echoes x (request + reply).
     assert!(
         redirected >= 24,
@@ -41,7 +42,7 @@ fn pods_on_one_node_talk_through_the_ebpf_fast_path() {
     );
 
     // TCP both ways, every byte checked.
-    let before = node.counter("redirect_peer").expect("counters");
+    let before = node.counter(Verdict::RedirectPeer).expect("counters");
     traffic::transfer(
         pods[0].netns.name(),
         pods[1].netns.name(),
@@ -56,7 +57,7 @@ fn pods_on_one_node_talk_through_the_ebpf_fast_path() {
         32 << 20,
     )
     .expect("TCP 1 -> 0");
-    let segments = node.counter("redirect_peer").expect("counters") - before;
+    let segments = node.counter(Verdict::RedirectPeer).expect("counters") - before;
     // 64 MiB need at least 64 MiB / 64 KiB (GSO) segments plus their ACKs.
     assert!(
         segments >= 1024,
@@ -120,7 +121,7 @@ fn spoofed_sources_from_a_pod_are_dropped_and_counted() {
         !spoofed_ip.status.success(),
         "a forged source IP does not get through"
     );
-    assert!(node.counter("spoofed_source_ip").expect("counters") >= 2);
+    assert!(node.counter(DropReason::SpoofedSourceIp).expect("counters") >= 2);
 
     // A forged MAC on pod a's interface. Changing the MAC flushes the pod's
     // neighbours; the attacker puts the gateway's entry back by hand (the
@@ -151,7 +152,9 @@ fn spoofed_sources_from_a_pod_are_dropped_and_counted() {
         .expect("neighbour");
     assert!(!a.ping(b.ip, 2), "a forged source MAC does not get through");
     assert!(
-        node.counter("spoofed_source_mac").expect("counters") >= 2,
+        node.counter(DropReason::SpoofedSourceMac)
+            .expect("counters")
+            >= 2,
         "{}",
         node.podnetctl(&["counters"]).expect("counters")
     );
@@ -165,7 +168,7 @@ fn spoofed_sources_from_a_pod_are_dropped_and_counted() {
         .ip(&["neigh", "flush", "dev", "eth0"])
         .expect("flush");
     assert!(a.ping(b.ip, 2), "pod recovers through the ARP responder");
-    assert!(node.counter("arp_reply").expect("counters") >= 1);
+    assert!(node.counter(Verdict::ArpReply).expect("counters") >= 1);
 }
 
 /// IPv6 from a pod reaches nothing of the node: the host veth has IPv6
@@ -207,7 +210,7 @@ fn ipv6_from_pods_reaches_nothing_of_the_node() {
     podnet_tests::wait_up_to(
         std::time::Duration::from_secs(10),
         "from_pod counted the pod's IPv6",
-        || node.counter("ipv6_from_pod").unwrap_or(0) >= 3,
+        || node.counter(DropReason::Ipv6FromPod).expect("counters") >= 3,
     );
     let routes = node.netns.ip(&["-6", "route", "show"]).expect("routes");
     assert!(

@@ -16,7 +16,7 @@ mod state;
 
 pub use endpoints::{attach_mode, record};
 pub use report::{counter_totals, stack_flows};
-pub use server::{MAX_REQUEST_BYTES, decode_request, serve};
+pub use server::{MAX_REQUEST_BYTES, REQUEST_READ_TIMEOUT, decode_request, serve};
 pub use state::Agent;
 
 use std::path::PathBuf;

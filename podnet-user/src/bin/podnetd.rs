@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use ipnet::Ipv4Net;
 use podnet::{
     agent::{
-        self, AgentConfig, Agent,
+        self, Agent, AgentConfig,
         cluster::{self, Mode, NodeNetwork, VxlanDatapath},
         follow::{self, EtcdFollow},
         join,
