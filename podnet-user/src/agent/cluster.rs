@@ -361,16 +361,12 @@ impl Agent {
             write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
         }
         if net.masquerade {
-            let untracked = (net.mode == Mode::Vxlan).then_some(Untracked {
-                node_ip: net.node_ip,
-                port: net.vxlan_port,
-                peers: &[],
-            });
-            nft(&nft_script(
-                self.config().cluster_cidr,
-                &[],
-                untracked.as_ref(),
-            ))?;
+            // With the nodes applied so far (none at the first start; on a
+            // retry after the datastore was followed, all of them: the
+            // table must not lose its VXLAN peers until the next resync).
+            let mut known: Vec<Ipv4Addr> = self.cluster.node_addresses.iter().copied().collect();
+            known.push(net.node_ip);
+            self.write_nft_table(net, &known)?;
         }
         info!(mode = ?net.mode, vxlan_datapath = ?net.vxlan_datapath, node_ip = %net.node_ip, underlay = %net.underlay_dev, pod_mtu = net.pod_mtu(), "node network ready");
         Ok(())
@@ -417,23 +413,32 @@ impl Agent {
         self.cluster = state;
         reconciled?;
         if net.masquerade {
-            let exempt: Vec<Ipv4Addr> = match net.mode {
-                Mode::Direct => nodes.iter().map(|n| n.node_ip).collect(),
-                Mode::Vxlan | Mode::Local => Vec::new(),
-            };
-            let peers: Vec<Ipv4Addr> = self.cluster.node_addresses.iter().copied().collect();
-            let untracked = (net.mode == Mode::Vxlan).then_some(Untracked {
-                node_ip: net.node_ip,
-                port: net.vxlan_port,
-                peers: &peers,
-            });
-            nft(&nft_script(
-                self.config().cluster_cidr,
-                &exempt,
-                untracked.as_ref(),
-            ))?;
+            let nodes: Vec<Ipv4Addr> = nodes.iter().map(|n| n.node_ip).collect();
+            self.write_nft_table(net, &nodes)?;
         }
         Ok(())
+    }
+
+    /// Writes podnet's nft table (see [`nft_script`]) for the cluster's
+    /// `nodes` (their underlay addresses): in direct mode they are exempt
+    /// from masquerade, in vxlan mode the other nodes are the VXLAN peers
+    /// whose tunnel traffic is not tracked.
+    fn write_nft_table(&self, net: &NodeNetwork, nodes: &[Ipv4Addr]) -> anyhow::Result<()> {
+        let exempt: Vec<Ipv4Addr> = match net.mode {
+            Mode::Direct => nodes.to_vec(),
+            Mode::Vxlan | Mode::Local => Vec::new(),
+        };
+        let peers: Vec<Ipv4Addr> = self.cluster.node_addresses.iter().copied().collect();
+        let untracked = (net.mode == Mode::Vxlan).then_some(Untracked {
+            node_ip: net.node_ip,
+            port: net.vxlan_port,
+            peers: &peers,
+        });
+        nft(&nft_script(
+            self.config().cluster_cidr,
+            &exempt,
+            untracked.as_ref(),
+        ))
     }
 
     /// Retries the host routes that failed. Returns whether none is left.
