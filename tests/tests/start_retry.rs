@@ -195,33 +195,16 @@ fn a_failed_start_step_leaves_traffic_alone_and_is_retried() {
     );
     let done = Instant::now();
     assert_eq!(floods.ended(), None, "the floods covered the whole episode");
-    // Done means the node network's setup went through, nft table included.
+    // Done means the node network's setup went through, nft table included,
+    // with the nodes the agent had already applied (node2 is a VXLAN peer
+    // at once: its tunnel traffic is never tracked in between).
     let table = podnet_table(&node1).expect("podnet's table once the retry is done");
     assert_eq!(
-        missing(&table, None),
+        missing(&table, Some(node2.node_ip)),
         Vec::<String>::new(),
-        "once the retry is done: {table}"
+        "once the retry is done, {:?} after: {table}",
+        done.elapsed()
     );
-    // The nodes (the VXLAN peers) follow with the next application of the
-    // nodes file, at most its resync later.
-    let deadline = done + Duration::from_secs(30);
-    loop {
-        let table = podnet_table(&node1);
-        let missing = table.as_deref().map(|t| missing(t, Some(node2.node_ip)));
-        if missing.as_ref().is_some_and(Vec::is_empty) {
-            eprintln!(
-                "node1's table, {:?} after the retry was done:\n{}",
-                done.elapsed(),
-                table.unwrap_or_default()
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the retry's nft table: missing {missing:?} in {table:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
     for (path, result) in floods.finish().expect("ping results") {
         eprintln!(
             "{path}: {} sent, {} lost across a start that failed half-way",
