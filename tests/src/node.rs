@@ -441,14 +441,13 @@ impl Node {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
-    /// Counter totals (verdict or drop reason name -> packets).
+    /// One counter (a verdict or a drop reason), read with podnetctl, so also from the pins while the agent is
+    /// down. Panics on a counter podnetctl does not report
+    /// ([`crate::counters::get`]).
     pub fn counter(&self, counter: impl Into<crate::counters::Counter>) -> anyhow::Result<u64> {
-        let counter = counter.into();
-        let c = self.podnetctl(&["counters"])?;
-        c["verdicts"][counter.name()]
-            .as_u64()
-            .or_else(|| c["drops"][counter.name()].as_u64())
-            .ok_or_else(|| anyhow::anyhow!("the agent reports no counter {counter:?}: {c}"))
+        let totals: podnet::api::CounterTotals =
+            serde_json::from_value(self.podnetctl(&["counters"])?)?;
+        Ok(crate::counters::get(&totals, counter))
     }
 
     /// The addresses the built-in IPAM holds for network `podnet`.
