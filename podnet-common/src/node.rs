@@ -83,9 +83,16 @@ pub struct NodeConfig {
     /// `NODE_F_*` flags (appended in layout 4; 0, what a migrated entry
     /// holds, is the behaviour of earlier layouts).
     pub flags: u32,
+    /// The cluster CIDR (every node's pods): network address and mask,
+    /// network byte order (appended in layout 5; a mask of 0 means "not
+    /// known", and the checks fall back to the pod CIDRs in the maps).
+    /// from_underlay drops what arrives from the underlay with a source in
+    /// it but not from the node that owns that source.
+    pub cluster_cidr_network: u32,
+    pub cluster_cidr_mask: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 48);
 
 /// `NodeConfig::flags`, vxlan mode: from_pod encapsulates VXLAN itself
 /// (`bpf_skb_adjust_room` + `bpf_redirect_neigh` to the underlay) and
@@ -98,6 +105,13 @@ impl NodeConfig {
     #[must_use]
     pub const fn in_pod_cidr(&self, ip: u32) -> bool {
         self.pod_cidr_mask != 0 && ip & self.pod_cidr_mask == self.pod_cidr_network
+    }
+
+    /// Whether `ip` (network byte order) lies in the cluster CIDR (false
+    /// while it is not known).
+    #[must_use]
+    pub const fn in_cluster_cidr(&self, ip: u32) -> bool {
+        self.cluster_cidr_mask != 0 && ip & self.cluster_cidr_mask == self.cluster_cidr_network
     }
 }
 

@@ -18,7 +18,7 @@ use podnet_common::{
 use crate::{
     counters::count,
     flows,
-    lookup::{endpoint, remote_node},
+    lookup::{self, endpoint, remote_node},
     maps::CONFIG,
     packet::{self, Ipv4Fields, L3},
     sender,
@@ -79,14 +79,19 @@ pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
             _ => return drop_packet(ctx, arrival.program(), DropReason::UnknownTunnelSource),
         }
     }
-    let Some(dst) = endpoint(ip.dst) else {
-        return arrival.to_stack(ctx, pass_to_stack());
-    };
+    let dst = endpoint(ip.dst);
+    // The underlay: checked before the destination decides anything. A
+    // pod-network source aimed at the node itself, a Service or a NodePort
+    // would reach a backend after the stack's DNAT just the same.
     if matches!(arrival, Arrival::Underlay)
+        && (dst.is_some() || pod_network_source(ip.src))
         && let Some(code) = check_underlay_sender(ctx, &ip, sender)
     {
         return code;
     }
+    let Some(dst) = dst else {
+        return arrival.to_stack(ctx, pass_to_stack());
+    };
     if sender.is_none() {
         return arrival.to_stack(ctx, pass_to_stack());
     }
@@ -127,12 +132,13 @@ fn check_underlay_sender(
     }
     let forged = match sender {
         Some(node) => !sender::sent_by_node(ctx, ifindex, &ip.src_mac, node.node_ip),
-        // This node's own pod addresses never arrive from the underlay.
+        // This node's own pod addresses never arrive from the underlay, nor
+        // do addresses of the pod network that no node owns.
         None => {
             endpoint(ip.src).is_some()
-                || CONFIG
-                    .get(0)
-                    .is_some_and(|config| config.in_pod_cidr(ip.src))
+                || CONFIG.get(0).is_some_and(|config| {
+                    config.in_pod_cidr(ip.src) || config.in_cluster_cidr(ip.src)
+                })
         }
     };
     forged.then(|| {
@@ -142,6 +148,36 @@ fn check_underlay_sender(
             DropReason::UnderlaySourceMismatch,
         )
     })
+}
+
+/// Whether `src` (network byte order) belongs to the pod network: another
+/// node's pod CIDR, this node's pod CIDR or
+/// the cluster CIDR. Other nodes' own addresses are not: node-to-node
+/// traffic is the nodes' business.
+#[inline(always)]
+fn pod_network_source(src: u32) -> bool {
+    lookup::in_remote_pod_cidr(src)
+        || CONFIG
+            .get(0)
+            .is_some_and(|config| config.in_pod_cidr(src) || config.in_cluster_cidr(src))
+}
+
+/// vxlan mode, a packet on the underlay that is not VXLAN for this node:
+/// no node sends pod traffic unencapsulated (what the stack routes from a
+/// pod to another node is masqueraded), so a source of the pod network
+/// here is forged by whoever is on the underlay, and would otherwise be
+/// routed to a pod, a Service backend or the node itself. Dropped
+/// (`underlay_source_mismatch`); anything else goes on to the stack.
+#[inline(always)]
+pub fn check_unencapsulated(ctx: &mut TcContext) -> i32 {
+    match packet::parse(ctx) {
+        L3::Ipv4(ip) if pod_network_source(ip.src) => drop_packet(
+            ctx,
+            Program::FromUnderlay,
+            DropReason::UnderlaySourceMismatch,
+        ),
+        _ => pass_to_stack(),
+    }
 }
 
 /// How a packet from another node arrived.
@@ -402,7 +438,7 @@ unsafe fn store_words(dst: *mut [u32; 4], words: [u32; 4]) {
 #[inline(always)]
 pub fn decapsulate_local(ctx: &mut TcContext, config: &NodeConfig) -> i32 {
     let Some(arrived) = vxlan::arrived(ctx, config) else {
-        return pass_to_stack();
+        return check_unencapsulated(ctx);
     };
     if !is_node(arrived.node_ip) {
         return pass_to_stack();

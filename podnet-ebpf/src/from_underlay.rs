@@ -1,9 +1,10 @@
 //! `from_underlay`: TC ingress of the node's underlay device. Direct mode:
 //! pod traffic routed here by other nodes goes straight into the local pod.
 //! VXLAN mode with the BPF datapath: VXLAN packets other nodes sent to a
-//! local pod are decapsulated here and go straight into it. Everything else
-//! (the node's own traffic, VXLAN for anything but a local pod) is left to
-//! the host.
+//! local pod are decapsulated here and go straight into it. VXLAN mode
+//! (either datapath): a pod-network source never arrives unencapsulated.
+//! Everything else (the node's own traffic, VXLAN for anything but a local
+//! pod) is left to the host.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use podnet_common::node::{MODE_VXLAN, NODE_F_VXLAN_BPF};
@@ -19,10 +20,11 @@ pub fn from_underlay(mut ctx: TcContext) -> i32 {
         Some(config) if config.mode == MODE_VXLAN && config.flags & NODE_F_VXLAN_BPF != 0 => {
             forward::decapsulate_local(&mut ctx, &config)
         }
-        // Direct mode, and whatever else runs it (a link left by an agent
-        // that ran `--vxlan-datapath bpf` before this one ran `kernel`):
-        // routed pod traffic, checked as in direct mode; VXLAN is for the
-        // node (not a local endpoint) and goes on to the device.
+        // The kernel's VXLAN device decapsulates; what is not VXLAN is
+        // checked for forged pod sources all the same.
+        Some(config) if config.mode == MODE_VXLAN => forward::check_unencapsulated(&mut ctx),
+        // Direct mode (and a node config not written yet): routed pod
+        // traffic, checked as in direct mode.
         _ => forward::deliver_local(&mut ctx, Arrival::Underlay),
     }
 }

@@ -4,7 +4,7 @@
 //! files read them without importing one another.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use podnet_common::{EndpointInfo, RemoteNode};
+use podnet_common::{EndpointInfo, RemoteNode, node::REMOTE_NODE_ADDRESS};
 
 use crate::maps::{ENDPOINTS, REMOTE};
 
@@ -22,4 +22,15 @@ pub fn endpoint(ip: u32) -> Option<EndpointInfo> {
 #[inline(always)]
 pub fn remote_node(ip: u32) -> Option<RemoteNode> {
     REMOTE.get(Key::new(32, ip)).copied()
+}
+
+/// Whether `ip` (network order) is in another node's pod CIDR (not a
+/// node's own address). Read through the map's reference, not an
+/// `Option` copy: the verifier rejects the read of a `None` payload that
+/// LLVM hoists out of a short-circuited condition.
+#[inline(always)]
+pub fn in_remote_pod_cidr(ip: u32) -> bool {
+    REMOTE
+        .get(Key::new(32, ip))
+        .is_some_and(|node| node.flags & REMOTE_NODE_ADDRESS == 0)
 }

@@ -145,7 +145,8 @@ pub fn node1(tag: &str, pods: &[Pod], remotes: &[RemoteNode], config: NodeConfig
 }
 
 /// Node 1's configuration in `mode` (VNI 1, the VXLAN port in VXLAN mode,
-/// pod CIDR 10.244.0.0/24, no drop events) with its underlay device
+/// pod CIDR 10.244.0.0/24 in the cluster CIDR 10.244.0.0/16, no drop
+/// events) with its underlay device
 /// `underlay_ifindex` and no tunnel device.
 #[must_use]
 pub fn node1_config(mode: u32, underlay_ifindex: u32) -> NodeConfig {
@@ -165,6 +166,8 @@ pub fn node1_config(mode: u32, underlay_ifindex: u32) -> NodeConfig {
         pod_cidr_mask: u32::from_ne_bytes([255, 255, 255, 0]),
         drop_events_per_sec: 0,
         flags: 0,
+        cluster_cidr_network: u32::from_ne_bytes([10, 244, 0, 0]),
+        cluster_cidr_mask: u32::from_ne_bytes([255, 255, 0, 0]),
     }
 }
 

@@ -4,8 +4,13 @@
 //!
 //! - from_pod passes (to the stack) or forwards only what pod A sent as
 //!   itself: IPv4 with its address and MAC, or ARP with its own sender.
-//! - from_underlay delivers into a pod only unicast IPv4 from node 2's MAC
-//!   whose source is node 2's pod CIDR or address.
+//! - from_underlay, direct mode: delivers into a pod only unicast IPv4 from
+//!   node 2's MAC whose source is node 2's pod CIDR or address, and lets a
+//!   pod-network source through to anything only from there.
+//! - from_underlay, vxlan mode: nothing with a pod-network source goes on
+//!   unencapsulated; with the BPF datapath it decapsulates and delivers
+//!   only node 2's VXLAN (its address, node 1's port and VNI) for sources
+//!   node 2 owns, into a local pod, as the inner packet.
 //! - from_overlay delivers nothing without tunnel metadata.
 //! - to_pod, to_overlay and to_underlay never drop, redirect or change a
 //!   frame.
@@ -24,19 +29,24 @@ use podnet_common::{
         PROG_FROM_OVERLAY, PROG_FROM_POD, PROG_FROM_UNDERLAY, PROG_TO_OVERLAY, PROG_TO_POD,
         PROG_TO_UNDERLAY,
     },
-    node::MODE_VXLAN,
+    node::{MODE_DIRECT, MODE_VXLAN, NODE_F_VXLAN_BPF},
     tc::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
 };
 use podnet_tests::{
     bpf_fixture::{
         self, EXTERNAL, HOST_A_MAC, NODE1_IP, NODE1_MAC, NODE2, NODE2_IP, NODE2_MAC, NODE2_POD,
-        POD_A_IP, POD_A_MAC, POD_B, POD_B_IP, POD_B_MAC, counters, loopback_ifindex, node1_config,
-        pod_a,
+        POD_A_IP, POD_A_MAC, POD_B, POD_B_IP, POD_B_MAC, VXLAN_PORT, counters, loopback_ifindex,
+        node1_config, pod_a,
     },
     bpf_run::{BpfHarness, RunOutcome, TestUnderlay},
     frames::{self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
     privileged, spoof,
 };
+
+/// Node 1's VNI (`node1_config`).
+const VNI: u32 = 1;
+/// Outer Ethernet, IPv4, UDP and VXLAN headers in front of the inner frame.
+const OUTER: usize = 14 + 20 + 8 + 8;
 
 /// Frames per program (more for the two that decide on senders).
 const RUNS_SENDER_CHECKS: usize = 20_000;
@@ -294,6 +304,11 @@ fn assert_accounted(program: &str, before: &Counters, after: &Counters, tally: &
 /// Node 1 in VXLAN mode with pods A and B and node 2; its tunnel device is
 /// loopback (a test run can name no other) and it has no pod CIDR.
 fn node1(tag: &str, underlay_ifindex: u32) -> BpfHarness {
+    node1_in(tag, underlay_ifindex, MODE_VXLAN, 0)
+}
+
+/// [`node1`] in `mode` with the node flags `flags`.
+fn node1_in(tag: &str, underlay_ifindex: u32, mode: u32, flags: u32) -> BpfHarness {
     bpf_fixture::node1(
         tag,
         &[pod_a(), POD_B],
@@ -302,9 +317,27 @@ fn node1(tag: &str, underlay_ifindex: u32) -> BpfHarness {
             tunnel_ifindex: loopback_ifindex(),
             pod_cidr_network: 0,
             pod_cidr_mask: 0,
-            ..node1_config(MODE_VXLAN, underlay_ifindex)
+            flags,
+            ..node1_config(mode, underlay_ifindex)
         },
     )
+}
+
+/// Whether `ip` is in the cluster CIDR the fixture configures
+/// (10.244.0.0/16).
+fn in_pod_network(ip: Ipv4Addr) -> bool {
+    ip.octets()[..2] == [10, 244]
+}
+
+/// Node 2's pod CIDR or its address: what node 2 may speak for.
+fn node2_may_send_as(ip: Ipv4Addr) -> bool {
+    ip == NODE2_IP || ip.octets()[..3] == [10, 244, 1]
+}
+
+/// A test underlay for node 1 with node 2 as its neighbour.
+fn test_underlay(tag: &str) -> TestUnderlay {
+    TestUnderlay::new(tag, NODE1_MAC, (NODE1_IP, 24), &[(NODE2_IP, NODE2_MAC)])
+        .expect("test underlay")
 }
 
 /// What from_pod may let through: pod A as itself.
@@ -358,20 +391,15 @@ fn from_pod_lets_through_only_the_pod_as_itself() {
     eprintln!("from_pod: {:?}", tally.by_verdict);
 }
 
+/// Direct mode.
 #[test]
 fn from_underlay_delivers_only_the_owning_nodes_unicast() {
     if !privileged("from_underlay_delivers_only_the_owning_nodes_unicast") {
         return;
     }
     let mut rng = Rng(seed() ^ 1);
-    let underlay = TestUnderlay::new(
-        "prop-underlay",
-        NODE1_MAC,
-        (NODE1_IP, 24),
-        &[(NODE2_IP, NODE2_MAC)],
-    )
-    .expect("test underlay");
-    let mut h = node1("prop-from-underlay", underlay.ifindex);
+    let underlay = test_underlay("prop-underlay");
+    let mut h = node1_in("prop-from-underlay", underlay.ifindex, MODE_DIRECT, 0);
     let before = counters(&h);
     let mut tally = Tally::default();
     for i in 0..RUNS_SENDER_CHECKS {
@@ -386,14 +414,21 @@ fn from_underlay_delivers_only_the_owning_nodes_unicast() {
         ) else {
             continue;
         };
+        let src = ipv4_src(&frame).filter(|_| ethertype(&frame) == ETH_P_IP);
+        let from_node2 = frame[0..6] == NODE1_MAC && frame[6..12] == NODE2_MAC;
         if out.verdict == TC_ACT_REDIRECT {
-            let src = ipv4_src(&frame);
             assert!(
-                ethertype(&frame) == ETH_P_IP
-                    && frame[0..6] == NODE1_MAC
-                    && frame[6..12] == NODE2_MAC
-                    && src.is_some_and(|s| s == NODE2_IP || s.octets()[..3] == [10, 244, 1]),
+                from_node2 && src.is_some_and(node2_may_send_as),
                 "from_underlay delivered {}",
+                hex(&frame)
+            );
+        }
+        // Whatever the destination (a pod, the node, a Service): a source
+        // of the pod network goes on only from the node that owns it.
+        if out.verdict != TC_ACT_SHOT && src.is_some_and(in_pod_network) {
+            assert!(
+                from_node2 && src.is_some_and(node2_may_send_as),
+                "from_underlay let a pod-network source through: {}",
                 hex(&frame)
             );
         }
@@ -407,6 +442,151 @@ fn from_underlay_delivers_only_the_owning_nodes_unicast() {
         tally.by_verdict
     );
     eprintln!("from_underlay: {:?}", tally.by_verdict);
+}
+
+/// VXLAN mode with the kernel's device: from_underlay delivers nothing, and
+/// nothing with a pod-network source arrives unencapsulated.
+#[test]
+fn from_underlay_vxlan_passes_no_unencapsulated_pod_source() {
+    if !privileged("from_underlay_vxlan_passes_no_unencapsulated_pod_source") {
+        return;
+    }
+    let mut rng = Rng(seed() ^ 4);
+    let underlay = test_underlay("prop-underlay-vx");
+    let mut h = node1_in("prop-from-underlay-vx", underlay.ifindex, MODE_VXLAN, 0);
+    let before = counters(&h);
+    let mut tally = Tally::default();
+    for i in 0..RUNS_SENDER_CHECKS {
+        let sender = if i % 2 == 0 { NODE2_POD } else { NODE2_IP };
+        let mut frame = random_frame(&mut rng, (NODE2_MAC, sender));
+        if rng.chance(60) {
+            frame[0..6].copy_from_slice(&NODE1_MAC);
+        }
+        let Some(out) = ran(
+            h.run_arriving_on(&underlay, PROG_FROM_UNDERLAY, &frame),
+            &mut tally.refused,
+        ) else {
+            continue;
+        };
+        assert_ne!(out.verdict, TC_ACT_REDIRECT, "{}", hex(&frame));
+        let src = ipv4_src(&frame).filter(|_| ethertype(&frame) == ETH_P_IP);
+        if src.is_some_and(in_pod_network) && frame.get(14).is_some_and(|b| *b == 0x45) {
+            assert_eq!(out.verdict, TC_ACT_SHOT, "passed: {}", hex(&frame));
+        }
+        tally.add(&out);
+    }
+    let after = counters(&h);
+    assert_accounted("from_underlay (vxlan)", &before, &after, &tally);
+    assert!(
+        tally.of(TC_ACT_SHOT) > 1_000 && tally.of(TC_ACT_OK) > 1_000,
+        "the generator reaches both sides: {:?}",
+        tally.by_verdict
+    );
+}
+
+/// A VXLAN datagram on the underlay around `inner`: mostly from node 2 to
+/// node 1's VXLAN port with node 1's VNI, sometimes any of it wrong.
+fn random_vxlan(rng: &mut Rng, inner: &[u8]) -> Vec<u8> {
+    let src = if rng.chance(80) {
+        NODE2_IP
+    } else {
+        rng.pick(&ADDRESSES)
+    };
+    let dst = if rng.chance(80) {
+        NODE1_IP
+    } else {
+        rng.pick(&ADDRESSES)
+    };
+    let vni = if rng.chance(85) {
+        VNI
+    } else {
+        u32::from(rng.byte())
+    };
+    let mut udp = frames::udp_datagram(
+        49_152 + u16::from(rng.byte()),
+        if rng.chance(85) { VXLAN_PORT } else { 8472 },
+        &spoof::vxlan_payload(vni, inner),
+    );
+    if rng.chance(5) {
+        // The VXLAN flags byte, anything.
+        udp[8] = rng.byte();
+    }
+    let dst_mac = if rng.chance(80) {
+        NODE1_MAC
+    } else {
+        rng.pick(&MACS)
+    };
+    frames::ipv4_frame((dst_mac, NODE2_MAC), (src, dst), IPPROTO_UDP, 0, &udp)
+}
+
+/// VXLAN mode with the BPF datapath: from_underlay decapsulates and
+/// delivers only VXLAN from node 2 to node 1's port and VNI whose inner
+/// source is node 2's own, into a local pod, and what it delivers is the
+/// inner packet.
+#[test]
+fn from_underlay_decapsulates_only_what_node2_may_send() {
+    if !privileged("from_underlay_decapsulates_only_what_node2_may_send") {
+        return;
+    }
+    let mut rng = Rng(seed() ^ 5);
+    let underlay = test_underlay("prop-underlay-bx");
+    let mut h = node1_in(
+        "prop-from-underlay-bx",
+        underlay.ifindex,
+        MODE_VXLAN,
+        NODE_F_VXLAN_BPF,
+    );
+    let before = counters(&h);
+    let mut tally = Tally::default();
+    for i in 0..RUNS_SENDER_CHECKS {
+        let sender = if i % 2 == 0 { NODE2_POD } else { NODE2_IP };
+        let inner = random_frame(&mut rng, (NODE2_MAC, sender));
+        let mut frame = random_vxlan(&mut rng, &inner);
+        if rng.chance(20) {
+            mutate(&mut rng, &mut frame);
+        }
+        let Some(out) = ran(
+            h.run_arriving_on(&underlay, PROG_FROM_UNDERLAY, &frame),
+            &mut tally.refused,
+        ) else {
+            continue;
+        };
+        if out.verdict == TC_ACT_REDIRECT {
+            let outer_ok = frame.len() > OUTER
+                && frame[14] == 0x45
+                && frame[26..30] == NODE2_IP.octets()
+                && frame[30..34] == NODE1_IP.octets()
+                && frame[36..38] == VXLAN_PORT.to_be_bytes()
+                && frame[46..50] == (VNI << 8).to_be_bytes();
+            let inner = &frame[OUTER..];
+            let inner_src = ipv4_src(inner).filter(|_| ethertype(inner) == ETH_P_IP);
+            let inner_dst = (inner.len() >= 34)
+                .then(|| Ipv4Addr::new(inner[30], inner[31], inner[32], inner[33]));
+            assert!(
+                outer_ok
+                    && inner_src.is_some_and(node2_may_send_as)
+                    && inner_dst.is_some_and(|d| d == POD_A_IP || d == POD_B_IP),
+                "from_underlay delivered {}",
+                hex(&frame)
+            );
+            // Delivered decapsulated: the inner IP packet, nothing else.
+            assert_eq!(out.frame.len(), frame.len() - OUTER, "{}", hex(&frame));
+            assert_eq!(out.frame[26..34], inner[26..34], "{}", hex(&frame));
+        }
+        tally.add(&out);
+    }
+    let after = counters(&h);
+    assert_accounted("from_underlay (vxlan, bpf)", &before, &after, &tally);
+    assert!(
+        tally.of(TC_ACT_REDIRECT) > 100 && tally.of(TC_ACT_SHOT) > 100,
+        "the generator reaches delivery and drops: {:?}",
+        tally.by_verdict
+    );
+    assert!(
+        delta(&before, &after, Verdict::VxlanDecapBpf) == tally.of(TC_ACT_REDIRECT),
+        "every delivery is a BPF decapsulation"
+    );
+    eprintln!("from_underlay (vxlan, bpf): {:?}", tally.by_verdict);
 }
 
 #[test]

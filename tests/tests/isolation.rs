@@ -1,9 +1,10 @@
 //! The spoofing corpus, on the lab in vxlan and in direct mode: forged
 //! frames from a real pod (AF_PACKET, what a pod with CAP_NET_RAW can send),
 //! VXLAN injected from the fabric and from another node, and frames forged
-//! on the underlay. For each: the target pods receive nothing, the node's
-//! neighbours and IPv6 routes do not change, and the drop counter that
-//! names the check moves. Legitimate traffic between the same pods passes
+//! on the underlay (pod-network sources, to pods and to the node itself).
+//! For each: the target pods and node receive nothing, the node's
+//! neighbours and IPv6 routes and addresses do not change (the VXLAN device
+//! has none), and the drop counter that names the check moves. Legitimate traffic between the same pods passes
 //! before and after (the corpus would prove nothing on a dead path).
 
 use std::{
@@ -12,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use podnet::api::{Client, CounterTotals, Request};
+use podnet::api::{Client, CounterTotals, NodeInfo, Request};
 use podnet_tests::{
     lab::{LabDatastore, LabGuard, LabLayout, LabNode, LabOptions, LabPod, in_netns},
     privileged,
@@ -92,7 +93,8 @@ struct Corpus<'a> {
     remote: &'a LabPod,
     node1: &'a LabNode,
     node2: &'a LabNode,
-    listeners: [Listener; 2],
+    /// On the victim, the remote pod and node1 itself.
+    listeners: [Listener; 3],
     attacker_mac: [u8; 6],
     gateway_mac: [u8; 6],
     cases: Vec<Case>,
@@ -106,9 +108,8 @@ impl<'a> Corpus<'a> {
             pod(layout, "node2-pod1"),
         );
         let node1 = node(layout, "node1");
-        let listen = |p: &LabPod| {
-            Listener::bind(&p.netns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT))
-                .expect("listener")
+        let listen = |netns: &str| {
+            Listener::bind(netns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT)).expect("listener")
         };
         Self {
             mode,
@@ -118,7 +119,11 @@ impl<'a> Corpus<'a> {
             remote,
             node1,
             node2: node(layout, "node2"),
-            listeners: [listen(victim), listen(remote)],
+            listeners: [
+                listen(&victim.netns),
+                listen(&remote.netns),
+                listen(&node1.netns),
+            ],
             attacker_mac: spoof::mac_of(&attacker.netns, "eth0").expect("a's MAC"),
             gateway_mac: spoof::host_veth_mac(&attacker.netns, &node1.netns)
                 .expect("a's gateway MAC"),
@@ -287,36 +292,64 @@ impl<'a> Corpus<'a> {
             frames: 2,
             counted_by: Some(("node1", "tunnel_source_mismatch")),
         });
+        // IPv6 from a known node (or anyone taking its address): the
+        // stack gets it, and the VXLAN device has IPv6 off, so nothing is
+        // configured (checked with node1's IPv6 state, see the corpus).
+        let node2_mac = spoof::mac_of(&self.node2.netns, "eth0").expect("node2 MAC");
+        send(&self.node2.netns, spoof::router_advertisement(node2_mac));
+        self.cases.push(Case {
+            name: "router advertisement through the tunnel",
+            frames: 1,
+            counted_by: None,
+        });
     }
 
-    /// direct mode: frames the fabric host puts on the underlay in node2's
-    /// and its pod's name, unicast to node1, and a broadcast to a pod.
+    /// Frames the fabric host puts on the underlay in node2's and its pod's
+    /// name, and from an address of the pod network that no node owns,
+    /// unicast to node1: to a pod, and (pod sources) to node1 itself, where
+    /// a Service or NodePort DNAT would take them on to a backend. In vxlan
+    /// mode no pod source arrives unencapsulated; in direct mode only from
+    /// the MAC of the node that owns it. Direct mode also: a broadcast to a
+    /// pod.
     fn forge_underlay(&mut self) {
         let fabric = &self.layout.fabric_netns;
         let n1_mac = spoof::mac_of(&self.node1.netns, "eth0").expect("node1 MAC");
         let fabric_mac = spoof::mac_of(fabric, "br0").expect("fabric MAC");
-        let t = self.victim.ip;
-        let frame = |dst_mac, src, tag: &str| {
+        let frame = |dst_mac, (src, dst), tag: &str| {
             spoof::udp_frame(
                 (dst_mac, fabric_mac),
-                (src, t),
+                (src, dst),
                 PORT,
                 format!("forged-{tag}").as_bytes(),
             )
         };
-        let forged = [
-            frame(n1_mac, self.remote.ip, "underlay-as-r"),
-            frame(n1_mac, self.node2.node_ip, "underlay-as-node2"),
+        let (t, node1_ip, unowned) = (
+            self.victim.ip,
+            self.node1.node_ip,
+            self.unowned_pod_address(),
+        );
+        let mut forged = vec![
+            frame(n1_mac, (self.remote.ip, t), "underlay-as-r"),
+            frame(n1_mac, (unowned, t), "underlay-unowned"),
+            frame(n1_mac, (self.remote.ip, node1_ip), "underlay-as-r-to-node"),
+            frame(n1_mac, (unowned, node1_ip), "underlay-unowned-to-node"),
         ];
+        if !self.vxlan() {
+            // vxlan mode: node2's own address is for the node's business.
+            forged.push(frame(n1_mac, (self.node2.node_ip, t), "underlay-as-node2"));
+        }
         spoof::send_raw(fabric, "br0", &forged).expect("send on the fabric");
         self.cases.push(Case {
-            name: "underlay frames in another node's name",
+            name: "underlay frames in another node's name and in no node's",
             frames: forged.len(),
             counted_by: Some(("node1", "underlay_source_mismatch")),
         });
+        if self.vxlan() {
+            return;
+        }
         let broadcast = [frame(
             [0xff; 6],
-            self.layout.fabric_host,
+            (self.layout.fabric_host, t),
             "underlay-broadcast",
         )];
         spoof::send_raw(fabric, "br0", &broadcast).expect("send on the fabric");
@@ -327,8 +360,28 @@ impl<'a> Corpus<'a> {
         });
     }
 
+    /// An address of the cluster CIDR in no node's pod CIDR (the lab's
+    /// nodes take the first ones).
+    fn unowned_pod_address(&self) -> Ipv4Addr {
+        let info: NodeInfo = Client::new(&self.node1.agent_socket)
+            .call(&Request::Node)
+            .expect("node info");
+        let last = info
+            .cluster_cidr
+            .subnets(24)
+            .expect("/24s")
+            .last()
+            .expect("a last /24");
+        Ipv4Addr::from(u32::from(last.network()) + 9)
+    }
+
     fn assert_nothing_forged_arrived(&self) {
-        for (target, listener) in [self.victim, self.remote].iter().zip(&self.listeners) {
+        let targets = [
+            self.victim.name.as_str(),
+            self.remote.name.as_str(),
+            "node1",
+        ];
+        for (target, listener) in targets.iter().zip(&self.listeners) {
             let forged: Vec<String> = listener
                 .drain(Duration::from_millis(1500))
                 .iter()
@@ -337,9 +390,8 @@ impl<'a> Corpus<'a> {
                 .collect();
             assert!(
                 forged.is_empty(),
-                "{}: {} received {forged:?}",
+                "{}: {target} received {forged:?}",
                 self.mode,
-                target.name
             );
         }
     }
@@ -411,9 +463,8 @@ fn spoofing_corpus_with(mode: &str, agent_args: &[&str]) {
     corpus.forge_from_pod();
     if corpus.vxlan() {
         corpus.forge_tunnel();
-    } else {
-        corpus.forge_underlay();
     }
+    corpus.forge_underlay();
 
     corpus.assert_nothing_forged_arrived();
     corpus.assert_counted(&drops_before);
@@ -433,6 +484,16 @@ fn spoofing_corpus_with(mode: &str, agent_args: &[&str]) {
         (&state_before.1, &state_before.2),
         "{mode}: node1's IPv6 routes and addresses unchanged"
     );
+    if corpus.vxlan() {
+        let vxlan6 = ip_text(
+            &corpus.node1.netns,
+            &["-6", "addr", "show", "dev", "podnet_vxlan"],
+        );
+        assert!(
+            vxlan6.trim().is_empty(),
+            "{mode}: the VXLAN device has IPv6 off: {vxlan6}"
+        );
+    }
     corpus.legit_traffic_passes("after");
     let total: usize = corpus.cases.iter().map(|c| c.frames).sum();
     eprintln!(

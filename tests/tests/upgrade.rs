@@ -3,7 +3,7 @@
 //! migration), ping floods run between pods (same node, cross node both
 //! ways), every agent is replaced by this build's, which migrates the
 //! pinned maps whose layout changed (the node config grew to
-//! `size_of::<NodeConfig>()`, 40 bytes) and re-points every program. Every
+//! `size_of::<NodeConfig>()`, 48 bytes) and re-points every program. Every
 //! ping is answered; the counters carry on (a counter that nothing moves
 //! during the upgrade reads the same, not reset, before and after); the old
 //! CNI plugin keeps working against the new agent.

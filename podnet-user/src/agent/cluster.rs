@@ -282,6 +282,8 @@ impl Agent {
             pod_cidr_mask: crate::datapath::ip_key(self.config().pod_cidr.netmask()),
             drop_events_per_sec: 0,
             flags: 0,
+            cluster_cidr_network: crate::datapath::ip_key(self.config().cluster_cidr.network()),
+            cluster_cidr_mask: crate::datapath::ip_key(self.config().cluster_cidr.netmask()),
         };
         match net.mode {
             Mode::Local => {}
@@ -328,16 +330,12 @@ impl Agent {
                          set it to 2 (loose) or 0"
                     );
                 }
+                // The underlay's ingress: the check that no pod-network
+                // source arrives unencapsulated, and with the BPF datapath
+                // the decapsulation.
+                let pin = links_dir.join(format!("underlay-{}", net.underlay_dev));
+                self.attach_infrastructure(NodeProgram::FROM_UNDERLAY, &net.underlay_dev, &pin)?;
                 if net.vxlan_datapath == VxlanDatapath::Bpf {
-                    // Decapsulation on the underlay's ingress. (A restart
-                    // back to `kernel` leaves the link: from_underlay
-                    // passes everything without the flag.)
-                    let pin = links_dir.join(format!("underlay-{}", net.underlay_dev));
-                    self.attach_infrastructure(
-                        NodeProgram::FROM_UNDERLAY,
-                        &net.underlay_dev,
-                        &pin,
-                    )?;
                     config.flags |= node::NODE_F_VXLAN_BPF;
                 }
                 config.mode = node::MODE_VXLAN;

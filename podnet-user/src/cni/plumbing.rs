@@ -21,21 +21,6 @@ fn plumbing_error(what: &str) -> impl FnOnce(NetlinkError) -> CniError + '_ {
     move |e| CniError::from_error(code::PLUMBING_FAILED, what, &e)
 }
 
-/// Turns IPv6 off on a host veth before it comes up: no link-local
-/// address, no router advertisements or SLAAC from the pod, nothing of the
-/// node's answering the pod over IPv6. podnet carries IPv4 only (from_pod
-/// also drops IPv6, but only once its filter is on). A kernel without IPv6
-/// has no such sysctl, which is fine.
-fn disable_ipv6(host_ifname: &str) -> Result<(), NetlinkError> {
-    let path = format!("/proc/sys/net/ipv6/conf/{host_ifname}/disable_ipv6");
-    match std::fs::write(&path, "1") {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(NetlinkError::Unexpected(
-            format!("writing 1 to {path}: {e}"),
-        )),
-        _ => Ok(()),
-    }
-}
-
 /// Real plumbing, in the caller's netns (the node) and the pod's.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NetlinkPlumbing;
@@ -71,7 +56,11 @@ impl PodPlumbing for NetlinkPlumbing {
                             spec.host_ifname
                         ))
                     })?;
-                disable_ipv6(&spec.host_ifname)?;
+                // Before the host end comes up: no link-local address, no
+                // router advertisements or SLAAC from the pod, nothing of the
+                // node's answering the pod over IPv6 (from_pod also drops
+                // IPv6, but only once its filter is on).
+                netlink::disable_ipv6(&spec.host_ifname)?;
                 Ok(host)
             })
             .map_err(plumbing_error(

@@ -215,6 +215,11 @@ pub async fn ensure_vxlan(
     let link = link_by_name(handle, name)
         .await?
         .ok_or_else(|| NetlinkError::Unexpected(format!("{name} vanished after creation")))?;
+    // IPv4 only, as on the pods' veths: decapsulated IPv6 from a node
+    // (a router advertisement) would otherwise configure the device.
+    // Before it comes up, and on every start (a device an older agent made
+    // keeps IPv6; turning it off removes its addresses).
+    disable_ipv6(name)?;
     handle
         .link()
         .set(
@@ -267,4 +272,19 @@ pub async fn links_named(handle: &Handle, prefix: &str) -> Result<Vec<String>, N
         }
     }
     Ok(names)
+}
+
+/// Turns IPv6 off on the device `ifname` of the caller's netns: no
+/// link-local address, router advertisements and SLAAC ignored, nothing of
+/// the node reachable over IPv6 through it. podnet carries IPv4 only. A
+/// kernel without IPv6 has no such sysctl, which is fine. (`/proc/sys/net`
+/// is the netns of the thread that opens it.)
+pub fn disable_ipv6(ifname: &str) -> Result<(), NetlinkError> {
+    let path = format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6");
+    match std::fs::write(&path, "1") {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(NetlinkError::Unexpected(
+            format!("writing 1 to {path}: {e}"),
+        )),
+        _ => Ok(()),
+    }
 }

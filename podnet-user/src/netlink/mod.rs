@@ -22,8 +22,8 @@ pub use addr::{add_address, addresses, first_address, link_with_address};
 pub use fake::{HostCall, RecordingHost};
 pub use host::{HostNetwork, Kernel};
 pub use link::{
-    LinkInfo, create_veth, delete_link, ensure_ifb, ensure_vxlan, ipv4_gso_gro_max_size,
-    link_by_index, link_by_name, links_named, set_ipv4_big_tcp, set_up,
+    LinkInfo, create_veth, delete_link, disable_ipv6, ensure_ifb, ensure_vxlan,
+    ipv4_gso_gro_max_size, link_by_index, link_by_name, links_named, set_ipv4_big_tcp, set_up,
 };
 pub use netns::with_netlink;
 pub use route::{
