@@ -146,6 +146,49 @@ impl std::fmt::Display for FailPoint {
     }
 }
 
+/// The environment variable that arms a [`Fault`].
+pub const FAULT_ENV: &str = "PODNET_FAULT";
+
+/// A step of the agent that a test build can make fail, with an error,
+/// every time it runs: what a node sees when the kernel keeps refusing
+/// something a test cannot make it refuse (the node network's devices).
+/// The agent carries on as it does for a real failure (retries, status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Setting up the node's network (devices, programs on them, node
+    /// config) fails before anything is changed.
+    NodeNetwork,
+}
+
+impl Fault {
+    /// The value of [`FAULT_ENV`] that arms it.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::NodeNetwork => "node-network",
+        }
+    }
+}
+
+/// Whether `fault` is armed ([`FAULT_ENV`] names it, read once per
+/// process); always false in a build without fail points.
+#[must_use]
+pub fn faulty(fault: Fault) -> bool {
+    #[cfg(all(feature = "failpoints", debug_assertions))]
+    {
+        static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        ARMED
+            .get_or_init(|| std::env::var(FAULT_ENV).ok())
+            .as_deref()
+            == Some(fault.name())
+    }
+    #[cfg(not(all(feature = "failpoints", debug_assertions)))]
+    {
+        let _ = fault;
+        false
+    }
+}
+
 /// Whether this build has fail points (a test build); see the module docs.
 #[must_use]
 pub const fn compiled_in() -> bool {
@@ -196,6 +239,12 @@ mod armed {
     pub(super) fn announce(process: &str) {
         if let Some(point) = armed() {
             eprintln!("{process}: TEST BUILD: fail point {point} armed ({ENV}); it will die there");
+        }
+        if let Ok(fault) = std::env::var(super::FAULT_ENV) {
+            eprintln!(
+                "{process}: TEST BUILD: fault {fault} armed ({}); that step fails every time",
+                super::FAULT_ENV
+            );
         }
     }
 

@@ -18,6 +18,7 @@ use super::Agent;
 use crate::{
     datapath::NodeProgram,
     datastore::NodeRecord,
+    failpoint::{self, Fault},
     netlink::{self, HostNetwork, LinkInfo, NetlinkError},
 };
 
@@ -269,21 +270,18 @@ impl Agent {
     /// Creates the overlay device or hooks the underlay, attaches the
     /// receive program, writes the node config, enables forwarding.
     pub fn setup_node_network(&mut self, net: &NodeNetwork) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !failpoint::faulty(Fault::NodeNetwork),
+            "test fault {}: the node network's setup fails",
+            Fault::NodeNetwork.name()
+        );
         let links_dir = self.config().links_dir();
         let mut config = NodeConfig {
-            node_ip: crate::datapath::ip_key(net.node_ip),
             mode: node::MODE_LOCAL_ONLY,
             tunnel_ifindex: 0,
             underlay_ifindex: net.underlay_ifindex,
-            vni: net.vni,
-            vxlan_port: 0,
-            reserved: 0,
-            pod_cidr_network: crate::datapath::ip_key(self.config().pod_cidr.network()),
-            pod_cidr_mask: crate::datapath::ip_key(self.config().pod_cidr.netmask()),
-            drop_events_per_sec: 0,
             flags: 0,
-            cluster_cidr_network: crate::datapath::ip_key(self.config().cluster_cidr.network()),
-            cluster_cidr_mask: crate::datapath::ip_key(self.config().cluster_cidr.netmask()),
+            ..self.node_checks(net, NodeConfig::default())
         };
         match net.mode {
             Mode::Local => {}
@@ -368,6 +366,48 @@ impl Agent {
         }
         info!(mode = ?net.mode, vxlan_datapath = ?net.vxlan_datapath, node_ip = %net.node_ip, underlay = %net.underlay_dev, pod_mtu = net.pod_mtu(), "node network ready");
         Ok(())
+    }
+
+    /// `config` with what the datapath's checks read set from the agent's
+    /// configuration alone (no device needed): the node's address, VNI and
+    /// VXLAN port (vxlan mode: what a pod may not send to), its pod CIDR
+    /// and the cluster CIDR. The forwarding fields (mode, devices, flags)
+    /// are left as they are.
+    fn node_checks(&self, net: &NodeNetwork, config: NodeConfig) -> NodeConfig {
+        let key = crate::datapath::ip_key;
+        let (pod, cluster) = (self.config().pod_cidr, self.config().cluster_cidr);
+        NodeConfig {
+            node_ip: key(net.node_ip),
+            vni: net.vni,
+            vxlan_port: if net.mode == Mode::Vxlan {
+                net.vxlan_port.to_be()
+            } else {
+                0
+            },
+            pod_cidr_network: key(pod.network()),
+            pod_cidr_mask: key(pod.netmask()),
+            cluster_cidr_network: key(cluster.network()),
+            cluster_cidr_mask: key(cluster.netmask()),
+            ..config
+        }
+    }
+
+    /// Writes the checks' part of the node config ([`Self::node_checks`])
+    /// over what the map holds, before any program is re-pointed: a config
+    /// migrated from an older layout has zeros in the fields appended since
+    /// (VXLAN port, pod and cluster CIDR), and the node network's setup,
+    /// which writes the whole config, may fail and be retried for a while.
+    /// Meanwhile the new programs forward as the old ones did (mode and
+    /// devices unchanged) with every check in force.
+    pub(super) fn write_node_checks(&mut self, net: &NodeNetwork) -> anyhow::Result<()> {
+        let current = self
+            .datapath_mut()
+            .config()
+            .context("reading the node config")?;
+        let config = self.node_checks(net, current);
+        self.datapath_mut()
+            .set_config(config)
+            .context("writing the node config's checks")
     }
 
     /// Re-points the pinned link of `program` on `ifname` (a restart:

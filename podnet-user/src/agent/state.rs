@@ -53,7 +53,11 @@ pub struct Agent {
 impl Agent {
     /// Loads the endpoint records and reconciles them with the live
     /// interfaces, the datapath and the attached programs (see [`Self::reconcile`]).
-    pub fn open(config: AgentConfig, datapath: Datapath) -> anyhow::Result<Self> {
+    pub fn open(
+        config: AgentConfig,
+        datapath: Datapath,
+        network: &super::cluster::NodeNetwork,
+    ) -> anyhow::Result<Self> {
         for dir in [
             config.endpoints_dir(),
             config.links_dir(),
@@ -71,6 +75,8 @@ impl Agent {
             cluster: super::cluster::ClusterState::default(),
             unreadable_records: Vec::new(),
         };
+        // Before reconcile re-points the pods' programs at this build's.
+        registry.write_node_checks(network)?;
         registry.load_records()?;
         registry.reconcile()?;
         Ok(registry)

@@ -538,7 +538,7 @@ fn main() -> anyhow::Result<()> {
 
     let socket = config.socket.clone();
     info!(node = %config.node_name, pod_cidr = %config.pod_cidr, socket = %socket.display(), "starting");
-    let mut registry = Agent::open(config, datapath)?;
+    let mut registry = Agent::open(config, datapath, &resolved.network)?;
     let ready = registry.retry_pending(&resolved.network);
     let registry = Arc::new(Mutex::new(registry));
     metrics.attach(

@@ -113,6 +113,16 @@ impl LabLayout {
 
     /// Starts (or restarts) the agent of `node`, detached, and waits for it.
     pub fn start_agent(&mut self, node_name: &str) -> anyhow::Result<()> {
+        self.start_agent_with_env(node_name, &[])
+    }
+
+    /// [`Self::start_agent`] with `env` added to the agent's environment
+    /// (a test build's fail points and faults).
+    pub fn start_agent_with_env(
+        &mut self,
+        node_name: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let index = self
             .nodes
             .iter()
@@ -142,6 +152,7 @@ impl LabLayout {
         .arg("--etcd-lease-ttl")
         .arg(self.etcd_lease_ttl.to_string())
         .args(&self.agent_args)
+        .envs(env.iter().copied())
         .spawn()
         .context("starting podnetd")?;
         let socket = node.agent_socket.clone();
