@@ -158,6 +158,9 @@ pub enum Fault {
     /// Setting up the node's network (devices, programs on them, node
     /// config) fails before anything is changed.
     NodeNetwork,
+    /// Adding an endpoint fails once its map entries are written, before
+    /// its filters are attached.
+    EndpointInstall,
 }
 
 impl Fault {
@@ -166,6 +169,7 @@ impl Fault {
     pub const fn name(self) -> &'static str {
         match self {
             Self::NodeNetwork => "node-network",
+            Self::EndpointInstall => "endpoint-install",
         }
     }
 }

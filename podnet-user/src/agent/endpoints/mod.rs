@@ -18,7 +18,7 @@ use crate::agent::Agent;
 use crate::{
     api::{Endpoint, EndpointStatus, IpamStatus},
     datapath::PodProgram,
-    failpoint::{self, FailPoint},
+    failpoint::{self, FailPoint, Fault},
     ipam::{Holder, Owner, PodAddresses},
 };
 
@@ -72,6 +72,11 @@ impl Agent {
         )?;
         if !restarting {
             failpoint::hit(FailPoint::AgentAddAfterEntry);
+            anyhow::ensure!(
+                !failpoint::faulty(Fault::EndpointInstall),
+                "test fault {}: installing the endpoint fails",
+                Fault::EndpointInstall.name()
+            );
         }
         // A pinned TCX link is how podnet attached before it used cls_bpf
         // for pod veths: re-point it, so an upgrade never leaves the veth
@@ -121,15 +126,31 @@ impl Agent {
             ep.host_ifname,
             ep.host_ifindex
         );
-        // Another owner holding this IP (a leftover: its address was
-        // released, its DEL did not reach us) loses it. Said out loud: if it
-        // is not a leftover, two IPAMs hand out the same range.
+        // Another owner holding this IP: a leftover (its veth is gone, its
+        // DEL did not reach us) loses it; a live endpoint keeps it and the
+        // request is refused, changing nothing. Two IPAMs handing out the
+        // same range (a delegated host-local, a runtime's static IP) must
+        // not take a running pod's address.
         let clash: Vec<Endpoint> = self
             .endpoints
             .values()
             .filter(|e| e.ip == ep.ip && e.owner != ep.owner)
             .cloned()
             .collect();
+        if let Some(live) = clash
+            .iter()
+            .find(|old| host_ifindex(&old.host_ifname) == Some(old.host_ifindex))
+        {
+            anyhow::bail!(
+                "address {} is in use by container {} ({} of network {}, host veth {}): \
+                 refused; is another IPAM handing out the same range?",
+                ep.ip,
+                live.owner.container_id,
+                live.owner.ifname,
+                live.network,
+                live.host_ifname
+            );
+        }
         for old in clash {
             warn!(ip = %ep.ip, old_container = %old.owner.container_id, old_ifname = %old.owner.ifname,
                   old_network = %old.network, container = %ep.owner.container_id,
@@ -151,7 +172,11 @@ impl Agent {
         record::write(&self.config.endpoints_dir(), &ep)?;
         failpoint::hit(FailPoint::AgentAddAfterRecord);
         if let Err(e) = self.install(&ep, false) {
-            remove_shaper(&ep);
+            // All or nothing: what the failed install wrote goes, and the
+            // record with it (the plugin rolls back its half and the
+            // runtime retries the ADD).
+            self.undo_install(&ep);
+            record::remove(&self.config.endpoints_dir(), &ep.owner);
             return Err(e);
         }
         info!(container = %ep.owner.container_id, ifname = %ep.owner.ifname, ip = %ep.ip,
@@ -159,6 +184,30 @@ impl Agent {
         self.endpoints.insert(ep.owner.clone(), ep);
         self.generation.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// Removes what [`Self::install`] may have written for `ep`, which is
+    /// not (or no longer) a registered endpoint: its map entries where they
+    /// are still its own, and its shaper. Its filters stay on its veth,
+    /// which the plugin deletes; until then they drop its traffic as an
+    /// unknown sender's.
+    fn undo_install(&mut self, ep: &Endpoint) {
+        let entry_is_ours = self
+            .datapath
+            .endpoint(ep.ip)
+            .is_ok_and(|info| info.is_some_and(|i| i.host_ifindex == ep.host_ifindex));
+        if entry_is_ours && let Err(e) = self.datapath.remove_endpoint(ep.ip) {
+            warn!(error = %e, ip = %ep.ip, "removing the entry of an endpoint that failed to install");
+        }
+        if !self
+            .endpoints
+            .values()
+            .any(|e| e.host_ifindex == ep.host_ifindex)
+            && let Err(e) = self.datapath.remove_veth(ep.host_ifindex)
+        {
+            warn!(error = %e, host = %ep.host_ifname, "removing the veth entry of an endpoint that failed to install");
+        }
+        remove_shaper(ep);
     }
 
     /// A counter that changes whenever an endpoint is added or removed.
