@@ -1,5 +1,9 @@
 //! Every CNI verb in every supported version, through the real binary.
 
+use podnet::{
+    api::{Client, Request},
+    ipam::Owner,
+};
 use podnet_tests::{node::Node, privileged};
 use serde_json::{Value, json};
 
@@ -195,6 +199,18 @@ fn gc_releases_everything_not_in_valid_attachments() {
     let other_net = node
         .add_pod_with("gc-other-net", &other_conf)
         .expect("ADD in the other network");
+    // An older plugin's GC names no network: refused, nothing removed (it
+    // was taken for every network's, the other network's pod included).
+    let refused = Client::new(&node.socket()).call::<Vec<Owner>>(&Request::Gc {
+        valid: Vec::new(),
+        network: None,
+    });
+    assert!(refused.is_err(), "a GC without a network: {refused:?}");
+    assert_eq!(
+        node.host_veths().expect("links").len(),
+        3,
+        "nothing removed by it"
+    );
     let mut conf = node.conf("1.1.0", &Value::Null);
     conf["cni.dev/valid-attachments"] = json!([{"containerID": "gc-keep", "ifname": "eth0"}]);
     let out = node

@@ -209,7 +209,7 @@ pub enum Request {
     ListEndpoints,
     /// Remove every endpoint of `network` whose owner is not listed (CNI GC
     /// speaks for one network; other networks' endpoints are not its to
-    /// judge). Without `network` (an older plugin): every network's.
+    /// judge). Without `network` (an older plugin) the agent refuses it.
     Gc {
         valid: Vec<Owner>,
         #[serde(default, skip_serializing_if = "Option::is_none")]

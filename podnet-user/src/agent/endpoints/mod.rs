@@ -257,14 +257,24 @@ impl Agent {
         self.endpoints.get(owner)
     }
 
-    /// Removes every endpoint of `network` (every network's with `None`)
-    /// whose owner is not in `valid`; returns the removed owners.
+    /// Removes every endpoint of `network` whose owner is not in `valid`;
+    /// returns the removed owners. A GC speaks for one network only: a
+    /// request that names none (an older plugin's) is refused rather than
+    /// taken for every network's, which would remove the pods of every
+    /// other network on the node.
     pub fn gc(&mut self, network: Option<&str>, valid: &[Owner]) -> anyhow::Result<Vec<Owner>> {
+        let Some(network) = network else {
+            anyhow::bail!(
+                "GC without a network name (a plugin older than the agent) is refused: \
+                 it would remove every network's endpoints; update the plugin \
+                 (`podnetd install-cni`)"
+            );
+        };
         let valid: std::collections::HashSet<&Owner> = valid.iter().collect();
         let stale: Vec<Owner> = self
             .endpoints
             .values()
-            .filter(|ep| network.is_none_or(|n| ep.network == n) && !valid.contains(&ep.owner))
+            .filter(|ep| ep.network == network && !valid.contains(&ep.owner))
             .map(|ep| ep.owner.clone())
             .collect();
         for owner in &stale {
