@@ -53,11 +53,41 @@ pub struct StackFlow {
     pub last_seen_ns: u64,
     /// `FLOW_F_*` bits.
     pub flags: u32,
-    /// Explicit padding, always zero.
-    pub reserved: u32,
+    /// The local endpoint the entry is charged to (its pod IP, network
+    /// byte order; see [`FlowOwner`]); 0 for none (entries written before
+    /// flows were charged, when this was padding).
+    pub owner: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<StackFlow>() == 16);
+
+/// Value of the flow-owners map, keyed by a local endpoint's pod IP
+/// (network byte order): how many stack-flows entries it holds, so that
+/// one pod's traffic cannot turn the shared LRU over and evict other pods'
+/// flows (their replies would then skip the NAT). The datapath adds to
+/// `flows` for each entry it inserts and refuses (counting `refused`) once
+/// the endpoint holds its limit ([`crate::NodeConfig::stack_flows_limit`]);
+/// the agent recounts `flows` from the map every few seconds (entries that
+/// expired or were evicted). An entry is charged to the local pod that
+/// sent the flow, else to the local pod it was delivered to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct FlowOwner {
+    /// Live entries charged to the endpoint (as of the last recount, plus
+    /// the inserts since).
+    pub flows: u32,
+    /// Flows not tracked because the endpoint held its limit (monotonic).
+    pub refused: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowOwner>() == 8);
+
+/// Stack-flows entries one endpoint may hold unless the node config says
+/// otherwise: an eighth of the map, so that it takes eight pods at their
+/// limit to fill it (a busy DNS client at 90 queries a second holds about
+/// 16,000 with the 180 s timeout).
+pub const DEFAULT_STACK_FLOWS_PER_ENDPOINT: u32 = crate::names::MAX_STACK_FLOWS / 8;
 
 /// TCP FIN seen in the direction the stack delivered (the request side).
 pub const FLOW_F_FIN_FORWARD: u32 = 1;
@@ -127,4 +157,6 @@ mod user {
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: as above: u64 + two u32, no implicit padding.
     unsafe impl aya::Pod for super::StackFlow {}
+    // SAFETY: as above: two u32.
+    unsafe impl aya::Pod for super::FlowOwner {}
 }

@@ -17,5 +17,5 @@ pub mod tc;
 pub use counters::{DropReason, Verdict};
 pub use endpoint::{EndpointInfo, EndpointStats, VethEndpoint};
 pub use event::{DropEvent, EventLimiter, Program};
-pub use flow::{FlowKey, StackFlow};
+pub use flow::{FlowKey, FlowOwner, StackFlow};
 pub use node::{NodeConfig, RemoteNode};

@@ -36,6 +36,10 @@ pub const MAP_CONFIG: &str = "podnet_config";
 /// [`crate::FlowKey`] -> [`crate::StackFlow`].
 pub const MAP_STACK_FLOWS: &str = "podnet_stackflw";
 
+/// Stack-flows entries per local endpoint (hash): pod IP (network order)
+/// -> [`crate::FlowOwner`].
+pub const MAP_FLOW_OWNERS: &str = "podnet_flowown";
+
 /// Drop events (ring buffer of [`crate::DropEvent`]), read by the agent.
 pub const MAP_EVENTS: &str = "podnet_events";
 /// Per-CPU token bucket of the drop-event rate limit
@@ -46,7 +50,7 @@ pub const MAP_EVENT_LIMIT: &str = "podnet_evlimit";
 pub const MAP_EVENTS_SUPPRESSED: &str = "podnet_evsupp";
 
 /// Every map the datapath pins, for tools that list or clean the pin directory.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_ENDPOINTS,
     MAP_VERDICTS,
     MAP_DROPS,
@@ -54,6 +58,7 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_REMOTE,
     MAP_CONFIG,
     MAP_STACK_FLOWS,
+    MAP_FLOW_OWNERS,
     MAP_EVENTS,
     MAP_EVENT_LIMIT,
     MAP_EVENTS_SUPPRESSED,

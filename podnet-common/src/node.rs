@@ -90,9 +90,14 @@ pub struct NodeConfig {
     /// it but not from the node that owns that source.
     pub cluster_cidr_network: u32,
     pub cluster_cidr_mask: u32,
+    /// Stack-flows entries one local endpoint may hold (appended in layout
+    /// 5; 0 means [`crate::flow::DEFAULT_STACK_FLOWS_PER_ENDPOINT`]).
+    pub stack_flows_per_endpoint: u32,
+    /// Explicit padding, always zero.
+    pub reserved2: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 48);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 56);
 
 /// `NodeConfig::flags`, vxlan mode: from_pod encapsulates VXLAN itself
 /// (`bpf_skb_adjust_room` + `bpf_redirect_neigh` to the underlay) and
@@ -105,6 +110,16 @@ impl NodeConfig {
     #[must_use]
     pub const fn in_pod_cidr(&self, ip: u32) -> bool {
         self.pod_cidr_mask != 0 && ip & self.pod_cidr_mask == self.pod_cidr_network
+    }
+
+    /// The stack-flows entries one local endpoint may hold.
+    #[must_use]
+    pub const fn stack_flows_limit(&self) -> u32 {
+        if self.stack_flows_per_endpoint == 0 {
+            crate::flow::DEFAULT_STACK_FLOWS_PER_ENDPOINT
+        } else {
+            self.stack_flows_per_endpoint
+        }
     }
 
     /// Whether `ip` (network byte order) lies in the cluster CIDR (false

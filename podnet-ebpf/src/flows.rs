@@ -3,17 +3,20 @@
 //! of what the stack sends ([`track_reply`]); the programs that would
 //! redirect a packet ask [`divert_to_stack`] first.
 
-use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use podnet_common::{
-    FlowKey, StackFlow, Verdict,
-    flow::{FAST_PATH_TC_INDEX, FLOW_F_FIN_FORWARD, FLOW_F_FIN_REPLY, FLOW_F_RST},
+    FlowKey, FlowOwner, NodeConfig, StackFlow, Verdict,
+    flow::{
+        DEFAULT_STACK_FLOWS_PER_ENDPOINT, FAST_PATH_TC_INDEX, FLOW_F_FIN_FORWARD, FLOW_F_FIN_REPLY,
+        FLOW_F_RST,
+    },
     tc::{TC_ACT_OK, TC_ACT_UNSPEC},
 };
 
 use crate::{
     counters::count,
     lookup,
-    maps::STACK_FLOWS,
+    maps::{CONFIG, FLOW_OWNERS, STACK_FLOWS},
     packet::{self, Ipv4Fields, L3},
     verdict::pass_to_stack,
 };
@@ -219,9 +222,12 @@ pub fn divert_to_stack(ctx: &TcContext, ip: &Ipv4Fields) -> Option<i32> {
 
 /// The stack sent this packet towards a pod or another node: its replies
 /// must come back through the stack, so their direction is recorded (or
-/// refreshed).
+/// refreshed). A new entry is charged to `owner`, the local endpoint (pod
+/// IP, network byte order) whose flow it is: one that holds its limit gets
+/// no more (counted as refused), so one pod's traffic cannot turn the LRU
+/// over and evict other pods' flows.
 #[inline(always)]
-pub fn track_reply(ctx: &TcContext, ip: &Ipv4Fields) {
+pub fn track_reply(ctx: &TcContext, ip: &Ipv4Fields, owner: u32) {
     let Some(l4) = l4(ctx, ip) else {
         return;
     };
@@ -241,17 +247,66 @@ pub fn track_reply(ctx: &TcContext, ip: &Ipv4Fields) {
             return;
         }
     }
+    let quota = owner_quota(owner);
+    if let Some(quota) = quota {
+        let limit = CONFIG.get(0).map_or(
+            DEFAULT_STACK_FLOWS_PER_ENDPOINT,
+            NodeConfig::stack_flows_limit,
+        );
+        // SAFETY: pointer to a live map value from a successful lookup.
+        // Several CPUs may pass the test at once: the limit is overshot
+        // by a few entries at most.
+        if unsafe { (*quota).flows } >= limit {
+            // SAFETY: as above; the field is a naturally aligned u32 of
+            // the map value.
+            add_shared(unsafe { &raw mut (*quota).refused }, 1);
+            return;
+        }
+    }
     let fresh = StackFlow {
         last_seen_ns: now,
         flags,
-        reserved: 0,
+        owner: if quota.is_some() { owner } else { 0 },
     };
     // An LRU map makes room by evicting the least recently used entry;
     // an insert fails only on a broken map, and then the flow stays as it
     // was before podnet tracked flows.
     if STACK_FLOWS.insert(reply, fresh, 0).is_ok() {
+        if let Some(quota) = quota {
+            // SAFETY: as above.
+            add_shared(unsafe { &raw mut (*quota).flows }, 1);
+        }
         count(Verdict::StackFlowTracked);
     }
+}
+
+/// The flow-owners entry of `owner` (created on its first flow), or
+/// `None` for no owner or a full map (then the flow is tracked uncharged,
+/// as before flows were charged).
+#[inline(always)]
+fn owner_quota(owner: u32) -> Option<*mut FlowOwner> {
+    if owner == 0 {
+        return None;
+    }
+    if let Some(quota) = FLOW_OWNERS.get_ptr_mut(owner) {
+        return Some(quota);
+    }
+    // BPF_NOEXIST: another CPU may have created it meanwhile; either way
+    // the lookup below finds one.
+    let _ = FLOW_OWNERS.insert(owner, FlowOwner::default(), u64::from(BPF_NOEXIST));
+    FLOW_OWNERS.get_ptr_mut(owner)
+}
+
+/// Adds `n` to the u32 at `counter`, a field of a map value every CPU
+/// shares. Not atomic (core has no atomics for the BPF target): an
+/// increment lost to another CPU's at the same instant undercounts, which
+/// the agent's recount corrects within seconds; the limit holds within a
+/// few entries per CPU meanwhile.
+#[inline(always)]
+fn add_shared(counter: *mut u32, n: u32) {
+    // SAFETY: callers pass a pointer into a live map value, aligned for a
+    // u32; the kernel's map memory outlives the program run.
+    unsafe { *counter = (*counter).wrapping_add(n) };
 }
 
 /// The egress of the node's overlay or underlay device: everything this
@@ -268,7 +323,7 @@ pub fn track_node_egress(ctx: &mut TcContext) -> i32 {
     if let L3::Ipv4(ip) = packet::parse(ctx)
         && lookup::endpoint(ip.src).is_some()
     {
-        track_reply(ctx, &ip);
+        track_reply(ctx, &ip, ip.src);
     }
     TC_ACT_UNSPEC
 }

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use podnet_common::{
-    DropReason, EndpointInfo, EventLimiter, FlowKey, NodeConfig, RemoteNode, StackFlow, Verdict,
-    VethEndpoint,
+    DropReason, EndpointInfo, EventLimiter, FlowKey, FlowOwner, NodeConfig, RemoteNode, StackFlow,
+    Verdict, VethEndpoint,
     event::EVENTS_RING_BYTES,
     names::{MAX_ENDPOINTS, MAX_REMOTE_CIDRS, MAX_STACK_FLOWS},
 };
@@ -47,6 +47,11 @@ pub static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 /// flow's next reply would take the fast path).
 #[map(name = "podnet_stackflw")]
 pub static STACK_FLOWS: LruHashMap<FlowKey, StackFlow> = LruHashMap::pinned(MAX_STACK_FLOWS, 0);
+
+/// Stack-flows entries charged to each local endpoint (see
+/// `podnet_common::FlowOwner`): what bounds one pod's share of the LRU.
+#[map(name = "podnet_flowown")]
+pub static FLOW_OWNERS: HashMap<u32, FlowOwner> = HashMap::pinned(MAX_ENDPOINTS, 0);
 
 /// Drop events for the agent (see `events`): `DropEvent` records.
 #[map(name = "podnet_events")]

@@ -23,10 +23,14 @@ pub fn to_pod(mut ctx: TcContext) -> i32 {
     }
     // Only flows whose replies the fast path would take: from a pod of
     // this node or of another node (from_pod redirects replies to both).
-    if let L3::Ipv4(ip) = packet::parse(&mut ctx)
-        && (endpoint(ip.src).is_some() || remote_node(ip.src).is_some())
-    {
-        flows::track_reply(&ctx, &ip);
+    if let L3::Ipv4(ip) = packet::parse(&mut ctx) {
+        // Charged to the local pod that sent it, else to this veth's pod
+        // (the destination), which remote senders then share.
+        if endpoint(ip.src).is_some() {
+            flows::track_reply(&ctx, &ip, ip.src);
+        } else if remote_node(ip.src).is_some() {
+            flows::track_reply(&ctx, &ip, ip.dst);
+        }
     }
     TC_ACT_UNSPEC
 }

@@ -168,6 +168,8 @@ pub fn node1_config(mode: u32, underlay_ifindex: u32) -> NodeConfig {
         flags: 0,
         cluster_cidr_network: u32::from_ne_bytes([10, 244, 0, 0]),
         cluster_cidr_mask: u32::from_ne_bytes([255, 255, 0, 0]),
+        stack_flows_per_endpoint: 0,
+        reserved2: 0,
     }
 }
 

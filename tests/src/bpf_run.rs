@@ -98,7 +98,7 @@ fn mac_string(mac: [u8; 6]) -> String {
 pub struct BpfHarness {
     // Declared first: dropped (programs and maps closed) before the bpffs goes.
     pub datapath: Datapath,
-    _bpffs: PrivateBpffs,
+    bpffs: PrivateBpffs,
 }
 
 /// What a program did with one frame.
@@ -114,10 +114,13 @@ impl BpfHarness {
     pub fn new(tag: &str) -> anyhow::Result<Self> {
         let bpffs = PrivateBpffs::new(tag)?;
         let datapath = Datapath::load(bpffs.path())?;
-        Ok(Self {
-            datapath,
-            _bpffs: bpffs,
-        })
+        Ok(Self { datapath, bpffs })
+    }
+
+    /// The private bpffs directory the maps are pinned in.
+    #[must_use]
+    pub fn pin_dir(&self) -> &std::path::Path {
+        self.bpffs.path()
     }
 
     /// Runs program `name` once on `frame`. The kernel refuses frames shorter

@@ -9,17 +9,19 @@
 
 use std::net::Ipv4Addr;
 
-use podnet::datapath::{ip_key, monotonic_coarse_ns};
+use podnet::datapath::{FlowSweeper, ip_key, monotonic_coarse_ns};
 use podnet_common::{
-    FlowKey, StackFlow, Verdict,
-    flow::{FLOW_F_RST, FLOW_TIMEOUT_CLOSED_S, FLOW_TIMEOUT_OTHER_S},
-    names::{PROG_FROM_POD, PROG_FROM_UNDERLAY, PROG_TO_OVERLAY, PROG_TO_POD},
+    FlowKey, FlowOwner, StackFlow, Verdict,
+    flow::{
+        DEFAULT_STACK_FLOWS_PER_ENDPOINT, FLOW_F_RST, FLOW_TIMEOUT_CLOSED_S, FLOW_TIMEOUT_OTHER_S,
+    },
+    names::{MAX_STACK_FLOWS, PROG_FROM_POD, PROG_FROM_UNDERLAY, PROG_TO_OVERLAY, PROG_TO_POD},
     tc::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_UNSPEC},
 };
 use podnet_tests::{
     bpf_fixture::{
-        HOST_A_MAC, NODE1_IP, NODE2_IP, NODE2_POD, POD_A_IP, POD_A_MAC, POD_B_IP, counters,
-        two_pods,
+        HOST_A_MAC, NODE1_IP, NODE2_IP, NODE2_POD, POD_A_IP, POD_A_MAC, POD_B_IP, POD_B_MAC,
+        counters, two_pods,
     },
     bpf_run::TestUnderlay,
     frames::{self, IP_MF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, TTL_OFF},
@@ -310,7 +312,7 @@ fn expired_flows_return_to_the_fast_path() {
     let closed_now = StackFlow {
         last_seen_ns: now,
         flags: FLOW_F_RST,
-        reserved: 0,
+        owner: 0,
     };
     h.datapath
         .insert_stack_flow(tcp_key, closed_now)
@@ -346,7 +348,7 @@ fn expired_flows_return_to_the_fast_path() {
                 StackFlow {
                     last_seen_ns: now - idle,
                     flags: 0,
-                    reserved: 0,
+                    owner: 0,
                 },
             )
             .expect("insert");
@@ -362,7 +364,7 @@ fn expired_flows_return_to_the_fast_path() {
             StackFlow {
                 last_seen_ns: now,
                 flags: 0,
-                reserved: 0,
+                owner: 0,
             },
         )
         .expect("insert");
@@ -396,7 +398,7 @@ fn a_fast_path_syn_clears_a_stale_reply_entry() {
             StackFlow {
                 last_seen_ns: monotonic_coarse_ns(),
                 flags: 0,
-                reserved: 0,
+                owner: 0,
             },
         )
         .expect("insert");
@@ -488,4 +490,131 @@ fn the_node_programs_follow_stack_flows() {
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(counters(&h).verdict(Verdict::StackFlow), 1);
     assert_eq!(counters(&h).verdict(Verdict::UnderlayDeliver), 0);
+}
+
+/// Pod B's `n`th datagram of a flood to a DNS-like Service whose backend is
+/// on node 2, after the stack's DNAT: every one a new flow.
+fn flood_datagram(n: u32) -> Vec<u8> {
+    frames::ipv4_frame(
+        (CLIENT_HOST_MAC, POD_B_MAC),
+        (BACKEND_IP, NODE2_POD),
+        IPPROTO_UDP,
+        0,
+        &frames::udp_datagram(
+            u16::try_from(1024 + n % 60_000).expect("port"),
+            u16::try_from(53 + n / 60_000).expect("port"),
+            b"q",
+        ),
+    )
+}
+
+/// One pod's flood of new flows through the stack (a busy DNS client,
+/// random ports to a UDP Service whose backend is on another node) cannot
+/// evict another pod's Service connection from the table: the flooder holds
+/// at most its share (`FlowOwner`), the rest of its flows are refused and
+/// counted, the other pod's replies still go to the stack. The sweeper's
+/// recount gives a share back as the flooder's entries expire.
+#[test]
+fn one_pods_flood_cannot_evict_another_pods_flows() {
+    if !privileged("one_pods_flood_cannot_evict_another_pods_flows") {
+        return;
+    }
+    let (node1_mac, node2_mac) = ([0x02, 0x11, 0, 0, 0, 0x11], [0x02, 0x12, 0, 0, 0, 0x12]);
+    let underlay = TestUnderlay::new(
+        "sf-flood-ul",
+        node1_mac,
+        (NODE_IP, 24),
+        &[(NODE2_IP, node2_mac)],
+    )
+    .expect("test underlay");
+    let mut h = two_pods("sf-flood");
+    h.datapath
+        .upsert_node_address(NODE2_IP)
+        .expect("node address");
+    h.datapath
+        .upsert_remote("10.244.1.0/24".parse().expect("CIDR"), NODE2_IP)
+        .expect("remote CIDR");
+    let limit = DEFAULT_STACK_FLOWS_PER_ENDPOINT;
+    // Pod A's long-lived connection to a Service backend on node 2.
+    let victim = sent_by_client(
+        NODE2_POD,
+        IPPROTO_TCP,
+        0,
+        &frames::tcp_header(CLIENT_PORT, BACKEND_PORT, TCP_SYN),
+    );
+    assert_eq!(
+        h.run(PROG_TO_OVERLAY, &victim).expect("run").verdict,
+        TC_ACT_UNSPEC
+    );
+    let victim_reply = key(NODE2_POD, CLIENT_IP, BACKEND_PORT, CLIENT_PORT, IPPROTO_TCP);
+
+    // Pod B: more new flows than the whole table holds.
+    let flood = MAX_STACK_FLOWS + 20_000;
+    for port in 0..flood {
+        h.run(PROG_TO_OVERLAY, &flood_datagram(port)).expect("run");
+    }
+    let flows = h.datapath.stack_flows().expect("flows");
+    assert!(
+        flows.iter().any(|(k, _)| *k == victim_reply),
+        "pod A's connection is still followed after pod B's {flood} new flows"
+    );
+    let shares: std::collections::HashMap<Ipv4Addr, FlowOwner> = FlowSweeper::open(h.pin_dir())
+        .expect("sweeper")
+        .shares()
+        .expect("shares")
+        .into_iter()
+        .collect();
+    assert_eq!(shares[&BACKEND_IP].flows, limit, "pod B holds its share");
+    assert_eq!(
+        shares[&BACKEND_IP].refused,
+        flood - limit,
+        "the rest is refused"
+    );
+    assert_eq!(shares[&CLIENT_IP].flows, 1);
+    assert_eq!(
+        flows
+            .iter()
+            .filter(|(_, f)| f.owner == ip_key(BACKEND_IP))
+            .count(),
+        usize::try_from(limit).expect("limit")
+    );
+    // The backend's reply, arriving from node 2, goes to pod A through the
+    // stack (where the NAT is undone), not straight into the pod.
+    let reply = frames::ipv4_frame(
+        (node1_mac, node2_mac),
+        (NODE2_POD, CLIENT_IP),
+        IPPROTO_TCP,
+        0,
+        &frames::tcp_header(BACKEND_PORT, CLIENT_PORT, TCP_SYN | TCP_ACK),
+    );
+    let out = h
+        .run_arriving_on(&underlay, PROG_FROM_UNDERLAY, &reply)
+        .expect("run from_underlay");
+    assert_eq!(out.verdict, TC_ACT_OK, "the reply goes to the stack");
+
+    // One of pod B's entries expires; the recount gives its slot back.
+    let (expiring, _) = *flows
+        .iter()
+        .find(|(_, f)| f.owner == ip_key(BACKEND_IP))
+        .expect("a flow of pod B");
+    h.datapath
+        .insert_stack_flow(
+            expiring,
+            StackFlow {
+                last_seen_ns: 0,
+                flags: 0,
+                owner: ip_key(BACKEND_IP),
+            },
+        )
+        .expect("age an entry");
+    let mut sweeper = FlowSweeper::open(h.pin_dir()).expect("sweeper");
+    let report = sweeper.sweep().expect("sweep");
+    assert_eq!(report.expired_removed, 1, "{report:?}");
+    let tracked = counters(&h).verdict(Verdict::StackFlowTracked);
+    h.run(PROG_TO_OVERLAY, &flood_datagram(flood)).expect("run");
+    assert_eq!(
+        counters(&h).verdict(Verdict::StackFlowTracked),
+        tracked + 1,
+        "pod B may follow one more flow"
+    );
 }

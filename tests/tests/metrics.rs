@@ -459,7 +459,7 @@ fn map_fill_counts_a_full_stack_flows_map() {
     let flow = podnet_common::StackFlow {
         last_seen_ns: podnet::datapath::monotonic_coarse_ns(),
         flags: 0,
-        reserved: 0,
+        owner: 0,
     };
     for i in 0..MAX_STACK_FLOWS {
         let key = podnet_common::FlowKey {

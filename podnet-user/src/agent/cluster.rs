@@ -370,8 +370,9 @@ impl Agent {
 
     /// `config` with what the datapath's checks read set from the agent's
     /// configuration alone (no device needed): the node's address, VNI and
-    /// VXLAN port (vxlan mode: what a pod may not send to), its pod CIDR
-    /// and the cluster CIDR. The forwarding fields (mode, devices, flags)
+    /// VXLAN port (vxlan mode: what a pod may not send to), its pod CIDR,
+    /// the cluster CIDR and each endpoint's share of the stack-flows table.
+    /// The forwarding fields (mode, devices, flags)
     /// are left as they are.
     fn node_checks(&self, net: &NodeNetwork, config: NodeConfig) -> NodeConfig {
         let key = crate::datapath::ip_key;
@@ -388,6 +389,7 @@ impl Agent {
             pod_cidr_mask: key(pod.netmask()),
             cluster_cidr_network: key(cluster.network()),
             cluster_cidr_mask: key(cluster.netmask()),
+            stack_flows_per_endpoint: self.config().stack_flows_per_endpoint,
             ..config
         }
     }

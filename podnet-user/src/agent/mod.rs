@@ -15,7 +15,7 @@ mod server;
 mod state;
 
 pub use endpoints::{attach_mode, record};
-pub use report::{counter_totals, stack_flows};
+pub use report::{counter_totals, flow_shares, stack_flows};
 pub use server::{MAX_REQUEST_BYTES, REQUEST_READ_TIMEOUT, decode_request, serve};
 pub use state::Agent;
 
@@ -35,6 +35,9 @@ pub struct AgentConfig {
     pub pod_cidr: Ipv4Net,
     pub cluster_cidr: Ipv4Net,
     pub mtu: u32,
+    /// Stack-flows entries one endpoint may hold (0: the datapath's
+    /// default, see `podnet_common::FlowOwner`).
+    pub stack_flows_per_endpoint: u32,
     pub bpffs_dir: PathBuf,
     pub state_dir: PathBuf,
     pub socket: PathBuf,

@@ -2,9 +2,11 @@
 //! agent answers with these, and podnetctl uses them on the pinned maps
 //! when the agent is down.
 
+use std::path::Path;
+
 use crate::{
-    api::{CounterTotals, StackFlowStatus},
-    datapath::{Counters, Datapath, DatapathError, monotonic_coarse_ns},
+    api::{CounterTotals, FlowShare, StackFlowStatus},
+    datapath::{Counters, Datapath, DatapathError, FlowSweeper, monotonic_coarse_ns},
 };
 
 /// Verdict and drop totals by name.
@@ -29,4 +31,21 @@ pub fn stack_flows(datapath: &mut Datapath) -> Result<Vec<StackFlowStatus>, Data
         .collect();
     flows.sort_by_key(|f| f.idle_s);
     Ok(flows)
+}
+
+/// Each endpoint's share of the stack-flows table, read from the pins in
+/// `pin_dir`, with the limit `limit` (the node config's); largest first.
+pub fn flow_shares(pin_dir: &Path, limit: u32) -> Result<Vec<FlowShare>, DatapathError> {
+    let mut shares: Vec<FlowShare> = FlowSweeper::open(pin_dir)?
+        .shares()?
+        .into_iter()
+        .map(|(ip, owner)| FlowShare {
+            ip,
+            flows: owner.flows,
+            refused: owner.refused,
+            limit,
+        })
+        .collect();
+    shares.sort_by_key(|s| std::cmp::Reverse((s.flows, s.refused)));
+    Ok(shares)
 }

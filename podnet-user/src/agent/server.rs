@@ -236,6 +236,17 @@ fn dispatch(registry: &Mutex<Agent>, request: Request) -> (Vec<u8>, Option<Strin
         Request::StackFlows => {
             encode(super::stack_flows(reg.datapath_mut()).map_err(anyhow::Error::from))
         }
+        Request::FlowShares => {
+            let limit = reg.datapath_mut().config().map(|c| c.stack_flows_limit());
+            let pin_dir = reg.config().bpffs_dir.clone();
+            // The walk reads pins, not the agent's state.
+            drop(reg);
+            encode(
+                limit
+                    .and_then(|limit| super::report::flow_shares(&pin_dir, limit))
+                    .map_err(anyhow::Error::from),
+            )
+        }
         Request::Check => encode(reg.check()),
         Request::Explain { request } => {
             drop(reg);

@@ -105,6 +105,21 @@ pub struct StackFlowStatus {
     pub state: String,
 }
 
+/// One endpoint's share of the stack-flows table (`podnetctl flows
+/// --owners`): what bounds the flows one pod can make the node follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowShare {
+    /// The endpoint's pod IP.
+    pub ip: Ipv4Addr,
+    /// Entries charged to it (as of the agent's last recount, a few
+    /// seconds ago at most, plus the inserts since).
+    pub flows: u32,
+    /// Its flows not tracked because it held its limit.
+    pub refused: u32,
+    /// Its limit.
+    pub limit: u32,
+}
+
 impl StackFlowStatus {
     /// Describes an entry of the stack-flows map at monotonic time `now_ns`
     /// (`CLOCK_MONOTONIC_COARSE`, the programs' clock).
@@ -223,6 +238,8 @@ pub enum Request {
     Datastore,
     /// Flows the datapath hands to the host stack.
     StackFlows,
+    /// Each endpoint's share of the stack-flows table: [`FlowShare`]s.
+    FlowShares,
     /// The agent's state against the kernel's: a list of [`Drift`].
     Check,
     /// What the datapath would do with a packet a local pod sends

@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand};
 use podnet::{
     api::{
         AgentStatus, Client, ClientError, CounterTotals, DEFAULT_SOCKET, DatastoreStatus,
-        DropEventRecord, EndpointStatus, IpamStatus, MonitorHello, MonitorMessage, Request,
-        StackFlowStatus,
+        DropEventRecord, EndpointStatus, FlowShare, IpamStatus, MonitorHello, MonitorMessage,
+        Request, StackFlowStatus,
     },
     cni::result::format_mac,
     datapath::Datapath,
@@ -61,7 +61,12 @@ enum Cmd {
     Datastore,
     /// Flows the datapath hands to the host stack (replies of Service, NodePort
     /// and hostPort connections: conntrack must see them).
-    Flows,
+    Flows {
+        /// Each pod's share of the table instead: entries it holds, flows
+        /// not tracked because it held its limit, and the limit.
+        #[arg(long)]
+        owners: bool,
+    },
     /// What the datapath would do with a packet a local pod sends: run
     /// through a scratch copy of from_pod (BPF_PROG_TEST_RUN), no traffic,
     /// no counter moves.
@@ -398,6 +403,29 @@ fn flows(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     })
 }
 
+fn flow_shares(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    let list = match client.call::<Vec<FlowShare>>(&Request::FlowShares) {
+        Ok(list) => list,
+        Err(e) if agent_down(&e) => {
+            let limit = from_pins(cli)?.config()?.stack_flows_limit();
+            podnet::agent::flow_shares(&cli.bpffs_dir, limit)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    print(cli.json, &list, |list| {
+        println!(
+            "{:<16} {:>8} {:>8} {:>10}",
+            "POD IP", "FLOWS", "LIMIT", "REFUSED"
+        );
+        for s in list {
+            println!(
+                "{:<16} {:>8} {:>8} {:>10}",
+                s.ip, s.flows, s.limit, s.refused
+            );
+        }
+    })
+}
+
 /// `unix_ns` as an RFC 3339 UTC time with microseconds.
 fn format_utc(unix_ns: u64) -> String {
     let secs = unix_ns / 1_000_000_000;
@@ -520,7 +548,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::Nodes { check: false } => nodes(&cli, &client),
         Cmd::Nodes { check: true } => check(&cli, &client),
         Cmd::Datastore => datastore(&cli, &client),
-        Cmd::Flows => flows(&cli, &client),
+        Cmd::Flows { owners: false } => flows(&cli, &client),
+        Cmd::Flows { owners: true } => flow_shares(&cli, &client),
         Cmd::Explain {
             ref from,
             ref to,

@@ -23,7 +23,7 @@ use podnet::{
     },
     api::DEFAULT_SOCKET,
     bpffs,
-    datapath::{Datapath, PinnedMapReader},
+    datapath::{Datapath, FlowSweeper, PinnedMapReader},
     datastore::{
         DatastoreError, DatastoreSpec, JoinRequest,
         etcd::EtcdDatastore,
@@ -61,6 +61,11 @@ struct Args {
     /// MTU of pod interfaces (default 1500).
     #[arg(long)]
     mtu: Option<u32>,
+    /// Entries of the stack-flows table (flows through the node's NAT:
+    /// Services, NodePorts, hostPorts) one pod may hold; the flows it opens
+    /// beyond that are not tracked (default: an eighth of the table, 16384).
+    #[arg(long)]
+    stack_flows_per_endpoint: Option<u32>,
     /// Directory on a bpffs where maps and links are pinned (default /sys/fs/bpf/podnet).
     #[arg(long, env = "PODNETD_BPFFS_DIR")]
     bpffs_dir: Option<PathBuf>,
@@ -183,6 +188,7 @@ struct FileConfig {
     pod_cidr: Option<Ipv4Net>,
     cluster_cidr: Option<Ipv4Net>,
     mtu: Option<u32>,
+    stack_flows_per_endpoint: Option<u32>,
     bpffs_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
@@ -329,6 +335,10 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
         pod_cidr: pod_cidr.trunc(),
         cluster_cidr: cluster_cidr.trunc(),
         mtu: node::effective_pod_mtu(args.mtu.or(file.mtu), network.pod_mtu()),
+        stack_flows_per_endpoint: args
+            .stack_flows_per_endpoint
+            .or(file.stack_flows_per_endpoint)
+            .unwrap_or(0),
         bpffs_dir: args
             .bpffs_dir
             .clone()
@@ -424,6 +434,36 @@ fn retry_pending(registry: Arc<Mutex<Agent>>, network: NodeNetwork, ready: bool)
             };
         }
     });
+}
+
+/// Every [`FLOW_SWEEP_INTERVAL`]: removes the stack flows that expired and
+/// recounts each endpoint's share (see `podnet::datapath::FlowSweeper`), on
+/// a thread of its own with its own map handles (the agent's lock is not
+/// taken). Says when pods held their limit and flows went untracked.
+fn sweep_stack_flows(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    const FLOW_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+    let mut sweeper =
+        FlowSweeper::open(pin_dir).context("opening the stack-flows maps for the sweeper")?;
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(FLOW_SWEEP_INTERVAL);
+            match sweeper.sweep() {
+                Ok(report) if report.newly_refused > 0 => warn!(
+                    refused = report.newly_refused,
+                    live = report.live,
+                    "flows through the stack not tracked: pods at their share of the \
+                     stack-flows table (podnetctl flows --owners)"
+                ),
+                Ok(report) => tracing::debug!(
+                    live = report.live,
+                    expired = report.expired_removed,
+                    "stack flows swept"
+                ),
+                Err(e) => warn!(error = %format!("{e:#}"), "sweeping the stack flows"),
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Logs to stderr, as text or one JSON object per line (the event's fields
@@ -547,6 +587,7 @@ fn main() -> anyhow::Result<()> {
             .context("opening the pinned maps for the metrics")?,
     );
     retry_pending(Arc::clone(&registry), resolved.network.clone(), ready);
+    sweep_stack_flows(&resolved.config.bpffs_dir)?;
     match &resolved.datastore {
         DatastoreSpec::None => {
             registry

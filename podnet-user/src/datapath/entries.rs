@@ -9,8 +9,8 @@ use aya::maps::{
 };
 use ipnet::Ipv4Net;
 use podnet_common::{
-    EndpointInfo, EndpointStats, FlowKey, NodeConfig, RemoteNode, StackFlow, VethEndpoint, names,
-    node::REMOTE_NODE_ADDRESS,
+    EndpointInfo, EndpointStats, FlowKey, FlowOwner, NodeConfig, RemoteNode, StackFlow,
+    VethEndpoint, names, node::REMOTE_NODE_ADDRESS,
 };
 
 use super::{Datapath, DatapathError, ip_key, map_err, removed};
@@ -107,6 +107,17 @@ impl Datapath {
         };
         removed(self.endpoints_map()?.remove(&ip_key(ip)))
             .map_err(map_err(names::MAP_ENDPOINTS, format!("removing {ip}")))?;
+        // Its share of the stack-flows table: a pod that gets the address
+        // next starts from zero (the recount would find the old entries
+        // charged to it still).
+        let name = names::MAP_FLOW_OWNERS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        let mut owners: HashMap<_, u32, FlowOwner> =
+            HashMap::try_from(map).map_err(map_err(name, "opening as hash map"))?;
+        removed(owners.remove(&ip_key(ip))).map_err(map_err(name, format!("removing {ip}")))?;
         self.remove_veth(info.host_ifindex)
     }
 

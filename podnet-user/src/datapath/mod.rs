@@ -17,10 +17,12 @@ use crate::pinned_maps;
 mod attach;
 mod counters;
 mod entries;
+mod flow_owners;
 
 pub use attach::{NodeProgram, POD_TC_HANDLE, POD_TC_PRIORITY, PodProgram};
 pub use counters::{Counters, FILLED_MAPS, MapFill, PinnedMapReader};
 pub use entries::RemoteEntry;
+pub use flow_owners::{FlowSweeper, FlowTally, SweepReport, tally};
 use podnet_common::names;
 
 /// The eBPF object built by `build.rs` from podnet-ebpf (with BTF), embedded
