@@ -74,7 +74,13 @@ pub struct VethEndpoint {
     /// bandwidth limit); 0: none, the pod's packets take the fast path.
     pub egress_shaper_ifindex: u32,
     pub reserved: u32,
+    /// This veth's drop-event rate limit on this CPU (appended: an entry
+    /// migrated from the 40-byte layout starts with an empty bucket, full
+    /// at its first use). A pod's drops spend its own bucket, so one
+    /// flooding pod cannot silence the events of every other pod.
+    pub events: crate::EventLimiter,
 }
 
-const _: () = assert!(core::mem::size_of::<VethEndpoint>() == 40);
+const _: () = assert!(core::mem::size_of::<VethEndpoint>() == 72);
+const _: () = assert!(core::mem::offset_of!(VethEndpoint, events) == 40);
 const _: () = assert!(core::mem::offset_of!(VethEndpoint, stats) == 16);

@@ -17,10 +17,13 @@
 //! event is sent (at most the rate limit's events per second and CPU).
 //! The forwarding paths do not change (no code on them).
 //!
-//! Rate limit: a token bucket per CPU in a per-CPU array, so CPUs never
-//! contend and a flood on one CPU costs it a coarse timestamp, a compare
-//! and a few stores per dropped packet; over the limit the drop is only
-//! counted (`podnet_evsupp`, by reason). The reserve can still fail when
+//! Rate limit: a token bucket per CPU, so CPUs never contend and a flood on
+//! one CPU costs it a coarse timestamp, a compare and a few stores per
+//! dropped packet; over the limit the drop is only counted (`podnet_evsupp`,
+//! by reason). What a pod sends spends a bucket of its own (in its host
+//! veth's per-CPU entry): a pod flooding forged frames silences its own
+//! events, not the other pods'. The rest (the node's devices, veths
+//! without an entry) share one per CPU. The reserve can still fail when
 //! the agent does not read (ring full): counted the same way.
 
 use aya_ebpf::{
@@ -29,13 +32,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use podnet_common::{
-    DropEvent, DropReason, Program,
+    DropEvent, DropReason, EventLimiter, Program,
     event::{DEFAULT_DROP_EVENTS_PER_SEC, EVENT_CREDIT_CAP_NS},
 };
 
 use crate::{
     counters::bump,
-    maps::{CONFIG, EVENT_LIMIT, EVENTS, EVENTS_SUPPRESSED as SUPPRESSED},
+    maps::{CONFIG, EVENT_LIMIT, EVENTS, EVENTS_SUPPRESSED as SUPPRESSED, VETHS},
     packet::{ETH_HLEN, bytes_at},
 };
 
@@ -50,7 +53,7 @@ const IPPROTO_SCTP: u8 = 132;
 /// every drop takes only this path.
 #[inline(always)]
 pub fn report_drop(skb: *mut __sk_buff, program: Program, reason: DropReason) {
-    if take_token() {
+    if take_token(limiter_for(skb, program)) {
         send(skb, program, reason);
     } else {
         bump(&SUPPRESSED, reason as u32);
@@ -85,17 +88,34 @@ fn send(skb: *mut __sk_buff, program: Program, reason: DropReason) {
     entry.submit(0);
 }
 
-/// Takes one event's worth of this CPU's credit, if there is enough.
+/// The bucket a drop spends: a pod's (its host veth's entry, this CPU's
+/// copy) for what from_pod drops on a known veth, so that one flooding pod
+/// drains only its own; the node's (per CPU) for everything else.
+#[inline(always)]
+fn limiter_for(skb: *mut __sk_buff, program: Program) -> Option<*mut EventLimiter> {
+    if matches!(program, Program::FromPod) {
+        // SAFETY: `skb` is this run's `__sk_buff`, valid for the whole
+        // program.
+        let ifindex = unsafe { (*skb).ifindex };
+        if let Some(veth) = VETHS.get_ptr_mut(&ifindex) {
+            // SAFETY: this CPU's copy of a live per-CPU map value.
+            return Some(unsafe { &raw mut (*veth).events });
+        }
+    }
+    EVENT_LIMIT.get_ptr_mut(0)
+}
+
+/// Takes one event's worth of `limiter`'s credit, if there is enough.
 /// The coarse clock (a tick's resolution: plenty for a one-second bucket)
 /// is the cheaper one, and the cost of an event is kept with the bucket,
 /// so a suppressed drop pays no division.
 #[inline(always)]
-fn take_token() -> bool {
+fn take_token(limiter: Option<*mut EventLimiter>) -> bool {
     let rate = CONFIG.get(0).map_or(0, |config| config.drop_events_per_sec);
-    let Some(limiter) = EVENT_LIMIT.get_ptr_mut(0) else {
+    let Some(limiter) = limiter else {
         return false;
     };
-    // SAFETY: this CPU's slot of a per-CPU array, from a successful lookup;
+    // SAFETY: this CPU's slot of a per-CPU map, from a successful lookup;
     // no other program runs on this CPU while this one does.
     let limiter = unsafe { &mut *limiter };
     // Recomputed when the rate changes (and for no limit, whose cost is 0).

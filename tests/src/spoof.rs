@@ -23,44 +23,61 @@ const IPPROTO_ICMPV6: u8 = 58;
 /// Writes each of `frames` onto `ifname` inside `netns` with an AF_PACKET
 /// raw socket: the kernel sends them as they are, no header of its own.
 pub fn send_raw(netns: &str, ifname: &str, frames: &[Vec<u8>]) -> anyhow::Result<()> {
-    let ifname = ifname.to_owned();
-    let frames = frames.to_vec();
-    run_in(netns, move || send_raw_here(&ifname, &frames))?
+    RawSocket::open(netns, ifname)?.send(frames)
 }
 
-fn send_raw_here(ifname: &str, frames: &[Vec<u8>]) -> anyhow::Result<()> {
-    let ifindex = nix::net::if_::if_nametoindex(ifname)?;
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error().into());
+/// An AF_PACKET raw socket on a device of a netns, opened once: sending
+/// from it needs no thread in that netns, so frames of several pods can be
+/// interleaved from one thread.
+pub struct RawSocket {
+    socket: OwnedFd,
+    ifindex: u32,
+}
+
+impl RawSocket {
+    /// A raw socket on `ifname` inside `netns`.
+    pub fn open(netns: &str, ifname: &str) -> anyhow::Result<Self> {
+        let ifname = ifname.to_owned();
+        run_in(netns, move || -> anyhow::Result<Self> {
+            let ifindex = nix::net::if_::if_nametoindex(ifname.as_str())?;
+            // SAFETY: plain socket(2); the result is checked before use.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error().into());
+            }
+            // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+            let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+            Ok(Self { socket, ifindex })
+        })?
     }
-    // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = u16::try_from(libc::AF_PACKET)?;
-    addr.sll_ifindex = i32::try_from(ifindex)?;
-    addr.sll_halen = 6;
-    for frame in frames {
-        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-        // SAFETY: `frame` and `addr` are valid for the lengths passed and
-        // outlive the call.
-        let sent = unsafe {
-            libc::sendto(
-                socket.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&raw const addr).cast(),
-                u32::try_from(std::mem::size_of::<libc::sockaddr_ll>())?,
-            )
-        };
-        if sent < 0 {
-            return Err(io::Error::last_os_error().into());
+
+    /// Writes each of `frames` as it is.
+    pub fn send(&self, frames: &[Vec<u8>]) -> anyhow::Result<()> {
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = u16::try_from(libc::AF_PACKET)?;
+        addr.sll_ifindex = i32::try_from(self.ifindex)?;
+        addr.sll_halen = 6;
+        for frame in frames {
+            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+            // SAFETY: `frame` and `addr` are valid for the lengths passed and
+            // outlive the call.
+            let sent = unsafe {
+                libc::sendto(
+                    self.socket.as_raw_fd(),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    u32::try_from(std::mem::size_of::<libc::sockaddr_ll>())?,
+                )
+            };
+            if sent < 0 {
+                return Err(io::Error::last_os_error().into());
+            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// A UDP port in a namespace that records every datagram's payload.

@@ -229,6 +229,7 @@ fn monitor_shows_spoofed_drops_with_their_pod_and_rate_limits_a_flood() {
     drop(text);
 
     flood_is_rate_limited_and_accounted(&scene, &monitor);
+    a_flooding_pod_silences_only_itself(&scene, &monitor);
 }
 
 /// A flood: far more forged frames than the rate lets through. Every one
@@ -328,5 +329,57 @@ fn flood_is_rate_limited_and_accounted(scene: &Scene, monitor: &Monitor) {
         dropped,
         "every drop is either reported or summed as suppressed ({events} events, \
          {suppressed} suppressed)"
+    );
+}
+
+/// While the attacker floods (its bucket long empty), the other pod's one
+/// forged frame, sent in the middle of the flood on the same CPU, is
+/// reported: each pod spends a bucket of its own.
+fn a_flooding_pod_silences_only_itself(scene: &Scene, monitor: &Monitor) {
+    let flood_src = Ipv4Addr::new(10, 244, 7, 252);
+    let other_src = Ipv4Addr::new(10, 244, 7, 253);
+    let flood: Vec<Vec<u8>> = (0..FLOOD)
+        .map(|i| scene.forged(flood_src, &format!("again-{i}")))
+        .collect();
+    let target_mac = spoof::mac_of(scene.target.netns.name(), "eth0").expect("target MAC");
+    let target_gw =
+        spoof::host_veth_mac(scene.target.netns.name(), scene.node.netns.name()).expect("MAC");
+    let from_target = spoof::udp_frame(
+        (target_gw, target_mac),
+        (other_src, scene.attacker.ip),
+        PORT,
+        b"forged-by-the-other-pod",
+    );
+    let attacker = spoof::RawSocket::open(scene.attacker.netns.name(), "eth0").expect("socket");
+    let target = spoof::RawSocket::open(scene.target.netns.name(), "eth0").expect("socket");
+    let seen_before = monitor.lines().len();
+    // One thread on one CPU: each CPU has buckets of its own, and a frame
+    // is handled on its sender's CPU. The attacker's burst (one second's
+    // worth of events) is long spent when the other pod's frame comes,
+    // microseconds after the attacker's last.
+    let all_cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity");
+    let mut cpu0 = nix::sched::CpuSet::new();
+    cpu0.set(0).expect("CPU 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpu0).expect("pin to CPU 0");
+    let (first, second) = flood.split_at(FLOOD / 2);
+    attacker.send(first).expect("flood");
+    target.send(&[from_target]).expect("send from the target");
+    attacker.send(second).expect("flood");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &all_cpus)
+        .expect("restore affinity");
+    let mut event = None;
+    podnet_tests::wait_up_to(
+        Duration::from_secs(3),
+        "the other pod's drop event during the flood",
+        || {
+            event = monitor.drop_from(seen_before, other_src);
+            event.is_some()
+        },
+    );
+    let event = event.expect("waited for");
+    assert_eq!(
+        event["pod"]["container_id"],
+        scene.target.container_id.as_str(),
+        "{event}"
     );
 }

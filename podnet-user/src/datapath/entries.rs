@@ -9,8 +9,8 @@ use aya::maps::{
 };
 use ipnet::Ipv4Net;
 use podnet_common::{
-    EndpointInfo, EndpointStats, FlowKey, FlowOwner, NodeConfig, RemoteNode, StackFlow,
-    VethEndpoint, names, node::REMOTE_NODE_ADDRESS,
+    EndpointInfo, EndpointStats, EventLimiter, FlowKey, FlowOwner, NodeConfig, RemoteNode,
+    StackFlow, VethEndpoint, names, node::REMOTE_NODE_ADDRESS,
 };
 
 use super::{Datapath, DatapathError, ip_key, map_err, removed};
@@ -64,6 +64,7 @@ impl Datapath {
             stats: EndpointStats::default(),
             egress_shaper_ifindex,
             reserved: 0,
+            events: EventLimiter::default(),
         };
         let name = names::MAP_VETHS;
         let mut veths = self.veths_map()?;
@@ -71,6 +72,7 @@ impl Datapath {
             per_cpu.iter().all(|v| {
                 VethEndpoint {
                     stats: EndpointStats::default(),
+                    events: EventLimiter::default(),
                     ..*v
                 } == identity
             })
