@@ -97,7 +97,7 @@ fn limiter_for(skb: *mut __sk_buff, program: Program) -> Option<*mut EventLimite
         // SAFETY: `skb` is this run's `__sk_buff`, valid for the whole
         // program.
         let ifindex = unsafe { (*skb).ifindex };
-        if let Some(veth) = VETHS.get_ptr_mut(&ifindex) {
+        if let Some(veth) = VETHS.get_ptr_mut(ifindex) {
             // SAFETY: this CPU's copy of a live per-CPU map value.
             return Some(unsafe { &raw mut (*veth).events });
         }
