@@ -368,7 +368,98 @@ async fn respond(
 
 #[cfg(test)]
 mod tests {
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpStream,
+    };
+
     use super::*;
+    use crate::agent::metrics::{AgentInfo, CniOp, CniOps, OpSubject};
+
+    /// An HTTP/1.0 GET: the status and the body.
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .expect("request");
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.expect("answer");
+        let status = raw
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned());
+        (status, body.unwrap_or_default())
+    }
+
+    /// A server on a free loopback port of its own; its CNI counters.
+    async fn server() -> (SocketAddr, CniOps) {
+        let cni = CniOps::default();
+        let info = AgentInfo {
+            version: "test".into(),
+            mode: "local".into(),
+            node: "n".into(),
+            datastore: "none".into(),
+        };
+        let metrics = Arc::new(AgentMetrics::new(&info, &cni));
+        let listener = bind("127.0.0.1:0".parse().expect("address"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(serve(listener, metrics));
+        (addr, cni)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_that_send_nothing_do_not_lock_out_a_probe() {
+        let (addr, _) = server().await;
+        // Three times the connections the port serves at once, none
+        // sending a request (each would hold its slot for HEADER_TIMEOUT).
+        let mut idle = Vec::new();
+        for _ in 0..3 * MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.expect("connect"));
+        }
+        let started = Instant::now();
+        let (status, body) = tokio::time::timeout(Duration::from_secs(2), get(addr, "/healthz"))
+            .await
+            .expect("/healthz answered before any idle connection timed out");
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+        eprintln!(
+            "/healthz behind {} idle connections: {:?}",
+            idle.len(),
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_recent_scrape_is_served_again() {
+        let (addr, cni) = server().await;
+        let add = |cni: &CniOps| {
+            cni.record(
+                CniOp::Add,
+                &OpSubject::default(),
+                None,
+                Duration::from_millis(1),
+            );
+        };
+        let (status, first) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        add(&cni);
+        let (_, again) = get(addr, "/metrics").await;
+        assert_eq!(first, again, "within SCRAPE_FRESH: the same exposition");
+        tokio::time::sleep(SCRAPE_FRESH).await;
+        let (_, later) = get(addr, "/metrics").await;
+        assert_ne!(
+            first, later,
+            "the ADD is counted once the exposition is stale"
+        );
+        assert!(
+            later.contains("podnet_cni_operations_total{verb=\"add\",result=\"ok\"} 1"),
+            "{later}"
+        );
+    }
 
     #[test]
     fn the_connection_limit_leaves_most_descriptors_to_the_agent() {
