@@ -108,7 +108,8 @@ struct Args {
     #[arg(long, value_parser = parse_duration)]
     cidr_release_after: Option<std::time::Duration>,
     /// Serve Prometheus metrics (/metrics) and health probes (/healthz,
-    /// /readyz) over HTTP on this address, e.g. 0.0.0.0:9962 (default: off).
+    /// /readyz) over HTTP on this address, e.g. 127.0.0.1:9962, or the
+    /// node's address for a scraper off the node (default: off).
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
     /// Log lines as plain text (default) or one JSON object per line.
