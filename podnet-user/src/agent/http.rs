@@ -1,7 +1,7 @@
 //! podnetd's HTTP endpoint (`--metrics-addr`) for Prometheus and probes:
 //! `/metrics` (OpenMetrics text), `/healthz` (the process serves) and
 //! `/readyz` (the agent is ready, see [`AgentMetrics::readiness`]). Plain
-//! HTTP/1 on the agent's tokio runtime.
+//! HTTP/1 on a thread and tokio runtime of its own ([`start`]).
 //!
 //! Anyone who reaches the port may use it (with `hostNetwork`, every pod
 //! can reach its node's addresses), so nothing here may take more than a
@@ -47,7 +47,7 @@ use tokio::{
     net::TcpListener,
     sync::{Mutex, Notify, Semaphore},
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{accept::AcceptErrors, metrics::AgentMetrics};
 
@@ -75,6 +75,8 @@ pub enum HttpError {
     },
     #[error("accepting a metrics connection")]
     Accept(#[source] std::io::Error),
+    #[error("starting the metrics server's thread and runtime")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// Binds `addr` (so that a wrong address fails the agent's start).
@@ -82,6 +84,59 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| HttpError::Bind { addr, source })
+}
+
+/// Blocking threads the metrics runtime may use: one map walk (scrapes
+/// take turns) and one `/readyz`.
+pub const BLOCKING_THREADS: usize = 2;
+
+/// Serves `addr` on a thread and a runtime of its own (one reactor thread,
+/// at most [`BLOCKING_THREADS`] blocking threads), apart from the runtime
+/// and the blocking pool that serve the CNI plugin: a scrape flood costs
+/// the agent's socket no reactor time and no blocking thread. Returns once
+/// `addr` is bound (so that a wrong address fails the agent's start); the
+/// thread runs for the life of the process and logs why if it stops.
+pub fn start(addr: SocketAddr, metrics: Arc<AgentMetrics>) -> Result<(), HttpError> {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("podnetd-metrics".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .max_blocking_threads(BLOCKING_THREADS)
+                .thread_name("podnetd-metrics-blocking")
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(source) => {
+                    let _ = bound_tx.send(Err(HttpError::Runtime(source)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let listener = match bind(addr).await {
+                    Ok(listener) => {
+                        let _ = bound_tx.send(Ok(()));
+                        listener
+                    }
+                    Err(e) => {
+                        let _ = bound_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if let Err(e) = serve(listener, metrics).await {
+                    warn!(error = %format!("{:#}", anyhow::Error::from(e)), "the metrics server stopped");
+                }
+            });
+        })
+        .map_err(HttpError::Runtime)?;
+    bound_rx.recv().unwrap_or_else(|_| {
+        // The thread ended without a word: it panicked.
+        let _ = spawned.join();
+        Err(HttpError::Runtime(std::io::Error::other(
+            "the metrics thread ended before binding",
+        )))
+    })
 }
 
 /// The agent's soft descriptor limit (`RLIMIT_NOFILE`), if it can be read.

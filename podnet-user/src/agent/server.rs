@@ -166,10 +166,10 @@ async fn handle(
         }
         Ok(request) => {
             debug!(?request, "request");
-            // CNI operations take no turn: the blocking pool (512 threads)
-            // is theirs, as nothing else may hold more than a few of its
-            // threads (podnetctl's requests here, one explain, one scrape
-            // and one /readyz on the metrics port).
+            // CNI operations take no turn: this runtime's blocking pool
+            // (512 threads) is theirs, as nothing else may hold more than
+            // a few of its threads (podnetctl's requests, one explain);
+            // the metrics port has a runtime of its own (`http::start`).
             let _turn = match &request {
                 _ if CniOp::of(&request).is_some() => None,
                 Request::Explain { .. } => {
