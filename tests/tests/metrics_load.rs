@@ -157,14 +157,16 @@ fn probe_health(netns: &str, addr: SocketAddr, stop: &Arc<AtomicBool>) -> JoinHa
         let mut last_ok = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let started = Instant::now();
-            if get_status(addr, "/healthz", Duration::from_secs(2)) == Ok(Some(200)) {
+            let ok = get_status(addr, "/healthz", Duration::from_secs(2)) == Ok(Some(200));
+            // Since the last answer, this probe's own wait included.
+            probes.longest_gap = probes.longest_gap.max(last_ok.elapsed());
+            if ok {
                 probes.ok += 1;
                 probes.slowest_ok = probes.slowest_ok.max(started.elapsed());
                 last_ok = Instant::now();
             } else {
                 probes.failed += 1;
             }
-            probes.longest_gap = probes.longest_gap.max(last_ok.elapsed());
             std::thread::sleep(Duration::from_millis(100));
         }
         probes
