@@ -143,6 +143,8 @@ pub struct Node {
     bin_dir: Option<PathBuf>,
     /// More arguments for every start of the agent (e.g. `--metrics-addr`).
     agent_args: Vec<String>,
+    /// The agent's descriptor limit (`RLIMIT_NOFILE`), when not inherited.
+    agent_nofile: Option<u64>,
 }
 
 impl Node {
@@ -173,11 +175,32 @@ impl Node {
         Self::start_with(tag, pod_cidr, None, agent_args)
     }
 
+    /// [`Node::start_with_agent_args`] with the agent limited to `nofile`
+    /// open descriptors (on every start).
+    pub fn start_with_agent_args_and_nofile(
+        tag: &str,
+        pod_cidr: &str,
+        agent_args: &[&str],
+        nofile: u64,
+    ) -> anyhow::Result<Self> {
+        Self::start_configured(tag, pod_cidr, None, agent_args, Some(nofile))
+    }
+
     fn start_with(
         tag: &str,
         pod_cidr: &str,
         bin_dir: Option<&Path>,
         agent_args: &[&str],
+    ) -> anyhow::Result<Self> {
+        Self::start_configured(tag, pod_cidr, bin_dir, agent_args, None)
+    }
+
+    fn start_configured(
+        tag: &str,
+        pod_cidr: &str,
+        bin_dir: Option<&Path>,
+        agent_args: &[&str],
+        agent_nofile: Option<u64>,
     ) -> anyhow::Result<Self> {
         let netns = NetNs::new(tag)?;
         let node_ip = Ipv4Addr::new(10, 99, 0, 1);
@@ -191,6 +214,7 @@ impl Node {
             node_ip,
             bin_dir: bin_dir.map(Path::to_path_buf),
             agent_args: agent_args.iter().map(|&a| a.to_owned()).collect(),
+            agent_nofile,
         };
         node.start_agent()?;
         Ok(node)
@@ -219,7 +243,7 @@ impl Node {
             .append(true)
             .open(self.state.path().join("podnetd.log"))?;
         let (state_dir, socket) = (self.state_dir(), self.socket());
-        let child = Podnetd {
+        let mut cmd = Podnetd {
             bin_dir: self.bin_dir.as_deref(),
             netns: self.netns.name(),
             node_name: self.netns.name(),
@@ -227,12 +251,16 @@ impl Node {
             state_dir: &state_dir,
             socket: &socket,
         }
-        .command(Lifetime::Test, log)?
-        .envs(env.iter().copied())
-        .arg("--pod-cidr")
-        .arg(&self.pod_cidr)
-        .args(&self.agent_args)
-        .spawn()?;
+        .command(Lifetime::Test, log)?;
+        if let Some(nofile) = self.agent_nofile {
+            podnetd::limit_descriptors(&mut cmd, nofile);
+        }
+        let child = cmd
+            .envs(env.iter().copied())
+            .arg("--pod-cidr")
+            .arg(&self.pod_cidr)
+            .args(&self.agent_args)
+            .spawn()?;
         self.agent = Some(AgentProcess { child });
         if podnetd::wait_for_socket(&socket, Duration::from_secs(15)) {
             return Ok(());

@@ -69,6 +69,33 @@ impl Podnetd<'_> {
     }
 }
 
+/// Starts the agent with at most `limit` open file descriptors (soft and
+/// hard `RLIMIT_NOFILE`): a node whose descriptors run out is reproduced
+/// with a limit rather than with the host's whole table.
+pub fn limit_descriptors(cmd: &mut Command, limit: u64) {
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls setrlimit(2), which is async-signal-safe; it captures a
+    // plain integer.
+    unsafe {
+        cmd.pre_exec(move || {
+            let rlimit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: `rlimit` is a valid, initialised struct for the call.
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const rlimit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// How many descriptors the process `pid` has open (its `/proc/<pid>/fd`).
+pub fn open_descriptors(pid: u32) -> std::io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
 /// Waits up to `limit` until the agent's socket accepts a connection.
 #[must_use]
 pub fn wait_for_socket(socket: &Path, limit: Duration) -> bool {

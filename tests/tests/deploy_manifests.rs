@@ -108,16 +108,22 @@ fn check_flags(used: &BTreeMap<String, Option<String>>, subcommand: Option<&str>
     }
 }
 
-fn metrics_port(flags: &BTreeMap<String, Option<String>>, what: &str) -> u16 {
-    let addr: SocketAddr = flags
+/// The `--metrics-addr` value of a command line (variables expanded).
+fn metrics_addr(flags: &BTreeMap<String, Option<String>>, what: &str) -> String {
+    flags
         .get("--metrics-addr")
         .and_then(Clone::clone)
         .unwrap_or_else(|| panic!("{what} has no --metrics-addr value"))
-        .parse()
-        .unwrap_or_else(|e| panic!("{what}: --metrics-addr: {e}"));
-    // Probes (the kubelet's, Prometheus') come from off the node's loopback.
-    assert!(addr.ip().is_unspecified(), "{what}: metrics on {addr} only");
-    addr.port()
+}
+
+/// The port of a metrics address `<host>:<port>`, whose host is checked by
+/// the caller.
+fn metrics_port(addr: &str, what: &str) -> u16 {
+    let (_, port) = addr
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("{what}: --metrics-addr {addr} has no port"));
+    port.parse()
+        .unwrap_or_else(|e| panic!("{what}: --metrics-addr {addr}: {e}"))
 }
 
 // ---------------------------------------------------------------- systemd
@@ -165,13 +171,31 @@ fn unit_values<'a>(
         .collect()
 }
 
-/// An Exec line's words, without systemd's prefixes (`-`, `@`, `+`, ...)
-/// and without `$VAR` words (the operator's extra arguments).
-fn exec_words(line: &str) -> Vec<String> {
+/// An Exec line's words, without systemd's prefixes (`-`, `@`, `+`, ...),
+/// with `${VAR}` replaced by the unit's own `Environment=` value (the
+/// default an `EnvironmentFile` may override) and without `$VAR` words
+/// (the operator's extra arguments, split into words by systemd).
+fn exec_words(line: &str, unit: &BTreeMap<String, Vec<(String, String)>>) -> Vec<String> {
+    let env: BTreeMap<&str, &str> = unit_values(unit, "Service", "Environment")
+        .iter()
+        .filter_map(|assignment| assignment.split_once('='))
+        .collect();
     let line = line.trim_start_matches(['-', '@', '+', '!', ':']);
     line.split_whitespace()
-        .filter(|w| !w.starts_with('$'))
-        .map(str::to_owned)
+        .filter(|w| !w.starts_with('$') || w.starts_with("${"))
+        .map(|w| {
+            w.strip_prefix("${")
+                .and_then(|w| w.strip_suffix('}'))
+                .map_or_else(
+                    || w.to_owned(),
+                    |var| {
+                        (*env
+                            .get(var)
+                            .unwrap_or_else(|| panic!("${{{var}}} has no Environment= default")))
+                        .to_owned()
+                    },
+                )
+        })
         .collect()
 }
 
@@ -181,10 +205,10 @@ fn systemd_unit_installs_the_cni_files_then_runs_podnetd_with_real_flags() {
 
     let pre = unit_values(&unit, "Service", "ExecStartPre");
     assert_eq!(pre.len(), 1, "one ExecStartPre: {pre:?}");
-    let pre = exec_words(pre[0]);
+    let pre = exec_words(pre[0], &unit);
     let start = unit_values(&unit, "Service", "ExecStart");
     assert_eq!(start.len(), 1, "one ExecStart: {start:?}");
-    let start = exec_words(start[0]);
+    let start = exec_words(start[0], &unit);
 
     // The same podnetd both times, and the plugin is installed from next to
     // it (install-cni's default source): no --plugin-source pointing
@@ -208,7 +232,28 @@ fn systemd_unit_installs_the_cni_files_then_runs_podnetd_with_real_flags() {
         "the plugin's socket is the agent's"
     );
     assert!(!start.iter().any(|w| w == "install-cni" || w == "--once"));
-    assert_eq!(metrics_port(&agent_flags, "ExecStart"), 9962);
+    // Metrics and health on the node's loopback by default: a pod's
+    // 127.0.0.1 is its own, so no pod reaches the port; an operator sets
+    // the node's address in /etc/default/podnetd for an off-node scraper.
+    let addr: SocketAddr = metrics_addr(&agent_flags, "ExecStart")
+        .parse()
+        .expect("the unit's default --metrics-addr is an address");
+    assert!(
+        addr.ip().is_loopback(),
+        "metrics on {addr}, reachable from pods"
+    );
+    assert_eq!(addr.port(), 9962);
+    let environment = unit_values(&unit, "Service", "Environment");
+    let files = unit_values(&unit, "Service", "EnvironmentFile");
+    assert_eq!(files, ["-/etc/default/podnetd"]);
+    // The default comes before the file that may override it (systemd
+    // applies Environment= and EnvironmentFile= in order).
+    let settings = &unit["Service"];
+    let position = |key: &str| settings.iter().position(|(k, _)| k == key);
+    assert!(
+        position("Environment") < position("EnvironmentFile"),
+        "the default {environment:?} is read before /etc/default/podnetd"
+    );
 
     assert_eq!(unit_values(&unit, "Service", "Restart"), ["always"]);
     let caps: BTreeSet<&str> = unit_values(&unit, "Service", "CapabilityBoundingSet")
@@ -461,8 +506,20 @@ fn daemon_set_agent_flags_etcd_endpoints_and_probes_agree() {
         expand(value, agent, &m.config_map);
     }
 
-    // Probes: /healthz and /readyz on the port --metrics-addr listens on.
-    let port = metrics_port(&flags, "the podnetd container");
+    // Probes: /healthz and /readyz on the port --metrics-addr listens on,
+    // which is the node's address (what the kubelet probes a hostNetwork
+    // pod on, and Prometheus scrapes), not every address of the node.
+    let addr = expand(
+        &metrics_addr(&flags, "the podnetd container"),
+        agent,
+        &m.config_map,
+    );
+    let (host, _) = addr.rsplit_once(':').expect("host:port");
+    assert_eq!(
+        host, "<status.hostIP>",
+        "--metrics-addr listens on the node's address from the downward API"
+    );
+    let port = metrics_port(&addr, "the podnetd container");
     let ports = array_of(&agent["ports"], "ports");
     let resolve = |probe_port: &Value| -> u64 {
         probe_port.as_u64().unwrap_or_else(|| {

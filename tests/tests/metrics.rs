@@ -38,7 +38,11 @@ fn metrics(node: &Node) -> String {
     metrics_in(node.netns.name())
 }
 
+/// The agent's exposition, showing everything done before the call: the
+/// agent serves a scrape up to `SCRAPE_FRESH` old again (it walks the maps
+/// at most once per that long), so the call waits that long first.
 fn metrics_in(netns: &str) -> String {
+    std::thread::sleep(podnet::agent::http::SCRAPE_FRESH + Duration::from_millis(50));
     let answer = get_in(netns, "/metrics");
     assert_eq!(answer.status, 200, "{answer:?}");
     assert!(

@@ -1,14 +1,45 @@
 //! The agent's side of `podnetctl explain` (see [`crate::explain`]): the
-//! live state the packet's path reads is copied under the registry's lock;
-//! the scratch datapath is loaded and run after it is released, so CNI
-//! operations never wait for a verifier.
+//! live state the packet's path reads is copied under the registry's lock
+//! (point lookups: the two stack-flow keys of the packet, never a walk of
+//! the table); the scratch datapath is loaded and run after it is
+//! released, so CNI operations never wait for a verifier. Loading one
+//! costs a verifier run and a bpffs mount: at most [`SCRATCH_LOADS`] run
+//! at once, and a request that cannot start within [`SCRATCH_WAIT`] is
+//! told the agent is busy.
 
-use std::sync::Mutex;
+use std::{sync::Mutex, time::Duration};
 
 use anyhow::Context as _;
 
 use super::Agent;
 use crate::explain::{self, ExplainRequest, Explanation, Names, Sender, World};
+
+/// Scratch datapaths loaded at once, at most.
+pub const SCRATCH_LOADS: usize = 1;
+/// How long an explain request waits for its turn before it is refused.
+pub const SCRATCH_WAIT: Duration = Duration::from_secs(10);
+
+static SCRATCH: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(SCRATCH_LOADS);
+
+/// A turn to load a scratch datapath, waiting up to `wait` for one; held
+/// until the explanation is done.
+pub async fn scratch_turn(wait: Duration) -> anyhow::Result<tokio::sync::SemaphorePermit<'static>> {
+    turn(&SCRATCH, wait).await
+}
+
+async fn turn(
+    gate: &tokio::sync::Semaphore,
+    wait: Duration,
+) -> anyhow::Result<tokio::sync::SemaphorePermit<'_>> {
+    match tokio::time::timeout(wait, gate.acquire()).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_)) => anyhow::bail!("the agent is shutting down"),
+        Err(_) => anyhow::bail!(
+            "busy: {SCRATCH_LOADS} explain request(s) already loading a scratch datapath for {} s; try again",
+            wait.as_secs()
+        ),
+    }
+}
 
 impl Agent {
     /// The sender, the live state its packet meets, and names for it.
@@ -42,11 +73,15 @@ impl Agent {
             .filter(|r| r.cidr.contains(&request.to))
             .map(|r| (r.cidr, r.node_ip, r.node_address))
             .collect();
-        let flows = datapath
-            .stack_flows()?
-            .into_iter()
-            .filter(|(key, _)| keys.contains(key))
-            .collect();
+        // Looked up, not walked: the table holds up to MAX_STACK_FLOWS
+        // entries and this runs under the agent's lock, which every CNI
+        // operation takes.
+        let mut flows = Vec::new();
+        for key in keys {
+            if let Some(flow) = datapath.stack_flow(&key)? {
+                flows.push((key, flow));
+            }
+        }
         let world = World {
             config: datapath.config()?,
             sender_veth: datapath.veth(endpoint.host_ifindex)?,
@@ -97,4 +132,25 @@ pub fn explain(registry: &Mutex<Agent>, request: ExplainRequest) -> anyhow::Resu
         request,
         sender,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_second_explain_waits_then_is_told_the_agent_is_busy() {
+        let gate = tokio::sync::Semaphore::new(SCRATCH_LOADS);
+        let first = turn(&gate, Duration::from_millis(10))
+            .await
+            .expect("the first turn");
+        let busy = turn(&gate, Duration::from_millis(50))
+            .await
+            .expect_err("no second load at once");
+        assert!(busy.to_string().starts_with("busy:"), "{busy}");
+        drop(first);
+        let _again = turn(&gate, Duration::from_millis(10))
+            .await
+            .expect("a turn once the first is done");
+    }
 }

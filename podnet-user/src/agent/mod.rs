@@ -1,6 +1,7 @@
 //! The node agent: owns the datapath (programs, pinned maps and links), the
 //! node's endpoints, and serves the CNI plugin and podnetctl on a unix socket.
 
+mod accept;
 mod check;
 pub mod cluster;
 mod endpoints;

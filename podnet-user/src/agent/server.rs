@@ -28,6 +28,12 @@ pub const MAX_REQUEST_BYTES: u64 = 1 << 20;
 /// How long a client may take to send its request line; a connection that
 /// sends nothing must not hold a task (and a file descriptor) forever.
 pub const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// podnetctl's requests (listings, counters, checks: some walk maps under
+/// the agent's lock) handled at once, at most. CNI operations do not wait
+/// for these: they take no turn (see [`handle`]).
+pub const OPERATOR_REQUESTS: usize = 4;
+
+static OPERATOR_LANE: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(OPERATOR_REQUESTS);
 
 /// Binds `socket` with mode 0600 from the first moment it is reachable:
 /// bound inside a fresh 0700 directory beside it, made 0600 there and only
@@ -78,8 +84,21 @@ pub async fn serve(
     let info_path = crate::api::node_info_path(socket);
     std::fs::write(&info_path, serde_json::to_vec_pretty(&node)?)
         .with_context(|| format!("writing {}", info_path.display()))?;
+    // Running out of descriptors (or a connection failing before it is
+    // accepted) must not end the agent: new pods would get no network
+    // until it is restarted.
+    let mut errors = super::accept::AcceptErrors::new("agent socket");
     loop {
-        let (stream, _) = listener.accept().await.context("accepting a connection")?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                errors
+                    .failed(e)
+                    .await
+                    .context("accepting a connection: the socket is unusable")?;
+                continue;
+            }
+        };
         let registry = Arc::clone(&registry);
         let ops = ops.clone();
         let monitor = monitor.clone();
@@ -147,6 +166,25 @@ async fn handle(
         }
         Ok(request) => {
             debug!(?request, "request");
+            // CNI operations take no turn: this runtime's blocking pool
+            // (512 threads) is theirs, as nothing else may hold more than
+            // a few of its threads (podnetctl's requests, one explain);
+            // the metrics port has a runtime of its own (`http::start`).
+            let _turn = match &request {
+                _ if CniOp::of(&request).is_some() => None,
+                Request::Explain { .. } => {
+                    match super::explain::scratch_turn(super::explain::SCRATCH_WAIT).await {
+                        Ok(turn) => Some(turn),
+                        Err(e) => return write_answer(&mut write, &encode::<()>(Err(e)).0).await,
+                    }
+                }
+                _ => Some(
+                    OPERATOR_LANE
+                        .acquire()
+                        .await
+                        .context("waiting for a turn")?,
+                ),
+            };
             // Datapath and netlink calls block: keep them off the reactor.
             tokio::task::spawn_blocking(move || {
                 let started = std::time::Instant::now();
@@ -167,11 +205,14 @@ async fn handle(
             .context("request handler panicked")?
         }
     };
-    write
-        .write_all(&answer)
-        .await
-        .context("writing the answer")?;
-    Ok(())
+    write_answer(&mut write, &answer).await
+}
+
+async fn write_answer(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    answer: &[u8],
+) -> anyhow::Result<()> {
+    write.write_all(answer).await.context("writing the answer")
 }
 
 /// Streams monitor messages to one client until it hangs up. Never holds

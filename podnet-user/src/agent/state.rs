@@ -9,7 +9,7 @@
 //! | `follow.rs`, `join.rs` | following the cluster in the datastore (they call into `cluster.rs` through the agent, never the datapath) |
 //! | `check.rs` | comparing what the agent believes with what the kernel holds |
 //! | `explain.rs` | copying what a packet's path reads for `podnetctl explain` |
-//! | `server.rs`, `metrics/`, `monitor.rs`, `http.rs` | the socket, Prometheus metrics, drop events, health |
+//! | `server.rs`, `metrics/`, `monitor.rs`, `http.rs`, `accept.rs` | the socket, Prometheus metrics, drop events, health, accept loops that survive running out of descriptors |
 //!
 //! Here: opening the agent (loading the records and reconciling), the
 //! retries of what could not be set up yet, and status.

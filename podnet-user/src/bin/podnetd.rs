@@ -34,7 +34,7 @@ use podnet::{
 };
 use podnet_common::node;
 use serde::Deserialize;
-use tracing::{info, warn};
+use tracing::info;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -113,7 +113,8 @@ struct Args {
     #[arg(long, value_parser = parse_duration)]
     cidr_release_after: Option<std::time::Duration>,
     /// Serve Prometheus metrics (/metrics) and health probes (/healthz,
-    /// /readyz) over HTTP on this address, e.g. 0.0.0.0:9962 (default: off).
+    /// /readyz) over HTTP on this address, e.g. 127.0.0.1:9962, or the
+    /// node's address for a scraper off the node (default: off).
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
     /// Log lines as plain text (default) or one JSON object per line.
@@ -490,7 +491,6 @@ fn init_logging(format: LogFormat) {
 /// the start). Served from the start, so that a liveness probe passes while
 /// the agent waits for the datastore; /readyz says what it waits for.
 fn telemetry(
-    runtime: &tokio::runtime::Runtime,
     resolved: &Resolved,
     addr: Option<SocketAddr>,
 ) -> anyhow::Result<(CniOps, Arc<AgentMetrics>)> {
@@ -507,14 +507,10 @@ fn telemetry(
         &cni_ops,
     ));
     if let Some(addr) = addr {
-        let listener = runtime.block_on(agent::http::bind(addr))?;
+        // Its own thread and runtime: scrapes never compete with the CNI
+        // plugin's requests for this runtime's threads.
+        agent::http::start(addr, Arc::clone(&metrics))?;
         info!(%addr, "serving /metrics, /healthz and /readyz");
-        let metrics = Arc::clone(&metrics);
-        runtime.spawn(async move {
-            if let Err(e) = agent::http::serve(listener, metrics).await {
-                warn!(error = %format!("{:#}", anyhow::Error::from(e)), "the metrics server stopped");
-            }
-        });
     }
     Ok((cni_ops, metrics))
 }
@@ -559,7 +555,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let (cni_ops, metrics) = telemetry(&runtime, &resolved, metrics_addr.filter(|_| !args.once))?;
+    let (cni_ops, metrics) = telemetry(&resolved, metrics_addr.filter(|_| !args.once))?;
     let lease_ttl = std::time::Duration::from_secs(args.etcd_lease_ttl);
     join(&mut resolved, &runtime, lease_ttl)?;
     let config = resolved.config.clone();

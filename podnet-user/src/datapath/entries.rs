@@ -285,6 +285,16 @@ impl Datapath {
             .collect()
     }
 
+    /// The stack flow `key`, if the table holds it: one lookup, where
+    /// [`Self::stack_flows`] walks a table of up to `MAX_STACK_FLOWS`.
+    pub fn stack_flow(&mut self, key: &FlowKey) -> Result<Option<StackFlow>, DatapathError> {
+        match self.stack_flows_map()?.get(key, 0) {
+            Ok(flow) => Ok(Some(flow)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(map_err(names::MAP_STACK_FLOWS, "looking up a flow")(source)),
+        }
+    }
+
     /// Adds or replaces a stack flow (tests; the datapath records its own).
     pub fn insert_stack_flow(
         &mut self,
