@@ -35,7 +35,7 @@ fn fill_stack_flows(pin_dir: &Path) -> Duration {
     let flow = StackFlow {
         last_seen_ns: podnet::datapath::monotonic_coarse_ns(),
         flags: 0,
-        reserved: 0,
+        owner: 0,
     };
     for i in 0..MAX_STACK_FLOWS {
         // Sources outside the node's pods: no packet of the test meets them.

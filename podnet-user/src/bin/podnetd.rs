@@ -449,7 +449,7 @@ fn sweep_stack_flows(pin_dir: &std::path::Path) -> anyhow::Result<()> {
         loop {
             std::thread::sleep(FLOW_SWEEP_INTERVAL);
             match sweeper.sweep() {
-                Ok(report) if report.newly_refused > 0 => warn!(
+                Ok(report) if report.newly_refused > 0 => tracing::warn!(
                     refused = report.newly_refused,
                     live = report.live,
                     "flows through the stack not tracked: pods at their share of the \
@@ -460,7 +460,7 @@ fn sweep_stack_flows(pin_dir: &std::path::Path) -> anyhow::Result<()> {
                     expired = report.expired_removed,
                     "stack flows swept"
                 ),
-                Err(e) => warn!(error = %format!("{e:#}"), "sweeping the stack flows"),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "sweeping the stack flows"),
             }
         }
     });
