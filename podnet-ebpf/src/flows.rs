@@ -254,8 +254,9 @@ pub fn track_reply(ctx: &TcContext, ip: &Ipv4Fields, owner: u32) {
             NodeConfig::stack_flows_limit,
         );
         // SAFETY: pointer to a live map value from a successful lookup.
-        // Several CPUs may pass the test at once: the limit is overshot
-        // by a few entries at most.
+        // Several CPUs may pass the test at once, and increments lost to
+        // a race undercount (`add_shared`): a pod flooding from several
+        // CPUs may overshoot its limit until the agent's next recount.
         if unsafe { (*quota).flows } >= limit {
             // SAFETY: as above; the field is a naturally aligned u32 of
             // the map value.
@@ -300,8 +301,8 @@ fn owner_quota(owner: u32) -> Option<*mut FlowOwner> {
 /// Adds `n` to the u32 at `counter`, a field of a map value every CPU
 /// shares. Not atomic (core has no atomics for the BPF target): an
 /// increment lost to another CPU's at the same instant undercounts, which
-/// the agent's recount corrects within seconds; the limit holds within a
-/// few entries per CPU meanwhile.
+/// the agent's recount (every 5 s) corrects; one pod's overshoot is bounded
+/// by what it can insert between two recounts while racing itself.
 #[inline(always)]
 fn add_shared(counter: *mut u32, n: u32) {
     // SAFETY: callers pass a pointer into a live map value, aligned for a
