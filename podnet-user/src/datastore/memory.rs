@@ -30,6 +30,10 @@ struct State {
     /// Liveness records and the lease they are under.
     live: BTreeMap<String, (NodeRecord, LeaseId)>,
     members: BTreeMap<String, NodeRecord>,
+    /// The revision each member record and liveness record was created
+    /// at, as etcd keeps a key's create revision across rewrites.
+    member_created: BTreeMap<String, i64>,
+    live_created: BTreeMap<String, i64>,
     gone: BTreeMap<String, Tombstone>,
     leases: BTreeSet<LeaseId>,
     next_lease: LeaseId,
@@ -37,6 +41,30 @@ struct State {
     unreachable: bool,
     /// Joins that were attempted (also while unreachable).
     join_attempts: u32,
+}
+
+impl State {
+    /// The revision the running write commits at.
+    const fn next_revision(&self) -> i64 {
+        self.revision + 1
+    }
+
+    fn insert_member(&mut self, record: NodeRecord) {
+        let at = self.next_revision();
+        self.member_created.entry(record.name.clone()).or_insert(at);
+        self.members.insert(record.name.clone(), record);
+    }
+
+    fn insert_live(&mut self, record: NodeRecord, lease: LeaseId) {
+        let at = self.next_revision();
+        self.live_created.entry(record.name.clone()).or_insert(at);
+        self.live.insert(record.name.clone(), (record, lease));
+    }
+
+    fn remove_live(&mut self, name: &str) -> Option<(NodeRecord, LeaseId)> {
+        self.live_created.remove(name);
+        self.live.remove(name)
+    }
 }
 
 #[derive(Debug)]
@@ -125,7 +153,7 @@ impl MemoryDatastore {
     /// the keys of an expired lease.
     pub fn expire(&self, name: &str) {
         self.write(|s| {
-            if let Some((_, lease)) = s.live.remove(name) {
+            if let Some((_, lease)) = s.remove_live(name) {
                 s.leases.remove(&lease);
             }
         });
@@ -138,16 +166,20 @@ impl MemoryDatastore {
             let lease = s.next_lease;
             s.next_lease += 1;
             s.leases.insert(lease);
-            s.members.insert(record.name.clone(), record.clone());
-            s.live.insert(record.name.clone(), (record, lease));
+            s.insert_member(record.clone());
+            s.insert_live(record, lease);
         });
+    }
+
+    /// Writes only a liveness record, as is, without a lease, a durable
+    /// record or a claim: what one `etcdctl put /podnet/nodes/<name>` does.
+    pub fn put_live_only(&self, record: NodeRecord) {
+        self.write(|s| s.insert_live(record, 0));
     }
 
     /// Writes a durable member record as is (no lease, no claim).
     pub fn put_member(&self, record: NodeRecord) {
-        self.write(|s| {
-            s.members.insert(record.name.clone(), record);
-        });
+        self.write(|s| s.insert_member(record));
     }
 
     /// Claims `cidr` for `name` as is.
@@ -176,6 +208,12 @@ impl MemoryDatastore {
             members: s.members.clone(),
             gone: s.gone.clone(),
             claims: s.claims.clone(),
+            order: s
+                .live_created
+                .iter()
+                .chain(&s.member_created)
+                .map(|(name, at)| (name.clone(), *at))
+                .collect(),
             invalid: s.invalid.clone(),
         }
     }
@@ -258,8 +296,8 @@ impl Datastore for MemoryDatastore {
                     node_ip: request.node_ip,
                     pod_cidr: cidr,
                 };
-                s.live.insert(name.clone(), (record.clone(), lease));
-                s.members.insert(name.clone(), record);
+                s.insert_live(record.clone(), lease);
+                s.insert_member(record);
                 s.gone.remove(&name);
                 Ok(lease)
             }
@@ -342,6 +380,7 @@ impl Datastore for MemoryDatastore {
                 return false;
             }
             s.members.remove(name);
+            s.member_created.remove(name);
             s.gone.remove(name);
             for cidr in &release.cidrs {
                 s.claims.remove(cidr);
