@@ -15,7 +15,7 @@ use podnet::{
     api::{Client, Request},
     datastore::{
         DatastoreError, JoinRequest, NodeRecord,
-        etcd::EtcdDatastore,
+        etcd::{EtcdAccess, EtcdDatastore},
         membership::{self, NodeState, Policy, Release},
     },
 };
@@ -75,9 +75,13 @@ fn racing_agents_never_share_a_cidr_and_a_returning_node_keeps_its_own() {
             let joins = (0..16).map(|i| {
                 let endpoints = endpoints.clone();
                 async move {
-                    let mut store = EtcdDatastore::connect(&endpoints, Duration::from_secs(30))
-                        .await
-                        .expect("connect");
+                    let mut store = EtcdDatastore::connect(
+                        &endpoints,
+                        Duration::from_secs(30),
+                        &EtcdAccess::plain(),
+                    )
+                    .await
+                    .expect("connect");
                     let request = JoinRequest {
                         name: format!("racer{i}"),
                         node_ip: std::net::Ipv4Addr::new(
@@ -99,9 +103,10 @@ fn racing_agents_never_share_a_cidr_and_a_returning_node_keeps_its_own() {
             });
             let first: Vec<_> = futures::future::join_all(joins).await;
             // racer3 comes back.
-            let mut store = EtcdDatastore::connect(&endpoints, Duration::from_secs(30))
-                .await
-                .expect("connect");
+            let mut store =
+                EtcdDatastore::connect(&endpoints, Duration::from_secs(30), &EtcdAccess::plain())
+                    .await
+                    .expect("connect");
             let again = store
                 .join(&JoinRequest {
                     name: "racer3".into(),
@@ -336,7 +341,7 @@ fn request(name: &str, host: u8) -> JoinRequest {
 }
 
 async fn connect(endpoints: &[String]) -> EtcdDatastore {
-    EtcdDatastore::connect(endpoints, Duration::from_mins(2))
+    EtcdDatastore::connect(endpoints, Duration::from_mins(2), &EtcdAccess::plain())
         .await
         .expect("connect")
 }

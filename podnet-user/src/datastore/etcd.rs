@@ -31,11 +31,16 @@
 //! requests while one member of three is down. The agent moves to the next
 //! member instead when its member fails (`agent::follow`).
 
-use std::time::Duration;
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, Permission,
+    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, UserAddOptions, WatchOptions,
 };
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -79,6 +84,259 @@ struct TombstoneValue {
     since: u64,
 }
 
+/// How an agent or a tool proves who it is to etcd and checks etcd's
+/// certificate: TLS with a CA (and, with etcd's `--client-cert-auth`, a
+/// client certificate whose common name etcd takes as the user name), and
+/// optionally an etcd user and password. The default is plain `http://`.
+#[derive(Clone, Default)]
+pub struct EtcdAccess {
+    tls: Option<EtcdTls>,
+    user: Option<(String, String)>,
+}
+
+#[derive(Clone)]
+struct EtcdTls {
+    ca: Certificate,
+    identity: Option<Identity>,
+}
+
+/// The files [`EtcdAccess::load`] reads.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdAccessFiles {
+    /// CA bundle that signed the members' certificates (`--etcd-ca`).
+    pub ca: Option<PathBuf>,
+    /// Client certificate (`--etcd-cert`), with `key`.
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (`--etcd-key`).
+    pub key: Option<PathBuf>,
+    /// etcd user (`--etcd-user`), with `password_file`.
+    pub user: Option<String>,
+    /// File holding the user's password (`--etcd-password-file`): never a
+    /// command-line argument, which every user of the machine can read.
+    pub password_file: Option<PathBuf>,
+}
+
+/// Why [`EtcdAccess`] could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdAccessError {
+    #[error("reading the etcd {what} {}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the etcd {what} {} holds no PEM {expected}", path.display())]
+    NotPem {
+        what: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("the etcd password file {} is empty", .0.display())]
+    EmptyPassword(PathBuf),
+    #[error("etcd access: {0}")]
+    Incomplete(&'static str),
+    #[error("etcd endpoint {endpoint}: {msg}")]
+    Endpoint { endpoint: String, msg: &'static str },
+}
+
+impl fmt::Debug for EtcdAccess {
+    // Never the password (the agent logs its configuration).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdAccess")
+            .field("tls", &self.tls.is_some())
+            .field(
+                "client_certificate",
+                &self.tls.as_ref().is_some_and(|t| t.identity.is_some()),
+            )
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+fn read_pem(
+    what: &'static str,
+    path: &Path,
+    expected: &'static str,
+) -> Result<Vec<u8>, EtcdAccessError> {
+    let bytes = std::fs::read(path).map_err(|source| EtcdAccessError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })?;
+    // The TLS library's own message for a key file that is no PEM is
+    // "unexpected EOF" at connect time; say which file it is now.
+    if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
+        return Err(EtcdAccessError::NotPem {
+            what,
+            path: path.to_owned(),
+            expected,
+        });
+    }
+    Ok(bytes)
+}
+
+impl EtcdAccess {
+    /// Plain `http://`, no user.
+    #[must_use]
+    pub fn plain() -> Self {
+        Self::default()
+    }
+
+    /// TLS from PEM bytes: the CA, and a client certificate and key.
+    #[must_use]
+    pub fn from_pem(ca: &[u8], identity: Option<(&[u8], &[u8])>) -> Self {
+        Self {
+            tls: Some(EtcdTls {
+                ca: Certificate::from_pem(ca),
+                identity: identity.map(|(cert, key)| Identity::from_pem(cert, key)),
+            }),
+            user: None,
+        }
+    }
+
+    /// The same, also logging in as `user`.
+    #[must_use]
+    pub fn with_user(mut self, user: &str, password: &str) -> Self {
+        self.user = Some((user.to_owned(), password.to_owned()));
+        self
+    }
+
+    /// Reads the files named by the flags. A certificate needs its key (and
+    /// the other way round), a client certificate needs a CA, a user needs
+    /// a password file.
+    pub fn load(files: &EtcdAccessFiles) -> Result<Self, EtcdAccessError> {
+        let identity = match (&files.cert, &files.key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((
+                read_pem("client certificate", cert, "certificate")?,
+                read_pem("client key", key, "private key")?,
+            )),
+            _ => {
+                return Err(EtcdAccessError::Incomplete(
+                    "--etcd-cert and --etcd-key go together",
+                ));
+            }
+        };
+        let tls = match (&files.ca, identity) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(EtcdAccessError::Incomplete(
+                    "a client certificate needs --etcd-ca (the CA of etcd's certificates)",
+                ));
+            }
+            (Some(ca), identity) => Some(EtcdTls {
+                ca: Certificate::from_pem(read_pem("CA", ca, "certificate")?),
+                identity: identity.map(|(cert, key)| Identity::from_pem(cert, key)),
+            }),
+        };
+        let user = match (&files.user, &files.password_file) {
+            (None, None) => None,
+            (Some(user), Some(path)) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| EtcdAccessError::Read {
+                        what: "password file",
+                        path: path.clone(),
+                        source,
+                    })?;
+                // One line; the newline an editor or `echo` adds is not part of it.
+                let password = text.trim_end_matches(['\r', '\n']);
+                if password.is_empty() {
+                    return Err(EtcdAccessError::EmptyPassword(path.clone()));
+                }
+                Some((user.clone(), password.to_owned()))
+            }
+            _ => {
+                return Err(EtcdAccessError::Incomplete(
+                    "--etcd-user and --etcd-password-file go together",
+                ));
+            }
+        };
+        Ok(Self { tls, user })
+    }
+
+    /// Whether this uses TLS.
+    #[must_use]
+    pub const fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Checks `endpoints` against this: `https://` needs a CA (etcd's
+    /// certificate would go unchecked otherwise), and with TLS set up every
+    /// endpoint is `https://` (a client certificate sent in the clear to an
+    /// `http://` URL proves nothing and the traffic is readable).
+    pub fn check_endpoints(&self, endpoints: &[String]) -> Result<(), EtcdAccessError> {
+        for endpoint in endpoints {
+            let https = endpoint.starts_with("https://");
+            if https && self.tls.is_none() {
+                return Err(EtcdAccessError::Endpoint {
+                    endpoint: endpoint.clone(),
+                    msg: "https:// needs --etcd-ca",
+                });
+            }
+            if !https && self.tls.is_some() {
+                return Err(EtcdAccessError::Endpoint {
+                    endpoint: endpoint.clone(),
+                    msg: "with --etcd-ca every endpoint is https://",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// `options` with this TLS configuration and user (for a tool that
+    /// talks to etcd with its own client).
+    #[must_use]
+    pub fn apply(&self, mut options: ConnectOptions) -> ConnectOptions {
+        if let Some(tls) = &self.tls {
+            let mut config = TlsOptions::new().ca_certificate(tls.ca.clone());
+            if let Some(identity) = &tls.identity {
+                config = config.identity(identity.clone());
+            }
+            options = options.with_tls(config);
+        }
+        if let Some((user, password)) = &self.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        options
+    }
+}
+
+/// The etcd user (and role) of node `name`: the common name of its client
+/// certificate. Its role may write only that node's own keys.
+#[must_use]
+pub fn node_user(name: &str) -> String {
+    format!("podnet-node-{name}")
+}
+
+/// The etcd user and role that writes cluster-wide objects (and may do
+/// everything under `/podnet/`): an operator's, never a node's.
+pub const OPERATOR_USER: &str = "podnet-operator";
+
+/// Where cluster-wide objects live (NetworkPolicies, Services, ...): only
+/// the operator's role writes under it.
+pub const CLUSTER_PREFIX: &str = "/podnet/cluster/";
+
+/// What `node_user(name)`'s role may do, as (key, prefix?, write?): read
+/// everything under `/podnet/` (every agent routes to every node); write
+/// its own liveness and durable record (exact keys: a prefix
+/// `/podnet/nodes/node1` would also cover `node10`); and write the shared
+/// bookkeeping every agent takes part in: the CIDR claims (a claim is made
+/// by a create-only transaction, which a role cannot express, so the
+/// prefix is writable; readers do not take a claim over the incumbent's
+/// record, see [`super::membership::plan`]) and the tombstones of nodes
+/// that went away.
+#[must_use]
+pub fn node_permissions(name: &str) -> Vec<(String, bool, bool)> {
+    vec![
+        (PREFIX.to_owned(), true, false),
+        (node_key(name), false, true),
+        (member_key(name), false, true),
+        (CIDRS.to_owned(), true, true),
+        (GONE.to_owned(), true, true),
+    ]
+}
+
 /// How one member of the cluster sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemberStatus {
@@ -101,8 +359,9 @@ impl EtcdDatastore {
     pub async fn connect(
         endpoints: &[String],
         lease_ttl: Duration,
+        access: &EtcdAccess,
     ) -> Result<Self, DatastoreError> {
-        Self::connect_from(endpoints, 0, lease_ttl)
+        Self::connect_from(endpoints, 0, lease_ttl, access)
             .await
             .map(|(store, _)| store)
     }
@@ -113,11 +372,12 @@ impl EtcdDatastore {
         endpoints: &[String],
         first: usize,
         lease_ttl: Duration,
+        access: &EtcdAccess,
     ) -> Result<(Self, usize), DatastoreError> {
         let mut last = None;
         for k in 0..endpoints.len() {
             let i = (first + k) % endpoints.len();
-            match Self::connect_one(&endpoints[i], lease_ttl).await {
+            match Self::connect_one(&endpoints[i], lease_ttl, access).await {
                 Ok(store) => return Ok((store, i)),
                 Err(e) => last = Some(e),
             }
@@ -131,7 +391,11 @@ impl EtcdDatastore {
 
     /// Connects to one member and checks that it serves: a linearizable
     /// read, answered only by a member that has a leader and a quorum.
-    pub async fn connect_one(endpoint: &str, lease_ttl: Duration) -> Result<Self, DatastoreError> {
+    pub async fn connect_one(
+        endpoint: &str,
+        lease_ttl: Duration,
+        access: &EtcdAccess,
+    ) -> Result<Self, DatastoreError> {
         // Short timeouts: the caller moves on to the next member. HTTP/2
         // pings find a member that vanished without closing the connection
         // (etcd refuses pings more often than every 5 s). `require_leader`:
@@ -142,6 +406,8 @@ impl EtcdDatastore {
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_require_leader(true);
+        access.check_endpoints(&[endpoint.to_owned()])?;
+        let options = access.apply(options);
         let err = |action: &str| {
             let (endpoint, action) = (endpoint.to_owned(), action.to_owned());
             move |source| DatastoreError::Etcd {
@@ -167,6 +433,117 @@ impl EtcdDatastore {
             .await
             .map_err(err("reading"))?;
         Ok(store)
+    }
+
+    /// Sets up least privilege on a cluster without authentication yet
+    /// (connected as anyone; idempotent when auth is on and this is root):
+    /// the `root` user (etcd's own, which auth needs; `root_password`, or
+    /// none for a client-certificate login with common name `root`), the
+    /// operator's user and role ([`OPERATOR_USER`], everything under
+    /// `/podnet/`), a user and role per node ([`node_user`],
+    /// [`node_permissions`]); then turns authentication on. Users get no
+    /// password: they log in with their client certificate's common name.
+    pub async fn setup_auth(
+        &mut self,
+        root_password: Option<&str>,
+        nodes: &[String],
+    ) -> Result<(), DatastoreError> {
+        let users: Vec<String> = self
+            .client
+            .user_list()
+            .await
+            .map_err(self.err("listing the users"))?
+            .users()
+            .to_vec();
+        if !users.iter().any(|u| u == "root") {
+            let options = match root_password {
+                Some(_) => None,
+                None => Some(UserAddOptions::new().with_no_pwd()),
+            };
+            self.client
+                .user_add("root", root_password.unwrap_or_default(), options)
+                .await
+                .map_err(self.err("adding the root user"))?;
+            self.client
+                .user_grant_role("root", "root")
+                .await
+                .map_err(self.err("granting root the root role"))?;
+        }
+        self.add_user(OPERATOR_USER, &[(PREFIX.to_owned(), true, true)], &users)
+            .await?;
+        for node in nodes {
+            self.add_user(&node_user(node), &node_permissions(node), &users)
+                .await?;
+        }
+        self.client
+            .auth_enable()
+            .await
+            .map_err(self.err("enabling authentication"))?;
+        Ok(())
+    }
+
+    /// Adds a node's user and role to a cluster with auth on (as root or
+    /// anyone with the right): a node that joins later.
+    pub async fn add_node_user(&mut self, node: &str) -> Result<(), DatastoreError> {
+        let users: Vec<String> = self
+            .client
+            .user_list()
+            .await
+            .map_err(self.err("listing the users"))?
+            .users()
+            .to_vec();
+        self.add_user(&node_user(node), &node_permissions(node), &users)
+            .await
+    }
+
+    /// The user `name` with a role of the same name holding exactly
+    /// `permissions` (key, prefix?, write?).
+    async fn add_user(
+        &mut self,
+        name: &str,
+        permissions: &[(String, bool, bool)],
+        existing: &[String],
+    ) -> Result<(), DatastoreError> {
+        let roles: Vec<String> = self
+            .client
+            .role_list()
+            .await
+            .map_err(self.err("listing the roles"))?
+            .roles()
+            .to_vec();
+        if !roles.iter().any(|r| r == name) {
+            self.client
+                .role_add(name)
+                .await
+                .map_err(self.err(format!("adding the role {name}")))?;
+        }
+        for (key, prefix, write) in permissions {
+            let permission = if *write {
+                Permission::read_write(key.as_str())
+            } else {
+                Permission::read(key.as_str())
+            };
+            let permission = if *prefix {
+                permission.with_prefix()
+            } else {
+                permission
+            };
+            self.client
+                .role_grant_permission(name, permission)
+                .await
+                .map_err(self.err(format!("granting {name} {key}")))?;
+        }
+        if !existing.iter().any(|u| u == name) {
+            self.client
+                .user_add(name, "", Some(UserAddOptions::new().with_no_pwd()))
+                .await
+                .map_err(self.err(format!("adding the user {name}")))?;
+        }
+        self.client
+            .user_grant_role(name, name)
+            .await
+            .map_err(self.err(format!("granting {name} its role")))?;
+        Ok(())
     }
 
     /// The member this connection talks to.
@@ -384,6 +761,11 @@ impl EtcdDatastore {
                 .map_or(0, etcd_client::ResponseHeader::revision),
             ..Snapshot::default()
         };
+        // Claim order: the durable record's creation (a node's publish
+        // rewrites it but keeps its creation revision; a new record gets
+        // the revision of the moment it was written, which nobody chooses).
+        let mut member_created = BTreeMap::new();
+        let mut live_created = BTreeMap::new();
         for kv in response.kvs() {
             let Ok(key) = kv.key_str() else {
                 snapshot
@@ -392,16 +774,18 @@ impl EtcdDatastore {
                 continue;
             };
             let parsed = if let Some(name) = key.strip_prefix(NODES) {
-                serde_json::from_slice::<NodeRecord>(kv.value())
-                    .ok()
-                    .filter(|r| r.name == name)
-                    .map(|r| snapshot.live.insert(name.to_owned(), r))
+                parse_record(name, kv.value())
+                    .map(|r| {
+                        live_created.insert(name.to_owned(), kv.create_revision());
+                        snapshot.live.insert(name.to_owned(), r)
+                    })
                     .is_some()
             } else if let Some(name) = key.strip_prefix(MEMBERS) {
-                serde_json::from_slice::<NodeRecord>(kv.value())
-                    .ok()
-                    .filter(|r| r.name == name)
-                    .map(|r| snapshot.members.insert(name.to_owned(), r))
+                parse_record(name, kv.value())
+                    .map(|r| {
+                        member_created.insert(name.to_owned(), kv.create_revision());
+                        snapshot.members.insert(name.to_owned(), r)
+                    })
                     .is_some()
             } else if let Some(name) = key.strip_prefix(GONE) {
                 serde_json::from_slice::<TombstoneValue>(kv.value())
@@ -429,6 +813,8 @@ impl EtcdDatastore {
                 snapshot.invalid.push(key.to_owned());
             }
         }
+        snapshot.order = live_created;
+        snapshot.order.extend(member_created);
         Ok(snapshot)
     }
 
@@ -523,6 +909,15 @@ impl EtcdDatastore {
             }
         }
     }
+}
+
+/// A node record stored under `name`'s key: a valid record naming the key's
+/// node (a record under another node's key is no record of it).
+#[must_use]
+pub fn parse_record(name: &str, value: &[u8]) -> Option<NodeRecord> {
+    serde_json::from_slice::<NodeRecord>(value)
+        .ok()
+        .filter(|r| r.name == name)
 }
 
 /// The value a transaction's `or_else` get found, if the key existed.

@@ -58,10 +58,12 @@ impl LabLayout {
         for member in self.etcd.iter().filter(|m| m.pid != 0) {
             loop {
                 let url = member.client_url.clone();
+                let access = self.etcd_access()?;
                 let ready = self.on_fabric_runtime(async move {
                     podnet::datastore::etcd::EtcdDatastore::connect_one(
                         &url,
                         Duration::from_secs(10),
+                        &access,
                     )
                     .await
                     .is_ok()
@@ -158,6 +160,7 @@ impl LabLayout {
             .filter(|m| m.pid != 0)
             .map(|m| (m.name.clone(), m.client_url.clone()))
             .collect();
+        let access = self.etcd_access()?;
         self.on_fabric_runtime(async move {
             use podnet::datastore::etcd::EtcdDatastore;
             // Member IDs are etcd's; map them to names by asking each
@@ -166,7 +169,7 @@ impl LabLayout {
             let mut leader = 0;
             for (name, url) in running {
                 if let Ok(mut store) =
-                    EtcdDatastore::connect_one(&url, Duration::from_secs(10)).await
+                    EtcdDatastore::connect_one(&url, Duration::from_secs(10), &access).await
                     && let Ok(status) = store.member_status().await
                 {
                     ids.push((status.member_id, name));
@@ -218,13 +221,21 @@ impl LabLayout {
         Ok(())
     }
 
+    /// How the lab's tools reach its etcd: plain `http://` (the lab's
+    /// etcd listens only inside its fabric namespace).
+    pub fn etcd_access(&self) -> anyhow::Result<podnet::datastore::etcd::EtcdAccess> {
+        Ok(podnet::datastore::etcd::EtcdAccess::plain())
+    }
+
     /// Everything podnet keeps in etcd, read at one revision.
     pub fn etcd_snapshot(&self) -> anyhow::Result<podnet::datastore::membership::Snapshot> {
         let endpoints = self.etcd_endpoints();
+        let access = self.etcd_access()?;
         self.on_fabric_runtime(async move {
             let mut store = podnet::datastore::etcd::EtcdDatastore::connect(
                 &endpoints,
                 Duration::from_secs(10),
+                &access,
             )
             .await?;
             store.snapshot().await
