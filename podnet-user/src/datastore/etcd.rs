@@ -15,6 +15,12 @@
 //!   during the grace period) by every agent, also one that restarted since.
 //! - `gone/<name>` = `{"since": <unix seconds>}`: the node's tombstone,
 //!   written by the first agent that saw the node without its lease.
+//! - `held/<name>/<network>_<prefix>` = empty: written with the node's
+//!   record by every publish, never rewritten by anyone else; its creation
+//!   revision is when the node first announced that CIDR, the claim order
+//!   that decides conflicts between records ([`super::membership::Snapshot::order`]).
+//!   A per-node prefix, so that with etcd roles only the node writes it
+//!   (the `cidrs/` claims are shared bookkeeping that every node writes).
 //!
 //! A node publishes itself (liveness key, record, tombstone removed) in one
 //! transaction that checks its claim still names it, and a claim is released
@@ -39,8 +45,8 @@ use std::{
 };
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, Permission,
-    PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, UserAddOptions, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
+    Permission, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, UserAddOptions, WatchOptions,
 };
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -56,6 +62,7 @@ const CIDRS: &str = "/podnet/cidrs/";
 const NODES: &str = "/podnet/nodes/";
 const MEMBERS: &str = "/podnet/members/";
 const GONE: &str = "/podnet/gone/";
+const HELD: &str = "/podnet/held/";
 
 fn cidr_key(cidr: Ipv4Net) -> String {
     format!("{CIDRS}{}_{}", cidr.network(), cidr.prefix_len())
@@ -76,6 +83,30 @@ fn member_key(name: &str) -> String {
 
 fn gone_key(name: &str) -> String {
     format!("{GONE}{name}")
+}
+
+/// The prefix of `name`'s claim-order keys (the trailing `/` keeps
+/// `node1`'s prefix off `node10`'s keys).
+fn held_prefix(name: &str) -> String {
+    format!("{HELD}{name}/")
+}
+
+fn held_key(name: &str, cidr: Ipv4Net) -> String {
+    format!(
+        "{}{}_{}",
+        held_prefix(name),
+        cidr.network(),
+        cidr.prefix_len()
+    )
+}
+
+fn parse_held_key(key: &str) -> Option<(&str, Ipv4Net)> {
+    let (name, cidr) = key.strip_prefix(HELD)?.split_once('/')?;
+    let (net, prefix) = cidr.split_once('_')?;
+    Some((
+        name,
+        Ipv4Net::new(net.parse().ok()?, prefix.parse().ok()?).ok()?,
+    ))
 }
 
 /// The value of a tombstone key.
@@ -325,13 +356,14 @@ pub const CLUSTER_PREFIX: &str = "/podnet/cluster/";
 /// by a create-only transaction, which a role cannot express, so the
 /// prefix is writable; readers do not take a claim over the incumbent's
 /// record, see [`super::membership::plan`]) and the tombstones of nodes
-/// that went away.
+/// that went away. Its claim-order keys (`held/<name>/`) are its own.
 #[must_use]
 pub fn node_permissions(name: &str) -> Vec<(String, bool, bool)> {
     vec![
         (PREFIX.to_owned(), true, false),
         (node_key(name), false, true),
         (member_key(name), false, true),
+        (held_prefix(name), true, true),
         (CIDRS.to_owned(), true, true),
         (GONE.to_owned(), true, true),
     ]
@@ -690,6 +722,9 @@ impl EtcdDatastore {
                     Some(PutOptions::new().with_lease(lease)),
                 ),
                 TxnOp::put(member_key(name), value, None),
+                // Created once per CIDR (a put on an existing key keeps its
+                // creation revision): the node's claim order for it.
+                TxnOp::put(held_key(name, cidr), "", None),
                 TxnOp::delete(gone_key(name), None),
             ])
             .or_else([TxnOp::get(claim, None)]);
@@ -761,11 +796,10 @@ impl EtcdDatastore {
                 .map_or(0, etcd_client::ResponseHeader::revision),
             ..Snapshot::default()
         };
-        // Claim order: the durable record's creation (a node's publish
-        // rewrites it but keeps its creation revision; a new record gets
-        // the revision of the moment it was written, which nobody chooses).
-        let mut member_created = BTreeMap::new();
-        let mut live_created = BTreeMap::new();
+        // Claim order: when the node first published the CIDR it announces
+        // (its `held/` key's creation revision, which etcd assigns and a
+        // publish keeps).
+        let mut held: BTreeMap<(String, Ipv4Net), i64> = BTreeMap::new();
         for kv in response.kvs() {
             let Ok(key) = kv.key_str() else {
                 snapshot
@@ -775,17 +809,15 @@ impl EtcdDatastore {
             };
             let parsed = if let Some(name) = key.strip_prefix(NODES) {
                 parse_record(name, kv.value())
-                    .map(|r| {
-                        live_created.insert(name.to_owned(), kv.create_revision());
-                        snapshot.live.insert(name.to_owned(), r)
-                    })
+                    .map(|r| snapshot.live.insert(name.to_owned(), r))
                     .is_some()
             } else if let Some(name) = key.strip_prefix(MEMBERS) {
                 parse_record(name, kv.value())
-                    .map(|r| {
-                        member_created.insert(name.to_owned(), kv.create_revision());
-                        snapshot.members.insert(name.to_owned(), r)
-                    })
+                    .map(|r| snapshot.members.insert(name.to_owned(), r))
+                    .is_some()
+            } else if key.starts_with(HELD) {
+                parse_held_key(key)
+                    .map(|(name, cidr)| held.insert((name.to_owned(), cidr), kv.create_revision()))
                     .is_some()
             } else if let Some(name) = key.strip_prefix(GONE) {
                 serde_json::from_slice::<TombstoneValue>(kv.value())
@@ -813,8 +845,7 @@ impl EtcdDatastore {
                 snapshot.invalid.push(key.to_owned());
             }
         }
-        snapshot.order = live_created;
-        snapshot.order.extend(member_created);
+        snapshot.order = claim_order(&snapshot, &held);
         Ok(snapshot)
     }
 
@@ -871,6 +902,7 @@ impl EtcdDatastore {
         let mut ops = vec![
             TxnOp::delete(member_key(name), None),
             TxnOp::delete(gone_key(name), None),
+            TxnOp::delete(held_prefix(name), Some(DeleteOptions::new().with_prefix())),
         ];
         for cidr in &release.cidrs {
             when.push(Compare::value(cidr_key(*cidr), CompareOp::Equal, name));
@@ -909,6 +941,31 @@ impl EtcdDatastore {
             }
         }
     }
+}
+
+/// Each node's claim order: when it first published the CIDR its record
+/// announces (the live record's, else the durable one's). A record without
+/// one (written past the agents, e.g. by `etcdctl put`, or by an agent from
+/// before claim-order keys) is left out: it counts as the newest.
+#[must_use]
+pub fn claim_order(
+    snapshot: &Snapshot,
+    held: &BTreeMap<(String, Ipv4Net), i64>,
+) -> BTreeMap<String, i64> {
+    snapshot
+        .members
+        .keys()
+        .chain(snapshot.live.keys())
+        .filter_map(|name| {
+            // The record that is routed: the live one while there is one.
+            let record = snapshot
+                .live
+                .get(name)
+                .or_else(|| snapshot.members.get(name))?;
+            held.get(&(name.clone(), record.pod_cidr))
+                .map(|at| (name.clone(), *at))
+        })
+        .collect()
 }
 
 /// A node record stored under `name`'s key: a valid record naming the key's

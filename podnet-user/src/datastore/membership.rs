@@ -290,9 +290,10 @@ pub fn plan(snapshot: &Snapshot, policy: Policy, me: Option<&str>, now: u64) -> 
             } else {
                 NodeState::Gone
             };
-            // Only while its claim still names it: a CIDR that was released
-            // (and maybe claimed again) is not this node's to be routed to.
-            let routed = state == NodeState::Unreachable && claimed.contains(&record.pod_cidr);
+            // Only while it holds its CIDR (see `still_holds`): a CIDR that
+            // was released and claimed again is not this node's.
+            let holds = claimed.contains(&record.pod_cidr) || still_holds(snapshot, name, record);
+            let routed = state == NodeState::Unreachable && holds;
             if routed {
                 unreachable.push(record.clone());
             }
@@ -315,8 +316,34 @@ pub fn plan(snapshot: &Snapshot, policy: Policy, me: Option<&str>, now: u64) -> 
     }
     unreachable.sort_by_key(|r| (order(&r.name), r.name.clone()));
     plan.routed.extend(unreachable);
-    // The incumbent holds its pod CIDR against any record that claimed
-    // later, live or not.
+    refuse_later_claims(&mut plan, order);
+    plan.next_check = next.map(Duration::from_secs);
+    plan
+}
+
+/// Whether a node without a lease whose claim does not name it still holds
+/// its CIDR: the claim keys are shared bookkeeping every node may write, so
+/// a claim rewritten (or deleted) by another node does not take the CIDR
+/// from one that published it first. A node without claim order (an agent
+/// from before it) goes by its claim alone.
+fn still_holds(snapshot: &Snapshot, name: &str, record: &NodeRecord) -> bool {
+    let Some(mine) = snapshot.order.get(name) else {
+        return false;
+    };
+    snapshot.claims.get(&record.pod_cidr).is_none_or(|holder| {
+        let theirs = snapshot
+            .live
+            .get(holder)
+            .or_else(|| snapshot.members.get(holder))
+            .filter(|r| r.pod_cidr == record.pod_cidr)
+            .and_then(|_| snapshot.order.get(holder));
+        theirs.is_none_or(|theirs| mine < theirs)
+    })
+}
+
+/// The incumbent holds its pod CIDR against any record that claimed
+/// later, live or not: those are taken out of `plan.routed`.
+fn refuse_later_claims(plan: &mut Plan, order: impl Fn(&str) -> i64) {
     let mut by_claim: Vec<&NodeRecord> = plan.routed.iter().collect();
     by_claim.sort_by_key(|r| (order(&r.name), r.name.as_str()));
     let mut held: Vec<&NodeRecord> = Vec::new();
@@ -334,8 +361,6 @@ pub fn plan(snapshot: &Snapshot, policy: Policy, me: Option<&str>, now: u64) -> 
             status.routed = false;
         }
     }
-    plan.next_check = next.map(Duration::from_secs);
-    plan
 }
 
 fn overlap(a: Ipv4Net, b: Ipv4Net) -> bool {
@@ -547,12 +572,60 @@ mod tests {
 
     #[test]
     fn an_unreachable_node_whose_claim_was_taken_is_not_routed() {
+        // n9 announced the CIDR before n2 did: n2's record is the one that
+        // was written past the claims.
         let mut s = snapshot(&["me"], &[("n2", Some(MIN))]);
         let cidr = s.members["n2"].pod_cidr;
         s.claims.insert(cidr, "n9".into());
+        let mut n9 = s.members["n2"].clone();
+        n9.name = "n9".into();
+        n9.node_ip = std::net::Ipv4Addr::new(192, 168, 100, 99);
+        s.members.insert("n9".into(), n9);
+        s.order.insert("n9".into(), 1);
         let p = plan(&s, Policy::default(), Some("me"), NOW);
-        assert_eq!(routed(&p), ["me"]);
+        assert_eq!(routed(&p), ["me", "n9"], "n9 (away too) holds it");
         assert_eq!(state(&p, "n2"), NodeState::Unreachable);
+        // A claim without its own record (or without claim order) does not.
+        let mut s = snapshot(&["me"], &[("n2", Some(MIN))]);
+        let cidr = s.members["n2"].pod_cidr;
+        s.claims.insert(cidr, "n9".into());
+        assert_eq!(
+            routed(&plan(&s, Policy::default(), Some("me"), NOW)),
+            ["me", "n2"]
+        );
+        // Nor does a claim deleted by hand: n2 published its CIDR first.
+        s.claims.remove(&cidr);
+        assert_eq!(
+            routed(&plan(&s, Policy::default(), Some("me"), NOW)),
+            ["me", "n2"]
+        );
+        // Without claim order (an agent from before it), the claim decides.
+        s.order.remove("n2");
+        assert_eq!(
+            routed(&plan(&s, Policy::default(), Some("me"), NOW)),
+            ["me"]
+        );
+    }
+
+    /// While node2 is away (restarting), a node that may write the shared
+    /// claim keys rewrites node2's claim and announces node2's CIDR: node2,
+    /// which announced it first, stays routed and the newcomer is refused.
+    #[test]
+    fn a_rewritten_claim_does_not_take_an_away_nodes_cidr() {
+        let mut s = snapshot(&["me", "evil"], &[("node2", Some(MIN))]);
+        let cidr = s.members["node2"].pod_cidr;
+        let mut evil = s.live["evil"].clone();
+        evil.pod_cidr = cidr;
+        s.live.insert("evil".into(), evil.clone());
+        s.members.insert("evil".into(), evil);
+        s.claims.insert(cidr, "evil".into());
+        // evil's claim order for this CIDR: now.
+        s.order.insert("evil".into(), 900);
+        let p = plan(&s, Policy::default(), Some("me"), NOW);
+        assert_eq!(
+            routes_of(&p, "me"),
+            (vec!["node2".into()], vec!["evil".into()])
+        );
     }
 
     #[test]

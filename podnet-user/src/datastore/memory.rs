@@ -30,10 +30,8 @@ struct State {
     /// Liveness records and the lease they are under.
     live: BTreeMap<String, (NodeRecord, LeaseId)>,
     members: BTreeMap<String, NodeRecord>,
-    /// The revision each member record and liveness record was created
-    /// at, as etcd keeps a key's create revision across rewrites.
-    member_created: BTreeMap<String, i64>,
-    live_created: BTreeMap<String, i64>,
+    /// When each node first published each CIDR (etcd's `held/` keys).
+    held: BTreeMap<(String, Ipv4Net), i64>,
     gone: BTreeMap<String, Tombstone>,
     leases: BTreeSet<LeaseId>,
     next_lease: LeaseId,
@@ -50,20 +48,15 @@ impl State {
     }
 
     fn insert_member(&mut self, record: NodeRecord) {
-        let at = self.next_revision();
-        self.member_created.entry(record.name.clone()).or_insert(at);
         self.members.insert(record.name.clone(), record);
     }
 
-    fn insert_live(&mut self, record: NodeRecord, lease: LeaseId) {
+    /// What a node's publish writes: its claim-order key for the CIDR.
+    fn insert_held(&mut self, record: &NodeRecord) {
         let at = self.next_revision();
-        self.live_created.entry(record.name.clone()).or_insert(at);
-        self.live.insert(record.name.clone(), (record, lease));
-    }
-
-    fn remove_live(&mut self, name: &str) -> Option<(NodeRecord, LeaseId)> {
-        self.live_created.remove(name);
-        self.live.remove(name)
+        self.held
+            .entry((record.name.clone(), record.pod_cidr))
+            .or_insert(at);
     }
 }
 
@@ -153,28 +146,32 @@ impl MemoryDatastore {
     /// the keys of an expired lease.
     pub fn expire(&self, name: &str) {
         self.write(|s| {
-            if let Some((_, lease)) = s.remove_live(name) {
+            if let Some((_, lease)) = s.live.remove(name) {
                 s.leases.remove(&lease);
             }
         });
     }
 
-    /// Writes a liveness record (and a member record) as is, under a lease
-    /// of its own, unchecked: a record written past the claims.
+    /// Writes a liveness record (and a member record, and its claim order
+    /// as a publish does) as is, under a lease of its own, unchecked: a
+    /// record written past the claims.
     pub fn put_live(&self, record: NodeRecord) {
         self.write(|s| {
             let lease = s.next_lease;
             s.next_lease += 1;
             s.leases.insert(lease);
             s.insert_member(record.clone());
-            s.insert_live(record, lease);
+            s.insert_held(&record);
+            s.live.insert(record.name.clone(), (record, lease));
         });
     }
 
     /// Writes only a liveness record, as is, without a lease, a durable
     /// record or a claim: what one `etcdctl put /podnet/nodes/<name>` does.
     pub fn put_live_only(&self, record: NodeRecord) {
-        self.write(|s| s.insert_live(record, 0));
+        self.write(|s| {
+            s.live.insert(record.name.clone(), (record, 0));
+        });
     }
 
     /// Writes a durable member record as is (no lease, no claim).
@@ -198,7 +195,7 @@ impl MemoryDatastore {
     #[must_use]
     pub fn snapshot(&self) -> Snapshot {
         let s = self.state();
-        Snapshot {
+        let mut snapshot = Snapshot {
             revision: s.revision,
             live: s
                 .live
@@ -208,14 +205,11 @@ impl MemoryDatastore {
             members: s.members.clone(),
             gone: s.gone.clone(),
             claims: s.claims.clone(),
-            order: s
-                .live_created
-                .iter()
-                .chain(&s.member_created)
-                .map(|(name, at)| (name.clone(), *at))
-                .collect(),
+            order: BTreeMap::new(),
             invalid: s.invalid.clone(),
-        }
+        };
+        snapshot.order = super::etcd::claim_order(&snapshot, &s.held);
+        snapshot
     }
 
     /// The CIDR claimed by `name`, if any.
@@ -296,7 +290,8 @@ impl Datastore for MemoryDatastore {
                     node_ip: request.node_ip,
                     pod_cidr: cidr,
                 };
-                s.insert_live(record.clone(), lease);
+                s.insert_held(&record);
+                s.live.insert(name.clone(), (record.clone(), lease));
                 s.insert_member(record);
                 s.gone.remove(&name);
                 Ok(lease)
@@ -380,7 +375,7 @@ impl Datastore for MemoryDatastore {
                 return false;
             }
             s.members.remove(name);
-            s.member_created.remove(name);
+            s.held.retain(|(holder, _), _| holder != name);
             s.gone.remove(name);
             for cidr in &release.cidrs {
                 s.claims.remove(cidr);
