@@ -235,11 +235,13 @@ fn overlap(a: Ipv4Net, b: Ipv4Net) -> bool {
 /// etcd or the nodes file), so nothing in it is routed unchecked: a pod
 /// CIDR must lie inside the cluster CIDR (a `0.0.0.0/0` record would route
 /// everything to one node) and not overlap this node's own; a node IP must
-/// be a unicast address. Of records that conflict with each other (one name
-/// or one node IP twice, overlapping pod CIDRs) the first in the
-/// datastore's order is routed and the later ones are refused (etcd's CIDR
-/// claims already keep two nodes off one CIDR; this catches what is written
-/// past them). `me` (name and node IP) is this node, never a remote.
+/// be a unicast address another host can reach ([`node_ip_problem`]). Of
+/// records that conflict with each other (one name or one node IP twice,
+/// overlapping pod CIDRs) the first in the datastore's order (join order,
+/// claim order: never name order) is routed and the later ones are
+/// refused (etcd's CIDR claims already keep two nodes off one CIDR; this
+/// catches what is written past them). `me` (name and node IP) is this
+/// node, never a remote.
 #[must_use]
 pub fn routable_nodes(
     nodes: &[NodeRecord],
@@ -280,8 +282,10 @@ pub fn routable_nodes(
     let mut accepted = Vec::new();
     for (i, node) in candidates.iter().enumerate() {
         // The earlier record holds: for the nodes file that is the order
-        // nodes added themselves, so a record appended later cannot take
-        // over (or knock out) a running node's CIDR, name or address.
+        // nodes joined (the file is never sorted), for etcd the claim
+        // order the membership plan put them in, so a record written later
+        // cannot take over (or knock out) a running node's CIDR, name or
+        // address, whatever its name.
         let conflict = candidates[..i].iter().find_map(|other| {
             if other.name == node.name {
                 Some(format!("name {} is also {}'s", node.name, other.node_ip))
