@@ -33,13 +33,11 @@ impl Pki {
             dir: dir.to_owned(),
         };
         let ca_key = KeyPair::generate().context("CA key")?;
-        let mut ca = CertificateParams::new(Vec::<String>::new()).context("CA params")?;
-        ca.distinguished_name
-            .push(DnType::CommonName, "podnet test etcd CA");
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = ca_params()?;
         let ca_cert = ca.self_signed(&ca_key).context("CA certificate")?;
         pki.write("ca.pem", &ca_cert.pem())?;
+        // Kept (0600) for `issue`: the lab makes a joining node's later.
+        pki.write("ca-key.pem", &ca_key.serialize_pem())?;
         let issuer = Issuer::new(ca, ca_key);
 
         let key = KeyPair::generate().context("server key")?;
@@ -65,6 +63,17 @@ impl Pki {
         Ok(pki)
     }
 
+    /// A client certificate for `user` (common name), signed by this CA.
+    pub fn issue(&self, user: &str) -> anyhow::Result<()> {
+        let path = self.dir.join("ca-key.pem");
+        let pem =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let key = KeyPair::from_pem(&pem).context("the CA key")?;
+        // The issuer is its name, key usages and key: the same as at
+        // `generate`, so the chain verifies.
+        self.issue_with(&Issuer::new(ca_params()?, key), user)
+    }
+
     fn issue_with(&self, issuer: &Issuer<'_, KeyPair>, user: &str) -> anyhow::Result<()> {
         let key = KeyPair::generate().context("client key")?;
         let mut params = CertificateParams::new(Vec::<String>::new()).context("params")?;
@@ -78,8 +87,31 @@ impl Pki {
     }
 
     fn write(&self, name: &str, pem: &str) -> anyhow::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt as _;
         let path = self.dir.join(name);
-        fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))
+        // Keys are the holder's alone.
+        let mode = if name.ends_with("-key.pem") {
+            0o600
+        } else {
+            0o644
+        };
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        std::io::Write::write_all(&mut file, pem.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// An existing PKI (made by [`Pki::generate`]) in `dir`.
+    #[must_use]
+    pub fn at(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+        }
     }
 
     #[must_use]
@@ -120,6 +152,16 @@ impl Pki {
             format!("--key-file={}", self.dir.join("server-key.pem").display()),
         ]
     }
+}
+
+/// The CA's name and uses (also what an issuer needs later).
+fn ca_params() -> anyhow::Result<CertificateParams> {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).context("CA params")?;
+    ca.distinguished_name
+        .push(DnType::CommonName, "podnet test etcd CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    Ok(ca)
 }
 
 /// A free loopback TCP port (free when asked: etcd binds it a moment later).

@@ -525,3 +525,84 @@ fn releasing_claims_never_leaves_a_cidr_claimed_twice() {
         "FIGURE claim release races: 4 ordered cases and {ROUNDS} concurrent rounds, no CIDR claimed twice; the returning node kept its CIDR in {outcome} of {ROUNDS} rounds"
     );
 }
+
+/// Issue 21 on a lab whose etcd speaks only TLS with client certificates
+/// (`--etcd-tls`): the agents reach it with their own certificates, and the
+/// issue's attack (one put of `/podnet/nodes/0evil` with node2's pod CIDR
+/// and another node IP, which before took node1's pings to a node2 pod
+/// from 5/5 to 0/5) changes nothing: every ping still arrives and node1
+/// lists `0evil` as not routed.
+#[test]
+fn on_a_tls_lab_a_record_written_later_does_not_take_a_nodes_pods() {
+    if !privileged("on_a_tls_lab_a_record_written_later_does_not_take_a_nodes_pods") {
+        return;
+    }
+    let lab = LabGuard::up_with(
+        "tls",
+        2,
+        1,
+        "vxlan",
+        LabDatastore::Etcd,
+        LabOptions {
+            etcd_tls: true,
+            ..LabOptions::default()
+        },
+    )
+    .expect("lab up");
+    let endpoints = lab.layout.etcd_endpoints();
+    assert!(
+        endpoints.iter().all(|u| u.starts_with("https://")),
+        "{endpoints:?}"
+    );
+    // Without a certificate etcd answers nobody.
+    let plain = endpoints[0].replace("https://", "http://");
+    let refused = lab
+        .layout
+        .on_fabric_runtime(async move {
+            EtcdDatastore::connect_one(&plain, Duration::from_secs(5), &EtcdAccess::plain())
+                .await
+                .is_err()
+        })
+        .expect("fabric");
+    assert!(refused, "plain http to the TLS etcd");
+
+    let (p1, p2) = (lab.layout.pods[0].clone(), lab.layout.pods[1].clone());
+    assert_eq!((p1.node.as_str(), p2.node.as_str()), ("node1", "node2"));
+    let pings = || (0..5).filter(|_| ping(&p1.netns, p2.ip)).count();
+    assert_eq!(pings(), 5, "node1's pod reaches node2's before");
+
+    let node2 = lab.layout.nodes[1].clone();
+    let evil = serde_json::to_string(&NodeRecord {
+        name: "0evil".into(),
+        node_ip: std::net::Ipv4Addr::new(192, 168, 100, 66),
+        pod_cidr: node2.pod_cidr.parse().expect("node2's CIDR"),
+    })
+    .expect("json");
+    let access = lab.layout.etcd_access().expect("root access");
+    let url = endpoints[0].clone();
+    lab.layout
+        .on_fabric_runtime(async move {
+            let mut client = etcd_client::Client::connect(
+                [url],
+                Some(access.apply(etcd_client::ConnectOptions::new())),
+            )
+            .await?;
+            client.put("/podnet/nodes/0evil", evil, None).await?;
+            Ok::<_, etcd_client::Error>(())
+        })
+        .expect("fabric")
+        .expect("the attacker's put");
+    wait_up_to(Duration::from_secs(10), "node1 sees 0evil", || {
+        seen_as(&lab, "node1", "0evil").is_some()
+    });
+    assert_eq!(
+        seen_as(&lab, "node1", "0evil"),
+        Some((NodeState::Live, false)),
+        "0evil is listed, not routed"
+    );
+    assert_eq!(
+        seen_as(&lab, "node1", "node2"),
+        Some((NodeState::Live, true))
+    );
+    assert_eq!(pings(), 5, "node1's pod still reaches node2's");
+}

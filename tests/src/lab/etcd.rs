@@ -40,6 +40,11 @@ impl LabLayout {
             .args(["--initial-cluster", &initial_cluster.join(",")])
             .args(["--initial-cluster-token", &self.prefix])
             .args(["--initial-cluster-state", "new"])
+            .args(if self.etcd_tls {
+                self.etcd_pki().etcd_server_args()
+            } else {
+                Vec::new()
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -138,7 +143,7 @@ impl LabLayout {
 
     /// Runs `fut` on a small runtime on a thread in the fabric namespace
     /// (where etcd's addresses are).
-    fn on_fabric_runtime<T: Send + 'static>(
+    pub fn on_fabric_runtime<T: Send + 'static>(
         &self,
         fut: impl std::future::Future<Output = T> + Send + 'static,
     ) -> anyhow::Result<T> {
@@ -201,14 +206,16 @@ impl LabLayout {
             .context("no such member")?
             .client_url
             .clone();
+        let access = self.etcd_access()?;
         self.on_fabric_runtime(async move {
-            let mut target = etcd_client::Client::connect([to_url], None).await?;
+            let options = || Some(access.apply(etcd_client::ConnectOptions::new()));
+            let mut target = etcd_client::Client::connect([to_url], options()).await?;
             let id = target
                 .status()
                 .await?
                 .header()
                 .map_or(0, etcd_client::ResponseHeader::member_id);
-            let mut leader = etcd_client::Client::connect([leader_url], None).await?;
+            let mut leader = etcd_client::Client::connect([leader_url], options()).await?;
             leader.move_leader(id).await?;
             Ok::<_, etcd_client::Error>(())
         })?
@@ -222,9 +229,45 @@ impl LabLayout {
     }
 
     /// How the lab's tools reach its etcd: plain `http://` (the lab's
-    /// etcd listens only inside its fabric namespace).
+    /// etcd listens only inside its fabric namespace), or with
+    /// `--etcd-tls` over TLS with the `root` client certificate.
     pub fn etcd_access(&self) -> anyhow::Result<podnet::datastore::etcd::EtcdAccess> {
-        Ok(podnet::datastore::etcd::EtcdAccess::plain())
+        if self.etcd_tls {
+            self.etcd_pki().access("root")
+        } else {
+            Ok(podnet::datastore::etcd::EtcdAccess::plain())
+        }
+    }
+
+    /// Where `--etcd-tls` keeps the CA and the certificates.
+    #[must_use]
+    pub fn etcd_pki_dir(&self) -> std::path::PathBuf {
+        self.run_dir.join("etcd-pki")
+    }
+
+    #[must_use]
+    pub fn etcd_pki(&self) -> crate::etcd_tls::Pki {
+        crate::etcd_tls::Pki::at(&self.etcd_pki_dir())
+    }
+
+    /// The etcd flags of `node`'s agent: with `--etcd-tls`, the CA and the
+    /// node's own client certificate (common name `podnet-node-<name>`,
+    /// made on first use).
+    pub fn etcd_agent_args(&self, node: &str) -> anyhow::Result<Vec<String>> {
+        if !self.etcd_tls {
+            return Ok(Vec::new());
+        }
+        let pki = self.etcd_pki();
+        let user = podnet::datastore::etcd::node_user(node);
+        let (cert, key) = pki.client(&user);
+        if !cert.exists() {
+            pki.issue(&user)?;
+        }
+        Ok(vec![
+            format!("--etcd-ca={}", pki.ca().display()),
+            format!("--etcd-cert={}", cert.display()),
+            format!("--etcd-key={}", key.display()),
+        ])
     }
 
     /// Everything podnet keeps in etcd, read at one revision.
