@@ -40,6 +40,19 @@ struct NodesFile {
     nodes: Vec<NodeRecord>,
 }
 
+/// The records of a nodes file's contents, in the file's order; an error
+/// for anything that is not a complete nodes file (see the module doc).
+pub fn parse_nodes(bytes: &[u8]) -> Result<Vec<NodeRecord>, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(
+            "the file is empty (a cluster without nodes is written as {\"nodes\": []})".into(),
+        );
+    }
+    serde_json::from_slice::<NodesFile>(bytes)
+        .map(|file| file.nodes)
+        .map_err(|e| e.to_string())
+}
+
 /// The nodes file at a path.
 #[derive(Debug, Clone)]
 pub struct FileDatastore {
@@ -95,12 +108,9 @@ impl FileDatastore {
     /// nodes file, including a missing or empty one.
     fn read(&self) -> Result<NodesFile, DatastoreError> {
         let bytes = fs::read(&self.path).map_err(self.io("reading"))?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(self.invalid(
-                "the file is empty (a cluster without nodes is written as {\"nodes\": []})",
-            ));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| self.invalid(e.to_string()))
+        parse_nodes(&bytes)
+            .map(|nodes| NodesFile { nodes })
+            .map_err(|msg| self.invalid(msg))
     }
 
     /// The file to change under the lock: a missing file is a new cluster;
