@@ -527,7 +527,8 @@ fn releasing_claims_never_leaves_a_cidr_claimed_twice() {
 }
 
 /// Issue 21 on a lab whose etcd speaks only TLS with client certificates
-/// (`--etcd-tls`): the agents reach it with their own certificates, and the
+/// and has its roles on (`--etcd-tls`): the agents reach it with their own
+/// certificates and run with their nodes' roles, and the
 /// issue's attack (one put of `/podnet/nodes/0evil` with node2's pod CIDR
 /// and another node IP, which before took node1's pings to a node2 pod
 /// from 5/5 to 0/5) changes nothing: every ping still arrives and node1
@@ -578,20 +579,30 @@ fn on_a_tls_lab_a_record_written_later_does_not_take_a_nodes_pods() {
         pod_cidr: node2.pod_cidr.parse().expect("node2's CIDR"),
     })
     .expect("json");
-    let access = lab.layout.etcd_access().expect("root access");
-    let url = endpoints[0].clone();
-    lab.layout
-        .on_fabric_runtime(async move {
-            let mut client = etcd_client::Client::connect(
-                [url],
-                Some(access.apply(etcd_client::ConnectOptions::new())),
-            )
-            .await?;
-            client.put("/podnet/nodes/0evil", evil, None).await?;
-            Ok::<_, etcd_client::Error>(())
-        })
-        .expect("fabric")
-        .expect("the attacker's put");
+    let put_as = |access: EtcdAccess| {
+        let (url, evil) = (endpoints[0].clone(), evil.clone());
+        lab.layout
+            .on_fabric_runtime(async move {
+                let mut client = etcd_client::Client::connect(
+                    [url],
+                    Some(access.apply(etcd_client::ConnectOptions::new())),
+                )
+                .await?;
+                client.put("/podnet/nodes/0evil", evil, None).await?;
+                Ok::<_, etcd_client::Error>(())
+            })
+            .expect("fabric")
+    };
+    // The lab turns etcd's roles on: node1's own credential may not write
+    // another node's key (issue 21's least privilege).
+    let node1_access = lab
+        .layout
+        .etcd_pki()
+        .access(&podnet::datastore::etcd::node_user("node1"))
+        .expect("node1's access");
+    assert!(put_as(node1_access).is_err(), "node1 writes 0evil's key");
+    // Root (or anyone with auth off) may: the claim order must hold then.
+    put_as(lab.layout.etcd_access().expect("root access")).expect("root's put");
     wait_up_to(Duration::from_secs(10), "node1 sees 0evil", || {
         seen_as(&lab, "node1", "0evil").is_some()
     });

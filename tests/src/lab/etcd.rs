@@ -250,9 +250,30 @@ impl LabLayout {
         crate::etcd_tls::Pki::at(&self.etcd_pki_dir())
     }
 
+    /// With `--etcd-tls`: etcd's users and roles (root, the operator),
+    /// authentication on. Each node's user and role come with its agent
+    /// ([`LabLayout::etcd_agent_args`]).
+    pub fn setup_etcd_auth(&self) -> anyhow::Result<()> {
+        if !self.etcd_tls {
+            return Ok(());
+        }
+        let (endpoints, access) = (self.etcd_endpoints(), self.etcd_access()?);
+        self.on_fabric_runtime(async move {
+            let mut root = podnet::datastore::etcd::EtcdDatastore::connect(
+                &endpoints,
+                Duration::from_secs(10),
+                &access,
+            )
+            .await?;
+            root.setup_auth(None, &[]).await
+        })?
+        .context("turning etcd's authentication on")
+    }
+
     /// The etcd flags of `node`'s agent: with `--etcd-tls`, the CA and the
     /// node's own client certificate (common name `podnet-node-<name>`,
-    /// made on first use).
+    /// made on first use) whose etcd user and role (its own keys only) are
+    /// made here too.
     pub fn etcd_agent_args(&self, node: &str) -> anyhow::Result<Vec<String>> {
         if !self.etcd_tls {
             return Ok(Vec::new());
@@ -263,6 +284,18 @@ impl LabLayout {
         if !cert.exists() {
             pki.issue(&user)?;
         }
+        let (endpoints, access, name) =
+            (self.etcd_endpoints(), self.etcd_access()?, node.to_owned());
+        self.on_fabric_runtime(async move {
+            let mut root = podnet::datastore::etcd::EtcdDatastore::connect(
+                &endpoints,
+                Duration::from_secs(10),
+                &access,
+            )
+            .await?;
+            root.add_node_user(&name).await
+        })?
+        .with_context(|| format!("adding {node}'s etcd user"))?;
         Ok(vec![
             format!("--etcd-ca={}", pki.ca().display()),
             format!("--etcd-cert={}", cert.display()),

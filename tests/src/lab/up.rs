@@ -219,6 +219,7 @@ fn add_etcd(spec: &LabSpec, layout: &mut LabLayout) -> anyhow::Result<()> {
         ),
     );
     layout.start_etcd()?;
+    layout.setup_etcd_auth()?;
     Ok(())
 }
 
