@@ -399,3 +399,51 @@ fn a_nodes_credential_writes_only_its_own_keys() {
         assert!(stranger.get("/podnet/", None).await.is_err());
     });
 }
+
+/// The operator's way to turn the roles on: `podnetctl etcd-auth` as etcd's
+/// root (its certificate), then `--add-node` for a node that comes later.
+#[test]
+fn podnetctl_etcd_auth_turns_the_roles_on() {
+    let (node1_user, node2_user) = (node_user("node1"), node_user("node2"));
+    let etcd = LocalEtcd::start("ctl", &["root", &node1_user, &node2_user]).expect("etcd");
+    let (cert, key) = etcd.pki.client("root");
+    let podnetctl = |extra: &[&str]| {
+        let output = std::process::Command::new(podnet_tests::bins::binary("podnetctl"))
+            .arg("etcd-auth")
+            .arg(format!("--etcd={}", etcd.endpoint))
+            .arg(format!("--etcd-ca={}", etcd.pki.ca().display()))
+            .arg(format!("--etcd-cert={}", cert.display()))
+            .arg(format!("--etcd-key={}", key.display()))
+            .args(extra)
+            .output()
+            .expect("podnetctl runs");
+        assert!(
+            output.status.success(),
+            "podnetctl etcd-auth {extra:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    podnetctl(&["--node=node1"]);
+    podnetctl(&["--add-node", "--node=node2"]);
+    let rt = runtime();
+    rt.block_on(async {
+        let endpoints = vec![etcd.endpoint.clone()];
+        for (name, host) in [("node1", 11), ("node2", 12)] {
+            let access = etcd.pki.access(&node_user(name)).expect("access");
+            let mut store = EtcdDatastore::connect(&endpoints, TTL, &access)
+                .await
+                .expect("connect");
+            store.join(&request(name, host)).await.expect("join");
+        }
+        let mut raw1 = raw_client(
+            &etcd.endpoint,
+            &etcd.pki.access(&node1_user).expect("access"),
+        )
+        .await;
+        let error = raw1
+            .put("/podnet/members/node2", "{}", None)
+            .await
+            .expect_err("node1 writes node2's record");
+        assert!(error.to_string().contains("permission denied"), "{error}");
+    });
+}
