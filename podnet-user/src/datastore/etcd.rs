@@ -100,8 +100,22 @@ fn held_key(name: &str, cidr: Ipv4Net) -> String {
     )
 }
 
+/// Whether `name` can name a node in keys and etcd roles: what Kubernetes
+/// allows in a node name (and `_`), so that no name holds a `/` (the
+/// prefix `held/a/` of node `a` would cover the keys of a node `a/b`).
+#[must_use]
+pub fn is_node_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
 fn parse_held_key(key: &str) -> Option<(&str, Ipv4Net)> {
     let (name, cidr) = key.strip_prefix(HELD)?.split_once('/')?;
+    if !is_node_name(name) {
+        return None;
+    }
     let (net, prefix) = cidr.split_once('_')?;
     Some((
         name,
@@ -480,6 +494,10 @@ impl EtcdDatastore {
         root_password: Option<&str>,
         nodes: &[String],
     ) -> Result<(), DatastoreError> {
+        // All checked before anything is created.
+        for node in nodes {
+            self.check_node_name(node)?;
+        }
         let users: Vec<String> = self
             .client
             .user_list()
@@ -517,6 +535,7 @@ impl EtcdDatastore {
     /// Adds a node's user and role to a cluster with auth on (as root or
     /// anyone with the right): a node that joins later.
     pub async fn add_node_user(&mut self, node: &str) -> Result<(), DatastoreError> {
+        self.check_node_name(node)?;
         let users: Vec<String> = self
             .client
             .user_list()
@@ -526,6 +545,16 @@ impl EtcdDatastore {
             .to_vec();
         self.add_user(&node_user(node), &node_permissions(node), &users)
             .await
+    }
+
+    fn check_node_name(&self, node: &str) -> Result<(), DatastoreError> {
+        if is_node_name(node) {
+            return Ok(());
+        }
+        Err(self.protocol(
+            format!("adding a user for node {node:?}"),
+            "a node name is 1 to 253 letters, digits, '-', '.' or '_'",
+        ))
     }
 
     /// The user `name` with a role of the same name holding exactly
@@ -1039,5 +1068,60 @@ impl Datastore for EtcdDatastore {
 
     async fn wait_change(&mut self, revision: i64) -> Result<(), DatastoreError> {
         Self::wait_change(self, revision).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_and_claim_order_keys() {
+        for ok in ["node1", "0evil", "ip-10-0-0-1.ec2.internal", "n_2"] {
+            assert!(is_node_name(ok), "{ok}");
+        }
+        for bad in ["", "a/b", "a b", "../x", "é", &"x".repeat(254)] {
+            assert!(!is_node_name(bad), "{bad:?}");
+        }
+        let cidr: Ipv4Net = "10.244.1.0/24".parse().expect("cidr");
+        assert_eq!(
+            parse_held_key(&held_key("node1", cidr)),
+            Some(("node1", cidr))
+        );
+        assert_eq!(parse_held_key("/podnet/held/a/b/10.244.1.0_24"), None);
+        // A node's prefix is not another's whose name it begins.
+        assert!(!held_key("node10", cidr).starts_with(&held_prefix("node1")));
+    }
+
+    #[test]
+    fn access_files_go_together() {
+        let missing = || Some(PathBuf::from("/nonexistent/podnet-test.pem"));
+        for files in [
+            EtcdAccessFiles {
+                cert: missing(),
+                ..EtcdAccessFiles::default()
+            },
+            EtcdAccessFiles {
+                user: Some("op".into()),
+                ..EtcdAccessFiles::default()
+            },
+        ] {
+            assert!(matches!(
+                EtcdAccess::load(&files),
+                Err(EtcdAccessError::Incomplete(_))
+            ));
+        }
+        let error = EtcdAccess::load(&EtcdAccessFiles {
+            ca: missing(),
+            ..EtcdAccessFiles::default()
+        })
+        .expect_err("missing CA");
+        assert!(
+            error.to_string().contains("/nonexistent/podnet-test.pem"),
+            "{error}"
+        );
+        let plain = EtcdAccess::plain();
+        assert!(plain.check_endpoints(&["http://a:2379".into()]).is_ok());
+        assert!(plain.check_endpoints(&["https://a:2379".into()]).is_err());
     }
 }
