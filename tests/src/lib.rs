@@ -7,6 +7,7 @@ pub mod bins;
 pub mod bpf_fixture;
 pub mod bpf_run;
 pub mod counters;
+pub mod etcd_tls;
 pub mod faults;
 pub mod frames;
 pub mod inventory;

@@ -29,12 +29,14 @@ use serde_json::Value;
 
 /// The host paths the DaemonSet may mount, no more: the CNI directories,
 /// bpffs, the socket's directory and the state directory.
-const HOST_PATHS: [&str; 5] = [
+const HOST_PATHS: [&str; 6] = [
     DEFAULT_CNI_BIN_DIR,
     DEFAULT_CNI_CONF_DIR,
     DEFAULT_BPFFS,
     "/run/podnet",
     DEFAULT_STATE_DIR,
+    // The node's own etcd client certificate and key.
+    "/etc/podnet/etcd",
 ];
 
 fn repo_file(rel: &str) -> String {
@@ -417,7 +419,8 @@ fn daemon_set_mounts_exactly_the_paths_the_binaries_use_by_default() {
     let volumes = array_of(&spec["volumes"], "volumes");
     let hosts: BTreeSet<&str> = volumes
         .iter()
-        .map(|v| str_of(&v["hostPath"]["path"], "every volume is a hostPath"))
+        .filter(|v| v["secret"].is_null())
+        .map(|v| str_of(&v["hostPath"]["path"], "every other volume is a hostPath"))
         .collect();
     assert_eq!(hosts, BTreeSet::from(HOST_PATHS));
     assert_eq!(
@@ -501,6 +504,42 @@ fn daemon_set_agent_flags_etcd_endpoints_and_probes_agree() {
         Ok(DatastoreSpec::Etcd(endpoints)) => assert_eq!(endpoints, urls),
         other => panic!("--datastore {expanded} is {other:?}"),
     }
+    // Over TLS (issue 21: etcd in the clear let anyone who reached it
+    // rewrite the cluster's routing): https:// endpoints, etcd's CA from
+    // the Secret, the node's own client certificate and key from the host
+    // (a Secret is the same for every node: one etcd user for all).
+    assert!(urls.iter().all(|u| u.starts_with("https://")), "{urls:?}");
+    let volume_of = |flag: &str| {
+        let path = flags
+            .get(flag)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| panic!("{flag} given"));
+        let mount = array_of(&agent["volumeMounts"], "volumeMounts")
+            .iter()
+            .find(|m| Path::new(&path).starts_with(str_of(&m["mountPath"], "mountPath")))
+            .unwrap_or_else(|| panic!("{flag} {path} is mounted"));
+        array_of(&spec["volumes"], "volumes")
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap_or_else(|| panic!("{flag}: a volume"))
+            .clone()
+    };
+    assert_eq!(
+        volume_of("--etcd-ca")["secret"]["secretName"],
+        "podnet-etcd-ca"
+    );
+    for flag in ["--etcd-cert", "--etcd-key"] {
+        assert_eq!(
+            volume_of(flag)["hostPath"]["path"],
+            "/etc/podnet/etcd",
+            "{flag}"
+        );
+    }
+    assert!(
+        !flags.contains_key("--etcd-password"),
+        "no password on a command line"
+    );
     // Every other $(VAR) resolves too.
     for value in flags.values().flatten() {
         expand(value, agent, &m.config_map);

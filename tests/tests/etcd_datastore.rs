@@ -15,7 +15,7 @@ use podnet::{
     api::{Client, Request},
     datastore::{
         DatastoreError, JoinRequest, NodeRecord,
-        etcd::EtcdDatastore,
+        etcd::{EtcdAccess, EtcdDatastore},
         membership::{self, NodeState, Policy, Release},
     },
 };
@@ -75,9 +75,13 @@ fn racing_agents_never_share_a_cidr_and_a_returning_node_keeps_its_own() {
             let joins = (0..16).map(|i| {
                 let endpoints = endpoints.clone();
                 async move {
-                    let mut store = EtcdDatastore::connect(&endpoints, Duration::from_secs(30))
-                        .await
-                        .expect("connect");
+                    let mut store = EtcdDatastore::connect(
+                        &endpoints,
+                        Duration::from_secs(30),
+                        &EtcdAccess::plain(),
+                    )
+                    .await
+                    .expect("connect");
                     let request = JoinRequest {
                         name: format!("racer{i}"),
                         node_ip: std::net::Ipv4Addr::new(
@@ -99,9 +103,10 @@ fn racing_agents_never_share_a_cidr_and_a_returning_node_keeps_its_own() {
             });
             let first: Vec<_> = futures::future::join_all(joins).await;
             // racer3 comes back.
-            let mut store = EtcdDatastore::connect(&endpoints, Duration::from_secs(30))
-                .await
-                .expect("connect");
+            let mut store =
+                EtcdDatastore::connect(&endpoints, Duration::from_secs(30), &EtcdAccess::plain())
+                    .await
+                    .expect("connect");
             let again = store
                 .join(&JoinRequest {
                     name: "racer3".into(),
@@ -336,7 +341,7 @@ fn request(name: &str, host: u8) -> JoinRequest {
 }
 
 async fn connect(endpoints: &[String]) -> EtcdDatastore {
-    EtcdDatastore::connect(endpoints, Duration::from_mins(2))
+    EtcdDatastore::connect(endpoints, Duration::from_mins(2), &EtcdAccess::plain())
         .await
         .expect("connect")
 }
@@ -519,4 +524,96 @@ fn releasing_claims_never_leaves_a_cidr_claimed_twice() {
     eprintln!(
         "FIGURE claim release races: 4 ordered cases and {ROUNDS} concurrent rounds, no CIDR claimed twice; the returning node kept its CIDR in {outcome} of {ROUNDS} rounds"
     );
+}
+
+/// Issue 21 on a lab whose etcd speaks only TLS with client certificates
+/// and has its roles on (`--etcd-tls`): the agents reach it with their own
+/// certificates and run with their nodes' roles, and the
+/// issue's attack (one put of `/podnet/nodes/0evil` with node2's pod CIDR
+/// and another node IP, which before took node1's pings to a node2 pod
+/// from 5/5 to 0/5) changes nothing: every ping still arrives and node1
+/// lists `0evil` as not routed.
+#[test]
+fn on_a_tls_lab_a_record_written_later_does_not_take_a_nodes_pods() {
+    if !privileged("on_a_tls_lab_a_record_written_later_does_not_take_a_nodes_pods") {
+        return;
+    }
+    let lab = LabGuard::up_with(
+        "tls",
+        2,
+        1,
+        "vxlan",
+        LabDatastore::Etcd,
+        LabOptions {
+            etcd_tls: true,
+            ..LabOptions::default()
+        },
+    )
+    .expect("lab up");
+    let endpoints = lab.layout.etcd_endpoints();
+    assert!(
+        endpoints.iter().all(|u| u.starts_with("https://")),
+        "{endpoints:?}"
+    );
+    // Without a certificate etcd answers nobody.
+    let plain = endpoints[0].replace("https://", "http://");
+    let refused = lab
+        .layout
+        .on_fabric_runtime(async move {
+            EtcdDatastore::connect_one(&plain, Duration::from_secs(5), &EtcdAccess::plain())
+                .await
+                .is_err()
+        })
+        .expect("fabric");
+    assert!(refused, "plain http to the TLS etcd");
+
+    let (p1, p2) = (lab.layout.pods[0].clone(), lab.layout.pods[1].clone());
+    assert_eq!((p1.node.as_str(), p2.node.as_str()), ("node1", "node2"));
+    let pings = || (0..5).filter(|_| ping(&p1.netns, p2.ip)).count();
+    assert_eq!(pings(), 5, "node1's pod reaches node2's before");
+
+    let node2 = lab.layout.nodes[1].clone();
+    let evil = serde_json::to_string(&NodeRecord {
+        name: "0evil".into(),
+        node_ip: std::net::Ipv4Addr::new(192, 168, 100, 66),
+        pod_cidr: node2.pod_cidr.parse().expect("node2's CIDR"),
+    })
+    .expect("json");
+    let put_as = |access: EtcdAccess| {
+        let (url, evil) = (endpoints[0].clone(), evil.clone());
+        lab.layout
+            .on_fabric_runtime(async move {
+                let mut client = etcd_client::Client::connect(
+                    [url],
+                    Some(access.apply(etcd_client::ConnectOptions::new())),
+                )
+                .await?;
+                client.put("/podnet/nodes/0evil", evil, None).await?;
+                Ok::<_, etcd_client::Error>(())
+            })
+            .expect("fabric")
+    };
+    // The lab turns etcd's roles on: node1's own credential may not write
+    // another node's key (issue 21's least privilege).
+    let node1_access = lab
+        .layout
+        .etcd_pki()
+        .access(&podnet::datastore::etcd::node_user("node1"))
+        .expect("node1's access");
+    assert!(put_as(node1_access).is_err(), "node1 writes 0evil's key");
+    // Root (or anyone with auth off) may: the claim order must hold then.
+    put_as(lab.layout.etcd_access().expect("root access")).expect("root's put");
+    wait_up_to(Duration::from_secs(10), "node1 sees 0evil", || {
+        seen_as(&lab, "node1", "0evil").is_some()
+    });
+    assert_eq!(
+        seen_as(&lab, "node1", "0evil"),
+        Some((NodeState::Live, false)),
+        "0evil is listed, not routed"
+    );
+    assert_eq!(
+        seen_as(&lab, "node1", "node2"),
+        Some((NodeState::Live, true))
+    );
+    assert_eq!(pings(), 5, "node1's pod still reaches node2's");
 }

@@ -1,5 +1,6 @@
 //! `cargo xtask fuzz`: the cargo-fuzz targets in `fuzz/` (the CNI config
-//! and environment parsers, the agent's request decoding), each for a given
+//! and environment parsers, the agent's request decoding, the datastores'
+//! node records and the membership planner), each for a given
 //! time with libFuzzer, built with the machine's nightly. Reports the
 //! executions libFuzzer made per target and fails on a crash (a panic,
 //! a broken invariant, a timeout, an out-of-memory).
@@ -19,7 +20,13 @@ use anyhow::{Context as _, bail};
 use crate::{cmd, setup};
 
 /// The targets, in the order they run (`fuzz/fuzz_targets/<name>.rs`).
-pub const TARGETS: &[&str] = &["cni_config", "cni_env", "agent_request"];
+pub const TARGETS: &[&str] = &[
+    "cni_config",
+    "cni_env",
+    "agent_request",
+    "datastore_records",
+    "membership_plan",
+];
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -16,7 +16,7 @@ const RUN_DIR: &str = "/run/podnet-lab";
 #[derive(Debug, clap::Args)]
 pub struct LabArgs {
     /// Arguments for podnet-lab: up [--nodes N] [--pods-per-node M] [--mode vxlan|direct]
-    /// [--datastore file|etcd] [--etcd-members N] [--agent-arg=ARG ...]
+    /// [--datastore file|etcd] [--etcd-members N] [--etcd-tls] [--agent-arg=ARG ...]
     /// [--service iptables|nft|none] | status | check | down | etcd [status|stop|kill|start MEMBER]
     /// | get NODE [/metrics|/healthz|/readyz] [--addr IP:PORT]
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -21,7 +21,7 @@ use crate::{
     api::DatastoreStatus,
     datastore::{
         Datastore, DatastoreError, JoinRequest, NodeRecord,
-        etcd::EtcdDatastore,
+        etcd::{EtcdAccess, EtcdDatastore},
         file::{FOLLOW_RESYNC, FileDatastore, Follower},
         membership::{self, NodeState, NodeStatus, Policy},
     },
@@ -189,9 +189,20 @@ impl<K: ClusterSink> ClusterFollow<K> {
             store.clear_tombstone(name, *revision).await?;
         }
         for release in &plan.releases {
-            if store.release(release).await? {
-                warn!(node = %release.name, cidrs = ?release.cidrs, after = %membership::format_duration(policy.cidr_release_after),
-                      "released the pod CIDR of a node gone for longer than the release delay");
+            match store.release(release).await {
+                Ok(true) => {
+                    warn!(node = %release.name, cidrs = ?release.cidrs, after = %membership::format_duration(policy.cidr_release_after),
+                          "released the pod CIDR of a node gone for longer than the release delay");
+                }
+                Ok(false) => {}
+                // With etcd roles a node may not delete another node's
+                // record: the release is the operator's (its credential
+                // may); the node routes on.
+                Err(e) if e.is_permission_denied() => {
+                    warn!(node = %release.name, cidrs = ?release.cidrs,
+                          "a gone node's pod CIDR is due for release, but this node's etcd role may not release it: release it with the operator's credential");
+                }
+                Err(e) => return Err(e),
             }
         }
         log_transitions(&mut self.states, &plan.nodes, policy);
@@ -278,6 +289,8 @@ pub async fn follow_file(
 #[derive(Debug, Clone)]
 pub struct EtcdFollow {
     pub endpoints: Vec<String>,
+    /// TLS, client certificate, user.
+    pub access: EtcdAccess,
     pub lease_ttl: Duration,
     pub policy: Policy,
     /// This node, with the pod CIDR it runs with as `pod_cidr`.
@@ -312,8 +325,13 @@ pub async fn follow_etcd(follow: EtcdFollow, registry: Arc<Mutex<Agent>>, networ
     let mut pause = RECONNECT_FIRST;
     let mut cluster = ClusterFollow::new(follow.request.name.clone(), follow.policy, sink, true);
     loop {
-        let error = match EtcdDatastore::connect_from(&follow.endpoints, next, follow.lease_ttl)
-            .await
+        let error = match EtcdDatastore::connect_from(
+            &follow.endpoints,
+            next,
+            follow.lease_ttl,
+            &follow.access,
+        )
+        .await
         {
             Err(e) => e,
             Ok((store, used)) => {

@@ -91,6 +91,101 @@ enum Cmd {
         #[arg(long)]
         drops: bool,
     },
+    /// etcd least privilege (operator, as etcd's root): create the
+    /// operator's user and role and one user and role per --node (its own
+    /// keys only; it logs in with its client certificate, common name
+    /// podnet-node-<name>), then turn etcd's authentication on. With
+    /// --add-node on a cluster whose authentication is on already: only
+    /// the nodes' users and roles.
+    EtcdAuth(EtcdAuthArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct EtcdAuthArgs {
+    /// etcd client URLs, comma-separated (as podnetd's --datastore etcd:...).
+    #[arg(long, value_delimiter = ',', required = true)]
+    etcd: Vec<String>,
+    /// CA certificate (PEM) of etcd's certificates.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) to log in with (root's: common name root).
+    #[arg(long, requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user to log in as (with --etcd-password-file).
+    #[arg(long, requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    /// File holding --etcd-user's password.
+    #[arg(long, requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
+    /// File holding the password etcd's root user is created with (default:
+    /// none, root logs in with a client certificate whose common name is
+    /// root).
+    #[arg(long)]
+    root_password_file: Option<PathBuf>,
+    /// A node to create a user and role for (repeat it).
+    #[arg(long = "node")]
+    nodes: Vec<String>,
+    /// Authentication is on already: only add the nodes.
+    #[arg(long)]
+    add_node: bool,
+}
+
+/// `podnetctl etcd-auth`.
+fn etcd_auth(args: &EtcdAuthArgs) -> anyhow::Result<()> {
+    use podnet::datastore::etcd::{EtcdAccess, EtcdAccessFiles, EtcdDatastore};
+    let access = EtcdAccess::load(&EtcdAccessFiles {
+        ca: args.etcd_ca.clone(),
+        cert: args.etcd_cert.clone(),
+        key: args.etcd_key.clone(),
+        user: args.etcd_user.clone(),
+        password_file: args.etcd_password_file.clone(),
+    })?;
+    access.check_endpoints(&args.etcd)?;
+    let root_password = args
+        .root_password_file
+        .as_ref()
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .map(|p| p.trim_end_matches(['\r', '\n']).to_owned())
+                .with_context(|| format!("reading {}", path.display()))
+        })
+        .transpose()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async {
+        let mut store =
+            EtcdDatastore::connect(&args.etcd, std::time::Duration::from_secs(10), &access).await?;
+        if args.add_node {
+            for node in &args.nodes {
+                store
+                    .add_node_user(node)
+                    .await
+                    .with_context(|| format!("adding {node}'s etcd user"))?;
+            }
+        } else {
+            store
+                .setup_auth(root_password.as_deref(), &args.nodes)
+                .await
+                .context("setting up etcd's users and roles")?;
+        }
+        anyhow::Ok(())
+    })?;
+    for node in &args.nodes {
+        println!(
+            "{node}: etcd user {} (its own keys only)",
+            podnet::datastore::etcd::node_user(node)
+        );
+    }
+    println!(
+        "operator: etcd user {} (everything under /podnet/)",
+        podnet::datastore::etcd::OPERATOR_USER
+    );
+    Ok(())
 }
 
 fn print<T: Serialize>(json: bool, value: &T, human: impl FnOnce(&T)) -> anyhow::Result<()> {
@@ -556,6 +651,7 @@ fn main() -> anyhow::Result<()> {
             src,
         } => explain(&cli, &client, from, to, src),
         Cmd::Monitor { drops } => monitor(&cli, &client, drops),
+        Cmd::EtcdAuth(ref args) => etcd_auth(args),
     }
 }
 

@@ -26,7 +26,7 @@ use podnet::{
     datapath::{Datapath, FlowSweeper, PinnedMapReader},
     datastore::{
         DatastoreError, DatastoreSpec, JoinRequest,
-        etcd::EtcdDatastore,
+        etcd::{EtcdAccess, EtcdAccessFiles, EtcdDatastore},
         file::{self, FileDatastore, Follower},
         membership::{Policy, format_duration, parse_duration},
     },
@@ -102,6 +102,23 @@ struct Args {
     /// vanishes other nodes keep routing to it.
     #[arg(long, default_value_t = 30)]
     etcd_lease_ttl: u64,
+    /// etcd: CA certificate (PEM) that signed the members' certificates;
+    /// needed for https:// endpoints.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// etcd: this node's client certificate (PEM), for a cluster started
+    /// with --client-cert-auth (its common name is the etcd user).
+    #[arg(long, requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// etcd: the client certificate's private key (PEM).
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd: user to log in as (with --etcd-password-file).
+    #[arg(long, requires = "etcd_password_file")]
+    etcd_user: Option<String>,
+    /// etcd: file holding --etcd-user's password (never on the command line).
+    #[arg(long, requires = "etcd_user")]
+    etcd_password_file: Option<PathBuf>,
     /// etcd: how long other nodes keep routing to a node whose lease has
     /// expired (it may be restarting or cut off; its pods may be running)
     /// before they remove it, e.g. 90s, 10m (default 10m).
@@ -215,6 +232,8 @@ struct Resolved {
     fixed_pod_cidr: bool,
     /// When a node without a lease is removed and its CIDR released.
     policy: Policy,
+    /// How to reach etcd (TLS, client certificate, user).
+    etcd_access: EtcdAccess,
 }
 
 fn read_file_config(args: &Args) -> anyhow::Result<FileConfig> {
@@ -356,12 +375,26 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
             .or(file.socket)
             .unwrap_or_else(|| DEFAULT_SOCKET.into()),
     };
+    let etcd_access = EtcdAccess::load(&EtcdAccessFiles {
+        ca: args.etcd_ca.clone(),
+        cert: args.etcd_cert.clone(),
+        key: args.etcd_key.clone(),
+        user: args.etcd_user.clone(),
+        password_file: args.etcd_password_file.clone(),
+    })
+    .context("setting up the etcd connection")?;
+    if let DatastoreSpec::Etcd(endpoints) = &datastore {
+        etcd_access
+            .check_endpoints(endpoints)
+            .context("checking --datastore against the etcd TLS flags")?;
+    }
     Ok(Resolved {
         config,
         datastore,
         network,
         fixed_pod_cidr,
         policy,
+        etcd_access,
     })
 }
 
@@ -401,7 +434,7 @@ fn join(
         // Claimed and published at once: a claim without a record would
         // look like a node that went away to the other agents.
         DatastoreSpec::Etcd(endpoints) => runtime.block_on(join::join(
-            || EtcdDatastore::connect(endpoints, lease_ttl),
+            || EtcdDatastore::connect(endpoints, lease_ttl, &resolved.etcd_access),
             &request,
             cached,
             backoff,
@@ -584,44 +617,7 @@ fn main() -> anyhow::Result<()> {
     );
     retry_pending(Arc::clone(&registry), resolved.network.clone(), ready);
     sweep_stack_flows(&resolved.config.bpffs_dir)?;
-    match &resolved.datastore {
-        DatastoreSpec::None => {
-            registry
-                .lock()
-                .map_err(|_| anyhow::anyhow!("agent state poisoned"))?
-                .set_datastore_status(podnet::api::DatastoreStatus {
-                    backend: resolved.datastore.backend().into(),
-                    connected: true,
-                    ..podnet::api::DatastoreStatus::default()
-                });
-        }
-        DatastoreSpec::File(path) => {
-            runtime.spawn(follow::follow_file(
-                path.clone(),
-                Arc::clone(&registry),
-                resolved.network.clone(),
-            ));
-        }
-        DatastoreSpec::Etcd(endpoints) => {
-            info!(
-                grace = %format_duration(resolved.policy.node_grace_period),
-                release_after = %format_duration(resolved.policy.cidr_release_after),
-                "nodes whose lease expires stay routed for the grace period; their CIDR is released after the release delay"
-            );
-            let mut request = join_request(&resolved);
-            request.pod_cidr = Some(resolved.config.pod_cidr);
-            runtime.spawn(follow::follow_etcd(
-                EtcdFollow {
-                    endpoints: endpoints.clone(),
-                    lease_ttl,
-                    policy: resolved.policy,
-                    request,
-                },
-                Arc::clone(&registry),
-                resolved.network.clone(),
-            ));
-        }
-    }
+    follow_datastore(&runtime, &resolved, &registry, lease_ttl)?;
     let monitor = agent::monitor::MonitorHub::new();
     runtime.spawn(agent::monitor::run_logged(
         monitor.clone(),
@@ -638,6 +634,56 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// Follows the configured datastore (the other nodes) on `runtime`; with
+/// none, says so in the agent's status.
+fn follow_datastore(
+    runtime: &tokio::runtime::Runtime,
+    resolved: &Resolved,
+    registry: &Arc<Mutex<Agent>>,
+    lease_ttl: std::time::Duration,
+) -> anyhow::Result<()> {
+    match &resolved.datastore {
+        DatastoreSpec::None => {
+            registry
+                .lock()
+                .map_err(|_| anyhow::anyhow!("agent state poisoned"))?
+                .set_datastore_status(podnet::api::DatastoreStatus {
+                    backend: resolved.datastore.backend().into(),
+                    connected: true,
+                    ..podnet::api::DatastoreStatus::default()
+                });
+        }
+        DatastoreSpec::File(path) => {
+            runtime.spawn(follow::follow_file(
+                path.clone(),
+                Arc::clone(registry),
+                resolved.network.clone(),
+            ));
+        }
+        DatastoreSpec::Etcd(endpoints) => {
+            info!(
+                grace = %format_duration(resolved.policy.node_grace_period),
+                release_after = %format_duration(resolved.policy.cidr_release_after),
+                "nodes whose lease expires stay routed for the grace period; their CIDR is released after the release delay"
+            );
+            let mut request = join_request(resolved);
+            request.pod_cidr = Some(resolved.config.pod_cidr);
+            runtime.spawn(follow::follow_etcd(
+                EtcdFollow {
+                    endpoints: endpoints.clone(),
+                    access: resolved.etcd_access.clone(),
+                    lease_ttl,
+                    policy: resolved.policy,
+                    request,
+                },
+                Arc::clone(registry),
+                resolved.network.clone(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {

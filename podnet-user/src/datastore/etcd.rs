@@ -15,6 +15,12 @@
 //!   during the grace period) by every agent, also one that restarted since.
 //! - `gone/<name>` = `{"since": <unix seconds>}`: the node's tombstone,
 //!   written by the first agent that saw the node without its lease.
+//! - `held/<name>/<network>_<prefix>` = empty: written with the node's
+//!   record by every publish, never rewritten by anyone else; its creation
+//!   revision is when the node first announced that CIDR, the claim order
+//!   that decides conflicts between records ([`super::membership::Snapshot::order`]).
+//!   A per-node prefix, so that with etcd roles only the node writes it
+//!   (the `cidrs/` claims are shared bookkeeping that every node writes).
 //!
 //! A node publishes itself (liveness key, record, tombstone removed) in one
 //! transaction that checks its claim still names it, and a claim is released
@@ -31,11 +37,16 @@
 //! requests while one member of three is down. The agent moves to the next
 //! member instead when its member fails (`agent::follow`).
 
-use std::time::Duration;
+use std::{
+    collections::BTreeMap,
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
-    WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
+    Permission, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, UserAddOptions, WatchOptions,
 };
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -51,6 +62,7 @@ const CIDRS: &str = "/podnet/cidrs/";
 const NODES: &str = "/podnet/nodes/";
 const MEMBERS: &str = "/podnet/members/";
 const GONE: &str = "/podnet/gone/";
+const HELD: &str = "/podnet/held/";
 
 fn cidr_key(cidr: Ipv4Net) -> String {
     format!("{CIDRS}{}_{}", cidr.network(), cidr.prefix_len())
@@ -73,10 +85,302 @@ fn gone_key(name: &str) -> String {
     format!("{GONE}{name}")
 }
 
+/// The prefix of `name`'s claim-order keys (the trailing `/` keeps
+/// `node1`'s prefix off `node10`'s keys).
+fn held_prefix(name: &str) -> String {
+    format!("{HELD}{name}/")
+}
+
+fn held_key(name: &str, cidr: Ipv4Net) -> String {
+    format!(
+        "{}{}_{}",
+        held_prefix(name),
+        cidr.network(),
+        cidr.prefix_len()
+    )
+}
+
+/// Whether `name` can name a node in keys and etcd roles: what Kubernetes
+/// allows in a node name (and `_`), so that no name holds a `/` (the
+/// prefix `held/a/` of node `a` would cover the keys of a node `a/b`).
+#[must_use]
+pub fn is_node_name(name: &str) -> bool {
+    (1..=253).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+}
+
+fn parse_held_key(key: &str) -> Option<(&str, Ipv4Net)> {
+    let (name, cidr) = key.strip_prefix(HELD)?.split_once('/')?;
+    if !is_node_name(name) {
+        return None;
+    }
+    let (net, prefix) = cidr.split_once('_')?;
+    Some((
+        name,
+        Ipv4Net::new(net.parse().ok()?, prefix.parse().ok()?).ok()?,
+    ))
+}
+
 /// The value of a tombstone key.
 #[derive(Debug, Serialize, Deserialize)]
 struct TombstoneValue {
     since: u64,
+}
+
+/// How an agent or a tool proves who it is to etcd and checks etcd's
+/// certificate: TLS with a CA (and, with etcd's `--client-cert-auth`, a
+/// client certificate whose common name etcd takes as the user name), and
+/// optionally an etcd user and password. The default is plain `http://`.
+#[derive(Clone, Default)]
+pub struct EtcdAccess {
+    tls: Option<EtcdTls>,
+    user: Option<(String, String)>,
+}
+
+#[derive(Clone)]
+struct EtcdTls {
+    ca: Certificate,
+    identity: Option<Identity>,
+}
+
+/// The files [`EtcdAccess::load`] reads.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdAccessFiles {
+    /// CA bundle that signed the members' certificates (`--etcd-ca`).
+    pub ca: Option<PathBuf>,
+    /// Client certificate (`--etcd-cert`), with `key`.
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (`--etcd-key`).
+    pub key: Option<PathBuf>,
+    /// etcd user (`--etcd-user`), with `password_file`.
+    pub user: Option<String>,
+    /// File holding the user's password (`--etcd-password-file`): never a
+    /// command-line argument, which every user of the machine can read.
+    pub password_file: Option<PathBuf>,
+}
+
+/// Why [`EtcdAccess`] could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdAccessError {
+    #[error("reading the etcd {what} {}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the etcd {what} {} holds no PEM {expected}", path.display())]
+    NotPem {
+        what: &'static str,
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("the etcd password file {} is empty", .0.display())]
+    EmptyPassword(PathBuf),
+    #[error("etcd access: {0}")]
+    Incomplete(&'static str),
+    #[error("etcd endpoint {endpoint}: {msg}")]
+    Endpoint { endpoint: String, msg: &'static str },
+}
+
+impl fmt::Debug for EtcdAccess {
+    // Never the password (the agent logs its configuration).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdAccess")
+            .field("tls", &self.tls.is_some())
+            .field(
+                "client_certificate",
+                &self.tls.as_ref().is_some_and(|t| t.identity.is_some()),
+            )
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
+fn read_pem(
+    what: &'static str,
+    path: &Path,
+    expected: &'static str,
+) -> Result<Vec<u8>, EtcdAccessError> {
+    let bytes = std::fs::read(path).map_err(|source| EtcdAccessError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })?;
+    // The TLS library's own message for a key file that is no PEM is
+    // "unexpected EOF" at connect time; say which file it is now.
+    if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
+        return Err(EtcdAccessError::NotPem {
+            what,
+            path: path.to_owned(),
+            expected,
+        });
+    }
+    Ok(bytes)
+}
+
+impl EtcdAccess {
+    /// Plain `http://`, no user.
+    #[must_use]
+    pub fn plain() -> Self {
+        Self::default()
+    }
+
+    /// TLS from PEM bytes: the CA, and a client certificate and key.
+    #[must_use]
+    pub fn from_pem(ca: &[u8], identity: Option<(&[u8], &[u8])>) -> Self {
+        Self {
+            tls: Some(EtcdTls {
+                ca: Certificate::from_pem(ca),
+                identity: identity.map(|(cert, key)| Identity::from_pem(cert, key)),
+            }),
+            user: None,
+        }
+    }
+
+    /// The same, also logging in as `user`.
+    #[must_use]
+    pub fn with_user(mut self, user: &str, password: &str) -> Self {
+        self.user = Some((user.to_owned(), password.to_owned()));
+        self
+    }
+
+    /// Reads the files named by the flags. A certificate needs its key (and
+    /// the other way round), a client certificate needs a CA, a user needs
+    /// a password file.
+    pub fn load(files: &EtcdAccessFiles) -> Result<Self, EtcdAccessError> {
+        let identity = match (&files.cert, &files.key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((
+                read_pem("client certificate", cert, "certificate")?,
+                read_pem("client key", key, "private key")?,
+            )),
+            _ => {
+                return Err(EtcdAccessError::Incomplete(
+                    "--etcd-cert and --etcd-key go together",
+                ));
+            }
+        };
+        let tls = match (&files.ca, identity) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(EtcdAccessError::Incomplete(
+                    "a client certificate needs --etcd-ca (the CA of etcd's certificates)",
+                ));
+            }
+            (Some(ca), identity) => Some(EtcdTls {
+                ca: Certificate::from_pem(read_pem("CA", ca, "certificate")?),
+                identity: identity.map(|(cert, key)| Identity::from_pem(cert, key)),
+            }),
+        };
+        let user = match (&files.user, &files.password_file) {
+            (None, None) => None,
+            (Some(user), Some(path)) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| EtcdAccessError::Read {
+                        what: "password file",
+                        path: path.clone(),
+                        source,
+                    })?;
+                // One line; the newline an editor or `echo` adds is not part of it.
+                let password = text.trim_end_matches(['\r', '\n']);
+                if password.is_empty() {
+                    return Err(EtcdAccessError::EmptyPassword(path.clone()));
+                }
+                Some((user.clone(), password.to_owned()))
+            }
+            _ => {
+                return Err(EtcdAccessError::Incomplete(
+                    "--etcd-user and --etcd-password-file go together",
+                ));
+            }
+        };
+        Ok(Self { tls, user })
+    }
+
+    /// Whether this uses TLS.
+    #[must_use]
+    pub const fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Checks `endpoints` against this: `https://` needs a CA (etcd's
+    /// certificate would go unchecked otherwise), and with TLS set up every
+    /// endpoint is `https://` (a client certificate sent in the clear to an
+    /// `http://` URL proves nothing and the traffic is readable).
+    pub fn check_endpoints(&self, endpoints: &[String]) -> Result<(), EtcdAccessError> {
+        for endpoint in endpoints {
+            let https = endpoint.starts_with("https://");
+            if https && self.tls.is_none() {
+                return Err(EtcdAccessError::Endpoint {
+                    endpoint: endpoint.clone(),
+                    msg: "https:// needs --etcd-ca",
+                });
+            }
+            if !https && self.tls.is_some() {
+                return Err(EtcdAccessError::Endpoint {
+                    endpoint: endpoint.clone(),
+                    msg: "with --etcd-ca every endpoint is https://",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// `options` with this TLS configuration and user (for a tool that
+    /// talks to etcd with its own client).
+    #[must_use]
+    pub fn apply(&self, mut options: ConnectOptions) -> ConnectOptions {
+        if let Some(tls) = &self.tls {
+            let mut config = TlsOptions::new().ca_certificate(tls.ca.clone());
+            if let Some(identity) = &tls.identity {
+                config = config.identity(identity.clone());
+            }
+            options = options.with_tls(config);
+        }
+        if let Some((user, password)) = &self.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        options
+    }
+}
+
+/// The etcd user (and role) of node `name`: the common name of its client
+/// certificate. Its role may write only that node's own keys.
+#[must_use]
+pub fn node_user(name: &str) -> String {
+    format!("podnet-node-{name}")
+}
+
+/// The etcd user and role that writes cluster-wide objects (and may do
+/// everything under `/podnet/`): an operator's, never a node's.
+pub const OPERATOR_USER: &str = "podnet-operator";
+
+/// Where cluster-wide objects live (NetworkPolicies, Services, ...): only
+/// the operator's role writes under it.
+pub const CLUSTER_PREFIX: &str = "/podnet/cluster/";
+
+/// What `node_user(name)`'s role may do, as (key, prefix?, write?): read
+/// everything under `/podnet/` (every agent routes to every node); write
+/// its own liveness and durable record (exact keys: a prefix
+/// `/podnet/nodes/node1` would also cover `node10`); and write the shared
+/// bookkeeping every agent takes part in: the CIDR claims (a claim is made
+/// by a create-only transaction, which a role cannot express, so the
+/// prefix is writable; readers do not take a claim over the incumbent's
+/// record, see [`super::membership::plan`]) and the tombstones of nodes
+/// that went away. Its claim-order keys (`held/<name>/`) are its own.
+#[must_use]
+pub fn node_permissions(name: &str) -> Vec<(String, bool, bool)> {
+    vec![
+        (PREFIX.to_owned(), true, false),
+        (node_key(name), false, true),
+        (member_key(name), false, true),
+        (held_prefix(name), true, true),
+        (CIDRS.to_owned(), true, true),
+        (GONE.to_owned(), true, true),
+    ]
 }
 
 /// How one member of the cluster sees it.
@@ -101,8 +405,9 @@ impl EtcdDatastore {
     pub async fn connect(
         endpoints: &[String],
         lease_ttl: Duration,
+        access: &EtcdAccess,
     ) -> Result<Self, DatastoreError> {
-        Self::connect_from(endpoints, 0, lease_ttl)
+        Self::connect_from(endpoints, 0, lease_ttl, access)
             .await
             .map(|(store, _)| store)
     }
@@ -113,11 +418,12 @@ impl EtcdDatastore {
         endpoints: &[String],
         first: usize,
         lease_ttl: Duration,
+        access: &EtcdAccess,
     ) -> Result<(Self, usize), DatastoreError> {
         let mut last = None;
         for k in 0..endpoints.len() {
             let i = (first + k) % endpoints.len();
-            match Self::connect_one(&endpoints[i], lease_ttl).await {
+            match Self::connect_one(&endpoints[i], lease_ttl, access).await {
                 Ok(store) => return Ok((store, i)),
                 Err(e) => last = Some(e),
             }
@@ -131,7 +437,11 @@ impl EtcdDatastore {
 
     /// Connects to one member and checks that it serves: a linearizable
     /// read, answered only by a member that has a leader and a quorum.
-    pub async fn connect_one(endpoint: &str, lease_ttl: Duration) -> Result<Self, DatastoreError> {
+    pub async fn connect_one(
+        endpoint: &str,
+        lease_ttl: Duration,
+        access: &EtcdAccess,
+    ) -> Result<Self, DatastoreError> {
         // Short timeouts: the caller moves on to the next member. HTTP/2
         // pings find a member that vanished without closing the connection
         // (etcd refuses pings more often than every 5 s). `require_leader`:
@@ -142,6 +452,8 @@ impl EtcdDatastore {
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_require_leader(true);
+        access.check_endpoints(&[endpoint.to_owned()])?;
+        let options = access.apply(options);
         let err = |action: &str| {
             let (endpoint, action) = (endpoint.to_owned(), action.to_owned());
             move |source| DatastoreError::Etcd {
@@ -167,6 +479,132 @@ impl EtcdDatastore {
             .await
             .map_err(err("reading"))?;
         Ok(store)
+    }
+
+    /// Sets up least privilege on a cluster without authentication yet
+    /// (connected as anyone; idempotent when auth is on and this is root):
+    /// the `root` user (etcd's own, which auth needs; `root_password`, or
+    /// none for a client-certificate login with common name `root`), the
+    /// operator's user and role ([`OPERATOR_USER`], everything under
+    /// `/podnet/`), a user and role per node ([`node_user`],
+    /// [`node_permissions`]); then turns authentication on. Users get no
+    /// password: they log in with their client certificate's common name.
+    pub async fn setup_auth(
+        &mut self,
+        root_password: Option<&str>,
+        nodes: &[String],
+    ) -> Result<(), DatastoreError> {
+        // All checked before anything is created.
+        for node in nodes {
+            self.check_node_name(node)?;
+        }
+        let users: Vec<String> = self
+            .client
+            .user_list()
+            .await
+            .map_err(self.err("listing the users"))?
+            .users()
+            .to_vec();
+        if !users.iter().any(|u| u == "root") {
+            let options = match root_password {
+                Some(_) => None,
+                None => Some(UserAddOptions::new().with_no_pwd()),
+            };
+            self.client
+                .user_add("root", root_password.unwrap_or_default(), options)
+                .await
+                .map_err(self.err("adding the root user"))?;
+            self.client
+                .user_grant_role("root", "root")
+                .await
+                .map_err(self.err("granting root the root role"))?;
+        }
+        self.add_user(OPERATOR_USER, &[(PREFIX.to_owned(), true, true)], &users)
+            .await?;
+        for node in nodes {
+            self.add_user(&node_user(node), &node_permissions(node), &users)
+                .await?;
+        }
+        self.client
+            .auth_enable()
+            .await
+            .map_err(self.err("enabling authentication"))?;
+        Ok(())
+    }
+
+    /// Adds a node's user and role to a cluster with auth on (as root or
+    /// anyone with the right): a node that joins later.
+    pub async fn add_node_user(&mut self, node: &str) -> Result<(), DatastoreError> {
+        self.check_node_name(node)?;
+        let users: Vec<String> = self
+            .client
+            .user_list()
+            .await
+            .map_err(self.err("listing the users"))?
+            .users()
+            .to_vec();
+        self.add_user(&node_user(node), &node_permissions(node), &users)
+            .await
+    }
+
+    fn check_node_name(&self, node: &str) -> Result<(), DatastoreError> {
+        if is_node_name(node) {
+            return Ok(());
+        }
+        Err(self.protocol(
+            format!("adding a user for node {node:?}"),
+            "a node name is 1 to 253 letters, digits, '-', '.' or '_'",
+        ))
+    }
+
+    /// The user `name` with a role of the same name holding exactly
+    /// `permissions` (key, prefix?, write?).
+    async fn add_user(
+        &mut self,
+        name: &str,
+        permissions: &[(String, bool, bool)],
+        existing: &[String],
+    ) -> Result<(), DatastoreError> {
+        let roles: Vec<String> = self
+            .client
+            .role_list()
+            .await
+            .map_err(self.err("listing the roles"))?
+            .roles()
+            .to_vec();
+        if !roles.iter().any(|r| r == name) {
+            self.client
+                .role_add(name)
+                .await
+                .map_err(self.err(format!("adding the role {name}")))?;
+        }
+        for (key, prefix, write) in permissions {
+            let permission = if *write {
+                Permission::read_write(key.as_str())
+            } else {
+                Permission::read(key.as_str())
+            };
+            let permission = if *prefix {
+                permission.with_prefix()
+            } else {
+                permission
+            };
+            self.client
+                .role_grant_permission(name, permission)
+                .await
+                .map_err(self.err(format!("granting {name} {key}")))?;
+        }
+        if !existing.iter().any(|u| u == name) {
+            self.client
+                .user_add(name, "", Some(UserAddOptions::new().with_no_pwd()))
+                .await
+                .map_err(self.err(format!("adding the user {name}")))?;
+        }
+        self.client
+            .user_grant_role(name, name)
+            .await
+            .map_err(self.err(format!("granting {name} its role")))?;
+        Ok(())
     }
 
     /// The member this connection talks to.
@@ -313,6 +751,9 @@ impl EtcdDatastore {
                     Some(PutOptions::new().with_lease(lease)),
                 ),
                 TxnOp::put(member_key(name), value, None),
+                // Created once per CIDR (a put on an existing key keeps its
+                // creation revision): the node's claim order for it.
+                TxnOp::put(held_key(name, cidr), "", None),
                 TxnOp::delete(gone_key(name), None),
             ])
             .or_else([TxnOp::get(claim, None)]);
@@ -384,6 +825,10 @@ impl EtcdDatastore {
                 .map_or(0, etcd_client::ResponseHeader::revision),
             ..Snapshot::default()
         };
+        // Claim order: when the node first published the CIDR it announces
+        // (its `held/` key's creation revision, which etcd assigns and a
+        // publish keeps).
+        let mut held: BTreeMap<(String, Ipv4Net), i64> = BTreeMap::new();
         for kv in response.kvs() {
             let Ok(key) = kv.key_str() else {
                 snapshot
@@ -392,16 +837,16 @@ impl EtcdDatastore {
                 continue;
             };
             let parsed = if let Some(name) = key.strip_prefix(NODES) {
-                serde_json::from_slice::<NodeRecord>(kv.value())
-                    .ok()
-                    .filter(|r| r.name == name)
+                parse_record(name, kv.value())
                     .map(|r| snapshot.live.insert(name.to_owned(), r))
                     .is_some()
             } else if let Some(name) = key.strip_prefix(MEMBERS) {
-                serde_json::from_slice::<NodeRecord>(kv.value())
-                    .ok()
-                    .filter(|r| r.name == name)
+                parse_record(name, kv.value())
                     .map(|r| snapshot.members.insert(name.to_owned(), r))
+                    .is_some()
+            } else if key.starts_with(HELD) {
+                parse_held_key(key)
+                    .map(|(name, cidr)| held.insert((name.to_owned(), cidr), kv.create_revision()))
                     .is_some()
             } else if let Some(name) = key.strip_prefix(GONE) {
                 serde_json::from_slice::<TombstoneValue>(kv.value())
@@ -429,6 +874,7 @@ impl EtcdDatastore {
                 snapshot.invalid.push(key.to_owned());
             }
         }
+        snapshot.order = claim_order(&snapshot, &held);
         Ok(snapshot)
     }
 
@@ -485,6 +931,7 @@ impl EtcdDatastore {
         let mut ops = vec![
             TxnOp::delete(member_key(name), None),
             TxnOp::delete(gone_key(name), None),
+            TxnOp::delete(held_prefix(name), Some(DeleteOptions::new().with_prefix())),
         ];
         for cidr in &release.cidrs {
             when.push(Compare::value(cidr_key(*cidr), CompareOp::Equal, name));
@@ -523,6 +970,40 @@ impl EtcdDatastore {
             }
         }
     }
+}
+
+/// Each node's claim order: when it first published the CIDR its record
+/// announces (the live record's, else the durable one's). A record without
+/// one (written past the agents, e.g. by `etcdctl put`, or by an agent from
+/// before claim-order keys) is left out: it counts as the newest.
+#[must_use]
+pub fn claim_order(
+    snapshot: &Snapshot,
+    held: &BTreeMap<(String, Ipv4Net), i64>,
+) -> BTreeMap<String, i64> {
+    snapshot
+        .members
+        .keys()
+        .chain(snapshot.live.keys())
+        .filter_map(|name| {
+            // The record that is routed: the live one while there is one.
+            let record = snapshot
+                .live
+                .get(name)
+                .or_else(|| snapshot.members.get(name))?;
+            held.get(&(name.clone(), record.pod_cidr))
+                .map(|at| (name.clone(), *at))
+        })
+        .collect()
+}
+
+/// A node record stored under `name`'s key: a valid record naming the key's
+/// node (a record under another node's key is no record of it).
+#[must_use]
+pub fn parse_record(name: &str, value: &[u8]) -> Option<NodeRecord> {
+    serde_json::from_slice::<NodeRecord>(value)
+        .ok()
+        .filter(|r| r.name == name)
 }
 
 /// The value a transaction's `or_else` get found, if the key existed.
@@ -587,5 +1068,60 @@ impl Datastore for EtcdDatastore {
 
     async fn wait_change(&mut self, revision: i64) -> Result<(), DatastoreError> {
         Self::wait_change(self, revision).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_and_claim_order_keys() {
+        for ok in ["node1", "0evil", "ip-10-0-0-1.ec2.internal", "n_2"] {
+            assert!(is_node_name(ok), "{ok}");
+        }
+        for bad in ["", "a/b", "a b", "../x", "é", &"x".repeat(254)] {
+            assert!(!is_node_name(bad), "{bad:?}");
+        }
+        let cidr: Ipv4Net = "10.244.1.0/24".parse().expect("cidr");
+        assert_eq!(
+            parse_held_key(&held_key("node1", cidr)),
+            Some(("node1", cidr))
+        );
+        assert_eq!(parse_held_key("/podnet/held/a/b/10.244.1.0_24"), None);
+        // A node's prefix is not another's whose name it begins.
+        assert!(!held_key("node10", cidr).starts_with(&held_prefix("node1")));
+    }
+
+    #[test]
+    fn access_files_go_together() {
+        let missing = || Some(PathBuf::from("/nonexistent/podnet-test.pem"));
+        for files in [
+            EtcdAccessFiles {
+                cert: missing(),
+                ..EtcdAccessFiles::default()
+            },
+            EtcdAccessFiles {
+                user: Some("op".into()),
+                ..EtcdAccessFiles::default()
+            },
+        ] {
+            assert!(matches!(
+                EtcdAccess::load(&files),
+                Err(EtcdAccessError::Incomplete(_))
+            ));
+        }
+        let error = EtcdAccess::load(&EtcdAccessFiles {
+            ca: missing(),
+            ..EtcdAccessFiles::default()
+        })
+        .expect_err("missing CA");
+        assert!(
+            error.to_string().contains("/nonexistent/podnet-test.pem"),
+            "{error}"
+        );
+        let plain = EtcdAccess::plain();
+        assert!(plain.check_endpoints(&["http://a:2379".into()]).is_ok());
+        assert!(plain.check_endpoints(&["https://a:2379".into()]).is_err());
     }
 }

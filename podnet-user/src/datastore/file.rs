@@ -40,6 +40,19 @@ struct NodesFile {
     nodes: Vec<NodeRecord>,
 }
 
+/// The records of a nodes file's contents, in the file's order; an error
+/// for anything that is not a complete nodes file (see the module doc).
+pub fn parse_nodes(bytes: &[u8]) -> Result<Vec<NodeRecord>, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(
+            "the file is empty (a cluster without nodes is written as {\"nodes\": []})".into(),
+        );
+    }
+    serde_json::from_slice::<NodesFile>(bytes)
+        .map(|file| file.nodes)
+        .map_err(|e| e.to_string())
+}
+
 /// The nodes file at a path.
 #[derive(Debug, Clone)]
 pub struct FileDatastore {
@@ -95,12 +108,9 @@ impl FileDatastore {
     /// nodes file, including a missing or empty one.
     fn read(&self) -> Result<NodesFile, DatastoreError> {
         let bytes = fs::read(&self.path).map_err(self.io("reading"))?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Err(self.invalid(
-                "the file is empty (a cluster without nodes is written as {\"nodes\": []})",
-            ));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| self.invalid(e.to_string()))
+        parse_nodes(&bytes)
+            .map(|nodes| NodesFile { nodes })
+            .map_err(|msg| self.invalid(msg))
     }
 
     /// The file to change under the lock: a missing file is a new cluster;
@@ -165,7 +175,15 @@ impl FileDatastore {
             Some(cidr) => cidr,
             None => candidate_cidr(request, &others)?,
         };
-        if let Some(holder) = file.nodes.iter().find(|n| {
+        // Only a record ahead of this node's own (all of them, for a new
+        // node) holds against it: one appended after it with its CIDR was
+        // written past the checks and is refused by every reader.
+        let place = file
+            .nodes
+            .iter()
+            .position(|n| n.name == request.name)
+            .unwrap_or(file.nodes.len());
+        if let Some(holder) = file.nodes[..place].iter().find(|n| {
             n.name != request.name && (n.pod_cidr.contains(&cidr) || cidr.contains(&n.pod_cidr))
         }) {
             return Err(DatastoreError::Conflict {
@@ -173,13 +191,30 @@ impl FileDatastore {
                 holder: holder.name.clone(),
             });
         }
-        file.nodes.retain(|n| n.name != request.name);
-        file.nodes.push(NodeRecord {
+        let record = NodeRecord {
             name: request.name.clone(),
             node_ip: request.node_ip,
             pod_cidr: cidr,
-        });
-        file.nodes.sort();
+        };
+        // The file's order is the order nodes joined, and it decides
+        // conflicts between records (`datastore::routable_nodes`: the earlier
+        // holds). A node that is in the file already keeps its place; a new
+        // one goes last. Never sorted: sorting by name would let a record
+        // named `0evil`, appended with node2's CIDR, move ahead of node2 at
+        // the next join and take its pods' traffic.
+        match file.nodes.iter().position(|n| n.name == request.name) {
+            Some(at) => {
+                file.nodes[at] = record;
+                let mut seen = false;
+                // A name twice (a hand edit): the first place holds.
+                file.nodes.retain(|n| {
+                    let again = seen && n.name == request.name;
+                    seen |= n.name == request.name;
+                    !again
+                });
+            }
+            None => file.nodes.push(record),
+        }
         self.write(&file)?;
         Ok(cidr)
     }
@@ -433,6 +468,64 @@ mod tests {
             store.join(&clash),
             Err(DatastoreError::Conflict { .. })
         ));
+    }
+
+    /// Issue 21 in the nodes file: a record named `0evil` appended with
+    /// cidr2's pod CIDR and the attacker's node IP. The file was sorted by
+    /// name at the next join, which put `0evil` first, and the first record
+    /// holds: cidr2's pods' traffic went to the attacker. Join order holds.
+    #[test]
+    fn a_record_appended_later_cannot_take_a_running_nodes_cidr() {
+        let (dir, _cleanup) = temp_dir("evil");
+        let path = dir.join("nodes.json");
+        let store = FileDatastore::new(&path);
+        let first = store.join(&request("node1", 11)).unwrap();
+        let cidr2 = store.join(&request("node2", 12)).unwrap();
+        let mut file = store.read().unwrap();
+        file.nodes.push(NodeRecord {
+            name: "0evil".into(),
+            node_ip: Ipv4Addr::new(192, 168, 100, 66),
+            pod_cidr: cidr2,
+        });
+        fs::write(&path, serde_json::to_vec(&file).unwrap()).unwrap();
+        let check = |when: &str| {
+            let nodes = store.nodes().unwrap();
+            let (ok, refused) = crate::datastore::routable_nodes(
+                &nodes,
+                ("node1", Ipv4Addr::new(192, 168, 100, 11)),
+                first,
+                "10.244.0.0/16".parse().unwrap(),
+            );
+            let ok: Vec<_> = ok.iter().map(|n| (n.name.as_str(), n.node_ip)).collect();
+            assert_eq!(
+                ok,
+                [
+                    ("node2", Ipv4Addr::new(192, 168, 100, 12)),
+                    ("node3", Ipv4Addr::new(192, 168, 100, 13))
+                ],
+                "{when}: {nodes:?}"
+            );
+            assert_eq!(
+                refused
+                    .iter()
+                    .map(|(n, _)| n.name.as_str())
+                    .collect::<Vec<_>>(),
+                ["0evil"],
+                "{when}"
+            );
+            let names: Vec<_> = nodes.iter().map(|n| n.name.clone()).collect();
+            assert_eq!(
+                names,
+                ["node1", "node2", "0evil", "node3"],
+                "{when}: join order kept"
+            );
+        };
+        // Any later join rewrites the file.
+        store.join(&request("node3", 13)).unwrap();
+        check("after node3 joined");
+        // node2 restarting keeps its CIDR and its place.
+        assert_eq!(store.join(&request("node2", 12)).unwrap(), cidr2);
+        check("after node2 joined again");
     }
 
     fn temp_dir(tag: &str) -> (PathBuf, Cleanup) {

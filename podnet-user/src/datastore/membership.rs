@@ -174,6 +174,13 @@ pub struct Snapshot {
     pub gone: BTreeMap<String, Tombstone>,
     /// Pod CIDR claims: CIDR -> the node holding it.
     pub claims: BTreeMap<Ipv4Net, String>,
+    /// When each node first claimed its place, as a datastore revision:
+    /// the creation revision of its durable record (of its liveness record
+    /// when it has none). A node's own later writes keep it; only the
+    /// datastore assigns it, so a record written later cannot claim to be
+    /// older. Conflicts between records are decided by it: the incumbent
+    /// holds. A name missing here counts as the newest.
+    pub order: BTreeMap<String, i64>,
     /// Keys whose value could not be read (logged, otherwise ignored).
     pub invalid: Vec<String>,
 }
@@ -196,7 +203,11 @@ pub struct Release {
 pub struct Plan {
     /// The nodes to route to: live ones first (a live node wins a conflict
     /// over one that is away, e.g. a new node that got the old one's
-    /// address), then unreachable ones that still hold their CIDR.
+    /// address), then unreachable ones that still hold their CIDR; each in
+    /// claim order ([`Snapshot::order`]). A record whose pod CIDR overlaps
+    /// that of a node that claimed earlier is left out, live or not: the
+    /// incumbent holds (a record written later, say `0evil` with node2's
+    /// CIDR, must not take node2's pods' traffic, whatever its name).
     pub routed: Vec<NodeRecord>,
     /// Every node with a record, and where it stands.
     pub nodes: Vec<NodeStatus>,
@@ -229,7 +240,11 @@ pub fn plan(snapshot: &Snapshot, policy: Policy, me: Option<&str>, now: u64) -> 
         }
     };
 
-    for (name, record) in &snapshot.live {
+    let order = |name: &str| snapshot.order.get(name).copied().unwrap_or(i64::MAX);
+    let mut live: Vec<(&String, &NodeRecord)> = snapshot.live.iter().collect();
+    live.sort_by_key(|(name, _)| (order(name), name.as_str()));
+    let mut unreachable: Vec<NodeRecord> = Vec::new();
+    for (name, record) in live {
         plan.routed.push(record.clone());
         plan.nodes.push(NodeStatus {
             record: record.clone(),
@@ -275,11 +290,12 @@ pub fn plan(snapshot: &Snapshot, policy: Policy, me: Option<&str>, now: u64) -> 
             } else {
                 NodeState::Gone
             };
-            // Only while its claim still names it: a CIDR that was released
-            // (and maybe claimed again) is not this node's to be routed to.
-            let routed = state == NodeState::Unreachable && claimed.contains(&record.pod_cidr);
+            // Only while it holds its CIDR (see `still_holds`): a CIDR that
+            // was released and claimed again is not this node's.
+            let holds = claimed.contains(&record.pod_cidr) || still_holds(snapshot, name, record);
+            let routed = state == NodeState::Unreachable && holds;
             if routed {
-                plan.routed.push(record.clone());
+                unreachable.push(record.clone());
             }
             plan.nodes.push(NodeStatus {
                 record: record.clone(),
@@ -298,8 +314,57 @@ pub fn plan(snapshot: &Snapshot, policy: Policy, me: Option<&str>, now: u64) -> 
             _ => soonest(since.saturating_add(release)),
         }
     }
+    unreachable.sort_by_key(|r| (order(&r.name), r.name.clone()));
+    plan.routed.extend(unreachable);
+    refuse_later_claims(&mut plan, order);
     plan.next_check = next.map(Duration::from_secs);
     plan
+}
+
+/// Whether a node without a lease whose claim does not name it still holds
+/// its CIDR: the claim keys are shared bookkeeping every node may write, so
+/// a claim rewritten (or deleted) by another node does not take the CIDR
+/// from one that published it first. A node without claim order (an agent
+/// from before it) goes by its claim alone.
+fn still_holds(snapshot: &Snapshot, name: &str, record: &NodeRecord) -> bool {
+    let Some(mine) = snapshot.order.get(name) else {
+        return false;
+    };
+    snapshot.claims.get(&record.pod_cidr).is_none_or(|holder| {
+        let theirs = snapshot
+            .live
+            .get(holder)
+            .or_else(|| snapshot.members.get(holder))
+            .filter(|r| r.pod_cidr == record.pod_cidr)
+            .and_then(|_| snapshot.order.get(holder));
+        theirs.is_none_or(|theirs| mine < theirs)
+    })
+}
+
+/// The incumbent holds its pod CIDR against any record that claimed
+/// later, live or not: those are taken out of `plan.routed`.
+fn refuse_later_claims(plan: &mut Plan, order: impl Fn(&str) -> i64) {
+    let mut by_claim: Vec<&NodeRecord> = plan.routed.iter().collect();
+    by_claim.sort_by_key(|r| (order(&r.name), r.name.as_str()));
+    let mut held: Vec<&NodeRecord> = Vec::new();
+    let mut refused: BTreeSet<String> = BTreeSet::new();
+    for record in by_claim {
+        if held.iter().any(|h| overlap(h.pod_cidr, record.pod_cidr)) {
+            refused.insert(record.name.clone());
+        } else {
+            held.push(record);
+        }
+    }
+    plan.routed.retain(|r| !refused.contains(&r.name));
+    for status in &mut plan.nodes {
+        if refused.contains(&status.record.name) {
+            status.routed = false;
+        }
+    }
+}
+
+fn overlap(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 /// What is wrong with a set of claims and live records, if anything: a node
@@ -380,6 +445,9 @@ mod tests {
         let names = live.iter().copied().chain(away.iter().map(|(n, _)| *n));
         for (i, name) in names.enumerate() {
             let r = record(name, u8::try_from(i + 1).expect("small"));
+            // Claimed in the order listed.
+            s.order
+                .insert((*name).to_owned(), 10 + i64::try_from(i).expect("small"));
             s.claims.insert(r.pod_cidr, (*name).to_owned());
             s.members.insert((*name).to_owned(), r.clone());
             if live.contains(&name) {
@@ -504,12 +572,60 @@ mod tests {
 
     #[test]
     fn an_unreachable_node_whose_claim_was_taken_is_not_routed() {
+        // n9 announced the CIDR before n2 did: n2's record is the one that
+        // was written past the claims.
         let mut s = snapshot(&["me"], &[("n2", Some(MIN))]);
         let cidr = s.members["n2"].pod_cidr;
         s.claims.insert(cidr, "n9".into());
+        let mut n9 = s.members["n2"].clone();
+        n9.name = "n9".into();
+        n9.node_ip = std::net::Ipv4Addr::new(192, 168, 100, 99);
+        s.members.insert("n9".into(), n9);
+        s.order.insert("n9".into(), 1);
         let p = plan(&s, Policy::default(), Some("me"), NOW);
-        assert_eq!(routed(&p), ["me"]);
+        assert_eq!(routed(&p), ["me", "n9"], "n9 (away too) holds it");
         assert_eq!(state(&p, "n2"), NodeState::Unreachable);
+        // A claim without its own record (or without claim order) does not.
+        let mut s = snapshot(&["me"], &[("n2", Some(MIN))]);
+        let cidr = s.members["n2"].pod_cidr;
+        s.claims.insert(cidr, "n9".into());
+        assert_eq!(
+            routed(&plan(&s, Policy::default(), Some("me"), NOW)),
+            ["me", "n2"]
+        );
+        // Nor does a claim deleted by hand: n2 published its CIDR first.
+        s.claims.remove(&cidr);
+        assert_eq!(
+            routed(&plan(&s, Policy::default(), Some("me"), NOW)),
+            ["me", "n2"]
+        );
+        // Without claim order (an agent from before it), the claim decides.
+        s.order.remove("n2");
+        assert_eq!(
+            routed(&plan(&s, Policy::default(), Some("me"), NOW)),
+            ["me"]
+        );
+    }
+
+    /// While node2 is away (restarting), a node that may write the shared
+    /// claim keys rewrites node2's claim and announces node2's CIDR: node2,
+    /// which announced it first, stays routed and the newcomer is refused.
+    #[test]
+    fn a_rewritten_claim_does_not_take_an_away_nodes_cidr() {
+        let mut s = snapshot(&["me", "evil"], &[("node2", Some(MIN))]);
+        let cidr = s.members["node2"].pod_cidr;
+        let mut evil = s.live["evil"].clone();
+        evil.pod_cidr = cidr;
+        s.live.insert("evil".into(), evil.clone());
+        s.members.insert("evil".into(), evil);
+        s.claims.insert(cidr, "evil".into());
+        // evil's claim order for this CIDR: now.
+        s.order.insert("evil".into(), 900);
+        let p = plan(&s, Policy::default(), Some("me"), NOW);
+        assert_eq!(
+            routes_of(&p, "me"),
+            (vec!["node2".into()], vec!["evil".into()])
+        );
     }
 
     #[test]
@@ -581,6 +697,113 @@ mod tests {
         for bad in ["", "m", "10x", "-1s", "1.5h", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// What node `me` routes to after the planner and the record checks
+    /// (`routable_nodes`), as the agent does: (accepted, refused) names.
+    fn routes_of(p: &Plan, me: &str) -> (Vec<String>, Vec<String>) {
+        let mine = p
+            .nodes
+            .iter()
+            .find(|n| n.record.name == me)
+            .expect("me")
+            .record
+            .clone();
+        let (ok, bad) = super::super::routable_nodes(
+            &p.routed,
+            (me, mine.node_ip),
+            mine.pod_cidr,
+            "10.244.0.0/16".parse().expect("cidr"),
+        );
+        let refused_by_plan = p
+            .nodes
+            .iter()
+            .filter(|n| !n.routed)
+            .map(|n| n.record.name.clone());
+        (
+            ok.into_iter().map(|n| n.name).collect(),
+            bad.into_iter()
+                .map(|(n, _)| n.name)
+                .chain(refused_by_plan)
+                .collect(),
+        )
+    }
+
+    /// Issue 21: one `etcdctl put /podnet/nodes/0evil` with node2's pod CIDR
+    /// and the attacker's node IP took node2's pods' traffic, because
+    /// records were taken in name order. The incumbent holds.
+    #[test]
+    fn a_record_written_later_cannot_take_a_running_nodes_cidr_whatever_its_name() {
+        let mut s = snapshot(&["me", "node2"], &[]);
+        let node2 = s.live["node2"].clone();
+        let evil = NodeRecord {
+            name: "0evil".into(),
+            node_ip: std::net::Ipv4Addr::new(192, 168, 100, 66),
+            pod_cidr: node2.pod_cidr,
+        };
+        // A liveness key only, written after everyone (no durable record,
+        // no claim): its order is its own creation.
+        s.live.insert("0evil".into(), evil.clone());
+        s.order.insert("0evil".into(), 500);
+        let p = plan(&s, Policy::default(), Some("me"), NOW);
+        assert_eq!(
+            routes_of(&p, "me"),
+            (vec!["node2".into()], vec!["0evil".into()])
+        );
+        assert!(p.routed.contains(&node2));
+
+        // The same with a durable record and a claim written past the
+        // claims (someone with write access to the claim keys).
+        let mut s2 = s.clone();
+        s2.members.insert("0evil".into(), evil.clone());
+        s2.claims.insert(evil.pod_cidr, "0evil".into());
+        let p = plan(&s2, Policy::default(), Some("me"), NOW);
+        assert_eq!(
+            routes_of(&p, "me"),
+            (vec!["node2".into()], vec!["0evil".into()])
+        );
+
+        // And while node2 is restarting (unreachable, its claim intact):
+        // a live newcomer does not get its CIDR either.
+        let mut s3 = s.clone();
+        s3.live.remove("node2");
+        let p = plan(&s3, Policy::default(), Some("me"), NOW);
+        assert_eq!(state(&p, "node2"), NodeState::Unreachable);
+        assert_eq!(
+            routes_of(&p, "me"),
+            (vec!["node2".into()], vec!["0evil".into()])
+        );
+    }
+
+    #[test]
+    fn claim_order_not_name_order_decides_and_a_released_cidr_can_be_taken() {
+        // `a` joined after `z` with an overlapping CIDR: z holds.
+        let mut s = snapshot(&["me", "z"], &[]);
+        let mut a = s.live["z"].clone();
+        a.name = "a".into();
+        a.node_ip = std::net::Ipv4Addr::new(192, 168, 100, 99);
+        s.live.insert("a".into(), a.clone());
+        s.members.insert("a".into(), a.clone());
+        s.order.insert("a".into(), 99);
+        assert_eq!(
+            routes_of(&plan(&s, Policy::default(), Some("me"), NOW), "me").0,
+            ["z"]
+        );
+        // Once z is gone (past the grace period), its record no longer
+        // holds the CIDR: `a` is routed.
+        let mut gone = s.clone();
+        gone.live.remove("z");
+        gone.gone.insert(
+            "z".into(),
+            Tombstone {
+                since: NOW - 20 * MIN,
+                mod_revision: 60,
+            },
+        );
+        assert_eq!(
+            routes_of(&plan(&gone, policy(10, 60), Some("me"), NOW), "me").0,
+            ["a"]
+        );
     }
 
     #[test]

@@ -30,6 +30,8 @@ struct State {
     /// Liveness records and the lease they are under.
     live: BTreeMap<String, (NodeRecord, LeaseId)>,
     members: BTreeMap<String, NodeRecord>,
+    /// When each node first published each CIDR (etcd's `held/` keys).
+    held: BTreeMap<(String, Ipv4Net), i64>,
     gone: BTreeMap<String, Tombstone>,
     leases: BTreeSet<LeaseId>,
     next_lease: LeaseId,
@@ -37,6 +39,25 @@ struct State {
     unreachable: bool,
     /// Joins that were attempted (also while unreachable).
     join_attempts: u32,
+}
+
+impl State {
+    /// The revision the running write commits at.
+    const fn next_revision(&self) -> i64 {
+        self.revision + 1
+    }
+
+    fn insert_member(&mut self, record: NodeRecord) {
+        self.members.insert(record.name.clone(), record);
+    }
+
+    /// What a node's publish writes: its claim-order key for the CIDR.
+    fn insert_held(&mut self, record: &NodeRecord) {
+        let at = self.next_revision();
+        self.held
+            .entry((record.name.clone(), record.pod_cidr))
+            .or_insert(at);
+    }
 }
 
 #[derive(Debug)]
@@ -131,23 +152,31 @@ impl MemoryDatastore {
         });
     }
 
-    /// Writes a liveness record (and a member record) as is, under a lease
-    /// of its own, unchecked: a record written past the claims.
+    /// Writes a liveness record (and a member record, and its claim order
+    /// as a publish does) as is, under a lease of its own, unchecked: a
+    /// record written past the claims.
     pub fn put_live(&self, record: NodeRecord) {
         self.write(|s| {
             let lease = s.next_lease;
             s.next_lease += 1;
             s.leases.insert(lease);
-            s.members.insert(record.name.clone(), record.clone());
+            s.insert_member(record.clone());
+            s.insert_held(&record);
             s.live.insert(record.name.clone(), (record, lease));
+        });
+    }
+
+    /// Writes only a liveness record, as is, without a lease, a durable
+    /// record or a claim: what one `etcdctl put /podnet/nodes/<name>` does.
+    pub fn put_live_only(&self, record: NodeRecord) {
+        self.write(|s| {
+            s.live.insert(record.name.clone(), (record, 0));
         });
     }
 
     /// Writes a durable member record as is (no lease, no claim).
     pub fn put_member(&self, record: NodeRecord) {
-        self.write(|s| {
-            s.members.insert(record.name.clone(), record);
-        });
+        self.write(|s| s.insert_member(record));
     }
 
     /// Claims `cidr` for `name` as is.
@@ -166,7 +195,7 @@ impl MemoryDatastore {
     #[must_use]
     pub fn snapshot(&self) -> Snapshot {
         let s = self.state();
-        Snapshot {
+        let mut snapshot = Snapshot {
             revision: s.revision,
             live: s
                 .live
@@ -176,8 +205,11 @@ impl MemoryDatastore {
             members: s.members.clone(),
             gone: s.gone.clone(),
             claims: s.claims.clone(),
+            order: BTreeMap::new(),
             invalid: s.invalid.clone(),
-        }
+        };
+        snapshot.order = super::etcd::claim_order(&snapshot, &s.held);
+        snapshot
     }
 
     /// The CIDR claimed by `name`, if any.
@@ -258,8 +290,9 @@ impl Datastore for MemoryDatastore {
                     node_ip: request.node_ip,
                     pod_cidr: cidr,
                 };
+                s.insert_held(&record);
                 s.live.insert(name.clone(), (record.clone(), lease));
-                s.members.insert(name.clone(), record);
+                s.insert_member(record);
                 s.gone.remove(&name);
                 Ok(lease)
             }
@@ -342,6 +375,7 @@ impl Datastore for MemoryDatastore {
                 return false;
             }
             s.members.remove(name);
+            s.held.retain(|(holder, _), _| holder != name);
             s.gone.remove(name);
             for cidr in &release.cidrs {
                 s.claims.remove(cidr);

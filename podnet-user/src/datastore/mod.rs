@@ -56,12 +56,29 @@ pub enum DatastoreError {
         #[source]
         source: Box<etcd_client::Error>,
     },
+    #[error(transparent)]
+    Access(#[from] etcd::EtcdAccessError),
     #[error("etcd {endpoint}: {action}: {msg}")]
     EtcdProtocol {
         endpoint: String,
         action: String,
         msg: String,
     },
+}
+
+impl DatastoreError {
+    /// Whether etcd refused the request for want of permission (a node's
+    /// role may not write another node's keys).
+    #[must_use]
+    pub fn is_permission_denied(&self) -> bool {
+        // gRPC's PERMISSION_DENIED, which etcd answers with
+        // "etcdserver: permission denied" (tonic's `Code` is not ours to
+        // name: tonic is etcd-client's dependency, not podnet's).
+        const PERMISSION_DENIED: i32 = 7;
+        matches!(self, Self::Etcd { source, .. }
+            if matches!(source.as_ref(), etcd_client::Error::GRpcStatus(status)
+                if status.code() as i32 == PERMISSION_DENIED))
+    }
 }
 
 /// `--datastore` value.
@@ -185,6 +202,30 @@ mod tests {
     }
 }
 
+/// Why `ip` cannot be a node's underlay address, if it cannot: it must be
+/// an address another host can send a tunnel to. Not `0.0.0.0/8` ("this
+/// network"), loopback, link-local `169.254.0.0/16` (never routed past one
+/// link, and where cloud metadata services answer: a record pointing there
+/// would send pods' traffic to the metadata service's link), multicast,
+/// `240.0.0.0/4` (reserved) or broadcast.
+#[must_use]
+pub fn node_ip_problem(ip: Ipv4Addr) -> Option<&'static str> {
+    let first = ip.octets()[0];
+    if first == 0 {
+        Some("is in 0.0.0.0/8 (this network), not a unicast address")
+    } else if ip.is_loopback() {
+        Some("is a loopback address")
+    } else if ip.is_link_local() {
+        Some("is link-local (169.254.0.0/16)")
+    } else if ip.is_multicast() {
+        Some("is a multicast address")
+    } else if first >= 240 {
+        Some("is reserved (240.0.0.0/4) or broadcast, not a unicast address")
+    } else {
+        None
+    }
+}
+
 fn overlap(a: Ipv4Net, b: Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
@@ -194,11 +235,13 @@ fn overlap(a: Ipv4Net, b: Ipv4Net) -> bool {
 /// etcd or the nodes file), so nothing in it is routed unchecked: a pod
 /// CIDR must lie inside the cluster CIDR (a `0.0.0.0/0` record would route
 /// everything to one node) and not overlap this node's own; a node IP must
-/// be a unicast address. Of records that conflict with each other (one name
-/// or one node IP twice, overlapping pod CIDRs) the first in the
-/// datastore's order is routed and the later ones are refused (etcd's CIDR
-/// claims already keep two nodes off one CIDR; this catches what is written
-/// past them). `me` (name and node IP) is this node, never a remote.
+/// be a unicast address another host can reach ([`node_ip_problem`]). Of
+/// records that conflict with each other (one name or one node IP twice,
+/// overlapping pod CIDRs) the first in the datastore's order (join order,
+/// claim order: never name order) is routed and the later ones are
+/// refused (etcd's CIDR claims already keep two nodes off one CIDR; this
+/// catches what is written past them). `me` (name and node IP) is this
+/// node, never a remote.
 #[must_use]
 pub fn routable_nodes(
     nodes: &[NodeRecord],
@@ -220,9 +263,8 @@ pub fn routable_nodes(
             Some(format!(
                 "pod CIDR {cidr} overlaps this node's {own_pod_cidr}"
             ))
-        } else if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() || ip.is_broadcast()
-        {
-            Some(format!("node IP {ip} is not a unicast address"))
+        } else if let Some(why) = node_ip_problem(ip) {
+            Some(format!("node IP {ip} {why}"))
         } else if cluster_cidr.contains(&ip) {
             // The datapath keys pod CIDRs and node addresses in one trie: a
             // node address inside the pod network would stand for a pod.
@@ -240,8 +282,10 @@ pub fn routable_nodes(
     let mut accepted = Vec::new();
     for (i, node) in candidates.iter().enumerate() {
         // The earlier record holds: for the nodes file that is the order
-        // nodes added themselves, so a record appended later cannot take
-        // over (or knock out) a running node's CIDR, name or address.
+        // nodes joined (the file is never sorted), for etcd the claim
+        // order the membership plan put them in, so a record written later
+        // cannot take over (or knock out) a running node's CIDR, name or
+        // address, whatever its name.
         let conflict = candidates[..i].iter().find_map(|other| {
             if other.name == node.name {
                 Some(format!("name {} is also {}'s", node.name, other.node_ip))
@@ -292,6 +336,33 @@ mod routable_tests {
     }
 
     #[test]
+    fn node_ip_edges() {
+        for ok in [
+            "1.0.0.1",
+            "169.253.255.255",
+            "169.255.0.1",
+            "223.255.255.254",
+            "192.168.1.1",
+        ] {
+            assert_eq!(node_ip_problem(ok.parse().expect("ip")), None, "{ok}");
+        }
+        for bad in [
+            "0.0.0.0",
+            "0.255.255.255",
+            "127.0.0.1",
+            "169.254.0.1",
+            "169.254.255.255",
+            "224.0.0.1",
+            "239.255.255.255",
+            "240.0.0.0",
+            "255.255.255.254",
+            "255.255.255.255",
+        ] {
+            assert!(node_ip_problem(bad.parse().expect("ip")).is_some(), "{bad}");
+        }
+    }
+
+    #[test]
     fn good_records_are_routed_and_this_node_is_not_a_remote() {
         let (ok, bad) = routable(&[
             node("me", "192.168.100.11", "10.244.0.0/24"),
@@ -334,6 +405,22 @@ mod routable_tests {
             (
                 "multicast node IP",
                 vec![node("mc", "224.0.0.1", "10.244.1.0/24")],
+            ),
+            (
+                "link-local node IP",
+                vec![node("ll", "169.254.169.254", "10.244.1.0/24")],
+            ),
+            (
+                "node IP in 0.0.0.0/8",
+                vec![node("zero8", "0.1.2.3", "10.244.1.0/24")],
+            ),
+            (
+                "reserved node IP (240/4)",
+                vec![node("res", "240.0.0.1", "10.244.1.0/24")],
+            ),
+            (
+                "broadcast node IP",
+                vec![node("bc", "255.255.255.255", "10.244.1.0/24")],
             ),
             (
                 "a node IP inside the pod network",

@@ -39,6 +39,11 @@ enum Cmd {
         /// a cluster that survives losing one.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
         etcd_members: u8,
+        /// etcd over TLS with --client-cert-auth: a CA, etcd's certificate
+        /// and each node's client certificate in <run dir>/etcd-pki; the
+        /// agents get --etcd-ca/--etcd-cert/--etcd-key.
+        #[arg(long)]
+        etcd_tls: bool,
         /// An extra argument for every podnetd (repeat it), e.g.
         /// `--agent-arg=--node-grace-period=30s`.
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
@@ -102,6 +107,15 @@ enum Cmd {
     },
 }
 
+/// `--service`'s value.
+fn service_kind(service: &str) -> Option<ServiceKind> {
+    match service {
+        "iptables" => Some(ServiceKind::KubeProxyIptables),
+        "nft" => Some(ServiceKind::Nftables),
+        _ => None,
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -111,6 +125,7 @@ fn main() -> anyhow::Result<()> {
             mode,
             datastore,
             etcd_members,
+            etcd_tls,
             agent_args,
             service,
         } => {
@@ -126,13 +141,10 @@ fn main() -> anyhow::Result<()> {
                 prefix: cli.prefix,
                 run_dir: cli.run_dir.clone(),
                 verbose: true,
-                service: match service.as_str() {
-                    "iptables" => Some(ServiceKind::KubeProxyIptables),
-                    "nft" => Some(ServiceKind::Nftables),
-                    _ => None,
-                },
+                service: service_kind(&service),
                 etcd_members: usize::from(etcd_members),
                 agent_args,
+                etcd_tls,
             };
             let layout = lab::up(&spec)?;
             println!(

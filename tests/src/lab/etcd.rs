@@ -40,6 +40,11 @@ impl LabLayout {
             .args(["--initial-cluster", &initial_cluster.join(",")])
             .args(["--initial-cluster-token", &self.prefix])
             .args(["--initial-cluster-state", "new"])
+            .args(if self.etcd_tls {
+                self.etcd_pki().etcd_server_args()
+            } else {
+                Vec::new()
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -58,10 +63,12 @@ impl LabLayout {
         for member in self.etcd.iter().filter(|m| m.pid != 0) {
             loop {
                 let url = member.client_url.clone();
+                let access = self.etcd_access()?;
                 let ready = self.on_fabric_runtime(async move {
                     podnet::datastore::etcd::EtcdDatastore::connect_one(
                         &url,
                         Duration::from_secs(10),
+                        &access,
                     )
                     .await
                     .is_ok()
@@ -136,7 +143,7 @@ impl LabLayout {
 
     /// Runs `fut` on a small runtime on a thread in the fabric namespace
     /// (where etcd's addresses are).
-    fn on_fabric_runtime<T: Send + 'static>(
+    pub fn on_fabric_runtime<T: Send + 'static>(
         &self,
         fut: impl std::future::Future<Output = T> + Send + 'static,
     ) -> anyhow::Result<T> {
@@ -158,6 +165,7 @@ impl LabLayout {
             .filter(|m| m.pid != 0)
             .map(|m| (m.name.clone(), m.client_url.clone()))
             .collect();
+        let access = self.etcd_access()?;
         self.on_fabric_runtime(async move {
             use podnet::datastore::etcd::EtcdDatastore;
             // Member IDs are etcd's; map them to names by asking each
@@ -166,7 +174,7 @@ impl LabLayout {
             let mut leader = 0;
             for (name, url) in running {
                 if let Ok(mut store) =
-                    EtcdDatastore::connect_one(&url, Duration::from_secs(10)).await
+                    EtcdDatastore::connect_one(&url, Duration::from_secs(10), &access).await
                     && let Ok(status) = store.member_status().await
                 {
                     ids.push((status.member_id, name));
@@ -198,14 +206,16 @@ impl LabLayout {
             .context("no such member")?
             .client_url
             .clone();
+        let access = self.etcd_access()?;
         self.on_fabric_runtime(async move {
-            let mut target = etcd_client::Client::connect([to_url], None).await?;
+            let options = || Some(access.apply(etcd_client::ConnectOptions::new()));
+            let mut target = etcd_client::Client::connect([to_url], options()).await?;
             let id = target
                 .status()
                 .await?
                 .header()
                 .map_or(0, etcd_client::ResponseHeader::member_id);
-            let mut leader = etcd_client::Client::connect([leader_url], None).await?;
+            let mut leader = etcd_client::Client::connect([leader_url], options()).await?;
             leader.move_leader(id).await?;
             Ok::<_, etcd_client::Error>(())
         })?
@@ -218,13 +228,90 @@ impl LabLayout {
         Ok(())
     }
 
+    /// How the lab's tools reach its etcd: plain `http://` (the lab's
+    /// etcd listens only inside its fabric namespace), or with
+    /// `--etcd-tls` over TLS with the `root` client certificate.
+    pub fn etcd_access(&self) -> anyhow::Result<podnet::datastore::etcd::EtcdAccess> {
+        if self.etcd_tls {
+            self.etcd_pki().access("root")
+        } else {
+            Ok(podnet::datastore::etcd::EtcdAccess::plain())
+        }
+    }
+
+    /// Where `--etcd-tls` keeps the CA and the certificates.
+    #[must_use]
+    pub fn etcd_pki_dir(&self) -> std::path::PathBuf {
+        self.run_dir.join("etcd-pki")
+    }
+
+    #[must_use]
+    pub fn etcd_pki(&self) -> crate::etcd_tls::Pki {
+        crate::etcd_tls::Pki::at(&self.etcd_pki_dir())
+    }
+
+    /// With `--etcd-tls`: etcd's users and roles (root, the operator),
+    /// authentication on. Each node's user and role come with its agent
+    /// ([`LabLayout::etcd_agent_args`]).
+    pub fn setup_etcd_auth(&self) -> anyhow::Result<()> {
+        if !self.etcd_tls {
+            return Ok(());
+        }
+        let (endpoints, access) = (self.etcd_endpoints(), self.etcd_access()?);
+        self.on_fabric_runtime(async move {
+            let mut root = podnet::datastore::etcd::EtcdDatastore::connect(
+                &endpoints,
+                Duration::from_secs(10),
+                &access,
+            )
+            .await?;
+            root.setup_auth(None, &[]).await
+        })?
+        .context("turning etcd's authentication on")
+    }
+
+    /// The etcd flags of `node`'s agent: with `--etcd-tls`, the CA and the
+    /// node's own client certificate (common name `podnet-node-<name>`,
+    /// made on first use) whose etcd user and role (its own keys only) are
+    /// made here too.
+    pub fn etcd_agent_args(&self, node: &str) -> anyhow::Result<Vec<String>> {
+        if !self.etcd_tls {
+            return Ok(Vec::new());
+        }
+        let pki = self.etcd_pki();
+        let user = podnet::datastore::etcd::node_user(node);
+        let (cert, key) = pki.client(&user);
+        if !cert.exists() {
+            pki.issue(&user)?;
+        }
+        let (endpoints, access, name) =
+            (self.etcd_endpoints(), self.etcd_access()?, node.to_owned());
+        self.on_fabric_runtime(async move {
+            let mut root = podnet::datastore::etcd::EtcdDatastore::connect(
+                &endpoints,
+                Duration::from_secs(10),
+                &access,
+            )
+            .await?;
+            root.add_node_user(&name).await
+        })?
+        .with_context(|| format!("adding {node}'s etcd user"))?;
+        Ok(vec![
+            format!("--etcd-ca={}", pki.ca().display()),
+            format!("--etcd-cert={}", cert.display()),
+            format!("--etcd-key={}", key.display()),
+        ])
+    }
+
     /// Everything podnet keeps in etcd, read at one revision.
     pub fn etcd_snapshot(&self) -> anyhow::Result<podnet::datastore::membership::Snapshot> {
         let endpoints = self.etcd_endpoints();
+        let access = self.etcd_access()?;
         self.on_fabric_runtime(async move {
             let mut store = podnet::datastore::etcd::EtcdDatastore::connect(
                 &endpoints,
                 Duration::from_secs(10),
+                &access,
             )
             .await?;
             store.snapshot().await

@@ -23,6 +23,8 @@ pub struct LabOptions {
     pub etcd_members: usize,
     /// Extra arguments for every agent.
     pub agent_args: Vec<String>,
+    /// etcd over TLS with client certificates.
+    pub etcd_tls: bool,
 }
 
 impl Default for LabOptions {
@@ -32,6 +34,7 @@ impl Default for LabOptions {
             bin_dir: None,
             etcd_members: 1,
             agent_args: Vec::new(),
+            etcd_tls: false,
         }
     }
 }
@@ -109,6 +112,7 @@ impl LabGuard {
             service: options.service,
             etcd_members: options.etcd_members,
             agent_args: options.agent_args,
+            etcd_tls: options.etcd_tls,
         };
         Ok(Self {
             layout: up_with_bins(&spec, options.bin_dir.as_deref())?,

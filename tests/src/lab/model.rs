@@ -57,6 +57,9 @@ pub struct LabSpec {
     pub etcd_members: usize,
     /// Extra arguments for every agent (e.g. `--node-grace-period 3s`).
     pub agent_args: Vec<String>,
+    /// etcd over TLS with `--client-cert-auth`: a CA, etcd's certificate
+    /// and a client certificate per node in `<run dir>/etcd-pki`.
+    pub etcd_tls: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -127,6 +130,9 @@ pub struct LabLayout {
     /// Extra arguments every agent runs with.
     #[serde(default)]
     pub agent_args: Vec<String>,
+    /// etcd over TLS (see [`LabSpec::etcd_tls`]).
+    #[serde(default)]
+    pub etcd_tls: bool,
     /// TTL of the agents' etcd leases, seconds.
     #[serde(default = "default_lease_ttl")]
     pub etcd_lease_ttl: u64,

@@ -132,6 +132,10 @@ impl LabLayout {
             LabDatastore::File => format!("file:{}", self.run_dir.join("nodes.json").display()),
             LabDatastore::Etcd => format!("etcd:{}", self.etcd_endpoints().join(",")),
         };
+        let etcd_args = match self.datastore {
+            LabDatastore::Etcd => self.etcd_agent_args(node_name)?,
+            LabDatastore::File => Vec::new(),
+        };
         let node = &self.nodes[index];
         let log = fs::File::create(node.state_dir.with_file_name("podnetd.log"))?;
         let child = Podnetd {
@@ -151,6 +155,7 @@ impl LabLayout {
         .arg(&datastore)
         .arg("--etcd-lease-ttl")
         .arg(self.etcd_lease_ttl.to_string())
+        .args(&etcd_args)
         .args(&self.agent_args)
         .envs(env.iter().copied())
         .spawn()

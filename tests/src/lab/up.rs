@@ -3,6 +3,7 @@
 
 use std::{
     fs,
+    net::Ipv4Addr,
     path::Path,
     process::Command,
     time::{Duration, Instant},
@@ -45,6 +46,7 @@ impl LabLayout {
             service: None,
             etcd_members: self.etcd.len(),
             agent_args: self.agent_args.clone(),
+            etcd_tls: self.etcd_tls,
         };
         let fabric = self.fabric_netns.clone();
         let bin_dir = bins::binary_in(self.bin_dir.as_deref(), "podnet")
@@ -98,6 +100,10 @@ fn build(spec: &LabSpec, bin_dir: Option<&Path>) -> anyhow::Result<LabLayout> {
         "br0",
     ])?;
     ip(&["-n", &fabric, "link", "set", "br0", "up"])?;
+    anyhow::ensure!(
+        !spec.etcd_tls || spec.datastore == LabDatastore::Etcd,
+        "--etcd-tls needs --datastore etcd"
+    );
     let mut layout = LabLayout {
         prefix: spec.prefix.clone(),
         mode: spec.mode.clone(),
@@ -110,6 +116,7 @@ fn build(spec: &LabSpec, bin_dir: Option<&Path>) -> anyhow::Result<LabLayout> {
         etcd: Vec::new(),
         etcd_pid: 0,
         agent_args: spec.agent_args.clone(),
+        etcd_tls: spec.etcd_tls,
         etcd_lease_ttl: default_lease_ttl(),
         servers: Vec::new(),
         service: None,
@@ -169,6 +176,14 @@ fn add_etcd(spec: &LabSpec, layout: &mut LabLayout) -> anyhow::Result<()> {
         (1..=9).contains(&spec.etcd_members),
         "--etcd-members must be 1 to 9"
     );
+    layout.etcd_tls = spec.etcd_tls;
+    let scheme = if spec.etcd_tls { "https" } else { "http" };
+    if spec.etcd_tls {
+        // Every member's address in etcd's certificate; `root` for the
+        // lab's own tools; the nodes' certificates as they are added.
+        let addresses: Vec<Ipv4Addr> = (1..=spec.etcd_members).map(etcd_address).collect();
+        crate::etcd_tls::Pki::generate(&layout.etcd_pki_dir(), &addresses, &["root"])?;
+    }
     for i in 1..=spec.etcd_members {
         let address = etcd_address(i);
         if address != FABRIC_HOST {
@@ -185,7 +200,7 @@ fn add_etcd(spec: &LabSpec, layout: &mut LabLayout) -> anyhow::Result<()> {
         layout.etcd.push(LabEtcdMember {
             name: format!("etcd{i}"),
             address,
-            client_url: format!("http://{address}:2379"),
+            client_url: format!("{scheme}://{address}:2379"),
             peer_url: format!("http://{address}:2380"),
             data_dir: spec.run_dir.join(format!("etcd{i}")),
             pid: 0,
@@ -204,6 +219,7 @@ fn add_etcd(spec: &LabSpec, layout: &mut LabLayout) -> anyhow::Result<()> {
         ),
     );
     layout.start_etcd()?;
+    layout.setup_etcd_auth()?;
     Ok(())
 }
 

@@ -312,3 +312,28 @@ async fn the_nodes_file_routes_every_record_in_its_order() {
     assert_eq!(follow.sink.last(), ["b", "a", "b"]);
     assert_eq!(follow.sink.state("a"), Some(NodeState::Live));
 }
+
+/// Issue 21 through the follow loop: a liveness record `0evil` written
+/// past the agents (one `etcdctl put`) with n2's pod CIDR. The round hands
+/// the sink n2 and not `0evil` (before, `0evil` came first by name and took
+/// n2's CIDR in `routable_nodes`), and keeps doing so while n2 restarts.
+#[tokio::test]
+async fn a_record_written_later_is_not_applied_over_the_node_holding_its_cidr() {
+    let (store, mut follow) = cluster().await;
+    let mut reader = store.clone();
+    let n2_cidr = store.claim_of("n2").expect("claimed");
+    store.put_live_only(NodeRecord {
+        name: "0evil".into(),
+        node_ip: std::net::Ipv4Addr::new(192, 168, 100, 66),
+        pod_cidr: n2_cidr,
+    });
+    follow.round(&mut reader, T).await.expect("round");
+    assert_eq!(follow.sink.last(), ["me", "n2"]);
+    store.expire("n2");
+    follow.round(&mut reader, T).await.expect("round");
+    assert_eq!(
+        follow.sink.last(),
+        ["me", "n2"],
+        "n2 restarting still holds"
+    );
+}
