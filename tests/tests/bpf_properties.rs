@@ -391,15 +391,19 @@ fn from_pod_lets_through_only_the_pod_as_itself() {
     eprintln!("from_pod: {:?}", tally.by_verdict);
 }
 
-/// Direct mode.
-#[test]
-fn from_underlay_delivers_only_the_owning_nodes_unicast() {
-    if !privileged("from_underlay_delivers_only_the_owning_nodes_unicast") {
-        return;
-    }
-    let mut rng = Rng(seed() ^ 1);
-    let underlay = test_underlay("prop-underlay");
-    let mut h = node1_in("prop-from-underlay", underlay.ifindex, MODE_DIRECT, 0);
+/// Runs from_underlay of node 1 (in `mode`) on random frames from node 2's
+/// MAC with node 2's addresses (mostly unicast to node 1), checking each
+/// outcome with `check(frame, outcome)`; returns the tally, counters
+/// accounted for.
+fn underlay_properties(
+    tag: &str,
+    seed_salt: u64,
+    mode: u32,
+    mut check: impl FnMut(&[u8], &RunOutcome),
+) -> Tally {
+    let mut rng = Rng(seed() ^ seed_salt);
+    let underlay = test_underlay(&format!("prop-ul-{tag}"));
+    let mut h = node1_in(&format!("prop-from-ul-{tag}"), underlay.ifindex, mode, 0);
     let before = counters(&h);
     let mut tally = Tally::default();
     for i in 0..RUNS_SENDER_CHECKS {
@@ -414,13 +418,38 @@ fn from_underlay_delivers_only_the_owning_nodes_unicast() {
         ) else {
             continue;
         };
-        let src = ipv4_src(&frame).filter(|_| ethertype(&frame) == ETH_P_IP);
+        check(&frame, &out);
+        tally.add(&out);
+    }
+    assert_accounted(
+        &format!("from_underlay ({tag})"),
+        &before,
+        &counters(&h),
+        &tally,
+    );
+    eprintln!("from_underlay ({tag}): {:?}", tally.by_verdict);
+    tally
+}
+
+/// The IPv4 source of `frame`, when it is IPv4.
+fn ipv4_source(frame: &[u8]) -> Option<Ipv4Addr> {
+    ipv4_src(frame).filter(|_| ethertype(frame) == ETH_P_IP)
+}
+
+/// Direct mode.
+#[test]
+fn from_underlay_delivers_only_the_owning_nodes_unicast() {
+    if !privileged("from_underlay_delivers_only_the_owning_nodes_unicast") {
+        return;
+    }
+    let tally = underlay_properties("direct", 1, MODE_DIRECT, |frame, out| {
+        let src = ipv4_source(frame);
         let from_node2 = frame[0..6] == NODE1_MAC && frame[6..12] == NODE2_MAC;
         if out.verdict == TC_ACT_REDIRECT {
             assert!(
                 from_node2 && src.is_some_and(node2_may_send_as),
                 "from_underlay delivered {}",
-                hex(&frame)
+                hex(frame)
             );
         }
         // Whatever the destination (a pod, the node, a Service): a source
@@ -429,19 +458,15 @@ fn from_underlay_delivers_only_the_owning_nodes_unicast() {
             assert!(
                 from_node2 && src.is_some_and(node2_may_send_as),
                 "from_underlay let a pod-network source through: {}",
-                hex(&frame)
+                hex(frame)
             );
         }
-        tally.add(&out);
-    }
-    let after = counters(&h);
-    assert_accounted("from_underlay", &before, &after, &tally);
+    });
     assert!(
         tally.of(TC_ACT_REDIRECT) > 100,
         "the generator reaches delivery: {:?}",
         tally.by_verdict
     );
-    eprintln!("from_underlay: {:?}", tally.by_verdict);
 }
 
 /// VXLAN mode with the kernel's device: from_underlay delivers nothing, and
@@ -451,32 +476,12 @@ fn from_underlay_vxlan_passes_no_unencapsulated_pod_source() {
     if !privileged("from_underlay_vxlan_passes_no_unencapsulated_pod_source") {
         return;
     }
-    let mut rng = Rng(seed() ^ 4);
-    let underlay = test_underlay("prop-underlay-vx");
-    let mut h = node1_in("prop-from-underlay-vx", underlay.ifindex, MODE_VXLAN, 0);
-    let before = counters(&h);
-    let mut tally = Tally::default();
-    for i in 0..RUNS_SENDER_CHECKS {
-        let sender = if i % 2 == 0 { NODE2_POD } else { NODE2_IP };
-        let mut frame = random_frame(&mut rng, (NODE2_MAC, sender));
-        if rng.chance(60) {
-            frame[0..6].copy_from_slice(&NODE1_MAC);
+    let tally = underlay_properties("vxlan", 4, MODE_VXLAN, |frame, out| {
+        assert_ne!(out.verdict, TC_ACT_REDIRECT, "{}", hex(frame));
+        if ipv4_source(frame).is_some_and(in_pod_network) && frame.get(14) == Some(&0x45) {
+            assert_eq!(out.verdict, TC_ACT_SHOT, "passed: {}", hex(frame));
         }
-        let Some(out) = ran(
-            h.run_arriving_on(&underlay, PROG_FROM_UNDERLAY, &frame),
-            &mut tally.refused,
-        ) else {
-            continue;
-        };
-        assert_ne!(out.verdict, TC_ACT_REDIRECT, "{}", hex(&frame));
-        let src = ipv4_src(&frame).filter(|_| ethertype(&frame) == ETH_P_IP);
-        if src.is_some_and(in_pod_network) && frame.get(14).is_some_and(|b| *b == 0x45) {
-            assert_eq!(out.verdict, TC_ACT_SHOT, "passed: {}", hex(&frame));
-        }
-        tally.add(&out);
-    }
-    let after = counters(&h);
-    assert_accounted("from_underlay (vxlan)", &before, &after, &tally);
+    });
     assert!(
         tally.of(TC_ACT_SHOT) > 1_000 && tally.of(TC_ACT_OK) > 1_000,
         "the generator reaches both sides: {:?}",
@@ -559,7 +564,7 @@ fn from_underlay_decapsulates_only_what_node2_may_send() {
                 && frame[36..38] == VXLAN_PORT.to_be_bytes()
                 && frame[46..50] == (VNI << 8).to_be_bytes();
             let inner = &frame[OUTER..];
-            let inner_src = ipv4_src(inner).filter(|_| ethertype(inner) == ETH_P_IP);
+            let inner_src = ipv4_source(inner);
             let inner_dst = (inner.len() >= 34)
                 .then(|| Ipv4Addr::new(inner[30], inner[31], inner[32], inner[33]));
             assert!(

@@ -331,15 +331,26 @@ fn endpoints(cli: &Cli, client: &Client) -> anyhow::Result<()> {
     }
 }
 
-fn counters(cli: &Cli, client: &Client) -> anyhow::Result<()> {
-    match client.call::<CounterTotals>(&Request::Counters) {
-        Ok(c) => print(cli.json, &c, print_counters),
-        Err(e) if agent_down(&e) => {
-            let totals = podnet::agent::counter_totals(from_pins(cli)?.counters()?);
-            print(cli.json, &totals, print_counters)
-        }
+/// The agent's answer to `request`; when the agent is down, what
+/// `from_pins` reads from the pinned maps instead (the same data).
+fn call_or_pins<T: serde::de::DeserializeOwned>(
+    cli: &Cli,
+    client: &Client,
+    request: &Request,
+    from_pins: impl FnOnce(&Cli) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    match client.call::<T>(request) {
+        Ok(answer) => Ok(answer),
+        Err(e) if agent_down(&e) => from_pins(cli),
         Err(e) => Err(e.into()),
     }
+}
+
+fn counters(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    let totals = call_or_pins(cli, client, &Request::Counters, |cli| {
+        Ok(podnet::agent::counter_totals(from_pins(cli)?.counters()?))
+    })?;
+    print(cli.json, &totals, print_counters)
 }
 
 fn ipam(cli: &Cli, client: &Client) -> anyhow::Result<()> {
@@ -475,11 +486,9 @@ fn datastore(cli: &Cli, client: &Client) -> anyhow::Result<()> {
 }
 
 fn flows(cli: &Cli, client: &Client) -> anyhow::Result<()> {
-    let list = match client.call::<Vec<StackFlowStatus>>(&Request::StackFlows) {
-        Ok(list) => list,
-        Err(e) if agent_down(&e) => podnet::agent::stack_flows(&mut from_pins(cli)?)?,
-        Err(e) => return Err(e.into()),
-    };
+    let list: Vec<StackFlowStatus> = call_or_pins(cli, client, &Request::StackFlows, |cli| {
+        Ok(podnet::agent::stack_flows(&mut from_pins(cli)?)?)
+    })?;
     print(cli.json, &list, |list| {
         println!(
             "{:<6} {:<22} {:<22} {:>8} STATE",
@@ -499,14 +508,10 @@ fn flows(cli: &Cli, client: &Client) -> anyhow::Result<()> {
 }
 
 fn flow_shares(cli: &Cli, client: &Client) -> anyhow::Result<()> {
-    let list = match client.call::<Vec<FlowShare>>(&Request::FlowShares) {
-        Ok(list) => list,
-        Err(e) if agent_down(&e) => {
-            let limit = from_pins(cli)?.config()?.stack_flows_limit();
-            podnet::agent::flow_shares(&cli.bpffs_dir, limit)?
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let list: Vec<FlowShare> = call_or_pins(cli, client, &Request::FlowShares, |cli| {
+        let limit = from_pins(cli)?.config()?.stack_flows_limit();
+        Ok(podnet::agent::flow_shares(&cli.bpffs_dir, limit)?)
+    })?;
     print(cli.json, &list, |list| {
         println!(
             "{:<16} {:>8} {:>8} {:>10}",
