@@ -150,16 +150,21 @@ fn check_underlay_sender(
     })
 }
 
-/// Whether `src` (network byte order) belongs to the pod network: another
-/// node's pod CIDR, this node's pod CIDR or
-/// the cluster CIDR. Other nodes' own addresses are not: node-to-node
-/// traffic is the nodes' business.
+/// Whether `src` (network byte order) belongs to the pod network: the
+/// cluster CIDR, this node's pod CIDR or another node's. Other nodes' own
+/// addresses are not: node-to-node traffic is the nodes' business. Every
+/// pod CIDR lies in the cluster CIDR (the agent checks records for it), so
+/// the trie is only asked while the config has no cluster CIDR (a config
+/// migrated from an older layout): one mask test per packet otherwise.
 #[inline(always)]
 fn pod_network_source(src: u32) -> bool {
-    lookup::in_remote_pod_cidr(src)
-        || CONFIG
-            .get(0)
-            .is_some_and(|config| config.in_pod_cidr(src) || config.in_cluster_cidr(src))
+    match CONFIG.get(0) {
+        Some(config) if config.cluster_cidr_mask != 0 => {
+            config.in_cluster_cidr(src) || config.in_pod_cidr(src)
+        }
+        Some(config) => config.in_pod_cidr(src) || lookup::in_remote_pod_cidr(src),
+        None => lookup::in_remote_pod_cidr(src),
+    }
 }
 
 /// vxlan mode, a packet on the underlay that is not VXLAN for this node:
