@@ -79,19 +79,26 @@ pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
             _ => return drop_packet(ctx, arrival.program(), DropReason::UnknownTunnelSource),
         }
     }
-    let dst = endpoint(ip.dst);
-    // The underlay: checked before the destination decides anything. A
+    // The underlay's sender check holds whatever the destination: a
     // pod-network source aimed at the node itself, a Service or a NodePort
-    // would reach a backend after the stack's DNAT just the same.
+    // would reach a backend after the stack's DNAT just the same. (Two
+    // arms rather than one test on a copied `Option` held across the
+    // check: the verifier rejects the read of a `None` payload LLVM keeps
+    // in a register there.)
+    let Some(dst) = endpoint(ip.dst) else {
+        if matches!(arrival, Arrival::Underlay)
+            && pod_network_source(ip.src)
+            && let Some(code) = check_underlay_sender(ctx, &ip)
+        {
+            return code;
+        }
+        return arrival.to_stack(ctx, pass_to_stack());
+    };
     if matches!(arrival, Arrival::Underlay)
-        && (dst.is_some() || pod_network_source(ip.src))
-        && let Some(code) = check_underlay_sender(ctx, &ip, sender)
+        && let Some(code) = check_underlay_sender(ctx, &ip)
     {
         return code;
     }
-    let Some(dst) = dst else {
-        return arrival.to_stack(ctx, pass_to_stack());
-    };
     if sender.is_none() {
         return arrival.to_stack(ctx, pass_to_stack());
     }
@@ -115,11 +122,7 @@ fn is_node(ip: u32) -> bool {
 /// passes: the underlay is trusted for those, as it is for the node's own
 /// traffic. Returns the drop code, or `None` to go on.
 #[inline(always)]
-fn check_underlay_sender(
-    ctx: &TcContext,
-    ip: &Ipv4Fields,
-    sender: Option<RemoteNode>,
-) -> Option<i32> {
+fn check_underlay_sender(ctx: &TcContext, ip: &Ipv4Fields) -> Option<i32> {
     // SAFETY: `ctx.skb.skb` is this run's `__sk_buff`, valid for the whole
     // program.
     let (pkt_type, ifindex) = unsafe { ((*ctx.skb.skb).pkt_type, (*ctx.skb.skb).ifindex) };
@@ -130,7 +133,10 @@ fn check_underlay_sender(
             DropReason::UnderlayNotUnicast,
         ));
     }
-    let forged = match sender {
+    // The sender's entry by reference, looked up here rather than passed
+    // in as a copied `Option`: the verifier rejects the read of a `None`
+    // payload that LLVM hoists across the paths that reach this point.
+    let forged = match lookup::remote_node_entry(ip.src) {
         Some(node) => !sender::sent_by_node(ctx, ifindex, &ip.src_mac, node.node_ip),
         // This node's own pod addresses never arrive from the underlay, nor
         // do addresses of the pod network that no node owns.

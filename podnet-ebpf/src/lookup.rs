@@ -24,6 +24,12 @@ pub fn remote_node(ip: u32) -> Option<RemoteNode> {
     REMOTE.get(Key::new(32, ip)).copied()
 }
 
+/// [`remote_node`] by reference into the map (no copy).
+#[inline(always)]
+pub fn remote_node_entry(ip: u32) -> Option<&'static RemoteNode> {
+    REMOTE.get(Key::new(32, ip))
+}
+
 /// Whether `ip` (network order) is in another node's pod CIDR (not a
 /// node's own address). Read through the map's reference, not an
 /// `Option` copy: the verifier rejects the read of a `None` payload that
