@@ -105,21 +105,9 @@ struct EtcdAuthArgs {
     /// etcd client URLs, comma-separated (as podnetd's --datastore etcd:...).
     #[arg(long, value_delimiter = ',', required = true)]
     etcd: Vec<String>,
-    /// CA certificate (PEM) of etcd's certificates.
-    #[arg(long)]
-    etcd_ca: Option<PathBuf>,
-    /// Client certificate (PEM) to log in with (root's: common name root).
-    #[arg(long, requires = "etcd_key")]
-    etcd_cert: Option<PathBuf>,
-    /// The client certificate's private key (PEM).
-    #[arg(long, requires = "etcd_cert")]
-    etcd_key: Option<PathBuf>,
-    /// etcd user to log in as (with --etcd-password-file).
-    #[arg(long, requires = "etcd_password_file")]
-    etcd_user: Option<String>,
-    /// File holding --etcd-user's password.
-    #[arg(long, requires = "etcd_user")]
-    etcd_password_file: Option<PathBuf>,
+    /// How to log in (root's client certificate: common name root).
+    #[command(flatten)]
+    access: podnet::datastore::etcd::EtcdAccessFiles,
     /// File holding the password etcd's root user is created with (default:
     /// none, root logs in with a client certificate whose common name is
     /// root).
@@ -135,14 +123,8 @@ struct EtcdAuthArgs {
 
 /// `podnetctl etcd-auth`.
 fn etcd_auth(args: &EtcdAuthArgs) -> anyhow::Result<()> {
-    use podnet::datastore::etcd::{EtcdAccess, EtcdAccessFiles, EtcdDatastore};
-    let access = EtcdAccess::load(&EtcdAccessFiles {
-        ca: args.etcd_ca.clone(),
-        cert: args.etcd_cert.clone(),
-        key: args.etcd_key.clone(),
-        user: args.etcd_user.clone(),
-        password_file: args.etcd_password_file.clone(),
-    })?;
+    use podnet::datastore::etcd::{EtcdAccess, EtcdDatastore};
+    let access = EtcdAccess::load(&args.access)?;
     access.check_endpoints(&args.etcd)?;
     let root_password = args
         .root_password_file

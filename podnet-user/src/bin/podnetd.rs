@@ -102,23 +102,8 @@ struct Args {
     /// vanishes other nodes keep routing to it.
     #[arg(long, default_value_t = 30)]
     etcd_lease_ttl: u64,
-    /// etcd: CA certificate (PEM) that signed the members' certificates;
-    /// needed for https:// endpoints.
-    #[arg(long)]
-    etcd_ca: Option<PathBuf>,
-    /// etcd: this node's client certificate (PEM), for a cluster started
-    /// with --client-cert-auth (its common name is the etcd user).
-    #[arg(long, requires = "etcd_key")]
-    etcd_cert: Option<PathBuf>,
-    /// etcd: the client certificate's private key (PEM).
-    #[arg(long, requires = "etcd_cert")]
-    etcd_key: Option<PathBuf>,
-    /// etcd: user to log in as (with --etcd-password-file).
-    #[arg(long, requires = "etcd_password_file")]
-    etcd_user: Option<String>,
-    /// etcd: file holding --etcd-user's password (never on the command line).
-    #[arg(long, requires = "etcd_user")]
-    etcd_password_file: Option<PathBuf>,
+    #[command(flatten)]
+    etcd_access: EtcdAccessFiles,
     /// etcd: how long other nodes keep routing to a node whose lease has
     /// expired (it may be restarting or cut off; its pods may be running)
     /// before they remove it, e.g. 90s, 10m (default 10m).
@@ -375,14 +360,8 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
             .or(file.socket)
             .unwrap_or_else(|| DEFAULT_SOCKET.into()),
     };
-    let etcd_access = EtcdAccess::load(&EtcdAccessFiles {
-        ca: args.etcd_ca.clone(),
-        cert: args.etcd_cert.clone(),
-        key: args.etcd_key.clone(),
-        user: args.etcd_user.clone(),
-        password_file: args.etcd_password_file.clone(),
-    })
-    .context("setting up the etcd connection")?;
+    let etcd_access =
+        EtcdAccess::load(&args.etcd_access).context("setting up the etcd connection")?;
     if let DatastoreSpec::Etcd(endpoints) = &datastore {
         etcd_access
             .check_endpoints(endpoints)

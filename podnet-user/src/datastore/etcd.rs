@@ -145,19 +145,47 @@ struct EtcdTls {
     identity: Option<Identity>,
 }
 
-/// The files [`EtcdAccess::load`] reads.
-#[derive(Debug, Clone, Default)]
+/// The files [`EtcdAccess::load`] reads: also the `--etcd-*` flags of
+/// `podnetd` and `podnetctl etcd-auth` (flattened into both).
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct EtcdAccessFiles {
-    /// CA bundle that signed the members' certificates (`--etcd-ca`).
+    /// etcd: CA certificate (PEM) that signed the members' certificates;
+    /// needed for https:// endpoints.
+    #[arg(long = "etcd-ca", id = "etcd_ca", value_name = "ETCD_CA")]
     pub ca: Option<PathBuf>,
-    /// Client certificate (`--etcd-cert`), with `key`.
+    /// etcd: client certificate (PEM) to log in with, for a cluster started
+    /// with --client-cert-auth (its common name is the etcd user).
+    #[arg(
+        long = "etcd-cert",
+        id = "etcd_cert",
+        value_name = "ETCD_CERT",
+        requires = "etcd_key"
+    )]
     pub cert: Option<PathBuf>,
-    /// The client certificate's private key (`--etcd-key`).
+    /// etcd: the client certificate's private key (PEM).
+    #[arg(
+        long = "etcd-key",
+        id = "etcd_key",
+        value_name = "ETCD_KEY",
+        requires = "etcd_cert"
+    )]
     pub key: Option<PathBuf>,
-    /// etcd user (`--etcd-user`), with `password_file`.
+    /// etcd: user to log in as (with --etcd-password-file).
+    #[arg(
+        long = "etcd-user",
+        id = "etcd_user",
+        value_name = "ETCD_USER",
+        requires = "etcd_password_file"
+    )]
     pub user: Option<String>,
-    /// File holding the user's password (`--etcd-password-file`): never a
-    /// command-line argument, which every user of the machine can read.
+    /// etcd: file holding --etcd-user's password: never a command-line
+    /// argument, which every user of the machine can read.
+    #[arg(
+        long = "etcd-password-file",
+        id = "etcd_password_file",
+        value_name = "ETCD_PASSWORD_FILE",
+        requires = "etcd_user"
+    )]
     pub password_file: Option<PathBuf>,
 }
 
@@ -498,13 +526,7 @@ impl EtcdDatastore {
         for node in nodes {
             self.check_node_name(node)?;
         }
-        let users: Vec<String> = self
-            .client
-            .user_list()
-            .await
-            .map_err(self.err("listing the users"))?
-            .users()
-            .to_vec();
+        let users = self.users().await?;
         if !users.iter().any(|u| u == "root") {
             let options = match root_password {
                 Some(_) => None,
@@ -536,15 +558,20 @@ impl EtcdDatastore {
     /// anyone with the right): a node that joins later.
     pub async fn add_node_user(&mut self, node: &str) -> Result<(), DatastoreError> {
         self.check_node_name(node)?;
-        let users: Vec<String> = self
+        let users = self.users().await?;
+        self.add_user(&node_user(node), &node_permissions(node), &users)
+            .await
+    }
+
+    /// The names of etcd's users.
+    async fn users(&mut self) -> Result<Vec<String>, DatastoreError> {
+        Ok(self
             .client
             .user_list()
             .await
             .map_err(self.err("listing the users"))?
             .users()
-            .to_vec();
-        self.add_user(&node_user(node), &node_permissions(node), &users)
-            .await
+            .to_vec())
     }
 
     fn check_node_name(&self, node: &str) -> Result<(), DatastoreError> {
