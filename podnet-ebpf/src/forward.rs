@@ -138,14 +138,9 @@ fn check_underlay_sender(ctx: &TcContext, ip: &Ipv4Fields) -> Option<i32> {
     // payload that LLVM hoists across the paths that reach this point.
     let forged = match lookup::remote_node_entry(ip.src) {
         Some(node) => !sender::sent_by_node(ctx, ifindex, &ip.src_mac, node.node_ip),
-        // This node's own pod addresses never arrive from the underlay, nor
-        // do addresses of the pod network that no node owns.
-        None => {
-            endpoint(ip.src).is_some()
-                || CONFIG.get(0).is_some_and(|config| {
-                    config.in_pod_cidr(ip.src) || config.in_cluster_cidr(ip.src)
-                })
-        }
+        // No node's: this node's own pod addresses never arrive from the
+        // underlay, nor do addresses of the pod network that no node owns.
+        None => endpoint(ip.src).is_some() || pod_network_source(ip.src),
     };
     forged.then(|| {
         drop_packet(
