@@ -20,10 +20,10 @@ use podnet_common::{
 };
 use podnet_tests::{
     bpf_fixture::{
-        HOST_A_MAC, NODE1_IP, NODE2_IP, NODE2_POD, POD_A_IP, POD_A_MAC, POD_B_IP, POD_B_MAC,
-        counters, two_pods,
+        HOST_A_MAC, NODE1_IP, NODE1_MAC, NODE2_IP, NODE2_MAC, NODE2_POD, POD_A_IP, POD_A_MAC,
+        POD_B_IP, POD_B_MAC, counters, two_pods,
     },
-    bpf_run::TestUnderlay,
+    bpf_run::{BpfHarness, TestUnderlay},
     frames::{self, IP_MF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_SYN, TTL_OFF},
     privileged,
 };
@@ -429,6 +429,49 @@ fn a_fast_path_syn_clears_a_stale_reply_entry() {
     assert!(h.datapath.stack_flows().expect("flows").is_empty());
 }
 
+/// Pods A and B with node 2 known (its pod CIDR and its address), and a
+/// test underlay on which node 2 is node 1's neighbour: what from_underlay
+/// needs to take a frame for node 2's.
+fn with_node2(tag: &str) -> (TestUnderlay, BpfHarness) {
+    let underlay = TestUnderlay::new(
+        &format!("{tag}-ul"),
+        NODE1_MAC,
+        (NODE_IP, 24),
+        &[(NODE2_IP, NODE2_MAC)],
+    )
+    .expect("test underlay");
+    let mut h = two_pods(tag);
+    h.datapath
+        .upsert_node_address(NODE2_IP)
+        .expect("node address");
+    h.datapath
+        .upsert_remote("10.244.1.0/24".parse().expect("CIDR"), NODE2_IP)
+        .expect("remote CIDR");
+    (underlay, h)
+}
+
+/// The client's SYN to a backend on node 2, as the stack routes it into
+/// the VXLAN device after a Service's DNAT.
+fn client_syn_to_node2() -> Vec<u8> {
+    sent_by_client(
+        NODE2_POD,
+        IPPROTO_TCP,
+        0,
+        &frames::tcp_header(CLIENT_PORT, BACKEND_PORT, TCP_SYN),
+    )
+}
+
+/// That backend's SYN-ACK, arriving from node 2 on the underlay.
+fn backend_syn_ack_from_node2() -> Vec<u8> {
+    frames::ipv4_frame(
+        (NODE1_MAC, NODE2_MAC),
+        (NODE2_POD, CLIENT_IP),
+        IPPROTO_TCP,
+        0,
+        &frames::tcp_header(BACKEND_PORT, CLIENT_PORT, TCP_SYN | TCP_ACK),
+    )
+}
+
 /// to_overlay records what the stack sends from a local pod into the
 /// overlay, and a tracked reply from another node goes to the stack. The
 /// reply arrives through from_underlay here (from the owning node's MAC):
@@ -439,31 +482,13 @@ fn the_node_programs_follow_stack_flows() {
     if !privileged("the_node_programs_follow_stack_flows") {
         return;
     }
-    let node2 = NODE2_IP;
-    let node2_mac = [0x02, 0x12, 0, 0, 0, 0x12];
-    let node1_mac = [0x02, 0x11, 0, 0, 0, 0x11];
-    let underlay = TestUnderlay::new(
-        "sf-underlay",
-        node1_mac,
-        (NODE_IP, 24),
-        &[(node2, node2_mac)],
-    )
-    .expect("test underlay");
-    let mut h = two_pods("sf-overlay");
-    h.datapath.upsert_node_address(node2).expect("node address");
+    let (underlay, mut h) = with_node2("sf-overlay");
     let remote_backend = NODE2_POD;
-    h.datapath
-        .upsert_remote("10.244.1.0/24".parse().expect("CIDR"), NODE2_IP)
-        .expect("remote CIDR");
     // The stack DNATed the client's request to a backend on another node
     // and routed it into the VXLAN device.
-    let request = sent_by_client(
-        remote_backend,
-        IPPROTO_TCP,
-        0,
-        &frames::tcp_header(CLIENT_PORT, BACKEND_PORT, TCP_SYN),
-    );
-    let out = h.run(PROG_TO_OVERLAY, &request).expect("run to_overlay");
+    let out = h
+        .run(PROG_TO_OVERLAY, &client_syn_to_node2())
+        .expect("run to_overlay");
     assert_eq!(out.verdict, TC_ACT_UNSPEC);
     let flows = h.datapath.stack_flows().expect("flows");
     assert_eq!(
@@ -477,15 +502,8 @@ fn the_node_programs_follow_stack_flows() {
         )]
     );
     // The backend's SYN-ACK arrives from its node: to the stack.
-    let reply = frames::ipv4_frame(
-        (node1_mac, node2_mac),
-        (remote_backend, CLIENT_IP),
-        IPPROTO_TCP,
-        0,
-        &frames::tcp_header(BACKEND_PORT, CLIENT_PORT, TCP_SYN | TCP_ACK),
-    );
     let out = h
-        .run_arriving_on(&underlay, PROG_FROM_UNDERLAY, &reply)
+        .run_arriving_on(&underlay, PROG_FROM_UNDERLAY, &backend_syn_ack_from_node2())
         .expect("run from_underlay");
     assert_eq!(out.verdict, TC_ACT_OK);
     assert_eq!(counters(&h).verdict(Verdict::StackFlow), 1);
@@ -519,31 +537,13 @@ fn one_pods_flood_cannot_evict_another_pods_flows() {
     if !privileged("one_pods_flood_cannot_evict_another_pods_flows") {
         return;
     }
-    let (node1_mac, node2_mac) = ([0x02, 0x11, 0, 0, 0, 0x11], [0x02, 0x12, 0, 0, 0, 0x12]);
-    let underlay = TestUnderlay::new(
-        "sf-flood-ul",
-        node1_mac,
-        (NODE_IP, 24),
-        &[(NODE2_IP, node2_mac)],
-    )
-    .expect("test underlay");
-    let mut h = two_pods("sf-flood");
-    h.datapath
-        .upsert_node_address(NODE2_IP)
-        .expect("node address");
-    h.datapath
-        .upsert_remote("10.244.1.0/24".parse().expect("CIDR"), NODE2_IP)
-        .expect("remote CIDR");
+    let (underlay, mut h) = with_node2("sf-flood");
     let limit = DEFAULT_STACK_FLOWS_PER_ENDPOINT;
     // Pod A's long-lived connection to a Service backend on node 2.
-    let victim = sent_by_client(
-        NODE2_POD,
-        IPPROTO_TCP,
-        0,
-        &frames::tcp_header(CLIENT_PORT, BACKEND_PORT, TCP_SYN),
-    );
     assert_eq!(
-        h.run(PROG_TO_OVERLAY, &victim).expect("run").verdict,
+        h.run(PROG_TO_OVERLAY, &client_syn_to_node2())
+            .expect("run")
+            .verdict,
         TC_ACT_UNSPEC
     );
     let victim_reply = key(NODE2_POD, CLIENT_IP, BACKEND_PORT, CLIENT_PORT, IPPROTO_TCP);
@@ -580,15 +580,8 @@ fn one_pods_flood_cannot_evict_another_pods_flows() {
     );
     // The backend's reply, arriving from node 2, goes to pod A through the
     // stack (where the NAT is undone), not straight into the pod.
-    let reply = frames::ipv4_frame(
-        (node1_mac, node2_mac),
-        (NODE2_POD, CLIENT_IP),
-        IPPROTO_TCP,
-        0,
-        &frames::tcp_header(BACKEND_PORT, CLIENT_PORT, TCP_SYN | TCP_ACK),
-    );
     let out = h
-        .run_arriving_on(&underlay, PROG_FROM_UNDERLAY, &reply)
+        .run_arriving_on(&underlay, PROG_FROM_UNDERLAY, &backend_syn_ack_from_node2())
         .expect("run from_underlay");
     assert_eq!(out.verdict, TC_ACT_OK, "the reply goes to the stack");
 
