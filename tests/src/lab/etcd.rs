@@ -239,6 +239,29 @@ impl LabLayout {
         }
     }
 
+    /// Runs `op` on a connection to the lab's etcd as the lab's tools
+    /// reach it ([`Self::etcd_access`]), on the fabric's runtime.
+    fn with_etcd_root<T, F, Fut>(
+        &self,
+        op: F,
+    ) -> anyhow::Result<Result<T, podnet::datastore::DatastoreError>>
+    where
+        T: Send + 'static,
+        F: FnOnce(podnet::datastore::etcd::EtcdDatastore) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, podnet::datastore::DatastoreError>> + Send,
+    {
+        let (endpoints, access) = (self.etcd_endpoints(), self.etcd_access()?);
+        self.on_fabric_runtime(async move {
+            let store = podnet::datastore::etcd::EtcdDatastore::connect(
+                &endpoints,
+                Duration::from_secs(10),
+                &access,
+            )
+            .await?;
+            op(store).await
+        })
+    }
+
     /// Where `--etcd-tls` keeps the CA and the certificates.
     #[must_use]
     pub fn etcd_pki_dir(&self) -> std::path::PathBuf {
@@ -257,17 +280,8 @@ impl LabLayout {
         if !self.etcd_tls {
             return Ok(());
         }
-        let (endpoints, access) = (self.etcd_endpoints(), self.etcd_access()?);
-        self.on_fabric_runtime(async move {
-            let mut root = podnet::datastore::etcd::EtcdDatastore::connect(
-                &endpoints,
-                Duration::from_secs(10),
-                &access,
-            )
-            .await?;
-            root.setup_auth(None, &[]).await
-        })?
-        .context("turning etcd's authentication on")
+        self.with_etcd_root(|mut root| async move { root.setup_auth(None, &[]).await })?
+            .context("turning etcd's authentication on")
     }
 
     /// The etcd flags of `node`'s agent: with `--etcd-tls`, the CA and the
@@ -284,18 +298,9 @@ impl LabLayout {
         if !cert.exists() {
             pki.issue(&user)?;
         }
-        let (endpoints, access, name) =
-            (self.etcd_endpoints(), self.etcd_access()?, node.to_owned());
-        self.on_fabric_runtime(async move {
-            let mut root = podnet::datastore::etcd::EtcdDatastore::connect(
-                &endpoints,
-                Duration::from_secs(10),
-                &access,
-            )
-            .await?;
-            root.add_node_user(&name).await
-        })?
-        .with_context(|| format!("adding {node}'s etcd user"))?;
+        let name = node.to_owned();
+        self.with_etcd_root(|mut root| async move { root.add_node_user(&name).await })?
+            .with_context(|| format!("adding {node}'s etcd user"))?;
         Ok(vec![
             format!("--etcd-ca={}", pki.ca().display()),
             format!("--etcd-cert={}", cert.display()),
@@ -305,18 +310,8 @@ impl LabLayout {
 
     /// Everything podnet keeps in etcd, read at one revision.
     pub fn etcd_snapshot(&self) -> anyhow::Result<podnet::datastore::membership::Snapshot> {
-        let endpoints = self.etcd_endpoints();
-        let access = self.etcd_access()?;
-        self.on_fabric_runtime(async move {
-            let mut store = podnet::datastore::etcd::EtcdDatastore::connect(
-                &endpoints,
-                Duration::from_secs(10),
-                &access,
-            )
-            .await?;
-            store.snapshot().await
-        })?
-        .context("reading etcd")
+        self.with_etcd_root(|mut store| async move { store.snapshot().await })?
+            .context("reading etcd")
     }
 
     /// How node `name`'s agent follows the datastore.
