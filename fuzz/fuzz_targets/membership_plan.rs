@@ -8,8 +8,9 @@
 //! record that is not routed overlaps a routed one that claimed earlier);
 //! a routed record is live or unreachable, never gone; this node never
 //! marks itself gone or releases itself; a live node is never marked gone or
-//! released; and what the agent then routes (`routable_nodes`) is a subset
-//! of the plan's routed records.
+//! released; tombstones written by nodes that are not a node's witnesses
+//! change nothing about where it stands; and what the agent then routes
+//! (`routable_nodes`) is a subset of the plan's routed records.
 #![no_main]
 
 use std::{net::Ipv4Addr, time::Duration};
@@ -53,7 +54,7 @@ fn snapshot(data: &[u8]) -> Snapshot {
     };
     for chunk in data.chunks_exact(5) {
         let r = record(&chunk[1..]);
-        match chunk[0] % 6 {
+        match chunk[0] % 7 {
             0 => {
                 s.live.insert(r.name.clone(), r);
             }
@@ -68,13 +69,16 @@ fn snapshot(data: &[u8]) -> Snapshot {
                 s.claims.insert(r.pod_cidr, r.name);
             }
             4 => {
-                s.gone.insert(
-                    r.name,
+                s.tombstones.entry(r.name).or_default().insert(
+                    name(chunk[3]),
                     Tombstone {
                         since: NOW - u64::from(chunk[4]) * 60,
                         mod_revision: i64::from(chunk[3]),
                     },
                 );
+            }
+            5 => {
+                s.published.insert(r.name, i64::from(chunk[4]));
             }
             _ => {
                 s.order.insert(r.name, i64::from(chunk[4]));
@@ -125,6 +129,16 @@ fuzz_target!(|data: &[u8]| {
         assert_ne!(name, "me");
         assert!(!s.live.contains_key(name), "{name} is live");
     }
+    // Only witnesses' tombstones count: without the others', every node
+    // stands where it stood.
+    let mut witnessed = s.clone();
+    for (node, theirs) in &mut witnessed.tombstones {
+        let witnesses = s.witnesses(node);
+        theirs.retain(|observer, _| witnesses.contains(&observer.as_str()));
+    }
+    let without = plan(&witnessed, policy, Some("me"), NOW);
+    assert_eq!(p.routed, without.routed);
+    assert_eq!(p.nodes, without.nodes);
     let own = s
         .live
         .get("me")

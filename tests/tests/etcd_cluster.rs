@@ -280,7 +280,11 @@ fn every_etcd_member_down_for_a_minute_costs_no_packet_and_agents_catch_up() {
     assert_claims_unique(&lab);
     // Nobody was taken for gone: the leases were renewed in time.
     let snapshot = lab.layout.etcd_snapshot().expect("snapshot");
-    assert!(snapshot.gone.is_empty(), "tombstones: {:?}", snapshot.gone);
+    assert!(
+        snapshot.tombstones.is_empty(),
+        "tombstones: {:?}",
+        snapshot.tombstones
+    );
     eprintln!(
         "FIGURE etcd all 3 members down 60 s: pings sent {} lost {}, etcd serving {:.1} s after start, \
          agents caught up {:.1} s after that, a joining node seen by all {:.1} s after its agent started",

@@ -171,9 +171,7 @@ fn an_agent_away_longer_than_its_lease_costs_no_packet_and_no_route_flap() {
         .layout
         .etcd_snapshot()
         .expect("snapshot")
-        .gone
-        .get("node1")
-        .copied();
+        .tombstone("node1");
     assert!(tombstone.is_some(), "node1's tombstone is in etcd");
     // 25 s away, as in the measurement that found the problem.
     std::thread::sleep(Duration::from_secs(25).saturating_sub(stopped.elapsed()));
@@ -203,8 +201,8 @@ fn an_agent_away_longer_than_its_lease_costs_no_packet_and_no_route_flap() {
     );
     let snapshot = lab.layout.etcd_snapshot().expect("snapshot");
     assert!(
-        !snapshot.gone.contains_key("node1"),
-        "the returning node removed its tombstone"
+        !snapshot.tombstones.contains_key("node1"),
+        "its witness removed its tombstone when it returned"
     );
     assert_eq!(
         lab.layout.nodes[0].pod_cidr, n1.pod_cidr,
@@ -279,7 +277,7 @@ fn a_node_gone_past_the_grace_period_is_removed_and_its_claim_released_later() {
         Some("node2"),
         "the claim outlives the grace period"
     );
-    let since = snapshot.gone.get("node2").expect("tombstone").since;
+    let since = snapshot.tombstone("node2").expect("tombstone").since;
 
     wait_up_to(
         release_after + Duration::from_secs(5),
@@ -298,7 +296,7 @@ fn a_node_gone_past_the_grace_period_is_removed_and_its_claim_released_later() {
     );
     let snapshot = lab.layout.etcd_snapshot().expect("snapshot");
     assert!(
-        !snapshot.members.contains_key("node2") && !snapshot.gone.contains_key("node2"),
+        !snapshot.members.contains_key("node2") && !snapshot.tombstones.contains_key("node2"),
         "node2 is forgotten: {snapshot:?}"
     );
     wait_up_to(Duration::from_secs(5), "node1 forgets node2", || {
@@ -346,18 +344,28 @@ async fn connect(endpoints: &[String]) -> EtcdDatastore {
         .expect("connect")
 }
 
-/// A node that joined, lost its lease and was seen gone two days ago.
+/// A node that joined, lost its lease and was seen gone two days ago by
+/// its witness, node `observer` (see [`observer`]).
 async fn ghost(store: &mut EtcdDatastore, name: &str, host: u8) -> Ipv4Net {
     let (cidr, lease) = store.join(&request(name, host)).await.expect("join");
     // Revoked: its keys go at once, as when the lease expires.
     store.revoke(lease).await.expect("revoke");
     assert!(
         store
-            .mark_gone(name, unix_now() - 2 * 86_400)
+            .mark_gone("observer", name, unix_now() - 2 * 86_400)
             .await
             .expect("mark gone")
     );
     cidr
+}
+
+/// The live node that witnesses the ghosts leave (only the tombstones of a
+/// node's witnesses count), joined before them.
+async fn observer(store: &mut EtcdDatastore) {
+    store
+        .join(&request("observer", 250))
+        .await
+        .expect("observer joins");
 }
 
 /// The release of `name` that an agent would decide on now.
@@ -380,6 +388,7 @@ async fn problems(store: &mut EtcdDatastore) -> Vec<String> {
 async fn ordered_release_cases(endpoints: &[String]) {
     let mut agent_a = connect(endpoints).await;
     let mut agent_b = connect(endpoints).await;
+    observer(&mut agent_a).await;
 
     // 1. The node publishes before the release: the release fails.
     let c0 = ghost(&mut agent_a, "ghost0", 1).await;
@@ -392,7 +401,10 @@ async fn ordered_release_cases(endpoints: &[String]) {
         "its lease lives"
     );
     assert!(
-        !agent_a.mark_gone("ghost0", 0).await.expect("mark"),
+        !agent_a
+            .mark_gone("observer", "ghost0", 0)
+            .await
+            .expect("mark"),
         "no tombstone for a live node"
     );
 
@@ -428,7 +440,12 @@ async fn ordered_release_cases(endpoints: &[String]) {
     let release = due(&mut agent_a, "ghost3").await;
     let (_, lease) = agent_b.join(&request("ghost3", 5)).await.expect("back");
     agent_b.revoke(lease).await.expect("away again");
-    assert!(agent_b.mark_gone("ghost3", unix_now()).await.expect("mark"));
+    assert!(
+        agent_b
+            .mark_gone("observer", "ghost3", unix_now())
+            .await
+            .expect("mark")
+    );
     assert!(
         !agent_a.release(&release).await.expect("release"),
         "a newer tombstone"

@@ -270,9 +270,9 @@ fn a_nodes_credential_writes_only_its_own_keys() {
             .expect("node2 joins");
         assert!(
             node1
-                .mark_gone("node9", 1)
+                .mark_gone("node1", "node9", 1)
                 .await
-                .expect("tombstones are shared")
+                .expect("its own tombstone of another node")
         );
 
         let denied = |what: &str, result: Result<_, etcd_client::Error>| match result {
@@ -379,11 +379,35 @@ fn a_nodes_credential_writes_only_its_own_keys() {
                 .map(|_| ()),
         );
 
+        // Nothing shared: the old claim keys and another's tombstones.
+        denied(
+            "node1 writes a shared claim key",
+            raw1.put(
+                format!("/podnet/cidrs/{}_{}", cidr2.network(), cidr2.prefix_len()),
+                "node1",
+                None,
+            )
+            .await
+            .map(|_| ()),
+        );
+        denied(
+            "node1 writes node2's tombstone of another node",
+            raw1.put("/podnet/gone/node2/node9", r#"{"since":0}"#, None)
+                .await
+                .map(|_| ()),
+        );
+        denied(
+            "node1 writes an old-style shared tombstone",
+            raw1.put("/podnet/gone/node2", r#"{"since":0}"#, None)
+                .await
+                .map(|_| ()),
+        );
+
         // Releasing another node is not a node's to do.
         let release = membership::Release {
             name: "node2".into(),
             cidrs: vec![cidr2],
-            tombstone_revision: 0,
+            tombstones: vec![],
         };
         let error = node1.release(&release).await.expect_err("release by node1");
         assert!(error.is_permission_denied(), "{error}");
@@ -397,6 +421,116 @@ fn a_nodes_credential_writes_only_its_own_keys() {
         // A certificate of the right CA without an etcd user gets nothing.
         let mut stranger = raw_client(&etcd.endpoint, &access("stranger")).await;
         assert!(stranger.get("/podnet/", None).await.is_err());
+    });
+}
+
+/// Issue 21, the rest of finding 1: the CIDR claims (`cidrs/`) and the
+/// tombstones (`gone/<name>`) were keys every node's role could write, so
+/// a compromised node could rewrite a restarting node's claim (its publish
+/// then failed: it stayed out) and tombstone it with an early time (every
+/// agent then took it for gone and removed its routes). With the roles on,
+/// node1 (the attacker) does everything its credential allows while node2
+/// restarts: node2 stays routed as unreachable, then publishes itself
+/// again with its own CIDR.
+#[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
+fn a_nodes_credential_cannot_keep_a_restarting_node_out_or_make_it_gone_early() {
+    let users: Vec<String> = ["node1", "node2", "node3"]
+        .iter()
+        .map(|n| node_user(n))
+        .collect();
+    let mut all: Vec<&str> = vec!["root"];
+    all.extend(users.iter().map(String::as_str));
+    let etcd = LocalEtcd::start("restart", &all).expect("etcd");
+    let rt = runtime();
+    let access = |user: &str| etcd.pki.access(user).expect("access");
+    rt.block_on(async {
+        let endpoints = vec![etcd.endpoint.clone()];
+        let mut root = EtcdDatastore::connect(&endpoints, TTL, &access("root"))
+            .await
+            .expect("root");
+        let names = ["node1".to_owned(), "node2".to_owned(), "node3".to_owned()];
+        root.setup_auth(None, &names).await.expect("auth on");
+        let mut stores = Vec::new();
+        let mut joined = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let mut store = EtcdDatastore::connect(&endpoints, TTL, &access(&node_user(name)))
+                .await
+                .expect("connect");
+            let host = 11 + u8::try_from(i).expect("small");
+            joined.push(store.join(&request(name, host)).await.expect("join"));
+            stores.push(store);
+        }
+        let (cidr2, lease2) = joined[1];
+        // node2 restarts: its lease is gone.
+        stores[1].revoke(lease2).await.expect("node2 away");
+
+        // node1, compromised, while node2 is away: a claim of its own on
+        // node2's CIDR, a tombstone of its own with an early time, and
+        // an attempt at the shared claim key.
+        let mut raw1 = raw_client(&etcd.endpoint, &access(&users[0])).await;
+        let cidr_suffix = format!("{}_{}", cidr2.network(), cidr2.prefix_len());
+        raw1.put(format!("/podnet/held/node1/{cidr_suffix}"), "", None)
+            .await
+            .expect("its own claim key");
+        raw1.put("/podnet/gone/node1/node2", r#"{"since":0}"#, None)
+            .await
+            .expect("its own tombstone");
+        assert!(
+            raw1.put(format!("/podnet/cidrs/{cidr_suffix}"), "node1", None)
+                .await
+                .is_err(),
+            "the shared claim key is not node1's to write"
+        );
+
+        // node3 (a witness of node2) reads the cluster at once: node2 is
+        // unreachable and still routed, node1's early time counting for
+        // nothing; node3 writes its own tombstone.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let policy =
+            Policy::new(Duration::from_mins(10), Duration::from_hours(24)).expect("policy");
+        let snapshot = stores[2].snapshot().await.expect("snapshot");
+        assert_eq!(
+            snapshot.claims.get(&cidr2).map(String::as_str),
+            Some("node2")
+        );
+        let plan = membership::plan(&snapshot, policy, Some("node3"), now);
+        let node2 = plan
+            .nodes
+            .iter()
+            .find(|n| n.record.name == "node2")
+            .expect("node2 listed");
+        assert_eq!(
+            (node2.state, node2.routed),
+            (membership::NodeState::Unreachable, true),
+            "{plan:?}"
+        );
+        assert_eq!(plan.mark_gone, ["node2"]);
+        assert!(
+            stores[2]
+                .mark_gone("node3", "node2", now)
+                .await
+                .expect("node3's tombstone")
+        );
+        // Every reader, also one that is no node, sees the same.
+        let snapshot = stores[2].snapshot().await.expect("snapshot");
+        assert_eq!(snapshot.tombstone("node2").map(|t| t.since), Some(now));
+        let plan = membership::plan(&snapshot, policy, None, now);
+        assert!(plan.routed.iter().any(|r| r.name == "node2"), "{plan:?}");
+
+        // node2 comes back with its own CIDR.
+        let mut back = request("node2", 12);
+        back.preferred = Some(cidr2);
+        let (again, _) = stores[1].join(&back).await.expect("node2 publishes again");
+        assert_eq!(again, cidr2);
+        let snapshot = stores[2].snapshot().await.expect("snapshot");
+        assert_eq!(snapshot.live.get("node2").map(|r| r.pod_cidr), Some(cidr2));
+        assert!(
+            membership::claim_problems(&snapshot).is_empty(),
+            "{snapshot:?}"
+        );
     });
 }
 
@@ -424,8 +558,28 @@ fn podnetctl_etcd_auth_turns_the_roles_on() {
         );
     };
     podnetctl(&["--node=node1"]);
-    podnetctl(&["--add-node", "--node=node2"]);
     let rt = runtime();
+    // node1's role as an earlier version made it: also the shared claim
+    // keys. Adding the node again takes that away.
+    rt.block_on(async {
+        let mut root = raw_client(&etcd.endpoint, &etcd.pki.access("root").expect("access")).await;
+        root.role_grant_permission(
+            node_user("node1"),
+            etcd_client::Permission::read_write("/podnet/cidrs/").with_prefix(),
+        )
+        .await
+        .expect("old grant");
+        let mut raw1 = raw_client(
+            &etcd.endpoint,
+            &etcd.pki.access(&node1_user).expect("access"),
+        )
+        .await;
+        raw1.put("/podnet/cidrs/10.244.9.0_24", "node1", None)
+            .await
+            .expect("the old role writes shared claims");
+    });
+    podnetctl(&["--add-node", "--node=node1"]);
+    podnetctl(&["--add-node", "--node=node2"]);
     rt.block_on(async {
         let endpoints = vec![etcd.endpoint.clone()];
         for (name, host) in [("node1", 11), ("node2", 12)] {
@@ -444,6 +598,11 @@ fn podnetctl_etcd_auth_turns_the_roles_on() {
             .put("/podnet/members/node2", "{}", None)
             .await
             .expect_err("node1 writes node2's record");
+        assert!(error.to_string().contains("permission denied"), "{error}");
+        let error = raw1
+            .put("/podnet/cidrs/10.244.9.0_24", "node1", None)
+            .await
+            .expect_err("the updated role writes shared claims");
         assert!(error.to_string().contains("permission denied"), "{error}");
     });
 }

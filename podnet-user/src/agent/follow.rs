@@ -14,7 +14,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{Agent, cluster::NodeNetwork};
 use crate::{
@@ -179,14 +179,23 @@ impl<K: ClusterSink> ClusterFollow<K> {
         }
         let plan = seen.plan;
         for name in &plan.mark_gone {
-            if store.mark_gone(name, now).await?
+            if store.mark_gone(me, name, now).await?
                 && plan.nodes.iter().any(|n| &n.record.name == name)
             {
-                info!(node = %name, "wrote the tombstone of a node without a lease");
+                info!(node = %name, "wrote this node's tombstone of a node without a lease");
             }
         }
-        for (name, revision) in &plan.clear_tombstones {
-            store.clear_tombstone(name, *revision).await?;
+        for (name, observer, revision) in &plan.clear_tombstones {
+            match store.clear_tombstone(observer, name, *revision).await {
+                Ok(_) => {}
+                // A tombstone from before observers kept their own is the
+                // operator's to remove once the roles are on; it does not
+                // count either way.
+                Err(e) if e.is_permission_denied() => {
+                    debug!(node = %name, "an old shared tombstone is left for the operator");
+                }
+                Err(e) => return Err(e),
+            }
         }
         for release in &plan.releases {
             match store.release(release).await {

@@ -1,35 +1,38 @@
 //! The etcd v3 datastore, as flannel and Calico use one.
 //!
 //! Keys (prefix `/podnet/`):
-//! - `cidrs/<network>_<prefix>` = node name: the claim on a node pod CIDR,
-//!   made with a transaction that only succeeds when the key does not exist
-//!   yet (create revision 0), so two nodes never hold one CIDR even when they
-//!   start at the same moment. Claims have no lease: a node that comes back
-//!   gets its CIDR again. A claim is only released by [`EtcdDatastore::release`]
-//!   after the node has been gone for the release delay (see
-//!   [`super::membership`]).
+//! - `held/<name>/<network>_<prefix>` = empty: node `name`'s claim on a
+//!   node pod CIDR. Its creation revision, which only etcd assigns, is when
+//!   the claim was made: the oldest claim on a CIDR holds it
+//!   ([`super::membership::decide_claims`]), so two nodes that claim one
+//!   CIDR at the same moment agree on who got it (each creates its key,
+//!   then reads every claim; the loser deletes its key). Claims have no
+//!   lease: a node that comes back gets its CIDR again. A claim is only
+//!   released by [`EtcdDatastore::release`] after the node has been gone
+//!   for the release delay (see [`super::membership`]). A per-node prefix,
+//!   so that with etcd roles only the node (and the operator) writes it.
+//! - `cidrs/<network>_<prefix>` = node name: the shared claim keys of
+//!   agents from before `held/` (read, with their creation revision, as
+//!   claims; no longer written; removed with their node's release).
 //! - `nodes/<name>` = [`NodeRecord`] under a lease with a TTL, kept alive by
 //!   the agent: the node's liveness. etcd deletes it when the lease expires.
 //! - `members/<name>` = [`NodeRecord`] without a lease: the node's durable
 //!   record, so that a node whose lease expired is still known (and routed
 //!   during the grace period) by every agent, also one that restarted since.
-//! - `gone/<name>` = `{"since": <unix seconds>}`: the node's tombstone,
-//!   written by the first agent that saw the node without its lease.
-//! - `held/<name>/<network>_<prefix>` = empty: written with the node's
-//!   record by every publish, never rewritten by anyone else; its creation
-//!   revision is when the node first announced that CIDR, the claim order
-//!   that decides conflicts between records ([`super::membership::Snapshot::order`]).
-//!   A per-node prefix, so that with etcd roles only the node writes it
-//!   (the `cidrs/` claims are shared bookkeeping that every node writes).
+//!   Its modification revision is when the node last published itself.
+//! - `gone/<observer>/<name>` = `{"since": <unix seconds>}`: the tombstone
+//!   of node `name` written by node `observer`, one of its witnesses (see
+//!   [`super::membership`]); `gone/<name>` is the shared one of agents from
+//!   before (removed when the node is live again or released).
 //!
-//! A node publishes itself (liveness key, record, tombstone removed) in one
-//! transaction that checks its claim still names it, and a claim is released
-//! in one transaction that checks the node is still without a lease, its
-//! tombstone is still the one the decision was made on, and the claim still
-//! names it. Whichever of the two commits first, the other fails: a node
-//! coming back while its claim is being released either keeps its claim
-//! (the release fails) or sees it gone and claims again (its publish
-//! fails), and two agents releasing at once release once.
+//! A node publishes itself (liveness key, record) in one transaction that
+//! checks its claim is still the one it read, and a claim is released in
+//! one transaction that checks the node is still without a lease and its
+//! tombstones are still the ones the decision was made on. Whichever of the
+//! two commits first, the other fails: a node coming back while its claim
+//! is being released either keeps its claim (the release fails) or sees it
+//! gone and claims again (its publish fails), and two agents releasing at
+//! once release once.
 //!
 //! A connection talks to one member. The client's balanced channel over all
 //! members is not used: a member that is down stays "ready" in it and every
@@ -46,14 +49,15 @@ use std::{
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, Identity,
-    Permission, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, UserAddOptions, WatchOptions,
+    Permission, PutOptions, RoleRevokePermissionOptions, TlsOptions, Txn, TxnOp, UserAddOptions,
+    WatchOptions,
 };
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use super::{
     DatastoreError, JoinRequest, NodeRecord, candidate_cidr,
-    membership::{Policy, Release, Snapshot, Tombstone},
+    membership::{LEGACY_OBSERVER, Policy, Release, Snapshot, Tombstone, decide_claims},
     store::{Datastore, LeaseId, Observation, claim_and_publish},
 };
 
@@ -81,8 +85,27 @@ fn member_key(name: &str) -> String {
     format!("{MEMBERS}{name}")
 }
 
-fn gone_key(name: &str) -> String {
-    format!("{GONE}{name}")
+/// The prefix of the tombstones `observer` writes.
+fn gone_prefix(observer: &str) -> String {
+    format!("{GONE}{observer}/")
+}
+
+/// `observer`'s tombstone of `name`; [`LEGACY_OBSERVER`]'s is the one
+/// shared key of agents from before observers kept their own.
+fn gone_key(observer: &str, name: &str) -> String {
+    if observer == LEGACY_OBSERVER {
+        format!("{GONE}{name}")
+    } else {
+        format!("{}{name}", gone_prefix(observer))
+    }
+}
+
+/// (observer, node) of a tombstone key.
+fn parse_gone_key(key: &str) -> Option<(&str, &str)> {
+    let rest = key.strip_prefix(GONE)?;
+    let (observer, name) = rest.split_once('/').unwrap_or((LEGACY_OBSERVER, rest));
+    ((observer == LEGACY_OBSERVER || is_node_name(observer)) && is_node_name(name))
+        .then_some((observer, name))
 }
 
 /// The prefix of `name`'s claim-order keys (the trailing `/` keeps
@@ -98,6 +121,20 @@ fn held_key(name: &str, cidr: Ipv4Net) -> String {
         cidr.network(),
         cidr.prefix_len()
     )
+}
+
+/// The end of the key range of every key that starts with `key` (as etcd
+/// computes it for a prefix: the last byte below 0xff plus one).
+fn prefix_end(key: &str) -> Vec<u8> {
+    let mut end = key.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff: to the end of the keyspace.
+    vec![0]
 }
 
 /// Whether `name` can name a node in keys and etcd roles: what Kubernetes
@@ -392,13 +429,11 @@ pub const CLUSTER_PREFIX: &str = "/podnet/cluster/";
 
 /// What `node_user(name)`'s role may do, as (key, prefix?, write?): read
 /// everything under `/podnet/` (every agent routes to every node); write
-/// its own liveness and durable record (exact keys: a prefix
-/// `/podnet/nodes/node1` would also cover `node10`); and write the shared
-/// bookkeeping every agent takes part in: the CIDR claims (a claim is made
-/// by a create-only transaction, which a role cannot express, so the
-/// prefix is writable; readers do not take a claim over the incumbent's
-/// record, see [`super::membership::plan`]) and the tombstones of nodes
-/// that went away. Its claim-order keys (`held/<name>/`) are its own.
+/// only keys of its own: its liveness and durable record (exact keys: a
+/// prefix `/podnet/nodes/node1` would also cover `node10`), its CIDR
+/// claims (`held/<name>/`) and its tombstones of other nodes
+/// (`gone/<name>/`). Nothing another node reads as that node's, nothing
+/// shared: a compromised node can announce itself, not unseat another.
 #[must_use]
 pub fn node_permissions(name: &str) -> Vec<(String, bool, bool)> {
     vec![
@@ -406,8 +441,7 @@ pub fn node_permissions(name: &str) -> Vec<(String, bool, bool)> {
         (node_key(name), false, true),
         (member_key(name), false, true),
         (held_prefix(name), true, true),
-        (CIDRS.to_owned(), true, true),
-        (GONE.to_owned(), true, true),
+        (gone_prefix(name), true, true),
     ]
 }
 
@@ -605,6 +639,37 @@ impl EtcdDatastore {
                 .await
                 .map_err(self.err(format!("adding the role {name}")))?;
         }
+        // Exactly these: a role made by an earlier version (which let nodes
+        // write the shared claim keys and tombstones) loses what is no
+        // longer in the list.
+        let wanted: Vec<(Vec<u8>, Vec<u8>)> = permissions
+            .iter()
+            .map(|(key, prefix, _)| {
+                let end = if *prefix { prefix_end(key) } else { Vec::new() };
+                (key.as_bytes().to_vec(), end)
+            })
+            .collect();
+        let held = self
+            .client
+            .role_get(name)
+            .await
+            .map_err(self.err(format!("reading the role {name}")))?
+            .permissions();
+        for permission in held {
+            let range = (permission.key().to_vec(), permission.range_end().to_vec());
+            if wanted.contains(&range) {
+                continue;
+            }
+            let options = (!range.1.is_empty())
+                .then(|| RoleRevokePermissionOptions::new().with_range_end(range.1.clone()));
+            self.client
+                .role_revoke_permission(name, range.0.clone(), options)
+                .await
+                .map_err(self.err(format!(
+                    "revoking {name}'s old permission on {}",
+                    String::from_utf8_lossy(&range.0)
+                )))?;
+        }
         for (key, prefix, write) in permissions {
             let permission = if *write {
                 Permission::read_write(key.as_str())
@@ -672,39 +737,31 @@ impl EtcdDatastore {
         })
     }
 
-    async fn claims(&mut self) -> Result<Vec<(Ipv4Net, String)>, DatastoreError> {
-        let response = self
-            .client
-            .get(CIDRS, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.err("reading the CIDR claims"))?;
-        Ok(response
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let cidr = parse_cidr_key(kv.key_str().ok()?)?;
-                Some((cidr, kv.value_str().ok()?.to_owned()))
-            })
-            .collect())
-    }
-
-    /// Claims `cidr` for `name`; `Ok(false)` when someone else holds it.
+    /// Claims `cidr` for `name`: creates its claim key unless it has one,
+    /// then reads every claim; `Ok(false)` (and the key made here deleted)
+    /// when an older claim holds the CIDR.
     async fn claim(&mut self, cidr: Ipv4Net, name: &str) -> Result<bool, DatastoreError> {
-        let key = cidr_key(cidr);
+        let key = held_key(name, cidr);
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), name, None)])
-            .or_else([TxnOp::get(key, None)]);
-        let response = self
+            .and_then([TxnOp::put(key.clone(), "", None)]);
+        let created = self
             .client
             .txn(txn)
             .await
-            .map_err(self.err(format!("claiming {cidr} for {name}")))?;
-        if response.succeeded() {
+            .map_err(self.err(format!("claiming {cidr} for {name}")))?
+            .succeeded();
+        let (snapshot, _) = self.read().await?;
+        if snapshot.claims.get(&cidr).map(String::as_str) == Some(name) {
             return Ok(true);
         }
-        // Already claimed: ours (a restart) or someone else's.
-        Ok(txn_get_value(&response).as_deref() == Some(name))
+        if created {
+            self.client
+                .delete(key, None)
+                .await
+                .map_err(self.err(format!("withdrawing {name}'s claim on {cidr}")))?;
+        }
+        Ok(false)
     }
 
     /// Takes (or gets back) this node's pod CIDR and publishes its record
@@ -716,26 +773,40 @@ impl EtcdDatastore {
     /// Takes (or confirms) this node's pod CIDR: the fixed one, the one it
     /// holds, the preferred one if free, or the first free one.
     pub async fn claim_cidr(&mut self, request: &JoinRequest) -> Result<Ipv4Net, DatastoreError> {
+        let name = request.name.as_str();
         if let Some(cidr) = request.pod_cidr {
-            if self.claim(cidr, &request.name).await? {
+            if self.claim(cidr, name).await? {
                 return Ok(cidr);
             }
             let holder = self
-                .claims()
+                .snapshot()
                 .await?
-                .into_iter()
-                .find(|(c, _)| *c == cidr)
-                .map_or_else(|| "?".to_owned(), |(_, n)| n);
+                .claims
+                .get(&cidr)
+                .cloned()
+                .unwrap_or_else(|| "?".to_owned());
             return Err(DatastoreError::Conflict { cidr, holder });
         }
         loop {
-            let claims = self.claims().await?;
-            if let Some((cidr, _)) = claims.iter().find(|(_, owner)| owner == &request.name) {
-                return Ok(*cidr);
+            let snapshot = self.snapshot().await?;
+            let mine: Vec<Ipv4Net> = snapshot
+                .claims
+                .iter()
+                .filter(|(_, holder)| holder.as_str() == name)
+                .map(|(cidr, _)| *cidr)
+                .collect();
+            // The one its record announces, if it holds two (see
+            // `decide_claims`).
+            let announced = snapshot.members.get(name).map(|r| r.pod_cidr);
+            if let Some(cidr) = announced
+                .filter(|c| mine.contains(c))
+                .or_else(|| mine.first().copied())
+            {
+                return Ok(cidr);
             }
-            let taken: Vec<Ipv4Net> = claims.iter().map(|(c, _)| *c).collect();
+            let taken: Vec<Ipv4Net> = snapshot.claims.keys().copied().collect();
             let candidate = candidate_cidr(request, &taken)?;
-            if self.claim(candidate, &request.name).await? {
+            if self.claim(candidate, name).await? {
                 return Ok(candidate);
             }
             // Lost a race for it: look again.
@@ -743,7 +814,8 @@ impl EtcdDatastore {
     }
 
     /// Publishes this node (liveness key under a new lease, durable
-    /// record, tombstone removed) if its claim on `cidr` still names it;
+    /// record) if it holds `cidr`, in a transaction that checks its claim
+    /// is still the one read (not released and made again meanwhile);
     /// returns the lease ID.
     pub async fn publish(
         &mut self,
@@ -751,6 +823,27 @@ impl EtcdDatastore {
         cidr: Ipv4Net,
     ) -> Result<i64, DatastoreError> {
         let name = &request.name;
+        let (snapshot, held) = self.read().await?;
+        match snapshot.claims.get(&cidr) {
+            Some(holder) if holder == name => {}
+            Some(holder) => {
+                return Err(DatastoreError::Conflict {
+                    cidr,
+                    holder: holder.clone(),
+                });
+            }
+            None => {
+                return Err(DatastoreError::ClaimLost {
+                    cidr,
+                    node: name.clone(),
+                });
+            }
+        }
+        let claim = match held.get(&(name.clone(), cidr)) {
+            Some(at) => Compare::create_revision(held_key(name, cidr), CompareOp::Equal, *at),
+            // Held by a shared claim key its agent wrote before an upgrade.
+            None => Compare::value(cidr_key(cidr), CompareOp::Equal, name.as_str()),
+        };
         let lease = self
             .client
             .lease_grant(self.lease_ttl, None)
@@ -764,26 +857,17 @@ impl EtcdDatastore {
         };
         let value = serde_json::to_string(&record)
             .map_err(|e| self.protocol(format!("encoding {name}'s record"), e.to_string()))?;
-        let claim = cidr_key(cidr);
-        let txn = Txn::new()
-            .when([Compare::value(
-                claim.clone(),
-                CompareOp::Equal,
-                name.as_str(),
-            )])
-            .and_then([
-                TxnOp::put(
-                    node_key(name),
-                    value.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                ),
-                TxnOp::put(member_key(name), value, None),
-                // Created once per CIDR (a put on an existing key keeps its
-                // creation revision): the node's claim order for it.
-                TxnOp::put(held_key(name, cidr), "", None),
-                TxnOp::delete(gone_key(name), None),
-            ])
-            .or_else([TxnOp::get(claim, None)]);
+        let txn = Txn::new().when([claim]).and_then([
+            TxnOp::put(
+                node_key(name),
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            TxnOp::put(member_key(name), value, None),
+            // A put on an existing key keeps its creation revision: the
+            // claim's age.
+            TxnOp::put(held_key(name, cidr), "", None),
+        ]);
         let response = self
             .client
             .txn(txn)
@@ -794,12 +878,9 @@ impl EtcdDatastore {
         }
         // Nothing was written under it; let it go now rather than at its TTL.
         let _ = self.client.lease_revoke(lease).await;
-        Err(match txn_get_value(&response) {
-            Some(holder) => DatastoreError::Conflict { cidr, holder },
-            None => DatastoreError::ClaimLost {
-                cidr,
-                node: name.clone(),
-            },
+        Err(DatastoreError::ClaimLost {
+            cidr,
+            node: name.clone(),
         })
     }
 
@@ -841,6 +922,14 @@ impl EtcdDatastore {
 
     /// Everything under `/podnet/`, read at one revision.
     pub async fn snapshot(&mut self) -> Result<Snapshot, DatastoreError> {
+        Ok(self.read().await?.0)
+    }
+
+    /// [`Self::snapshot`], and every claim-order key with its creation
+    /// revision.
+    async fn read(
+        &mut self,
+    ) -> Result<(Snapshot, BTreeMap<(String, Ipv4Net), i64>), DatastoreError> {
         let response = self
             .client
             .get(PREFIX, Some(GetOptions::new().with_prefix()))
@@ -852,10 +941,8 @@ impl EtcdDatastore {
                 .map_or(0, etcd_client::ResponseHeader::revision),
             ..Snapshot::default()
         };
-        // Claim order: when the node first published the CIDR it announces
-        // (its `held/` key's creation revision, which etcd assigns and a
-        // publish keeps).
         let mut held: BTreeMap<(String, Ipv4Net), i64> = BTreeMap::new();
+        let mut legacy: BTreeMap<Ipv4Net, (String, i64)> = BTreeMap::new();
         for kv in response.kvs() {
             let Ok(key) = kv.key_str() else {
                 snapshot
@@ -868,6 +955,9 @@ impl EtcdDatastore {
                     .map(|r| snapshot.live.insert(name.to_owned(), r))
                     .is_some()
             } else if let Some(name) = key.strip_prefix(MEMBERS) {
+                snapshot
+                    .published
+                    .insert(name.to_owned(), kv.mod_revision());
                 parse_record(name, kv.value())
                     .map(|r| snapshot.members.insert(name.to_owned(), r))
                     .is_some()
@@ -875,23 +965,29 @@ impl EtcdDatastore {
                 parse_held_key(key)
                     .map(|(name, cidr)| held.insert((name.to_owned(), cidr), kv.create_revision()))
                     .is_some()
-            } else if let Some(name) = key.strip_prefix(GONE) {
-                serde_json::from_slice::<TombstoneValue>(kv.value())
-                    .ok()
-                    .map(|t| {
-                        snapshot.gone.insert(
-                            name.to_owned(),
-                            Tombstone {
-                                since: t.since,
-                                mod_revision: kv.mod_revision(),
-                            },
-                        )
+            } else if key.starts_with(GONE) {
+                parse_gone_key(key)
+                    .zip(serde_json::from_slice::<TombstoneValue>(kv.value()).ok())
+                    .map(|((observer, name), t)| {
+                        snapshot
+                            .tombstones
+                            .entry(name.to_owned())
+                            .or_default()
+                            .insert(
+                                observer.to_owned(),
+                                Tombstone {
+                                    since: t.since,
+                                    mod_revision: kv.mod_revision(),
+                                },
+                            )
                     })
                     .is_some()
             } else if key.starts_with(CIDRS) {
                 parse_cidr_key(key)
                     .zip(kv.value_str().ok())
-                    .map(|(cidr, holder)| snapshot.claims.insert(cidr, holder.to_owned()))
+                    .map(|(cidr, holder)| {
+                        legacy.insert(cidr, (holder.to_owned(), kv.create_revision()))
+                    })
                     .is_some()
             } else {
                 // Someone else's key under our prefix: not ours to judge.
@@ -901,74 +997,93 @@ impl EtcdDatastore {
                 snapshot.invalid.push(key.to_owned());
             }
         }
+        snapshot.claims = decide_claims(&held, &legacy, &snapshot.live, &snapshot.members);
         snapshot.order = claim_order(&snapshot, &held);
-        Ok(snapshot)
+        Ok((snapshot, held))
     }
 
-    /// Writes `name`'s tombstone with `since` (Unix seconds) unless it has a
-    /// lease or a tombstone already; `Ok(true)` when written.
-    pub async fn mark_gone(&mut self, name: &str, since: u64) -> Result<bool, DatastoreError> {
+    /// Writes `observer`'s tombstone of `name` with `since` (Unix seconds)
+    /// unless `name` has a lease; `Ok(true)` when written.
+    pub async fn mark_gone(
+        &mut self,
+        observer: &str,
+        name: &str,
+        since: u64,
+    ) -> Result<bool, DatastoreError> {
         let value = serde_json::to_string(&TombstoneValue { since })
             .map_err(|e| self.protocol(format!("encoding {name}'s tombstone"), e.to_string()))?;
         let txn = Txn::new()
-            .when([
-                Compare::version(node_key(name), CompareOp::Equal, 0),
-                Compare::create_revision(gone_key(name), CompareOp::Equal, 0),
-            ])
-            .and_then([TxnOp::put(gone_key(name), value, None)]);
+            .when([Compare::version(node_key(name), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(gone_key(observer, name), value, None)]);
         let response = self
             .client
             .txn(txn)
             .await
-            .map_err(self.err(format!("writing {name}'s tombstone")))?;
+            .map_err(self.err(format!("writing {observer}'s tombstone of {name}")))?;
         Ok(response.succeeded())
     }
 
-    /// Removes the tombstone of a node that is live again, if it is still
-    /// the one at `revision`; `Ok(true)` when removed.
+    /// Removes `observer`'s tombstone of a node that is live again, if it
+    /// is still the one at `revision`; `Ok(true)` when removed.
     pub async fn clear_tombstone(
         &mut self,
+        observer: &str,
         name: &str,
         revision: i64,
     ) -> Result<bool, DatastoreError> {
+        let key = gone_key(observer, name);
         let txn = Txn::new()
             .when([
                 Compare::version(node_key(name), CompareOp::Greater, 0),
-                Compare::mod_revision(gone_key(name), CompareOp::Equal, revision),
+                Compare::mod_revision(key.clone(), CompareOp::Equal, revision),
             ])
-            .and_then([TxnOp::delete(gone_key(name), None)]);
-        let response = self
-            .client
-            .txn(txn)
-            .await
-            .map_err(self.err(format!("removing {name}'s stale tombstone")))?;
+            .and_then([TxnOp::delete(key, None)]);
+        let response = self.client.txn(txn).await.map_err(self.err(format!(
+            "removing the stale tombstone {observer:?} wrote of {name}"
+        )))?;
         Ok(response.succeeded())
     }
 
     /// Releases a gone node's claims and forgets it, if everything the
-    /// decision was made on still holds: no lease, the same tombstone, the
-    /// claims still naming it. `Ok(false)` when something changed (it came
-    /// back, or someone else released it first).
+    /// decision was made on still holds: no lease, the same tombstones.
+    /// Its claim keys, record, tombstones and any shared claim key naming
+    /// it go. `Ok(false)` when something changed (it came back, or someone
+    /// else released it first).
     pub async fn release(&mut self, release: &Release) -> Result<bool, DatastoreError> {
         let name = release.name.as_str();
-        let mut when = vec![
-            Compare::version(node_key(name), CompareOp::Equal, 0),
-            Compare::mod_revision(gone_key(name), CompareOp::Equal, release.tombstone_revision),
-        ];
+        let action = format!("releasing {name}'s claims {:?}", release.cidrs);
+        let mut when = vec![Compare::version(node_key(name), CompareOp::Equal, 0)];
         let mut ops = vec![
             TxnOp::delete(member_key(name), None),
-            TxnOp::delete(gone_key(name), None),
             TxnOp::delete(held_prefix(name), Some(DeleteOptions::new().with_prefix())),
         ];
-        for cidr in &release.cidrs {
-            when.push(Compare::value(cidr_key(*cidr), CompareOp::Equal, name));
-            ops.push(TxnOp::delete(cidr_key(*cidr), None));
+        for (observer, revision) in &release.tombstones {
+            let key = gone_key(observer, name);
+            when.push(Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                *revision,
+            ));
+            ops.push(TxnOp::delete(key, None));
+        }
+        let legacy = self
+            .client
+            .get(CIDRS, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(self.err(action.clone()))?;
+        for kv in legacy
+            .kvs()
+            .iter()
+            .filter(|kv| kv.value() == name.as_bytes())
+        {
+            when.push(Compare::value(kv.key(), CompareOp::Equal, name));
+            ops.push(TxnOp::delete(kv.key(), None));
         }
         let response = self
             .client
             .txn(Txn::new().when(when).and_then(ops))
             .await
-            .map_err(self.err(format!("releasing {name}'s claims {:?}", release.cidrs)))?;
+            .map_err(self.err(action))?;
         Ok(response.succeeded())
     }
 
@@ -1033,17 +1148,6 @@ pub fn parse_record(name: &str, value: &[u8]) -> Option<NodeRecord> {
         .filter(|r| r.name == name)
 }
 
-/// The value a transaction's `or_else` get found, if the key existed.
-fn txn_get_value(response: &etcd_client::TxnResponse) -> Option<String> {
-    response.op_responses().into_iter().find_map(|op| match op {
-        TxnOpResponse::Get(get) => get
-            .kvs()
-            .first()
-            .and_then(|kv| kv.value_str().ok().map(str::to_owned)),
-        _ => None,
-    })
-}
-
 impl Datastore for EtcdDatastore {
     fn endpoint(&self) -> String {
         self.endpoint.clone()
@@ -1081,12 +1185,22 @@ impl Datastore for EtcdDatastore {
         Ok(Observation::of_snapshot(&snapshot, policy, me, now))
     }
 
-    async fn mark_gone(&mut self, name: &str, since: u64) -> Result<bool, DatastoreError> {
-        Self::mark_gone(self, name, since).await
+    async fn mark_gone(
+        &mut self,
+        observer: &str,
+        name: &str,
+        since: u64,
+    ) -> Result<bool, DatastoreError> {
+        Self::mark_gone(self, observer, name, since).await
     }
 
-    async fn clear_tombstone(&mut self, name: &str, revision: i64) -> Result<bool, DatastoreError> {
-        Self::clear_tombstone(self, name, revision).await
+    async fn clear_tombstone(
+        &mut self,
+        observer: &str,
+        name: &str,
+        revision: i64,
+    ) -> Result<bool, DatastoreError> {
+        Self::clear_tombstone(self, observer, name, revision).await
     }
 
     async fn release(&mut self, release: &Release) -> Result<bool, DatastoreError> {

@@ -391,12 +391,18 @@ impl Datastore for Follower {
         })
     }
 
-    async fn mark_gone(&mut self, _name: &str, _since: u64) -> Result<bool, DatastoreError> {
+    async fn mark_gone(
+        &mut self,
+        _observer: &str,
+        _name: &str,
+        _since: u64,
+    ) -> Result<bool, DatastoreError> {
         Ok(false)
     }
 
     async fn clear_tombstone(
         &mut self,
+        _observer: &str,
         _name: &str,
         _revision: i64,
     ) -> Result<bool, DatastoreError> {

@@ -27,14 +27,27 @@
 //!
 //! # How "gone since" is known by every agent, across restarts
 //!
-//! The first agent that sees a node without its liveness key writes a
-//! tombstone `/podnet/gone/<name>` holding the wall-clock time it saw that
-//! (a create-only transaction that also checks the liveness key is still
-//! absent, so agents seeing it at once write it once, and a node that just
-//! came back is never tombstoned). Every agent, including one that started
-//! a minute ago, reads the same time from etcd and applies its own grace
-//! period to it. The node deletes its tombstone when it publishes itself
-//! again.
+//! An agent that sees a node without its liveness key writes a tombstone
+//! under its own name, `/podnet/gone/<observer>/<name>`, holding the
+//! wall-clock time it saw that (a transaction that also checks the
+//! liveness key is still absent, so a node that just came back is never
+//! tombstoned). Only a node's *witnesses* write one and only theirs count:
+//! the (up to [`WITNESSES`]) live nodes that claimed their place before the
+//! node last published itself, oldest first (they were there to see it
+//! leave; a node that joined later would restart the clock). "Gone since"
+//! is the latest of the witnesses' times that is not older than the node's
+//! last publish, so every agent, including one that started a minute ago,
+//! reads the same time from etcd and applies its own grace period to it.
+//! Each witness removes its own tombstone when the node is live again.
+//!
+//! Why one key per observer and the latest time: with etcd roles a node
+//! writes only keys of its own, so a compromised node cannot write or
+//! delete another's tombstone; writing an early time of its own does not
+//! make a restarting node gone early while an honest witness has written a
+//! later one (the latest counts), and its tombstones count not at all
+//! unless it is a witness. What it can still do as a witness is write a
+//! later time, which keeps a node that left routed (to an address nobody
+//! answers) and its CIDR claimed for longer: a delay, not a takeover.
 //!
 //! Alternatives considered: etcd revisions carry no time, so "gone for ten
 //! minutes" cannot be read from them; a second lease with the grace period
@@ -170,9 +183,16 @@ pub struct Snapshot {
     pub live: BTreeMap<String, NodeRecord>,
     /// Every node's durable record.
     pub members: BTreeMap<String, NodeRecord>,
-    /// Nodes seen without a lease, and since when.
-    pub gone: BTreeMap<String, Tombstone>,
-    /// Pod CIDR claims: CIDR -> the node holding it.
+    /// Tombstones of nodes seen without a lease: node -> observer (the
+    /// node that wrote it) -> tombstone. Observer [`LEGACY_OBSERVER`] is a
+    /// tombstone from before observers kept their own: cleared when its
+    /// node is live, never counted. [`Snapshot::tombstone`] is what they
+    /// mean.
+    pub tombstones: BTreeMap<String, BTreeMap<String, Tombstone>>,
+    /// When each node last published itself, as the modification
+    /// revision of its durable record.
+    pub published: BTreeMap<String, i64>,
+    /// Pod CIDR claims: CIDR -> the node holding it (see [`decide_claims`]).
     pub claims: BTreeMap<Ipv4Net, String>,
     /// When each node first claimed its place, as a datastore revision:
     /// the creation revision of its durable record (of its liveness record
@@ -185,6 +205,119 @@ pub struct Snapshot {
     pub invalid: Vec<String>,
 }
 
+/// The observer of a tombstone written before observers kept their own
+/// (`gone/<name>`).
+pub const LEGACY_OBSERVER: &str = "";
+
+/// How many witnesses a node has (see the module doc): enough that one
+/// compromised or stopped node among them changes nothing, few enough
+/// that a node going away costs a few writes, not one per node of the
+/// cluster.
+pub const WITNESSES: usize = 3;
+
+impl Snapshot {
+    fn order_of(&self, name: &str) -> i64 {
+        self.order.get(name).copied().unwrap_or(i64::MAX)
+    }
+
+    /// The nodes whose tombstones of `name` count: the oldest live nodes
+    /// (claim order) that claimed before `name` last published itself,
+    /// and while there are fewer than [`WITNESSES`] of those, the oldest
+    /// of the live nodes that came later (one compromised node that was
+    /// there is never the only witness when others could be).
+    #[must_use]
+    pub fn witnesses(&self, name: &str) -> Vec<&str> {
+        let mut live: Vec<&str> = self
+            .live
+            .keys()
+            .map(String::as_str)
+            .filter(|n| *n != name)
+            .collect();
+        let last_published = self.published.get(name).copied();
+        let came_later = |n: &str| last_published.is_none_or(|p| self.order_of(n) >= p);
+        live.sort_by_key(|n| (came_later(n), self.order_of(n), *n));
+        live.truncate(WITNESSES);
+        live
+    }
+
+    /// `name`'s tombstone as every agent reads it: the latest of its
+    /// witnesses' that is not older than its last publish (one from an
+    /// earlier absence, left by a witness that was away when it came
+    /// back, says nothing about this one).
+    #[must_use]
+    pub fn tombstone(&self, name: &str) -> Option<Tombstone> {
+        let theirs = self.tombstones.get(name)?;
+        let last_published = self.published.get(name).copied().unwrap_or(0);
+        self.witnesses(name)
+            .into_iter()
+            .filter_map(|w| theirs.get(w))
+            .filter(|t| t.mod_revision > last_published)
+            .max_by_key(|t| (t.since, t.mod_revision))
+            .copied()
+    }
+
+    /// Whether `observer` has a tombstone of `name` that counts.
+    fn has_own_tombstone(&self, observer: &str, name: &str) -> bool {
+        let last_published = self.published.get(name).copied().unwrap_or(0);
+        self.tombstones
+            .get(name)
+            .and_then(|t| t.get(observer))
+            .is_some_and(|t| t.mod_revision > last_published)
+    }
+}
+
+/// Who holds each pod CIDR: the node whose claim on it is the oldest.
+/// Claims are the nodes' claim-order keys (`held`: (node, CIDR) -> the
+/// datastore revision that created it, which only the datastore assigns)
+/// and the shared claim keys of agents from before them (`legacy`: CIDR ->
+/// (node, creation revision)). Of a node's claim-order keys only two
+/// count: the one for the CIDR its record announces (the live record's,
+/// else the durable one's) and its newest (a node between claim and
+/// publish); so a node writing keys under its own prefix cannot hold more
+/// of the cluster's CIDRs than that.
+#[must_use]
+pub fn decide_claims(
+    held: &BTreeMap<(String, Ipv4Net), i64>,
+    legacy: &BTreeMap<Ipv4Net, (String, i64)>,
+    live: &BTreeMap<String, NodeRecord>,
+    members: &BTreeMap<String, NodeRecord>,
+) -> BTreeMap<Ipv4Net, String> {
+    let mut newest: BTreeMap<&str, (i64, Ipv4Net)> = BTreeMap::new();
+    for ((name, cidr), at) in held {
+        let entry = newest.entry(name.as_str()).or_insert((*at, *cidr));
+        if *at > entry.0 {
+            *entry = (*at, *cidr);
+        }
+    }
+    let counts = |name: &str, cidr: Ipv4Net| {
+        let announced = live
+            .get(name)
+            .or_else(|| members.get(name))
+            .is_some_and(|r| r.pod_cidr == cidr);
+        announced || newest.get(name).is_some_and(|(_, c)| *c == cidr)
+    };
+    let mut oldest: BTreeMap<Ipv4Net, (i64, &str)> = BTreeMap::new();
+    let claims = held
+        .iter()
+        .filter(|((name, cidr), _)| counts(name, *cidr))
+        .map(|((name, cidr), at)| (*cidr, *at, name.as_str()))
+        .chain(
+            legacy
+                .iter()
+                .map(|(cidr, (name, at))| (*cidr, *at, name.as_str())),
+        );
+    for (cidr, at, name) in claims {
+        let entry = oldest.entry(cidr).or_insert((at, name));
+        if (at, name) < *entry {
+            *entry = (at, name);
+        }
+    }
+    oldest
+        .into_iter()
+        .map(|(cidr, (_, name))| (cidr, name.to_owned()))
+        .collect()
+}
+
 pub use crate::model::{NodeState, NodeStatus};
 
 /// A gone node's claims to release, and what the decision was based on.
@@ -194,8 +327,9 @@ pub struct Release {
     /// The CIDRs the node held (normally one; none when only its record is
     /// left).
     pub cidrs: Vec<Ipv4Net>,
-    /// The tombstone the decision was made on.
-    pub tombstone_revision: i64,
+    /// Every tombstone of the node (observer, modification revision): the
+    /// release happens only if none changed, and removes them all.
+    pub tombstones: Vec<(String, i64)>,
 }
 
 /// What to do about a snapshot.
@@ -211,12 +345,13 @@ pub struct Plan {
     pub routed: Vec<NodeRecord>,
     /// Every node with a record, and where it stands.
     pub nodes: Vec<NodeStatus>,
-    /// Nodes without a lease and without a tombstone: write one now.
+    /// Nodes without a lease that this node witnesses (see
+    /// [`Snapshot::witnesses`]) and has no tombstone of: write one now.
     pub mark_gone: Vec<String>,
-    /// Tombstones of nodes that are live again (the node did not remove
-    /// it, e.g. an older agent): remove them, or the next expiry would
-    /// start from the old time. (name, tombstone revision)
-    pub clear_tombstones: Vec<(String, i64)>,
+    /// This node's tombstones (and tombstones from before observers kept
+    /// their own) of nodes that are live again: remove them. (name,
+    /// observer, tombstone revision)
+    pub clear_tombstones: Vec<(String, String, i64)>,
     /// Claims to release.
     pub releases: Vec<Release>,
     /// When a node's state next changes with time alone (none: only a
@@ -252,9 +387,11 @@ pub fn plan(snapshot: &Snapshot, policy: Policy, me: Option<&str>, now: u64) -> 
             since: None,
             routed: true,
         });
-        if let Some(tomb) = snapshot.gone.get(name) {
-            plan.clear_tombstones
-                .push((name.clone(), tomb.mod_revision));
+        for (observer, tomb) in snapshot.tombstones.get(name).into_iter().flatten() {
+            if Some(observer.as_str()) == me || observer == LEGACY_OBSERVER {
+                plan.clear_tombstones
+                    .push((name.clone(), observer.clone(), tomb.mod_revision));
+            }
         }
     }
 
@@ -263,19 +400,27 @@ pub fn plan(snapshot: &Snapshot, policy: Policy, me: Option<&str>, now: u64) -> 
         .members
         .keys()
         .chain(snapshot.claims.values())
-        .chain(snapshot.gone.keys())
+        .chain(snapshot.tombstones.keys())
         .filter(|name| !snapshot.live.contains_key(*name))
         .collect();
     for name in holders {
         if Some(name.as_str()) == me {
             continue;
         }
-        let tomb = snapshot.gone.get(name);
-        let since = if let Some(tomb) = tomb {
-            tomb.since
-        } else {
+        // A witness without a tombstone of its own writes one now, and
+        // counts it already: another's earlier time does not make the node
+        // gone in the meantime.
+        let marking = me.is_some_and(|me| {
+            !snapshot.has_own_tombstone(me, name) && snapshot.witnesses(name).contains(&me)
+        });
+        if marking {
             plan.mark_gone.push(name.clone());
-            now
+        }
+        let tomb = snapshot.tombstone(name);
+        let since = match tomb {
+            Some(t) if !marking => t.since,
+            Some(t) => t.since.max(now),
+            None => now,
         };
         let away = now.saturating_sub(since);
         let claimed: Vec<Ipv4Net> = snapshot
@@ -306,10 +451,16 @@ pub fn plan(snapshot: &Snapshot, policy: Policy, me: Option<&str>, now: u64) -> 
             soonest(since.saturating_add(grace));
         }
         match tomb {
-            Some(tomb) if away >= release => plan.releases.push(Release {
+            Some(_) if away >= release => plan.releases.push(Release {
                 name: name.clone(),
                 cidrs: claimed,
-                tombstone_revision: tomb.mod_revision,
+                tombstones: snapshot
+                    .tombstones
+                    .get(name)
+                    .into_iter()
+                    .flatten()
+                    .map(|(observer, t)| (observer.clone(), t.mod_revision))
+                    .collect(),
             }),
             _ => soonest(since.saturating_add(release)),
         }
@@ -454,10 +605,14 @@ mod tests {
                 s.live.insert((*name).to_owned(), r);
             }
         }
+        // Written by the first live node (a witness of every other).
+        let observer = live.first().copied().unwrap_or("me");
         for (i, (name, ago)) in away.iter().enumerate() {
             if let Some(ago) = ago {
-                s.gone.insert(
-                    (*name).to_owned(),
+                tombstone(
+                    &mut s,
+                    name,
+                    observer,
                     Tombstone {
                         since: NOW - ago,
                         mod_revision: 50 + i64::try_from(i).expect("small"),
@@ -466,6 +621,13 @@ mod tests {
             }
         }
         s
+    }
+
+    fn tombstone(s: &mut Snapshot, name: &str, observer: &str, t: Tombstone) {
+        s.tombstones
+            .entry(name.to_owned())
+            .or_default()
+            .insert(observer.to_owned(), t);
     }
 
     fn policy(grace_min: u64, release_min: u64) -> Policy {
@@ -538,7 +700,7 @@ mod tests {
             [Release {
                 name: "n2".into(),
                 cidrs: vec![s.members["n2"].pod_cidr],
-                tombstone_revision: s.gone["n2"].mod_revision,
+                tombstones: vec![("me".into(), s.tombstones["n2"]["me"].mod_revision)],
             }]
         );
     }
@@ -546,17 +708,29 @@ mod tests {
     #[test]
     fn a_live_node_is_never_released_whatever_its_tombstone_says() {
         let mut s = snapshot(&["me", "n2"], &[]);
-        s.gone.insert(
-            "n2".into(),
+        tombstone(
+            &mut s,
+            "n2",
+            "me",
             Tombstone {
                 since: NOW - 365 * 24 * 60 * MIN,
                 mod_revision: 7,
             },
         );
+        // Another observer's is that observer's to remove.
+        tombstone(
+            &mut s,
+            "n2",
+            "n3",
+            Tombstone {
+                since: NOW,
+                mod_revision: 8,
+            },
+        );
         let p = plan(&s, policy(1, 1), Some("me"), NOW);
         assert_eq!(routed(&p), ["me", "n2"]);
         assert!(p.releases.is_empty());
-        assert_eq!(p.clear_tombstones, [("n2".to_owned(), 7)]);
+        assert_eq!(p.clear_tombstones, [("n2".to_owned(), "me".to_owned(), 7)]);
     }
 
     #[test]
@@ -636,8 +810,10 @@ mod tests {
         let mut s = snapshot(&["me"], &[]);
         s.claims
             .insert("10.244.50.0/24".parse().expect("cidr"), "ghost".into());
-        s.gone.insert(
-            "deleted".into(),
+        tombstone(
+            &mut s,
+            "deleted",
+            "me",
             Tombstone {
                 since: NOW - 2 * MIN,
                 mod_revision: 9,
@@ -651,7 +827,7 @@ mod tests {
             [Release {
                 name: "deleted".into(),
                 cidrs: vec![],
-                tombstone_revision: 9,
+                tombstones: vec![("me".into(), 9)],
             }]
         );
     }
@@ -659,7 +835,7 @@ mod tests {
     #[test]
     fn a_clock_behind_the_tombstone_counts_no_time_away() {
         let mut s = snapshot(&["me"], &[("n2", Some(0))]);
-        if let Some(t) = s.gone.get_mut("n2") {
+        if let Some(t) = s.tombstones.get_mut("n2").and_then(|t| t.get_mut("me")) {
             t.since = NOW + 30;
         }
         let p = plan(&s, policy(1, 2), Some("me"), NOW);
@@ -793,8 +969,10 @@ mod tests {
         // holds the CIDR: `a` is routed.
         let mut gone = s.clone();
         gone.live.remove("z");
-        gone.gone.insert(
-            "z".into(),
+        tombstone(
+            &mut gone,
+            "z",
+            "me",
             Tombstone {
                 since: NOW - 20 * MIN,
                 mod_revision: 60,
@@ -830,5 +1008,143 @@ mod tests {
         let b_cidr = unclaimed.live["b"].pod_cidr;
         unclaimed.claims.insert(b_cidr, "c".into());
         assert!(!claim_problems(&unclaimed).is_empty());
+    }
+
+    /// Issue 21: tombstones were one shared key every node's role could
+    /// write, so a compromised node could tombstone a restarting node with
+    /// an early time and take it off every node's routes at once. Now each
+    /// witness writes its own and the latest counts.
+    #[test]
+    fn an_early_tombstone_from_one_node_does_not_make_a_restarting_node_gone() {
+        let mut s = snapshot(&["me", "n2", "n3", "evil"], &[("node9", None)]);
+        s.published.insert("node9".into(), 40);
+        let p = policy(10, 60);
+        // The oldest nodes that were there when node9 last published
+        // witness it; evil claimed its place after that.
+        s.order.insert("evil".into(), 45);
+        assert_eq!(s.witnesses("node9"), ["me", "n2", "n3"]);
+        let early = Tombstone {
+            since: 0,
+            mod_revision: 60,
+        };
+        tombstone(&mut s, "node9", "evil", early);
+        assert_eq!(
+            state(&plan(&s, p, Some("me"), NOW), "node9"),
+            NodeState::Unreachable
+        );
+        assert_eq!(plan(&s, p, Some("me"), NOW).mark_gone, ["node9"]);
+        // A witness gone bad writes the early time too: the other
+        // witness's later one counts.
+        tombstone(&mut s, "node9", "n2", early);
+        tombstone(
+            &mut s,
+            "node9",
+            "me",
+            Tombstone {
+                since: NOW - MIN,
+                mod_revision: 61,
+            },
+        );
+        let seen = plan(&s, p, Some("me"), NOW);
+        assert_eq!(state(&seen, "node9"), NodeState::Unreachable);
+        assert!(seen.mark_gone.is_empty(), "me has written its own");
+        assert!(seen.routed.iter().any(|r| r.name == "node9"));
+        // evil, no witness, is never asked to write one.
+        assert!(plan(&s, p, Some("evil"), NOW).mark_gone.is_empty());
+        // Honest witnesses agreeing on an old time: gone, and released
+        // with every tombstone removed.
+        let old = Tombstone {
+            since: NOW - 2 * 60 * MIN,
+            mod_revision: 62,
+        };
+        tombstone(&mut s, "node9", "me", old);
+        tombstone(&mut s, "node9", "n2", old);
+        let later = plan(&s, p, Some("me"), NOW);
+        assert_eq!(state(&later, "node9"), NodeState::Gone);
+        assert_eq!(later.releases.len(), 1);
+        assert_eq!(
+            later.releases[0].tombstones,
+            [
+                ("evil".to_owned(), 60),
+                ("me".to_owned(), 62),
+                ("n2".to_owned(), 62)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_tombstone_from_an_earlier_absence_does_not_count() {
+        let mut s = snapshot(&["me"], &[("n2", Some(3 * 60 * MIN))]);
+        // n2 came back and published at 70, after the tombstone (50), and
+        // left again: the old tombstone says nothing about this absence.
+        s.published.insert("n2".into(), 70);
+        let p = plan(&s, policy(10, 60), Some("me"), NOW);
+        assert_eq!(state(&p, "n2"), NodeState::Unreachable);
+        assert_eq!(p.mark_gone, ["n2"], "me writes a fresh one");
+        assert!(p.releases.is_empty());
+    }
+
+    #[test]
+    fn a_node_has_at_most_three_witnesses_the_oldest_first() {
+        let mut s = snapshot(&["a", "b", "c", "d", "e"], &[("x", None)]);
+        assert_eq!(s.witnesses("x"), ["a", "b", "c"]);
+        assert_eq!(plan(&s, Policy::default(), Some("c"), NOW).mark_gone, ["x"]);
+        assert!(
+            plan(&s, Policy::default(), Some("d"), NOW)
+                .mark_gone
+                .is_empty()
+        );
+        // Those that were there when x last published come first; while
+        // they are fewer than three, the oldest of the later ones stand in.
+        s.published.insert("x".into(), 12);
+        assert_eq!(s.witnesses("x"), ["a", "b", "c"]);
+        s.order.insert("a".into(), 30);
+        assert_eq!(
+            s.witnesses("x"),
+            ["b", "c", "d"],
+            "b was there; c, d stand in"
+        );
+    }
+
+    fn cidr(third: u8) -> Ipv4Net {
+        Ipv4Net::new(std::net::Ipv4Addr::new(10, 244, third, 0), 24).expect("cidr")
+    }
+
+    /// Issue 21: the shared `cidrs/` keys let any node rewrite any claim.
+    /// Claims are now the nodes' own keys, and the oldest holds.
+    #[test]
+    fn the_oldest_claim_holds_and_a_node_cannot_hoard_cidrs_under_its_own_keys() {
+        let mut held = BTreeMap::new();
+        held.insert(("node2".to_owned(), cidr(2)), 10);
+        // evil claims node2's CIDR later, and ten free ones.
+        held.insert(("evil".to_owned(), cidr(2)), 20);
+        for third in 30..40 {
+            held.insert(("evil".to_owned(), cidr(third)), 20 + i64::from(third));
+        }
+        let mut legacy = BTreeMap::new();
+        // An old agent's claim on a CIDR, rewritten later to name evil:
+        // the key's creation revision is evil's write.
+        legacy.insert(cidr(2), ("evil".to_owned(), 25));
+        legacy.insert(cidr(7), ("old".to_owned(), 5));
+        let live = BTreeMap::new();
+        let mut members = BTreeMap::new();
+        members.insert("evil".to_owned(), record("evil", 31));
+        let claims = decide_claims(&held, &legacy, &live, &members);
+        assert_eq!(claims[&cidr(2)], "node2");
+        assert_eq!(claims[&cidr(7)], "old");
+        // evil holds what its record announces and its newest claim: two.
+        let evils: Vec<Ipv4Net> = claims
+            .iter()
+            .filter(|(_, n)| *n == "evil")
+            .map(|(c, _)| *c)
+            .collect();
+        assert_eq!(evils, [cidr(31), cidr(39)]);
+        // Two claims made at once: the one etcd ordered first holds.
+        held.insert(("node4".to_owned(), cidr(4)), 101);
+        held.insert(("node5".to_owned(), cidr(4)), 100);
+        assert_eq!(
+            decide_claims(&held, &legacy, &live, &members)[&cidr(4)],
+            "node5"
+        );
     }
 }

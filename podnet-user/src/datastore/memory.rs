@@ -19,20 +19,26 @@ use tokio::sync::watch;
 
 use super::{
     DatastoreError, JoinRequest, NodeRecord, candidate_cidr,
-    membership::{Policy, Release, Snapshot, Tombstone},
+    membership::{Policy, Release, Snapshot, Tombstone, decide_claims},
     store::{Datastore, LeaseId, Observation, claim_and_publish},
 };
 
 #[derive(Debug, Default)]
 struct State {
     revision: i64,
-    claims: BTreeMap<Ipv4Net, String>,
+    /// Shared claim keys written by agents from before claim-order keys,
+    /// or by hand: CIDR -> (node, creation revision).
+    legacy: BTreeMap<Ipv4Net, (String, i64)>,
     /// Liveness records and the lease they are under.
     live: BTreeMap<String, (NodeRecord, LeaseId)>,
     members: BTreeMap<String, NodeRecord>,
-    /// When each node first published each CIDR (etcd's `held/` keys).
+    /// Each node's claims: when it first claimed each CIDR (etcd's
+    /// `held/` keys).
     held: BTreeMap<(String, Ipv4Net), i64>,
-    gone: BTreeMap<String, Tombstone>,
+    /// Durable records' modification revisions.
+    published: BTreeMap<String, i64>,
+    /// node -> observer -> tombstone.
+    tombstones: BTreeMap<String, BTreeMap<String, Tombstone>>,
     leases: BTreeSet<LeaseId>,
     next_lease: LeaseId,
     invalid: Vec<String>,
@@ -48,7 +54,19 @@ impl State {
     }
 
     fn insert_member(&mut self, record: NodeRecord) {
+        self.published
+            .insert(record.name.clone(), self.next_revision());
         self.members.insert(record.name.clone(), record);
+    }
+
+    /// Who holds each CIDR, as every agent decides it.
+    fn claims(&self) -> BTreeMap<Ipv4Net, String> {
+        let live = self
+            .live
+            .iter()
+            .map(|(name, (record, _))| (name.clone(), record.clone()))
+            .collect();
+        decide_claims(&self.held, &self.legacy, &live, &self.members)
     }
 
     /// What a node's publish writes: its claim-order key for the CIDR.
@@ -179,10 +197,27 @@ impl MemoryDatastore {
         self.write(|s| s.insert_member(record));
     }
 
-    /// Claims `cidr` for `name` as is.
+    /// Writes a shared claim key (`cidrs/`, as agents from before
+    /// claim-order keys did, or by hand) naming `name`, as is: a put keeps
+    /// the key's creation revision.
     pub fn put_claim(&self, cidr: Ipv4Net, name: &str) {
         self.write(|s| {
-            s.claims.insert(cidr, name.to_owned());
+            let at = s
+                .legacy
+                .get(&cidr)
+                .map_or_else(|| s.next_revision(), |(_, at)| *at);
+            s.legacy.insert(cidr, (name.to_owned(), at));
+        });
+    }
+
+    /// `cidr` released (every claim on it removed) and claimed by `name`:
+    /// what a release while its holder was away and a new node's join do.
+    pub fn reassign(&self, cidr: Ipv4Net, name: &str) {
+        self.write(|s| {
+            s.held.retain(|(_, c), _| *c != cidr);
+            s.legacy.remove(&cidr);
+            let at = s.next_revision();
+            s.held.insert((name.to_owned(), cidr), at);
         });
     }
 
@@ -203,8 +238,9 @@ impl MemoryDatastore {
                 .map(|(name, (record, _))| (name.clone(), record.clone()))
                 .collect(),
             members: s.members.clone(),
-            gone: s.gone.clone(),
-            claims: s.claims.clone(),
+            tombstones: s.tombstones.clone(),
+            published: s.published.clone(),
+            claims: s.claims(),
             order: BTreeMap::new(),
             invalid: s.invalid.clone(),
         };
@@ -216,7 +252,7 @@ impl MemoryDatastore {
     #[must_use]
     pub fn claim_of(&self, name: &str) -> Option<Ipv4Net> {
         self.state()
-            .claims
+            .claims()
             .iter()
             .find(|(_, holder)| *holder == name)
             .map(|(cidr, _)| *cidr)
@@ -225,12 +261,18 @@ impl MemoryDatastore {
     /// Claims `cidr` for `name` unless someone else holds it; whether it
     /// is `name`'s now.
     fn claim(&self, cidr: Ipv4Net, name: &str) -> bool {
-        self.write(|s| match s.claims.get(&cidr) {
-            None => {
-                s.claims.insert(cidr, name.to_owned());
-                true
+        self.write(|s| {
+            let key = (name.to_owned(), cidr);
+            let created = !s.held.contains_key(&key);
+            let at = s.next_revision();
+            s.held.entry(key.clone()).or_insert(at);
+            if s.claims().get(&cidr).map(String::as_str) == Some(name) {
+                return true;
             }
-            Some(holder) => holder == name,
+            if created {
+                s.held.remove(&key);
+            }
+            false
         })
     }
 }
@@ -255,7 +297,7 @@ impl Datastore for MemoryDatastore {
             }
             let holder = self
                 .state()
-                .claims
+                .claims()
                 .get(&cidr)
                 .cloned()
                 .unwrap_or_else(|| "?".to_owned());
@@ -265,7 +307,7 @@ impl Datastore for MemoryDatastore {
             if let Some(cidr) = self.claim_of(&request.name) {
                 return Ok(cidr);
             }
-            let taken: Vec<Ipv4Net> = self.state().claims.keys().copied().collect();
+            let taken: Vec<Ipv4Net> = self.state().claims().keys().copied().collect();
             let candidate = candidate_cidr(request, &taken)?;
             if self.claim(candidate, &request.name) {
                 return Ok(candidate);
@@ -280,7 +322,7 @@ impl Datastore for MemoryDatastore {
     ) -> Result<LeaseId, DatastoreError> {
         self.reachable("publishing")?;
         let name = request.name.clone();
-        self.write(|s| match s.claims.get(&cidr) {
+        self.write(|s| match s.claims().get(&cidr) {
             Some(holder) if *holder == name => {
                 let lease = s.next_lease;
                 s.next_lease += 1;
@@ -293,7 +335,6 @@ impl Datastore for MemoryDatastore {
                 s.insert_held(&record);
                 s.live.insert(name.clone(), (record.clone(), lease));
                 s.insert_member(record);
-                s.gone.remove(&name);
                 Ok(lease)
             }
             Some(holder) => Err(DatastoreError::Conflict {
@@ -331,15 +372,20 @@ impl Datastore for MemoryDatastore {
         Ok(Observation::of_snapshot(&self.snapshot(), policy, me, now))
     }
 
-    async fn mark_gone(&mut self, name: &str, since: u64) -> Result<bool, DatastoreError> {
+    async fn mark_gone(
+        &mut self,
+        observer: &str,
+        name: &str,
+        since: u64,
+    ) -> Result<bool, DatastoreError> {
         self.reachable("writing a tombstone")?;
         Ok(self.write(|s| {
-            if s.live.contains_key(name) || s.gone.contains_key(name) {
+            if s.live.contains_key(name) {
                 return false;
             }
-            let mod_revision = s.revision + 1;
-            s.gone.insert(
-                name.to_owned(),
+            let mod_revision = s.next_revision();
+            s.tombstones.entry(name.to_owned()).or_default().insert(
+                observer.to_owned(),
                 Tombstone {
                     since,
                     mod_revision,
@@ -349,14 +395,25 @@ impl Datastore for MemoryDatastore {
         }))
     }
 
-    async fn clear_tombstone(&mut self, name: &str, revision: i64) -> Result<bool, DatastoreError> {
+    async fn clear_tombstone(
+        &mut self,
+        observer: &str,
+        name: &str,
+        revision: i64,
+    ) -> Result<bool, DatastoreError> {
         self.reachable("removing a tombstone")?;
         Ok(self.write(|s| {
-            let current = s.gone.get(name).map(|t| t.mod_revision);
+            let Some(theirs) = s.tombstones.get_mut(name) else {
+                return false;
+            };
+            let current = theirs.get(observer).map(|t| t.mod_revision);
             if !s.live.contains_key(name) || current != Some(revision) {
                 return false;
             }
-            s.gone.remove(name);
+            theirs.remove(observer);
+            if theirs.is_empty() {
+                s.tombstones.remove(name);
+            }
             true
         }))
     }
@@ -365,21 +422,26 @@ impl Datastore for MemoryDatastore {
         self.reachable("releasing claims")?;
         let name = release.name.as_str();
         Ok(self.write(|s| {
+            let claims = s.claims();
             let holds = release
                 .cidrs
                 .iter()
-                .all(|c| s.claims.get(c).map(String::as_str) == Some(name));
-            let tombstone = s.gone.get(name).map(|t| t.mod_revision);
-            if s.live.contains_key(name) || tombstone != Some(release.tombstone_revision) || !holds
-            {
+                .all(|c| claims.get(c).map(String::as_str) == Some(name));
+            let unchanged = release.tombstones.iter().all(|(observer, revision)| {
+                s.tombstones
+                    .get(name)
+                    .and_then(|t| t.get(observer))
+                    .map(|t| t.mod_revision)
+                    == Some(*revision)
+            });
+            if s.live.contains_key(name) || !unchanged || !holds {
                 return false;
             }
             s.members.remove(name);
+            s.published.remove(name);
             s.held.retain(|(holder, _), _| holder != name);
-            s.gone.remove(name);
-            for cidr in &release.cidrs {
-                s.claims.remove(cidr);
-            }
+            s.tombstones.remove(name);
+            s.legacy.retain(|_, (holder, _)| holder != name);
             true
         }))
     }

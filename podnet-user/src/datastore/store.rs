@@ -105,18 +105,20 @@ pub trait Datastore: Clone + Send + Sync + 'static {
         now: u64,
     ) -> impl Future<Output = Result<Observation, DatastoreError>> + Send;
 
-    /// Writes `name`'s tombstone with `since` unless it has a lease or a
-    /// tombstone already; `Ok(true)` when written.
+    /// Writes `observer`'s tombstone of `name` with `since` unless `name`
+    /// has a lease; `Ok(true)` when written.
     fn mark_gone(
         &mut self,
+        observer: &str,
         name: &str,
         since: u64,
     ) -> impl Future<Output = Result<bool, DatastoreError>> + Send;
 
-    /// Removes the tombstone of a node that is live again if it is still
-    /// the one at `revision`; `Ok(true)` when removed.
+    /// Removes `observer`'s tombstone of a node that is live again if it
+    /// is still the one at `revision`; `Ok(true)` when removed.
     fn clear_tombstone(
         &mut self,
+        observer: &str,
         name: &str,
         revision: i64,
     ) -> impl Future<Output = Result<bool, DatastoreError>> + Send;

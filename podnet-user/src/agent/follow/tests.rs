@@ -103,7 +103,11 @@ async fn an_expired_node_stays_routed_for_the_grace_period_and_its_cidr_is_relea
         "unreachable, still routed"
     );
     assert_eq!(follow.sink.state("n2"), Some(NodeState::Unreachable));
-    assert_eq!(store.snapshot().gone["n2"].since, T, "tombstone written");
+    assert_eq!(
+        store.snapshot().tombstone("n2").expect("tombstone").since,
+        T,
+        "tombstone written"
+    );
     assert_eq!(
         round.wait,
         Duration::from_secs(10 * MIN + 1).min(RESYNC),
@@ -155,7 +159,7 @@ async fn a_node_back_within_the_grace_period_changes_nothing() {
     let mut reader = store.clone();
     store.expire("n2");
     follow.round(&mut reader, T).await.expect("round");
-    assert!(store.snapshot().gone.contains_key("n2"));
+    assert!(store.snapshot().tombstones.contains_key("n2"));
     let cidr = store.claim_of("n2").expect("claimed");
     store
         .clone()
@@ -166,7 +170,7 @@ async fn a_node_back_within_the_grace_period_changes_nothing() {
     assert_eq!(follow.sink.last(), ["me", "n2"]);
     assert_eq!(follow.sink.state("n2"), Some(NodeState::Live));
     assert!(
-        !store.snapshot().gone.contains_key("n2"),
+        !store.snapshot().tombstones.contains_key("n2"),
         "its tombstone went"
     );
     // Much later: nothing is due for a live node.
@@ -235,7 +239,7 @@ async fn a_session_whose_cidr_was_taken_while_away_is_refused() {
     let (store, mut follow) = cluster().await;
     let cidr = store.claim_of("me").expect("claimed");
     // Released while "me" was away, and taken by another node.
-    store.put_claim(cidr, "thief");
+    store.reassign(cidr, "thief");
     let mut running = request("me", 1);
     running.pod_cidr = Some(cidr);
     let mut synced = false;
@@ -246,6 +250,39 @@ async fn a_session_whose_cidr_was_taken_while_away_is_refused() {
     );
     assert!(!synced);
     assert_eq!(follow.sink.rounds(), 0, "nothing applied");
+}
+
+/// Issue 21: a claim key rewritten while the node was away (what a node
+/// with write access to the old shared `cidrs/` keys could do) no longer
+/// keeps it from publishing itself again: its own claim is older.
+#[tokio::test]
+async fn a_claim_rewritten_while_away_does_not_keep_the_node_out() {
+    let (store, follow) = cluster().await;
+    let sink = follow.sink.clone();
+    let cidr = store.claim_of("me").expect("claimed");
+    store.expire("me");
+    store.put_claim(cidr, "thief");
+    assert_eq!(store.claim_of("me"), Some(cidr), "the older claim holds");
+    let mut running = request("me", 1);
+    running.pod_cidr = Some(cidr);
+    let task = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let mut follow = follow;
+            let mut synced = false;
+            session(store, &running, &mut follow, &mut synced).await
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while sink.last() != ["me", "n2"] {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("routed again within 10 s");
+    assert!(store.snapshot().live.contains_key("me"), "published again");
+    store.expire("me");
+    task.await.expect("task");
 }
 
 #[tokio::test]
