@@ -22,7 +22,9 @@ pub use kind::{ALL_KINDS, KeyParseError, Kind, ObjectKey, UnknownKind};
 pub use object::ClusterObject;
 pub use stored::{EncodeError, StoredError};
 pub use validate::{FieldError, FieldErrorType, ValidationError};
-pub use view::{ClusterModel, ModelEvent, PodEndpointRecord, Revision};
+pub use view::{
+    Applied, ClusterModel, ModelEvent, PodEndpointRecord, Revision, SERVICE_NAME_LABEL,
+};
 
 /// The objects' types, so that users of the model need no direct
 /// dependency on `k8s-openapi` (and get the same version).

@@ -289,3 +289,250 @@ pub struct PodEndpointRecord {
     pub name: String,
     pub ip: Ipv4Addr,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::cluster::decode;
+
+    const OBJECTS: &str = r"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {ns: x}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: y}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec:
+  containers:
+  - name: web
+    image: i
+    ports:
+    - {name: dns, containerPort: 5353, protocol: UDP}
+    - {name: http, containerPort: 8080}
+  - name: side
+    image: i
+    ports:
+    - {name: dns, containerPort: 53}
+    - {name: metrics, containerPort: 9090}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: y}
+spec: {containers: [{name: c, image: i}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: x}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: x, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-2, namespace: x, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: other, namespace: x, labels: {kubernetes.io/service-name: other}}
+addressType: IPv4
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-3, namespace: y, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+";
+
+    fn listed(revision: Revision) -> ClusterModel {
+        let mut model = ClusterModel::new();
+        let changed = model.replace_all(decode(OBJECTS).expect("decodes"), revision);
+        assert_eq!(changed.map(|c| c.len()), Some(9));
+        model
+    }
+
+    fn pod(namespace: &str, name: &str, label: &str) -> ClusterObject {
+        decode(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{v: '{label}'}}}}\n"
+        ))
+        .expect("decodes")
+        .remove(0)
+    }
+
+    fn put(object: ClusterObject, revision: Revision) -> ModelEvent {
+        ModelEvent::Put {
+            key: object.key(),
+            object,
+            revision,
+        }
+    }
+
+    #[test]
+    fn counts_and_queries() {
+        let model = listed(10);
+        assert_eq!(model.revision(), 10);
+        assert_eq!(model.len(), 9);
+        let counts: Vec<usize> = model.counts().into_values().collect();
+        assert_eq!(counts, [2, 2, 0, 1, 4]);
+        assert_eq!(
+            model
+                .namespace_labels("x")
+                .and_then(|l| l.get("ns"))
+                .map(String::as_str),
+            Some("x")
+        );
+        assert_eq!(model.namespace_labels("y").map(BTreeMap::len), Some(0));
+        assert_eq!(model.namespace_labels("z"), None);
+        assert_eq!(
+            model
+                .pod_labels("x", "a")
+                .and_then(|l| l.get("pod"))
+                .map(String::as_str),
+            Some("a")
+        );
+        assert_eq!(model.pod_labels("x", "b"), None);
+        assert_eq!(model.pod_labels("z", "a"), None);
+        let names: Vec<&str> = model
+            .objects(Kind::Pod, None)
+            .map(ClusterObject::name)
+            .collect();
+        assert_eq!(names, ["a", "a"]);
+        assert_eq!(model.objects(Kind::Pod, Some("y")).count(), 1);
+        assert_eq!(
+            model.objects(Kind::Namespace, Some("x")).count(),
+            2,
+            "cluster-scoped: all"
+        );
+        assert_eq!(model.services(Some("x")).count(), 1);
+        assert_eq!(model.services(Some("y")).count(), 0);
+        assert!(model.service("x", "web").is_some());
+        assert!(model.service("y", "web").is_none());
+        let slices: Vec<&str> = model
+            .endpoint_slices("x", "web")
+            .map(|s| s.metadata.name.as_deref().unwrap_or_default())
+            .collect();
+        assert_eq!(slices, ["web-1", "web-2"]);
+        assert_eq!(model.endpoint_slices("y", "web").count(), 1);
+        assert_eq!(model.endpoint_slices("y", "other").count(), 0);
+    }
+
+    #[test]
+    fn named_ports_resolve_by_name_and_protocol() {
+        let model = listed(1);
+        assert_eq!(model.named_port("x", "a", "http", "TCP"), Some(8080));
+        assert_eq!(model.named_port("x", "a", "http", "UDP"), None);
+        // The same name in two containers, for two protocols.
+        assert_eq!(model.named_port("x", "a", "dns", "UDP"), Some(5353));
+        assert_eq!(model.named_port("x", "a", "dns", "TCP"), Some(53));
+        assert_eq!(model.named_port("x", "a", "metrics", "TCP"), Some(9090));
+        assert_eq!(model.named_port("x", "a", "nope", "TCP"), None);
+        assert_eq!(model.named_port("y", "a", "http", "TCP"), None);
+        assert_eq!(model.named_port("x", "b", "http", "TCP"), None);
+    }
+
+    #[test]
+    fn events_apply_once_in_revision_order() {
+        let mut model = listed(10);
+        // At or below the list's revision: already in the list.
+        assert_eq!(model.apply(put(pod("x", "b", "1"), 10)), Applied::Stale);
+        assert_eq!(model.pod_labels("x", "b"), None);
+        assert_eq!(model.apply(put(pod("x", "b", "1"), 11)), Applied::Changed);
+        assert_eq!(
+            model
+                .pod_labels("x", "b")
+                .and_then(|l| l.get("v"))
+                .map(String::as_str),
+            Some("1")
+        );
+        // The same event again (a resumed watch): nothing applied twice.
+        assert_eq!(model.apply(put(pod("x", "b", "2"), 11)), Applied::Stale);
+        assert_eq!(
+            model
+                .pod_labels("x", "b")
+                .and_then(|l| l.get("v"))
+                .map(String::as_str),
+            Some("1")
+        );
+        // One transaction touching two keys: both at the same revision.
+        assert_eq!(model.apply(put(pod("x", "c", "1"), 12)), Applied::Changed);
+        assert_eq!(model.apply(put(pod("x", "d", "1"), 12)), Applied::Changed);
+        // Older than the view: refused even for a key it does not hold.
+        assert_eq!(model.apply(put(pod("x", "e", "1"), 11)), Applied::Stale);
+        let delete = |revision| ModelEvent::Delete {
+            key: ObjectKey::namespaced(Kind::Pod, "x", "b"),
+            revision,
+        };
+        // A delete in the same transaction as those puts still applies; a
+        // replay of it finds nothing, and a replay after a later event is stale.
+        assert_eq!(model.apply(delete(12)), Applied::Changed);
+        assert_eq!(model.apply(delete(12)), Applied::Absent);
+        assert_eq!(model.apply(put(pod("x", "b", "3"), 14)), Applied::Changed);
+        assert_eq!(model.apply(delete(12)), Applied::Stale);
+        assert_eq!(
+            model.apply(delete(14)),
+            Applied::Stale,
+            "put at the same revision"
+        );
+        assert_eq!(
+            model
+                .pod_labels("x", "b")
+                .and_then(|l| l.get("v"))
+                .map(String::as_str),
+            Some("3")
+        );
+        assert_eq!(model.apply(delete(15)), Applied::Changed);
+        assert_eq!(model.pod_labels("x", "b"), None);
+        assert_eq!(model.revision(), 15);
+        assert_eq!(model.counts()[&Kind::Pod], 4);
+    }
+
+    #[test]
+    fn a_relist_replaces_everything_and_reports_what_changed() {
+        let mut model = listed(10);
+        assert_eq!(model.apply(put(pod("x", "b", "1"), 11)), Applied::Changed);
+        // An older list (a slow re-list racing a newer one) is ignored.
+        assert_eq!(model.replace_all(Vec::new(), 9), None);
+        assert_eq!(model.len(), 10);
+        let mut objects = decode(OBJECTS).expect("decodes");
+        objects.retain(|o| o.key() != ObjectKey::namespaced(Kind::Service, "x", "web"));
+        objects.push(pod("x", "b", "2"));
+        let changed = model.replace_all(objects, 20).expect("newer");
+        let changed: Vec<String> = changed.iter().map(ToString::to_string).collect();
+        assert_eq!(changed, ["pods/x/b", "services/x/web"]);
+        assert_eq!(model.revision(), 20);
+        assert_eq!(model.apply(put(pod("x", "b", "3"), 20)), Applied::Stale);
+        assert_eq!(model.apply(put(pod("x", "b", "3"), 21)), Applied::Changed);
+    }
+
+    #[test]
+    fn endpoint_records_are_camel_case_json() {
+        let record = PodEndpointRecord {
+            node: "node-1".into(),
+            namespace: "x".into(),
+            name: "a".into(),
+            ip: Ipv4Addr::new(10, 244, 1, 5),
+        };
+        let json = serde_json::to_string(&record).expect("encodes");
+        assert_eq!(
+            json,
+            r#"{"node":"node-1","namespace":"x","name":"a","ip":"10.244.1.5"}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<PodEndpointRecord>(&json).expect("decodes"),
+            record
+        );
+        assert!(
+            serde_json::from_str::<PodEndpointRecord>(
+                r#"{"node":"n","namespace":"x","name":"a","ip":"fd00::1"}"#
+            )
+            .is_err()
+        );
+    }
+}
