@@ -60,6 +60,13 @@ pub enum DecodeError {
     NestedList { at: Position },
     #[error("{at}: List without items")]
     ListWithoutItems { at: Position },
+    /// A field the kind does not have (as the API server's strict decoding).
+    #[error("{at}: {kind}: strict decoding error: unknown field {field:?}")]
+    UnknownField {
+        at: Position,
+        kind: Kind,
+        field: String,
+    },
     /// The kind is known but a field has the wrong type (`port: "x"` where
     /// a number goes, a number beyond 32 bits).
     #[error("{at}: {kind}: {message}")]
@@ -211,11 +218,49 @@ fn decode_object(map: Map<String, Value>, at: Position) -> Result<ClusterObject,
             kind: kind_name.to_owned(),
         });
     };
-    typed(kind, Value::Object(map)).map_err(|e| DecodeError::Shape {
+    let input = Value::Object(map);
+    let object = typed(kind, input.clone()).map_err(|e| DecodeError::Shape {
         at,
         kind,
         message: e.to_string(),
-    })
+    })?;
+    // The API types skip fields they do not know; the API server (with
+    // kubectl's default strict validation) refuses them, and so does
+    // podnet: a misspelt `ingres:` must not become a policy without rules.
+    let known = serde_json::to_value(&object).map_err(|e| DecodeError::Shape {
+        at,
+        kind,
+        message: e.to_string(),
+    })?;
+    if let Some(field) = unknown_field(&input, &known, "") {
+        return Err(DecodeError::UnknownField { at, kind, field });
+    }
+    Ok(object)
+}
+
+/// The path of the first field of `input` (not null) that the typed
+/// object, serialized again as `known`, does not have.
+fn unknown_field(input: &Value, known: &Value, path: &str) -> Option<String> {
+    match (input, known) {
+        (Value::Object(input), Value::Object(known)) => input.iter().find_map(|(key, value)| {
+            let field = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            match known.get(key) {
+                _ if value.is_null() => None,
+                None => Some(field),
+                Some(known) => unknown_field(value, known, &field),
+            }
+        }),
+        (Value::Array(input), Value::Array(known)) => input
+            .iter()
+            .zip(known)
+            .enumerate()
+            .find_map(|(i, (value, known))| unknown_field(value, known, &format!("{path}[{i}]"))),
+        _ => None,
+    }
 }
 
 /// `value` as the API type of `kind` (which checks `apiVersion` and `kind`
@@ -379,6 +424,24 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_path() {
+        let typo = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  ingres:\n  - from: [{podSelector: {}}]\n";
+        let err = decode(typo).expect_err("typo");
+        assert_eq!(
+            err.to_string(),
+            "document 1: NetworkPolicy: strict decoding error: unknown field \"spec.ingres\""
+        );
+        let deep = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec:\n  ports:\n  - {port: 80}\n  - {port: 81, nodeport: 30001}\n";
+        assert!(matches!(
+            decode(deep),
+            Err(DecodeError::UnknownField { field, .. }) if field == "spec.ports[1].nodeport"
+        ));
+        // A null is as good as absent, and known fields of every depth pass.
+        let fine = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, labels: null, creationTimestamp: '2026-01-02T03:04:05Z'}\nspec:\n  containers: [{name: c, image: i, ports: [{containerPort: 80}], resources: {limits: {cpu: 100m}}}]\nstatus: {phase: Running, podIP: 10.0.0.1}\n";
+        decode(fine).expect("known fields");
     }
 
     #[test]

@@ -19,7 +19,7 @@ mod corpus_tests;
 
 pub use decode::{DecodeError, Position, decode};
 pub use kind::{ALL_KINDS, KeyParseError, Kind, ObjectKey, UnknownKind};
-pub use object::ClusterObject;
+pub use object::{ClusterObject, DEFAULT_NAMESPACE, NamespaceMismatch};
 pub use stored::{EncodeError, StoredError};
 pub use validate::{FieldError, FieldErrorType, ValidationError};
 pub use view::{
