@@ -2,13 +2,15 @@
 //! (`model::cluster::decode`: YAML or JSON, documents, Lists), then the API
 //! server's checks (`ClusterObject::validate`) and the stored form.
 //!
-//! Input: the file's text (not UTF-8: nothing to decode).
+//! Input: the file's text (not UTF-8: nothing to decode), also tried as
+//! an object's storage key.
 //!
 //! Invariants: nothing panics; every refusal names a field and reads as
 //! the API server's (`<Kind> "<name>" is invalid: ...`); every object has a
 //! stored form that reads back to the same object and the same bytes (so
 //! an unchanged object is never written again) and is refused or accepted
-//! as the object was; an accepted object's key survives its text form.
+//! as the object was; an accepted object's key survives its text form, and
+//! any text that parses as a key is that key's text form.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -18,6 +20,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    // Storage keys: whatever parses is written back the same.
+    if let Ok(key) = text.parse::<ObjectKey>() {
+        assert_eq!(key.to_string(), text);
+    }
     let Ok(objects) = decode(text) else {
         return;
     };

@@ -100,34 +100,46 @@ pub fn decode(text: &str) -> Result<Vec<ClusterObject>, DecodeError> {
 
 /// The documents of `text` as plain values. JSON when it starts like JSON
 /// (serde_json's errors name the line and column of JSON better than a YAML
-/// parser's), else YAML, which also reads most JSON.
+/// parser's), else YAML, which also reads most JSON. Text that starts like
+/// JSON but is not (a YAML flow mapping, `{kind: Pod}`) is read as YAML; if
+/// that fails too, the JSON error is the one reported.
 fn documents(text: &str) -> Result<Vec<Value>, DecodeError> {
     let trimmed = text.trim_start();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
-        let mut values = Vec::new();
-        for (index, value) in serde_json::Deserializer::from_str(text)
-            .into_iter::<Value>()
-            .enumerate()
-        {
-            values.push(value.map_err(|e| DecodeError::Syntax {
+        let json = json_documents(text);
+        return match json {
+            Ok(values) => Ok(values),
+            Err(json_error) => yaml_documents(text).map_err(|_| json_error),
+        };
+    }
+    yaml_documents(text)
+}
+
+fn json_documents(text: &str) -> Result<Vec<Value>, DecodeError> {
+    serde_json::Deserializer::from_str(text)
+        .into_iter::<Value>()
+        .enumerate()
+        .map(|(index, value)| {
+            value.map_err(|e| DecodeError::Syntax {
                 document: index + 1,
                 format: "JSON",
                 message: e.to_string(),
-            })?);
-        }
-        return Ok(values);
-    }
-    let mut values = Vec::new();
-    for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
-        values.push(
+            })
+        })
+        .collect()
+}
+
+fn yaml_documents(text: &str) -> Result<Vec<Value>, DecodeError> {
+    serde_norway::Deserializer::from_str(text)
+        .enumerate()
+        .map(|(index, document)| {
             Value::deserialize(document).map_err(|e| DecodeError::Syntax {
                 document: index + 1,
                 format: "YAML",
                 message: e.to_string(),
-            })?,
-        );
-    }
-    Ok(values)
+            })
+        })
+        .collect()
 }
 
 fn type_field<'a>(
@@ -442,6 +454,21 @@ mod tests {
         // A null is as good as absent, and known fields of every depth pass.
         let fine = "apiVersion: v1\nkind: Pod\nmetadata: {name: a, labels: null, creationTimestamp: '2026-01-02T03:04:05Z'}\nspec:\n  containers: [{name: c, image: i, ports: [{containerPort: 80}], resources: {limits: {cpu: 100m}}}]\nstatus: {phase: Running, podIP: 10.0.0.1}\n";
         decode(fine).expect("known fields");
+    }
+
+    #[test]
+    fn yaml_flow_mappings_are_not_taken_for_broken_json() {
+        let flow = "{apiVersion: v1, kind: Namespace, metadata: {name: x}}\n";
+        assert_eq!(names(&decode(flow).expect("decodes")), ["namespaces/x"]);
+        let broken = "{\"apiVersion\": \"v1\", \"kind\": \"Namespace\",,}";
+        assert!(matches!(
+            decode(broken),
+            Err(DecodeError::Syntax {
+                document: 1,
+                format: "JSON",
+                ..
+            })
+        ));
     }
 
     #[test]
