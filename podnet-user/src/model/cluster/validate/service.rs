@@ -16,6 +16,8 @@ use super::{Errors, PROTOCOLS, Path, meta::validate_labels, rules};
 const TYPES: &[&str] = &["ClusterIP", "ExternalName", "LoadBalancer", "NodePort"];
 const AFFINITIES: &[&str] = &["ClientIP", "None"];
 const TRAFFIC_POLICIES: &[&str] = &["Cluster", "Local"];
+const FAMILY_POLICIES: &[&str] = &["PreferDualStack", "RequireDualStack", "SingleStack"];
+const FAMILIES: &[&str] = &["IPv4", "IPv6"];
 /// The API server's default `--service-node-port-range`.
 const NODE_PORTS: std::ops::RangeInclusive<i32> = 30000..=32767;
 /// `ClientIP` affinity's timeout, at most a day.
@@ -49,6 +51,7 @@ pub(super) fn validate(service: &Service, errors: &mut Errors) {
     }
     validate_affinity(spec, errors);
     validate_traffic_policies(spec, service_type, errors);
+    validate_ip_families(spec, errors);
     for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
         if rules::ip(ip).is_none() {
             errors.invalid_str(&path.child("externalIPs").index(i), ip, rules::IP_MESSAGE);
@@ -90,7 +93,14 @@ fn validate_cluster_ips(spec: &ServiceSpec, ips: &[String], errors: &mut Errors)
             errors.invalid_str(&path.index(i), ip, rules::IP_MESSAGE);
         }
     }
+    let families: Vec<bool> = ips
+        .iter()
+        .filter_map(|ip| rules::ip(ip))
+        .map(|ip| ip.is_ipv4())
+        .collect();
     if ips.len() > 2 {
+        errors.invalid(&path, format!("{ips:?}"), "may only hold up to 2 values");
+    } else if families.len() == 2 && families[0] == families[1] {
         errors.invalid(
             &path,
             format!("{ips:?}"),
@@ -306,6 +316,34 @@ fn validate_traffic_policies(spec: &ServiceSpec, service_type: &str, errors: &mu
             &path.child("internalTrafficPolicy"),
             policy,
             TRAFFIC_POLICIES,
+        );
+    }
+}
+
+/// `ipFamilyPolicy` and `ipFamilies`: known values, each family once, at
+/// most two.
+fn validate_ip_families(spec: &ServiceSpec, errors: &mut Errors) {
+    let path = Path::root("spec");
+    if let Some(policy) = &spec.ip_family_policy
+        && !FAMILY_POLICIES.contains(&policy.as_str())
+    {
+        errors.unsupported(&path.child("ipFamilyPolicy"), policy, FAMILY_POLICIES);
+    }
+    let families = spec.ip_families.as_deref().unwrap_or_default();
+    let mut seen = BTreeSet::new();
+    for (i, family) in families.iter().enumerate() {
+        let family_path = path.child("ipFamilies").index(i);
+        if !FAMILIES.contains(&family.as_str()) {
+            errors.unsupported(&family_path, family, FAMILIES);
+        } else if !seen.insert(family) {
+            errors.duplicate(&family_path, super::quoted(family));
+        }
+    }
+    if families.len() > 2 {
+        errors.invalid(
+            &path.child("ipFamilies"),
+            format!("{families:?}"),
+            "may only hold up to 2 values",
         );
     }
 }
