@@ -3,10 +3,12 @@
 
 use std::{fmt, str::FromStr};
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
-/// A kind of cluster object podnet keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A kind of cluster object podnet keeps; in JSON (counts in a status, for
+/// instance) its `kind` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Kind {
     Namespace,
     Pod,
@@ -175,6 +177,20 @@ impl fmt::Display for ObjectKey {
     }
 }
 
+/// In JSON as its text form.
+impl Serialize for ObjectKey {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ObjectKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum KeyParseError {
     #[error("object key {key:?}: unknown resource {resource:?}")]
@@ -281,6 +297,16 @@ mod tests {
                     .starts_with(&ObjectKey::prefix(key.kind, key.namespace.as_deref()))
             );
         }
+    }
+
+    #[test]
+    fn kinds_and_keys_in_json() {
+        let key = ObjectKey::namespaced(Kind::Service, "x", "web");
+        let json = serde_json::to_string(&(Kind::NetworkPolicy, &key)).expect("encodes");
+        assert_eq!(json, r#"["NetworkPolicy","services/x/web"]"#);
+        let back: (Kind, ObjectKey) = serde_json::from_str(&json).expect("decodes");
+        assert_eq!(back, (Kind::NetworkPolicy, key));
+        assert!(serde_json::from_str::<ObjectKey>(r#""services/x""#).is_err());
     }
 
     #[test]
