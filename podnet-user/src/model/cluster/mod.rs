@@ -4,12 +4,14 @@
 //! (`ClusterObject`, `Kind`, `ObjectKey`), how an operator's file becomes
 //! objects (`decode`), the API server's checks (`validate`), the one byte
 //! form they are stored in (`stored`), and the in-memory view an agent
-//! holds of them (`view`). No I/O: the datastore writes and watches, a
+//! holds of them (`view`), and which labels a selector selects
+//! (`selector`). No I/O: the datastore writes and watches, a
 //! Kubernetes API watcher could feed the same `ClusterModel` later.
 
 mod decode;
 mod kind;
 mod object;
+mod selector;
 mod stored;
 pub mod validate;
 mod view;
@@ -20,6 +22,7 @@ mod corpus_tests;
 pub use decode::{DecodeError, Position, decode};
 pub use kind::{ALL_KINDS, KeyParseError, Kind, ObjectKey, UnknownKind};
 pub use object::{ClusterObject, DEFAULT_NAMESPACE, NamespaceMismatch};
+pub use selector::{selector_matches, service_selects};
 pub use stored::{EncodeError, StoredError};
 pub use validate::{FieldError, FieldErrorType, ValidationError};
 pub use view::{
