@@ -3,9 +3,8 @@
 //! EndpointSlices), as the `k8s-openapi` types: what they are
 //! (`ClusterObject`, `Kind`, `ObjectKey`), how an operator's file becomes
 //! objects (`decode`), the API server's checks (`validate`), the one byte
-//! form they are stored in (`stored`), and the in-memory view an agent
-//! holds of them (`view`), and which labels a selector selects
-//! (`selector`). No I/O: the datastore writes and watches, a
+//! form they are stored in (`stored`), the in-memory view an agent holds
+//! of them (`view`) and which labels a selector selects (`selector`). No I/O: the datastore writes and watches, a
 //! Kubernetes API watcher could feed the same `ClusterModel` later.
 
 mod decode;
