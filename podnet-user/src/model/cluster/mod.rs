@@ -4,7 +4,8 @@
 //! (`ClusterObject`, `Kind`, `ObjectKey`), how an operator's file becomes
 //! objects (`decode`), the API server's checks (`validate`), the one byte
 //! form they are stored in (`stored`), the in-memory view an agent holds
-//! of them (`view`) and which labels a selector selects (`selector`). No I/O: the datastore writes and watches, a
+//! of them (`view`), which labels a selector selects (`selector`) and the
+//! columns `get` prints (`table`). No I/O: the datastore writes and watches, a
 //! Kubernetes API watcher could feed the same `ClusterModel` later.
 
 mod decode;
@@ -12,6 +13,7 @@ mod kind;
 mod object;
 mod selector;
 mod stored;
+mod table;
 pub mod validate;
 mod view;
 
@@ -23,6 +25,7 @@ pub use kind::{ALL_KINDS, KeyParseError, Kind, ObjectKey, UnknownKind};
 pub use object::{ClusterObject, DEFAULT_NAMESPACE, NamespaceMismatch};
 pub use selector::{selector_matches, service_selects};
 pub use stored::{EncodeError, StoredError};
+pub use table::{columns, format_labels, format_selector};
 pub use validate::{FieldError, FieldErrorType, ValidationError};
 pub use view::{
     Applied, ClusterModel, ModelEvent, PodEndpointRecord, Revision, SERVICE_NAME_LABEL,
