@@ -1,11 +1,12 @@
 //! Cluster objects as an operator's file hands them to `apply -f`
 //! (`model::cluster::decode`: YAML or JSON, documents, Lists), then the API
-//! server's checks (`ClusterObject::validate`) and the stored form.
+//! server's checks (`ClusterObject::validate`), the stored form and the
+//! row `get` prints.
 //!
 //! Input: the file's text (not UTF-8: nothing to decode), also tried as
 //! an object's storage key.
 //!
-//! Invariants: nothing panics; every refusal names a field and reads as
+//! Invariants: nothing panics; every row has its kind's columns; every refusal names a field and reads as
 //! the API server's (`<Kind> "<name>" is invalid: ...`); every object has a
 //! stored form that reads back to the same object and the same bytes (so
 //! an unchanged object is never written again) and is refused or accepted
@@ -14,7 +15,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use podnet::model::cluster::{ClusterObject, ObjectKey, decode};
+use podnet::model::cluster::{ClusterObject, ObjectKey, columns, decode};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
@@ -44,6 +45,7 @@ fn check(object: &ClusterObject) {
         let head = format!("{} {:?} is invalid: ", object.kind(), object.name());
         assert!(shown.starts_with(&head), "{shown}");
     }
+    assert_eq!(object.row().len(), columns(object.kind()).len());
     let bytes = object.to_stored_json().expect("every object encodes");
     let back = ClusterObject::from_stored_json(&bytes, 1).expect("the stored form reads back");
     assert_eq!(back.canonical(), object.canonical());

@@ -95,5 +95,12 @@ fn validate_ports(ports: &[EndpointPort], errors: &mut Errors) {
         {
             errors.unsupported(&port_path.child("protocol"), protocol, PROTOCOLS);
         }
+        if let Some(app_protocol) = &port.app_protocol {
+            errors.invalid_each(
+                &port_path.child("appProtocol"),
+                app_protocol,
+                rules::qualified_name(app_protocol),
+            );
+        }
     }
 }

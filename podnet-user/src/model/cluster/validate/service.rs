@@ -179,6 +179,13 @@ fn validate_ports(ports: &[ServicePort], service_type: &str, errors: &mut Errors
             &port_path.child("targetPort"),
             errors,
         );
+        if let Some(app_protocol) = &port.app_protocol {
+            errors.invalid_each(
+                &port_path.child("appProtocol"),
+                app_protocol,
+                rules::qualified_name(app_protocol),
+            );
+        }
         if !pairs.insert((port.port, protocol)) {
             errors.duplicate(&port_path, format!("{}/{protocol}", port.port));
         }
