@@ -80,16 +80,15 @@ fn validate_cluster_ips(spec: &ServiceSpec, ips: &[String], errors: &mut Errors)
             "element [0] must match clusterIP",
         );
     }
+    if ips.len() > 1 && ips.iter().any(|ip| ip == "None") {
+        errors.invalid(
+            &path,
+            format!("{ips:?}"),
+            "'None' must be the first and only value",
+        );
+    }
     for (i, ip) in ips.iter().enumerate() {
-        if ip == "None" {
-            if i > 0 || ips.len() > 1 {
-                errors.invalid_str(
-                    &path.index(i),
-                    ip,
-                    "must not contain 'None' with other values",
-                );
-            }
-        } else if rules::ip(ip).is_none() {
+        if ip != "None" && rules::ip(ip).is_none() {
             errors.invalid_str(&path.index(i), ip, rules::IP_MESSAGE);
         }
     }
