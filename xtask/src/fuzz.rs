@@ -1,6 +1,7 @@
 //! `cargo xtask fuzz`: the cargo-fuzz targets in `fuzz/` (the CNI config
 //! and environment parsers, the agent's request decoding, the datastores'
-//! node records and the membership planner), each for a given
+//! node records, the membership planner and the cluster objects' decoding
+//! and validation), each for a given
 //! time with libFuzzer, built with the machine's nightly. Reports the
 //! executions libFuzzer made per target and fails on a crash (a panic,
 //! a broken invariant, a timeout, an out-of-memory).
@@ -26,6 +27,7 @@ pub const TARGETS: &[&str] = &[
     "agent_request",
     "datastore_records",
     "membership_plan",
+    "cluster_objects",
 ];
 
 #[derive(Debug, clap::Args)]

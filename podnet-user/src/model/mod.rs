@@ -3,6 +3,7 @@
 //! (the agent, the socket API, podnetctl). Backends convert to these types;
 //! nothing here does I/O.
 
+pub mod cluster;
 mod node;
 
 pub use node::{NodeRecord, NodeState, NodeStatus};
