@@ -114,7 +114,7 @@ impl ObjectPath {
             if ns.contains('.') {
                 return Err(ObjectStoreError::InvalidKey {
                     key,
-                    msg: format!("namespace {ns:?} contains '.'"),
+                    msg: format!("namespace {ns:?} contains '.' (a namespace is a DNS label)"),
                 });
             }
         }
