@@ -10,20 +10,24 @@
 //! - `changes`: the change log, one JSON line per key changed:
 //!   `{"revision":N,"key":"cluster/<object key>"}` (or `endpoints/...`),
 //!   and a first line `{"revision":C}` without a key: history up to `C` is
-//!   gone (compacted). The store's revision is the log's last.
+//!   gone (compacted);
+//! - `revision`: `{"revision":N}`, the store's revision, written last by
+//!   every write.
 //!
 //! A value file is a one-line header `{"revision":N}` (the revision of its
 //! last change), a newline, then the value's bytes exactly as applied.
-//! Files are replaced by rename of a temporary file (`.<name>.tmp-<pid>`,
-//! hidden names are never keys) written and fsynced first, and the
+//! Files are replaced by rename of a temporary file (`.tmp-<pid>`, hidden
+//! names are never keys) written and fsynced first, and the
 //! directory fsynced after, as the nodes file is.
 //!
 //! A write appends its log line(s) first (fsynced), then changes the value
 //! files: a crash in between leaves a log entry for a change that did not
 //! happen, which a watcher reads as the value's current state (at its old
 //! revision, nothing new), and a line cut short, which readers skip and the
-//! next writer starts a new line after. The revision never goes back: a log
-//! that is missing while values exist starts at their highest revision.
+//! next writer starts a new line after. The store's revision is the higher
+//! of the log's last and the counter's, so it never goes back, also when
+//! one of them is removed by hand (with both gone: the values' highest; a
+//! watcher that held more lists again).
 //!
 //! Files cannot be watched: a [`FileWatch`] polls the log (its inode, size
 //! and time, every [`OBJECTS_POLL`]) and, when it changed, reads under the
@@ -373,11 +377,9 @@ impl FileObjectStore {
     fn write_file(&self, path: &Path, bytes: &[u8]) -> Result<(), ObjectStoreError> {
         let dir = path.parent().unwrap_or(&self.dir);
         fs::create_dir_all(dir).map_err(Self::io(dir, "creating the directory"))?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default();
-        let temp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        // One writer at a time (the lock): one temporary name per process
+        // is enough, and it stays short whatever the value's name.
+        let temp = dir.join(format!(".tmp-{}", std::process::id()));
         let written = (|| {
             let mut out = File::create(&temp).map_err(Self::io(&temp, "creating"))?;
             out.write_all(bytes).map_err(Self::io(&temp, "writing"))?;

@@ -35,6 +35,11 @@ use std::{
 
 use super::etcd::is_node_name;
 
+/// The longest key segment: a file name is at most 255 bytes, and the
+/// file store adds `.json` (Kubernetes allows 253: the 3 bytes are this
+/// store's, in every datastore alike).
+pub const MAX_SEGMENT: usize = 250;
+
 /// Why `segment` cannot be one segment of a key (`None`: it can). Keys
 /// become etcd keys and file paths: a `/` would move the value to another
 /// path, `.`/`..` would leave the store's directory, a leading `.` is kept
@@ -46,8 +51,8 @@ fn segment_problem(segment: &str) -> Option<&'static str> {
         Some("contains '/'")
     } else if segment.starts_with('.') {
         Some("starts with '.' ('.', '..' and hidden names are not keys)")
-    } else if segment.len() > 253 {
-        Some("is longer than 253 bytes")
+    } else if segment.len() > MAX_SEGMENT {
+        Some("is longer than 250 bytes")
     } else if segment
         .chars()
         .any(|c| c.is_control() || c.is_whitespace() || c == '\\')

@@ -65,8 +65,9 @@ fn keys_are_checked_and_round_trip() {
             "{resource:?} {ns:?} {name:?} must be refused"
         );
     }
-    let long = "a".repeat(254);
-    assert!(ObjectPath::namespaced("pods", "x", &long).is_err());
+    let long = "a".repeat(super::MAX_SEGMENT);
+    assert!(ObjectPath::namespaced("pods", "x", &long).is_ok());
+    assert!(ObjectPath::namespaced("pods", "x", &format!("{long}a")).is_err());
     for bad in ["a", "a/b/c/d", "/a/b", "a//b"] {
         assert!(ObjectPath::parse(bad).is_err(), "{bad}");
     }
@@ -697,6 +698,14 @@ async fn file_store_layout_and_damage() {
         .await
         .expect("e");
     assert_eq!(e_rev.revision(), d_rev.revision() + 1);
+
+    // The longest name fits a file name (with `.json`).
+    let longest = policy("x", &"n".repeat(super::MAX_SEGMENT));
+    store
+        .apply(&longest, b"{}", Expect::Any)
+        .await
+        .expect("the longest name");
+    assert!(store.get(&longest).await.expect("get").is_some());
 }
 
 #[tokio::test]
