@@ -753,3 +753,89 @@ async fn file_watch_sees_another_writer() {
     follow_until(&mut watcher, &mut cache, &want).await;
     assert_eq!(cache.objects[&policy("x", "a")].value, b"4");
 }
+
+/// Where [`file_store_writer_process`] writes, and its number.
+const CHILD_DIR: &str = "PODNET_OBJECTS_TEST_DIR";
+const CHILD_ID: &str = "PODNET_OBJECTS_TEST_ID";
+const CHILD_WRITES: usize = 10;
+
+/// One of the processes of
+/// [`file_store_applies_from_several_processes_one_wins_nothing_lost`]
+/// (run by it, never on its own: ignored): creates the shared object with
+/// its own bytes, writes `outcome-<id>`, then creates its own objects.
+#[test]
+#[ignore = "a child process of file_store_applies_from_several_processes_one_wins_nothing_lost"]
+fn file_store_writer_process() {
+    let dir = std::path::PathBuf::from(std::env::var_os(CHILD_DIR).expect(CHILD_DIR));
+    let id = std::env::var(CHILD_ID).expect(CHILD_ID);
+    let mut store = file_store(&dir);
+    let outcome = block_on(store.apply(
+        &policy("procs", "shared"),
+        format!("p{id}").as_bytes(),
+        Expect::Revision(0),
+    ));
+    let line = match outcome {
+        Ok(ApplyOutcome::Created(_)) => "created".to_owned(),
+        Err(ObjectStoreError::Conflict { .. }) => "conflict".to_owned(),
+        other => format!("unexpected {other:?}"),
+    };
+    std::fs::write(dir.join(format!("outcome-{id}")), line).expect("outcome");
+    for k in 0..CHILD_WRITES {
+        let path = policy("procs", &format!("p{id}-{k}"));
+        block_on(store.apply(&path, b"{}", Expect::Revision(0))).expect("apply");
+    }
+}
+
+#[test]
+fn file_store_applies_from_several_processes_one_wins_nothing_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let processes = 6;
+    let exe = std::env::current_exe().expect("the test binary");
+    let children: Vec<_> = (0..processes)
+        .map(|i| {
+            std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "datastore::objects::tests::file_store_writer_process",
+                    "--ignored",
+                    "--quiet",
+                ])
+                .env(CHILD_DIR, dir.path())
+                .env(CHILD_ID, i.to_string())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("a writer process")
+        })
+        .collect();
+    for mut child in children {
+        assert!(child.wait().expect("wait").success(), "a writer failed");
+    }
+    let outcomes: Vec<String> = (0..processes)
+        .map(|i| std::fs::read_to_string(dir.path().join(format!("outcome-{i}"))).expect("outcome"))
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "created").count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.iter().all(|o| o == "created" || o == "conflict"),
+        "{outcomes:?}"
+    );
+    let winner = outcomes
+        .iter()
+        .position(|o| o == "created")
+        .expect("a winner");
+    let mut store = file_store(dir.path());
+    let shared = block_on(store.get(&policy("procs", "shared")))
+        .expect("get")
+        .expect("the shared object");
+    assert_eq!(shared.value, format!("p{winner}").as_bytes());
+    let snapshot = block_on(store.snapshot()).expect("snapshot");
+    let total = processes * (CHILD_WRITES + 1) - (processes - 1);
+    assert_eq!(snapshot.objects.len(), total);
+    let revisions: std::collections::BTreeSet<i64> =
+        snapshot.objects.iter().map(|o| o.revision).collect();
+    assert_eq!(revisions.len(), total, "one revision per write");
+    assert_eq!(snapshot.revision, i64::try_from(total).expect("count"));
+}
