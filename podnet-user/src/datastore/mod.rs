@@ -6,6 +6,7 @@ pub mod etcd;
 pub mod file;
 pub mod membership;
 pub mod memory;
+pub mod objects;
 pub mod store;
 
 pub use store::{Datastore, LeaseId, Observation};
