@@ -432,8 +432,9 @@ pub const CLUSTER_PREFIX: &str = "/podnet/cluster/";
 /// only keys of its own: its liveness and durable record (exact keys: a
 /// prefix `/podnet/nodes/node1` would also cover `node10`), its CIDR
 /// claims (`held/<name>/`) and its tombstones of other nodes
-/// (`gone/<name>/`). Nothing another node reads as that node's, nothing
-/// shared: a compromised node can announce itself, not unseat another.
+/// (`gone/<name>/`), and the records of its pods (`endpoints/<name>/`).
+/// Nothing another node reads as that node's, nothing shared: a
+/// compromised node can announce itself and its pods, not unseat another.
 #[must_use]
 pub fn node_permissions(name: &str) -> Vec<(String, bool, bool)> {
     vec![
@@ -442,6 +443,7 @@ pub fn node_permissions(name: &str) -> Vec<(String, bool, bool)> {
         (member_key(name), false, true),
         (held_prefix(name), true, true),
         (gone_prefix(name), true, true),
+        (super::objects::etcd::endpoint_prefix(name), true, true),
     ]
 }
 
@@ -697,6 +699,14 @@ impl EtcdDatastore {
             .await
             .map_err(self.err(format!("granting {name} its role")))?;
         Ok(())
+    }
+
+    /// The connection, for other stores on the same member (cluster
+    /// objects: [`super::objects::etcd::EtcdObjectStore::new`]); a clone
+    /// shares it.
+    #[must_use]
+    pub fn client(&self) -> Client {
+        self.client.clone()
     }
 
     /// The member this connection talks to.
