@@ -439,7 +439,7 @@ fn a_nodes_credential_cannot_keep_a_restarting_node_out_or_make_it_gone_early() 
         .iter()
         .map(|n| node_user(n))
         .collect();
-    let mut all: Vec<&str> = vec!["root"];
+    let mut all: Vec<&str> = vec!["root", OPERATOR_USER];
     all.extend(users.iter().map(String::as_str));
     let etcd = LocalEtcd::start("restart", &all).expect("etcd");
     let rt = runtime();
@@ -523,12 +523,55 @@ fn a_nodes_credential_cannot_keep_a_restarting_node_out_or_make_it_gone_early() 
         // node2 comes back with its own CIDR.
         let mut back = request("node2", 12);
         back.preferred = Some(cidr2);
-        let (again, _) = stores[1].join(&back).await.expect("node2 publishes again");
+        let (again, lease2) = stores[1].join(&back).await.expect("node2 publishes again");
         assert_eq!(again, cidr2);
         let snapshot = stores[2].snapshot().await.expect("snapshot");
         assert_eq!(snapshot.live.get("node2").map(|r| r.pod_cidr), Some(cidr2));
         assert!(
             membership::claim_problems(&snapshot).is_empty(),
+            "{snapshot:?}"
+        );
+
+        // Releasing node2 for good is the operator's: not node1's, and not
+        // while node2 runs.
+        let error = stores[0]
+            .release_node("node2")
+            .await
+            .expect_err("node1 releases node2");
+        assert!(error.to_string().contains("it is running"), "{error}");
+        stores[1].revoke(lease2).await.expect("node2 leaves");
+        let error = stores[0]
+            .release_node("node2")
+            .await
+            .expect_err("node1 releases node2");
+        assert!(error.is_permission_denied(), "{error}");
+        let mut operator = EtcdDatastore::connect(&endpoints, TTL, &access(OPERATOR_USER))
+            .await
+            .expect("operator");
+        let released = operator
+            .release_node("node2")
+            .await
+            .expect("the operator releases node2")
+            .expect("nothing changed meanwhile");
+        assert_eq!(released.cidrs, [cidr2]);
+        let snapshot = operator.snapshot().await.expect("snapshot");
+        // node1's own claim key on it, made while it attacked, is what
+        // holds it now: one CIDR besides its own is what a compromised node
+        // can hold, and the claim check names it.
+        assert_eq!(
+            snapshot.claims.get(&cidr2).map(String::as_str),
+            Some("node1"),
+            "{snapshot:?}"
+        );
+        let problems = membership::claim_problems(&snapshot);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("node1 holds 2 claims")),
+            "{problems:?}"
+        );
+        assert!(
+            !snapshot.members.contains_key("node2") && !snapshot.tombstones.contains_key("node2"),
             "{snapshot:?}"
         );
     });

@@ -1097,6 +1097,42 @@ impl EtcdDatastore {
         Ok(response.succeeded())
     }
 
+    /// What an operator does with a node that left for good (with etcd's
+    /// roles on, no agent may): releases `name`'s claims and forgets its
+    /// record and tombstones, now, whatever the release delay, unless it
+    /// has a lease (refused: it is running). `Ok(None)` when something
+    /// changed while deciding (try again).
+    pub async fn release_node(&mut self, name: &str) -> Result<Option<Release>, DatastoreError> {
+        let snapshot = self.snapshot().await?;
+        let action = format!("releasing node {name}");
+        if snapshot.live.contains_key(name) {
+            return Err(self.protocol(action, "it has a lease: it is running"));
+        }
+        let known = snapshot.members.contains_key(name)
+            || snapshot.claims.values().any(|holder| holder == name)
+            || snapshot.tombstones.contains_key(name);
+        if !known {
+            return Err(self.protocol(action, "no such node"));
+        }
+        let release = Release {
+            name: name.to_owned(),
+            cidrs: snapshot
+                .claims
+                .iter()
+                .filter(|(_, holder)| holder.as_str() == name)
+                .map(|(cidr, _)| *cidr)
+                .collect(),
+            tombstones: snapshot
+                .tombstones
+                .get(name)
+                .into_iter()
+                .flatten()
+                .map(|(observer, t)| (observer.clone(), t.mod_revision))
+                .collect(),
+        };
+        Ok(self.release(&release).await?.then_some(release))
+    }
+
     /// Waits for the next change under `/podnet/` after `revision`.
     pub async fn wait_change(&mut self, revision: i64) -> Result<(), DatastoreError> {
         let action = "watching the cluster";
