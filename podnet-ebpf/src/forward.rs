@@ -67,7 +67,10 @@ pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
         }
         L3::MalformedIpv4 => return drop_packet(ctx, arrival.program(), DropReason::MalformedIpv4),
     };
-    let sender = remote_node(ip.src);
+    // By reference into the map, held across the checks below (a copied
+    // `Option` held there has its `None` payload read by what LLVM hoists,
+    // which the verifier rejects): one lookup of the sender per packet.
+    let sender = lookup::remote_node_entry(ip.src);
     if matches!(arrival, Arrival::Overlay) {
         // Whatever its destination (the stack routes what is not a local
         // pod's): a node speaks for its pods and itself, nobody else.
@@ -88,14 +91,14 @@ pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
     let Some(dst) = endpoint(ip.dst) else {
         if matches!(arrival, Arrival::Underlay)
             && pod_network_source(ip.src)
-            && let Some(code) = check_underlay_sender(ctx, &ip)
+            && let Some(code) = check_underlay_sender(ctx, &ip, sender)
         {
             return code;
         }
         return arrival.to_stack(ctx, pass_to_stack());
     };
     if matches!(arrival, Arrival::Underlay)
-        && let Some(code) = check_underlay_sender(ctx, &ip)
+        && let Some(code) = check_underlay_sender(ctx, &ip, sender)
     {
         return code;
     }
@@ -120,9 +123,14 @@ fn is_node(ip: u32) -> bool {
 /// belongs to (the underlay is a LAN: anyone on it can put any source in a
 /// frame). A source outside the pod network (a client routed to the pod)
 /// passes: the underlay is trusted for those, as it is for the node's own
-/// traffic. Returns the drop code, or `None` to go on.
+/// traffic. `sender` is the node whose pod CIDR holds the source, if any.
+/// Returns the drop code, or `None` to go on.
 #[inline(always)]
-fn check_underlay_sender(ctx: &TcContext, ip: &Ipv4Fields) -> Option<i32> {
+fn check_underlay_sender(
+    ctx: &TcContext,
+    ip: &Ipv4Fields,
+    sender: Option<&RemoteNode>,
+) -> Option<i32> {
     // SAFETY: `ctx.skb.skb` is this run's `__sk_buff`, valid for the whole
     // program.
     let (pkt_type, ifindex) = unsafe { ((*ctx.skb.skb).pkt_type, (*ctx.skb.skb).ifindex) };
@@ -133,10 +141,7 @@ fn check_underlay_sender(ctx: &TcContext, ip: &Ipv4Fields) -> Option<i32> {
             DropReason::UnderlayNotUnicast,
         ));
     }
-    // The sender's entry by reference, looked up here rather than passed
-    // in as a copied `Option`: the verifier rejects the read of a `None`
-    // payload that LLVM hoists across the paths that reach this point.
-    let forged = match lookup::remote_node_entry(ip.src) {
+    let forged = match sender {
         Some(node) => !sender::sent_by_node(ctx, ifindex, &ip.src_mac, node.node_ip),
         // No node's: this node's own pod addresses never arrive from the
         // underlay, nor do addresses of the pod network that no node owns.
