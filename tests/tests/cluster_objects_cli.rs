@@ -12,7 +12,9 @@
 //! - a node's credential cannot apply a NetworkPolicy;
 //! - concurrent applies from one base revision: exactly one wins, the
 //!   others are refused as conflicts, the winner is what is stored;
-//! - `get pods -o wide` joins Pod objects with the endpoint records.
+//! - `get pods -o wide` joins Pod objects with the endpoint records;
+//! - `podnet-lab apply|get|delete` on a lab with etcd over TLS use the
+//!   operator's certificate (root needed: the lab is namespaces).
 //!
 //! No root needed; the etcd tests start etcd processes: run them under
 //! `flock /tmp/podnet-privileged.lock` like the other etcd tests.
@@ -30,7 +32,12 @@ use podnet::datastore::{
     objects::{EndpointKey, ObjectStore, etcd::EtcdObjectStore, file::FileObjectStore},
 };
 use podnet::model::cluster::PodEndpointRecord;
-use podnet_tests::{ALLOW_SKIP_ENV, bins, etcd_tls::LocalEtcd};
+use podnet_tests::{
+    ALLOW_SKIP_ENV, bins,
+    etcd_tls::LocalEtcd,
+    lab::{LabDatastore, LabGuard, LabOptions},
+    privileged,
+};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -604,5 +611,57 @@ fn get_pods_wide_joins_pod_objects_with_endpoint_records() {
     assert_eq!(
         (ran.stdout.as_str(), ran.stderr.as_str()),
         ("", "No resources found in default namespace.\n")
+    );
+}
+
+#[test]
+fn the_lab_applies_gets_and_deletes_with_the_operators_certificate() {
+    let test = "the_lab_applies_gets_and_deletes_with_the_operators_certificate";
+    if !privileged(test) || !etcd_installed(test) {
+        return;
+    }
+    let lab = LabGuard::up_with(
+        "objcli",
+        1,
+        0,
+        "vxlan",
+        LabDatastore::Etcd,
+        LabOptions {
+            etcd_tls: true,
+            ..LabOptions::default()
+        },
+    )
+    .expect("lab up");
+    let file = corpus_dir().join("one-of-each.yaml").display().to_string();
+    let lab_cli = |args: &[&str]| {
+        let out = Command::new(bins::binary("podnet-lab"))
+            .arg(format!("--run-dir={}", lab.layout.run_dir.display()))
+            .args(args)
+            .env_remove("PODNET_DATASTORE")
+            .output()
+            .expect("podnet-lab");
+        Ran {
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            code: out.status.code(),
+        }
+    };
+    let ran = lab_cli(&["apply", "-f", &file]);
+    assert!(ran.ok(), "{ran:?}");
+    assert_eq!(ran.stdout.matches(" created\n").count(), 5, "{ran:?}");
+    let ran = lab_cli(&["get", "netpol", "-n", "shop"]);
+    assert_eq!(
+        ran.stdout, "NAME             POD-SELECTOR\nallow-frontend   app=backend\n",
+        "{ran:?}"
+    );
+    // The operator's certificate, not a node's: the node's would be refused.
+    assert!(lab.layout.etcd_pki().client(OPERATOR_USER).0.is_file());
+    let ran = lab_cli(&["delete", "-f", &file]);
+    assert!(ran.ok(), "{ran:?}");
+    let ran = lab_cli(&["get", "ns", "shop"]);
+    assert_eq!(ran.code, Some(1), "{ran:?}");
+    assert!(
+        ran.stderr.contains("namespaces \"shop\" not found"),
+        "{ran:?}"
     );
 }
