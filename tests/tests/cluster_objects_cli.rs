@@ -375,22 +375,25 @@ fn round_trip(store: &Store) {
         .expect("service");
     assert_eq!(service["spec"]["ports"][0]["port"], 8080);
 
-    let ran = store.ctl(&["delete", "-f", &file_arg], "");
+    // By kind and name, as kubectl's `delete svc frontend -n shop`.
+    let ran = store.ctl(&["delete", "svc", "frontend", "-n", "shop"], "");
     assert!(ran.ok(), "{ran:?}");
+    assert_eq!(ran.stdout, "service \"frontend\" deleted\n");
+    // The rest by the file; the Service is not there any more.
+    let ran = store.ctl(&["delete", "-f", &file_arg], "");
+    assert_eq!(ran.code, Some(1), "{ran:?}");
     assert!(
         ran.stdout
             .contains("networkpolicy.networking.k8s.io \"allow-frontend\" deleted\n"),
         "{ran:?}"
     );
+    assert_eq!(ran.stdout.matches(" deleted\n").count(), 4, "{ran:?}");
+    assert_eq!(
+        ran.stderr,
+        "Error from server (NotFound): services \"frontend\" not found\n"
+    );
     assert_eq!(store.revision_and_count().1, 0, "all gone");
     assert!(store.get_json("pod", "frontend", Some("shop")).is_none());
-    let ran = store.ctl(&["delete", "-f", &file_arg], "");
-    assert_eq!(ran.code, Some(1), "{ran:?}");
-    assert!(
-        ran.stderr
-            .contains("Error from server (NotFound): services \"frontend\" not found"),
-        "{ran:?}"
-    );
 }
 
 #[test]

@@ -104,8 +104,9 @@ enum Cmd {
     /// invalid object stores nothing; an unchanged object writes nothing;
     /// one carrying a resourceVersion is written only over that revision.
     Apply(ObjectFileArgs),
-    /// Delete the cluster objects of the files (by kind, namespace, name).
-    Delete(ObjectFileArgs),
+    /// Delete cluster objects: those of the files (-f, by kind, namespace
+    /// and name), or KIND NAME... (in -n NS, default: default).
+    Delete(DeleteArgs),
     /// Show cluster objects from the datastore: KIND [NAME...] as a table,
     /// or -o yaml|json; `get pods -o wide` adds each pod's node and IP from
     /// the endpoint records the agents publish.
@@ -133,6 +134,24 @@ struct ObjectFileArgs {
     files: Vec<PathBuf>,
     /// The namespace of objects that name none (one that names another is
     /// refused).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct DeleteArgs {
+    /// A file (YAML or JSON), a directory (its .yaml, .yml and .json
+    /// files) or - (standard input); repeat it for several.
+    #[arg(short = 'f', long = "filename", required_unless_present = "kind")]
+    files: Vec<PathBuf>,
+    /// Instead of -f: the kind (as get's) ...
+    #[arg(conflicts_with = "files", requires = "names")]
+    kind: Option<podnet::model::cluster::Kind>,
+    /// ... and the names.
+    names: Vec<String>,
+    /// The namespace (-f: of objects that name none; default: default).
     #[arg(short = 'n', long)]
     namespace: Option<String>,
     #[command(flatten)]
@@ -796,14 +815,14 @@ fn explain(
 #[derive(Clone, Copy)]
 enum ObjectsCommand<'a> {
     Apply(&'a ObjectFileArgs),
-    Delete(&'a ObjectFileArgs),
+    Delete(&'a DeleteArgs),
     Get(&'a GetArgs),
 }
 
 /// What `apply`, `delete` or `get` does once the datastore is open.
 enum ObjectsWork {
     Apply(Vec<podnet::objects_ctl::Prepared>),
-    Delete(Vec<podnet::model::cluster::ClusterObject>),
+    Delete(Vec<podnet::model::cluster::ObjectKey>),
     Get(podnet::objects_ctl::GetRequest),
     /// An apply with objects refused (reported): nothing to do but fail.
     Refused,
@@ -812,12 +831,13 @@ enum ObjectsWork {
 /// The objects of `-f` (and `-n`), read and decoded before the datastore
 /// is touched; a bad file is kubectl's `error: ...`, exit 1.
 fn objects_of_files(
-    args: &ObjectFileArgs,
+    files: &[PathBuf],
+    namespace: Option<&str>,
     command: &'static str,
 ) -> Vec<podnet::model::cluster::ClusterObject> {
     use podnet::objects_ctl::{objects_of, read_sources};
-    let objects = read_sources(&args.files, std::io::stdin().lock())
-        .and_then(|sources| objects_of(&sources, args.namespace.as_deref(), command));
+    let objects = read_sources(files, std::io::stdin().lock())
+        .and_then(|sources| objects_of(&sources, namespace, command));
     objects.unwrap_or_else(|e| {
         eprintln!("error: {e}");
         std::process::exit(1)
@@ -834,7 +854,7 @@ fn objects_work<'a>(
     use podnet::objects_ctl::{self as ctl, GetRequest, OutputFormat};
     Ok(match command {
         ObjectsCommand::Apply(args) => {
-            let objects = objects_of_files(args, "apply");
+            let objects = objects_of_files(&args.files, args.namespace.as_deref(), "apply");
             match ctl::prepare_apply(&objects) {
                 Ok(prepared) => (ObjectsWork::Apply(prepared), &args.store),
                 Err(refused) => {
@@ -843,10 +863,28 @@ fn objects_work<'a>(
                 }
             }
         }
-        ObjectsCommand::Delete(args) => (
-            ObjectsWork::Delete(objects_of_files(args, "delete")),
-            &args.store,
-        ),
+        ObjectsCommand::Delete(args) => {
+            let keys = match args.kind {
+                Some(kind) => args
+                    .names
+                    .iter()
+                    .map(|name| podnet::model::cluster::ObjectKey {
+                        kind,
+                        namespace: kind.namespaced().then(|| {
+                            args.namespace
+                                .clone()
+                                .unwrap_or_else(|| podnet::model::cluster::DEFAULT_NAMESPACE.into())
+                        }),
+                        name: name.clone(),
+                    })
+                    .collect(),
+                None => objects_of_files(&args.files, args.namespace.as_deref(), "delete")
+                    .iter()
+                    .map(podnet::model::cluster::ClusterObject::key)
+                    .collect(),
+            };
+            (ObjectsWork::Delete(keys), &args.store)
+        }
         ObjectsCommand::Get(args) => {
             let output = match args.output.as_deref() {
                 Some("wide") => OutputFormat::Wide,
@@ -903,6 +941,19 @@ fn objects_command(json: bool, command: ObjectsCommand<'_>) -> anyhow::Result<()
     let result = runtime.block_on(async {
         match &store.datastore {
             DatastoreSpec::File(path) => {
+                // A mistyped path would otherwise become a new, empty store
+                // that no agent reads.
+                let dir = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                anyhow::ensure!(
+                    dir.is_dir(),
+                    "--datastore file:{}: no directory {} (the nodes file's directory, where \
+                     the agents' datastore is)",
+                    path.display(),
+                    dir.display()
+                );
                 let mut objects = objects::file::FileObjectStore::beside(path);
                 Ok(run_objects(&mut objects, &work, &mut console).await)
             }

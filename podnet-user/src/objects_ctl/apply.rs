@@ -237,22 +237,22 @@ pub async fn apply<S: ObjectStore>(
     Ok(())
 }
 
-/// Deletes each object (by its key; the rest of it is not looked at):
-/// kubectl's `<type> "<name>" deleted`, or its NotFound error.
+/// Deletes the object of each key (`delete -f`: the objects' keys; the
+/// rest of them is not looked at): kubectl's `<type> "<name>" deleted`, or
+/// its NotFound error.
 pub async fn delete<S: ObjectStore>(
     store: &mut S,
-    objects: &[ClusterObject],
+    keys: &[ObjectKey],
     console: &mut Console<'_>,
 ) -> Result<(), CtlError> {
-    for (index, object) in objects.iter().enumerate() {
-        let key = object.key();
-        let path = match path_of(&key) {
+    for (index, key) in keys.iter().enumerate() {
+        let path = match path_of(key) {
             Ok(path) => path,
             Err(e) => {
                 // No object can be stored there: there is none to delete.
                 console.problem(
-                    result_of(&key, "not-found"),
-                    format!("{} ({})", not_found_message(&key), e),
+                    result_of(key, "not-found"),
+                    format!("{} ({})", not_found_message(key), e),
                 )?;
                 continue;
             }
@@ -260,19 +260,19 @@ pub async fn delete<S: ObjectStore>(
         match store.delete(&path, Expect::Any).await {
             Ok(true) => {
                 let line = format!("{} {:?} deleted", type_name(key.kind), key.name);
-                console.done(result_of(&key, "deleted"), &line)?;
+                console.done(result_of(key, "deleted"), &line)?;
             }
             Ok(false) => {
-                console.problem(result_of(&key, "not-found"), not_found_message(&key))?;
+                console.problem(result_of(key, "not-found"), not_found_message(key))?;
             }
             Err(e) if super::is_forbidden(&e) => {
                 console.problem(
-                    result_of(&key, "forbidden"),
-                    forbidden_message(&key, "delete"),
+                    result_of(key, "forbidden"),
+                    forbidden_message(key, "delete"),
                 )?;
             }
             Err(e) => {
-                return abandon(console, "deleting", &key, &e, objects.len() - index - 1);
+                return abandon(console, "deleting", key, &e, keys.len() - index - 1);
             }
         }
     }

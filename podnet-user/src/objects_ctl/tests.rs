@@ -2,6 +2,7 @@
 //! for refused or unchanged objects, conflicts refused, the pods join.
 
 use super::*;
+use crate::model::cluster::ObjectKey;
 use crate::{
     datastore::objects::{EndpointKey, ObjectStore, memory::MemoryObjectStore},
     model::cluster::{ClusterObject, PodEndpointRecord, decode},
@@ -125,7 +126,7 @@ fn a_stale_resource_version_is_a_conflict_and_the_rest_is_applied() {
 fn delete_says_deleted_or_not_found() {
     let mut store = MemoryObjectStore::new();
     apply_text(&store, OBJECTS);
-    let all = objects(OBJECTS);
+    let all: Vec<ObjectKey> = objects(OBJECTS).iter().map(ClusterObject::key).collect();
     let (out, err, outcome) = run(false, async |c| delete(&mut store, &all[1..], c).await);
     assert_eq!(
         out,
