@@ -236,3 +236,52 @@ fn pods_are_joined_with_their_endpoint_records() {
         "NAME   LABELS\na      app=web\nb      <none>\nc      <none>\n"
     );
 }
+
+#[test]
+fn files_directories_and_stdin_are_read_and_namespaced() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("b.yaml"), OBJECTS).expect("write");
+    std::fs::write(
+        dir.path().join("a.json"),
+        r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"n"}}"#,
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("notes.txt"), "not a manifest").expect("write");
+    let stdin = "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: i}]}\n";
+    let paths = [dir.path().to_owned(), "-".into()];
+    let sources = read_sources(&paths, stdin.as_bytes()).expect("read");
+    let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names.len(), 3, "{names:?}: the .txt is no manifest");
+    assert!(
+        names[0].ends_with("a.json") && names[2] == STDIN_NAME,
+        "{names:?}"
+    );
+    let keys: Vec<String> = objects_of(&sources, Some("x"), "apply")
+        .expect("objects")
+        .iter()
+        .map(|o| o.key().to_string())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "namespaces/n",
+            "namespaces/x",
+            "pods/x/a",
+            "networkpolicies/x/deny",
+            "pods/x/p"
+        ]
+    );
+    // An object in x with -n y is refused, as kubectl refuses it.
+    let err = objects_of(&sources, Some("y"), "apply").expect_err("mismatch");
+    assert!(err.to_string().contains("--namespace=x"), "{err}");
+    let twice = read_sources(&["-".into(), "-".into()], stdin.as_bytes());
+    assert!(matches!(twice, Err(InputError::StdinTwice)));
+    let empty = objects_of(&[], None, "delete").expect_err("nothing");
+    assert_eq!(empty.to_string(), "no objects passed to delete");
+    let bad = Source {
+        name: "f.yaml".into(),
+        text: "kind: [".into(),
+    };
+    let err = objects_of(&[bad], None, "apply").expect_err("syntax");
+    assert!(err.to_string().starts_with("f.yaml: document 1: "), "{err}");
+}
