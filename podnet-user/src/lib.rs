@@ -15,5 +15,6 @@ pub mod install;
 pub mod ipam;
 pub mod model;
 pub mod netlink;
+pub mod objects_ctl;
 pub mod pinned_maps;
 pub mod shaping;

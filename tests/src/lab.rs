@@ -15,6 +15,7 @@ mod checks;
 mod etcd;
 mod guard;
 mod model;
+mod objects;
 mod processes;
 mod render;
 mod up;

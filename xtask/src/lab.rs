@@ -19,6 +19,8 @@ pub struct LabArgs {
     /// [--datastore file|etcd] [--etcd-members N] [--etcd-tls] [--agent-arg=ARG ...]
     /// [--service iptables|nft|none] | status | check | down | etcd [status|stop|kill|start MEMBER]
     /// | get NODE [/metrics|/healthz|/readyz] [--addr IP:PORT]
+    /// | apply|delete -f FILE|- [-n NS] | delete KIND NAME... | get KIND [NAME...] [-n NS|-A] [-o wide|yaml|json]
+    /// (cluster objects in the lab's datastore, with the operator's credential)
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
 }

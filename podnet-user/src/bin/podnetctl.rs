@@ -98,6 +98,85 @@ enum Cmd {
     /// --add-node on a cluster whose authentication is on already: only
     /// the nodes' users and roles.
     EtcdAuth(EtcdAuthArgs),
+    /// Write cluster objects (Namespaces, Pods, NetworkPolicies, Services,
+    /// EndpointSlices; YAML or JSON, several documents or a List) to the
+    /// datastore, as kubectl apply: every object is checked first, one
+    /// invalid object stores nothing; an unchanged object writes nothing;
+    /// one carrying a resourceVersion is written only over that revision.
+    Apply(ObjectFileArgs),
+    /// Delete cluster objects: those of the files (-f, by kind, namespace
+    /// and name), or KIND NAME... (in -n NS, default: default).
+    Delete(DeleteArgs),
+    /// Show cluster objects from the datastore: KIND [NAME...] as a table,
+    /// or -o yaml|json; `get pods -o wide` adds each pod's node and IP from
+    /// the endpoint records the agents publish.
+    Get(GetArgs),
+}
+
+/// Where the cluster objects are: the datastore and how to log in to it.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// The datastore, as podnetd's --datastore: file:PATH (the nodes file;
+    /// the objects are beside it) or etcd:URL[,URL...].
+    #[arg(long, env = "PODNET_DATASTORE")]
+    datastore: podnet::datastore::DatastoreSpec,
+    /// How to log in to etcd (the operator's client certificate, common
+    /// name podnet-operator, where authentication is on).
+    #[command(flatten)]
+    access: podnet::datastore::etcd::EtcdAccessFiles,
+}
+
+#[derive(Debug, clap::Args)]
+struct ObjectFileArgs {
+    /// A file (YAML or JSON), a directory (its .yaml, .yml and .json
+    /// files) or - (standard input); repeat it for several.
+    #[arg(short = 'f', long = "filename", required = true)]
+    files: Vec<PathBuf>,
+    /// The namespace of objects that name none (one that names another is
+    /// refused).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct DeleteArgs {
+    /// A file (YAML or JSON), a directory (its .yaml, .yml and .json
+    /// files) or - (standard input); repeat it for several.
+    #[arg(short = 'f', long = "filename", required_unless_present = "kind")]
+    files: Vec<PathBuf>,
+    /// Instead of -f: the kind (as get's) ...
+    #[arg(conflicts_with = "files", requires = "names")]
+    kind: Option<podnet::model::cluster::Kind>,
+    /// ... and the names.
+    names: Vec<String>,
+    /// The namespace (-f: of objects that name none; default: default).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct GetArgs {
+    /// namespaces (ns), pods (po), networkpolicies (netpol), services
+    /// (svc), endpointslices; singular, plural or short, as kubectl's.
+    kind: podnet::model::cluster::Kind,
+    /// Only these objects (default: every one).
+    names: Vec<String>,
+    /// The namespace (default: default).
+    #[arg(short = 'n', long, conflicts_with = "all_namespaces")]
+    namespace: Option<String>,
+    /// Every namespace (adds a NAMESPACE column).
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
+    /// Output: the table (default), wide (pods: node and IP), yaml or json
+    /// (the objects, resourceVersion = the datastore's revision).
+    #[arg(short = 'o', long, value_parser = ["wide", "yaml", "json"])]
+    output: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -639,6 +718,9 @@ fn main() -> anyhow::Result<()> {
         } => explain(&cli, &client, from, to, src),
         Cmd::Monitor { drops } => monitor(&cli, &client, drops),
         Cmd::EtcdAuth(ref args) => etcd_auth(args),
+        Cmd::Apply(ref args) => objects_command(cli.json, ObjectsCommand::Apply(args)),
+        Cmd::Delete(ref args) => objects_command(cli.json, ObjectsCommand::Delete(args)),
+        Cmd::Get(ref args) => objects_command(cli.json, ObjectsCommand::Get(args)),
     }
 }
 
@@ -727,6 +809,185 @@ fn explain(
             );
         }
     })
+}
+
+/// `apply`, `delete` or `get`.
+#[derive(Clone, Copy)]
+enum ObjectsCommand<'a> {
+    Apply(&'a ObjectFileArgs),
+    Delete(&'a DeleteArgs),
+    Get(&'a GetArgs),
+}
+
+/// What `apply`, `delete` or `get` does once the datastore is open.
+enum ObjectsWork {
+    Apply(Vec<podnet::objects_ctl::Prepared>),
+    Delete(Vec<podnet::model::cluster::ObjectKey>),
+    Get(podnet::objects_ctl::GetRequest),
+    /// An apply with objects refused (reported): nothing to do but fail.
+    Refused,
+}
+
+/// The objects of `-f` (and `-n`), read and decoded before the datastore
+/// is touched; a bad file is kubectl's `error: ...`, exit 1.
+fn objects_of_files(
+    files: &[PathBuf],
+    namespace: Option<&str>,
+    command: &'static str,
+) -> Vec<podnet::model::cluster::ClusterObject> {
+    use podnet::objects_ctl::{objects_of, read_sources};
+    let objects = read_sources(files, std::io::stdin().lock())
+        .and_then(|sources| objects_of(&sources, namespace, command));
+    objects.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::exit(1)
+    })
+}
+
+/// The work of `command` and where its datastore is; every object of an
+/// `apply` is checked here, and one refused ends the command (exit 1)
+/// before the datastore is opened: nothing is written.
+fn objects_work<'a>(
+    command: ObjectsCommand<'a>,
+    console: &mut podnet::objects_ctl::Console<'_>,
+) -> anyhow::Result<(ObjectsWork, &'a StoreArgs)> {
+    use podnet::objects_ctl::{self as ctl, GetRequest, OutputFormat};
+    Ok(match command {
+        ObjectsCommand::Apply(args) => {
+            let objects = objects_of_files(&args.files, args.namespace.as_deref(), "apply");
+            match ctl::prepare_apply(&objects) {
+                Ok(prepared) => (ObjectsWork::Apply(prepared), &args.store),
+                Err(refused) => {
+                    ctl::report_refused(&refused, console)?;
+                    (ObjectsWork::Refused, &args.store)
+                }
+            }
+        }
+        ObjectsCommand::Delete(args) => {
+            let keys = match args.kind {
+                Some(kind) => args
+                    .names
+                    .iter()
+                    .map(|name| podnet::model::cluster::ObjectKey {
+                        kind,
+                        namespace: kind.namespaced().then(|| {
+                            args.namespace
+                                .clone()
+                                .unwrap_or_else(|| podnet::model::cluster::DEFAULT_NAMESPACE.into())
+                        }),
+                        name: name.clone(),
+                    })
+                    .collect(),
+                None => objects_of_files(&args.files, args.namespace.as_deref(), "delete")
+                    .iter()
+                    .map(podnet::model::cluster::ClusterObject::key)
+                    .collect(),
+            };
+            (ObjectsWork::Delete(keys), &args.store)
+        }
+        ObjectsCommand::Get(args) => {
+            let output = match args.output.as_deref() {
+                Some("wide") => OutputFormat::Wide,
+                Some("yaml") => OutputFormat::Yaml,
+                Some("json") => OutputFormat::Json,
+                _ => OutputFormat::Table,
+            };
+            let request = GetRequest {
+                kind: args.kind,
+                names: args.names.clone(),
+                namespace: args.namespace.clone(),
+                all_namespaces: args.all_namespaces,
+                output,
+            };
+            (ObjectsWork::Get(request), &args.store)
+        }
+    })
+}
+
+/// Each datastore's store type is its own: the one generic run,
+/// monomorphised per store.
+async fn run_objects<S: podnet::datastore::objects::ObjectStore>(
+    store: &mut S,
+    work: &ObjectsWork,
+    console: &mut podnet::objects_ctl::Console<'_>,
+) -> Result<(), podnet::objects_ctl::CtlError> {
+    use podnet::objects_ctl as ctl;
+    match work {
+        ObjectsWork::Apply(objects) => ctl::apply(store, objects, console).await,
+        ObjectsWork::Delete(objects) => ctl::delete(store, objects, console).await,
+        ObjectsWork::Get(request) => ctl::get(store, request, console).await,
+        ObjectsWork::Refused => Ok(()),
+    }
+}
+
+/// `apply`, `delete` and `get`: straight to the datastore (no agent), as
+/// calicoctl. Exit 1 when any object was refused, not found or in conflict.
+fn objects_command(json: bool, command: ObjectsCommand<'_>) -> anyhow::Result<()> {
+    use podnet::datastore::{DatastoreSpec, objects};
+    use podnet::objects_ctl::{Console, CtlError, Outcome};
+    let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+    let (mut out, mut err) = (stdout.lock(), stderr.lock());
+    let mut console = Console::new(&mut out, &mut err, json);
+    let (work, store) = objects_work(command, &mut console)?;
+    if matches!(work, ObjectsWork::Refused) {
+        // Nothing is written: the datastore is not even opened.
+        console.finish()?;
+        std::process::exit(1);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let result = runtime.block_on(async {
+        match &store.datastore {
+            DatastoreSpec::File(path) => {
+                // A mistyped path would otherwise become a new, empty store
+                // that no agent reads.
+                let dir = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                anyhow::ensure!(
+                    dir.is_dir(),
+                    "--datastore file:{}: no directory {} (the nodes file's directory, where \
+                     the agents' datastore is)",
+                    path.display(),
+                    dir.display()
+                );
+                let mut objects = objects::file::FileObjectStore::beside(path);
+                Ok(run_objects(&mut objects, &work, &mut console).await)
+            }
+            DatastoreSpec::Etcd(endpoints) => {
+                let access = podnet::datastore::etcd::EtcdAccess::load(&store.access)
+                    .context("setting up the etcd connection")?;
+                access.check_endpoints(endpoints)?;
+                let mut objects = objects::etcd::EtcdObjectStore::connect(
+                    endpoints,
+                    &access,
+                    std::time::Duration::from_secs(10),
+                )
+                .await
+                .with_context(|| format!("connecting to etcd ({})", endpoints.join(",")))?;
+                Ok(run_objects(&mut objects, &work, &mut console).await)
+            }
+            DatastoreSpec::None => anyhow::bail!(
+                "--datastore none has no cluster objects: give file:PATH or etcd:URL[,URL...] \
+                 (or set PODNET_DATASTORE)"
+            ),
+        }
+    })?;
+    match result {
+        Ok(()) => {}
+        Err(CtlError::Usage(message)) => {
+            eprintln!("error: {message}");
+            std::process::exit(1);
+        }
+        Err(e) => return Err(e).context("reading the datastore"),
+    }
+    if console.finish()? == Outcome::Failed {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

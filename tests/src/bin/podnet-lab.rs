@@ -78,18 +78,31 @@ enum Cmd {
         /// The member (etcd1, etcd2, ...); stop/kill/start only.
         member: Option<String>,
     },
-    /// GET a path from a node's agent over HTTP (podnetd --metrics-addr),
-    /// from inside the node's netns; prints the body, exit code 1 unless
-    /// 200.
+    /// Cluster objects: `get KIND [NAME...] [-n NS | -A] [-o wide|yaml|json]`
+    /// from the lab's datastore (podnetctl get, with the operator's
+    /// credential). With a node's name instead of a kind:
+    /// `get NODE [/metrics|/healthz|/readyz] [--addr IP:PORT]` GETs a path
+    /// from that node's agent over HTTP (podnetd --metrics-addr) inside its
+    /// netns, prints the body, exit code 1 unless 200.
     Get {
-        /// The node (node1, node2, ...).
-        node: String,
-        /// /metrics, /healthz or /readyz.
-        #[arg(default_value = "/metrics")]
-        path: String,
-        /// Where the agent listens in its netns.
-        #[arg(long, default_value = "127.0.0.1:9962")]
-        addr: std::net::SocketAddr,
+        /// A kind (pods, netpol, ...) or a node (node1, ...).
+        what: String,
+        /// The rest of podnetctl get's arguments, or the node's path and
+        /// --addr.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Write cluster objects to the lab's datastore with the operator's
+    /// credential: podnetctl apply's arguments (-f FILE|-, -n NS, --json).
+    Apply {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Delete cluster objects from the lab's datastore: podnetctl delete's
+    /// arguments (-f FILE|-, -n NS).
+    Delete {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// A backend server of the demo Service (run by the lab inside a pod).
     #[command(hide = true)]
@@ -105,6 +118,49 @@ enum Cmd {
         #[arg(long)]
         udp: u16,
     },
+}
+
+/// `podnet-lab get NODE [PATH] [--addr IP:PORT]`: a node agent's HTTP
+/// endpoint.
+#[derive(Debug, Parser)]
+#[command(name = "podnet-lab get NODE")]
+struct AgentGet {
+    /// /metrics, /healthz or /readyz.
+    #[arg(default_value = "/metrics")]
+    path: String,
+    /// Where the agent listens in its netns.
+    #[arg(long, default_value = "127.0.0.1:9962")]
+    addr: std::net::SocketAddr,
+}
+
+/// Runs podnetctl `command` on the lab's datastore and exits with its
+/// exit code.
+fn objects(run_dir: &std::path::Path, command: &str, args: Vec<String>) -> anyhow::Result<()> {
+    let layout = LabLayout::load(run_dir)?;
+    let args: Vec<String> = std::iter::once(command.to_owned()).chain(args).collect();
+    let status = layout
+        .podnetctl_objects(&args)?
+        .status()
+        .context("running podnetctl")?;
+    std::process::exit(status.code().unwrap_or(1))
+}
+
+/// `get`: cluster objects, or a node agent's HTTP endpoint when `what` is
+/// one of the lab's nodes (kinds are never node names: node1, node2, ...).
+fn get(run_dir: &std::path::Path, what: String, args: Vec<String>) -> anyhow::Result<()> {
+    let layout = LabLayout::load(run_dir)?;
+    let Some(node) = layout.node(&what) else {
+        let args = std::iter::once(what).chain(args).collect();
+        return objects(run_dir, "get", args);
+    };
+    let agent = AgentGet::parse_from(std::iter::once(what.clone()).chain(args));
+    let answer = podnet_tests::scrape::get(&node.netns, agent.addr, &agent.path)?;
+    print!("{}", answer.body);
+    if answer.status != 200 {
+        eprintln!("GET {} on {what}: HTTP {}", agent.path, answer.status);
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// `--service`'s value.
@@ -196,17 +252,9 @@ fn main() -> anyhow::Result<()> {
             print_etcd(&layout);
             Ok(())
         }
-        Cmd::Get { node, path, addr } => {
-            let layout = LabLayout::load(&cli.run_dir)?;
-            let netns = &layout.node(&node).context("no such node")?.netns;
-            let answer = podnet_tests::scrape::get(netns, addr, &path)?;
-            print!("{}", answer.body);
-            if answer.status != 200 {
-                eprintln!("GET {path} on {node}: HTTP {}", answer.status);
-                std::process::exit(1);
-            }
-            Ok(())
-        }
+        Cmd::Get { what, args } => get(&cli.run_dir, what, args),
+        Cmd::Apply { args } => objects(&cli.run_dir, "apply", args),
+        Cmd::Delete { args } => objects(&cli.run_dir, "delete", args),
         Cmd::Serve {
             lab: _,
             name,
