@@ -648,4 +648,61 @@ fn podnetctl_etcd_auth_turns_the_roles_on() {
             .expect_err("the updated role writes shared claims");
         assert!(error.to_string().contains("permission denied"), "{error}");
     });
+    // node2 leaves for good: `podnetctl release` is the operator's (here
+    // root's certificate), refused with a node's.
+    rt.block_on(async {
+        let access = etcd.pki.access(&node2_user).expect("access");
+        let mut node2 = EtcdDatastore::connect(&[etcd.endpoint.clone()], TTL, &access)
+            .await
+            .expect("connect");
+        let snapshot = node2.snapshot().await.expect("snapshot");
+        assert!(snapshot.live.contains_key("node2"));
+        // Its lease: what the join granted, found through the record's key.
+        let mut raw2 = raw_client(&etcd.endpoint, &access).await;
+        let lease = raw2
+            .get("/podnet/nodes/node2", None)
+            .await
+            .expect("get")
+            .kvs()
+            .first()
+            .map(etcd_client::KeyValue::lease)
+            .expect("node2's liveness key");
+        node2.revoke(lease).await.expect("node2 leaves");
+    });
+    let release = |user: &str| {
+        let (cert, key) = etcd.pki.client(user);
+        std::process::Command::new(podnet_tests::bins::binary("podnetctl"))
+            .args(["release", "node2"])
+            .arg(format!("--datastore=etcd:{}", etcd.endpoint))
+            .arg(format!("--etcd-ca={}", etcd.pki.ca().display()))
+            .arg(format!("--etcd-cert={}", cert.display()))
+            .arg(format!("--etcd-key={}", key.display()))
+            .output()
+            .expect("podnetctl runs")
+    };
+    let refused = release(&node1_user);
+    assert!(!refused.status.success(), "node1 releases node2");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("permission denied"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let released = release("root");
+    assert!(
+        released.status.success(),
+        "{}",
+        String::from_utf8_lossy(&released.stderr)
+    );
+    rt.block_on(async {
+        let access = etcd.pki.access("root").expect("access");
+        let mut root = EtcdDatastore::connect(&[etcd.endpoint.clone()], TTL, &access)
+            .await
+            .expect("connect");
+        let snapshot = root.snapshot().await.expect("snapshot");
+        assert!(!snapshot.members.contains_key("node2"), "{snapshot:?}");
+        assert!(
+            !snapshot.claims.values().any(|n| n == "node2"),
+            "{snapshot:?}"
+        );
+    });
 }

@@ -209,7 +209,8 @@ impl<K: ClusterSink> ClusterFollow<K> {
                 // may); the node routes on.
                 Err(e) if e.is_permission_denied() => {
                     warn!(node = %release.name, cidrs = ?release.cidrs,
-                          "a gone node's pod CIDR is due for release, but this node's etcd role may not release it: release it with the operator's credential");
+                          "a gone node's pod CIDR is due for release, but this node's etcd role may not release it: \
+                           release it with the operator's credential (podnetctl release NODE)");
                 }
                 Err(e) => return Err(e),
             }

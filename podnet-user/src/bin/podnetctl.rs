@@ -111,6 +111,19 @@ enum Cmd {
     /// or -o yaml|json; `get pods -o wide` adds each pod's node and IP from
     /// the endpoint records the agents publish.
     Get(GetArgs),
+    /// Release a node that left for good (the operator's, etcd): its pod
+    /// CIDR claim, durable record and tombstones go now, whatever the
+    /// release delay; refused while it has a lease. With etcd's roles on
+    /// no agent may release another node: this is how.
+    Release(ReleaseArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ReleaseArgs {
+    /// The node's name.
+    node: String,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 /// Where the cluster objects are: the datastore and how to log in to it.
@@ -201,6 +214,43 @@ struct EtcdAuthArgs {
 }
 
 /// `podnetctl etcd-auth`.
+fn release(args: &ReleaseArgs) -> anyhow::Result<()> {
+    use podnet::datastore::{
+        DatastoreSpec,
+        etcd::{EtcdAccess, EtcdDatastore},
+    };
+    let DatastoreSpec::Etcd(endpoints) = &args.store.datastore else {
+        anyhow::bail!(
+            "release is for etcd; in a nodes file, remove the node's entry (its CIDR is free then)"
+        );
+    };
+    let access = EtcdAccess::load(&args.store.access)?;
+    access.check_endpoints(endpoints)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let released = runtime.block_on(async {
+        let mut store =
+            EtcdDatastore::connect(endpoints, std::time::Duration::from_secs(10), &access).await?;
+        store
+            .release_node(&args.node)
+            .await
+            .with_context(|| format!("releasing node {}", args.node))
+    })?;
+    let Some(released) = released else {
+        anyhow::bail!(
+            "node {} changed while it was being released (it came back?): look again",
+            args.node
+        );
+    };
+    println!(
+        "released node {}: pod CIDRs {:?}, record and tombstones removed",
+        released.name, released.cidrs
+    );
+    Ok(())
+}
+
 fn etcd_auth(args: &EtcdAuthArgs) -> anyhow::Result<()> {
     use podnet::datastore::etcd::{EtcdAccess, EtcdDatastore};
     let access = EtcdAccess::load(&args.access)?;
@@ -721,6 +771,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Apply(ref args) => objects_command(cli.json, ObjectsCommand::Apply(args)),
         Cmd::Delete(ref args) => objects_command(cli.json, ObjectsCommand::Delete(args)),
         Cmd::Get(ref args) => objects_command(cli.json, ObjectsCommand::Get(args)),
+        Cmd::Release(ref args) => release(args),
     }
 }
 
