@@ -580,6 +580,7 @@ fn a_nodes_credential_cannot_keep_a_restarting_node_out_or_make_it_gone_early() 
 /// The operator's way to turn the roles on: `podnetctl etcd-auth` as etcd's
 /// root (its certificate), then `--add-node` for a node that comes later.
 #[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 fn podnetctl_etcd_auth_turns_the_roles_on() {
     let (node1_user, node2_user) = (node_user("node1"), node_user("node2"));
     let etcd = LocalEtcd::start("ctl", &["root", &node1_user, &node2_user]).expect("etcd");
