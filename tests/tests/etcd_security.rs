@@ -653,7 +653,7 @@ fn podnetctl_etcd_auth_turns_the_roles_on() {
     // root's certificate), refused with a node's.
     rt.block_on(async {
         let access = etcd.pki.access(&node2_user).expect("access");
-        let mut node2 = EtcdDatastore::connect(&[etcd.endpoint.clone()], TTL, &access)
+        let mut node2 = EtcdDatastore::connect(std::slice::from_ref(&etcd.endpoint), TTL, &access)
             .await
             .expect("connect");
         let snapshot = node2.snapshot().await.expect("snapshot");
@@ -696,7 +696,7 @@ fn podnetctl_etcd_auth_turns_the_roles_on() {
     );
     rt.block_on(async {
         let access = etcd.pki.access("root").expect("access");
-        let mut root = EtcdDatastore::connect(&[etcd.endpoint.clone()], TTL, &access)
+        let mut root = EtcdDatastore::connect(std::slice::from_ref(&etcd.endpoint), TTL, &access)
             .await
             .expect("connect");
         let snapshot = root.snapshot().await.expect("snapshot");
