@@ -90,6 +90,7 @@ fn datapath_and_agent_state_are_exposed_with_their_labels() {
         pod_mac: [2, 0, 0, 0, 0, 1],
         host_mac: [2, 0, 0, 0, 0, 2],
         bandwidth: None,
+        pod: None,
     };
     let stats = HashMap::from([(
         9,

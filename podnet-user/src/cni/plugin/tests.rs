@@ -187,6 +187,7 @@ impl Harness {
             netns: Some(self.dir.join("netns")),
             ifname: ifname.into(),
             cni_path: String::new(),
+            pod: None,
         };
         let plumbing = self.node.clone();
         let agent_node = self.node.clone();
