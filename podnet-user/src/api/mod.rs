@@ -167,6 +167,59 @@ pub struct AgentStatus {
     /// installed. Absent from older agents' answers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreadable_records: Vec<PathBuf>,
+    /// The cluster objects the agent holds and its pods' records in the
+    /// datastore; absent with no datastore, and from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_objects: Option<ClusterObjectsStatus>,
+}
+
+/// What the agent holds of the cluster objects (from its watch of the
+/// datastore) and how far its own pods' endpoint records are published.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterObjectsStatus {
+    /// `file` or `etcd`.
+    pub backend: String,
+    /// The watch is open (it has listed and follows the changes).
+    pub connected: bool,
+    /// The datastore revision the agent's view has applied (0: none yet);
+    /// a node behind the others shows a lower one.
+    pub revision: i64,
+    /// Objects held by kind (the API's plural: `namespaces`, `pods`, ...),
+    /// every kind, zeros included.
+    pub counts: std::collections::BTreeMap<String, usize>,
+    /// Endpoint records (pod IP, namespace, name, node) held, every node's.
+    pub pod_records: usize,
+    /// How many times the watch listed everything again after the first
+    /// list (a compaction or a lost watch).
+    pub resyncs: u64,
+    /// Values under the datastore's prefixes the agent could not read (not
+    /// an object of a known kind, not an endpoint record): left out.
+    #[serde(default)]
+    pub unreadable: usize,
+    /// Why the watch last failed or was lost, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// This node's endpoint records.
+    pub publish: PublishStatus,
+}
+
+/// This node's endpoint records in the datastore.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishStatus {
+    /// Records the node should have published: one per endpoint with a pod
+    /// namespace and name.
+    pub records: usize,
+    /// The datastore holds exactly these (as of the last write).
+    pub in_sync: bool,
+    /// The revision of the last successful publication.
+    pub revision: i64,
+    /// Failed attempts since the last success (retried with backoff).
+    pub failures: u64,
+    /// What is not published yet and why (empty when in sync).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// One difference between what the agent believes and what the kernel
