@@ -166,7 +166,10 @@ impl Agent {
                 .collect(),
             pending: self.pending(),
             unreadable_records: self.unreadable_records.clone(),
-            cluster_objects: self.cluster_objects.as_ref().map(|c| c.status()),
+            cluster_objects: self
+                .cluster_objects
+                .as_ref()
+                .map(super::cluster_objects::ClusterObjects::status),
         })
     }
 

@@ -203,6 +203,49 @@ pub struct ClusterObjectsStatus {
     pub publish: PublishStatus,
 }
 
+impl ClusterObjectsStatus {
+    /// One line for `podnetctl status`: `revision 123, namespaces 3, pods
+    /// 9, networkpolicies 2, services 1, endpointslices 1, pod records 9
+    /// (1 resync)`, then whatever is wrong.
+    #[must_use]
+    pub fn summary(&self) -> String {
+        let kinds = crate::model::cluster::ALL_KINDS.map(crate::model::cluster::Kind::plural);
+        let mut parts = vec![format!("revision {}", self.revision)];
+        // The known kinds in the API's order, then any a newer agent adds.
+        let others = self
+            .counts
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !kinds.contains(k));
+        for kind in kinds.into_iter().chain(others) {
+            parts.push(format!(
+                "{kind} {}",
+                self.counts.get(kind).copied().unwrap_or_default()
+            ));
+        }
+        parts.push(format!("pod records {}", self.pod_records));
+        let mut line = format!(
+            "{} ({} resync{})",
+            parts.join(", "),
+            self.resyncs,
+            if self.resyncs == 1 { "" } else { "s" }
+        );
+        if !self.connected {
+            line.push_str("; NOT WATCHING");
+            if let Some(e) = &self.last_error {
+                line.push_str(": ");
+                line.push_str(e);
+            }
+        }
+        if self.unreadable > 0 {
+            line.push_str("; ");
+            line.push_str(&self.unreadable.to_string());
+            line.push_str(" unreadable, left out");
+        }
+        line
+    }
+}
+
 /// This node's endpoint records in the datastore.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PublishStatus {
@@ -521,5 +564,58 @@ impl<M: DeserializeOwned> Iterator for MessageStream<M> {
                 source,
             })),
         }
+    }
+}
+
+#[cfg(test)]
+mod cluster_objects_tests {
+    use super::*;
+
+    #[test]
+    fn the_status_line_names_every_kind_in_order() {
+        let status = ClusterObjectsStatus {
+            backend: "etcd".into(),
+            connected: true,
+            revision: 123,
+            counts: [
+                ("endpointslices", 1),
+                ("namespaces", 3),
+                ("networkpolicies", 2),
+                ("pods", 9),
+                ("services", 1),
+            ]
+            .into_iter()
+            .map(|(k, n)| (k.to_owned(), n))
+            .collect(),
+            pod_records: 9,
+            resyncs: 1,
+            ..ClusterObjectsStatus::default()
+        };
+        assert_eq!(
+            status.summary(),
+            "revision 123, namespaces 3, pods 9, networkpolicies 2, services 1, \
+             endpointslices 1, pod records 9 (1 resync)"
+        );
+        let lost = ClusterObjectsStatus {
+            connected: false,
+            last_error: Some("etcd down".into()),
+            unreadable: 2,
+            ..status
+        };
+        assert!(
+            lost.summary()
+                .ends_with("(1 resync); NOT WATCHING: etcd down; 2 unreadable, left out"),
+            "{}",
+            lost.summary()
+        );
+        // An older agent's answer has no cluster objects.
+        let old: AgentStatus = serde_json::from_value(serde_json::json!({
+            "node": {"node_name": "n", "pod_cidr": "10.244.0.0/24",
+                     "cluster_cidr": "10.244.0.0/16", "gateway": "10.244.0.1",
+                     "mtu": 1450, "ipam_dir": "/x"},
+            "endpoints": 0, "attach_mode": "tcx", "bpffs_dir": "/b", "programs": []
+        }))
+        .expect("an older agent's status");
+        assert_eq!(old.cluster_objects, None);
     }
 }

@@ -17,6 +17,7 @@ use podnet::{
     agent::{
         self, Agent, AgentConfig,
         cluster::{self, Mode, NodeNetwork, VxlanDatapath},
+        cluster_objects::{self, ClusterObjects},
         follow::{self, EtcdFollow},
         join,
         metrics::{AgentInfo, AgentMetrics, CniOps},
@@ -29,6 +30,7 @@ use podnet::{
         etcd::{EtcdAccess, EtcdAccessFiles, EtcdDatastore},
         file::{self, FileDatastore, Follower},
         membership::{Policy, format_duration, parse_duration},
+        objects::{ObjectStoreError, etcd::EtcdObjectStore, file::FileObjectStore},
     },
     install, netlink,
 };
@@ -597,6 +599,7 @@ fn main() -> anyhow::Result<()> {
     retry_pending(Arc::clone(&registry), resolved.network.clone(), ready);
     sweep_stack_flows(&resolved.config.bpffs_dir)?;
     follow_datastore(&runtime, &resolved, &registry, lease_ttl)?;
+    follow_cluster_objects(&runtime, &resolved, &registry)?;
     let monitor = agent::monitor::MonitorHub::new();
     runtime.spawn(agent::monitor::run_logged(
         monitor.clone(),
@@ -663,6 +666,83 @@ fn follow_datastore(
         }
     }
     Ok(())
+}
+
+/// How long a request to etcd for the cluster objects may take.
+const OBJECTS_ETCD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// The pause before the cluster objects' watch connects and lists again.
+const OBJECTS_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Starts publishing this node's endpoint records and following the
+/// cluster objects (a datastore's only: with none there is no cluster).
+fn follow_cluster_objects(
+    runtime: &tokio::runtime::Runtime,
+    resolved: &Resolved,
+    registry: &Arc<Mutex<Agent>>,
+) -> anyhow::Result<()> {
+    let node = resolved.config.node_name.clone();
+    let backend = resolved.datastore.backend();
+    let (handle, tasks) = ClusterObjects::new(&node, backend);
+    match &resolved.datastore {
+        DatastoreSpec::None => return Ok(()),
+        DatastoreSpec::File(path) => {
+            let store = FileObjectStore::beside(path);
+            let connect = move || {
+                let store = store.clone();
+                async move { Ok::<_, ObjectStoreError>(store) }
+            };
+            runtime.spawn(cluster_objects::publish(
+                node,
+                connect.clone(),
+                tasks.wanted,
+                tasks.publish,
+                cluster_objects::Timing::default(),
+            ));
+            runtime.spawn(cluster_objects::follow(connect, tasks.view, OBJECTS_RETRY));
+        }
+        DatastoreSpec::Etcd(endpoints) => {
+            runtime.spawn(cluster_objects::publish(
+                node,
+                etcd_objects(endpoints, &resolved.etcd_access),
+                tasks.wanted,
+                tasks.publish,
+                cluster_objects::Timing::default(),
+            ));
+            runtime.spawn(cluster_objects::follow(
+                etcd_objects(endpoints, &resolved.etcd_access),
+                tasks.view,
+                OBJECTS_RETRY,
+            ));
+        }
+    }
+    registry
+        .lock()
+        .map_err(|_| anyhow::anyhow!("agent state poisoned"))?
+        .set_cluster_objects(handle);
+    Ok(())
+}
+
+/// Connects to etcd for the cluster objects (a connection of their own,
+/// with the node's credential), starting at the next member on each
+/// attempt: the member that failed last is tried last.
+fn etcd_objects(
+    endpoints: &[String],
+    access: &EtcdAccess,
+) -> impl FnMut() -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<EtcdObjectStore, ObjectStoreError>> + Send>,
+> + Send
++ 'static {
+    let (endpoints, access) = (endpoints.to_vec(), access.clone());
+    let mut attempt = 0;
+    move || {
+        let mut order = endpoints.clone();
+        order.rotate_left(attempt % endpoints.len().max(1));
+        attempt += 1;
+        let access = access.clone();
+        Box::pin(
+            async move { EtcdObjectStore::connect(&order, &access, OBJECTS_ETCD_TIMEOUT).await },
+        )
+    }
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {

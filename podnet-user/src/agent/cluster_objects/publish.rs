@@ -30,7 +30,7 @@ impl Default for Timing {
         Self {
             first_retry: Duration::from_millis(250),
             max_retry: Duration::from_secs(10),
-            republish: Duration::from_secs(60),
+            republish: Duration::from_mins(1),
         }
     }
 }

@@ -90,7 +90,7 @@ fn fast() -> Timing {
     Timing {
         first_retry: Duration::from_millis(5),
         max_retry: Duration::from_millis(20),
-        republish: Duration::from_secs(3600),
+        republish: Duration::from_hours(1),
     }
 }
 
