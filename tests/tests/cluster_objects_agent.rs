@@ -192,6 +192,33 @@ fn pods_are_published_on_add_removed_on_del_and_republished_after_a_restart() {
         (LAB_NAMESPACE, "node1-pod1")
     );
 
+    // A pod name the API server would refuse: ADD refused before anything
+    // is made (CNI error 4, invalid environment), nothing published.
+    let (ok, out) = lab
+        .layout
+        .cni(
+            &node1,
+            &[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", "bad-name"),
+                ("CNI_NETNS", "/var/run/netns/none"),
+                ("CNI_IFNAME", "eth0"),
+                (
+                    "CNI_ARGS",
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=Bad_Name",
+                ),
+            ],
+        )
+        .expect("ADD");
+    assert!(!ok, "{out}");
+    assert_eq!(out["code"], 4, "{out}");
+    assert!(
+        out["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("invalid K8S_POD_NAME \"Bad_Name\"")),
+        "{out}"
+    );
+
     let added = Instant::now();
     let extra = lab.layout.add_pod("node1", "extra").expect("ADD");
     wait_records(&lab.layout, "a pod ADDed is published");
