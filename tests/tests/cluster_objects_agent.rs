@@ -2,7 +2,8 @@
 //! `CNI_ARGS` are published as endpoint records (ADD), removed (DEL) and
 //! republished exactly after an agent restart; every node's view of the
 //! objects converges after an apply (measured), after a compaction and
-//! after the etcd member the agents use is killed.
+//! after the etcd member the agents use is killed; the same on the
+//! nodes-file datastore (records beside the nodes file).
 //!
 //! Tests print `FIGURE` lines with what they measured (RELIABILITY.md).
 
@@ -15,6 +16,7 @@ use podnet::{
     api::{AgentStatus, Client, ClusterObjectsStatus, EndpointStatus, Request},
     datastore::objects::{
         EndpointKey, Expect, ObjectPath, ObjectStore, ObjectStoreError, etcd::EtcdObjectStore,
+        file::FileObjectStore,
     },
     model::cluster::{ClusterObject, PodEndpointRecord, decode},
 };
@@ -412,5 +414,72 @@ fn node_views_resume_after_the_etcd_member_they_watch_is_killed() {
     eprintln!(
         "FIGURE cluster objects: views matched etcd {} ms after the member they watched ({victim}) was killed (resyncs {resyncs:?})",
         killed.elapsed().as_millis().max(caught_up.as_millis())
+    );
+}
+
+#[test]
+fn nodes_on_the_nodes_file_publish_their_pods_and_see_applied_objects() {
+    if !privileged("nodes_on_the_nodes_file_publish_their_pods_and_see_applied_objects") {
+        return;
+    }
+    let lab = LabGuard::up("cof", 2, 1, "vxlan", LabDatastore::File).expect("lab up");
+    let store = FileObjectStore::beside(&lab.layout.run_dir.join("nodes.json"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let want = expected(&lab.layout);
+    wait_up_to(
+        CONVERGE_WITHIN,
+        "the pods' records beside the nodes file",
+        || {
+            let mut store = store.clone();
+            let stored = runtime
+                .block_on(async move { store.list_endpoints(None).await })
+                .expect("list");
+            let seen: BTreeMap<String, PodEndpointRecord> = stored
+                .0
+                .into_iter()
+                .map(|e| {
+                    (
+                        e.key.to_key(),
+                        serde_json::from_slice(&e.value).expect("record"),
+                    )
+                })
+                .collect();
+            seen == want
+        },
+    );
+    let object = decode("apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n")
+        .expect("decodes")
+        .remove(0);
+    let applied = Instant::now();
+    let revision = {
+        let mut store = store.clone();
+        runtime
+            .block_on(async move {
+                store
+                    .apply(
+                        &path_of(&object),
+                        &object.to_stored_json().expect("encodes"),
+                        Expect::Any,
+                    )
+                    .await
+            })
+            .expect("apply")
+            .revision()
+    };
+    wait_up_to(CONVERGE_WITHIN, "both nodes see the namespace", || {
+        lab.layout.nodes.iter().all(|n| {
+            let status = objects_status(&lab.layout, &n.name);
+            status.revision >= revision
+                && status.counts.get("namespaces") == Some(&1)
+                && status.pod_records == want.len()
+                && status.publish.in_sync
+        })
+    });
+    eprintln!(
+        "FIGURE cluster objects: nodes-file views converged in {} ms after an apply",
+        applied.elapsed().as_millis()
     );
 }
