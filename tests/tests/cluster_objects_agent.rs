@@ -333,6 +333,24 @@ fn node_views_converge_after_an_apply_and_resume_after_a_compaction() {
         "FIGURE cluster objects: views matched etcd {} ms after changes made past a compaction at revision {compacted}",
         caught_up.as_millis()
     );
+    // What an operator reads.
+    let node1 = lab.layout.node("node1").expect("node1");
+    let out = std::process::Command::new(podnet_tests::bins::binary("podnetctl"))
+        .arg("--socket")
+        .arg(&node1.agent_socket)
+        .arg("status")
+        .output()
+        .expect("podnetctl status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let status = objects_status(&lab.layout, "node1");
+    let line = format!(
+        "cluster objects: revision {}, namespaces 1, pods 0, networkpolicies 0, services 0, \
+         endpointslices 0, pod records 2 ({} resync{})",
+        status.revision,
+        status.resyncs,
+        if status.resyncs == 1 { "" } else { "s" }
+    );
+    assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
 }
 
 /// Compacts etcd's history up to its current revision; returns it.
