@@ -501,3 +501,32 @@ fn nodes_on_the_nodes_file_publish_their_pods_and_see_applied_objects() {
         applied.elapsed().as_millis()
     );
 }
+
+#[test]
+fn nodes_publish_and_watch_with_their_own_etcd_credential() {
+    if !privileged("nodes_publish_and_watch_with_their_own_etcd_credential") {
+        return;
+    }
+    let lab = LabGuard::up_with(
+        "cot",
+        2,
+        1,
+        "vxlan",
+        LabDatastore::Etcd,
+        LabOptions {
+            etcd_tls: true,
+            ..LabOptions::default()
+        },
+    )
+    .expect("lab up");
+    // Over TLS, each agent as its own etcd user, whose role writes only
+    // its own records.
+    wait_records(&lab.layout, "the pods' records published by their nodes");
+    apply(&lab.layout, POLICY);
+    wait_views_match(&lab.layout, "views follow with the nodes' credentials");
+    for node in &lab.layout.nodes {
+        let status = objects_status(&lab.layout, &node.name);
+        assert!(status.publish.in_sync, "{status:?}");
+        assert_eq!(status.counts.get("networkpolicies"), Some(&1), "{status:?}");
+    }
+}
