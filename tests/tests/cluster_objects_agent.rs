@@ -524,9 +524,13 @@ fn nodes_publish_and_watch_with_their_own_etcd_credential() {
     wait_records(&lab.layout, "the pods' records published by their nodes");
     apply(&lab.layout, POLICY);
     wait_views_match(&lab.layout, "views follow with the nodes' credentials");
+    // A quiet watch stays open: no request timeout cuts it, nothing is
+    // listed again.
+    std::thread::sleep(Duration::from_secs(8));
     for node in &lab.layout.nodes {
         let status = objects_status(&lab.layout, &node.name);
         assert!(status.publish.in_sync, "{status:?}");
         assert_eq!(status.counts.get("networkpolicies"), Some(&1), "{status:?}");
+        assert_eq!((status.connected, status.resyncs), (true, 0), "{status:?}");
     }
 }

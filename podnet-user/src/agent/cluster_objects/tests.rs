@@ -410,3 +410,52 @@ fn pod_labels_and_addresses_come_from_objects_and_records() {
         "status counts use the API's plural names"
     );
 }
+
+#[tokio::test]
+async fn the_view_connects_again_after_failures_and_says_why_meanwhile() {
+    let mut store = MemoryObjectStore::new();
+    apply_all(&mut store, OBJECTS).await;
+    let (objects, tasks) = ClusterObjects::new(NODE, "memory");
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let connect = {
+        let (store, attempts) = (store.clone(), Arc::clone(&attempts));
+        move || {
+            let n = attempts.fetch_add(1, Ordering::SeqCst);
+            let store = store.clone();
+            async move {
+                if n < 3 {
+                    Err(ObjectStoreError::NoEndpoints)
+                } else {
+                    Ok(store)
+                }
+            }
+        }
+    };
+    let task = tokio::spawn(follow(
+        connect,
+        Arc::clone(&tasks.view),
+        Duration::from_millis(5),
+    ));
+    eventually("a failure shown", || {
+        let status = objects.status();
+        async move { !status.connected && status.last_error.is_some() }
+    })
+    .await;
+    let view = objects.view();
+    eventually("listed once the store answers", || {
+        let (v, mut s) = (Arc::clone(&view), store.clone());
+        async move { matches_store(&v, &mut s).await }
+    })
+    .await;
+    let status = objects.status();
+    assert!(status.connected, "{status:?}");
+    assert_eq!(attempts.load(Ordering::SeqCst), 4);
+    // The first list is not a resync: nothing was held before it.
+    assert_eq!(status.resyncs, 0);
+    assert!(
+        status.summary().starts_with("revision "),
+        "{}",
+        status.summary()
+    );
+    task.abort();
+}

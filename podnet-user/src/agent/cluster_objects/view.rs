@@ -278,14 +278,16 @@ fn lock(view: &Mutex<AgentView>) -> std::sync::MutexGuard<'_, AgentView> {
 }
 
 /// Follows the store into `view` forever: connects, lists, watches; after
-/// an error it waits `retry`, connects again and lists again (the view
-/// replaces what it held: nothing applied twice, nothing missed).
+/// an error it waits (`retry`, doubled after each failure in a row up to
+/// 16 times `retry`), connects again and lists again (the view replaces
+/// what it held: nothing applied twice, nothing missed).
 pub async fn follow<S, C, F>(mut connect: C, view: Arc<Mutex<AgentView>>, retry: Duration)
 where
     S: ObjectStore,
     C: FnMut() -> F + Send,
     F: Future<Output = Result<S, ObjectStoreError>> + Send,
 {
+    let mut pause = retry;
     loop {
         let error = match connect().await {
             Err(e) => e,
@@ -294,6 +296,7 @@ where
                 loop {
                     match watcher.next().await {
                         Ok(update) => {
+                            pause = retry;
                             let resync = matches!(update, Update::Resync(_));
                             let mut v = lock(&view);
                             v.apply(update);
@@ -313,9 +316,10 @@ where
                 }
             }
         };
-        warn!(error = %error, retry_in = ?retry,
+        warn!(error = %error, retry_in = ?pause,
               "following the cluster objects failed; the agent keeps what it holds and lists again");
         lock(&view).failed(&error);
-        tokio::time::sleep(retry).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(retry * 16);
     }
 }
