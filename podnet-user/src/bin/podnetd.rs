@@ -17,7 +17,7 @@ use podnet::{
     agent::{
         self, Agent, AgentConfig,
         cluster::{self, Mode, NodeNetwork, VxlanDatapath},
-        cluster_objects::{self, ClusterObjects},
+        cluster_objects::{self, ClusterObjects, SharedConnection},
         follow::{self, EtcdFollow},
         join,
         metrics::{AgentInfo, AgentMetrics, CniOps},
@@ -30,7 +30,7 @@ use podnet::{
         etcd::{EtcdAccess, EtcdAccessFiles, EtcdDatastore},
         file::{self, FileDatastore, Follower},
         membership::{Policy, format_duration, parse_duration},
-        objects::{ObjectStoreError, etcd::EtcdObjectStore, file::FileObjectStore},
+        objects::{ObjectStoreError, file::FileObjectStore},
     },
     install, netlink,
 };
@@ -598,8 +598,10 @@ fn main() -> anyhow::Result<()> {
     );
     retry_pending(Arc::clone(&registry), resolved.network.clone(), ready);
     sweep_stack_flows(&resolved.config.bpffs_dir)?;
-    follow_datastore(&runtime, &resolved, &registry, lease_ttl)?;
-    follow_cluster_objects(&runtime, &resolved, &registry)?;
+    // The agent's etcd connection, shared with the cluster objects' tasks.
+    let connection = SharedConnection::default();
+    follow_datastore(&runtime, &resolved, &registry, lease_ttl, &connection)?;
+    follow_cluster_objects(&runtime, &resolved, &registry, &connection)?;
     let monitor = agent::monitor::MonitorHub::new();
     runtime.spawn(agent::monitor::run_logged(
         monitor.clone(),
@@ -625,6 +627,7 @@ fn follow_datastore(
     resolved: &Resolved,
     registry: &Arc<Mutex<Agent>>,
     lease_ttl: std::time::Duration,
+    connection: &SharedConnection,
 ) -> anyhow::Result<()> {
     match &resolved.datastore {
         DatastoreSpec::None => {
@@ -659,6 +662,7 @@ fn follow_datastore(
                     lease_ttl,
                     policy: resolved.policy,
                     request,
+                    connection: connection.clone(),
                 },
                 Arc::clone(registry),
                 resolved.network.clone(),
@@ -668,8 +672,9 @@ fn follow_datastore(
     Ok(())
 }
 
-/// How long a request to etcd for the cluster objects may take.
-const OBJECTS_ETCD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// After the cluster objects' store failed, how long their tasks wait for
+/// the agent's next etcd session before they use the current one again.
+const OBJECTS_NEWER_CONNECTION: std::time::Duration = std::time::Duration::from_secs(2);
 /// The pause before the cluster objects' watch connects and lists again.
 const OBJECTS_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -679,6 +684,7 @@ fn follow_cluster_objects(
     runtime: &tokio::runtime::Runtime,
     resolved: &Resolved,
     registry: &Arc<Mutex<Agent>>,
+    connection: &SharedConnection,
 ) -> anyhow::Result<()> {
     let node = resolved.config.node_name.clone();
     let backend = resolved.datastore.backend();
@@ -700,16 +706,16 @@ fn follow_cluster_objects(
             ));
             runtime.spawn(cluster_objects::follow(connect, tasks.view, OBJECTS_RETRY));
         }
-        DatastoreSpec::Etcd(endpoints) => {
+        DatastoreSpec::Etcd(_) => {
             runtime.spawn(cluster_objects::publish(
                 node,
-                etcd_objects(endpoints, &resolved.etcd_access),
+                connection.connector(OBJECTS_NEWER_CONNECTION),
                 tasks.wanted,
                 tasks.publish,
                 cluster_objects::Timing::default(),
             ));
             runtime.spawn(cluster_objects::follow(
-                etcd_objects(endpoints, &resolved.etcd_access),
+                connection.connector(OBJECTS_NEWER_CONNECTION),
                 tasks.view,
                 OBJECTS_RETRY,
             ));
@@ -720,29 +726,6 @@ fn follow_cluster_objects(
         .map_err(|_| anyhow::anyhow!("agent state poisoned"))?
         .set_cluster_objects(handle);
     Ok(())
-}
-
-/// Connects to etcd for the cluster objects (a connection of their own,
-/// with the node's credential), starting at the next member on each
-/// attempt: the member that failed last is tried last.
-fn etcd_objects(
-    endpoints: &[String],
-    access: &EtcdAccess,
-) -> impl FnMut() -> std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<EtcdObjectStore, ObjectStoreError>> + Send>,
-> + Send
-+ 'static {
-    let (endpoints, access) = (endpoints.to_vec(), access.clone());
-    let mut attempt = 0;
-    move || {
-        let mut order = endpoints.clone();
-        order.rotate_left(attempt % endpoints.len().max(1));
-        attempt += 1;
-        let access = access.clone();
-        Box::pin(
-            async move { EtcdObjectStore::connect(&order, &access, OBJECTS_ETCD_TIMEOUT).await },
-        )
-    }
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {

@@ -14,6 +14,12 @@
 //! [`Timing::republish`], so a restarted agent republishes exactly what it
 //! holds and a record changed behind its back is put right.
 //!
+//! Where they run: on etcd over the agent's own connection (each datastore
+//! session offers its client, [`SharedConnection`]; a task whose store
+//! failed waits briefly for the next session's), with the node's
+//! credential, which reads `/podnet/` and writes only the node's own
+//! records; on the nodes-file datastore over the store beside the file.
+//!
 //! The records of a node that is gone are not removed by the others (a
 //! node's credential writes its own records only): consumers ignore the
 //! records of nodes the membership plan does not route.
@@ -26,14 +32,21 @@ pub use view::{AgentView, follow};
 
 use std::{
     collections::BTreeMap,
-    sync::{Arc, Mutex, PoisonError},
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use tokio::sync::watch;
 
 use crate::{
     api::{ClusterObjectsStatus, Endpoint, PublishStatus},
-    datastore::objects::EndpointKey,
+    datastore::objects::{EndpointKey, ObjectStoreError, etcd::EtcdObjectStore},
     endpoint::Owner,
     model::cluster::PodEndpointRecord,
 };
@@ -214,6 +227,83 @@ impl ClusterObjects {
     #[must_use]
     pub fn view(&self) -> Arc<Mutex<AgentView>> {
         Arc::clone(&self.view)
+    }
+}
+
+/// A connection, numbered by the session that offered it.
+type Offered = (u64, Option<EtcdObjectStore>);
+
+/// What a connect function of [`SharedConnection::connector`] returns.
+pub type Connecting =
+    Pin<Box<dyn Future<Output = Result<EtcdObjectStore, ObjectStoreError>> + Send>>;
+
+/// The agent's etcd connection, shared with the cluster objects' tasks: each
+/// datastore session (a connection to one member, moved to the next when it
+/// fails) offers its client, and the tasks use the newest one, so an agent
+/// holds one connection to etcd, not three.
+#[derive(Clone)]
+pub struct SharedConnection {
+    offered: Arc<watch::Sender<Offered>>,
+}
+
+impl fmt::Debug for SharedConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedConnection")
+            .field("session", &self.offered.borrow().0)
+            .finish()
+    }
+}
+
+impl Default for SharedConnection {
+    fn default() -> Self {
+        Self {
+            offered: Arc::new(watch::channel((0, None)).0),
+        }
+    }
+}
+
+impl SharedConnection {
+    /// A new session's connection (`endpoint` names it in errors).
+    pub fn offer(&self, client: etcd_client::Client, endpoint: &str) {
+        let store = EtcdObjectStore::new(client, endpoint);
+        self.offered.send_modify(|(session, offered)| {
+            *session += 1;
+            *offered = Some(store);
+        });
+    }
+
+    /// A connect function for [`publish`] and [`follow`]: the first call
+    /// waits for a connection; a later one (the caller's store failed)
+    /// waits up to `newer` for the next session's, then takes the current
+    /// one again (the failure was not the connection's: a compaction, a
+    /// refused write).
+    pub fn connector(&self, newer: Duration) -> impl FnMut() -> Connecting + Send + 'static {
+        let rx = self.offered.subscribe();
+        let used = Arc::new(AtomicU64::new(0));
+        move || {
+            let (mut rx, used) = (rx.clone(), Arc::clone(&used));
+            Box::pin(async move {
+                let seen = used.load(Ordering::Acquire);
+                let fresh = |(session, store): &Offered| store.is_some() && *session > seen;
+                // Owned before anything else is awaited (a borrow of the
+                // channel must not be held across an await).
+                let newest = tokio::time::timeout(newer, async {
+                    rx.wait_for(fresh).await.map(|o| Offered::clone(&o))
+                })
+                .await;
+                let (session, store) = match newest {
+                    Ok(Ok(offered)) => offered,
+                    Ok(Err(_)) => return Err(ObjectStoreError::NoEndpoints),
+                    Err(_) => rx
+                        .wait_for(|(_, store)| store.is_some())
+                        .await
+                        .map(|o| Offered::clone(&o))
+                        .map_err(|_| ObjectStoreError::NoEndpoints)?,
+                };
+                used.store(session, Ordering::Release);
+                store.ok_or(ObjectStoreError::NoEndpoints)
+            })
+        }
     }
 }
 
