@@ -26,6 +26,7 @@ pub use model::{
     DEFAULT_RUN_DIR, FABRIC_HOST, LabDatastore, LabEtcdMember, LabLayout, LabNode, LabPod,
     LabServer, LabSpec, ServiceKind,
 };
+pub use processes::LAB_NAMESPACE;
 pub use render::render;
 pub use up::{down, up, up_with_bins};
 

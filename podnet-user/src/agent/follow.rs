@@ -305,6 +305,9 @@ pub struct EtcdFollow {
     pub policy: Policy,
     /// This node, with the pod CIDR it runs with as `pod_cidr`.
     pub request: JoinRequest,
+    /// Where each session's connection is offered to the cluster objects'
+    /// tasks.
+    pub connection: super::cluster_objects::SharedConnection,
 }
 
 /// Which member an agent asks first: spread over the members by node name,
@@ -348,6 +351,7 @@ pub async fn follow_etcd(follow: EtcdFollow, registry: Arc<Mutex<Agent>>, networ
                 // Whatever ends the session, the next one starts at another
                 // member: this one may be the one that failed.
                 next = (used + 1) % follow.endpoints.len();
+                follow.connection.offer(store.client(), store.endpoint());
                 let mut synced = false;
                 // Boxed: the session's state machine is large (etcd-client's futures).
                 let e = Box::pin(session(store, &follow.request, &mut cluster, &mut synced)).await;

@@ -4,6 +4,7 @@
 mod accept;
 mod check;
 pub mod cluster;
+pub mod cluster_objects;
 mod endpoints;
 pub mod explain;
 pub mod follow;

@@ -9,6 +9,7 @@
 //! | `follow.rs`, `join.rs` | following the cluster in the datastore (they call into `cluster.rs` through the agent, never the datapath) |
 //! | `check.rs` | comparing what the agent believes with what the kernel holds |
 //! | `explain.rs` | copying what a packet's path reads for `podnetctl explain` |
+//! | `cluster_objects/` | publishing the node's endpoint records, holding the cluster objects from a watch |
 //! | `server.rs`, `metrics/`, `monitor.rs`, `http.rs`, `accept.rs` | the socket, Prometheus metrics, drop events, health, accept loops that survive running out of descriptors |
 //!
 //! Here: opening the agent (loading the records and reconciling), the
@@ -48,6 +49,9 @@ pub struct Agent {
     /// Endpoint records that could not be read, kept aside (see
     /// [`record`]); reported until an operator removes them.
     pub(super) unreadable_records: Vec<PathBuf>,
+    /// The cluster objects' tasks (publisher, view); `None` without a
+    /// datastore.
+    pub(super) cluster_objects: Option<super::cluster_objects::ClusterObjects>,
 }
 
 impl Agent {
@@ -74,6 +78,7 @@ impl Agent {
             node_network_ready: false,
             cluster: super::cluster::ClusterState::default(),
             unreadable_records: Vec::new(),
+            cluster_objects: None,
         };
         // Before reconcile re-points the pods' programs at this build's.
         registry.write_node_checks(network)?;
@@ -161,7 +166,31 @@ impl Agent {
                 .collect(),
             pending: self.pending(),
             unreadable_records: self.unreadable_records.clone(),
+            cluster_objects: self
+                .cluster_objects
+                .as_ref()
+                .map(super::cluster_objects::ClusterObjects::status),
         })
+    }
+
+    /// Hands the agent the cluster objects' tasks; its endpoints are
+    /// published from now on (all of them now: a restart republishes).
+    pub fn set_cluster_objects(&mut self, objects: super::cluster_objects::ClusterObjects) {
+        objects.set_endpoints(&self.endpoints);
+        self.cluster_objects = Some(objects);
+    }
+
+    /// The cluster objects' tasks, if the agent has a datastore.
+    #[must_use]
+    pub fn cluster_objects(&self) -> Option<&super::cluster_objects::ClusterObjects> {
+        self.cluster_objects.as_ref()
+    }
+
+    /// Tells the publisher the endpoints changed.
+    pub(super) fn endpoints_changed(&self) {
+        if let Some(objects) = &self.cluster_objects {
+            objects.set_endpoints(&self.endpoints);
+        }
     }
 
     pub fn counters(&self) -> anyhow::Result<CounterTotals> {

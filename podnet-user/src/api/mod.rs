@@ -167,6 +167,102 @@ pub struct AgentStatus {
     /// installed. Absent from older agents' answers.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreadable_records: Vec<PathBuf>,
+    /// The cluster objects the agent holds and its pods' records in the
+    /// datastore; absent with no datastore, and from older agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_objects: Option<ClusterObjectsStatus>,
+}
+
+/// What the agent holds of the cluster objects (from its watch of the
+/// datastore) and how far its own pods' endpoint records are published.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterObjectsStatus {
+    /// `file` or `etcd`.
+    pub backend: String,
+    /// The watch is open (it has listed and follows the changes).
+    pub connected: bool,
+    /// The datastore revision the agent's view has applied (0: none yet);
+    /// a node behind the others shows a lower one.
+    pub revision: i64,
+    /// Objects held by kind (the API's plural: `namespaces`, `pods`, ...),
+    /// every kind, zeros included.
+    pub counts: std::collections::BTreeMap<String, usize>,
+    /// Endpoint records (pod IP, namespace, name, node) held, every node's.
+    pub pod_records: usize,
+    /// How many times the watch listed everything again after the first
+    /// list (a compaction or a lost watch).
+    pub resyncs: u64,
+    /// Values under the datastore's prefixes the agent could not read (not
+    /// an object of a known kind, not an endpoint record): left out.
+    #[serde(default)]
+    pub unreadable: usize,
+    /// Why the watch last failed or was lost, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// This node's endpoint records.
+    pub publish: PublishStatus,
+}
+
+impl ClusterObjectsStatus {
+    /// One line for `podnetctl status`: `revision 123, namespaces 3, pods
+    /// 9, networkpolicies 2, services 1, endpointslices 1, pod records 9
+    /// (1 resync)`, then whatever is wrong.
+    #[must_use]
+    pub fn summary(&self) -> String {
+        let kinds = crate::model::cluster::ALL_KINDS.map(crate::model::cluster::Kind::plural);
+        let mut parts = vec![format!("revision {}", self.revision)];
+        // The known kinds in the API's order, then any a newer agent adds.
+        let others = self
+            .counts
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !kinds.contains(k));
+        for kind in kinds.into_iter().chain(others) {
+            parts.push(format!(
+                "{kind} {}",
+                self.counts.get(kind).copied().unwrap_or_default()
+            ));
+        }
+        parts.push(format!("pod records {}", self.pod_records));
+        let mut line = format!(
+            "{} ({} resync{})",
+            parts.join(", "),
+            self.resyncs,
+            if self.resyncs == 1 { "" } else { "s" }
+        );
+        if !self.connected {
+            line.push_str("; NOT WATCHING");
+            if let Some(e) = &self.last_error {
+                line.push_str(": ");
+                line.push_str(e);
+            }
+        }
+        if self.unreadable > 0 {
+            line.push_str("; ");
+            line.push_str(&self.unreadable.to_string());
+            line.push_str(" unreadable, left out");
+        }
+        line
+    }
+}
+
+/// This node's endpoint records in the datastore.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishStatus {
+    /// Records the node should have published: one per endpoint with a pod
+    /// namespace and name.
+    pub records: usize,
+    /// The datastore holds exactly these (as of the last write).
+    pub in_sync: bool,
+    /// The revision of the last successful publication.
+    pub revision: i64,
+    /// Failed attempts since the last success (retried with backoff).
+    pub failures: u64,
+    /// What is not published yet and why (empty when in sync).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// One difference between what the agent believes and what the kernel
@@ -468,5 +564,58 @@ impl<M: DeserializeOwned> Iterator for MessageStream<M> {
                 source,
             })),
         }
+    }
+}
+
+#[cfg(test)]
+mod cluster_objects_tests {
+    use super::*;
+
+    #[test]
+    fn the_status_line_names_every_kind_in_order() {
+        let status = ClusterObjectsStatus {
+            backend: "etcd".into(),
+            connected: true,
+            revision: 123,
+            counts: [
+                ("endpointslices", 1),
+                ("namespaces", 3),
+                ("networkpolicies", 2),
+                ("pods", 9),
+                ("services", 1),
+            ]
+            .into_iter()
+            .map(|(k, n)| (k.to_owned(), n))
+            .collect(),
+            pod_records: 9,
+            resyncs: 1,
+            ..ClusterObjectsStatus::default()
+        };
+        assert_eq!(
+            status.summary(),
+            "revision 123, namespaces 3, pods 9, networkpolicies 2, services 1, \
+             endpointslices 1, pod records 9 (1 resync)"
+        );
+        let lost = ClusterObjectsStatus {
+            connected: false,
+            last_error: Some("etcd down".into()),
+            unreadable: 2,
+            ..status
+        };
+        assert!(
+            lost.summary()
+                .ends_with("(1 resync); NOT WATCHING: etcd down; 2 unreadable, left out"),
+            "{}",
+            lost.summary()
+        );
+        // An older agent's answer has no cluster objects.
+        let old: AgentStatus = serde_json::from_value(serde_json::json!({
+            "node": {"node_name": "n", "pod_cidr": "10.244.0.0/24",
+                     "cluster_cidr": "10.244.0.0/16", "gateway": "10.244.0.1",
+                     "mtu": 1450, "ipam_dir": "/x"},
+            "endpoints": 0, "attach_mode": "tcx", "bpffs_dir": "/b", "programs": []
+        }))
+        .expect("an older agent's status");
+        assert_eq!(old.cluster_objects, None);
     }
 }

@@ -369,6 +369,12 @@ fn status(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             for what in &s.pending {
                 println!("pending      {what}");
             }
+            if let Some(objects) = &s.cluster_objects {
+                println!("cluster objects: {}", objects.summary());
+                for what in &objects.publish.pending {
+                    println!("pending      pod records: {what}");
+                }
+            }
             for record in &s.unreadable_records {
                 println!(
                     "UNREADABLE   endpoint record kept aside, endpoint not installed: {}",

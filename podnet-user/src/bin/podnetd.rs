@@ -17,6 +17,7 @@ use podnet::{
     agent::{
         self, Agent, AgentConfig,
         cluster::{self, Mode, NodeNetwork, VxlanDatapath},
+        cluster_objects::{self, ClusterObjects, SharedConnection},
         follow::{self, EtcdFollow},
         join,
         metrics::{AgentInfo, AgentMetrics, CniOps},
@@ -29,6 +30,7 @@ use podnet::{
         etcd::{EtcdAccess, EtcdAccessFiles, EtcdDatastore},
         file::{self, FileDatastore, Follower},
         membership::{Policy, format_duration, parse_duration},
+        objects::{ObjectStoreError, file::FileObjectStore},
     },
     install, netlink,
 };
@@ -596,7 +598,10 @@ fn main() -> anyhow::Result<()> {
     );
     retry_pending(Arc::clone(&registry), resolved.network.clone(), ready);
     sweep_stack_flows(&resolved.config.bpffs_dir)?;
-    follow_datastore(&runtime, &resolved, &registry, lease_ttl)?;
+    // The agent's etcd connection, shared with the cluster objects' tasks.
+    let connection = SharedConnection::default();
+    follow_datastore(&runtime, &resolved, &registry, lease_ttl, &connection)?;
+    follow_cluster_objects(&runtime, &resolved, &registry, &connection)?;
     let monitor = agent::monitor::MonitorHub::new();
     runtime.spawn(agent::monitor::run_logged(
         monitor.clone(),
@@ -622,6 +627,7 @@ fn follow_datastore(
     resolved: &Resolved,
     registry: &Arc<Mutex<Agent>>,
     lease_ttl: std::time::Duration,
+    connection: &SharedConnection,
 ) -> anyhow::Result<()> {
     match &resolved.datastore {
         DatastoreSpec::None => {
@@ -656,12 +662,69 @@ fn follow_datastore(
                     lease_ttl,
                     policy: resolved.policy,
                     request,
+                    connection: connection.clone(),
                 },
                 Arc::clone(registry),
                 resolved.network.clone(),
             ));
         }
     }
+    Ok(())
+}
+
+/// After the cluster objects' store failed, how long their tasks wait for
+/// the agent's next etcd session before they use the current one again.
+const OBJECTS_NEWER_CONNECTION: std::time::Duration = std::time::Duration::from_secs(2);
+/// The pause before the cluster objects' watch connects and lists again.
+const OBJECTS_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Starts publishing this node's endpoint records and following the
+/// cluster objects (a datastore's only: with none there is no cluster).
+fn follow_cluster_objects(
+    runtime: &tokio::runtime::Runtime,
+    resolved: &Resolved,
+    registry: &Arc<Mutex<Agent>>,
+    connection: &SharedConnection,
+) -> anyhow::Result<()> {
+    let node = resolved.config.node_name.clone();
+    let backend = resolved.datastore.backend();
+    let (handle, tasks) = ClusterObjects::new(&node, backend);
+    match &resolved.datastore {
+        DatastoreSpec::None => return Ok(()),
+        DatastoreSpec::File(path) => {
+            let store = FileObjectStore::beside(path);
+            let connect = move || {
+                let store = store.clone();
+                async move { Ok::<_, ObjectStoreError>(store) }
+            };
+            runtime.spawn(cluster_objects::publish(
+                node,
+                connect.clone(),
+                tasks.wanted,
+                tasks.publish,
+                cluster_objects::Timing::default(),
+            ));
+            runtime.spawn(cluster_objects::follow(connect, tasks.view, OBJECTS_RETRY));
+        }
+        DatastoreSpec::Etcd(_) => {
+            runtime.spawn(cluster_objects::publish(
+                node,
+                connection.connector(OBJECTS_NEWER_CONNECTION),
+                tasks.wanted,
+                tasks.publish,
+                cluster_objects::Timing::default(),
+            ));
+            runtime.spawn(cluster_objects::follow(
+                connection.connector(OBJECTS_NEWER_CONNECTION),
+                tasks.view,
+                OBJECTS_RETRY,
+            ));
+        }
+    }
+    registry
+        .lock()
+        .map_err(|_| anyhow::anyhow!("agent state poisoned"))?
+        .set_cluster_objects(handle);
     Ok(())
 }
 

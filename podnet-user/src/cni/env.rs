@@ -1,4 +1,5 @@
-//! The CNI environment variables (`CNI_COMMAND`, `CNI_CONTAINERID`, ...).
+//! The CNI environment variables (`CNI_COMMAND`, `CNI_CONTAINERID`, ...,
+//! and from `CNI_ARGS` the pod's namespace and name).
 
 use std::path::PathBuf;
 
@@ -6,6 +7,7 @@ use super::{
     error::{CniError, code},
     validate,
 };
+use crate::endpoint::PodRef;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -39,6 +41,9 @@ pub struct CniEnv {
     pub netns: Option<PathBuf>,
     pub ifname: String,
     pub cni_path: String,
+    /// The pod (`K8S_POD_NAMESPACE`, `K8S_POD_NAME` in `CNI_ARGS`); read
+    /// for ADD only: DEL must succeed whatever a runtime passes.
+    pub pod: Option<PodRef>,
 }
 
 impl CniEnv {
@@ -71,6 +76,7 @@ impl CniEnv {
             netns: non_empty("CNI_NETNS").map(PathBuf::from),
             ifname: String::new(),
             cni_path: get("CNI_PATH").unwrap_or_default(),
+            pod: None,
         };
         if per_attachment {
             env.container_id =
@@ -82,7 +88,51 @@ impl CniEnv {
                 return Err(missing("CNI_NETNS"));
             }
         }
+        if command == Command::Add {
+            env.pod = pod_ref(get("CNI_ARGS").as_deref().unwrap_or_default())?;
+        }
         Ok(env)
+    }
+}
+
+/// The pod named in `CNI_ARGS` (`;`-separated `KEY=VALUE` pairs, as kubelet
+/// sets them: `IgnoreUnknown=1;K8S_POD_NAMESPACE=..;K8S_POD_NAME=..;
+/// K8S_POD_INFRA_CONTAINER_ID=..;K8S_POD_UID=..`). As libcni's `LoadArgs`:
+/// a pair without `=` is an error. Other keys are ignored whether or not
+/// `IgnoreUnknown` is set: podnet reads only the two it needs, and a
+/// runtime adding keys must not break pods. An empty value counts as
+/// absent; a namespace without a name (or the other way round) is an error
+/// rather than a pod published under half a name.
+pub fn pod_ref(cni_args: &str) -> Result<Option<PodRef>, CniError> {
+    let (mut namespace, mut name) = (None, None);
+    for pair in cni_args.split(';').filter(|p| !p.is_empty()) {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(CniError::new(
+                code::INVALID_ENV,
+                format!("CNI_ARGS: invalid pair {pair:?} (not KEY=VALUE)"),
+            ));
+        };
+        let value = Some(value.to_owned()).filter(|v| !v.is_empty());
+        match key {
+            "K8S_POD_NAMESPACE" => namespace = value,
+            "K8S_POD_NAME" => name = value,
+            _ => {}
+        }
+    }
+    match (namespace, name) {
+        (None, None) => Ok(None),
+        (Some(namespace), Some(name)) => {
+            validate::pod_ref(&namespace, &name)?;
+            Ok(Some(PodRef { namespace, name }))
+        }
+        (Some(_), None) => Err(CniError::new(
+            code::INVALID_ENV,
+            "CNI_ARGS has K8S_POD_NAMESPACE but no K8S_POD_NAME",
+        )),
+        (None, Some(_)) => Err(CniError::new(
+            code::INVALID_ENV,
+            "CNI_ARGS has K8S_POD_NAME but no K8S_POD_NAMESPACE",
+        )),
     }
 }
 
@@ -139,5 +189,88 @@ mod tests {
             code::INVALID_ENV
         );
         assert_eq!(env(&[]).unwrap_err().code, code::INVALID_ENV);
+    }
+
+    const KUBELET: &str = "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;\
+        K8S_POD_NAME=coredns-5d78c9869d-x7k2p;\
+        K8S_POD_INFRA_CONTAINER_ID=0123456789abcdef;\
+        K8S_POD_UID=8b7c4e2a-3f1d-4c5b-9a6e-2d1f0e9c8b7a";
+
+    fn add_with_args(args: Option<&str>) -> Result<CniEnv, CniError> {
+        let mut vars = vec![
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/var/run/netns/x"),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        if let Some(args) = args {
+            vars.push(("CNI_ARGS", args));
+        }
+        env(&vars)
+    }
+
+    #[test]
+    fn the_pod_comes_from_kubelets_cni_args() {
+        let pod = add_with_args(Some(KUBELET)).expect("kubelet's args").pod;
+        assert_eq!(
+            pod,
+            Some(PodRef {
+                namespace: "kube-system".into(),
+                name: "coredns-5d78c9869d-x7k2p".into(),
+            })
+        );
+        // Without IgnoreUnknown, in another order, with a trailing ';'.
+        let pod = add_with_args(Some("K8S_POD_NAME=a;FOO=bar;K8S_POD_NAMESPACE=x;"))
+            .expect("args")
+            .pod;
+        assert_eq!(
+            pod,
+            Some(PodRef {
+                namespace: "x".into(),
+                name: "a".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn no_pod_without_cni_args() {
+        for args in [
+            None,
+            Some(""),
+            Some("IgnoreUnknown=1"),
+            Some("K8S_POD_NAMESPACE=;K8S_POD_NAME="),
+        ] {
+            assert_eq!(add_with_args(args).expect("no pod").pod, None, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_cni_args_are_refused_on_add_only() {
+        for (args, says) in [
+            ("IgnoreUnknown=1;K8S_POD_NAMESPACE", "invalid pair"),
+            ("K8S_POD_NAMESPACE=x", "no K8S_POD_NAME"),
+            ("K8S_POD_NAME=a", "no K8S_POD_NAMESPACE"),
+            (
+                "K8S_POD_NAMESPACE=X;K8S_POD_NAME=a",
+                "invalid K8S_POD_NAMESPACE",
+            ),
+            (
+                "K8S_POD_NAMESPACE=x;K8S_POD_NAME=a/../b",
+                "invalid K8S_POD_NAME",
+            ),
+        ] {
+            let err = add_with_args(Some(args)).expect_err(args);
+            assert_eq!(err.code, code::INVALID_ENV, "{args}");
+            assert!(err.msg.contains(says), "{args}: {}", err.msg);
+        }
+        // DEL succeeds whatever CNI_ARGS holds (the pod may be half gone).
+        let del = env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_ARGS", "garbage"),
+        ])
+        .expect("DEL");
+        assert_eq!(del.pod, None);
     }
 }

@@ -7,7 +7,10 @@ use crate::endpoint::{self, NameError};
 fn cni_error(e: &NameError) -> CniError {
     let code = match e {
         NameError::NetworkName(_) => code::INVALID_CONFIG,
-        NameError::ContainerId(_) | NameError::Ifname { .. } => code::INVALID_ENV,
+        NameError::ContainerId(_)
+        | NameError::Ifname { .. }
+        | NameError::PodNamespace { .. }
+        | NameError::PodName { .. } => code::INVALID_ENV,
     };
     CniError::new(code, e.to_string())
 }
@@ -25,6 +28,11 @@ pub fn network_name(name: &str) -> Result<(), CniError> {
 /// `CNI_IFNAME`: see [`endpoint::ifname`].
 pub fn ifname(name: &str) -> Result<(), CniError> {
     endpoint::ifname(name).map_err(|e| cni_error(&e))
+}
+
+/// `K8S_POD_NAMESPACE` and `K8S_POD_NAME`: see [`endpoint::pod_ref`].
+pub fn pod_ref(namespace: &str, name: &str) -> Result<(), CniError> {
+    endpoint::pod_ref(namespace, name).map_err(|e| cni_error(&e))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! | file | decides |
 //! | --- | --- |
 //! | `naming.rs` | the host veth's and the shaper (ifb) device's names |
-//! | `rules.rs` | which container IDs, interface names and network names are accepted |
+//! | `rules.rs` | which container IDs, interface names, network names and pod namespaces/names are accepted |
 //! | `address.rs` | which addresses of a node's pod CIDR a pod may have, and the gateway |
 //! | `mac.rs` | how a MAC address is written and read |
 //! | `request.rs` | the endpoint itself (what the plugin hands the agent) and its validation |
@@ -24,8 +24,8 @@ mod rules;
 pub use address::{PodRange, PodRangeError};
 pub use mac::{format_mac, parse_mac};
 pub use naming::{HOST_IFNAME_PREFIX, SHAPER_IFNAME_PREFIX, host_ifname, shaper_ifname};
-pub use request::{Endpoint, InvalidEndpoint};
-pub use rules::{NameError, container_id, ifname, network_name};
+pub use request::{Endpoint, InvalidEndpoint, PodRef};
+pub use rules::{NameError, container_id, ifname, network_name, pod_ref};
 
 /// A CNI attachment on the node: (container ID, interface name). Unique on
 /// a node at any time (an interface name is unique in a container's netns),

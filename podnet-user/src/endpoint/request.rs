@@ -30,6 +30,19 @@ pub struct Endpoint {
     /// Bandwidth limits (the CNI `bandwidth` capability); `None`: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<Bandwidth>,
+    /// The pod this is an interface of, as kubelet names it in `CNI_ARGS`;
+    /// `None`: not said (a runtime without Kubernetes, an older plugin).
+    /// Absent from the wire when `None`, so an older agent reads the
+    /// requests of a newer plugin that has none to pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// A pod's namespace and name (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
 }
 
 /// Why an endpoint request is refused; every message starts with
@@ -81,6 +94,9 @@ impl Endpoint {
         if let Some(bandwidth) = self.bandwidth {
             bandwidth.validate().map_err(InvalidEndpoint::Bandwidth)?;
         }
+        if let Some(pod) = &self.pod {
+            rules::pod_ref(&pod.namespace, &pod.name)?;
+        }
         Ok(())
     }
 }
@@ -104,6 +120,10 @@ mod tests {
             pod_mac: [0x02, 0, 0, 0, 0, 5],
             host_mac: [0x02, 0, 0, 0, 0xff, 5],
             bandwidth: None,
+            pod: Some(PodRef {
+                namespace: "default".into(),
+                name: "web-0".into(),
+            }),
         }
     }
 
@@ -160,6 +180,24 @@ mod tests {
                 Box::new(|e| e.host_ifname = "eth0".into()),
             ),
             (
+                "an upper-case pod namespace",
+                Box::new(|e| {
+                    e.pod = Some(PodRef {
+                        namespace: "Default".into(),
+                        name: "p".into(),
+                    });
+                }),
+            ),
+            (
+                "a path in the pod name",
+                Box::new(|e| {
+                    e.pod = Some(PodRef {
+                        namespace: "default".into(),
+                        name: "../p".into(),
+                    });
+                }),
+            ),
+            (
                 "a rate without a burst",
                 Box::new(|e| {
                     e.bandwidth = Some(Bandwidth {
@@ -178,5 +216,27 @@ mod tests {
                 "{what}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn the_pod_ref_is_optional_on_the_wire() {
+        let mut ep = endpoint();
+        ep.pod = None;
+        let json = serde_json::to_string(&ep).expect("encode");
+        assert!(!json.contains("\"pod\""), "{json}");
+        // What an older plugin sends (no pod ref) decodes, with none.
+        let decoded: Endpoint = serde_json::from_str(&json).expect("old request");
+        assert_eq!(decoded, ep);
+        check(&decoded).expect("valid without a pod ref");
+        let with = endpoint();
+        let json = serde_json::to_string(&with).expect("encode");
+        assert!(
+            json.contains(r#""pod":{"namespace":"default","name":"web-0"}"#),
+            "{json}"
+        );
+        assert_eq!(
+            serde_json::from_str::<Endpoint>(&json).expect("decode"),
+            with
+        );
     }
 }

@@ -18,6 +18,12 @@ pub enum NameError {
     NetworkName(String),
     #[error("invalid CNI_IFNAME {name:?}: {problem}")]
     Ifname { name: String, problem: &'static str },
+    /// `K8S_POD_NAMESPACE` (a Namespace's name: a DNS-1123 label).
+    #[error("invalid K8S_POD_NAMESPACE {name:?}: {problem}")]
+    PodNamespace { name: String, problem: String },
+    /// `K8S_POD_NAME` (a Pod's name: a DNS-1123 subdomain).
+    #[error("invalid K8S_POD_NAME {name:?}: {problem}")]
+    PodName { name: String, problem: String },
 }
 
 fn id_like(s: &str) -> bool {
@@ -71,6 +77,29 @@ pub fn ifname(name: &str) -> Result<(), NameError> {
     }
 }
 
+/// A pod's namespace and name as kubelet passes them (`K8S_POD_NAMESPACE`,
+/// `K8S_POD_NAME`): the API server's rules for a Namespace's and a Pod's
+/// name, so that the endpoint record the agent publishes names an object
+/// that can exist (and its key stays one key segment each).
+pub fn pod_ref(namespace: &str, name: &str) -> Result<(), NameError> {
+    use crate::model::cluster::validate::{dns1123_label, dns1123_subdomain};
+    let problems = dns1123_label(namespace);
+    if !problems.is_empty() {
+        return Err(NameError::PodNamespace {
+            name: namespace.to_owned(),
+            problem: problems.join("; "),
+        });
+    }
+    let problems = dns1123_subdomain(name);
+    if !problems.is_empty() {
+        return Err(NameError::PodName {
+            name: name.to_owned(),
+            problem: problems.join("; "),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +135,22 @@ mod tests {
             network_name("a b"),
             Err(NameError::NetworkName(_))
         ));
+    }
+
+    #[test]
+    fn pod_refs_follow_the_api_servers_names() {
+        assert!(pod_ref("default", "web-0").is_ok());
+        assert!(pod_ref("kube-system", "coredns-5d78c9869d-abcde.x").is_ok());
+        for bad_ns in ["", "Default", "a.b", "-x", "a_b", &"n".repeat(64)] {
+            assert!(
+                matches!(pod_ref(bad_ns, "p"), Err(NameError::PodNamespace { .. })),
+                "{bad_ns:?}"
+            );
+        }
+        for bad_name in ["", "Web", "a/b", "a b", "-x", "x.", &"n".repeat(254)] {
+            let err = pod_ref("default", bad_name).expect_err(bad_name);
+            assert!(matches!(err, NameError::PodName { .. }), "{bad_name:?}");
+            assert!(err.to_string().starts_with("invalid K8S_POD_NAME"), "{err}");
+        }
     }
 }

@@ -387,6 +387,7 @@ fn register_sinks(node: &Node, sink: &NetNs, count: u32) -> anyhow::Result<Vec<I
             pod_mac,
             host_mac,
             bandwidth: None,
+            pod: None,
         };
         agent
             .add_endpoint(&endpoint)

@@ -24,6 +24,9 @@ use crate::{
     services::{self, ServiceSpec},
 };
 
+/// The namespace the lab's pods are in (`K8S_POD_NAMESPACE`).
+pub const LAB_NAMESPACE: &str = "default";
+
 impl LabLayout {
     /// Runs the plugin for `node` with `env` and the node's conf on stdin.
     pub fn cni(
@@ -79,6 +82,12 @@ impl LabLayout {
         ip(&["netns", "add", &netns])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         let path = format!("/var/run/netns/{netns}");
+        // As kubelet names a pod to its CNI plugin: the lab's pods live in
+        // one namespace, named by their lab name.
+        let cni_args = format!(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={LAB_NAMESPACE};K8S_POD_NAME={pod_name};\
+             K8S_POD_INFRA_CONTAINER_ID={netns}"
+        );
         let (ok, result) = self.cni_with(
             &node,
             &[
@@ -86,6 +95,7 @@ impl LabLayout {
                 ("CNI_CONTAINERID", &netns),
                 ("CNI_NETNS", &path),
                 ("CNI_IFNAME", "eth0"),
+                ("CNI_ARGS", &cni_args),
             ],
             extra,
         )?;

@@ -18,6 +18,7 @@ use crate::agent::Agent;
 use crate::{
     api::{Endpoint, EndpointStatus, IpamStatus},
     datapath::PodProgram,
+    datastore::objects::EndpointKey,
     failpoint::{self, FailPoint, Fault},
     ipam::{Holder, Owner, PodAddresses},
 };
@@ -119,6 +120,19 @@ impl Agent {
     /// A request that fails [`Endpoint::validate`] changes nothing.
     pub fn add(&mut self, ep: Endpoint) -> anyhow::Result<()> {
         ep.validate(self.config.pod_cidr)?;
+        if let Some(pod) = &ep.pod {
+            // The key its record is published under: the store's rules
+            // are a little tighter than the API server's (a name of 251 to
+            // 253 bytes), and a pod that cannot be published is refused
+            // rather than left out of every node's view.
+            EndpointKey::new(&self.config.node_name, &pod.namespace, &pod.name).map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid endpoint: pod {}/{} cannot be published: {e}",
+                    pod.namespace,
+                    pod.name
+                )
+            })?;
+        }
         let live = host_ifindex(&ep.host_ifname);
         anyhow::ensure!(
             live == Some(ep.host_ifindex),
@@ -183,6 +197,7 @@ impl Agent {
               host = %ep.host_ifname, "endpoint added");
         self.endpoints.insert(ep.owner.clone(), ep);
         self.generation.fetch_add(1, Ordering::Release);
+        self.endpoints_changed();
         Ok(())
     }
 
@@ -221,6 +236,7 @@ impl Agent {
             return Ok(None);
         };
         self.generation.fetch_add(1, Ordering::Release);
+        self.endpoints_changed();
         // Only the entry that is still this endpoint's (the IP may have been
         // handed to a newer endpoint since).
         if self

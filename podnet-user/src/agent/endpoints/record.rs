@@ -28,7 +28,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::{endpoint::Endpoint, endpoint::Owner, shaping::Bandwidth};
+use crate::{
+    endpoint::{Endpoint, Owner, PodRef},
+    shaping::Bandwidth,
+};
 
 /// The version this agent writes.
 pub const RECORD_VERSION: u32 = 1;
@@ -52,6 +55,10 @@ pub struct EndpointRecord {
     pub host_mac: [u8; 6],
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<Bandwidth>,
+    /// The pod's namespace and name (added in version 1 with a default:
+    /// older records have none; an older agent ignores it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
 }
 
 /// Why a record was set aside.
@@ -94,6 +101,7 @@ impl From<&Endpoint> for EndpointRecord {
             pod_mac: ep.pod_mac,
             host_mac: ep.host_mac,
             bandwidth: ep.bandwidth,
+            pod: ep.pod.clone(),
         }
     }
 }
@@ -113,6 +121,7 @@ impl EndpointRecord {
             pod_mac: self.pod_mac,
             host_mac: self.host_mac,
             bandwidth: self.bandwidth,
+            pod: self.pod,
         }
     }
 }
@@ -272,6 +281,8 @@ mod tests {
         assert_eq!(plain.host_ifindex, 7);
         assert_eq!(plain.pod_mac, [2, 0, 0, 0, 0, 5]);
         assert_eq!(plain.bandwidth, None);
+        // Records from before pods were named have no pod.
+        assert!(loaded.endpoints.values().all(|e| e.pod.is_none()));
         let shaped = loaded
             .endpoints
             .values()
@@ -301,6 +312,30 @@ mod tests {
         assert_eq!(loaded.endpoints.get(&ep.owner), Some(&ep));
         remove(d.path(), &ep.owner);
         assert!(load(d.path()).expect("load").endpoints.is_empty());
+    }
+
+    #[test]
+    fn the_pod_ref_is_kept_and_an_older_agent_reads_past_it() {
+        let d = dir();
+        let (_, text) = PREVIOUS_RELEASE[0];
+        let mut ep = serde_json::from_str::<EndpointRecord>(text)
+            .expect("v0")
+            .into_endpoint();
+        ep.pod = Some(PodRef {
+            namespace: "x".into(),
+            name: "a".into(),
+        });
+        write(d.path(), &ep).expect("write");
+        let loaded = load(d.path()).expect("load");
+        assert_eq!(loaded.endpoints.get(&ep.owner), Some(&ep));
+        // The record stays version 1: the field has a default, and the
+        // previous release's reader (no unknown-field check) ignores it.
+        let on_disk: serde_json::Value =
+            serde_json::from_slice(&fs::read(d.path().join(record_name(&ep.owner))).expect("read"))
+                .expect("json");
+        assert_eq!(on_disk["version"], 1);
+        assert_eq!(on_disk["pod"]["namespace"], "x");
+        assert_eq!(on_disk["pod"]["name"], "a");
     }
 
     #[test]

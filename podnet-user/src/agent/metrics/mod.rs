@@ -25,9 +25,9 @@ use prometheus_client::{
 };
 use tracing::{info, warn};
 
-use super::Agent;
+use super::{Agent, cluster_objects::ClusterObjects};
 use crate::{
-    api::{DatastoreStatus, Endpoint, Request},
+    api::{ClusterObjectsStatus, DatastoreStatus, Endpoint, Request},
     datapath::{Counters, MapFill, PinnedMapReader},
     datastore::membership::NodeState,
     ipam::Owner,
@@ -203,6 +203,7 @@ struct Snapshot {
     endpoints: Vec<Endpoint>,
     pending: Vec<String>,
     datastore: DatastoreStatus,
+    cluster_objects: Option<ClusterObjectsStatus>,
 }
 
 impl Snapshot {
@@ -212,6 +213,7 @@ impl Snapshot {
             endpoints: reg.endpoints.values().cloned().collect(),
             pending: reg.pending(),
             datastore: reg.datastore_status(),
+            cluster_objects: reg.cluster_objects().map(ClusterObjects::status),
         })
     }
 
@@ -327,6 +329,9 @@ impl Collector for AgentCollector {
                 Err(e) => warn!(error = %e, "metrics: reading the endpoint counters"),
             }
             encode_datastore(&mut encoder, &snapshot.datastore, unix_now())?;
+            if let Some(objects) = &snapshot.cluster_objects {
+                encode_cluster_objects(&mut encoder, objects)?;
+            }
             encode_ready(&mut encoder, snapshot)?;
         }
         match attached.maps.fill() {
@@ -492,6 +497,51 @@ fn encode_datastore(
         )?;
     }
     Ok(())
+}
+
+fn encode_cluster_objects(
+    encoder: &mut DescriptorEncoder,
+    status: &ClusterObjectsStatus,
+) -> fmt::Result {
+    gauges(
+        encoder,
+        "cluster_objects",
+        "Cluster objects the agent holds from its watch of the datastore, by kind (the API's plural name); kind=\"podendpoints\": every node's pod endpoint records.",
+        None,
+        status
+            .counts
+            .iter()
+            .map(|(kind, &n)| ([("kind", kind.as_str())], count(n)))
+            .chain([([("kind", "podendpoints")], count(status.pod_records))]),
+    )?;
+    gauges(
+        encoder,
+        "cluster_objects_revision",
+        "The datastore revision the agent's view of the cluster objects has applied (a node behind the others has a lower one).",
+        None,
+        [(NO_LABELS, status.revision)],
+    )?;
+    counters(
+        encoder,
+        "cluster_objects_resyncs",
+        "Times the agent listed every cluster object again after its first list (a compaction, a lost watch, a reconnection).",
+        None,
+        [(NO_LABELS, status.resyncs)],
+    )?;
+    gauges(
+        encoder,
+        "cluster_objects_watching",
+        "1 while the agent watches the cluster objects, else 0.",
+        None,
+        [(NO_LABELS, u64::from(status.connected))],
+    )?;
+    gauges(
+        encoder,
+        "pod_records_published",
+        "1 when the datastore holds exactly this node's pod endpoint records, else 0 (retrying).",
+        None,
+        [(NO_LABELS, u64::from(status.publish.in_sync))],
+    )
 }
 
 fn encode_ready(encoder: &mut DescriptorEncoder, snapshot: &Snapshot) -> fmt::Result {

@@ -90,6 +90,7 @@ fn datapath_and_agent_state_are_exposed_with_their_labels() {
         pod_mac: [2, 0, 0, 0, 0, 1],
         host_mac: [2, 0, 0, 0, 0, 2],
         bandwidth: None,
+        pod: None,
     };
     let stats = HashMap::from([(
         9,
@@ -146,6 +147,7 @@ fn readiness_waits_for_pending_work_and_the_datastore() {
             backend: "etcd".into(),
             ..DatastoreStatus::default()
         },
+        cluster_objects: None,
     };
     assert!(snapshot.readiness().unwrap_err().contains("node network"));
     snapshot.pending.clear();
@@ -162,4 +164,38 @@ fn readiness_waits_for_pending_work_and_the_datastore() {
         ..DatastoreStatus::default()
     };
     assert_eq!(snapshot.readiness(), Ok(()));
+}
+
+#[test]
+fn cluster_objects_are_exposed_by_kind_with_revision_and_resyncs() {
+    let status = ClusterObjectsStatus {
+        backend: "etcd".into(),
+        connected: true,
+        revision: 123,
+        counts: [("namespaces", 3), ("pods", 9), ("services", 0)]
+            .into_iter()
+            .map(|(k, n)| (k.to_owned(), n))
+            .collect(),
+        pod_records: 8,
+        resyncs: 2,
+        ..ClusterObjectsStatus::default()
+    };
+    let text = exposition(move |e| encode_cluster_objects(e, &status));
+    for line in [
+        "# TYPE podnet_cluster_objects gauge",
+        "podnet_cluster_objects{kind=\"namespaces\"} 3",
+        "podnet_cluster_objects{kind=\"pods\"} 9",
+        "podnet_cluster_objects{kind=\"services\"} 0",
+        "podnet_cluster_objects{kind=\"podendpoints\"} 8",
+        "podnet_cluster_objects_revision 123",
+        "# TYPE podnet_cluster_objects_resyncs counter",
+        "podnet_cluster_objects_resyncs_total 2",
+        "podnet_cluster_objects_watching 1",
+        "podnet_pod_records_published 0",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "no line {line:?} in:\n{text}"
+        );
+    }
 }

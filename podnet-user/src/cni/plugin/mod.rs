@@ -312,6 +312,7 @@ fn add(env: &CniEnv, conf: &NetConf, deps: &Deps<'_>) -> Result<String, CniError
         pod_mac: created.pod_mac,
         host_mac: created.host_mac,
         bandwidth: conf.bandwidth,
+        pod: env.pod.clone(),
     };
     // The agent attaches the filters and writes the datapath entry while
     // both ends are still down: the pod's link never carries a packet

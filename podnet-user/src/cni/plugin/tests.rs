@@ -145,6 +145,8 @@ impl AgentApi for Node {
 struct Harness {
     node: Node,
     dir: PathBuf,
+    /// The pod `CNI_ARGS` names for the next ADDs.
+    pod: RefCell<Option<crate::endpoint::PodRef>>,
 }
 
 impl Drop for Harness {
@@ -162,6 +164,7 @@ impl Harness {
         Self {
             node: Node(Rc::default(), dir.clone()),
             dir,
+            pod: RefCell::default(),
         }
     }
 
@@ -187,6 +190,7 @@ impl Harness {
             netns: Some(self.dir.join("netns")),
             ifname: ifname.into(),
             cni_path: String::new(),
+            pod: self.pod.borrow().clone(),
         };
         let plumbing = self.node.clone();
         let agent_node = self.node.clone();
@@ -246,6 +250,29 @@ impl Harness {
             .map(|r| r.ip)
             .collect()
     }
+}
+
+#[test]
+fn the_pod_named_in_cni_args_goes_to_the_agent() {
+    let h = Harness::new("pod-ref");
+    h.add("podnet", "plain", "eth0");
+    let pod = crate::endpoint::PodRef {
+        namespace: "x".into(),
+        name: "a".into(),
+    };
+    *h.pod.borrow_mut() = Some(pod.clone());
+    h.add("podnet", "named", "eth0");
+    let f = h.node.0.borrow();
+    let pod_of = |id: &str| {
+        f.endpoints
+            .values()
+            .find(|e| e.owner.container_id == id)
+            .expect("endpoint")
+            .pod
+            .clone()
+    };
+    assert_eq!(pod_of("plain"), None);
+    assert_eq!(pod_of("named"), Some(pod));
 }
 
 #[test]

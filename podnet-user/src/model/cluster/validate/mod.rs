@@ -19,7 +19,7 @@ use thiserror::Error;
 
 use super::{kind::Kind, object::ClusterObject};
 
-pub use rules::{is_valid_port_name, port_name_problems};
+pub use rules::{dns1123_label, dns1123_subdomain, is_valid_port_name, port_name_problems};
 
 /// What is wrong with a field, as the API server's `field.ErrorType`.
 #[derive(Debug, Clone, PartialEq, Eq)]
