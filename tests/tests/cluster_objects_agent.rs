@@ -562,3 +562,61 @@ fn nodes_publish_and_watch_with_their_own_etcd_credential() {
         assert_eq!((status.connected, status.resyncs), (true, 0), "{status:?}");
     }
 }
+
+/// The lab in the upstream NetworkPolicy e2e suite's shape (`podnet-lab up
+/// --pod-model e2e`): namespaces x, y, z with pods a, b, c, each pod
+/// named to the plugin as kubelet names it and described to the datastore
+/// with the model's labels, so `podnetctl get pods -A -o wide` shows every
+/// pod's namespace, name, node, address and labels.
+#[test]
+fn the_lab_gives_its_pods_the_e2e_models_namespaces_names_and_labels() {
+    if !privileged("the_lab_gives_its_pods_the_e2e_models_namespaces_names_and_labels") {
+        return;
+    }
+    let mut lab = LabGuard::up("e2e", 2, 0, "vxlan", LabDatastore::File).expect("lab up");
+    lab.layout.add_e2e_model().expect("the e2e model");
+    assert_eq!(lab.layout.pods.len(), 9);
+    let rows = || -> Vec<serde_json::Value> {
+        let output = lab
+            .layout
+            .podnetctl_objects(&["get", "pods", "-A", "-o", "wide", "--json"].map(String::from))
+            .expect("podnetctl")
+            .output()
+            .expect("podnetctl get");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("rows")
+    };
+    // The agents publish within a poll of the nodes-file store.
+    wait_up_to(CONVERGE_WITHIN, "every pod's record is published", || {
+        rows().iter().filter(|r| r["node"].is_string()).count() == 9
+    });
+    let rows = rows();
+    for pod in &lab.layout.pods {
+        let row = rows
+            .iter()
+            .find(|r| r["namespace"] == pod.k8s_namespace() && r["name"] == pod.k8s_name())
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}/{} listed: {rows:?}",
+                    pod.k8s_namespace(),
+                    pod.k8s_name()
+                )
+            });
+        assert_eq!(row["node"], pod.node.as_str(), "{row}");
+        assert_eq!(row["ip"], pod.ip.to_string(), "{row}");
+        assert_eq!(row["labels"]["pod"], pod.k8s_name(), "{row}");
+    }
+    let namespaces: BTreeSet<&str> = lab
+        .layout
+        .pods
+        .iter()
+        .map(podnet_tests::lab::LabPod::k8s_namespace)
+        .collect();
+    assert_eq!(namespaces, BTreeSet::from(["x", "y", "z"]));
+    let nodes: BTreeSet<&str> = lab.layout.pods.iter().map(|p| p.node.as_str()).collect();
+    assert_eq!(nodes.len(), 2, "spread over both nodes");
+}

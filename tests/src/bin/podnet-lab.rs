@@ -52,6 +52,10 @@ enum Cmd {
         /// DNAT, or none.
         #[arg(long, default_value = "iptables", value_parser = ["iptables", "nft", "none"])]
         service: String,
+        /// `e2e`: also the upstream NetworkPolicy e2e model's pods
+        /// (namespaces x, y, z with pods a, b, c, spread over the nodes).
+        #[arg(long, value_parser = ["e2e"])]
+        pod_model: Option<String>,
     },
     /// Nodes, pods, IPs, agent health.
     Status,
@@ -184,6 +188,7 @@ fn main() -> anyhow::Result<()> {
             etcd_tls,
             agent_args,
             service,
+            pod_model,
         } => {
             let spec = LabSpec {
                 nodes,
@@ -202,7 +207,14 @@ fn main() -> anyhow::Result<()> {
                 agent_args,
                 etcd_tls,
             };
-            let layout = lab::up(&spec)?;
+            let mut layout = lab::up(&spec)?;
+            // Every pod with its Kubernetes namespace, name and labels in
+            // the datastore, as an operator would have them.
+            if pod_model.is_some() {
+                layout.add_e2e_model()?;
+            } else {
+                layout.describe_pods()?;
+            }
             println!(
                 "lab up: {} nodes, {} pods; layout in {}",
                 layout.nodes.len(),

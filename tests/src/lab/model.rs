@@ -78,12 +78,34 @@ pub struct LabNode {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct LabPod {
+    /// The lab's name for it (unique in the lab).
     pub name: String,
     pub netns: String,
     pub node: String,
     pub ip: Ipv4Addr,
     pub container_id: String,
     pub ifname: String,
+    /// Its Kubernetes namespace and name, as the plugin was told
+    /// (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`); a layout written before
+    /// they were recorded: `default` and the lab name.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub pod_name: Option<String>,
+}
+
+impl LabPod {
+    /// Its Kubernetes namespace.
+    #[must_use]
+    pub fn k8s_namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or(super::LAB_NAMESPACE)
+    }
+
+    /// Its Kubernetes name.
+    #[must_use]
+    pub fn k8s_name(&self) -> &str {
+        self.pod_name.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// A member of the lab's etcd cluster, in the fabric namespace: member 1

@@ -77,15 +77,27 @@ impl LabLayout {
         pod_name: &str,
         extra: &serde_json::Value,
     ) -> anyhow::Result<LabPod> {
+        self.add_pod_in(node_name, pod_name, (LAB_NAMESPACE, pod_name), extra)
+    }
+
+    /// Creates a pod on `node` whose lab name is `pod_name` and whose
+    /// Kubernetes namespace and name are `k8s` (what the plugin is told).
+    pub fn add_pod_in(
+        &mut self,
+        node_name: &str,
+        pod_name: &str,
+        k8s: (&str, &str),
+        extra: &serde_json::Value,
+    ) -> anyhow::Result<LabPod> {
+        let (namespace, name) = k8s;
         let node = self.node(node_name).context("no such node")?.clone();
         let netns = format!("{}-{pod_name}", self.prefix);
         ip(&["netns", "add", &netns])?;
         ip(&["-n", &netns, "link", "set", "lo", "up"])?;
         let path = format!("/var/run/netns/{netns}");
-        // As kubelet names a pod to its CNI plugin: the lab's pods live in
-        // one namespace, named by their lab name.
+        // As kubelet names a pod to its CNI plugin.
         let cni_args = format!(
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE={LAB_NAMESPACE};K8S_POD_NAME={pod_name};\
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};\
              K8S_POD_INFRA_CONTAINER_ID={netns}"
         );
         let (ok, result) = self.cni_with(
@@ -115,6 +127,8 @@ impl LabLayout {
             ip: pod_ip,
             container_id: netns,
             ifname: "eth0".into(),
+            namespace: Some(namespace.to_owned()),
+            pod_name: Some(name.to_owned()),
         };
         self.pods.push(pod.clone());
         self.save()?;
