@@ -148,6 +148,11 @@ fn demo_steps(bin_dir: &Path) -> anyhow::Result<()> {
     let check = lab(bin_dir, &["check"])
         .status()
         .context("running the check")?;
+    // The pods as the datastore knows them: each one's namespace, name and
+    // labels (the Pod objects `lab up` applied) joined with the node and
+    // address its agent published.
+    eprintln!("xtask demo: the pods in the datastore (podnetctl get pods -A -o wide)");
+    cmd::run(&mut lab(bin_dir, &["get", "pods", "-A", "-o", "wide"]))?;
     let pods = pods_from_layout()?;
     let same = pods
         .iter()
