@@ -539,6 +539,16 @@ fn a_nodes_credential_cannot_keep_a_restarting_node_out_or_make_it_gone_early() 
             .await
             .expect_err("node1 releases node2");
         assert!(error.to_string().contains("it is running"), "{error}");
+        // A pod record of node2's, which goes with it.
+        let mut pods2 = podnet::datastore::objects::etcd::EtcdObjectStore::new(
+            stores[1].client(),
+            stores[1].endpoint(),
+        );
+        let pod_key =
+            podnet::datastore::objects::EndpointKey::new("node2", "default", "p").expect("key");
+        podnet::datastore::objects::ObjectStore::put_endpoint(&mut pods2, &pod_key, b"{}")
+            .await
+            .expect("node2 publishes a pod");
         stores[1].revoke(lease2).await.expect("node2 leaves");
         let error = stores[0]
             .release_node("node2")
@@ -573,6 +583,14 @@ fn a_nodes_credential_cannot_keep_a_restarting_node_out_or_make_it_gone_early() 
         assert!(
             !snapshot.members.contains_key("node2") && !snapshot.tombstones.contains_key("node2"),
             "{snapshot:?}"
+        );
+        let left =
+            podnet::datastore::objects::ObjectStore::list_endpoints(&mut pods2, Some("node2"))
+                .await
+                .expect("records");
+        assert!(
+            left.0.is_empty(),
+            "node2's pod records went with it: {left:?}"
         );
     });
 }

@@ -1056,7 +1056,7 @@ impl EtcdDatastore {
 
     /// Releases a gone node's claims and forgets it, if everything the
     /// decision was made on still holds: no lease, the same tombstones.
-    /// Its claim keys, record, tombstones and any shared claim key naming
+    /// Its claim keys, record, tombstones, its pods' records and any shared claim key naming
     /// it go. `Ok(false)` when something changed (it came back, or someone
     /// else released it first).
     pub async fn release(&mut self, release: &Release) -> Result<bool, DatastoreError> {
@@ -1066,6 +1066,11 @@ impl EtcdDatastore {
         let mut ops = vec![
             TxnOp::delete(member_key(name), None),
             TxnOp::delete(held_prefix(name), Some(DeleteOptions::new().with_prefix())),
+            // Its pods' records: they went with it.
+            TxnOp::delete(
+                super::objects::etcd::endpoint_prefix(name),
+                Some(DeleteOptions::new().with_prefix()),
+            ),
         ];
         for (observer, revision) in &release.tombstones {
             let key = gone_key(observer, name);
