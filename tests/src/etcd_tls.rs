@@ -268,3 +268,24 @@ impl Drop for DirGuard {
         }
     }
 }
+
+/// True when etcd is installed; otherwise skips loudly (with
+/// [`crate::ALLOW_SKIP_ENV`]) or fails: the test never passes without
+/// having run.
+#[must_use]
+pub fn etcd_installed(test: &str) -> bool {
+    let found = Command::new("etcd")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return true;
+    }
+    assert!(
+        std::env::var_os(crate::ALLOW_SKIP_ENV).is_some(),
+        "{test} needs etcd (`cargo xtask setup` installs etcd-server); set {}=1 to skip",
+        crate::ALLOW_SKIP_ENV
+    );
+    eprintln!("SKIPPED(etcd) {test}: etcd is not installed");
+    false
+}

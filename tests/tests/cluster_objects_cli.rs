@@ -33,8 +33,8 @@ use podnet::datastore::{
 };
 use podnet::model::cluster::PodEndpointRecord;
 use podnet_tests::{
-    ALLOW_SKIP_ENV, bins,
-    etcd_tls::LocalEtcd,
+    bins,
+    etcd_tls::{LocalEtcd, etcd_installed},
     lab::{LabDatastore, LabGuard, LabOptions},
     privileged,
 };
@@ -53,24 +53,6 @@ fn model_corpus(dir: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../podnet-user/src/model/cluster/testdata")
         .join(dir)
-}
-
-/// True when etcd is installed; otherwise skips loudly (with
-/// [`ALLOW_SKIP_ENV`]) or fails: the test never passes without having run.
-fn etcd_installed(test: &str) -> bool {
-    let found = Command::new("etcd")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return true;
-    }
-    assert!(
-        std::env::var_os(ALLOW_SKIP_ENV).is_some(),
-        "{test} needs etcd (`cargo xtask setup` installs etcd-server); set {ALLOW_SKIP_ENV}=1 to skip"
-    );
-    eprintln!("SKIPPED(etcd) {test}: etcd is not installed");
-    false
 }
 
 fn block_on<T>(future: impl Future<Output = T>) -> T {

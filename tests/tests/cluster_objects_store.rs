@@ -28,27 +28,9 @@ use podnet::datastore::{
         etcd::{ENDPOINTS_PREFIX, EtcdObjectStore, MAX_TXN_OPS, endpoint_prefix},
     },
 };
-use podnet_tests::{ALLOW_SKIP_ENV, etcd_tls::LocalEtcd};
+use podnet_tests::etcd_tls::{LocalEtcd, etcd_installed};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
-
-/// True when etcd is installed; otherwise skips loudly (with
-/// [`ALLOW_SKIP_ENV`]) or fails: the test never passes without having run.
-fn etcd_installed(test: &str) -> bool {
-    let found = std::process::Command::new("etcd")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return true;
-    }
-    assert!(
-        std::env::var_os(ALLOW_SKIP_ENV).is_some(),
-        "{test} needs etcd (`cargo xtask setup` installs etcd-server); set {ALLOW_SKIP_ENV}=1 to skip"
-    );
-    eprintln!("SKIPPED(etcd) {test}: etcd is not installed");
-    false
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

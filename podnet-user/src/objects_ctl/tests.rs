@@ -8,21 +8,8 @@ use crate::{
     model::cluster::{ClusterObject, PodEndpointRecord, decode},
 };
 
-const OBJECTS: &str = r"
-apiVersion: v1
-kind: Namespace
-metadata: {name: x}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: x, labels: {app: web}}
-spec: {containers: [{name: c, image: i}]}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny, namespace: x}
-spec: {podSelector: {}}
-";
+/// A Namespace, a labelled Pod in it and a NetworkPolicy.
+const OBJECTS: &str = include_str!("../model/cluster/testdata/small-cluster.yaml");
 
 fn block_on<T>(future: impl Future<Output = T>) -> T {
     tokio::runtime::Builder::new_current_thread()

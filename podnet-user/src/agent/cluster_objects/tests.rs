@@ -243,21 +243,8 @@ async fn a_failing_store_is_retried_and_shown_pending() {
     task.abort();
 }
 
-const OBJECTS: &str = r"
-apiVersion: v1
-kind: Namespace
-metadata: {name: x}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: a, namespace: x, labels: {app: web}}
-spec: {containers: [{name: c, image: i}]}
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: deny, namespace: x}
-spec: {podSelector: {}}
-";
+/// A Namespace, a labelled Pod in it and a NetworkPolicy.
+const OBJECTS: &str = include_str!("../../model/cluster/testdata/small-cluster.yaml");
 
 fn path_of(object: &ClusterObject) -> ObjectPath {
     ObjectPath::new(object.kind().plural(), object.namespace(), object.name()).expect("path")
