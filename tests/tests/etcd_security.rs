@@ -567,7 +567,7 @@ fn a_nodes_credential_cannot_keep_a_restarting_node_out_or_make_it_gone_early() 
         let snapshot = operator.snapshot().await.expect("snapshot");
         // node1's own claim key on it, made while it attacked, is what
         // holds it now: one CIDR besides its own is what a compromised node
-        // can hold, and the claim check names it.
+        // can hold, and the claim check (`podnetctl datastore`) names it.
         assert_eq!(
             snapshot.claims.get(&cidr2).map(String::as_str),
             Some("node1"),

@@ -177,7 +177,7 @@ impl<K: ClusterSink> ClusterFollow<K> {
                 self.invalid_logged.push(key.clone());
             }
         }
-        let plan = seen.plan;
+        let (plan, claim_problems) = (seen.plan, seen.claim_problems);
         for name in &plan.mark_gone {
             if store.mark_gone(me, name, now).await?
                 && plan.nodes.iter().any(|n| &n.record.name == name)
@@ -230,6 +230,7 @@ impl<K: ClusterSink> ClusterFollow<K> {
                 .filter(|n| n.record.name != me)
                 .cloned()
                 .collect();
+            s.claim_problems = claim_problems;
         });
         // One second past the next change by time alone: states change
         // on whole seconds.

@@ -301,6 +301,10 @@ pub struct DatastoreStatus {
     pub cidr_release_after_s: Option<u64>,
     /// Every other node the datastore knows, and where it stands.
     pub nodes: Vec<NodeStatus>,
+    /// What is wrong with the CIDR claims (etcd), e.g. a node holding a
+    /// second CIDR: the operator's to look into (`podnetctl release`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claim_problems: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

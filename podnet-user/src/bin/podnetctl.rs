@@ -581,6 +581,9 @@ fn datastore(cli: &Cli, client: &Client) -> anyhow::Result<()> {
                 "grace        {grace} s (routes to a node without a lease), CIDR released after {release} s"
             );
         }
+        for problem in &s.claim_problems {
+            println!("CLAIMS       {problem}");
+        }
         println!();
         println!(
             "{:<16} {:<16} {:<18} {:<12} {:<7} SINCE",

@@ -388,6 +388,8 @@ impl Datastore for Follower {
                 ..Plan::default()
             },
             invalid: Vec::new(),
+            // The file holds no claims: the join order decides.
+            claim_problems: Vec::new(),
         })
     }
 

@@ -34,6 +34,10 @@ pub struct Observation {
     pub plan: Plan,
     /// Keys that could not be read (logged once, otherwise ignored).
     pub invalid: Vec<String>,
+    /// What is wrong with the claims, if anything (see
+    /// [`membership::claim_problems`]): e.g. a node holding a second CIDR
+    /// with a claim key of its own, which only the operator can remove.
+    pub claim_problems: Vec<String>,
 }
 
 impl Observation {
@@ -45,6 +49,7 @@ impl Observation {
             published: snapshot.live.contains_key(me),
             plan: membership::plan(snapshot, policy, Some(me), now),
             invalid: snapshot.invalid.clone(),
+            claim_problems: membership::claim_problems(snapshot),
         }
     }
 }

@@ -252,6 +252,39 @@ async fn a_session_whose_cidr_was_taken_while_away_is_refused() {
     assert_eq!(follow.sink.rounds(), 0, "nothing applied");
 }
 
+/// A node holding a second CIDR (with a claim key of its own, or a shared
+/// one written past the agents) is named in the datastore status, where
+/// the operator looks (`podnetctl datastore`).
+#[tokio::test]
+async fn a_node_holding_two_claims_is_named_in_the_status() {
+    let (store, mut follow) = cluster().await;
+    let mut reader = store.clone();
+    follow.round(&mut reader, T).await.expect("round");
+    let problems = || {
+        follow
+            .sink
+            .status
+            .lock()
+            .expect("lock")
+            .claim_problems
+            .clone()
+    };
+    assert!(problems().is_empty(), "{:?}", problems());
+    store.put_claim("10.244.77.0/24".parse().expect("cidr"), "n2");
+    follow.round(&mut reader, T).await.expect("round");
+    let problems = follow
+        .sink
+        .status
+        .lock()
+        .expect("lock")
+        .claim_problems
+        .clone();
+    assert!(
+        problems.iter().any(|p| p.starts_with("n2 holds 2 claims")),
+        "{problems:?}"
+    );
+}
+
 /// Issue 21: a claim key rewritten while the node was away (what a node
 /// with write access to the old shared `cidrs/` keys could do) no longer
 /// keeps it from publishing itself again: its own claim is older.
