@@ -101,8 +101,10 @@ impl CniEnv {
 /// a pair without `=` is an error. Other keys are ignored whether or not
 /// `IgnoreUnknown` is set: podnet reads only the two it needs, and a
 /// runtime adding keys must not break pods. An empty value counts as
-/// absent; a namespace without a name (or the other way round) is an error
-/// rather than a pod published under half a name.
+/// absent. Only both together name a Kubernetes pod: podman (5.x) sets
+/// `K8S_POD_NAME` to the container's name and no namespace, and a
+/// container name need not be a valid pod name, so half a pair names no
+/// pod (the container gets its network all the same, without a record).
 pub fn pod_ref(cni_args: &str) -> Result<Option<PodRef>, CniError> {
     let (mut namespace, mut name) = (None, None);
     for pair in cni_args.split(';').filter(|p| !p.is_empty()) {
@@ -125,14 +127,7 @@ pub fn pod_ref(cni_args: &str) -> Result<Option<PodRef>, CniError> {
             validate::pod_ref(&namespace, &name)?;
             Ok(Some(PodRef { namespace, name }))
         }
-        (Some(_), None) => Err(CniError::new(
-            code::INVALID_ENV,
-            "CNI_ARGS has K8S_POD_NAMESPACE but no K8S_POD_NAME",
-        )),
-        (None, Some(_)) => Err(CniError::new(
-            code::INVALID_ENV,
-            "CNI_ARGS has K8S_POD_NAME but no K8S_POD_NAMESPACE",
-        )),
+        (Some(_), None) | (None, Some(_)) => Ok(None),
     }
 }
 
@@ -248,8 +243,6 @@ mod tests {
     fn malformed_cni_args_are_refused_on_add_only() {
         for (args, says) in [
             ("IgnoreUnknown=1;K8S_POD_NAMESPACE", "invalid pair"),
-            ("K8S_POD_NAMESPACE=x", "no K8S_POD_NAME"),
-            ("K8S_POD_NAME=a", "no K8S_POD_NAMESPACE"),
             (
                 "K8S_POD_NAMESPACE=X;K8S_POD_NAME=a",
                 "invalid K8S_POD_NAMESPACE",
@@ -262,6 +255,15 @@ mod tests {
             let err = add_with_args(Some(args)).expect_err(args);
             assert_eq!(err.code, code::INVALID_ENV, "{args}");
             assert!(err.msg.contains(says), "{args}: {}", err.msg);
+        }
+        // Half a pair names no pod, and the ADD goes on: what podman sets
+        // (the container's name, which need not be a pod name, and no
+        // namespace).
+        for args in [
+            "IgnoreUnknown=1;K8S_POD_NAME=My_Container",
+            "K8S_POD_NAMESPACE=x",
+        ] {
+            assert_eq!(add_with_args(Some(args)).expect(args).pod, None, "{args}");
         }
         // DEL succeeds whatever CNI_ARGS holds (the pod may be half gone).
         let del = env(&[
