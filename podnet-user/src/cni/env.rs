@@ -121,14 +121,11 @@ pub fn pod_ref(cni_args: &str) -> Result<Option<PodRef>, CniError> {
             _ => {}
         }
     }
-    match (namespace, name) {
-        (None, None) => Ok(None),
-        (Some(namespace), Some(name)) => {
-            validate::pod_ref(&namespace, &name)?;
-            Ok(Some(PodRef { namespace, name }))
-        }
-        (Some(_), None) | (None, Some(_)) => Ok(None),
-    }
+    let (Some(namespace), Some(name)) = (namespace, name) else {
+        return Ok(None);
+    };
+    validate::pod_ref(&namespace, &name)?;
+    Ok(Some(PodRef { namespace, name }))
 }
 
 #[cfg(test)]
