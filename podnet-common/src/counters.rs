@@ -41,10 +41,16 @@ pub enum Verdict {
     /// from_underlay itself and delivered (`--vxlan-datapath bpf`), skipping
     /// the node's UDP socket and VXLAN device.
     VxlanDecapBpf = 12,
+    /// A new connection of a policy-selected pod allowed by a rule, and
+    /// tracked (counted besides the packet's forwarding verdict).
+    PolicyAllowed = 13,
+    /// A packet of a policy-selected pod that belonged to a tracked
+    /// connection (counted besides its forwarding verdict).
+    PolicyTracked = 14,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Self::RedirectPeer,
         Self::PassToStack,
@@ -59,6 +65,8 @@ impl Verdict {
         Self::ToShaper,
         Self::VxlanEncapBpf,
         Self::VxlanDecapBpf,
+        Self::PolicyAllowed,
+        Self::PolicyTracked,
     ];
 
     #[must_use]
@@ -77,6 +85,8 @@ impl Verdict {
             Self::ToShaper => "to_shaper",
             Self::VxlanEncapBpf => "vxlan_encap_bpf",
             Self::VxlanDecapBpf => "vxlan_decap_bpf",
+            Self::PolicyAllowed => "policy_allowed",
+            Self::PolicyTracked => "policy_tracked",
         }
     }
 }
@@ -126,10 +136,16 @@ pub enum DropReason {
     /// that the owning node did not send (source MAC is not that node's
     /// neighbour entry).
     UnderlaySourceMismatch = 14,
+    /// A new connection to a policy-selected pod that no rule of its
+    /// ingress policies allows (nor a tracked connection).
+    PolicyDeniedIngress = 15,
+    /// A new connection from a policy-selected pod that no rule of its
+    /// egress policies allows (nor a tracked connection).
+    PolicyDeniedEgress = 16,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::MalformedIpv4,
         Self::SpoofedSourceIp,
@@ -146,6 +162,8 @@ impl DropReason {
         Self::TunnelSourceMismatch,
         Self::UnderlayNotUnicast,
         Self::UnderlaySourceMismatch,
+        Self::PolicyDeniedIngress,
+        Self::PolicyDeniedEgress,
     ];
 
     #[must_use]
@@ -166,6 +184,8 @@ impl DropReason {
             Self::TunnelSourceMismatch => "tunnel_source_mismatch",
             Self::UnderlayNotUnicast => "underlay_not_unicast",
             Self::UnderlaySourceMismatch => "underlay_source_mismatch",
+            Self::PolicyDeniedIngress => "policy_denied_ingress",
+            Self::PolicyDeniedEgress => "policy_denied_egress",
         }
     }
 }

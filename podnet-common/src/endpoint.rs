@@ -26,6 +26,15 @@ pub const ENDPOINT_F_NONE: u32 = 0;
 /// (`bpf_redirect`) instead of straight into the pod (`bpf_redirect_peer`
 /// skips every qdisc), so the tbf shapes them whichever way they came.
 pub const ENDPOINT_F_SHAPED_INGRESS: u32 = 1;
+/// A NetworkPolicy selects the endpoint for ingress: what reaches it must be
+/// a tracked connection or allowed by its rules (see [`crate::policy`]).
+pub const ENDPOINT_F_POLICY_INGRESS: u32 = 1 << 1;
+/// A NetworkPolicy selects the endpoint for egress: what it sends must be a
+/// tracked connection or allowed by its rules. Also in
+/// [`VethEndpoint::policy_flags`], which from_pod reads anyway.
+pub const ENDPOINT_F_POLICY_EGRESS: u32 = 1 << 2;
+/// Both policy bits.
+pub const ENDPOINT_F_POLICY: u32 = ENDPOINT_F_POLICY_INGRESS | ENDPOINT_F_POLICY_EGRESS;
 
 const _: () = assert!(core::mem::size_of::<EndpointInfo>() == 20);
 const _: () = assert!(core::mem::align_of::<EndpointInfo>() == 4);
@@ -73,7 +82,9 @@ pub struct VethEndpoint {
     /// Ifindex of the ifb device that shapes what the pod sends (its egress
     /// bandwidth limit); 0: none, the pod's packets take the fast path.
     pub egress_shaper_ifindex: u32,
-    pub reserved: u32,
+    /// The endpoint's `ENDPOINT_F_POLICY_*` bits, as in its
+    /// [`EndpointInfo::flags`] (was padding, always 0: no policy).
+    pub policy_flags: u32,
     /// This veth's drop-event rate limit on this CPU (appended: an entry
     /// migrated from the 40-byte layout starts with an empty bucket, full
     /// at its first use). A pod's drops spend its own bucket, so one

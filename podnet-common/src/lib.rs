@@ -12,6 +12,7 @@ pub mod event;
 pub mod flow;
 pub mod names;
 pub mod node;
+pub mod policy;
 pub mod tc;
 
 pub use counters::{DropReason, Verdict};
@@ -19,3 +20,4 @@ pub use endpoint::{EndpointInfo, EndpointStats, VethEndpoint};
 pub use event::{DropEvent, EventLimiter, Program};
 pub use flow::{FlowKey, FlowOwner, StackFlow};
 pub use node::{NodeConfig, RemoteNode};
+pub use policy::{PolicyCidrKey, PolicyKey, PolicyRule, TrackedConnection};

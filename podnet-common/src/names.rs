@@ -49,8 +49,21 @@ pub const MAP_EVENT_LIMIT: &str = "podnet_evlimit";
 /// suppressed (over the rate limit, or no room in the ring buffer).
 pub const MAP_EVENTS_SUPPRESSED: &str = "podnet_evsupp";
 
+/// Pod IPs of the cluster and this node's addresses (hash): IPv4 (network
+/// order) -> identity (`u32`, see [`crate::policy`]).
+pub const MAP_IDENTITIES: &str = "podnet_ident";
+/// Allow rules of the policy-selected local endpoints (LPM trie):
+/// [`crate::PolicyKey`] -> [`crate::PolicyRule`].
+pub const MAP_POLICY: &str = "podnet_policy";
+/// `ipBlock` CIDR sets of the policy-selected local endpoints (LPM trie):
+/// [`crate::PolicyCidrKey`] -> CIDR-set identity (`u32`).
+pub const MAP_POLICY_CIDRS: &str = "podnet_polcidr";
+/// Connections of policy-selected endpoints (LRU hash), both directions:
+/// [`crate::FlowKey`] -> [`crate::TrackedConnection`].
+pub const MAP_CONNTRACK: &str = "podnet_conntrk";
+
 /// Every map the datapath pins, for tools that list or clean the pin directory.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_ENDPOINTS,
     MAP_VERDICTS,
     MAP_DROPS,
@@ -62,6 +75,10 @@ pub const ALL_MAPS: [&str; 11] = [
     MAP_EVENTS,
     MAP_EVENT_LIMIT,
     MAP_EVENTS_SUPPRESSED,
+    MAP_IDENTITIES,
+    MAP_POLICY,
+    MAP_POLICY_CIDRS,
+    MAP_CONNTRACK,
 ];
 /// Every program in the object.
 pub const ALL_PROGRAMS: [&str; 6] = [
@@ -83,6 +100,21 @@ pub const MAX_ENDPOINTS: u32 = 16_384;
 /// (Service connections) a node follows at once. Preallocated, ~100 bytes
 /// an entry: 13 MiB.
 pub const MAX_STACK_FLOWS: u32 = 131_072;
+
+/// Capacity of the identities map: pod IPs of the whole cluster (and this
+/// node's addresses). Not preallocated.
+pub const MAX_IDENTITY_ADDRESSES: u32 = 262_144;
+
+/// Capacity of the policy rules trie (entries of every selected local
+/// endpoint; a port range takes up to 30). Tries are never preallocated.
+pub const MAX_POLICY_RULES: u32 = 262_144;
+
+/// Capacity of the policy CIDR-sets trie.
+pub const MAX_POLICY_CIDRS: u32 = 65_536;
+
+/// Capacity of the connection-tracking LRU map: two entries a connection
+/// (one per direction), 131,072 connections of policy-selected pods.
+pub const MAX_TRACKED_CONNECTIONS: u32 = 262_144;
 
 const _: () = {
     let mut i = 0;

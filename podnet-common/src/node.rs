@@ -95,9 +95,16 @@ pub struct NodeConfig {
     pub stack_flows_per_endpoint: u32,
     /// Explicit padding, always zero.
     pub reserved2: u32,
+    /// The Services' ClusterIP range: network address and mask, network
+    /// byte order (appended in layout 6; a mask of 0 means none known).
+    /// A policy-selected pod's packet to it is judged after the stack's
+    /// DNAT, against the backend (the Kubernetes rule), not at from_pod
+    /// against the ClusterIP.
+    pub service_cidr_network: u32,
+    pub service_cidr_mask: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 56);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 64);
 
 /// `NodeConfig::flags`, vxlan mode: from_pod encapsulates VXLAN itself
 /// (`bpf_skb_adjust_room` + `bpf_redirect_neigh` to the underlay) and
@@ -120,6 +127,13 @@ impl NodeConfig {
         } else {
             self.stack_flows_per_endpoint
         }
+    }
+
+    /// Whether `ip` (network byte order) lies in the Service CIDR (false
+    /// while none is known).
+    #[must_use]
+    pub const fn in_service_cidr(&self, ip: u32) -> bool {
+        self.service_cidr_mask != 0 && ip & self.service_cidr_mask == self.service_cidr_network
     }
 
     /// Whether `ip` (network byte order) lies in the cluster CIDR (false

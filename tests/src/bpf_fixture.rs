@@ -170,6 +170,8 @@ pub fn node1_config(mode: u32, underlay_ifindex: u32) -> NodeConfig {
         cluster_cidr_mask: u32::from_ne_bytes([255, 255, 0, 0]),
         stack_flows_per_endpoint: 0,
         reserved2: 0,
+        service_cidr_network: u32::from_ne_bytes([10, 96, 0, 0]),
+        service_cidr_mask: u32::from_ne_bytes([255, 240, 0, 0]),
     }
 }
 

@@ -63,7 +63,7 @@ impl Datapath {
             host_mac: info.host_mac,
             stats: EndpointStats::default(),
             egress_shaper_ifindex,
-            reserved: 0,
+            policy_flags: 0,
             events: EventLimiter::default(),
         };
         let name = names::MAP_VETHS;
