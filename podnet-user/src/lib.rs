@@ -17,4 +17,5 @@ pub mod model;
 pub mod netlink;
 pub mod objects_ctl;
 pub mod pinned_maps;
+pub mod policy;
 pub mod shaping;
