@@ -23,8 +23,8 @@ use super::{
 pub enum Evaluation {
     /// No policy selects the endpoint for this direction: allowed.
     NotSelected,
-    /// Every rule that allows it; empty for ingress from this node's own
-    /// addresses, always allowed without a rule.
+    /// Every rule that allows it. Ingress from this node's own addresses
+    /// is always allowed, by a rule or not (then the list is empty).
     Allowed(Vec<RuleRef>),
     /// The endpoint is isolated and no rule allows it: the selecting
     /// policies (namespace, name).
@@ -59,9 +59,6 @@ pub fn evaluate(
     if selecting.is_empty() {
         return Evaluation::NotSelected;
     }
-    if direction == Direction::Ingress && input.host_addresses.contains(&peer) {
-        return Evaluation::Allowed(Vec::new());
-    }
     let peer_pod = spec::pods_by_ip(input).get(&peer).copied();
     let connection = Connection {
         input,
@@ -91,7 +88,8 @@ pub fn evaluate(
             }
         }
     }
-    if allowing.is_empty() {
+    let from_node = direction == Direction::Ingress && input.host_addresses.contains(&peer);
+    if allowing.is_empty() && !from_node {
         Evaluation::Denied {
             selecting: selecting
                 .iter()
