@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
+    rc::Rc,
 };
 
 use ipnet::Ipv4Net;
@@ -281,7 +282,11 @@ struct Compiler<'a, 'i> {
     /// Namespace labels, as namespace selectors see them.
     namespaces: BTreeMap<&'i str, std::borrow::Cow<'i, BTreeMap<String, String>>>,
     /// Each rule's targets, resolved once.
-    targets: HashMap<u32, Vec<Target>>,
+    targets: HashMap<u32, Rc<[Target]>>,
+    /// The identities a pair of selectors selects, by the pair (and the
+    /// policy's namespace when there is no namespace selector): policies
+    /// often repeat selectors.
+    selections: HashMap<String, Vec<u32>>,
     next_cidr_set: u32,
     plan: PolicyPlan,
 }
@@ -359,6 +364,7 @@ pub fn compile(input: &PolicyInput, identities: &mut IdentityAllocator) -> Polic
         labels,
         namespaces,
         targets: HashMap::new(),
+        selections: HashMap::new(),
         next_cidr_set: IDENTITY_FIRST_CIDR_SET,
         plan,
     };
@@ -431,7 +437,7 @@ impl<'i> Compiler<'_, 'i> {
                     [(endpoint.namespace.as_str(), endpoint.name.as_str())],
                 ));
             }
-            for target in &targets {
+            for target in targets.iter() {
                 if !numbers.is_empty() {
                     self.emit(
                         endpoint_key,
@@ -566,22 +572,22 @@ impl<'i> Compiler<'_, 'i> {
     }
 
     /// A rule's peers as targets (computed once per rule).
-    fn targets(&mut self, number: u32, policy: &Policy, rule: Rule) -> Vec<Target> {
+    fn targets(&mut self, number: u32, policy: &Policy, rule: Rule) -> Rc<[Target]> {
         if let Some(targets) = self.targets.get(&number) {
-            return targets.clone();
+            return Rc::clone(targets);
         }
-        let targets = match rule.peers {
-            None => vec![Target::Any],
+        let targets: Rc<[Target]> = match rule.peers {
+            None => Rc::new([Target::Any]),
             Some(peers) => peers
                 .iter()
                 .filter_map(|peer| self.target(policy, peer))
                 .collect(),
         };
-        self.targets.insert(number, targets.clone());
+        self.targets.insert(number, Rc::clone(&targets));
         targets
     }
 
-    fn target(&self, policy: &Policy, peer: &NetworkPolicyPeer) -> Option<Target> {
+    fn target(&mut self, policy: &Policy, peer: &NetworkPolicyPeer) -> Option<Target> {
         if let Some(block) = &peer.ip_block {
             let net = cidr::parse(&block.cidr)?;
             let except = block
@@ -603,8 +609,20 @@ impl<'i> Compiler<'_, 'i> {
             {
                 Some(Target::AnyPod)
             }
-            (pods, namespaces) => Some(Target::Identities(
-                self.labels
+            (pods, namespaces) => {
+                let key = format!(
+                    "{pods:?}|{namespaces:?}|{}",
+                    if namespaces.is_none() {
+                        policy.namespace
+                    } else {
+                        ""
+                    }
+                );
+                if let Some(identities) = self.selections.get(&key) {
+                    return Some(Target::Identities(identities.clone()));
+                }
+                let identities: Vec<u32> = self
+                    .labels
                     .iter()
                     .filter(|(_, labels)| {
                         let namespace = match namespaces {
@@ -620,8 +638,10 @@ impl<'i> Compiler<'_, 'i> {
                                 .is_none_or(|s| selector_matches(s, &labels.labels))
                     })
                     .map(|(identity, _)| *identity)
-                    .collect(),
-            )),
+                    .collect();
+                self.selections.insert(key, identities.clone());
+                Some(Target::Identities(identities))
+            }
         }
     }
 
