@@ -233,14 +233,14 @@ fn split_ports(ports: Option<&[NetworkPolicyPort]>) -> (Vec<PortEntry>, Vec<Name
 }
 
 /// The numbers named ports have on some pods.
-fn resolve_names<'p>(
+fn resolve_names(
     model: &ClusterModel,
     names: &[NamedPort],
-    pods: impl IntoIterator<Item = (&'p str, &'p str)> + Clone,
+    pods: &[(&str, &str)],
 ) -> Vec<PortEntry> {
     let mut numbers = BTreeSet::new();
     for named in names {
-        for (namespace, pod) in pods.clone() {
+        for &(namespace, pod) in pods {
             if let Some(number) = model.named_port(namespace, pod, named.name, named.protocol_name)
             {
                 numbers.insert(PortEntry::Range(named.protocol, number, number));
@@ -338,24 +338,8 @@ pub fn compile(input: &PolicyInput, identities: &mut IdentityAllocator) -> Polic
         .map(|(identity, labels)| (*identity, (*labels).clone()))
         .collect();
 
-    // Rule numbers: every rule of every policy, in key order, ingress
-    // rules before egress ones.
     let policies: Vec<Policy> = spec::policies(input.model, None).collect();
-    let mut numbers: HashMap<(usize, Direction, usize), u32> = HashMap::new();
-    for (p, policy) in policies.iter().enumerate() {
-        for direction in Direction::BOTH {
-            for index in 0..policy.rules(direction).len() {
-                plan.rule_table.push(RuleRef {
-                    namespace: policy.namespace.to_owned(),
-                    policy: policy.name.to_owned(),
-                    direction,
-                    index,
-                });
-                let number = u32::try_from(plan.rule_table.len()).unwrap_or(u32::MAX);
-                numbers.insert((p, direction, index), number);
-            }
-        }
-    }
+    let numbers = number_rules(&policies, &mut plan.rule_table);
 
     let mut compiler = Compiler {
         input,
@@ -394,21 +378,7 @@ pub fn compile(input: &PolicyInput, identities: &mut IdentityAllocator) -> Polic
                 Direction::Ingress => ENDPOINT_F_POLICY_INGRESS,
                 Direction::Egress => ENDPOINT_F_POLICY_EGRESS,
             };
-            let rules: Vec<(u32, &Policy, Rule)> = selecting
-                .iter()
-                .flat_map(|&p| {
-                    let policy = &policies[p];
-                    let numbers = &numbers;
-                    policy
-                        .rules(direction)
-                        .into_iter()
-                        .enumerate()
-                        .filter_map(move |(i, rule)| {
-                            Some((*numbers.get(&(p, direction, i))?, policy, rule))
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .collect();
+            let rules = numbered_rules(&policies, &selecting, &numbers, direction);
             compiler.endpoint_direction(endpoint, direction, &rules);
         }
         compiler.plan.endpoints.insert(endpoint.ip, flags);
@@ -416,7 +386,50 @@ pub fn compile(input: &PolicyInput, identities: &mut IdentityAllocator) -> Polic
     compiler.plan
 }
 
-impl<'i> Compiler<'_, 'i> {
+/// The rules of the `selecting` policies for `direction`, with their numbers.
+fn numbered_rules<'p, 'a>(
+    policies: &'p [Policy<'a>],
+    selecting: &[usize],
+    numbers: &HashMap<(usize, Direction, usize), u32>,
+    direction: Direction,
+) -> Vec<(u32, &'p Policy<'a>, Rule<'a>)> {
+    let mut rules = Vec::new();
+    for &p in selecting {
+        let policy = &policies[p];
+        for (i, rule) in policy.rules(direction).into_iter().enumerate() {
+            if let Some(number) = numbers.get(&(p, direction, i)) {
+                rules.push((*number, policy, rule));
+            }
+        }
+    }
+    rules
+}
+
+/// Rule numbers: every rule of every policy, in key order, ingress rules
+/// before egress ones; by (policy, direction, rule index).
+fn number_rules(
+    policies: &[Policy],
+    table: &mut Vec<RuleRef>,
+) -> HashMap<(usize, Direction, usize), u32> {
+    let mut numbers = HashMap::new();
+    for (p, policy) in policies.iter().enumerate() {
+        for direction in Direction::BOTH {
+            for index in 0..policy.rules(direction).len() {
+                table.push(RuleRef {
+                    namespace: policy.namespace.to_owned(),
+                    policy: policy.name.to_owned(),
+                    direction,
+                    index,
+                });
+                let number = u32::try_from(table.len()).unwrap_or(u32::MAX);
+                numbers.insert((p, direction, index), number);
+            }
+        }
+    }
+    numbers
+}
+
+impl Compiler<'_, '_> {
     /// The entries of one endpoint's rules for one direction.
     fn endpoint_direction(
         &mut self,
@@ -434,7 +447,7 @@ impl<'i> Compiler<'_, 'i> {
                 numbers.extend(resolve_names(
                     model,
                     &names,
-                    [(endpoint.namespace.as_str(), endpoint.name.as_str())],
+                    &[(endpoint.namespace.as_str(), endpoint.name.as_str())],
                 ));
             }
             for target in targets.iter() {
@@ -477,7 +490,7 @@ impl<'i> Compiler<'_, 'i> {
                             if except.iter().any(|e| e.contains(ip)) {
                                 continue;
                             }
-                            let ports = resolve_names(model, &names, [(pod.namespace, pod.name)]);
+                            let ports = resolve_names(model, &names, &[(pod.namespace, pod.name)]);
                             if !ports.is_empty() {
                                 blocks.push(Block {
                                     net: Ipv4Net::from(*ip),
@@ -509,7 +522,10 @@ impl<'i> Compiler<'_, 'i> {
             let ports = resolve_names(
                 self.input.model,
                 names,
-                pods.iter().map(|p| (p.namespace, p.name)),
+                &pods
+                    .iter()
+                    .map(|p| (p.namespace, p.name))
+                    .collect::<Vec<_>>(),
             );
             for port in ports {
                 self.insert_rule(endpoint, *identity, direction, port, rule);

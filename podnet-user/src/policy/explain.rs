@@ -184,19 +184,19 @@ impl fmt::Display for PodPolicies {
 
 impl fmt::Display for DirectionPolicies {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if !self.isolated {
-            write!(
-                f,
-                "{}: not isolated (no policy selects it: everything allowed)",
-                self.direction
-            )?;
-        } else {
+        if self.isolated {
             let count = self.policies.len();
             write!(
                 f,
                 "{}: isolated by {count} {} (only what a rule allows)",
                 self.direction,
                 if count == 1 { "policy" } else { "policies" }
+            )?;
+        } else {
+            write!(
+                f,
+                "{}: not isolated (no policy selects it: everything allowed)",
+                self.direction
             )?;
         }
         if self.direction == Direction::Ingress {

@@ -894,7 +894,9 @@ fn random_peer(random: &mut Random) -> String {
             let mut except = Vec::new();
             for _ in 0..random.below(3) {
                 // An except inside the block.
-                let inner = random.below(usize::from(33 - bits.min(32))) as u8 + bits;
+                let inner = u8::try_from(random.below(usize::from(33 - bits.min(32))))
+                    .expect("small")
+                    + bits;
                 let base: Ipv4Addr = cidr
                     .split('/')
                     .next()
@@ -992,7 +994,7 @@ fn random_cluster(random: &mut Random) -> Cluster {
             let mut ports = String::new();
             for port in [80, 81] {
                 for protocol in ["TCP", "UDP"] {
-                    if (port + role.len() + protocol.len()) % 3 != 0 {
+                    if !(port + role.len() + protocol.len()).is_multiple_of(3) {
                         let _ = write!(
                             ports,
                             "{{name: serve-{port}-{}, containerPort: {port}, protocol: {protocol}}},",
@@ -1102,7 +1104,7 @@ fn compiled_lookups_agree_with_the_reference_on_random_policies() {
                 plan.lookup(endpoint.ip, direction, peer, protocol, port),
             ) {
                 (Evaluation::Allowed(rules), Some(rule)) => {
-                    assert!(rules.contains(rule), "{}", what())
+                    assert!(rules.contains(rule), "{}", what());
                 }
                 (Evaluation::Denied { .. }, found) => assert_eq!(found, None, "{}", what()),
                 _ => {}
