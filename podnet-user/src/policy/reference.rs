@@ -2,7 +2,7 @@
 //! connection: the reference the compiled maps are checked against, and
 //! what `explain` says.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +29,34 @@ pub enum Evaluation {
     /// The endpoint is isolated and no rule allows it: the selecting
     /// policies (namespace, name).
     Denied { selecting: Vec<(String, String)> },
+}
+
+impl fmt::Display for Evaluation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotSelected => {
+                f.write_str("allowed: no policy isolates the pod for this direction")
+            }
+            Self::Allowed(rules) if rules.is_empty() => {
+                f.write_str("allowed: traffic from the pod's own node is always allowed")
+            }
+            Self::Allowed(rules) => {
+                let rules: Vec<String> = rules.iter().map(ToString::to_string).collect();
+                write!(f, "allowed by {}", rules.join(", "))
+            }
+            Self::Denied { selecting } => {
+                let policies: Vec<String> = selecting
+                    .iter()
+                    .map(|(ns, name)| format!("{ns}/{name}"))
+                    .collect();
+                write!(
+                    f,
+                    "denied: isolated by {} and no rule allows it",
+                    policies.join(", ")
+                )
+            }
+        }
+    }
 }
 
 impl Evaluation {

@@ -1,7 +1,7 @@
 //! Reading NetworkPolicy objects: which policies there are, their types,
 //! whom they select, their rules; the pods peers can be.
 
-use std::{borrow::Cow, collections::BTreeMap, net::Ipv4Addr};
+use std::{borrow::Cow, collections::BTreeMap, net::Ipv4Addr, sync::LazyLock};
 
 use crate::model::cluster::{
     ClusterModel, ClusterObject, Kind, selector_matches,
@@ -97,12 +97,16 @@ pub(crate) fn policy_types(spec: &NetworkPolicySpec) -> (bool, bool) {
     }
 }
 
+static EMPTY_SPEC: LazyLock<NetworkPolicySpec> = LazyLock::new(NetworkPolicySpec::default);
+
 fn policy_of(object: &ClusterObject) -> Option<Policy<'_>> {
     let ClusterObject::NetworkPolicy(policy) = object else {
         return None;
     };
     let NetworkPolicy { metadata, spec, .. } = policy.as_ref();
-    let spec = spec.as_ref()?;
+    // The API server defaults an absent spec to `{}`: every pod of the
+    // namespace, isolated for ingress.
+    let spec = spec.as_ref().unwrap_or(&EMPTY_SPEC);
     let (ingress, egress) = policy_types(spec);
     Some(Policy {
         namespace: metadata.namespace.as_deref().unwrap_or_default(),

@@ -239,16 +239,32 @@ fn default_deny_ingress_isolates_selected_pods_only() {
         }
     );
     assert_eq!(
-        evaluate(
-            &cluster.input(),
-            cluster.endpoint("x/b"),
-            Ingress,
-            NODE,
-            TCP_,
-            80
-        ),
-        Evaluation::Allowed(Vec::new())
+        evaluation.to_string(),
+        "denied: isolated by x/deny and no rule allows it"
     );
+    let from_node = evaluate(
+        &cluster.input(),
+        cluster.endpoint("x/b"),
+        Ingress,
+        NODE,
+        TCP_,
+        80,
+    );
+    assert_eq!(from_node, Evaluation::Allowed(Vec::new()));
+    assert!(from_node.to_string().contains("own node"), "{from_node}");
+}
+
+#[test]
+fn a_policy_without_spec_denies_ingress_to_its_namespace() {
+    let (_, plan) = check(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bare, namespace: y}\n",
+        &[
+            ("y/a", Ingress, "x/a", TCP_, 80, false),
+            ("y/a", Egress, "x/a", TCP_, 80, true),
+            ("x/a", Ingress, "y/a", TCP_, 80, true),
+        ],
+    );
+    assert_eq!(plan.endpoints[&address("y/c")], ENDPOINT_F_POLICY_INGRESS);
 }
 
 #[test]
@@ -646,16 +662,21 @@ fn rules_add_up_and_the_lowest_number_holds_a_shared_entry() {
         Some(&rule("p2", 1))
     );
     assert_eq!(plan.lookup(a, Ingress, address("x/b"), TCP, 81), None);
+    let evaluation = evaluate(
+        &cluster.input(),
+        cluster.endpoint("x/a"),
+        Ingress,
+        address("x/b"),
+        TCP,
+        80,
+    );
     assert_eq!(
-        evaluate(
-            &cluster.input(),
-            cluster.endpoint("x/a"),
-            Ingress,
-            address("x/b"),
-            TCP,
-            80
-        ),
+        evaluation,
         Evaluation::Allowed(vec![rule("p1", 0), rule("p2", 0)])
+    );
+    assert_eq!(
+        evaluation.to_string(),
+        "allowed by x/p1 ingress[0], x/p2 ingress[0]"
     );
 }
 
