@@ -22,7 +22,14 @@
 //!   of those numbers (as Cilium does). With an `ipBlock` peer the name
 //!   resolves per pod address in the block, exactly.
 //! - A peer with neither selector nor `ipBlock` (which validation refuses)
-//!   and an IPv6 `ipBlock` match nothing.
+//!   and an IPv6 `ipBlock` match nothing; a NetworkPolicy without `spec`
+//!   is the empty spec (every pod of its namespace, ingress denied).
+//! - Rule numbers go over every rule of every policy in key order (ingress
+//!   rules, then egress ones), whether or not it selects a local pod; when
+//!   two rules give the same trie key the lowest number stays.
+//! - CIDR-set identities are numbered per compile, from
+//!   `IDENTITY_FIRST_CIDR_SET`, per (endpoint, direction, distinct set),
+//!   in endpoint address order: the same input gives the same numbers.
 
 mod cidr;
 mod compile;

@@ -1074,6 +1074,7 @@ fn compiled_lookups_agree_with_the_reference_on_random_policies() {
     for round in 0..300 {
         let cluster = random_cluster(&mut random);
         let plan = cluster.plan();
+        assert_eq!(cluster.plan(), plan, "round {round}: deterministic");
         let mut peers: Vec<Ipv4Addr> = cluster.records.iter().map(|r| r.ip).collect();
         peers.extend([
             NODE,
