@@ -3,9 +3,10 @@
 //! of what the stack sends ([`track_reply`]); the programs that would
 //! redirect a packet ask [`divert_to_stack`] first.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::TcContext};
 use podnet_common::{
-    FlowKey, FlowOwner, NodeConfig, StackFlow, Verdict,
+    FlowOwner, NodeConfig, Program, StackFlow, Verdict,
+    endpoint::{ENDPOINT_F_POLICY, ENDPOINT_F_POLICY_EGRESS},
     flow::{
         DEFAULT_STACK_FLOWS_PER_ENDPOINT, FAST_PATH_TC_INDEX, FLOW_F_FIN_FORWARD, FLOW_F_FIN_REPLY,
         FLOW_F_RST,
@@ -14,175 +15,20 @@ use podnet_common::{
 };
 
 use crate::{
+    clock::now_ns,
     counters::count,
+    l4::{self, closing_flags, reversed},
     lookup,
     maps::{CONFIG, FLOW_OWNERS, STACK_FLOWS},
     packet::{self, Ipv4Fields, L3},
-    verdict::pass_to_stack,
+    policy::{self, Judged},
+    verdict::{drop_packet, pass_to_stack},
 };
 
-const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_SCTP: u8 = 132;
 
-const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-
-const ICMP_ECHOREPLY: u8 = 0;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_ECHO: u8 = 8;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETERPROB: u8 = 12;
-
-/// The ICMP header before an error's embedded datagram.
-const ICMP_HLEN: usize = 8;
-
-/// What flow tracking needs of a packet's L4 header.
-struct L4 {
-    /// The packet's own tuple, or for an ICMP error the tuple of the flow
-    /// direction the error travels with (the embedded packet reversed).
-    key: FlowKey,
-    tcp_flags: u8,
-    /// An ICMP error or an ICMP message other than echo: never starts a flow.
-    icmp_other: bool,
-}
-
-#[inline(always)]
-fn key(src: u32, dst: u32, src_port: u16, dst_port: u16, proto: u8) -> FlowKey {
-    FlowKey::new(src, dst, src_port, dst_port, proto)
-}
-
-/// The tuple of the other direction. ICMP echo keeps the identifier in
-/// `src_port` both ways, so only the addresses swap.
-#[inline(always)]
-fn reversed(k: &FlowKey) -> FlowKey {
-    if k.proto == IPPROTO_ICMP {
-        key(k.dst, k.src, k.src_port, k.dst_port, k.proto)
-    } else {
-        key(k.dst, k.src, k.dst_port, k.src_port, k.proto)
-    }
-}
-
-/// Ports (as on the wire) of the L4 header at `offset`; ICMP echo gives
-/// its identifier and 0, protocols without ports 0 and 0.
-#[inline(always)]
-fn ports(ctx: &TcContext, proto: u8, offset: usize) -> Option<(u16, u16)> {
-    match proto {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            let b = packet::bytes_at::<4>(ctx, offset)?;
-            Some((
-                u16::from_ne_bytes([b[0], b[1]]),
-                u16::from_ne_bytes([b[2], b[3]]),
-            ))
-        }
-        IPPROTO_ICMP => {
-            let b = packet::bytes_at::<8>(ctx, offset)?;
-            if b[0] == ICMP_ECHO || b[0] == ICMP_ECHOREPLY {
-                Some((u16::from_ne_bytes([b[4], b[5]]), 0))
-            } else {
-                Some((0, 0))
-            }
-        }
-        _ => Some((0, 0)),
-    }
-}
-
-/// The flow key of an ICMP error: the embedded datagram (what the error's
-/// sender received, RFC 792: its IP header and at least 8 bytes after it)
-/// reversed, i.e. the direction the error travels in.
-#[inline(always)]
-fn embedded_key(ctx: &TcContext, icmp_offset: usize) -> Option<FlowKey> {
-    let inner = icmp_offset + ICMP_HLEN;
-    let h = packet::bytes_at::<20>(ctx, inner)?;
-    let ihl = usize::from(h[0] & 0x0f) * 4;
-    if h[0] >> 4 != 4 || ihl < 20 {
-        return None;
-    }
-    let proto = h[9];
-    let (src_port, dst_port) = ports(ctx, proto, inner + ihl)?;
-    let embedded = key(
-        u32::from_ne_bytes([h[12], h[13], h[14], h[15]]),
-        u32::from_ne_bytes([h[16], h[17], h[18], h[19]]),
-        src_port,
-        dst_port,
-        proto,
-    );
-    Some(reversed(&embedded))
-}
-
-#[inline(always)]
-fn l4(ctx: &TcContext, ip: &Ipv4Fields) -> Option<L4> {
-    if ip.later_fragment {
-        return None;
-    }
-    let mut tcp_flags = 0;
-    let mut icmp_other = false;
-    let key = match ip.proto {
-        IPPROTO_TCP => {
-            let b = packet::bytes_at::<14>(ctx, ip.l4_offset)?;
-            tcp_flags = b[13];
-            key(
-                ip.src,
-                ip.dst,
-                u16::from_ne_bytes([b[0], b[1]]),
-                u16::from_ne_bytes([b[2], b[3]]),
-                IPPROTO_TCP,
-            )
-        }
-        IPPROTO_ICMP => {
-            let icmp = packet::bytes_at::<ICMP_HLEN>(ctx, ip.l4_offset)?;
-            let icmp_type = icmp[0];
-            icmp_other = icmp_type != ICMP_ECHO && icmp_type != ICMP_ECHOREPLY;
-            if matches!(
-                icmp_type,
-                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETERPROB
-            ) {
-                embedded_key(ctx, ip.l4_offset)?
-            } else {
-                // Echo: the identifier is the "port" both ways.
-                let id = if icmp_other {
-                    0
-                } else {
-                    u16::from_ne_bytes([icmp[4], icmp[5]])
-                };
-                key(ip.src, ip.dst, id, 0, IPPROTO_ICMP)
-            }
-        }
-        proto => {
-            let (src_port, dst_port) = ports(ctx, proto, ip.l4_offset)?;
-            key(ip.src, ip.dst, src_port, dst_port, proto)
-        }
-    };
-    Some(L4 {
-        key,
-        tcp_flags,
-        icmp_other,
-    })
-}
-
-#[inline(always)]
-fn now_ns() -> u64 {
-    // SAFETY: plain helper call without arguments (Linux >= 5.11). The
-    // coarse clock (tick resolution) is plenty for timeouts of seconds and
-    // cheaper than bpf_ktime_get_ns.
-    unsafe { bpf_ktime_get_coarse_ns() }
-}
-
-/// Flag bits a TCP packet adds in the given direction.
-#[inline(always)]
-fn closing_flags(tcp_flags: u8, fin_flag: u32) -> u32 {
-    let mut flags = 0;
-    if tcp_flags & TCP_RST != 0 {
-        flags |= FLOW_F_RST;
-    }
-    if tcp_flags & TCP_FIN != 0 {
-        flags |= fin_flag;
-    }
-    flags
-}
 
 /// For a packet the fast path would redirect: `Some(TC code)` when it must
 /// go to the host stack instead (counted), `None` to go on.
@@ -196,7 +42,7 @@ pub fn divert_to_stack(ctx: &TcContext, ip: &Ipv4Fields) -> Option<i32> {
     if ip.fragment {
         return Some(pass_to_stack());
     }
-    let l4 = l4(ctx, ip)?;
+    let l4 = l4::parse(ctx, ip)?;
     if let Some(flow) = STACK_FLOWS.get_ptr_mut(l4.key) {
         let now = now_ns();
         // SAFETY: pointer to a live map value from a successful lookup; a
@@ -205,7 +51,7 @@ pub fn divert_to_stack(ctx: &TcContext, ip: &Ipv4Fields) -> Option<i32> {
         let flow = unsafe { &mut *flow };
         if !flow.expired(l4.key.proto, now) {
             flow.last_seen_ns = now;
-            flow.flags |= closing_flags(l4.tcp_flags, FLOW_F_FIN_REPLY);
+            flow.flags |= closing_flags(l4.tcp_flags, FLOW_F_RST, FLOW_F_FIN_REPLY);
             count(Verdict::StackFlow);
             return Some(TC_ACT_OK);
         }
@@ -228,7 +74,7 @@ pub fn divert_to_stack(ctx: &TcContext, ip: &Ipv4Fields) -> Option<i32> {
 /// over and evict other pods' flows.
 #[inline(always)]
 pub fn track_reply(ctx: &TcContext, ip: &Ipv4Fields, owner: u32) {
-    let Some(l4) = l4(ctx, ip) else {
+    let Some(l4) = l4::parse(ctx, ip) else {
         return;
     };
     if l4.icmp_other {
@@ -236,7 +82,7 @@ pub fn track_reply(ctx: &TcContext, ip: &Ipv4Fields, owner: u32) {
     }
     let reply = reversed(&l4.key);
     let now = now_ns();
-    let flags = closing_flags(l4.tcp_flags, FLOW_F_FIN_FORWARD);
+    let flags = closing_flags(l4.tcp_flags, FLOW_F_RST, FLOW_F_FIN_FORWARD);
     if let Some(flow) = STACK_FLOWS.get_ptr_mut(reply) {
         // SAFETY: as in `divert_to_stack`.
         let flow = unsafe { &mut *flow };
@@ -310,20 +156,31 @@ fn add_shared(counter: *mut u32, n: u32) {
     unsafe { *counter = (*counter).wrapping_add(n) };
 }
 
-/// The egress of the node's overlay or underlay device: everything this
-/// node sends to other nodes. What the fast path redirected there carries
-/// [`FAST_PATH_TC_INDEX`] and is left alone; what the stack sends from one
-/// of this node's pods is tracked, since its replies would otherwise be
-/// delivered by from_overlay / from_underlay past this node's conntrack.
-/// Always lets the packet go on (`TCX_NEXT`).
+/// The egress of the node's overlay or underlay device (`program`):
+/// everything this node sends to other nodes. What the fast path
+/// redirected there carries [`FAST_PATH_TC_INDEX`] and is left alone; what
+/// the stack sends from one of this node's pods is judged by the pod's
+/// egress policy (after the stack's DNAT: a Service's backend on another
+/// node) and tracked, since its replies would otherwise be delivered by
+/// from_overlay / from_underlay past this node's conntrack. Lets the packet
+/// go on (`TCX_NEXT`) unless the policy drops it.
 #[inline(always)]
-pub fn track_node_egress(ctx: &mut TcContext) -> i32 {
+pub fn track_node_egress(ctx: &mut TcContext, program: Program) -> i32 {
     if take_fast_path_mark(ctx) {
         return TC_ACT_UNSPEC;
     }
     if let L3::Ipv4(ip) = packet::parse(ctx)
-        && lookup::endpoint(ip.src).is_some()
+        && let Some(sender) = lookup::endpoint(ip.src)
     {
+        if sender.flags & ENDPOINT_F_POLICY != 0 {
+            let judged = Judged {
+                egress_of: (sender.flags & ENDPOINT_F_POLICY_EGRESS != 0).then_some(ip.src),
+                ingress_of: None,
+            };
+            if let Err(reason) = policy::enforce(ctx, &ip, judged) {
+                return drop_packet(ctx, program, reason);
+            }
+        }
         track_reply(ctx, &ip, ip.src);
     }
     TC_ACT_UNSPEC

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use podnet_common::{
     DropReason, EndpointInfo, NodeConfig, Program, RemoteNode, Verdict,
-    endpoint::ENDPOINT_F_SHAPED_INGRESS,
+    endpoint::{ENDPOINT_F_POLICY, ENDPOINT_F_POLICY_INGRESS, ENDPOINT_F_SHAPED_INGRESS},
     node::{MODE_DIRECT, MODE_VXLAN, NODE_F_VXLAN_BPF, REMOTE_NODE_ADDRESS},
 };
 
@@ -21,6 +21,7 @@ use crate::{
     lookup::{self, endpoint, remote_node},
     maps::CONFIG,
     packet::{self, Ipv4Fields, L3},
+    policy::{self, Judged},
     sender,
     verdict::{drop_packet, pass_to_stack},
     vxlan,
@@ -108,7 +109,34 @@ pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
     if let Some(code) = flows::divert_to_stack(ctx, &ip) {
         return arrival.to_stack(ctx, code);
     }
+    if let Some(code) = judge_arrival(ctx, &ip, &dst, arrival.program()) {
+        return code;
+    }
     to_endpoint(ctx, &ip, &dst, arrival.verdict())
+}
+
+/// The policy verdict on a packet from another node for local endpoint
+/// `dst` (what goes to the stack instead is judged where the stack
+/// delivers it, in to_pod): `Some(drop code)` or `None` to go on. A
+/// receiver selected only for egress is not judged, but its connections
+/// are tracked, so its replies pass its egress.
+#[inline(always)]
+fn judge_arrival(
+    ctx: &TcContext,
+    ip: &Ipv4Fields,
+    dst: &EndpointInfo,
+    program: Program,
+) -> Option<i32> {
+    if dst.flags & ENDPOINT_F_POLICY == 0 {
+        return None;
+    }
+    let judged = Judged {
+        egress_of: None,
+        ingress_of: (dst.flags & ENDPOINT_F_POLICY_INGRESS != 0).then_some(ip.dst),
+    };
+    policy::enforce(ctx, ip, judged)
+        .err()
+        .map(|reason| drop_packet(ctx, program, reason))
 }
 
 /// Whether `ip` (network byte order) is another node's address, as the
@@ -473,6 +501,10 @@ pub fn decapsulate_local(ctx: &mut TcContext, config: &NodeConfig) -> i32 {
         return pass_to_stack();
     }
     if let Some(code) = flows::divert_to_stack(ctx, &inner) {
+        return code;
+    }
+    // Judged on the inner packet, before its outer headers come off.
+    if let Some(code) = judge_arrival(ctx, &inner, &dst, Program::FromUnderlay) {
         return code;
     }
     // A GSO packet keeps its tunnel state through the decapsulation (see

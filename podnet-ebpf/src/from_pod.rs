@@ -8,7 +8,11 @@
 //! backend: conntrack must undo the DNAT), see `flows`.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use podnet_common::{DropReason, Program, Verdict, VethEndpoint, node::REMOTE_NODE_ADDRESS};
+use podnet_common::{
+    DropReason, Program, Verdict, VethEndpoint,
+    endpoint::{ENDPOINT_F_POLICY, ENDPOINT_F_POLICY_EGRESS, ENDPOINT_F_POLICY_INGRESS},
+    node::REMOTE_NODE_ADDRESS,
+};
 
 use crate::{
     arp,
@@ -17,6 +21,7 @@ use crate::{
     lookup::{endpoint, remote_node},
     maps::{CONFIG, VETHS},
     packet::{self, Ipv4Fields, L3},
+    policy::{self, Judged},
     verdict::{drop_packet, pass_to_stack},
 };
 
@@ -90,6 +95,19 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     if !to_a_pod && is_vxlan(&ctx, &ip) {
         return drop_packet(&ctx, Program::FromPod, DropReason::VxlanFromPod);
     }
+    // NetworkPolicy: one flag test each for pods no policy selects. A
+    // receiver's bits only matter when it is local (another node's pod is
+    // judged by its own node). Before the shaper: what the shaper hands to
+    // the stack may leave masqueraded, past any later judgement.
+    let receiver_flags = match local {
+        Some(dst) => dst.flags & ENDPOINT_F_POLICY,
+        None => 0,
+    };
+    if (veth.policy_flags | receiver_flags) & ENDPOINT_F_POLICY != 0
+        && let Some(code) = judge_sent(&ctx, &ip, veth.policy_flags, receiver_flags, to_a_pod)
+    {
+        return code;
+    }
     // An egress bandwidth limit: every packet the pod sends, whatever its
     // destination, queues in the pod's shaper. Checked above like any other.
     if veth.egress_shaper_ifindex != 0 {
@@ -109,6 +127,39 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     }
     // Not a pod of the cluster: the host stack routes (and masquerades) it.
     pass_to_stack()
+}
+
+/// The policy verdict on what a pod sends, when the sender or the (local)
+/// receiver is selected by a policy: `Some(drop code)` or `None` to go on.
+/// Every packet of a selected pod is tracked (allowed connections both
+/// ways), so that the replies pass its policy in the other direction. A
+/// destination in the Service CIDR is judged after the stack's DNAT,
+/// against the backend (to_pod, or the overlay/underlay egress); its
+/// connection is tracked as the pod's own meanwhile, for the replies the
+/// stack delivers from the ClusterIP.
+#[inline(always)]
+fn judge_sent(
+    ctx: &TcContext,
+    ip: &Ipv4Fields,
+    sender_flags: u32,
+    receiver_flags: u32,
+    to_a_pod: bool,
+) -> Option<i32> {
+    if !to_a_pod
+        && CONFIG
+            .get(0)
+            .is_some_and(|config| config.in_service_cidr(ip.dst))
+    {
+        policy::track_own(ctx, ip);
+        return None;
+    }
+    let judged = Judged {
+        egress_of: (sender_flags & ENDPOINT_F_POLICY_EGRESS != 0).then_some(ip.src),
+        ingress_of: (receiver_flags & ENDPOINT_F_POLICY_INGRESS != 0).then_some(ip.dst),
+    };
+    policy::enforce(ctx, ip, judged)
+        .err()
+        .map(|reason| drop_packet(ctx, Program::FromPod, reason))
 }
 
 /// UDP to the cluster's VXLAN port.

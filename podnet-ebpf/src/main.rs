@@ -4,6 +4,7 @@
 #![no_main]
 
 mod arp;
+mod clock;
 mod counters;
 mod events;
 mod flows;
@@ -11,9 +12,11 @@ mod forward;
 mod from_overlay;
 mod from_pod;
 mod from_underlay;
+mod l4;
 mod lookup;
 mod maps;
 mod packet;
+mod policy;
 mod sender;
 mod to_overlay;
 mod to_pod;

@@ -7,10 +7,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use podnet_common::{
-    DropReason, EndpointInfo, EventLimiter, FlowKey, FlowOwner, NodeConfig, RemoteNode, StackFlow,
-    Verdict, VethEndpoint,
+    DropReason, EndpointInfo, EventLimiter, FlowKey, FlowOwner, NodeConfig, PolicyCidrKey,
+    PolicyKey, PolicyRule, RemoteNode, StackFlow, TrackedConnection, Verdict, VethEndpoint,
     event::EVENTS_RING_BYTES,
-    names::{MAX_ENDPOINTS, MAX_REMOTE_CIDRS, MAX_STACK_FLOWS},
+    names::{
+        MAX_ENDPOINTS, MAX_IDENTITY_ADDRESSES, MAX_POLICY_CIDRS, MAX_POLICY_RULES,
+        MAX_REMOTE_CIDRS, MAX_STACK_FLOWS, MAX_TRACKED_CONNECTIONS,
+    },
 };
 
 /// Local endpoints: pod IPv4 (network order) -> where and how to deliver.
@@ -64,3 +67,25 @@ pub static EVENT_LIMIT: PerCpuArray<EventLimiter> = PerCpuArray::pinned(1, 0);
 /// Drops whose event was not sent (rate limit, full ring), by reason.
 #[map(name = "podnet_evsupp")]
 pub static EVENTS_SUPPRESSED: PerCpuArray<u64> = PerCpuArray::pinned(DropReason::COUNT, 0);
+
+/// Pod IPs of the cluster and this node's addresses -> identity (see
+/// `podnet_common::policy`). Not preallocated (`BPF_F_NO_PREALLOC`): sized
+/// for the cluster, filled as it is.
+#[map(name = "podnet_ident")]
+pub static IDENTITIES: HashMap<u32, u32> = HashMap::pinned(MAX_IDENTITY_ADDRESSES, 1);
+
+/// Allow rules of the policy-selected local endpoints.
+#[map(name = "podnet_policy")]
+pub static POLICY: LpmTrie<PolicyKey, PolicyRule> = LpmTrie::pinned(MAX_POLICY_RULES, 1);
+
+/// `ipBlock` CIDR sets of the policy-selected local endpoints -> CIDR-set
+/// identity.
+#[map(name = "podnet_polcidr")]
+pub static POLICY_CIDRS: LpmTrie<PolicyCidrKey, u32> = LpmTrie::pinned(MAX_POLICY_CIDRS, 1);
+
+/// Connections of policy-selected endpoints, both directions. LRU: when
+/// full, the least recently used entries make room (the agent reports the
+/// fill level).
+#[map(name = "podnet_conntrk")]
+pub static CONNTRACK: LruHashMap<FlowKey, TrackedConnection> =
+    LruHashMap::pinned(MAX_TRACKED_CONNECTIONS, 0);

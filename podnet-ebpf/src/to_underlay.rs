@@ -5,9 +5,11 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
+use podnet_common::Program;
+
 use crate::flows;
 
 #[classifier]
 pub fn to_underlay(mut ctx: TcContext) -> i32 {
-    flows::track_node_egress(&mut ctx)
+    flows::track_node_egress(&mut ctx, Program::ToUnderlay)
 }

@@ -28,7 +28,9 @@ use podnet_common::{
 
 use crate::datapath::{Datapath, DatapathError};
 
-pub use crate::api::explain::{Destination, ExplainRequest, Explanation, Proto, Sender};
+pub use crate::api::explain::{
+    Destination, ExplainRequest, Explanation, PolicySide, PolicyVerdicts, Proto, Sender,
+};
 
 /// Live state the packet's path reads, copied into the scratch instance.
 #[derive(Debug, Clone)]

@@ -376,7 +376,11 @@ impl Agent {
     /// are left as they are.
     fn node_checks(&self, net: &NodeNetwork, config: NodeConfig) -> NodeConfig {
         let key = crate::datapath::ip_key;
-        let (pod, cluster) = (self.config().pod_cidr, self.config().cluster_cidr);
+        let (pod, cluster, services) = (
+            self.config().pod_cidr,
+            self.config().cluster_cidr,
+            self.config().service_cidr,
+        );
         NodeConfig {
             node_ip: key(net.node_ip),
             vni: net.vni,
@@ -389,6 +393,8 @@ impl Agent {
             pod_cidr_mask: key(pod.netmask()),
             cluster_cidr_network: key(cluster.network()),
             cluster_cidr_mask: key(cluster.netmask()),
+            service_cidr_network: key(services.network()),
+            service_cidr_mask: key(services.netmask()),
             stack_flows_per_endpoint: self.config().stack_flows_per_endpoint,
             ..config
         }

@@ -117,6 +117,7 @@ pub fn explain(registry: &Mutex<Agent>, request: ExplainRequest) -> anyhow::Resu
     let run = explain::run_scratch(&state_dir, &world, sender.host_ifindex, &frame)
         .context("running the packet through a scratch copy of the datapath")?;
     let destination = explain::destination(&run, &world, &request, &names);
+    let policy = policy_verdicts(registry, &request, &sender);
     let out = (run.frame_out.len() >= 34).then_some(&run.frame_out);
     Ok(Explanation {
         verdict: run
@@ -129,9 +130,82 @@ pub fn explain(registry: &Mutex<Agent>, request: ExplainRequest) -> anyhow::Resu
         ttl_out: out.map(|f| f[22]),
         dst_mac_out: out
             .map(|f| crate::endpoint::format_mac(&[f[0], f[1], f[2], f[3], f[4], f[5]])),
+        policy,
         request,
         sender,
     })
+}
+
+/// NetworkPolicy's verdict on the explained connection, from the cluster
+/// objects (`None` without them).
+fn policy_verdicts(
+    registry: &Mutex<Agent>,
+    request: &ExplainRequest,
+    sender: &Sender,
+) -> Option<crate::explain::PolicyVerdicts> {
+    use crate::{
+        explain::{PolicySide, PolicyVerdicts},
+        policy::{Direction, Evaluation, LocalEndpoint, PolicyInput, evaluate},
+    };
+    let (objects, sender_pod) = {
+        let agent = registry.lock().ok()?;
+        let objects = agent.cluster_objects()?.view();
+        let pod = agent
+            .endpoints
+            .values()
+            .find(|e| e.ip == sender.ip)
+            .and_then(|e| e.pod.clone());
+        (objects, pod)
+    };
+    let view = objects.lock().ok()?;
+    let hosts = super::policy::host_addresses();
+    let input = PolicyInput {
+        model: view.model(),
+        pods: view.pod_records().collect(),
+        local: &[],
+        host_addresses: &hosts,
+    };
+    let (protocol, port) = (request.proto.number(), request.port.unwrap_or(0));
+    let egress = match &sender_pod {
+        Some(pod) => PolicySide {
+            pod: Some(format!("{}/{}", pod.namespace, pod.name)),
+            evaluation: evaluate(
+                &input,
+                &LocalEndpoint {
+                    ip: sender.ip,
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
+                },
+                Direction::Egress,
+                request.to,
+                protocol,
+                port,
+            ),
+        },
+        None => PolicySide {
+            pod: None,
+            evaluation: Evaluation::NotSelected,
+        },
+    };
+    let ingress = view.pods_at(request.to, |_| true).next().map(|receiver| {
+        let source = request.forged_source.unwrap_or(sender.ip);
+        PolicySide {
+            pod: Some(format!("{}/{}", receiver.namespace, receiver.name)),
+            evaluation: evaluate(
+                &input,
+                &LocalEndpoint {
+                    ip: receiver.ip,
+                    namespace: receiver.namespace.clone(),
+                    name: receiver.name.clone(),
+                },
+                Direction::Ingress,
+                source,
+                protocol,
+                port,
+            ),
+        }
+    });
+    Some(PolicyVerdicts { egress, ingress })
 }
 
 #[cfg(test)]

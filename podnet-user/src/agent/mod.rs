@@ -12,6 +12,7 @@ pub mod http;
 pub mod join;
 pub mod metrics;
 pub mod monitor;
+pub mod policy;
 mod report;
 mod server;
 mod state;
@@ -36,6 +37,9 @@ pub struct AgentConfig {
     pub node_name: String,
     pub pod_cidr: Ipv4Net,
     pub cluster_cidr: Ipv4Net,
+    /// The Services' ClusterIP range (see `NodeConfig::service_cidr_*`).
+    #[serde(default = "default_service_cidr")]
+    pub service_cidr: Ipv4Net,
     pub mtu: u32,
     /// Stack-flows entries one endpoint may hold (0: the datapath's
     /// default, see `podnet_common::FlowOwner`).
@@ -43,6 +47,12 @@ pub struct AgentConfig {
     pub bpffs_dir: PathBuf,
     pub state_dir: PathBuf,
     pub socket: PathBuf,
+}
+
+/// Kubernetes' default Service CIDR.
+#[must_use]
+pub fn default_service_cidr() -> Ipv4Net {
+    Ipv4Net::new(std::net::Ipv4Addr::new(10, 96, 0, 0), 12).unwrap_or_default()
 }
 
 impl AgentConfig {

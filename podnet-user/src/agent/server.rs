@@ -293,10 +293,39 @@ fn dispatch(registry: &Mutex<Agent>, request: Request) -> (Vec<u8>, Option<Strin
             drop(reg);
             encode(super::explain::explain(registry, request))
         }
+        Request::Policy { namespace, name } => {
+            let view = reg
+                .cluster_objects()
+                .map(super::cluster_objects::ClusterObjects::view);
+            let local = super::policy::local_endpoints(&reg);
+            drop(reg);
+            encode(pod_policies(view.as_deref(), &local, &namespace, &name))
+        }
         Request::Monitor { .. } => {
             encode::<()>(Err(anyhow::anyhow!("monitor is a streaming request")))
         }
     }
+}
+
+/// [`Request::Policy`]: from the view, without the agent's lock.
+fn pod_policies(
+    view: Option<&Mutex<super::cluster_objects::AgentView>>,
+    local: &[crate::policy::LocalEndpoint],
+    namespace: &str,
+    name: &str,
+) -> anyhow::Result<Option<crate::policy::PodPolicies>> {
+    let view = view
+        .context("this agent has no datastore, so no cluster objects and no policies")?
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the cluster view is poisoned by an earlier panic"))?;
+    let hosts = super::policy::host_addresses();
+    let input = crate::policy::PolicyInput {
+        model: view.model(),
+        pods: view.pod_records().collect(),
+        local,
+        host_addresses: &hosts,
+    };
+    Ok(crate::policy::pod_policies(&input, namespace, name))
 }
 
 #[cfg(test)]

@@ -147,4 +147,61 @@ pub struct Explanation {
     pub ttl_in: u8,
     pub ttl_out: Option<u8>,
     pub dst_mac_out: Option<String>,
+    /// What NetworkPolicy says of the connection (absent without a
+    /// datastore, i.e. without cluster objects). The scratch run above
+    /// shows the forwarding with the policy maps left out; this is the
+    /// policy verdict, from the objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyVerdicts>,
+}
+
+/// NetworkPolicy's verdict on an explained connection: the sender's egress
+/// and the receiver's ingress (when the receiver is a pod the cluster
+/// knows). Allowed when both allow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyVerdicts {
+    pub egress: PolicySide,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<PolicySide>,
+}
+
+/// One side of [`PolicyVerdicts`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicySide {
+    /// The pod judged, `namespace/name` (`None`: the sender names no pod,
+    /// so no policy can select it).
+    pub pod: Option<String>,
+    pub evaluation: crate::policy::Evaluation,
+}
+
+impl PolicySide {
+    /// One line: the pod and the verdict with the policy and rule that
+    /// decided.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        use crate::policy::Evaluation;
+        let pod = self.pod.as_deref().unwrap_or("(a pod without a name)");
+        match &self.evaluation {
+            Evaluation::NotSelected => format!("{pod}: allowed, no policy selects the pod"),
+            Evaluation::Allowed(rules) if rules.is_empty() => {
+                format!("{pod}: allowed, from the pod's own node (always allowed)")
+            }
+            Evaluation::Allowed(rules) => format!(
+                "{pod}: allowed by {}",
+                rules
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Evaluation::Denied { selecting } => format!(
+                "{pod}: DENIED, selected by {} and no rule allows it",
+                selecting
+                    .iter()
+                    .map(|(ns, name)| format!("{ns}/{name}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
 }

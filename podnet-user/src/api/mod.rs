@@ -16,6 +16,7 @@ use std::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub mod explain;
+pub mod policy;
 
 pub use crate::endpoint::Endpoint;
 use crate::{endpoint::Owner, ipam::Reservation, model::NodeStatus};
@@ -201,6 +202,9 @@ pub struct ClusterObjectsStatus {
     pub last_error: Option<String>,
     /// This node's endpoint records.
     pub publish: PublishStatus,
+    /// The NetworkPolicy sync (absent from an agent without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<policy::PolicyStatus>,
 }
 
 impl ClusterObjectsStatus {
@@ -346,6 +350,13 @@ pub enum Request {
     /// ([`crate::explain`]).
     Explain {
         request: explain::ExplainRequest,
+    },
+    /// The NetworkPolicies that select pod `namespace/name` and what their
+    /// rules allow: a [`crate::policy::PodPolicies`], or `null` when the
+    /// cluster has no such Pod.
+    Policy {
+        namespace: String,
+        name: String,
     },
     /// A stream: the agent answers [`MonitorHello`], then writes one
     /// [`MonitorMessage`] line after another until the client hangs up.

@@ -82,6 +82,12 @@ enum Cmd {
         #[arg(long)]
         src: Option<Ipv4Addr>,
     },
+    /// The NetworkPolicies that select a pod and the rules they allow,
+    /// per direction (a pod no policy selects is open that way).
+    Policy {
+        /// The pod: `NAMESPACE/NAME`.
+        pod: String,
+    },
     /// Stream the datapath's events live, one line each (with --json one
     /// JSON object per line), with the pod each belongs to, until
     /// interrupted. Drop events are rate-limited per CPU; drops over the
@@ -371,6 +377,9 @@ fn status(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             }
             if let Some(objects) = &s.cluster_objects {
                 println!("cluster objects: {}", objects.summary());
+                if let Some(policy) = &objects.policy {
+                    println!("policy       {}", policy.summary());
+                }
                 for what in &objects.publish.pending {
                     println!("pending      pod records: {what}");
                 }
@@ -776,12 +785,25 @@ fn main() -> anyhow::Result<()> {
             src,
         } => explain(&cli, &client, from, to, src),
         Cmd::Monitor { drops } => monitor(&cli, &client, drops),
+        Cmd::Policy { ref pod } => policy(&cli, &client, pod),
         Cmd::EtcdAuth(ref args) => etcd_auth(args),
         Cmd::Apply(ref args) => objects_command(cli.json, ObjectsCommand::Apply(args)),
         Cmd::Delete(ref args) => objects_command(cli.json, ObjectsCommand::Delete(args)),
         Cmd::Get(ref args) => objects_command(cli.json, ObjectsCommand::Get(args)),
         Cmd::Release(ref args) => release(args),
     }
+}
+
+fn policy(cli: &Cli, client: &Client, pod: &str) -> anyhow::Result<()> {
+    let (namespace, name) = pod
+        .split_once('/')
+        .with_context(|| format!("{pod:?}: name the pod as NAMESPACE/NAME"))?;
+    let answer: Option<podnet::policy::PodPolicies> = client.call(&Request::Policy {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    })?;
+    let answer = answer.with_context(|| format!("no Pod {namespace}/{name} in the cluster"))?;
+    print(cli.json, &answer, |p| print!("{p}"))
 }
 
 fn explain(
@@ -867,6 +889,22 @@ fn explain(
                 "rewritten   TTL {} -> {ttl}, destination MAC {mac}",
                 e.ttl_in
             );
+        }
+        if let Some(policy) = &e.policy {
+            println!("egress      {}", policy.egress.describe());
+            match &policy.ingress {
+                Some(side) => println!("ingress     {}", side.describe()),
+                None => println!("ingress     not a pod of the cluster: no policy of its"),
+            }
+            // The scratch run leaves the policy maps out: say what they add.
+            let denied = |side: &podnet::explain::PolicySide| !side.evaluation.is_allowed();
+            if denied(&policy.egress) {
+                println!("policy      the datapath drops it: policy_denied_egress");
+            } else if policy.ingress.as_ref().is_some_and(denied) {
+                println!(
+                    "policy      the datapath drops it: policy_denied_ingress (on the receiver's node)"
+                );
+            }
         }
     })
 }

@@ -60,6 +60,11 @@ struct Args {
     /// The whole cluster's pod network (default 10.244.0.0/16).
     #[arg(long)]
     cluster_cidr: Option<Ipv4Net>,
+    /// The Services' ClusterIP range (default 10.96.0.0/12, Kubernetes'
+    /// own): a policy-selected pod's connection to it is judged after the
+    /// node's DNAT, against the backend pod.
+    #[arg(long)]
+    service_cidr: Option<Ipv4Net>,
     /// MTU of pod interfaces (default 1500).
     #[arg(long)]
     mtu: Option<u32>,
@@ -192,6 +197,7 @@ struct FileConfig {
     node_name: Option<String>,
     pod_cidr: Option<Ipv4Net>,
     cluster_cidr: Option<Ipv4Net>,
+    service_cidr: Option<Ipv4Net>,
     mtu: Option<u32>,
     stack_flows_per_endpoint: Option<u32>,
     bpffs_dir: Option<PathBuf>,
@@ -341,6 +347,11 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
         node_name,
         pod_cidr: pod_cidr.trunc(),
         cluster_cidr: cluster_cidr.trunc(),
+        service_cidr: args
+            .service_cidr
+            .or(file.service_cidr)
+            .unwrap_or_else(podnet::agent::default_service_cidr)
+            .trunc(),
         mtu: node::effective_pod_mtu(args.mtu.or(file.mtu), network.pod_mtu()),
         stack_flows_per_endpoint: args
             .stack_flows_per_endpoint
@@ -704,7 +715,11 @@ fn follow_cluster_objects(
                 tasks.publish,
                 cluster_objects::Timing::default(),
             ));
-            runtime.spawn(cluster_objects::follow(connect, tasks.view, OBJECTS_RETRY));
+            runtime.spawn(cluster_objects::follow(
+                connect,
+                Arc::clone(&tasks.view),
+                OBJECTS_RETRY,
+            ));
         }
         DatastoreSpec::Etcd(_) => {
             runtime.spawn(cluster_objects::publish(
@@ -716,11 +731,19 @@ fn follow_cluster_objects(
             ));
             runtime.spawn(cluster_objects::follow(
                 connection.connector(OBJECTS_NEWER_CONNECTION),
-                tasks.view,
+                Arc::clone(&tasks.view),
                 OBJECTS_RETRY,
             ));
         }
     }
+    // NetworkPolicy: compiled from the view into the policy maps, on a
+    // thread of its own (see `agent::policy`).
+    let (policy_registry, policy_view, policy_state) =
+        (Arc::clone(registry), tasks.view, tasks.policy);
+    std::thread::Builder::new()
+        .name("policy".to_owned())
+        .spawn(move || podnet::agent::policy::run(&policy_registry, &policy_view, &policy_state))
+        .context("starting the policy sync")?;
     registry
         .lock()
         .map_err(|_| anyhow::anyhow!("agent state poisoned"))?

@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::LpmTrie};
 use podnet_common::{
-    DropReason, EndpointInfo, EndpointStats, FlowKey, RemoteNode, StackFlow, Verdict, VethEndpoint,
-    names,
+    DropReason, EndpointInfo, EndpointStats, FlowKey, PolicyCidrKey, PolicyKey, PolicyRule,
+    RemoteNode, StackFlow, TrackedConnection, Verdict, VethEndpoint, names,
 };
 
 use super::{Datapath, DatapathError, map_data, map_err};
@@ -82,11 +82,15 @@ pub struct MapFill {
 
 /// The maps whose fill level is reported (the ones with an entry per pod,
 /// node or flow; the counter arrays and the config are always full).
-pub const FILLED_MAPS: [&str; 4] = [
+pub const FILLED_MAPS: [&str; 8] = [
     names::MAP_ENDPOINTS,
     names::MAP_VETHS,
     names::MAP_REMOTE,
     names::MAP_STACK_FLOWS,
+    names::MAP_IDENTITIES,
+    names::MAP_POLICY,
+    names::MAP_POLICY_CIDRS,
+    names::MAP_CONNTRACK,
 ];
 
 /// Read-only handles on the agent's pinned maps, opened from their pins
@@ -193,6 +197,26 @@ fn count_keys(name: &'static str, map: &aya::maps::Map) -> Result<u32, DatapathE
         ),
         names::MAP_STACK_FLOWS => count(
             HashMap::<_, FlowKey, StackFlow>::try_from(map)
+                .map_err(map_err(name, "opening"))?
+                .keys(),
+        ),
+        names::MAP_IDENTITIES => count(
+            HashMap::<_, u32, u32>::try_from(map)
+                .map_err(map_err(name, "opening"))?
+                .keys(),
+        ),
+        names::MAP_POLICY => count(
+            LpmTrie::<_, PolicyKey, PolicyRule>::try_from(map)
+                .map_err(map_err(name, "opening"))?
+                .keys(),
+        ),
+        names::MAP_POLICY_CIDRS => count(
+            LpmTrie::<_, PolicyCidrKey, u32>::try_from(map)
+                .map_err(map_err(name, "opening"))?
+                .keys(),
+        ),
+        names::MAP_CONNTRACK => count(
+            HashMap::<_, FlowKey, TrackedConnection>::try_from(map)
                 .map_err(map_err(name, "opening"))?
                 .keys(),
         ),

@@ -10,7 +10,7 @@ use aya::maps::{
 use ipnet::Ipv4Net;
 use podnet_common::{
     EndpointInfo, EndpointStats, EventLimiter, FlowKey, FlowOwner, NodeConfig, RemoteNode,
-    StackFlow, VethEndpoint, names, node::REMOTE_NODE_ADDRESS,
+    StackFlow, VethEndpoint, endpoint::ENDPOINT_F_POLICY, names, node::REMOTE_NODE_ADDRESS,
 };
 
 use super::{Datapath, DatapathError, ip_key, map_err, removed};
@@ -48,22 +48,35 @@ impl Datapath {
 
     /// [`Self::upsert_endpoint`] for a pod whose egress is shaped by the
     /// ifb device `egress_shaper_ifindex` (0: not shaped).
+    ///
+    /// The endpoint's `ENDPOINT_F_POLICY_*` bits are the policy sync's: an
+    /// entry rewritten for the same pod (an agent restart re-adds every
+    /// endpoint) keeps the ones it has, so a selected pod is never open
+    /// between the rewrite and the next sync.
     pub fn upsert_shaped_endpoint(
         &mut self,
         ip: Ipv4Addr,
         info: EndpointInfo,
         egress_shaper_ifindex: u32,
     ) -> Result<(), DatapathError> {
-        self.endpoints_map()?
-            .insert(ip_key(ip), info, 0)
-            .map_err(map_err(names::MAP_ENDPOINTS, format!("inserting {ip}")))?;
+        let policy_flags = match self.endpoint(ip)? {
+            Some(existing) if existing.host_ifindex == info.host_ifindex => {
+                existing.flags & ENDPOINT_F_POLICY
+            }
+            _ => 0,
+        };
+        let info = EndpointInfo {
+            flags: (info.flags & !ENDPOINT_F_POLICY) | policy_flags,
+            ..info
+        };
+        self.upsert_endpoint_entry(ip, info)?;
         let identity = VethEndpoint {
             pod_ip: ip_key(ip),
             pod_mac: info.pod_mac,
             host_mac: info.host_mac,
             stats: EndpointStats::default(),
             egress_shaper_ifindex,
-            policy_flags: 0,
+            policy_flags,
             events: EventLimiter::default(),
         };
         let name = names::MAP_VETHS;
@@ -88,6 +101,17 @@ impl Datapath {
             ))?;
         }
         Ok(())
+    }
+
+    /// Writes the endpoint entry of `ip` as it is.
+    pub(super) fn upsert_endpoint_entry(
+        &mut self,
+        ip: Ipv4Addr,
+        info: EndpointInfo,
+    ) -> Result<(), DatapathError> {
+        self.endpoints_map()?
+            .insert(ip_key(ip), info, 0)
+            .map_err(map_err(names::MAP_ENDPOINTS, format!("inserting {ip}")))
     }
 
     /// The local endpoint for `ip`, if any.

@@ -18,6 +18,7 @@ mod attach;
 mod counters;
 mod entries;
 mod flow_owners;
+mod policy;
 
 pub use attach::{NodeProgram, POD_TC_HANDLE, POD_TC_PRIORITY, PodProgram};
 pub use counters::{Counters, FILLED_MAPS, MapFill, PinnedMapReader};

@@ -149,6 +149,7 @@ pub struct ClusterObjects {
     wanted: Arc<watch::Sender<Wanted>>,
     pub(crate) publish: Arc<Mutex<PublishState>>,
     view: Arc<Mutex<AgentView>>,
+    policy: Arc<Mutex<super::policy::PolicyState>>,
 }
 
 /// What the tasks read: [`publish`] the wanted records and writes its
@@ -157,6 +158,8 @@ pub struct Tasks {
     pub wanted: watch::Receiver<Wanted>,
     pub publish: Arc<Mutex<PublishState>>,
     pub view: Arc<Mutex<AgentView>>,
+    /// The policy sync's state ([`super::policy::run`] writes it).
+    pub policy: Arc<Mutex<super::policy::PolicyState>>,
 }
 
 impl ClusterObjects {
@@ -167,6 +170,7 @@ impl ClusterObjects {
         let (tx, rx) = watch::channel(Wanted::new());
         let publish = Arc::new(Mutex::new(PublishState::default()));
         let view = Arc::new(Mutex::new(AgentView::default()));
+        let policy = Arc::new(Mutex::new(super::policy::PolicyState::default()));
         (
             Self {
                 node: node.to_owned(),
@@ -174,11 +178,13 @@ impl ClusterObjects {
                 wanted: Arc::new(tx),
                 publish: Arc::clone(&publish),
                 view: Arc::clone(&view),
+                policy: Arc::clone(&policy),
             },
             Tasks {
                 wanted: rx,
                 publish,
                 view,
+                policy,
             },
         )
     }
@@ -220,7 +226,20 @@ impl ClusterObjects {
             .status();
         status.backend.clone_from(&self.backend);
         status.publish = publish;
+        status.policy = Some(
+            self.policy
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .status
+                .clone(),
+        );
         status
+    }
+
+    /// The policy sync's state (the plan in force, its status).
+    #[must_use]
+    pub fn policy(&self) -> Arc<Mutex<super::policy::PolicyState>> {
+        Arc::clone(&self.policy)
     }
 
     /// The view (for the features that read the cluster).

@@ -247,6 +247,20 @@ impl AgentView {
         self.model.pod_labels(namespace, name)
     }
 
+    /// Changes when the view does: the datastore revision applied and the
+    /// lists done.
+    #[must_use]
+    pub fn generation(&self) -> (i64, u64) {
+        (self.revision, self.lists)
+    }
+
+    /// Whether the view has listed the datastore at least once (before
+    /// that it knows nothing of the cluster, which is not "no cluster").
+    #[must_use]
+    pub fn synced(&self) -> bool {
+        self.lists > 0
+    }
+
     /// The view for `podnetctl status` (without the publisher's part).
     #[must_use]
     pub fn status(&self) -> ClusterObjectsStatus {

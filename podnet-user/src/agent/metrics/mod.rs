@@ -541,6 +541,54 @@ fn encode_cluster_objects(
         "1 when the datastore holds exactly this node's pod endpoint records, else 0 (retrying).",
         None,
         [(NO_LABELS, u64::from(status.publish.in_sync))],
+    )?;
+    if let Some(policy) = &status.policy {
+        encode_policy(encoder, policy)?;
+    }
+    Ok(())
+}
+
+fn encode_policy(
+    encoder: &mut DescriptorEncoder,
+    policy: &crate::api::policy::PolicyStatus,
+) -> fmt::Result {
+    gauges(
+        encoder,
+        "policy_selected_pods",
+        "Local pods a NetworkPolicy isolates, by direction.",
+        None,
+        [
+            ([("direction", "ingress")], count(policy.ingress_selected)),
+            ([("direction", "egress")], count(policy.egress_selected)),
+        ],
+    )?;
+    gauges(
+        encoder,
+        "policy_identities",
+        "Pod identities (namespace and labels) the node knows.",
+        None,
+        [(NO_LABELS, count(policy.identities))],
+    )?;
+    gauges(
+        encoder,
+        "policy_synced",
+        "1 once the agent has written the policy maps from a full view of the cluster, else 0 (the pinned maps hold the previous agent's policy).",
+        None,
+        [(NO_LABELS, u64::from(policy.synced))],
+    )?;
+    gauges(
+        encoder,
+        "policy_refused_entries",
+        "Policy map entries refused in the last sync (a full map): the pods they were for deny more than their policies say, never less.",
+        None,
+        [(NO_LABELS, policy.refused)],
+    )?;
+    counters(
+        encoder,
+        "policy_syncs",
+        "Times the agent compiled the policies and brought the maps in step.",
+        None,
+        [(NO_LABELS, policy.syncs)],
     )
 }
 
@@ -565,7 +613,7 @@ fn encode_fill(encoder: &mut DescriptorEncoder, fill: &[MapFill]) -> fmt::Result
     gauges(
         encoder,
         "map_entries",
-        "Entries in a pinned BPF map (endpoints, veths, remote CIDRs, stack flows).",
+        "Entries in a pinned BPF map (endpoints, veths, remote CIDRs, stack flows, identities, policy rules and CIDR sets, tracked connections).",
         None,
         fill.iter().map(|f| ([("map", f.name)], f.entries)),
     )?;
