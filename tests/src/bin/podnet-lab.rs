@@ -108,7 +108,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// A backend server of the demo Service (run by the lab inside a pod).
+    /// A server in a pod (run by the lab inside the pod): a demo Service
+    /// backend, or an e2e model pod on 80 and 81 (TCP and UDP).
     #[command(hide = true)]
     Serve {
         /// The lab's prefix: lets `down` find servers whose pid was lost.
@@ -117,10 +118,12 @@ enum Cmd {
         /// The pod's name, sent in every answer.
         #[arg(long)]
         name: String,
+        /// A TCP port to serve (repeat it).
         #[arg(long)]
-        tcp: u16,
+        tcp: Vec<u16>,
+        /// A UDP port to serve (repeat it).
         #[arg(long)]
-        udp: u16,
+        udp: Vec<u16>,
     },
 }
 
@@ -272,7 +275,7 @@ fn main() -> anyhow::Result<()> {
             name,
             tcp,
             udp,
-        } => podnet_tests::services::serve(&name, tcp, udp),
+        } => podnet_tests::services::serve(&name, &tcp, &udp),
     }
 }
 
