@@ -214,7 +214,7 @@ impl LabLayout {
 
     /// The cluster CIDR as the agents know it (kube-proxy's
     /// `--cluster-cidr`); podnetd's default when no agent answers.
-    pub(super) fn cluster_cidr(&self) -> String {
+    pub fn cluster_cidr(&self) -> String {
         self.nodes
             .iter()
             .find_map(|n| {
