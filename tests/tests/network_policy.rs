@@ -6,7 +6,10 @@
 //!
 //! Without a policy everything is reachable (always checked). The policy
 //! cases (`podnet_tests::netpol::cases`) run only with
-//! `PODNET_NETPOL_CASES=1` until enforcement is in the datapath.
+//! `PODNET_NETPOL_CASES=1` until enforcement is in the datapath;
+//! `PODNET_NETPOL_ONLY=<part of a name>` runs only the cases it names. A
+//! failed case prints its tables (`.` as expected, `X` wrong) and the
+//! other cases still run; the test fails at the end naming them all.
 
 use std::time::Instant;
 
@@ -18,6 +21,8 @@ use podnet_tests::{
 
 /// Set to 1 to run the policy cases besides the open baseline.
 const CASES_ENV: &str = "PODNET_NETPOL_CASES";
+/// Runs only the cases whose name contains this (with [`CASES_ENV`]).
+const ONLY_ENV: &str = "PODNET_NETPOL_ONLY";
 
 /// The lab with the e2e model and its servers, `down` on drop.
 fn e2e_lab(tag: &str, mode: &str) -> LabGuard {
@@ -50,7 +55,12 @@ fn run_the_cases(lab: &LabGuard, mode: &str) {
         return;
     }
     let ctx = cases::Ctx::of(&lab.layout);
-    let all = cases::all(&ctx);
+    let only = std::env::var(ONLY_ENV).unwrap_or_default();
+    let all: Vec<cases::Case> = cases::all(&ctx)
+        .into_iter()
+        .filter(|c| c.name.contains(&only))
+        .collect();
+    assert!(!all.is_empty(), "no case matches {ONLY_ENV}={only}");
     let started = Instant::now();
     let failed = netpol::run_cases(&lab.layout, &all);
     eprintln!(

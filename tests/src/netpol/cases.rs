@@ -319,6 +319,21 @@ pub fn all(ctx: &Ctx) -> Vec<Case> {
                 r.expect_from_namespace("z", "x/a", true);
             })),
         ),
+        // The label the API server sets on every namespace.
+        simple(
+            "ingress-namespace-selector-default-label",
+            "should enforce policy to allow traffic based on NamespaceSelector with MatchLabels using default ns label",
+            vec![np(
+                "x",
+                "allow-ns-y-default-label",
+                "{podSelector: {matchLabels: {pod: a}}, ingress: [{from: \
+                 [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: y}}}]}]}",
+            )],
+            Expect::all(&table(|r| {
+                r.expect_all_ingress("x/a", false);
+                r.expect_from_namespace("y", "x/a", true);
+            })),
+        ),
         // Two peers: either matches (OR).
         simple(
             "ingress-pod-selector-or-namespace-selector",
@@ -645,6 +660,24 @@ pub fn all(ctx: &Ctx) -> Vec<Case> {
                 r.expect_peer("x/a", "x/b", true);
             })),
         ),
+        simple(
+            "egress-allow-all-takes-precedence",
+            "should enforce multiple egress policies with egress allow-all policy taking precedence",
+            vec![
+                np(
+                    "x",
+                    "a-egress-80",
+                    "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], \
+                     egress: [{ports: [{port: 80, protocol: TCP}]}]}",
+                ),
+                np(
+                    "x",
+                    "a-egress-all",
+                    "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Egress], egress: [{}]}",
+                ),
+            ],
+            Expect::open(),
+        ),
         case(
             "deletion-restores-open",
             "should stop enforcing policies after they are deleted",
@@ -759,6 +792,23 @@ pub fn all(ctx: &Ctx) -> Vec<Case> {
             )],
             Expect::all(&table(|r| {
                 r.expect_peer("x/a", "y/b", false);
+            })),
+        ),
+        simple(
+            "egress-ip-block-one-server",
+            "should allow egress access to server in CIDR block",
+            vec![np(
+                "x",
+                "egress-to-y-b-cidr",
+                &format!(
+                    "{{podSelector: {{matchLabels: {{pod: a}}}}, policyTypes: [Egress], \
+                     egress: [{{to: [{{ipBlock: {{cidr: {}}}}}]}}]}}",
+                    ctx.ip32("y/b")
+                ),
+            )],
+            Expect::all(&table(|r| {
+                r.expect_all_egress("x/a", false);
+                r.expect_peer("x/a", "y/b", true);
             })),
         ),
         simple(
