@@ -53,7 +53,8 @@ enum Cmd {
         #[arg(long, default_value = "iptables", value_parser = ["iptables", "nft", "none"])]
         service: String,
         /// `e2e`: also the upstream NetworkPolicy e2e model's pods
-        /// (namespaces x, y, z with pods a, b, c, spread over the nodes).
+        /// (namespaces x, y, z with pods a, b, c, spread over the nodes),
+        /// each serving TCP and UDP on 80 and 81 (`probe --table`).
         #[arg(long, value_parser = ["e2e"])]
         pod_model: Option<String>,
     },
