@@ -13,6 +13,7 @@ pub mod frames;
 pub mod inventory;
 pub mod lab;
 pub mod netns;
+pub mod netpol;
 pub mod node;
 pub mod ping;
 pub mod podman;

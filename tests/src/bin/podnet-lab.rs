@@ -53,7 +53,8 @@ enum Cmd {
         #[arg(long, default_value = "iptables", value_parser = ["iptables", "nft", "none"])]
         service: String,
         /// `e2e`: also the upstream NetworkPolicy e2e model's pods
-        /// (namespaces x, y, z with pods a, b, c, spread over the nodes).
+        /// (namespaces x, y, z with pods a, b, c, spread over the nodes),
+        /// each serving TCP and UDP on 80 and 81 (`probe --table`).
         #[arg(long, value_parser = ["e2e"])]
         pod_model: Option<String>,
     },
@@ -108,7 +109,14 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// A backend server of the demo Service (run by the lab inside a pod).
+    /// Probe like the NetworkPolicy e2e suite: one address over TCP or UDP
+    /// (prints who answered; exit code 1 if nobody did), from a pod's netns
+    /// with --from; or, with --table, all 81 pairs of the e2e model's pods
+    /// (`up --pod-model e2e`) on 80/TCP, 81/TCP, 80/UDP and 81/UDP, printed
+    /// as truth tables (rows from, columns to; 1 reachable, 0 not).
+    Probe(ProbeArgs),
+    /// A server in a pod (run by the lab inside the pod): a demo Service
+    /// backend, or an e2e model pod on 80 and 81 (TCP and UDP).
     #[command(hide = true)]
     Serve {
         /// The lab's prefix: lets `down` find servers whose pid was lost.
@@ -117,11 +125,30 @@ enum Cmd {
         /// The pod's name, sent in every answer.
         #[arg(long)]
         name: String,
+        /// A TCP port to serve (repeat it).
         #[arg(long)]
-        tcp: u16,
+        tcp: Vec<u16>,
+        /// A UDP port to serve (repeat it).
         #[arg(long)]
-        udp: u16,
+        udp: Vec<u16>,
     },
+}
+
+/// `podnet-lab probe`'s arguments.
+#[derive(Debug, clap::Args)]
+struct ProbeArgs {
+    /// The client: a pod's lab name (x-a, ...). Default: this netns.
+    #[arg(long)]
+    from: Option<String>,
+    /// Connect to IP:PORT and read the server's name (1 s timeout).
+    #[arg(long, conflicts_with_all = ["udp", "table"])]
+    tcp: Option<std::net::SocketAddrV4>,
+    /// Send a datagram to IP:PORT and wait for the answer (2 x 500 ms).
+    #[arg(long, conflicts_with = "table")]
+    udp: Option<std::net::SocketAddrV4>,
+    /// The e2e model's full tables.
+    #[arg(long)]
+    table: bool,
 }
 
 /// `podnet-lab get NODE [PATH] [--addr IP:PORT]`: a node agent's HTTP
@@ -267,12 +294,61 @@ fn main() -> anyhow::Result<()> {
         Cmd::Get { what, args } => get(&cli.run_dir, what, args),
         Cmd::Apply { args } => objects(&cli.run_dir, "apply", args),
         Cmd::Delete { args } => objects(&cli.run_dir, "delete", args),
+        Cmd::Probe(args) => probe(&cli.run_dir, args),
         Cmd::Serve {
             lab: _,
             name,
             tcp,
             udp,
-        } => podnet_tests::services::serve(&name, tcp, udp),
+        } => podnet_tests::services::serve(&name, &tcp, &udp),
+    }
+}
+
+/// `probe`: one address from a pod (or this netns), or the e2e tables.
+fn probe(run_dir: &std::path::Path, args: ProbeArgs) -> anyhow::Result<()> {
+    use podnet_tests::netpol::{self, PORT_PROTOCOLS, UDP_TRIES, UDP_WAIT};
+    let ProbeArgs {
+        from,
+        tcp,
+        udp,
+        table,
+    } = args;
+    if table {
+        let layout = LabLayout::load(run_dir)?;
+        let started = std::time::Instant::now();
+        for observed in netpol::probe_many(&layout, &PORT_PROTOCOLS)? {
+            println!("{}/{}:", observed.port, observed.protocol);
+            print!("{}", observed.render());
+        }
+        println!("probed in {:.2?}", started.elapsed());
+        return Ok(());
+    }
+    let answer = move || match (tcp, udp) {
+        (Some(addr), _) => netpol::tcp_probe(addr, netpol::TCP_TIMEOUT),
+        (None, Some(addr)) => netpol::udp_probe(addr, UDP_WAIT, UDP_TRIES),
+        (None, None) => Err(anyhow::anyhow!("--tcp IP:PORT, --udp IP:PORT or --table")),
+    };
+    let answer = match from {
+        Some(pod) => {
+            let layout = LabLayout::load(run_dir)?;
+            let netns = layout
+                .pod(&pod)
+                .with_context(|| format!("no pod {pod} in the lab"))?
+                .netns
+                .clone();
+            lab::on_netns_thread(&netns, answer)?
+        }
+        None => answer(),
+    };
+    match answer {
+        Ok(name) => {
+            println!("{name}");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("unreachable: {e:#}");
+            std::process::exit(1)
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! against a real cluster (`podnet-lab apply|delete|get`).
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     io::Write as _,
     process::{Command, Stdio},
 };
@@ -11,7 +11,7 @@ use std::{
 use anyhow::Context as _;
 use podnet::datastore::etcd::OPERATOR_USER;
 
-use super::model::{LabDatastore, LabLayout};
+use super::model::{LabDatastore, LabLayout, LabPod};
 use crate::{bins, netns::command_in};
 
 impl LabLayout {
@@ -61,7 +61,8 @@ impl LabLayout {
 
     /// The upstream NetworkPolicy e2e suite's model: namespaces x, y, z
     /// with pods a, b, c in each, spread over the nodes in turn; then
-    /// described to the datastore ([`Self::describe_pods`]).
+    /// described to the datastore ([`Self::describe_pods`]), and each pod
+    /// serving TCP and UDP on 80 and 81 ([`Self::start_e2e_servers`]).
     pub fn add_e2e_model(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(!self.nodes.is_empty(), "the e2e model needs a node");
         let mut i = 0;
@@ -77,7 +78,8 @@ impl LabLayout {
                 i += 1;
             }
         }
-        self.describe_pods()
+        self.describe_pods()?;
+        self.start_e2e_servers()
     }
 
     /// Applies a Namespace for each namespace of the lab's pods and a Pod
@@ -95,14 +97,38 @@ impl LabLayout {
             .collect();
         let mut items: Vec<serde_json::Value> = namespaces
             .iter()
-            .map(|ns| {
-                serde_json::json!({
-                    "apiVersion": "v1",
-                    "kind": "Namespace",
-                    "metadata": {"name": ns, "labels": {"ns": ns, "kubernetes.io/metadata.name": ns}},
-                })
-            })
+            .map(|ns| Self::namespace_object(ns, &BTreeMap::new()))
             .collect();
+        items.extend(
+            self.pods
+                .iter()
+                .map(|pod| Self::pod_object(pod, &BTreeMap::new())),
+        );
+        self.apply_objects(&items)
+    }
+
+    /// The Namespace `name` with the model's labels (`ns: <name>`,
+    /// `kubernetes.io/metadata.name: <name>`) and `extra` (which may
+    /// replace `ns`).
+    #[must_use]
+    pub fn namespace_object(name: &str, extra: &BTreeMap<String, String>) -> serde_json::Value {
+        let mut labels = BTreeMap::from([
+            ("ns".to_owned(), name.to_owned()),
+            ("kubernetes.io/metadata.name".to_owned(), name.to_owned()),
+        ]);
+        labels.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels},
+        })
+    }
+
+    /// The Pod object of `pod` with the model's label (`pod: <name>`) and
+    /// `extra` (which may replace it), serving ports 80 and 81 on TCP and
+    /// UDP, named `serve-<port>-<protocol>`.
+    #[must_use]
+    pub fn pod_object(pod: &LabPod, extra: &BTreeMap<String, String>) -> serde_json::Value {
         let ports: Vec<serde_json::Value> = [(80, "TCP"), (81, "TCP"), (80, "UDP"), (81, "UDP")]
             .iter()
             .map(|(port, protocol)| {
@@ -113,36 +139,48 @@ impl LabLayout {
                 })
             })
             .collect();
-        items.extend(self.pods.iter().map(|pod| {
-            serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    "namespace": pod.k8s_namespace(),
-                    "name": pod.k8s_name(),
-                    "labels": {"pod": pod.k8s_name()},
-                },
-                "spec": {"containers": [{"name": "cont", "image": "lab", "ports": ports}]},
-            })
-        }));
+        let mut labels = BTreeMap::from([("pod".to_owned(), pod.k8s_name().to_owned())]);
+        labels.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "namespace": pod.k8s_namespace(),
+                "name": pod.k8s_name(),
+                "labels": labels,
+            },
+            "spec": {"containers": [{"name": "cont", "image": "lab", "ports": ports}]},
+        })
+    }
+
+    /// `podnetctl apply -f -` of `items` (as a List) on the lab's datastore.
+    pub fn apply_objects(&self, items: &[serde_json::Value]) -> anyhow::Result<()> {
         let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+        self.podnetctl_stdin("apply", &list.to_string())
+    }
+
+    /// `podnetctl <verb> -f -` (apply or delete) with `text` (YAML or JSON)
+    /// on stdin, on the lab's datastore; an error carries its stderr.
+    pub fn podnetctl_stdin(&self, verb: &str, text: &str) -> anyhow::Result<()> {
         let mut child = self
-            .podnetctl_objects(&["apply".to_owned(), "-f".to_owned(), "-".to_owned()])?
+            .podnetctl_objects(&[verb.to_owned(), "-f".to_owned(), "-".to_owned()])?
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .context("running podnetctl apply")?;
+            .with_context(|| format!("running podnetctl {verb}"))?;
         child
             .stdin
             .take()
             .context("podnetctl's stdin")?
-            .write_all(list.to_string().as_bytes())
-            .context("writing the lab's objects")?;
-        let output = child.wait_with_output().context("podnetctl apply")?;
+            .write_all(text.as_bytes())
+            .context("writing the objects")?;
+        let output = child
+            .wait_with_output()
+            .with_context(|| format!("podnetctl {verb}"))?;
         anyhow::ensure!(
             output.status.success(),
-            "podnetctl apply of the lab's pods: {}",
+            "podnetctl {verb}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
         Ok(())

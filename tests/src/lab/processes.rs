@@ -27,6 +27,17 @@ use crate::{
 /// The namespace the lab's pods are in (`K8S_POD_NAMESPACE`).
 pub const LAB_NAMESPACE: &str = "default";
 
+/// The ports every e2e model pod serves, on TCP and on UDP.
+pub const E2E_SERVE_PORTS: [u16; 2] = [80, 81];
+
+/// A lab name of the e2e model's pods: `<x|y|z>-<a|b|c>`.
+fn is_e2e_pod_name(name: &str) -> bool {
+    name.split_once('-').is_some_and(|(namespace, pod)| {
+        super::objects::E2E_NAMESPACES.contains(&namespace)
+            && super::objects::E2E_PODS.contains(&pod)
+    })
+}
+
 impl LabLayout {
     /// Runs the plugin for `node` with `env` and the node's conf on stdin.
     pub fn cni(
@@ -203,7 +214,7 @@ impl LabLayout {
 
     /// The cluster CIDR as the agents know it (kube-proxy's
     /// `--cluster-cidr`); podnetd's default when no agent answers.
-    pub(super) fn cluster_cidr(&self) -> String {
+    pub fn cluster_cidr(&self) -> String {
         self.nodes
             .iter()
             .find_map(|n| {
@@ -267,9 +278,22 @@ impl LabLayout {
                 }
             }
         }
-        for server in self.servers.drain(..) {
+        // Only the Service's backends: the e2e model's servers stay.
+        let backends: Vec<String> = self
+            .service
+            .iter()
+            .flat_map(|svc| svc.backends.iter())
+            .filter_map(|ip| self.pods.iter().find(|p| p.ip == *ip))
+            .map(|p| p.name.clone())
+            .collect();
+        let (stop, keep): (Vec<LabServer>, Vec<LabServer>) = self
+            .servers
+            .drain(..)
+            .partition(|s| backends.contains(&s.pod) || !is_e2e_pod_name(&s.pod));
+        for server in stop {
             kill_and_wait(server.pid);
         }
+        self.servers = keep;
         self.service = None;
         self.service_kind = None;
         self.save()?;
@@ -284,16 +308,53 @@ impl LabLayout {
     /// Starts a backend server of `svc` in `pod`, detached, and waits until
     /// it answers at the pod's own IP.
     pub fn start_server(&mut self, pod: &LabPod, svc: &ServiceSpec) -> anyhow::Result<()> {
+        self.spawn_server(pod, &[svc.target_tcp_port], &[svc.target_udp_port])?;
+        self.wait_server(pod, svc.target_tcp_port)
+    }
+
+    /// Starts the NetworkPolicy e2e model's servers: every pod of the model
+    /// (namespaces x, y, z) serves TCP and UDP on ports 80 and 81, answering
+    /// with its lab name (`x-a`, ...), as upstream's agnhost serves on every
+    /// port/protocol of the model. Recorded in the layout's servers, so
+    /// `down` kills them; a pod already serving is left alone. Returns once
+    /// every server answers on TCP 80 at its pod's own IP.
+    ///
+    /// SCTP is not served: this machine's kernel has no SCTP sockets
+    /// (`CONFIG_IP_SCTP` is not set), so upstream's SCTP port/protocols are
+    /// left out of the model.
+    pub fn start_e2e_servers(&mut self) -> anyhow::Result<()> {
+        let pods: Vec<LabPod> = self
+            .pods
+            .iter()
+            .filter(|p| is_e2e_pod_name(&p.name))
+            .filter(|p| !self.servers.iter().any(|s| s.pod == p.name))
+            .cloned()
+            .collect();
+        for pod in &pods {
+            self.spawn_server(pod, &E2E_SERVE_PORTS, &E2E_SERVE_PORTS)?;
+        }
+        for pod in &pods {
+            self.wait_server(pod, E2E_SERVE_PORTS[0])?;
+        }
+        Ok(())
+    }
+
+    /// Starts `podnet-lab serve` in `pod` on the given ports, detached, and
+    /// records it in the layout (before anything can fail after the spawn).
+    fn spawn_server(&mut self, pod: &LabPod, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
         let log_path = self.run_dir.join(format!("serve-{}.log", pod.name));
         let log = fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let child = command_in(&pod.netns, bins::binary("podnet-lab"))?
-            // `--lab` is only there for `down`'s fallback to find it.
-            .args(["serve", "--lab", &self.prefix, "--name", &pod.name])
-            .arg("--tcp")
-            .arg(svc.target_tcp_port.to_string())
-            .arg("--udp")
-            .arg(svc.target_udp_port.to_string())
+        let mut command = command_in(&pod.netns, bins::binary("podnet-lab"))?;
+        // `--lab` is only there for `down`'s fallback to find it.
+        command.args(["serve", "--lab", &self.prefix, "--name", &pod.name]);
+        for port in tcp {
+            command.arg("--tcp").arg(port.to_string());
+        }
+        for port in udp {
+            command.arg("--udp").arg(port.to_string());
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -306,8 +367,14 @@ impl LabLayout {
         });
         // Not waited for: the server outlives `lab up`; `down` kills it.
         std::mem::forget(child);
-        self.save()?;
-        let addr = SocketAddrV4::new(pod.ip, svc.target_tcp_port);
+        self.save()
+    }
+
+    /// Waits until the server in `pod` answers on TCP `port` at the pod's
+    /// own IP (from inside the pod).
+    fn wait_server(&self, pod: &LabPod, port: u16) -> anyhow::Result<()> {
+        let log_path = self.run_dir.join(format!("serve-{}.log", pod.name));
+        let addr = SocketAddrV4::new(pod.ip, port);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             match services::tcp_query(&pod.netns, addr, Duration::from_millis(500)) {

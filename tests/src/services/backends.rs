@@ -13,17 +13,49 @@ use super::NAMESPACE;
 use crate::netns::run_in;
 
 /// The backend server (`podnet-lab serve`), run inside a pod's netns until
-/// killed. TCP: per connection a line `<name> <peer ip>:<peer port>`, then
+/// killed, on every port of `tcp_ports` and `udp_ports` (the demo Service's
+/// backends serve one of each; the NetworkPolicy e2e model's pods 80 and 81
+/// of both). TCP: per connection a line `<name> <peer ip>:<peer port>`, then
 /// an echo of everything until EOF. UDP: per datagram a reply from the same
 /// socket, `<name> <peer ip>:<peer port> ` followed by the datagram.
-pub fn serve(name: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<()> {
-    let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, tcp_port))
-        .with_context(|| format!("binding TCP port {tcp_port}"))?;
-    let udp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, udp_port))
-        .with_context(|| format!("binding UDP port {udp_port}"))?;
-    eprintln!("serve {name}: tcp 0.0.0.0:{tcp_port}, udp 0.0.0.0:{udp_port}");
-    let udp_name = name.to_owned();
-    std::thread::spawn(move || serve_udp(&udp, &udp_name));
+pub fn serve(name: &str, tcp_ports: &[u16], udp_ports: &[u16]) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !tcp_ports.is_empty() || !udp_ports.is_empty(),
+        "serve {name}: no port to serve"
+    );
+    // Every socket is bound before anything is served: a port taken fails
+    // the server at once, not halfway.
+    let listeners = tcp_ports
+        .iter()
+        .map(|port| {
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, *port))
+                .with_context(|| format!("binding TCP port {port}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let udp_sockets = udp_ports
+        .iter()
+        .map(|port| {
+            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, *port))
+                .with_context(|| format!("binding UDP port {port}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    eprintln!("serve {name}: tcp {tcp_ports:?}, udp {udp_ports:?} on 0.0.0.0");
+    let mut threads = Vec::new();
+    for udp in udp_sockets {
+        let name = name.to_owned();
+        threads.push(std::thread::spawn(move || serve_udp(&udp, &name)));
+    }
+    for listener in listeners {
+        let name = name.to_owned();
+        threads.push(std::thread::spawn(move || accept_tcp(&listener, &name)));
+    }
+    for thread in threads {
+        let _ = thread.join();
+    }
+    Ok(())
+}
+
+fn accept_tcp(listener: &TcpListener, name: &str) {
     for conn in listener.incoming() {
         match conn {
             Ok(stream) => {
@@ -34,10 +66,12 @@ pub fn serve(name: &str, tcp_port: u16, udp_port: u16) -> anyhow::Result<()> {
                     }
                 });
             }
-            Err(e) => eprintln!("serve {name}: accept: {e}"),
+            Err(e) => {
+                eprintln!("serve {name}: accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
         }
     }
-    Ok(())
 }
 
 fn serve_tcp(mut stream: TcpStream, name: &str) -> anyhow::Result<()> {
