@@ -4,9 +4,8 @@
 //! TCP and UDP), probed pod to pod on 80/TCP, 81/TCP, 80/UDP and 81/UDP.
 //! The same cases run in vxlan and in direct mode.
 //!
-//! Without a policy everything is reachable (always checked). The policy
-//! cases (`podnet_tests::netpol::cases`) run only with
-//! `PODNET_NETPOL_CASES=1` until enforcement is in the datapath;
+//! Without a policy everything is reachable (checked first). Then every
+//! policy case (`podnet_tests::netpol::cases`);
 //! `PODNET_NETPOL_ONLY=<part of a name>` runs only the cases it names. A
 //! failed case prints its tables (`.` as expected, `X` wrong) and the
 //! other cases still run; the test fails at the end naming them all.
@@ -19,9 +18,7 @@ use podnet_tests::{
     privileged,
 };
 
-/// Set to 1 to run the policy cases besides the open baseline.
-const CASES_ENV: &str = "PODNET_NETPOL_CASES";
-/// Runs only the cases whose name contains this (with [`CASES_ENV`]).
+/// Runs only the cases whose name contains this.
 const ONLY_ENV: &str = "PODNET_NETPOL_ONLY";
 
 /// The lab with the e2e model and its servers, `down` on drop.
@@ -50,10 +47,6 @@ fn baseline_is_open(lab: &LabGuard) {
 }
 
 fn run_the_cases(lab: &LabGuard, mode: &str) {
-    if std::env::var(CASES_ENV).as_deref() != Ok("1") {
-        eprintln!("SKIPPED the policy cases in {mode} mode: set {CASES_ENV}=1 to run them");
-        return;
-    }
     let ctx = cases::Ctx::of(&lab.layout);
     let only = std::env::var(ONLY_ENV).unwrap_or_default();
     let all: Vec<cases::Case> = cases::all(&ctx)

@@ -55,6 +55,28 @@ pub use identity::{IdentityAllocator, IdentityLabels};
 pub use ports::{SCTP, TCP, UDP, port_range_prefixes, protocol_name};
 pub use reference::{Evaluation, evaluate};
 
+/// The `ENDPOINT_F_POLICY_*` bits of pod `namespace/name`: the directions
+/// some policy selects it for (no labels when the Pod is unknown). What a
+/// new endpoint starts with before its rules are compiled: isolated, so a
+/// pod a policy selects is never open, not even for its first packets.
+#[must_use]
+pub fn selection_flags(model: &ClusterModel, namespace: &str, name: &str) -> u32 {
+    let no_labels = std::collections::BTreeMap::new();
+    let labels = model.pod_labels(namespace, name).unwrap_or(&no_labels);
+    spec::policies(model, Some(namespace))
+        .filter(|p| p.selects(namespace, labels))
+        .fold(0, |flags, p| {
+            let mut flags = flags;
+            if p.applies(Direction::Ingress) {
+                flags |= podnet_common::endpoint::ENDPOINT_F_POLICY_INGRESS;
+            }
+            if p.applies(Direction::Egress) {
+                flags |= podnet_common::endpoint::ENDPOINT_F_POLICY_EGRESS;
+            }
+            flags
+        })
+}
+
 /// A pod this node runs: policies are compiled for it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LocalEndpoint {

@@ -72,6 +72,14 @@ impl Agent {
             egress_shaper,
         )?;
         if !restarting {
+            // A new pod that a policy selects starts isolated: its rules
+            // follow within the policy sync's next round (see
+            // `agent::policy`), and until then it denies rather than
+            // allows. A restart keeps the bits the entry has.
+            let flags = self.initial_policy_flags(ep);
+            if flags != 0 {
+                self.datapath.set_policy_flags(ep.ip, flags)?;
+            }
             failpoint::hit(FailPoint::AgentAddAfterEntry);
             anyhow::ensure!(
                 !failpoint::faulty(Fault::EndpointInstall),
@@ -100,6 +108,20 @@ impl Agent {
             failpoint::hit(FailPoint::AgentAddAfterAttach);
         }
         Ok(())
+    }
+
+    /// The policy bits a new endpoint starts with (see
+    /// [`crate::policy::selection_flags`]): none without a pod name or a
+    /// view of the cluster.
+    fn initial_policy_flags(&self, ep: &Endpoint) -> u32 {
+        let (Some(pod), Some(objects)) = (&ep.pod, &self.cluster_objects) else {
+            return 0;
+        };
+        let view = objects.view();
+        let view = view
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        crate::policy::selection_flags(view.model(), &pod.namespace, &pod.name)
     }
 
     /// The built-in IPAM's addresses of this node (see
