@@ -503,10 +503,6 @@ pub fn decapsulate_local(ctx: &mut TcContext, config: &NodeConfig) -> i32 {
     if let Some(code) = flows::divert_to_stack(ctx, &inner) {
         return code;
     }
-    // Judged on the inner packet, before its outer headers come off.
-    if let Some(code) = judge_arrival(ctx, &inner, &dst, Program::FromUnderlay) {
-        return code;
-    }
     // A GSO packet keeps its tunnel state through the decapsulation (see
     // `vxlan::decapsulate`), harmless in a socket but not where something
     // segments it: the tbf of a pod with an ingress limit does
@@ -524,5 +520,10 @@ pub fn decapsulate_local(ctx: &mut TcContext, config: &NodeConfig) -> i32 {
         l4_offset: inner.l4_offset - vxlan::VXLAN_ROOM,
         ..inner
     };
+    // Judged decapsulated: a drop's event then shows the pods' tuple, not
+    // the tunnel's.
+    if let Some(code) = judge_arrival(ctx, &inner, &dst, Program::FromUnderlay) {
+        return code;
+    }
     to_endpoint(ctx, &inner, &dst, Verdict::VxlanDecapBpf)
 }

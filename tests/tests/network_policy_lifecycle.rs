@@ -194,6 +194,7 @@ fn established_connections_are_kept_across_a_policy_change_and_new_ones_judged()
         .expect("thread"),
         "a new UDP flow is judged by the new policy"
     );
+    a_policy_drop_is_monitored_with_its_identities(layout);
     // Established under a policy: kept until they end.
     for i in 0..5 {
         assert!(
@@ -222,6 +223,54 @@ fn established_connections_are_kept_across_a_policy_change_and_new_ones_judged()
         "a connection from before x/a was selected is judged by the new policy"
     );
     delete(layout, DENY_TO_X_A);
+}
+
+/// `podnetctl monitor` on node1 shows a denied connection from y/a as a
+/// policy drop with the identities of both ends.
+fn a_policy_drop_is_monitored_with_its_identities(layout: &LabLayout) {
+    use std::io::Read as _;
+    let node1 = layout.node("node1").expect("node1");
+    let mut monitor = std::process::Command::new(podnet_tests::bins::binary("podnetctl"))
+        .arg("--socket")
+        .arg(&node1.agent_socket)
+        .args(["--json", "monitor", "--drops"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("podnetctl monitor");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!tcp_reaches(layout, "y-a", "x-a", 81));
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = monitor.kill();
+    let mut out = String::new();
+    monitor
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read the monitor");
+    let _ = monitor.wait();
+    let y_a = pod(layout, "y-a").ip.to_string();
+    let event = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|e| e["reason"] == "policy_denied_ingress" && e["src"] == y_a.as_str())
+        .unwrap_or_else(|| panic!("no policy drop from y/a in the monitor: {out}"));
+    let names: Vec<&str> = event["identities"]
+        .as_array()
+        .expect("identities")
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(names.len(), 2, "{event}");
+    assert!(
+        names[0].starts_with("y: ") && names[0].contains("pod=a"),
+        "source identity {event}"
+    );
+    assert!(
+        names[1].starts_with("x: ") && names[1].contains("pod=a"),
+        "destination identity {event}"
+    );
 }
 
 fn policy_synced(socket: &std::path::Path) -> bool {

@@ -31,7 +31,7 @@ use tracing::warn;
 
 use super::Agent;
 use crate::{
-    api::{DropEventRecord, MonitorHello, MonitorMessage, PodRef, proto_name},
+    api::{DropEventRecord, IdentityRef, MonitorHello, MonitorMessage, PodRef, proto_name},
     datapath::monotonic_ns,
 };
 
@@ -85,6 +85,11 @@ struct Pods {
     by_ip: HashMap<Ipv4Addr, PodRef>,
     /// The registry's endpoint generation these are of.
     generation: u64,
+    /// The policy sync's state (the plan in force names the identities of
+    /// policy drops); `None` without a datastore.
+    policy: Option<Arc<Mutex<super::policy::PolicyState>>>,
+    /// Other nodes' addresses (their identity is `remote-node`).
+    nodes: std::collections::HashSet<Ipv4Addr>,
 }
 
 impl Default for Pods {
@@ -92,6 +97,8 @@ impl Default for Pods {
         Self {
             by_ifindex: HashMap::new(),
             by_ip: HashMap::new(),
+            policy: None,
+            nodes: std::collections::HashSet::new(),
             // Never a registry's: the first event reads them.
             generation: u64::MAX,
         }
@@ -110,6 +117,14 @@ impl Pods {
                 return;
             };
             self.generation = generation.load(Ordering::Acquire);
+            self.policy = registry
+                .cluster_objects()
+                .map(super::cluster_objects::ClusterObjects::policy);
+            self.nodes = registry
+                .remote_nodes()
+                .into_iter()
+                .map(|n| n.node_ip)
+                .collect();
             self.by_ifindex.clear();
             self.by_ip.clear();
             for ep in registry.endpoints.values() {
@@ -138,6 +153,31 @@ impl Pods {
             return Some(matched(pod, "source"));
         }
         self.by_ip.get(&dst).map(|pod| matched(pod, "destination"))
+    }
+
+    /// The identities of `src` and `dst` in the plan in force.
+    fn identities(&self, src: Ipv4Addr, dst: Ipv4Addr) -> Option<Vec<IdentityRef>> {
+        use podnet_common::policy::{IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD};
+        let state = self.policy.as_ref()?.lock().ok()?;
+        let plan = state.plan.as_ref()?;
+        let named = |ip: Ipv4Addr| {
+            let id = plan.peer_identity(ip, |ip| self.nodes.contains(&ip));
+            let name = match id {
+                IDENTITY_HOST => "host".to_owned(),
+                IDENTITY_WORLD => "world".to_owned(),
+                IDENTITY_REMOTE_NODE => "remote-node".to_owned(),
+                _ => plan.identity_labels.get(&id).map_or_else(
+                    || "?".to_owned(),
+                    |l| {
+                        let labels: Vec<String> =
+                            l.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        format!("{}: {}", l.namespace, labels.join(","))
+                    },
+                ),
+            };
+            IdentityRef { id, name }
+        };
+        Some(vec![named(src), named(dst)])
     }
 }
 
@@ -174,6 +214,13 @@ fn record(event: &DropEvent, pods: &Pods) -> DropEventRecord {
         src_port: u16::from_be(event.src_port),
         dst_port: u16::from_be(event.dst_port),
         pod: pods.find(event.ifindex, src, dst),
+        identities: matches!(
+            event.drop_reason(),
+            Some(DropReason::PolicyDeniedIngress | DropReason::PolicyDeniedEgress)
+        )
+        .then(|| pods.identities(src, dst))
+        .flatten()
+        .unwrap_or_default(),
     }
 }
 

@@ -419,6 +419,19 @@ pub struct DropEventRecord {
     /// The local pod: the one whose veth it arrived on, else the one whose
     /// address is its source, else its destination; `None`: no local pod.
     pub pod: Option<PodRef>,
+    /// For a NetworkPolicy drop: the identities of the source and the
+    /// destination (in that order), as the policy in force names them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<IdentityRef>,
+}
+
+/// A NetworkPolicy identity, as drop events name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityRef {
+    pub id: u32,
+    /// `x: pod=a,app=web` for a pod identity; `host`, `world`,
+    /// `remote-node` for the reserved ones.
+    pub name: String,
 }
 
 /// A local endpoint, as drop events name it.

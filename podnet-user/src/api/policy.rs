@@ -61,3 +61,33 @@ impl PolicyStatus {
         line
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PolicyStatus;
+
+    #[test]
+    fn a_refused_entry_and_a_sync_not_done_are_said_in_capitals() {
+        let fine = PolicyStatus {
+            synced: true,
+            ingress_selected: 2,
+            ..PolicyStatus::default()
+        };
+        let line = fine.summary();
+        assert!(line.starts_with("2 pod(s) isolated for ingress"), "{line}");
+        assert!(
+            !line.contains("REFUSED") && !line.contains("NOT SYNCED"),
+            "{line}"
+        );
+        let full = PolicyStatus {
+            refused: 3,
+            last_error: Some("map podnet_policy: inserting".to_owned()),
+            ..fine.clone()
+        };
+        let line = full.summary();
+        assert!(line.contains("3 ENTRIES REFUSED"), "{line}");
+        assert!(line.contains("map podnet_policy"), "{line}");
+        let starting = PolicyStatus::default();
+        assert!(starting.summary().contains("NOT SYNCED"));
+    }
+}

@@ -703,8 +703,15 @@ fn drop_line(e: &DropEventRecord) -> String {
             e.proto, e.src, e.src_port, e.dst, e.dst_port
         )
     };
+    let identities = match e.identities.as_slice() {
+        [src, dst] => format!(
+            " identities {} ({}) -> {} ({})",
+            src.id, src.name, dst.id, dst.name
+        ),
+        _ => String::new(),
+    };
     format!(
-        "{} drop {} {pod} ifindex={} {} {tuple} len={} cpu={}",
+        "{} drop {} {pod} ifindex={} {} {tuple} len={} cpu={}{identities}",
         format_utc(e.time_unix_ns),
         e.reason,
         e.ifindex,
