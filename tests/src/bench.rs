@@ -5,6 +5,7 @@
 //! as median/min/max over the rounds, and podnet's as ratios to its peers.
 
 pub mod bpf_cost;
+pub mod policy;
 pub mod report;
 pub mod rounds;
 pub mod scale;
@@ -58,7 +59,15 @@ pub struct BenchOptions {
 }
 
 /// The parts of a run, in the order they run.
-pub const PARTS: [&str; 6] = ["same-node", "shaping", "cni", "scale", "cross-node", "bpf"];
+pub const PARTS: [&str; 7] = [
+    "same-node",
+    "shaping",
+    "cni",
+    "scale",
+    "cross-node",
+    "policy",
+    "bpf",
+];
 
 impl BenchOptions {
     #[must_use]

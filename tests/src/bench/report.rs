@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 
 use super::{
-    BenchOptions, Figure,
+    BenchOptions, Figure, policy,
     stats::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, percentile},
     targets::{Better, baseline_ratios, find, paired_ratios, target_ratios},
 };
@@ -97,8 +97,11 @@ const TRAFFIC_METRICS: [&str; 5] = [
     "conn_rate",
 ];
 
+/// The metrics of the policy part's traffic runs.
+const POLICY_METRICS: [&str; 3] = ["tcp_throughput", "latency_p50", "conn_rate"];
+
 /// podnet against each peer in the table: scenario, podnet, peers, metrics.
-const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 5] = [
+const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 11] = [
     (
         "same-node",
         "podnet",
@@ -133,6 +136,42 @@ const PEER_RATIOS: [(&str, &str, &[&str], &[&str]); 5] = [
             "cni_add_parallel16",
             "cni_del_parallel16",
         ],
+    ),
+    (
+        "policy-same-node",
+        policy::ALLOW_INGRESS,
+        &[policy::NO_POLICY],
+        &POLICY_METRICS,
+    ),
+    (
+        "policy-same-node",
+        policy::ALLOW_BOTH,
+        &[policy::NO_POLICY],
+        &POLICY_METRICS,
+    ),
+    (
+        "policy-cross-node",
+        policy::ALLOW_INGRESS,
+        &[policy::NO_POLICY],
+        &POLICY_METRICS,
+    ),
+    (
+        "policy-cross-node",
+        policy::ALLOW_BOTH,
+        &[policy::NO_POLICY],
+        &POLICY_METRICS,
+    ),
+    (
+        "policy-rules",
+        policy::RULES_1K,
+        &[policy::RULES_10],
+        &["latency_p50", "conn_rate"],
+    ),
+    (
+        "policy-rules",
+        policy::RULES_10K,
+        &[policy::RULES_10],
+        &["latency_p50", "conn_rate"],
     ),
 ];
 

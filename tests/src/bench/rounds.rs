@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{
     BenchOptions, Figure,
     bpf_cost::{BpfStatsSwitch, add_bpf_cost, bpf_cost_test_run, bpf_stats, with_new_programs},
-    figure, scale,
+    figure, policy, scale,
     stats::{Rng, percentile},
     targets::{baseline_ratios, target_ratios},
     tools::{Pair, connection_rate, latency, throughput, throughput_and_cpu},
@@ -409,6 +409,10 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
 
     if opts.runs("cross-node") {
         measure_cross_node(opts, &mut figures)?;
+    }
+
+    if opts.runs("policy") {
+        policy::measure(opts, &mut figures)?;
     }
 
     if opts.runs("bpf") {

@@ -5,7 +5,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use super::{
-    Figure,
+    Figure, policy,
     rounds::BASELINE_SUFFIX,
     scale,
     stats::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Rng, bootstrap_median_ci, median},
@@ -167,7 +167,7 @@ const fn target(
 /// Every target, in one place (issue 14, "Targets"; the bridge one also
 /// against the bridge without br_netfilter's iptables hooks).
 #[rustfmt::skip]
-pub const TARGETS: [Target; 15] = [
+pub const TARGETS: [Target; 31] = [
     target("same-node", "podnet", ("same-node", "veth"), "tcp_throughput", Better::Higher, 1.00),
     target("same-node", "podnet", ("same-node", "bridge"), "tcp_throughput", Better::Higher, 1.15),
     target("same-node", "podnet", ("same-node", "bridge"), "cpu_s_per_gb", Better::Lower, 0.85),
@@ -187,6 +187,25 @@ pub const TARGETS: [Target; 15] = [
     // --vxlan-datapath default).
     target("cross-node", "podnet-vxlan", ("cross-node", "podnet-vxlan-kernel"), "tcp_throughput", Better::Higher, 1.00),
     target("cross-node", "podnet-vxlan", ("cross-node", "podnet-vxlan-kernel"), "latency_p50", Better::Lower, 1.00),
+    // NetworkPolicy: an allowed pod against the same pod with no policy
+    // (throughput and p50 latency within 3 %, connection rate within 10 %),
+    // and the cost with 1,000 and 10,000 rules against 10 (within 5 %).
+    target("policy-same-node", policy::ALLOW_INGRESS, ("policy-same-node", policy::NO_POLICY), "tcp_throughput", Better::Higher, 0.97),
+    target("policy-same-node", policy::ALLOW_INGRESS, ("policy-same-node", policy::NO_POLICY), "latency_p50", Better::Lower, 1.03),
+    target("policy-same-node", policy::ALLOW_INGRESS, ("policy-same-node", policy::NO_POLICY), "conn_rate", Better::Higher, 0.90),
+    target("policy-same-node", policy::ALLOW_BOTH, ("policy-same-node", policy::NO_POLICY), "tcp_throughput", Better::Higher, 0.97),
+    target("policy-same-node", policy::ALLOW_BOTH, ("policy-same-node", policy::NO_POLICY), "latency_p50", Better::Lower, 1.03),
+    target("policy-same-node", policy::ALLOW_BOTH, ("policy-same-node", policy::NO_POLICY), "conn_rate", Better::Higher, 0.90),
+    target("policy-cross-node", policy::ALLOW_INGRESS, ("policy-cross-node", policy::NO_POLICY), "tcp_throughput", Better::Higher, 0.97),
+    target("policy-cross-node", policy::ALLOW_INGRESS, ("policy-cross-node", policy::NO_POLICY), "latency_p50", Better::Lower, 1.03),
+    target("policy-cross-node", policy::ALLOW_INGRESS, ("policy-cross-node", policy::NO_POLICY), "conn_rate", Better::Higher, 0.90),
+    target("policy-cross-node", policy::ALLOW_BOTH, ("policy-cross-node", policy::NO_POLICY), "tcp_throughput", Better::Higher, 0.97),
+    target("policy-cross-node", policy::ALLOW_BOTH, ("policy-cross-node", policy::NO_POLICY), "latency_p50", Better::Lower, 1.03),
+    target("policy-cross-node", policy::ALLOW_BOTH, ("policy-cross-node", policy::NO_POLICY), "conn_rate", Better::Higher, 0.90),
+    target("policy-rules", policy::RULES_1K, ("policy-rules", policy::RULES_10), "conn_rate", Better::Higher, 0.95),
+    target("policy-rules", policy::RULES_1K, ("policy-rules", policy::RULES_10), "latency_p50", Better::Lower, 1.05),
+    target("policy-rules", policy::RULES_10K, ("policy-rules", policy::RULES_10), "conn_rate", Better::Higher, 0.95),
+    target("policy-rules", policy::RULES_10K, ("policy-rules", policy::RULES_10), "latency_p50", Better::Lower, 1.05),
 ];
 
 /// Whether a target is reached, judged on the 95 % interval.
