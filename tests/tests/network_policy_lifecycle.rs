@@ -325,7 +325,10 @@ fn agents_restarted_and_killed_under_a_deny_policy_let_nothing_through() {
                     }
                 }
                 allowed_all.fetch_add(1, Ordering::Relaxed);
-                if tcp_reaches(&layout, "x-a", "y-b", 80) {
+                // A second try: one probe lost to a loaded machine is not
+                // the datapath refusing.
+                if tcp_reaches(&layout, "x-a", "y-b", 80) || tcp_reaches(&layout, "x-a", "y-b", 80)
+                {
                     allowed_ok.fetch_add(1, Ordering::Relaxed);
                 }
                 rounds += 1;
