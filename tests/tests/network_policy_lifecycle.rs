@@ -37,11 +37,7 @@ const PROBE: Duration = Duration::from_millis(700);
 const SETTLE: Duration = Duration::from_secs(5);
 
 fn pod<'a>(layout: &'a LabLayout, name: &str) -> &'a LabPod {
-    layout
-        .pods
-        .iter()
-        .find(|p| p.name == name)
-        .unwrap_or_else(|| panic!("no pod {name}"))
+    layout.pod(name).unwrap_or_else(|| panic!("no pod {name}"))
 }
 
 /// Whether a new TCP connection from `from` to `to`:`port` is answered by

@@ -102,11 +102,15 @@ fn iperf(server_ns: &str, server_ip: &str, client_ns: &str) -> anyhow::Result<f6
     Ok(bps / 1e9)
 }
 
-fn pods_from_layout() -> anyhow::Result<Vec<(String, String, String)>> {
-    let layout: serde_json::Value = serde_json::from_slice(
+/// The running lab's `lab.json`.
+fn lab_json() -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::from_slice(
         &std::fs::read(Path::new(RUN_DIR).join("lab.json")).context("reading lab.json")?,
-    )?;
-    Ok(layout["pods"]
+    )?)
+}
+
+fn pods_from_layout() -> anyhow::Result<Vec<(String, String, String)>> {
+    Ok(lab_json()?["pods"]
         .as_array()
         .context("pods in lab.json")?
         .iter()
@@ -220,10 +224,7 @@ fn demo_steps(bin_dir: &Path) -> anyhow::Result<()> {
 /// The lab name of the pod whose netns is `netns` (its Pod object is
 /// labelled `pod: <name>` in namespace `default`).
 fn pod_name(netns: &str) -> anyhow::Result<String> {
-    let layout: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(Path::new(RUN_DIR).join("lab.json")).context("reading lab.json")?,
-    )?;
-    layout["pods"]
+    lab_json()?["pods"]
         .as_array()
         .context("pods in lab.json")?
         .iter()
@@ -345,10 +346,7 @@ fn print_metrics(bin_dir: &Path, node: &str) -> anyhow::Result<()> {
 
 /// The agent socket of lab node `node`.
 fn node_socket(node: &str) -> anyhow::Result<String> {
-    let layout: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(Path::new(RUN_DIR).join("lab.json")).context("reading lab.json")?,
-    )?;
-    layout["nodes"]
+    lab_json()?["nodes"]
         .as_array()
         .context("nodes in lab.json")?
         .iter()
