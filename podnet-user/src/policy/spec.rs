@@ -161,6 +161,18 @@ pub(crate) fn pods_by_ip<'a>(input: &PolicyInput<'a>) -> BTreeMap<Ipv4Addr, Peer
         if pods.contains_key(&record.ip) || input.host_addresses.contains(&record.ip) {
             continue;
         }
+        // A Pod bound to a node (`spec.nodeName`, as the scheduler sets
+        // it) is only that node's to publish: another node's record naming
+        // it gives the address nothing of the pod's identity.
+        let bound_elsewhere = input
+            .model
+            .pod(&record.namespace, &record.name)
+            .and_then(|pod| pod.spec.as_ref())
+            .and_then(|spec| spec.node_name.as_deref())
+            .is_some_and(|node| node != record.node);
+        if bound_elsewhere {
+            continue;
+        }
         if let Some(labels) = input.model.pod_labels(&record.namespace, &record.name) {
             pods.insert(
                 record.ip,

@@ -700,6 +700,30 @@ fn peer_identities() {
 }
 
 #[test]
+fn a_pod_bound_to_a_node_gets_its_identity_only_from_that_nodes_record() {
+    // x/d is bound to node-1 (spec.nodeName); node-2 claims another
+    // address for it: that address stays without the pod's identity.
+    let bound = "apiVersion: v1\nkind: Pod\nmetadata: {name: d, namespace: x, labels: {pod: d}}\nspec: {nodeName: node-1, containers: [{name: c, image: i}]}\n---\n";
+    let mut cluster = Cluster::new(bound);
+    let forged = Ipv4Addr::new(10, 9, 9, 9);
+    cluster.records.push(PodEndpointRecord {
+        node: "node-2".into(),
+        namespace: "x".into(),
+        name: "d".into(),
+        ip: forged,
+    });
+    let plan = cluster.plan();
+    assert!(
+        plan.identities.contains_key(&address("x/d")),
+        "node-1's own record counts"
+    );
+    assert!(
+        !plan.identities.contains_key(&forged),
+        "node-2 cannot speak for a pod bound to node-1"
+    );
+}
+
+#[test]
 fn pods_with_the_same_labels_share_an_identity() {
     let extra =
         named_pod_yaml("x", "d", "pod: a", "p", 1) + &named_pod_yaml("y", "d", "pod: a", "p", 1);

@@ -77,6 +77,33 @@ pub fn host_addresses() -> Vec<Ipv4Addr> {
     found
 }
 
+/// What a sync was of: the view's generation, the endpoints' and the
+/// nodes' pod CIDRs.
+type SyncedFrom = ((i64, u64), u64, BTreeMap<String, ipnet::Ipv4Net>);
+
+/// Every routed node's pod CIDR (this node's included), by name.
+fn node_cidrs(agent: &Agent) -> BTreeMap<String, ipnet::Ipv4Net> {
+    agent
+        .remote_nodes()
+        .into_iter()
+        .map(|n| (n.name, n.pod_cidr))
+        .chain([(agent.config.node_name.clone(), agent.config.pod_cidr)])
+        .collect()
+}
+
+/// Whether a pod record names an address of its own node's pod CIDR: a
+/// node speaks for its own pods only. Without this, one node's credential
+/// could give another node's pod (or any address) the identity of a
+/// privileged pod, and with it what the policies allow that pod.
+fn published_by_owner(
+    cidrs: &BTreeMap<String, ipnet::Ipv4Net>,
+    record: &crate::model::cluster::PodEndpointRecord,
+) -> bool {
+    cidrs
+        .get(&record.node)
+        .is_some_and(|cidr| cidr.contains(&record.ip))
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -91,14 +118,17 @@ pub fn run(
 ) {
     let mut allocator = IdentityAllocator::default();
     let mut applied: Option<Applied> = None;
-    let mut last_seen: Option<((i64, u64), u64)> = None;
+    // What the last sync was of: the view, the endpoints and the nodes'
+    // pod CIDRs (a node's record may arrive after its pods').
+    let mut last_seen: Option<SyncedFrom> = None;
     loop {
         std::thread::sleep(POLL);
-        let (local, endpoints_generation) = {
+        let (local, endpoints_generation, cidrs) = {
             let agent = lock(registry);
             (
                 local_endpoints(&agent),
                 agent.generation.load(Ordering::Relaxed),
+                node_cidrs(&agent),
             )
         };
         let (view_generation, synced) = {
@@ -110,8 +140,8 @@ pub fn run(
         if !synced {
             continue;
         }
-        let seen = (view_generation, endpoints_generation);
-        if last_seen == Some(seen) {
+        let seen = (view_generation, endpoints_generation, cidrs.clone());
+        if last_seen.as_ref() == Some(&seen) {
             continue;
         }
         let started = Instant::now();
@@ -141,7 +171,10 @@ pub fn run(
             let v = lock(view);
             let input = PolicyInput {
                 model: v.model(),
-                pods: v.pod_records().collect(),
+                pods: v
+                    .pod_records()
+                    .filter(|r| published_by_owner(&cidrs, r))
+                    .collect(),
                 local: &local,
                 host_addresses: &hosts,
             };

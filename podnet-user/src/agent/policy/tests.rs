@@ -8,7 +8,10 @@ use podnet_common::{
     policy::{DIRECTION_INGRESS, IDENTITY_FIRST_POD, POLICY_KEY_BITS},
 };
 
-use super::sync::{Applied, PolicyMaps, apply_plan};
+use super::{
+    published_by_owner,
+    sync::{Applied, PolicyMaps, apply_plan},
+};
 use crate::{datapath::DatapathError, policy::PolicyPlan};
 
 /// What a sync did, in order.
@@ -255,5 +258,32 @@ fn egress_bits_are_written_like_ingress_bits() {
     assert_eq!(
         maps.held.endpoints[&POD],
         ENDPOINT_F_POLICY_INGRESS | ENDPOINT_F_POLICY_EGRESS
+    );
+}
+
+#[test]
+fn a_node_speaks_only_for_addresses_of_its_own_pod_cidr() {
+    use crate::model::cluster::PodEndpointRecord;
+    let cidrs = BTreeMap::from([
+        ("node1".to_owned(), "10.244.0.0/24".parse().expect("CIDR")),
+        ("node2".to_owned(), "10.244.1.0/24".parse().expect("CIDR")),
+    ]);
+    let record = |node: &str, ip: [u8; 4]| PodEndpointRecord {
+        node: node.into(),
+        namespace: "x".into(),
+        name: "a".into(),
+        ip: ip.into(),
+    };
+    assert!(published_by_owner(
+        &cidrs,
+        &record("node1", [10, 244, 0, 7])
+    ));
+    assert!(
+        !published_by_owner(&cidrs, &record("node1", [10, 244, 1, 7])),
+        "node1 naming one of node2's addresses"
+    );
+    assert!(
+        !published_by_owner(&cidrs, &record("node3", [10, 244, 0, 7])),
+        "a node that is not routed (gone, or never joined)"
     );
 }
