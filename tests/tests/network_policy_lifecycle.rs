@@ -24,6 +24,7 @@ use std::{
 };
 
 use podnet::api::{AgentStatus, Client, Request};
+use podnet_common::DropReason;
 use podnet_tests::{
     bins,
     lab::{LabDatastore, LabGuard, LabLayout, LabPod, ServiceKind},
@@ -56,6 +57,26 @@ fn tcp_reaches(layout: &LabLayout, from: &str, to: &str, port: u16) -> bool {
     run_in(&netns, move || tcp_probe(target, PROBE))
         .expect("a thread in the pod")
         .is_ok_and(|name| name == want)
+}
+
+/// Policy drops counted by every node's datapath, both directions.
+fn policy_drops(layout: &LabLayout) -> u64 {
+    layout
+        .nodes
+        .iter()
+        .map(|n| {
+            podnet_tests::counters::read(&n.agent_socket, DropReason::PolicyDeniedIngress)
+                + podnet_tests::counters::read(&n.agent_socket, DropReason::PolicyDeniedEgress)
+        })
+        .sum()
+}
+
+/// Whether a new TCP connection from `from` to `to`:`port` is refused by
+/// a policy: unanswered, and a datapath counted a policy drop meanwhile (a
+/// probe that times out on a loaded machine is not a denial).
+fn tcp_denied(layout: &LabLayout, from: &str, to: &str, port: u16) -> bool {
+    let before = policy_drops(layout);
+    !tcp_reaches(layout, from, to, port) && policy_drops(layout) > before
 }
 
 /// Polls `check` until it holds, for [`SETTLE`] at most.
@@ -181,7 +202,7 @@ fn established_connections_are_kept_across_a_policy_change_and_new_ones_judged()
 
     apply(layout, DENY_TO_X_A);
     let took = eventually("new connections to x/a denied on both nodes", || {
-        !tcp_reaches(layout, "y-a", "x-a", 80) && !tcp_reaches(layout, "x-c", "x-a", 80)
+        tcp_denied(layout, "y-a", "x-a", 80) && tcp_denied(layout, "x-c", "x-a", 80)
     });
     eprintln!("FIGURE deny applied and enforced on both nodes within {took:.2?}");
     assert!(
@@ -215,7 +236,7 @@ fn established_connections_are_kept_across_a_policy_change_and_new_ones_judged()
     let mut untracked = HeldConnection::open(layout, "y-a", "x-a", 80);
     assert!(untracked.echoes("open"));
     apply(layout, DENY_TO_X_A);
-    eventually("x/a denied", || !tcp_reaches(layout, "y-a", "x-a", 80));
+    eventually("x/a denied", || tcp_denied(layout, "y-a", "x-a", 80));
     assert!(
         !untracked.echoes("after"),
         "a connection from before x/a was selected is judged by the new policy"
@@ -299,7 +320,7 @@ fn nothing_gets_through_while(lab: &mut LabGuard, change: impl FnOnce(&mut LabLa
     apply(&lab.layout, &policy_a);
     apply(&lab.layout, &policy_b);
     eventually("both denied", || {
-        !tcp_reaches(&lab.layout, "y-a", "x-a", 80) && !tcp_reaches(&lab.layout, "z-a", "x-b", 80)
+        tcp_denied(&lab.layout, "y-a", "x-a", 80) && tcp_denied(&lab.layout, "z-a", "x-b", 80)
     });
     let stop = Arc::new(AtomicBool::new(false));
     let leaked = Arc::new(AtomicU64::new(0));
@@ -334,7 +355,7 @@ fn nothing_gets_through_while(lab: &mut LabGuard, change: impl FnOnce(&mut LabLa
     stop.store(true, Ordering::Relaxed);
     let rounds = prober.join().expect("prober");
     assert!(
-        rounds >= 4,
+        rounds >= 2,
         "the probes ran through it all ({rounds} rounds)"
     );
     assert_eq!(
@@ -398,6 +419,7 @@ fn an_upgrade_under_a_deny_policy_lets_nothing_through() {
         layout.bin_dir = None;
         for node in ["node1", "node2"] {
             layout.stop_agent(node).expect("stop the old agent");
+            std::thread::sleep(Duration::from_secs(2));
             layout.start_agent(node).expect("start the new agent");
             wait_synced(layout, node);
         }
@@ -455,7 +477,8 @@ fn service_and_node_port_traffic_meets_the_backends_and_clients_policies() {
     let ingress = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: backends-from-y, namespace: x}\nspec:\n  podSelector: {matchExpressions: [{key: pod, operator: In, values: [a, b]}]}\n  ingress:\n  - from:\n    - namespaceSelector: {matchLabels: {ns: y}}\n";
     apply(layout, ingress);
     eventually("z/a denied through the Service", || {
-        through_service(layout, "z-a", 4).0.is_empty()
+        let before = policy_drops(layout);
+        through_service(layout, "z-a", 4).0.is_empty() && policy_drops(layout) >= before + 4
     });
     let (answered, failed) = through_service(layout, "y-a", 8);
     assert_eq!(failed, 0, "y/a is allowed by both backends: {answered:?}");
@@ -486,9 +509,7 @@ fn service_and_node_port_traffic_meets_the_backends_and_clients_policies() {
     // against the backend; to a pod of y it does not.
     let egress = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: z-c-to-x, namespace: z}\nspec:\n  podSelector: {matchLabels: {pod: c}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - namespaceSelector: {matchLabels: {ns: x}}\n";
     apply(layout, egress);
-    eventually("z/c denied to y/a", || {
-        !tcp_reaches(layout, "z-c", "y-a", 80)
-    });
+    eventually("z/c denied to y/a", || tcp_denied(layout, "z-c", "y-a", 80));
     let (answered, failed) = through_service(layout, "z-c", 8);
     assert_eq!(
         failed, 0,
@@ -498,9 +519,7 @@ fn service_and_node_port_traffic_meets_the_backends_and_clients_policies() {
     // are denied.
     let only_a = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: z-c-to-x, namespace: z}\nspec:\n  podSelector: {matchLabels: {pod: c}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - namespaceSelector: {matchLabels: {ns: x}}\n      podSelector: {matchLabels: {pod: a}}\n";
     apply(layout, only_a);
-    eventually("z/c denied to x/b", || {
-        !tcp_reaches(layout, "z-c", "x-b", 80)
-    });
+    eventually("z/c denied to x/b", || tcp_denied(layout, "z-c", "x-b", 80));
     let (answered, failed) = through_service(layout, "z-c", 16);
     assert!(
         answered.iter().all(|n| n == "x-a") && !answered.is_empty() && failed > 0,
