@@ -17,15 +17,13 @@ use podnet_common::{
 use crate::{
     clock::now_ns,
     counters::count,
-    l4::{self, closing_flags, reversed},
+    l4::{self, IPPROTO_TCP, closing_flags, reversed},
     lookup,
     maps::{CONFIG, FLOW_OWNERS, STACK_FLOWS},
     packet::{self, Ipv4Fields, L3},
     policy::{self, Judged},
     verdict::{drop_packet, pass_to_stack},
 };
-
-const IPPROTO_TCP: u8 = 6;
 
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;

@@ -75,6 +75,12 @@ fn ports(ctx: &TcContext, proto: u8, offset: usize) -> Option<(u16, u16)> {
     }
 }
 
+/// Whether `proto`'s header starts with two ports (TCP, UDP, SCTP).
+#[inline(always)]
+pub fn has_ports(proto: u8) -> bool {
+    matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP)
+}
+
 /// The flow key of an ICMP error: the embedded datagram (what the error's
 /// sender received, RFC 792: its IP header and at least 8 bytes after it)
 /// reversed, i.e. the direction the error travels in.

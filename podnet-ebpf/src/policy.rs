@@ -31,14 +31,11 @@ use podnet_common::{
 use crate::{
     clock::now_ns,
     counters::count,
-    l4::{self, IPPROTO_TCP, closing_flags, reversed},
+    l4::{self, closing_flags, has_ports, reversed},
     lookup::remote_node,
     maps::{CONNTRACK, IDENTITIES, POLICY, POLICY_CIDRS},
     packet::Ipv4Fields,
 };
-
-const IPPROTO_UDP: u8 = 17;
-const IPPROTO_SCTP: u8 = 132;
 
 /// How often (at most) a tracked connection's timestamp is written: every
 /// packet writing it would bounce the entry's cache line between CPUs.
@@ -137,11 +134,6 @@ pub fn track_own(ctx: &TcContext, ip: &Ipv4Fields) {
     {
         track(&l4.key, l4.tcp_flags, 0, now_ns());
     }
-}
-
-#[inline(always)]
-fn has_ports(protocol: u8) -> bool {
-    matches!(protocol, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP)
 }
 
 /// The rule that allows a new connection of local `endpoint` in

@@ -242,20 +242,3 @@ impl PolicyPlan {
             .count()
     }
 }
-
-/// Identities by address, as the plan in force names them (for the
-/// monitor and explain): `None` before the first sync.
-#[must_use]
-pub fn identity_of(state: &Mutex<PolicyState>, ip: Ipv4Addr) -> Option<u32> {
-    lock(state).plan.as_ref()?.identities.get(&ip).copied()
-}
-
-/// The labels of every identity of the plan in force.
-#[must_use]
-pub fn identity_labels(state: &Mutex<PolicyState>) -> BTreeMap<u32, crate::policy::IdentityLabels> {
-    lock(state)
-        .plan
-        .as_ref()
-        .map(|p| p.identity_labels.clone())
-        .unwrap_or_default()
-}
