@@ -47,10 +47,17 @@ pub enum Verdict {
     /// A packet of a policy-selected pod that belonged to a tracked
     /// connection (counted besides its forwarding verdict).
     PolicyTracked = 14,
+    /// The first packet of a connection to a Service frontend, translated
+    /// to the backend it picked (`--services bpf`; counted besides its
+    /// forwarding verdict).
+    ServiceTranslated = 15,
+    /// A later packet of a translated connection, either way (the reply's
+    /// source made the frontend again).
+    ServiceTracked = 16,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Self::RedirectPeer,
         Self::PassToStack,
@@ -67,6 +74,8 @@ impl Verdict {
         Self::VxlanDecapBpf,
         Self::PolicyAllowed,
         Self::PolicyTracked,
+        Self::ServiceTranslated,
+        Self::ServiceTracked,
     ];
 
     #[must_use]
@@ -87,6 +96,8 @@ impl Verdict {
             Self::VxlanDecapBpf => "vxlan_decap_bpf",
             Self::PolicyAllowed => "policy_allowed",
             Self::PolicyTracked => "policy_tracked",
+            Self::ServiceTranslated => "service_translated",
+            Self::ServiceTracked => "service_tracked",
         }
     }
 }
@@ -142,10 +153,13 @@ pub enum DropReason {
     /// A new connection from a policy-selected pod that no rule of its
     /// egress policies allows (nor a tracked connection).
     PolicyDeniedEgress = 16,
+    /// A new connection to a Service frontend that has no endpoint to send
+    /// it to (kube-proxy rejects these).
+    ServiceNoBackend = 17,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::MalformedIpv4,
         Self::SpoofedSourceIp,
@@ -164,6 +178,7 @@ impl DropReason {
         Self::UnderlaySourceMismatch,
         Self::PolicyDeniedIngress,
         Self::PolicyDeniedEgress,
+        Self::ServiceNoBackend,
     ];
 
     #[must_use]
@@ -186,6 +201,7 @@ impl DropReason {
             Self::UnderlaySourceMismatch => "underlay_source_mismatch",
             Self::PolicyDeniedIngress => "policy_denied_ingress",
             Self::PolicyDeniedEgress => "policy_denied_egress",
+            Self::ServiceNoBackend => "service_no_backend",
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod flow;
 pub mod names;
 pub mod node;
 pub mod policy;
+pub mod service;
 pub mod tc;
 
 pub use counters::{DropReason, Verdict};
@@ -21,3 +22,4 @@ pub use event::{DropEvent, EventLimiter, Program};
 pub use flow::{FlowKey, FlowOwner, StackFlow};
 pub use node::{NodeConfig, RemoteNode};
 pub use policy::{PolicyCidrKey, PolicyKey, PolicyRule, TrackedConnection};
+pub use service::{Backend, BackendKey, ServiceEntry, ServiceKey};

@@ -61,9 +61,16 @@ pub const MAP_POLICY_CIDRS: &str = "podnet_polcidr";
 /// Connections of policy-selected endpoints (LRU hash), both directions:
 /// [`crate::FlowKey`] -> [`crate::TrackedConnection`].
 pub const MAP_CONNTRACK: &str = "podnet_conntrk";
+/// Service frontends (hash): [`crate::ServiceKey`] -> [`crate::ServiceEntry`].
+pub const MAP_SERVICES: &str = "podnet_svc";
+/// Service backend slots (hash): [`crate::BackendKey`] -> [`crate::Backend`].
+pub const MAP_SERVICE_BACKENDS: &str = "podnet_svcbe";
+/// Ports some Service backend serves on (array of u64 words, a bit per
+/// port): which packets may be replies to translate.
+pub const MAP_SERVICE_PORTS: &str = "podnet_svcport";
 
 /// Every map the datapath pins, for tools that list or clean the pin directory.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 18] = [
     MAP_ENDPOINTS,
     MAP_VERDICTS,
     MAP_DROPS,
@@ -79,6 +86,9 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_POLICY,
     MAP_POLICY_CIDRS,
     MAP_CONNTRACK,
+    MAP_SERVICES,
+    MAP_SERVICE_BACKENDS,
+    MAP_SERVICE_PORTS,
 ];
 /// Every program in the object.
 pub const ALL_PROGRAMS: [&str; 6] = [
@@ -115,6 +125,11 @@ pub const MAX_POLICY_CIDRS: u32 = 65_536;
 /// Capacity of the connection-tracking LRU map: two entries a connection
 /// (one per direction), 131,072 connections of policy-selected pods.
 pub const MAX_TRACKED_CONNECTIONS: u32 = 262_144;
+/// Service frontends (ClusterIP x port): 10,000 Services of a few ports
+/// each, with room.
+pub const MAX_SERVICES: u32 = 65_536;
+/// Backend slots over all frontends.
+pub const MAX_SERVICE_BACKENDS: u32 = 262_144;
 
 const _: () = {
     let mut i = 0;

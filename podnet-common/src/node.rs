@@ -111,6 +111,11 @@ const _: () = assert!(core::mem::size_of::<NodeConfig>() == 64);
 /// from_underlay decapsulates what other nodes sent to local pods, instead
 /// of the node's VXLAN device doing both (`--vxlan-datapath bpf`).
 pub const NODE_F_VXLAN_BPF: u32 = 1;
+/// `NodeConfig::flags`: Services are translated in the datapath
+/// (`--services bpf`, see `crate::service`) instead of by kube-proxy's
+/// rules in the stack. A packet for the Service CIDR is then a pod's own
+/// connection to a frontend, judged by policy after the translation.
+pub const NODE_F_SERVICES_BPF: u32 = 1 << 1;
 
 impl NodeConfig {
     /// Whether `ip` (network byte order) lies in this node's pod CIDR.

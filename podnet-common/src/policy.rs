@@ -131,9 +131,32 @@ pub struct TrackedConnection {
     /// The rule that allowed the connection (0: the endpoint's own
     /// connection, allowed for its replies).
     pub rule: u32,
+    // Appended for Service translation (a migrated entry holds zeroes: no
+    // translation).
+    /// The address this direction's packets are translated to (network
+    /// byte order): the backend for `CONN_NAT_DST`, the frontend for
+    /// `CONN_NAT_SRC`.
+    pub nat_address: u32,
+    /// The port they are translated to (network byte order).
+    pub nat_port: u16,
+    /// `CONN_NAT_*`.
+    pub nat: u8,
+    pub _pad: u8,
+    /// The Service frontend's id (`crate::ServiceEntry::id`), 0 for none.
+    pub service: u32,
+    pub _pad2: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<TrackedConnection>() == 16);
+const _: () = assert!(core::mem::size_of::<TrackedConnection>() == 32);
+
+/// `TrackedConnection::nat`: no translation.
+pub const CONN_NAT_NONE: u8 = 0;
+/// The client's tuple to a Service frontend: the destination becomes the
+/// backend.
+pub const CONN_NAT_DST: u8 = 1;
+/// A backend's reply to a translated connection: the source becomes the
+/// frontend again.
+pub const CONN_NAT_SRC: u8 = 2;
 
 /// This key is the connection's reply direction.
 pub const CONN_F_REPLY: u32 = 1;
@@ -184,6 +207,6 @@ mod user {
     unsafe impl aya::Pod for super::PolicyRule {}
     // SAFETY: as above: three u32.
     unsafe impl aya::Pod for super::PolicyCidrKey {}
-    // SAFETY: as above: u64 + two u32.
+    // SAFETY: as above: integers, padding spelled out.
     unsafe impl aya::Pod for super::TrackedConnection {}
 }

@@ -1,0 +1,104 @@
+//! Service translation in the datapath (the agent's `--services bpf`):
+//! kube-proxy's job done in from_pod, on the same connection table as
+//! NetworkPolicy ([`crate::TrackedConnection`]).
+//!
+//! - [`ServiceKey`] -> [`ServiceEntry`]: a frontend (ClusterIP, port,
+//!   protocol) and how many backend slots it has.
+//! - [`BackendKey`] (frontend id, slot 1..=n) -> [`Backend`]: the slots hold
+//!   the ready endpoints, or the serving terminating ones when none is ready
+//!   (kube-proxy's rule), chosen by the agent.
+//! - A connection's first packet to a frontend picks a slot; the connection
+//!   table then holds three entries: the client's tuple to the frontend
+//!   (`CONN_NAT_DST`: rewrite the destination to the backend), and the two
+//!   directions of the translated tuple, the reply one `CONN_NAT_SRC`
+//!   (rewrite the source back to the frontend). Later packets and replies
+//!   cost one lookup each; a backend removed from the slots keeps the
+//!   connections it has (kube-proxy's conntrack does the same for TCP).
+//! - [`MAP_SERVICE_PORTS`](crate::names::MAP_SERVICE_PORTS): one bit per
+//!   port that some backend serves on. Only a packet from such a port (or
+//!   an ICMP error) looks for a reply translation, so traffic no Service
+//!   translates pays one array read.
+
+/// Key of the Services map: a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceKey {
+    /// The ClusterIP, network byte order.
+    pub address: u32,
+    /// The Service port, network byte order.
+    pub port: u16,
+    /// IP protocol (6 TCP, 17 UDP, 132 SCTP).
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
+
+/// Value of the Services map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct ServiceEntry {
+    /// The frontend's id (never 0): the backend slots' key, and what the
+    /// connection table records.
+    pub id: u32,
+    /// Backend slots 1..=`backends`; 0: no endpoint, new connections are
+    /// dropped (`service_no_backend`), as kube-proxy rejects them.
+    pub backends: u32,
+    /// `sessionAffinity: ClientIP`'s timeout in seconds; 0: no affinity.
+    pub affinity_timeout_s: u32,
+    /// `SERVICE_F_*` bits.
+    pub flags: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 16);
+
+/// Key of the backend slots map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct BackendKey {
+    /// [`ServiceEntry::id`].
+    pub service: u32,
+    /// 1..=[`ServiceEntry::backends`].
+    pub slot: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<BackendKey>() == 8);
+
+/// A backend: where a frontend's connection goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Backend {
+    /// The endpoint's address, network byte order.
+    pub address: u32,
+    /// The endpoint's port (the resolved targetPort), network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+
+/// Words of the backend-ports bitmap: one bit per port.
+pub const SERVICE_PORT_WORDS: u32 = 65_536 / 64;
+
+/// The bitmap word and bit of `port` (host byte order).
+#[must_use]
+pub const fn service_port_bit(port: u16) -> (u32, u64) {
+    ((port / 64) as u32, 1 << (port % 64))
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: `#[repr(C)]`, integer fields only, padding spelled out (the
+    // size asserts above), so every bit pattern is valid.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above: four u32.
+    unsafe impl aya::Pod for super::ServiceEntry {}
+    // SAFETY: as above: two u32.
+    unsafe impl aya::Pod for super::BackendKey {}
+    // SAFETY: as above: u32 + two u16.
+    unsafe impl aya::Pod for super::Backend {}
+}
