@@ -10,6 +10,15 @@
 //! answer, twice. A reachable pair counts only when the server that
 //! answered is the one probed.
 //!
+//! UDP probes take their source ports in sequence per netns
+//! ([`next_udp_source_port`]), not the kernel's random pick: podnet keeps a
+//! tracked UDP flow for 120 s across policy changes (established flows
+//! survive a change, as in Cilium and Calico), so a probe that happened to
+//! reuse the 5-tuple of a probe allowed a minute earlier rides that entry
+//! and shows a denied pair as reachable. With ~100 such entries per pair
+//! and ~90 denied UDP probes per round over 28,232 ephemeral ports, a
+//! random pick collides in roughly one round in three (CI saw it once).
+//!
 //! Timing on the development machine (2 CPUs, 2-node lab, debug build):
 //! one full probe of the four port/protocols (324 probes) takes about
 //! 0.05 s when everything is reachable, and 5.1 s when 40 of the 81 pairs
@@ -22,9 +31,11 @@
 pub mod cases;
 
 use std::{
+    collections::HashMap,
     fmt::{self, Write as _},
     io::Read as _,
     net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket},
+    os::unix::fs::MetadataExt as _,
     sync::{
         Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -464,7 +475,7 @@ pub fn tcp_probe(addr: SocketAddrV4, timeout: Duration) -> anyhow::Result<String
 /// `wait` for the answer (`<name> <peer> <datagram>`), `tries` times;
 /// returns the name. The socket is connected: only `addr` may answer.
 pub fn udp_probe(addr: SocketAddrV4, wait: Duration, tries: u32) -> anyhow::Result<String> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let socket = bind_udp_probe_socket()?;
     socket
         .connect(addr)
         .with_context(|| format!("connecting UDP to {addr}"))?;
@@ -490,6 +501,47 @@ pub fn udp_probe(addr: SocketAddrV4, wait: Duration, tries: u32) -> anyhow::Resu
     Err(last_err)
 }
 
+/// The source ports UDP probes cycle through, per netns.
+const UDP_SOURCE_PORTS: std::ops::Range<u16> = 20_000..60_000;
+
+/// Next source port for a UDP probe from the calling thread's netns: ports
+/// are handed out in sequence, so one netns reuses a port only after
+/// 40,000 probes (over 1,000 rounds of the model: minutes, longer than the
+/// 120 s a tracked UDP flow lives). `None` when the netns cannot be named.
+fn next_udp_source_port() -> Option<u16> {
+    static NEXT: Mutex<Option<HashMap<u64, u16>>> = Mutex::new(None);
+    let netns = std::fs::metadata("/proc/thread-self/ns/net").ok()?.ino();
+    let mut next = NEXT.lock().ok()?;
+    let port = next
+        .get_or_insert_with(HashMap::new)
+        .entry(netns)
+        .or_insert(UDP_SOURCE_PORTS.start);
+    let taken = *port;
+    *port = if taken + 1 >= UDP_SOURCE_PORTS.end {
+        UDP_SOURCE_PORTS.start
+    } else {
+        taken + 1
+    };
+    Some(taken)
+}
+
+/// A UDP socket on the next sequential source port ([`next_udp_source_port`]);
+/// on a port already in use, the following ones; the kernel's pick when none
+/// of a few is free.
+fn bind_udp_probe_socket() -> std::io::Result<UdpSocket> {
+    for _ in 0..8 {
+        let Some(port) = next_udp_source_port() else {
+            break;
+        };
+        match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+            Ok(socket) => return Ok(socket),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(e) => return Err(e),
+        }
+    }
+    UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+}
+
 fn first_word(bytes: &[u8]) -> anyhow::Result<String> {
     let text = String::from_utf8_lossy(bytes);
     text.split_whitespace()
@@ -503,7 +555,7 @@ fn first_word(bytes: &[u8]) -> anyhow::Result<String> {
 pub const SETTLE: Duration = Duration::from_secs(5);
 
 /// Probes until every table of `expect` is observed or `within` has passed
-/// (at least one full probe either way). `Ok`: how long it took; `Err`: the
+/// (at least two full probes before a failure). `Ok`: how long it took; `Err`: the
 /// diffs of the last probe.
 pub fn wait_tables(
     layout: &LabLayout,
@@ -512,8 +564,10 @@ pub fn wait_tables(
 ) -> Result<Duration, String> {
     let started = Instant::now();
     let port_protocols: Vec<(u16, Protocol)> = expect.0.iter().map(|(p, q, _)| (*p, *q)).collect();
+    let mut rounds = 0;
     loop {
         let observed = probe_many(layout, &port_protocols).map_err(|e| format!("{e:#}"))?;
+        rounds += 1;
         let diffs: String = observed
             .iter()
             .zip(&expect.0)
@@ -522,7 +576,12 @@ pub fn wait_tables(
         if diffs.is_empty() {
             return Ok(started.elapsed());
         }
-        if started.elapsed() >= within {
+        // At least two rounds: the first starts the moment the step was
+        // written, before the change can have reached every node (~0.2 s),
+        // and a round with denied pairs takes ~5 s of timeouts, so a
+        // first round that saw a pod still open would otherwise be the
+        // only one.
+        if started.elapsed() >= within && rounds >= 2 {
             return Err(diffs);
         }
         std::thread::sleep(Duration::from_millis(200));
