@@ -141,10 +141,10 @@ pub struct TrackedConnection {
     pub nat_port: u16,
     /// `CONN_NAT_*`.
     pub nat: u8,
-    pub _pad: u8,
+    pub pad: u8,
     /// The Service frontend's id (`crate::ServiceEntry::id`), 0 for none.
     pub service: u32,
-    pub _pad2: u32,
+    pub reserved: u32,
 }
 
 const _: () = assert!(core::mem::size_of::<TrackedConnection>() == 32);

@@ -30,7 +30,7 @@ pub struct ServiceKey {
     pub port: u16,
     /// IP protocol (6 TCP, 17 UDP, 132 SCTP).
     pub protocol: u8,
-    pub _pad: u8,
+    pub pad: u8,
 }
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 8);
@@ -76,7 +76,7 @@ pub struct Backend {
     pub address: u32,
     /// The endpoint's port (the resolved targetPort), network byte order.
     pub port: u16,
-    pub _pad: u16,
+    pub pad: u16,
 }
 
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use podnet_common::{
     DropReason, EndpointInfo, NodeConfig, Program, RemoteNode, Verdict,
     endpoint::{ENDPOINT_F_POLICY, ENDPOINT_F_POLICY_INGRESS, ENDPOINT_F_SHAPED_INGRESS},
-    node::{MODE_DIRECT, MODE_VXLAN, NODE_F_VXLAN_BPF, REMOTE_NODE_ADDRESS},
+    node::{MODE_DIRECT, MODE_VXLAN, NODE_F_SERVICES_BPF, NODE_F_VXLAN_BPF, REMOTE_NODE_ADDRESS},
 };
 
 use crate::{
@@ -22,7 +22,7 @@ use crate::{
     maps::CONFIG,
     packet::{self, Ipv4Fields, L3},
     policy::{self, Judged},
-    sender,
+    sender, service,
     verdict::{drop_packet, pass_to_stack},
     vxlan,
 };
@@ -58,7 +58,7 @@ pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
         },
         Arrival::Underlay => 0,
     };
-    let ip = match packet::parse(ctx) {
+    let mut ip = match packet::parse(ctx) {
         L3::Ipv4(ip) => ip,
         L3::Arp | L3::Ipv6 | L3::Other => {
             if matches!(arrival, Arrival::Overlay) && !is_node(tunnel_source) {
@@ -112,7 +112,28 @@ pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
     if let Some(code) = judge_arrival(ctx, &ip, &dst, arrival.program()) {
         return code;
     }
+    if let Some(code) = translate_reply(ctx, &mut ip, arrival.program()) {
+        return code;
+    }
     to_endpoint(ctx, &ip, &dst, arrival.verdict())
+}
+
+/// A remote backend's reply to a local client's translated Service
+/// connection comes from the frontend again (`--services bpf`), after
+/// policy judged it as the backend's: `Some(drop code)` when the rewrite
+/// failed, else `None` to go on.
+#[inline(always)]
+fn translate_reply(ctx: &mut TcContext, ip: &mut Ipv4Fields, program: Program) -> Option<i32> {
+    if !CONFIG
+        .get(0)
+        .is_some_and(|config| config.flags & NODE_F_SERVICES_BPF != 0)
+    {
+        return None;
+    }
+    let frontend = service::reply_source(ctx, ip)?;
+    service::from_frontend(ctx, ip, &frontend)
+        .err()
+        .map(|reason| drop_packet(ctx, program, reason))
 }
 
 /// The policy verdict on a packet from another node for local endpoint
@@ -516,13 +537,16 @@ pub fn decapsulate_local(ctx: &mut TcContext, config: &NodeConfig) -> i32 {
     if !vxlan::decapsulate(ctx) {
         return pass_to_stack();
     }
-    let inner = Ipv4Fields {
+    let mut inner = Ipv4Fields {
         l4_offset: inner.l4_offset - vxlan::VXLAN_ROOM,
         ..inner
     };
     // Judged decapsulated: a drop's event then shows the pods' tuple, not
     // the tunnel's.
     if let Some(code) = judge_arrival(ctx, &inner, &dst, Program::FromUnderlay) {
+        return code;
+    }
+    if let Some(code) = translate_reply(ctx, &mut inner, Program::FromUnderlay) {
         return code;
     }
     to_endpoint(ctx, &inner, &dst, Verdict::VxlanDecapBpf)

@@ -11,7 +11,7 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
 use podnet_common::{
     DropReason, Program, Verdict, VethEndpoint,
     endpoint::{ENDPOINT_F_POLICY, ENDPOINT_F_POLICY_EGRESS, ENDPOINT_F_POLICY_INGRESS},
-    node::REMOTE_NODE_ADDRESS,
+    node::{NODE_F_SERVICES_BPF, REMOTE_NODE_ADDRESS},
 };
 
 use crate::{
@@ -22,6 +22,7 @@ use crate::{
     maps::{CONFIG, VETHS},
     packet::{self, Ipv4Fields, L3},
     policy::{self, Judged},
+    service::{self, Forward},
     verdict::{drop_packet, pass_to_stack},
 };
 
@@ -58,7 +59,7 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     if vlan_present != 0 {
         return drop_packet(&ctx, Program::FromPod, DropReason::UnsupportedEthertype);
     }
-    let ip = match packet::parse(&mut ctx) {
+    let mut ip = match packet::parse(&mut ctx) {
         L3::Ipv4(ip) => ip,
         L3::Arp => return arp_from_pod(&ctx, veth, ifindex),
         // podnet carries IPv4 only: IPv6 from a pod would reach the node
@@ -79,6 +80,26 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     }
     if ip.src_mac != veth.pod_mac {
         return drop_packet(&ctx, Program::FromPod, DropReason::SpoofedSourceMac);
+    }
+
+    // Services in the datapath: a connection to a frontend goes to its
+    // backend from here on (everything below sees the backend), and a
+    // backend's reply is noted to come from the frontend again, which it
+    // does once policy has judged it as the backend's.
+    let mut new_service_connection = None;
+    let mut reply_from_frontend = None;
+    if let Some(config) = CONFIG.get(0)
+        && config.flags & NODE_F_SERVICES_BPF != 0
+    {
+        if config.in_service_cidr(ip.dst) {
+            match service::to_backend(&mut ctx, &mut ip) {
+                Ok(Forward::New(new)) => new_service_connection = Some(new),
+                Ok(Forward::Translated | Forward::NotAFrontend) => {}
+                Err(reason) => return drop_packet(&ctx, Program::FromPod, reason),
+            }
+        } else {
+            reply_from_frontend = service::reply_source(&ctx, &ip);
+        }
     }
 
     // Where the packet would go: a local pod, or another node's pod or
@@ -107,6 +128,14 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
         && let Some(code) = judge_sent(&ctx, &ip, veth.policy_flags, receiver_flags, to_a_pod)
     {
         return code;
+    }
+    if let Some(new) = &new_service_connection {
+        service::record(&ctx, &ip, new);
+    }
+    if let Some(frontend) = &reply_from_frontend
+        && let Err(reason) = service::from_frontend(&mut ctx, &mut ip, frontend)
+    {
+        return drop_packet(&ctx, Program::FromPod, reason);
     }
     // An egress bandwidth limit: every packet the pod sends, whatever its
     // destination, queues in the pod's shaper. Checked above like any other.

@@ -10,7 +10,7 @@ use crate::packet::{self, Ipv4Fields};
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
 
 const TCP_FIN: u8 = 0x01;

@@ -18,6 +18,7 @@ mod maps;
 mod packet;
 mod policy;
 mod sender;
+mod service;
 mod to_overlay;
 mod to_pod;
 mod to_underlay;

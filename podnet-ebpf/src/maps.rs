@@ -7,13 +7,16 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use podnet_common::{
-    DropReason, EndpointInfo, EventLimiter, FlowKey, FlowOwner, NodeConfig, PolicyCidrKey,
-    PolicyKey, PolicyRule, RemoteNode, StackFlow, TrackedConnection, Verdict, VethEndpoint,
+    Backend, BackendKey, DropReason, EndpointInfo, EventLimiter, FlowKey, FlowOwner, NodeConfig,
+    PolicyCidrKey, PolicyKey, PolicyRule, RemoteNode, ServiceEntry, ServiceKey, StackFlow,
+    TrackedConnection, Verdict, VethEndpoint,
     event::EVENTS_RING_BYTES,
     names::{
         MAX_ENDPOINTS, MAX_IDENTITY_ADDRESSES, MAX_POLICY_CIDRS, MAX_POLICY_RULES,
-        MAX_REMOTE_CIDRS, MAX_STACK_FLOWS, MAX_TRACKED_CONNECTIONS,
+        MAX_REMOTE_CIDRS, MAX_SERVICE_BACKENDS, MAX_SERVICES, MAX_STACK_FLOWS,
+        MAX_TRACKED_CONNECTIONS,
     },
+    service::SERVICE_PORT_WORDS,
 };
 
 /// Local endpoints: pod IPv4 (network order) -> where and how to deliver.
@@ -83,9 +86,25 @@ pub static POLICY: LpmTrie<PolicyKey, PolicyRule> = LpmTrie::pinned(MAX_POLICY_R
 #[map(name = "podnet_polcidr")]
 pub static POLICY_CIDRS: LpmTrie<PolicyCidrKey, u32> = LpmTrie::pinned(MAX_POLICY_CIDRS, 1);
 
-/// Connections of policy-selected endpoints, both directions. LRU: when
-/// full, the least recently used entries make room (the agent reports the
-/// fill level).
+/// Connections of policy-selected endpoints, both directions, and
+/// translated Service connections (see `service`). LRU: when full, the
+/// least recently used entries make room (the agent reports the fill
+/// level).
 #[map(name = "podnet_conntrk")]
 pub static CONNTRACK: LruHashMap<FlowKey, TrackedConnection> =
     LruHashMap::pinned(MAX_TRACKED_CONNECTIONS, 0);
+
+/// Service frontends (`--services bpf`, see `podnet_common::service`).
+/// Not preallocated: sized for 10,000 Services, filled as they come.
+#[map(name = "podnet_svc")]
+pub static SERVICES: HashMap<ServiceKey, ServiceEntry> = HashMap::pinned(MAX_SERVICES, 1);
+
+/// The frontends' backend slots.
+#[map(name = "podnet_svcbe")]
+pub static SERVICE_BACKENDS: HashMap<BackendKey, Backend> =
+    HashMap::pinned(MAX_SERVICE_BACKENDS, 1);
+
+/// A bit per port some backend serves on: which packets may be replies of
+/// translated connections.
+#[map(name = "podnet_svcport")]
+pub static SERVICE_PORTS: Array<u64> = Array::pinned(SERVICE_PORT_WORDS, 0);

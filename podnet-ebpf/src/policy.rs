@@ -104,22 +104,58 @@ pub fn enforce(ctx: &TcContext, ip: &Ipv4Fields, judged: Judged) -> Result<(), D
 }
 
 /// Tracks the connection whose first packet has tuple `key`, both ways.
-/// An LRU map makes room by evicting its least recently used entries.
+/// An LRU map makes room by evicting its least recently used entries. An
+/// entry already there (a translated Service connection's, `service`) is
+/// updated, not replaced: its translation stays.
 #[inline(always)]
 fn track(key: &FlowKey, tcp_flags: u8, rule: u32, now: u64) {
-    let flags = closing_flags(tcp_flags, CONN_F_RST, CONN_F_FIN);
-    let forward = TrackedConnection {
+    let closing = closing_flags(tcp_flags, CONN_F_RST, CONN_F_FIN);
+    let reply = reversed(key);
+    enter(
+        u64::from(key.src) | u64::from(key.dst) << 32,
+        u64::from(key.src_port) | u64::from(key.dst_port) << 16 | u64::from(key.proto) << 32,
+        u64::from(closing) | u64::from(rule) << 32,
+        now,
+    );
+    enter(
+        u64::from(reply.src) | u64::from(reply.dst) << 32,
+        u64::from(reply.src_port) | u64::from(reply.dst_port) << 16 | u64::from(reply.proto) << 32,
+        u64::from(CONN_F_REPLY) | u64::from(rule) << 32,
+        now,
+    );
+}
+
+/// One direction of [`track`]: the key's addresses and ports|protocol,
+/// and flags|rule, packed in words. A subprogram taking scalars: the
+/// entry (32 bytes with the Service fields) and its key built inline
+/// left no room on from_pod's stack for policy's other subprogram.
+#[inline(never)]
+#[allow(clippy::cast_possible_truncation)] // unpacking what `track` packed
+fn enter(addresses: u64, ports: u64, flags_rule: u64, now: u64) {
+    let key = FlowKey::new(
+        addresses as u32,
+        (addresses >> 32) as u32,
+        ports as u16,
+        (ports >> 16) as u16,
+        (ports >> 32) as u8,
+    );
+    let (flags, rule) = (flags_rule as u32, (flags_rule >> 32) as u32);
+    if let Some(conn) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: a live map value from a successful lookup (see
+        // `enforce`).
+        let conn = unsafe { &mut *conn };
+        conn.last_seen_ns = now;
+        conn.flags = flags;
+        conn.rule = rule;
+        return;
+    }
+    let conn = TrackedConnection {
         last_seen_ns: now,
         flags,
         rule,
+        ..TrackedConnection::default()
     };
-    let reply = TrackedConnection {
-        last_seen_ns: now,
-        flags: CONN_F_REPLY,
-        rule,
-    };
-    let _ = CONNTRACK.insert(key, forward, 0);
-    let _ = CONNTRACK.insert(reversed(key), reply, 0);
+    let _ = CONNTRACK.insert(key, conn, 0);
 }
 
 /// A packet a policy-selected pod sends to a Service (judged after the

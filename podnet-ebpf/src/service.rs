@@ -1,0 +1,422 @@
+//! Service translation (`--services bpf`, see `podnet_common::service`):
+//! a pod's connection to a Service frontend gets its destination rewritten
+//! to a backend at from_pod, and the backend's replies get their source
+//! rewritten back to the frontend wherever they reach the client's node's
+//! fast path (from_pod for a local backend, from_overlay / from_underlay
+//! for a remote one). The state is the connection table NetworkPolicy
+//! uses: the client's tuple to the frontend (`CONN_NAT_DST`) and the
+//! backend's reply tuple (`CONN_NAT_SRC`), so policy judges the translated
+//! tuple, the backend, in both directions.
+//!
+//! Callers test `NODE_F_SERVICES_BPF` first: with kube-proxy's rules in
+//! charge nothing here runs.
+
+use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
+use podnet_common::{
+    BackendKey, DropReason, FlowKey, ServiceKey, TrackedConnection, Verdict,
+    policy::{CONN_F_FIN, CONN_F_REPLY, CONN_F_RST, CONN_NAT_DST, CONN_NAT_SRC},
+    service::service_port_bit,
+};
+
+use crate::{
+    clock::now_ns,
+    counters::count,
+    l4::{IPPROTO_TCP, IPPROTO_UDP, closing_flags},
+    maps::{CONNTRACK, SERVICE_BACKENDS, SERVICE_PORTS, SERVICES},
+    packet::{self, ETH_HLEN, Ipv4Fields},
+};
+
+/// How often (at most) a translated connection's timestamps are written
+/// (both entries at once: either direction keeps the connection alive, as
+/// one conntrack entry would).
+const REFRESH_NS: u64 = 1_000_000_000;
+
+/// `bpf_l4_csum_replace`: the changed field is part of the pseudo-header.
+const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
+/// `bpf_l4_csum_replace`: a UDP checksum of 0 (none) stays 0, and a
+/// computed 0 is written as 0xffff (RFC 768).
+const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+/// Offsets of the IPv4 header's checksum, source and destination.
+const IP_CHECK_OFFSET: usize = ETH_HLEN + 10;
+const IP_SRC_OFFSET: usize = ETH_HLEN + 12;
+const IP_DST_OFFSET: usize = ETH_HLEN + 16;
+
+/// What from_pod does with a packet for the Service CIDR.
+pub enum Forward {
+    /// No frontend has its address, port and protocol (or it cannot be
+    /// translated: a later fragment, a protocol without ports): the stack
+    /// has it, as without podnet's Services.
+    NotAFrontend,
+    /// A packet of a translated connection, rewritten to its backend.
+    Translated,
+    /// A new connection's first packet, rewritten to the backend picked;
+    /// [`record`] it once policy has let it through.
+    New(NewConnection),
+}
+
+/// A connection translated at its first packet, not yet in the table:
+/// its frontend, address | port << 32 (network byte order), one word
+/// (what from_pod holds across the policy judgement must be small: its
+/// stack and policy's subprogram below it share 512 bytes). The rest of
+/// the connection is the rewritten packet's tuple.
+pub struct NewConnection(u64);
+
+/// The ports of a TCP/UDP packet (as on the wire) and its TCP flags.
+#[inline(always)]
+fn ports_of(ctx: &TcContext, ip: &Ipv4Fields) -> Option<(u16, u16, u8)> {
+    if ip.later_fragment {
+        return None;
+    }
+    match ip.proto {
+        IPPROTO_TCP => {
+            let b = packet::bytes_at::<14>(ctx, ip.l4_offset)?;
+            Some((
+                u16::from_ne_bytes([b[0], b[1]]),
+                u16::from_ne_bytes([b[2], b[3]]),
+                b[13],
+            ))
+        }
+        IPPROTO_UDP => {
+            let b = packet::bytes_at::<4>(ctx, ip.l4_offset)?;
+            Some((
+                u16::from_ne_bytes([b[0], b[1]]),
+                u16::from_ne_bytes([b[2], b[3]]),
+                0,
+            ))
+        }
+        // SCTP's CRC32c covers its ports and no address: a port rewrite
+        // would need the whole chunk summed again. Not translated.
+        _ => None,
+    }
+}
+
+/// [`find_backend`]'s answers (bits 56.. of its word).
+const FOUND_TRACKED: u64 = 1;
+const FOUND_NEW: u64 = 2;
+const FOUND_NO_BACKEND: u64 = 3;
+
+/// Translates a pod's packet for the Service CIDR (`ip` is updated to the
+/// rewritten destination). `Err`: a frontend without a backend, or a
+/// rewrite the kernel refused.
+#[inline(always)]
+pub fn to_backend(ctx: &mut TcContext, ip: &mut Ipv4Fields) -> Result<Forward, DropReason> {
+    let Some((src_port, dst_port, tcp_flags)) = ports_of(ctx, ip) else {
+        return Ok(Forward::NotAFrontend);
+    };
+    let addresses = u64::from(ip.src) | u64::from(ip.dst) << 32;
+    let ports = u64::from(src_port)
+        | u64::from(dst_port) << 16
+        | u64::from(ip.proto) << 48
+        | u64::from(tcp_flags) << 56;
+    let found = find_backend(addresses, ports);
+    #[allow(clippy::cast_possible_truncation)] // unpacking `find_backend`'s word
+    let (address, port) = (found as u32, (found >> 32) as u16);
+    match found >> 56 {
+        FOUND_TRACKED => {
+            rewrite(ctx, ip, Side::Destination, address, port)?;
+            count(Verdict::ServiceTracked);
+            Ok(Forward::Translated)
+        }
+        FOUND_NEW => {
+            rewrite(ctx, ip, Side::Destination, address, port)?;
+            count(Verdict::ServiceTranslated);
+            Ok(Forward::New(NewConnection(
+                u64::from(ip_frontend(addresses)) | u64::from(dst_port) << 32,
+            )))
+        }
+        FOUND_NO_BACKEND => Err(DropReason::ServiceNoBackend),
+        _ => Ok(Forward::NotAFrontend),
+    }
+}
+
+/// The frontend address of [`find_backend`]'s packed addresses.
+#[inline(always)]
+#[allow(clippy::cast_possible_truncation)] // the upper half
+const fn ip_frontend(addresses: u64) -> u32 {
+    (addresses >> 32) as u32
+}
+
+/// Where the connection of a client's packet to the Service CIDR goes
+/// (addresses and ports packed as [`NewConnection`] packs them, without
+/// the backend port): its tracked backend, or for a new connection one
+/// picked from the frontend's slots. Returns the backend's address | port
+/// << 32 | `FOUND_*` << 56, or 0 for no frontend. A subprogram: from_pod's
+/// stack has no room for its keys (see [`NewConnection`]).
+#[inline(never)]
+#[allow(clippy::cast_possible_truncation)] // unpacking the packed words
+fn find_backend(addresses: u64, ports: u64) -> u64 {
+    let (client, frontend) = (addresses as u32, (addresses >> 32) as u32);
+    let (client_port, frontend_port) = (ports as u16, (ports >> 16) as u16);
+    let (proto, tcp_flags) = ((ports >> 48) as u8, (ports >> 56) as u8);
+    let now = now_ns();
+    let to_frontend = FlowKey::new(client, frontend, client_port, frontend_port, proto);
+    if let Some(conn) = CONNTRACK.get_ptr_mut(to_frontend) {
+        // SAFETY: a live map value from a successful lookup; another CPU
+        // can only race on the advisory timestamp and flag bits.
+        let conn = unsafe { &mut *conn };
+        if conn.nat == CONN_NAT_DST && !conn.expired(proto, now) {
+            let (address, port) = (conn.nat_address, conn.nat_port);
+            let closing = closing_flags(tcp_flags, CONN_F_RST, CONN_F_FIN);
+            if closing & !conn.flags != 0 || now.saturating_sub(conn.last_seen_ns) > REFRESH_NS {
+                conn.last_seen_ns = now;
+                conn.flags |= closing;
+                refresh(
+                    &FlowKey::new(address, client, port, client_port, proto),
+                    now,
+                    closing,
+                );
+            }
+            return u64::from(address) | u64::from(port) << 32 | FOUND_TRACKED << 56;
+        }
+    }
+    let key = ServiceKey {
+        address: frontend,
+        port: frontend_port,
+        protocol: proto,
+        pad: 0,
+    };
+    // SAFETY: the value is copied out at once; the agent replaces entries
+    // whole.
+    let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
+        return 0;
+    };
+    if service.backends == 0 {
+        return FOUND_NO_BACKEND << 56;
+    }
+    // SAFETY: plain helper call.
+    let pick = unsafe { bpf_get_prandom_u32() } % service.backends + 1;
+    let slot = BackendKey {
+        service: service.id,
+        slot: pick,
+    };
+    // SAFETY: as above. A slot past a shrinking frontend's new count may
+    // be gone already: the frontend is then treated as empty for this
+    // packet (the client retransmits).
+    match unsafe { SERVICE_BACKENDS.get(slot) } {
+        Some(backend) => {
+            u64::from(backend.address) | u64::from(backend.port) << 32 | FOUND_NEW << 56
+        }
+        None => FOUND_NO_BACKEND << 56,
+    }
+}
+
+/// Enters a new translated connection in the table, once policy let its
+/// first packet (`ip`, rewritten to the backend) through: the client's
+/// tuple to the frontend, and the backend's reply tuple (kept when policy
+/// tracked the connection a moment ago: its rule stays, the translation
+/// is added).
+#[inline(always)]
+pub fn record(ctx: &TcContext, ip: &Ipv4Fields, new: &NewConnection) {
+    let Some((client_port, backend_port, tcp_flags)) = ports_of(ctx, ip) else {
+        return;
+    };
+    #[allow(clippy::cast_possible_truncation)] // unpacking the word
+    let (frontend, frontend_port) = (new.0 as u32, (new.0 >> 32) as u16);
+    enter(
+        u64::from(ip.src) | u64::from(frontend) << 32,
+        u64::from(client_port)
+            | u64::from(frontend_port) << 16
+            | u64::from(backend_port) << 32
+            | u64::from(ip.proto) << 48
+            | u64::from(tcp_flags) << 56,
+        u64::from(ip.dst),
+    );
+}
+
+/// [`record`]'s body, out of line: client | frontend address << 32;
+/// client | frontend << 16 | backend port << 32 | protocol << 48 | TCP
+/// flags << 56; backend address.
+#[inline(never)]
+#[allow(clippy::cast_possible_truncation)] // unpacking what `record` packed
+fn enter(addresses: u64, ports: u64, backend: u64) {
+    let (client, frontend) = (addresses as u32, (addresses >> 32) as u32);
+    let (client_port, frontend_port, backend_port) =
+        (ports as u16, (ports >> 16) as u16, (ports >> 32) as u16);
+    let (proto, tcp_flags) = ((ports >> 48) as u8, (ports >> 56) as u8);
+    let backend_address = backend as u32;
+    let service_key = ServiceKey {
+        address: frontend,
+        port: frontend_port,
+        protocol: proto,
+        pad: 0,
+    };
+    // SAFETY: copied out at once. Gone since the packet's lookup: the
+    // connection is recorded without its frontend's id.
+    let service = unsafe { SERVICES.get(service_key) }.map_or(0, |s| s.id);
+    let now = now_ns();
+    let forward = TrackedConnection {
+        last_seen_ns: now,
+        flags: closing_flags(tcp_flags, CONN_F_RST, CONN_F_FIN),
+        nat_address: backend_address,
+        nat_port: backend_port,
+        nat: CONN_NAT_DST,
+        service,
+        ..TrackedConnection::default()
+    };
+    let key = FlowKey::new(client, frontend, client_port, frontend_port, proto);
+    let _ = CONNTRACK.insert(key, forward, 0);
+    let reply_key = FlowKey::new(backend_address, client, backend_port, client_port, proto);
+    if let Some(conn) = CONNTRACK.get_ptr_mut(reply_key) {
+        // SAFETY: as in `find_backend`.
+        let conn = unsafe { &mut *conn };
+        conn.nat_address = frontend;
+        conn.nat_port = frontend_port;
+        conn.nat = CONN_NAT_SRC;
+        conn.service = service;
+        return;
+    }
+    let reply = TrackedConnection {
+        last_seen_ns: now,
+        flags: CONN_F_REPLY,
+        nat_address: frontend,
+        nat_port: frontend_port,
+        nat: CONN_NAT_SRC,
+        service,
+        ..TrackedConnection::default()
+    };
+    let _ = CONNTRACK.insert(reply_key, reply, 0);
+}
+
+/// The frontend a backend's reply must come from, when `ip` is one: its
+/// source port is a port some backend serves on (one array read for
+/// everything else) and its tuple is a translated connection's reply.
+#[inline(always)]
+pub fn reply_source(ctx: &TcContext, ip: &Ipv4Fields) -> Option<Frontend> {
+    let (src_port, dst_port, tcp_flags) = ports_of(ctx, ip)?;
+    let (word, bit) = service_port_bit(u16::from_be(src_port));
+    if SERVICE_PORTS.get(word).is_none_or(|&bits| bits & bit == 0) {
+        return None;
+    }
+    let found = find_frontend(
+        u64::from(ip.src) | u64::from(ip.dst) << 32,
+        u64::from(src_port)
+            | u64::from(dst_port) << 16
+            | u64::from(ip.proto) << 48
+            | u64::from(tcp_flags) << 56,
+    );
+    if found == 0 {
+        return None;
+    }
+    count(Verdict::ServiceTracked);
+    Some(Frontend(found))
+}
+
+/// The frontend a backend's reply comes from again: `find_frontend`'s
+/// word (one word, as [`NewConnection`]).
+pub struct Frontend(u64);
+
+/// The frontend of a backend's reply (packed as in [`find_backend`]):
+/// its address | port << 32 | 1 << 56, or 0 when the tuple is no
+/// translated connection's reply. A subprogram, as [`find_backend`].
+#[inline(never)]
+#[allow(clippy::cast_possible_truncation)] // unpacking the packed words
+fn find_frontend(addresses: u64, ports: u64) -> u64 {
+    let (backend, client) = (addresses as u32, (addresses >> 32) as u32);
+    let (backend_port, client_port) = (ports as u16, (ports >> 16) as u16);
+    let (proto, tcp_flags) = ((ports >> 48) as u8, (ports >> 56) as u8);
+    let key = FlowKey::new(backend, client, backend_port, client_port, proto);
+    let Some(conn) = CONNTRACK.get_ptr_mut(key) else {
+        return 0;
+    };
+    // SAFETY: as in `find_backend`.
+    let conn = unsafe { &mut *conn };
+    let now = now_ns();
+    if conn.nat != CONN_NAT_SRC || conn.expired(proto, now) {
+        return 0;
+    }
+    let (frontend, frontend_port) = (conn.nat_address, conn.nat_port);
+    let closing = closing_flags(tcp_flags, CONN_F_RST, CONN_F_FIN);
+    if closing & !conn.flags != 0 || now.saturating_sub(conn.last_seen_ns) > REFRESH_NS {
+        conn.last_seen_ns = now;
+        conn.flags |= closing;
+        refresh(
+            &FlowKey::new(client, frontend, client_port, frontend_port, proto),
+            now,
+            closing,
+        );
+    }
+    u64::from(frontend) | u64::from(frontend_port) << 32 | 1 << 56
+}
+
+/// Rewrites a backend's reply to come from `frontend` (from
+/// [`reply_source`]).
+#[inline(always)]
+pub fn from_frontend(
+    ctx: &mut TcContext,
+    ip: &mut Ipv4Fields,
+    frontend: &Frontend,
+) -> Result<(), DropReason> {
+    #[allow(clippy::cast_possible_truncation)] // unpacking the word
+    let (address, port) = (frontend.0 as u32, (frontend.0 >> 32) as u16);
+    rewrite(ctx, ip, Side::Source, address, port)
+}
+
+/// Refreshes the other entry of a translated connection (a connection
+/// lives as long as either direction is active).
+#[inline(always)]
+fn refresh(key: &FlowKey, now: u64, closing: u32) {
+    if let Some(conn) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: as in `to_backend`.
+        let conn = unsafe { &mut *conn };
+        conn.last_seen_ns = now;
+        conn.flags |= closing;
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// Rewrites one side's address and port of a TCP/UDP packet, with the IP
+/// and L4 checksums. For a pod's packet the L4 checksum is often still
+/// partial (`CHECKSUM_PARTIAL`, offloaded to the veth): the helper then
+/// updates only the pseudo-header's share, which is what the address is.
+#[inline(always)]
+fn rewrite(
+    ctx: &mut TcContext,
+    ip: &mut Ipv4Fields,
+    side: Side,
+    address: u32,
+    port: u16,
+) -> Result<(), DropReason> {
+    let (check, mangled) = if ip.proto == IPPROTO_TCP {
+        (ip.l4_offset + 16, 0)
+    } else {
+        (ip.l4_offset + 6, BPF_F_MARK_MANGLED_0)
+    };
+    let (old_address, address_offset, port_offset) = match side {
+        Side::Source => (ip.src, IP_SRC_OFFSET, ip.l4_offset),
+        Side::Destination => (ip.dst, IP_DST_OFFSET, ip.l4_offset + 2),
+    };
+    let old_port = packet::bytes_at::<2>(ctx, port_offset)
+        .map(u16::from_ne_bytes)
+        .ok_or(DropReason::HeaderRewriteFailed)?;
+    let failed = |_| DropReason::HeaderRewriteFailed;
+    ctx.l4_csum_replace(
+        check,
+        u64::from(old_address),
+        u64::from(address),
+        BPF_F_PSEUDO_HDR | mangled | 4,
+    )
+    .map_err(failed)?;
+    ctx.l3_csum_replace(
+        IP_CHECK_OFFSET,
+        u64::from(old_address),
+        u64::from(address),
+        4,
+    )
+    .map_err(failed)?;
+    ctx.store(address_offset, &address, 0).map_err(failed)?;
+    if old_port != port {
+        ctx.l4_csum_replace(check, u64::from(old_port), u64::from(port), mangled | 2)
+            .map_err(failed)?;
+        ctx.store(port_offset, &port, 0).map_err(failed)?;
+    }
+    match side {
+        Side::Source => ip.src = address,
+        Side::Destination => ip.dst = address,
+    }
+    Ok(())
+}

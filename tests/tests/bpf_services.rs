@@ -1,0 +1,368 @@
+//! Service translation in the datapath (`--services bpf`) on crafted
+//! frames (BPF_PROG_TEST_RUN): a pod's connection to a frontend is
+//! rewritten to a backend at its first packet and stays with it, the
+//! backend's replies come back from the frontend, the checksums hold, a
+//! frontend without backends drops with its own reason, and NetworkPolicy
+//! judges the backend. The Service maps are written as the agent writes
+//! them: a frontend entry, its backend slots, the backend-ports bitmap.
+//!
+//! Under test-run the skb arrives on loopback, so the sender of from_pod is
+//! whichever pod is registered with loopback's ifindex as its veth.
+
+use std::net::Ipv4Addr;
+
+use aya::maps::{Array, HashMap, Map, MapData};
+use podnet_common::{
+    Backend, BackendKey, DropReason, EndpointInfo, PolicyKey, PolicyRule, ServiceEntry, ServiceKey,
+    Verdict,
+    endpoint::ENDPOINT_F_POLICY_EGRESS,
+    names::{MAP_SERVICE_BACKENDS, MAP_SERVICE_PORTS, MAP_SERVICES, PROG_FROM_POD},
+    node::{MODE_VXLAN, NODE_F_SERVICES_BPF},
+    policy::{DIRECTION_EGRESS, IDENTITY_FIRST_POD, POLICY_PREFIX_ANY_PORT},
+    service::service_port_bit,
+    tc::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+};
+use podnet_tests::{
+    bpf_fixture::{
+        HOST_A_MAC, HOST_B_MAC, POD_A_IP, POD_A_MAC, POD_B, POD_B_IP, POD_B_MAC, counters,
+        loopback_ifindex, node1, node1_config, pod_a,
+    },
+    bpf_run::BpfHarness,
+    frames::{self, IPPROTO_TCP, TCP_ACK, TCP_SYN},
+    privileged,
+};
+
+const IPPROTO_UDP: u8 = 17;
+const FRONTEND: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const FRONTEND_PORT: u16 = 80;
+const BACKEND_PORT: u16 = 8080;
+const CLIENT_PORT: u16 = 40_123;
+const SERVICE_ID: u32 = 7;
+
+fn key(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn pinned(h: &BpfHarness, name: &str) -> Map {
+    let data = MapData::from_pin(h.pin_dir().join(name)).expect("the map's pin");
+    Map::from_map_data(data).expect("its type")
+}
+
+/// Node 1 with pods A (the client, on loopback) and B, Services in the
+/// datapath when `services_bpf`, and frontend FRONTEND:80/`protocol`
+/// with `backends` (each on BACKEND_PORT).
+fn node(tag: &str, services_bpf: bool, protocol: u8, backends: &[Ipv4Addr]) -> BpfHarness {
+    let mut config = node1_config(MODE_VXLAN, loopback_ifindex());
+    if services_bpf {
+        config.flags |= NODE_F_SERVICES_BPF;
+    }
+    let h = node1(tag, &[pod_a(), POD_B], &[], config);
+    let mut services: HashMap<MapData, ServiceKey, ServiceEntry> =
+        HashMap::try_from(pinned(&h, MAP_SERVICES)).expect("services map");
+    let mut slots: HashMap<MapData, BackendKey, Backend> =
+        HashMap::try_from(pinned(&h, MAP_SERVICE_BACKENDS)).expect("backends map");
+    let mut ports: Array<MapData, u64> =
+        Array::try_from(pinned(&h, MAP_SERVICE_PORTS)).expect("ports map");
+    for (slot, backend) in (1..).zip(backends) {
+        slots
+            .insert(
+                BackendKey {
+                    service: SERVICE_ID,
+                    slot,
+                },
+                Backend {
+                    address: key(*backend),
+                    port: BACKEND_PORT.to_be(),
+                    pad: 0,
+                },
+                0,
+            )
+            .expect("slot");
+    }
+    let (word, bit) = service_port_bit(BACKEND_PORT);
+    ports.set(word, bit, 0).expect("port bit");
+    services
+        .insert(
+            ServiceKey {
+                address: key(FRONTEND),
+                port: FRONTEND_PORT.to_be(),
+                protocol,
+                pad: 0,
+            },
+            ServiceEntry {
+                id: SERVICE_ID,
+                backends: u32::try_from(backends.len()).expect("few"),
+                affinity_timeout_s: 0,
+                flags: 0,
+            },
+            0,
+        )
+        .expect("frontend");
+    h
+}
+
+/// Makes pod B the sender on loopback (and A an ordinary local pod).
+fn send_as_b(h: &mut BpfHarness) {
+    h.datapath
+        .upsert_endpoint(
+            POD_A_IP,
+            EndpointInfo {
+                host_ifindex: 4244,
+                flags: 0,
+                pod_mac: POD_A_MAC,
+                host_mac: HOST_A_MAC,
+            },
+        )
+        .expect("A elsewhere");
+    h.datapath
+        .upsert_endpoint(
+            POD_B_IP,
+            EndpointInfo {
+                host_ifindex: loopback_ifindex(),
+                flags: 0,
+                pod_mac: POD_B_MAC,
+                host_mac: HOST_B_MAC,
+            },
+        )
+        .expect("B on loopback");
+}
+
+/// Sets the TCP/UDP checksum of `frame` (IPv4, no options) over the
+/// pseudo-header and the segment.
+fn with_l4_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let offset = l4_checksum_offset(&frame);
+    frame[offset..offset + 2].copy_from_slice(&[0, 0]);
+    let sum = l4_sum(&frame);
+    frame[offset..offset + 2].copy_from_slice(&sum.to_be_bytes());
+    frame
+}
+
+fn l4_checksum_offset(frame: &[u8]) -> usize {
+    if frame[23] == IPPROTO_TCP {
+        34 + 16
+    } else {
+        34 + 6
+    }
+}
+
+/// The checksum of the pseudo-header and the L4 bytes as they are: 0 when
+/// the stored checksum is right.
+fn l4_sum(frame: &[u8]) -> u16 {
+    let l4 = &frame[34..];
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&frame[26..34]);
+    pseudo.extend_from_slice(&[0, frame[23]]);
+    pseudo.extend_from_slice(&u16::try_from(l4.len()).expect("short").to_be_bytes());
+    pseudo.extend_from_slice(l4);
+    if pseudo.len() % 2 == 1 {
+        pseudo.push(0);
+    }
+    frames::internet_checksum(&pseudo)
+}
+
+fn tcp(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), macs: ([u8; 6], [u8; 6]), flags: u8) -> Vec<u8> {
+    with_l4_checksum(frames::ipv4_frame(
+        macs,
+        (src.0, dst.0),
+        IPPROTO_TCP,
+        0,
+        &frames::tcp_header(src.1, dst.1, flags),
+    ))
+}
+
+fn a_to_frontend(flags: u8) -> Vec<u8> {
+    tcp(
+        (POD_A_IP, CLIENT_PORT),
+        (FRONTEND, FRONTEND_PORT),
+        (HOST_A_MAC, POD_A_MAC),
+        flags,
+    )
+}
+
+fn addresses(frame: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
+    let ip = |o: usize| Ipv4Addr::new(frame[o], frame[o + 1], frame[o + 2], frame[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([frame[o], frame[o + 1]]);
+    (ip(26), port(34), ip(30), port(36))
+}
+
+fn assert_checksums(frame: &[u8], what: &str) {
+    assert!(
+        frames::ipv4_header_checksum_ok(frame),
+        "{what}: IP header checksum"
+    );
+    assert_eq!(l4_sum(frame), 0, "{what}: L4 checksum");
+}
+
+#[test]
+fn a_connection_to_a_frontend_goes_to_its_backend_and_back() {
+    if !privileged("a_connection_to_a_frontend_goes_to_its_backend_and_back") {
+        return;
+    }
+    let mut h = node("svc-both-ways", true, IPPROTO_TCP, &[POD_B_IP]);
+    let out = h.run(PROG_FROM_POD, &a_to_frontend(TCP_SYN)).expect("run");
+    assert_eq!(
+        out.verdict, TC_ACT_REDIRECT,
+        "delivered to the local backend"
+    );
+    assert_eq!(
+        addresses(&out.frame),
+        (POD_A_IP, CLIENT_PORT, POD_B_IP, BACKEND_PORT),
+        "the destination is the backend"
+    );
+    assert_checksums(&out.frame, "the translated SYN");
+    assert_eq!(counters(&h).verdict(Verdict::ServiceTranslated), 1);
+    let out = h.run(PROG_FROM_POD, &a_to_frontend(TCP_ACK)).expect("run");
+    assert_eq!(
+        addresses(&out.frame),
+        (POD_A_IP, CLIENT_PORT, POD_B_IP, BACKEND_PORT),
+        "later packets keep the backend"
+    );
+    assert_eq!(counters(&h).verdict(Verdict::ServiceTracked), 1);
+    // B answers A: the reply comes from the frontend again.
+    send_as_b(&mut h);
+    let reply = tcp(
+        (POD_B_IP, BACKEND_PORT),
+        (POD_A_IP, CLIENT_PORT),
+        (HOST_B_MAC, POD_B_MAC),
+        TCP_SYN | TCP_ACK,
+    );
+    let out = h.run(PROG_FROM_POD, &reply).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        addresses(&out.frame),
+        (FRONTEND, FRONTEND_PORT, POD_A_IP, CLIENT_PORT),
+        "the reply's source is the frontend"
+    );
+    assert_checksums(&out.frame, "the translated reply");
+    // B's own connection to A from the same port number but to another
+    // port of A's is no reply: untouched.
+    let unrelated = tcp(
+        (POD_B_IP, BACKEND_PORT),
+        (POD_A_IP, CLIENT_PORT + 1),
+        (HOST_B_MAC, POD_B_MAC),
+        TCP_SYN,
+    );
+    let out = h.run(PROG_FROM_POD, &unrelated).expect("run");
+    assert_eq!(
+        addresses(&out.frame),
+        (POD_B_IP, BACKEND_PORT, POD_A_IP, CLIENT_PORT + 1)
+    );
+}
+
+#[test]
+fn udp_keeps_an_absent_checksum_absent() {
+    if !privileged("udp_keeps_an_absent_checksum_absent") {
+        return;
+    }
+    let mut h = node("svc-udp", true, IPPROTO_UDP, &[POD_B_IP]);
+    let datagram = frames::ipv4_frame(
+        (HOST_A_MAC, POD_A_MAC),
+        (POD_A_IP, FRONTEND),
+        IPPROTO_UDP,
+        0,
+        &frames::udp_datagram(CLIENT_PORT, FRONTEND_PORT, b"dns?"),
+    );
+    let out = h.run(PROG_FROM_POD, &datagram).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        addresses(&out.frame),
+        (POD_A_IP, CLIENT_PORT, POD_B_IP, BACKEND_PORT)
+    );
+    assert!(frames::ipv4_header_checksum_ok(&out.frame));
+    assert_eq!(&out.frame[40..42], &[0, 0], "no UDP checksum stays none");
+    // With a checksum, it is kept right.
+    let summed = with_l4_checksum(datagram.clone());
+    let out = h.run(PROG_FROM_POD, &summed).expect("run");
+    assert_checksums(&out.frame, "the translated datagram");
+}
+
+#[test]
+fn a_frontend_without_backends_drops_and_an_unknown_one_goes_to_the_stack() {
+    if !privileged("a_frontend_without_backends_drops_and_an_unknown_one_goes_to_the_stack") {
+        return;
+    }
+    let mut h = node("svc-empty", true, IPPROTO_TCP, &[]);
+    let out = h.run(PROG_FROM_POD, &a_to_frontend(TCP_SYN)).expect("run");
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(counters(&h).drop_count(DropReason::ServiceNoBackend), 1);
+    let other_port = tcp(
+        (POD_A_IP, CLIENT_PORT),
+        (FRONTEND, 443),
+        (HOST_A_MAC, POD_A_MAC),
+        TCP_SYN,
+    );
+    let out = h.run(PROG_FROM_POD, &other_port).expect("run");
+    assert_eq!(out.verdict, TC_ACT_OK, "no frontend: the stack's");
+    assert_eq!(addresses(&out.frame).2, FRONTEND, "untouched");
+}
+
+#[test]
+fn with_kube_proxy_in_charge_nothing_is_translated() {
+    if !privileged("with_kube_proxy_in_charge_nothing_is_translated") {
+        return;
+    }
+    let mut h = node("svc-kube-proxy", false, IPPROTO_TCP, &[POD_B_IP]);
+    let out = h.run(PROG_FROM_POD, &a_to_frontend(TCP_SYN)).expect("run");
+    assert_eq!(out.verdict, TC_ACT_OK, "the stack (kube-proxy's rules)");
+    assert_eq!(addresses(&out.frame).2, FRONTEND);
+    assert_eq!(counters(&h).verdict(Verdict::ServiceTranslated), 0);
+}
+
+#[test]
+fn policy_judges_the_backend_not_the_frontend() {
+    if !privileged("policy_judges_the_backend_not_the_frontend") {
+        return;
+    }
+    let mut h = node("svc-policy", true, IPPROTO_TCP, &[POD_B_IP]);
+    let b_identity = IDENTITY_FIRST_POD + 1;
+    h.datapath
+        .upsert_identity(POD_A_IP, IDENTITY_FIRST_POD)
+        .expect("A");
+    h.datapath.upsert_identity(POD_B_IP, b_identity).expect("B");
+    assert!(
+        h.datapath
+            .set_policy_flags(POD_A_IP, ENDPOINT_F_POLICY_EGRESS)
+            .expect("bits")
+    );
+    // No rule yet: A's egress denies the backend.
+    let out = h.run(PROG_FROM_POD, &a_to_frontend(TCP_SYN)).expect("run");
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(counters(&h).drop_count(DropReason::PolicyDeniedEgress), 1);
+    // A rule for B's identity on the backend port (not the frontend's).
+    h.datapath
+        .upsert_policy_rule(
+            POLICY_PREFIX_ANY_PORT + 16,
+            PolicyKey {
+                endpoint: key(POD_A_IP),
+                identity: b_identity,
+                direction: DIRECTION_EGRESS,
+                protocol: IPPROTO_TCP,
+                port: BACKEND_PORT.to_be(),
+            },
+            PolicyRule {
+                rule: 3,
+                reserved: 0,
+            },
+        )
+        .expect("rule");
+    let out = h.run(PROG_FROM_POD, &a_to_frontend(TCP_SYN)).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "allowed to the backend");
+    assert_eq!(counters(&h).verdict(Verdict::PolicyAllowed), 1);
+    // The reply passes A's policy as the tracked connection's and is
+    // translated.
+    send_as_b(&mut h);
+    assert!(
+        h.datapath
+            .set_policy_flags(POD_A_IP, ENDPOINT_F_POLICY_EGRESS)
+            .expect("bits")
+    );
+    let reply = tcp(
+        (POD_B_IP, BACKEND_PORT),
+        (POD_A_IP, CLIENT_PORT),
+        (HOST_B_MAC, POD_B_MAC),
+        TCP_SYN | TCP_ACK,
+    );
+    let out = h.run(PROG_FROM_POD, &reply).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    assert_eq!(addresses(&out.frame).0, FRONTEND);
+}
