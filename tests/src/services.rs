@@ -8,6 +8,7 @@
 //! would and checks it like any other connectivity.
 
 mod backends;
+mod clients;
 mod rules;
 
 use std::net::Ipv4Addr;
@@ -15,6 +16,9 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 
 pub use backends::{TcpSession, serve, tcp_query, tcp_session, udp_query};
+pub use clients::{
+    QUERY_TIMEOUT, TRIES, backend_name, backend_names, clients_reach_the_service, query_all,
+};
 pub use rules::{
     apply_kube_proxy_iptables, apply_nft, feed, kube_proxy_iptables, nft_dnat, nft_remove,
     remove_kube_proxy_iptables, remove_nft,
@@ -36,6 +40,58 @@ pub struct ServiceSpec {
     pub target_tcp_port: u16,
     pub target_udp_port: u16,
     pub backends: Vec<Ipv4Addr>,
+}
+
+/// The demo Service as cluster objects (for podnet's own translation): the
+/// Service `default/demo` with its two ports and one EndpointSlice of the
+/// backends, ready, each on the node named at the same index of `nodes`.
+#[must_use]
+pub fn demo_service_objects(svc: &ServiceSpec, nodes: &[String]) -> Vec<serde_json::Value> {
+    let endpoints: Vec<serde_json::Value> = svc
+        .backends
+        .iter()
+        .zip(nodes)
+        .map(|(ip, node)| {
+            serde_json::json!({
+                "addresses": [ip.to_string()],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": node,
+            })
+        })
+        .collect();
+    vec![
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": svc.name, "namespace": NAMESPACE},
+            "spec": {
+                "type": "ClusterIP",
+                "clusterIP": svc.cluster_ip.to_string(),
+                "clusterIPs": [svc.cluster_ip.to_string()],
+                "ports": [
+                    {"name": "http", "protocol": "TCP", "port": svc.tcp_port,
+                     "targetPort": svc.target_tcp_port},
+                    {"name": "dns", "protocol": "UDP", "port": svc.udp_port,
+                     "targetPort": svc.target_udp_port},
+                ],
+            },
+        }),
+        serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": format!("{}-1", svc.name),
+                "namespace": NAMESPACE,
+                "labels": {"kubernetes.io/service-name": svc.name},
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [
+                {"name": "http", "protocol": "TCP", "port": svc.target_tcp_port},
+                {"name": "dns", "protocol": "UDP", "port": svc.target_udp_port},
+            ],
+        }),
+    ]
 }
 
 /// The lab's Service: ClusterIP 10.96.0.10 (the first address kube-dns

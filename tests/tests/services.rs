@@ -18,16 +18,13 @@ use podnet_common::Verdict;
 use podnet_tests::{
     lab::{self, LabDatastore, LabGuard, LabLayout, LabNode, LabPod, ServiceKind},
     privileged,
-    services::{self, ServiceSpec},
+    services::{
+        self, QUERY_TIMEOUT, ServiceSpec, TRIES, backend_name, backend_names,
+        clients_reach_the_service, query_all,
+    },
     traffic,
 };
 use serde_json::{Value, json};
-
-const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
-/// Tries to see every backend: the Service picks one at random per
-/// connection (`statistic mode random` / `numgen random`), so with two
-/// backends 24 tries miss one with probability 2^-23.
-const TRIES: usize = 24;
 
 /// `verdict`'s counter on `node`; a counter the agent does not report fails
 /// the test.
@@ -51,77 +48,6 @@ fn node<'a>(layout: &'a LabLayout, name: &str) -> &'a LabNode {
 
 fn service(layout: &LabLayout) -> ServiceSpec {
     layout.service.clone().expect("the lab has its Service")
-}
-
-/// The name of the backend at `ip`.
-fn backend_name(layout: &LabLayout, ip: Ipv4Addr) -> String {
-    layout
-        .pods
-        .iter()
-        .find(|p| p.ip == ip)
-        .map_or_else(|| panic!("no pod has {ip}"), |p| p.name.clone())
-}
-
-/// The names of the Service's backend pods.
-fn backend_names(layout: &LabLayout, svc: &ServiceSpec) -> BTreeSet<String> {
-    svc.backends
-        .iter()
-        .map(|ip| backend_name(layout, *ip))
-        .collect()
-}
-
-/// Queries `addr` from `netns` `TRIES` times (TCP or UDP); every query must
-/// be answered. Returns which backends answered and the source address each
-/// saw.
-fn query_all(netns: &str, addr: SocketAddrV4, udp: bool) -> BTreeMap<String, BTreeSet<Ipv4Addr>> {
-    let mut seen: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
-    for i in 0..TRIES {
-        let answer = if udp {
-            services::udp_query(netns, addr, QUERY_TIMEOUT)
-        } else {
-            services::tcp_query(netns, addr, QUERY_TIMEOUT)
-        };
-        let (backend, seen_as) = answer.unwrap_or_else(|e| {
-            panic!(
-                "{} query {i} from {netns} to {addr}: {e:#}",
-                if udp { "UDP" } else { "TCP" }
-            )
-        });
-        seen.entry(backend).or_default().insert(*seen_as.ip());
-    }
-    seen
-}
-
-/// Every pod that is not a backend reaches the Service over TCP and UDP,
-/// is answered by both backends (one on its node, one on the other), and
-/// the backends see the pod's own address (pod traffic to a ClusterIP is
-/// DNATed, never masqueraded).
-fn clients_reach_the_service(layout: &LabLayout) {
-    let svc = service(layout);
-    let backends = backend_names(layout, &svc);
-    assert_eq!(backends.len(), 2, "two backends on two nodes");
-    for client in layout.pods.iter().filter(|p| !svc.backends.contains(&p.ip)) {
-        for (udp, port) in [(false, svc.tcp_port), (true, svc.udp_port)] {
-            let seen = query_all(&client.netns, SocketAddrV4::new(svc.cluster_ip, port), udp);
-            let answered: BTreeSet<String> = seen.keys().cloned().collect();
-            assert_eq!(
-                answered,
-                backends,
-                "{} ({}) reached both backends over {}",
-                client.name,
-                client.node,
-                if udp { "UDP" } else { "TCP" }
-            );
-            for (backend, sources) in &seen {
-                assert_eq!(
-                    sources,
-                    &BTreeSet::from([client.ip]),
-                    "{backend} saw {} as its own address",
-                    client.name
-                );
-            }
-        }
-    }
 }
 
 /// The backend pod itself reaches the Service; when the Service picks it,

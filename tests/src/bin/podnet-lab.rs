@@ -49,8 +49,9 @@ enum Cmd {
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
         /// The demo Service: kube-proxy's iptables rules, plain nftables
-        /// DNAT, or none.
-        #[arg(long, default_value = "iptables", value_parser = ["iptables", "nft", "none"])]
+        /// DNAT, podnet's datapath (`bpf`: cluster objects, agents with
+        /// `--services bpf`), or none.
+        #[arg(long, default_value = "iptables", value_parser = ["iptables", "nft", "bpf", "none"])]
         service: String,
         /// `e2e`: also the upstream NetworkPolicy e2e model's pods
         /// (namespaces x, y, z with pods a, b, c, spread over the nodes),
@@ -199,6 +200,7 @@ fn service_kind(service: &str) -> Option<ServiceKind> {
     match service {
         "iptables" => Some(ServiceKind::KubeProxyIptables),
         "nft" => Some(ServiceKind::Nftables),
+        "bpf" => Some(ServiceKind::Datapath),
         _ => None,
     }
 }
@@ -415,6 +417,9 @@ fn print_service(layout: &LabLayout) {
     let how = match layout.service_kind {
         Some(ServiceKind::KubeProxyIptables) => "kube-proxy iptables rules",
         Some(ServiceKind::Nftables) => "nftables DNAT (table ip svcdemo), no NodePort",
+        Some(ServiceKind::Datapath) => {
+            "Service and EndpointSlice objects, translated by podnet's datapath, no NodePort"
+        }
         None => "?",
     };
     println!("service {} ({how})", svc.name);

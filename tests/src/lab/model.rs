@@ -34,6 +34,10 @@ pub enum ServiceKind {
     KubeProxyIptables,
     /// A plain nftables DNAT table ([`services::nft_dnat`]), ClusterIP only.
     Nftables,
+    /// No rules in the nodes: the Service and its EndpointSlice as cluster
+    /// objects in the datastore, translated by podnet's datapath (the
+    /// agents run with `--services bpf`). ClusterIP only.
+    Datapath,
 }
 
 /// What to build.

@@ -249,6 +249,12 @@ impl LabLayout {
         for pod in &backends {
             self.start_server(pod, &svc)?;
         }
+        if kind == ServiceKind::Datapath {
+            let nodes: Vec<String> = backends.iter().map(|p| p.node.clone()).collect();
+            return self
+                .apply_objects(&services::demo_service_objects(&svc, &nodes))
+                .context("applying the demo Service's objects");
+        }
         let cidr = self.cluster_cidr();
         for node in &self.nodes {
             apply_service(&node.netns, kind, &svc, &cidr)
@@ -272,6 +278,9 @@ impl LabLayout {
                         services::remove_kube_proxy_iptables(&node.netns, svc)
                     }
                     ServiceKind::Nftables => services::remove_nft(&node.netns),
+                    // The objects stay in the datastore; the lab's goes
+                    // with it.
+                    ServiceKind::Datapath => Ok(()),
                 };
                 if let Err(e) = removed {
                     errors.push(format!("{}: {e:#}", node.name));
@@ -425,6 +434,7 @@ pub(super) fn apply_service(
             services::apply_kube_proxy_iptables(netns, svc, cluster_cidr)
         }
         ServiceKind::Nftables => services::apply_nft(netns, svc),
+        ServiceKind::Datapath => Ok(()),
     }
 }
 

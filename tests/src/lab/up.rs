@@ -13,8 +13,8 @@ use anyhow::Context as _;
 
 use super::{
     model::{
-        FABRIC_HOST, LabDatastore, LabEtcdMember, LabLayout, LabNode, LabSpec, default_lease_ttl,
-        etcd_address, node_ip,
+        FABRIC_HOST, LabDatastore, LabEtcdMember, LabLayout, LabNode, LabSpec, ServiceKind,
+        default_lease_ttl, etcd_address, node_ip,
     },
     processes::{apply_service, kill_and_wait},
 };
@@ -115,7 +115,7 @@ fn build(spec: &LabSpec, bin_dir: Option<&Path>) -> anyhow::Result<LabLayout> {
         run_dir: spec.run_dir.clone(),
         etcd: Vec::new(),
         etcd_pid: 0,
-        agent_args: spec.agent_args.clone(),
+        agent_args: agent_args_for(spec),
         etcd_tls: spec.etcd_tls,
         etcd_lease_ttl: default_lease_ttl(),
         servers: Vec::new(),
@@ -347,4 +347,16 @@ pub fn down(run_dir: &Path, prefix: &str) -> anyhow::Result<()> {
         fs::remove_dir_all(run_dir).with_context(|| format!("removing {}", run_dir.display()))?;
     }
     Ok(())
+}
+
+/// The agents' arguments: the spec's, and `--services bpf` when the
+/// datapath translates the demo Service (unless the spec says otherwise).
+fn agent_args_for(spec: &LabSpec) -> Vec<String> {
+    let mut args = spec.agent_args.clone();
+    if spec.service == Some(ServiceKind::Datapath)
+        && !args.iter().any(|a| a.starts_with("--services"))
+    {
+        args.extend(["--services".to_owned(), "bpf".to_owned()]);
+    }
+    args
 }

@@ -1,0 +1,95 @@
+//! Services translated by podnet's datapath (`--services bpf`), on the lab
+//! with no kube-proxy rules at all: the demo Service and its EndpointSlice
+//! are cluster objects in the datastore, every agent fills its Service
+//! maps from them, and from_pod translates. Every pod that is not a
+//! backend reaches the ClusterIP over TCP and UDP, both backends (one on
+//! its node, one on the other) answer, each sees the client's own address,
+//! and the client sees the answers come from the ClusterIP (its sockets
+//! are connected to it). In vxlan and in direct mode.
+
+use podnet_common::Verdict;
+use podnet_tests::{
+    lab::{self, LabDatastore, LabGuard, LabOptions, ServiceKind},
+    privileged,
+    services::clients_reach_the_service,
+};
+
+fn services_in_the_datapath(tag: &str, mode: &str) {
+    let lab = LabGuard::up_with(
+        tag,
+        2,
+        2,
+        mode,
+        LabDatastore::File,
+        LabOptions {
+            service: Some(ServiceKind::Datapath),
+            ..LabOptions::default()
+        },
+    )
+    .expect("lab up with the demo Service as objects");
+    let svc = lab.layout.service.clone().expect("the demo Service");
+    // No node has a rule for the ClusterIP: whatever reaches it is
+    // podnet's doing.
+    for node in &lab.layout.nodes {
+        for tool in ["iptables-save", "nft"] {
+            let mut cmd = lab::in_netns(&node.netns, tool).expect("command");
+            if tool == "nft" {
+                cmd.args(["list", "ruleset"]);
+            }
+            let rules = cmd.output().expect(tool);
+            assert!(
+                !String::from_utf8_lossy(&rules.stdout).contains(&svc.cluster_ip.to_string()),
+                "{}: {tool} has a rule for the ClusterIP",
+                node.name
+            );
+        }
+    }
+    // The maps are filled within a second of the apply: wait for the first
+    // answer rather than racing the sync.
+    let client = lab
+        .layout
+        .pods
+        .iter()
+        .find(|p| !svc.backends.contains(&p.ip))
+        .expect("a client pod");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while podnet_tests::services::tcp_query(
+        &client.netns,
+        std::net::SocketAddrV4::new(svc.cluster_ip, svc.tcp_port),
+        std::time::Duration::from_millis(500),
+    )
+    .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never reached the ClusterIP",
+            client.name
+        );
+    }
+    clients_reach_the_service(&lab.layout);
+    for node in &lab.layout.nodes {
+        let translated =
+            podnet_tests::counters::read(&node.agent_socket, Verdict::ServiceTranslated);
+        assert!(
+            translated > 0,
+            "{}: its pods' connections were translated in the datapath",
+            node.name
+        );
+    }
+}
+
+#[test]
+fn cluster_ips_in_the_datapath_vxlan() {
+    if !privileged("cluster_ips_in_the_datapath_vxlan") {
+        return;
+    }
+    services_in_the_datapath("sbv", "vxlan");
+}
+
+#[test]
+fn cluster_ips_in_the_datapath_direct() {
+    if !privileged("cluster_ips_in_the_datapath_direct") {
+        return;
+    }
+    services_in_the_datapath("sbd", "direct");
+}
