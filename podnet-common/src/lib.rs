@@ -22,4 +22,4 @@ pub use event::{DropEvent, EventLimiter, Program};
 pub use flow::{FlowKey, FlowOwner, StackFlow};
 pub use node::{NodeConfig, RemoteNode};
 pub use policy::{PolicyCidrKey, PolicyKey, PolicyRule, TrackedConnection};
-pub use service::{Backend, BackendKey, ServiceEntry, ServiceKey};
+pub use service::{Affinity, AffinityKey, Backend, BackendKey, ServiceEntry, ServiceKey};

@@ -68,9 +68,12 @@ pub const MAP_SERVICE_BACKENDS: &str = "podnet_svcbe";
 /// Ports some Service backend serves on (array of u64 words, a bit per
 /// port): which packets may be replies to translate.
 pub const MAP_SERVICE_PORTS: &str = "podnet_svcport";
+/// Session affinity (LRU hash): [`crate::service::AffinityKey`] ->
+/// [`crate::service::Affinity`].
+pub const MAP_SERVICE_AFFINITY: &str = "podnet_svcaff";
 
 /// Every map the datapath pins, for tools that list or clean the pin directory.
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 19] = [
     MAP_ENDPOINTS,
     MAP_VERDICTS,
     MAP_DROPS,
@@ -89,6 +92,7 @@ pub const ALL_MAPS: [&str; 18] = [
     MAP_SERVICES,
     MAP_SERVICE_BACKENDS,
     MAP_SERVICE_PORTS,
+    MAP_SERVICE_AFFINITY,
 ];
 /// Every program in the object.
 pub const ALL_PROGRAMS: [&str; 6] = [
@@ -130,6 +134,9 @@ pub const MAX_TRACKED_CONNECTIONS: u32 = 262_144;
 pub const MAX_SERVICES: u32 = 65_536;
 /// Backend slots over all frontends.
 pub const MAX_SERVICE_BACKENDS: u32 = 262_144;
+/// Clients remembered by affine frontends (LRU: the least recently used
+/// affinity makes room, which only costs that client its stickiness).
+pub const MAX_SERVICE_AFFINITIES: u32 = 65_536;
 
 const _: () = {
     let mut i = 0;

@@ -14,6 +14,9 @@
 //!   (rewrite the source back to the frontend). Later packets and replies
 //!   cost one lookup each; a backend removed from the slots keeps the
 //!   connections it has (kube-proxy's conntrack does the same for TCP).
+//! - `sessionAffinity: ClientIP`: [`AffinityKey`] (frontend, client) ->
+//!   [`Affinity`] in an LRU; a new connection of the client within the
+//!   timeout goes to the same backend while its slot still holds it.
 //! - [`MAP_SERVICE_PORTS`](crate::names::MAP_SERVICE_PORTS): one bit per
 //!   port that some backend serves on. Only a packet from such a port (or
 //!   an ICMP error) looks for a reply translation, so traffic no Service
@@ -81,6 +84,39 @@ pub struct Backend {
 
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
 
+/// Key of the session-affinity LRU (`sessionAffinity: ClientIP`): a
+/// client of a frontend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct AffinityKey {
+    /// [`ServiceEntry::id`].
+    pub service: u32,
+    /// The client's address, network byte order.
+    pub client: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 8);
+
+/// The backend a client of an affine frontend sticks to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Affinity {
+    /// The datapath's clock at the client's last new connection (as
+    /// kube-proxy's `recent` match: the timeout runs from there).
+    pub last_used_ns: u64,
+    /// The slot the backend had: the affinity holds only while that slot
+    /// still holds this backend (an endpoint change may end it early,
+    /// never send a client to a backend that left).
+    pub slot: u32,
+    pub backend_address: u32,
+    pub backend_port: u16,
+    pub pad: [u8; 6],
+}
+
+const _: () = assert!(core::mem::size_of::<Affinity>() == 24);
+
 /// Words of the backend-ports bitmap: one bit per port.
 pub const SERVICE_PORT_WORDS: u32 = 65_536 / 64;
 
@@ -101,4 +137,8 @@ mod user {
     unsafe impl aya::Pod for super::BackendKey {}
     // SAFETY: as above: u32 + two u16.
     unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above: two u32.
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: as above: integers, padding spelled out.
+    unsafe impl aya::Pod for super::Affinity {}
 }

@@ -7,14 +7,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use podnet_common::{
-    Backend, BackendKey, DropReason, EndpointInfo, EventLimiter, FlowKey, FlowOwner, NodeConfig,
-    PolicyCidrKey, PolicyKey, PolicyRule, RemoteNode, ServiceEntry, ServiceKey, StackFlow,
-    TrackedConnection, Verdict, VethEndpoint,
+    Affinity, AffinityKey, Backend, BackendKey, DropReason, EndpointInfo, EventLimiter, FlowKey,
+    FlowOwner, NodeConfig, PolicyCidrKey, PolicyKey, PolicyRule, RemoteNode, ServiceEntry,
+    ServiceKey, StackFlow, TrackedConnection, Verdict, VethEndpoint,
     event::EVENTS_RING_BYTES,
     names::{
         MAX_ENDPOINTS, MAX_IDENTITY_ADDRESSES, MAX_POLICY_CIDRS, MAX_POLICY_RULES,
-        MAX_REMOTE_CIDRS, MAX_SERVICE_BACKENDS, MAX_SERVICES, MAX_STACK_FLOWS,
-        MAX_TRACKED_CONNECTIONS,
+        MAX_REMOTE_CIDRS, MAX_SERVICE_AFFINITIES, MAX_SERVICE_BACKENDS, MAX_SERVICES,
+        MAX_STACK_FLOWS, MAX_TRACKED_CONNECTIONS,
     },
     service::SERVICE_PORT_WORDS,
 };
@@ -108,3 +108,9 @@ pub static SERVICE_BACKENDS: HashMap<BackendKey, Backend> =
 /// translated connections.
 #[map(name = "podnet_svcport")]
 pub static SERVICE_PORTS: Array<u64> = Array::pinned(SERVICE_PORT_WORDS, 0);
+
+/// Session affinity: which backend each client of an affine frontend
+/// sticks to.
+#[map(name = "podnet_svcaff")]
+pub static SERVICE_AFFINITY: LruHashMap<AffinityKey, Affinity> =
+    LruHashMap::pinned(MAX_SERVICE_AFFINITIES, 0);

@@ -13,7 +13,8 @@
 
 use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
 use podnet_common::{
-    BackendKey, DropReason, FlowKey, ServiceKey, TrackedConnection, Verdict,
+    Affinity, AffinityKey, BackendKey, DropReason, FlowKey, ServiceEntry, ServiceKey,
+    TrackedConnection, Verdict,
     policy::{CONN_F_FIN, CONN_F_REPLY, CONN_F_RST, CONN_NAT_DST, CONN_NAT_SRC},
     service::service_port_bit,
 };
@@ -22,7 +23,7 @@ use crate::{
     clock::now_ns,
     counters::count,
     l4::{IPPROTO_TCP, IPPROTO_UDP, closing_flags},
-    maps::{CONNTRACK, SERVICE_BACKENDS, SERVICE_PORTS, SERVICES},
+    maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_PORTS, SERVICES},
     packet::{self, ETH_HLEN, Ipv4Fields},
 };
 
@@ -183,6 +184,11 @@ fn find_backend(addresses: u64, ports: u64) -> u64 {
     if service.backends == 0 {
         return FOUND_NO_BACKEND << 56;
     }
+    if service.affinity_timeout_s != 0
+        && let Some(found) = sticky_backend(service.id, client, service, now)
+    {
+        return found;
+    }
     // SAFETY: plain helper call.
     let pick = unsafe { bpf_get_prandom_u32() } % service.backends + 1;
     let slot = BackendKey {
@@ -192,12 +198,59 @@ fn find_backend(addresses: u64, ports: u64) -> u64 {
     // SAFETY: as above. A slot past a shrinking frontend's new count may
     // be gone already: the frontend is then treated as empty for this
     // packet (the client retransmits).
-    match unsafe { SERVICE_BACKENDS.get(slot) } {
-        Some(backend) => {
-            u64::from(backend.address) | u64::from(backend.port) << 32 | FOUND_NEW << 56
-        }
-        None => FOUND_NO_BACKEND << 56,
+    let Some(backend) = (unsafe { SERVICE_BACKENDS.get(slot) }).copied() else {
+        return FOUND_NO_BACKEND << 56;
+    };
+    if service.affinity_timeout_s != 0 {
+        let sticky = Affinity {
+            last_used_ns: now,
+            slot: pick,
+            backend_address: backend.address,
+            backend_port: backend.port,
+            pad: [0; 6],
+        };
+        let _ = SERVICE_AFFINITY.insert(
+            AffinityKey {
+                service: service.id,
+                client,
+            },
+            sticky,
+            0,
+        );
     }
+    u64::from(backend.address) | u64::from(backend.port) << 32 | FOUND_NEW << 56
+}
+
+/// `sessionAffinity: ClientIP`: the backend `client`'s last new connection
+/// to the frontend went to, packed as [`find_backend`] answers, while the
+/// timeout has not run out since and the slot still holds that backend
+/// (an endpoint change that moved it ends the affinity early; a client is
+/// never sent to a backend that left).
+#[inline(always)]
+fn sticky_backend(service_id: u32, client: u32, service: ServiceEntry, now: u64) -> Option<u64> {
+    let key = AffinityKey {
+        service: service_id,
+        client,
+    };
+    let sticky = SERVICE_AFFINITY.get_ptr_mut(key)?;
+    // SAFETY: a live map value from a successful lookup; another CPU can
+    // only race on the timestamp.
+    let sticky = unsafe { &mut *sticky };
+    let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
+    if now.saturating_sub(sticky.last_used_ns) > timeout_ns || sticky.slot > service.backends {
+        return None;
+    }
+    let slot = BackendKey {
+        service: service_id,
+        slot: sticky.slot,
+    };
+    // SAFETY: copied out at once.
+    let backend = unsafe { SERVICE_BACKENDS.get(slot) }?;
+    if backend.address != sticky.backend_address || backend.port != sticky.backend_port {
+        return None;
+    }
+    sticky.last_used_ns = now;
+    Some(u64::from(backend.address) | u64::from(backend.port) << 32 | FOUND_NEW << 56)
 }
 
 /// Enters a new translated connection in the table, once policy let its

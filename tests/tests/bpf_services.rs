@@ -24,8 +24,8 @@ use podnet_common::{
 };
 use podnet_tests::{
     bpf_fixture::{
-        HOST_A_MAC, HOST_B_MAC, POD_A_IP, POD_A_MAC, POD_B, POD_B_IP, POD_B_MAC, counters,
-        loopback_ifindex, node1, node1_config, pod_a,
+        HOST_A_MAC, HOST_B_MAC, POD_A_IP, POD_A_MAC, POD_B, POD_B_IP, POD_B_MAC, POD_C, POD_C_IP,
+        counters, loopback_ifindex, node1, node1_config, pod_a,
     },
     bpf_run::BpfHarness,
     frames::{self, IPPROTO_TCP, TCP_ACK, TCP_SYN},
@@ -52,11 +52,23 @@ fn pinned(h: &BpfHarness, name: &str) -> Map {
 /// datapath when `services_bpf`, and frontend FRONTEND:80/`protocol`
 /// with `backends` (each on BACKEND_PORT).
 fn node(tag: &str, services_bpf: bool, protocol: u8, backends: &[Ipv4Addr]) -> BpfHarness {
+    node_with_affinity(tag, services_bpf, protocol, backends, 0)
+}
+
+/// [`node`] with `sessionAffinity: ClientIP` for `affinity_timeout_s`
+/// (0: none).
+fn node_with_affinity(
+    tag: &str,
+    services_bpf: bool,
+    protocol: u8,
+    backends: &[Ipv4Addr],
+    affinity_timeout_s: u32,
+) -> BpfHarness {
     let mut config = node1_config(MODE_VXLAN, loopback_ifindex());
     if services_bpf {
         config.flags |= NODE_F_SERVICES_BPF;
     }
-    let h = node1(tag, &[pod_a(), POD_B], &[], config);
+    let h = node1(tag, &[pod_a(), POD_B, POD_C], &[], config);
     let mut services: HashMap<MapData, ServiceKey, ServiceEntry> =
         HashMap::try_from(pinned(&h, MAP_SERVICES)).expect("services map");
     let mut slots: HashMap<MapData, BackendKey, Backend> =
@@ -92,7 +104,7 @@ fn node(tag: &str, services_bpf: bool, protocol: u8, backends: &[Ipv4Addr]) -> B
             ServiceEntry {
                 id: SERVICE_ID,
                 backends: u32::try_from(backends.len()).expect("few"),
-                affinity_timeout_s: 0,
+                affinity_timeout_s,
                 flags: 0,
             },
             0,
@@ -365,4 +377,61 @@ fn policy_judges_the_backend_not_the_frontend() {
     let out = h.run(PROG_FROM_POD, &reply).expect("run");
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
     assert_eq!(addresses(&out.frame).0, FRONTEND);
+}
+
+/// The backends `count` new connections of A (each from its own port,
+/// counting from `first_port`) went to.
+fn backends_of_new_connections(
+    h: &mut BpfHarness,
+    first_port: u16,
+    count: u16,
+) -> std::collections::BTreeSet<Ipv4Addr> {
+    (0..count)
+        .map(|i| {
+            let syn = tcp(
+                (POD_A_IP, first_port + i),
+                (FRONTEND, FRONTEND_PORT),
+                (HOST_A_MAC, POD_A_MAC),
+                TCP_SYN,
+            );
+            let out = h.run(PROG_FROM_POD, &syn).expect("run");
+            assert_eq!(out.verdict, TC_ACT_REDIRECT);
+            addresses(&out.frame).2
+        })
+        .collect()
+}
+
+#[test]
+fn new_connections_spread_over_backends_unless_the_client_is_affine() {
+    if !privileged("new_connections_spread_over_backends_unless_the_client_is_affine") {
+        return;
+    }
+    // Without affinity, 24 connections miss one of two backends with
+    // probability 2^-23.
+    let mut h = node("svc-spread", true, IPPROTO_TCP, &[POD_B_IP, POD_C_IP]);
+    assert_eq!(backends_of_new_connections(&mut h, 50_000, 24).len(), 2);
+    // With it, every new connection of the client sticks to one backend,
+    // until the timeout has run out since the last one.
+    let mut h = node_with_affinity("svc-affine", true, IPPROTO_TCP, &[POD_B_IP, POD_C_IP], 1);
+    assert_eq!(
+        backends_of_new_connections(&mut h, 50_000, 24).len(),
+        1,
+        "sticky"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2_100));
+    let after = (0..16)
+        .map(|i| {
+            std::thread::sleep(std::time::Duration::from_millis(1_100));
+            backends_of_new_connections(&mut h, 51_000 + i, 1)
+        })
+        .fold(std::collections::BTreeSet::new(), |mut all, one| {
+            all.extend(one);
+            all
+        });
+    assert_eq!(
+        after.len(),
+        2,
+        "once idle past the timeout, the client is placed afresh (16 tries, each past the \
+         timeout: both backends missed with probability 2^-15)"
+    );
 }
