@@ -15,9 +15,10 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-pub use backends::{TcpSession, serve, tcp_query, tcp_session, udp_query};
+pub use backends::{TcpSession, UdpSession, serve, tcp_query, tcp_session, udp_query, udp_session};
 pub use clients::{
     QUERY_TIMEOUT, TRIES, backend_name, backend_names, clients_reach_the_service, query_all,
+    wait_for_the_service,
 };
 pub use rules::{
     apply_kube_proxy_iptables, apply_nft, feed, kube_proxy_iptables, nft_dnat, nft_remove,

@@ -20,7 +20,7 @@ use podnet_tests::{
     privileged,
     services::{
         self, QUERY_TIMEOUT, ServiceSpec, TRIES, backend_name, backend_names,
-        clients_reach_the_service, query_all,
+        clients_reach_the_service, query_all, wait_for_the_service,
     },
     traffic,
 };
@@ -291,18 +291,31 @@ fn a_service_connection_survives_agent_restarts() {
     if !privileged("a_service_connection_survives_agent_restarts") {
         return;
     }
-    let mut lab = LabGuard::up_with_service(
-        "srs",
-        2,
-        2,
-        "vxlan",
-        LabDatastore::File,
-        ServiceKind::KubeProxyIptables,
-    )
-    .expect("lab up with the demo Service");
+    service_connections_survive_agent_restarts("srs", ServiceKind::KubeProxyIptables);
+}
+
+/// The same with podnet translating the Service (`--services bpf`): the
+/// connection table and the Service maps are pinned, and a restarted
+/// agent rewrites the maps make-before-break, so no connection breaks and
+/// none moves to another backend, TCP or UDP.
+#[test]
+fn a_translated_service_connection_survives_agent_restarts() {
+    if !privileged("a_translated_service_connection_survives_agent_restarts") {
+        return;
+    }
+    service_connections_survive_agent_restarts("srb", ServiceKind::Datapath);
+}
+
+/// Sessions from one pod to both backends of the demo Service (TCP, and a
+/// UDP flow with a fixed 5-tuple) keep working and keep their backend
+/// while each agent is stopped and started again, three rounds.
+fn service_connections_survive_agent_restarts(tag: &str, kind: ServiceKind) {
+    let mut lab = LabGuard::up_with_service(tag, 2, 2, "vxlan", LabDatastore::File, kind)
+        .expect("lab up with the demo Service");
     let svc = service(&lab.layout);
     let client = pod(&lab.layout, "node1-pod2").clone();
     let addr = SocketAddrV4::new(svc.cluster_ip, svc.tcp_port);
+    wait_for_the_service(&client.netns, addr);
     // One session to each backend (the Service picks at random).
     let mut sessions = BTreeMap::new();
     for _ in 0..TRIES {
@@ -313,6 +326,12 @@ fn a_service_connection_survives_agent_restarts() {
         }
     }
     assert_eq!(sessions.len(), 2, "sessions to both backends");
+    let udp = services::udp_session(
+        &client.netns,
+        SocketAddrV4::new(svc.cluster_ip, svc.udp_port),
+    )
+    .expect("UDP flow");
+    let udp_backend = udp.ask().expect("the UDP flow's first answer");
     for round in 0..3 {
         for name in ["node1", "node2"] {
             lab.layout.stop_agent(name).expect("stop agent");
@@ -322,6 +341,11 @@ fn a_service_connection_survives_agent_restarts() {
                         panic!("session to {backend} with {name}'s agent down: {e:#}")
                     });
             }
+            assert_eq!(
+                udp.ask().expect("UDP with an agent down"),
+                udp_backend,
+                "the UDP flow kept its backend with {name}'s agent down"
+            );
             lab.layout.start_agent(name).expect("start agent");
             for (backend, s) in &mut sessions {
                 s.echo(format!("agent of {name} back, round {round}").as_bytes())
@@ -329,6 +353,11 @@ fn a_service_connection_survives_agent_restarts() {
                         panic!("session to {backend} after {name}'s restart: {e:#}")
                     });
             }
+            assert_eq!(
+                udp.ask().expect("UDP after a restart"),
+                udp_backend,
+                "the UDP flow kept its backend after {name}'s restart"
+            );
         }
     }
 }

@@ -11,7 +11,7 @@ use podnet_common::Verdict;
 use podnet_tests::{
     lab::{self, LabDatastore, LabGuard, LabOptions, ServiceKind},
     privileged,
-    services::clients_reach_the_service,
+    services::{clients_reach_the_service, wait_for_the_service},
 };
 
 fn services_in_the_datapath(tag: &str, mode: &str) {
@@ -44,28 +44,17 @@ fn services_in_the_datapath(tag: &str, mode: &str) {
             );
         }
     }
-    // The maps are filled within a second of the apply: wait for the first
-    // answer rather than racing the sync.
+    // The maps are filled within a second of the apply.
     let client = lab
         .layout
         .pods
         .iter()
         .find(|p| !svc.backends.contains(&p.ip))
         .expect("a client pod");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while podnet_tests::services::tcp_query(
+    wait_for_the_service(
         &client.netns,
         std::net::SocketAddrV4::new(svc.cluster_ip, svc.tcp_port),
-        std::time::Duration::from_millis(500),
-    )
-    .is_err()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} never reached the ClusterIP",
-            client.name
-        );
-    }
+    );
     clients_reach_the_service(&lab.layout);
     for node in &lab.layout.nodes {
         let translated =

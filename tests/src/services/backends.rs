@@ -285,6 +285,48 @@ impl TcpSession {
     }
 }
 
+/// A long-lived UDP flow to a Service (DNS-shaped): one connected socket,
+/// so every query has the same 5-tuple, as a resolver's retries or a
+/// streaming client's datagrams do. Usable from any thread.
+pub struct UdpSession {
+    socket: UdpSocket,
+    addr: SocketAddrV4,
+}
+
+/// Opens a [`UdpSession`] to `addr` from inside `netns`.
+pub fn udp_session(netns: &str, addr: SocketAddrV4) -> anyhow::Result<UdpSession> {
+    run_in(netns, move || {
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        socket
+            .connect(addr)
+            .with_context(|| format!("connecting UDP to {addr}"))?;
+        socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+        Ok(UdpSession { socket, addr })
+    })?
+}
+
+impl UdpSession {
+    /// Sends one query (a few tries, a datagram may be lost) and returns
+    /// the backend that answered.
+    pub fn ask(&self) -> anyhow::Result<String> {
+        let query = dns_query(0x4242);
+        let mut buf = vec![0u8; 2048];
+        let mut last_err = anyhow::anyhow!("no answer from {}", self.addr);
+        for _ in 0..6 {
+            self.socket
+                .send(&query)
+                .with_context(|| format!("UDP to {}", self.addr))?;
+            match self.socket.recv(&mut buf) {
+                Ok(len) => return parse_udp_reply(&buf[..len], &query).map(|(name, _)| name),
+                Err(e) => {
+                    last_err = anyhow::Error::new(e).context(format!("UDP from {}", self.addr))
+                }
+            }
+        }
+        Err(last_err)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

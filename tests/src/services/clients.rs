@@ -97,3 +97,15 @@ pub fn clients_reach_the_service(layout: &LabLayout) {
         }
     }
 }
+
+/// Waits (5 s at most) until `addr` answers from `netns`: a Service the
+/// datapath translates reaches the maps within a second of its apply.
+pub fn wait_for_the_service(netns: &str, addr: SocketAddrV4) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while tcp_query(netns, addr, Duration::from_millis(500)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr} never answered from {netns}"
+        );
+    }
+}
