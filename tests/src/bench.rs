@@ -9,6 +9,7 @@ pub mod policy;
 pub mod report;
 pub mod rounds;
 pub mod scale;
+pub mod services;
 pub mod stats;
 pub mod targets;
 pub mod tools;
@@ -59,13 +60,14 @@ pub struct BenchOptions {
 }
 
 /// The parts of a run, in the order they run.
-pub const PARTS: [&str; 7] = [
+pub const PARTS: [&str; 8] = [
     "same-node",
     "shaping",
     "cni",
     "scale",
     "cross-node",
     "policy",
+    "services",
     "bpf",
 ];
 

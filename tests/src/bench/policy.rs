@@ -364,6 +364,7 @@ impl<'a> Roles<'a> {
             client_ns: client.netns.clone(),
             server_ns: self.server.netns.clone(),
             server_ip: self.server.ip,
+            dial: None,
         }
     }
 

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{
     BenchOptions, Figure,
     bpf_cost::{BpfStatsSwitch, add_bpf_cost, bpf_cost_test_run, bpf_stats, with_new_programs},
-    figure, policy, scale,
+    figure, policy, scale, services,
     stats::{Rng, percentile},
     targets::{baseline_ratios, target_ratios},
     tools::{Pair, connection_rate, latency, throughput, throughput_and_cpu},
@@ -114,6 +114,7 @@ fn measure_same_node(
         client_ns: pods[0].netns.name().into(),
         server_ns: pods[1].netns.name().into(),
         server_ip: pods[1].ip,
+        dial: None,
     };
     // The same node's pods with `ipv4BigTcp`; held until the
     // measurement is done.
@@ -130,6 +131,7 @@ fn measure_same_node(
                 client_ns: big_pods[0].netns.name().into(),
                 server_ns: big_pods[1].netns.name().into(),
                 server_ip: big_pods[1].ip,
+                dial: None,
             },
         ),
     ];
@@ -157,6 +159,7 @@ fn measure_same_node(
                 client_ns: pods[0].netns.name().into(),
                 server_ns: pods[1].netns.name().into(),
                 server_ip: pods[1].ip,
+                dial: None,
             },
         ));
         baseline = Some((pods, node));
@@ -201,6 +204,7 @@ fn measure_shaping(
         client_ns: pods[0].netns.name().into(),
         server_ns: pods[1].netns.name().into(),
         server_ip: pods[1].ip,
+        dial: None,
     };
     let limits = |rate: u64| {
         podnet.conf(
@@ -413,6 +417,10 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
 
     if opts.runs("policy") {
         policy::measure(opts, &mut figures)?;
+    }
+
+    if opts.runs("services") {
+        services::measure(opts, &mut figures)?;
     }
 
     if opts.runs("bpf") {

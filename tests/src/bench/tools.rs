@@ -25,6 +25,18 @@ pub struct Pair {
     pub client_ns: String,
     pub server_ns: String,
     pub server_ip: Ipv4Addr,
+    /// The address the client dials, when not the server's own: a
+    /// Service's ClusterIP whose ports map 1:1 onto the server's (5201,
+    /// 11111, 19000).
+    pub dial: Option<Ipv4Addr>,
+}
+
+impl Pair {
+    /// What the client connects to.
+    #[must_use]
+    pub fn dial_ip(&self) -> Ipv4Addr {
+        self.dial.unwrap_or(self.server_ip)
+    }
 }
 
 /// iperf3 single-stream TCP throughput, Gbit/s.
@@ -76,7 +88,7 @@ pub fn throughput_and_cpu(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64
     let out = command_in(&pair.client_ns, "iperf3")?
         .args([
             "-c",
-            &pair.server_ip.to_string(),
+            &pair.dial_ip().to_string(),
             "-t",
             &seconds.to_string(),
             "-O",
@@ -124,12 +136,13 @@ pub fn latency(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64)> {
         .spawn()
         .context("sockperf server")?;
     std::thread::sleep(Duration::from_millis(300));
+    let dial = pair.dial_ip().to_string();
     let out = command_in(&pair.client_ns, "sockperf")?
         .args([
             "ping-pong",
             "--tcp",
             "-i",
-            &ip,
+            &dial,
             "-p",
             "11111",
             "-t",
@@ -162,6 +175,7 @@ fn sockperf_p50_p99(text: &str) -> anyhow::Result<(f64, f64)> {
 /// not cap the rate); the client is one sequential connection at a time.
 pub fn connection_rate(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
     let addr = SocketAddrV4::new(pair.server_ip, 19_000);
+    let dial = SocketAddrV4::new(pair.dial_ip(), 19_000);
     let listener = run_in(&pair.server_ns, move || TcpListener::bind(addr))?
         .context("conn-rate server bind")?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -187,7 +201,7 @@ pub fn connection_rate(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
         let start = Instant::now();
         let mut n = 0u64;
         while start.elapsed() < Duration::from_secs(seconds) {
-            let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
+            let mut s = TcpStream::connect_timeout(&dial.into(), Duration::from_secs(2))?;
             s.set_nodelay(true)?;
             s.write_all(b"x")?;
             let mut b = [0u8; 1];

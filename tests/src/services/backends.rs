@@ -319,7 +319,7 @@ impl UdpSession {
             match self.socket.recv(&mut buf) {
                 Ok(len) => return parse_udp_reply(&buf[..len], &query).map(|(name, _)| name),
                 Err(e) => {
-                    last_err = anyhow::Error::new(e).context(format!("UDP from {}", self.addr))
+                    last_err = anyhow::Error::new(e).context(format!("UDP from {}", self.addr));
                 }
             }
         }

@@ -141,6 +141,7 @@ impl FlannelCluster {
             client_ns: self.nodes[0].pods[0].name().into(),
             server_ns: self.nodes[1].pods[0].name().into(),
             server_ip: self.nodes[1].ips[0],
+            dial: None,
         }
     }
 
@@ -150,6 +151,7 @@ impl FlannelCluster {
             client_ns: self.nodes[0].node.name().into(),
             server_ns: self.nodes[1].node.name().into(),
             server_ip: Ipv4Addr::new(192, 168, 101, 2),
+            dial: None,
         }
     }
 }

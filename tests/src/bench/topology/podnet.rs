@@ -48,6 +48,7 @@ pub fn podnet_lab(
         client_ns: guard.layout.pods[0].netns.clone(),
         server_ns: guard.layout.pods[1].netns.clone(),
         server_ip: guard.layout.pods[1].ip,
+        dial: None,
     };
     Ok((guard, pair))
 }

@@ -129,6 +129,7 @@ impl ReferenceNode {
             client_ns: self.pods[0].name().into(),
             server_ns: self.pods[1].name().into(),
             server_ip: self.ips[1],
+            dial: None,
         }
     }
 }

@@ -51,6 +51,7 @@ impl VethPair {
             client_ns: self.a.name().into(),
             server_ns: self.b.name().into(),
             server_ip: Ipv4Addr::new(10, 250, 0, 2),
+            dial: None,
         }
     }
 }
