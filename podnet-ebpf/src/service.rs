@@ -22,7 +22,7 @@ use podnet_common::{
 use crate::{
     clock::now_ns,
     counters::count,
-    l4::{IPPROTO_TCP, IPPROTO_UDP, closing_flags},
+    l4::{self, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, closing_flags, has_ports},
     maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_PORTS, SERVICES},
     packet::{self, ETH_HLEN, Ipv4Fields},
 };
@@ -37,6 +37,8 @@ const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
 /// `bpf_l4_csum_replace`: a UDP checksum of 0 (none) stays 0, and a
 /// computed 0 is written as 0xffff (RFC 768).
 const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
+/// The ICMP header before an error's embedded datagram.
+const ICMP_HLEN: usize = 8;
 /// Offsets of the IPv4 header's checksum, source and destination.
 const IP_CHECK_OFFSET: usize = ETH_HLEN + 10;
 const IP_SRC_OFFSET: usize = ETH_HLEN + 12;
@@ -335,6 +337,9 @@ fn enter(addresses: u64, ports: u64, backend: u64) {
 /// everything else) and its tuple is a translated connection's reply.
 #[inline(always)]
 pub fn reply_source(ctx: &TcContext, ip: &Ipv4Fields) -> Option<Frontend> {
+    if ip.proto == IPPROTO_ICMP {
+        return icmp_error_source(ctx, ip);
+    }
     let (src_port, dst_port, tcp_flags) = ports_of(ctx, ip)?;
     let (word, bit) = service_port_bit(u16::from_be(src_port));
     if SERVICE_PORTS.get(word).is_none_or(|&bits| bits & bit == 0) {
@@ -354,9 +359,42 @@ pub fn reply_source(ctx: &TcContext, ip: &Ipv4Fields) -> Option<Frontend> {
     Some(Frontend(found))
 }
 
+/// An ICMP error about a client's packet to a backend (port unreachable,
+/// fragmentation needed, time exceeded on the way): it must reach the
+/// client about the frontend, or its socket never hears of it (the kernel
+/// matches the embedded header to the socket). The embedded header's
+/// tuple, reversed, is the connection's reply tuple (`l4::parse`).
+#[inline(always)]
+fn icmp_error_source(ctx: &TcContext, ip: &Ipv4Fields) -> Option<Frontend> {
+    let l4 = l4::parse(ctx, ip)?;
+    if !l4.icmp_other || !has_ports(l4.key.proto) {
+        return None;
+    }
+    let (word, bit) = service_port_bit(u16::from_be(l4.key.src_port));
+    if SERVICE_PORTS.get(word).is_none_or(|&bits| bits & bit == 0) {
+        return None;
+    }
+    let found = find_frontend(
+        u64::from(l4.key.src) | u64::from(l4.key.dst) << 32,
+        u64::from(l4.key.src_port)
+            | u64::from(l4.key.dst_port) << 16
+            | u64::from(l4.key.proto) << 48,
+    );
+    if found == 0 {
+        return None;
+    }
+    count(Verdict::ServiceTracked);
+    Some(Frontend(found | ICMP_ERROR))
+}
+
 /// The frontend a backend's reply comes from again: `find_frontend`'s
-/// word (one word, as [`NewConnection`]).
+/// word (one word, as [`NewConnection`]), with [`ICMP_ERROR`] for an ICMP
+/// error about the connection.
 pub struct Frontend(u64);
+
+/// [`Frontend`]: the reply is an ICMP error (its embedded header is
+/// translated too).
+const ICMP_ERROR: u64 = 1 << 63;
 
 /// The frontend of a backend's reply (packed as in [`find_backend`]):
 /// its address | port << 32 | 1 << 56, or 0 when the tuple is no
@@ -401,7 +439,65 @@ pub fn from_frontend(
 ) -> Result<(), DropReason> {
     #[allow(clippy::cast_possible_truncation)] // unpacking the word
     let (address, port) = (frontend.0 as u32, (frontend.0 >> 32) as u16);
+    if frontend.0 & ICMP_ERROR != 0 {
+        return icmp_error_from_frontend(ctx, ip, address, port);
+    }
     rewrite(ctx, ip, Side::Source, address, port)
+}
+
+/// An ICMP error about the client's packet to a backend becomes one about
+/// its packet to the frontend: the embedded destination (address, port,
+/// the embedded header's checksum) and, when the backend itself sent the
+/// error, the outer source. The ICMP checksum covers the embedded bytes
+/// (no pseudo-header): each change is folded into it. The embedded L4
+/// checksum is left as it is (often cut off; the kernel matches the
+/// error to the socket by the tuple alone).
+#[inline(always)]
+fn icmp_error_from_frontend(
+    ctx: &mut TcContext,
+    ip: &mut Ipv4Fields,
+    address: u32,
+    port: u16,
+) -> Result<(), DropReason> {
+    let failed = |_| DropReason::HeaderRewriteFailed;
+    let icmp_check = ip.l4_offset + 2;
+    let inner = ip.l4_offset + ICMP_HLEN;
+    let header = packet::bytes_at::<20>(ctx, inner).ok_or(DropReason::HeaderRewriteFailed)?;
+    let inner_l4 = inner + usize::from(header[0] & 0x0f) * 4;
+    let backend = u32::from_ne_bytes([header[16], header[17], header[18], header[19]]);
+    let old_inner_check = u16::from_ne_bytes([header[10], header[11]]);
+    let old_port = packet::bytes_at::<4>(ctx, inner_l4)
+        .map(|b| u16::from_ne_bytes([b[2], b[3]]))
+        .ok_or(DropReason::HeaderRewriteFailed)?;
+    // The embedded header: destination and its own checksum.
+    ctx.l3_csum_replace(inner + 10, u64::from(backend), u64::from(address), 4)
+        .map_err(failed)?;
+    ctx.store(inner + 16, &address, 0).map_err(failed)?;
+    let new_inner_check = packet::bytes_at::<2>(ctx, inner + 10)
+        .map(u16::from_ne_bytes)
+        .ok_or(DropReason::HeaderRewriteFailed)?;
+    ctx.store(inner_l4 + 2, &port, 0).map_err(failed)?;
+    // The ICMP checksum, for the three embedded fields.
+    ctx.l4_csum_replace(icmp_check, u64::from(backend), u64::from(address), 4)
+        .map_err(failed)?;
+    ctx.l4_csum_replace(
+        icmp_check,
+        u64::from(old_inner_check),
+        u64::from(new_inner_check),
+        2,
+    )
+    .map_err(failed)?;
+    ctx.l4_csum_replace(icmp_check, u64::from(old_port), u64::from(port), 2)
+        .map_err(failed)?;
+    // The outer source, when it is the backend's (a router on the way
+    // keeps its own).
+    if ip.src == backend {
+        ctx.l3_csum_replace(IP_CHECK_OFFSET, u64::from(backend), u64::from(address), 4)
+            .map_err(failed)?;
+        ctx.store(IP_SRC_OFFSET, &address, 0).map_err(failed)?;
+        ip.src = address;
+    }
+    Ok(())
 }
 
 /// Refreshes the other entry of a translated connection (a connection

@@ -435,3 +435,53 @@ fn new_connections_spread_over_backends_unless_the_client_is_affine() {
          timeout: both backends missed with probability 2^-15)"
     );
 }
+
+#[test]
+fn an_icmp_error_from_the_backend_reaches_the_client_about_the_frontend() {
+    if !privileged("an_icmp_error_from_the_backend_reaches_the_client_about_the_frontend") {
+        return;
+    }
+    let mut h = node("svc-icmp", true, IPPROTO_UDP, &[POD_B_IP]);
+    let datagram = frames::ipv4_frame(
+        (HOST_A_MAC, POD_A_MAC),
+        (POD_A_IP, FRONTEND),
+        IPPROTO_UDP,
+        0,
+        &frames::udp_datagram(CLIENT_PORT, FRONTEND_PORT, b"dns?"),
+    );
+    let out = h.run(PROG_FROM_POD, &datagram).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    // B has nothing on the port: its port unreachable embeds what it got
+    // (A -> B:8080).
+    let embedded = out.frame[14..14 + 28].to_vec();
+    send_as_b(&mut h);
+    let error = frames::ipv4_frame(
+        (HOST_B_MAC, POD_B_MAC),
+        (POD_B_IP, POD_A_IP),
+        frames::IPPROTO_ICMP,
+        0,
+        &frames::icmp_message(3, 3, [0; 4], &embedded),
+    );
+    let out = h.run(PROG_FROM_POD, &error).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "delivered to A");
+    let f = &out.frame;
+    assert_eq!(&f[26..30], &FRONTEND.octets(), "outer source: the frontend");
+    assert!(frames::ipv4_header_checksum_ok(f), "outer IP checksum");
+    assert_eq!(
+        frames::internet_checksum(&f[34..]),
+        0,
+        "the ICMP checksum over the rewritten message"
+    );
+    let inner = &f[42..];
+    assert_eq!(&inner[16..20], &FRONTEND.octets(), "embedded destination");
+    assert_eq!(
+        u16::from_be_bytes([inner[22], inner[23]]),
+        FRONTEND_PORT,
+        "embedded destination port"
+    );
+    assert_eq!(
+        frames::internet_checksum(&inner[..20]),
+        0,
+        "embedded IP header checksum"
+    );
+}
