@@ -15,6 +15,7 @@ pub mod monitor;
 pub mod policy;
 mod report;
 mod server;
+pub mod services;
 mod state;
 
 pub use endpoints::{attach_mode, record};

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub mod explain;
 pub mod policy;
+pub mod services;
 
 pub use crate::endpoint::Endpoint;
 use crate::{endpoint::Owner, ipam::Reservation, model::NodeStatus};
