@@ -170,7 +170,42 @@ impl Agent {
                 .cluster_objects
                 .as_ref()
                 .map(super::cluster_objects::ClusterObjects::status),
+            services: Some(self.services_status()),
         })
+    }
+
+    /// Who translates Services, and the sync's state in bpf mode (which
+    /// needs the cluster objects: without a datastore there are no
+    /// Services, and the maps stay empty).
+    #[must_use]
+    pub fn services_status(&self) -> crate::api::services::ServicesStatus {
+        let mode = self.config.services;
+        let mut status = match (&self.cluster_objects, mode) {
+            (Some(objects), crate::api::services::ServicesMode::Bpf) => objects
+                .services()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .status
+                .clone(),
+            _ => crate::api::services::ServicesStatus::default(),
+        };
+        status.mode = mode;
+        status
+    }
+
+    /// [`crate::api::Request::Services`]'s answer.
+    #[must_use]
+    pub fn services_answer(&self) -> crate::api::services::ServicesAnswer {
+        let mut answer = match (&self.cluster_objects, self.config.services) {
+            (Some(objects), crate::api::services::ServicesMode::Bpf) => objects
+                .services()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .answer(),
+            _ => crate::api::services::ServicesAnswer::default(),
+        };
+        answer.status.mode = self.config.services;
+        answer
     }
 
     /// Hands the agent the cluster objects' tasks; its endpoints are

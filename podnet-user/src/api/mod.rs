@@ -173,6 +173,10 @@ pub struct AgentStatus {
     /// datastore; absent with no datastore, and from older agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_objects: Option<ClusterObjectsStatus>,
+    /// Who translates Services and how far the datapath's maps are; absent
+    /// from older agents' answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<services::ServicesStatus>,
 }
 
 /// What the agent holds of the cluster objects (from its watch of the
@@ -359,6 +363,9 @@ pub enum Request {
         namespace: String,
         name: String,
     },
+    /// The Services the datapath translates, their frontends and backends:
+    /// a [`services::ServicesAnswer`].
+    Services,
     /// A stream: the agent answers [`MonitorHello`], then writes one
     /// [`MonitorMessage`] line after another until the client hangs up.
     Monitor {
@@ -646,5 +653,6 @@ mod cluster_objects_tests {
         }))
         .expect("an older agent's status");
         assert_eq!(old.cluster_objects, None);
+        assert_eq!(old.services, None);
     }
 }

@@ -10,7 +10,7 @@ use podnet::{
     api::{
         AgentStatus, Client, ClientError, CounterTotals, DEFAULT_SOCKET, DatastoreStatus,
         DropEventRecord, EndpointStatus, FlowShare, IpamStatus, MonitorHello, MonitorMessage,
-        Request, StackFlowStatus,
+        Request, StackFlowStatus, services::ServicesAnswer,
     },
     cni::result::format_mac,
     datapath::Datapath,
@@ -88,6 +88,10 @@ enum Cmd {
         /// The pod: `NAMESPACE/NAME`.
         pod: String,
     },
+    /// The Services the datapath translates (podnetd --services bpf): a
+    /// line per frontend (ClusterIP:port/protocol) with its id, session
+    /// affinity and backend slots in order.
+    Services,
     /// Stream the datapath's events live, one line each (with --json one
     /// JSON object per line), with the pod each belongs to, until
     /// interrupted. Drop events are rate-limited per CPU; drops over the
@@ -383,6 +387,9 @@ fn status(cli: &Cli, client: &Client) -> anyhow::Result<()> {
                 for what in &objects.publish.pending {
                     println!("pending      pod records: {what}");
                 }
+            }
+            if let Some(services) = &s.services {
+                println!("services     {}", services.summary());
             }
             for record in &s.unreadable_records {
                 println!(
@@ -793,6 +800,7 @@ fn main() -> anyhow::Result<()> {
         } => explain(&cli, &client, from, to, src),
         Cmd::Monitor { drops } => monitor(&cli, &client, drops),
         Cmd::Policy { ref pod } => policy(&cli, &client, pod),
+        Cmd::Services => services(&cli, &client),
         Cmd::EtcdAuth(ref args) => etcd_auth(args),
         Cmd::Apply(ref args) => objects_command(cli.json, ObjectsCommand::Apply(args)),
         Cmd::Delete(ref args) => objects_command(cli.json, ObjectsCommand::Delete(args)),
@@ -811,6 +819,11 @@ fn policy(cli: &Cli, client: &Client, pod: &str) -> anyhow::Result<()> {
     })?;
     let answer = answer.with_context(|| format!("no Pod {namespace}/{name} in the cluster"))?;
     print(cli.json, &answer, |p| print!("{p}"))
+}
+
+fn services(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    let answer: ServicesAnswer = client.call(&Request::Services)?;
+    print(cli.json, &answer, |a| print!("{a}"))
 }
 
 fn explain(

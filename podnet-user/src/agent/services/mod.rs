@@ -194,22 +194,26 @@ pub fn clear_maps(agent: &mut Agent) {
     if !agent.node_network_ready {
         return;
     }
-    let maps = &mut agent.datapath;
-    match Applied::read(maps) {
-        Ok(current) if current == Applied::default() => {}
-        Ok(current) => {
-            let (_, report) = apply_plan(maps, current, &ServicePlan::default(), &BTreeMap::new());
-            if report.errors.is_empty() {
-                info!(
-                    removed = report.removed,
-                    "Services are kube-proxy's: emptied the Service maps a bpf-mode agent left"
-                );
-            } else {
-                warn!(errors = ?report.errors, "emptying the Service maps");
-            }
-        }
-        // An eBPF object without Service maps: nothing to empty.
-        Err(DatapathError::MissingMap { .. }) => {}
+    match empty_maps(&mut agent.datapath) {
+        // Nothing held, or an eBPF object without Service maps: nothing
+        // to empty.
+        Ok(None) | Err(DatapathError::MissingMap { .. }) => {}
+        Ok(Some(report)) if report.errors.is_empty() => info!(
+            removed = report.removed,
+            "Services are kube-proxy's: emptied the Service maps a bpf-mode agent left"
+        ),
+        Ok(Some(report)) => warn!(errors = ?report.errors, "emptying the Service maps"),
         Err(e) => warn!(error = %e, "reading the Service maps"),
     }
+}
+
+/// Removes everything the Service maps hold (entries before their slots,
+/// port bits last); `None` when they hold nothing.
+pub fn empty_maps(maps: &mut impl ServiceMaps) -> Result<Option<SyncReport>, DatapathError> {
+    let current = Applied::read(maps)?;
+    if current == Applied::default() {
+        return Ok(None);
+    }
+    let (_, report) = apply_plan(maps, current, &ServicePlan::default(), &BTreeMap::new());
+    Ok(Some(report))
 }

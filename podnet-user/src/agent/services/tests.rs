@@ -7,7 +7,10 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use podnet_common::ServiceEntry;
 
-use super::sync::{Applied, ServiceMaps, apply_plan};
+use super::{
+    ServicesState, empty_maps,
+    sync::{Applied, ServiceMaps, apply_plan},
+};
 use crate::{
     datapath::DatapathError,
     services::{BackendAddress, Frontend, FrontendIds, FrontendPlan, ServiceName, ServicePlan},
@@ -470,4 +473,59 @@ fn a_frontend_given_another_id_moves_its_slots() {
     assert_ne!(id, 3);
     assert_eq!(maps.ops, [Op::Slot(id, 1), Op::Entry(1), Op::Unslot(3, 1)]);
     assert_eq!(applied, maps.held);
+}
+
+#[test]
+fn kube_proxy_mode_empties_what_a_bpf_agent_left() {
+    let mut maps = FakeMaps::default();
+    let mut ids = FrontendIds::default();
+    let (_, _) = sync(
+        &mut maps,
+        &mut ids,
+        Applied::default(),
+        &plan(&[(WEB, vec![backend(1, 8080)])]),
+    );
+    maps.ops.clear();
+    let report = empty_maps(&mut maps)
+        .expect("read")
+        .expect("something to empty");
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(
+        maps.ops,
+        [Op::Unentry, Op::Unslot(1, 1), Op::Port(word(8080))]
+    );
+    assert_eq!(maps.held, Applied::default());
+    maps.ops.clear();
+    assert!(empty_maps(&mut maps).expect("read").is_none());
+    assert!(maps.ops.is_empty());
+}
+
+#[test]
+fn the_answer_lists_each_service_with_its_frontends() {
+    let wanted = plan(&[
+        (WEB, vec![backend(1, 8080), backend(2, 8080)]),
+        (DNS, vec![]),
+    ]);
+    let state = ServicesState {
+        ids: BTreeMap::from([(WEB, 4)]),
+        incomplete: [WEB].into(),
+        plan: Some(std::sync::Arc::new(wanted)),
+        ..ServicesState::default()
+    };
+    let answer = state.answer();
+    // plan() names each Service after its port: x/53, then x/80.
+    let names: Vec<String> = answer
+        .services
+        .iter()
+        .map(|s| format!("{}/{}", s.namespace, s.name))
+        .collect();
+    assert_eq!(names, ["x/53", "x/80"]);
+    let web = &answer.services[1].frontends[0];
+    assert_eq!(
+        (web.id, web.protocol.as_str(), web.in_datapath),
+        (Some(4), "tcp", false)
+    );
+    assert_eq!(web.backends, ["10.244.0.1:8080", "10.244.0.2:8080"]);
+    let dns = &answer.services[0].frontends[0];
+    assert_eq!((dns.id, dns.in_datapath), (None, false));
 }
