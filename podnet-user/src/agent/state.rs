@@ -179,15 +179,22 @@ impl Agent {
     /// Services, and the maps stay empty).
     #[must_use]
     pub fn services_status(&self) -> crate::api::services::ServicesStatus {
+        use crate::api::services::{ServicesMode, ServicesStatus};
         let mode = self.config.services;
         let mut status = match (&self.cluster_objects, mode) {
-            (Some(objects), crate::api::services::ServicesMode::Bpf) => objects
+            (Some(objects), ServicesMode::Bpf) => objects
                 .services()
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .status
                 .clone(),
-            _ => crate::api::services::ServicesStatus::default(),
+            (None, ServicesMode::Bpf) => ServicesStatus {
+                last_error: Some(
+                    "no datastore: no Services to translate (the maps stay as they are)".to_owned(),
+                ),
+                ..ServicesStatus::default()
+            },
+            (_, ServicesMode::KubeProxy) => ServicesStatus::default(),
         };
         status.mode = mode;
         status
@@ -196,16 +203,23 @@ impl Agent {
     /// [`crate::api::Request::Services`]'s answer.
     #[must_use]
     pub fn services_answer(&self) -> crate::api::services::ServicesAnswer {
-        let mut answer = match (&self.cluster_objects, self.config.services) {
-            (Some(objects), crate::api::services::ServicesMode::Bpf) => objects
-                .services()
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .answer(),
-            _ => crate::api::services::ServicesAnswer::default(),
-        };
-        answer.status.mode = self.config.services;
-        answer
+        use crate::api::services::{ServicesAnswer, ServicesMode};
+        match (&self.cluster_objects, self.config.services) {
+            (Some(objects), ServicesMode::Bpf) => {
+                // Status and listing from one look at the sync's state.
+                let mut answer = objects
+                    .services()
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .answer();
+                answer.status.mode = ServicesMode::Bpf;
+                answer
+            }
+            _ => ServicesAnswer {
+                status: self.services_status(),
+                services: Vec::new(),
+            },
+        }
     }
 
     /// Hands the agent the cluster objects' tasks; its endpoints are
