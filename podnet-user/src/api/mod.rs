@@ -386,8 +386,9 @@ pub struct MonitorHello {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum MonitorMessage {
-    /// A packet the datapath dropped.
-    Drop(DropEventRecord),
+    /// A packet the datapath dropped (boxed: the other messages are small,
+    /// and a broadcast channel slot is as large as the largest).
+    Drop(Box<DropEventRecord>),
     /// Drops of `reason` whose events the datapath did not send in the last
     /// second (over the per-CPU rate limit, or the ring buffer was full):
     /// counted, not reported one by one.
@@ -431,6 +432,11 @@ pub struct DropEventRecord {
     /// destination (in that order), as the policy in force names them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identities: Vec<IdentityRef>,
+    /// For a `service_no_backend` drop: the Service whose frontend the
+    /// packet went to (`namespace/name`), as the agent's plan in force
+    /// names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// A NetworkPolicy identity, as drop events name it.

@@ -717,8 +717,13 @@ fn drop_line(e: &DropEventRecord) -> String {
         ),
         _ => String::new(),
     };
+    let service = e
+        .service
+        .as_ref()
+        .map(|s| format!(" service {s}"))
+        .unwrap_or_default();
     format!(
-        "{} drop {} {pod} ifindex={} {} {tuple} len={} cpu={}{identities}",
+        "{} drop {} {pod} ifindex={} {} {tuple} len={} cpu={}{identities}{service}",
         format_utc(e.time_unix_ns),
         e.reason,
         e.ifindex,
