@@ -166,6 +166,11 @@ pub fn apply_plan(
         .map(|(held, wanted)| held | wanted)
         .collect();
     write_port_words(maps, &mut current, &union, &mut report);
+    if !report.errors.is_empty() {
+        // A backend whose port bit is not set would get connections whose
+        // replies go back untranslated: nothing more until the bits are in.
+        return (current, report);
+    }
     // 2. New and changed frontends.
     for (&frontend, wanted) in &plan.frontends {
         if let Some(&id) = ids.get(&frontend) {

@@ -34,6 +34,8 @@ struct FakeMaps {
     ops: Vec<Op>,
     frontend_capacity: usize,
     backend_capacity: usize,
+    /// The bitmap refuses every write (it never does in a kernel).
+    ports_broken: bool,
 }
 
 impl Default for FakeMaps {
@@ -43,6 +45,7 @@ impl Default for FakeMaps {
             ops: Vec::new(),
             frontend_capacity: 64,
             backend_capacity: 64,
+            ports_broken: false,
         }
     }
 }
@@ -138,6 +141,9 @@ impl ServiceMaps for FakeMaps {
         Ok(())
     }
     fn set_port_word(&mut self, index: u32, word: u64) -> Result<(), DatapathError> {
+        if self.ports_broken {
+            return Err(full("podnet_svcport"));
+        }
         self.held.ports[index as usize] = word;
         self.did(Op::Port(index));
         Ok(())
@@ -528,4 +534,21 @@ fn the_answer_lists_each_service_with_its_frontends() {
     assert_eq!(web.backends, ["10.244.0.1:8080", "10.244.0.2:8080"]);
     let dns = &answer.services[0].frontends[0];
     assert_eq!((dns.id, dns.in_datapath), (None, false));
+}
+
+#[test]
+fn no_backend_is_written_before_its_port_bit() {
+    let mut maps = FakeMaps {
+        ports_broken: true,
+        ..FakeMaps::default()
+    };
+    let mut ids = FrontendIds::default();
+    let wanted = plan(&[(WEB, vec![backend(1, 8080)])]);
+    let (applied, report) = sync(&mut maps, &mut ids, Applied::default(), &wanted);
+    assert!(!report.errors.is_empty());
+    assert!(maps.ops.is_empty(), "{:?}", maps.ops);
+    maps.ports_broken = false;
+    let (_, report) = sync(&mut maps, &mut ids, applied, &wanted);
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(maps.held.frontends[&WEB].backends, 1);
 }
