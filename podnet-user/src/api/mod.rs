@@ -279,7 +279,8 @@ pub struct PublishStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Drift {
     /// What is compared: "remote map", "host route", "endpoint map",
-    /// "veth", "filters".
+    /// "veth", "filters", "node config", "service frontend", "service
+    /// slot".
     pub kind: String,
     pub detail: String,
 }

@@ -51,8 +51,9 @@ enum Cmd {
     /// The other nodes this node forwards to (from the datastore).
     Nodes {
         /// Compare the agent's state with the kernel's (remote map, host
-        /// routes, endpoint map, veths and their filters): print the drift,
-        /// exit 1 when there is any.
+        /// routes, endpoint map, veths and their filters, the Service maps
+        /// and the node config's services flag): print the drift, exit 1
+        /// when there is any.
         #[arg(long)]
         check: bool,
     },

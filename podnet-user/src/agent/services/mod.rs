@@ -128,8 +128,10 @@ pub fn run(
         }
         let started = Instant::now();
         let plan = compile(lock(view).model(), &node);
+        // The state is updated before the agent's lock is let go: the
+        // agent's check compares the maps with it under that lock.
+        let mut agent = lock(registry);
         let report = {
-            let mut agent = lock(registry);
             let maps = &mut agent.datapath;
             let current = match applied.take() {
                 Some(current) => Ok(current),
@@ -183,6 +185,8 @@ pub fn run(
                 status.last_error = Some(format!("reading the pinned Service maps: {e}"));
             }
         }
+        drop(shared);
+        drop(agent);
     }
 }
 
