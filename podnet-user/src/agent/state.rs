@@ -95,7 +95,14 @@ impl Agent {
         self.cluster.network = Some(net.clone());
         if !self.node_network_ready {
             match self.setup_node_network(net) {
-                Ok(()) => self.node_network_ready = true,
+                Ok(()) => {
+                    self.node_network_ready = true;
+                    // The services flag is clear from now on: what a bpf
+                    // agent left in the Service maps can go.
+                    if self.config.services == crate::api::services::ServicesMode::KubeProxy {
+                        super::services::clear_maps(self);
+                    }
+                }
                 Err(e) => warn!(error = %format!("{e:#}"),
                                 "setting up the node's network failed; what runs is left as it is, retrying"),
             }

@@ -609,9 +609,6 @@ fn main() -> anyhow::Result<()> {
     info!(node = %config.node_name, pod_cidr = %config.pod_cidr, socket = %socket.display(), "starting");
     let mut registry = Agent::open(config, datapath, &resolved.network)?;
     let ready = registry.retry_pending(&resolved.network);
-    if resolved.config.services == ServicesMode::KubeProxy {
-        agent::services::clear_maps(&mut registry);
-    }
     let registry = Arc::new(Mutex::new(registry));
     metrics.attach(
         Arc::clone(&registry),

@@ -191,9 +191,9 @@ pub fn run(
 }
 
 /// `--services kube-proxy`: empties the Service maps a `--services bpf`
-/// agent left (the node config's flag is clear by then, so the datapath no
-/// longer reads them). Only once the node network is set up, which is what
-/// clears the flag; otherwise the maps stay as they are.
+/// agent left, once the node network is set up (which is what clears the
+/// node config's flag: the datapath no longer reads them); before, the
+/// maps stay as they are.
 pub fn clear_maps(agent: &mut Agent) {
     if !agent.node_network_ready {
         return;
