@@ -13,8 +13,11 @@
 //! so an unchanged Service costs no write. Every change is applied
 //! make-before-break (see [`apply_plan`]): no moment of it has the
 //! datapath pick a backend slot that is not written, or translate to a
-//! backend whose replies it would not translate back. A map that refuses
-//! an entry (full) is an error in the status and the metrics.
+//! backend whose replies it would not translate back. A removed backend
+//! keeps its connections (the datapath does not cut them), so the bit of
+//! its port stays for [`PORT_LINGER`] after the last backend on it went.
+//! A map that refuses an entry (full) is an error in the status and the
+//! metrics.
 
 mod sync;
 #[cfg(test)]
@@ -26,7 +29,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-pub use sync::{Applied, ServiceMaps, SyncReport, apply_plan};
+pub use sync::{Applied, PORT_LINGER, PortLinger, ServiceMaps, SyncReport, apply_plan};
 use tracing::{info, warn};
 
 use super::{Agent, cluster_objects::AgentView};
@@ -115,6 +118,7 @@ pub fn run(
     let mut ids = FrontendIds::default();
     let mut applied: Option<Applied> = None;
     let mut last_seen: Option<(i64, u64)> = None;
+    let mut linger = PortLinger::default();
     loop {
         std::thread::sleep(POLL);
         let (generation, synced) = {
@@ -123,7 +127,7 @@ pub fn run(
         };
         // Nothing before the first full list: the pinned maps hold the
         // last agent's Services, which is better than an empty view's.
-        if !synced || last_seen == Some(generation) {
+        if !synced || (last_seen == Some(generation) && !linger.due(Instant::now(), PORT_LINGER)) {
             continue;
         }
         let started = Instant::now();
@@ -145,7 +149,13 @@ pub fn run(
                     // `None` (every id held) is reported by apply_plan.
                     let _ = ids.assign(frontend);
                 }
-                let (now, report) = apply_plan(maps, current, &plan, ids.all());
+                let keep = linger.update(
+                    &current.ports,
+                    &plan.backend_ports(),
+                    Instant::now(),
+                    PORT_LINGER,
+                );
+                let (now, report) = apply_plan(maps, current, &plan, ids.all(), &keep);
                 ids.retain(|f| plan.frontends.contains_key(f) || now.frontends.contains_key(f));
                 applied = Some(now);
                 report
@@ -218,6 +228,12 @@ pub fn empty_maps(maps: &mut impl ServiceMaps) -> Result<Option<SyncReport>, Dat
     if current == Applied::default() {
         return Ok(None);
     }
-    let (_, report) = apply_plan(maps, current, &ServicePlan::default(), &BTreeMap::new());
+    let (_, report) = apply_plan(
+        maps,
+        current,
+        &ServicePlan::default(),
+        &BTreeMap::new(),
+        &BTreeSet::new(),
+    );
     Ok(Some(report))
 }

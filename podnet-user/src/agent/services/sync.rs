@@ -2,9 +2,12 @@
 //! the module doc of [`super`]), behind a small interface so the order and
 //! the handling of a full map are tested without a kernel.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
 
-use podnet_common::{ServiceEntry, service::SERVICE_PORT_WORDS};
+use podnet_common::{ServiceEntry, policy::CONN_TIMEOUT_TCP_S, service::SERVICE_PORT_WORDS};
 
 use crate::{
     datapath::{Datapath, DatapathError},
@@ -144,7 +147,8 @@ pub struct SyncReport {
 ///    larger than the slots written;
 /// 3. removed frontends: the entry, then its slots;
 /// 4. slots no entry names (a restart after a removal half done);
-/// 5. the bits of ports no backend serves on any more.
+/// 5. the bits of ports no backend serves on any more, but those of
+///    `keep` (see [`PortLinger`]).
 ///
 /// Returns what the maps hold afterwards (what failed to be written is not
 /// in it, so the next sync tries again) and the report. A refused slot
@@ -155,6 +159,7 @@ pub fn apply_plan(
     mut current: Applied,
     plan: &ServicePlan,
     ids: &BTreeMap<Frontend, u32>,
+    keep: &BTreeSet<u16>,
 ) -> (Applied, SyncReport) {
     let mut report = SyncReport::default();
     let wanted_ports = port_words(&plan.backend_ports());
@@ -222,6 +227,7 @@ pub fn apply_plan(
     // refused is still picked, and its replies still translated).
     let mut ports = plan.backend_ports();
     ports.extend(current.backends.values().map(|b| b.port));
+    ports.extend(keep);
     write_port_words(maps, &mut current, &port_words(&ports), &mut report);
     (current, report)
 }
@@ -292,6 +298,60 @@ fn write_frontend(
     for slot in beyond {
         remove_slot(maps, current, id, slot, report);
     }
+}
+
+/// How long a port's bit stays after the last backend on it went: the
+/// connections a removed backend keeps (the datapath does not cut them)
+/// still need their replies translated. The connection table's idle
+/// timeout for TCP: a connection quiet for longer is gone from it anyway.
+pub const PORT_LINGER: Duration = Duration::from_secs(CONN_TIMEOUT_TCP_S);
+
+/// The ports whose bits stay after their last backend went, and since
+/// when. A restarted agent counts the bits it finds without a backend from
+/// its start (their connections may be the previous agent's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortLinger {
+    since: BTreeMap<u16, Instant>,
+}
+
+impl PortLinger {
+    /// Ports set in `held` but not `wanted` start lingering at `now`;
+    /// wanted ones stop; those lingering longer than `linger` are let go.
+    /// Returns the ports whose bits are kept.
+    pub fn update(
+        &mut self,
+        held: &[u64],
+        wanted: &BTreeSet<u16>,
+        now: Instant,
+        linger: Duration,
+    ) -> BTreeSet<u16> {
+        for port in ports_of(held) {
+            if !wanted.contains(&port) {
+                self.since.entry(port).or_insert(now);
+            }
+        }
+        self.since.retain(|port, since| {
+            !wanted.contains(port) && now.saturating_duration_since(*since) < linger
+        });
+        self.since.keys().copied().collect()
+    }
+
+    /// Whether a port's time is up (a sync lets it go).
+    #[must_use]
+    pub fn due(&self, now: Instant, linger: Duration) -> bool {
+        self.since
+            .values()
+            .any(|since| now.saturating_duration_since(*since) >= linger)
+    }
+}
+
+/// The ports whose bits are set in `words`.
+fn ports_of(words: &[u64]) -> impl Iterator<Item = u16> + '_ {
+    (0u32..).zip(words).flat_map(|(index, &word)| {
+        (0u32..64)
+            .filter(move |bit| word & (1 << bit) != 0)
+            .filter_map(move |bit| u16::try_from(index * 64 + bit).ok())
+    })
 }
 
 fn remove_slot(

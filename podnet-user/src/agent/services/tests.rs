@@ -3,13 +3,17 @@
 //! never counts a slot that is not there, and every counted backend's
 //! port bit is set.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use podnet_common::ServiceEntry;
 
 use super::{
     ServicesState, empty_maps,
-    sync::{Applied, ServiceMaps, apply_plan},
+    sync::{Applied, PortLinger, ServiceMaps, apply_plan},
 };
 use crate::{
     datapath::DatapathError,
@@ -202,7 +206,7 @@ fn sync(
     for &f in plan.frontends.keys() {
         ids.assign(f);
     }
-    let (applied, report) = apply_plan(maps, current, plan, ids.all());
+    let (applied, report) = apply_plan(maps, current, plan, ids.all(), &BTreeSet::new());
     ids.retain(|f| plan.frontends.contains_key(f) || applied.frontends.contains_key(f));
     (applied, report)
 }
@@ -551,4 +555,56 @@ fn no_backend_is_written_before_its_port_bit() {
     let (_, report) = sync(&mut maps, &mut ids, applied, &wanted);
     assert!(report.errors.is_empty(), "{report:?}");
     assert_eq!(maps.held.frontends[&WEB].backends, 1);
+}
+
+#[test]
+fn a_gone_backends_port_bit_lingers_for_its_connections() {
+    let mut maps = FakeMaps::default();
+    let mut ids = FrontendIds::default();
+    let (applied, _) = sync(
+        &mut maps,
+        &mut ids,
+        Applied::default(),
+        &plan(&[(WEB, vec![backend(1, 8080), backend(2, 9090)])]),
+    );
+    let linger = Duration::from_mins(1);
+    let mut lingering = PortLinger::default();
+    let t0 = Instant::now();
+    // 9090's only backend goes: its bit stays while it lingers.
+    let wanted = plan(&[(WEB, vec![backend(1, 8080)])]);
+    let keep = lingering.update(&applied.ports, &wanted.backend_ports(), t0, linger);
+    assert_eq!(keep, BTreeSet::from([9090]));
+    maps.ops.clear();
+    let (applied, _) = apply_plan(&mut maps, applied, &wanted, ids.all(), &keep);
+    assert_eq!(
+        maps.ops,
+        [Op::Entry(1), Op::Unslot(1, 2)],
+        "no port cleared"
+    );
+    assert!(crate::services::port_set(&applied.ports, 9090));
+    assert!(!lingering.due(t0 + Duration::from_secs(59), linger));
+    // Its time is up: the next sync clears it.
+    let later = t0 + linger;
+    assert!(lingering.due(later, linger));
+    let keep = lingering.update(&applied.ports, &wanted.backend_ports(), later, linger);
+    assert!(keep.is_empty());
+    maps.ops.clear();
+    let (applied, _) = apply_plan(&mut maps, applied, &wanted, ids.all(), &keep);
+    assert_eq!(maps.ops, [Op::Port(word(9090))]);
+    assert!(!crate::services::port_set(&applied.ports, 9090));
+    assert!(!lingering.due(later, linger));
+    // A port served again stops lingering.
+    let mut lingering = PortLinger::default();
+    let both = plan(&[(WEB, vec![backend(1, 8080), backend(2, 9090)])]);
+    let words = crate::services::port_words(&BTreeSet::from([8080, 9090]));
+    assert_eq!(
+        lingering.update(&words, &BTreeSet::from([8080]), t0, linger),
+        BTreeSet::from([9090])
+    );
+    assert!(
+        lingering
+            .update(&words, &both.backend_ports(), t0, linger)
+            .is_empty()
+    );
+    assert!(!lingering.due(t0 + linger, linger));
 }
