@@ -18,4 +18,5 @@ pub mod netlink;
 pub mod objects_ctl;
 pub mod pinned_maps;
 pub mod policy;
+pub mod services;
 pub mod shaping;

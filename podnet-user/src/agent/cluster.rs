@@ -349,6 +349,11 @@ impl Agent {
                 config.mode = node::MODE_DIRECT;
             }
         }
+        if self.config().services == crate::api::services::ServicesMode::Bpf {
+            // from_pod translates ClusterIP connections from the Service
+            // maps; clear (kube-proxy), it hands them to the stack.
+            config.flags |= node::NODE_F_SERVICES_BPF;
+        }
         self.datapath_mut().set_config(config)?;
         if net.masquerade || net.mode != Mode::Local {
             // Pods' traffic through the stack is forwarded; in direct mode
@@ -364,7 +369,7 @@ impl Agent {
             known.push(net.node_ip);
             self.write_nft_table(net, &known)?;
         }
-        info!(mode = ?net.mode, vxlan_datapath = ?net.vxlan_datapath, node_ip = %net.node_ip, underlay = %net.underlay_dev, pod_mtu = net.pod_mtu(), "node network ready");
+        info!(mode = ?net.mode, vxlan_datapath = ?net.vxlan_datapath, node_ip = %net.node_ip, underlay = %net.underlay_dev, pod_mtu = net.pod_mtu(), services = %self.config().services, "node network ready");
         Ok(())
     }
 

@@ -15,6 +15,7 @@ pub mod monitor;
 pub mod policy;
 mod report;
 mod server;
+pub mod services;
 mod state;
 
 pub use endpoints::{attach_mode, record};
@@ -40,6 +41,10 @@ pub struct AgentConfig {
     /// The Services' ClusterIP range (see `NodeConfig::service_cidr_*`).
     #[serde(default = "default_service_cidr")]
     pub service_cidr: Ipv4Net,
+    /// Who translates Services: the datapath (`bpf`) or the node's
+    /// kube-proxy (the default, as before the datapath could).
+    #[serde(default)]
+    pub services: crate::api::services::ServicesMode,
     pub mtu: u32,
     /// Stack-flows entries one endpoint may hold (0: the datapath's
     /// default, see `podnet_common::FlowOwner`).

@@ -90,6 +90,9 @@ struct Pods {
     policy: Option<Arc<Mutex<super::policy::PolicyState>>>,
     /// Other nodes' addresses (their identity is `remote-node`).
     nodes: std::collections::HashSet<Ipv4Addr>,
+    /// The Services sync's state (its plan names the Service of a
+    /// `service_no_backend` drop); `None` without a datastore.
+    services: Option<Arc<Mutex<super::services::ServicesState>>>,
 }
 
 impl Default for Pods {
@@ -99,6 +102,7 @@ impl Default for Pods {
             by_ip: HashMap::new(),
             policy: None,
             nodes: std::collections::HashSet::new(),
+            services: None,
             // Never a registry's: the first event reads them.
             generation: u64::MAX,
         }
@@ -120,6 +124,9 @@ impl Pods {
             self.policy = registry
                 .cluster_objects()
                 .map(super::cluster_objects::ClusterObjects::policy);
+            self.services = registry
+                .cluster_objects()
+                .map(super::cluster_objects::ClusterObjects::services);
             self.nodes = registry
                 .remote_nodes()
                 .into_iter()
@@ -153,6 +160,22 @@ impl Pods {
             return Some(matched(pod, "source"));
         }
         self.by_ip.get(&dst).map(|pod| matched(pod, "destination"))
+    }
+
+    /// The Service of frontend `dst:dst_port/proto` in the plan in force.
+    fn service(&self, dst: Ipv4Addr, dst_port: u16, proto: u8) -> Option<String> {
+        let state = self.services.as_ref()?.lock().ok()?;
+        let frontend = crate::services::Frontend {
+            address: dst,
+            port: dst_port,
+            protocol: proto,
+        };
+        state
+            .plan
+            .as_ref()?
+            .frontends
+            .get(&frontend)
+            .map(|f| f.service.to_string())
     }
 
     /// The identities of `src` and `dst` in the plan in force.
@@ -221,6 +244,9 @@ fn record(event: &DropEvent, pods: &Pods) -> DropEventRecord {
         .then(|| pods.identities(src, dst))
         .flatten()
         .unwrap_or_default(),
+        service: (event.drop_reason() == Some(DropReason::ServiceNoBackend))
+            .then(|| pods.service(dst, u16::from_be(event.dst_port), event.proto))
+            .flatten(),
     }
 }
 
@@ -284,7 +310,7 @@ pub async fn run(
                     pods.refresh(&registry, &generation);
                 }
                 for event in &events {
-                    hub.publish(MonitorMessage::Drop(record(event, &pods)));
+                    hub.publish(MonitorMessage::Drop(Box::new(record(event, &pods))));
                 }
             }
             _ = tick.tick() => {
@@ -395,5 +421,69 @@ mod tests {
             (unknown.reason.as_str(), unknown.program.as_str()),
             ("reason_999", "program_99")
         );
+        assert_eq!(r.service, None);
+    }
+
+    #[test]
+    fn a_drop_for_want_of_backends_names_its_service() {
+        use std::sync::{Arc, Mutex};
+
+        use crate::services::{Frontend, FrontendPlan, ServiceName, ServicePlan};
+        let frontend = Frontend {
+            address: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            protocol: 6,
+        };
+        let plan = ServicePlan {
+            frontends: [(
+                frontend,
+                FrontendPlan {
+                    service: ServiceName {
+                        namespace: "x".into(),
+                        name: "web".into(),
+                    },
+                    port_name: String::new(),
+                    backends: Vec::new(),
+                    affinity_timeout_s: 0,
+                },
+            )]
+            .into(),
+            conflicts: Vec::new(),
+        };
+        let pods = Pods {
+            services: Some(Arc::new(Mutex::new(
+                super::super::services::ServicesState {
+                    plan: Some(Arc::new(plan)),
+                    ..Default::default()
+                },
+            ))),
+            ..Pods::default()
+        };
+        let event = DropEvent {
+            timestamp_ns: 1,
+            reason: DropReason::ServiceNoBackend as u32,
+            ifindex: 12,
+            src: u32::from_ne_bytes([10, 244, 0, 2]),
+            dst: u32::from_ne_bytes([10, 96, 0, 10]),
+            src_port: 40_000u16.to_be(),
+            dst_port: 80u16.to_be(),
+            proto: 6,
+            program: Program::FromPod as u8,
+            reserved: 0,
+            len: 60,
+            cpu: 0,
+        };
+        let r = record(&event, &pods);
+        assert_eq!(r.reason, "service_no_backend");
+        assert_eq!(r.service.as_deref(), Some("x/web"));
+        // Another reason to the same address names no Service.
+        let other = record(
+            &DropEvent {
+                reason: DropReason::SpoofedSourceIp as u32,
+                ..event
+            },
+            &pods,
+        );
+        assert_eq!(other.service, None);
     }
 }

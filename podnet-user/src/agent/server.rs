@@ -301,6 +301,7 @@ fn dispatch(registry: &Mutex<Agent>, request: Request) -> (Vec<u8>, Option<Strin
             drop(reg);
             encode(pod_policies(view.as_deref(), &local, &namespace, &name))
         }
+        Request::Services => encode(Ok(reg.services_answer())),
         Request::Monitor { .. } => {
             encode::<()>(Err(anyhow::anyhow!("monitor is a streaming request")))
         }
@@ -337,6 +338,10 @@ mod tests {
         assert!(matches!(
             decode_request("{\"op\":\"node\"}\n"),
             Ok(Request::Node)
+        ));
+        assert!(matches!(
+            decode_request("{\"op\":\"services\"}\n"),
+            Ok(Request::Services)
         ));
         assert!(matches!(
             decode_request(r#"{"op":"gc","valid":[{"container_id":"a","ifname":"eth0"}]}"#),

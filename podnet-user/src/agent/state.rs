@@ -95,7 +95,14 @@ impl Agent {
         self.cluster.network = Some(net.clone());
         if !self.node_network_ready {
             match self.setup_node_network(net) {
-                Ok(()) => self.node_network_ready = true,
+                Ok(()) => {
+                    self.node_network_ready = true;
+                    // The services flag is clear from now on: what a bpf
+                    // agent left in the Service maps can go.
+                    if self.config.services == crate::api::services::ServicesMode::KubeProxy {
+                        super::services::clear_maps(self);
+                    }
+                }
                 Err(e) => warn!(error = %format!("{e:#}"),
                                 "setting up the node's network failed; what runs is left as it is, retrying"),
             }
@@ -170,7 +177,56 @@ impl Agent {
                 .cluster_objects
                 .as_ref()
                 .map(super::cluster_objects::ClusterObjects::status),
+            services: Some(self.services_status()),
         })
+    }
+
+    /// Who translates Services, and the sync's state in bpf mode (which
+    /// needs the cluster objects: without a datastore there are no
+    /// Services, and the maps stay empty).
+    #[must_use]
+    pub fn services_status(&self) -> crate::api::services::ServicesStatus {
+        use crate::api::services::{ServicesMode, ServicesStatus};
+        let mode = self.config.services;
+        let mut status = match (&self.cluster_objects, mode) {
+            (Some(objects), ServicesMode::Bpf) => objects
+                .services()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .status
+                .clone(),
+            (None, ServicesMode::Bpf) => ServicesStatus {
+                last_error: Some(
+                    "no datastore: no Services to translate (the maps stay as they are)".to_owned(),
+                ),
+                ..ServicesStatus::default()
+            },
+            (_, ServicesMode::KubeProxy) => ServicesStatus::default(),
+        };
+        status.mode = mode;
+        status
+    }
+
+    /// [`crate::api::Request::Services`]'s answer.
+    #[must_use]
+    pub fn services_answer(&self) -> crate::api::services::ServicesAnswer {
+        use crate::api::services::{ServicesAnswer, ServicesMode};
+        match (&self.cluster_objects, self.config.services) {
+            (Some(objects), ServicesMode::Bpf) => {
+                // Status and listing from one look at the sync's state.
+                let mut answer = objects
+                    .services()
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .answer();
+                answer.status.mode = ServicesMode::Bpf;
+                answer
+            }
+            _ => ServicesAnswer {
+                status: self.services_status(),
+                services: Vec::new(),
+            },
+        }
     }
 
     /// Hands the agent the cluster objects' tasks; its endpoints are

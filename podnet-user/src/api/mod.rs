@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 pub mod explain;
 pub mod policy;
+pub mod services;
 
 pub use crate::endpoint::Endpoint;
 use crate::{endpoint::Owner, ipam::Reservation, model::NodeStatus};
@@ -172,6 +173,10 @@ pub struct AgentStatus {
     /// datastore; absent with no datastore, and from older agents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_objects: Option<ClusterObjectsStatus>,
+    /// Who translates Services and how far the datapath's maps are; absent
+    /// from older agents' answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<services::ServicesStatus>,
 }
 
 /// What the agent holds of the cluster objects (from its watch of the
@@ -274,7 +279,8 @@ pub struct PublishStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Drift {
     /// What is compared: "remote map", "host route", "endpoint map",
-    /// "veth", "filters".
+    /// "veth", "filters", "node config", "service frontend", "service
+    /// slot".
     pub kind: String,
     pub detail: String,
 }
@@ -358,6 +364,9 @@ pub enum Request {
         namespace: String,
         name: String,
     },
+    /// The Services the datapath translates, their frontends and backends:
+    /// a [`services::ServicesAnswer`].
+    Services,
     /// A stream: the agent answers [`MonitorHello`], then writes one
     /// [`MonitorMessage`] line after another until the client hangs up.
     Monitor {
@@ -378,8 +387,9 @@ pub struct MonitorHello {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum MonitorMessage {
-    /// A packet the datapath dropped.
-    Drop(DropEventRecord),
+    /// A packet the datapath dropped (boxed: the other messages are small,
+    /// and a broadcast channel slot is as large as the largest).
+    Drop(Box<DropEventRecord>),
     /// Drops of `reason` whose events the datapath did not send in the last
     /// second (over the per-CPU rate limit, or the ring buffer was full):
     /// counted, not reported one by one.
@@ -423,6 +433,11 @@ pub struct DropEventRecord {
     /// destination (in that order), as the policy in force names them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identities: Vec<IdentityRef>,
+    /// For a `service_no_backend` drop: the Service whose frontend the
+    /// packet went to (`namespace/name`), as the agent's plan in force
+    /// names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// A NetworkPolicy identity, as drop events name it.
@@ -645,5 +660,6 @@ mod cluster_objects_tests {
         }))
         .expect("an older agent's status");
         assert_eq!(old.cluster_objects, None);
+        assert_eq!(old.services, None);
     }
 }

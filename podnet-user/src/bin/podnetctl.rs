@@ -10,7 +10,7 @@ use podnet::{
     api::{
         AgentStatus, Client, ClientError, CounterTotals, DEFAULT_SOCKET, DatastoreStatus,
         DropEventRecord, EndpointStatus, FlowShare, IpamStatus, MonitorHello, MonitorMessage,
-        Request, StackFlowStatus,
+        Request, StackFlowStatus, services::ServicesAnswer,
     },
     cni::result::format_mac,
     datapath::Datapath,
@@ -51,8 +51,9 @@ enum Cmd {
     /// The other nodes this node forwards to (from the datastore).
     Nodes {
         /// Compare the agent's state with the kernel's (remote map, host
-        /// routes, endpoint map, veths and their filters): print the drift,
-        /// exit 1 when there is any.
+        /// routes, endpoint map, veths and their filters, the Service maps
+        /// and the node config's services flag): print the drift, exit 1
+        /// when there is any.
         #[arg(long)]
         check: bool,
     },
@@ -88,6 +89,10 @@ enum Cmd {
         /// The pod: `NAMESPACE/NAME`.
         pod: String,
     },
+    /// The Services the datapath translates (podnetd --services bpf): a
+    /// line per frontend (ClusterIP:port/protocol) with its id, session
+    /// affinity and backend slots in order.
+    Services,
     /// Stream the datapath's events live, one line each (with --json one
     /// JSON object per line), with the pod each belongs to, until
     /// interrupted. Drop events are rate-limited per CPU; drops over the
@@ -383,6 +388,9 @@ fn status(cli: &Cli, client: &Client) -> anyhow::Result<()> {
                 for what in &objects.publish.pending {
                     println!("pending      pod records: {what}");
                 }
+            }
+            if let Some(services) = &s.services {
+                println!("services     {}", services.summary());
             }
             for record in &s.unreadable_records {
                 println!(
@@ -710,8 +718,13 @@ fn drop_line(e: &DropEventRecord) -> String {
         ),
         _ => String::new(),
     };
+    let service = e
+        .service
+        .as_ref()
+        .map(|s| format!(" service {s}"))
+        .unwrap_or_default();
     format!(
-        "{} drop {} {pod} ifindex={} {} {tuple} len={} cpu={}{identities}",
+        "{} drop {} {pod} ifindex={} {} {tuple} len={} cpu={}{identities}{service}",
         format_utc(e.time_unix_ns),
         e.reason,
         e.ifindex,
@@ -793,6 +806,7 @@ fn main() -> anyhow::Result<()> {
         } => explain(&cli, &client, from, to, src),
         Cmd::Monitor { drops } => monitor(&cli, &client, drops),
         Cmd::Policy { ref pod } => policy(&cli, &client, pod),
+        Cmd::Services => services(&cli, &client),
         Cmd::EtcdAuth(ref args) => etcd_auth(args),
         Cmd::Apply(ref args) => objects_command(cli.json, ObjectsCommand::Apply(args)),
         Cmd::Delete(ref args) => objects_command(cli.json, ObjectsCommand::Delete(args)),
@@ -811,6 +825,11 @@ fn policy(cli: &Cli, client: &Client, pod: &str) -> anyhow::Result<()> {
     })?;
     let answer = answer.with_context(|| format!("no Pod {namespace}/{name} in the cluster"))?;
     print(cli.json, &answer, |p| print!("{p}"))
+}
+
+fn services(cli: &Cli, client: &Client) -> anyhow::Result<()> {
+    let answer: ServicesAnswer = client.call(&Request::Services)?;
+    print(cli.json, &answer, |a| print!("{a}"))
 }
 
 fn explain(

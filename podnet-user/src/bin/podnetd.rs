@@ -22,7 +22,7 @@ use podnet::{
         join,
         metrics::{AgentInfo, AgentMetrics, CniOps},
     },
-    api::DEFAULT_SOCKET,
+    api::{DEFAULT_SOCKET, services::ServicesMode},
     bpffs,
     datapath::{Datapath, FlowSweeper, PinnedMapReader},
     datastore::{
@@ -65,6 +65,12 @@ struct Args {
     /// node's DNAT, against the backend pod.
     #[arg(long)]
     service_cidr: Option<Ipv4Net>,
+    /// Who translates Services (ClusterIPs): kube-proxy (the node's
+    /// kube-proxy in the stack; default) or bpf (the datapath, from the
+    /// Services and EndpointSlices in the datastore: run no kube-proxy for
+    /// ClusterIPs then).
+    #[arg(long, value_enum)]
+    services: Option<ServicesMode>,
     /// MTU of pod interfaces (default 1500).
     #[arg(long)]
     mtu: Option<u32>,
@@ -198,6 +204,7 @@ struct FileConfig {
     pod_cidr: Option<Ipv4Net>,
     cluster_cidr: Option<Ipv4Net>,
     service_cidr: Option<Ipv4Net>,
+    services: Option<ServicesMode>,
     mtu: Option<u32>,
     stack_flows_per_endpoint: Option<u32>,
     bpffs_dir: Option<PathBuf>,
@@ -352,6 +359,7 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
             .or(file.service_cidr)
             .unwrap_or_else(podnet::agent::default_service_cidr)
             .trunc(),
+        services: args.services.or(file.services).unwrap_or_default(),
         mtu: node::effective_pod_mtu(args.mtu.or(file.mtu), network.pod_mtu()),
         stack_flows_per_endpoint: args
             .stack_flows_per_endpoint
@@ -744,6 +752,18 @@ fn follow_cluster_objects(
         .name("policy".to_owned())
         .spawn(move || podnet::agent::policy::run(&policy_registry, &policy_view, &policy_state))
         .context("starting the policy sync")?;
+    // Services in the datapath: compiled from the view into the Service
+    // maps, on a thread of its own (see `agent::services`).
+    if resolved.config.services == ServicesMode::Bpf {
+        let (services_registry, services_view, services_state) =
+            (Arc::clone(registry), handle.view(), tasks.services);
+        std::thread::Builder::new()
+            .name("services".to_owned())
+            .spawn(move || {
+                podnet::agent::services::run(&services_registry, &services_view, &services_state);
+            })
+            .context("starting the Services sync")?;
+    }
     registry
         .lock()
         .map_err(|_| anyhow::anyhow!("agent state poisoned"))?
@@ -759,4 +779,26 @@ async fn wait_for_shutdown() -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn services_mode_from_the_flag_or_the_file_default_kube_proxy() {
+        let args = Args::try_parse_from(["podnetd", "--services", "bpf"]).expect("parses");
+        assert_eq!(args.services, Some(ServicesMode::Bpf));
+        let args = Args::try_parse_from(["podnetd", "--services", "kube-proxy"]).expect("parses");
+        assert_eq!(args.services, Some(ServicesMode::KubeProxy));
+        assert!(Args::try_parse_from(["podnetd", "--services", "ipvs"]).is_err());
+        let file: FileConfig =
+            serde_json::from_str(r#"{"services": "bpf"}"#).expect("the file's key");
+        assert_eq!(file.services, Some(ServicesMode::Bpf));
+        let args = Args::try_parse_from(["podnetd"]).expect("parses");
+        let resolved = resolve(&args, FileConfig::default()).expect("resolves");
+        assert_eq!(resolved.config.services, ServicesMode::KubeProxy);
+        let resolved = resolve(&args, file).expect("resolves");
+        assert_eq!(resolved.config.services, ServicesMode::Bpf);
+    }
 }

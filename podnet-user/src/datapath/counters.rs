@@ -5,8 +5,9 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::LpmTrie};
 use podnet_common::{
-    DropReason, EndpointInfo, EndpointStats, FlowKey, PolicyCidrKey, PolicyKey, PolicyRule,
-    RemoteNode, StackFlow, TrackedConnection, Verdict, VethEndpoint, names,
+    Backend, BackendKey, DropReason, EndpointInfo, EndpointStats, FlowKey, PolicyCidrKey,
+    PolicyKey, PolicyRule, RemoteNode, ServiceEntry, ServiceKey, StackFlow, TrackedConnection,
+    Verdict, VethEndpoint, names,
 };
 
 use super::{Datapath, DatapathError, map_data, map_err};
@@ -81,8 +82,9 @@ pub struct MapFill {
 }
 
 /// The maps whose fill level is reported (the ones with an entry per pod,
-/// node or flow; the counter arrays and the config are always full).
-pub const FILLED_MAPS: [&str; 8] = [
+/// node, flow or Service; the counter arrays, the config and the
+/// backend-ports bitmap are arrays, always full).
+pub const FILLED_MAPS: [&str; 10] = [
     names::MAP_ENDPOINTS,
     names::MAP_VETHS,
     names::MAP_REMOTE,
@@ -91,6 +93,8 @@ pub const FILLED_MAPS: [&str; 8] = [
     names::MAP_POLICY,
     names::MAP_POLICY_CIDRS,
     names::MAP_CONNTRACK,
+    names::MAP_SERVICES,
+    names::MAP_SERVICE_BACKENDS,
 ];
 
 /// Read-only handles on the agent's pinned maps, opened from their pins
@@ -116,8 +120,11 @@ impl PinnedMapReader {
             verdicts: open(names::MAP_VERDICTS)?,
             drops: open(names::MAP_DROPS)?,
             veths: open(names::MAP_VETHS)?,
+            // A map without a pin is one the loaded object does not
+            // declare (an older build's): nothing to report.
             filled: FILLED_MAPS
                 .iter()
+                .filter(|&&name| pin_dir.join(name).exists())
                 .map(|&name| Ok((name, open(name)?)))
                 .collect::<Result<_, DatapathError>>()?,
         })
@@ -217,6 +224,16 @@ fn count_keys(name: &'static str, map: &aya::maps::Map) -> Result<u32, DatapathE
         ),
         names::MAP_CONNTRACK => count(
             HashMap::<_, FlowKey, TrackedConnection>::try_from(map)
+                .map_err(map_err(name, "opening"))?
+                .keys(),
+        ),
+        names::MAP_SERVICES => count(
+            HashMap::<_, ServiceKey, ServiceEntry>::try_from(map)
+                .map_err(map_err(name, "opening"))?
+                .keys(),
+        ),
+        names::MAP_SERVICE_BACKENDS => count(
+            HashMap::<_, BackendKey, Backend>::try_from(map)
                 .map_err(map_err(name, "opening"))?
                 .keys(),
         ),

@@ -19,6 +19,7 @@ mod counters;
 mod entries;
 mod flow_owners;
 mod policy;
+mod services;
 
 pub use attach::{NodeProgram, POD_TC_HANDLE, POD_TC_PRIORITY, PodProgram};
 pub use counters::{Counters, FILLED_MAPS, MapFill, PinnedMapReader};

@@ -150,6 +150,7 @@ pub struct ClusterObjects {
     pub(crate) publish: Arc<Mutex<PublishState>>,
     view: Arc<Mutex<AgentView>>,
     policy: Arc<Mutex<super::policy::PolicyState>>,
+    services: Arc<Mutex<super::services::ServicesState>>,
 }
 
 /// What the tasks read: [`publish`] the wanted records and writes its
@@ -160,6 +161,8 @@ pub struct Tasks {
     pub view: Arc<Mutex<AgentView>>,
     /// The policy sync's state ([`super::policy::run`] writes it).
     pub policy: Arc<Mutex<super::policy::PolicyState>>,
+    /// The Services sync's state ([`super::services::run`] writes it).
+    pub services: Arc<Mutex<super::services::ServicesState>>,
 }
 
 impl ClusterObjects {
@@ -171,6 +174,7 @@ impl ClusterObjects {
         let publish = Arc::new(Mutex::new(PublishState::default()));
         let view = Arc::new(Mutex::new(AgentView::default()));
         let policy = Arc::new(Mutex::new(super::policy::PolicyState::default()));
+        let services = Arc::new(Mutex::new(super::services::ServicesState::default()));
         (
             Self {
                 node: node.to_owned(),
@@ -179,12 +183,14 @@ impl ClusterObjects {
                 publish: Arc::clone(&publish),
                 view: Arc::clone(&view),
                 policy: Arc::clone(&policy),
+                services: Arc::clone(&services),
             },
             Tasks {
                 wanted: rx,
                 publish,
                 view,
                 policy,
+                services,
             },
         )
     }
@@ -240,6 +246,12 @@ impl ClusterObjects {
     #[must_use]
     pub fn policy(&self) -> Arc<Mutex<super::policy::PolicyState>> {
         Arc::clone(&self.policy)
+    }
+
+    /// The Services sync's state (the plan in force, its status).
+    #[must_use]
+    pub fn services(&self) -> Arc<Mutex<super::services::ServicesState>> {
+        Arc::clone(&self.services)
     }
 
     /// The view (for the features that read the cluster).

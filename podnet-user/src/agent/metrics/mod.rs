@@ -27,7 +27,10 @@ use tracing::{info, warn};
 
 use super::{Agent, cluster_objects::ClusterObjects};
 use crate::{
-    api::{ClusterObjectsStatus, DatastoreStatus, Endpoint, Request},
+    api::{
+        ClusterObjectsStatus, DatastoreStatus, Endpoint, Request,
+        services::{ServicesMode, ServicesStatus},
+    },
     datapath::{Counters, MapFill, PinnedMapReader},
     datastore::membership::NodeState,
     ipam::Owner,
@@ -204,6 +207,7 @@ struct Snapshot {
     pending: Vec<String>,
     datastore: DatastoreStatus,
     cluster_objects: Option<ClusterObjectsStatus>,
+    services: ServicesStatus,
 }
 
 impl Snapshot {
@@ -214,6 +218,7 @@ impl Snapshot {
             pending: reg.pending(),
             datastore: reg.datastore_status(),
             cluster_objects: reg.cluster_objects().map(ClusterObjects::status),
+            services: reg.services_status(),
         })
     }
 
@@ -332,6 +337,7 @@ impl Collector for AgentCollector {
             if let Some(objects) = &snapshot.cluster_objects {
                 encode_cluster_objects(&mut encoder, objects)?;
             }
+            encode_services(&mut encoder, &snapshot.services)?;
             encode_ready(&mut encoder, snapshot)?;
         }
         match attached.maps.fill() {
@@ -592,6 +598,53 @@ fn encode_policy(
     )
 }
 
+/// The Services sync (bpf mode; zeros with kube-proxy, whose Services
+/// the datapath does not see).
+fn encode_services(encoder: &mut DescriptorEncoder, services: &ServicesStatus) -> fmt::Result {
+    gauges(
+        encoder,
+        "services_bpf",
+        "1 when the datapath translates Services (podnetd --services bpf), 0 when the node's kube-proxy does.",
+        None,
+        [(NO_LABELS, u64::from(services.mode == ServicesMode::Bpf))],
+    )?;
+    gauges(
+        encoder,
+        "services_frontends",
+        "Service frontends (ClusterIP, port, protocol) the datapath translates.",
+        None,
+        [(NO_LABELS, count(services.frontends))],
+    )?;
+    gauges(
+        encoder,
+        "services_backends",
+        "Backend slots over all Service frontends in the datapath's maps.",
+        None,
+        [(NO_LABELS, count(services.backends))],
+    )?;
+    gauges(
+        encoder,
+        "services_refused_entries",
+        "Service map entries refused in the last sync (a full map): frontends translate to fewer backends than they have, or are not translated.",
+        None,
+        [(NO_LABELS, services.refused)],
+    )?;
+    gauges(
+        encoder,
+        "services_synced",
+        "1 once the agent has written the Service maps from a full view of the cluster (bpf mode), else 0.",
+        None,
+        [(NO_LABELS, u64::from(services.synced))],
+    )?;
+    counters(
+        encoder,
+        "services_syncs",
+        "Times the agent compiled the Services and brought the maps in step.",
+        None,
+        [(NO_LABELS, services.syncs)],
+    )
+}
+
 fn encode_ready(encoder: &mut DescriptorEncoder, snapshot: &Snapshot) -> fmt::Result {
     gauges(
         encoder,
@@ -613,7 +666,7 @@ fn encode_fill(encoder: &mut DescriptorEncoder, fill: &[MapFill]) -> fmt::Result
     gauges(
         encoder,
         "map_entries",
-        "Entries in a pinned BPF map (endpoints, veths, remote CIDRs, stack flows, identities, policy rules and CIDR sets, tracked connections).",
+        "Entries in a pinned BPF map (endpoints, veths, remote CIDRs, stack flows, identities, policy rules and CIDR sets, tracked connections, Service frontends and backend slots).",
         None,
         fill.iter().map(|f| ([("map", f.name)], f.entries)),
     )?;

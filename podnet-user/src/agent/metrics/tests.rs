@@ -148,6 +148,7 @@ fn readiness_waits_for_pending_work_and_the_datastore() {
             ..DatastoreStatus::default()
         },
         cluster_objects: None,
+        services: crate::api::services::ServicesStatus::default(),
     };
     assert!(snapshot.readiness().unwrap_err().contains("node network"));
     snapshot.pending.clear();
@@ -164,6 +165,37 @@ fn readiness_waits_for_pending_work_and_the_datastore() {
         ..DatastoreStatus::default()
     };
     assert_eq!(snapshot.readiness(), Ok(()));
+}
+
+#[test]
+fn services_are_exposed_with_their_refused_entries() {
+    use crate::api::services::{ServicesMode, ServicesStatus};
+    let status = ServicesStatus {
+        mode: ServicesMode::Bpf,
+        synced: true,
+        frontends: 3,
+        backends: 7,
+        refused: 2,
+        syncs: 5,
+        ..ServicesStatus::default()
+    };
+    let text = exposition(move |e| encode_services(e, &status));
+    for line in [
+        "podnet_services_bpf 1",
+        "# TYPE podnet_services_frontends gauge",
+        "podnet_services_frontends 3",
+        "podnet_services_backends 7",
+        "podnet_services_refused_entries 2",
+        "podnet_services_synced 1",
+        "podnet_services_syncs_total 5",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "no line {line:?} in:\n{text}"
+        );
+    }
+    let text = exposition(|e| encode_services(e, &ServicesStatus::default()));
+    assert!(text.lines().any(|l| l == "podnet_services_bpf 0"), "{text}");
 }
 
 #[test]
