@@ -51,7 +51,7 @@ pub struct ServiceEntry {
     pub backends: u32,
     /// `sessionAffinity: ClientIP`'s timeout in seconds; 0: no affinity.
     pub affinity_timeout_s: u32,
-    /// `SERVICE_F_*` bits.
+    /// Reserved for per-frontend options: 0.
     pub flags: u32,
 }
 
