@@ -30,6 +30,7 @@ use crate::datapath::{Datapath, DatapathError};
 
 pub use crate::api::explain::{
     Destination, ExplainRequest, Explanation, PolicySide, PolicyVerdicts, Proto, Sender,
+    ServiceTranslation,
 };
 
 /// Live state the packet's path reads, copied into the scratch instance.
@@ -48,6 +49,19 @@ pub struct World {
     /// (cidr, node IP, is a node address).
     pub remotes: Vec<(ipnet::Ipv4Net, Ipv4Addr, bool)>,
     pub flows: Vec<(FlowKey, podnet_common::StackFlow)>,
+    /// The Service frontend the packet is addressed to (`--services bpf`):
+    /// the scratch instance gets it with one slot, the backend followed,
+    /// and `to` is that backend's address.
+    pub service: Option<ServiceWorld>,
+}
+
+/// A Service frontend as the explained packet meets it.
+#[derive(Debug, Clone)]
+pub struct ServiceWorld {
+    pub frontend: crate::services::Frontend,
+    pub entry: podnet_common::ServiceEntry,
+    /// The backend followed (the frontend's first slot), if any.
+    pub backend: Option<crate::services::BackendAddress>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -246,6 +260,21 @@ pub fn run_scratch(
     for (key, flow) in &world.flows {
         scratch.insert_stack_flow(*key, *flow)?;
     }
+    // The frontend with the followed backend as its only slot: the run
+    // is then the same whichever slot a real connection would draw.
+    if let Some(service) = &world.service {
+        let backends = u32::from(service.backend.is_some());
+        if let Some(backend) = service.backend {
+            scratch.upsert_service_backend(service.entry.id, 1, backend)?;
+        }
+        scratch.upsert_service_frontend(
+            service.frontend,
+            podnet_common::ServiceEntry {
+                backends,
+                ..service.entry
+            },
+        )?;
+    }
     let mut context = [0u8; SKB_IFINDEX_OFFSET + 4];
     context[SKB_IFINDEX_OFFSET..].copy_from_slice(&host_ifindex.to_ne_bytes());
     let mut out = vec![0u8; frame.len() + 256];
@@ -291,21 +320,16 @@ pub fn action_name(code: i32) -> String {
 
 /// Where a packet with `verdict` goes, given the world it met.
 #[must_use]
-pub fn destination(
-    run: &RunResult,
-    world: &World,
-    request: &ExplainRequest,
-    names: &Names,
-) -> Destination {
+pub fn destination(run: &RunResult, world: &World, names: &Names) -> Destination {
     let remote = world
         .remotes
         .iter()
-        .filter(|(cidr, _, _)| cidr.contains(&request.to))
+        .filter(|(cidr, _, _)| cidr.contains(&world.to))
         .max_by_key(|(cidr, _, _)| cidr.prefix_len());
     match run.verdict {
         Some(Verdict::RedirectPeer) => match world.destination {
             Some(info) => Destination::LocalPod {
-                ip: request.to,
+                ip: world.to,
                 container_id: names.destination_container.clone(),
                 host_veth: ifname(info.host_ifindex),
                 shaped: info.flags & ENDPOINT_F_SHAPED_INGRESS != 0,

@@ -56,6 +56,7 @@ fn services_in_the_datapath(tag: &str, mode: &str) {
         std::net::SocketAddrV4::new(svc.cluster_ip, svc.tcp_port),
     );
     clients_reach_the_service(&lab.layout);
+    explain_names_the_translation(&lab.layout, client, &svc);
     for node in &lab.layout.nodes {
         let translated =
             podnet_tests::counters::read(&node.agent_socket, Verdict::ServiceTranslated);
@@ -81,4 +82,64 @@ fn cluster_ips_in_the_datapath_direct() {
         return;
     }
     services_in_the_datapath("sbd", "direct");
+}
+
+/// `podnetctl explain` to the ClusterIP names the Service, the frontend and
+/// the backend it follows, and where that backend is.
+fn explain_names_the_translation(
+    layout: &podnet_tests::lab::LabLayout,
+    client: &podnet_tests::lab::LabPod,
+    svc: &podnet_tests::services::ServiceSpec,
+) {
+    let node = layout.node(&client.node).expect("the client's node");
+    let to = format!("{}:{}", svc.cluster_ip, svc.tcp_port);
+    let out = std::process::Command::new(podnet_tests::bins::binary("podnetctl"))
+        .arg("--socket")
+        .arg(&node.agent_socket)
+        .args([
+            "--json",
+            "explain",
+            "--from",
+            &client.container_id,
+            "--to",
+            &to,
+        ])
+        .output()
+        .expect("podnetctl explain");
+    assert!(
+        out.status.success(),
+        "podnetctl explain {to}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let service = &answer["service"];
+    assert_eq!(service["service"], "default/demo", "{answer}");
+    assert_eq!(service["frontend"], format!("{to}/tcp"), "{answer}");
+    let backend = service["backend"].as_str().expect("a backend");
+    let backends: Vec<String> = svc
+        .backends
+        .iter()
+        .map(|ip| format!("{ip}:{}", svc.target_tcp_port))
+        .collect();
+    assert!(backends.iter().any(|b| b == backend), "{answer}");
+    assert_eq!(
+        service["backends"].as_array().map(Vec::len),
+        Some(2),
+        "{answer}"
+    );
+    // The backend followed is on the client's node or the other one: the
+    // run says which, as for a pod address.
+    let same_node = layout
+        .pods
+        .iter()
+        .any(|p| p.node == client.node && backend.starts_with(&format!("{}:", p.ip)));
+    let verdict = answer["verdict"].as_str().unwrap_or_default();
+    if same_node {
+        assert_eq!(verdict, "redirect_peer", "{answer}");
+    } else {
+        assert!(
+            ["vxlan_encap_bpf", "vxlan_encap", "redirect_neigh"].contains(&verdict),
+            "{answer}"
+        );
+    }
 }

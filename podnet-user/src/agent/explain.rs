@@ -11,8 +11,27 @@ use std::{sync::Mutex, time::Duration};
 
 use anyhow::Context as _;
 
+use podnet_common::node::NODE_F_SERVICES_BPF;
+
 use super::Agent;
-use crate::explain::{self, ExplainRequest, Explanation, Names, Sender, World};
+use crate::{
+    explain::{
+        self, ExplainRequest, Explanation, Names, Proto, Sender, ServiceTranslation, ServiceWorld,
+        World,
+    },
+    services::Frontend,
+};
+
+/// What the agent's lock yields for one explanation: the sender, the live
+/// state its packet meets, names for it, the Service translation it meets
+/// (if any) and where a scratch bpffs may go.
+type ExplainWorld = (
+    Sender,
+    World,
+    Names,
+    Option<ServiceTranslation>,
+    std::path::PathBuf,
+);
 
 /// Scratch datapaths loaded at once, at most.
 pub const SCRATCH_LOADS: usize = 1;
@@ -43,10 +62,7 @@ async fn turn(
 
 impl Agent {
     /// The sender, the live state its packet meets, and names for it.
-    fn explain_world(
-        &mut self,
-        request: &ExplainRequest,
-    ) -> anyhow::Result<(Sender, World, Names, std::path::PathBuf)> {
+    fn explain_world(&mut self, request: &ExplainRequest) -> anyhow::Result<ExplainWorld> {
         let from = request.from.as_str();
         let endpoint = self
             .endpoints
@@ -66,11 +82,17 @@ impl Agent {
             host_mac: endpoint.host_mac,
         };
         let keys = explain::flow_keys(&sender, request);
+        let (service, translation) = self.explain_service(request)?;
+        // A frontend's packet goes where its backend is.
+        let to = service
+            .as_ref()
+            .and_then(|s| s.backend)
+            .map_or(request.to, |b| b.address);
         let datapath = self.datapath_mut();
         let remotes = datapath
             .remotes()?
             .into_iter()
-            .filter(|r| r.cidr.contains(&request.to))
+            .filter(|r| r.cidr.contains(&to))
             .map(|r| (r.cidr, r.node_ip, r.node_address))
             .collect();
         // Looked up, not walked: the table holds up to MAX_STACK_FLOWS
@@ -86,16 +108,17 @@ impl Agent {
             config: datapath.config()?,
             sender_veth: datapath.veth(endpoint.host_ifindex)?,
             sender_entry: datapath.endpoint(endpoint.ip)?,
-            to: request.to,
-            destination: datapath.endpoint(request.to)?,
+            to,
+            destination: datapath.endpoint(to)?,
             remotes,
             flows,
+            service,
         };
         let names = Names {
             destination_container: self
                 .endpoints
                 .values()
-                .find(|e| e.ip == request.to)
+                .find(|e| e.ip == to)
                 .map(|e| e.owner.container_id.clone()),
             nodes: self
                 .remote_nodes()
@@ -103,21 +126,94 @@ impl Agent {
                 .map(|n| (n.node_ip, n.name))
                 .collect(),
         };
-        Ok((sender, world, names, self.config().state_dir.clone()))
+        Ok((
+            sender,
+            world,
+            names,
+            translation,
+            self.config().state_dir.clone(),
+        ))
+    }
+
+    /// The Service frontend `request` is addressed to, when the datapath
+    /// translates Services (`--services bpf`) and the node's map has one:
+    /// what the scratch run needs of it and what the answer says.
+    fn explain_service(
+        &mut self,
+        request: &ExplainRequest,
+    ) -> anyhow::Result<(Option<ServiceWorld>, Option<ServiceTranslation>)> {
+        let protocol = request.proto.number();
+        let Some(port) = request.port.or(match request.proto {
+            Proto::Tcp => Some(80),
+            Proto::Udp => Some(53),
+            Proto::Icmp => None,
+        }) else {
+            return Ok((None, None));
+        };
+        let frontend = Frontend {
+            address: request.to,
+            port,
+            protocol,
+        };
+        let plan = self.cluster_objects().and_then(|objects| {
+            objects
+                .services()
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .plan
+                .clone()
+        });
+        let datapath = self.datapath_mut();
+        if datapath.config()?.flags & NODE_F_SERVICES_BPF == 0 {
+            return Ok((None, None));
+        }
+        let Some(entry) = datapath.service_frontend(frontend)? else {
+            return Ok((None, None));
+        };
+        let mut backends = Vec::new();
+        for slot in 1..=entry.backends {
+            if let Some(backend) = datapath.service_backend(entry.id, slot)? {
+                backends.push(backend);
+            }
+        }
+        let translation = ServiceTranslation {
+            service: plan
+                .as_ref()
+                .and_then(|p| p.frontends.get(&frontend))
+                .map(|f| f.service.to_string()),
+            frontend: frontend.to_string(),
+            backend: backends.first().map(ToString::to_string),
+            backends: backends.iter().map(ToString::to_string).collect(),
+        };
+        let world = ServiceWorld {
+            frontend,
+            entry,
+            backend: backends.first().copied(),
+        };
+        Ok((Some(world), Some(translation)))
     }
 }
 
 /// Explains `request` (see [`crate::explain`]).
 pub fn explain(registry: &Mutex<Agent>, request: ExplainRequest) -> anyhow::Result<Explanation> {
-    let (sender, world, names, state_dir) = registry
+    let (sender, world, names, service, state_dir) = registry
         .lock()
         .map_err(|_| anyhow::anyhow!("agent state poisoned by an earlier panic"))?
         .explain_world(&request)?;
     let frame = explain::build_frame(&sender, &request);
     let run = explain::run_scratch(&state_dir, &world, sender.host_ifindex, &frame)
         .context("running the packet through a scratch copy of the datapath")?;
-    let destination = explain::destination(&run, &world, &request, &names);
-    let policy = policy_verdicts(registry, &request, &sender);
+    let destination = explain::destination(&run, &world, &names);
+    // Policy judges the backend, after the translation.
+    let judged = match world.service.as_ref().and_then(|s| s.backend) {
+        Some(backend) => ExplainRequest {
+            to: backend.address,
+            port: Some(backend.port),
+            ..request.clone()
+        },
+        None => request.clone(),
+    };
+    let policy = policy_verdicts(registry, &judged, &sender);
     let out = (run.frame_out.len() >= 34).then_some(&run.frame_out);
     Ok(Explanation {
         verdict: run
@@ -131,6 +227,7 @@ pub fn explain(registry: &Mutex<Agent>, request: ExplainRequest) -> anyhow::Resu
         dst_mac_out: out
             .map(|f| crate::endpoint::format_mac(&[f[0], f[1], f[2], f[3], f[4], f[5]])),
         policy,
+        service,
         request,
         sender,
     })

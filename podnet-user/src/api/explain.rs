@@ -153,6 +153,25 @@ pub struct Explanation {
     /// policy verdict, from the objects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyVerdicts>,
+    /// The Service translation the datapath makes of the packet
+    /// (`--services bpf`, a frontend's address and port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceTranslation>,
+}
+
+/// A packet to a Service frontend, as the datapath translates it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceTranslation {
+    /// `namespace/name` of the Service (from the plan in force).
+    pub service: Option<String>,
+    /// `address:port/protocol`.
+    pub frontend: String,
+    /// The backend the explanation follows (`address:port`), `None` for a
+    /// frontend without one (the datapath drops: `service_no_backend`).
+    pub backend: Option<String>,
+    /// Every backend slot of the frontend in the datapath, in order: a new
+    /// connection draws one at random (or its client's affine one).
+    pub backends: Vec<String>,
 }
 
 /// NetworkPolicy's verdict on an explained connection: the sender's egress

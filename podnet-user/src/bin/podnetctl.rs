@@ -909,6 +909,9 @@ fn explain(
             Destination::HostStack { why } => format!("the host stack: {why}"),
             Destination::Dropped { reason } => format!("nowhere: dropped ({reason})"),
         };
+        if let Some(service) = &e.service {
+            print_service_translation(service);
+        }
         println!("goes to     {goes}");
         if let (Some(ttl), Some(mac)) = (e.ttl_out, &e.dst_mac_out) {
             println!(
@@ -933,6 +936,23 @@ fn explain(
             }
         }
     })
+}
+
+/// `podnetctl explain`'s `service` line.
+fn print_service_translation(service: &podnet::explain::ServiceTranslation) {
+    let name = service.service.as_deref().unwrap_or("a Service");
+    match &service.backend {
+        Some(backend) => println!(
+            "service     {name} {} -> {backend}: backend 1 of {} ({}), a new connection draws one",
+            service.frontend,
+            service.backends.len(),
+            service.backends.join(", ")
+        ),
+        None => println!(
+            "service     {name} {} has no backend: new connections are dropped",
+            service.frontend
+        ),
+    }
 }
 
 /// `apply`, `delete` or `get`.

@@ -54,6 +54,37 @@ impl Datapath {
             .collect()
     }
 
+    /// The entry of `frontend`, if the map has one (a point lookup).
+    pub fn service_frontend(
+        &mut self,
+        frontend: Frontend,
+    ) -> Result<Option<ServiceEntry>, DatapathError> {
+        match self.services_map()?.get(&frontend.key(), 0) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(
+                names::MAP_SERVICES,
+                format!("looking up {frontend}"),
+            )(e)),
+        }
+    }
+
+    /// Backend slot `slot` of frontend `id`, if written (a point lookup).
+    pub fn service_backend(
+        &mut self,
+        id: u32,
+        slot: u32,
+    ) -> Result<Option<BackendAddress>, DatapathError> {
+        match self.service_backends_map()?.get(&backend_key(id, slot), 0) {
+            Ok(backend) => Ok(Some(BackendAddress::from_value(&backend))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(
+                names::MAP_SERVICE_BACKENDS,
+                format!("looking up slot {slot} of frontend {id}"),
+            )(e)),
+        }
+    }
+
     /// Adds or replaces a frontend's entry.
     pub fn upsert_service_frontend(
         &mut self,
