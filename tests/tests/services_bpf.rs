@@ -57,6 +57,7 @@ fn services_in_the_datapath(tag: &str, mode: &str) {
     );
     clients_reach_the_service(&lab.layout);
     explain_names_the_translation(&lab.layout, client, &svc);
+    a_udp_flow_follows_its_backend_away(&lab.layout, client, &svc);
     for node in &lab.layout.nodes {
         let translated =
             podnet_tests::counters::read(&node.agent_socket, Verdict::ServiceTranslated);
@@ -141,5 +142,54 @@ fn explain_names_the_translation(
             ["vxlan_encap_bpf", "vxlan_encap", "redirect_neigh"].contains(&verdict),
             "{answer}"
         );
+    }
+}
+
+/// kubernetes/kubernetes#59368: a client keeps sending on one UDP 5-tuple
+/// while its backend leaves the Service. Its datagrams must reach a live
+/// backend within a moment, not the one that left, as long as it keeps
+/// sending.
+fn a_udp_flow_follows_its_backend_away(
+    layout: &podnet_tests::lab::LabLayout,
+    client: &podnet_tests::lab::LabPod,
+    svc: &podnet_tests::services::ServiceSpec,
+) {
+    let flow = podnet_tests::services::udp_session(
+        &client.netns,
+        std::net::SocketAddrV4::new(svc.cluster_ip, svc.udp_port),
+    )
+    .expect("a UDP flow");
+    let first = flow.ask().expect("the flow's first answer");
+    let leaving = layout
+        .pods
+        .iter()
+        .find(|p| p.name == first)
+        .expect("the backend that answered");
+    let staying: Vec<_> = layout
+        .pods
+        .iter()
+        .filter(|p| svc.backends.contains(&p.ip) && p.ip != leaving.ip)
+        .collect();
+    let remaining = podnet_tests::services::ServiceSpec {
+        backends: staying.iter().map(|p| p.ip).collect(),
+        ..svc.clone()
+    };
+    let nodes: Vec<String> = staying.iter().map(|p| p.node.clone()).collect();
+    layout
+        .apply_objects(&podnet_tests::services::demo_service_objects(
+            &remaining, &nodes,
+        ))
+        .expect("the EndpointSlice without the backend that answered");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let answer = flow.ask().expect("the flow keeps being answered");
+        if staying.iter().any(|p| p.name == answer) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after 5 s the flow still reaches {answer}, which left the Service"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

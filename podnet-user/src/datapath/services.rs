@@ -163,6 +163,58 @@ impl Datapath {
     }
 }
 
+impl Datapath {
+    /// Drops from the connection table every translated connection whose
+    /// backend is one of `departed` ((frontend id, backend)): the
+    /// client's entry to the frontend and the backend's reply entry.
+    /// Walks the table (up to `MAX_TRACKED_CONNECTIONS` entries): called
+    /// only when a UDP backend leaves a frontend. Returns the connections
+    /// dropped.
+    pub fn forget_translated_connections(
+        &mut self,
+        departed: &std::collections::BTreeSet<(u32, BackendAddress)>,
+    ) -> Result<usize, DatapathError> {
+        use podnet_common::{FlowKey, TrackedConnection, policy::CONN_NAT_DST};
+        let name = names::MAP_CONNTRACK;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { name })?;
+        let mut table: HashMap<&mut MapData, FlowKey, TrackedConnection> =
+            HashMap::try_from(map).map_err(map_err(name, "opening as hash map"))?;
+        let doomed: Vec<FlowKey> = table
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, conn)| {
+                conn.nat == CONN_NAT_DST
+                    && departed.contains(&(
+                        conn.service,
+                        BackendAddress::from_value(&podnet_common::Backend {
+                            address: conn.nat_address,
+                            port: conn.nat_port,
+                            pad: 0,
+                        }),
+                    ))
+            })
+            .flat_map(|(key, conn)| {
+                let reply = FlowKey::new(
+                    conn.nat_address,
+                    key.src,
+                    conn.nat_port,
+                    key.src_port,
+                    key.proto,
+                );
+                [key, reply]
+            })
+            .collect();
+        for key in &doomed {
+            // Gone meanwhile (expired, evicted): nothing to drop.
+            let _ = table.remove(key);
+        }
+        Ok(doomed.len() / 2)
+    }
+}
+
 fn backend_key(id: u32, slot: u32) -> BackendKey {
     BackendKey { service: id, slot }
 }

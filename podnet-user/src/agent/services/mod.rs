@@ -169,6 +169,13 @@ pub fn run(
         match report {
             Ok(report) => {
                 last_seen = report.errors.is_empty().then_some(generation);
+                if report.forgotten > 0 {
+                    info!(
+                        connections = report.forgotten,
+                        "Services: UDP connections of backends that left dropped (their next \
+                         datagram picks a live backend)"
+                    );
+                }
                 if !report.errors.is_empty() && status.last_error.as_ref() != report.errors.first()
                 {
                     warn!(refused = report.refused, incomplete = report.incomplete.len(),

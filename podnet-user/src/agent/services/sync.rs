@@ -35,6 +35,13 @@ pub trait ServiceMaps {
     ) -> Result<(), DatapathError>;
     fn remove_backend(&mut self, id: u32, slot: u32) -> Result<(), DatapathError>;
     fn set_port_word(&mut self, index: u32, word: u64) -> Result<(), DatapathError>;
+    /// Drops the tracked connections translated to `departed` backends
+    /// ((frontend id, backend)), both entries of each; returns how many
+    /// connections.
+    fn forget_connections(
+        &mut self,
+        departed: &BTreeSet<(u32, BackendAddress)>,
+    ) -> Result<usize, DatapathError>;
 }
 
 impl ServiceMaps for Datapath {
@@ -70,6 +77,12 @@ impl ServiceMaps for Datapath {
     }
     fn set_port_word(&mut self, index: u32, word: u64) -> Result<(), DatapathError> {
         self.set_service_port_word(index, word)
+    }
+    fn forget_connections(
+        &mut self,
+        departed: &BTreeSet<(u32, BackendAddress)>,
+    ) -> Result<usize, DatapathError> {
+        self.forget_translated_connections(departed)
     }
 }
 
@@ -134,6 +147,9 @@ pub struct SyncReport {
     pub incomplete: BTreeSet<Frontend>,
     /// What failed, in order.
     pub errors: Vec<String>,
+    /// UDP connections dropped from the connection table because their
+    /// backend left its frontend (see [`apply_plan`], step 6).
+    pub forgotten: usize,
 }
 
 /// Brings the maps from `current` to `plan`, the frontends numbered by
@@ -148,7 +164,14 @@ pub struct SyncReport {
 /// 3. removed frontends: the entry, then its slots;
 /// 4. slots no entry names (a restart after a removal half done);
 /// 5. the bits of ports no backend serves on any more, but those of
-///    `keep` (see [`PortLinger`]).
+///    `keep` (see [`PortLinger`]);
+/// 6. the tracked UDP connections of backends that left a UDP frontend
+///    (removed from its slots, or the frontend gone): a client that keeps
+///    sending on one 5-tuple would otherwise keep going to a backend that
+///    is gone (kubernetes/kubernetes#59368, which kube-proxy fixed by
+///    deleting those conntrack entries); its next datagram picks a live
+///    backend. TCP connections stay: a terminating backend still serves
+///    the ones it has.
 ///
 /// Returns what the maps hold afterwards (what failed to be written is not
 /// in it, so the next sync tries again) and the report. A refused slot
@@ -162,6 +185,7 @@ pub fn apply_plan(
     keep: &BTreeSet<u16>,
 ) -> (Applied, SyncReport) {
     let mut report = SyncReport::default();
+    let departed = departed_udp_backends(&current, plan, ids);
     let wanted_ports = port_words(&plan.backend_ports());
     // 1. New port bits, the old ones kept for now.
     let union: Vec<u64> = current
@@ -229,7 +253,52 @@ pub fn apply_plan(
     ports.extend(current.backends.values().map(|b| b.port));
     ports.extend(keep);
     write_port_words(maps, &mut current, &port_words(&ports), &mut report);
+    // 6. Only once no slot names them: no new connection goes there.
+    let still_slotted: BTreeSet<(u32, BackendAddress)> = current
+        .backends
+        .iter()
+        .map(|(&(id, _), &backend)| (id, backend))
+        .collect();
+    let departed: BTreeSet<(u32, BackendAddress)> =
+        departed.difference(&still_slotted).copied().collect();
+    if !departed.is_empty() {
+        match maps.forget_connections(&departed) {
+            Ok(n) => report.forgotten += n,
+            Err(e) => report.errors.push(e.to_string()),
+        }
+    }
     (current, report)
+}
+
+/// The (frontend id, backend) pairs of UDP frontends in `current` whose
+/// backend the plan no longer has there.
+fn departed_udp_backends(
+    current: &Applied,
+    plan: &ServicePlan,
+    ids: &BTreeMap<Frontend, u32>,
+) -> BTreeSet<(u32, BackendAddress)> {
+    const UDP: u8 = 17;
+    let mut departed = BTreeSet::new();
+    for (frontend, entry) in &current.frontends {
+        if frontend.protocol != UDP {
+            continue;
+        }
+        let kept: BTreeSet<BackendAddress> = plan
+            .frontends
+            .get(frontend)
+            .filter(|_| ids.get(frontend) == Some(&entry.id))
+            .map(|wanted| wanted.backends.iter().copied().collect())
+            .unwrap_or_default();
+        departed.extend(
+            current
+                .backends
+                .range((entry.id, 0)..=(entry.id, u32::MAX))
+                .map(|(_, backend)| *backend)
+                .filter(|backend| !kept.contains(backend))
+                .map(|backend| (entry.id, backend)),
+        );
+    }
+    departed
 }
 
 /// Step 2 of [`apply_plan`] for one frontend: its slots 1..=n, its entry,

@@ -31,6 +31,8 @@ enum Op {
     /// Entry written with this count / removed.
     Entry(u32),
     Unentry,
+    /// Connections of this many departed backends forgotten.
+    Forget(usize),
 }
 
 struct FakeMaps {
@@ -40,6 +42,8 @@ struct FakeMaps {
     backend_capacity: usize,
     /// The bitmap refuses every write (it never does in a kernel).
     ports_broken: bool,
+    /// (frontend id, backend) whose connections were forgotten.
+    forgotten: Vec<(u32, BackendAddress)>,
 }
 
 impl Default for FakeMaps {
@@ -50,6 +54,7 @@ impl Default for FakeMaps {
             frontend_capacity: 64,
             backend_capacity: 64,
             ports_broken: false,
+            forgotten: Vec::new(),
         }
     }
 }
@@ -151,6 +156,14 @@ impl ServiceMaps for FakeMaps {
         self.held.ports[index as usize] = word;
         self.did(Op::Port(index));
         Ok(())
+    }
+    fn forget_connections(
+        &mut self,
+        departed: &BTreeSet<(u32, BackendAddress)>,
+    ) -> Result<usize, DatapathError> {
+        self.forgotten.extend(departed.iter().copied());
+        self.did(Op::Forget(departed.len()));
+        Ok(departed.len())
     }
 }
 
@@ -338,6 +351,9 @@ fn a_removed_frontend_loses_its_entry_before_its_slots() {
             Op::Unslot(dns_id, 1),
             Op::Unslot(dns_id, 2),
             Op::Port(word(5353)),
+            // A UDP frontend's backends left with it: their connections
+            // go last.
+            Op::Forget(2),
         ]
     );
     assert_eq!(ids.get(&DNS), None, "its id is released");
@@ -607,4 +623,61 @@ fn a_gone_backends_port_bit_lingers_for_its_connections() {
             .is_empty()
     );
     assert!(!lingering.due(t0 + linger, linger));
+}
+
+#[test]
+fn a_udp_backend_that_leaves_loses_its_connections_after_its_slots() {
+    let mut maps = FakeMaps::default();
+    let mut ids = FrontendIds::default();
+    let both = plan(&[
+        (DNS, vec![backend(1, 5353), backend(2, 5353)]),
+        (WEB, vec![backend(1, 8080), backend(2, 8080)]),
+    ]);
+    let (applied, _) = sync(&mut maps, &mut ids, Applied::default(), &both);
+    maps.ops.clear();
+    // Backend 1 leaves both frontends: its UDP connections are dropped,
+    // once no slot names it; its TCP ones stay (a terminating backend
+    // still serves them).
+    let (applied, report) = sync(
+        &mut maps,
+        &mut ids,
+        applied,
+        &plan(&[(DNS, vec![backend(2, 5353)]), (WEB, vec![backend(2, 8080)])]),
+    );
+    assert!(report.errors.is_empty(), "{report:?}");
+    let dns_id = applied.frontends[&DNS].id;
+    assert_eq!(maps.forgotten, [(dns_id, backend(1, 5353))]);
+    assert_eq!(report.forgotten, 1);
+    let forget = maps
+        .ops
+        .iter()
+        .position(|op| matches!(op, Op::Forget(_)))
+        .expect("forgotten");
+    assert!(
+        maps.ops[..forget]
+            .iter()
+            .any(|op| matches!(op, Op::Unslot(id, _) if *id == dns_id)),
+        "the slots change before the connections go: {:?}",
+        maps.ops
+    );
+    // The whole UDP frontend goes: its last backend's connections too.
+    maps.forgotten.clear();
+    let (_, report) = sync(
+        &mut maps,
+        &mut ids,
+        applied,
+        &plan(&[(WEB, vec![backend(2, 8080)])]),
+    );
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(maps.forgotten, [(dns_id, backend(2, 5353))]);
+    // Nothing leaves: nothing is forgotten.
+    maps.forgotten.clear();
+    let current = maps.held.clone();
+    let _ = sync(
+        &mut maps,
+        &mut ids,
+        current,
+        &plan(&[(WEB, vec![backend(2, 8080)])]),
+    );
+    assert!(maps.forgotten.is_empty());
 }
