@@ -17,7 +17,7 @@ const RUN_DIR: &str = "/run/podnet-lab";
 pub struct LabArgs {
     /// Arguments for podnet-lab: up [--nodes N] [--pods-per-node M] [--mode vxlan|direct]
     /// [--datastore file|etcd] [--etcd-members N] [--etcd-tls] [--agent-arg=ARG ...]
-    /// [--service iptables|nft|none] [--pod-model e2e] | status | check | down
+    /// [--service iptables|nft|bpf|none] [--pod-model e2e] | status | check | down
     /// | etcd [status|stop|kill|start MEMBER]
     /// | get NODE [/metrics|/healthz|/readyz] [--addr IP:PORT]
     /// | apply|delete -f FILE|- [-n NS] | delete KIND NAME... | get KIND [NAME...] [-n NS|-A] [-o wide|yaml|json]
