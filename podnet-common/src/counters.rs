@@ -156,10 +156,15 @@ pub enum DropReason {
     /// A new connection to a Service frontend that has no endpoint to send
     /// it to (kube-proxy rejects these).
     ServiceNoBackend = 17,
+    /// A TCP segment other than a SYN to a Service frontend, of no tracked
+    /// connection: its entry expired or was evicted from a full connection
+    /// table. Sent to another backend it would only earn an RST; dropped
+    /// and counted instead, so a table too small shows.
+    ServiceConnectionUnknown = 18,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::MalformedIpv4,
         Self::SpoofedSourceIp,
@@ -179,6 +184,7 @@ impl DropReason {
         Self::PolicyDeniedIngress,
         Self::PolicyDeniedEgress,
         Self::ServiceNoBackend,
+        Self::ServiceConnectionUnknown,
     ];
 
     #[must_use]
@@ -202,6 +208,7 @@ impl DropReason {
             Self::PolicyDeniedIngress => "policy_denied_ingress",
             Self::PolicyDeniedEgress => "policy_denied_egress",
             Self::ServiceNoBackend => "service_no_backend",
+            Self::ServiceConnectionUnknown => "service_connection_unknown",
         }
     }
 }

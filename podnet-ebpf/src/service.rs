@@ -97,6 +97,9 @@ fn ports_of(ctx: &TcContext, ip: &Ipv4Fields) -> Option<(u16, u16, u8)> {
 const FOUND_TRACKED: u64 = 1;
 const FOUND_NEW: u64 = 2;
 const FOUND_NO_BACKEND: u64 = 3;
+const FOUND_UNKNOWN_CONNECTION: u64 = 4;
+/// TCP's SYN flag.
+const TCP_SYN: u8 = 0x02;
 
 /// Translates a pod's packet for the Service CIDR (`ip` is updated to the
 /// rewritten destination). `Err`: a frontend without a backend, or a
@@ -128,6 +131,7 @@ pub fn to_backend(ctx: &mut TcContext, ip: &mut Ipv4Fields) -> Result<Forward, D
             )))
         }
         FOUND_NO_BACKEND => Err(DropReason::ServiceNoBackend),
+        FOUND_UNKNOWN_CONNECTION => Err(DropReason::ServiceConnectionUnknown),
         _ => Ok(Forward::NotAFrontend),
     }
 }
@@ -183,6 +187,11 @@ fn find_backend(addresses: u64, ports: u64) -> u64 {
     let Some(service) = (unsafe { SERVICES.get(key) }).copied() else {
         return 0;
     };
+    // Only a SYN opens a TCP connection: anything else of an unknown one
+    // lost its entry (expired, or evicted from a full table).
+    if proto == IPPROTO_TCP && tcp_flags & TCP_SYN == 0 {
+        return FOUND_UNKNOWN_CONNECTION << 56;
+    }
     if service.backends == 0 {
         return FOUND_NO_BACKEND << 56;
     }

@@ -485,3 +485,26 @@ fn an_icmp_error_from_the_backend_reaches_the_client_about_the_frontend() {
         "embedded IP header checksum"
     );
 }
+
+#[test]
+fn a_segment_of_a_connection_the_table_lost_is_dropped_and_counted() {
+    if !privileged("a_segment_of_a_connection_the_table_lost_is_dropped_and_counted") {
+        return;
+    }
+    // An ACK to the frontend with no tracked connection (its entry
+    // expired or was evicted): re-balanced it would only earn an RST from
+    // another backend.
+    let mut h = node("svc-lost", true, IPPROTO_TCP, &[POD_B_IP]);
+    let out = h.run(PROG_FROM_POD, &a_to_frontend(TCP_ACK)).expect("run");
+    assert_eq!(out.verdict, TC_ACT_SHOT);
+    assert_eq!(
+        counters(&h).drop_count(DropReason::ServiceConnectionUnknown),
+        1
+    );
+    assert_eq!(counters(&h).verdict(Verdict::ServiceTranslated), 0);
+    // A SYN opens it; then the ACK is the connection's.
+    let out = h.run(PROG_FROM_POD, &a_to_frontend(TCP_SYN)).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let out = h.run(PROG_FROM_POD, &a_to_frontend(TCP_ACK)).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+}
