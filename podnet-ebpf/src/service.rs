@@ -163,16 +163,12 @@ fn find_backend(addresses: u64, ports: u64) -> u64 {
         let conn = unsafe { &mut *conn };
         if conn.nat == CONN_NAT_DST && !conn.expired(proto, now) {
             let (address, port) = (conn.nat_address, conn.nat_port);
-            let closing = closing_flags(tcp_flags, CONN_F_RST, CONN_F_FIN);
-            if closing & !conn.flags != 0 || now.saturating_sub(conn.last_seen_ns) > REFRESH_NS {
-                conn.last_seen_ns = now;
-                conn.flags |= closing;
-                refresh(
-                    &FlowKey::new(address, client, port, client_port, proto),
-                    now,
-                    closing,
-                );
-            }
+            touch(
+                conn,
+                tcp_flags,
+                now,
+                &FlowKey::new(address, client, port, client_port, proto),
+            );
             return u64::from(address) | u64::from(port) << 32 | FOUND_TRACKED << 56;
         }
     }
@@ -425,16 +421,12 @@ fn find_frontend(addresses: u64, ports: u64) -> u64 {
         return 0;
     }
     let (frontend, frontend_port) = (conn.nat_address, conn.nat_port);
-    let closing = closing_flags(tcp_flags, CONN_F_RST, CONN_F_FIN);
-    if closing & !conn.flags != 0 || now.saturating_sub(conn.last_seen_ns) > REFRESH_NS {
-        conn.last_seen_ns = now;
-        conn.flags |= closing;
-        refresh(
-            &FlowKey::new(client, frontend, client_port, frontend_port, proto),
-            now,
-            closing,
-        );
-    }
+    touch(
+        conn,
+        tcp_flags,
+        now,
+        &FlowKey::new(client, frontend, client_port, frontend_port, proto),
+    );
     u64::from(frontend) | u64::from(frontend_port) << 32 | 1 << 56
 }
 
@@ -507,6 +499,19 @@ fn icmp_error_from_frontend(
         ip.src = address;
     }
     Ok(())
+}
+
+/// A translated connection's entry met a packet with `tcp_flags` at `now`:
+/// its timestamp (at most once per [`REFRESH_NS`], or at once for a new
+/// FIN or RST) and, with it, that of its other entry `other`.
+#[inline(always)]
+fn touch(conn: &mut TrackedConnection, tcp_flags: u8, now: u64, other: &FlowKey) {
+    let closing = closing_flags(tcp_flags, CONN_F_RST, CONN_F_FIN);
+    if closing & !conn.flags != 0 || now.saturating_sub(conn.last_seen_ns) > REFRESH_NS {
+        conn.last_seen_ns = now;
+        conn.flags |= closing;
+        refresh(other, now, closing);
+    }
 }
 
 /// Refreshes the other entry of a translated connection (a connection

@@ -92,6 +92,22 @@ pub enum DatapathError {
     },
 }
 
+impl DatapathError {
+    /// The error with every source below it, one line (`a: b: c`): what a
+    /// status line or a report shows of it.
+    #[must_use]
+    pub fn with_sources(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            text.push_str(": ");
+            text.push_str(&e.to_string());
+            source = e.source();
+        }
+        text
+    }
+}
+
 /// A map removal whose key was not there succeeded: aya 0.14 reports that
 /// as the syscall's ENOENT, not as `MapError::KeyNotFound` (which only its
 /// lookups return), so both mean "already gone".

@@ -268,18 +268,6 @@ fn refused(report: &mut SyncReport, error: &DatapathError) {
     // One message per sync is enough to name the map; the count says how
     // many.
     if report.errors.len() < 8 {
-        report
-            .errors
-            .push(format!("{error}: {}", source_chain(error)));
+        report.errors.push(error.with_sources());
     }
-}
-
-fn source_chain(error: &dyn std::error::Error) -> String {
-    let mut parts = Vec::new();
-    let mut source = error.source();
-    while let Some(e) = source {
-        parts.push(e.to_string());
-        source = e.source();
-    }
-    parts.join(": ")
 }
