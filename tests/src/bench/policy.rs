@@ -57,7 +57,7 @@ use super::{
     figure,
     rounds::progress,
     stats::percentile,
-    tools::{Pair, connection_rate, latency, rss_kib, throughput},
+    tools::{Pair, PairRuns, connection_rate, latency, measure_pair, pair_figures, rss_kib},
 };
 use crate::{
     lab::{LabDatastore, LabGuard, LabLayout, LabOptions, LabPod},
@@ -449,7 +449,7 @@ fn measure_enforcement(
         ("policy-cross-node", roles.pair(roles.client_cross)),
     ];
     let (tput_seconds, seconds) = run_seconds(opts);
-    let mut runs: BTreeMap<(&str, &str, &str), Vec<f64>> = BTreeMap::new();
+    let mut runs = PairRuns::new();
     let mut allowed: BTreeMap<&str, u64> = BTreeMap::new();
     let mut rng = opts.rng("policy");
     for round in 1..=opts.rounds {
@@ -466,31 +466,12 @@ fn measure_enforcement(
                     "policy: round {round}/{}: {scenario}: {}",
                     opts.rounds, c.name
                 ));
-                let gbps = throughput(pair, tput_seconds)
-                    .with_context(|| format!("{scenario} {} throughput", c.name))?;
-                let (p50, _) = latency(pair, seconds)
-                    .with_context(|| format!("{scenario} {} latency", c.name))?;
-                let rate = connection_rate(pair, seconds)
-                    .with_context(|| format!("{scenario} {} connection rate", c.name))?;
-                for (metric, v) in [
-                    ("tcp_throughput", gbps),
-                    ("latency_p50", p50),
-                    ("conn_rate", rate),
-                ] {
-                    runs.entry((scenario, c.name, metric)).or_default().push(v);
-                }
+                measure_pair(pair, (tput_seconds, seconds), (scenario, c.name), &mut runs)?;
             }
             *allowed.entry(c.name).or_default() += maps[0].allowed()? + maps[1].allowed()? - before;
         }
     }
-    for ((scenario, name, metric), values) in runs {
-        let unit = match metric {
-            "tcp_throughput" => "Gbit/s",
-            "conn_rate" => "conn/s",
-            _ => "us",
-        };
-        figures.push(figure(scenario, name, metric, unit, values));
-    }
+    pair_figures(runs, figures);
     // The evidence that the policy conditions were judged (connections
     // allowed by a rule) and the unselected one was not.
     for c in &conditions {

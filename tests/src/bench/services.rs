@@ -34,7 +34,7 @@ use serde_json::json;
 use super::{
     BenchOptions, Figure, figure,
     rounds::progress,
-    tools::{Pair, connection_rate, latency, throughput},
+    tools::{Pair, PairRuns, measure_pair, pair_figures},
 };
 use crate::{
     lab::{LabDatastore, LabGuard, LabLayout, LabOptions, LabPod, in_netns},
@@ -191,7 +191,7 @@ pub fn measure(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow::Result
         dial,
     };
     let seconds = (opts.seconds.min(2), 1);
-    let mut runs: BTreeMap<(&str, &str, &str), Vec<f64>> = BTreeMap::new();
+    let mut runs = PairRuns::new();
     let mut translations: BTreeMap<&str, u64> = BTreeMap::new();
     let mut rng = opts.rng("services");
     for round in 1..=opts.rounds {
@@ -209,19 +209,7 @@ pub fn measure(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow::Result
                     "services: round {round}/{}: {scenario}: {name}",
                     opts.rounds
                 ));
-                let gbps = throughput(pair, seconds.0)
-                    .with_context(|| format!("{scenario} {name} throughput"))?;
-                let (p50, _) = latency(pair, seconds.1)
-                    .with_context(|| format!("{scenario} {name} latency"))?;
-                let rate = connection_rate(pair, seconds.1)
-                    .with_context(|| format!("{scenario} {name} connection rate"))?;
-                for (metric, v) in [
-                    ("tcp_throughput", gbps),
-                    ("latency_p50", p50),
-                    ("conn_rate", rate),
-                ] {
-                    runs.entry((scenario, name, metric)).or_default().push(v);
-                }
+                measure_pair(pair, seconds, (scenario, name), &mut runs)?;
             }
             *translations.entry(name).or_default() += translated(layout) - before;
         }
@@ -234,18 +222,11 @@ pub fn measure(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow::Result
 /// The figures of the rounds, and the check that the datapath translated
 /// in the bpf condition only.
 fn report(
-    runs: BTreeMap<(&str, &str, &str), Vec<f64>>,
+    runs: PairRuns<'_>,
     translations: &BTreeMap<&str, u64>,
     figures: &mut Vec<Figure>,
 ) -> anyhow::Result<()> {
-    for ((scenario, name, metric), values) in runs {
-        let unit = match metric {
-            "tcp_throughput" => "Gbit/s",
-            "conn_rate" => "conn/s",
-            _ => "us",
-        };
-        figures.push(figure(scenario, name, metric, unit, values));
-    }
+    pair_figures(runs, figures);
     for name in [POD_IP, CLUSTER_IP_BPF, CLUSTER_IP_NFT] {
         #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
         let n = translations.get(name).copied().unwrap_or(0) as f64;

@@ -255,6 +255,50 @@ fn vm_rss_kib(status: &str) -> Option<f64> {
         .ok()
 }
 
+/// Runs of the paired parts (policy, Services), keyed (scenario,
+/// dataplane, metric): one value per round.
+pub type PairRuns<'a> = std::collections::BTreeMap<(&'a str, &'a str, &'static str), Vec<f64>>;
+
+/// Measures `pair` the way the paired parts compare conditions: single-
+/// stream TCP throughput over `tput_seconds`, p50 latency and connection
+/// rate over `seconds` each; adds them to `runs` under (`scenario`,
+/// `dataplane`).
+pub fn measure_pair<'a>(
+    pair: &Pair,
+    (tput_seconds, seconds): (u64, u64),
+    (scenario, dataplane): (&'a str, &'a str),
+    runs: &mut PairRuns<'a>,
+) -> anyhow::Result<()> {
+    let gbps = throughput(pair, tput_seconds)
+        .with_context(|| format!("{scenario} {dataplane} throughput"))?;
+    let (p50, _) =
+        latency(pair, seconds).with_context(|| format!("{scenario} {dataplane} latency"))?;
+    let rate = connection_rate(pair, seconds)
+        .with_context(|| format!("{scenario} {dataplane} connection rate"))?;
+    for (metric, v) in [
+        ("tcp_throughput", gbps),
+        ("latency_p50", p50),
+        ("conn_rate", rate),
+    ] {
+        runs.entry((scenario, dataplane, metric))
+            .or_default()
+            .push(v);
+    }
+    Ok(())
+}
+
+/// The figures of [`measure_pair`]'s runs.
+pub fn pair_figures(runs: PairRuns<'_>, figures: &mut Vec<super::Figure>) {
+    for ((scenario, name, metric), values) in runs {
+        let unit = match metric {
+            "tcp_throughput" => "Gbit/s",
+            "conn_rate" => "conn/s",
+            _ => "us",
+        };
+        figures.push(super::figure(scenario, name, metric, unit, values));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
