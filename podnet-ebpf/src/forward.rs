@@ -118,12 +118,14 @@ pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
     to_endpoint(ctx, &ip, &dst, arrival.verdict())
 }
 
-/// A remote backend's reply to a local client's translated Service
-/// connection comes from the frontend again (`--services bpf`), after
-/// policy judged it as the backend's: `Some(drop code)` when the rewrite
-/// failed, else `None` to go on.
+/// A backend's reply to a local client's translated Service connection
+/// comes from the frontend again (`--services bpf`), after policy judged
+/// it as the backend's: `Some(drop code)` when the rewrite failed, else
+/// `None` to go on. Called where such a reply reaches a local client from
+/// elsewhere than a local pod: from another node, and from the stack (a
+/// backend outside the pod network, routed and masqueraded by the node).
 #[inline(always)]
-fn translate_reply(ctx: &mut TcContext, ip: &mut Ipv4Fields, program: Program) -> Option<i32> {
+pub fn translate_reply(ctx: &mut TcContext, ip: &mut Ipv4Fields, program: Program) -> Option<i32> {
     if !CONFIG
         .get(0)
         .is_some_and(|config| config.flags & NODE_F_SERVICES_BPF != 0)

@@ -13,7 +13,7 @@ use podnet_common::{
 };
 
 use crate::{
-    flows,
+    flows, forward,
     lookup::{endpoint, remote_node},
     packet::{self, L3},
     policy::{self, Judged},
@@ -29,7 +29,7 @@ pub fn to_pod(mut ctx: TcContext) -> i32 {
     }
     // Only flows whose replies the fast path would take: from a pod of
     // this node or of another node (from_pod redirects replies to both).
-    if let L3::Ipv4(ip) = packet::parse(&mut ctx) {
+    if let L3::Ipv4(mut ip) = packet::parse(&mut ctx) {
         // Plain values out of each match: a copied `Option` held across
         // the checks has its `None` payload read by what LLVM hoists,
         // which the verifier rejects.
@@ -59,6 +59,11 @@ pub fn to_pod(mut ctx: TcContext) -> i32 {
             flows::track_reply(&ctx, &ip, ip.src);
         } else if remote_node(ip.src).is_some() {
             flows::track_reply(&ctx, &ip, ip.dst);
+        }
+        // A Service backend outside the pod network answers through the
+        // stack: its reply comes from the frontend again here.
+        if let Some(code) = forward::translate_reply(&mut ctx, &mut ip, Program::ToPod) {
+            return code;
         }
     }
     TC_ACT_UNSPEC

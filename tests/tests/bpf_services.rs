@@ -16,7 +16,7 @@ use podnet_common::{
     Backend, BackendKey, DropReason, EndpointInfo, PolicyKey, PolicyRule, ServiceEntry, ServiceKey,
     Verdict,
     endpoint::ENDPOINT_F_POLICY_EGRESS,
-    names::{MAP_SERVICE_BACKENDS, MAP_SERVICE_PORTS, MAP_SERVICES, PROG_FROM_POD},
+    names::{MAP_SERVICE_BACKENDS, MAP_SERVICE_PORTS, MAP_SERVICES, PROG_FROM_POD, PROG_TO_POD},
     node::{MODE_VXLAN, NODE_F_SERVICES_BPF},
     policy::{DIRECTION_EGRESS, IDENTITY_FIRST_POD, POLICY_PREFIX_ANY_PORT},
     service::service_port_bit,
@@ -24,8 +24,8 @@ use podnet_common::{
 };
 use podnet_tests::{
     bpf_fixture::{
-        HOST_A_MAC, HOST_B_MAC, POD_A_IP, POD_A_MAC, POD_B, POD_B_IP, POD_B_MAC, POD_C, POD_C_IP,
-        counters, loopback_ifindex, node1, node1_config, pod_a,
+        EXTERNAL, HOST_A_MAC, HOST_B_MAC, POD_A_IP, POD_A_MAC, POD_B, POD_B_IP, POD_B_MAC, POD_C,
+        POD_C_IP, counters, loopback_ifindex, node1, node1_config, pod_a,
     },
     bpf_run::BpfHarness,
     frames::{self, IPPROTO_TCP, TCP_ACK, TCP_SYN},
@@ -507,4 +507,33 @@ fn a_segment_of_a_connection_the_table_lost_is_dropped_and_counted() {
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
     let out = h.run(PROG_FROM_POD, &a_to_frontend(TCP_ACK)).expect("run");
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn a_backend_outside_the_pod_network_answers_through_the_stack_from_the_frontend() {
+    if !privileged("a_backend_outside_the_pod_network_answers_through_the_stack_from_the_frontend")
+    {
+        return;
+    }
+    let mut h = node("svc-external", true, IPPROTO_TCP, &[EXTERNAL]);
+    let out = h.run(PROG_FROM_POD, &a_to_frontend(TCP_SYN)).expect("run");
+    assert_eq!(out.verdict, TC_ACT_OK, "the stack routes it out");
+    assert_eq!(
+        addresses(&out.frame),
+        (POD_A_IP, CLIENT_PORT, EXTERNAL, BACKEND_PORT)
+    );
+    // The stack delivers the answer (masquerade undone) on A's veth.
+    let reply = tcp(
+        (EXTERNAL, BACKEND_PORT),
+        (POD_A_IP, CLIENT_PORT),
+        (POD_A_MAC, HOST_A_MAC),
+        TCP_SYN | TCP_ACK,
+    );
+    let out = h.run(PROG_TO_POD, &reply).expect("run");
+    assert_eq!(
+        addresses(&out.frame),
+        (FRONTEND, FRONTEND_PORT, POD_A_IP, CLIENT_PORT),
+        "the reply reaches A from the frontend"
+    );
+    assert_checksums(&out.frame, "the translated reply");
 }
