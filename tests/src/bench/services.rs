@@ -96,12 +96,12 @@ fn service_objects(server: &LabPod) -> Vec<serde_json::Value> {
     ]
 }
 
-/// The nftables DNAT of `NFT_CLUSTER_IP` to `server` on `PORTS`.
+/// The nftables DNAT of `NFT_CLUSTER_IP` to `server` on `PORTS`, where
+/// pods' packets meet it: forwarded by the node (prerouting).
 fn nft_dnat(server: Ipv4Addr) -> String {
     let ports: Vec<String> = PORTS.iter().map(u16::to_string).collect();
     format!(
-        "table ip benchsvc {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat;\n    ip daddr {NFT_CLUSTER_IP} tcp dport {{ {} }} dnat to {server}\n  }}\n  chain output {{\n    type nat hook output priority dstnat;\n    ip daddr {NFT_CLUSTER_IP} tcp dport {{ {} }} dnat to {server}\n  }}\n}}\n",
-        ports.join(", "),
+        "table ip benchsvc {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat;\n    ip daddr {NFT_CLUSTER_IP} tcp dport {{ {} }} dnat to {server}\n  }}\n}}\n",
         ports.join(", "),
     )
 }
