@@ -98,6 +98,7 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
                 Err(reason) => return drop_packet(&ctx, Program::FromPod, reason),
             }
         } else {
+            service::clear_clashing(&ctx, &ip);
             reply_from_frontend = service::reply_source(&ctx, &ip);
         }
     }

@@ -98,8 +98,9 @@ const FOUND_TRACKED: u64 = 1;
 const FOUND_NEW: u64 = 2;
 const FOUND_NO_BACKEND: u64 = 3;
 const FOUND_UNKNOWN_CONNECTION: u64 = 4;
-/// TCP's SYN flag.
+/// TCP's SYN and ACK flags.
 const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// Translates a pod's packet for the Service CIDR (`ip` is updated to the
 /// rewritten destination). `Err`: a frontend without a backend, or a
@@ -335,6 +336,60 @@ fn enter(addresses: u64, ports: u64, backend: u64) {
         ..TrackedConnection::default()
     };
     let _ = CONNTRACK.insert(reply_key, reply, 0);
+}
+
+/// A pod's TCP SYN straight to a port some backend serves on. A translated
+/// connection from the same client port to the same backend (closed, its
+/// entries still aging, or reused by the client's kernel for another
+/// destination) has the reply tuple this connection's replies will have,
+/// and would give them the frontend's source: the client would never
+/// accept them. Its entries go, as conntrack would not let two
+/// connections share a reply tuple either.
+#[inline(always)]
+pub fn clear_clashing(ctx: &TcContext, ip: &Ipv4Fields) {
+    if ip.proto != IPPROTO_TCP {
+        return;
+    }
+    let Some((src_port, dst_port, tcp_flags)) = ports_of(ctx, ip) else {
+        return;
+    };
+    if tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let (word, bit) = service_port_bit(u16::from_be(dst_port));
+    if SERVICE_PORTS.get(word).is_none_or(|&bits| bits & bit == 0) {
+        return;
+    }
+    forget_clash(
+        u64::from(ip.dst) | u64::from(ip.src) << 32,
+        u64::from(dst_port) | u64::from(src_port) << 16,
+    );
+}
+
+/// [`clear_clashing`]'s lookup and removal, out of line (scalars, as
+/// [`find_backend`]): backend | client << 32, backend port | client port
+/// << 16 (TCP).
+#[inline(never)]
+#[allow(clippy::cast_possible_truncation)] // unpacking the packed words
+fn forget_clash(addresses: u64, ports: u64) {
+    let (backend, client) = (addresses as u32, (addresses >> 32) as u32);
+    let (backend_port, client_port) = (ports as u16, (ports >> 16) as u16);
+    let reply = FlowKey::new(backend, client, backend_port, client_port, IPPROTO_TCP);
+    // SAFETY: copied out at once.
+    let Some(conn) = (unsafe { CONNTRACK.get(reply) }).copied() else {
+        return;
+    };
+    if conn.nat != CONN_NAT_SRC {
+        return;
+    }
+    let _ = CONNTRACK.remove(reply);
+    let _ = CONNTRACK.remove(FlowKey::new(
+        client,
+        conn.nat_address,
+        client_port,
+        conn.nat_port,
+        IPPROTO_TCP,
+    ));
 }
 
 /// The frontend a backend's reply must come from, when `ip` is one: its

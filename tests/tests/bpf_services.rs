@@ -537,3 +537,42 @@ fn a_backend_outside_the_pod_network_answers_through_the_stack_from_the_frontend
     );
     assert_checksums(&out.frame, "the translated reply");
 }
+
+#[test]
+fn a_direct_connection_on_a_translated_ones_tuple_is_not_translated() {
+    if !privileged("a_direct_connection_on_a_translated_ones_tuple_is_not_translated") {
+        return;
+    }
+    let mut h = node("svc-clash", true, IPPROTO_TCP, &[POD_B_IP]);
+    // A's connection through the frontend, closed.
+    for flags in [TCP_SYN, TCP_ACK | 0x01] {
+        let out = h.run(PROG_FROM_POD, &a_to_frontend(flags)).expect("run");
+        assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    }
+    // A's kernel reuses the client port for a connection straight to B.
+    let direct = tcp(
+        (POD_A_IP, CLIENT_PORT),
+        (POD_B_IP, BACKEND_PORT),
+        (HOST_A_MAC, POD_A_MAC),
+        TCP_SYN,
+    );
+    let out = h.run(PROG_FROM_POD, &direct).expect("run");
+    assert_eq!(
+        addresses(&out.frame),
+        (POD_A_IP, CLIENT_PORT, POD_B_IP, BACKEND_PORT)
+    );
+    // B's answer is the direct connection's: from B, as A's socket expects.
+    send_as_b(&mut h);
+    let reply = tcp(
+        (POD_B_IP, BACKEND_PORT),
+        (POD_A_IP, CLIENT_PORT),
+        (HOST_B_MAC, POD_B_MAC),
+        TCP_SYN | TCP_ACK,
+    );
+    let out = h.run(PROG_FROM_POD, &reply).expect("run");
+    assert_eq!(
+        addresses(&out.frame),
+        (POD_B_IP, BACKEND_PORT, POD_A_IP, CLIENT_PORT),
+        "not made the frontend's"
+    );
+}
