@@ -22,6 +22,7 @@ use crate::{
     maps::{CONFIG, FLOW_OWNERS, STACK_FLOWS},
     packet::{self, Ipv4Fields, L3},
     policy::{self, Judged},
+    service,
     verdict::{drop_packet, pass_to_stack},
 };
 
@@ -180,6 +181,10 @@ pub fn track_node_egress(ctx: &mut TcContext, program: Program) -> i32 {
             }
         }
         track_reply(ctx, &ip, ip.src);
+        // A connection the stack translated (kube-proxy's rules, a DNAT
+        // of the node's own) may reuse the reply tuple of one podnet
+        // translated: that one's entries go (see `service`).
+        service::clear_clashing(ctx, &ip);
     }
     TC_ACT_UNSPEC
 }

@@ -17,6 +17,7 @@ use crate::{
     lookup::{endpoint, remote_node},
     packet::{self, L3},
     policy::{self, Judged},
+    service,
     verdict::drop_packet,
 };
 
@@ -57,6 +58,9 @@ pub fn to_pod(mut ctx: TcContext) -> i32 {
         // (the destination), which remote senders then share.
         if sender_local {
             flows::track_reply(&ctx, &ip, ip.src);
+            // A local pod's connection the stack translated may reuse a
+            // reply tuple podnet translated (see `service`).
+            service::clear_clashing(&ctx, &ip);
         } else if remote_node(ip.src).is_some() {
             flows::track_reply(&ctx, &ip, ip.dst);
         }

@@ -543,25 +543,40 @@ fn a_direct_connection_on_a_translated_ones_tuple_is_not_translated() {
     if !privileged("a_direct_connection_on_a_translated_ones_tuple_is_not_translated") {
         return;
     }
-    let mut h = node("svc-clash", true, IPPROTO_TCP, &[POD_B_IP]);
-    // A's connection through the frontend, closed.
+    // Straight to B from A's veth.
+    clashing_connection_is_not_translated("svc-clash", PROG_FROM_POD);
+}
+
+#[test]
+fn a_stack_translated_connection_on_a_translated_ones_tuple_is_not_translated() {
+    if !privileged("a_stack_translated_connection_on_a_translated_ones_tuple_is_not_translated") {
+        return;
+    }
+    // To another ClusterIP that the stack's rules translate to B: podnet
+    // sees it on B's veth as the stack delivers it.
+    clashing_connection_is_not_translated("svc-clash-stack", PROG_TO_POD);
+}
+
+/// A's connection through the frontend, closed; then A's kernel reuses
+/// the client port for a connection that reaches B as A -> B (seen by
+/// `program`): B's answers are that connection's and keep B's address.
+fn clashing_connection_is_not_translated(tag: &str, program: &'static str) {
+    let mut h = node(tag, true, IPPROTO_TCP, &[POD_B_IP]);
     for flags in [TCP_SYN, TCP_ACK | 0x01] {
         let out = h.run(PROG_FROM_POD, &a_to_frontend(flags)).expect("run");
         assert_eq!(out.verdict, TC_ACT_REDIRECT);
     }
-    // A's kernel reuses the client port for a connection straight to B.
-    let direct = tcp(
+    let syn = tcp(
         (POD_A_IP, CLIENT_PORT),
         (POD_B_IP, BACKEND_PORT),
         (HOST_A_MAC, POD_A_MAC),
         TCP_SYN,
     );
-    let out = h.run(PROG_FROM_POD, &direct).expect("run");
+    let out = h.run(program, &syn).expect("run");
     assert_eq!(
         addresses(&out.frame),
         (POD_A_IP, CLIENT_PORT, POD_B_IP, BACKEND_PORT)
     );
-    // B's answer is the direct connection's: from B, as A's socket expects.
     send_as_b(&mut h);
     let reply = tcp(
         (POD_B_IP, BACKEND_PORT),
