@@ -10,13 +10,16 @@
 //!
 //! - `podnet pod IP`: the client dials the server's own address.
 //! - `podnet ClusterIP (bpf)`: it dials ClusterIP 10.96.0.20, a Service
-//!   object (ports 5201, 11111, 19000 onto the same ports of the server)
+//!   object (ports 5202, 11112, 19001 onto the same ports of the server)
 //!   that the agents put in their Service maps and from_pod translates.
 //! - `kube-proxy nft DNAT`: it dials 10.96.0.21, which podnet has no
-//!   frontend for: the packet goes up the stack, where an nftables DNAT
+//!   frontend for (ports 5203, 11113, 19002): the packet goes up the
+//!   stack, where an nftables DNAT
 //!   (kube-proxy's nftables mode does the same in its own table) sends it
 //!   to the server, and podnet's stack-flows bookkeeping brings the
 //!   replies back through conntrack.
+//!
+//! Each condition has server ports of its own (see `tools::Dial`).
 //!
 //! The evidence that the conditions were what they say: the agents'
 //! `service_translated` counter moves in the bpf condition only.
@@ -34,7 +37,7 @@ use serde_json::json;
 use super::{
     BenchOptions, Figure, figure,
     rounds::progress,
-    tools::{Pair, PairRuns, measure_pair, pair_figures},
+    tools::{Dial, Pair, PairRuns, measure_pair, pair_figures},
 };
 use crate::{
     lab::{LabDatastore, LabGuard, LabLayout, LabOptions, LabPod, in_netns},
@@ -53,15 +56,26 @@ const BPF_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const NFT_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
 /// The tools' ports (iperf3, sockperf, the connection-rate server).
 const PORTS: [u16; 3] = [5201, 11_111, 19_000];
+/// Each condition's ports are the tools' shifted by its own amount (see
+/// [`Dial`]): the pod IP's by 0.
+const BPF_DIAL: Dial = Dial {
+    address: BPF_CLUSTER_IP,
+    port_shift: 1,
+};
+const NFT_DIAL: Dial = Dial {
+    address: NFT_CLUSTER_IP,
+    port_shift: 2,
+};
 
-/// The Service and its EndpointSlice: `PORTS` onto the same ports of
-/// `server`.
+/// The Service and its EndpointSlice: `PORTS` (shifted as `BPF_DIAL`
+/// says) onto the same ports of `server`.
 fn service_objects(server: &LabPod) -> Vec<serde_json::Value> {
-    let ports: Vec<serde_json::Value> = PORTS
+    let shifted = PORTS.map(|p| p + BPF_DIAL.port_shift);
+    let ports: Vec<serde_json::Value> = shifted
         .iter()
         .map(|p| json!({"name": format!("p{p}"), "protocol": "TCP", "port": p, "targetPort": p}))
         .collect();
-    let slice_ports: Vec<serde_json::Value> = PORTS
+    let slice_ports: Vec<serde_json::Value> = shifted
         .iter()
         .map(|p| json!({"name": format!("p{p}"), "protocol": "TCP", "port": p}))
         .collect();
@@ -96,24 +110,29 @@ fn service_objects(server: &LabPod) -> Vec<serde_json::Value> {
     ]
 }
 
-/// The nftables DNAT of `NFT_CLUSTER_IP` to `server` on `PORTS`, where
-/// pods' packets meet it: forwarded by the node (prerouting).
+/// The nftables DNAT of `NFT_CLUSTER_IP` to `server` on `PORTS` (shifted
+/// as `NFT_DIAL` says), where pods' packets meet it: forwarded by the node
+/// (prerouting).
 fn nft_dnat(server: Ipv4Addr) -> String {
-    let ports: Vec<String> = PORTS.iter().map(u16::to_string).collect();
+    let ports: Vec<String> = PORTS
+        .iter()
+        .map(|p| (p + NFT_DIAL.port_shift).to_string())
+        .collect();
     format!(
         "table ip benchsvc {{\n  chain prerouting {{\n    type nat hook prerouting priority dstnat;\n    ip daddr {NFT_CLUSTER_IP} tcp dport {{ {} }} dnat to {server}\n  }}\n}}\n",
         ports.join(", "),
     )
 }
 
-/// Waits until a connection from `client` to `dial`:19000 reaches a
-/// listener in `server` (the Service has reached the maps, or the rules
-/// are in).
-fn wait_until_reachable(client: &LabPod, server: &LabPod, dial: Ipv4Addr) -> anyhow::Result<()> {
-    let bind = SocketAddrV4::new(server.ip, 19_000);
+/// Waits until a connection from `client` by `dial` reaches a listener
+/// in `server` on the connection-rate port (the Service has reached the
+/// maps, or the rules are in).
+fn wait_until_reachable(client: &LabPod, server: &LabPod, dial: Dial) -> anyhow::Result<()> {
+    let port = 19_000 + dial.port_shift;
+    let bind = SocketAddrV4::new(server.ip, port);
     let listener =
         run_in(&server.netns, move || TcpListener::bind(bind))?.context("probe listener")?;
-    let target = SocketAddrV4::new(dial, 19_000);
+    let target = SocketAddrV4::new(dial.address, port);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let ok = run_in(&client.netns, move || {
@@ -125,7 +144,8 @@ fn wait_until_reachable(client: &LabPod, server: &LabPod, dial: Ipv4Addr) -> any
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "{dial} never reached {} from {}",
+            "{}:{port} never reached {} from {}",
+            dial.address,
             server.name,
             client.name
         );
@@ -176,15 +196,15 @@ pub fn measure(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow::Result
             .with_context(|| format!("the nftables DNAT on {}", node.name))?;
     }
     for client in [client_same, client_cross] {
-        wait_until_reachable(client, server, BPF_CLUSTER_IP)?;
-        wait_until_reachable(client, server, NFT_CLUSTER_IP)?;
+        wait_until_reachable(client, server, BPF_DIAL)?;
+        wait_until_reachable(client, server, NFT_DIAL)?;
     }
     let conditions = [
         (POD_IP, None),
-        (CLUSTER_IP_BPF, Some(BPF_CLUSTER_IP)),
-        (CLUSTER_IP_NFT, Some(NFT_CLUSTER_IP)),
+        (CLUSTER_IP_BPF, Some(BPF_DIAL)),
+        (CLUSTER_IP_NFT, Some(NFT_DIAL)),
     ];
-    let pair = |client: &LabPod, dial: Option<Ipv4Addr>| Pair {
+    let pair = |client: &LabPod, dial: Option<Dial>| Pair {
         client_ns: client.netns.clone(),
         server_ns: server.netns.clone(),
         server_ip: server.ip,

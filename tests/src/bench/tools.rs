@@ -25,17 +25,35 @@ pub struct Pair {
     pub client_ns: String,
     pub server_ns: String,
     pub server_ip: Ipv4Addr,
-    /// The address the client dials, when not the server's own: a
-    /// Service's ClusterIP whose ports map 1:1 onto the server's (5201,
-    /// 11111, 19000).
-    pub dial: Option<Ipv4Addr>,
+    /// Where the client connects when not straight to the server's own
+    /// ports (5201, 11111, 19000).
+    pub dial: Option<Dial>,
+}
+
+/// Another way to the server: an address (a Service's ClusterIP whose
+/// ports map 1:1 onto the server's) and a shift of every port, on both
+/// sides. Conditions compared on one server use ports of their own: a
+/// client's connections to a ClusterIP and to the pod behind it have
+/// TCP timestamps of unrelated offsets (the kernel derives them from the
+/// destination address), so one reusing the 4-tuple a closed one left in
+/// the server's TIME_WAIT would have its SYN refused and wait a second.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial {
+    pub address: Ipv4Addr,
+    pub port_shift: u16,
 }
 
 impl Pair {
     /// What the client connects to.
     #[must_use]
     pub fn dial_ip(&self) -> Ipv4Addr {
-        self.dial.unwrap_or(self.server_ip)
+        self.dial.map_or(self.server_ip, |d| d.address)
+    }
+
+    /// The port a tool uses for `base`, on both sides.
+    #[must_use]
+    pub fn port(&self, base: u16) -> u16 {
+        base + self.dial.map_or(0, |d| d.port_shift)
     }
 }
 
@@ -78,7 +96,14 @@ fn busy_cpu_seconds_in(stat: &str) -> anyhow::Result<f64> {
 /// second included, since the CPU time includes it too).
 pub fn throughput_and_cpu(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64)> {
     let mut server = command_in(&pair.server_ns, "iperf3")?
-        .args(["-s", "-1", "-B", &pair.server_ip.to_string()])
+        .args([
+            "-s",
+            "-1",
+            "-B",
+            &pair.server_ip.to_string(),
+            "-p",
+            &pair.port(5201).to_string(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -89,6 +114,8 @@ pub fn throughput_and_cpu(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64
         .args([
             "-c",
             &pair.dial_ip().to_string(),
+            "-p",
+            &pair.port(5201).to_string(),
             "-t",
             &seconds.to_string(),
             "-O",
@@ -130,7 +157,14 @@ fn iperf3_figures(report: &[u8]) -> anyhow::Result<(f64, f64)> {
 pub fn latency(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64)> {
     let ip = pair.server_ip.to_string();
     let mut server = command_in(&pair.server_ns, "sockperf")?
-        .args(["server", "--tcp", "-i", &ip, "-p", "11111"])
+        .args([
+            "server",
+            "--tcp",
+            "-i",
+            &ip,
+            "-p",
+            &pair.port(11_111).to_string(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -144,7 +178,7 @@ pub fn latency(pair: &Pair, seconds: u64) -> anyhow::Result<(f64, f64)> {
             "-i",
             &dial,
             "-p",
-            "11111",
+            &pair.port(11_111).to_string(),
             "-t",
             &seconds.to_string(),
         ])
@@ -174,8 +208,8 @@ fn sockperf_p50_p99(text: &str) -> anyhow::Result<(f64, f64)> {
 /// server blocks in `accept` on one thread per CPU (no polling, so it does
 /// not cap the rate); the client is one sequential connection at a time.
 pub fn connection_rate(pair: &Pair, seconds: u64) -> anyhow::Result<f64> {
-    let addr = SocketAddrV4::new(pair.server_ip, 19_000);
-    let dial = SocketAddrV4::new(pair.dial_ip(), 19_000);
+    let addr = SocketAddrV4::new(pair.server_ip, pair.port(19_000));
+    let dial = SocketAddrV4::new(pair.dial_ip(), pair.port(19_000));
     let listener = run_in(&pair.server_ns, move || TcpListener::bind(addr))?
         .context("conn-rate server bind")?;
     let stop = Arc::new(AtomicBool::new(false));
