@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::{
     Figure, policy,
     rounds::BASELINE_SUFFIX,
-    scale,
+    scale, services,
     stats::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Rng, bootstrap_median_ci, median},
 };
 
@@ -167,7 +167,7 @@ const fn target(
 /// Every target, in one place (issue 14, "Targets"; the bridge one also
 /// against the bridge without br_netfilter's iptables hooks).
 #[rustfmt::skip]
-pub const TARGETS: [Target; 31] = [
+pub const TARGETS: [Target; 39] = [
     target("same-node", "podnet", ("same-node", "veth"), "tcp_throughput", Better::Higher, 1.00),
     target("same-node", "podnet", ("same-node", "bridge"), "tcp_throughput", Better::Higher, 1.15),
     target("same-node", "podnet", ("same-node", "bridge"), "cpu_s_per_gb", Better::Lower, 0.85),
@@ -206,6 +206,16 @@ pub const TARGETS: [Target; 31] = [
     target("policy-rules", policy::RULES_1K, ("policy-rules", policy::RULES_10), "latency_p50", Better::Lower, 1.05),
     target("policy-rules", policy::RULES_10K, ("policy-rules", policy::RULES_10), "conn_rate", Better::Higher, 0.95),
     target("policy-rules", policy::RULES_10K, ("policy-rules", policy::RULES_10), "latency_p50", Better::Lower, 1.05),
+    // Services in the datapath (issue 24): a ClusterIP podnet translates
+    // against the pod IP behind it, and against a DNAT in the stack.
+    target("services-same-node", services::CLUSTER_IP_BPF, ("services-same-node", services::POD_IP), "tcp_throughput", Better::Higher, 0.97),
+    target("services-same-node", services::CLUSTER_IP_BPF, ("services-same-node", services::POD_IP), "latency_p50", Better::Lower, 1.03),
+    target("services-same-node", services::CLUSTER_IP_BPF, ("services-same-node", services::POD_IP), "conn_rate", Better::Higher, 0.95),
+    target("services-cross-node", services::CLUSTER_IP_BPF, ("services-cross-node", services::POD_IP), "tcp_throughput", Better::Higher, 0.97),
+    target("services-cross-node", services::CLUSTER_IP_BPF, ("services-cross-node", services::POD_IP), "latency_p50", Better::Lower, 1.03),
+    target("services-cross-node", services::CLUSTER_IP_BPF, ("services-cross-node", services::POD_IP), "conn_rate", Better::Higher, 0.95),
+    target("services-same-node", services::CLUSTER_IP_BPF, ("services-same-node", services::CLUSTER_IP_NFT), "conn_rate", Better::Higher, 1.0),
+    target("services-cross-node", services::CLUSTER_IP_BPF, ("services-cross-node", services::CLUSTER_IP_NFT), "conn_rate", Better::Higher, 1.0),
 ];
 
 /// Whether a target is reached, judged on the 95 % interval.
