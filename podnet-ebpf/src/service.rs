@@ -164,12 +164,18 @@ fn find_backend(addresses: u64, ports: u64) -> u64 {
         let conn = unsafe { &mut *conn };
         if conn.nat == CONN_NAT_DST && !conn.expired(proto, now) {
             let (address, port) = (conn.nat_address, conn.nat_port);
-            touch(
-                conn,
-                tcp_flags,
-                now,
-                &FlowKey::new(address, client, port, client_port, proto),
-            );
+            let reply = FlowKey::new(address, client, port, client_port, proto);
+            if proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                // The client's kernel reused the tuple of a closed
+                // connection: a new one, to the same backend, whose
+                // entries must not keep the old one's closing state
+                // (it would age out after 10 s idle).
+                conn.flags = 0;
+                conn.last_seen_ns = now;
+                reopen(&reply, now);
+            } else {
+                touch(conn, tcp_flags, now, &reply);
+            }
             return u64::from(address) | u64::from(port) << 32 | FOUND_TRACKED << 56;
         }
     }
@@ -320,6 +326,12 @@ fn enter(addresses: u64, ports: u64, backend: u64) {
     if let Some(conn) = CONNTRACK.get_ptr_mut(reply_key) {
         // SAFETY: as in `find_backend`.
         let conn = unsafe { &mut *conn };
+        // Policy tracked it a moment ago (its rule stays), or it is a
+        // closed connection's on a tuple the client reused: fresh either
+        // way, or an expired timestamp would leave the replies
+        // untranslated.
+        conn.last_seen_ns = now;
+        conn.flags = CONN_F_REPLY;
         conn.nat_address = frontend;
         conn.nat_port = frontend_port;
         conn.nat = CONN_NAT_SRC;
@@ -566,6 +578,17 @@ fn touch(conn: &mut TrackedConnection, tcp_flags: u8, now: u64, other: &FlowKey)
         conn.last_seen_ns = now;
         conn.flags |= closing;
         refresh(other, now, closing);
+    }
+}
+
+/// The reply entry of a connection opened again on its tuple: fresh.
+#[inline(always)]
+fn reopen(key: &FlowKey, now: u64) {
+    if let Some(conn) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: as in `find_backend`.
+        let conn = unsafe { &mut *conn };
+        conn.last_seen_ns = now;
+        conn.flags = CONN_F_REPLY;
     }
 }
 
