@@ -26,9 +26,6 @@ use crate::{
     verdict::{drop_packet, pass_to_stack},
 };
 
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-
 /// For a packet the fast path would redirect: `Some(TC code)` when it must
 /// go to the host stack instead (counted), `None` to go on.
 ///
@@ -59,7 +56,7 @@ pub fn divert_to_stack(ctx: &TcContext, ip: &Ipv4Fields) -> Option<i32> {
     // A connection opened on the fast path: its replies belong to it, not
     // to an older flow through the stack that used the same tuple (whose
     // entry would send them past a NAT that does not apply).
-    if l4.key.proto == IPPROTO_TCP && l4.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    if l4.key.proto == IPPROTO_TCP && l4::opens(l4.tcp_flags) {
         let _ = STACK_FLOWS.remove(reversed(&l4.key));
     }
     None

@@ -14,7 +14,9 @@ pub const IPPROTO_UDP: u8 = 17;
 const IPPROTO_SCTP: u8 = 132;
 
 const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 const ICMP_ECHOREPLY: u8 = 0;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -73,6 +75,12 @@ fn ports(ctx: &TcContext, proto: u8, offset: usize) -> Option<(u16, u16)> {
         }
         _ => Some((0, 0)),
     }
+}
+
+/// Whether TCP flags `tcp_flags` open a connection: a SYN without ACK.
+#[inline(always)]
+pub fn opens(tcp_flags: u8) -> bool {
+    tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// Whether `proto`'s header starts with two ports (TCP, UDP, SCTP).

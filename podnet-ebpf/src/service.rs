@@ -22,7 +22,7 @@ use podnet_common::{
 use crate::{
     clock::now_ns,
     counters::count,
-    l4::{self, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, closing_flags, has_ports},
+    l4::{self, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_SYN, closing_flags, has_ports},
     maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_PORTS, SERVICES},
     packet::{self, ETH_HLEN, Ipv4Fields},
 };
@@ -98,9 +98,6 @@ const FOUND_TRACKED: u64 = 1;
 const FOUND_NEW: u64 = 2;
 const FOUND_NO_BACKEND: u64 = 3;
 const FOUND_UNKNOWN_CONNECTION: u64 = 4;
-/// TCP's SYN and ACK flags.
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 
 /// Translates a pod's packet for the Service CIDR (`ip` is updated to the
 /// rewritten destination). `Err`: a frontend without a backend, or a
@@ -165,7 +162,7 @@ fn find_backend(addresses: u64, ports: u64) -> u64 {
         if conn.nat == CONN_NAT_DST && !conn.expired(proto, now) {
             let (address, port) = (conn.nat_address, conn.nat_port);
             let reply = FlowKey::new(address, client, port, client_port, proto);
-            if proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            if proto == IPPROTO_TCP && l4::opens(tcp_flags) {
                 // The client's kernel reused the tuple of a closed
                 // connection: a new one, to the same backend, whose
                 // entries must not keep the old one's closing state
@@ -365,7 +362,7 @@ pub fn clear_clashing(ctx: &TcContext, ip: &Ipv4Fields) {
     let Some((src_port, dst_port, tcp_flags)) = ports_of(ctx, ip) else {
         return;
     };
-    if tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+    if !l4::opens(tcp_flags) {
         return;
     }
     let (word, bit) = service_port_bit(u16::from_be(dst_port));
