@@ -54,10 +54,21 @@ pub enum Verdict {
     /// A later packet of a translated connection, either way (the reply's
     /// source made the frontend again).
     ServiceTracked = 16,
+    /// A new NodePort connection whose backend is on another node: its
+    /// source made this node's address and a port of its own (SNAT), so
+    /// the replies come back through this node (counted besides
+    /// `service_translated`).
+    NodePortSnat = 17,
+    /// A NodePort connection's packet for a client outside the pod network
+    /// (the reply, its source the NodePort again), sent out of the
+    /// underlay by the kernel's route and neighbour (`bpf_redirect_neigh`):
+    /// the stack would drop a packet with the node's own source arriving
+    /// on a pod's veth or the overlay as a martian.
+    ToNodePortClient = 18,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Self::RedirectPeer,
         Self::PassToStack,
@@ -76,6 +87,8 @@ impl Verdict {
         Self::PolicyTracked,
         Self::ServiceTranslated,
         Self::ServiceTracked,
+        Self::NodePortSnat,
+        Self::ToNodePortClient,
     ];
 
     #[must_use]
@@ -98,6 +111,8 @@ impl Verdict {
             Self::PolicyTracked => "policy_tracked",
             Self::ServiceTranslated => "service_translated",
             Self::ServiceTracked => "service_tracked",
+            Self::NodePortSnat => "node_port_snat",
+            Self::ToNodePortClient => "to_node_port_client",
         }
     }
 }
@@ -161,10 +176,14 @@ pub enum DropReason {
     /// table. Sent to another backend it would only earn an RST; dropped
     /// and counted instead, so a table too small shows.
     ServiceConnectionUnknown = 18,
+    /// A new NodePort connection to a backend on another node for which
+    /// no SNAT port was free (every one tried already holds a connection
+    /// to that backend; see `NODE_PORT_SNAT_PORTS`).
+    NodePortSnatExhausted = 19,
 }
 
 impl DropReason {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     pub const ALL: [DropReason; Self::COUNT as usize] = [
         Self::MalformedIpv4,
         Self::SpoofedSourceIp,
@@ -185,6 +204,7 @@ impl DropReason {
         Self::PolicyDeniedEgress,
         Self::ServiceNoBackend,
         Self::ServiceConnectionUnknown,
+        Self::NodePortSnatExhausted,
     ];
 
     #[must_use]
@@ -209,6 +229,7 @@ impl DropReason {
             Self::PolicyDeniedEgress => "policy_denied_egress",
             Self::ServiceNoBackend => "service_no_backend",
             Self::ServiceConnectionUnknown => "service_connection_unknown",
+            Self::NodePortSnatExhausted => "node_port_snat_exhausted",
         }
     }
 }

@@ -144,6 +144,8 @@ pub struct TrackedConnection {
     pub pad: u8,
     /// The Service frontend's id (`crate::ServiceEntry::id`), 0 for none.
     pub service: u32,
+    /// The other port of a NodePort connection with SNAT
+    /// ([`CONN_NAT_DST_SNAT`], [`CONN_NAT_SRC_SNAT`]); 0 otherwise.
     pub reserved: u32,
 }
 
@@ -157,6 +159,16 @@ pub const CONN_NAT_DST: u8 = 1;
 /// A backend's reply to a translated connection: the source becomes the
 /// frontend again.
 pub const CONN_NAT_SRC: u8 = 2;
+/// A client's tuple to a NodePort whose backend is on another node: the
+/// destination becomes the backend (`nat_address`, `nat_port`) and the
+/// source this node's address at the port in `reserved` (network byte
+/// order, low 16 bits), so that the backend's replies come back here.
+pub const CONN_NAT_DST_SNAT: u8 = 3;
+/// The reply tuple of a [`CONN_NAT_DST_SNAT`] connection (the backend's
+/// to this node's address and SNAT port): the destination becomes the
+/// client again (`nat_address`, `nat_port`) and the source this node's
+/// address at the NodePort in `reserved`.
+pub const CONN_NAT_SRC_SNAT: u8 = 4;
 
 /// This key is the connection's reply direction.
 pub const CONN_F_REPLY: u32 = 1;

@@ -21,6 +21,14 @@
 //!   port that some backend serves on. Only a packet from such a port (or
 //!   an ICMP error) looks for a reply translation, so traffic no Service
 //!   translates pays one array read.
+//! - NodePorts: a frontend keyed by this node's own address (the agent
+//!   writes its NodePorts under it), translated where the packet reaches
+//!   the node from outside (the underlay, the overlay). A backend on this
+//!   node gets the client's packet as it is (the client's address kept, as
+//!   `externalTrafficPolicy: Local` needs); a backend on another node gets
+//!   it from this node's address at a port of [`NODE_PORT_SNAT_PORTS`],
+//!   so that the replies come back here to be translated
+//!   (`CONN_NAT_DST_SNAT` / `CONN_NAT_SRC_SNAT`).
 
 /// Key of the Services map: a frontend.
 #[repr(C)]
@@ -116,6 +124,14 @@ pub struct Affinity {
 }
 
 const _: () = assert!(core::mem::size_of::<Affinity>() == 24);
+
+/// The source ports a NodePort connection to another node's backend gets
+/// (host byte order): above Linux's default ephemeral range
+/// (`ip_local_port_range` 32768-60999), so the node's own connections to a
+/// backend never have the reply tuple of a translated one. 4,536 ports per
+/// backend address and port: that many concurrent NodePort connections
+/// through one node to one backend.
+pub const NODE_PORT_SNAT_PORTS: core::ops::RangeInclusive<u16> = 61_000..=65_535;
 
 /// Words of the backend-ports bitmap: one bit per port.
 pub const SERVICE_PORT_WORDS: u32 = 65_536 / 64;

@@ -96,6 +96,9 @@ pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
         {
             return code;
         }
+        if for_node_ports(&ip) {
+            return FOR_NODE_PORTS;
+        }
         return arrival.to_stack(ctx, pass_to_stack());
     };
     if matches!(arrival, Arrival::Underlay)
@@ -116,6 +119,22 @@ pub fn deliver_local(ctx: &mut TcContext, arrival: Arrival) -> i32 {
         return code;
     }
     to_endpoint(ctx, &ip, &dst, arrival.verdict())
+}
+
+/// What [`deliver_local`] and [`decapsulate_local`] answer (no TC code is
+/// negative) for a packet that reached this node's own address from
+/// elsewhere while the datapath translates Services: the program runs
+/// `node_port::from_elsewhere` on it, once (a copy inlined in each of
+/// these would not fit the program's stack).
+pub const FOR_NODE_PORTS: i32 = -2_000;
+
+/// Whether `ip` is for this node's own address, and the datapath
+/// translates Services (its NodePorts, and replies to them).
+#[inline(always)]
+fn for_node_ports(ip: &Ipv4Fields) -> bool {
+    CONFIG
+        .get(0)
+        .is_some_and(|config| config.flags & NODE_F_SERVICES_BPF != 0 && config.node_ip == ip.dst)
 }
 
 /// A backend's reply to a local client's translated Service connection
@@ -144,7 +163,7 @@ pub fn translate_reply(ctx: &mut TcContext, ip: &mut Ipv4Fields, program: Progra
 /// receiver selected only for egress is not judged, but its connections
 /// are tracked, so its replies pass its egress.
 #[inline(always)]
-fn judge_arrival(
+pub fn judge_arrival(
     ctx: &TcContext,
     ip: &Ipv4Fields,
     dst: &EndpointInfo,
@@ -238,6 +257,8 @@ pub fn check_unencapsulated(ctx: &mut TcContext) -> i32 {
             Program::FromUnderlay,
             DropReason::UnderlaySourceMismatch,
         ),
+        // A host on the underlay to a NodePort, or to the node itself.
+        L3::Ipv4(ip) if for_node_ports(&ip) => FOR_NODE_PORTS,
         _ => pass_to_stack(),
     }
 }
@@ -253,7 +274,7 @@ pub enum Arrival {
 
 impl Arrival {
     #[inline(always)]
-    fn program(self) -> Program {
+    pub fn program(self) -> Program {
         match self {
             Self::Overlay => Program::FromOverlay,
             Self::Underlay => Program::FromUnderlay,
@@ -276,7 +297,7 @@ impl Arrival {
     /// host. The underlay is a real L2 segment: its frames keep the type
     /// their MAC gave them.
     #[inline(always)]
-    fn to_stack(self, ctx: &TcContext, code: i32) -> i32 {
+    pub fn to_stack(self, ctx: &TcContext, code: i32) -> i32 {
         if matches!(self, Self::Overlay) {
             let _ = ctx.change_type(PACKET_HOST);
         }
@@ -346,17 +367,26 @@ pub fn to_shaper(shaper_ifindex: u32) -> i32 {
     unsafe { bpf_redirect(shaper_ifindex, 0) as i32 }
 }
 
-/// Sends a pod's packet to the node that owns its destination.
+/// Sends a pod's packet (its IPv4 TTL `ttl`) to the node that owns its
+/// destination.
 #[inline(always)]
-pub fn to_remote(ctx: &mut TcContext, ip: &Ipv4Fields, remote: &RemoteNode) -> i32 {
-    if ip.ttl <= 1 {
-        return pass_to_stack();
+pub fn to_remote(ctx: &mut TcContext, ttl: u8, remote: &RemoteNode) -> i32 {
+    send_to_node(ctx, ttl, remote)
+        .unwrap_or_else(|reason| drop_packet(ctx, Program::FromPod, reason))
+}
+
+/// [`to_remote`]'s work, its failure returned for the caller to drop (a
+/// subprogram's caller, where the drop event's frame would not fit below).
+#[inline(always)]
+pub fn send_to_node(ctx: &mut TcContext, ttl: u8, remote: &RemoteNode) -> Result<i32, DropReason> {
+    if ttl <= 1 {
+        return Ok(pass_to_stack());
     }
     let Some(config) = CONFIG.get(0).copied() else {
-        return drop_packet(ctx, Program::FromPod, DropReason::NoNodeConfig);
+        return Err(DropReason::NoNodeConfig);
     };
     let Some(header) = packet::header_mut(ctx) else {
-        return drop_packet(ctx, Program::FromPod, DropReason::HeaderRewriteFailed);
+        return Err(DropReason::HeaderRewriteFailed);
     };
     packet::decrement_ttl(header);
     let inner_tos = header.tos;
@@ -368,22 +398,22 @@ pub fn to_remote(ctx: &mut TcContext, ip: &Ipv4Fields, remote: &RemoteNode) -> i
             match vxlan::encapsulate(ctx, &config, remote.node_ip, inner_tos) {
                 Ok(()) => {
                     count(Verdict::VxlanEncapBpf);
-                    redirect_neigh(config.underlay_ifindex, remote.node_ip)
+                    Ok(redirect_neigh(config.underlay_ifindex, remote.node_ip))
                 }
                 // What the kernel will not encapsulate here (a UDP GSO
                 // packet) takes the device's way, unchanged.
                 Err(vxlan::Refused::Unchanged) if config.tunnel_ifindex != 0 => {
                     to_tunnel_device(ctx, &config, remote)
                 }
-                Err(_) => drop_packet(ctx, Program::FromPod, DropReason::HeaderRewriteFailed),
+                Err(_) => Err(DropReason::HeaderRewriteFailed),
             }
         }
         MODE_VXLAN if config.tunnel_ifindex != 0 => to_tunnel_device(ctx, &config, remote),
         MODE_DIRECT if config.underlay_ifindex != 0 => {
             count(Verdict::RedirectNeigh);
-            redirect_neigh(config.underlay_ifindex, remote.node_ip)
+            Ok(redirect_neigh(config.underlay_ifindex, remote.node_ip))
         }
-        _ => drop_packet(ctx, Program::FromPod, DropReason::NoNodeConfig),
+        _ => Err(DropReason::NoNodeConfig),
     }
 }
 
@@ -408,7 +438,11 @@ fn redirect_neigh(ifindex: u32, node_ip: u32) -> i32 {
 /// Hands the packet to the collect-metadata VXLAN device with the tunnel
 /// key for `remote`: the device encapsulates it.
 #[inline(always)]
-fn to_tunnel_device(ctx: &mut TcContext, config: &NodeConfig, remote: &RemoteNode) -> i32 {
+fn to_tunnel_device(
+    ctx: &mut TcContext,
+    config: &NodeConfig,
+    remote: &RemoteNode,
+) -> Result<i32, DropReason> {
     let mut key = MaybeUninit::uninit();
     write_tunnel_key(&mut key, config.vni, remote.node_ip);
     // SAFETY: `key` lives on this stack frame for the call and is
@@ -423,12 +457,12 @@ fn to_tunnel_device(ctx: &mut TcContext, config: &NodeConfig, remote: &RemoteNod
         )
     };
     if set != 0 {
-        return drop_packet(ctx, Program::FromPod, DropReason::TunnelKeyFailed);
+        return Err(DropReason::TunnelKeyFailed);
     }
     count(Verdict::VxlanEncap);
     // SAFETY: plain helper call; the collect-metadata VXLAN device
     // encapsulates with the key set above.
-    unsafe { bpf_redirect(config.tunnel_ifindex, 0) as i32 }
+    Ok(unsafe { bpf_redirect(config.tunnel_ifindex, 0) as i32 })
 }
 
 // The two helper arguments below are built with one volatile store per

@@ -4,9 +4,15 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
-use crate::forward::{self, Arrival};
+use crate::{
+    forward::{self, Arrival},
+    node_port,
+};
 
 #[classifier]
 pub fn from_overlay(mut ctx: TcContext) -> i32 {
-    forward::deliver_local(&mut ctx, Arrival::Overlay)
+    match forward::deliver_local(&mut ctx, Arrival::Overlay) {
+        forward::FOR_NODE_PORTS => node_port::from_elsewhere(&mut ctx, Arrival::Overlay),
+        code => code,
+    }
 }

@@ -20,9 +20,10 @@ use crate::{
     flows, forward,
     lookup::{endpoint, remote_node},
     maps::{CONFIG, VETHS},
+    node_port,
     packet::{self, Ipv4Fields, L3},
     policy::{self, Judged},
-    service::{self, Forward},
+    service,
     verdict::{drop_packet, pass_to_stack},
 };
 
@@ -91,10 +92,11 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     if let Some(config) = CONFIG.get(0)
         && config.flags & NODE_F_SERVICES_BPF != 0
     {
-        if config.in_service_cidr(ip.dst) {
-            match service::to_backend(&mut ctx, &mut ip) {
-                Ok(Forward::New(new)) => new_service_connection = Some(new),
-                Ok(Forward::Translated | Forward::NotAFrontend) => {}
+        // A pod's own node's NodePorts are frontends of the node's address.
+        let to_node = ip.dst == config.node_ip;
+        if config.in_service_cidr(ip.dst) || to_node {
+            match service::pod_to_backend(ctx.skb.skb, &mut ip, to_node).outcome() {
+                Ok(new) => new_service_connection = new,
                 Err(reason) => return drop_packet(&ctx, Program::FromPod, reason),
             }
         } else {
@@ -133,10 +135,17 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     if let Some(new) = &new_service_connection {
         service::record(&ctx, &ip, new);
     }
-    if let Some(frontend) = &reply_from_frontend
-        && let Err(reason) = service::from_frontend(&mut ctx, &mut ip, frontend)
-    {
-        return drop_packet(&ctx, Program::FromPod, reason);
+    if let Some(frontend) = &reply_from_frontend {
+        if let Err(reason) = service::from_frontend(&mut ctx, &mut ip, frontend) {
+            return drop_packet(&ctx, Program::FromPod, reason);
+        }
+        // A reply to a NodePort client outside the pod network: its
+        // source is the node's address now, which the stack would drop as
+        // a martian. (Past the pod's egress shaper, which hands to the
+        // stack: a shaped backend's NodePort replies are not limited.)
+        if frontend.is_node_address() && local.is_none() && remote.is_none() {
+            return node_port::to_outside(&ctx, &ip, Program::FromPod);
+        }
     }
     // An egress bandwidth limit: every packet the pod sends, whatever its
     // destination, queues in the pod's shaper. Checked above like any other.
@@ -153,7 +162,7 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
         if let Some(code) = flows::divert_to_stack(&ctx, &ip) {
             return code;
         }
-        return forward::to_remote(&mut ctx, &ip, &remote);
+        return forward::to_remote(&mut ctx, ip.ttl, &remote);
     }
     // Not a pod of the cluster: the host stack routes (and masquerades) it.
     pass_to_stack()

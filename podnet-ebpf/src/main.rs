@@ -15,6 +15,7 @@ mod from_underlay;
 mod l4;
 mod lookup;
 mod maps;
+mod node_port;
 mod packet;
 mod policy;
 mod sender;

@@ -11,7 +11,7 @@
 //! Callers test `NODE_F_SERVICES_BPF` first: with kube-proxy's rules in
 //! charge nothing here runs.
 
-use aya_ebpf::{helpers::bpf_get_prandom_u32, programs::TcContext};
+use aya_ebpf::{bindings::__sk_buff, helpers::bpf_get_prandom_u32, programs::TcContext};
 use podnet_common::{
     Affinity, AffinityKey, BackendKey, DropReason, FlowKey, ServiceEntry, ServiceKey,
     TrackedConnection, Verdict,
@@ -23,7 +23,7 @@ use crate::{
     clock::now_ns,
     counters::count,
     l4::{self, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, TCP_SYN, closing_flags, has_ports},
-    maps::{CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_PORTS, SERVICES},
+    maps::{CONFIG, CONNTRACK, SERVICE_AFFINITY, SERVICE_BACKENDS, SERVICE_PORTS, SERVICES},
     packet::{self, ETH_HLEN, Ipv4Fields},
 };
 
@@ -66,7 +66,7 @@ pub struct NewConnection(u64);
 
 /// The ports of a TCP/UDP packet (as on the wire) and its TCP flags.
 #[inline(always)]
-fn ports_of(ctx: &TcContext, ip: &Ipv4Fields) -> Option<(u16, u16, u8)> {
+pub fn ports_of(ctx: &TcContext, ip: &Ipv4Fields) -> Option<(u16, u16, u8)> {
     if ip.later_fragment {
         return None;
     }
@@ -95,18 +95,28 @@ fn ports_of(ctx: &TcContext, ip: &Ipv4Fields) -> Option<(u16, u16, u8)> {
 
 /// [`find_backend`]'s answers (bits 56.. of its word).
 const FOUND_TRACKED: u64 = 1;
-const FOUND_NEW: u64 = 2;
-const FOUND_NO_BACKEND: u64 = 3;
+pub const FOUND_NEW: u64 = 2;
+pub const FOUND_NO_BACKEND: u64 = 3;
 const FOUND_UNKNOWN_CONNECTION: u64 = 4;
 
-/// Translates a pod's packet for the Service CIDR (`ip` is updated to the
-/// rewritten destination). `Err`: a frontend without a backend, or a
-/// rewrite the kernel refused.
+/// Translates a pod's packet for the Service CIDR, or for its node's
+/// address (`to_node`: a NodePort, whose frontends are the node
+/// address's), `ip` updated to the rewritten destination. `Err`: a
+/// frontend without a backend, or a rewrite the kernel refused.
 #[inline(always)]
-pub fn to_backend(ctx: &mut TcContext, ip: &mut Ipv4Fields) -> Result<Forward, DropReason> {
+pub fn to_backend(
+    ctx: &mut TcContext,
+    ip: &mut Ipv4Fields,
+    to_node: bool,
+) -> Result<Forward, DropReason> {
     let Some((src_port, dst_port, tcp_flags)) = ports_of(ctx, ip) else {
         return Ok(Forward::NotAFrontend);
     };
+    // The node's other traffic (not to a port of the bitmap) pays one
+    // array read, not the lookups.
+    if to_node && !watched_port(dst_port) {
+        return Ok(Forward::NotAFrontend);
+    }
     let addresses = u64::from(ip.src) | u64::from(ip.dst) << 32;
     let ports = u64::from(src_port)
         | u64::from(dst_port) << 16
@@ -131,6 +141,52 @@ pub fn to_backend(ctx: &mut TcContext, ip: &mut Ipv4Fields) -> Result<Forward, D
         FOUND_NO_BACKEND => Err(DropReason::ServiceNoBackend),
         FOUND_UNKNOWN_CONNECTION => Err(DropReason::ServiceConnectionUnknown),
         _ => Ok(Forward::NotAFrontend),
+    }
+}
+
+/// [`to_backend`] out of line, for from_pod: its rewrites inline would
+/// not leave from_pod's stack room for policy's subprograms below it.
+/// `skb` is the program's context; the outcome comes packed in one word.
+#[inline(never)]
+pub fn pod_to_backend(skb: *mut __sk_buff, ip: &mut Ipv4Fields, to_node: bool) -> PodTranslation {
+    let mut ctx = TcContext::new(skb);
+    PodTranslation(match to_backend(&mut ctx, ip, to_node) {
+        Ok(Forward::NotAFrontend) => 0,
+        Ok(Forward::Translated) => PodTranslation::TRANSLATED,
+        Ok(Forward::New(new)) => PodTranslation::NEW | new.0,
+        Err(DropReason::ServiceNoBackend) => PodTranslation::FAILED | 1,
+        Err(DropReason::ServiceConnectionUnknown) => PodTranslation::FAILED | 2,
+        Err(_) => PodTranslation::FAILED,
+    })
+}
+
+/// [`pod_to_backend`]'s outcome: 0 (no frontend), `TRANSLATED`, `NEW` |
+/// the [`NewConnection`] word (48 bits), or `FAILED` | 1 (no backend), 2
+/// (unknown connection), 0 (a rewrite failed).
+#[repr(transparent)]
+pub struct PodTranslation(u64);
+
+impl PodTranslation {
+    const TRANSLATED: u64 = 1 << 61;
+    const NEW: u64 = 1 << 62;
+    const FAILED: u64 = 1 << 63;
+
+    /// `Ok(Some)`: a new connection to record once policy let it
+    /// through; `Ok(None)`: nothing to record (translated or not a
+    /// frontend); `Err`: the packet is dropped.
+    #[inline(always)]
+    pub fn outcome(self) -> Result<Option<NewConnection>, DropReason> {
+        if self.0 & Self::FAILED != 0 {
+            return Err(match self.0 & 0xff {
+                1 => DropReason::ServiceNoBackend,
+                2 => DropReason::ServiceConnectionUnknown,
+                _ => DropReason::HeaderRewriteFailed,
+            });
+        }
+        if self.0 & Self::NEW != 0 {
+            return Ok(Some(NewConnection(self.0 & !Self::NEW)));
+        }
+        Ok(None)
     }
 }
 
@@ -192,6 +248,15 @@ fn find_backend(addresses: u64, ports: u64) -> u64 {
     if proto == IPPROTO_TCP && tcp_flags & TCP_SYN == 0 {
         return FOUND_UNKNOWN_CONNECTION << 56;
     }
+    pick_backend(service, client, now)
+}
+
+/// A new connection of `client` to the frontend `service`: its backend,
+/// packed as [`find_backend`] answers (`FOUND_NEW`, or `FOUND_NO_BACKEND`
+/// for a frontend without one): the client's affine backend, or a slot
+/// at random (noted for affinity when the frontend has it).
+#[inline(always)]
+pub fn pick_backend(service: ServiceEntry, client: u32, now: u64) -> u64 {
     if service.backends == 0 {
         return FOUND_NO_BACKEND << 56;
     }
@@ -292,7 +357,7 @@ pub fn record(ctx: &TcContext, ip: &Ipv4Fields, new: &NewConnection) {
 /// flags << 56; backend address.
 #[inline(never)]
 #[allow(clippy::cast_possible_truncation)] // unpacking what `record` packed
-fn enter(addresses: u64, ports: u64, backend: u64) {
+pub fn enter(addresses: u64, ports: u64, backend: u64) {
     let (client, frontend) = (addresses as u32, (addresses >> 32) as u32);
     let (client_port, frontend_port, backend_port) =
         (ports as u16, (ports >> 16) as u16, (ports >> 32) as u16);
@@ -365,8 +430,7 @@ pub fn clear_clashing(ctx: &TcContext, ip: &Ipv4Fields) {
     if !l4::opens(tcp_flags) {
         return;
     }
-    let (word, bit) = service_port_bit(u16::from_be(dst_port));
-    if SERVICE_PORTS.get(word).is_none_or(|&bits| bits & bit == 0) {
+    if !watched_port(dst_port) {
         return;
     }
     forget_clash(
@@ -401,6 +465,14 @@ fn forget_clash(addresses: u64, ports: u64) {
     ));
 }
 
+/// Whether `port` (network byte order) is in the Service ports' bitmap: a
+/// port some backend serves on, or a NodePort.
+#[inline(always)]
+pub fn watched_port(port: u16) -> bool {
+    let (word, bit) = service_port_bit(u16::from_be(port));
+    SERVICE_PORTS.get(word).is_some_and(|&bits| bits & bit != 0)
+}
+
 /// The frontend a backend's reply must come from, when `ip` is one: its
 /// source port is a port some backend serves on (one array read for
 /// everything else) and its tuple is a translated connection's reply.
@@ -410,8 +482,7 @@ pub fn reply_source(ctx: &TcContext, ip: &Ipv4Fields) -> Option<Frontend> {
         return icmp_error_source(ctx, ip);
     }
     let (src_port, dst_port, tcp_flags) = ports_of(ctx, ip)?;
-    let (word, bit) = service_port_bit(u16::from_be(src_port));
-    if SERVICE_PORTS.get(word).is_none_or(|&bits| bits & bit == 0) {
+    if !watched_port(src_port) {
         return None;
     }
     let found = find_frontend(
@@ -439,8 +510,7 @@ fn icmp_error_source(ctx: &TcContext, ip: &Ipv4Fields) -> Option<Frontend> {
     if !l4.icmp_other || !has_ports(l4.key.proto) {
         return None;
     }
-    let (word, bit) = service_port_bit(u16::from_be(l4.key.src_port));
-    if SERVICE_PORTS.get(word).is_none_or(|&bits| bits & bit == 0) {
+    if !watched_port(l4.key.src_port) {
         return None;
     }
     let found = find_frontend(
@@ -464,6 +534,17 @@ pub struct Frontend(u64);
 /// [`Frontend`]: the reply is an ICMP error (its embedded header is
 /// translated too).
 const ICMP_ERROR: u64 = 1 << 63;
+/// [`Frontend`]: the frontend is this node's address (a NodePort).
+const NODE_ADDRESS: u64 = 1 << 62;
+
+impl Frontend {
+    /// Whether the reply now comes from this node's address (a NodePort's
+    /// connection).
+    #[inline(always)]
+    pub fn is_node_address(&self) -> bool {
+        self.0 & NODE_ADDRESS != 0
+    }
+}
 
 /// The frontend of a backend's reply (packed as in [`find_backend`]):
 /// its address | port << 32 | 1 << 56, or 0 when the tuple is no
@@ -491,7 +572,15 @@ fn find_frontend(addresses: u64, ports: u64) -> u64 {
         now,
         &FlowKey::new(client, frontend, client_port, frontend_port, proto),
     );
-    u64::from(frontend) | u64::from(frontend_port) << 32 | 1 << 56
+    let node_address = if CONFIG
+        .get(0)
+        .is_some_and(|config| config.node_ip == frontend)
+    {
+        NODE_ADDRESS
+    } else {
+        0
+    };
+    u64::from(frontend) | u64::from(frontend_port) << 32 | 1 << 56 | node_address
 }
 
 /// Rewrites a backend's reply to come from `frontend` (from
@@ -569,7 +658,7 @@ fn icmp_error_from_frontend(
 /// its timestamp (at most once per [`REFRESH_NS`], or at once for a new
 /// FIN or RST) and, with it, that of its other entry `other`.
 #[inline(always)]
-fn touch(conn: &mut TrackedConnection, tcp_flags: u8, now: u64, other: &FlowKey) {
+pub fn touch(conn: &mut TrackedConnection, tcp_flags: u8, now: u64, other: &FlowKey) {
     let closing = closing_flags(tcp_flags, CONN_F_RST, CONN_F_FIN);
     if closing & !conn.flags != 0 || now.saturating_sub(conn.last_seen_ns) > REFRESH_NS {
         conn.last_seen_ns = now;
@@ -580,7 +669,7 @@ fn touch(conn: &mut TrackedConnection, tcp_flags: u8, now: u64, other: &FlowKey)
 
 /// The reply entry of a connection opened again on its tuple: fresh.
 #[inline(always)]
-fn reopen(key: &FlowKey, now: u64) {
+pub fn reopen(key: &FlowKey, now: u64) {
     if let Some(conn) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: as in `find_backend`.
         let conn = unsafe { &mut *conn };
@@ -602,7 +691,7 @@ fn refresh(key: &FlowKey, now: u64, closing: u32) {
 }
 
 #[derive(Clone, Copy)]
-enum Side {
+pub enum Side {
     Source,
     Destination,
 }
@@ -612,7 +701,7 @@ enum Side {
 /// partial (`CHECKSUM_PARTIAL`, offloaded to the veth): the helper then
 /// updates only the pseudo-header's share, which is what the address is.
 #[inline(always)]
-fn rewrite(
+pub fn rewrite(
     ctx: &mut TcContext,
     ip: &mut Ipv4Fields,
     side: Side,

@@ -44,8 +44,10 @@ pub struct ServiceSpec {
 }
 
 /// The demo Service as cluster objects (for podnet's own translation): the
-/// Service `default/demo` with its two ports and one EndpointSlice of the
-/// backends, ready, each on the node named at the same index of `nodes`.
+/// Service `default/demo` (type NodePort: its TCP port is also
+/// `node_port` on every node) with its two ports and one EndpointSlice of
+/// the backends, ready, each on the node named at the same index of
+/// `nodes`.
 #[must_use]
 pub fn demo_service_objects(svc: &ServiceSpec, nodes: &[String]) -> Vec<serde_json::Value> {
     let endpoints: Vec<serde_json::Value> = svc
@@ -66,12 +68,12 @@ pub fn demo_service_objects(svc: &ServiceSpec, nodes: &[String]) -> Vec<serde_js
             "kind": "Service",
             "metadata": {"name": svc.name, "namespace": NAMESPACE},
             "spec": {
-                "type": "ClusterIP",
+                "type": "NodePort",
                 "clusterIP": svc.cluster_ip.to_string(),
                 "clusterIPs": [svc.cluster_ip.to_string()],
                 "ports": [
                     {"name": "http", "protocol": "TCP", "port": svc.tcp_port,
-                     "targetPort": svc.target_tcp_port},
+                     "targetPort": svc.target_tcp_port, "nodePort": svc.node_port},
                     {"name": "dns", "protocol": "UDP", "port": svc.udp_port,
                      "targetPort": svc.target_udp_port},
                 ],

@@ -6,12 +6,28 @@
 //! its node, one on the other) answer, each sees the client's own address,
 //! and the client sees the answers come from the ClusterIP (its sockets
 //! are connected to it). In vxlan and in direct mode.
+//!
+//! NodePorts too: the fabric host (outside the cluster) reaches the demo
+//! Service's NodePort on every node's address and is answered by both
+//! backends, the one on the node it dialled seeing the client's address
+//! and the other the node's (SNAT); a pod reaches its own node's NodePort;
+//! an `externalTrafficPolicy: Local` NodePort answers only on the node
+//! with a backend, which sees the client's address.
 
-use podnet_common::Verdict;
+use std::{
+    collections::BTreeSet,
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
+
+use podnet_common::{DropReason, Verdict};
 use podnet_tests::{
-    lab::{self, LabDatastore, LabGuard, LabOptions, ServiceKind},
+    lab::{self, LabDatastore, LabGuard, LabLayout, LabOptions, ServiceKind},
     privileged,
-    services::{clients_reach_the_service, wait_for_the_service},
+    services::{
+        ServiceSpec, backend_name, backend_names, clients_reach_the_service, query_all, tcp_query,
+        wait_for_the_service,
+    },
 };
 
 fn services_in_the_datapath(tag: &str, mode: &str) {
@@ -56,6 +72,8 @@ fn services_in_the_datapath(tag: &str, mode: &str) {
         std::net::SocketAddrV4::new(svc.cluster_ip, svc.tcp_port),
     );
     clients_reach_the_service(&lab.layout);
+    node_ports_reach_every_backend(&lab.layout, &svc);
+    a_local_node_port_answers_only_where_its_backend_is(&lab.layout, &svc);
     explain_names_the_translation(&lab.layout, client, &svc);
     a_udp_flow_follows_its_backend_away(&lab.layout, client, &svc);
     for node in &lab.layout.nodes {
@@ -191,5 +209,161 @@ fn a_udp_flow_follows_its_backend_away(
             "after 5 s the flow still reaches {answer}, which left the Service"
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The fabric host reaches the NodePort on every node and both backends
+/// answer: the one on the node dialled sees the fabric host's address (no
+/// SNAT for a local backend), the other sees the dialled node's (SNAT, so
+/// that its replies come back through that node). A pod reaches its own
+/// node's NodePort, and both backends see the pod.
+fn node_ports_reach_every_backend(layout: &LabLayout, svc: &ServiceSpec) {
+    let backends = backend_names(layout, svc);
+    for node in &layout.nodes {
+        let addr = SocketAddrV4::new(node.node_ip, svc.node_port);
+        let seen = query_all(&layout.fabric_netns, addr, false);
+        let answered: BTreeSet<String> = seen.keys().cloned().collect();
+        assert_eq!(answered, backends, "fabric host -> {addr}");
+        for (backend, sources) in &seen {
+            let on_this_node = layout
+                .pods
+                .iter()
+                .any(|p| &p.name == backend && p.node == node.name);
+            let expected = if on_this_node {
+                layout.fabric_host
+            } else {
+                node.node_ip
+            };
+            assert_eq!(
+                sources,
+                &BTreeSet::from([expected]),
+                "{backend} (on {} the node dialled: {on_this_node}) saw the client {addr}'s connections from",
+                node.name
+            );
+        }
+        assert!(
+            podnet_tests::counters::read(&node.agent_socket, Verdict::NodePortSnat) > 0,
+            "{}: connections to the other node's backend were SNATed",
+            node.name
+        );
+        assert!(
+            podnet_tests::counters::read(&node.agent_socket, Verdict::ToNodePortClient) > 0,
+            "{}: replies left for the fabric host past the stack",
+            node.name
+        );
+    }
+    let client = layout
+        .pods
+        .iter()
+        .find(|p| !svc.backends.contains(&p.ip))
+        .expect("a pod that is not a backend");
+    let own_node = layout.node(&client.node).expect("the client's node");
+    let seen = query_all(
+        &client.netns,
+        SocketAddrV4::new(own_node.node_ip, svc.node_port),
+        false,
+    );
+    let answered: BTreeSet<String> = seen.keys().cloned().collect();
+    assert_eq!(
+        answered, backends,
+        "{} -> its own node's NodePort",
+        client.name
+    );
+    for (backend, sources) in &seen {
+        assert_eq!(
+            sources,
+            &BTreeSet::from([client.ip]),
+            "{backend} saw {}",
+            client.name
+        );
+    }
+}
+
+/// A NodePort with `externalTrafficPolicy: Local` whose only endpoint is
+/// the first backend: its node answers with it, which sees the fabric
+/// host's own address; the other node answers nothing and counts the
+/// refused connections (`service_no_backend`), as kube-proxy's rules drop
+/// them.
+fn a_local_node_port_answers_only_where_its_backend_is(layout: &LabLayout, svc: &ServiceSpec) {
+    const LOCAL_NODE_PORT: u16 = 30_081;
+    let backend_ip = svc.backends[0];
+    let backend = backend_name(layout, backend_ip);
+    let backend_node = layout
+        .pods
+        .iter()
+        .find(|p| p.ip == backend_ip)
+        .map(|p| p.node.clone())
+        .expect("the backend's node");
+    layout
+        .apply_objects(&[
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "demo-local", "namespace": "default"},
+                "spec": {
+                    "type": "NodePort",
+                    "clusterIP": "10.96.0.11",
+                    "clusterIPs": ["10.96.0.11"],
+                    "externalTrafficPolicy": "Local",
+                    "ports": [{"name": "http", "protocol": "TCP", "port": svc.tcp_port,
+                               "targetPort": svc.target_tcp_port,
+                               "nodePort": LOCAL_NODE_PORT}],
+                },
+            }),
+            serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {"name": "demo-local-1", "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": "demo-local"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [backend_ip.to_string()],
+                               "conditions": {"ready": true},
+                               "nodeName": backend_node}],
+                "ports": [{"name": "http", "protocol": "TCP", "port": svc.target_tcp_port}],
+            }),
+        ])
+        .expect("apply the Local NodePort");
+    for node in &layout.nodes {
+        let addr = SocketAddrV4::new(node.node_ip, LOCAL_NODE_PORT);
+        if node.name == backend_node {
+            wait_for_the_service(&layout.fabric_netns, addr);
+            let seen = query_all(&layout.fabric_netns, addr, false);
+            let answered: BTreeSet<String> = seen.keys().cloned().collect();
+            assert_eq!(
+                answered,
+                BTreeSet::from([backend.clone()]),
+                "fabric host -> {addr}"
+            );
+            assert_eq!(
+                seen.get(&backend),
+                Some(&BTreeSet::from([layout.fabric_host])),
+                "{backend} saw the fabric host's own address"
+            );
+        } else {
+            let refused_before =
+                podnet_tests::counters::read(&node.agent_socket, DropReason::ServiceNoBackend);
+            // Until the maps have the frontend, the stack answers with an
+            // RST; from then on nothing answers.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let answer = tcp_query(&layout.fabric_netns, addr, Duration::from_millis(500));
+                if answer.is_err()
+                    && podnet_tests::counters::read(
+                        &node.agent_socket,
+                        DropReason::ServiceNoBackend,
+                    ) > refused_before
+                {
+                    break;
+                }
+                assert!(
+                    answer.is_err(),
+                    "{addr} answered ({answer:?}) on a node without a backend"
+                );
+                assert!(
+                    Instant::now() < deadline,
+                    "{addr} was never refused by the datapath"
+                );
+            }
+        }
     }
 }

@@ -331,6 +331,7 @@ mod tests {
                     port_name: String::new(),
                     backends: vec![backend(1), backend(2)],
                     affinity_timeout_s: 0,
+                    node_port: false,
                 },
             )]
             .into(),

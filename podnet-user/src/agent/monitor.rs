@@ -445,6 +445,7 @@ mod tests {
                     port_name: String::new(),
                     backends: Vec::new(),
                     affinity_timeout_s: 0,
+                    node_port: false,
                 },
             )]
             .into(),

@@ -757,10 +757,17 @@ fn follow_cluster_objects(
     if resolved.config.services == ServicesMode::Bpf {
         let (services_registry, services_view, services_state) =
             (Arc::clone(registry), handle.view(), tasks.services);
+        // The NodePorts' frontends are the node's underlay address.
+        let node_ip = (resolved.network.mode != Mode::Local).then_some(resolved.network.node_ip);
         std::thread::Builder::new()
             .name("services".to_owned())
             .spawn(move || {
-                podnet::agent::services::run(&services_registry, &services_view, &services_state);
+                podnet::agent::services::run(
+                    &services_registry,
+                    &services_view,
+                    &services_state,
+                    node_ip,
+                );
             })
             .context("starting the Services sync")?;
     }

@@ -14,9 +14,10 @@ use crate::model::cluster::{
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 /// The plan for node `node` (its name, as EndpointSlices' `nodeName` give
-/// it: for `internalTrafficPolicy: Local`).
+/// it: for the traffic policies' `Local`) whose address is `node_ip` (its
+/// NodePorts' frontends; none without one).
 #[must_use]
-pub fn compile(model: &ClusterModel, node: &str) -> ServicePlan {
+pub fn compile(model: &ClusterModel, node: &str, node_ip: Option<Ipv4Addr>) -> ServicePlan {
     let mut plan = ServicePlan::default();
     for service in model.services(None) {
         let Some(spec) = service.spec.as_ref() else {
@@ -34,6 +35,8 @@ pub fn compile(model: &ClusterModel, node: &str) -> ServicePlan {
             name: service.metadata.name.clone().unwrap_or_default(),
         };
         let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let external_local_only = spec.external_traffic_policy.as_deref() == Some("Local");
+        let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
         let slices: Vec<&EndpointSlice> = model
             .endpoint_slices(&name.namespace, &name.name)
             .filter(|s| s.address_type == "IPv4")
@@ -58,14 +61,51 @@ pub fn compile(model: &ClusterModel, node: &str) -> ServicePlan {
                     .push(format!("{name} {frontend} (held by {})", holder.service));
                 continue;
             }
-            let backends = backends(&slices, port, protocol, local_only.then_some(node));
+            let cluster_backends = backends(&slices, port, protocol, local_only.then_some(node));
             plan.frontends.insert(
                 frontend,
                 FrontendPlan {
                     service: name.clone(),
                     port_name: port.name.clone().unwrap_or_default(),
-                    backends,
+                    backends: cluster_backends,
                     affinity_timeout_s: affinity_timeout(service),
+                    node_port: false,
+                },
+            );
+            // The NodePort: a frontend of this node's address, whose
+            // backends `externalTrafficPolicy` chooses (`Local`: this
+            // node's only, so the client's address is kept; none leaves
+            // the node refusing it, as kube-proxy's rules do).
+            let (Some(node_ip), true) = (node_ip, node_ports) else {
+                continue;
+            };
+            let Some(node_port) = port
+                .node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|&p| p != 0)
+            else {
+                continue;
+            };
+            let frontend = Frontend {
+                address: node_ip,
+                port: node_port,
+                protocol,
+            };
+            if let Some(holder) = plan.frontends.get(&frontend) {
+                plan.conflicts
+                    .push(format!("{name} {frontend} (held by {})", holder.service));
+                continue;
+            }
+            let node_port_backends =
+                backends(&slices, port, protocol, external_local_only.then_some(node));
+            plan.frontends.insert(
+                frontend,
+                FrontendPlan {
+                    service: name.clone(),
+                    port_name: port.name.clone().unwrap_or_default(),
+                    backends: node_port_backends,
+                    affinity_timeout_s: affinity_timeout(service),
+                    node_port: true,
                 },
             );
         }

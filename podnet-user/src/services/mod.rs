@@ -7,9 +7,11 @@
 //! What a plan holds, and the choices beyond the Kubernetes text:
 //! - One frontend per (ClusterIP, Service port, protocol) of every Service
 //!   with an IPv4 ClusterIP: headless Services (`None`), Services without a
-//!   ClusterIP (ExternalName) and IPv6 ClusterIPs have none. NodePorts,
-//!   externalIPs, LoadBalancer addresses and `externalTrafficPolicy` are
-//!   not in the plan yet: the node's stack (kube-proxy) keeps them.
+//!   ClusterIP (ExternalName) and IPv6 ClusterIPs have none.
+//! - One frontend per NodePort (of a `NodePort` or `LoadBalancer` Service)
+//!   under this node's own address, its backends chosen by
+//!   `externalTrafficPolicy` (`Local`: this node's only). externalIPs and
+//!   LoadBalancer addresses are not in the plan.
 //! - Backends come from the Service's EndpointSlices (its namespace,
 //!   labelled `kubernetes.io/service-name`), `addressType: IPv4` only, at
 //!   the slice port whose name (and protocol) is the Service port's. An
@@ -155,6 +157,9 @@ pub struct FrontendPlan {
     pub backends: Vec<BackendAddress>,
     /// `sessionAffinity: ClientIP`'s timeout; 0 without affinity.
     pub affinity_timeout_s: u32,
+    /// The frontend is a NodePort (this node's address).
+    #[serde(default)]
+    pub node_port: bool,
 }
 
 impl FrontendPlan {
@@ -188,6 +193,21 @@ impl ServicePlan {
             .values()
             .flat_map(|f| f.backends.iter().map(|b| b.port))
             .collect()
+    }
+
+    /// The ports of the Service ports' bitmap (host order): the backend
+    /// ports and the NodePorts, whose packets are the only ones the
+    /// datapath looks up.
+    #[must_use]
+    pub fn watched_ports(&self) -> BTreeSet<u16> {
+        let mut ports = self.backend_ports();
+        ports.extend(
+            self.frontends
+                .iter()
+                .filter(|(_, plan)| plan.node_port)
+                .map(|(frontend, _)| frontend.port),
+        );
+        ports
     }
 
     /// Backend slots over all frontends.

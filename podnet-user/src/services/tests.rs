@@ -9,6 +9,7 @@ use crate::model::cluster::{ClusterModel, decode};
 
 const NODE: &str = "node-1";
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
 
 fn model(yaml: &str) -> ClusterModel {
     let mut model = ClusterModel::new();
@@ -17,7 +18,7 @@ fn model(yaml: &str) -> ClusterModel {
 }
 
 fn plan(yaml: &str) -> ServicePlan {
-    compile(&model(yaml), NODE)
+    compile(&model(yaml), NODE, Some(NODE_IP))
 }
 
 /// Service `web` in `x` with ClusterIP 10.96.0.10 and `extra` spec lines
@@ -185,6 +186,71 @@ fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
             "{addresses: [10.244.0.2], nodeName: node-2}",
         );
     assert_eq!(backends_of(&plan(&yaml), 80, 6), [backend(2, 80)]);
+}
+
+fn node_port_backends(plan: &ServicePlan, port: u16) -> Option<&FrontendPlan> {
+    plan.frontends.get(&Frontend {
+        address: NODE_IP,
+        port,
+        protocol: 6,
+    })
+}
+
+#[test]
+fn a_node_port_is_a_frontend_of_the_nodes_address_chosen_by_external_traffic_policy() {
+    let endpoints = "{addresses: [10.244.0.1], nodeName: node-1}, \
+                     {addresses: [10.244.0.2], nodeName: node-2}";
+    // Cluster (the default): every node's endpoints, as the ClusterIP's;
+    // the NodePort is in the ports' bitmap beside the backend port.
+    let yaml = service(
+        "{port: 80, targetPort: 8080, nodePort: 30080}",
+        "  type: NodePort\n",
+    ) + &slice("web-1", "{port: 8080}", endpoints);
+    let cluster = plan(&yaml);
+    let node_port = node_port_backends(&cluster, 30_080).expect("the NodePort's frontend");
+    assert!(node_port.node_port);
+    assert_eq!(node_port.backends, [backend(1, 8080), backend(2, 8080)]);
+    assert_eq!(backends_of(&cluster, 80, 6), node_port.backends);
+    assert!(!cluster.frontends[&frontend(80, 6)].node_port);
+    assert_eq!(cluster.watched_ports(), BTreeSet::from([8080, 30_080]));
+    assert_eq!(cluster.backend_ports(), BTreeSet::from([8080]));
+    // Local: this node's only, whatever internalTrafficPolicy says for the
+    // ClusterIP.
+    let yaml = service(
+        "{port: 80, targetPort: 8080, nodePort: 30080}",
+        "  type: NodePort\n  externalTrafficPolicy: Local\n",
+    ) + &slice("web-1", "{port: 8080}", endpoints);
+    let local = plan(&yaml);
+    assert_eq!(
+        node_port_backends(&local, 30_080).map(|f| f.backends.clone()),
+        Some(vec![backend(1, 8080)])
+    );
+    assert_eq!(backends_of(&local, 80, 6).len(), 2);
+    // Local without a local endpoint: a frontend without backends (the
+    // node refuses its connections).
+    let yaml = service(
+        "{port: 80, targetPort: 8080, nodePort: 30080}",
+        "  type: NodePort\n  externalTrafficPolicy: Local\n",
+    ) + &slice(
+        "web-1",
+        "{port: 8080}",
+        "{addresses: [10.244.0.2], nodeName: node-2}",
+    );
+    assert_eq!(
+        node_port_backends(&plan(&yaml), 30_080).map(|f| f.backends.len()),
+        Some(0)
+    );
+    // A ClusterIP Service has no NodePort, nor has a node without an
+    // address (local mode).
+    let yaml =
+        service("{port: 80, targetPort: 8080}", "") + &slice("web-1", "{port: 8080}", endpoints);
+    assert!(node_port_backends(&plan(&yaml), 30_080).is_none());
+    let yaml = service(
+        "{port: 80, targetPort: 8080, nodePort: 30080}",
+        "  type: NodePort\n",
+    ) + &slice("web-1", "{port: 8080}", endpoints);
+    let without_address = compile(&model(&yaml), NODE, None);
+    assert_eq!(without_address.frontends.len(), 1);
 }
 
 #[test]

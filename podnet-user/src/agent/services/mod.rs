@@ -112,6 +112,7 @@ pub fn run(
     registry: &Arc<Mutex<Agent>>,
     view: &Arc<Mutex<AgentView>>,
     state: &Arc<Mutex<ServicesState>>,
+    node_ip: Option<std::net::Ipv4Addr>,
 ) {
     let node = lock(registry).config.node_name.clone();
     lock(state).status.mode = ServicesMode::Bpf;
@@ -131,7 +132,7 @@ pub fn run(
             continue;
         }
         let started = Instant::now();
-        let plan = compile(lock(view).model(), &node);
+        let plan = compile(lock(view).model(), &node, node_ip);
         // The state is updated before the agent's lock is let go: the
         // agent's check compares the maps with it under that lock.
         let mut agent = lock(registry);
@@ -151,7 +152,7 @@ pub fn run(
                 }
                 let keep = linger.update(
                     &current.ports,
-                    &plan.backend_ports(),
+                    &plan.watched_ports(),
                     Instant::now(),
                     PORT_LINGER,
                 );

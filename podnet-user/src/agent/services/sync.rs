@@ -186,7 +186,7 @@ pub fn apply_plan(
 ) -> (Applied, SyncReport) {
     let mut report = SyncReport::default();
     let departed = departed_udp_backends(&current, plan, ids);
-    let wanted_ports = port_words(&plan.backend_ports());
+    let wanted_ports = port_words(&plan.watched_ports());
     // 1. New port bits, the old ones kept for now.
     let union: Vec<u64> = current
         .ports
@@ -249,7 +249,7 @@ pub fn apply_plan(
     // 5. Ports no backend serves on any more: the plan's, and those of
     // slots still held (an old backend of a frontend whose update was
     // refused is still picked, and its replies still translated).
-    let mut ports = plan.backend_ports();
+    let mut ports = plan.watched_ports();
     ports.extend(current.backends.values().map(|b| b.port));
     ports.extend(keep);
     write_port_words(maps, &mut current, &port_words(&ports), &mut report);

@@ -200,6 +200,7 @@ fn plan(frontends: &[(Frontend, Vec<BackendAddress>)]) -> ServicePlan {
                         port_name: String::new(),
                         backends: backends.clone(),
                         affinity_timeout_s: 0,
+                        node_port: false,
                     },
                 )
             })
