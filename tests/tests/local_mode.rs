@@ -93,11 +93,11 @@ fn local_mode_forwards_what_the_node_translates_for_pods() {
     let b = node.add_pod_with("local-b", &conf).expect("ADD b");
 
     // A receiver in pod b per case (each takes one connection).
-    let receiver = || traffic::receiver(b.netns.name(), b.ip).expect("receiver in b");
-    let (from_pod, from_pod_rx) = receiver();
-    let (from_node, from_node_rx) = receiver();
-    let (loopback, loopback_rx) = receiver();
-    let (service, service_rx) = receiver();
+    let listen_in_b = || traffic::receiver(b.netns.name(), b.ip).expect("receiver in b");
+    let (from_pod, from_pod_rx) = listen_in_b();
+    let (from_node, from_node_rx) = listen_in_b();
+    let (loopback, loopback_rx) = listen_in_b();
+    let (service, service_rx) = listen_in_b();
     let (host_port, node_host_port, loopback_host_port) = (18_080, 18_081, 18_082);
     portmap_add(
         &node,
