@@ -7,8 +7,14 @@ use std::{
     time::Duration,
 };
 
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use podnet::api::{Client, ClientError, Endpoint, EndpointStatus, Request};
-use podnet_common::names::{MAX_ENDPOINTS, MAX_STACK_FLOWS};
+use podnet_common::{
+    FlowKey, StackFlow, TrackedConnection,
+    names::{
+        MAP_CONNTRACK, MAP_STACK_FLOWS, MAX_ENDPOINTS, MAX_STACK_FLOWS, MAX_TRACKED_CONNECTIONS,
+    },
+};
 use podnet_tests::{
     lab::{LabDatastore, LabGuard, LabNode, LabOptions, LabPod},
     node::{Node, Pod},
@@ -502,4 +508,138 @@ fn map_fill_counts_a_full_stack_flows_map() {
         .find(|f| f.name == "podnet_endpts")
         .expect("endpoints");
     assert_eq!(endpoints.entries, 0);
+}
+
+/// The flow tables' lines of `podnetctl status --json` by map name:
+/// (entries, capacity, nearly full).
+fn status_tables(node: &Node) -> std::collections::BTreeMap<String, (u64, u64, bool)> {
+    let status = node.podnetctl(&["status"]).expect("podnetctl status");
+    let tables = status["tables"]
+        .as_array()
+        .unwrap_or_else(|| panic!("status has the tables: {status}"));
+    tables
+        .iter()
+        .map(|t| {
+            (
+                t["map"].as_str().expect("map").to_owned(),
+                (
+                    t["entries"].as_u64().expect("entries"),
+                    t["capacity"].as_u64().expect("capacity"),
+                    t["nearly_full"].as_bool().expect("nearly_full"),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// `podnetctl status` shows how full the connection table and the
+/// stack-flows table are, from the agent and from the pins while it is
+/// down, and flags the connection table once it is 90 % full (entries
+/// written straight into the agent's pinned maps, as the datapath would
+/// write them); how long the agent takes to count a full connection
+/// table is printed.
+#[test]
+fn status_shows_how_full_the_flow_tables_are() {
+    if !privileged("status_shows_how_full_the_flow_tables_are") {
+        return;
+    }
+    let mut node = Node::start("tables", "10.244.21.0/24").expect("node");
+    let before = status_tables(&node);
+    assert_eq!(
+        before.get(MAP_CONNTRACK),
+        Some(&(0, u64::from(MAX_TRACKED_CONNECTIONS), false)),
+        "{before:?}"
+    );
+    assert_eq!(
+        before.get(MAP_STACK_FLOWS),
+        Some(&(0, u64::from(MAX_STACK_FLOWS), false)),
+        "{before:?}"
+    );
+
+    let open = |name: &str| {
+        Map::from_map_data(MapData::from_pin(node.bpffs.path().join(name)).expect("pin"))
+            .expect("map")
+    };
+    let key = |i: u32, proto: u8| FlowKey {
+        src: i,
+        dst: 0x0a00_0001,
+        src_port: 40_000,
+        dst_port: 80,
+        proto,
+        pad: [0; 3],
+    };
+    let now = podnet::datapath::monotonic_coarse_ns();
+    let mut conntrack = open(MAP_CONNTRACK);
+    let mut conns: BpfHashMap<_, FlowKey, TrackedConnection> =
+        BpfHashMap::try_from(&mut conntrack).expect("connection table");
+    let conn = TrackedConnection {
+        last_seen_ns: now,
+        ..TrackedConnection::default()
+    };
+    for i in 0..MAX_TRACKED_CONNECTIONS {
+        conns
+            .insert(key(i, 6), conn, 0)
+            .expect("insert a connection");
+    }
+    let mut stack = open(MAP_STACK_FLOWS);
+    let mut flows: BpfHashMap<_, FlowKey, StackFlow> =
+        BpfHashMap::try_from(&mut stack).expect("stack-flows table");
+    let flow = StackFlow {
+        last_seen_ns: now,
+        flags: 0,
+        owner: 0,
+    };
+    for i in 0..1_000 {
+        flows.insert(key(i, 17), flow, 0).expect("insert a flow");
+    }
+
+    let started = std::time::Instant::now();
+    let after = status_tables(&node);
+    eprintln!(
+        "podnetctl status with a full connection table took {:?}: {after:?}",
+        started.elapsed()
+    );
+    let (entries, capacity, nearly_full) = after[MAP_CONNTRACK];
+    // An LRU map may evict a little before it is full.
+    assert!(entries * 100 >= capacity * 90, "{after:?}");
+    assert!(nearly_full, "{after:?}");
+    assert_eq!(
+        after[MAP_STACK_FLOWS],
+        (1_000, u64::from(MAX_STACK_FLOWS), false)
+    );
+
+    // The line a person reads says so and where the evictions show.
+    let out = node
+        .netns
+        .command(podnet_tests::bins::binary("podnetctl"))
+        .expect("podnetctl")
+        .arg("--socket")
+        .arg(node.socket())
+        .arg("status")
+        .output()
+        .expect("podnetctl status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("connections"))
+        .unwrap_or_else(|| panic!("a connections line: {text}"));
+    assert!(line.contains("NEARLY FULL"), "{line}");
+    assert!(line.contains("service_connection_unknown"), "{line}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("stack flows") && l.contains("1000 / 131072 entries")),
+        "{text}"
+    );
+
+    // With the agent down podnetctl counts them from the pins.
+    node.stop_agent();
+    let down = node.podnetctl(&["status"]).expect("podnetctl status");
+    assert_eq!(down["agent"], "down");
+    let tables = down["tables"].as_array().expect("tables from the pins");
+    assert!(
+        tables
+            .iter()
+            .any(|t| t["map"] == MAP_CONNTRACK && t["nearly_full"] == true),
+        "{down}"
+    );
 }

@@ -18,13 +18,25 @@ fn pods_on_one_node_talk_through_the_ebpf_fast_path() {
     ips.dedup();
     assert_eq!(ips.len(), 3, "every pod has its own IP");
 
-    // The node does not forward IPv4 (a fresh netns has ip_forward=0): pod
-    // to pod can only work through the eBPF redirect.
-    let forward = node
+    // The agent turned forwarding on (a fresh netns has ip_forward=0; the
+    // node is its pods' gateway, see tests/tests/local_mode.rs). Turned
+    // off again here, the node's stack cannot carry a packet from one pod
+    // to another: pod to pod can only work through the eBPF redirect,
+    // which the counters below show carried it.
+    let forward = || {
+        let out = node
+            .netns
+            .exec("cat", &["/proc/sys/net/ipv4/ip_forward"])
+            .expect("read sysctl");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(forward(), "1", "the agent turned IPv4 forwarding on");
+    let off = node
         .netns
-        .exec("cat", &["/proc/sys/net/ipv4/ip_forward"])
-        .expect("read sysctl");
-    assert_eq!(String::from_utf8_lossy(&forward.stdout).trim(), "0");
+        .exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"])
+        .expect("sysctl");
+    assert!(off.status.success(), "turning forwarding off: {off:?}");
+    assert_eq!(forward(), "0");
 
     let redirected_before = node.counter(Verdict::RedirectPeer).expect("counters");
     for a in &pods {

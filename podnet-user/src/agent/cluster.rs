@@ -355,12 +355,23 @@ impl Agent {
             config.flags |= node::NODE_F_SERVICES_BPF;
         }
         self.datapath_mut().set_config(config)?;
-        if net.masquerade || net.mode != Mode::Local {
-            // Pods' traffic through the stack is forwarded; in direct mode
-            // from_underlay's sender check also needs it (bpf_fib_lookup
-            // answers FWD_DISABLED on a device that does not forward).
-            write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
-        }
+        // The node is its pods' gateway (their default route goes through
+        // it) in every mode, local mode included, so it forwards IPv4 as
+        // the reference bridge plugin does for its gateway (`isGateway`:
+        // `ip.EnableIP4Forward`) and ptp always does. Only pod-to-pod on
+        // the fast path (bpf_redirect_peer) gets by without it; everything
+        // the programs hand to the stack for a pod is forwarded there: what
+        // a DNAT sends on to a pod (a hostPort from portmap on the node's
+        // own address, a kube-proxy Service, any `dnat to` rule), the
+        // replies conntrack un-NATs back to the client pod, pods' traffic
+        // to the world (masqueraded in the cluster modes) and what a
+        // shaped pod sends. With ip_forward 0 the kernel drops all of that
+        // at the input route (`ip_route_input_slow`: no forwarding on the
+        // incoming device -> EHOSTUNREACH, counted only as the node's
+        // `InAddrErrors`), and a connection times out. In direct mode
+        // from_underlay's sender check needs it too (bpf_fib_lookup
+        // answers FWD_DISABLED on a device that does not forward).
+        write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
         if net.masquerade {
             // With the nodes applied so far (none at the first start; on a
             // retry after the datastore was followed, all of them: the

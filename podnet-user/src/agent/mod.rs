@@ -19,7 +19,7 @@ pub mod services;
 mod state;
 
 pub use endpoints::{attach_mode, record};
-pub use report::{counter_totals, flow_shares, stack_flows};
+pub use report::{counter_totals, flow_shares, stack_flows, table_fill};
 pub use server::{MAX_REQUEST_BYTES, REQUEST_READ_TIMEOUT, decode_request, serve};
 pub use state::Agent;
 

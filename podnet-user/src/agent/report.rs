@@ -5,8 +5,11 @@
 use std::path::Path;
 
 use crate::{
-    api::{CounterTotals, FlowShare, StackFlowStatus},
-    datapath::{Counters, Datapath, DatapathError, FlowSweeper, monotonic_coarse_ns},
+    api::{
+        AgentStatus, CounterTotals, FlowShare, StackFlowStatus,
+        tables::{TABLES, TableFill},
+    },
+    datapath::{Counters, Datapath, DatapathError, FlowSweeper, monotonic_coarse_ns, pinned_fill},
 };
 
 /// Verdict and drop totals by name.
@@ -48,4 +51,27 @@ pub fn flow_shares(pin_dir: &Path, limit: u32) -> Result<Vec<FlowShare>, Datapat
         .collect();
     shares.sort_by_key(|s| std::cmp::Reverse((s.flows, s.refused)));
     Ok(shares)
+}
+
+/// How full the bounded flow tables ([`TABLES`]) pinned in `pin_dir` are.
+/// Counting walks every key (the metrics' count, one syscall per entry):
+/// call it without the agent's lock.
+pub fn table_fill(pin_dir: &Path) -> Result<Vec<TableFill>, DatapathError> {
+    let maps = TABLES.map(|(map, _)| map);
+    Ok(pinned_fill(pin_dir, &maps)?
+        .into_iter()
+        .zip(TABLES)
+        .map(|(fill, (map, table))| TableFill::new(table, map, fill.entries, fill.max_entries))
+        .collect())
+}
+
+/// `status` with the tables' fill from the pins in `pin_dir` (or why they
+/// could not be counted).
+#[must_use]
+pub fn with_table_fill(mut status: AgentStatus, pin_dir: &Path) -> AgentStatus {
+    match table_fill(pin_dir) {
+        Ok(tables) => status.tables = tables,
+        Err(e) => status.tables_error = Some(format!("{:#}", anyhow::Error::from(e))),
+    }
+    status
 }

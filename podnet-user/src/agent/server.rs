@@ -264,7 +264,14 @@ fn dispatch(registry: &Mutex<Agent>, request: Request) -> (Vec<u8>, Option<Strin
     };
     match request {
         Request::Node => encode(Ok(reg.node_info())),
-        Request::Status => encode(reg.status()),
+        Request::Status => {
+            let status = reg.status();
+            let pin_dir = reg.config().bpffs_dir.clone();
+            // Counting the tables walks up to a few hundred thousand keys:
+            // not under the lock a CNI ADD waits for.
+            drop(reg);
+            encode(status.map(|s| super::report::with_table_fill(s, &pin_dir)))
+        }
         Request::AddEndpoint { endpoint } => encode(reg.add(endpoint)),
         Request::RemoveEndpoint { owner } => encode(reg.remove(&owner)),
         Request::GetEndpoint { owner } => encode(Ok(reg.get(&owner).cloned())),

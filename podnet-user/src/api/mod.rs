@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 pub mod explain;
 pub mod policy;
 pub mod services;
+pub mod tables;
 
 pub use crate::endpoint::Endpoint;
 use crate::{endpoint::Owner, ipam::Reservation, model::NodeStatus};
@@ -177,6 +178,14 @@ pub struct AgentStatus {
     /// from older agents' answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services: Option<services::ServicesStatus>,
+    /// How full the bounded flow tables are (connections, stack flows),
+    /// counted from the pins after the agent's lock is released; absent
+    /// from older agents' answers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<tables::TableFill>,
+    /// Why the tables could not be counted, when they could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tables_error: Option<String>,
 }
 
 /// What the agent holds of the cluster objects (from its watch of the

@@ -10,7 +10,7 @@ use podnet::{
     api::{
         AgentStatus, Client, ClientError, CounterTotals, DEFAULT_SOCKET, DatastoreStatus,
         DropEventRecord, EndpointStatus, FlowShare, IpamStatus, MonitorHello, MonitorMessage,
-        Request, StackFlowStatus, services::ServicesAnswer,
+        Request, StackFlowStatus, services::ServicesAnswer, tables::TableFill,
     },
     cni::result::format_mac,
     datapath::Datapath,
@@ -392,6 +392,7 @@ fn status(cli: &Cli, client: &Client) -> anyhow::Result<()> {
             if let Some(services) = &s.services {
                 println!("services     {}", services.summary());
             }
+            print_tables(&s.tables, s.tables_error.as_deref());
             for record in &s.unreadable_records {
                 println!(
                     "UNREADABLE   endpoint record kept aside, endpoint not installed: {}",
@@ -402,13 +403,34 @@ fn status(cli: &Cli, client: &Client) -> anyhow::Result<()> {
         Err(e) if agent_down(&e) => {
             let mut dp = from_pins(cli)?;
             let endpoints = dp.endpoints()?.len();
-            let value = serde_json::json!({"agent": "down", "endpoints_in_datapath": endpoints});
+            let (tables, error) = match podnet::agent::table_fill(&cli.bpffs_dir) {
+                Ok(tables) => (tables, None),
+                Err(e) => (Vec::new(), Some(format!("{:#}", anyhow::Error::from(e)))),
+            };
+            let value = serde_json::json!({
+                "agent": "down",
+                "endpoints_in_datapath": endpoints,
+                "tables": tables,
+                "tables_error": error,
+            });
             print(cli.json, &value, |_| {
                 println!("agent        DOWN ({})", cli.socket.display());
                 println!("datapath     {endpoints} endpoints in the pinned map (still forwarding)");
+                print_tables(&tables, error.as_deref());
             })
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// The flow tables' lines of `status`: entries / capacity, flagged when
+/// nearly full.
+fn print_tables(tables: &[TableFill], error: Option<&str>) {
+    for t in tables {
+        println!("{:<12} {}", t.table, t.summary());
+    }
+    if let Some(error) = error {
+        println!("tables       not counted: {error}");
     }
 }
 

@@ -108,14 +108,27 @@ pub struct PinnedMapReader {
     filled: Vec<(&'static str, aya::maps::Map)>,
 }
 
+/// Opens the map `name` pinned in `pin_dir`.
+fn open_pin(pin_dir: &Path, name: &'static str) -> Result<aya::maps::Map, DatapathError> {
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name, "opening its pin"))?;
+    aya::maps::Map::from_map_data(data).map_err(map_err(name, "reading its type"))
+}
+
+/// How full the maps `names` (of [`FILLED_MAPS`]) pinned in `pin_dir`
+/// are, opened for this once (what `podnetctl status` shows of the
+/// bounded tables, without the agent's lock): see
+/// [`PinnedMapReader::fill`] for the cost.
+pub fn pinned_fill(pin_dir: &Path, names: &[&'static str]) -> Result<Vec<MapFill>, DatapathError> {
+    names
+        .iter()
+        .map(|&name| fill_of(name, &open_pin(pin_dir, name)?))
+        .collect()
+}
+
 impl PinnedMapReader {
     /// Opens the maps pinned in `pin_dir` (by a loaded [`Datapath`]).
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let open = |name: &'static str| -> Result<aya::maps::Map, DatapathError> {
-            let data =
-                MapData::from_pin(pin_dir.join(name)).map_err(map_err(name, "opening its pin"))?;
-            aya::maps::Map::from_map_data(data).map_err(map_err(name, "reading its type"))
-        };
+        let open = |name| open_pin(pin_dir, name);
         Ok(Self {
             verdicts: open(names::MAP_VERDICTS)?,
             drops: open(names::MAP_DROPS)?,
@@ -158,22 +171,25 @@ impl PinnedMapReader {
     pub fn fill(&self) -> Result<Vec<MapFill>, DatapathError> {
         self.filled
             .iter()
-            .map(|&(name, ref map)| {
-                let max_entries = map_data(map)
-                    .info()
-                    .map_err(map_err(name, "reading its info"))?
-                    .max_entries();
-                let entries = count_keys(name, map)?;
-                Ok(MapFill {
-                    name,
-                    // A map changing while it is walked can make the walk
-                    // start over; never report more than fits.
-                    entries: entries.min(max_entries),
-                    max_entries,
-                })
-            })
+            .map(|&(name, ref map)| fill_of(name, map))
             .collect()
     }
+}
+
+/// Entries (counted) and capacity of `map`, one of [`FILLED_MAPS`].
+fn fill_of(name: &'static str, map: &aya::maps::Map) -> Result<MapFill, DatapathError> {
+    let max_entries = map_data(map)
+        .info()
+        .map_err(map_err(name, "reading its info"))?
+        .max_entries();
+    let entries = count_keys(name, map)?;
+    Ok(MapFill {
+        name,
+        // A map changing while it is walked can make the walk start over;
+        // never report more than fits.
+        entries: entries.min(max_entries),
+        max_entries,
+    })
 }
 
 /// The number of keys of one of [`FILLED_MAPS`].

@@ -22,7 +22,7 @@ mod policy;
 mod services;
 
 pub use attach::{NodeProgram, POD_TC_HANDLE, POD_TC_PRIORITY, PodProgram};
-pub use counters::{Counters, FILLED_MAPS, MapFill, PinnedMapReader};
+pub use counters::{Counters, FILLED_MAPS, MapFill, PinnedMapReader, pinned_fill};
 pub use entries::RemoteEntry;
 pub use flow_owners::{FlowSweeper, FlowTally, SweepReport, tally};
 use podnet_common::names;

@@ -22,7 +22,9 @@ pub(super) fn apply_shaping(ep: &Endpoint) -> anyhow::Result<(u32, u32)> {
     if bandwidth.egress().is_some() {
         // A shaped pod's sends leave its shaper into the host stack, which
         // routes them (also to pods of this node): the node must forward,
-        // in every mode.
+        // in every mode. The node network's setup turns forwarding on as
+        // well, but an endpoint can be installed before that setup has
+        // succeeded (it is retried).
         crate::agent::cluster::write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
     }
     let host_ifindex = ep.host_ifindex;
