@@ -590,7 +590,7 @@ fn measure_rules(
 /// A TCP listener in `netns` that accepts and drops connections until
 /// the returned flag is set (non-blocking, so it ends also when no
 /// connection can reach it any more).
-fn probe_server(
+pub(super) fn probe_server(
     netns: &str,
     addr: SocketAddrV4,
 ) -> anyhow::Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
@@ -612,7 +612,7 @@ fn probe_server(
 /// From `netns`, new connections to `addr` one after another (a refused
 /// one gives up after 20 ms) until one's outcome is `want` (connected or
 /// not): the time from `since` to that attempt's start.
-fn probe_until(
+pub(super) fn probe_until(
     netns: &str,
     addr: SocketAddrV4,
     want: bool,
