@@ -619,7 +619,9 @@ pub(super) fn probe_until(
     since: Instant,
 ) -> anyhow::Result<Duration> {
     run_in(netns, move || -> anyhow::Result<Duration> {
-        let limit = Duration::from_secs(10);
+        // Generous: with 10,000 Services in the cluster an agent's sync
+        // takes seconds (the services-scale part).
+        let limit = Duration::from_mins(1);
         loop {
             let attempt = Instant::now();
             let connected =
