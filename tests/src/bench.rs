@@ -10,6 +10,7 @@ pub mod report;
 pub mod rounds;
 pub mod scale;
 pub mod services;
+pub mod services_scale;
 pub mod stats;
 pub mod targets;
 pub mod tools;
@@ -60,7 +61,7 @@ pub struct BenchOptions {
 }
 
 /// The parts of a run, in the order they run.
-pub const PARTS: [&str; 8] = [
+pub const PARTS: [&str; 9] = [
     "same-node",
     "shaping",
     "cni",
@@ -68,6 +69,7 @@ pub const PARTS: [&str; 8] = [
     "cross-node",
     "policy",
     "services",
+    "services-scale",
     "bpf",
 ];
 

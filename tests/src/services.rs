@@ -10,6 +10,7 @@
 mod backends;
 mod clients;
 mod rules;
+pub mod scale;
 
 use std::net::Ipv4Addr;
 

@@ -5,9 +5,13 @@ use podnet_tests::{
     bench::{
         self,
         scale::{ENDPOINTS_MANY, ENDPOINTS_ONE, TRIE_FULL, TRIE_ONE},
+        services_scale::{CLUSTER_IP_BPF, KUBE_PROXY_IPTABLES, KUBE_PROXY_NFT},
     },
     privileged,
 };
+
+/// The conditions of the Services-at-scale part.
+const SCALE_CONDITIONS: [&str; 3] = [CLUSTER_IP_BPF, KUBE_PROXY_IPTABLES, KUBE_PROXY_NFT];
 
 /// The one value of a count figure of the scale part.
 fn count(figures: &[bench::Figure], scenario: &str, dataplane: &str, metric: &str) -> f64 {
@@ -52,6 +56,8 @@ fn every_benchmark_scenario_builds_and_measures() {
         ("shaping", &["podnet", "podnet beside limited pods"][..]),
         ("cni", &["podnet", "bridge"][..]),
         ("scale-trie", &[TRIE_ONE, TRIE_FULL][..]),
+        ("services-scale-cross-node-1", &SCALE_CONDITIONS[..]),
+        ("services-scale-cross-node-50", &SCALE_CONDITIONS[..]),
         (
             "scale-endpoints",
             &[
@@ -78,6 +84,15 @@ fn every_benchmark_scenario_builds_and_measures() {
         }
     }
     assert_scale_exercised(&figures, opts.seconds);
+    // The Services reached both agents' maps through the datastore: 49
+    // with a frontend each, the measured one with one per port.
+    let frontends = count(
+        &figures,
+        "services-scale",
+        "podnet, 50 Services",
+        "svc_entries",
+    );
+    assert!((frontends - 52.0).abs() < 0.5, "frontends: {frontends}");
     let bpf_costs: Vec<_> = figures
         .iter()
         .filter(|f| f.metric == "bpf_ns_per_packet")

@@ -590,7 +590,7 @@ fn measure_rules(
 /// A TCP listener in `netns` that accepts and drops connections until
 /// the returned flag is set (non-blocking, so it ends also when no
 /// connection can reach it any more).
-fn probe_server(
+pub(super) fn probe_server(
     netns: &str,
     addr: SocketAddrV4,
 ) -> anyhow::Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
@@ -612,14 +612,16 @@ fn probe_server(
 /// From `netns`, new connections to `addr` one after another (a refused
 /// one gives up after 20 ms) until one's outcome is `want` (connected or
 /// not): the time from `since` to that attempt's start.
-fn probe_until(
+pub(super) fn probe_until(
     netns: &str,
     addr: SocketAddrV4,
     want: bool,
     since: Instant,
 ) -> anyhow::Result<Duration> {
     run_in(netns, move || -> anyhow::Result<Duration> {
-        let limit = Duration::from_secs(10);
+        // Generous: with 10,000 Services in the cluster an agent's sync
+        // takes seconds (the services-scale part).
+        let limit = Duration::from_mins(1);
         loop {
             let attempt = Instant::now();
             let connected =

@@ -55,7 +55,7 @@ pub const CLUSTER_IP_NFT: &str = "kube-proxy nft DNAT";
 const BPF_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
 const NFT_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 21);
 /// The tools' ports (iperf3, sockperf, the connection-rate server).
-const PORTS: [u16; 3] = [5201, 11_111, 19_000];
+pub(super) const PORTS: [u16; 3] = [5201, 11_111, 19_000];
 /// Each condition's ports are the tools' shifted by its own amount (see
 /// [`Dial`]): the pod IP's by 0.
 const BPF_DIAL: Dial = Dial {
@@ -127,7 +127,11 @@ fn nft_dnat(server: Ipv4Addr) -> String {
 /// Waits until a connection from `client` by `dial` reaches a listener
 /// in `server` on the connection-rate port (the Service has reached the
 /// maps, or the rules are in).
-fn wait_until_reachable(client: &LabPod, server: &LabPod, dial: Dial) -> anyhow::Result<()> {
+pub(super) fn wait_until_reachable(
+    client: &LabPod,
+    server: &LabPod,
+    dial: Dial,
+) -> anyhow::Result<()> {
     let port = 19_000 + dial.port_shift;
     let bind = SocketAddrV4::new(server.ip, port);
     let listener =
@@ -153,7 +157,7 @@ fn wait_until_reachable(client: &LabPod, server: &LabPod, dial: Dial) -> anyhow:
     }
 }
 
-fn translated(layout: &LabLayout) -> u64 {
+pub(super) fn translated(layout: &LabLayout) -> u64 {
     layout
         .nodes
         .iter()

@@ -16,14 +16,14 @@ use super::{NAMESPACE, ServiceSpec};
 use crate::netns::command_in;
 
 /// kube-proxy's default masquerade bit (`--iptables-masquerade-bit=14`).
-const MASQ_MARK: &str = "0x4000";
+pub(super) const MASQ_MARK: &str = "0x4000";
 /// Port names: they are part of the `ServicePortName` kube-proxy hashes.
 const TCP_PORT_NAME: &str = "http";
 const UDP_PORT_NAME: &str = "dns";
 
 /// RFC 4648 base32 of the first 10 bytes (16 characters), which is all of
 /// the encoding kube-proxy keeps.
-fn base32_16(bytes: &[u8]) -> String {
+pub(super) fn base32_16(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let mut out = String::with_capacity(16);
     for chunk in bytes[..10].chunks(5) {
@@ -40,7 +40,7 @@ fn base32_16(bytes: &[u8]) -> String {
 
 /// kube-proxy's chain hash: sha256 of the concatenated parts, base32, 16
 /// characters (`portProtoHash`, `servicePortEndpointChainName`).
-fn chain_hash(parts: &[&str]) -> String {
+pub(super) fn chain_hash(parts: &[&str]) -> String {
     let mut hasher = Sha256::new();
     for part in parts {
         hasher.update(part.as_bytes());
@@ -49,25 +49,25 @@ fn chain_hash(parts: &[&str]) -> String {
 }
 
 /// One port of the Service as kube-proxy sees it.
-struct ServicePort {
+pub(super) struct ServicePort {
     /// `namespace/name:port-name`.
-    name: String,
-    proto: &'static str,
-    port: u16,
-    target: u16,
-    node_port: Option<u16>,
+    pub(super) name: String,
+    pub(super) proto: &'static str,
+    pub(super) port: u16,
+    pub(super) target: u16,
+    pub(super) node_port: Option<u16>,
 }
 
 impl ServicePort {
-    fn svc_chain(&self) -> String {
+    pub(super) fn svc_chain(&self) -> String {
         format!("KUBE-SVC-{}", chain_hash(&[&self.name, self.proto]))
     }
 
-    fn ext_chain(&self) -> String {
+    pub(super) fn ext_chain(&self) -> String {
         format!("KUBE-EXT-{}", chain_hash(&[&self.name, self.proto]))
     }
 
-    fn sep_chain(&self, backend: Ipv4Addr) -> String {
+    pub(super) fn sep_chain(&self, backend: Ipv4Addr) -> String {
         let endpoint = format!("{backend}:{}", self.target);
         format!(
             "KUBE-SEP-{}",
@@ -99,7 +99,7 @@ fn ports(svc: &ServiceSpec) -> [ServicePort; 2] {
 /// (`iptablesJumpChains`, inserted with `EnsureRule(Prepend, ...)` rather
 /// than through iptables-restore): table, source chain, match arguments,
 /// comment, target chain.
-const JUMPS: &[(&str, &str, &[&str], &str, &str)] = &[
+pub(super) const JUMPS: &[(&str, &str, &[&str], &str, &str)] = &[
     (
         "filter",
         "INPUT",
@@ -186,7 +186,7 @@ const JUMPS: &[(&str, &str, &[&str], &str, &str)] = &[
     ),
 ];
 
-const FILTER_CHAINS: &[&str] = &[
+pub(super) const FILTER_CHAINS: &[&str] = &[
     "KUBE-SERVICES",
     "KUBE-EXTERNAL-SERVICES",
     "KUBE-FORWARD",
@@ -219,7 +219,7 @@ fn nat_chains(svc: &ServiceSpec) -> Vec<String> {
 
 /// The arguments of a jump rule as one iptables-restore line (after the
 /// `-I CHAIN`).
-fn jump_args(matches: &[&str], comment: &str, target: &str) -> String {
+pub(super) fn jump_args(matches: &[&str], comment: &str, target: &str) -> String {
     format!(
         "{} -m comment --comment \"{comment}\" -j {target}",
         matches.join(" ")
@@ -286,7 +286,7 @@ pub fn kube_proxy_iptables(svc: &ServiceSpec, cluster_cidr: &str) -> String {
     let _ = writeln!(s, "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}");
     if !svc.backends.is_empty() {
         for port in ports(svc) {
-            write_port(&mut s, svc, &port, cluster_cidr);
+            write_port(&mut s, svc.cluster_ip, &svc.backends, &port, cluster_cidr);
         }
     }
     s.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
@@ -299,9 +299,16 @@ pub fn kube_proxy_iptables(svc: &ServiceSpec, cluster_cidr: &str) -> String {
     s
 }
 
-/// The nat rules of one port with endpoints, in kube-proxy's order.
-fn write_port(s: &mut String, svc: &ServiceSpec, port: &ServicePort, cluster_cidr: &str) {
-    let (name, proto, p, ip) = (&port.name, port.proto, port.port, svc.cluster_ip);
+/// The nat rules of one port with endpoints (`backends`) of the Service
+/// at `ip`, in kube-proxy's order.
+pub(super) fn write_port(
+    s: &mut String,
+    ip: Ipv4Addr,
+    backends: &[Ipv4Addr],
+    port: &ServicePort,
+    cluster_cidr: &str,
+) {
+    let (name, proto, p) = (&port.name, port.proto, port.port);
     let svc_chain = port.svc_chain();
     let _ = writeln!(
         s,
@@ -325,8 +332,8 @@ fn write_port(s: &mut String, svc: &ServiceSpec, port: &ServicePort, cluster_cid
         s,
         "-A {svc_chain} -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {ip} --dport {p} ! -s {cluster_cidr} -j KUBE-MARK-MASQ"
     );
-    let n = svc.backends.len();
-    for (i, backend) in svc.backends.iter().enumerate() {
+    let n = backends.len();
+    for (i, backend) in backends.iter().enumerate() {
         let target = format!("{backend}:{}", port.target);
         let sep = port.sep_chain(*backend);
         if i + 1 < n {
@@ -345,7 +352,7 @@ fn write_port(s: &mut String, svc: &ServiceSpec, port: &ServicePort, cluster_cid
             );
         }
     }
-    for backend in &svc.backends {
+    for backend in backends {
         let sep = port.sep_chain(*backend);
         // Hairpin: a backend reaching itself through the Service must see
         // the node as the source, or its reply would never be un-NATed.
