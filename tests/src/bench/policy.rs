@@ -57,7 +57,7 @@ use super::{
     figure,
     rounds::progress,
     stats::percentile,
-    tools::{Pair, PairRuns, connection_rate, latency, measure_pair, pair_figures, rss_kib},
+    tools::{PairRuns, Roles, connection_rate, latency, measure_pair, pair_figures, rss_kib},
 };
 use crate::{
     lab::{LabDatastore, LabGuard, LabLayout, LabOptions, LabPod},
@@ -336,45 +336,13 @@ fn condition(
     })
 }
 
-/// The lab's pods by role, and the pairs.
-struct Roles<'a> {
-    server: &'a LabPod,
-    client_same: &'a LabPod,
-    client_cross: &'a LabPod,
-}
-
-impl<'a> Roles<'a> {
-    fn of(layout: &'a LabLayout) -> anyhow::Result<Self> {
-        anyhow::ensure!(layout.nodes.len() >= 2, "the part needs two nodes");
-        let (node1, node2) = (&layout.nodes[0].name, &layout.nodes[1].name);
-        let mut two = layout.pods.iter().filter(|p| &p.node == node2);
-        Ok(Self {
-            server: two.next().context("node2's first pod")?,
-            client_same: two.next().context("node2's second pod")?,
-            client_cross: layout
-                .pods
-                .iter()
-                .find(|p| &p.node == node1)
-                .context("node1's pod")?,
-        })
-    }
-
-    fn pair(&self, client: &LabPod) -> Pair {
-        Pair {
-            client_ns: client.netns.clone(),
-            server_ns: self.server.netns.clone(),
-            server_ip: self.server.ip,
-            dial: None,
-        }
-    }
-
-    fn real(&self) -> RealPods {
-        let at = |p: &LabPod| (p.ip, p.node.clone());
-        RealPods {
-            server: at(self.server),
-            client_same: at(self.client_same),
-            client_cross: at(self.client_cross),
-        }
+/// The roles' pods as the policy scenarios name them.
+fn real_pods(roles: &Roles<'_>) -> RealPods {
+    let at = |p: &LabPod| (p.ip, p.node.clone());
+    RealPods {
+        server: at(roles.server),
+        client_same: at(roles.client_same),
+        client_cross: at(roles.client_cross),
     }
 }
 
@@ -401,7 +369,7 @@ pub fn measure(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow::Result
         NodeMaps::open(&node2.bpffs_dir)?,
     ];
     let roles = Roles::of(&lab.layout)?;
-    let real = roles.real();
+    let real = real_pods(&roles);
     let hosts = (node1.node_ip, node2.node_ip);
     let _stats_off = BpfStatsSwitch::set(false)?;
     measure_enforcement(&roles, &real, hosts, &mut maps, opts, figures)?;
@@ -445,8 +413,8 @@ fn measure_enforcement(
         condition(ALLOW_BOTH, real, hosts, Policies::AllowBoth)?,
     ];
     let pairs = [
-        ("policy-same-node", roles.pair(roles.client_same)),
-        ("policy-cross-node", roles.pair(roles.client_cross)),
+        ("policy-same-node", roles.pair(roles.client_same, None)),
+        ("policy-cross-node", roles.pair(roles.client_cross, None)),
     ];
     let (tput_seconds, seconds) = run_seconds(opts);
     let mut runs = PairRuns::new();
@@ -551,7 +519,7 @@ fn measure_rules(
     // node1 unselected throughout (as with no policy).
     let none = condition(NO_POLICY, real, hosts, Policies::None)?;
     maps[0].apply(&none.node1)?;
-    let pair = roles.pair(roles.client_same);
+    let pair = roles.pair(roles.client_same, None);
     let (_, seconds) = run_seconds(opts);
     let mut runs: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
     let mut rng = opts.rng("policy-rules");

@@ -70,10 +70,10 @@ use super::{
     rounds::progress,
     services::{PORTS, translated, wait_until_reachable},
     stats::{Rng, percentile},
-    tools::{Dial, Pair, PairRuns, measure_pair, pair_figures, rss_kib},
+    tools::{Dial, PairRuns, Roles, measure_pair, pair_figures, rss_kib},
 };
 use crate::{
-    lab::{LabDatastore, LabGuard, LabLayout, LabOptions, LabPod},
+    lab::{LabDatastore, LabGuard, LabLayout, LabOptions},
     services::scale::{
         ClusterIpService, TcpPort, iptables_restore, kube_proxy_iptables_jumps,
         kube_proxy_iptables_rules, kube_proxy_nft_hooks, kube_proxy_nft_rules, nft_script,
@@ -206,39 +206,6 @@ fn switch(layout: &LabLayout, entry: Entry, on: bool) -> anyhow::Result<()> {
         .with_context(|| format!("switching {entry:?} {on} on {}", node.name))?;
     }
     Ok(())
-}
-
-/// The lab's pods by role.
-struct Roles<'a> {
-    server: &'a LabPod,
-    client_same: &'a LabPod,
-    client_cross: &'a LabPod,
-}
-
-impl<'a> Roles<'a> {
-    fn of(layout: &'a LabLayout) -> anyhow::Result<Self> {
-        anyhow::ensure!(layout.nodes.len() >= 2, "the part needs two nodes");
-        let (node1, node2) = (&layout.nodes[0].name, &layout.nodes[1].name);
-        let mut two = layout.pods.iter().filter(|p| &p.node == node2);
-        Ok(Self {
-            server: two.next().context("node2's first pod")?,
-            client_same: two.next().context("node2's second pod")?,
-            client_cross: layout
-                .pods
-                .iter()
-                .find(|p| &p.node == node1)
-                .context("node1's pod")?,
-        })
-    }
-
-    fn pair(&self, client: &LabPod, dial: Dial) -> Pair {
-        Pair {
-            client_ns: client.netns.clone(),
-            server_ns: self.server.netns.clone(),
-            server_ip: self.server.ip,
-            dial: Some(dial),
-        }
-    }
 }
 
 /// Frontends and backend slots in one node's Service maps.
@@ -583,8 +550,14 @@ fn measure_size<'a>(
             }
             let before = translated(layout);
             let mut pairs = vec![
-                (scenarios[0].as_str(), roles.pair(roles.client_same, dial)),
-                (scenarios[1].as_str(), roles.pair(roles.client_cross, dial)),
+                (
+                    scenarios[0].as_str(),
+                    roles.pair(roles.client_same, Some(dial)),
+                ),
+                (
+                    scenarios[1].as_str(),
+                    roles.pair(roles.client_cross, Some(dial)),
+                ),
             ];
             // `--quick` (CI) checks that every condition works at
             // every size; the cross-node pair alone keeps it short.

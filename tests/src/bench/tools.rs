@@ -17,7 +17,10 @@ use std::{
 use anyhow::Context as _;
 use serde_json::Value;
 
-use crate::netns::{command_in, run_in};
+use crate::{
+    lab::{LabLayout, LabPod},
+    netns::{command_in, run_in},
+};
 
 /// Two namespaces that can talk: what every dataplane boils down to.
 #[derive(Debug, Clone)]
@@ -330,6 +333,44 @@ pub fn pair_figures(runs: PairRuns<'_>, figures: &mut Vec<super::Figure>) {
             _ => "us",
         };
         figures.push(super::figure(scenario, name, metric, unit, values));
+    }
+}
+
+/// A two-node lab's pods by role: the server and a client on node2, a
+/// client on node1 (the parts that measure one server from both nodes).
+pub struct Roles<'a> {
+    pub server: &'a LabPod,
+    pub client_same: &'a LabPod,
+    pub client_cross: &'a LabPod,
+}
+
+impl<'a> Roles<'a> {
+    /// The roles in `layout`: node2's first two pods, node1's first.
+    pub fn of(layout: &'a LabLayout) -> anyhow::Result<Self> {
+        anyhow::ensure!(layout.nodes.len() >= 2, "the part needs two nodes");
+        let (node1, node2) = (&layout.nodes[0].name, &layout.nodes[1].name);
+        let mut two = layout.pods.iter().filter(|p| &p.node == node2);
+        Ok(Self {
+            server: two.next().context("node2's first pod")?,
+            client_same: two.next().context("node2's second pod")?,
+            client_cross: layout
+                .pods
+                .iter()
+                .find(|p| &p.node == node1)
+                .context("node1's pod")?,
+        })
+    }
+
+    /// `client` measured against the server, dialling `dial` (or the
+    /// server itself).
+    #[must_use]
+    pub fn pair(&self, client: &LabPod, dial: Option<Dial>) -> Pair {
+        Pair {
+            client_ns: client.netns.clone(),
+            server_ns: self.server.netns.clone(),
+            server_ip: self.server.ip,
+            dial,
+        }
     }
 }
 
