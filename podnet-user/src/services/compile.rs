@@ -19,6 +19,7 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 #[must_use]
 pub fn compile(model: &ClusterModel, node: &str, node_ip: Option<Ipv4Addr>) -> ServicePlan {
     let mut plan = ServicePlan::default();
+    let slices_by_service = model.endpoint_slices_by_service();
     for service in model.services(None) {
         let Some(spec) = service.spec.as_ref() else {
             continue;
@@ -37,8 +38,11 @@ pub fn compile(model: &ClusterModel, node: &str, node_ip: Option<Ipv4Addr>) -> S
         let local_only = spec.internal_traffic_policy.as_deref() == Some("Local");
         let external_local_only = spec.external_traffic_policy.as_deref() == Some("Local");
         let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
-        let slices: Vec<&EndpointSlice> = model
-            .endpoint_slices(&name.namespace, &name.name)
+        let slices: Vec<&EndpointSlice> = slices_by_service
+            .get(&(name.namespace.as_str(), name.name.as_str()))
+            .into_iter()
+            .flatten()
+            .copied()
             .filter(|s| s.address_type == "IPv4")
             .collect();
         for port in spec.ports.iter().flatten() {

@@ -390,3 +390,29 @@ fn frontend_ids_are_seeded_from_the_pinned_map() {
     assert_eq!(ids.assign(c), Some(8), "after the highest seeded");
     assert_eq!(ids.all().len(), 3);
 }
+
+#[test]
+fn slices_are_matched_by_namespace_and_service_name() {
+    // Two Services named `web` in two namespaces, each with its own slice,
+    // and a slice of another Service: each frontend gets its own
+    // namespace's endpoints only.
+    let other = Ipv4Addr::new(10, 96, 0, 11);
+    let yaml = service("{port: 80}", "")
+        + &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: y}}\nspec:\n  clusterIP: {other}\n  ports: [{{port: 80}}]\n---\n"
+        )
+        + &slice("web-1", "{port: 80}", "{addresses: [10.244.0.1]}")
+        + "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-y, namespace: y, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.244.0.2]}]\n---\n"
+        + "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: api-1, namespace: x, labels: {kubernetes.io/service-name: api}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.244.0.3]}]\n---\n";
+    let plan = plan(&yaml);
+    assert_eq!(backends_of(&plan, 80, 6), [backend(1, 80)]);
+    let y = plan
+        .frontends
+        .get(&Frontend {
+            address: other,
+            port: 80,
+            protocol: 6,
+        })
+        .expect("y/web's frontend");
+    assert_eq!(y.backends, [backend(2, 80)]);
+}
