@@ -154,8 +154,15 @@ fn a_deleted_filter_is_reported_and_put_back_by_the_restarted_agent() {
         .find(|e| e["endpoint"]["ip"] == a.ip.to_string())
         .expect("a listed");
     assert_eq!(a_status["attached"], false, "{a_status}");
-    // Without from_pod the packet meets the node's stack, which does not
-    // forward in a single-node setup: a is cut off.
+    // Without from_pod the packet meets the node's stack. The agent turned
+    // forwarding on (the node is its pods' gateway); turned off here, the
+    // stack cannot carry a to b, so a cut-off a shows the filter gone
+    // (the restarted agent turns forwarding on again).
+    let off = node
+        .netns
+        .exec("sysctl", &["-qw", "net.ipv4.ip_forward=0"])
+        .expect("sysctl");
+    assert!(off.status.success(), "turning forwarding off: {off:?}");
     assert!(!a.ping(b.ip, 1), "a reaches b without its filter");
 
     node.stop_agent();
