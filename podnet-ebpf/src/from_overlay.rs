@@ -1,6 +1,8 @@
 //! `from_overlay`: TC ingress of the node's collect-metadata VXLAN device,
 //! i.e. packets other nodes encapsulated for this node, already decapsulated.
-//! A packet for a local pod goes straight into it.
+//! A packet for a local pod goes straight into it; with `--services bpf`, one
+//! for the node's own address at a NodePort (or a reply to one the node
+//! SNATed) is translated and sent on (`node_port`).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 

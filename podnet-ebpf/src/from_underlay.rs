@@ -3,6 +3,8 @@
 //! VXLAN mode with the BPF datapath: VXLAN packets other nodes sent to a
 //! local pod are decapsulated here and go straight into it. VXLAN mode
 //! (either datapath): a pod-network source never arrives unencapsulated.
+//! With `--services bpf`, a packet for the node's own address at a NodePort
+//! (or a reply to one the node SNATed) is the datapath's (`node_port`).
 //! Everything else (the node's own traffic, VXLAN for anything but a local
 //! pod) is left to the host.
 
