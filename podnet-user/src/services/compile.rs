@@ -60,22 +60,18 @@ pub fn compile(model: &ClusterModel, node: &str, node_ip: Option<Ipv4Addr>) -> S
                 port: number,
                 protocol,
             };
-            if let Some(holder) = plan.frontends.get(&frontend) {
-                plan.conflicts
-                    .push(format!("{name} {frontend} (held by {})", holder.service));
+            let frontend_plan = |only_node: Option<&str>, node_port: bool| FrontendPlan {
+                service: name.clone(),
+                port_name: port.name.clone().unwrap_or_default(),
+                backends: backends(&slices, port, protocol, only_node),
+                affinity_timeout_s: affinity_timeout(service),
+                node_port,
+            };
+            if !claim(&mut plan, frontend, &name, || {
+                frontend_plan(local_only.then_some(node), false)
+            }) {
                 continue;
             }
-            let cluster_backends = backends(&slices, port, protocol, local_only.then_some(node));
-            plan.frontends.insert(
-                frontend,
-                FrontendPlan {
-                    service: name.clone(),
-                    port_name: port.name.clone().unwrap_or_default(),
-                    backends: cluster_backends,
-                    affinity_timeout_s: affinity_timeout(service),
-                    node_port: false,
-                },
-            );
             // The NodePort: a frontend of this node's address, whose
             // backends `externalTrafficPolicy` chooses (`Local`: this
             // node's only, so the client's address is kept; none leaves
@@ -95,26 +91,30 @@ pub fn compile(model: &ClusterModel, node: &str, node_ip: Option<Ipv4Addr>) -> S
                 port: node_port,
                 protocol,
             };
-            if let Some(holder) = plan.frontends.get(&frontend) {
-                plan.conflicts
-                    .push(format!("{name} {frontend} (held by {})", holder.service));
-                continue;
-            }
-            let node_port_backends =
-                backends(&slices, port, protocol, external_local_only.then_some(node));
-            plan.frontends.insert(
-                frontend,
-                FrontendPlan {
-                    service: name.clone(),
-                    port_name: port.name.clone().unwrap_or_default(),
-                    backends: node_port_backends,
-                    affinity_timeout_s: affinity_timeout(service),
-                    node_port: true,
-                },
-            );
+            claim(&mut plan, frontend, &name, || {
+                frontend_plan(external_local_only.then_some(node), true)
+            });
         }
     }
     plan
+}
+
+/// Gives `frontend` to Service `name` (its plan made by `make`) unless
+/// another Service holds it already, which is then a conflict; `false`
+/// for a conflict.
+fn claim(
+    plan: &mut ServicePlan,
+    frontend: Frontend,
+    name: &ServiceName,
+    make: impl FnOnce() -> FrontendPlan,
+) -> bool {
+    if let Some(holder) = plan.frontends.get(&frontend) {
+        plan.conflicts
+            .push(format!("{name} {frontend} (held by {})", holder.service));
+        return false;
+    }
+    plan.frontends.insert(frontend, make());
+    true
 }
 
 /// The Service's IPv4 ClusterIP: from `clusterIPs` (a dual-stack Service
