@@ -65,10 +65,16 @@ pub enum Verdict {
     /// the stack would drop a packet with the node's own source arriving
     /// on a pod's veth or the overlay as a martian.
     ToNodePortClient = 18,
+    /// A packet of a hairpin connection, either way: a pod's connection to
+    /// a Service frontend that picked the pod itself, its source made
+    /// [`crate::service::HAIRPIN_SOURCE`] on the way in and the pod's own
+    /// address again on the way back (counted besides
+    /// `service_translated` / `service_tracked`).
+    ServiceHairpin = 19,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Self::RedirectPeer,
         Self::PassToStack,
@@ -89,6 +95,7 @@ impl Verdict {
         Self::ServiceTracked,
         Self::NodePortSnat,
         Self::ToNodePortClient,
+        Self::ServiceHairpin,
     ];
 
     #[must_use]
@@ -113,6 +120,7 @@ impl Verdict {
             Self::ServiceTracked => "service_tracked",
             Self::NodePortSnat => "node_port_snat",
             Self::ToNodePortClient => "to_node_port_client",
+            Self::ServiceHairpin => "service_hairpin",
         }
     }
 }

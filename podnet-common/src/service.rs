@@ -133,6 +133,17 @@ const _: () = assert!(core::mem::size_of::<Affinity>() == 24);
 /// through one node to one backend.
 pub const NODE_PORT_SNAT_PORTS: core::ops::RangeInclusive<u16> = 61_000..=65_535;
 
+/// The source a hairpin connection carries to its backend (a pod whose
+/// connection to a Service frontend picked the pod itself), as bytes on
+/// the wire. The pod cannot receive a packet from its own address on
+/// eth0 (the kernel drops a local source arriving from outside as a
+/// martian, `fib_validate_source`), and its reply to itself would stay on
+/// its loopback, untranslated; from this link-local address the packet
+/// is accepted and the reply goes out to from_pod, which makes it come
+/// from the frontend again. Cilium's default service-loopback address,
+/// so an allow-list written for it carries over.
+pub const HAIRPIN_SOURCE: [u8; 4] = [169, 254, 42, 1];
+
 /// Words of the backend-ports bitmap: one bit per port.
 pub const SERVICE_PORT_WORDS: u32 = 65_536 / 64;
 

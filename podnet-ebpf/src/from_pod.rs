@@ -5,7 +5,10 @@
 //! the VXLAN device with its tunnel key set, or out of the underlay to that
 //! node; everything else goes up the host stack. So does a packet of a flow
 //! whose other direction went through the stack (a reply from a Service
-//! backend: conntrack must undo the DNAT), see `flows`.
+//! backend: conntrack must undo the DNAT), see `flows`. With `--services
+//! bpf` a connection to a Service frontend is translated here first
+//! (`service`), including one that picks the sending pod itself (hairpin:
+//! it goes back into the pod from a link-local source).
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use podnet_common::{
@@ -102,8 +105,29 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
         } else {
             service::clear_clashing(&ctx, &ip);
             reply_from_frontend = service::reply_source(&ctx, &ip);
+            // A hairpin connection's reply (see below) is translated at
+            // once: its destination, the pod itself, is what the lookups
+            // below need.
+            if let Some(frontend) = &reply_from_frontend
+                && ip.dst == service::hairpin_address()
+            {
+                if let Err(reason) = service::hairpin_reply(&mut ctx, &mut ip, frontend) {
+                    return drop_packet(&ctx, Program::FromPod, reason);
+                }
+                reply_from_frontend = None;
+            }
         }
     }
+    // Hairpin: the pod's connection to a Service that picked the pod
+    // itself, either way (from `HAIRPIN_SOURCE` to the pod, or from the
+    // frontend to the pod), the only packets whose source is not the
+    // pod's own any more. It goes back into the pod. Policy does not judge
+    // it: it is the pod talking to itself, which NetworkPolicy cannot
+    // restrict on the pod's loopback either (a limit Kubernetes
+    // documents; Cilium skips policy for it too). Nor does the pod's
+    // egress shaper take it: the shaper hands to the stack, whose
+    // reverse-path check would drop the source on a veth.
+    let hairpin = ip.src != veth.pod_ip;
 
     // Where the packet would go: a local pod, or another node's pod or
     // address (one lookup each, the second only when the first misses).
@@ -127,7 +151,8 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
         Some(dst) => dst.flags & ENDPOINT_F_POLICY,
         None => 0,
     };
-    if (veth.policy_flags | receiver_flags) & ENDPOINT_F_POLICY != 0
+    if !hairpin
+        && (veth.policy_flags | receiver_flags) & ENDPOINT_F_POLICY != 0
         && let Some(code) = judge_sent(&ctx, &ip, veth.policy_flags, receiver_flags, to_a_pod)
     {
         return code;
@@ -149,7 +174,7 @@ pub fn from_pod(mut ctx: TcContext) -> i32 {
     }
     // An egress bandwidth limit: every packet the pod sends, whatever its
     // destination, queues in the pod's shaper. Checked above like any other.
-    if veth.egress_shaper_ifindex != 0 {
+    if veth.egress_shaper_ifindex != 0 && !hairpin {
         return forward::to_shaper(veth.egress_shaper_ifindex);
     }
     if let Some(dst) = local {

@@ -16,7 +16,7 @@ use podnet_common::{
     Affinity, AffinityKey, BackendKey, DropReason, FlowKey, ServiceEntry, ServiceKey,
     TrackedConnection, Verdict,
     policy::{CONN_F_FIN, CONN_F_REPLY, CONN_F_RST, CONN_NAT_DST, CONN_NAT_SRC},
-    service::service_port_bit,
+    service::{HAIRPIN_SOURCE, service_port_bit},
 };
 
 use crate::{
@@ -128,11 +128,13 @@ pub fn to_backend(
     match found >> 56 {
         FOUND_TRACKED => {
             rewrite(ctx, ip, Side::Destination, address, port)?;
+            hairpin_source(ctx, ip)?;
             count(Verdict::ServiceTracked);
             Ok(Forward::Translated)
         }
         FOUND_NEW => {
             rewrite(ctx, ip, Side::Destination, address, port)?;
+            hairpin_source(ctx, ip)?;
             count(Verdict::ServiceTranslated);
             Ok(Forward::New(NewConnection(
                 u64::from(ip_frontend(addresses)) | u64::from(dst_port) << 32,
@@ -142,6 +144,24 @@ pub fn to_backend(
         FOUND_UNKNOWN_CONNECTION => Err(DropReason::ServiceConnectionUnknown),
         _ => Ok(Forward::NotAFrontend),
     }
+}
+
+/// The address of [`HAIRPIN_SOURCE`] as the datapath holds addresses.
+#[inline(always)]
+pub const fn hairpin_address() -> u32 {
+    u32::from_ne_bytes(HAIRPIN_SOURCE)
+}
+
+/// A pod's packet translated to the pod itself (hairpin): its source
+/// becomes [`HAIRPIN_SOURCE`] (the port stays), see there why.
+#[inline(always)]
+fn hairpin_source(ctx: &mut TcContext, ip: &mut Ipv4Fields) -> Result<(), DropReason> {
+    if ip.dst != ip.src {
+        return Ok(());
+    }
+    rewrite_address(ctx, ip, Side::Source, hairpin_address())?;
+    count(Verdict::ServiceHairpin);
+    Ok(())
 }
 
 /// [`to_backend`] out of line, for from_pod: its rewrites inline would
@@ -341,8 +361,14 @@ pub fn record(ctx: &TcContext, ip: &Ipv4Fields, new: &NewConnection) {
     };
     #[allow(clippy::cast_possible_truncation)] // unpacking the word
     let (frontend, frontend_port) = (new.0 as u32, (new.0 >> 32) as u16);
+    // A hairpin connection's client is its backend, the pod itself.
+    let client = if ip.src == hairpin_address() {
+        ip.dst
+    } else {
+        ip.src
+    };
     enter(
-        u64::from(ip.src) | u64::from(frontend) << 32,
+        u64::from(client) | u64::from(frontend) << 32,
         u64::from(client_port)
             | u64::from(frontend_port) << 16
             | u64::from(backend_port) << 32
@@ -384,7 +410,19 @@ pub fn enter(addresses: u64, ports: u64, backend: u64) {
     };
     let key = FlowKey::new(client, frontend, client_port, frontend_port, proto);
     let _ = CONNTRACK.insert(key, forward, 0);
-    let reply_key = FlowKey::new(backend_address, client, backend_port, client_port, proto);
+    // A hairpin connection's replies go to the address it came from.
+    let replied_to = if backend_address == client {
+        hairpin_address()
+    } else {
+        client
+    };
+    let reply_key = FlowKey::new(
+        backend_address,
+        replied_to,
+        backend_port,
+        client_port,
+        proto,
+    );
     if let Some(conn) = CONNTRACK.get_ptr_mut(reply_key) {
         // SAFETY: as in `find_backend`.
         let conn = unsafe { &mut *conn };
@@ -599,6 +637,42 @@ pub fn from_frontend(
     rewrite(ctx, ip, Side::Source, address, port)
 }
 
+/// A hairpin connection's reply (the pod's, to [`HAIRPIN_SOURCE`]): from
+/// the frontend to the pod. An ICMP error about a hairpin connection is
+/// not translated (dropped): the pod would not match its embedded
+/// header, which names the hairpin source, to any socket.
+#[inline(always)]
+pub fn hairpin_reply(
+    ctx: &mut TcContext,
+    ip: &mut Ipv4Fields,
+    frontend: &Frontend,
+) -> Result<(), DropReason> {
+    #[allow(clippy::cast_possible_truncation)] // unpacking the word
+    let (address, port) = (frontend.0 as u32, (frontend.0 >> 32) as u16);
+    if frontend.0 & ICMP_ERROR == 0 && reply_to_itself(ctx.skb.skb, ip, address, port) {
+        Ok(())
+    } else {
+        Err(DropReason::HeaderRewriteFailed)
+    }
+}
+
+/// [`hairpin_reply`]'s rewrites, out of line (their stack slots would not
+/// fit in from_pod's frame): the source becomes `frontend`:`port`, the
+/// destination the pod that sent it. `false`: the kernel refused a
+/// rewrite.
+#[inline(never)]
+fn reply_to_itself(skb: *mut __sk_buff, ip: &mut Ipv4Fields, frontend: u32, port: u16) -> bool {
+    let mut ctx = TcContext::new(skb);
+    let replier = ip.src;
+    if rewrite(&mut ctx, ip, Side::Source, frontend, port).is_err()
+        || rewrite_address(&mut ctx, ip, Side::Destination, replier).is_err()
+    {
+        return false;
+    }
+    count(Verdict::ServiceHairpin);
+    true
+}
+
 /// An ICMP error about the client's packet to a backend becomes one about
 /// its packet to the frontend: the embedded destination (address, port,
 /// the embedded header's checksum) and, when the backend itself sent the
@@ -708,18 +782,49 @@ pub fn rewrite(
     address: u32,
     port: u16,
 ) -> Result<(), DropReason> {
-    let (check, mangled) = if ip.proto == IPPROTO_TCP {
-        (ip.l4_offset + 16, 0)
-    } else {
-        (ip.l4_offset + 6, BPF_F_MARK_MANGLED_0)
-    };
-    let (old_address, address_offset, port_offset) = match side {
-        Side::Source => (ip.src, IP_SRC_OFFSET, ip.l4_offset),
-        Side::Destination => (ip.dst, IP_DST_OFFSET, ip.l4_offset + 2),
+    let (check, mangled) = l4_checksum(ip);
+    let port_offset = match side {
+        Side::Source => ip.l4_offset,
+        Side::Destination => ip.l4_offset + 2,
     };
     let old_port = packet::bytes_at::<2>(ctx, port_offset)
         .map(u16::from_ne_bytes)
         .ok_or(DropReason::HeaderRewriteFailed)?;
+    rewrite_address(ctx, ip, side, address)?;
+    if old_port != port {
+        ctx.l4_csum_replace(check, u64::from(old_port), u64::from(port), mangled | 2)
+            .map_err(|_| DropReason::HeaderRewriteFailed)?;
+        ctx.store(port_offset, &port, 0)
+            .map_err(|_| DropReason::HeaderRewriteFailed)?;
+    }
+    Ok(())
+}
+
+/// The offset of a TCP/UDP packet's checksum and the flag its rewrites
+/// carry.
+#[inline(always)]
+fn l4_checksum(ip: &Ipv4Fields) -> (usize, u64) {
+    if ip.proto == IPPROTO_TCP {
+        (ip.l4_offset + 16, 0)
+    } else {
+        (ip.l4_offset + 6, BPF_F_MARK_MANGLED_0)
+    }
+}
+
+/// Rewrites one side's address of a TCP/UDP packet, with the IP checksum
+/// and the L4 checksum's pseudo-header share (see [`rewrite`]).
+#[inline(always)]
+pub fn rewrite_address(
+    ctx: &mut TcContext,
+    ip: &mut Ipv4Fields,
+    side: Side,
+    address: u32,
+) -> Result<(), DropReason> {
+    let (check, mangled) = l4_checksum(ip);
+    let (old_address, address_offset) = match side {
+        Side::Source => (ip.src, IP_SRC_OFFSET),
+        Side::Destination => (ip.dst, IP_DST_OFFSET),
+    };
     let failed = |_| DropReason::HeaderRewriteFailed;
     ctx.l4_csum_replace(
         check,
@@ -736,11 +841,6 @@ pub fn rewrite(
     )
     .map_err(failed)?;
     ctx.store(address_offset, &address, 0).map_err(failed)?;
-    if old_port != port {
-        ctx.l4_csum_replace(check, u64::from(old_port), u64::from(port), mangled | 2)
-            .map_err(failed)?;
-        ctx.store(port_offset, &port, 0).map_err(failed)?;
-    }
     match side {
         Side::Source => ip.src = address,
         Side::Destination => ip.dst = address,

@@ -19,7 +19,7 @@ use podnet_common::{
     names::{MAP_SERVICE_BACKENDS, MAP_SERVICE_PORTS, MAP_SERVICES, PROG_FROM_POD, PROG_TO_POD},
     node::{MODE_VXLAN, NODE_F_SERVICES_BPF},
     policy::{DIRECTION_EGRESS, IDENTITY_FIRST_POD, POLICY_PREFIX_ANY_PORT},
-    service::service_port_bit,
+    service::{HAIRPIN_SOURCE, service_port_bit},
     tc::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
 };
 use podnet_tests::{
@@ -377,6 +377,71 @@ fn policy_judges_the_backend_not_the_frontend() {
     let out = h.run(PROG_FROM_POD, &reply).expect("run");
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
     assert_eq!(addresses(&out.frame).0, FRONTEND);
+}
+
+/// Hairpin: A's connection to a frontend whose only backend is A itself
+/// reaches A from the hairpin source (A would drop its own address
+/// arriving on eth0), A's reply to that source comes back from the
+/// frontend, and A's egress policy, which allows nothing, does not judge
+/// a pod talking to itself.
+#[test]
+fn a_pod_that_draws_itself_is_reached_from_the_hairpin_source() {
+    if !privileged("a_pod_that_draws_itself_is_reached_from_the_hairpin_source") {
+        return;
+    }
+    let hairpin = Ipv4Addr::from(HAIRPIN_SOURCE);
+    let mut h = node("svc-hairpin", true, IPPROTO_TCP, &[POD_A_IP]);
+    h.datapath
+        .upsert_identity(POD_A_IP, IDENTITY_FIRST_POD)
+        .expect("A");
+    assert!(
+        h.datapath
+            .set_policy_flags(POD_A_IP, ENDPOINT_F_POLICY_EGRESS)
+            .expect("bits")
+    );
+    let out = h.run(PROG_FROM_POD, &a_to_frontend(TCP_SYN)).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "back into A");
+    assert_eq!(
+        addresses(&out.frame),
+        (hairpin, CLIENT_PORT, POD_A_IP, BACKEND_PORT),
+        "from the hairpin source to A's backend port"
+    );
+    assert_eq!(&out.frame[0..6], &POD_A_MAC, "to A's MAC");
+    assert_checksums(&out.frame, "the hairpinned SYN");
+    // A answers the hairpin source: the reply comes from the frontend.
+    let reply = tcp(
+        (POD_A_IP, BACKEND_PORT),
+        (hairpin, CLIENT_PORT),
+        (HOST_A_MAC, POD_A_MAC),
+        TCP_SYN | TCP_ACK,
+    );
+    let out = h.run(PROG_FROM_POD, &reply).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "back into A");
+    assert_eq!(
+        addresses(&out.frame),
+        (FRONTEND, FRONTEND_PORT, POD_A_IP, CLIENT_PORT),
+        "the reply comes from the frontend to A's client port"
+    );
+    assert_checksums(&out.frame, "the hairpinned reply");
+    // The connection's next packet keeps the backend and the source.
+    let out = h.run(PROG_FROM_POD, &a_to_frontend(TCP_ACK)).expect("run");
+    assert_eq!(
+        addresses(&out.frame),
+        (hairpin, CLIENT_PORT, POD_A_IP, BACKEND_PORT)
+    );
+    let counted = counters(&h);
+    assert_eq!(counted.verdict(Verdict::ServiceHairpin), 3);
+    assert_eq!(counted.drop_count(DropReason::PolicyDeniedEgress), 0);
+    // A packet of A's to the hairpin source that answers no connection is
+    // not made to come from anywhere.
+    let stray = tcp(
+        (POD_A_IP, BACKEND_PORT),
+        (hairpin, CLIENT_PORT + 1),
+        (HOST_A_MAC, POD_A_MAC),
+        TCP_ACK,
+    );
+    let out = h.run(PROG_FROM_POD, &stray).expect("run");
+    assert_eq!(addresses(&out.frame).0, POD_A_IP, "untouched");
 }
 
 /// The backends `count` new connections of A (each from its own port,

@@ -13,6 +13,10 @@
 //! and the other the node's (SNAT); a pod reaches its own node's NodePort;
 //! an `externalTrafficPolicy: Local` NodePort answers only on the node
 //! with a backend, which sees the client's address.
+//!
+//! Hairpin: a backend reaching a Service (ClusterIP over TCP and UDP, and
+//! its node's NodePort) whose only endpoint is itself is answered by
+//! itself, which sees the hairpin source address.
 
 use std::{
     collections::BTreeSet,
@@ -20,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use podnet_common::{DropReason, Verdict};
+use podnet_common::{DropReason, Verdict, service::HAIRPIN_SOURCE};
 use podnet_tests::{
     lab::{self, LabDatastore, LabGuard, LabLayout, LabOptions, ServiceKind},
     privileged,
@@ -74,6 +78,7 @@ fn services_in_the_datapath(tag: &str, mode: &str) {
     clients_reach_the_service(&lab.layout);
     node_ports_reach_every_backend(&lab.layout, &svc);
     a_local_node_port_answers_only_where_its_backend_is(&lab.layout, &svc);
+    a_backend_that_draws_itself_answers_itself(&lab.layout, &svc);
     explain_names_the_translation(&lab.layout, client, &svc);
     a_udp_flow_follows_its_backend_away(&lab.layout, client, &svc);
     for node in &lab.layout.nodes {
@@ -366,4 +371,78 @@ fn a_local_node_port_answers_only_where_its_backend_is(layout: &LabLayout, svc: 
             }
         }
     }
+}
+
+/// Hairpin: a Service whose only endpoint is the first backend, reached
+/// from that backend itself, on its ClusterIP over TCP and UDP and on its
+/// own node's NodePort: every query is answered, by the backend itself,
+/// which sees the hairpin source (its own address would be dropped as a
+/// martian on its eth0, and its reply would never leave its loopback).
+fn a_backend_that_draws_itself_answers_itself(layout: &LabLayout, svc: &ServiceSpec) {
+    const SELF_CLUSTER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 12);
+    const SELF_NODE_PORT: u16 = 30_082;
+    let backend_ip = svc.backends[0];
+    let backend = layout
+        .pods
+        .iter()
+        .find(|p| p.ip == backend_ip)
+        .expect("the backend pod");
+    let node = layout.node(&backend.node).expect("the backend's node");
+    layout
+        .apply_objects(&[
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "demo-self", "namespace": "default"},
+                "spec": {
+                    "type": "NodePort",
+                    "clusterIP": SELF_CLUSTER_IP.to_string(),
+                    "clusterIPs": [SELF_CLUSTER_IP.to_string()],
+                    "ports": [
+                        {"name": "http", "protocol": "TCP", "port": svc.tcp_port,
+                         "targetPort": svc.target_tcp_port, "nodePort": SELF_NODE_PORT},
+                        {"name": "dns", "protocol": "UDP", "port": svc.udp_port,
+                         "targetPort": svc.target_udp_port},
+                    ],
+                },
+            }),
+            serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {"name": "demo-self-1", "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": "demo-self"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [backend_ip.to_string()],
+                               "conditions": {"ready": true},
+                               "nodeName": backend.node}],
+                "ports": [
+                    {"name": "http", "protocol": "TCP", "port": svc.target_tcp_port},
+                    {"name": "dns", "protocol": "UDP", "port": svc.target_udp_port},
+                ],
+            }),
+        ])
+        .expect("apply the Service of one backend");
+    let hairpin = std::net::Ipv4Addr::from(HAIRPIN_SOURCE);
+    let before = podnet_tests::counters::read(&node.agent_socket, Verdict::ServiceHairpin);
+    let tcp = SocketAddrV4::new(SELF_CLUSTER_IP, svc.tcp_port);
+    wait_for_the_service(&backend.netns, tcp);
+    for (addr, udp) in [
+        (tcp, false),
+        (SocketAddrV4::new(SELF_CLUSTER_IP, svc.udp_port), true),
+        (SocketAddrV4::new(node.node_ip, SELF_NODE_PORT), false),
+    ] {
+        let seen = query_all(&backend.netns, addr, udp);
+        assert_eq!(
+            seen,
+            std::collections::BTreeMap::from([(backend.name.clone(), BTreeSet::from([hairpin]))]),
+            "{} -> {addr} ({}): answered by itself, from the hairpin source",
+            backend.name,
+            if udp { "UDP" } else { "TCP" }
+        );
+    }
+    assert!(
+        podnet_tests::counters::read(&node.agent_socket, Verdict::ServiceHairpin) > before,
+        "{}: service_hairpin counted",
+        node.name
+    );
 }

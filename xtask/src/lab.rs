@@ -146,6 +146,10 @@ fn demo_steps(bin_dir: &Path) -> anyhow::Result<()> {
             "2",
             "--mode",
             "vxlan",
+            // The demo Service translated by podnet's datapath (agents
+            // with `--services bpf`), not by kube-proxy-style rules.
+            "--service",
+            "bpf",
             &format!("--agent-arg=--metrics-addr={DEMO_METRICS_ADDR}"),
         ],
     ))?;
@@ -212,6 +216,17 @@ fn demo_steps(bin_dir: &Path) -> anyhow::Result<()> {
                 "--to",
                 &format!("{}:5201", cross.2),
             ]),
+    )?;
+    println!();
+    println!(
+        "podnetctl services (on {}: the demo Service as its datapath translates it)",
+        pods[0].1
+    );
+    cmd::run(
+        Command::new(bin_dir.join("podnetctl"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("services"),
     )?;
     print_metrics(bin_dir, &pods[0].1)?;
     demo_policy(bin_dir, &pods[0], same, cross)?;

@@ -266,8 +266,9 @@ fn service_cell(
 }
 
 /// The demo Service's rows: every pod to its ClusterIP over TCP and UDP,
-/// and the fabric host to every node's NodePort (kube-proxy rules only;
-/// the nftables variant has no NodePort). Run in parallel: a broken path
+/// and the fabric host to every node's NodePort (kube-proxy's rules or
+/// podnet's datapath; the nftables variant has no NodePort). Run in
+/// parallel: a broken path
 /// costs a timeout per query.
 fn service_probes(layout: &LabLayout, svc: &ServiceSpec) -> Vec<Probe> {
     let backends: Vec<&str> = layout.servers.iter().map(|s| s.pod.as_str()).collect();
@@ -299,7 +300,10 @@ fn service_probes(layout: &LabLayout, svc: &ServiceSpec) -> Vec<Probe> {
                 }),
             ));
         }
-        if layout.service_kind == Some(ServiceKind::KubeProxyIptables) {
+        if matches!(
+            layout.service_kind,
+            Some(ServiceKind::KubeProxyIptables | ServiceKind::Datapath)
+        ) {
             let fabric = layout.fabric_netns.as_str();
             for node in &layout.nodes {
                 let addr = SocketAddrV4::new(node.node_ip, svc.node_port);

@@ -251,9 +251,10 @@ impl LabLayout {
         }
         if kind == ServiceKind::Datapath {
             let nodes: Vec<String> = backends.iter().map(|p| p.node.clone()).collect();
-            return self
-                .apply_objects(&services::demo_service_objects(&svc, &nodes))
-                .context("applying the demo Service's objects");
+            self.apply_objects(&services::demo_service_objects(&svc, &nodes))
+                .context("applying the demo Service's objects")?;
+            self.wait_for_node_ports(&svc);
+            return Ok(());
         }
         let cidr = self.cluster_cidr();
         for node in &self.nodes {
@@ -261,6 +262,28 @@ impl LabLayout {
                 .with_context(|| format!("installing the demo Service on {}", node.name))?;
         }
         Ok(())
+    }
+
+    /// Waits (up to 5 s in all) until the fabric host reaches the demo
+    /// Service's NodePort on every node, i.e. every agent has compiled the
+    /// objects just applied into its maps (a check run at once would
+    /// otherwise race the agents' watches). One that never answers is left
+    /// for the check to report.
+    fn wait_for_node_ports(&self, svc: &ServiceSpec) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        for node in &self.nodes {
+            let addr = std::net::SocketAddrV4::new(node.node_ip, svc.node_port);
+            while std::time::Instant::now() < deadline
+                && services::tcp_query(
+                    &self.fabric_netns,
+                    addr,
+                    std::time::Duration::from_millis(300),
+                )
+                .is_err()
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
     }
 
     /// Removes the demo Service from every node and stops its servers. Does
