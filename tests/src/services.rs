@@ -31,7 +31,7 @@ pub use rules::{
 pub const NAMESPACE: &str = "default";
 
 /// A ClusterIP Service with one TCP port (also exposed as a NodePort) and
-/// one UDP port.
+/// one UDP port (a NodePort too where podnet's datapath translates it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub name: String,
@@ -39,6 +39,10 @@ pub struct ServiceSpec {
     pub tcp_port: u16,
     pub udp_port: u16,
     pub node_port: u16,
+    /// The UDP port's NodePort (the cluster objects only: the
+    /// kube-proxy-style rules expose the TCP port alone).
+    #[serde(default)]
+    pub udp_node_port: u16,
     pub target_tcp_port: u16,
     pub target_udp_port: u16,
     pub backends: Vec<Ipv4Addr>,
@@ -46,7 +50,7 @@ pub struct ServiceSpec {
 
 /// The demo Service as cluster objects (for podnet's own translation): the
 /// Service `default/demo` (type NodePort: its TCP port is also
-/// `node_port` on every node) with its two ports and one EndpointSlice of
+/// `node_port` on every node, its UDP port `udp_node_port`) with its two ports and one EndpointSlice of
 /// the backends, ready, each on the node named at the same index of
 /// `nodes`.
 #[must_use]
@@ -76,7 +80,7 @@ pub fn demo_service_objects(svc: &ServiceSpec, nodes: &[String]) -> Vec<serde_js
                     {"name": "http", "protocol": "TCP", "port": svc.tcp_port,
                      "targetPort": svc.target_tcp_port, "nodePort": svc.node_port},
                     {"name": "dns", "protocol": "UDP", "port": svc.udp_port,
-                     "targetPort": svc.target_udp_port},
+                     "targetPort": svc.target_udp_port, "nodePort": svc.udp_node_port},
                 ],
             },
         }),
@@ -109,6 +113,7 @@ pub fn demo_service(backends: Vec<Ipv4Addr>) -> ServiceSpec {
         tcp_port: 80,
         udp_port: 53,
         node_port: 30_080,
+        udp_node_port: 30_053,
         target_tcp_port: 8080,
         target_udp_port: 5353,
         backends,

@@ -8,8 +8,8 @@
 //! are connected to it). In vxlan and in direct mode.
 //!
 //! NodePorts too: the fabric host (outside the cluster) reaches the demo
-//! Service's NodePort on every node's address and is answered by both
-//! backends, the one on the node it dialled seeing the client's address
+//! Service's NodePorts (TCP and UDP) on every node's address and is
+//! answered by both backends, the one on the node it dialled seeing the client's address
 //! and the other the node's (SNAT); a pod reaches its own node's NodePort;
 //! an `externalTrafficPolicy: Local` NodePort answers only on the node
 //! with a backend, which sees the client's address.
@@ -225,26 +225,10 @@ fn a_udp_flow_follows_its_backend_away(
 fn node_ports_reach_every_backend(layout: &LabLayout, svc: &ServiceSpec) {
     let backends = backend_names(layout, svc);
     for node in &layout.nodes {
-        let addr = SocketAddrV4::new(node.node_ip, svc.node_port);
-        let seen = query_all(&layout.fabric_netns, addr, false);
-        let answered: BTreeSet<String> = seen.keys().cloned().collect();
-        assert_eq!(answered, backends, "fabric host -> {addr}");
-        for (backend, sources) in &seen {
-            let on_this_node = layout
-                .pods
-                .iter()
-                .any(|p| &p.name == backend && p.node == node.name);
-            let expected = if on_this_node {
-                layout.fabric_host
-            } else {
-                node.node_ip
-            };
-            assert_eq!(
-                sources,
-                &BTreeSet::from([expected]),
-                "{backend} (on {} the node dialled: {on_this_node}) saw the client {addr}'s connections from",
-                node.name
-            );
+        for (port, udp) in [(svc.node_port, false), (svc.udp_node_port, true)] {
+            let addr = SocketAddrV4::new(node.node_ip, port);
+            let seen = query_all(&layout.fabric_netns, addr, udp);
+            fabric_host_reached_both_backends(layout, node, &backends, &seen, addr);
         }
         assert!(
             podnet_tests::counters::read(&node.agent_socket, Verdict::NodePortSnat) > 0,
@@ -280,6 +264,37 @@ fn node_ports_reach_every_backend(layout: &LabLayout, svc: &ServiceSpec) {
             &BTreeSet::from([client.ip]),
             "{backend} saw {}",
             client.name
+        );
+    }
+}
+
+/// The fabric host's queries to `addr` (a NodePort of `node`) were
+/// answered by every one of `backends`: the one on `node` saw the fabric
+/// host's address (no SNAT for a local backend), the other `node`'s.
+fn fabric_host_reached_both_backends(
+    layout: &LabLayout,
+    node: &podnet_tests::lab::LabNode,
+    backends: &BTreeSet<String>,
+    seen: &std::collections::BTreeMap<String, BTreeSet<std::net::Ipv4Addr>>,
+    addr: SocketAddrV4,
+) {
+    let answered: BTreeSet<String> = seen.keys().cloned().collect();
+    assert_eq!(&answered, backends, "fabric host -> {addr}");
+    for (backend, sources) in seen {
+        let on_this_node = layout
+            .pods
+            .iter()
+            .any(|p| &p.name == backend && p.node == node.name);
+        let expected = if on_this_node {
+            layout.fabric_host
+        } else {
+            node.node_ip
+        };
+        assert_eq!(
+            sources,
+            &BTreeSet::from([expected]),
+            "{backend} (on {} the node dialled: {on_this_node}) saw the client {addr}'s queries from",
+            node.name
         );
     }
 }

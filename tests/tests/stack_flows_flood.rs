@@ -56,6 +56,7 @@ fn a_pods_flood_leaves_another_pods_service_connection_alone() {
         tcp_port: 80,
         udp_port: 53,
         node_port: 30_090,
+        udp_node_port: 30_091,
         target_tcp_port: SERVER_PORT,
         target_udp_port: 5353,
         backends: vec![server_pod.ip],
