@@ -17,6 +17,11 @@
 //! Hairpin: a backend reaching a Service (ClusterIP over TCP and UDP, and
 //! its node's NodePort) whose only endpoint is itself is answered by
 //! itself, which sees the hairpin source address.
+//!
+//! ICMP errors: a UDP NodePort whose backend has no socket on its target
+//! port is refused: the backend's port unreachable reaches the fabric host
+//! about the NodePort, and its connected socket fails with
+//! `ECONNREFUSED`.
 
 use std::{
     collections::BTreeSet,
@@ -79,6 +84,7 @@ fn services_in_the_datapath(tag: &str, mode: &str) {
     node_ports_reach_every_backend(&lab.layout, &svc);
     a_local_node_port_answers_only_where_its_backend_is(&lab.layout, &svc);
     a_backend_that_draws_itself_answers_itself(&lab.layout, &svc);
+    a_closed_node_port_is_refused_by_the_backends_icmp_error(&lab.layout, &svc);
     explain_names_the_translation(&lab.layout, client, &svc);
     a_udp_flow_follows_its_backend_away(&lab.layout, client, &svc);
     for node in &lab.layout.nodes {
@@ -460,4 +466,82 @@ fn a_backend_that_draws_itself_answers_itself(layout: &LabLayout, svc: &ServiceS
         "{}: service_hairpin counted",
         node.name
     );
+}
+
+/// A UDP NodePort (`externalTrafficPolicy: Local`, its one endpoint the
+/// first backend) whose target port nothing listens on: the backend's
+/// kernel answers the fabric host's datagram with port unreachable, which
+/// must leave the node about the NodePort (embedded destination and outer
+/// source the node's), or the fabric host's socket never hears of it.
+fn a_closed_node_port_is_refused_by_the_backends_icmp_error(layout: &LabLayout, svc: &ServiceSpec) {
+    const CLOSED_NODE_PORT: u16 = 30_054;
+    const CLOSED_TARGET_PORT: u16 = 5_999;
+    let backend_ip = svc.backends[0];
+    let backend_node = layout
+        .pods
+        .iter()
+        .find(|p| p.ip == backend_ip)
+        .map(|p| p.node.clone())
+        .expect("the backend's node");
+    let node = layout.node(&backend_node).expect("the node");
+    layout
+        .apply_objects(&[
+            serde_json::json!({
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "demo-closed", "namespace": "default"},
+                "spec": {
+                    "type": "NodePort",
+                    "clusterIP": "10.96.0.13",
+                    "clusterIPs": ["10.96.0.13"],
+                    "externalTrafficPolicy": "Local",
+                    "ports": [{"name": "dns", "protocol": "UDP", "port": 53,
+                               "targetPort": CLOSED_TARGET_PORT,
+                               "nodePort": CLOSED_NODE_PORT}],
+                },
+            }),
+            serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {"name": "demo-closed-1", "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": "demo-closed"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [backend_ip.to_string()],
+                               "conditions": {"ready": true},
+                               "nodeName": backend_node}],
+                "ports": [{"name": "dns", "protocol": "UDP", "port": CLOSED_TARGET_PORT}],
+            }),
+        ])
+        .expect("apply the closed NodePort");
+    let addr = SocketAddrV4::new(node.node_ip, CLOSED_NODE_PORT);
+    // Until the agent has the frontend, the node's own stack refuses the
+    // datagram; from then on the backend does. Both say ECONNREFUSED, so
+    // the refusal must come with the backend's port unreachable counted
+    // as a translated reply.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let before = podnet_tests::counters::read(&node.agent_socket, Verdict::ToNodePortClient);
+        let outcome = podnet_tests::netns::run_in(&layout.fabric_netns, move || {
+            let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+            socket.connect(addr)?;
+            socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+            socket.send(b"anyone?")?;
+            let mut buf = [0u8; 64];
+            socket.recv(&mut buf).map(|_| ())
+        })
+        .expect("run in the fabric netns");
+        let refused =
+            matches!(&outcome, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused);
+        let translated =
+            podnet_tests::counters::read(&node.agent_socket, Verdict::ToNodePortClient) > before;
+        if refused && translated {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fabric host -> {addr}/udp (nothing listens behind it): {outcome:?}, \
+             the backend's port unreachable translated: {translated}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
