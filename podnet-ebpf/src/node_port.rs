@@ -45,7 +45,7 @@ use crate::{
     counters::count,
     flows,
     forward::{self, Arrival},
-    l4::{self, IPPROTO_TCP, TCP_SYN, closing_flags},
+    l4::{self, IPPROTO_ICMP, IPPROTO_TCP, TCP_SYN, closing_flags},
     lookup::{endpoint, remote_node},
     maps::{CONFIG, CONNTRACK, SERVICES},
     packet::{self, Ipv4Fields, L3},
@@ -82,15 +82,35 @@ pub fn from_elsewhere(ctx: &mut TcContext, arrival: Arrival) -> i32 {
 /// A packet that reached this node from elsewhere for the node's own
 /// address (no local pod's): a NodePort connection's (translated and sent
 /// to its backend), or a backend's reply to one translated here with SNAT
-/// (translated and sent to its client). `None`: neither, the stack's.
-/// `program` is the one that runs (its drops are counted under it).
+/// or an ICMP error about one (translated and sent to its client).
+/// `None`: neither, the stack's. `program` is the one that runs (its drops
+/// are counted under it).
 #[inline(always)]
 fn arrival_of(ctx: &mut TcContext, ip: &mut Ipv4Fields, program: Program) -> Option<i32> {
+    // One place sends on and one drops: each inlined copy would cost the
+    // arriving programs stack they do not have.
+    Some(match translate_arrival(ctx, ip)? {
+        Ok(()) => onward(ctx, ip, program),
+        Err(reason) => drop_packet(ctx, program, reason),
+    })
+}
+
+/// [`arrival_of`]'s translation, `ip` rewritten: `Ok` to send on, `Err` to
+/// drop, `None` for the stack.
+#[inline(always)]
+fn translate_arrival(ctx: &mut TcContext, ip: &mut Ipv4Fields) -> Option<Result<(), DropReason>> {
     let config = CONFIG.get(0)?;
     if config.flags & NODE_F_SERVICES_BPF == 0 || ip.dst != config.node_ip {
         return None;
     }
     let node_ip = config.node_ip;
+    if ip.proto == IPPROTO_ICMP {
+        return match icmp_error_to_client(ctx.skb.skb, ip) {
+            NOT_A_NODE_PORT_ERROR => None,
+            FAILED_HEADER => Some(Err(DropReason::HeaderRewriteFailed)),
+            _ => Some(Ok(())),
+        };
+    }
     let (src_port, dst_port, tcp_flags) = service::ports_of(ctx, ip)?;
     let ports = u64::from(src_port)
         | u64::from(dst_port) << 16
@@ -100,7 +120,7 @@ fn arrival_of(ctx: &mut TcContext, ip: &mut Ipv4Fields, program: Program) -> Opt
     if service::watched_port(src_port) {
         let client = find_snat_reply(addresses, ports);
         if client != 0 {
-            return Some(to_client(ctx, ip, client, program));
+            return Some(to_client(ctx, ip, client));
         }
     }
     if !service::watched_port(dst_port) {
@@ -125,12 +145,11 @@ fn arrival_of(ctx: &mut TcContext, ip: &mut Ipv4Fields, program: Program) -> Opt
         );
     }
     if backend == 0 {
-        let reason = match found >> 32 {
+        return Some(Err(match found >> 32 {
             UNKNOWN_CONNECTION => DropReason::ServiceConnectionUnknown,
             SNAT_EXHAUSTED => DropReason::NodePortSnatExhausted,
             _ => DropReason::ServiceNoBackend,
-        };
-        return Some(drop_packet(ctx, program, reason));
+        }));
     }
     let source = match snat_port {
         0 => 0,
@@ -138,9 +157,9 @@ fn arrival_of(ctx: &mut TcContext, ip: &mut Ipv4Fields, program: Program) -> Opt
     };
     let destination = u64::from(backend) | u64::from(backend_port) << 32;
     if !rewrite_both(ctx.skb.skb, ip, source, destination) {
-        return Some(drop_packet(ctx, program, DropReason::HeaderRewriteFailed));
+        return Some(Err(DropReason::HeaderRewriteFailed));
     }
-    Some(onward(ctx, ip, program))
+    Some(Ok(()))
 }
 
 /// Rewrites the source (unless `source` is 0) and the destination of a
@@ -177,15 +196,16 @@ fn rewrite_both(skb: *mut __sk_buff, ip: &mut Ipv4Fields, source: u64, destinati
 /// A backend's reply to a NodePort connection translated here with SNAT
 /// (`client` from [`find_snat_reply`]): from the NodePort to the client.
 #[inline(always)]
-fn to_client(ctx: &mut TcContext, ip: &mut Ipv4Fields, client: u64, program: Program) -> i32 {
+fn to_client(ctx: &mut TcContext, ip: &mut Ipv4Fields, client: u64) -> Result<(), DropReason> {
     #[allow(clippy::cast_possible_truncation)] // unpacking the word
     let (address, port, node_port) = (client as u32, (client >> 32) as u16, (client >> 48) as u16);
     let source = u64::from(ip.dst) | u64::from(node_port) << 32;
     let destination = u64::from(address) | u64::from(port) << 32;
-    if !rewrite_both(ctx.skb.skb, ip, source, destination) {
-        return drop_packet(ctx, program, DropReason::HeaderRewriteFailed);
+    if rewrite_both(ctx.skb.skb, ip, source, destination) {
+        Ok(())
+    } else {
+        Err(DropReason::HeaderRewriteFailed)
     }
-    onward(ctx, ip, program)
 }
 
 /// Where a translated NodePort packet goes: a local pod (judged by its
@@ -418,6 +438,67 @@ fn claim_snat_port(
         }
     }
     0
+}
+
+/// [`icmp_error_to_client`]: the packet is no ICMP error about a SNATed
+/// NodePort connection (the stack's).
+const NOT_A_NODE_PORT_ERROR: i32 = 0;
+/// [`icmp_error_to_client`]: translated, for the client.
+const ERROR_TRANSLATED: i32 = 1;
+
+/// An ICMP error about a NodePort connection this node SNATed to another
+/// node's backend (port unreachable from the backend, fragmentation
+/// needed or time exceeded on the way), which reached this node, the
+/// SNAT's source: it becomes the error the client would have had from
+/// the NodePort. Its embedded datagram (SNAT address and port to the
+/// backend) is made the client's to the NodePort, the outer destination
+/// the client and, when the backend sent it, the outer source this
+/// node's address; `ip` updated. Returns [`ERROR_TRANSLATED`],
+/// [`NOT_A_NODE_PORT_ERROR`] or `FAILED_HEADER`. Out of line with the
+/// program's context `skb`: the arriving programs' stacks have no room
+/// for the rewrites.
+#[inline(never)]
+#[allow(clippy::cast_possible_truncation)] // unpacking the packed words
+fn icmp_error_to_client(skb: *mut __sk_buff, ip: &mut Ipv4Fields) -> i32 {
+    let mut ctx = TcContext::new(skb);
+    // The embedded datagram, reversed: the backend's reply tuple to the
+    // SNAT address and port.
+    let Some(error) = l4::parse(&ctx, ip) else {
+        return NOT_A_NODE_PORT_ERROR;
+    };
+    let reply = error.key;
+    if !error.icmp_other
+        || !l4::has_ports(reply.proto)
+        || reply.dst != ip.dst
+        || !service::watched_port(reply.src_port)
+    {
+        return NOT_A_NODE_PORT_ERROR;
+    }
+    let client = find_snat_reply(
+        u64::from(reply.src) | u64::from(reply.dst) << 32,
+        u64::from(reply.src_port) | u64::from(reply.dst_port) << 16 | u64::from(reply.proto) << 32,
+    );
+    if client == 0 {
+        return NOT_A_NODE_PORT_ERROR;
+    }
+    let (address, port, node_port) = (client as u32, (client >> 32) as u16, (client >> 48) as u16);
+    let node_ip = ip.dst;
+    let rewritten = service::rewrite_embedded(&mut ctx, ip, Side::Source, address, port)
+        .and_then(|_| {
+            service::rewrite_embedded(&mut ctx, ip, Side::Destination, node_ip, node_port)
+        })
+        .and_then(|_| service::rewrite_outer_address(&mut ctx, ip, Side::Destination, address))
+        .and_then(|()| {
+            if ip.src == reply.src {
+                service::rewrite_outer_address(&mut ctx, ip, Side::Source, node_ip)
+            } else {
+                Ok(())
+            }
+        });
+    if rewritten.is_err() {
+        return FAILED_HEADER;
+    }
+    ERROR_TRANSLATED
 }
 
 /// The client of a backend's reply to a NodePort connection translated

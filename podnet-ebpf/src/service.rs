@@ -674,12 +674,9 @@ fn reply_to_itself(skb: *mut __sk_buff, ip: &mut Ipv4Fields, frontend: u32, port
 }
 
 /// An ICMP error about the client's packet to a backend becomes one about
-/// its packet to the frontend: the embedded destination (address, port,
-/// the embedded header's checksum) and, when the backend itself sent the
-/// error, the outer source. The ICMP checksum covers the embedded bytes
-/// (no pseudo-header): each change is folded into it. The embedded L4
-/// checksum is left as it is (often cut off; the kernel matches the
-/// error to the socket by the tuple alone).
+/// its packet to the frontend: the embedded destination and, when the
+/// backend itself sent the error, the outer source (a router on the way
+/// keeps its own).
 #[inline(always)]
 fn icmp_error_from_frontend(
     ctx: &mut TcContext,
@@ -687,43 +684,81 @@ fn icmp_error_from_frontend(
     address: u32,
     port: u16,
 ) -> Result<(), DropReason> {
+    let backend = rewrite_embedded(ctx, ip, Side::Destination, address, port)?;
+    if ip.src == backend {
+        rewrite_outer_address(ctx, ip, Side::Source, address)?;
+    }
+    Ok(())
+}
+
+/// Rewrites one side's address and port of an ICMP error's embedded
+/// datagram (`ip` the error), with the embedded header's checksum and the
+/// ICMP checksum, which covers the embedded bytes (no pseudo-header): each
+/// change is folded into it. The embedded L4 checksum is left as it is
+/// (often cut off; the kernel matches an error to its socket by the tuple
+/// alone). Returns the side's old address.
+#[inline(always)]
+pub fn rewrite_embedded(
+    ctx: &mut TcContext,
+    ip: &Ipv4Fields,
+    side: Side,
+    address: u32,
+    port: u16,
+) -> Result<u32, DropReason> {
     let failed = |_| DropReason::HeaderRewriteFailed;
     let icmp_check = ip.l4_offset + 2;
     let inner = ip.l4_offset + ICMP_HLEN;
     let header = packet::bytes_at::<20>(ctx, inner).ok_or(DropReason::HeaderRewriteFailed)?;
     let inner_l4 = inner + usize::from(header[0] & 0x0f) * 4;
-    let backend = u32::from_ne_bytes([header[16], header[17], header[18], header[19]]);
-    let old_inner_check = u16::from_ne_bytes([header[10], header[11]]);
-    let old_port = packet::bytes_at::<4>(ctx, inner_l4)
-        .map(|b| u16::from_ne_bytes([b[2], b[3]]))
-        .ok_or(DropReason::HeaderRewriteFailed)?;
-    // The embedded header: destination and its own checksum.
-    ctx.l3_csum_replace(inner + 10, u64::from(backend), u64::from(address), 4)
-        .map_err(failed)?;
-    ctx.store(inner + 16, &address, 0).map_err(failed)?;
-    let new_inner_check = packet::bytes_at::<2>(ctx, inner + 10)
+    let (address_offset, port_offset) = match side {
+        Side::Source => (inner + 12, inner_l4),
+        Side::Destination => (inner + 16, inner_l4 + 2),
+    };
+    let a = match side {
+        Side::Source => [header[12], header[13], header[14], header[15]],
+        Side::Destination => [header[16], header[17], header[18], header[19]],
+    };
+    let old_address = u32::from_ne_bytes(a);
+    let old_check = u16::from_ne_bytes([header[10], header[11]]);
+    let old_port = packet::bytes_at::<2>(ctx, port_offset)
         .map(u16::from_ne_bytes)
         .ok_or(DropReason::HeaderRewriteFailed)?;
-    ctx.store(inner_l4 + 2, &port, 0).map_err(failed)?;
-    // The ICMP checksum, for the three embedded fields.
-    ctx.l4_csum_replace(icmp_check, u64::from(backend), u64::from(address), 4)
+    ctx.l3_csum_replace(inner + 10, u64::from(old_address), u64::from(address), 4)
         .map_err(failed)?;
-    ctx.l4_csum_replace(
-        icmp_check,
-        u64::from(old_inner_check),
-        u64::from(new_inner_check),
-        2,
-    )
-    .map_err(failed)?;
+    ctx.store(address_offset, &address, 0).map_err(failed)?;
+    let new_check = packet::bytes_at::<2>(ctx, inner + 10)
+        .map(u16::from_ne_bytes)
+        .ok_or(DropReason::HeaderRewriteFailed)?;
+    ctx.store(port_offset, &port, 0).map_err(failed)?;
+    ctx.l4_csum_replace(icmp_check, u64::from(old_address), u64::from(address), 4)
+        .map_err(failed)?;
+    ctx.l4_csum_replace(icmp_check, u64::from(old_check), u64::from(new_check), 2)
+        .map_err(failed)?;
     ctx.l4_csum_replace(icmp_check, u64::from(old_port), u64::from(port), 2)
         .map_err(failed)?;
-    // The outer source, when it is the backend's (a router on the way
-    // keeps its own).
-    if ip.src == backend {
-        ctx.l3_csum_replace(IP_CHECK_OFFSET, u64::from(backend), u64::from(address), 4)
-            .map_err(failed)?;
-        ctx.store(IP_SRC_OFFSET, &address, 0).map_err(failed)?;
-        ip.src = address;
+    Ok(old_address)
+}
+
+/// Rewrites one side's address of an ICMP message's own IP header, with
+/// the IP checksum (the ICMP checksum has no pseudo-header).
+#[inline(always)]
+pub fn rewrite_outer_address(
+    ctx: &mut TcContext,
+    ip: &mut Ipv4Fields,
+    side: Side,
+    address: u32,
+) -> Result<(), DropReason> {
+    let failed = |_| DropReason::HeaderRewriteFailed;
+    let (old, offset) = match side {
+        Side::Source => (ip.src, IP_SRC_OFFSET),
+        Side::Destination => (ip.dst, IP_DST_OFFSET),
+    };
+    ctx.l3_csum_replace(IP_CHECK_OFFSET, u64::from(old), u64::from(address), 4)
+        .map_err(failed)?;
+    ctx.store(offset, &address, 0).map_err(failed)?;
+    match side {
+        Side::Source => ip.src = address,
+        Side::Destination => ip.dst = address,
     }
     Ok(())
 }

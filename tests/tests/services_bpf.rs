@@ -19,9 +19,9 @@
 //! itself, which sees the hairpin source address.
 //!
 //! ICMP errors: a UDP NodePort whose backend has no socket on its target
-//! port is refused: the backend's port unreachable reaches the fabric host
-//! about the NodePort, and its connected socket fails with
-//! `ECONNREFUSED`.
+//! port is refused on every node (the backend's or another, which SNATs):
+//! the backend's port unreachable reaches the fabric host about the
+//! NodePort, and its connected socket fails with `ECONNREFUSED`.
 
 use std::{
     collections::BTreeSet,
@@ -468,11 +468,13 @@ fn a_backend_that_draws_itself_answers_itself(layout: &LabLayout, svc: &ServiceS
     );
 }
 
-/// A UDP NodePort (`externalTrafficPolicy: Local`, its one endpoint the
-/// first backend) whose target port nothing listens on: the backend's
-/// kernel answers the fabric host's datagram with port unreachable, which
-/// must leave the node about the NodePort (embedded destination and outer
-/// source the node's), or the fabric host's socket never hears of it.
+/// A UDP NodePort (its one endpoint the first backend) whose target port
+/// nothing listens on: the backend's kernel answers the fabric host's
+/// datagram with port unreachable, which must leave the node dialled
+/// about the NodePort, or the fabric host's socket never hears of it. On
+/// the backend's node the error is the local backend's reply (from_pod);
+/// on the other node it comes back to the SNAT address, from the other
+/// node (from_overlay or from_underlay), and is made the client's again.
 fn a_closed_node_port_is_refused_by_the_backends_icmp_error(layout: &LabLayout, svc: &ServiceSpec) {
     const CLOSED_NODE_PORT: u16 = 30_054;
     const CLOSED_TARGET_PORT: u16 = 5_999;
@@ -483,7 +485,6 @@ fn a_closed_node_port_is_refused_by_the_backends_icmp_error(layout: &LabLayout, 
         .find(|p| p.ip == backend_ip)
         .map(|p| p.node.clone())
         .expect("the backend's node");
-    let node = layout.node(&backend_node).expect("the node");
     layout
         .apply_objects(&[
             serde_json::json!({
@@ -494,7 +495,6 @@ fn a_closed_node_port_is_refused_by_the_backends_icmp_error(layout: &LabLayout, 
                     "type": "NodePort",
                     "clusterIP": "10.96.0.13",
                     "clusterIPs": ["10.96.0.13"],
-                    "externalTrafficPolicy": "Local",
                     "ports": [{"name": "dns", "protocol": "UDP", "port": 53,
                                "targetPort": CLOSED_TARGET_PORT,
                                "nodePort": CLOSED_NODE_PORT}],
@@ -513,35 +513,40 @@ fn a_closed_node_port_is_refused_by_the_backends_icmp_error(layout: &LabLayout, 
             }),
         ])
         .expect("apply the closed NodePort");
-    let addr = SocketAddrV4::new(node.node_ip, CLOSED_NODE_PORT);
-    // Until the agent has the frontend, the node's own stack refuses the
-    // datagram; from then on the backend does. Both say ECONNREFUSED, so
-    // the refusal must come with the backend's port unreachable counted
-    // as a translated reply.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let before = podnet_tests::counters::read(&node.agent_socket, Verdict::ToNodePortClient);
-        let outcome = podnet_tests::netns::run_in(&layout.fabric_netns, move || {
-            let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
-            socket.connect(addr)?;
-            socket.set_read_timeout(Some(Duration::from_millis(500)))?;
-            socket.send(b"anyone?")?;
-            let mut buf = [0u8; 64];
-            socket.recv(&mut buf).map(|_| ())
-        })
-        .expect("run in the fabric netns");
-        let refused =
-            matches!(&outcome, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused);
-        let translated =
-            podnet_tests::counters::read(&node.agent_socket, Verdict::ToNodePortClient) > before;
-        if refused && translated {
-            break;
+    for node in &layout.nodes {
+        let addr = SocketAddrV4::new(node.node_ip, CLOSED_NODE_PORT);
+        // Until the agent has the frontend, the node's own stack refuses
+        // the datagram; from then on the backend does. Both say
+        // ECONNREFUSED, so the refusal must come with the backend's port
+        // unreachable counted as a packet for a NodePort client.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let before =
+                podnet_tests::counters::read(&node.agent_socket, Verdict::ToNodePortClient);
+            let outcome = podnet_tests::netns::run_in(&layout.fabric_netns, move || {
+                let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+                socket.connect(addr)?;
+                socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+                socket.send(b"anyone?")?;
+                let mut buf = [0u8; 64];
+                socket.recv(&mut buf).map(|_| ())
+            })
+            .expect("run in the fabric netns");
+            let refused =
+                matches!(&outcome, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused);
+            let translated =
+                podnet_tests::counters::read(&node.agent_socket, Verdict::ToNodePortClient)
+                    > before;
+            if refused && translated {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fabric host -> {addr}/udp (on {}; nothing listens behind it on {backend_node}): \
+                 {outcome:?}, the backend's port unreachable translated: {translated}",
+                node.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(
-            Instant::now() < deadline,
-            "fabric host -> {addr}/udp (nothing listens behind it): {outcome:?}, \
-             the backend's port unreachable translated: {translated}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
