@@ -139,7 +139,8 @@ impl Datapath {
         fs::create_dir_all(pin_dir).map_err(io_err(pin_dir, "creating the pin directory"))?;
         for (name, link) in links {
             let pin = pin_dir.join(name);
-            let fresh = pin_dir.join(format!("{name}.new"));
+            // bpffs refuses names with a dot (`bpf_lookup`: reserved).
+            let fresh = pin_dir.join(format!("{name}_new"));
             let _ = fs::remove_file(&fresh);
             link.pin(&fresh).map_err(|source| DatapathError::Pin {
                 path: fresh.clone(),
@@ -157,7 +158,7 @@ impl Datapath {
 pub fn detach_socket_lb(pin_dir: &Path) -> Result<usize, SocketLbError> {
     let mut removed = 0;
     for name in names::SOCKET_LB_PROGRAMS {
-        for pin in [pin_dir.join(name), pin_dir.join(format!("{name}.new"))] {
+        for pin in [pin_dir.join(name), pin_dir.join(format!("{name}_new"))] {
             match fs::remove_file(&pin) {
                 Ok(()) => removed += 1,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}

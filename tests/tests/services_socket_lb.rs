@@ -1,0 +1,328 @@
+//! Services translated at the socket (`podnetd --services bpf
+//! --socket-lb-cgroup`): each node's agent attaches the socket programs to
+//! a cgroup of its own (made by the test, never the root cgroup), and the
+//! clients run as processes of their node's cgroup inside a pod's netns.
+//! Every pod that is not a backend reaches the demo Service's ClusterIP
+//! over TCP and over unconnected UDP (DNS-shaped `sendto` / `recvfrom`),
+//! both backends answer and see the client's own address, the UDP answer
+//! reads as coming from the ClusterIP and `getpeername` on the TCP socket
+//! names the ClusterIP; a Service without backends refuses the connect
+//! (`ECONNREFUSED`) and the datagram; and the per-packet translation
+//! counter does not move meanwhile: the socket did it. A client outside
+//! the cgroup still gets the per-packet translation.
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use podnet_common::Verdict;
+use podnet_tests::{
+    lab::{LabDatastore, LabGuard, LabLayout, LabOptions, ServiceKind},
+    privileged,
+    services::{NAMESPACE, ServiceSpec, TRIES, backend_names, tcp_query, wait_for_the_service},
+    socket_lb::{NodeCgroup, ProbeAnswer, attach_agents, counters, probe_in},
+};
+
+/// A Service without endpoints: its frontends are in the maps with no
+/// backend slot.
+const EMPTY_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+
+fn empty_service() -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "empty", "namespace": NAMESPACE},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": EMPTY_CLUSTER_IP.to_string(),
+            "clusterIPs": [EMPTY_CLUSTER_IP.to_string()],
+            "ports": [
+                {"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080},
+                {"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 5353},
+            ],
+        },
+    })
+}
+
+fn per_packet_translations(layout: &LabLayout) -> Vec<u64> {
+    layout
+        .nodes
+        .iter()
+        .map(|n| podnet_tests::counters::read(&n.agent_socket, Verdict::ServiceTranslated))
+        .collect()
+}
+
+/// The socket counters of every node, summed.
+fn socket_counter(layout: &LabLayout, name: &str) -> u64 {
+    layout
+        .nodes
+        .iter()
+        .map(|n| {
+            counters(n)
+                .expect("the socket LB counters")
+                .get(name)
+                .copied()
+                .expect("a known counter")
+        })
+        .sum()
+}
+
+/// The programs attached to `cgroup` (bpftool's list, by name).
+fn attached(cgroup: &NodeCgroup) -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(cgroup.path())
+        .output()
+        .expect("bpftool");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Waits until the empty Service's frontend refuses a connect from the
+/// cgroup: the agent has written it.
+fn wait_for_the_empty_frontend(cgroup: &NodeCgroup, netns: &str) -> ProbeAnswer {
+    let addr = SocketAddrV4::new(EMPTY_CLUSTER_IP, 80);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = probe_in(cgroup, netns, "tcp", addr, 1)
+            .expect("a probe")
+            .pop()
+            .expect("one answer");
+        if answer.errno == Some(libc::ECONNREFUSED) || Instant::now() > deadline {
+            return answer;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn check_answers(
+    answers: &[ProbeAnswer],
+    frontend: SocketAddrV4,
+    client: Ipv4Addr,
+    what: &str,
+) -> BTreeSet<String> {
+    assert_eq!(answers.len(), TRIES, "{what}: every query printed");
+    let mut backends = BTreeSet::new();
+    for answer in answers {
+        let backend = answer
+            .backend
+            .clone()
+            .unwrap_or_else(|| panic!("{what}: a query failed: {answer:?}"));
+        assert_eq!(
+            answer.seen_as.map(|a| *a.ip()),
+            Some(client),
+            "{what}: the backend saw the client's own address: {answer:?}"
+        );
+        assert_eq!(
+            answer.peer,
+            Some(frontend),
+            "{what}: the client's socket names the ClusterIP, not the backend: {answer:?}"
+        );
+        backends.insert(backend);
+    }
+    backends
+}
+
+#[test]
+fn cluster_ips_translated_at_the_socket() {
+    if !privileged("cluster_ips_translated_at_the_socket") {
+        return;
+    }
+    let mut lab = LabGuard::up_with(
+        "ssl",
+        2,
+        2,
+        "vxlan",
+        LabDatastore::File,
+        LabOptions {
+            service: Some(ServiceKind::Datapath),
+            ..LabOptions::default()
+        },
+    )
+    .expect("lab up with the demo Service as objects");
+    let prefix = lab.layout.prefix.clone();
+    let cgroups: Vec<(String, NodeCgroup)> = lab
+        .layout
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.name.clone(),
+                NodeCgroup::new(&prefix, &n.name).expect("a cgroup for the node's pods"),
+            )
+        })
+        .collect();
+    let paths: Vec<(&str, &std::path::Path)> = cgroups
+        .iter()
+        .map(|(n, c)| (n.as_str(), c.path()))
+        .collect();
+    attach_agents(&mut lab.layout, &paths).expect("agents with --socket-lb-cgroup");
+    for (node, cgroup) in &cgroups {
+        let names = attached(cgroup);
+        assert_eq!(
+            names.len(),
+            4,
+            "{node}: the four socket programs on its cgroup: {names:?}"
+        );
+    }
+    let layout = &lab.layout;
+    let svc: ServiceSpec = layout.service.clone().expect("the demo Service");
+    let cgroup_of = |node: &str| {
+        &cgroups
+            .iter()
+            .find(|(n, _)| n == node)
+            .expect("the node's cgroup")
+            .1
+    };
+    let clients: Vec<_> = layout
+        .pods
+        .iter()
+        .filter(|p| !svc.backends.contains(&p.ip))
+        .collect();
+    let tcp_frontend = SocketAddrV4::new(svc.cluster_ip, svc.tcp_port);
+    let udp_frontend = SocketAddrV4::new(svc.cluster_ip, svc.udp_port);
+    // The Service is in the maps (asked per packet, from outside the
+    // cgroups: before the counters are read).
+    wait_for_the_service(&clients[0].netns, tcp_frontend);
+    layout
+        .apply_objects(&[empty_service()])
+        .expect("the Service without endpoints");
+    for client in &clients {
+        let answer = wait_for_the_empty_frontend(cgroup_of(&client.node), &client.netns);
+        assert_eq!(
+            answer.errno,
+            Some(libc::ECONNREFUSED),
+            "{}: a connect to a Service without backends is refused: {answer:?}",
+            client.name
+        );
+    }
+    let per_packet_before = per_packet_translations(layout);
+    let connects_before = socket_counter(layout, "connect_translated");
+    let sends_before = socket_counter(layout, "sendmsg_translated");
+    let refused_before = socket_counter(layout, "no_backend");
+
+    let backends = backend_names(layout, &svc);
+    for client in &clients {
+        let cgroup = cgroup_of(&client.node);
+        let tcp = probe_in(cgroup, &client.netns, "tcp", tcp_frontend, TRIES).expect("TCP probes");
+        let answered = check_answers(
+            &tcp,
+            tcp_frontend,
+            client.ip,
+            &format!("{} TCP", client.name),
+        );
+        assert_eq!(
+            answered, backends,
+            "{}: both backends over TCP",
+            client.name
+        );
+        let udp = probe_in(cgroup, &client.netns, "udp", udp_frontend, TRIES).expect("UDP probes");
+        let answered = check_answers(
+            &udp,
+            udp_frontend,
+            client.ip,
+            &format!("{} UDP", client.name),
+        );
+        assert_eq!(
+            answered, backends,
+            "{}: both backends over UDP",
+            client.name
+        );
+        for (proto, port) in [("tcp", 80), ("udp", 53)] {
+            let refused = probe_in(
+                cgroup,
+                &client.netns,
+                proto,
+                SocketAddrV4::new(EMPTY_CLUSTER_IP, port),
+                1,
+            )
+            .expect("a probe of the empty Service");
+            assert_eq!(
+                refused[0].errno,
+                Some(libc::ECONNREFUSED),
+                "{} {proto}: no backend, refused: {:?}",
+                client.name,
+                refused[0]
+            );
+        }
+    }
+    let per_packet_after = per_packet_translations(layout);
+    assert_eq!(
+        per_packet_after, per_packet_before,
+        "no connection of the cgroups' clients reached from_pod with the ClusterIP"
+    );
+    let n = u64::try_from(TRIES * clients.len()).expect("small");
+    assert!(
+        socket_counter(layout, "connect_translated") - connects_before >= n,
+        "every TCP query translated at connect"
+    );
+    assert!(
+        socket_counter(layout, "sendmsg_translated") - sends_before >= n,
+        "every datagram translated at sendmsg"
+    );
+    assert!(socket_counter(layout, "recvmsg_reversed") >= n);
+    assert!(socket_counter(layout, "peername_reversed") >= n);
+    assert!(
+        socket_counter(layout, "no_backend") - refused_before >= 2 * clients.len() as u64,
+        "the empty Service's refusals counted"
+    );
+
+    // A client outside the cgroups (a thread of this test in the pod's
+    // netns) still has its connection translated per packet.
+    let client = clients[0];
+    let (backend, seen_as) =
+        tcp_query(&client.netns, tcp_frontend, Duration::from_secs(3)).expect("per-packet query");
+    assert!(backends.contains(&backend));
+    assert_eq!(*seen_as.ip(), client.ip);
+    let moved: u64 = per_packet_translations(layout)
+        .iter()
+        .zip(&per_packet_after)
+        .map(|(a, b)| a - b)
+        .sum();
+    assert!(moved >= 1, "the per-packet path translated the outsider");
+
+    // A restart with the flag replaces the links: still four programs on
+    // the cgroup, still translating.
+    let (node, cgroup) = &cgroups[0];
+    attach_agents(&mut lab.layout, &[(node.as_str(), cgroup.path())]).expect("agent restarted");
+    // The old links go when their pins do (the kernel may free them a
+    // moment later).
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut names = attached(cgroup);
+    while names.len() != 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        names = attached(cgroup);
+    }
+    assert_eq!(
+        names.len(),
+        4,
+        "{node}: links replaced, not added: {names:?}"
+    );
+    let client = lab
+        .layout
+        .pods
+        .iter()
+        .find(|p| &p.node == node && !svc.backends.contains(&p.ip))
+        .expect("a client on the restarted node");
+    let after_restart =
+        probe_in(cgroup, &client.netns, "tcp", tcp_frontend, 1).expect("a probe after the restart");
+    assert_eq!(
+        after_restart[0].peer,
+        Some(tcp_frontend),
+        "{after_restart:?}"
+    );
+
+    drop(lab);
+    for (node, cgroup) in cgroups {
+        cgroup
+            .remove()
+            .unwrap_or_else(|e| panic!("{node}'s cgroup removed: {e:#}"));
+    }
+}
