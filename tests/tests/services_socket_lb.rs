@@ -20,7 +20,7 @@ use std::{
 
 use podnet_common::Verdict;
 use podnet_tests::{
-    lab::{LabDatastore, LabGuard, LabLayout, LabOptions, ServiceKind},
+    lab::{LabDatastore, LabGuard, LabLayout, LabOptions, LabPod, ServiceKind},
     privileged,
     services::{NAMESPACE, ServiceSpec, TRIES, backend_names, tcp_query, wait_for_the_service},
     socket_lb::{NodeCgroup, ProbeAnswer, attach_agents, counters, probe_in},
@@ -130,26 +130,19 @@ fn check_answers(
     backends
 }
 
-#[test]
-fn cluster_ips_translated_at_the_socket() {
-    if !privileged("cluster_ips_translated_at_the_socket") {
-        return;
-    }
-    let mut lab = LabGuard::up_with(
-        "ssl",
-        2,
-        2,
-        "vxlan",
-        LabDatastore::File,
-        LabOptions {
-            service: Some(ServiceKind::Datapath),
-            ..LabOptions::default()
-        },
-    )
-    .expect("lab up with the demo Service as objects");
-    let prefix = lab.layout.prefix.clone();
-    let cgroups: Vec<(String, NodeCgroup)> = lab
-        .layout
+/// The node's cgroup among `cgroups`.
+fn cgroup_of<'a>(cgroups: &'a [(String, NodeCgroup)], node: &str) -> &'a NodeCgroup {
+    &cgroups
+        .iter()
+        .find(|(n, _)| n == node)
+        .expect("the node's cgroup")
+        .1
+}
+
+/// A cgroup per node, the node's agent restarted with the socket LB on it.
+fn cgroups_with_the_socket_lb(layout: &mut LabLayout) -> Vec<(String, NodeCgroup)> {
+    let prefix = layout.prefix.clone();
+    let cgroups: Vec<(String, NodeCgroup)> = layout
         .nodes
         .iter()
         .map(|n| {
@@ -163,7 +156,7 @@ fn cluster_ips_translated_at_the_socket() {
         .iter()
         .map(|(n, c)| (n.as_str(), c.path()))
         .collect();
-    attach_agents(&mut lab.layout, &paths).expect("agents with --socket-lb-cgroup");
+    attach_agents(layout, &paths).expect("agents with --socket-lb-cgroup");
     for (node, cgroup) in &cgroups {
         let names = attached(cgroup);
         assert_eq!(
@@ -172,45 +165,42 @@ fn cluster_ips_translated_at_the_socket() {
             "{node}: the four socket programs on its cgroup: {names:?}"
         );
     }
-    let layout = &lab.layout;
-    let svc: ServiceSpec = layout.service.clone().expect("the demo Service");
-    let cgroup_of = |node: &str| {
-        &cgroups
-            .iter()
-            .find(|(n, _)| n == node)
-            .expect("the node's cgroup")
-            .1
-    };
-    let clients: Vec<_> = layout
-        .pods
-        .iter()
-        .filter(|p| !svc.backends.contains(&p.ip))
-        .collect();
+    cgroups
+}
+
+/// The translation counters before the clients' queries.
+struct Before {
+    per_packet: Vec<u64>,
+    connects: u64,
+    sends: u64,
+    refused: u64,
+}
+
+impl Before {
+    fn read(layout: &LabLayout) -> Self {
+        Self {
+            per_packet: per_packet_translations(layout),
+            connects: socket_counter(layout, "connect_translated"),
+            sends: socket_counter(layout, "sendmsg_translated"),
+            refused: socket_counter(layout, "no_backend"),
+        }
+    }
+}
+
+/// Every client pod, as a process of its node's cgroup, reaches both
+/// backends over TCP and UDP and names the ClusterIP as its peer; the
+/// empty Service refuses it.
+fn clients_in_the_cgroups(
+    layout: &LabLayout,
+    cgroups: &[(String, NodeCgroup)],
+    clients: &[&LabPod],
+    svc: &ServiceSpec,
+) {
+    let backends = backend_names(layout, svc);
     let tcp_frontend = SocketAddrV4::new(svc.cluster_ip, svc.tcp_port);
     let udp_frontend = SocketAddrV4::new(svc.cluster_ip, svc.udp_port);
-    // The Service is in the maps (asked per packet, from outside the
-    // cgroups: before the counters are read).
-    wait_for_the_service(&clients[0].netns, tcp_frontend);
-    layout
-        .apply_objects(&[empty_service()])
-        .expect("the Service without endpoints");
-    for client in &clients {
-        let answer = wait_for_the_empty_frontend(cgroup_of(&client.node), &client.netns);
-        assert_eq!(
-            answer.errno,
-            Some(libc::ECONNREFUSED),
-            "{}: a connect to a Service without backends is refused: {answer:?}",
-            client.name
-        );
-    }
-    let per_packet_before = per_packet_translations(layout);
-    let connects_before = socket_counter(layout, "connect_translated");
-    let sends_before = socket_counter(layout, "sendmsg_translated");
-    let refused_before = socket_counter(layout, "no_backend");
-
-    let backends = backend_names(layout, &svc);
-    for client in &clients {
-        let cgroup = cgroup_of(&client.node);
+    for client in clients {
+        let cgroup = cgroup_of(cgroups, &client.node);
         let tcp = probe_in(cgroup, &client.netns, "tcp", tcp_frontend, TRIES).expect("TCP probes");
         let answered = check_answers(
             &tcp,
@@ -253,45 +243,59 @@ fn cluster_ips_translated_at_the_socket() {
             );
         }
     }
-    let per_packet_after = per_packet_translations(layout);
+}
+
+/// The socket did every translation of [`clients_in_the_cgroups`]; the
+/// per-packet path none.
+fn the_socket_translated(layout: &LabLayout, before: &Before, clients: usize) {
     assert_eq!(
-        per_packet_after, per_packet_before,
+        per_packet_translations(layout),
+        before.per_packet,
         "no connection of the cgroups' clients reached from_pod with the ClusterIP"
     );
-    let n = u64::try_from(TRIES * clients.len()).expect("small");
+    let n = u64::try_from(TRIES * clients).expect("small");
     assert!(
-        socket_counter(layout, "connect_translated") - connects_before >= n,
+        socket_counter(layout, "connect_translated") - before.connects >= n,
         "every TCP query translated at connect"
     );
     assert!(
-        socket_counter(layout, "sendmsg_translated") - sends_before >= n,
+        socket_counter(layout, "sendmsg_translated") - before.sends >= n,
         "every datagram translated at sendmsg"
     );
     assert!(socket_counter(layout, "recvmsg_reversed") >= n);
     assert!(socket_counter(layout, "peername_reversed") >= n);
     assert!(
-        socket_counter(layout, "no_backend") - refused_before >= 2 * clients.len() as u64,
+        socket_counter(layout, "no_backend") - before.refused
+            >= 2 * u64::try_from(clients).expect("small"),
         "the empty Service's refusals counted"
     );
+}
 
-    // A client outside the cgroups (a thread of this test in the pod's
-    // netns) still has its connection translated per packet.
-    let client = clients[0];
+/// A client outside the cgroups (a thread of this test in the pod's
+/// netns) still has its connection translated per packet.
+fn an_outsider_is_translated_per_packet(layout: &LabLayout, client: &LabPod, svc: &ServiceSpec) {
+    let before = per_packet_translations(layout);
+    let frontend = SocketAddrV4::new(svc.cluster_ip, svc.tcp_port);
     let (backend, seen_as) =
-        tcp_query(&client.netns, tcp_frontend, Duration::from_secs(3)).expect("per-packet query");
-    assert!(backends.contains(&backend));
+        tcp_query(&client.netns, frontend, Duration::from_secs(3)).expect("per-packet query");
+    assert!(backend_names(layout, svc).contains(&backend));
     assert_eq!(*seen_as.ip(), client.ip);
     let moved: u64 = per_packet_translations(layout)
         .iter()
-        .zip(&per_packet_after)
+        .zip(&before)
         .map(|(a, b)| a - b)
         .sum();
     assert!(moved >= 1, "the per-packet path translated the outsider");
+}
 
-    // A restart with the flag replaces the links: still four programs on
-    // the cgroup, still translating.
-    let (node, cgroup) = &cgroups[0];
-    attach_agents(&mut lab.layout, &[(node.as_str(), cgroup.path())]).expect("agent restarted");
+/// A restart with the flag replaces the links: still four programs on
+/// the cgroup, still translating.
+fn a_restart_replaces_the_links(
+    layout: &mut LabLayout,
+    (node, cgroup): &(String, NodeCgroup),
+    svc: &ServiceSpec,
+) {
+    attach_agents(layout, &[(node.as_str(), cgroup.path())]).expect("agent restarted");
     // The old links go when their pins do (the kernel may free them a
     // moment later).
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -305,19 +309,65 @@ fn cluster_ips_translated_at_the_socket() {
         4,
         "{node}: links replaced, not added: {names:?}"
     );
-    let client = lab
-        .layout
+    let client = layout
         .pods
         .iter()
         .find(|p| &p.node == node && !svc.backends.contains(&p.ip))
         .expect("a client on the restarted node");
+    let frontend = SocketAddrV4::new(svc.cluster_ip, svc.tcp_port);
     let after_restart =
-        probe_in(cgroup, &client.netns, "tcp", tcp_frontend, 1).expect("a probe after the restart");
-    assert_eq!(
-        after_restart[0].peer,
-        Some(tcp_frontend),
-        "{after_restart:?}"
+        probe_in(cgroup, &client.netns, "tcp", frontend, 1).expect("a probe after the restart");
+    assert_eq!(after_restart[0].peer, Some(frontend), "{after_restart:?}");
+}
+
+#[test]
+fn cluster_ips_translated_at_the_socket() {
+    if !privileged("cluster_ips_translated_at_the_socket") {
+        return;
+    }
+    let mut lab = LabGuard::up_with(
+        "ssl",
+        2,
+        2,
+        "vxlan",
+        LabDatastore::File,
+        LabOptions {
+            service: Some(ServiceKind::Datapath),
+            ..LabOptions::default()
+        },
+    )
+    .expect("lab up with the demo Service as objects");
+    let cgroups = cgroups_with_the_socket_lb(&mut lab.layout);
+    let layout = &lab.layout;
+    let svc: ServiceSpec = layout.service.clone().expect("the demo Service");
+    let clients: Vec<&LabPod> = layout
+        .pods
+        .iter()
+        .filter(|p| !svc.backends.contains(&p.ip))
+        .collect();
+    // The Service is in the maps (asked per packet, from outside the
+    // cgroups: before the counters are read).
+    wait_for_the_service(
+        &clients[0].netns,
+        SocketAddrV4::new(svc.cluster_ip, svc.tcp_port),
     );
+    layout
+        .apply_objects(&[empty_service()])
+        .expect("the Service without endpoints");
+    for client in &clients {
+        let answer = wait_for_the_empty_frontend(cgroup_of(&cgroups, &client.node), &client.netns);
+        assert_eq!(
+            answer.errno,
+            Some(libc::ECONNREFUSED),
+            "{}: a connect to a Service without backends is refused: {answer:?}",
+            client.name
+        );
+    }
+    let before = Before::read(layout);
+    clients_in_the_cgroups(layout, &cgroups, &clients, &svc);
+    the_socket_translated(layout, &before, clients.len());
+    an_outsider_is_translated_per_packet(layout, clients[0], &svc);
+    a_restart_replaces_the_links(&mut lab.layout, &cgroups[0], &svc);
 
     drop(lab);
     for (node, cgroup) in cgroups {

@@ -15,23 +15,20 @@ impl Agent {
     /// Makes the socket LB's links match the configuration.
     pub(super) fn apply_socket_lb(&mut self) -> anyhow::Result<()> {
         let pins = self.config.socket_lb_links_dir();
-        match self.config.socket_lb_cgroup.clone() {
-            Some(cgroup) => {
-                self.datapath
-                    .attach_socket_lb(&cgroup, &pins)
-                    .with_context(|| {
-                        format!("attaching the socket LB to cgroup {}", cgroup.display())
-                    })?;
-                info!(cgroup = %cgroup.display(), "socket LB attached: ClusterIP connections of the cgroup's processes are translated at connect");
-            }
-            None => {
-                let removed = detach_socket_lb(&pins).context("detaching the socket LB")?;
-                if removed > 0 {
-                    info!(
-                        links = removed,
-                        "socket LB detached (no --socket-lb-cgroup)"
-                    );
-                }
+        if let Some(cgroup) = self.config.socket_lb_cgroup.clone() {
+            self.datapath
+                .attach_socket_lb(&cgroup, &pins)
+                .with_context(|| {
+                    format!("attaching the socket LB to cgroup {}", cgroup.display())
+                })?;
+            info!(cgroup = %cgroup.display(), "socket LB attached: ClusterIP connections of the cgroup's processes are translated at connect");
+        } else {
+            let removed = detach_socket_lb(&pins).context("detaching the socket LB")?;
+            if removed > 0 {
+                info!(
+                    links = removed,
+                    "socket LB detached (no --socket-lb-cgroup)"
+                );
             }
         }
         Ok(())

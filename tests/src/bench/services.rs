@@ -196,6 +196,25 @@ fn socket_translated(layout: &LabLayout) -> anyhow::Result<u64> {
         .sum()
 }
 
+/// Every node's pods' cgroup (the lab's pods are namespaces: the clients
+/// join it by this process moving in), with the socket LB attached to it
+/// by the node's agent.
+fn socket_lb_cgroups(layout: &mut LabLayout) -> anyhow::Result<Vec<(String, NodeCgroup)>> {
+    let prefix = layout.prefix.clone();
+    let cgroups = layout
+        .nodes
+        .iter()
+        .map(|n| Ok((n.name.clone(), NodeCgroup::new(&prefix, &n.name)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let paths: Vec<(&str, &std::path::Path)> = cgroups
+        .iter()
+        .map(|(n, c)| (n.as_str(), c.path()))
+        .collect();
+    progress("services: restarting the agents with --socket-lb-cgroup");
+    socket_lb::attach_agents(layout, &paths)?;
+    Ok(cgroups)
+}
+
 /// Runs the Services part.
 pub fn measure(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
     progress("services: building a direct-mode lab, two pods a node, --services bpf");
@@ -210,22 +229,7 @@ pub fn measure(opts: &BenchOptions, figures: &mut Vec<Figure>) -> anyhow::Result
             ..LabOptions::default()
         },
     )?;
-    // Every node's pods' cgroup (the lab's pods are namespaces: the
-    // clients join it by this process moving in), the socket LB attached
-    // to it by the node's agent.
-    let prefix = lab.layout.prefix.clone();
-    let cgroups = lab
-        .layout
-        .nodes
-        .iter()
-        .map(|n| Ok((n.name.clone(), NodeCgroup::new(&prefix, &n.name)?)))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let paths: Vec<(&str, &std::path::Path)> = cgroups
-        .iter()
-        .map(|(n, c)| (n.as_str(), c.path()))
-        .collect();
-    progress("services: restarting the agents with --socket-lb-cgroup");
-    socket_lb::attach_agents(&mut lab.layout, &paths)?;
+    let cgroups = socket_lb_cgroups(&mut lab.layout)?;
     let cgroup_of = |node: &str| {
         cgroups
             .iter()
