@@ -169,21 +169,20 @@ pub const MAX_SOCKET_LB_REVERSE: u32 = 65_536;
 /// affinity makes room, which only costs that client its stickiness).
 pub const MAX_SERVICE_AFFINITIES: u32 = 65_536;
 
-const _: () = {
+/// Whether every name fits a BPF object name (15 bytes and the NUL).
+const fn all_fit(names: &[&str]) -> bool {
     let mut i = 0;
-    while i < ALL_MAPS.len() {
-        assert!(
-            ALL_MAPS[i].len() <= 15,
-            "BPF object names are at most 15 bytes"
-        );
+    while i < names.len() {
+        if names[i].len() > 15 {
+            return false;
+        }
         i += 1;
     }
-    let mut i = 0;
-    while i < SOCKET_LB_PROGRAMS.len() {
-        assert!(
-            SOCKET_LB_PROGRAMS[i].len() <= 15,
-            "BPF object names are at most 15 bytes"
-        );
-        i += 1;
-    }
-};
+    true
+}
+
+const _: () = assert!(all_fit(&ALL_MAPS), "BPF object names are at most 15 bytes");
+const _: () = assert!(
+    all_fit(&SOCKET_LB_PROGRAMS),
+    "BPF object names are at most 15 bytes"
+);

@@ -201,30 +201,13 @@ fn clients_in_the_cgroups(
     let udp_frontend = SocketAddrV4::new(svc.cluster_ip, svc.udp_port);
     for client in clients {
         let cgroup = cgroup_of(cgroups, &client.node);
-        let tcp = probe_in(cgroup, &client.netns, "tcp", tcp_frontend, TRIES).expect("TCP probes");
-        let answered = check_answers(
-            &tcp,
-            tcp_frontend,
-            client.ip,
-            &format!("{} TCP", client.name),
-        );
-        assert_eq!(
-            answered, backends,
-            "{}: both backends over TCP",
-            client.name
-        );
-        let udp = probe_in(cgroup, &client.netns, "udp", udp_frontend, TRIES).expect("UDP probes");
-        let answered = check_answers(
-            &udp,
-            udp_frontend,
-            client.ip,
-            &format!("{} UDP", client.name),
-        );
-        assert_eq!(
-            answered, backends,
-            "{}: both backends over UDP",
-            client.name
-        );
+        for (proto, frontend) in [("tcp", tcp_frontend), ("udp", udp_frontend)] {
+            let what = format!("{} {proto}", client.name);
+            let answers =
+                probe_in(cgroup, &client.netns, proto, frontend, TRIES).expect("the probes");
+            let answered = check_answers(&answers, frontend, client.ip, &what);
+            assert_eq!(answered, backends, "{what}: both backends");
+        }
         for (proto, port) in [("tcp", 80), ("udp", 53)] {
             let refused = probe_in(
                 cgroup,
