@@ -14,6 +14,7 @@ pub mod names;
 pub mod node;
 pub mod policy;
 pub mod service;
+pub mod socket_lb;
 pub mod tc;
 
 pub use counters::{DropReason, Verdict};
@@ -23,3 +24,4 @@ pub use flow::{FlowKey, FlowOwner, StackFlow};
 pub use node::{NodeConfig, RemoteNode};
 pub use policy::{PolicyCidrKey, PolicyKey, PolicyRule, TrackedConnection};
 pub use service::{Affinity, AffinityKey, Backend, BackendKey, ServiceEntry, ServiceKey};
+pub use socket_lb::{SocketFrontend, SocketLbCounter, SocketReverseKey};

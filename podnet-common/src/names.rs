@@ -72,8 +72,33 @@ pub const MAP_SERVICE_PORTS: &str = "podnet_svcport";
 /// [`crate::service::Affinity`].
 pub const MAP_SERVICE_AFFINITY: &str = "podnet_svcaff";
 
+/// The socket LB's reverse LRU (see [`crate::socket_lb`]):
+/// [`crate::SocketReverseKey`] -> [`crate::SocketFrontend`].
+pub const MAP_SOCKET_LB_REVERSE: &str = "podnet_sockrev";
+/// Per-CPU counters of the socket programs, by [`crate::SocketLbCounter`].
+pub const MAP_SOCKET_LB_COUNTERS: &str = "podnet_socklb";
+
+/// cgroup `connect4` (TCP, connected UDP): frontend -> backend.
+pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
+/// cgroup `sendmsg4` (unconnected UDP): frontend -> backend.
+pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
+/// cgroup `recvmsg4` (UDP): a backend's datagram reads as the frontend's.
+pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
+/// cgroup `getpeername4`: a translated socket's peer reads as the frontend.
+pub const PROG_SOCK_PEERNAME4: &str = "sock_peername4";
+
+/// The socket LB's programs (cgroup `sock_addr`, attached only with
+/// `podnetd --socket-lb-cgroup`; loaded, and so verified, always). Not in
+/// [`ALL_PROGRAMS`], which are TC classifiers.
+pub const SOCKET_LB_PROGRAMS: [&str; 4] = [
+    PROG_SOCK_CONNECT4,
+    PROG_SOCK_SENDMSG4,
+    PROG_SOCK_RECVMSG4,
+    PROG_SOCK_PEERNAME4,
+];
+
 /// Every map the datapath pins, for tools that list or clean the pin directory.
-pub const ALL_MAPS: [&str; 19] = [
+pub const ALL_MAPS: [&str; 21] = [
     MAP_ENDPOINTS,
     MAP_VERDICTS,
     MAP_DROPS,
@@ -93,6 +118,8 @@ pub const ALL_MAPS: [&str; 19] = [
     MAP_SERVICE_BACKENDS,
     MAP_SERVICE_PORTS,
     MAP_SERVICE_AFFINITY,
+    MAP_SOCKET_LB_REVERSE,
+    MAP_SOCKET_LB_COUNTERS,
 ];
 /// Every program in the object.
 pub const ALL_PROGRAMS: [&str; 6] = [
@@ -134,17 +161,28 @@ pub const MAX_TRACKED_CONNECTIONS: u32 = 262_144;
 pub const MAX_SERVICES: u32 = 65_536;
 /// Backend slots over all frontends.
 pub const MAX_SERVICE_BACKENDS: u32 = 262_144;
+/// Translated sockets the socket LB remembers the frontend of (LRU:
+/// preallocated, ~80 bytes an entry; an evicted socket's owner sees the
+/// backend's address in `recvmsg` / `getpeername`).
+pub const MAX_SOCKET_LB_REVERSE: u32 = 65_536;
 /// Clients remembered by affine frontends (LRU: the least recently used
 /// affinity makes room, which only costs that client its stickiness).
 pub const MAX_SERVICE_AFFINITIES: u32 = 65_536;
 
-const _: () = {
+/// Whether every name fits a BPF object name (15 bytes and the NUL).
+const fn all_fit(names: &[&str]) -> bool {
     let mut i = 0;
-    while i < ALL_MAPS.len() {
-        assert!(
-            ALL_MAPS[i].len() <= 15,
-            "BPF object names are at most 15 bytes"
-        );
+    while i < names.len() {
+        if names[i].len() > 15 {
+            return false;
+        }
         i += 1;
     }
-};
+    true
+}
+
+const _: () = assert!(all_fit(&ALL_MAPS), "BPF object names are at most 15 bytes");
+const _: () = assert!(
+    all_fit(&SOCKET_LB_PROGRAMS),
+    "BPF object names are at most 15 bytes"
+);

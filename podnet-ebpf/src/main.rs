@@ -1,4 +1,5 @@
-//! podnet's TC eBPF datapath. One module per attach point; shared packet
+//! podnet's eBPF datapath: TC programs, and the socket LB's cgroup
+//! `sock_addr` programs. One module per attach point; shared packet
 //! access, maps and counters in their own modules.
 #![no_std]
 #![no_main]
@@ -20,6 +21,11 @@ mod packet;
 mod policy;
 mod sender;
 mod service;
+mod sock_connect4;
+mod sock_peername4;
+mod sock_recvmsg4;
+mod sock_sendmsg4;
+mod socket_lb;
 mod to_overlay;
 mod to_pod;
 mod to_underlay;

@@ -9,12 +9,13 @@ use aya_ebpf::{
 use podnet_common::{
     Affinity, AffinityKey, Backend, BackendKey, DropReason, EndpointInfo, EventLimiter, FlowKey,
     FlowOwner, NodeConfig, PolicyCidrKey, PolicyKey, PolicyRule, RemoteNode, ServiceEntry,
-    ServiceKey, StackFlow, TrackedConnection, Verdict, VethEndpoint,
+    ServiceKey, SocketFrontend, SocketLbCounter, SocketReverseKey, StackFlow, TrackedConnection,
+    Verdict, VethEndpoint,
     event::EVENTS_RING_BYTES,
     names::{
         MAX_ENDPOINTS, MAX_IDENTITY_ADDRESSES, MAX_POLICY_CIDRS, MAX_POLICY_RULES,
         MAX_REMOTE_CIDRS, MAX_SERVICE_AFFINITIES, MAX_SERVICE_BACKENDS, MAX_SERVICES,
-        MAX_STACK_FLOWS, MAX_TRACKED_CONNECTIONS,
+        MAX_SOCKET_LB_REVERSE, MAX_STACK_FLOWS, MAX_TRACKED_CONNECTIONS,
     },
     service::SERVICE_PORT_WORDS,
 };
@@ -114,3 +115,15 @@ pub static SERVICE_PORTS: Array<u64> = Array::pinned(SERVICE_PORT_WORDS, 0);
 #[map(name = "podnet_svcaff")]
 pub static SERVICE_AFFINITY: LruHashMap<AffinityKey, Affinity> =
     LruHashMap::pinned(MAX_SERVICE_AFFINITIES, 0);
+
+/// The socket LB's reverse LRU (see `podnet_common::socket_lb`): the
+/// frontend each translated socket asked for, by the socket and its
+/// backend. LRU: nothing removes an entry when its socket closes, the
+/// least recently used make room.
+#[map(name = "podnet_sockrev")]
+pub static SOCKET_LB_REVERSE: LruHashMap<SocketReverseKey, SocketFrontend> =
+    LruHashMap::pinned(MAX_SOCKET_LB_REVERSE, 0);
+
+/// What the socket programs did, by `SocketLbCounter`.
+#[map(name = "podnet_socklb")]
+pub static SOCKET_LB_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(SocketLbCounter::COUNT, 0);

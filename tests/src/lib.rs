@@ -21,6 +21,7 @@ pub mod podnetd;
 pub mod scrape;
 pub mod services;
 pub mod soak;
+pub mod socket_lb;
 pub mod spoof;
 pub mod traffic;
 

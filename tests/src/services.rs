@@ -16,7 +16,10 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-pub use backends::{TcpSession, UdpSession, serve, tcp_query, tcp_session, udp_query, udp_session};
+pub use backends::{
+    TcpSession, UdpSession, dns_query, parse_udp_reply, read_greeting, serve, tcp_query,
+    tcp_session, udp_query, udp_session,
+};
 pub use clients::{
     QUERY_TIMEOUT, TRIES, backend_name, backend_names, clients_reach_the_service, query_all,
     wait_for_the_service,

@@ -16,6 +16,7 @@ pub mod policy;
 mod report;
 mod server;
 pub mod services;
+mod socket_lb;
 mod state;
 
 pub use endpoints::{attach_mode, record};
@@ -45,6 +46,12 @@ pub struct AgentConfig {
     /// kube-proxy (the default, as before the datapath could).
     #[serde(default)]
     pub services: crate::api::services::ServicesMode,
+    /// The cgroup v2 directory of the node's pods whose sockets have their
+    /// ClusterIP connections translated at `connect` / `sendmsg` (see
+    /// `podnet_common::socket_lb`); none: per packet only. Only with
+    /// `services` bpf.
+    #[serde(default)]
+    pub socket_lb_cgroup: Option<PathBuf>,
     pub mtu: u32,
     /// Stack-flows entries one endpoint may hold (0: the datapath's
     /// default, see `podnet_common::FlowOwner`).
@@ -78,5 +85,11 @@ impl AgentConfig {
     #[must_use]
     pub fn links_dir(&self) -> PathBuf {
         self.bpffs_dir.join("links")
+    }
+
+    /// Where the socket LB's cgroup links are pinned.
+    #[must_use]
+    pub fn socket_lb_links_dir(&self) -> PathBuf {
+        self.links_dir().join("socket_lb")
     }
 }

@@ -9,6 +9,7 @@
 //! | `follow.rs`, `join.rs` | following the cluster in the datastore (they call into `cluster.rs` through the agent, never the datapath) |
 //! | `check.rs` | comparing what the agent believes with what the kernel holds |
 //! | `explain.rs` | copying what a packet's path reads for `podnetctl explain` |
+//! | `socket_lb.rs` | the socket LB's links on the pods' cgroup (`--socket-lb-cgroup`) |
 //! | `cluster_objects/` | publishing the node's endpoint records, holding the cluster objects from a watch |
 //! | `server.rs`, `metrics/`, `monitor.rs`, `http.rs`, `accept.rs` | the socket, Prometheus metrics, drop events, health, accept loops that survive running out of descriptors |
 //!
@@ -84,6 +85,7 @@ impl Agent {
         registry.write_node_checks(network)?;
         registry.load_records()?;
         registry.reconcile()?;
+        registry.apply_socket_lb()?;
         Ok(registry)
     }
 

@@ -71,6 +71,12 @@ struct Args {
     /// ClusterIPs then).
     #[arg(long, value_enum)]
     services: Option<ServicesMode>,
+    /// With --services bpf: the cgroup v2 directory of the node's pods
+    /// (not the hierarchy's root), whose processes' connections and UDP
+    /// datagrams to a ClusterIP go to a backend at connect / sendmsg
+    /// (cgroup socket programs) instead of being translated per packet.
+    #[arg(long)]
+    socket_lb_cgroup: Option<PathBuf>,
     /// MTU of pod interfaces (default 1500).
     #[arg(long)]
     mtu: Option<u32>,
@@ -205,6 +211,7 @@ struct FileConfig {
     cluster_cidr: Option<Ipv4Net>,
     service_cidr: Option<Ipv4Net>,
     services: Option<ServicesMode>,
+    socket_lb_cgroup: Option<PathBuf>,
     mtu: Option<u32>,
     stack_flows_per_endpoint: Option<u32>,
     bpffs_dir: Option<PathBuf>,
@@ -360,6 +367,7 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
             .unwrap_or_else(podnet::agent::default_service_cidr)
             .trunc(),
         services: args.services.or(file.services).unwrap_or_default(),
+        socket_lb_cgroup: args.socket_lb_cgroup.clone().or(file.socket_lb_cgroup),
         mtu: node::effective_pod_mtu(args.mtu.or(file.mtu), network.pod_mtu()),
         stack_flows_per_endpoint: args
             .stack_flows_per_endpoint
@@ -381,6 +389,13 @@ fn resolve(args: &Args, file: FileConfig) -> anyhow::Result<Resolved> {
             .or(file.socket)
             .unwrap_or_else(|| DEFAULT_SOCKET.into()),
     };
+    if let Some(cgroup) = &config.socket_lb_cgroup {
+        anyhow::ensure!(
+            config.services == ServicesMode::Bpf,
+            "--socket-lb-cgroup translates the datapath's Services: it needs --services bpf"
+        );
+        podnet::datapath::check_cgroup(cgroup).context("--socket-lb-cgroup")?;
+    }
     let etcd_access =
         EtcdAccess::load(&args.etcd_access).context("setting up the etcd connection")?;
     if let DatastoreSpec::Etcd(endpoints) = &datastore {
@@ -807,5 +822,28 @@ mod tests {
         assert_eq!(resolved.config.services, ServicesMode::KubeProxy);
         let resolved = resolve(&args, file).expect("resolves");
         assert_eq!(resolved.config.services, ServicesMode::Bpf);
+    }
+
+    #[test]
+    fn the_socket_lb_needs_services_bpf_and_a_cgroup2_directory() {
+        let not_bpf =
+            Args::try_parse_from(["podnetd", "--socket-lb-cgroup", "/tmp"]).expect("parses");
+        let e = resolve(&not_bpf, FileConfig::default())
+            .err()
+            .expect("refused");
+        assert!(format!("{e:#}").contains("--services bpf"), "{e:#}");
+        let not_cgroup =
+            Args::try_parse_from(["podnetd", "--services", "bpf", "--socket-lb-cgroup", "/tmp"])
+                .expect("parses");
+        let e = resolve(&not_cgroup, FileConfig::default())
+            .err()
+            .expect("refused");
+        assert!(
+            format!("{e:#}").contains("not a cgroup v2 directory"),
+            "{e:#}"
+        );
+        let file: FileConfig =
+            serde_json::from_str(r#"{"socket_lb_cgroup": "/tmp"}"#).expect("the file's key");
+        assert_eq!(file.socket_lb_cgroup, Some(PathBuf::from("/tmp")));
     }
 }

@@ -20,12 +20,14 @@ mod entries;
 mod flow_owners;
 mod policy;
 mod services;
+mod socket_lb;
 
 pub use attach::{NodeProgram, POD_TC_HANDLE, POD_TC_PRIORITY, PodProgram};
 pub use counters::{Counters, FILLED_MAPS, MapFill, PinnedMapReader, pinned_fill};
 pub use entries::RemoteEntry;
 pub use flow_owners::{FlowSweeper, FlowTally, SweepReport, tally};
 use podnet_common::names;
+pub use socket_lb::{SocketLbError, check_cgroup, detach_socket_lb, socket_lb_counters};
 
 /// The eBPF object built by `build.rs` from podnet-ebpf (with BTF), embedded
 /// so every binary is self-contained.
@@ -208,6 +210,7 @@ impl Datapath {
                 .load()
                 .map_err(prog_err(name, "loading into the kernel (verifier)"))?;
         }
+        socket_lb::load(&mut ebpf)?;
         let migration = pinned_maps::Migration::start(pin_dir, |name| ebpf.map(name).map(map_data))
             .map_err(migration_error)?;
         Ok(Self {

@@ -116,7 +116,7 @@ fn parse_hello(text: &str) -> anyhow::Result<(String, SocketAddrV4)> {
 
 /// The greeting line, read a byte at a time so nothing after it (echoed
 /// data) is consumed.
-fn read_greeting(stream: &mut TcpStream) -> anyhow::Result<(String, SocketAddrV4)> {
+pub fn read_greeting(stream: &mut TcpStream) -> anyhow::Result<(String, SocketAddrV4)> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < 512 {
@@ -158,7 +158,7 @@ pub fn tcp_query(
 /// A DNS query for `demo.default.svc.cluster.local` A: the server does not
 /// parse it, but the bytes on the wire look like what pods send to a DNS
 /// Service.
-fn dns_query(id: u16) -> Vec<u8> {
+pub fn dns_query(id: u16) -> Vec<u8> {
     let mut q = Vec::with_capacity(64);
     q.extend_from_slice(&id.to_be_bytes());
     // Flags: recursion desired; one question.
@@ -218,7 +218,7 @@ pub fn udp_query(
     })?
 }
 
-fn parse_udp_reply(reply: &[u8], query: &[u8]) -> anyhow::Result<(String, SocketAddrV4)> {
+pub fn parse_udp_reply(reply: &[u8], query: &[u8]) -> anyhow::Result<(String, SocketAddrV4)> {
     // `<name> <addr> <payload>`: the payload may hold any byte, so split on
     // the first two spaces only.
     let mut parts = reply.splitn(3, |b| *b == b' ');
