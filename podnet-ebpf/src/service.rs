@@ -582,6 +582,13 @@ impl Frontend {
     pub fn is_node_address(&self) -> bool {
         self.0 & NODE_ADDRESS != 0
     }
+
+    /// The frontend's address and port (as on the wire).
+    #[inline(always)]
+    #[allow(clippy::cast_possible_truncation)] // unpacking the word
+    fn address_and_port(&self) -> (u32, u16) {
+        (self.0 as u32, (self.0 >> 32) as u16)
+    }
 }
 
 /// The frontend of a backend's reply (packed as in [`find_backend`]):
@@ -629,8 +636,7 @@ pub fn from_frontend(
     ip: &mut Ipv4Fields,
     frontend: &Frontend,
 ) -> Result<(), DropReason> {
-    #[allow(clippy::cast_possible_truncation)] // unpacking the word
-    let (address, port) = (frontend.0 as u32, (frontend.0 >> 32) as u16);
+    let (address, port) = frontend.address_and_port();
     if frontend.0 & ICMP_ERROR != 0 {
         return icmp_error_from_frontend(ctx, ip, address, port);
     }
@@ -647,8 +653,7 @@ pub fn hairpin_reply(
     ip: &mut Ipv4Fields,
     frontend: &Frontend,
 ) -> Result<(), DropReason> {
-    #[allow(clippy::cast_possible_truncation)] // unpacking the word
-    let (address, port) = (frontend.0 as u32, (frontend.0 >> 32) as u16);
+    let (address, port) = frontend.address_and_port();
     if frontend.0 & ICMP_ERROR == 0 && reply_to_itself(ctx.skb.skb, ip, address, port) {
         Ok(())
     } else {

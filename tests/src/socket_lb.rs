@@ -188,9 +188,11 @@ pub fn attach_agents(layout: &mut LabLayout, cgroups: &[(&str, &Path)]) -> anyho
     result
 }
 
-/// The socket programs' counters of `node` (its pinned map).
+/// The socket programs' counters of `node` (its pinned map), read as the
+/// agent's metrics read them.
 pub fn counters(node: &LabNode) -> anyhow::Result<BTreeMap<&'static str, u64>> {
-    podnet::datapath::socket_lb_counters(&node.bpffs_dir)
+    podnet::datapath::PinnedMapReader::open(&node.bpffs_dir)
+        .and_then(|reader| reader.socket_lb_counters())
         .with_context(|| format!("{}'s socket LB counters", node.name))
 }
 

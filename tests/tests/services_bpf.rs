@@ -321,33 +321,19 @@ fn a_local_node_port_answers_only_where_its_backend_is(layout: &LabLayout, svc: 
         .map(|p| p.node.clone())
         .expect("the backend's node");
     layout
-        .apply_objects(&[
-            serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": "demo-local", "namespace": "default"},
-                "spec": {
-                    "type": "NodePort",
-                    "clusterIP": "10.96.0.11",
-                    "clusterIPs": ["10.96.0.11"],
-                    "externalTrafficPolicy": "Local",
-                    "ports": [{"name": "http", "protocol": "TCP", "port": svc.tcp_port,
-                               "targetPort": svc.target_tcp_port,
-                               "nodePort": LOCAL_NODE_PORT}],
-                },
-            }),
-            serde_json::json!({
-                "apiVersion": "discovery.k8s.io/v1",
-                "kind": "EndpointSlice",
-                "metadata": {"name": "demo-local-1", "namespace": "default",
-                             "labels": {"kubernetes.io/service-name": "demo-local"}},
-                "addressType": "IPv4",
-                "endpoints": [{"addresses": [backend_ip.to_string()],
-                               "conditions": {"ready": true},
-                               "nodeName": backend_node}],
-                "ports": [{"name": "http", "protocol": "TCP", "port": svc.target_tcp_port}],
-            }),
-        ])
+        .apply_objects(&one_endpoint_service(
+            "demo-local",
+            "10.96.0.11",
+            &[ServicePort {
+                name: "http",
+                protocol: "TCP",
+                port: svc.tcp_port,
+                target_port: svc.target_tcp_port,
+                node_port: Some(LOCAL_NODE_PORT),
+            }],
+            Some("Local"),
+            (backend_ip, &backend_node),
+        ))
         .expect("apply the Local NodePort");
     for node in &layout.nodes {
         let addr = SocketAddrV4::new(node.node_ip, LOCAL_NODE_PORT);
@@ -410,38 +396,28 @@ fn a_backend_that_draws_itself_answers_itself(layout: &LabLayout, svc: &ServiceS
         .expect("the backend pod");
     let node = layout.node(&backend.node).expect("the backend's node");
     layout
-        .apply_objects(&[
-            serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": "demo-self", "namespace": "default"},
-                "spec": {
-                    "type": "NodePort",
-                    "clusterIP": SELF_CLUSTER_IP.to_string(),
-                    "clusterIPs": [SELF_CLUSTER_IP.to_string()],
-                    "ports": [
-                        {"name": "http", "protocol": "TCP", "port": svc.tcp_port,
-                         "targetPort": svc.target_tcp_port, "nodePort": SELF_NODE_PORT},
-                        {"name": "dns", "protocol": "UDP", "port": svc.udp_port,
-                         "targetPort": svc.target_udp_port},
-                    ],
+        .apply_objects(&one_endpoint_service(
+            "demo-self",
+            &SELF_CLUSTER_IP.to_string(),
+            &[
+                ServicePort {
+                    name: "http",
+                    protocol: "TCP",
+                    port: svc.tcp_port,
+                    target_port: svc.target_tcp_port,
+                    node_port: Some(SELF_NODE_PORT),
                 },
-            }),
-            serde_json::json!({
-                "apiVersion": "discovery.k8s.io/v1",
-                "kind": "EndpointSlice",
-                "metadata": {"name": "demo-self-1", "namespace": "default",
-                             "labels": {"kubernetes.io/service-name": "demo-self"}},
-                "addressType": "IPv4",
-                "endpoints": [{"addresses": [backend_ip.to_string()],
-                               "conditions": {"ready": true},
-                               "nodeName": backend.node}],
-                "ports": [
-                    {"name": "http", "protocol": "TCP", "port": svc.target_tcp_port},
-                    {"name": "dns", "protocol": "UDP", "port": svc.target_udp_port},
-                ],
-            }),
-        ])
+                ServicePort {
+                    name: "dns",
+                    protocol: "UDP",
+                    port: svc.udp_port,
+                    target_port: svc.target_udp_port,
+                    node_port: None,
+                },
+            ],
+            None,
+            (backend_ip, &backend.node),
+        ))
         .expect("apply the Service of one backend");
     let hairpin = std::net::Ipv4Addr::from(HAIRPIN_SOURCE);
     let before = podnet_tests::counters::read(&node.agent_socket, Verdict::ServiceHairpin);
@@ -486,32 +462,19 @@ fn a_closed_node_port_is_refused_by_the_backends_icmp_error(layout: &LabLayout, 
         .map(|p| p.node.clone())
         .expect("the backend's node");
     layout
-        .apply_objects(&[
-            serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": "demo-closed", "namespace": "default"},
-                "spec": {
-                    "type": "NodePort",
-                    "clusterIP": "10.96.0.13",
-                    "clusterIPs": ["10.96.0.13"],
-                    "ports": [{"name": "dns", "protocol": "UDP", "port": 53,
-                               "targetPort": CLOSED_TARGET_PORT,
-                               "nodePort": CLOSED_NODE_PORT}],
-                },
-            }),
-            serde_json::json!({
-                "apiVersion": "discovery.k8s.io/v1",
-                "kind": "EndpointSlice",
-                "metadata": {"name": "demo-closed-1", "namespace": "default",
-                             "labels": {"kubernetes.io/service-name": "demo-closed"}},
-                "addressType": "IPv4",
-                "endpoints": [{"addresses": [backend_ip.to_string()],
-                               "conditions": {"ready": true},
-                               "nodeName": backend_node}],
-                "ports": [{"name": "dns", "protocol": "UDP", "port": CLOSED_TARGET_PORT}],
-            }),
-        ])
+        .apply_objects(&one_endpoint_service(
+            "demo-closed",
+            "10.96.0.13",
+            &[ServicePort {
+                name: "dns",
+                protocol: "UDP",
+                port: 53,
+                target_port: CLOSED_TARGET_PORT,
+                node_port: Some(CLOSED_NODE_PORT),
+            }],
+            None,
+            (backend_ip, &backend_node),
+        ))
         .expect("apply the closed NodePort");
     for node in &layout.nodes {
         let addr = SocketAddrV4::new(node.node_ip, CLOSED_NODE_PORT);
@@ -549,4 +512,68 @@ fn a_closed_node_port_is_refused_by_the_backends_icmp_error(layout: &LabLayout, 
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// A port of [`one_endpoint_service`].
+struct ServicePort {
+    name: &'static str,
+    protocol: &'static str,
+    port: u16,
+    target_port: u16,
+    node_port: Option<u16>,
+}
+
+/// A NodePort Service `name` at `cluster_ip` with `ports` (its
+/// `externalTrafficPolicy` when given) and its EndpointSlice of one ready
+/// endpoint, `endpoint`'s address on its node.
+fn one_endpoint_service(
+    name: &str,
+    cluster_ip: &str,
+    ports: &[ServicePort],
+    external_traffic_policy: Option<&str>,
+    endpoint: (std::net::Ipv4Addr, &str),
+) -> [serde_json::Value; 2] {
+    let service_ports: Vec<serde_json::Value> = ports
+        .iter()
+        .map(|p| {
+            let mut port = serde_json::json!({"name": p.name, "protocol": p.protocol,
+                "port": p.port, "targetPort": p.target_port});
+            if let Some(node_port) = p.node_port {
+                port["nodePort"] = node_port.into();
+            }
+            port
+        })
+        .collect();
+    let slice_ports: Vec<serde_json::Value> = ports
+        .iter()
+        .map(|p| serde_json::json!({"name": p.name, "protocol": p.protocol, "port": p.target_port}))
+        .collect();
+    let mut spec = serde_json::json!({
+        "type": "NodePort",
+        "clusterIP": cluster_ip,
+        "clusterIPs": [cluster_ip],
+        "ports": service_ports,
+    });
+    if let Some(policy) = external_traffic_policy {
+        spec["externalTrafficPolicy"] = policy.into();
+    }
+    [
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": spec,
+        }),
+        serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-1"), "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [endpoint.0.to_string()],
+                           "conditions": {"ready": true},
+                           "nodeName": endpoint.1}],
+            "ports": slice_ports,
+        }),
+    ]
 }

@@ -106,6 +106,8 @@ pub struct PinnedMapReader {
     drops: aya::maps::Map,
     veths: aya::maps::Map,
     filled: Vec<(&'static str, aya::maps::Map)>,
+    /// The socket LB's counters (none pinned by an older build).
+    socket_lb: Option<aya::maps::Map>,
 }
 
 /// Opens the map `name` pinned in `pin_dir`.
@@ -140,7 +142,24 @@ impl PinnedMapReader {
                 .filter(|&&name| pin_dir.join(name).exists())
                 .map(|&name| Ok((name, open(name)?)))
                 .collect::<Result<_, DatapathError>>()?,
+            socket_lb: pin_dir
+                .join(names::MAP_SOCKET_LB_COUNTERS)
+                .exists()
+                .then(|| open(names::MAP_SOCKET_LB_COUNTERS))
+                .transpose()?,
         })
+    }
+
+    /// The socket LB's counters by name, summed over CPUs (empty when the
+    /// map is not pinned). They count whether or not the socket programs
+    /// are attached anywhere: zeros then.
+    pub fn socket_lb_counters(
+        &self,
+    ) -> Result<std::collections::BTreeMap<&'static str, u64>, DatapathError> {
+        self.socket_lb.as_ref().map_or_else(
+            || Ok(std::collections::BTreeMap::new()),
+            super::socket_lb::socket_lb_counters_of,
+        )
     }
 
     /// The verdict and drop counters, summed over CPUs.

@@ -176,8 +176,17 @@ pub fn socket_lb_counters(pin_dir: &Path) -> Result<BTreeMap<&'static str, u64>,
     let data =
         MapData::from_pin(pin_dir.join(name)).map_err(map_err(name, "opening the pinned map"))?;
     let map = aya::maps::Map::from_map_data(data).map_err(map_err(name, "reading its type"))?;
+    socket_lb_counters_of(&map)
+}
+
+/// [`socket_lb_counters`] of the counters map `map`, opened already (the
+/// metrics keep it open).
+pub fn socket_lb_counters_of(
+    map: &aya::maps::Map,
+) -> Result<BTreeMap<&'static str, u64>, DatapathError> {
+    let name = names::MAP_SOCKET_LB_COUNTERS;
     let array: PerCpuArray<_, u64> =
-        PerCpuArray::try_from(&map).map_err(map_err(name, "opening as per-CPU array"))?;
+        PerCpuArray::try_from(map).map_err(map_err(name, "opening as per-CPU array"))?;
     SocketLbCounter::ALL
         .iter()
         .map(|&counter| {

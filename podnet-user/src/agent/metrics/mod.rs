@@ -328,6 +328,10 @@ impl Collector for AgentCollector {
             Ok(counters) => encode_counters(&mut encoder, &counters)?,
             Err(e) => warn!(error = %e, "metrics: reading the datapath counters"),
         }
+        match attached.maps.socket_lb_counters() {
+            Ok(counters) => encode_socket_lb(&mut encoder, &counters)?,
+            Err(e) => warn!(error = %e, "metrics: reading the socket LB's counters"),
+        }
         if let Some(snapshot) = &snapshot {
             match attached.maps.endpoint_stats() {
                 Ok(stats) => encode_endpoints(&mut encoder, &snapshot.endpoints, &stats)?,
@@ -406,6 +410,23 @@ fn encode_counters(encoder: &mut DescriptorEncoder, c: &Counters) -> fmt::Result
         "Packets podnet's eBPF programs dropped, by reason (summed over CPUs).",
         None,
         c.drops.iter().map(|(&r, &n)| ([("reason", r)], n)),
+    )
+}
+
+/// The socket LB's counters (`podnetd --socket-lb-cgroup`), by name.
+fn encode_socket_lb(
+    encoder: &mut DescriptorEncoder,
+    counted: &std::collections::BTreeMap<&'static str, u64>,
+) -> fmt::Result {
+    if counted.is_empty() {
+        return Ok(());
+    }
+    counters(
+        encoder,
+        "socket_lb",
+        "What the socket LB's cgroup programs did (connect_translated, sendmsg_translated: a ClusterIP turned into a backend; no_backend: a call refused; recvmsg_reversed, peername_reversed: the ClusterIP shown again; reverse_not_recorded: the reverse map refused an entry), summed over CPUs.",
+        None,
+        counted.iter().map(|(&name, &n)| ([("counter", name)], n)),
     )
 }
 

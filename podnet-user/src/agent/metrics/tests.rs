@@ -110,8 +110,10 @@ fn datapath_and_agent_state_are_exposed_with_their_labels() {
         entries: 1,
         max_entries: 16_384,
     }];
+    let socket_lb = std::collections::BTreeMap::from([("connect_translated", 5_u64)]);
     let text = exposition(move |e| {
         encode_counters(e, &c)?;
+        encode_socket_lb(e, &socket_lb)?;
         encode_endpoints(e, std::slice::from_ref(&ep), &stats)?;
         encode_datastore(e, &datastore, Duration::from_secs(1_012))?;
         encode_fill(e, &fill)
@@ -121,6 +123,7 @@ fn datapath_and_agent_state_are_exposed_with_their_labels() {
         "# TYPE podnet_datapath_verdicts counter",
         "podnet_datapath_verdicts_total{verdict=\"redirect_peer\"} 42",
         "podnet_datapath_drops_total{reason=\"spoofed_source_ip\"} 7",
+        "podnet_socket_lb_total{counter=\"connect_translated\"} 5",
         "podnet_endpoint_sent_packets_total{pod_ip=\"10.244.0.5\",container_id=\"abc\",ifname=\"eth0\",network=\"podnet\",host_ifname=\"pn0123456789ab\"} 10",
         "# UNIT podnet_endpoint_sent_bytes bytes",
         "podnet_endpoint_sent_bytes_total{pod_ip=\"10.244.0.5\",container_id=\"abc\",ifname=\"eth0\",network=\"podnet\",host_ifname=\"pn0123456789ab\"} 980",
