@@ -11,8 +11,8 @@
 //! refused (this node's own aside); accepted records are inside the cluster
 //! CIDR, off this node's CIDR, pairwise apart (CIDR, name, node IP), with a
 //! node IP that is a unicast address outside the pod network; and each
-//! refused record that passed the per-record checks clashes with an
-//! accepted record that comes before it (the earlier holds).
+//! refused record that passed the per-record checks clashes with a record
+//! before it that passed them too (the earlier holds).
 #![no_main]
 
 use std::net::Ipv4Addr;
@@ -84,23 +84,33 @@ fn check(nodes: &[NodeRecord], own: Ipv4Net, cluster: Ipv4Net) {
             assert!(a.name != b.name && a.node_ip != b.node_ip, "{a:?} {b:?}");
         }
     }
-    // The earlier holds: a record refused for a clash clashes with an
-    // accepted one that comes before it in the datastore's order.
+    // The earlier holds: a record refused for a clash clashes with one
+    // that comes before it in the datastore's order and passed the
+    // per-record checks itself (accepted, or refused for a clash in turn:
+    // two records of one name are both refused when the first lost its
+    // CIDR to another). The last copy of the record is the one to place:
+    // of two identical records the first is accepted and the second
+    // refused.
+    let own_checks_fail = |r: &NodeRecord| {
+        !cluster.contains(&r.pod_cidr)
+            || overlap(r.pod_cidr, own)
+            || node_ip_problem(r.node_ip).is_some()
+            || cluster.contains(&r.node_ip)
+    };
     for (record, why) in &refused {
         let position = nodes
             .iter()
-            .position(|n| n == record)
+            .rposition(|n| n == record)
             .expect("from the input");
-        let clashes_earlier = accepted.iter().any(|a| {
-            nodes[..position].contains(a)
+        let clashes_earlier = nodes[..position].iter().any(|a| {
+            a.name != ME
+                && a.node_ip != my_ip
+                && !own_checks_fail(a)
                 && (a.name == record.name
                     || a.node_ip == record.node_ip
                     || overlap(a.pod_cidr, record.pod_cidr))
         });
-        let own_checks_fail = !cluster.contains(&record.pod_cidr)
-            || overlap(record.pod_cidr, own)
-            || node_ip_problem(record.node_ip).is_some()
-            || cluster.contains(&record.node_ip);
+        let own_checks_fail = own_checks_fail(record);
         assert!(clashes_earlier || own_checks_fail, "{record:?}: {why}");
     }
 }
