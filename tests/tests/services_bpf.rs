@@ -314,12 +314,7 @@ fn a_local_node_port_answers_only_where_its_backend_is(layout: &LabLayout, svc: 
     const LOCAL_NODE_PORT: u16 = 30_081;
     let backend_ip = svc.backends[0];
     let backend = backend_name(layout, backend_ip);
-    let backend_node = layout
-        .pods
-        .iter()
-        .find(|p| p.ip == backend_ip)
-        .map(|p| p.node.clone())
-        .expect("the backend's node");
+    let backend_node = node_of(layout, backend_ip);
     layout
         .apply_objects(&one_endpoint_service(
             "demo-local",
@@ -455,12 +450,7 @@ fn a_closed_node_port_is_refused_by_the_backends_icmp_error(layout: &LabLayout, 
     const CLOSED_NODE_PORT: u16 = 30_054;
     const CLOSED_TARGET_PORT: u16 = 5_999;
     let backend_ip = svc.backends[0];
-    let backend_node = layout
-        .pods
-        .iter()
-        .find(|p| p.ip == backend_ip)
-        .map(|p| p.node.clone())
-        .expect("the backend's node");
+    let backend_node = node_of(layout, backend_ip);
     layout
         .apply_objects(&one_endpoint_service(
             "demo-closed",
@@ -576,4 +566,14 @@ fn one_endpoint_service(
             "ports": slice_ports,
         }),
     ]
+}
+
+/// The name of the node the pod with `ip` runs on.
+fn node_of(layout: &LabLayout, ip: std::net::Ipv4Addr) -> String {
+    layout
+        .pods
+        .iter()
+        .find(|p| p.ip == ip)
+        .map(|p| p.node.clone())
+        .expect("the pod's node")
 }
