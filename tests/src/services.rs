@@ -11,6 +11,7 @@ mod backends;
 mod clients;
 mod rules;
 pub mod scale;
+mod sessions;
 
 use std::net::Ipv4Addr;
 
@@ -28,6 +29,7 @@ pub use rules::{
     apply_kube_proxy_iptables, apply_nft, feed, kube_proxy_iptables, nft_dnat, nft_remove,
     remove_kube_proxy_iptables, remove_nft,
 };
+pub use sessions::ServiceSessions;
 
 /// The namespace the demo Service lives in (part of kube-proxy's chain
 /// hashes and comments).

@@ -9,7 +9,7 @@
 //! from the backend's own address and are dropped.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::{Ipv4Addr, SocketAddrV4},
     time::Duration,
 };
@@ -19,7 +19,7 @@ use podnet_tests::{
     lab::{self, LabDatastore, LabGuard, LabLayout, LabNode, LabPod, ServiceKind},
     privileged,
     services::{
-        self, QUERY_TIMEOUT, ServiceSpec, TRIES, backend_name, backend_names,
+        self, QUERY_TIMEOUT, ServiceSessions, ServiceSpec, backend_name, backend_names,
         clients_reach_the_service, query_all, wait_for_the_service,
     },
     traffic,
@@ -314,50 +314,21 @@ fn service_connections_survive_agent_restarts(tag: &str, kind: ServiceKind) {
         .expect("lab up with the demo Service");
     let svc = service(&lab.layout);
     let client = pod(&lab.layout, "node1-pod2").clone();
-    let addr = SocketAddrV4::new(svc.cluster_ip, svc.tcp_port);
-    wait_for_the_service(&client.netns, addr);
-    // One session to each backend (the Service picks at random).
-    let mut sessions = BTreeMap::new();
-    for _ in 0..TRIES {
-        let session = services::tcp_session(&client.netns, addr).expect("session");
-        sessions.entry(session.backend.clone()).or_insert(session);
-        if sessions.len() == 2 {
-            break;
-        }
-    }
-    assert_eq!(sessions.len(), 2, "sessions to both backends");
-    let udp = services::udp_session(
+    wait_for_the_service(
         &client.netns,
-        SocketAddrV4::new(svc.cluster_ip, svc.udp_port),
-    )
-    .expect("UDP flow");
-    let udp_backend = udp.ask().expect("the UDP flow's first answer");
+        SocketAddrV4::new(svc.cluster_ip, svc.tcp_port),
+    );
+    let mut sessions = ServiceSessions::to_cluster_ip(&lab.layout, &client.name).expect("sessions");
     for round in 0..3 {
         for name in ["node1", "node2"] {
             lab.layout.stop_agent(name).expect("stop agent");
-            for (backend, s) in &mut sessions {
-                s.echo(format!("agent of {name} down, round {round}").as_bytes())
-                    .unwrap_or_else(|e| {
-                        panic!("session to {backend} with {name}'s agent down: {e:#}")
-                    });
-            }
-            assert_eq!(
-                udp.ask().expect("UDP with an agent down"),
-                udp_backend,
-                "the UDP flow kept its backend with {name}'s agent down"
-            );
+            sessions
+                .check(&format!("with {name}'s agent down, round {round}"))
+                .unwrap_or_else(|e| panic!("{e:#}"));
             lab.layout.start_agent(name).expect("start agent");
-            for (backend, s) in &mut sessions {
-                s.echo(format!("agent of {name} back, round {round}").as_bytes())
-                    .unwrap_or_else(|e| {
-                        panic!("session to {backend} after {name}'s restart: {e:#}")
-                    });
-            }
-            assert_eq!(
-                udp.ask().expect("UDP after a restart"),
-                udp_backend,
-                "the UDP flow kept its backend after {name}'s restart"
-            );
+            sessions
+                .check(&format!("after {name}'s restart, round {round}"))
+                .unwrap_or_else(|e| panic!("{e:#}"));
         }
     }
 }

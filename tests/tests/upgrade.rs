@@ -7,20 +7,39 @@
 //! ping is answered; the counters carry on (a counter that nothing moves
 //! during the upgrade reads the same, not reset, before and after); the old
 //! CNI plugin keeps working against the new agent.
+//!
+//! The same for Services translated in the datapath (`--services bpf`):
+//! from [`SERVICES_UPGRADE_FROM`] (one verdict counter fewer, so the
+//! counters' map is migrated) to this build, with long-lived TCP sessions
+//! and UDP flows through a ClusterIP (from a pod) and through a NodePort
+//! (from a host outside the cluster): none breaks and none moves to
+//! another backend, because the connection table and the Service maps are
+//! pinned and kept, and the new agent rewrites the Service maps
+//! make-before-break.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
 
 use podnet::api::{AgentStatus, Client, Request};
 use podnet_common::{DropReason, Verdict, names};
 use podnet_tests::{
     bins, counters,
-    lab::{LabDatastore, LabGuard, LabLayout, LabNode},
-    privileged, spoof,
+    lab::{LabDatastore, LabGuard, LabLayout, LabNode, LabOptions, ServiceKind},
+    privileged,
+    services::{self, ServiceSessions},
+    spoof,
     traffic::LabFloods,
 };
 
 /// The last commit before the node config's layout changed.
 const UPGRADE_FROM: &str = "9c8e0d45577159ea087a06fb6ef509c98d7273cf";
+/// A build that translates Services in the datapath (ClusterIPs and
+/// NodePorts), before the hairpin verdict grew the verdict counters from
+/// 19 to [`Verdict::COUNT`].
+const SERVICES_UPGRADE_FROM: &str = "9b98510e2c280692668a9b336c12dfe725ae7ef7";
+const SERVICES_UPGRADE_FROM_VERDICTS: u32 = 19;
 const PINGS: u32 = 3_000;
 /// Forged frames each node drops before the upgrade: a counter that
 /// nothing else moves while the agents are replaced.
@@ -190,4 +209,95 @@ fn an_upgrade_with_a_map_layout_change_loses_no_packet_direct() {
         return;
     }
     upgrade_loses_nothing("direct");
+}
+
+/// Long-lived Service connections across an upgrade: the lab runs
+/// [`SERVICES_UPGRADE_FROM`] with `--services bpf`, a pod holds a TCP
+/// session to each backend and a UDP flow through the ClusterIP, the
+/// fabric host the same through node1's NodePorts (one backend on node1,
+/// one SNATed to node2), and every agent is replaced by this build's.
+fn service_connections_survive_an_upgrade(mode: &str) {
+    let old = bins::build_at_commit(SERVICES_UPGRADE_FROM).expect("build the old commit");
+    let options = LabOptions {
+        service: Some(ServiceKind::Datapath),
+        bin_dir: Some(old),
+        ..LabOptions::default()
+    };
+    let mut lab = LabGuard::up_with(
+        &format!("us{}", &mode[..1]),
+        2,
+        2,
+        mode,
+        LabDatastore::File,
+        options,
+    )
+    .expect("lab up on the old build with Services in the datapath");
+    let verdicts_pin = |node: &LabNode| node.bpffs_dir.join(names::MAP_VERDICTS);
+    for node in &lab.layout.nodes {
+        let info = aya::maps::MapInfo::from_pin(verdicts_pin(node)).expect("verdicts pin");
+        assert_eq!(
+            info.max_entries(),
+            SERVICES_UPGRADE_FROM_VERDICTS,
+            "the old build's verdict counters"
+        );
+    }
+    let svc = lab.layout.service.clone().expect("the demo Service");
+    let client = lab.layout.pod("node1-pod2").expect("client pod").clone();
+    services::wait_for_the_service(
+        &client.netns,
+        SocketAddrV4::new(svc.cluster_ip, svc.tcp_port),
+    );
+    let mut through_cluster_ip =
+        ServiceSessions::to_cluster_ip(&lab.layout, &client.name).expect("ClusterIP sessions");
+    let mut through_node_port =
+        ServiceSessions::to_node_port(&lab.layout, "node1").expect("NodePort sessions");
+    let mut check = |when: &str| {
+        for (what, sessions) in [
+            ("ClusterIP", &mut through_cluster_ip),
+            ("NodePort", &mut through_node_port),
+        ] {
+            sessions
+                .check(when)
+                .unwrap_or_else(|e| panic!("{mode} {what}: {e:#}"));
+        }
+    };
+    check("before the upgrade");
+
+    lab.layout.bin_dir = None;
+    for node in ["node1", "node2"] {
+        lab.layout.stop_agent(node).expect("stop the old agent");
+        check(&format!("with {node}'s old agent stopped"));
+        lab.layout.start_agent(node).expect("start the new agent");
+        check(&format!("after {node}'s upgrade"));
+    }
+    for node in &lab.layout.nodes {
+        let info = aya::maps::MapInfo::from_pin(verdicts_pin(node)).expect("verdicts pin");
+        assert_eq!(
+            info.max_entries(),
+            Verdict::COUNT,
+            "{}: the verdict counters migrated to this build's",
+            node.name
+        );
+    }
+    // New connections after the upgrade reach every backend again.
+    ServiceSessions::to_cluster_ip(&lab.layout, &client.name)
+        .unwrap_or_else(|e| panic!("{mode}: new ClusterIP sessions after the upgrade: {e:#}"));
+    ServiceSessions::to_node_port(&lab.layout, "node2")
+        .unwrap_or_else(|e| panic!("{mode}: new NodePort sessions after the upgrade: {e:#}"));
+}
+
+#[test]
+fn service_connections_survive_an_upgrade_vxlan() {
+    if !privileged("service_connections_survive_an_upgrade_vxlan") {
+        return;
+    }
+    service_connections_survive_an_upgrade("vxlan");
+}
+
+#[test]
+fn service_connections_survive_an_upgrade_direct() {
+    if !privileged("service_connections_survive_an_upgrade_direct") {
+        return;
+    }
+    service_connections_survive_an_upgrade("direct");
 }
