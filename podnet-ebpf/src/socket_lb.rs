@@ -87,20 +87,26 @@ fn protocol(ctx: &SockAddrContext) -> u32 {
     unsafe { read_volatile(addr_of!((*ctx.sock_addr).protocol)) }
 }
 
-/// connect4 / sendmsg4: a destination that is a ClusterIP frontend goes to
-/// a backend picked from its slots, and the socket remembers the frontend
-/// for `recvmsg` / `getpeername`; `counter` counts the translation. A
-/// frontend without backends refuses the syscall with `ECONNREFUSED`.
-/// Anything else goes on untouched.
+/// connect4 / sendmsg4: a destination that is a ClusterIP frontend, or a
+/// NodePort of this node's address, goes to a backend picked from its
+/// slots, and the socket remembers the frontend for `recvmsg` /
+/// `getpeername`; `counter` counts the translation. A frontend without
+/// backends refuses the syscall with `ECONNREFUSED`. Anything else goes on
+/// untouched.
 #[inline(always)]
 pub fn to_backend(ctx: &SockAddrContext, counter: SocketLbCounter) -> i32 {
     let (address, port) = user_address(ctx);
     let Some(config) = CONFIG.get(0) else {
         return SOCK_ALLOW;
     };
-    // NodePorts (the node's address) stay with the per-packet path, and
-    // nothing is translated while kube-proxy has the Services.
-    if config.flags & NODE_F_SERVICES_BPF == 0 || !config.in_service_cidr(address) {
+    // Nothing is translated while kube-proxy has the Services. Besides
+    // ClusterIPs, this node's own NodePorts: a connection from the node
+    // itself (a hostNetwork pod) to its own address is delivered through
+    // `lo` and never crosses a TC hook of podnet's, so only the socket can
+    // translate it (NodePort frontends are keyed by the node's address).
+    if config.flags & NODE_F_SERVICES_BPF == 0
+        || !(config.in_service_cidr(address) || address == config.node_ip)
+    {
         return SOCK_ALLOW;
     }
     let protocol = protocol(ctx);

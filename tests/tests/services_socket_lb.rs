@@ -9,7 +9,9 @@
 //! names the ClusterIP; a Service without backends refuses the connect
 //! (`ECONNREFUSED`) and the datagram; and the per-packet translation
 //! counter does not move meanwhile: the socket did it. A client outside
-//! the cgroup still gets the per-packet translation.
+//! the cgroup still gets the per-packet translation. A process of the
+//! node itself in the cgroup (a hostNetwork pod) reaches the ClusterIP and
+//! its own node's NodePorts, which nothing else in podnet translates.
 
 use std::{
     collections::BTreeSet,
@@ -254,6 +256,47 @@ fn the_socket_translated(layout: &LabLayout, before: &Before, clients: usize) {
     );
 }
 
+/// A process of the node itself (a hostNetwork pod: the node's netns, its
+/// node's cgroup) reaches the ClusterIP and its own node's NodePorts, TCP
+/// and UDP, and both backends answer: its connections are delivered
+/// through `lo` or routed by the node and never cross a TC hook of
+/// podnet's, so the socket is the only place that translates them.
+fn the_node_itself_reaches_cluster_ips_and_its_node_ports(
+    layout: &LabLayout,
+    cgroups: &[(String, NodeCgroup)],
+    svc: &ServiceSpec,
+) {
+    let backends = backend_names(layout, svc);
+    for node in &layout.nodes {
+        let cgroup = cgroup_of(cgroups, &node.name);
+        for (proto, frontend) in [
+            ("tcp", SocketAddrV4::new(svc.cluster_ip, svc.tcp_port)),
+            ("udp", SocketAddrV4::new(svc.cluster_ip, svc.udp_port)),
+            ("tcp", SocketAddrV4::new(node.node_ip, svc.node_port)),
+            ("udp", SocketAddrV4::new(node.node_ip, svc.udp_node_port)),
+        ] {
+            let what = format!("{} itself, {proto} to {frontend}", node.name);
+            let answers =
+                probe_in(cgroup, &node.netns, proto, frontend, TRIES).expect("the probes");
+            let mut answered = BTreeSet::new();
+            for answer in &answers {
+                let backend = answer
+                    .backend
+                    .clone()
+                    .unwrap_or_else(|| panic!("{what}: a query failed: {answer:?}"));
+                assert_eq!(
+                    answer.peer,
+                    Some(frontend),
+                    "{what}: the socket names the frontend: {answer:?}"
+                );
+                answered.insert(backend);
+            }
+            assert_eq!(answers.len(), TRIES, "{what}: every query printed");
+            assert_eq!(answered, backends, "{what}: both backends");
+        }
+    }
+}
+
 /// A client outside the cgroups (a thread of this test in the pod's
 /// netns) still has its connection translated per packet.
 fn an_outsider_is_translated_per_packet(layout: &LabLayout, client: &LabPod, svc: &ServiceSpec) {
@@ -349,6 +392,7 @@ fn cluster_ips_translated_at_the_socket() {
     let before = Before::read(layout);
     clients_in_the_cgroups(layout, &cgroups, &clients, &svc);
     the_socket_translated(layout, &before, clients.len());
+    the_node_itself_reaches_cluster_ips_and_its_node_ports(layout, &cgroups, &svc);
     an_outsider_is_translated_per_packet(layout, clients[0], &svc);
     a_restart_replaces_the_links(&mut lab.layout, &cgroups[0], &svc);
 
