@@ -11,9 +11,13 @@
 //! [`SocketReverseKey`] (the socket's cookie, the backend) ->
 //! [`SocketFrontend`], as Cilium's `cilium_lb4_reverse_sk`.
 //!
-//! Only frontends in the Service CIDR are translated here (NodePorts stay
+//! Only frontends in the Service CIDR and NodePorts of the node's own
+//! address are translated here (the latter for the node's own processes,
+//! whose connections to it cross no TC hook; other nodes' NodePorts stay
 //! with the per-packet path), and only while Services are the datapath's
 //! (`NODE_F_SERVICES_BPF`).
+
+use crate::counters::counter_index;
 
 /// Key of the socket LB's reverse LRU: a translated socket and the backend
 /// it was sent to.
@@ -48,65 +52,31 @@ pub struct SocketFrontend {
 
 const _: () = assert!(core::mem::size_of::<SocketFrontend>() == 8);
 
-/// What the socket programs did; index into their own per-CPU counters
-/// (not the packet verdicts: a socket operation is no packet). Stable
-/// numbering: append, never renumber.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum SocketLbCounter {
-    /// A `connect` (TCP, UDP) to a frontend, sent to the backend picked.
-    ConnectTranslated = 0,
-    /// An unconnected UDP datagram to a frontend, sent to the backend
-    /// picked (one pick per datagram).
-    SendmsgTranslated = 1,
-    /// A `connect` or datagram to a frontend without backends, refused
-    /// with `ECONNREFUSED` (the per-packet path drops these as
-    /// `service_no_backend`, kube-proxy rejects them).
-    NoBackend = 2,
-    /// A UDP datagram from a backend whose source was made the frontend
-    /// the socket sent to again (`recvmsg`).
-    RecvmsgReversed = 3,
-    /// A `getpeername` of a translated socket that answered the frontend.
-    PeernameReversed = 4,
-    /// A translated socket whose reverse entry could not be written (the
-    /// kernel refused the LRU update): its owner sees the backend's
-    /// address in `recvmsg` / `getpeername`.
-    ReverseNotRecorded = 5,
-}
-
-impl SocketLbCounter {
-    pub const COUNT: u32 = 6;
-    pub const ALL: [SocketLbCounter; Self::COUNT as usize] = [
-        Self::ConnectTranslated,
-        Self::SendmsgTranslated,
-        Self::NoBackend,
-        Self::RecvmsgReversed,
-        Self::PeernameReversed,
-        Self::ReverseNotRecorded,
-    ];
-
-    #[must_use]
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::ConnectTranslated => "connect_translated",
-            Self::SendmsgTranslated => "sendmsg_translated",
-            Self::NoBackend => "no_backend",
-            Self::RecvmsgReversed => "recvmsg_reversed",
-            Self::PeernameReversed => "peername_reversed",
-            Self::ReverseNotRecorded => "reverse_not_recorded",
-        }
+counter_index! {
+    /// What the socket programs did; index into their own per-CPU counters
+    /// (not the packet verdicts: a socket operation is no packet). Stable
+    /// numbering: append, never renumber.
+    pub enum SocketLbCounter {
+        /// A `connect` (TCP, UDP) to a frontend, sent to the backend picked.
+        ConnectTranslated = 0 => "connect_translated",
+        /// An unconnected UDP datagram to a frontend, sent to the backend
+        /// picked (one pick per datagram).
+        SendmsgTranslated = 1 => "sendmsg_translated",
+        /// A `connect` or datagram to a frontend without backends, refused
+        /// with `ECONNREFUSED` (the per-packet path drops these as
+        /// `service_no_backend`, kube-proxy rejects them).
+        NoBackend = 2 => "no_backend",
+        /// A UDP datagram from a backend whose source was made the frontend
+        /// the socket sent to again (`recvmsg`).
+        RecvmsgReversed = 3 => "recvmsg_reversed",
+        /// A `getpeername` of a translated socket that answered the frontend.
+        PeernameReversed = 4 => "peername_reversed",
+        /// A translated socket whose reverse entry could not be written (the
+        /// kernel refused the LRU update): its owner sees the backend's
+        /// address in `recvmsg` / `getpeername`.
+        ReverseNotRecorded = 5 => "reverse_not_recorded",
     }
 }
-
-// ALL lists the variants in index order (userspace reads counter i as
-// ALL[i]); a misordered list fails to compile here.
-const _: () = {
-    let mut i = 0;
-    while i < SocketLbCounter::ALL.len() {
-        assert!(SocketLbCounter::ALL[i] as usize == i);
-        i += 1;
-    }
-};
 
 /// The client identity a socket's `sessionAffinity: ClientIP` is keyed by
 /// in the affinity LRU ([`crate::AffinityKey::client`]): the per-packet

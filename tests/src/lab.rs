@@ -14,14 +14,16 @@
 mod checks;
 mod etcd;
 mod guard;
+mod matrix;
 mod model;
 mod objects;
 mod processes;
 mod render;
 mod up;
 
-pub use checks::{Probe, check, ping};
+pub use checks::{Probe, check, check_plan, ping};
 pub use guard::{LabGuard, LabOptions};
+pub use matrix::{CheckPlan, FULL_MATRIX_MAX_PROBES};
 pub use model::{
     DEFAULT_RUN_DIR, FABRIC_HOST, LabDatastore, LabEtcdMember, LabLayout, LabNode, LabPod,
     LabServer, LabSpec, ServiceKind,

@@ -256,6 +256,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Check => {
             let layout = LabLayout::load(&cli.run_dir)?;
             anyhow::ensure!(!layout.pods.is_empty(), "the lab has no pods to check");
+            println!("lab check: {}", lab::check_plan(&layout).describe());
             let probes = lab::check(&layout)?;
             print!("{}", lab::render(&probes));
             if probes.iter().any(|p| !p.ok) {

@@ -10,7 +10,10 @@ use std::{
 
 use serde::Serialize;
 
-use super::model::{FABRIC_HOST, LabLayout, ServiceKind};
+use super::{
+    matrix::CheckPlan,
+    model::{FABRIC_HOST, LabLayout, ServiceKind},
+};
 use crate::{
     netns::{command_in, run_in, spawn_in},
     services::{self, ServiceSpec},
@@ -43,46 +46,14 @@ pub fn ping(netns: &str, target: Ipv4Addr) -> bool {
     once() || once()
 }
 
-/// Full connectivity check: pod <-> pod, pod -> node, node -> pod, pod ->
+/// Full connectivity check: pod <-> pod, pod -> node, node -> pod (every
+/// pair in a small lab, a stated sample in a large one: [`check_plan`];
+/// the pings run in parallel), pod ->
 /// the fabric host with the source masqueraded to the pod's node IP, and,
 /// when the lab has the demo Service, pod -> Service (TCP, UDP) and the
 /// fabric host -> every node's NodePort.
 pub fn check(layout: &LabLayout) -> anyhow::Result<Vec<Probe>> {
-    let mut probes = Vec::new();
-    for a in &layout.pods {
-        for b in &layout.pods {
-            if a.name != b.name {
-                let kind = if a.node == b.node {
-                    "pod->pod same node"
-                } else {
-                    "pod->pod cross node"
-                };
-                probes.push(Probe {
-                    from: a.name.clone(),
-                    to: b.name.clone(),
-                    kind,
-                    ok: ping(&a.netns, b.ip),
-                    detail: b.ip.to_string(),
-                });
-            }
-        }
-        for n in &layout.nodes {
-            probes.push(Probe {
-                from: a.name.clone(),
-                to: n.name.clone(),
-                kind: "pod->node",
-                ok: ping(&a.netns, n.node_ip),
-                detail: n.node_ip.to_string(),
-            });
-            probes.push(Probe {
-                from: n.name.clone(),
-                to: a.name.clone(),
-                kind: "node->pod",
-                ok: ping(&n.netns, a.ip),
-                detail: a.ip.to_string(),
-            });
-        }
-    }
+    let mut probes = matrix_probes(layout, &check_plan(layout));
     // Egress: a TCP listener on the fabric host sees who connects.
     let port = 17_000;
     let fabric = layout.fabric_netns.clone();
@@ -148,6 +119,96 @@ pub fn check(layout: &LabLayout) -> anyhow::Result<Vec<Probe>> {
     }
     probes.extend(consistency_probes(layout));
     Ok(probes)
+}
+
+/// The pod and node paths [`check`] probes in `layout` (all of them in a
+/// small lab, a stated sample in a large one).
+#[must_use]
+pub fn check_plan(layout: &LabLayout) -> CheckPlan {
+    let pod_nodes: Vec<usize> = layout
+        .pods
+        .iter()
+        .map(|p| {
+            layout
+                .nodes
+                .iter()
+                .position(|n| n.name == p.node)
+                .unwrap_or(usize::MAX)
+        })
+        .collect();
+    CheckPlan::new(&pod_nodes, layout.nodes.len())
+}
+
+/// Pings in flight at once: each is a process mostly waiting for its
+/// echo, so more than the machine's cores.
+const PARALLEL_PINGS: usize = 16;
+
+/// The plan's pod and node probes, [`PARALLEL_PINGS`] at a time, in the
+/// plan's order.
+fn matrix_probes(layout: &LabLayout, plan: &CheckPlan) -> Vec<Probe> {
+    let (pods, nodes) = (&layout.pods, &layout.nodes);
+    let mut cells: Vec<(&str, Probe, Ipv4Addr)> = Vec::with_capacity(plan.probes());
+    let cell = |from: &str, to: &str, kind: &'static str, target: Ipv4Addr| Probe {
+        from: from.to_owned(),
+        to: to.to_owned(),
+        kind,
+        ok: false,
+        detail: target.to_string(),
+    };
+    for &(a, b) in &plan.pod_pairs {
+        let (Some(a), Some(b)) = (pods.get(a), pods.get(b)) else {
+            continue;
+        };
+        let kind = if a.node == b.node {
+            "pod->pod same node"
+        } else {
+            "pod->pod cross node"
+        };
+        cells.push((&a.netns, cell(&a.name, &b.name, kind, b.ip), b.ip));
+    }
+    for &(p, n) in &plan.pod_to_node {
+        let (Some(p), Some(n)) = (pods.get(p), nodes.get(n)) else {
+            continue;
+        };
+        cells.push((
+            &p.netns,
+            cell(&p.name, &n.name, "pod->node", n.node_ip),
+            n.node_ip,
+        ));
+    }
+    for &(n, p) in &plan.node_to_pod {
+        let (Some(n), Some(p)) = (nodes.get(n), pods.get(p)) else {
+            continue;
+        };
+        cells.push((&n.netns, cell(&n.name, &p.name, "node->pod", p.ip), p.ip));
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(vec![None; cells.len()]);
+    std::thread::scope(|scope| {
+        for _ in 0..PARALLEL_PINGS.min(cells.len()) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((netns, _, target)) = cells.get(i) else {
+                        break;
+                    };
+                    let ok = ping(netns, *target);
+                    if let Ok(mut done) = done.lock() {
+                        done[i] = Some(ok);
+                    }
+                }
+            });
+        }
+    });
+    let done = done.into_inner().unwrap_or_default();
+    cells
+        .into_iter()
+        .zip(done)
+        .map(|((_, mut probe, _), ok)| {
+            probe.ok = ok == Some(true);
+            probe
+        })
+        .collect()
 }
 
 /// Per node: the agent's state against the kernel's (`podnetctl nodes
