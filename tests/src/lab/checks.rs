@@ -221,7 +221,7 @@ fn matrix_probes(layout: &LabLayout, plan: &CheckPlan) -> Vec<Probe> {
             probe.ok = ok == Some(true);
             // A miss among many pings in flight on a loaded 2-core machine
             // is asked again alone (a 40-node lab's first parallel check
-            // missed 5 % of its paths, every one of which answered when
+            // missed 9 % of its paths; those tried again answered when
             // pinged alone); a broken path misses again.
             if !probe.ok && confirmations < MAX_CONFIRMATIONS {
                 confirmations += 1;
