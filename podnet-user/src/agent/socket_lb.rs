@@ -21,7 +21,7 @@ impl Agent {
                 .with_context(|| {
                     format!("attaching the socket LB to cgroup {}", cgroup.display())
                 })?;
-            info!(cgroup = %cgroup.display(), "socket LB attached: ClusterIP connections of the cgroup's processes are translated at connect");
+            info!(cgroup = %cgroup.display(), "socket LB attached: the cgroup's connections to ClusterIPs and to this node's NodePorts are translated at connect");
         } else {
             let removed = detach_socket_lb(&pins).context("detaching the socket LB")?;
             if removed > 0 {
