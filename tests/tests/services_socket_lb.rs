@@ -104,10 +104,12 @@ fn wait_for_the_empty_frontend(cgroup: &NodeCgroup, netns: &str) -> ProbeAnswer 
     }
 }
 
+/// Every query answered by a backend, the socket naming `frontend`, and
+/// the backend seeing `client` when given; the backends that answered.
 fn check_answers(
     answers: &[ProbeAnswer],
     frontend: SocketAddrV4,
-    client: Ipv4Addr,
+    client: Option<Ipv4Addr>,
     what: &str,
 ) -> BTreeSet<String> {
     assert_eq!(answers.len(), TRIES, "{what}: every query printed");
@@ -117,11 +119,13 @@ fn check_answers(
             .backend
             .clone()
             .unwrap_or_else(|| panic!("{what}: a query failed: {answer:?}"));
-        assert_eq!(
-            answer.seen_as.map(|a| *a.ip()),
-            Some(client),
-            "{what}: the backend saw the client's own address: {answer:?}"
-        );
+        if let Some(client) = client {
+            assert_eq!(
+                answer.seen_as.map(|a| *a.ip()),
+                Some(client),
+                "{what}: the backend saw the client's own address: {answer:?}"
+            );
+        }
         assert_eq!(
             answer.peer,
             Some(frontend),
@@ -207,7 +211,7 @@ fn clients_in_the_cgroups(
             let what = format!("{} {proto}", client.name);
             let answers =
                 probe_in(cgroup, &client.netns, proto, frontend, TRIES).expect("the probes");
-            let answered = check_answers(&answers, frontend, client.ip, &what);
+            let answered = check_answers(&answers, frontend, Some(client.ip), &what);
             assert_eq!(answered, backends, "{what}: both backends");
         }
         for (proto, port) in [("tcp", 80), ("udp", 53)] {
@@ -278,20 +282,9 @@ fn the_node_itself_reaches_cluster_ips_and_its_node_ports(
             let what = format!("{} itself, {proto} to {frontend}", node.name);
             let answers =
                 probe_in(cgroup, &node.netns, proto, frontend, TRIES).expect("the probes");
-            let mut answered = BTreeSet::new();
-            for answer in &answers {
-                let backend = answer
-                    .backend
-                    .clone()
-                    .unwrap_or_else(|| panic!("{what}: a query failed: {answer:?}"));
-                assert_eq!(
-                    answer.peer,
-                    Some(frontend),
-                    "{what}: the socket names the frontend: {answer:?}"
-                );
-                answered.insert(backend);
-            }
-            assert_eq!(answers.len(), TRIES, "{what}: every query printed");
+            // Which of the node's addresses the backend sees is the
+            // node's routing's choice: not checked.
+            let answered = check_answers(&answers, frontend, None, &what);
             assert_eq!(answered, backends, "{what}: both backends");
         }
     }
