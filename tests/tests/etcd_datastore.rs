@@ -634,3 +634,70 @@ fn on_a_tls_lab_a_record_written_later_does_not_take_a_nodes_pods() {
     );
     assert_eq!(pings(), 5, "node1's pod still reaches node2's");
 }
+
+/// The membership follow loop's watch (and read) cover membership only: a
+/// cluster of pods writes endpoint records and Pod objects at the pods'
+/// rate, and before, every such write woke every agent's loop to read all
+/// of `/podnet/` again (records included) — at 5,000 nodes x 30 pods,
+/// 150,000 records per read, per agent, per change. A node joining still
+/// wakes it at once.
+#[test]
+fn pod_records_do_not_wake_the_membership_follow_loop() {
+    if !privileged("pod_records_do_not_wake_the_membership_follow_loop") {
+        return;
+    }
+    let lab = LabGuard::up("mwt", 0, 0, "vxlan", LabDatastore::Etcd).expect("lab up");
+    let endpoints = lab.layout.etcd_endpoints();
+    let fabric = lab.layout.fabric_netns.clone();
+    lab::on_netns_thread(&fabric, move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let mut store = connect(&endpoints).await;
+            observer(&mut store).await;
+            let before = store.snapshot().await.expect("snapshot");
+            let mut writer = store.client();
+            for i in 0..50 {
+                writer
+                    .put(
+                        format!("/podnet/endpoints/observer/default/pod-{i}"),
+                        format!(r#"{{"node":"observer","namespace":"default","name":"pod-{i}","ip":"10.244.0.{}"}}"#, i + 2),
+                        None,
+                    )
+                    .await
+                    .expect("endpoint record");
+                writer
+                    .put(format!("/podnet/cluster/pods/default/pod-{i}"), "{}", None)
+                    .await
+                    .expect("pod object");
+            }
+            let mut watcher = connect(&endpoints).await;
+            let woke = tokio::time::timeout(
+                Duration::from_millis(1500),
+                watcher.wait_change(before.revision),
+            )
+            .await;
+            assert!(
+                woke.is_err(),
+                "100 pod writes woke the membership watch: {woke:?}"
+            );
+            let after = store.snapshot().await.expect("snapshot");
+            assert_eq!(after.live.len(), 1, "one node: {after:?}");
+            let watching = tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                watcher.wait_change(after.revision).await.map(|()| started.elapsed())
+            });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            store.join(&request("late", 7)).await.expect("join");
+            let took = tokio::time::timeout(Duration::from_secs(5), watching)
+                .await
+                .expect("a node join wakes the watch")
+                .expect("task")
+                .expect("watch");
+            eprintln!("FIGURE membership watch: 100 pod writes ignored; a join woke it after {took:?}");
+        });
+    })
+    .expect("fabric thread");
+}

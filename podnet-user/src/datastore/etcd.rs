@@ -68,6 +68,13 @@ const MEMBERS: &str = "/podnet/members/";
 const GONE: &str = "/podnet/gone/";
 const HELD: &str = "/podnet/held/";
 
+/// The key ranges ([start, end)) that hold membership, which the agents'
+/// follow loop reads and watches: the legacy claim keys, and `gone/`,
+/// `held/`, `members/` and `nodes/` (adjacent in key order; `nodes0` is
+/// the first key past `nodes/`). Not the cluster objects and endpoint
+/// records that also live under [`PREFIX`].
+const MEMBERSHIP_RANGES: [(&str, &str); 2] = [(CIDRS, "/podnet/cidrs0"), (GONE, "/podnet/nodes0")];
+
 fn cidr_key(cidr: Ipv4Net) -> String {
     format!("{CIDRS}{}_{}", cidr.network(), cidr.prefix_len())
 }
@@ -940,9 +947,22 @@ impl EtcdDatastore {
     async fn read(
         &mut self,
     ) -> Result<(Snapshot, BTreeMap<(String, Ipv4Net), i64>), DatastoreError> {
+        // The membership ranges only, in one transaction (one revision):
+        // the cluster objects and endpoint records beside them under
+        // `/podnet/` grow with the pods (150,000 records at 5,000 nodes),
+        // and every agent reads this after every change (BENCHMARKS.md,
+        // "Cluster scale").
+        let txn = Txn::new().and_then(
+            MEMBERSHIP_RANGES
+                .iter()
+                .map(|(start, end)| {
+                    TxnOp::get(*start, Some(GetOptions::new().with_range(end.as_bytes())))
+                })
+                .collect::<Vec<_>>(),
+        );
         let response = self
             .client
-            .get(PREFIX, Some(GetOptions::new().with_prefix()))
+            .txn(txn)
             .await
             .map_err(self.err("reading the cluster"))?;
         let mut snapshot = Snapshot {
@@ -953,7 +973,11 @@ impl EtcdDatastore {
         };
         let mut held: BTreeMap<(String, Ipv4Net), i64> = BTreeMap::new();
         let mut legacy: BTreeMap<Ipv4Net, (String, i64)> = BTreeMap::new();
-        for kv in response.kvs() {
+        let kvs = response.op_responses().into_iter().flat_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(get) => get.kvs().to_vec(),
+            _ => Vec::new(),
+        });
+        for kv in kvs {
             let Ok(key) = kv.key_str() else {
                 snapshot
                     .invalid
@@ -1138,19 +1162,32 @@ impl EtcdDatastore {
         Ok(self.release(&release).await?.then_some(release))
     }
 
-    /// Waits for the next change under `/podnet/` after `revision`.
+    /// Waits for the next change of membership ([`MEMBERSHIP_RANGES`])
+    /// after `revision`. Changes of cluster objects and endpoint records
+    /// do not wake it: pod churn would make every agent read the
+    /// membership again at the pods' rate.
     pub async fn wait_change(&mut self, revision: i64) -> Result<(), DatastoreError> {
         let action = "watching the cluster";
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1);
-        let mut stream = self
-            .client
-            .watch(PREFIX, Some(options))
-            .await
-            .map_err(self.err(action))?;
+        let mut streams = Vec::with_capacity(MEMBERSHIP_RANGES.len());
+        for (start, end) in MEMBERSHIP_RANGES {
+            let options = WatchOptions::new()
+                .with_range(end)
+                .with_start_revision(revision + 1);
+            let stream = self
+                .client
+                .watch(start, Some(options))
+                .await
+                .map_err(self.err(action))?;
+            streams.push(stream);
+        }
+        let [mut claims, mut rest] = <[_; 2]>::try_from(streams)
+            .map_err(|_| self.protocol(action, "one watch per range"))?;
         loop {
-            match stream.message().await.map_err(self.err(action))? {
+            let message = tokio::select! {
+                m = claims.message() => m,
+                m = rest.message() => m,
+            };
+            match message.map_err(self.err(action))? {
                 Some(response) if response.canceled() => {
                     return Err(self.protocol(
                         action,
