@@ -5,6 +5,7 @@
 //! as median/min/max over the rounds, and podnet's as ratios to its peers.
 
 pub mod bpf_cost;
+pub mod cluster_scale;
 pub mod policy;
 pub mod report;
 pub mod rounds;
@@ -61,7 +62,7 @@ pub struct BenchOptions {
 }
 
 /// The parts of a run, in the order they run.
-pub const PARTS: [&str; 9] = [
+pub const PARTS: [&str; 10] = [
     "same-node",
     "shaping",
     "cni",
@@ -71,6 +72,7 @@ pub const PARTS: [&str; 9] = [
     "services",
     "services-scale",
     "bpf",
+    "cluster-scale",
 ];
 
 impl BenchOptions {

@@ -872,19 +872,9 @@ impl EtcdDatastore {
             node_ip: request.node_ip,
             pod_cidr: cidr,
         };
-        let value = serde_json::to_string(&record)
+        let writes = publication(&record, lease)
             .map_err(|e| self.protocol(format!("encoding {name}'s record"), e.to_string()))?;
-        let txn = Txn::new().when([claim]).and_then([
-            TxnOp::put(
-                node_key(name),
-                value.clone(),
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-            TxnOp::put(member_key(name), value, None),
-            // A put on an existing key keeps its creation revision: the
-            // claim's age.
-            TxnOp::put(held_key(name, cidr), "", None),
-        ]);
+        let txn = Txn::new().when([claim]).and_then(writes);
         let response = self
             .client
             .txn(txn)
@@ -1200,6 +1190,24 @@ impl EtcdDatastore {
             }
         }
     }
+}
+
+/// The writes that publish `record` under `lease`: the liveness key, the
+/// durable record and the claim-order key (a put on an existing key keeps
+/// its creation revision: the claim's age). The agent sends them in a
+/// transaction that checks its claim; a load generator standing in for
+/// thousands of nodes sends the same writes.
+pub fn publication(record: &NodeRecord, lease: i64) -> Result<Vec<TxnOp>, serde_json::Error> {
+    let value = serde_json::to_string(record)?;
+    Ok(vec![
+        TxnOp::put(
+            node_key(&record.name),
+            value.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        ),
+        TxnOp::put(member_key(&record.name), value, None),
+        TxnOp::put(held_key(&record.name, record.pod_cidr), "", None),
+    ])
 }
 
 /// Each node's claim order: when it first published the CIDR its record
