@@ -75,6 +75,55 @@ const HELD: &str = "/podnet/held/";
 /// records that also live under [`PREFIX`].
 const MEMBERSHIP_RANGES: [(&str, &str); 2] = [(CIDRS, "/podnet/cidrs0"), (GONE, "/podnet/nodes0")];
 
+/// Keys per request of a paged read ([`read_range`]).
+pub const READ_PAGE_KEYS: i64 = 2_000;
+
+/// Every key in [start, end), read in pages of [`READ_PAGE_KEYS`] at one
+/// revision (`at`, or the first page's), and that revision. etcd answers a
+/// range in one gRPC message, and the client refuses a message past 4 MiB
+/// (tonic's default): the cluster objects and endpoint records of 5,000
+/// nodes x 30 pods are about 60 MB, and the membership of about 9,000
+/// nodes passes 4 MiB. A page read at a revision compacted meanwhile fails
+/// (the caller reads again), as a whole read would have.
+pub async fn read_range(
+    client: &mut Client,
+    start: &[u8],
+    end: &[u8],
+    at: Option<i64>,
+) -> Result<(Vec<etcd_client::KeyValue>, i64), etcd_client::Error> {
+    let mut kvs = Vec::new();
+    let mut from = start.to_vec();
+    let mut revision = at.unwrap_or(0);
+    loop {
+        let mut options = GetOptions::new()
+            .with_range(end.to_vec())
+            .with_limit(READ_PAGE_KEYS);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let mut response = client.get(from.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = response
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision);
+        }
+        let more = response.more();
+        let page = response.take_kvs();
+        // The next page starts just past this page's last key (keys come
+        // in key order).
+        let next = page.last().filter(|_| more).map(|last| {
+            let mut key = last.key().to_vec();
+            key.push(0);
+            key
+        });
+        kvs.extend(page);
+        match next {
+            Some(key) => from = key,
+            None => return Ok((kvs, revision)),
+        }
+    }
+}
+
 fn cidr_key(cidr: Ipv4Net) -> String {
     format!("{CIDRS}{}_{}", cidr.network(), cidr.prefix_len())
 }
@@ -937,36 +986,26 @@ impl EtcdDatastore {
     async fn read(
         &mut self,
     ) -> Result<(Snapshot, BTreeMap<(String, Ipv4Net), i64>), DatastoreError> {
-        // The membership ranges only, in one transaction (one revision):
-        // the cluster objects and endpoint records beside them under
-        // `/podnet/` grow with the pods (150,000 records at 5,000 nodes),
-        // and every agent reads this after every change (BENCHMARKS.md,
-        // "Cluster scale").
-        let txn = Txn::new().and_then(
-            MEMBERSHIP_RANGES
-                .iter()
-                .map(|(start, end)| {
-                    TxnOp::get(*start, Some(GetOptions::new().with_range(end.as_bytes())))
-                })
-                .collect::<Vec<_>>(),
-        );
-        let response = self
-            .client
-            .txn(txn)
-            .await
-            .map_err(self.err("reading the cluster"))?;
+        // The membership ranges only, at one revision: the cluster objects
+        // and endpoint records beside them under `/podnet/` grow with the
+        // pods (150,000 records at 5,000 nodes), and every agent reads
+        // this after every change (BENCHMARKS.md, "Cluster scale").
+        let mut kvs = Vec::new();
+        let mut revision = None;
+        for (start, end) in MEMBERSHIP_RANGES {
+            let (range, at) =
+                read_range(&mut self.client, start.as_bytes(), end.as_bytes(), revision)
+                    .await
+                    .map_err(self.err("reading the cluster"))?;
+            revision = Some(at);
+            kvs.extend(range);
+        }
         let mut snapshot = Snapshot {
-            revision: response
-                .header()
-                .map_or(0, etcd_client::ResponseHeader::revision),
+            revision: revision.unwrap_or(0),
             ..Snapshot::default()
         };
         let mut held: BTreeMap<(String, Ipv4Net), i64> = BTreeMap::new();
         let mut legacy: BTreeMap<Ipv4Net, (String, i64)> = BTreeMap::new();
-        let kvs = response.op_responses().into_iter().flat_map(|op| match op {
-            etcd_client::TxnOpResponse::Get(get) => get.kvs().to_vec(),
-            _ => Vec::new(),
-        });
         for kv in kvs {
             let Ok(key) = kv.key_str() else {
                 snapshot
