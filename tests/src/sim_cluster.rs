@@ -566,7 +566,10 @@ impl SimCluster {
     }
 
     /// Churns the cluster at `rates` until `stop`; what it did.
-    pub async fn churn(&self, rates: ChurnRates, stop: &AtomicBool) -> ChurnCounts {
+    pub async fn churn(self: &Arc<Self>, rates: ChurnRates, stop: &AtomicBool) -> ChurnCounts {
+        // Changes in flight at most: past it the churn waits (and falls
+        // short of its rates, which the counts show).
+        const IN_FLIGHT: usize = 128;
         let mut counts = ChurnCounts::default();
         let mut seed = 0x5CA1_E000_u64;
         let tick = Duration::from_millis(10);
@@ -575,6 +578,14 @@ impl SimCluster {
         let mut slice_shift = 1;
         let mut interval = tokio::time::interval(tick);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut running: tokio::task::JoinSet<(Churn, anyhow::Result<()>)> =
+            tokio::task::JoinSet::new();
+        let count = |counts: &mut ChurnCounts, done: (Churn, anyhow::Result<()>)| match done {
+            (_, Err(_)) => counts.errors += 1,
+            (Churn::Pod(..), Ok(())) => counts.pods_replaced += 1,
+            (Churn::Node(_), Ok(())) => counts.nodes_restarted += 1,
+            (Churn::Slice(..), Ok(())) => counts.slices_changed += 1,
+        };
         while !stop.load(Ordering::Relaxed) {
             interval.tick().await;
             pods += per_tick(rates.pods);
@@ -601,25 +612,31 @@ impl SimCluster {
                     slice_shift,
                 ));
             }
-            let done: Vec<(Churn, anyhow::Result<()>)> = stream::iter(work)
-                .map(|w| async move {
+            for w in work {
+                while running.len() >= IN_FLIGHT {
+                    if let Some(Ok(done)) = running.join_next().await {
+                        count(&mut counts, done);
+                    }
+                }
+                let me = Arc::clone(self);
+                running.spawn(async move {
                     let r = match w {
-                        Churn::Pod(node, slot) => self.replace_pod(node, slot).await,
-                        Churn::Node(i) => self.restart_node(i).await,
-                        Churn::Slice(k, shift) => self.change_slice(k, shift).await,
+                        Churn::Pod(node, slot) => me.replace_pod(node, slot).await,
+                        Churn::Node(i) => me.restart_node(i).await,
+                        Churn::Slice(k, shift) => me.change_slice(k, shift).await,
                     };
                     (w, r)
-                })
-                .buffer_unordered(16)
-                .collect()
-                .await;
-            for (w, r) in done {
-                match (w, r) {
-                    (_, Err(_)) => counts.errors += 1,
-                    (Churn::Pod(..), Ok(())) => counts.pods_replaced += 1,
-                    (Churn::Node(_), Ok(())) => counts.nodes_restarted += 1,
-                    (Churn::Slice(..), Ok(())) => counts.slices_changed += 1,
+                });
+            }
+            while let Some(done) = running.try_join_next() {
+                if let Ok(done) = done {
+                    count(&mut counts, done);
                 }
+            }
+        }
+        while let Some(done) = running.join_next().await {
+            if let Ok(done) = done {
+                count(&mut counts, done);
             }
         }
         counts

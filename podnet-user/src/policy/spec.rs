@@ -167,8 +167,7 @@ pub(crate) fn pods_by_ip<'a>(input: &PolicyInput<'a>) -> BTreeMap<Ipv4Addr, Peer
         let bound_elsewhere = input
             .model
             .pod(&record.namespace, &record.name)
-            .and_then(|pod| pod.spec.as_ref())
-            .and_then(|spec| spec.node_name.as_deref())
+            .and_then(|pod| pod.node_name.as_deref())
             .is_some_and(|node| node != record.node);
         if bound_elsewhere {
             continue;

@@ -90,12 +90,15 @@ impl Cluster {
         let mut model = ClusterModel::new();
         model.replace_all(objects, 1);
         let records: Vec<PodEndpointRecord> = model
-            .objects(crate::model::cluster::Kind::Pod, None)
-            .map(|o| PodEndpointRecord {
-                node: "node-1".into(),
-                namespace: o.namespace().unwrap_or_default().to_owned(),
-                name: o.name().to_owned(),
-                ip: pod_ip(o.namespace().unwrap_or_default(), o.name()),
+            .pods()
+            .map(|(key, _)| {
+                let namespace = key.namespace.as_deref().unwrap_or_default();
+                PodEndpointRecord {
+                    node: "node-1".into(),
+                    namespace: namespace.to_owned(),
+                    name: key.name.clone(),
+                    ip: pod_ip(namespace, &key.name),
+                }
             })
             .collect();
         let local = records

@@ -80,6 +80,31 @@ pub struct ScaleReport {
     /// node1's maps at the end.
     pub fills: Vec<MapFill>,
     pub pings: (usize, usize),
+    /// The slowest agent's last policy and Services sync (compile and map
+    /// writes) at the end of the churn, ms: what each change waits behind.
+    pub policy_sync_ms: f64,
+    pub services_sync_ms: f64,
+}
+
+/// The slowest agent's last (policy, Services) sync, ms.
+fn last_syncs(layout: &LabLayout) -> (f64, f64) {
+    let mut slowest = (0.0_f64, 0.0_f64);
+    for node in &layout.nodes {
+        let Ok(status) = podnet::api::Client::new(&node.agent_socket)
+            .call::<podnet::api::AgentStatus>(&podnet::api::Request::Status)
+        else {
+            continue;
+        };
+        #[allow(clippy::cast_precision_loss, reason = "milliseconds")]
+        let ms = |v: u64| v as f64;
+        if let Some(policy) = status.cluster_objects.and_then(|c| c.policy) {
+            slowest.0 = slowest.0.max(ms(policy.last_sync_ms));
+        }
+        if let Some(services) = status.services {
+            slowest.1 = slowest.1.max(ms(services.last_sync_ms));
+        }
+    }
+    slowest
 }
 
 /// Real nodes and their pods in the run.
@@ -339,6 +364,31 @@ async fn session(
     outcome
 }
 
+/// node1's agent killed, a pod added meanwhile, the agent started again:
+/// seconds from its start until the pod is in its maps (`node1`: its
+/// maps).
+async fn restart(
+    layout: &mut LabLayout,
+    sim: &SimCluster,
+    node1: &AgentMaps,
+) -> anyhow::Result<f64> {
+    let name = layout.nodes[0].name.clone();
+    layout.kill_agent(&name)?;
+    let added = sim.add_pod(0, sim.spec.pods_per_node + 100).await?;
+    let started = Instant::now();
+    layout.start_agent(&name)?;
+    loop {
+        if node1.holds(&Change::Pod(added)) {
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_mins(2),
+            "the restarted agent never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 async fn measured(
     layout: &mut LabLayout,
     sim: &Arc<SimCluster>,
@@ -411,25 +461,11 @@ async fn measured(
     let churn_s = churn_started.elapsed().as_secs_f64();
     let pings = pinger.join().unwrap_or((0, 0));
     probe_outcome?;
+    let (policy_sync_ms, services_sync_ms) = last_syncs(layout);
     let (requests_after, etcd_watchers, _, _) = etcd_metrics(layout)?;
     let etcd_requests_per_s = (requests_after - requests_before) / churn_s;
 
-    // Restart: node1's agent down, a pod added meanwhile, the agent up.
-    let node1 = layout.nodes[0].name.clone();
-    layout.kill_agent(&node1)?;
-    let added = sim.add_pod(0, spec.pods_per_node + 100).await?;
-    let started = Instant::now();
-    layout.start_agent(&node1)?;
-    let restart_converge_s = loop {
-        if agents[0].holds(&Change::Pod(added)) {
-            break started.elapsed().as_secs_f64();
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_mins(2),
-            "the restarted agent never caught up"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    let restart_converge_s = restart(layout, sim, &agents[0]).await?;
     let fills = PinnedMapReader::open(&bpffs[0])?.fill()?;
     Ok(ScaleReport {
         spec,
@@ -447,6 +483,8 @@ async fn measured(
         restart_converge_s,
         fills,
         pings,
+        policy_sync_ms,
+        services_sync_ms,
     })
 }
 
@@ -509,6 +547,8 @@ pub fn report_figures(r: &ScaleReport) -> Vec<Figure> {
         one("etcd_requests_per_s_churn", "req/s", r.etcd_requests_per_s),
         one("etcd_watchers", "watchers", r.etcd_watchers),
         one("restart_converge_s", "s", r.restart_converge_s),
+        one("policy_sync_ms", "ms", r.policy_sync_ms),
+        one("services_sync_ms", "ms", r.services_sync_ms),
         one("pings_sent", "pings", count(r.pings.0)),
         one("pings_lost", "pings", count(r.pings.1)),
     ];
