@@ -77,6 +77,8 @@ pub struct ScaleReport {
     /// From the restarted agent's start until a pod added while it was
     /// down is in its maps.
     pub restart_converge_s: f64,
+    /// The fewest entries its identity map held from the kill until then.
+    pub restart_fewest_identities: u32,
     /// node1's maps at the end.
     pub fills: Vec<MapFill>,
     pub pings: (usize, usize),
@@ -366,20 +368,36 @@ async fn session(
 
 /// node1's agent killed, a pod added meanwhile, the agent started again:
 /// seconds from its start until the pod is in its maps (`node1`: its
-/// maps).
+/// maps), and the fewest identities its map held meanwhile (sampled every
+/// 100 ms): a restarted agent must not drop the cluster's pods while it
+/// catches up.
 async fn restart(
     layout: &mut LabLayout,
     sim: &SimCluster,
     node1: &AgentMaps,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, u32)> {
     let name = layout.nodes[0].name.clone();
+    let bpffs = layout.nodes[0].bpffs_dir.clone();
+    let identities = || -> anyhow::Result<u32> {
+        let fill = PinnedMapReader::open(&bpffs)?.fill()?;
+        Ok(fill
+            .iter()
+            .find(|f| f.name == MAP_IDENTITIES)
+            .map_or(0, |f| f.entries))
+    };
     layout.kill_agent(&name)?;
     let added = sim.add_pod(0, sim.spec.pods_per_node + 100).await?;
+    let mut fewest = identities()?;
     let started = Instant::now();
     layout.start_agent(&name)?;
+    let mut sampled = Instant::now();
     loop {
+        if sampled.elapsed() >= Duration::from_millis(100) {
+            fewest = fewest.min(identities()?);
+            sampled = Instant::now();
+        }
         if node1.holds(&Change::Pod(added)) {
-            return Ok(started.elapsed().as_secs_f64());
+            return Ok((started.elapsed().as_secs_f64(), fewest.min(identities()?)));
         }
         anyhow::ensure!(
             started.elapsed() < Duration::from_mins(2),
@@ -465,7 +483,7 @@ async fn measured(
     let (requests_after, etcd_watchers, _, _) = etcd_metrics(layout)?;
     let etcd_requests_per_s = (requests_after - requests_before) / churn_s;
 
-    let restart_converge_s = restart(layout, sim, &agents[0]).await?;
+    let (restart_converge_s, restart_fewest_identities) = restart(layout, sim, &agents[0]).await?;
     let fills = PinnedMapReader::open(&bpffs[0])?.fill()?;
     Ok(ScaleReport {
         spec,
@@ -481,6 +499,7 @@ async fn measured(
         etcd_requests_per_s,
         etcd_watchers,
         restart_converge_s,
+        restart_fewest_identities,
         fills,
         pings,
         policy_sync_ms,
@@ -547,6 +566,11 @@ pub fn report_figures(r: &ScaleReport) -> Vec<Figure> {
         one("etcd_requests_per_s_churn", "req/s", r.etcd_requests_per_s),
         one("etcd_watchers", "watchers", r.etcd_watchers),
         one("restart_converge_s", "s", r.restart_converge_s),
+        one(
+            "restart_fewest_identities",
+            "entries",
+            f64::from(r.restart_fewest_identities),
+        ),
         one("policy_sync_ms", "ms", r.policy_sync_ms),
         one("services_sync_ms", "ms", r.services_sync_ms),
         one("pings_sent", "pings", count(r.pings.0)),

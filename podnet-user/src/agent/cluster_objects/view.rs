@@ -100,17 +100,29 @@ impl AgentView {
                     self.resyncs += 1;
                 }
                 self.unreadable = snapshot.invalid.into_iter().collect();
-                let mut objects = Vec::new();
-                for stored in &snapshot.objects {
-                    match decode_object(stored) {
-                        Ok((_, object)) => objects.push(object),
-                        Err(e) => self.unreadable(stored.path.to_key(), &e),
-                    }
-                }
+                // Decoded one at a time into the model, which keeps a Pod's
+                // facts only: all of them decoded first would hold every
+                // Pod as its API type at once (5 KB each, 750 MB at
+                // 150,000 pods), for a moment but at the agent's peak.
+                let mut failed = Vec::new();
+                let objects =
+                    snapshot
+                        .objects
+                        .iter()
+                        .filter_map(|stored| match decode_object(stored) {
+                            Ok((_, object)) => Some(object),
+                            Err(e) => {
+                                failed.push((stored.path.to_key(), e));
+                                None
+                            }
+                        });
                 let changed = self
                     .model
                     .replace_all(objects, snapshot.revision)
                     .map_or(0, |c| c.len());
+                for (key, why) in failed {
+                    self.unreadable(key, &why);
+                }
                 self.pods.clear();
                 self.by_ip.clear();
                 for stored in snapshot.endpoints {
@@ -290,6 +302,19 @@ impl AgentView {
     }
 }
 
+/// Hands the heap's free memory back to the kernel. A list decodes the
+/// whole cluster (every object's bytes and, one at a time, its API type):
+/// freed afterwards, glibc's allocator keeps most of it in its arenas, and
+/// the agent's RSS stays at the list's peak (1.3 GB measured at 150,000
+/// pods, against what the view holds).
+fn return_freed_memory() {
+    // SAFETY: malloc_trim only releases free heap pages; it takes no
+    // pointer and is safe to call from any thread (glibc).
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn lock(view: &Mutex<AgentView>) -> std::sync::MutexGuard<'_, AgentView> {
     view.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -318,6 +343,9 @@ where
                             let mut v = lock(&view);
                             v.apply(update);
                             if resync {
+                                drop(v);
+                                return_freed_memory();
+                                let v = lock(&view);
                                 info!(
                                     revision = v.revision,
                                     objects = v.model.len(),
