@@ -289,6 +289,11 @@ async fn put_all(client: &mut Client, writes: Vec<(String, Vec<u8>)>) -> anyhow:
     Ok(())
 }
 
+/// The first error of `results`, if any.
+fn all_ok<T>(results: Vec<anyhow::Result<T>>) -> anyhow::Result<()> {
+    results.into_iter().try_for_each(|r| r.map(|_| ()))
+}
+
 /// How long loading took, part by part.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadTimes {
@@ -422,9 +427,7 @@ impl SimCluster {
             .buffer_unordered(IN_FLIGHT)
             .collect()
             .await;
-        for r in results {
-            r?;
-        }
+        all_ok(results)?;
         times.nodes_s = started.elapsed().as_secs_f64();
         progress(&format!("{} nodes published", spec.nodes));
 
@@ -443,9 +446,7 @@ impl SimCluster {
             .buffer_unordered(IN_FLIGHT)
             .collect()
             .await;
-        for r in results {
-            r?;
-        }
+        all_ok(results)?;
         times.pods_s = started.elapsed().as_secs_f64();
         progress(&format!("{} pods written", spec.pods()));
 
@@ -469,9 +470,7 @@ impl SimCluster {
             .buffer_unordered(IN_FLIGHT / 4)
             .collect()
             .await;
-        for r in results {
-            r?;
-        }
+        all_ok(results)?;
         times.services_s = started.elapsed().as_secs_f64();
         progress(&format!("{} Services written", spec.services));
         Ok(times)

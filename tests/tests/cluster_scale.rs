@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use podnet_common::names::{MAP_IDENTITIES, MAP_REMOTE, MAP_SERVICES};
 use podnet_tests::{
-    bench::cluster_scale::{REAL_NODES, quantile, run},
+    bench::{
+        cluster_scale::{REAL_NODES, run},
+        stats::percentile,
+    },
     privileged,
     sim_cluster::SimSpec,
 };
@@ -42,8 +45,8 @@ fn a_simulated_cluster_reaches_every_real_agent_under_churn() {
         assert_eq!(times.len(), 3 * REAL_NODES, "{kind}: {times:?}");
         eprintln!(
             "FIGURE cluster scale (short): {kind} reached every agent p50 {:.0} ms, max {:.0} ms",
-            quantile(times, 0.5),
-            quantile(times, 1.0)
+            percentile(times, 0.5),
+            percentile(times, 1.0)
         );
     }
     // Before the agent waited for the nodes, a restarted agent's first

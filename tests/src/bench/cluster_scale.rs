@@ -45,7 +45,7 @@ use podnet_common::{
     service::{ServiceEntry, ServiceKey},
 };
 
-use super::{BenchOptions, Figure, figure, rounds::progress, tools::rss_kib};
+use super::{BenchOptions, Figure, figure, rounds::progress, stats::percentile, tools::rss_kib};
 use crate::{
     lab::{LabDatastore, LabGuard, LabLayout, LabOptions},
     sim_cluster::{
@@ -507,24 +507,6 @@ async fn measured(
     })
 }
 
-/// The value at quantile `q` of `values`.
-#[must_use]
-pub fn quantile(values: &[f64], q: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss,
-        reason = "an index of a short list"
-    )]
-    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
-    sorted[i]
-}
-
 #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
 fn count(n: usize) -> f64 {
     n as f64
@@ -601,8 +583,12 @@ pub fn report_figures(r: &ScaleReport) -> Vec<Figure> {
     out.push(one("agent_cpu_pct_churn", "%", max(&r.churning, |u| u.1)));
     for (kind, times) in &r.propagation {
         let name = kind.replace(' ', "_");
-        out.push(one(&format!("{name}_p50_ms"), "ms", quantile(times, 0.5)));
-        out.push(one(&format!("{name}_p99_ms"), "ms", quantile(times, 0.99)));
+        out.push(one(&format!("{name}_p50_ms"), "ms", percentile(times, 0.5)));
+        out.push(one(
+            &format!("{name}_p99_ms"),
+            "ms",
+            percentile(times, 0.99),
+        ));
         out.push(figure(
             "cluster-scale",
             &scenario,

@@ -205,6 +205,21 @@ impl EtcdObjectStore {
     }
 
     /// The value and mod revision at `key`, if any.
+    /// Every key under `prefix`, paged ([`read_range`]), and the revision.
+    async fn read_prefix(
+        &mut self,
+        prefix: &str,
+    ) -> Result<(Vec<KeyValue>, i64), ObjectStoreError> {
+        read_range(
+            &mut self.client,
+            prefix.as_bytes(),
+            &prefix_end(prefix),
+            None,
+        )
+        .await
+        .map_err(self.err(format!("listing {prefix}")))
+    }
+
     async fn read(&mut self, key: &str) -> Result<Option<(Vec<u8>, i64)>, ObjectStoreError> {
         let response = self
             .client
@@ -357,14 +372,7 @@ impl ObjectStore for EtcdObjectStore {
             (Some(r), None) => format!("{CLUSTER_PREFIX}{r}/"),
             (None, _) => CLUSTER_PREFIX.to_owned(),
         };
-        let (kvs, revision) = read_range(
-            &mut self.client,
-            prefix.as_bytes(),
-            &prefix_end(&prefix),
-            None,
-        )
-        .await
-        .map_err(self.err(format!("listing {prefix}")))?;
+        let (kvs, revision) = self.read_prefix(&prefix).await?;
         let snapshot = sort_kvs(&kvs);
         Ok(Listing {
             objects: snapshot
@@ -477,14 +485,7 @@ impl ObjectStore for EtcdObjectStore {
             }
             None => ENDPOINTS_PREFIX.to_owned(),
         };
-        let (kvs, revision) = read_range(
-            &mut self.client,
-            prefix.as_bytes(),
-            &prefix_end(&prefix),
-            None,
-        )
-        .await
-        .map_err(self.err(format!("listing {prefix}")))?;
+        let (kvs, revision) = self.read_prefix(&prefix).await?;
         Ok((sort_kvs(&kvs).endpoints, revision))
     }
 
