@@ -295,45 +295,37 @@ struct Compiler<'a, 'i> {
 /// `identities`; the numbers of label sets no pod has any more are freed.
 pub fn compile(input: &PolicyInput, identities: &mut IdentityAllocator) -> PolicyPlan {
     let pods = spec::pods_by_ip(input);
-    // One `IdentityLabels` per distinct (namespace, label set), not one per
-    // pod: the view shares a label set between the pods that have equal
-    // ones, so its address finds it (equal sets at two addresses only
-    // cost a second copy). Cloning every pod's labels cost 150,000
-    // allocations a compile at 150,000 pods.
-    let mut distinct: HashMap<(&str, *const BTreeMap<String, String>), usize> = HashMap::new();
-    let mut sets: Vec<IdentityLabels> = Vec::new();
-    let set_of: Vec<usize> = pods
-        .values()
-        .map(|pod| {
-            *distinct
-                .entry((pod.namespace, std::ptr::from_ref(pod.labels)))
-                .or_insert_with(|| {
-                    sets.push(IdentityLabels {
-                        namespace: pod.namespace.to_owned(),
-                        labels: pod.labels.clone(),
-                    });
-                    sets.len() - 1
-                })
+    let pod_labels: BTreeMap<Ipv4Addr, IdentityLabels> = pods
+        .iter()
+        .map(|(ip, pod)| {
+            (
+                *ip,
+                IdentityLabels {
+                    namespace: pod.namespace.to_owned(),
+                    labels: pod.labels.clone(),
+                },
+            )
         })
         .collect();
-    let used: BTreeSet<&IdentityLabels> = sets.iter().collect();
+    let used: BTreeSet<&IdentityLabels> = pod_labels.values().collect();
     for labels in &used {
         identities.allocate(labels);
     }
     identities.retain(&used);
-    let numbers: Vec<Option<u32>> = sets.iter().map(|l| identities.identity_of(l)).collect();
 
     let mut plan = PolicyPlan::default();
     let mut members: BTreeMap<u32, Vec<PeerPod>> = BTreeMap::new();
     let mut labels = BTreeMap::new();
     let mut namespaces = BTreeMap::new();
-    for ((ip, pod), set) in pods.iter().zip(set_of) {
-        let Some(identity) = numbers[set] else {
+    for (ip, pod) in &pods {
+        let Some(identity) = pod_labels.get(ip).and_then(|l| identities.identity_of(l)) else {
             continue;
         };
         plan.identities.insert(*ip, identity);
         members.entry(identity).or_default().push(*pod);
-        labels.insert(identity, &sets[set]);
+        if let Some(l) = pod_labels.get(ip) {
+            labels.insert(identity, l);
+        }
         namespaces
             .entry(pod.namespace)
             .or_insert_with(|| spec::namespace_labels(input.model, pod.namespace));
