@@ -5,7 +5,6 @@
 //! as median/min/max over the rounds, and podnet's as ratios to its peers.
 
 pub mod bpf_cost;
-pub mod cluster_scale;
 pub mod policy;
 pub mod report;
 pub mod rounds;
@@ -62,7 +61,7 @@ pub struct BenchOptions {
 }
 
 /// The parts of a run, in the order they run.
-pub const PARTS: [&str; 10] = [
+pub const PARTS: [&str; 9] = [
     "same-node",
     "shaping",
     "cni",
@@ -72,7 +71,6 @@ pub const PARTS: [&str; 10] = [
     "services",
     "services-scale",
     "bpf",
-    "cluster-scale",
 ];
 
 impl BenchOptions {

@@ -20,7 +20,6 @@ pub mod podman;
 pub mod podnetd;
 pub mod scrape;
 pub mod services;
-pub mod sim_cluster;
 pub mod soak;
 pub mod socket_lb;
 pub mod spoof;

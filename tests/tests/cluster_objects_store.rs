@@ -21,10 +21,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions, GetOptions, Permission};
 use podnet::datastore::{
-    etcd::{
-        CLUSTER_PREFIX, EtcdAccess, EtcdDatastore, OPERATOR_USER, READ_PAGE_KEYS, node_user,
-        read_range,
-    },
+    etcd::{CLUSTER_PREFIX, EtcdAccess, EtcdDatastore, OPERATOR_USER, node_user},
     objects::{
         ApplyOutcome, EndpointKey, Expect, ObjectCache, ObjectEvent, ObjectPath, ObjectStore,
         ObjectStoreError, ObjectWatch, Update, Watcher,
@@ -569,69 +566,5 @@ fn a_nodes_credential_writes_its_own_endpoint_records_only() {
                 .collect::<Vec<_>>(),
             ["n1/x/b"]
         );
-    });
-}
-
-/// A list larger than one gRPC message (4 MiB, the client's limit) and
-/// than one page ([`READ_PAGE_KEYS`]) reads whole, at one revision: the
-/// scale run's 150,000 pods made the agents' list fail before lists were
-/// paged, and the agents held no object at all.
-#[test]
-fn a_list_past_one_message_reads_whole_at_one_revision() {
-    if !etcd_installed("a_list_past_one_message_reads_whole_at_one_revision") {
-        return;
-    }
-    let etcd = LocalEtcd::start("objects-pages", &["root"]).expect("etcd");
-    let access = etcd.pki.access("root").expect("access");
-    runtime().block_on(async {
-        let mut raw = raw_client(&etcd.endpoint, &access).await;
-        // 5,000 records of 1 KiB: 5 MiB.
-        let padding = "x".repeat(1024);
-        let records = 5_000;
-        let ops: Vec<etcd_client::TxnOp> = (0..records)
-            .map(|i| {
-                let key = endpoint("n1", "ns", &format!("p{i:05}"));
-                etcd_client::TxnOp::put(
-                    format!("{ENDPOINTS_PREFIX}{key}"),
-                    format!(r#"{{"pad":"{padding}"}}"#),
-                    None,
-                )
-            })
-            .collect();
-        for chunk in ops.chunks(MAX_TXN_OPS) {
-            raw.txn(etcd_client::Txn::new().and_then(chunk.to_vec()))
-                .await
-                .expect("txn");
-        }
-        let revision = etcd_revision(&mut raw).await;
-        // Written after the first page is read would be outside the list:
-        // a page read at the list's revision does not see it.
-        let mut store = store(&etcd, &access).await;
-        let snapshot = store.snapshot().await.expect("snapshot");
-        assert_eq!(snapshot.endpoints.len(), records);
-        assert_eq!(snapshot.revision, revision);
-        assert!(
-            snapshot
-                .endpoints
-                .windows(2)
-                .all(|w| w[0].key.to_key() < w[1].key.to_key()),
-            "every record once, in key order"
-        );
-        let (listed, at) = store.list_endpoints(Some("n1")).await.expect("list");
-        assert_eq!((listed.len(), at), (records, revision));
-        assert!(READ_PAGE_KEYS < i64::try_from(records).expect("count"));
-        // A read at a given revision keeps to it across pages.
-        raw.put(format!("{ENDPOINTS_PREFIX}n1/ns/zzz"), "{}", None)
-            .await
-            .expect("put");
-        let (kvs, at) = read_range(
-            &mut raw,
-            ENDPOINTS_PREFIX.as_bytes(),
-            b"/podnet/endpoints0",
-            Some(revision),
-        )
-        .await
-        .expect("read at a revision");
-        assert_eq!((kvs.len(), at), (records, revision));
     });
 }

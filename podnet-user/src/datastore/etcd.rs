@@ -68,62 +68,6 @@ const MEMBERS: &str = "/podnet/members/";
 const GONE: &str = "/podnet/gone/";
 const HELD: &str = "/podnet/held/";
 
-/// The key ranges ([start, end)) that hold membership, which the agents'
-/// follow loop reads and watches: the legacy claim keys, and `gone/`,
-/// `held/`, `members/` and `nodes/` (adjacent in key order; `nodes0` is
-/// the first key past `nodes/`). Not the cluster objects and endpoint
-/// records that also live under [`PREFIX`].
-const MEMBERSHIP_RANGES: [(&str, &str); 2] = [(CIDRS, "/podnet/cidrs0"), (GONE, "/podnet/nodes0")];
-
-/// Keys per request of a paged read ([`read_range`]).
-pub const READ_PAGE_KEYS: i64 = 2_000;
-
-/// Every key in [start, end), read in pages of [`READ_PAGE_KEYS`] at one
-/// revision (`at`, or the first page's), and that revision. etcd answers a
-/// range in one gRPC message, and the client refuses a message past 4 MiB
-/// (tonic's default): the cluster objects and endpoint records of 5,000
-/// nodes x 30 pods are about 60 MB, and the membership of about 9,000
-/// nodes passes 4 MiB. A page read at a revision compacted meanwhile fails
-/// (the caller reads again), as a whole read would have.
-pub async fn read_range(
-    client: &mut Client,
-    start: &[u8],
-    end: &[u8],
-    at: Option<i64>,
-) -> Result<(Vec<etcd_client::KeyValue>, i64), etcd_client::Error> {
-    let mut kvs = Vec::new();
-    let mut from = start.to_vec();
-    let mut revision = at.unwrap_or(0);
-    loop {
-        let mut options = GetOptions::new()
-            .with_range(end.to_vec())
-            .with_limit(READ_PAGE_KEYS);
-        if revision > 0 {
-            options = options.with_revision(revision);
-        }
-        let mut response = client.get(from.clone(), Some(options)).await?;
-        if revision == 0 {
-            revision = response
-                .header()
-                .map_or(0, etcd_client::ResponseHeader::revision);
-        }
-        let more = response.more();
-        let page = response.take_kvs();
-        // The next page starts just past this page's last key (keys come
-        // in key order).
-        let next = page.last().filter(|_| more).map(|last| {
-            let mut key = last.key().to_vec();
-            key.push(0);
-            key
-        });
-        kvs.extend(page);
-        match next {
-            Some(key) => from = key,
-            None => return Ok((kvs, revision)),
-        }
-    }
-}
-
 fn cidr_key(cidr: Ipv4Net) -> String {
     format!("{CIDRS}{}_{}", cidr.network(), cidr.prefix_len())
 }
@@ -921,9 +865,19 @@ impl EtcdDatastore {
             node_ip: request.node_ip,
             pod_cidr: cidr,
         };
-        let writes = publication(&record, lease)
+        let value = serde_json::to_string(&record)
             .map_err(|e| self.protocol(format!("encoding {name}'s record"), e.to_string()))?;
-        let txn = Txn::new().when([claim]).and_then(writes);
+        let txn = Txn::new().when([claim]).and_then([
+            TxnOp::put(
+                node_key(name),
+                value.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            TxnOp::put(member_key(name), value, None),
+            // A put on an existing key keeps its creation revision: the
+            // claim's age.
+            TxnOp::put(held_key(name, cidr), "", None),
+        ]);
         let response = self
             .client
             .txn(txn)
@@ -986,27 +940,20 @@ impl EtcdDatastore {
     async fn read(
         &mut self,
     ) -> Result<(Snapshot, BTreeMap<(String, Ipv4Net), i64>), DatastoreError> {
-        // The membership ranges only, at one revision: the cluster objects
-        // and endpoint records beside them under `/podnet/` grow with the
-        // pods (150,000 records at 5,000 nodes), and every agent reads
-        // this after every change (BENCHMARKS.md, "Cluster scale").
-        let mut kvs = Vec::new();
-        let mut revision = None;
-        for (start, end) in MEMBERSHIP_RANGES {
-            let (range, at) =
-                read_range(&mut self.client, start.as_bytes(), end.as_bytes(), revision)
-                    .await
-                    .map_err(self.err("reading the cluster"))?;
-            revision = Some(at);
-            kvs.extend(range);
-        }
+        let response = self
+            .client
+            .get(PREFIX, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(self.err("reading the cluster"))?;
         let mut snapshot = Snapshot {
-            revision: revision.unwrap_or(0),
+            revision: response
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision),
             ..Snapshot::default()
         };
         let mut held: BTreeMap<(String, Ipv4Net), i64> = BTreeMap::new();
         let mut legacy: BTreeMap<Ipv4Net, (String, i64)> = BTreeMap::new();
-        for kv in kvs {
+        for kv in response.kvs() {
             let Ok(key) = kv.key_str() else {
                 snapshot
                     .invalid
@@ -1191,32 +1138,19 @@ impl EtcdDatastore {
         Ok(self.release(&release).await?.then_some(release))
     }
 
-    /// Waits for the next change of membership ([`MEMBERSHIP_RANGES`])
-    /// after `revision`. Changes of cluster objects and endpoint records
-    /// do not wake it: pod churn would make every agent read the
-    /// membership again at the pods' rate.
+    /// Waits for the next change under `/podnet/` after `revision`.
     pub async fn wait_change(&mut self, revision: i64) -> Result<(), DatastoreError> {
         let action = "watching the cluster";
-        let mut streams = Vec::with_capacity(MEMBERSHIP_RANGES.len());
-        for (start, end) in MEMBERSHIP_RANGES {
-            let options = WatchOptions::new()
-                .with_range(end)
-                .with_start_revision(revision + 1);
-            let stream = self
-                .client
-                .watch(start, Some(options))
-                .await
-                .map_err(self.err(action))?;
-            streams.push(stream);
-        }
-        let [mut claims, mut rest] = <[_; 2]>::try_from(streams)
-            .map_err(|_| self.protocol(action, "one watch per range"))?;
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let mut stream = self
+            .client
+            .watch(PREFIX, Some(options))
+            .await
+            .map_err(self.err(action))?;
         loop {
-            let message = tokio::select! {
-                m = claims.message() => m,
-                m = rest.message() => m,
-            };
-            match message.map_err(self.err(action))? {
+            match stream.message().await.map_err(self.err(action))? {
                 Some(response) if response.canceled() => {
                     return Err(self.protocol(
                         action,
@@ -1229,24 +1163,6 @@ impl EtcdDatastore {
             }
         }
     }
-}
-
-/// The writes that publish `record` under `lease`: the liveness key, the
-/// durable record and the claim-order key (a put on an existing key keeps
-/// its creation revision: the claim's age). The agent sends them in a
-/// transaction that checks its claim; a load generator standing in for
-/// thousands of nodes sends the same writes.
-pub fn publication(record: &NodeRecord, lease: i64) -> Result<Vec<TxnOp>, serde_json::Error> {
-    let value = serde_json::to_string(record)?;
-    Ok(vec![
-        TxnOp::put(
-            node_key(&record.name),
-            value.clone(),
-            Some(PutOptions::new().with_lease(lease)),
-        ),
-        TxnOp::put(member_key(&record.name), value, None),
-        TxnOp::put(held_key(&record.name, record.pod_cidr), "", None),
-    ])
 }
 
 /// Each node's claim order: when it first published the CIDR its record

@@ -21,20 +21,6 @@ pub struct Prepared {
     expect: Expect,
 }
 
-impl Prepared {
-    /// Where it is stored.
-    #[must_use]
-    pub fn path(&self) -> &ObjectPath {
-        &self.path
-    }
-
-    /// The bytes stored.
-    #[must_use]
-    pub fn bytes(&self) -> &[u8] {
-        &self.bytes
-    }
-}
-
 /// An object refused before anything was written, with kubectl's message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {

@@ -164,25 +164,25 @@ pub(crate) fn pods_by_ip<'a>(input: &PolicyInput<'a>) -> BTreeMap<Ipv4Addr, Peer
         // A Pod bound to a node (`spec.nodeName`, as the scheduler sets
         // it) is only that node's to publish: another node's record naming
         // it gives the address nothing of the pod's identity.
-        // One lookup per record (a lookup builds the model's key).
-        let Some(pod) = input.model.pod(&record.namespace, &record.name) else {
-            continue;
-        };
-        if pod
-            .node_name
-            .as_deref()
-            .is_some_and(|node| node != record.node)
-        {
+        let bound_elsewhere = input
+            .model
+            .pod(&record.namespace, &record.name)
+            .and_then(|pod| pod.spec.as_ref())
+            .and_then(|spec| spec.node_name.as_deref())
+            .is_some_and(|node| node != record.node);
+        if bound_elsewhere {
             continue;
         }
-        pods.insert(
-            record.ip,
-            PeerPod {
-                namespace: &record.namespace,
-                name: &record.name,
-                labels: &pod.labels,
-            },
-        );
+        if let Some(labels) = input.model.pod_labels(&record.namespace, &record.name) {
+            pods.insert(
+                record.ip,
+                PeerPod {
+                    namespace: &record.namespace,
+                    name: &record.name,
+                    labels,
+                },
+            );
+        }
     }
     pods
 }

@@ -90,15 +90,12 @@ impl Cluster {
         let mut model = ClusterModel::new();
         model.replace_all(objects, 1);
         let records: Vec<PodEndpointRecord> = model
-            .pods()
-            .map(|(key, _)| {
-                let namespace = key.namespace.as_deref().unwrap_or_default();
-                PodEndpointRecord {
-                    node: "node-1".into(),
-                    namespace: namespace.to_owned(),
-                    name: key.name.clone(),
-                    ip: pod_ip(namespace, &key.name),
-                }
+            .objects(crate::model::cluster::Kind::Pod, None)
+            .map(|o| PodEndpointRecord {
+                node: "node-1".into(),
+                namespace: o.namespace().unwrap_or_default().to_owned(),
+                name: o.name().to_owned(),
+                ip: pod_ip(o.namespace().unwrap_or_default(), o.name()),
             })
             .collect();
         let local = records
@@ -1243,72 +1240,4 @@ fn compiles_ten_thousand_rules_quickly() {
     assert_eq!(plan.rule_table.len(), 10_000);
     assert_eq!(plan.identity_labels.len(), 1000);
     let _ = BTreeMap::<u32, u32>::new();
-}
-
-/// The scale run's cluster as the policy compiler sees it: 150,000 pods
-/// of 1,000 identities (50 namespaces x 20 apps), 200 policies, 30 local
-/// endpoints. Timing only: `cargo test --release -p podnet-user --lib
-/// compiles_150k_pods -- --ignored --nocapture`.
-#[test]
-#[ignore = "timing: run with --ignored --nocapture"]
-fn compiles_150k_pods() {
-    let mut yaml = String::new();
-    for n in 0..50 {
-        yaml.push_str(&namespace_yaml(&format!("ns{n}")));
-    }
-    let pods = 150_000_u32;
-    for i in 0..pods {
-        let _ = write!(
-            yaml,
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}, namespace: ns{}, labels: {{app: a{}}}}}\nspec: {{containers: [{{name: c, image: i, ports: [{{name: http, containerPort: 8080}}]}}]}}\n---\n",
-            i % 50,
-            (i / 50) % 20
-        );
-    }
-    for n in 0..50 {
-        for k in 0..4 {
-            let _ = write!(
-                yaml,
-                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: pol{k}, namespace: ns{n}}}\nspec: {{podSelector: {{matchLabels: {{app: a{k}}}}}, ingress: [{{from: [{{podSelector: {{matchLabels: {{app: a{}}}}}}}], ports: [{{port: 8080}}]}}]}}\n---\n",
-                k + 1
-            );
-        }
-    }
-    let objects = decode(&yaml).expect("decodes");
-    let mut model = ClusterModel::new();
-    model.replace_all(objects, 1);
-    let records: Vec<PodEndpointRecord> = (0..pods)
-        .map(|i| PodEndpointRecord {
-            node: format!("n{}", i / 30),
-            namespace: format!("ns{}", i % 50),
-            name: format!("p{i}"),
-            ip: Ipv4Addr::from(0x0a80_0000 + i),
-        })
-        .collect();
-    let local: Vec<LocalEndpoint> = records[..30]
-        .iter()
-        .map(|r| LocalEndpoint {
-            ip: r.ip,
-            namespace: r.namespace.clone(),
-            name: r.name.clone(),
-        })
-        .collect();
-    let input = PolicyInput {
-        model: &model,
-        pods: records.iter().collect(),
-        local: &local,
-        host_addresses: &[NODE],
-    };
-    let mut identities = IdentityAllocator::default();
-    for round in 0..3 {
-        let start = Instant::now();
-        let plan = compile(&input, &mut identities);
-        println!(
-            "compile {round}: {:?}: {} identities, {} addresses, {} rule entries",
-            start.elapsed(),
-            plan.identity_labels.len(),
-            plan.identities.len(),
-            plan.rules.len()
-        );
-    }
 }

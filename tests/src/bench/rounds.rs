@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{
     BenchOptions, Figure,
     bpf_cost::{BpfStatsSwitch, add_bpf_cost, bpf_cost_test_run, bpf_stats, with_new_programs},
-    cluster_scale, figure, policy, scale, services, services_scale,
+    figure, policy, scale, services, services_scale,
     stats::{Rng, percentile},
     targets::{baseline_ratios, target_ratios},
     tools::{Pair, connection_rate, latency, throughput, throughput_and_cpu},
@@ -425,12 +425,6 @@ pub fn run_all(opts: &BenchOptions) -> anyhow::Result<Vec<Figure>> {
 
     if opts.runs("services-scale") {
         services_scale::measure(opts, &mut figures)?;
-    }
-
-    // Named only: a lab, 3 etcd members and a 5,000-node simulated
-    // cluster (about 15 minutes), not part of every run.
-    if opts.only.iter().any(|p| p == "cluster-scale") {
-        cluster_scale::measure(opts, &mut figures)?;
     }
 
     if opts.runs("bpf") {

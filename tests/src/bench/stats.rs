@@ -62,9 +62,7 @@ pub(super) fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// The value at fraction `p` (0 to 1) of `values` sorted (nearest rank).
-#[must_use]
-pub fn percentile(values: &[f64], p: f64) -> f64 {
+pub(super) fn percentile(values: &[f64], p: f64) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     if v.is_empty() {

@@ -12,7 +12,7 @@ use super::*;
 use crate::{
     datastore::objects::{Expect, ObjectPath, ObjectStore, Update, memory::MemoryObjectStore},
     endpoint::{PodRef, host_ifname},
-    model::cluster::{ClusterObject, Kind, decode},
+    model::cluster::{ALL_KINDS, ClusterObject, Kind, decode},
 };
 
 const NODE: &str = "node-a";
@@ -264,14 +264,10 @@ async fn apply_all(store: &mut MemoryObjectStore, text: &str) {
 async fn matches_store(view: &Mutex<AgentView>, store: &mut MemoryObjectStore) -> bool {
     let snapshot = store.snapshot().await.expect("snapshot");
     let v = view.lock().expect("view");
-    let objects: Vec<String> = v
-        .model()
-        .keys()
-        .map(|key| {
-            ObjectPath::new(key.kind.plural(), key.namespace.as_deref(), &key.name)
-                .expect("path")
-                .to_key()
-        })
+    let objects: Vec<String> = ALL_KINDS
+        .into_iter()
+        .flat_map(|kind| v.model().objects(kind, None))
+        .map(|o| path_of(o).to_key())
         .collect();
     let mut want: Vec<String> = snapshot.objects.iter().map(|o| o.path.to_key()).collect();
     want.sort();

@@ -29,12 +29,9 @@ use crate::{
 pub struct AgentView {
     model: ClusterModel,
     pods: BTreeMap<EndpointKey, PodEndpointRecord>,
-    /// Pod IP -> the records naming it, in key order (two nodes may name
-    /// one IP for a moment: a pod deleted on one, its address reused on
-    /// the other). A sorted `Vec`, not a `BTreeSet`: a set of one key
-    /// allocates a whole B-tree node (about 800 bytes), 120 MB more for
-    /// 150,000 pods.
-    by_ip: BTreeMap<Ipv4Addr, Vec<EndpointKey>>,
+    /// Pod IP -> the records naming it (two nodes may name one IP for a
+    /// moment: a pod deleted on one, its address reused on the other).
+    by_ip: BTreeMap<Ipv4Addr, BTreeSet<EndpointKey>>,
     /// The datastore revision applied (0: nothing yet).
     revision: i64,
     /// Lists after the first one.
@@ -100,29 +97,17 @@ impl AgentView {
                     self.resyncs += 1;
                 }
                 self.unreadable = snapshot.invalid.into_iter().collect();
-                // Decoded one at a time into the model, which keeps a Pod's
-                // facts only: all of them decoded first would hold every
-                // Pod as its API type at once (5 KB each, 750 MB at
-                // 150,000 pods), for a moment but at the agent's peak.
-                let mut failed = Vec::new();
-                let objects =
-                    snapshot
-                        .objects
-                        .iter()
-                        .filter_map(|stored| match decode_object(stored) {
-                            Ok((_, object)) => Some(object),
-                            Err(e) => {
-                                failed.push((stored.path.to_key(), e));
-                                None
-                            }
-                        });
+                let mut objects = Vec::new();
+                for stored in &snapshot.objects {
+                    match decode_object(stored) {
+                        Ok((_, object)) => objects.push(object),
+                        Err(e) => self.unreadable(stored.path.to_key(), &e),
+                    }
+                }
                 let changed = self
                     .model
                     .replace_all(objects, snapshot.revision)
                     .map_or(0, |c| c.len());
-                for (key, why) in failed {
-                    self.unreadable(key, &why);
-                }
                 self.pods.clear();
                 self.by_ip.clear();
                 for stored in snapshot.endpoints {
@@ -194,10 +179,10 @@ impl AgentView {
         match decode_record(stored) {
             Ok(record) => {
                 self.unreadable.remove(&stored.key.to_key());
-                let keys = self.by_ip.entry(record.ip).or_default();
-                if let Err(at) = keys.binary_search(&stored.key) {
-                    keys.insert(at, stored.key.clone());
-                }
+                self.by_ip
+                    .entry(record.ip)
+                    .or_default()
+                    .insert(stored.key.clone());
                 self.pods.insert(stored.key.clone(), record);
                 true
             }
@@ -213,7 +198,7 @@ impl AgentView {
             return false;
         };
         if let Some(keys) = self.by_ip.get_mut(&old.ip) {
-            keys.retain(|k| k != key);
+            keys.remove(key);
             if keys.is_empty() {
                 self.by_ip.remove(&old.ip);
             }
@@ -302,19 +287,6 @@ impl AgentView {
     }
 }
 
-/// Hands the heap's free memory back to the kernel. A list decodes the
-/// whole cluster (every object's bytes and, one at a time, its API type):
-/// freed afterwards, glibc's allocator keeps most of it in its arenas, and
-/// the agent's RSS stays at the list's peak (1.3 GB measured at 150,000
-/// pods, against what the view holds).
-fn return_freed_memory() {
-    // SAFETY: malloc_trim only releases free heap pages; it takes no
-    // pointer and is safe to call from any thread (glibc).
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 fn lock(view: &Mutex<AgentView>) -> std::sync::MutexGuard<'_, AgentView> {
     view.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -343,9 +315,6 @@ where
                             let mut v = lock(&view);
                             v.apply(update);
                             if resync {
-                                drop(v);
-                                return_freed_memory();
-                                let v = lock(&view);
                                 info!(
                                     revision = v.revision,
                                     objects = v.model.len(),

@@ -91,16 +91,6 @@ fn node_cidrs(agent: &Agent) -> BTreeMap<String, ipnet::Ipv4Net> {
         .collect()
 }
 
-/// Whether the agent has applied the datastore's nodes at least once. The
-/// nodes' pod CIDRs decide whose records count ([`published_by_owner`]):
-/// before that (an agent that restarted) every remote pod would lose its
-/// identity until its node is known (seen: 152 of 1,500 in the scale run's
-/// restart).
-fn membership_known(agent: &Agent) -> bool {
-    let datastore = agent.datastore_status();
-    !matches!(datastore.backend.as_str(), "etcd" | "file") || datastore.last_sync_ms.is_some()
-}
-
 /// Whether a pod record names an address of its own node's pod CIDR: a
 /// node speaks for its own pods only. Without this, one node's credential
 /// could give another node's pod (or any address) the identity of a
@@ -133,13 +123,12 @@ pub fn run(
     let mut last_seen: Option<SyncedFrom> = None;
     loop {
         std::thread::sleep(POLL);
-        let (local, endpoints_generation, cidrs, membership_known) = {
+        let (local, endpoints_generation, cidrs) = {
             let agent = lock(registry);
             (
                 local_endpoints(&agent),
                 agent.generation.load(Ordering::Relaxed),
                 node_cidrs(&agent),
-                membership_known(&agent),
             )
         };
         let (view_generation, synced) = {
@@ -148,7 +137,7 @@ pub fn run(
         };
         // Nothing before the first full list: the pinned maps hold the last
         // agent's policy, which is better than an empty view's.
-        if !synced || !membership_known {
+        if !synced {
             continue;
         }
         let seen = (view_generation, endpoints_generation, cidrs.clone());

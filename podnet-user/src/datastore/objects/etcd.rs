@@ -27,7 +27,7 @@ use super::{
     ObjectStoreError, ObjectWatch, ReplaceOutcome, Snapshot, StoredEndpoint, StoredObject,
     check_node, check_selector, decide_apply, decide_delete, diff_endpoints, written,
 };
-use crate::datastore::etcd::{CLUSTER_PREFIX, EtcdAccess, read_range};
+use crate::datastore::etcd::{CLUSTER_PREFIX, EtcdAccess};
 
 /// Where endpoint records live, one prefix per node.
 pub const ENDPOINTS_PREFIX: &str = "/podnet/endpoints/";
@@ -205,21 +205,6 @@ impl EtcdObjectStore {
     }
 
     /// The value and mod revision at `key`, if any.
-    /// Every key under `prefix`, paged ([`read_range`]), and the revision.
-    async fn read_prefix(
-        &mut self,
-        prefix: &str,
-    ) -> Result<(Vec<KeyValue>, i64), ObjectStoreError> {
-        read_range(
-            &mut self.client,
-            prefix.as_bytes(),
-            &prefix_end(prefix),
-            None,
-        )
-        .await
-        .map_err(self.err(format!("listing {prefix}")))
-    }
-
     async fn read(&mut self, key: &str) -> Result<Option<(Vec<u8>, i64)>, ObjectStoreError> {
         let response = self
             .client
@@ -372,15 +357,21 @@ impl ObjectStore for EtcdObjectStore {
             (Some(r), None) => format!("{CLUSTER_PREFIX}{r}/"),
             (None, _) => CLUSTER_PREFIX.to_owned(),
         };
-        let (kvs, revision) = self.read_prefix(&prefix).await?;
-        let snapshot = sort_kvs(&kvs);
+        let response = self
+            .client
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(self.err(format!("listing {prefix}")))?;
+        let snapshot = sort_kvs(response.kvs());
         Ok(Listing {
             objects: snapshot
                 .objects
                 .into_iter()
                 .filter(|o| o.path.matches(resource, namespace))
                 .collect(),
-            revision,
+            revision: response
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision),
         })
     }
 
@@ -485,22 +476,33 @@ impl ObjectStore for EtcdObjectStore {
             }
             None => ENDPOINTS_PREFIX.to_owned(),
         };
-        let (kvs, revision) = self.read_prefix(&prefix).await?;
-        Ok((sort_kvs(&kvs).endpoints, revision))
+        let response = self
+            .client
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(self.err(format!("listing {prefix}")))?;
+        Ok((
+            sort_kvs(response.kvs()).endpoints,
+            response
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision),
+        ))
     }
 
     async fn snapshot(&mut self) -> Result<Snapshot, ObjectStoreError> {
-        let (kvs, revision) = read_range(
-            &mut self.client,
-            CLUSTER_PREFIX.as_bytes(),
-            &prefix_end(ENDPOINTS_PREFIX),
-            None,
-        )
-        .await
-        .map_err(self.err("reading the cluster objects and endpoint records"))?;
+        let response = self
+            .client
+            .get(
+                CLUSTER_PREFIX,
+                Some(GetOptions::new().with_range(prefix_end(ENDPOINTS_PREFIX))),
+            )
+            .await
+            .map_err(self.err("reading the cluster objects and endpoint records"))?;
         Ok(Snapshot {
-            revision,
-            ..sort_kvs(&kvs)
+            revision: response
+                .header()
+                .map_or(0, etcd_client::ResponseHeader::revision),
+            ..sort_kvs(response.kvs())
         })
     }
 

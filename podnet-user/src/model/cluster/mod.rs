@@ -28,8 +28,7 @@ pub use stored::{EncodeError, StoredError};
 pub use table::{columns, format_labels, format_selector};
 pub use validate::{FieldError, FieldErrorType, ValidationError};
 pub use view::{
-    Applied, ClusterModel, ModelEvent, NamedPort, PodEndpointRecord, PodFacts, Revision,
-    SERVICE_NAME_LABEL,
+    Applied, ClusterModel, ModelEvent, PodEndpointRecord, Revision, SERVICE_NAME_LABEL,
 };
 
 /// The objects' types, so that users of the model need no direct

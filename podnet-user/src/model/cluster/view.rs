@@ -5,10 +5,8 @@
 //! from an older revision applies nothing twice.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
-    hash::Hash,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -67,132 +65,15 @@ pub enum Applied {
 
 #[derive(Debug, Clone, PartialEq)]
 struct Entry {
-    object: Held,
+    object: ClusterObject,
     /// The revision of the event (or list) that put it.
     revision: Revision,
-}
-
-/// An object as the view holds it.
-#[derive(Debug, Clone, PartialEq)]
-enum Held {
-    Object(ClusterObject),
-    /// A Pod, reduced to what podnet reads of it.
-    Pod(PodFacts),
-}
-
-/// What podnet reads of a Pod, all the view keeps of one. A Pod as its API
-/// type is about 5 KB in memory (`Pod` is 2.4 KB and each `Container` 2.3
-/// KB inline, before any string), 750 MB for the 150,000 pods of a
-/// 5,000-node cluster (BENCHMARKS.md, "Cluster scale"). Label sets, port
-/// lists and node names are shared between the pods that have equal ones
-/// (a Deployment's replicas, a node's pods).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodFacts {
-    pub labels: Arc<BTreeMap<String, String>>,
-    /// `spec.nodeName`: the node the pod is bound to.
-    pub node_name: Option<Arc<str>>,
-    /// The named container ports, in container order.
-    pub ports: Arc<[NamedPort]>,
-}
-
-/// A named container port.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct NamedPort {
-    pub name: String,
-    /// `TCP` when the port gives none.
-    pub protocol: String,
-    pub port: u16,
-}
-
-/// One shared copy of each value (see [`PodFacts`]). Values no pod holds
-/// any more are dropped when the set has doubled since the last sweep.
-#[derive(Debug)]
-struct Shared<T: ?Sized + Eq + Hash> {
-    values: HashSet<Arc<T>>,
-    swept_at: usize,
-}
-
-// By hand: the derives would ask `T: Default` / `T: Clone` of `str`.
-impl<T: ?Sized + Eq + Hash> Default for Shared<T> {
-    fn default() -> Self {
-        Self {
-            values: HashSet::new(),
-            swept_at: 0,
-        }
-    }
-}
-
-impl<T: ?Sized + Eq + Hash> Clone for Shared<T> {
-    fn clone(&self) -> Self {
-        Self {
-            values: self.values.clone(),
-            swept_at: self.swept_at,
-        }
-    }
-}
-
-impl<T: ?Sized + Eq + Hash> Shared<T> {
-    fn get(&mut self, value: &T, make: impl FnOnce() -> Arc<T>) -> Arc<T> {
-        if let Some(held) = self.values.get(value) {
-            return Arc::clone(held);
-        }
-        if self.values.len() >= 2 * self.swept_at + 64 {
-            self.values.retain(|v| Arc::strong_count(v) > 1);
-            self.swept_at = self.values.len();
-        }
-        let held = make();
-        self.values.insert(Arc::clone(&held));
-        held
-    }
-}
-
-/// The shared values of every [`PodFacts`] of a view.
-#[derive(Debug, Clone, Default)]
-struct PodShares {
-    labels: Shared<BTreeMap<String, String>>,
-    ports: Shared<[NamedPort]>,
-    nodes: Shared<str>,
-}
-
-impl PodShares {
-    fn facts(&mut self, pod: &Pod) -> PodFacts {
-        let labels = pod.metadata.labels.clone().unwrap_or_default();
-        let spec = pod.spec.as_ref();
-        let ports: Vec<NamedPort> = spec
-            .into_iter()
-            .flat_map(|s| &s.containers)
-            .flat_map(|c| c.ports.iter().flatten())
-            .filter_map(|p| {
-                Some(NamedPort {
-                    name: p.name.clone()?,
-                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
-                    port: u16::try_from(p.container_port).ok().filter(|p| *p != 0)?,
-                })
-            })
-            .collect();
-        let node_name = spec
-            .and_then(|s| s.node_name.as_deref())
-            .map(|n| self.nodes.get(n, || Arc::from(n)));
-        PodFacts {
-            labels: self.labels.get(&labels, || Arc::new(labels.clone())),
-            ports: self.ports.get(&ports, || Arc::from(ports.as_slice())),
-            node_name,
-        }
-    }
-
-    fn hold(&mut self, object: ClusterObject) -> Held {
-        match object {
-            ClusterObject::Pod(pod) => Held::Pod(self.facts(&pod)),
-            other => Held::Object(other),
-        }
-    }
 }
 
 /// The objects by key, and how far the view has got.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterModel {
     objects: BTreeMap<ObjectKey, Entry>,
-    shares: PodShares,
     /// The highest revision applied (of a list or an event).
     revision: Revision,
     /// The revision of the last re-list: every event at or below it is in it.
@@ -222,11 +103,7 @@ impl ClusterModel {
         }
         let fresh: BTreeMap<ObjectKey, Entry> = objects
             .into_iter()
-            .map(|object| {
-                let key = object.key();
-                let object = self.shares.hold(object);
-                (key, Entry { object, revision })
-            })
+            .map(|object| (object.key(), Entry { object, revision }))
             .collect();
         let mut changed: BTreeSet<ObjectKey> = self
             .objects
@@ -265,7 +142,6 @@ impl ClusterModel {
                 object,
                 revision,
             } => {
-                let object = self.shares.hold(object);
                 self.objects.insert(key, Entry { object, revision });
                 Applied::Changed
             }
@@ -279,13 +155,8 @@ impl ClusterModel {
         }
     }
 
-    /// The object at `key`. Pods are held as [`PodFacts`] only: see
-    /// [`Self::pod`].
     pub fn get(&self, key: &ObjectKey) -> Option<&ClusterObject> {
-        match &self.objects.get(key)?.object {
-            Held::Object(object) => Some(object),
-            Held::Pod(_) => None,
-        }
+        self.objects.get(key).map(|e| &e.object)
     }
 
     pub fn len(&self) -> usize {
@@ -305,8 +176,7 @@ impl ClusterModel {
         counts
     }
 
-    /// The objects of `kind`, in one namespace or all, in key order (none
-    /// for Pods: see [`Self::pod`]).
+    /// The objects of `kind`, in one namespace or all, in key order.
     pub fn objects<'a>(
         &'a self,
         kind: Kind,
@@ -325,10 +195,7 @@ impl ClusterModel {
                         || !kind.namespaced()
                         || key.namespace.as_deref() == namespace)
             })
-            .filter_map(|(_, e)| match &e.object {
-                Held::Object(object) => Some(object),
-                Held::Pod(_) => None,
-            })
+            .map(|(_, e)| &e.object)
     }
 
     /// A Namespace's labels; `None` when there is no such Namespace.
@@ -337,35 +204,18 @@ impl ClusterModel {
             .map(ClusterObject::labels)
     }
 
-    /// Every key held, in key order.
-    pub fn keys(&self) -> impl Iterator<Item = &ObjectKey> {
-        self.objects.keys()
-    }
-
-    /// Every Pod as the view holds it, in key order.
-    pub fn pods(&self) -> impl Iterator<Item = (&ObjectKey, &PodFacts)> {
-        self.objects.iter().filter_map(|(key, e)| match &e.object {
-            Held::Pod(facts) => Some((key, facts)),
-            Held::Object(_) => None,
-        })
-    }
-
-    /// What the view holds of a Pod.
-    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodFacts> {
-        match &self
-            .objects
-            .get(&ObjectKey::namespaced(Kind::Pod, namespace, name))?
-            .object
-        {
-            Held::Pod(facts) => Some(facts),
-            Held::Object(_) => None,
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        match self.get(&ObjectKey::namespaced(Kind::Pod, namespace, name)) {
+            Some(ClusterObject::Pod(pod)) => Some(pod),
+            _ => None,
         }
     }
 
     /// A pod's labels, from its Pod object; `None` without one (an endpoint
     /// whose pod has no object has no labels).
     pub fn pod_labels(&self, namespace: &str, name: &str) -> Option<&BTreeMap<String, String>> {
-        self.pod(namespace, name).map(|p| p.labels.as_ref())
+        self.get(&ObjectKey::namespaced(Kind::Pod, namespace, name))
+            .map(ClusterObject::labels)
     }
 
     /// The number of a pod's named container port for `protocol` (`TCP`
@@ -378,11 +228,16 @@ impl ClusterModel {
         port_name: &str,
         protocol: &str,
     ) -> Option<u16> {
-        self.pod(namespace, pod)?
-            .ports
+        let spec = self.pod(namespace, pod)?.spec.as_ref()?;
+        spec.containers
             .iter()
-            .find(|p| p.name == port_name && p.protocol == protocol)
-            .map(|p| p.port)
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| {
+                p.name.as_deref() == Some(port_name)
+                    && p.protocol.as_deref().unwrap_or("TCP") == protocol
+            })
+            .and_then(|p| u16::try_from(p.container_port).ok())
+            .filter(|p| *p != 0)
     }
 
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
@@ -437,10 +292,10 @@ impl ClusterModel {
             .iter()
             .filter(|(key, _)| key.kind == Kind::EndpointSlice);
         for (key, entry) in slices {
-            let Held::Object(object @ ClusterObject::EndpointSlice(slice)) = &entry.object else {
+            let ClusterObject::EndpointSlice(slice) = &entry.object else {
                 continue;
             };
-            let Some(service) = object.labels().get(SERVICE_NAME_LABEL) else {
+            let Some(service) = entry.object.labels().get(SERVICE_NAME_LABEL) else {
                 continue;
             };
             // The key's namespace, as `endpoint_slices` selects by.
@@ -575,13 +430,12 @@ addressType: IPv4
         );
         assert_eq!(model.pod_labels("x", "b"), None);
         assert_eq!(model.pod_labels("z", "a"), None);
-        let names: Vec<&str> = model.pods().map(|(key, _)| key.name.as_str()).collect();
+        let names: Vec<&str> = model
+            .objects(Kind::Pod, None)
+            .map(ClusterObject::name)
+            .collect();
         assert_eq!(names, ["a", "a"]);
-        assert_eq!(
-            model.objects(Kind::Pod, None).count(),
-            0,
-            "Pods are held as facts"
-        );
+        assert_eq!(model.objects(Kind::Pod, Some("y")).count(), 1);
         assert_eq!(
             model.objects(Kind::Namespace, Some("x")).count(),
             2,
@@ -598,54 +452,6 @@ addressType: IPv4
         assert_eq!(slices, ["web-1", "web-2"]);
         assert_eq!(model.endpoint_slices("y", "web").count(), 1);
         assert_eq!(model.endpoint_slices("y", "other").count(), 0);
-    }
-
-    #[test]
-    fn pods_are_held_as_facts_sharing_equal_labels_ports_and_nodes() {
-        let replica = |name: &str| {
-            format!(
-                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: web}}}}\n\
-                 spec:\n  nodeName: n1\n  containers:\n  - name: c\n    image: i\n    ports:\n    \
-                 - {{name: http, containerPort: 8080}}\n    - {{containerPort: 9000}}\n---\n"
-            )
-        };
-        let text: String = ["r1", "r2", "r3"].iter().map(|n| replica(n)).collect();
-        let mut model = ClusterModel::new();
-        model.replace_all(decode(&text).expect("decodes"), 1);
-        let (a, b) = (
-            model.pod("x", "r1").expect("r1"),
-            model.pod("x", "r3").expect("r3"),
-        );
-        assert!(Arc::ptr_eq(&a.labels, &b.labels), "one label set");
-        assert!(Arc::ptr_eq(&a.ports, &b.ports), "one port list");
-        assert_eq!(a.node_name.as_deref(), Some("n1"));
-        assert_eq!(
-            a.ports.as_ref(),
-            [NamedPort {
-                name: "http".into(),
-                protocol: "TCP".into(),
-                port: 8080
-            }],
-            "named ports only"
-        );
-        assert_eq!(model.named_port("x", "r2", "http", "TCP"), Some(8080));
-        // One pod relabelled 1,000 times: the label sets no pod holds any
-        // more are swept, not kept.
-        for i in 0..1_000 {
-            model.apply(put(pod("x", "churn", &format!("v{i}")), 2 + i));
-        }
-        assert!(
-            model.shares.labels.values.len() < 200,
-            "{} label sets held",
-            model.shares.labels.values.len()
-        );
-        assert_eq!(
-            model
-                .pod_labels("x", "churn")
-                .and_then(|l| l.get("v"))
-                .map(String::as_str),
-            Some("v999")
-        );
     }
 
     #[test]
